@@ -1,0 +1,242 @@
+"""Frozen types passed between stages, and their JSON form.
+
+Each stage reads the previous stage's artifacts from the run directory; these dataclasses are what
+those artifacts mean. `to_jsonable` / `from_jsonable` round-trip them through pydantic, so
+`results.json` is validated when a later stage (report, gate) reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+__all__ = [
+    "RESULTS_SCHEMA_VERSION",
+    "Precision",
+    "TensorInfo",
+    "ModelSpec",
+    "TensorCalibration",
+    "CalibrationSummary",
+    "Variant",
+    "LatencyStats",
+    "EvalResult",
+    "LayerSensitivity",
+    "FallbackStep",
+    "FallbackReport",
+    "RuleOutcome",
+    "GateDecision",
+    "RunResults",
+    "to_jsonable",
+    "from_jsonable",
+]
+
+RESULTS_SCHEMA_VERSION = 1
+
+Precision = Literal["fp32", "fp16", "int8"]
+Dim = int | str | None
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One graph input or output: name, numpy dtype name, shape (str or None for symbolic dims)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the load stage learned about the FP32 model."""
+
+    path: str
+    sha256: str
+    opset: int
+    ir_version: int
+    producer: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    op_counts: Mapping[str, int]
+    num_parameters: int
+    size_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorCalibration:
+    """One tensor's calibration outcome under one method."""
+
+    name: str
+    amax: float
+    absmax: float
+    """Largest |x| seen (the minmax amax)."""
+    num_values: int
+    """How many elements went into the histogram."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSummary:
+    """The calibrate stage's result for one method (details live in the JSON beside the cache)."""
+
+    method: str
+    num_samples: int
+    num_tensors: int
+    seconds: float
+    cache_path: str
+    json_path: str
+    fingerprint: Mapping[str, str]
+    """model_sha256, data_sha256, method (+ its parameters), tool version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One backend x precision. `skipped` holds the reason when it could not be built or run here."""
+
+    name: str
+    backend: str
+    precision: Precision
+    device: str
+    artifact: str | None = None
+    size_bytes: int | None = None
+    skipped: str | None = None
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ran(self) -> bool:
+        return self.skipped is None
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one variant at one batch size (milliseconds per batch)."""
+
+    batch_size: int
+    warmup: int
+    iterations: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput: float
+    """Samples per second at the median latency."""
+    timer: str
+    """'perf_counter' or 'cuda_events'."""
+    samples_ms: tuple[float, ...] = ()
+    """Every timed iteration, for distribution plots."""
+    compute_median_ms: float | None = None
+    """Median of the compute alone where the backend can time it apart from host<->device copies."""
+    h2d_median_ms: float | None = None
+    d2h_median_ms: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Raw measurements of one variant on the evaluation set (judged later by the gate)."""
+
+    variant: str
+    num_samples: int
+    metrics: Mapping[str, float | None]
+    """None where a value is not finite (e.g. SQNR of the reference against itself). top1, top5 (with labels); top1_agreement, cosine, sqnr_db, max_abs_error (vs reference);
+    top1_drop (reference top1 - this top1, with labels)."""
+    latency: tuple[LatencyStats, ...] = ()
+    skipped: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSensitivity:
+    """How much quantizing one layer costs, for the sensitivity table."""
+
+    node: str
+    op_type: str
+    tensor: str
+    sqnr_db: float | None
+    """SQNR of the layer's output, FP32 vs Q/DQ run (higher is better)."""
+    output_metric: float | None
+    """The model-output metric (e.g. cosine or top-1 agreement) when only this layer is quantized."""
+    metric_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackStep:
+    """One layer kept in float by the accuracy-driven fallback and what it bought."""
+
+    node: str
+    op_type: str
+    kept_in: str
+    metric_before: float
+    metric_after: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackReport:
+    """What the fallback did to meet the accuracy budget."""
+
+    metric: str
+    target: float
+    initial: float
+    final: float
+    met: bool
+    num_quantizable: int
+    steps: tuple[FallbackStep, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleOutcome:
+    """One gate rule, judged."""
+
+    rule: str
+    variant: str
+    metric: str
+    observed: float | None
+    allowed: str
+    passed: bool
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict: passed only when every rule passed."""
+
+    passed: bool
+    outcomes: tuple[RuleOutcome, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResults:
+    """Everything `results.json` holds; report and gate read only this."""
+
+    schema_version: int
+    run_id: str
+    created: str
+    tool_version: str
+    config_path: str | None
+    model: ModelSpec
+    environment: Mapping[str, Any]
+    calibration: tuple[CalibrationSummary, ...]
+    variants: tuple[Variant, ...]
+    evaluations: tuple[EvalResult, ...]
+    reference: str
+    """Name of the FP32 reference variant."""
+    sensitivity: tuple[LayerSensitivity, ...] = ()
+    fallback: FallbackReport | None = None
+    gate: GateDecision | None = None
+    baseline: Mapping[str, Any] | None = None
+    """Set by report --baseline: the baseline run id and per-variant deltas."""
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclass (or container of them) -> plain JSON types."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(type(obj)).dump_python(obj, mode="json")
+
+
+def from_jsonable(cls: type[T], data: Any) -> T:
+    """Plain JSON types -> dataclass `cls`, validated (raises pydantic.ValidationError)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls).validate_python(data)
+

@@ -1,0 +1,1 @@
+"""Backends: builders that make artifacts (quantized models, engines) and runners that execute them."""

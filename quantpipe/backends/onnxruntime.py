@@ -1,0 +1,137 @@
+"""ONNX Runtime runner: the FP32 reference and the FP16 / INT8 ONNX variants, on CPU or CUDA.
+
+On CUDA (onnxruntime-gpu) latency is measured twice: end to end with host arrays (what a caller
+waits for) and with inputs and outputs bound on the device through IOBinding (compute alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from quantpipe.backends.base import Runner, Timings
+from quantpipe.errors import EvaluationError, MissingDependencyError
+
+__all__ = ["OrtRunner", "resolve_device", "providers_for", "cuda_available"]
+
+log = logging.getLogger(__name__)
+
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+
+def cuda_available() -> bool:
+    """True when onnxruntime offers the CUDA execution provider (onnxruntime-gpu installed)."""
+    import onnxruntime as ort
+
+    return CUDA_EP in ort.get_available_providers()
+
+
+def resolve_device(device: str) -> tuple[str, str | None]:
+    """'auto' | 'cpu' | 'cuda' -> (device to use, a one-line notice or None).
+
+    Raises MissingDependencyError for an explicit 'cuda' that onnxruntime cannot provide.
+    """
+    if device == "cpu":
+        return "cpu", None
+    if cuda_available():
+        return "cuda", None
+    if device == "cuda":
+        raise MissingDependencyError(
+            "onnxruntime's CUDA execution provider is not available (onnxruntime-gpu is not installed or sees no GPU). "
+            "Install it with: pip install 'quantpipe[gpu]' (onnxruntime-gpu), or set device: cpu."
+        )
+    return "cpu", "onnxruntime CUDA execution provider not available; running on CPU (pip install 'quantpipe[gpu]' for CUDA)."
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for a resolved device."""
+    return [CUDA_EP, CPU_EP] if device == "cuda" else [CPU_EP]
+
+
+class OrtRunner(Runner):
+    """Runs an ONNX model with onnxruntime (CPU or CUDA execution provider)."""
+
+    def __init__(self, model_path: str | Path, name: str, *, device: str = "cpu", threads: int | None = None) -> None:
+        self.model_path = Path(model_path)
+        self.name = name
+        self.device = device
+        self.threads = threads
+        self._session: object | None = None
+
+    def __enter__(self) -> OrtRunner:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        try:
+            self._session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers_for(self.device))
+        except Exception as err:
+            raise EvaluationError(f"onnxruntime could not load variant {self.name} from {self.model_path}: {err}") from err
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._session = None
+
+    @property
+    def session(self):  # type: ignore[no-untyped-def]
+        if self._session is None:
+            raise RuntimeError(f"runner {self.name} is not open; use it as a context manager")
+        return self._session
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outs = self.session.run(None, dict(feeds))
+        except Exception as err:
+            raise EvaluationError(f"onnxruntime failed to run variant {self.name}: {err}") from err
+        return dict(zip(self.output_names, outs, strict=True))
+
+    def measure(self, feeds: Mapping[str, np.ndarray], warmup: int, iterations: int) -> Timings:
+        sess = self.session
+        feeds = dict(feeds)
+        for _ in range(warmup):
+            sess.run(None, feeds)
+        total = np.empty(iterations)
+        for i in range(iterations):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)  # returns host arrays: on CUDA this includes the copies and a sync
+            total[i] = (time.perf_counter() - t0) * 1e3
+        if self.device != "cuda":
+            return Timings(total=total, timer="perf_counter")
+        return Timings(total=total, timer="perf_counter", compute=self._measure_bound(feeds, warmup, iterations))
+
+    def _measure_bound(self, feeds: Mapping[str, np.ndarray], warmup: int, iterations: int) -> np.ndarray:
+        """Device-resident inputs/outputs through IOBinding: times the compute without host copies."""
+        import onnxruntime as ort
+
+        sess = self.session
+        binding = sess.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), "cuda", 0))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", 0)
+        for _ in range(max(warmup, 1)):
+            sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        out = np.empty(iterations)
+        for i in range(iterations):
+            t0 = time.perf_counter()
+            sess.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            out[i] = (time.perf_counter() - t0) * 1e3
+        return out
+

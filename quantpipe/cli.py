@@ -1,0 +1,405 @@
+"""Command line: `quantpipe run|calibrate|quantize|build|evaluate|report|gate|inspect|doctor`.
+
+The only place that configures logging, draws progress, and maps errors to exit codes:
+0 pass, 1 gate failed, 2 bad input, 3 missing dependency, 4 a stage failed, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from quantpipe import __version__
+from quantpipe.errors import (
+    EXIT_GATE_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STAGE_FAILED,
+    ConfigError,
+    QuantpipeError,
+)
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("quantpipe")
+
+
+# --------------------------------------------------------------------------- console, progress
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+class RichProgress:
+    """quantpipe.pipeline.Progress drawn with rich (transient bars on stderr, one line per finished task)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.err = _console(stderr=True)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        import time
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        start = time.perf_counter()
+        if not self.enabled or not self.err.is_terminal:
+            yield lambda n: None
+            self.err.print(f"[dim]•[/dim] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            tid = bar.add_task(description, total=total)
+            yield lambda n: bar.advance(tid, n)
+        self.err.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+
+
+def _setup_logging(verbosity: int) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    handler = RichHandler(console=_console(stderr=True), show_time=False, show_path=verbosity > 0, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("quantpipe")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _fmt(metric: str, v: float | None) -> str:
+    if v is None:
+        return "—"
+    if metric in ("top1", "top5", "top1_agreement", "top1_drop", "top5_drop"):
+        return f"{100 * v:.2f}%"
+    if metric == "cosine":
+        return f"{v:.5f}"
+    if metric == "sqnr_db":
+        return f"{v:.1f} dB"
+    return f"{v:.4g}"
+
+
+def print_summary(results: Any) -> None:
+    """Variants table and the gate verdict, on stdout."""
+    from rich.table import Table
+
+    out = _console()
+    table = Table(title=f"quantpipe · {Path(results.model.path).name} · run {results.run_id}", title_justify="left")
+    cols = ["top1", "top1_agreement", "cosine", "sqnr_db"]
+    table.add_column("variant")
+    table.add_column("device")
+    for c in cols:
+        table.add_column(c.replace("_", " "), justify="right")
+    bs_all = sorted({lat.batch_size for e in results.evaluations for lat in e.latency})
+    for bs in bs_all:
+        table.add_column(f"ms @bs{bs}", justify="right")
+    table.add_column("size", justify="right")
+    variants = {v.name: v for v in results.variants}
+    for e in results.evaluations:
+        v = variants[e.variant]
+        if e.skipped:
+            table.add_row(e.variant, v.device, f"[yellow]skipped: {e.skipped}[/yellow]", *[""] * (len(cols) - 1 + len(bs_all) + 1))
+            continue
+        lat = {lat.batch_size: lat for lat in e.latency}
+        table.add_row(
+            e.variant, v.device, *[_fmt(c, e.metrics.get(c)) for c in cols],
+            *[f"{lat[b].median_ms:.3f}" if b in lat else "—" for b in bs_all],
+            f"{(v.size_bytes or 0) / 1e6:.2f} MB" if v.size_bytes else "—",
+        )
+    out.print(table)
+    if results.gate is not None:
+        for o in results.gate.outcomes:
+            mark = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
+            out.print(f"  {mark} {o.message}")
+        verdict = "[bold green]gate passed[/bold green]" if results.gate.passed else "[bold red]gate FAILED[/bold red]"
+        n = len(results.gate.outcomes)
+        out.print(f"{verdict} ({sum(o.passed for o in results.gate.outcomes)}/{n} rules)" if n else f"{verdict} (no rules)")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from quantpipe.config import load_config
+
+    return load_config(args.config)
+
+
+def _gate_exit(results: Any) -> int:
+    if results.gate is not None and not results.gate.passed:
+        return EXIT_GATE_FAILED
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from quantpipe.pipeline import run_stages
+    from quantpipe.report import publish_ci
+
+    cfg = _load(args)
+    results, run_dir = run_stages(cfg, until="gate", progress=RichProgress(not args.quiet), run_id=args.run_id,
+                                  baseline_dir=args.baseline)
+    assert results is not None and run_dir is not None
+    print_summary(results)
+    for line in publish_ci(results, run_dir):
+        print(line)
+    _console().print(f"report: {run_dir / 'report.html'}")
+    return _gate_exit(results)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from quantpipe.pipeline import run_stages
+
+    cfg = _load(args)
+    results, run_dir = run_stages(cfg, until=args.command, progress=RichProgress(not args.quiet), run_id=args.run_id)
+    if results is not None:
+        print_summary(results)
+        _console().print(f"results: {run_dir}")
+    else:
+        from quantpipe.pipeline import Workspace
+
+        _console().print(f"{args.command}: done; artifacts in {Workspace.for_config(cfg).root}")
+    return EXIT_OK
+
+
+def _resolve_run_dir(cfg: Any, run: Path | None) -> Path:
+    if run is not None:
+        return run
+    latest = Path(cfg.report.dir) / "latest"
+    if latest.exists():
+        return latest.resolve()
+    raise ConfigError(f"no earlier run found ({latest} does not exist). Run `quantpipe run` first or pass --run reports/<run-id>.")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from quantpipe.pipeline import finish_run
+    from quantpipe.report import load_results
+
+    cfg = _load(args)
+    run_dir = _resolve_run_dir(cfg, args.run)
+    results = load_results(run_dir)
+    results, _ = finish_run(cfg, results, run_dir, baseline_dir=args.baseline, write=True)
+    print_summary(results)
+    _console().print(f"report: {run_dir / 'report.html'}")
+    return EXIT_OK
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from quantpipe.pipeline import finish_run
+    from quantpipe.report import load_results, publish_ci
+
+    cfg = _load(args)
+    run_dir = _resolve_run_dir(cfg, args.run)
+    results, _ = finish_run(cfg, load_results(run_dir), run_dir, baseline_dir=args.baseline, write=False)
+    print_summary(results)
+    for line in publish_ci(results, run_dir):
+        print(line)
+    return _gate_exit(results)
+
+
+def _standalone_dataset(model: Path, data: Path, max_samples: int | None) -> tuple[Any, Any]:
+    from quantpipe.data import open_dataset
+    from quantpipe.model import load_model_spec
+
+    spec, _ = load_model_spec(model)
+    return spec, open_dataset(data, spec.inputs, max_samples=max_samples, role="calibration")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.model is None and args.data is None:
+        return cmd_stage(args)
+    if args.model is None or args.data is None:
+        raise ConfigError("standalone calibration needs both --model and --data (or pass a pipeline.yaml instead).")
+    from quantpipe.calibration import calibrate_to_cache
+
+    spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
+    progress = RichProgress(not args.quiet)
+    methods = args.method or ["entropy"]
+    with progress.task(f"calibrating {spec.path} on {ds.num_samples} samples", ds.num_samples) as advance:
+        written = calibrate_to_cache(
+            spec.path, ds, methods=methods, cache=args.cache, batch_size=args.batch_size, percentile=args.percentile,
+            trt_version=args.trt_version, device=args.device, on_batch=lambda done, total: advance(done),
+        )
+    for path in written:
+        _console().print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quantpipe import quantize as Q
+
+    if args.fp16:
+        from quantpipe.model import load_model_spec
+
+        load_model_spec(args.model)
+        rep = Q.write_fp16_model(args.model, args.out)
+        _console().print(f"wrote {args.out}")
+        for w in getattr(rep, "warnings", ()) or ():
+            log.warning("%s", w)
+        return EXIT_OK
+    if args.data is None:
+        raise ConfigError("INT8 quantization needs calibration data: pass --data D.npz (or --fp16 for an FP16 model).")
+    from quantpipe.calibration import calibrate_in_memory
+
+    spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
+    progress = RichProgress(not args.quiet)
+    with progress.task(f"calibrating ({args.method}) on {ds.num_samples} samples", ds.num_samples) as advance:
+        amax = calibrate_in_memory(spec.path, ds, method=args.method, batch_size=args.batch_size,
+                                   percentile=args.percentile, device=args.device,
+                                   on_batch=lambda done, total: advance(done))
+    rep = Q.write_qdq_model(spec.path, amax, args.out, per_channel=not args.per_tensor)
+    _console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
+    for w in getattr(rep, "warnings", ()) or ():
+        log.warning("%s", w)
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from quantpipe.model import load_model_spec
+
+    spec, _ = load_model_spec(args.model)
+    out = _console()
+    out.print(f"[bold]{spec.path}[/bold]  opset {spec.opset} · IR {spec.ir_version} · {spec.producer or 'unknown producer'}")
+    out.print(f"{spec.num_parameters:,} parameters · {spec.size_bytes / 1e6:.2f} MB · sha256 {spec.sha256[:16]}…")
+    t = Table("", "name", "dtype", "shape", title="inputs and outputs", title_justify="left")
+    for kind, items in (("input", spec.inputs), ("output", spec.outputs)):
+        for i in items:
+            t.add_row(kind, escape(i.name), i.dtype, escape("[" + ", ".join("?" if d is None else str(d) for d in i.shape) + "]"))
+    out.print(t)
+    ops = Table("op", "count", title="operators", title_justify="left")
+    for op, n in spec.op_counts.items():
+        ops.add_row(op, str(n))
+    out.print(ops)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from quantpipe.deps import doctor_lines, probe_env
+
+    from rich.markup import escape
+
+    env = probe_env()
+    out = _console()
+    for ok, text in doctor_lines(env):
+        out.print(("[green]✓[/green] " if ok else "[yellow]✗[/yellow] ") + escape(text))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="quantpipe",
+        description="FP32 ONNX -> calibrated INT8/FP16 ONNX Runtime models and TensorRT engines, evaluated, reported and gated.",
+        epilog="Exit codes: 0 pass, 1 gate failed, 2 bad input, 3 missing dependency, 4 a stage failed, 130 interrupted.",
+    )
+    p.add_argument("--version", action="version", version=f"quantpipe {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and results only, no progress")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", nargs="?", type=Path, default=Path("pipeline.yaml"), help="pipeline file (default: ./pipeline.yaml)")
+
+    r = sub.add_parser("run", parents=[common], help="every stage: calibrate, build, evaluate, report, gate")
+    with_config(r)
+    r.add_argument("--run-id", help="name of the run directory under report.dir (default: UTC timestamp)")
+    r.add_argument("--baseline", type=Path, help="earlier run directory to compare with (overrides report.baseline)")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("calibrate", parents=[common], help="calibrate from pipeline.yaml, or standalone with --model/--data")
+    with_config(c)
+    c.add_argument("--model", type=Path, help="FP32 ONNX model (standalone mode)")
+    c.add_argument("--data", type=Path, help=".npz with one array per input, or a folder of per-sample .npz")
+    c.add_argument("--method", action="append", choices=["entropy", "minmax", "percentile", "mse"], help="repeatable; default entropy")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--cache", type=Path, default=Path("calibration.cache"), help="TensorRT cache to write (JSON lands beside it)")
+    c.add_argument("--percentile", type=float, default=99.99)
+    c.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    c.add_argument("--max-samples", type=int)
+    c.add_argument("--run-id", help=argparse.SUPPRESS)
+    c.set_defaults(func=cmd_calibrate)
+
+    q = sub.add_parser("quantize", parents=[common], help="write an INT8 Q/DQ model (or --fp16 an FP16 model) without a pipeline.yaml")
+    q.add_argument("--model", type=Path, required=True)
+    q.add_argument("--data", type=Path)
+    q.add_argument("--method", choices=["entropy", "minmax", "percentile", "mse", "best"], default="entropy")
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--fp16", action="store_true", help="write the FP16 model instead (no data needed)")
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--percentile", type=float, default=99.99)
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    q.add_argument("--max-samples", type=int)
+    q.set_defaults(func=cmd_quantize)
+
+    for name, helptext in (("build", "calibrate (or reuse) and build every variant"),
+                           ("evaluate", "... and evaluate every variant into a new run directory")):
+        s = sub.add_parser(name, parents=[common], help=helptext)
+        with_config(s)
+        s.add_argument("--run-id", help="run directory name (evaluate)")
+        s.set_defaults(func=cmd_stage)
+
+    rp = sub.add_parser("report", parents=[common], help="(re)write the report files of a run")
+    with_config(rp)
+    rp.add_argument("--run", type=Path, help="run directory (default: reports/latest)")
+    rp.add_argument("--baseline", type=Path, help="earlier run directory to compare with")
+    rp.set_defaults(func=cmd_report)
+
+    g = sub.add_parser("gate", parents=[common], help="judge a run with pipeline.yaml's gate rules; exit 0/1")
+    with_config(g)
+    g.add_argument("--run", type=Path, help="run directory (default: reports/latest)")
+    g.add_argument("--baseline", type=Path, help="earlier run directory for baseline rules")
+    g.set_defaults(func=cmd_gate)
+
+    i = sub.add_parser("inspect", parents=[common], help="inputs, outputs, opset and op counts of an ONNX model")
+    i.add_argument("model", type=Path)
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("doctor", parents=[common], help="what this machine can run, and how to install what is missing")
+    d.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    err = _console(stderr=True)
+    try:
+        return int(args.func(args))
+    except QuantpipeError as e:
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/bold red] {escape(str(e))}")
+        if args.verbose > 1:
+            err.print_exception()
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: finished artifacts were kept; nothing half-written was left behind.")
+        return EXIT_INTERRUPTED
+    except Exception:  # a bug, not a user error: show the traceback
+        err.print_exception()
+        err.print("[bold red]internal error[/bold red]: please report it with the traceback above.")
+        return EXIT_STAGE_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

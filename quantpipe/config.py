@@ -1,0 +1,449 @@
+"""pipeline.yaml as typed, validated objects. Defaults live here and nowhere else.
+
+Every model forbids unknown keys; a typo gets a "did you mean" hint. Paths resolve relative to the
+YAML file's folder. Errors name the key path, what was found and what is expected (ConfigError,
+exit code 2), and nothing is written before the configuration is valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantpipe.errors import ConfigError
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "GATE_METRICS",
+    "PRECISIONS",
+    "BACKEND_SHORT",
+    "InputSpec",
+    "ModelConfig",
+    "DataSource",
+    "DataConfig",
+    "CalibrationConfig",
+    "OrtBackendConfig",
+    "TrtBackendConfig",
+    "BackendsConfig",
+    "QuantizeConfig",
+    "Fp16Config",
+    "FallbackConfig",
+    "BuildConfig",
+    "LatencyConfig",
+    "SensitivityConfig",
+    "EvaluateConfig",
+    "GateRule",
+    "GateConfig",
+    "ReportConfig",
+    "PipelineConfig",
+    "load_config",
+    "parse_config",
+    "variant_name",
+]
+
+CALIBRATION_METHODS = ("entropy", "minmax", "percentile", "mse")
+"""Methods a cache can be written for; `best` is also accepted for `calibration.use`."""
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BACKEND_SHORT = {"onnxruntime": "ort", "tensorrt": "trt"}
+
+GATE_METRICS: dict[str, str] = {
+    "top1": "labelled top-1 accuracy (fraction)",
+    "top5": "labelled top-5 accuracy (fraction)",
+    "top1_drop": "reference top-1 minus this variant's top-1 (fraction; needs labels)",
+    "top5_drop": "reference top-5 minus this variant's top-5 (fraction; needs labels)",
+    "top1_agreement": "fraction of samples whose argmax matches the FP32 reference",
+    "cosine": "mean cosine similarity of the output with the FP32 reference",
+    "sqnr_db": "output SQNR against the FP32 reference, dB",
+    "max_abs_error": "largest absolute difference from the FP32 reference",
+    "latency_ms": "median latency per batch, ms (at `batch_size`, default the largest measured)",
+    "latency_p99_ms": "p99 latency per batch, ms",
+    "throughput": "samples per second at the median latency",
+    "speedup": "latency of `vs` divided by this variant's latency (x)",
+    "size_mb": "model or engine file size, MB",
+}
+
+_KEY_HINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Model):
+    """Shape of one model input; -1 (or a name) marks a dynamic axis. Optional: read from the model."""
+
+    shape: list[int | str] | None = None
+    dtype: str | None = None
+    min_shape: list[int] | None = None
+    """TensorRT optimization profile: smallest shape (defaults from `shape` and the batch sizes)."""
+    opt_shape: list[int] | None = None
+    max_shape: list[int] | None = None
+
+
+class ModelConfig(_Model):
+    path: Path
+    inputs: dict[str, InputSpec] = Field(default_factory=dict)
+    output: str | None = None
+    """The output compared against the reference and labels (default: the first graph output)."""
+    batch_axis: int = 0
+
+
+class DataSource(_Model):
+    path: Path
+    labels: str | None = None
+    """Name of the labels array (evaluation only): integer class per sample."""
+    max_samples: int | None = Field(default=None, ge=1)
+
+
+class DataConfig(_Model):
+    calibration: DataSource
+    evaluation: DataSource
+    batch_size: int = Field(default=32, ge=1)
+    """Batch size for calibration and accuracy evaluation (results do not depend on it)."""
+
+
+class CalibrationConfig(_Model):
+    methods: list[Literal["entropy", "minmax", "percentile", "mse"]] = Field(default_factory=lambda: ["entropy", "minmax"])
+    use: Literal["entropy", "minmax", "percentile", "mse", "best"] = "entropy"
+    """Which scales build the INT8 variants; `best` picks per tensor the lowest-MSE method."""
+    percentile: float = Field(default=99.99, gt=0.0, le=100.0)
+    num_bins: int = Field(default=2048, ge=128)
+    trt_version: str = "10.13.0"
+    """TensorRT version written in the cache header (`TRT-<version>-EntropyCalibration2`)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _use_is_computed(self) -> CalibrationConfig:
+        if self.use != "best" and self.use not in self.methods:
+            raise ValueError(f"calibration.use is '{self.use}' but calibration.methods {self.methods} does not compute it; add it to methods")
+        return self
+
+
+class OrtBackendConfig(_Model):
+    enabled: bool = True
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    """`auto` uses the CUDA execution provider when onnxruntime-gpu sees a GPU, else CPU."""
+    threads: int | None = Field(default=None, ge=1)
+
+
+class TrtBackendConfig(_Model):
+    enabled: bool = True
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    required: bool = False
+    """When true, a machine without TensorRT or a GPU fails the run with exit code 3 instead of skipping."""
+    int8_mode: Literal["auto", "qdq", "calibrator"] = "auto"
+    """`qdq` builds from the explicit Q/DQ model (TensorRT >= 11 needs it); `calibrator` uses implicit
+    calibration with quantpipe's cache (TensorRT <= 10); `auto` picks by installed version."""
+    workspace_mib: int = Field(default=2048, ge=64)
+    timing_cache: Path | None = None
+
+
+class BackendsConfig(_Model):
+    onnxruntime: OrtBackendConfig = Field(default_factory=OrtBackendConfig)
+    tensorrt: TrtBackendConfig = Field(default_factory=lambda: TrtBackendConfig(enabled=False))
+
+
+class QuantizeConfig(_Model):
+    per_channel: bool = True
+    quantize_residual_add: bool = True
+    keep_float_ops: list[str] | None = None
+    """Op types left in float (default: quantpipe.quantize.DEFAULT_FLOAT_OPS)."""
+    keep_float_nodes: list[str] = Field(default_factory=list)
+
+
+class Fp16Config(_Model):
+    keep_io_types: bool = True
+    keep_fp32_ops: list[str] | None = None
+    keep_fp32_nodes: list[str] = Field(default_factory=list)
+
+
+class FallbackConfig(_Model):
+    metric: Literal["top1_agreement", "cosine", "top1_drop"]
+    min: float | None = None
+    """Lower bound for top1_agreement / cosine."""
+    max: float | None = None
+    """Upper bound for top1_drop."""
+    keep_in: Literal["fp16", "fp32"] = "fp16"
+    max_layers: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _bound(self) -> FallbackConfig:
+        if self.metric == "top1_drop" and self.max is None:
+            raise ValueError("build.fallback with metric top1_drop needs `max` (e.g. max: 0.01)")
+        if self.metric != "top1_drop" and self.min is None:
+            raise ValueError(f"build.fallback with metric {self.metric} needs `min` (e.g. min: 0.99)")
+        return self
+
+
+class BuildConfig(_Model):
+    backends: BackendsConfig = Field(default_factory=BackendsConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    fp16: Fp16Config = Field(default_factory=Fp16Config)
+    fallback: FallbackConfig | None = None
+
+
+class LatencyConfig(_Model):
+    enabled: bool = True
+    warmup: int = Field(default=10, ge=0)
+    iterations: int = Field(default=50, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch_sizes must be a non-empty list of positive integers")
+        return sorted(set(v))
+
+
+class SensitivityConfig(_Model):
+    enabled: bool = True
+    top: int = Field(default=10, ge=1)
+    max_samples: int = Field(default=64, ge=1)
+    """Evaluation samples used for the per-layer analysis (it runs the model once per layer)."""
+    one_at_a_time: bool = True
+
+
+class EvaluateConfig(_Model):
+    metrics: list[Literal["top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error"]] = Field(
+        default_factory=lambda: ["top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error"]
+    )
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+
+
+class GateRule(_Model):
+    """One release rule, e.g. {variant: ort-int8, metric: top1_drop, max: 0.01}.
+
+    `vs` names the variant a relative metric compares with (speedup; defaults to the FP32 reference).
+    `baseline: true` judges the change against the same variant in the baseline run instead:
+    observed = this run's value - baseline's value.
+    """
+
+    variant: str
+    metric: str
+    min: float | None = None
+    max: float | None = None
+    vs: str | None = None
+    batch_size: int | None = Field(default=None, ge=1)
+    baseline: bool = False
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GateRule:
+        if self.metric not in GATE_METRICS:
+            raise ValueError(f"unknown metric '{self.metric}'{_did_you_mean(self.metric, GATE_METRICS)}; known: {', '.join(GATE_METRICS)}")
+        if self.min is None and self.max is None:
+            raise ValueError(f"rule for {self.variant} {self.metric} needs `min` or `max`")
+        if self.vs is not None and self.metric != "speedup":
+            raise ValueError("`vs` applies only to metric speedup")
+        return self
+
+    def describe(self) -> str:
+        """Human form, e.g. 'ort-int8 top1_drop <= 0.01'."""
+        if self.name:
+            return self.name
+        parts = [self.variant, self.metric]
+        if self.baseline:
+            parts.append("change vs baseline")
+        if self.vs:
+            parts.append(f"vs {self.vs}")
+        if self.batch_size:
+            parts.append(f"@bs{self.batch_size}")
+        bounds = []
+        if self.min is not None:
+            bounds.append(f">= {self.min:g}")
+        if self.max is not None:
+            bounds.append(f"<= {self.max:g}")
+        return " ".join(parts) + " " + " and ".join(bounds)
+
+
+class GateConfig(_Model):
+    rules: list[GateRule] = Field(default_factory=list)
+
+
+class ReportConfig(_Model):
+    dir: Path = Path("reports")
+    formats: list[Literal["md", "html", "json", "csv", "junit"]] = Field(default_factory=lambda: ["md", "html", "json", "csv", "junit"])
+    baseline: Path | None = None
+    """A previous run directory (reports/<run-id>) to compare with."""
+    run_id: str | None = None
+    """Default: a UTC timestamp."""
+
+
+class PipelineConfig(_Model):
+    version: Literal[1] = 1
+    name: str = "model"
+    model: ModelConfig
+    data: DataConfig
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    build: BuildConfig = Field(default_factory=BuildConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    source: Path | None = Field(default=None, exclude=True)
+    """The YAML file this came from (set by load_config)."""
+
+    @model_validator(mode="after")
+    def _rules_name_variants(self) -> PipelineConfig:
+        names = self.variant_names()
+        for i, rule in enumerate(self.gate.rules):
+            for key, name in (("variant", rule.variant), ("vs", rule.vs)):
+                if name is not None and name not in names:
+                    raise ValueError(
+                        f"gate.rules[{i}].{key}: unknown variant '{name}'{_did_you_mean(name, names)}; "
+                        f"this pipeline builds: {', '.join(names) or 'nothing'}"
+                    )
+        return self
+
+    def variant_names(self) -> list[str]:
+        """Every variant this configuration asks for, reference first."""
+        out = []
+        b = self.build.backends
+        if b.onnxruntime.enabled:
+            out += [variant_name("onnxruntime", p) for p in PRECISIONS if p in b.onnxruntime.precisions]
+        if b.tensorrt.enabled:
+            out += [variant_name("tensorrt", p) for p in PRECISIONS if p in b.tensorrt.precisions]
+        return out
+
+    def section_fingerprint(self, section: str) -> dict[str, Any]:
+        """A section's settings as plain JSON (for stage fingerprints)."""
+        return self.model_dump(mode="json", include={section})
+
+
+def variant_name(backend: str, precision: str) -> str:
+    """'onnxruntime', 'int8' -> 'ort-int8'."""
+    return f"{BACKEND_SHORT[backend]}-{precision}"
+
+
+def _did_you_mean(word: str, options: Sequence[str] | dict[str, Any]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the key at `path` (for "did you mean" hints)."""
+    model: Any = PipelineConfig
+    for part in path[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        model = _first_model(ann)
+        if model is None:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _first_model(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal"))))
+        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(top level)"
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            model = _model_at(loc)
+            hint = _did_you_mean(key, list(model.model_fields)) if model else ""
+            allowed = f" Allowed keys here: {', '.join(k for k in model.model_fields if k != 'source')}." if model else ""
+            lines.append(f"  {where}: unknown key '{key}'{hint}.{allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"  {where}: required key is missing.")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+            lines.append(f"  {where}: {msg}{shown}.")
+    return f"{source} is not a valid pipeline configuration:\n" + "\n".join(lines) + "\nSee the pipeline.yaml reference in README.md."
+
+
+def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
+    def r(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+
+    data = cfg.data.model_copy(
+        update={
+            "calibration": cfg.data.calibration.model_copy(update={"path": r(cfg.data.calibration.path)}),
+            "evaluation": cfg.data.evaluation.model_copy(update={"path": r(cfg.data.evaluation.path)}),
+        }
+    )
+    trt = cfg.build.backends.tensorrt
+    backends = cfg.build.backends.model_copy(update={"tensorrt": trt.model_copy(update={"timing_cache": r(trt.timing_cache)})})
+    return cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"path": r(cfg.model.path)}),
+            "data": data,
+            "build": cfg.build.model_copy(update={"backends": backends}),
+            "report": cfg.report.model_copy(update={"dir": r(cfg.report.dir), "baseline": r(cfg.report.baseline)}),
+        }
+    )
+
+
+def parse_config(raw: Any, *, source: str = "pipeline.yaml", base_dir: Path | None = None) -> PipelineConfig:
+    """Validate an already-parsed YAML document; resolve relative paths against `base_dir`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model, data, ...), got {type(raw).__name__}.")
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    return _resolve_paths(cfg, base_dir or Path.cwd())
+
+
+def load_config(path: str | Path, *, check_files: bool = True) -> PipelineConfig:
+    """Read and validate pipeline.yaml; paths in it resolve relative to its folder.
+
+    Raises ConfigError (exit 2) with the line of a YAML syntax error, or the key path of each
+    invalid or unknown key (with a "did you mean" hint), or a missing model/data file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist. Pass the pipeline file (quantpipe run path/to/pipeline.yaml) or run from its folder.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} cannot be read as UTF-8 text: {err}.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}. Fix the syntax there (indentation, a missing ':' or quote).") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty. Start from the pipeline.yaml in quantpipe's repository.")
+    cfg = parse_config(raw, source=str(path), base_dir=path.resolve().parent)
+    cfg = cfg.model_copy(update={"source": path.resolve()})
+    if check_files:
+        missing = [
+            (key, p)
+            for key, p in (
+                ("model.path", cfg.model.path),
+                ("data.calibration.path", cfg.data.calibration.path),
+                ("data.evaluation.path", cfg.data.evaluation.path),
+            )
+            if not p.exists()
+        ]
+        if missing:
+            lines = "\n".join(f"  {key}: {p} does not exist." for key, p in missing)
+            raise ConfigError(f"{path} names files that are not there:\n{lines}\nRelative paths resolve from {path.resolve().parent}.")
+    return cfg

@@ -1,0 +1,313 @@
+"""Calibration and evaluation data: a stacked .npz, or a folder of per-sample .npz files.
+
+A stacked .npz holds one array per model input, named as the input, samples stacked on axis 0
+(plus, for evaluation, a labels array). A folder holds one .npz per sample (arrays with or without
+the leading batch axis of 1); their shapes may differ along the model's dynamic axes, and samples
+whose shapes differ are batched apart (consecutive samples of one shape are stacked up to the batch
+size, so order is kept). Everything is validated against the model's inputs once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from quantpipe.artifacts import TensorInfo
+from quantpipe.errors import DataError
+from quantpipe.fsutil import sha256_file
+
+__all__ = ["Batch", "Dataset", "open_dataset", "check_disjoint"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One batch ready to feed: inputs by name, labels if any, and the sample indices it holds."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    start: int
+
+    @property
+    def size(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sample:
+    """A per-sample file: its path and its arrays' shapes (arrays are read when batched)."""
+
+    path: Path
+    shapes: tuple[tuple[int, ...], ...]
+
+
+class Dataset:
+    """Samples validated against a model's inputs; iterate with `batches(batch_size)`."""
+
+    def __init__(
+        self,
+        path: Path,
+        inputs: Sequence[TensorInfo],
+        *,
+        labels_key: str | None,
+        max_samples: int | None,
+        role: str,
+        arrays: dict[str, np.ndarray] | None,
+        samples: list[_Sample] | None,
+        labels: np.ndarray | None,
+        fingerprint: str,
+    ) -> None:
+        self.path = path
+        self.inputs = tuple(inputs)
+        self.labels_key = labels_key
+        self.max_samples = max_samples
+        self.role = role
+        self._arrays = arrays
+        self._samples = samples
+        self._labels = labels
+        self.fingerprint = fingerprint
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def num_samples(self) -> int:
+        if self._arrays is not None:
+            return int(next(iter(self._arrays.values())).shape[0])
+        assert self._samples is not None
+        return len(self._samples)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Labels for every sample (None when the data carries none)."""
+        return self._labels
+
+    @property
+    def is_folder(self) -> bool:
+        return self._samples is not None
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """Yield batches in sample order; never more than `batch_size` samples, never mixed shapes."""
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        n = self.num_samples
+        if self._arrays is not None:
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                yield Batch(
+                    feeds={k: v[start:stop] for k, v in self._arrays.items()},
+                    labels=None if self._labels is None else self._labels[start:stop],
+                    start=start,
+                )
+            return
+        assert self._samples is not None
+        start = 0
+        while start < n:
+            shapes = self._samples[start].shapes
+            stop = start + 1
+            while stop < n and stop - start < batch_size and self._samples[stop].shapes == shapes:
+                stop += 1
+            feeds = {name: [] for name in self.input_names}  # type: dict[str, list[np.ndarray]]
+            for sample in self._samples[start:stop]:
+                arrays = _read_sample(sample.path, self.inputs)
+                for name in self.input_names:
+                    feeds[name].append(arrays[name])
+            yield Batch(
+                feeds={k: np.concatenate(v, axis=0) for k, v in feeds.items()},
+                labels=None if self._labels is None else self._labels[start:stop],
+                start=start,
+            )
+            start = stop
+
+    def first_batch(self, batch_size: int) -> Batch:
+        """The first batch (for latency measurement and shape checks)."""
+        return next(self.batches(batch_size))
+
+
+def _np_dtype(t: TensorInfo) -> np.dtype:
+    return np.dtype(t.dtype)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError as err:
+        raise DataError(f"data file {path} does not exist. Check the path (relative paths resolve from pipeline.yaml's folder).") from err
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise DataError(
+            f"data file {path} is not a readable .npz archive ({err}). Write it with numpy.savez or "
+            f"numpy.savez_compressed, one array per model input named as the input."
+        ) from err
+
+
+def _check_array(
+    where: str, name: str, arr: np.ndarray, info: TensorInfo, *, per_sample: bool, check_finite: bool
+) -> np.ndarray:
+    """Validate one input array against the model input; return it with a batch axis."""
+    want = _np_dtype(info)
+    rank = len(info.shape)
+    if per_sample and arr.ndim == rank - 1:
+        arr = arr[None]
+    if arr.ndim != rank:
+        raise DataError(
+            f"{where}: array '{name}' has shape {list(arr.shape)} but model input '{name}' has rank {rank} "
+            f"(shape {_fmt_shape(info.shape)}). Store samples stacked on axis 0"
+            + (" (or one sample without the batch axis)." if per_sample else ".")
+        )
+    for axis, (got, dim) in enumerate(zip(arr.shape, info.shape)):
+        if axis == 0:
+            continue
+        if isinstance(dim, int) and dim > 0 and got != dim:
+            raise DataError(
+                f"{where}: array '{name}' has shape {list(arr.shape)} but model input '{name}' expects "
+                f"{_fmt_shape(info.shape)} (axis {axis} must be {dim}). Resize or re-export the data to the model's input shape."
+            )
+    if arr.dtype != want:
+        # float64 -> float32 and int32 -> int64 are harmless; int -> float usually means
+        # unnormalised data (raw uint8 pixels), so it is refused rather than silently cast.
+        kinds = (arr.dtype.kind, want.kind)
+        same_kind = kinds[0] == kinds[1] or set(kinds) <= {"i", "u"}
+        if not same_kind:
+            raise DataError(
+                f"{where}: array '{name}' has dtype {arr.dtype} but model input '{name}' is {want}. "
+                f"Convert it, e.g. arr.astype(np.{want.name})."
+            )
+        arr = arr.astype(want)
+    if check_finite and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise DataError(
+            f"{where}: array '{name}' contains {bad} NaN or Inf value(s). Calibration and evaluation need "
+            f"finite inputs: clean or drop those samples."
+        )
+    return arr
+
+
+def _fmt_shape(shape: Sequence[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None or (isinstance(d, int) and d < 0) else str(d) for d in shape) + "]"
+
+
+def _read_sample(path: Path, inputs: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
+    raw = _load_npz(path)
+    out = {}
+    for info in inputs:
+        if info.name not in raw:
+            raise DataError(_missing_msg(str(path), info.name, raw.keys()))
+        out[info.name] = _check_array(str(path), info.name, raw[info.name], info, per_sample=True, check_finite=True)
+        if out[info.name].shape[0] != 1:
+            raise DataError(f"{path}: a per-sample file must hold one sample, but '{info.name}' has {out[info.name].shape[0]}.")
+    return out
+
+
+def _missing_msg(where: str, name: str, present: object) -> str:
+    return (
+        f"{where}: no array named '{name}', which the model needs as an input (arrays present: "
+        f"{sorted(present)}). Name each array after the model input it feeds (see `quantpipe inspect MODEL`)."  # type: ignore[call-overload]
+    )
+
+
+def open_dataset(
+    path: str | Path,
+    inputs: Sequence[TensorInfo],
+    *,
+    labels_key: str | None = None,
+    max_samples: int | None = None,
+    role: str = "calibration",
+) -> Dataset:
+    """Open and validate a data source for a model with the given inputs.
+
+    Raises DataError (exit 2) on a missing path, unreadable files, names/shapes/dtypes that do not
+    fit the model, NaN/Inf values, mismatched sample counts, missing labels, or no samples at all.
+    """
+    path = Path(path)
+    where = f"{role} data {path}"
+    if not path.exists():
+        raise DataError(f"{where} does not exist. Check the path (relative paths resolve from pipeline.yaml's folder).")
+    if path.is_dir():
+        return _open_folder(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role)
+    raw = _load_npz(path)
+    arrays: dict[str, np.ndarray] = {}
+    for info in inputs:
+        if info.name not in raw:
+            raise DataError(_missing_msg(where, info.name, raw.keys()))
+        arr = raw[info.name]
+        if max_samples is not None:
+            arr = arr[:max_samples]
+        arrays[info.name] = _check_array(where, info.name, arr, info, per_sample=False, check_finite=True)
+    counts = {k: v.shape[0] for k, v in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{where}: inputs hold different numbers of samples {counts}. Every input array needs one row per sample.")
+    n = next(iter(counts.values())) if counts else 0
+    if n == 0:
+        raise DataError(f"{where} holds no samples. Calibration and evaluation need at least one.")
+    labels = None
+    if labels_key is not None:
+        if labels_key not in raw:
+            raise DataError(
+                f"{where}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Set data.evaluation.labels "
+                f"to the name of the labels array, or remove it to evaluate without labels."
+            )
+        labels = np.asarray(raw[labels_key])[: n if max_samples is None else max_samples].reshape(-1)
+        if labels.shape[0] != n:
+            raise DataError(f"{where}: {labels.shape[0]} labels for {n} samples. Give one label per sample.")
+    digest = hashlib.sha256()
+    digest.update(sha256_file(path).encode())
+    digest.update(f"|max={max_samples}|labels={labels_key}".encode())
+    return Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role, arrays=arrays,
+                   samples=None, labels=labels, fingerprint=digest.hexdigest())
+
+
+def _open_folder(
+    path: Path, inputs: Sequence[TensorInfo], *, labels_key: str | None, max_samples: int | None, role: str
+) -> Dataset:
+    where = f"{role} data folder {path}"
+    files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+    if max_samples is not None:
+        files = files[:max_samples]
+    if not files:
+        raise DataError(f"{where} holds no .npz files. Put one sample per .npz file in it (arrays named as the model inputs).")
+    samples: list[_Sample] = []
+    labels: list[np.ndarray] = []
+    digest = hashlib.sha256()
+    for f in files:
+        arrays = _read_sample(f, inputs)
+        samples.append(_Sample(f, tuple(arrays[i.name].shape for i in inputs)))
+        digest.update(f"{f.name}:{sha256_file(f)}\n".encode())
+        if labels_key is not None:
+            raw = _load_npz(f)
+            if labels_key not in raw:
+                raise DataError(f"{f}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Every sample file needs its label.")
+            labels.append(np.asarray(raw[labels_key]).reshape(-1)[:1])
+    digest.update(f"|max={max_samples}|labels={labels_key}".encode())
+    return Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role, arrays=None,
+                   samples=samples, labels=np.concatenate(labels) if labels else None, fingerprint=digest.hexdigest())
+
+
+def check_disjoint(a: Dataset, b: Dataset, limit: int = 4096) -> int:
+    """Count samples of `b` that also appear in `a` (exact byte match of all inputs; first `limit` of each).
+
+    Overlapping calibration and evaluation splits inflate accuracy; the pipeline warns when this is > 0.
+    """
+    def keys(ds: Dataset) -> set[bytes]:
+        out: set[bytes] = set()
+        for batch in ds.batches(64):
+            for i in range(batch.size):
+                h = hashlib.sha1()
+                for name in ds.input_names:
+                    h.update(np.ascontiguousarray(batch.feeds[name][i]).tobytes())
+                out.add(h.digest())
+            if len(out) >= limit:
+                break
+        return out
+
+    return len(keys(a) & keys(b))
+
+
+def feeds_signature(feeds: Mapping[str, np.ndarray]) -> str:
+    """Short human description of a batch: name[shape] dtype."""
+    return ", ".join(f"{k}{list(v.shape)} {v.dtype}" for k, v in feeds.items())

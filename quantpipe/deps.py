@@ -1,0 +1,145 @@
+"""The one door to optional heavy dependencies, and a probe of what this machine can run.
+
+`require("tensorrt")` imports lazily and, when the module is missing, raises MissingDependencyError
+naming the extra and the pip command. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import shutil
+import subprocess
+import sys
+from types import ModuleType
+from typing import Any
+
+from quantpipe.errors import MissingDependencyError
+
+__all__ = ["require", "optional", "probe_env", "doctor_lines", "INSTALL_HINTS"]
+
+#: module -> (extra, pip command, what it is for)
+INSTALL_HINTS: dict[str, tuple[str, str, str]] = {
+    "tensorrt": ("tensorrt", "pip install 'quantpipe[tensorrt]'  (or: pip install tensorrt)", "TensorRT engines"),
+    "cuda": ("gpu", "pip install 'quantpipe[gpu]'  (or: pip install cuda-python)", "device memory for TensorRT"),
+    "cuda.bindings": ("gpu", "pip install 'quantpipe[gpu]'  (or: pip install cuda-python)", "device memory for TensorRT"),
+    "pycuda": ("gpu", "pip install pycuda", "device memory for TensorRT (alternative to cuda-python)"),
+    "cupy": ("gpu", "pip install cupy-cuda12x  (or cupy-cuda13x to match your CUDA)", "GPU histograms"),
+    "modelopt": ("modelopt", "pip install 'quantpipe[modelopt]'", "ModelOpt helpers"),
+    "matplotlib": ("report", "pip install matplotlib", "plots in report.html"),
+    "torch": ("train", "pip install torch==2.13.0", "re-training the bundled example"),
+}
+
+
+def require(module: str, *, purpose: str | None = None) -> ModuleType:
+    """Import `module` or raise MissingDependencyError with the pip command that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        hint = INSTALL_HINTS.get(module) or INSTALL_HINTS.get(module.split(".")[0])
+        extra, cmd, what = hint or ("", f"pip install {module}", module)
+        reason = f"{type(err).__name__}: {err}"
+        raise MissingDependencyError(
+            f"{purpose or what} needs the Python module '{module}', which cannot be imported here ({reason}). "
+            f"Install it with: {cmd}"
+            + (f" (quantpipe extra '{extra}')." if extra else ".")
+        ) from err
+
+
+def optional(module: str) -> ModuleType | None:
+    """Import `module` if it is importable, else None (for features that degrade gracefully)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _import_status(module: str) -> dict[str, Any]:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as err:  # any import-time failure (missing libs too) means "not usable"
+        return {"available": False, "version": None, "reason": f"{type(err).__name__}: {err}"}
+    return {"available": True, "version": getattr(mod, "__version__", None), "reason": None}
+
+
+def _nvidia_smi() -> dict[str, Any]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {"available": False, "reason": "nvidia-smi not found (no NVIDIA driver on this machine)"}
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,driver_version,compute_cap,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.strip()
+    except (subprocess.SubprocessError, OSError) as err:
+        return {"available": False, "reason": f"nvidia-smi failed: {err}"}
+    gpus = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 4:
+            gpus.append({"name": parts[0], "driver": parts[1], "compute_capability": parts[2], "memory": parts[3]})
+    return {"available": bool(gpus), "gpus": gpus, "reason": None if gpus else "nvidia-smi lists no GPU"}
+
+
+def probe_env() -> dict[str, Any]:
+    """What this machine can run: Python, onnxruntime and its providers, GPU, TensorRT and why not.
+
+    Cheap enough to call once per run; never raises.
+    """
+    import numpy
+    import onnx
+    import onnxruntime
+
+    from quantpipe import __version__
+
+    env: dict[str, Any] = {
+        "quantpipe": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": _cpu_count(),
+        "numpy": numpy.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": list(onnxruntime.get_available_providers()),
+        "gpu": _nvidia_smi(),
+    }
+    for mod in ("tensorrt", "cuda.bindings", "pycuda", "cupy", "modelopt"):
+        env[mod] = _import_status(mod)
+    return env
+
+
+def _cpu_count() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def doctor_lines(env: dict[str, Any]) -> list[tuple[bool, str]]:
+    """`quantpipe doctor` as (ok, text) lines: what is there, and the command for what is missing."""
+    lines: list[tuple[bool, str]] = [
+        (True, f"quantpipe {env['quantpipe']} on Python {env['python']} ({env['platform']}, {env['cpu_count']} CPU cores)"),
+        (True, f"onnx {env['onnx']}, onnxruntime {env['onnxruntime']}: providers {', '.join(env['onnxruntime_providers'])}"),
+    ]
+    cuda_ep = "CUDAExecutionProvider" in env["onnxruntime_providers"]
+    lines.append((cuda_ep, "onnxruntime CUDA execution provider available" if cuda_ep
+                  else "onnxruntime CUDA execution provider missing: pip install 'quantpipe[gpu]' (onnxruntime-gpu; uninstall onnxruntime first)"))
+    gpu = env["gpu"]
+    if gpu.get("available"):
+        for g in gpu["gpus"]:
+            lines.append((True, f"GPU: {g['name']} (compute capability {g['compute_capability']}, {g['memory']}), driver {g['driver']}"))
+    else:
+        lines.append((False, f"no GPU: {gpu.get('reason')}. TensorRT and CUDA paths need an NVIDIA GPU with its driver."))
+    for mod, label in (("tensorrt", "TensorRT"), ("cuda.bindings", "cuda-python"), ("pycuda", "pycuda"), ("cupy", "CuPy"), ("modelopt", "ModelOpt")):
+        st = env.get(mod, {})
+        if st.get("available"):
+            lines.append((True, f"{label} {st.get('version') or ''}".rstrip()))
+        else:
+            hint = INSTALL_HINTS.get(mod) or INSTALL_HINTS.get(mod.split(".")[0])
+            cmd = hint[1] if hint else f"pip install {mod}"
+            lines.append((False, f"{label} not importable ({st.get('reason')}); install: {cmd}"))
+    return lines

@@ -1,0 +1,147 @@
+"""The evaluate stage: every variant on the same evaluation set, against labels and the reference.
+
+Run first, judge later: this module records raw numbers (accuracy, agreement with the FP32
+reference, latency) and never decides pass or fail; quantpipe.gate does that.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from quantpipe import metrics as M
+from quantpipe.artifacts import EvalResult, LatencyStats
+from quantpipe.backends.base import Runner, Timings
+from quantpipe.data import Dataset
+from quantpipe.errors import EvaluationError
+
+__all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int], None]
+
+
+def run_outputs(
+    runner: Runner, dataset: Dataset, output: str, batch_size: int, on_batch: ProgressFn | None = None
+) -> np.ndarray:
+    """Run every evaluation batch; return the chosen output for all samples, stacked on axis 0."""
+    chunks: list[np.ndarray] = []
+    for batch in dataset.batches(batch_size):
+        outs = runner.infer(batch.feeds)
+        if output not in outs:
+            raise EvaluationError(f"variant {runner.name} has no output '{output}' (outputs: {sorted(outs)}).")
+        chunks.append(np.asarray(outs[output], dtype=np.float32))
+        if on_batch is not None:
+            on_batch(batch.size)
+    shapes = {c.shape[1:] for c in chunks}
+    if len(shapes) > 1:
+        raise EvaluationError(
+            f"output '{output}' of variant {runner.name} changes shape with the input ({sorted(shapes)}), so samples "
+            f"cannot be compared side by side. Set model.output in pipeline.yaml to an output of fixed size "
+            f"(e.g. a pooled embedding or the logits)."
+        )
+    return np.concatenate(chunks, axis=0)
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def accuracy_metrics(
+    out: np.ndarray,
+    ref: np.ndarray | None,
+    labels: np.ndarray | None,
+    wanted: Sequence[str],
+    ref_labelled: dict[str, float] | None = None,
+) -> dict[str, float | None]:
+    """Accuracy against labels and agreement with the reference, for the metrics asked for.
+
+    `ref_labelled` holds the reference's own top1/top5 so drops can be recorded beside them.
+    """
+    res: dict[str, float | None] = {}
+    classify = out.ndim == 2 and out.shape[1] > 1
+    if labels is not None and classify and out.shape[0] == labels.shape[0]:
+        if "top1" in wanted:
+            res["top1"] = M.topk_accuracy(out, labels, 1)
+        if "top5" in wanted:
+            res["top5"] = M.topk_accuracy(out, labels, 5)
+        if ref_labelled:
+            for k in ("top1", "top5"):
+                if k in res and k in ref_labelled and res[k] is not None:
+                    res[f"{k}_drop"] = ref_labelled[k] - float(res[k])  # type: ignore[arg-type]
+    if ref is not None:
+        if ref.shape != out.shape:
+            raise EvaluationError(f"output shape {out.shape} differs from the reference's {ref.shape}.")
+        if "top1_agreement" in wanted and classify:
+            res["top1_agreement"] = M.top1_agreement(out, ref)
+        if "cosine" in wanted:
+            res["cosine"] = M.mean_cosine(out, ref)
+        if "sqnr_db" in wanted:
+            res["sqnr_db"] = _finite(M.sqnr_db(out, ref))
+        if "max_abs_error" in wanted:
+            res["max_abs_error"] = M.max_abs_error(out, ref)
+    return res
+
+
+def latency_feeds(dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:
+    """A batch of exactly `batch_size` real samples (the first ones, repeated if there are fewer)."""
+    first = dataset.first_batch(batch_size)
+    feeds = {}
+    for name, arr in first.feeds.items():
+        reps = -(-batch_size // arr.shape[0])
+        feeds[name] = np.ascontiguousarray(np.concatenate([arr] * reps, axis=0)[:batch_size])
+    return feeds
+
+
+def latency_stats(t: Timings, batch_size: int, warmup: int) -> LatencyStats:
+    """Summarise per-iteration times: median / p90 / p99 and throughput at the median."""
+    a = np.asarray(t.total, dtype=np.float64)
+    med = float(np.median(a))
+
+    def med_of(x: np.ndarray | None) -> float | None:
+        return None if x is None else float(np.median(x))
+
+    return LatencyStats(
+        batch_size=batch_size,
+        warmup=warmup,
+        iterations=int(a.size),
+        median_ms=med,
+        p90_ms=float(np.percentile(a, 90)),
+        p99_ms=float(np.percentile(a, 99)),
+        mean_ms=float(a.mean()),
+        min_ms=float(a.min()),
+        throughput=batch_size / (med / 1e3) if med > 0 else float("nan"),
+        timer=t.timer,
+        samples_ms=tuple(float(x) for x in a),
+        compute_median_ms=med_of(t.compute),
+        h2d_median_ms=med_of(t.h2d),
+        d2h_median_ms=med_of(t.d2h),
+    )
+
+
+def evaluate_variant(
+    runner: Runner,
+    dataset: Dataset,
+    *,
+    output: str,
+    batch_size: int,
+    metrics: Sequence[str],
+    reference: np.ndarray | None,
+    ref_labelled: dict[str, float] | None,
+    latency_batch_sizes: Sequence[int] = (),
+    warmup: int = 10,
+    iterations: int = 50,
+    on_batch: ProgressFn | None = None,
+) -> tuple[EvalResult, np.ndarray]:
+    """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference)."""
+    out = run_outputs(runner, dataset, output, batch_size, on_batch)
+    values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled)
+    lat = []
+    for bs in latency_batch_sizes:
+        feeds = latency_feeds(dataset, bs)
+        lat.append(latency_stats(runner.measure(feeds, warmup, iterations), bs, warmup))
+    return EvalResult(variant=runner.name, num_samples=dataset.num_samples, metrics=values, latency=tuple(lat)), out

@@ -1,0 +1,141 @@
+"""The load stage: read and check the FP32 ONNX model, its inputs and outputs.
+
+Rejects files that are not ONNX, models that fail the checker, and models whose float tensors are
+not FP32 (quantpipe calibrates FP32 models; an FP16 or already-quantized model is a user error).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from quantpipe.artifacts import ModelSpec, TensorInfo
+from quantpipe.errors import ModelError
+from quantpipe.fsutil import sha256_file
+
+__all__ = ["load_model_spec", "read_model", "tensor_info", "apply_input_overrides"]
+
+log = logging.getLogger(__name__)
+
+_NON_FP32_FLOATS = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16", TensorProto.DOUBLE: "float64"}
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+
+
+def read_model(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file or raise ModelError explaining what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model {path} does not exist. Check model.path in pipeline.yaml (relative to the YAML file) or --model.")
+    try:
+        return onnx.load(os.fspath(path), load_external_data=load_external_data)
+    except Exception as err:  # protobuf raises DecodeError, onnx raises various; all mean "not an ONNX model"
+        raise ModelError(
+            f"model {path} is not a valid ONNX file ({type(err).__name__}: {err}). Export it again "
+            f"(torch.onnx.export, tf2onnx ...) and check it with `python -c \"import onnx; onnx.checker.check_model('{path}')\"`."
+        ) from err
+
+
+def tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    """ValueInfoProto -> TensorInfo (symbolic or unknown dims kept as str / None)."""
+    tt = value.type.tensor_type
+    dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "unknown"
+    dims: list[int | str | None] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return TensorInfo(value.name, dtype, tuple(dims))
+
+
+def _check_fp32(model: onnx.ModelProto, path: Path) -> None:
+    bad: list[str] = []
+    quant = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANT_OPS})
+    if quant:
+        raise ModelError(
+            f"model {path} is already quantized (it contains {', '.join(quant)}). quantpipe starts from the FP32 model: "
+            f"pass the original FP32 export."
+        )
+    for vi in list(model.graph.input) + list(model.graph.output):
+        et = vi.type.tensor_type.elem_type
+        if et in _NON_FP32_FLOATS:
+            bad.append(f"{'input' if vi in model.graph.input else 'output'} '{vi.name}' is {_NON_FP32_FLOATS[et]}")
+    for init in model.graph.initializer:
+        if init.data_type in _NON_FP32_FLOATS:
+            bad.append(f"initializer '{init.name}' is {_NON_FP32_FLOATS[init.data_type]}")
+        if len(bad) > 6:
+            break
+    if bad:
+        shown = "; ".join(bad[:6]) + (" ..." if len(bad) > 6 else "")
+        raise ModelError(
+            f"model {path} is not an FP32 model: {shown}. quantpipe calibrates and converts FP32 models; export "
+            f"the model in float32 (e.g. model.float() before torch.onnx.export)."
+        )
+
+
+def load_model_spec(path: str | Path) -> tuple[ModelSpec, onnx.ModelProto]:
+    """Load, check and describe the FP32 model. Returns the spec and the (shape-inferred) proto."""
+    path = Path(path)
+    model = read_model(path)
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < 2**31 - 1 else os.fspath(path))
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model {path} fails the ONNX checker: {first}. Fix or re-export the model.") from err
+    _check_fp32(model, path)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < 2**31 - 1 else model
+    except Exception as err:  # shape inference is a help, not a requirement
+        log.warning("shape inference failed on %s (%s); continuing with declared shapes", path, err)
+        inferred = model
+    init_names = {i.name for i in inferred.graph.initializer}
+    inputs = tuple(tensor_info(v) for v in inferred.graph.input if v.name not in init_names)
+    outputs = tuple(tensor_info(v) for v in inferred.graph.output)
+    if not inputs:
+        raise ModelError(f"model {path} has no graph inputs; quantpipe needs inputs to feed the calibration data to.")
+    opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 0)
+    ops = collections.Counter(n.op_type for n in inferred.graph.node)
+    num_params = int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in inferred.graph.initializer))
+    spec = ModelSpec(
+        path=str(path),
+        sha256=sha256_file(path),
+        opset=int(opset),
+        ir_version=int(inferred.ir_version),
+        producer=f"{inferred.producer_name} {inferred.producer_version}".strip(),
+        inputs=inputs,
+        outputs=outputs,
+        op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        num_parameters=num_params,
+        size_bytes=path.stat().st_size,
+    )
+    return spec, inferred
+
+
+def apply_input_overrides(inputs: tuple[TensorInfo, ...], overrides: Mapping[str, object]) -> tuple[TensorInfo, ...]:
+    """Apply pipeline.yaml `model.inputs` shapes/dtypes over what the model declares.
+
+    `overrides` maps input name -> config.InputSpec. Unknown names are a ModelError naming the real inputs.
+    """
+    by_name = {t.name: t for t in inputs}
+    for name in overrides:
+        if name not in by_name:
+            raise ModelError(
+                f"pipeline.yaml model.inputs names '{name}', but the model's inputs are {sorted(by_name)}. "
+                f"Use the model's input names (see `quantpipe inspect MODEL`)."
+            )
+    out = []
+    for t in inputs:
+        spec = overrides.get(t.name)
+        shape = getattr(spec, "shape", None)
+        dtype = getattr(spec, "dtype", None)
+        out.append(TensorInfo(t.name, dtype or t.dtype, tuple(shape) if shape is not None else t.shape))
+    return tuple(out)

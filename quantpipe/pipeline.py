@@ -1,0 +1,529 @@
+"""Runs the stages in order: load -> calibrate -> build -> evaluate -> report -> gate.
+
+Calibration and build artifacts live in a workspace (`<report.dir>/.work/<name>/`) that persists
+between runs; each stage records the fingerprint of its inputs (model hash, data hash, its config
+section, tool version) and re-runs only when that changed, logging what changed. Each run writes
+its results into `<report.dir>/<run-id>/`, with the caches and models it used copied beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from quantpipe import __version__
+from quantpipe.artifacts import (
+    RESULTS_SCHEMA_VERSION,
+    CalibrationSummary,
+    EvalResult,
+    FallbackReport,
+    LayerSensitivity,
+    ModelSpec,
+    RunResults,
+    TensorInfo,
+    Variant,
+    from_jsonable,
+    to_jsonable,
+)
+from quantpipe.config import PipelineConfig, variant_name
+from quantpipe.data import Dataset, check_disjoint, open_dataset
+from quantpipe.errors import DataError, MissingDependencyError, QuantpipeError
+from quantpipe.fsutil import atomic_write_json
+from quantpipe.model import apply_input_overrides, load_model_spec
+
+__all__ = ["Progress", "NullProgress", "Workspace", "LoadedInputs", "run_pipeline", "run_stages", "new_run_id"]
+
+log = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    """How stages report progress on long work (the CLI draws rich progress bars)."""
+
+    def task(self, description: str, total: int | None) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+        """Context manager yielding `advance(n)`."""
+        ...
+
+
+class NullProgress:
+    """Progress that shows nothing (library use, tests)."""
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        yield lambda n: None
+
+
+def new_run_id() -> str:
+    """A sortable UTC timestamp, e.g. 20261121-142501."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedInputs:
+    """The load stage's output: the model spec and the validated data sets."""
+
+    spec: ModelSpec
+    inputs: tuple[TensorInfo, ...]
+    output: str
+    calib: Dataset
+    eval: Dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    """Where a pipeline keeps reusable stage artifacts."""
+
+    root: Path
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @classmethod
+    def for_config(cls, cfg: PipelineConfig) -> Workspace:
+        return cls(Path(cfg.report.dir) / ".work" / cfg.name)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _stage_manifest(folder: Path) -> Path:
+    return folder / "stage.json"
+
+
+def _fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            changed.append(key)
+    return changed
+
+
+def _reusable(folder: Path, fingerprint: dict[str, Any], stage: str) -> dict[str, Any] | None:
+    """The stored manifest when the stage's inputs did not change (and its files exist), else None."""
+    path = _stage_manifest(folder)
+    if not path.is_file():
+        log.info("%s: running (no earlier result in %s)", stage, folder)
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.info("%s: running (earlier manifest unreadable)", stage)
+        return None
+    changed = _fingerprint_diff(manifest.get("fingerprint", {}), fingerprint)
+    if changed:
+        log.info("%s: re-running because %s changed", stage, ", ".join(changed))
+        return None
+    missing = [f for f in manifest.get("files", []) if not (folder / f).exists()]
+    if missing:
+        log.info("%s: re-running because %s is missing", stage, ", ".join(missing))
+        return None
+    log.info("%s: inputs unchanged, reusing %s", stage, folder)
+    return manifest
+
+
+def _write_manifest(folder: Path, fingerprint: dict[str, Any], files: list[str], payload: Any) -> None:
+    atomic_write_json(_stage_manifest(folder), {"fingerprint": fingerprint, "files": files, "payload": payload})
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
+    """Load and check the model and both data sets (exit 2 on any mismatch)."""
+    spec, _ = load_model_spec(cfg.model.path)
+    inputs = apply_input_overrides(spec.inputs, cfg.model.inputs)
+    out_names = [o.name for o in spec.outputs]
+    output = cfg.model.output or out_names[0]
+    if output not in out_names:
+        raise DataError(f"pipeline.yaml model.output is '{output}', but the model's outputs are {out_names}.")
+    d = cfg.data
+    calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration")
+    ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples, role="evaluation")
+    overlap = check_disjoint(calib, ev)
+    if overlap:
+        log.warning(
+            "%d evaluation sample(s) also appear in the calibration data; accuracy on them is optimistic. "
+            "Use disjoint splits.", overlap
+        )
+    return LoadedInputs(spec, inputs, output, calib, ev)
+
+
+def stage_calibrate(
+    cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, progress: Progress
+) -> tuple[list[CalibrationSummary], dict[str, float]]:
+    """Calibrate (or reuse) with every configured method; return summaries and the scales to build with."""
+    from quantpipe.calibration import calibrate, select_amax
+
+    c = cfg.calibration
+    fp = {
+        "model_sha256": li.spec.sha256,
+        "data": li.calib.fingerprint,
+        "calibration": json.dumps(cfg.section_fingerprint("calibration"), sort_keys=True),
+        "device": c.device,
+        "quantpipe": __version__,
+    }
+    manifest = _reusable(ws.calibration, fp, "calibrate")
+    if manifest is None:
+        from quantpipe.backends.onnxruntime import providers_for, resolve_device
+
+        device, notice = resolve_device(c.device)
+        if notice:
+            log.info("calibrate: %s", notice)
+        with progress.task(f"calibrating on {li.calib.num_samples} samples ({device})", li.calib.num_samples) as advance:
+            summaries = calibrate(
+                li.spec.path,
+                li.calib,
+                methods=list(c.methods),
+                out_dir=ws.calibration,
+                batch_size=cfg.data.batch_size,
+                num_bins=c.num_bins,
+                percentile=c.percentile,
+                trt_version=c.trt_version,
+                providers=providers_for(device),
+                on_batch=lambda done, total: advance(done),
+            )
+        files = [Path(s.cache_path).name for s in summaries] + [Path(s.json_path).name for s in summaries]
+        _write_manifest(ws.calibration, fp, files, [to_jsonable(s) for s in summaries])
+    else:
+        summaries = [from_jsonable(CalibrationSummary, s) for s in manifest["payload"]]
+    amax = select_amax(ws.calibration, c.use, summaries)
+    return summaries, amax
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def stage_build(
+    cfg: PipelineConfig,
+    ws: Workspace,
+    li: LoadedInputs,
+    amax: dict[str, float],
+    calib_summaries: list[CalibrationSummary],
+    progress: Progress,
+) -> tuple[list[Variant], FallbackReport | None]:
+    """Build every requested variant (or reuse it); unavailable backends become skipped variants."""
+    b = cfg.build
+    variants: list[Variant] = []
+    fallback: FallbackReport | None = None
+    ort = b.backends.onnxruntime
+    if ort.enabled:
+        from quantpipe.backends.onnxruntime import resolve_device
+
+        device, notice = resolve_device(ort.device)
+        if notice:
+            log.info("build: %s", notice)
+        amax_fp = sha256_of_mapping(amax)
+        fp = {
+            "model_sha256": li.spec.sha256,
+            "scales": amax_fp,
+            "build": json.dumps(cfg.section_fingerprint("build"), sort_keys=True),
+            "eval_data": li.eval.fingerprint if b.fallback is not None else "",
+            "quantpipe": __version__,
+        }
+        manifest = _reusable(ws.models, fp, "build")
+        if manifest is None:
+            built, fallback = _build_ort(cfg, ws, li, amax, progress)
+            files = [Path(p).name for p in built.values() if Path(p).parent == ws.models]
+            _write_manifest(ws.models, fp, files, {"paths": {k: str(v) for k, v in built.items()},
+                                                   "fallback": to_jsonable(fallback) if fallback else None})
+        else:
+            built = {k: Path(v) for k, v in manifest["payload"]["paths"].items()}
+            fb = manifest["payload"].get("fallback")
+            fallback = from_jsonable(FallbackReport, fb) if fb else None
+        for precision in ("fp32", "fp16", "int8"):
+            if precision in ort.precisions:
+                path = built[precision]
+                variants.append(Variant(variant_name("onnxruntime", precision), "onnxruntime", precision, device,  # type: ignore[arg-type]
+                                        artifact=str(path), size_bytes=_size(path)))
+    trt = b.backends.tensorrt
+    if trt.enabled:
+        variants += _build_trt(cfg, ws, li, amax, calib_summaries, progress)
+    return variants, fallback
+
+
+def sha256_of_mapping(m: dict[str, float]) -> str:
+    """Stable hash of a name -> float mapping (bit-exact floats)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(m):
+        h.update(f"{k}={float(m[k]).hex()};".encode())
+    return h.hexdigest()
+
+
+def _build_ort(
+    cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress
+) -> tuple[dict[str, Path], FallbackReport | None]:
+    from quantpipe import quantize as Q
+
+    b = cfg.build
+    ort = b.backends.onnxruntime
+    ws.models.mkdir(parents=True, exist_ok=True)
+    built: dict[str, Path] = {"fp32": Path(li.spec.path)}
+    fallback = None
+    q = b.quantize
+    keep_ops = q.keep_float_ops if q.keep_float_ops is not None else Q.DEFAULT_FLOAT_OPS
+    with progress.task("building ONNX Runtime variants", len(ort.precisions)) as advance:
+        if "fp16" in ort.precisions:
+            out = ws.models / "model.fp16.onnx"
+            f = b.fp16
+            Q.write_fp16_model(
+                li.spec.path, out, keep_io_types=f.keep_io_types,
+                keep_fp32_ops=f.keep_fp32_ops if f.keep_fp32_ops is not None else Q.DEFAULT_FP16_BLOCKLIST,
+                keep_fp32_nodes=f.keep_fp32_nodes,
+            )
+            built["fp16"] = out
+            advance(1)
+        if "int8" in ort.precisions:
+            out = ws.models / "model.int8.onnx"
+            if b.fallback is not None:
+                from quantpipe.sensitivity import accuracy_fallback
+
+                fb = b.fallback
+                target = fb.min if fb.metric != "top1_drop" else fb.max
+                _, fallback = accuracy_fallback(
+                    li.spec.path, amax, li.eval, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
+                    keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
+                    per_channel=q.per_channel, keep_float_ops=keep_ops, keep_float_nodes=q.keep_float_nodes,
+                    quantize_residual_add=q.quantize_residual_add,
+                )
+            else:
+                Q.write_qdq_model(
+                    li.spec.path, amax, out, per_channel=q.per_channel, keep_float_nodes=q.keep_float_nodes,
+                    keep_float_ops=keep_ops, quantize_residual_add=q.quantize_residual_add,
+                )
+            built["int8"] = out
+            advance(1)
+        if "fp32" in ort.precisions:
+            advance(1)
+    return built, fallback
+
+
+def _build_trt(
+    cfg: PipelineConfig,
+    ws: Workspace,
+    li: LoadedInputs,
+    amax: dict[str, float],
+    calib_summaries: list[CalibrationSummary],
+    progress: Progress,
+) -> list[Variant]:
+    from quantpipe.backends import tensorrt as T
+
+    trt = cfg.build.backends.tensorrt
+    ok, version, reason = T.tensorrt_status()
+    names = [(p, variant_name("tensorrt", p)) for p in ("fp32", "fp16", "int8") if p in trt.precisions]
+    if not ok:
+        if trt.required:
+            raise MissingDependencyError(
+                f"build.backends.tensorrt.required is true, but TensorRT cannot run here: {reason}. "
+                f"Install it with: pip install 'quantpipe[tensorrt]' (needs an NVIDIA GPU and driver), "
+                f"or set required: false to report its variants as skipped."
+            )
+        log.warning("tensorrt: skipped (%s)", reason)
+        return [Variant(n, "tensorrt", p, "cuda", skipped=f"tensorrt: {reason}") for p, n in names]  # type: ignore[arg-type]
+    return T.build_variants(cfg, ws.models / "tensorrt", li, amax, calib_summaries, progress)
+
+
+def stage_evaluate(
+    cfg: PipelineConfig, li: LoadedInputs, variants: list[Variant], progress: Progress
+) -> tuple[list[EvalResult], str]:
+    """Evaluate every variant that was built; the FP32 ONNX Runtime variant is the reference."""
+    from quantpipe.evaluate import evaluate_variant
+
+    ev = cfg.evaluate
+    lat = ev.latency
+    ran = [v for v in variants if v.ran]
+    ref_name = variant_name("onnxruntime", "fp32")
+    results: list[EvalResult] = []
+    reference: np.ndarray | None = None
+    ref_labelled: dict[str, float] | None = None
+    if not any(v.name == ref_name for v in ran):
+        log.warning("no %s variant: agreement metrics need the FP32 reference; enable onnxruntime fp32", ref_name)
+    order = sorted(ran, key=lambda v: v.name != ref_name)
+    for v in order:
+        runner = _runner_for(v, cfg)
+        n_lat = len(lat.batch_sizes) if lat.enabled else 0
+        with progress.task(f"evaluating {v.name}", li.eval.num_samples) as advance, runner:
+            res, out = evaluate_variant(
+                runner, li.eval, output=li.output, batch_size=cfg.data.batch_size, metrics=ev.metrics,
+                reference=reference, ref_labelled=ref_labelled,
+                latency_batch_sizes=lat.batch_sizes if n_lat else (), warmup=lat.warmup, iterations=lat.iterations,
+                on_batch=advance,
+            )
+        if v.name == ref_name:
+            reference = out
+            ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in ("top1", "top5") and val is not None}
+            # The reference against itself: exact agreement by definition, recomputed for honesty.
+            from quantpipe.evaluate import accuracy_metrics
+
+            res = dataclasses.replace(res, metrics={**res.metrics, **accuracy_metrics(out, out, li.eval.labels, ev.metrics, ref_labelled)})
+        results.append(res)
+    for v in variants:
+        if not v.ran:
+            results.append(EvalResult(variant=v.name, num_samples=0, metrics={}, skipped=v.skipped))
+    by_name = {r.variant: r for r in results}
+    return [by_name[v.name] for v in variants if v.name in by_name], ref_name
+
+
+def _runner_for(v: Variant, cfg: PipelineConfig) -> Any:
+    if v.backend == "onnxruntime":
+        from quantpipe.backends.onnxruntime import OrtRunner
+
+        return OrtRunner(v.artifact or "", v.name, device=v.device, threads=cfg.build.backends.onnxruntime.threads)
+    from quantpipe.backends.tensorrt import TensorRTRunner
+
+    return TensorRTRunner(v.artifact or "", name=v.name)
+
+
+def stage_sensitivity(
+    cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, float], variants: list[Variant], progress: Progress
+) -> tuple[LayerSensitivity, ...]:
+    """Per-layer sensitivity of the INT8 ONNX variant (skipped when disabled or not built)."""
+    s = cfg.evaluate.sensitivity
+    int8 = next((v for v in variants if v.name == variant_name("onnxruntime", "int8") and v.ran), None)
+    if not s.enabled or int8 is None:
+        return ()
+    from quantpipe.sensitivity import layer_sensitivity
+
+    q = cfg.build.quantize
+    from quantpipe import quantize as Q
+
+    with progress.task("per-layer sensitivity", None):
+        rows = layer_sensitivity(
+            li.spec.path, int8.artifact or "", amax, li.eval, output=li.output, max_samples=s.max_samples,
+            one_at_a_time=s.one_at_a_time, batch_size=cfg.data.batch_size, per_channel=q.per_channel,
+            keep_float_ops=q.keep_float_ops if q.keep_float_ops is not None else Q.DEFAULT_FLOAT_OPS,
+            quantize_residual_add=q.quantize_residual_add,
+        )
+    return tuple(rows)
+
+
+# --------------------------------------------------------------------------- whole pipeline
+
+
+def _copy_into(src: Path, dest_dir: Path) -> None:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / src.name
+    if dest.exists():
+        dest.unlink()
+    try:
+        os.link(src, dest)  # engines and models can be large: a hard link costs nothing
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def run_stages(
+    cfg: PipelineConfig,
+    *,
+    until: str = "gate",
+    progress: Progress | None = None,
+    run_id: str | None = None,
+    baseline_dir: Path | None = None,
+) -> tuple[RunResults | None, Path | None]:
+    """Run the pipeline up to and including `until` (calibrate|build|evaluate|report|gate).
+
+    Returns the results (None before evaluate) and the run directory (None before evaluate).
+    The gate's verdict is in results.gate; the caller maps it to an exit code.
+    """
+    from quantpipe.deps import probe_env
+
+    progress = progress or NullProgress()
+    ws = Workspace.for_config(cfg)
+    li = load_inputs(cfg)
+    summaries, amax = stage_calibrate(cfg, ws, li, progress)
+    if until == "calibrate":
+        return None, None
+    variants, fallback = stage_build(cfg, ws, li, amax, summaries, progress)
+    if until == "build":
+        return None, None
+    evals, ref = stage_evaluate(cfg, li, variants, progress)
+    sens = stage_sensitivity(cfg, li, amax, variants, progress)
+    run_id = run_id or cfg.report.run_id or new_run_id()
+    run_dir = Path(cfg.report.dir) / run_id
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise DataError(f"run directory {run_dir} already exists. Choose another report.run_id or remove it.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for s in summaries:
+        for p in (Path(s.cache_path), Path(s.json_path)):
+            _copy_into(p, run_dir / "calibration")
+    hist = ws.calibration / "histograms.npz"
+    if hist.exists():
+        _copy_into(hist, run_dir / "calibration")
+    run_variants = []
+    for v in variants:
+        if v.ran and v.artifact and Path(v.artifact).parent.resolve() != Path(li.spec.path).parent.resolve():
+            _copy_into(Path(v.artifact), run_dir / "models")
+            v = dataclasses.replace(v, artifact=str(run_dir / "models" / Path(v.artifact).name))
+        run_variants.append(v)
+    summaries_here = [
+        dataclasses.replace(s, cache_path=str(run_dir / "calibration" / Path(s.cache_path).name),
+                            json_path=str(run_dir / "calibration" / Path(s.json_path).name))
+        for s in summaries
+    ]
+    results = RunResults(
+        schema_version=RESULTS_SCHEMA_VERSION,
+        run_id=run_id,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        tool_version=__version__,
+        config_path=str(cfg.source) if cfg.source else None,
+        model=li.spec,
+        environment=probe_env(),
+        calibration=tuple(summaries_here),
+        variants=tuple(run_variants),
+        evaluations=tuple(evals),
+        reference=ref,
+        sensitivity=sens,
+        fallback=fallback,
+    )
+    atomic_write_json(run_dir / "results.json", to_jsonable(results))
+    if until == "evaluate":
+        return results, run_dir
+    return finish_run(cfg, results, run_dir, baseline_dir=baseline_dir, write=until in ("report", "gate"))
+
+
+def finish_run(
+    cfg: PipelineConfig, results: RunResults, run_dir: Path, *, baseline_dir: Path | None = None, write: bool = True
+) -> tuple[RunResults, Path]:
+    """Judge the results with the gate rules and write the report files (report and gate stages)."""
+    from quantpipe.gate import evaluate_gate
+    from quantpipe.report import load_results, update_latest, write_report
+
+    baseline_dir = baseline_dir or cfg.report.baseline
+    baseline = load_results(baseline_dir) if baseline_dir else None
+    decision = evaluate_gate(results, cfg.gate.rules, baseline)
+    results = dataclasses.replace(results, gate=decision)
+    if write:
+        write_report(run_dir, results, formats=cfg.report.formats, baseline=baseline)
+        update_latest(Path(cfg.report.dir), run_dir)
+    return results, run_dir
+
+
+def run_pipeline(config: str | Path | PipelineConfig, *, progress: Progress | None = None) -> RunResults:
+    """Run every stage on a pipeline.yaml (path or loaded config); return the judged results.
+
+    Raises QuantpipeError subclasses on bad input; the gate's verdict is in `results.gate`.
+    """
+    from quantpipe.config import load_config
+
+    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    results, _ = run_stages(cfg, until="gate", progress=progress)
+    if results is None:  # pragma: no cover - until="gate" always evaluates
+        raise QuantpipeError("the pipeline ended before evaluation")
+    return results
+
+

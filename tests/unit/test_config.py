@@ -1,0 +1,109 @@
+"""pipeline.yaml validation: unknown keys with hints, YAML line numbers, paths, gate rule checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quantpipe.config import load_config, parse_config, variant_name
+from quantpipe.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MINIMAL = {
+    "model": {"path": "m.onnx"},
+    "data": {"calibration": {"path": "c.npz"}, "evaluation": {"path": "e.npz", "labels": "label"}},
+}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_repository_pipeline_yaml_is_valid() -> None:
+    cfg = load_config(ROOT / "pipeline.yaml")
+    assert cfg.model.path == (ROOT / "examples/digits/digits_cnn.onnx").resolve()
+    assert "ort-int8" in cfg.variant_names() and cfg.variant_names()[0] == "ort-fp32"
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    cfg = parse_config(MINIMAL, base_dir=tmp_path)
+    assert cfg.model.path == (tmp_path / "m.onnx").resolve()
+    assert cfg.data.evaluation.path == (tmp_path / "e.npz").resolve()
+    assert cfg.calibration.methods == ["entropy", "minmax"] and cfg.calibration.use == "entropy"
+    assert cfg.variant_names() == ["ort-fp32", "ort-fp16", "ort-int8"]  # tensorrt off by default
+    assert cfg.report.dir == (tmp_path / "reports").resolve()
+
+
+def test_unknown_key_gets_did_you_mean(tmp_path: Path) -> None:
+    raw = {**MINIMAL, "data": {**MINIMAL["data"], "batchsize": 4}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    msg = str(e.value)
+    assert "data.batchsize: unknown key 'batchsize' (did you mean 'batch_size'?)" in msg
+    assert e.value.exit_code == 2
+
+
+def test_unknown_top_level_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'calibraton' \(did you mean 'calibration'\?\)"):
+        parse_config({**MINIMAL, "calibraton": {}})
+
+
+def test_unknown_method_is_an_error_not_a_fallback() -> None:
+    with pytest.raises(ConfigError, match=r"calibration.methods\[0\].*'entropy', 'minmax', 'percentile' or 'mse'.*got 'kl'"):
+        parse_config({**MINIMAL, "calibration": {"methods": ["kl"]}})
+
+
+def test_use_must_be_computed() -> None:
+    with pytest.raises(ConfigError, match="calibration.use is 'mse'"):
+        parse_config({**MINIMAL, "calibration": {"methods": ["entropy"], "use": "mse"}})
+
+
+def test_malformed_yaml_reports_line(tmp_path: Path) -> None:
+    p = _write(tmp_path, "model:\n  path: m.onnx\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        load_config(p)
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    p = _write(tmp_path, "model: {path: nope.onnx}\ndata:\n  calibration: {path: c.npz}\n  evaluation: {path: e.npz}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "model.path" in str(e.value) and "data.calibration.path" in str(e.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("rule", "pattern"),
+    [
+        ({"variant": "ort-int9", "metric": "top1_drop", "max": 0.01}, r"unknown variant 'ort-int9' \(did you mean 'ort-int8'\?\)"),
+        ({"variant": "ort-int8", "metric": "top1drop", "max": 0.01}, r"unknown metric 'top1drop' \(did you mean 'top1_drop'\?\)"),
+        ({"variant": "ort-int8", "metric": "top1_drop"}, "needs `min` or `max`"),
+        ({"variant": "ort-int8", "metric": "speedup", "vs": "trt-fp32", "min": 1.2}, "unknown variant 'trt-fp32'"),
+        ({"variant": "ort-int8", "metric": "cosine", "vs": "ort-fp32", "min": 0.9}, "`vs` applies only to metric speedup"),
+    ],
+)
+def test_bad_gate_rules(rule: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config({**MINIMAL, "gate": {"rules": [rule]}})
+
+
+def test_rule_description() -> None:
+    cfg = parse_config({**MINIMAL, "gate": {"rules": [{"variant": "ort-int8", "metric": "speedup", "vs": "ort-fp32", "min": 1.2, "batch_size": 32}]}})
+    assert cfg.gate.rules[0].describe() == "ort-int8 speedup vs ort-fp32 @bs32 >= 1.2"
+
+
+def test_fallback_needs_bound() -> None:
+    with pytest.raises(ConfigError, match="needs `min`"):
+        parse_config({**MINIMAL, "build": {"fallback": {"metric": "top1_agreement"}}})
+
+
+def test_variant_name() -> None:
+    assert variant_name("tensorrt", "fp16") == "trt-fp16"

@@ -1,0 +1,109 @@
+"""Data sources: stacked .npz and per-sample folders, validated against the model's inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantpipe.artifacts import TensorInfo
+from quantpipe.data import check_disjoint, open_dataset
+from quantpipe.errors import DataError
+
+IMG = (TensorInfo("input", "float32", ("batch", 1, 4, 4)),)
+TEXT = (TensorInfo("ids", "int64", ("batch", "seq")), TensorInfo("mask", "int64", ("batch", "seq")))
+
+
+def _npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def test_stacked_batches_and_labels(tmp_path: Path) -> None:
+    x = np.arange(10 * 16, dtype=np.float32).reshape(10, 1, 4, 4)
+    p = _npz(tmp_path / "d.npz", input=x, label=np.arange(10))
+    ds = open_dataset(p, IMG, labels_key="label", role="evaluation")
+    assert ds.num_samples == 10
+    batches = list(ds.batches(4))
+    assert [b.size for b in batches] == [4, 4, 2]
+    assert np.array_equal(np.concatenate([b.feeds["input"] for b in batches]), x)
+    assert np.array_equal(np.concatenate([b.labels for b in batches]), np.arange(10))
+
+
+def test_max_samples_limits_and_changes_fingerprint(tmp_path: Path) -> None:
+    p = _npz(tmp_path / "d.npz", input=np.zeros((10, 1, 4, 4), np.float32))
+    a = open_dataset(p, IMG)
+    b = open_dataset(p, IMG, max_samples=3)
+    assert b.num_samples == 3 and a.fingerprint != b.fingerprint
+
+
+def test_float64_is_cast_int_to_float_refused(tmp_path: Path) -> None:
+    ok = open_dataset(_npz(tmp_path / "a.npz", input=np.zeros((2, 1, 4, 4))), IMG)
+    assert next(ok.batches(2)).feeds["input"].dtype == np.float32
+    with pytest.raises(DataError, match="dtype int64 .* is float32"):
+        open_dataset(_npz(tmp_path / "b.npz", input=np.zeros((2, 1, 4, 4), np.int64)), IMG)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "pattern"),
+    [
+        ({"img": np.zeros((2, 1, 4, 4), np.float32)}, r"no array named 'input'.*arrays present: \['img'\]"),
+        ({"input": np.zeros((2, 1, 5, 4), np.float32)}, r"axis 2 must be 4"),
+        ({"input": np.zeros((2, 4, 4), np.float32)}, r"rank 4"),
+        ({"input": np.zeros((0, 1, 4, 4), np.float32)}, r"holds no samples"),
+        ({"input": np.full((2, 1, 4, 4), np.nan, np.float32)}, r"32 NaN or Inf"),
+    ],
+)
+def test_bad_data(tmp_path: Path, arrays: dict, pattern: str) -> None:
+    with pytest.raises(DataError, match=pattern) as e:
+        open_dataset(_npz(tmp_path / "d.npz", **arrays), IMG)
+    assert e.value.exit_code == 2
+
+
+def test_missing_labels_and_file(tmp_path: Path) -> None:
+    p = _npz(tmp_path / "d.npz", input=np.zeros((2, 1, 4, 4), np.float32))
+    with pytest.raises(DataError, match="no labels array 'label'"):
+        open_dataset(p, IMG, labels_key="label")
+    with pytest.raises(DataError, match="does not exist"):
+        open_dataset(tmp_path / "nope.npz", IMG)
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        open_dataset(tmp_path / "bad.npz", IMG)
+
+
+def test_folder_of_ragged_samples_batches_same_shapes_in_order(tmp_path: Path) -> None:
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    lengths = [5, 5, 7, 7, 7, 5]
+    for i, n in enumerate(lengths):
+        ids = np.full((1, n), i, np.int64)
+        _npz(folder / f"s{i:02d}.npz", ids=ids, mask=np.ones((1, n), np.int64), label=np.array([i]))
+    ds = open_dataset(folder, TEXT, labels_key="label")
+    assert ds.num_samples == 6 and ds.is_folder
+    batches = list(ds.batches(2))
+    assert [b.feeds["ids"].shape for b in batches] == [(2, 5), (2, 7), (1, 7), (1, 5)]
+    assert [int(b.feeds["ids"][0, 0]) for b in batches] == [0, 2, 4, 5]  # order kept
+    assert np.array_equal(ds.labels, np.arange(6))
+
+
+def test_folder_sample_without_batch_axis(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    _npz(folder / "a.npz", input=np.ones((1, 4, 4), np.float32))
+    ds = open_dataset(folder, IMG)
+    assert next(ds.batches(8)).feeds["input"].shape == (1, 1, 4, 4)
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "e").mkdir()
+    with pytest.raises(DataError, match="holds no .npz files"):
+        open_dataset(tmp_path / "e", IMG)
+
+
+def test_overlap_detection(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 1, 4, 4)).astype(np.float32)
+    a = open_dataset(_npz(tmp_path / "a.npz", input=x[:4]), IMG)
+    b = open_dataset(_npz(tmp_path / "b.npz", input=x[2:]), IMG)
+    assert check_disjoint(a, b) == 2

@@ -1,0 +1,36 @@
+"""Metrics checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from quantpipe import metrics as M
+
+
+def test_topk() -> None:
+    logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    labels = np.array([1, 1, 0])
+    assert M.topk_accuracy(logits, labels, 1) == 1 / 3
+    assert M.topk_accuracy(logits, labels, 2) == 2 / 3
+    assert M.topk_accuracy(logits, labels, 5) == 1.0  # k clipped to the class count
+
+
+def test_agreement_cosine_sqnr() -> None:
+    ref = np.array([[1.0, 0.0], [0.0, 2.0]])
+    out = np.array([[1.0, 0.1], [0.5, 0.4]])
+    assert M.top1_agreement(out, ref) == 0.5
+    cos0 = 1.0 / math.sqrt(1.01)
+    cos1 = 0.8 / (2.0 * math.sqrt(0.41))
+    assert math.isclose(M.mean_cosine(out, ref), (cos0 + cos1) / 2)
+    noise = 0.01 + 0.25 + 2.56
+    assert math.isclose(M.sqnr_db(out, ref), 10 * math.log10(5.0 / noise))
+    assert M.sqnr_db(ref, ref) == math.inf
+    assert math.isclose(M.max_abs_error(out, ref), 1.6)
+
+
+def test_cosine_of_zero_vectors() -> None:
+    z = np.zeros((2, 3))
+    assert M.mean_cosine(z, z) == 1.0
+    assert M.mean_cosine(z, np.ones((2, 3))) == 0.0
