@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -82,9 +83,10 @@ def _nvidia_smi() -> dict[str, Any]:
 
 
 def probe_env() -> dict[str, Any]:
-    """What this machine can run: Python, onnxruntime and its providers, GPU, TensorRT and why not.
+    """What this machine can run: Python, onnxruntime and its providers, GPU, driver, CUDA, TensorRT and why not.
 
-    Cheap enough to call once per run; never raises.
+    Each optional piece's entry is {available, version, reason} and, where it is missing, `install`: the
+    command that brings it. Cheap enough to call once per run; never raises.
     """
     import numpy
     import onnx
@@ -92,6 +94,7 @@ def probe_env() -> dict[str, Any]:
 
     from quantpipe import __version__
 
+    providers = list(onnxruntime.get_available_providers())
     env: dict[str, Any] = {
         "quantpipe": __version__,
         "python": sys.version.split()[0],
@@ -102,12 +105,84 @@ def probe_env() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "onnxruntime_providers": list(onnxruntime.get_available_providers()),
+        "onnxruntime_providers": providers,
         "gpu": _nvidia_smi(),
     }
     for mod in ("tensorrt", "cuda.bindings", "pycuda", "cupy", "modelopt"):
         env[mod] = _import_status(mod)
+    try:
+        cuda = _probe_cuda(env["gpu"])
+        if cuda:
+            env["cuda"] = cuda
+            if env["gpu"].get("available"):
+                env["gpu"]["cuda_version"] = cuda.split(";")[0].removeprefix("driver supports CUDA ").strip()
+        _probe_gpu_pieces(env, providers)
+    except Exception as err:  # the probe must never break a run; say what went wrong instead
+        env["probe_error"] = f"{type(err).__name__}: {err}"
     return env
+
+
+def _probe_cuda(gpu: dict[str, Any]) -> str | None:
+    """The CUDA versions as one line, from cuda-python, else from nvidia-smi's banner."""
+    parts: list[str] = []
+    rt = optional("cuda.bindings.runtime") or optional("cuda.cudart")
+    if rt is not None:
+        try:
+            err, drv = rt.cudaDriverGetVersion()
+            if int(getattr(err, "value", err)) == 0 and drv:
+                parts.append(f"driver supports CUDA {drv // 1000}.{(drv % 1000) // 10}")
+            err, run = rt.cudaRuntimeGetVersion()
+            if int(getattr(err, "value", err)) == 0 and run:
+                parts.append(f"runtime {run // 1000}.{(run % 1000) // 10} (cuda-python)")
+        except Exception:  # a broken CUDA install reads as "unknown", the GPU entry says more
+            parts = []
+    if not parts and gpu.get("available"):
+        exe = shutil.which("nvidia-smi")
+        try:
+            banner = subprocess.run([exe or "nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+        except (subprocess.SubprocessError, OSError):
+            banner = ""
+        m = re.search(r"CUDA Version:\s*([0-9.]+)", banner)
+        if m:
+            parts.append(f"driver supports CUDA {m.group(1)}")
+    return "; ".join(parts) or None
+
+
+def _probe_gpu_pieces(env: dict[str, Any], providers: list[str]) -> None:
+    """TensorRT's supported-version check, cuda-python's old layout, onnxruntime's CUDA provider, install commands."""
+    from quantpipe.backends.tensorrt import tensorrt_status
+
+    ok, version, reason = tensorrt_status()
+    env["tensorrt"] = {"available": ok, "version": version, "reason": reason}
+    if not env["cuda.bindings"]["available"]:  # cuda-python < 12.6 has the runtime as cuda.cudart
+        old = _import_status("cuda.cudart")
+        if old["available"]:
+            cuda_mod = optional("cuda")
+            env["cuda.bindings"] = {**old, "version": getattr(cuda_mod, "__version__", None), "layout": "cuda.cudart"}
+    has_gpu = bool(env["gpu"].get("available"))
+    cuda_ep = "CUDAExecutionProvider" in providers
+    env["onnxruntime_cuda"] = {
+        "available": cuda_ep,
+        "version": env["onnxruntime"] if cuda_ep else None,
+        "reason": None if cuda_ep else (
+            "onnxruntime has no CUDAExecutionProvider (the CPU-only onnxruntime package is installed)"
+            if has_gpu else "no NVIDIA GPU, so no onnxruntime CUDA execution provider"
+        ),
+    }
+    cuda_major = str(env["gpu"].get("cuda_version", "12")).split(".")[0] or "12"
+    install = {
+        "tensorrt": INSTALL_HINTS["tensorrt"][1],
+        "cuda.bindings": INSTALL_HINTS["cuda.bindings"][1],
+        "pycuda": INSTALL_HINTS["pycuda"][1],
+        "cupy": f"pip install cupy-cuda{cuda_major}x",
+        "modelopt": INSTALL_HINTS["modelopt"][1],
+        "onnxruntime_cuda": "pip uninstall -y onnxruntime && pip install 'quantpipe[gpu]'  (onnxruntime-gpu)",
+    }
+    for key, cmd in install.items():
+        if not env[key]["available"]:
+            env[key]["install"] = cmd
+    if not has_gpu:
+        env["gpu"]["install"] = "install an NVIDIA GPU driver (https://www.nvidia.com/drivers); TensorRT and CUDA need one"
 
 
 def _cpu_count() -> int:

@@ -38,7 +38,7 @@ from quantpipe.artifacts import (
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.data import Dataset, check_disjoint, open_dataset
 from quantpipe.errors import DataError, MissingDependencyError, QuantpipeError
-from quantpipe.fsutil import atomic_write_json
+from quantpipe.fsutil import atomic_write_json, sha256_file
 from quantpipe.model import apply_input_overrides, load_model_spec
 
 __all__ = ["Progress", "NullProgress", "Workspace", "LoadedInputs", "run_pipeline", "run_stages", "new_run_id"]
@@ -220,6 +220,7 @@ def stage_build(
     b = cfg.build
     variants: list[Variant] = []
     fallback: FallbackReport | None = None
+    built: dict[str, Path] = {"fp32": Path(li.spec.path)}
     ort = b.backends.onnxruntime
     if ort.enabled:
         from quantpipe.backends.onnxruntime import resolve_device
@@ -252,7 +253,7 @@ def stage_build(
                                         artifact=str(path), size_bytes=_size(path)))
     trt = b.backends.tensorrt
     if trt.enabled:
-        variants += _build_trt(cfg, ws, li, amax, calib_summaries, progress)
+        variants += _build_trt(cfg, ws, li, built, amax, calib_summaries, progress)
     return variants, fallback
 
 
@@ -314,29 +315,102 @@ def _build_ort(
     return built, fallback
 
 
+def _trt_profiles(cfg: PipelineConfig, li: LoadedInputs) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max shapes per input: pipeline.yaml's, else batch 1 .. the largest batch size used,
+    with the other dynamic axes taken from the first calibration sample."""
+    sizes = [cfg.data.batch_size, *cfg.evaluate.latency.batch_sizes]
+    first = li.calib.first_batch(1).feeds
+    axis = cfg.model.batch_axis
+    out: dict[str, dict[str, list[int]]] = {}
+    for info in li.inputs:
+        spec = cfg.model.inputs.get(info.name)
+        base = list(first[info.name].shape)
+
+        def with_batch(b: int, base: list[int] = base) -> list[int]:
+            shape = list(base)
+            shape[axis] = b
+            return shape
+
+        out[info.name] = {
+            "min": list(spec.min_shape) if spec and spec.min_shape else with_batch(1),
+            "opt": list(spec.opt_shape) if spec and spec.opt_shape else with_batch(max(cfg.evaluate.latency.batch_sizes)),
+            "max": list(spec.max_shape) if spec and spec.max_shape else with_batch(max(sizes)),
+        }
+    return out
+
+
 def _build_trt(
     cfg: PipelineConfig,
     ws: Workspace,
     li: LoadedInputs,
+    onnx_models: dict[str, Path],
     amax: dict[str, float],
     calib_summaries: list[CalibrationSummary],
     progress: Progress,
 ) -> list[Variant]:
+    """TensorRT engines; each precision this machine cannot build becomes a skipped variant with the reason."""
     from quantpipe.backends import tensorrt as T
 
     trt = cfg.build.backends.tensorrt
-    ok, version, reason = T.tensorrt_status()
-    names = [(p, variant_name("tensorrt", p)) for p in ("fp32", "fp16", "int8") if p in trt.precisions]
-    if not ok:
+    variants: list[Variant] = []
+    todo: list[tuple[str, str]] = []
+    for precision in (p for p in ("fp32", "fp16", "int8") if p in trt.precisions):
+        name = variant_name("tensorrt", precision)
+        reason = T.variant_skip_reason(precision, int8_mode=trt.int8_mode)  # type: ignore[arg-type]
+        if reason is None:
+            todo.append((precision, name))
+            continue
         if trt.required:
+            T.require_tensorrt()  # raises MissingDependencyError (exit 3) with the pip command
             raise MissingDependencyError(
-                f"build.backends.tensorrt.required is true, but TensorRT cannot run here: {reason}. "
-                f"Install it with: pip install 'quantpipe[tensorrt]' (needs an NVIDIA GPU and driver), "
-                f"or set required: false to report its variants as skipped."
+                f"build.backends.tensorrt.required is true, but {name} cannot be built here: {reason}. "
+                f"Run on a machine with an NVIDIA GPU and TensorRT (pip install 'quantpipe[tensorrt]'), "
+                f"or set required: false to report TensorRT variants as skipped."
             )
-        log.warning("tensorrt: skipped (%s)", reason)
-        return [Variant(n, "tensorrt", p, "cuda", skipped=f"tensorrt: {reason}") for p, n in names]  # type: ignore[arg-type]
-    return T.build_variants(cfg, ws.models / "tensorrt", li, amax, calib_summaries, progress)
+        log.warning("%s: skipped (%s)", name, reason)
+        variants.append(Variant(name, "tensorrt", precision, "cuda", skipped=reason))  # type: ignore[arg-type]
+    if not todo:
+        return variants
+    api = T.require_tensorrt()
+    out_dir = ws.models / "tensorrt"
+    profiles = _trt_profiles(cfg, li)
+    timing_cache = trt.timing_cache or out_dir / "timing.cache"
+    use = cfg.calibration.use
+    method = "minmax" if use == "minmax" else "entropy"
+    summary = next((s for s in calib_summaries if s.method == (use if use != "best" else "entropy")), None)
+    with progress.task("building TensorRT engines", len(todo)) as advance:
+        for precision, name in todo:
+            plan = T.plan_build(precision, api, trt.int8_mode)  # type: ignore[arg-type]
+            source = _onnx_for(plan.source, cfg, ws, li, onnx_models, amax)
+            calibration = None
+            if plan.calibrator and summary is not None:
+                calibration = T.CalibrationInput(
+                    method=method, cache_path=Path(summary.cache_path), dataset=li.calib,  # type: ignore[arg-type]
+                    batch_size=cfg.data.batch_size, fingerprint=dict(summary.fingerprint),
+                )
+            info = T.build_engine(
+                source, out_dir / f"model.{precision}.engine", precision=precision, calibration=calibration,  # type: ignore[arg-type]
+                profiles=profiles, workspace_mib=trt.workspace_mib, timing_cache=timing_cache,
+                source_sha256=sha256_file(source), int8_mode=trt.int8_mode,
+            )
+            variants.append(Variant(name, "tensorrt", precision, "cuda", artifact=info.path,  # type: ignore[arg-type]
+                                    size_bytes=info.size_bytes, details=to_jsonable(info)))
+            advance(1)
+    order = {n: i for i, n in enumerate(variant_name("tensorrt", p) for p in ("fp32", "fp16", "int8"))}
+    return sorted(variants, key=lambda v: order[v.name])
+
+
+def _onnx_for(
+    kind: str, cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, built: dict[str, Path], amax: dict[str, float]
+) -> Path:
+    """The ONNX model a TensorRT build parses: the FP32 original, the FP16 model or the Q/DQ model."""
+    key = {"fp32": "fp32", "fp16": "fp16", "qdq": "int8"}[kind]
+    if key not in built:
+        only = cfg.model_copy(update={"build": cfg.build.model_copy(update={"backends": cfg.build.backends.model_copy(
+            update={"onnxruntime": cfg.build.backends.onnxruntime.model_copy(update={"precisions": [key]})})})})
+        extra, _ = _build_ort(only, ws, li, amax, NullProgress())
+        built.update(extra)
+    return built[key]
 
 
 def stage_evaluate(
@@ -387,7 +461,7 @@ def _runner_for(v: Variant, cfg: PipelineConfig) -> Any:
         return OrtRunner(v.artifact or "", v.name, device=v.device, threads=cfg.build.backends.onnxruntime.threads)
     from quantpipe.backends.tensorrt import TensorRTRunner
 
-    return TensorRTRunner(v.artifact or "", name=v.name)
+    return TensorRTRunner(v.artifact or "", v.name, source_sha256=v.details.get("source_sha256"))
 
 
 def stage_sensitivity(
@@ -427,6 +501,24 @@ def _copy_into(src: Path, dest_dir: Path) -> None:
         shutil.copy2(src, dest)
 
 
+def _preflight(cfg: PipelineConfig) -> None:
+    """Fail fast (exit 3) when a required backend cannot run here, before hours of calibration."""
+    trt = cfg.build.backends.tensorrt
+    if not (trt.enabled and trt.required):
+        return
+    from quantpipe.backends import tensorrt as T
+
+    T.require_tensorrt()
+    for precision in trt.precisions:
+        reason = T.variant_skip_reason(precision, int8_mode=trt.int8_mode)
+        if reason is not None:
+            raise MissingDependencyError(
+                f"build.backends.tensorrt.required is true, but {variant_name('tensorrt', precision)} cannot be built "
+                f"here: {reason}. Run on a machine with an NVIDIA GPU and TensorRT (pip install 'quantpipe[tensorrt]'), "
+                f"or set required: false to report TensorRT variants as skipped."
+            )
+
+
 def run_stages(
     cfg: PipelineConfig,
     *,
@@ -445,6 +537,7 @@ def run_stages(
     progress = progress or NullProgress()
     ws = Workspace.for_config(cfg)
     li = load_inputs(cfg)
+    _preflight(cfg)
     summaries, amax = stage_calibrate(cfg, ws, li, progress)
     if until == "calibrate":
         return None, None
