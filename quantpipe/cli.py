@@ -173,12 +173,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def _resolve_run_dir(cfg: Any, run: Path | None) -> Path:
+    from quantpipe.report import resolve_latest
+
     if run is not None:
         return run
-    latest = Path(cfg.report.dir) / "latest"
-    if latest.exists():
-        return latest.resolve()
-    raise ConfigError(f"no earlier run found ({latest} does not exist). Run `quantpipe run` first or pass --run reports/<run-id>.")
+    latest = resolve_latest(Path(cfg.report.dir))
+    if latest is not None:
+        return latest
+    raise ConfigError(
+        f"no earlier run found in {cfg.report.dir} (no 'latest'). Run `quantpipe run` first or pass --run reports/<run-id>."
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -594,16 +594,28 @@ def finish_run(
 ) -> tuple[RunResults, Path]:
     """Judge the results with the gate rules and write the report files (report and gate stages)."""
     from quantpipe.gate import evaluate_gate
-    from quantpipe.report import load_results, update_latest, write_report
+    from quantpipe.report import load_results, update_latest, with_baseline, write_report
 
     baseline_dir = baseline_dir or cfg.report.baseline
     baseline = load_results(baseline_dir) if baseline_dir else None
     decision = evaluate_gate(results, cfg.gate.rules, baseline)
-    results = dataclasses.replace(results, gate=decision)
+    results = with_baseline(dataclasses.replace(results, gate=decision), baseline)
     if write:
-        write_report(run_dir, results, formats=cfg.report.formats, baseline=baseline)
+        write_report(run_dir, results, formats=cfg.report.formats, baseline=baseline, notes=_section_notes(cfg))
         update_latest(Path(cfg.report.dir), run_dir)
     return results, run_dir
+
+
+def _section_notes(cfg: PipelineConfig) -> dict[str, str]:
+    """Why a report section is empty when the configuration turned it off."""
+    notes = {}
+    if not cfg.evaluate.sensitivity.enabled:
+        notes["sensitivity"] = "no sensitivity analysis: disabled in pipeline.yaml (evaluate.sensitivity.enabled: false)"
+    if cfg.build.fallback is None:
+        notes["fallback"] = "no accuracy-driven fallback: build.fallback is not set in pipeline.yaml"
+    if not cfg.evaluate.latency.enabled:
+        notes["latency"] = "no latency measured: disabled in pipeline.yaml (evaluate.latency.enabled: false)"
+    return notes
 
 
 def run_pipeline(config: str | Path | PipelineConfig, *, progress: Progress | None = None) -> RunResults:

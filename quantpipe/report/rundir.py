@@ -1,0 +1,227 @@
+"""What a run directory holds, read back: results.json, the calibration sidecars, the latest-run pointer.
+
+`reports/<run-id>/results.json` is the contract between the stages that measure and the stages that
+judge and show (report, gate), so it is validated on the way in: a wrong schema version or a
+garbled file is a DataError (exit 2) that says which file and what to do, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantpipe.artifacts import RESULTS_SCHEMA_VERSION, RunResults, from_jsonable
+from quantpipe.errors import DataError
+from quantpipe.fsutil import atomic_write_text
+
+__all__ = [
+    "RESULTS_FILE",
+    "LATEST",
+    "TensorHistogram",
+    "load_results",
+    "update_latest",
+    "resolve_latest",
+    "load_histograms",
+    "load_thresholds",
+]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+LATEST = "latest"
+HISTOGRAMS_FILE = "histograms.npz"
+
+
+def load_results(run_dir: str | os.PathLike[str]) -> RunResults:
+    """Read and validate `<run_dir>/results.json` (or a results.json path given directly).
+
+    Raises:
+        DataError: the file is missing, is not JSON, has another schema version, or does not
+            match the schema.
+    """
+    path = Path(run_dir)
+    if path.is_dir() or not path.suffix:
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist: {path.parent} is not a quantpipe run directory. "
+            f"Pass a folder written by `quantpipe run` or `quantpipe evaluate` (reports/<run-id>)."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not a text file ({err}). Re-run `quantpipe evaluate` to rewrite it.") from err
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); the file is damaged. "
+            f"Re-run `quantpipe evaluate` to rewrite it."
+        ) from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path} holds a JSON {type(data).__name__}, expected an object with the run's results.")
+    version = data.get("schema_version")
+    if version != RESULTS_SCHEMA_VERSION:
+        found = "no schema_version" if version is None else f"schema_version {version!r}"
+        raise DataError(
+            f"{path} has {found}; this quantpipe reads schema_version {RESULTS_SCHEMA_VERSION}. "
+            f"Re-run the pipeline with this version, or read it with the quantpipe version that wrote it "
+            f"({data.get('tool_version', 'unknown')})."
+        )
+    from pydantic import ValidationError
+
+    try:
+        return from_jsonable(RunResults, data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()[:5]
+        )
+        more = f" (and {err.error_count() - 5} more)" if err.error_count() > 5 else ""
+        raise DataError(f"{path} does not match the results schema: {problems}{more}. Re-run `quantpipe evaluate`.") from err
+
+
+def update_latest(report_root: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> Path:
+    """Point `<report_root>/latest` at `run_dir` (relative symlink, replaced atomically).
+
+    Where symlinks cannot be made (Windows without the privilege, some network file systems)
+    writes `<report_root>/latest.txt` holding the run directory's name instead. Returns the
+    pointer written.
+    """
+    root, run = Path(report_root), Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(run.resolve(), root.resolve())
+    link = root / LATEST
+    tmp = root / f".{LATEST}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        if link.exists() and not link.is_symlink():
+            raise OSError(f"{link} exists and is not a symlink")
+        os.symlink(target, tmp, target_is_directory=True)
+        os.replace(tmp, link)  # rename over the old link: readers see the old or the new run, never none
+    except (OSError, NotImplementedError) as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.info("cannot make the %s symlink (%s); writing %s.txt instead", link, err, LATEST)
+        return atomic_write_text(root / f"{LATEST}.txt", target + "\n")
+    with contextlib.suppress(FileNotFoundError):
+        (root / f"{LATEST}.txt").unlink()  # a stale pointer from a machine without symlinks
+    return link
+
+
+def resolve_latest(report_root: str | os.PathLike[str]) -> Path | None:
+    """The newest run directory under `report_root` (via `latest` or `latest.txt`), or None."""
+    root = Path(report_root)
+    link = root / LATEST
+    if link.exists():
+        return link.resolve()
+    txt = root / f"{LATEST}.txt"
+    if txt.is_file():
+        run = root / txt.read_text(encoding="utf-8").strip()
+        return run if run.is_dir() else None
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorHistogram:
+    """One tensor's |x| histogram from calibration: `counts[i]` values fell in [edges[i], edges[i+1])."""
+
+    name: str
+    counts: np.ndarray
+    edges: np.ndarray
+
+
+def _calibration_file(run_dir: Path, recorded: str, name: str | None = None) -> Path | None:
+    """A calibration artifact: where results.json says it is, else beside the results in calibration/."""
+    candidates = [Path(recorded)] if recorded else []
+    base = name or (Path(recorded).name if recorded else "")
+    if base:
+        candidates += [run_dir / "calibration" / base, run_dir / base]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_histograms(run_dir: str | os.PathLike[str]) -> tuple[dict[str, TensorHistogram], str | None]:
+    """The calibration histograms of a run, and None; or {} and the reason there are none."""
+    run = Path(run_dir)
+    path = _calibration_file(run, "", HISTOGRAMS_FILE)
+    if path is None:
+        return {}, f"no calibration histograms in this run ({run / 'calibration' / HISTOGRAMS_FILE} does not exist)"
+    try:
+        raw = _read_histograms(path)
+    except Exception as err:  # a damaged optional artifact must not stop the report
+        log.warning("cannot read %s: %s", path, err)
+        return {}, f"the calibration histograms in {path} could not be read ({type(err).__name__}: {err})"
+    if not raw:
+        return {}, f"{path} holds no usable histograms"
+    return raw, None
+
+
+def _read_histograms(path: Path) -> dict[str, TensorHistogram]:
+    """Parse histograms.npz (quantpipe.calibration.cache.save_histograms), activations and inputs only.
+
+    Per tensor `<name>/counts` with its bins given by `<name>/edges`, or `<name>/bin_width` (bins from 0:
+    histograms of |x|; what calibration writes: the binned histogram its methods used), or
+    `<name>/range` ([lo, hi]). `<name>/kind` == "weight" entries are left out (weights are not
+    calibrated from data). Only these small arrays are read, not the exact streaming state.
+    """
+    out: dict[str, TensorHistogram] = {}
+    with np.load(path, allow_pickle=False) as npz:
+        keys = set(npz.files)
+        for key in npz.files:  # the saved order is graph order
+            if not key.endswith("/counts"):
+                continue
+            name = key[: -len("/counts")]
+            if f"{name}/kind" in keys and str(npz[f"{name}/kind"]) == "weight":
+                continue
+            counts = np.asarray(npz[key], dtype=np.float64).reshape(-1)
+            n = counts.size
+            if f"{name}/edges" in keys:
+                edges = np.asarray(npz[f"{name}/edges"], dtype=np.float64).reshape(-1)
+            elif f"{name}/bin_width" in keys:
+                edges = np.arange(n + 1, dtype=np.float64) * float(npz[f"{name}/bin_width"])
+            elif f"{name}/range" in keys:
+                lo, hi = (float(x) for x in np.asarray(npz[f"{name}/range"]).reshape(-1)[:2])
+                edges = np.linspace(lo, hi, n + 1)
+            else:
+                continue
+            if n and edges.shape == (n + 1,) and np.all(np.isfinite(edges)):
+                out[name] = TensorHistogram(name, counts, edges)
+    return out
+
+
+def load_thresholds(results: RunResults, run_dir: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
+    """Per calibration method, the amax chosen for each tensor (from the JSON beside each cache)."""
+    run = Path(run_dir)
+    out: dict[str, dict[str, float]] = {}
+    for summary in results.calibration:
+        path = _calibration_file(run, summary.json_path)
+        if path is None:
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            log.warning("cannot read %s: %s", path, err)
+            continue
+        amax = _amax_table(data)
+        if amax:
+            out[summary.method] = amax
+    return out
+
+
+def _amax_table(data: Any) -> dict[str, float]:
+    """tensor -> amax from a calibration JSON ({"tensors": {name: {"amax": ...}}} or {name: amax})."""
+    tensors = data.get("tensors", data) if isinstance(data, Mapping) else {}
+    if isinstance(tensors, list):
+        tensors = {t.get("name"): t for t in tensors if isinstance(t, Mapping)}
+    out = {}
+    for name, entry in tensors.items() if isinstance(tensors, Mapping) else ():
+        value = entry.get("amax") if isinstance(entry, Mapping) else entry
+        if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
+            out[str(name)] = float(value)
+    return out

@@ -1,0 +1,305 @@
+"""The report files of a run: what they hold, that they are self-contained and reproducible, and CI glue."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from quantpipe.artifacts import RunResults
+from quantpipe.config import GateRule
+from quantpipe.errors import ConfigError, DataError
+from quantpipe.gate import evaluate_gate
+from quantpipe.report import load_results, publish_ci, resolve_latest, update_latest, write_report
+from quantpipe.report.render import build_context, render_html
+from tests.report_data import synthetic_results, with_top1
+
+RULES = [
+    GateRule(variant="ort-int8", metric="top1_drop", max=0.01),
+    GateRule(variant="ort-int8", metric="speedup", vs="ort-fp32", min=100),
+    GateRule(variant="trt-int8", metric="speedup", min=1.5),
+    GateRule(variant="ort-int8", metric="top1", baseline=True, min=-0.002),
+]
+
+
+def judged(run: Path | None, baseline: RunResults | None = None, **kw) -> RunResults:  # noqa: ANN003
+    results = synthetic_results(run, **kw)
+    return dataclasses.replace(results, gate=evaluate_gate(results, RULES, baseline))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], RunResults]:
+    root = tmp_path_factory.mktemp("reports")
+    baseline = synthetic_results(root / "base", run_id="release-1", int8_top1=0.98, seed=3)
+    run = root / "20250101T120000Z"
+    results = judged(run, baseline)
+    started = time.perf_counter()
+    paths = write_report(run, results, baseline=baseline)
+    elapsed = time.perf_counter() - started
+    # Generous: the report of this example renders in about 1-2 s on 2 cores; this catches a pathological slowdown.
+    assert elapsed < 20, f"write_report took {elapsed:.1f} s"
+    return run, paths, results
+
+
+def test_every_format_is_written(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    run, paths, _ = written
+    assert set(paths) == {"md", "html", "json", "csv", "junit", "summary"}
+    assert {p.name for p in paths.values()} == {"report.md", "report.html", "results.json", "results.csv", "junit.xml",
+                                                 "summary.md"}
+    assert all(p.parent == run and p.stat().st_size > 200 for p in paths.values())
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
+
+
+def test_results_json_round_trips_with_gate_and_baseline(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    run, _, results = written
+    loaded = load_results(run)
+    assert loaded.schema_version == 1 and loaded.run_id == results.run_id
+    assert loaded.gate == results.gate
+    assert loaded.baseline is not None and loaded.baseline["run_id"] == "release-1"
+    assert loaded.baseline["regressions"] == ["ort-int8 top1: 98.00% -> 97.33% (-0.67 pt)"]
+    json.loads((run / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+
+
+def test_csv_is_one_row_per_variant_and_batch_size(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    run, _, _ = written
+    df = pd.read_csv(run / "results.csv")
+    ran = df[df["status"] != "skipped"]
+    assert sorted(zip(ran["variant"], ran["batch_size"].astype(int), strict=True)) == sorted(
+        (v, bs) for v in ("ort-fp32", "ort-fp16", "ort-int8") for bs in (1, 32))
+    skipped = df[df["status"] == "skipped"]
+    assert list(skipped["variant"]) == ["trt-fp32", "trt-fp16", "trt-int8"] and skipped["batch_size"].isna().all()
+    assert skipped["skipped_reason"].str.contains("tensorrt: not installed").all()
+    pivot = ran.pivot(index="variant", columns="batch_size", values="latency_median_ms")
+    assert pivot.shape == (3, 2)
+    assert ran.loc[ran["variant"] == "ort-fp32", "speedup"].tolist() == [1.0, 1.0]
+    assert ran.loc[ran["variant"] == "ort-int8", "top1"].tolist() == [0.9733, 0.9733]
+
+
+def test_html_is_self_contained(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    html = written[1]["html"].read_text()
+    assert "<script" not in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "report.html must not load anything"
+    assert "@import" not in html
+    assert re.findall(r"url\((?!#)", html) == []  # only in-page references (SVG clip paths)
+    assert html.count("<svg") == 4 and "@media print" in html
+
+
+def test_html_shows_verdict_rules_and_skipped_variants(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    html = written[1]["html"].read_text()
+    assert "Gate FAILED: 3 of 4 rules failed" in html
+    assert "ort-int8 speedup vs ort-fp32 @bs32 = " in html and "allowed &gt;= 100x: FAILED" in html
+    assert html.count('class="badge skip"') == 3 and "tensorrt: not installed" in html
+    for section in ("verdict", "variants", "baseline", "tradeoff", "latency", "sensitivity", "histograms", "calibration",
+                    "environment"):
+        assert f'<section id="{section}">' in html
+
+
+def test_html_flags_the_baseline_regression(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    html = written[1]["html"].read_text()
+    assert "1 regression against baseline run release-1" in html
+    assert '<span class="delta worse">-0.67 pt</span>' in html
+    assert html.count('class="badge fail">regression<') == 1
+
+
+def test_histograms_show_each_method_threshold(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    html = written[1]["html"].read_text()
+    section = html[html.index('<section id="histograms">'):html.index('<section id="calibration">')]
+    assert "<svg" in section and "entropy amax" in section and "minmax amax" in section
+    assert "/conv1/Conv_output_0" in section  # the most sensitive layer's tensor is drawn
+
+
+def test_markdown_mirrors_the_key_tables(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    md = written[1]["md"].read_text()
+    assert "## ❌ Gate FAILED: 3 of 4 rules failed" in md
+    assert "| **FAIL** | ort-int8 speedup vs ort-fp32 >= 100<br>" in md
+    assert "| pass | ort-int8 top1_drop <= 0.01 | 0.67 pt | <= 1 pt |" in md
+    assert "97.33% (-0.67 pt ⚠)" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ort-") or line.startswith("| trt-")]
+    assert len({line.split("|")[1].strip().split()[0] for line in rows}) == 6
+    widths = {line.count("|") - line.count("\\|") for line in md.splitlines() if line.startswith("| ort-int8 |")}
+    assert len(widths) >= 1
+
+
+def test_summary_is_short_and_names_the_failures(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    summary = written[1]["summary"].read_text()
+    assert summary.startswith("### ❌ quantpipe: Gate FAILED: 3 of 4 rules failed")
+    assert "ort-int8 speedup vs ort-fp32 @bs32" in summary
+    assert summary.count("*skipped: tensorrt: not installed") == 1 and "| trt-fp32, trt-fp16, trt-int8 |" in summary
+    assert len(summary) < 6000
+
+
+def test_rendering_is_reproducible(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    run, paths, results = written
+    first = paths["html"].read_bytes()
+    baseline = synthetic_results(run.parent / "base", run_id="release-1", int8_top1=0.98, seed=3)
+    again = write_report(run, results, baseline=baseline)["html"].read_bytes()
+    assert first == again
+
+
+def test_plots_leave_no_global_state(tmp_path: Path) -> None:
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = dict(matplotlib.rcParams)
+    render_html(build_context(tmp_path, judged(None)))
+    assert plt.get_fignums() == []
+    assert dict(matplotlib.rcParams) == before
+
+
+def test_sections_without_data_say_why(tmp_path: Path) -> None:
+    run = tmp_path / "bare"
+    results = judged(None)  # no calibration files written
+    evals = tuple(dataclasses.replace(e, latency=()) for e in results.evaluations)
+    bare = dataclasses.replace(results, sensitivity=(), fallback=None, calibration=(), evaluations=evals)
+    html = write_report(run, bare, formats=["html"])["html"].read_text()
+    assert "no per-layer sensitivity: not computed in this run" in html
+    assert "no accuracy-driven fallback: build.fallback is not set" in html
+    assert "no calibration histograms in this run" in html
+    assert "no latency was measured in this run" in html
+    assert "No accuracy-vs-latency plot" in html
+    assert html.count("<svg") == 0
+    notes = {"sensitivity": "no sensitivity analysis: disabled in pipeline.yaml"}
+    html = write_report(run, bare, formats=["html"], notes=notes)["html"].read_text()
+    assert "no sensitivity analysis: disabled in pipeline.yaml" in html
+
+
+def test_gate_not_evaluated_and_no_rules(tmp_path: Path) -> None:
+    results = synthetic_results()
+    md = write_report(tmp_path, results, formats=["md"])["md"].read_text()
+    assert "Gate not evaluated" in md
+    md = write_report(tmp_path, dataclasses.replace(results, gate=evaluate_gate(results, [])), formats=["md"])
+    assert "Gate passed (no rules)" in md["md"].read_text()
+
+
+def test_formats_pick_the_files(tmp_path: Path) -> None:
+    paths = write_report(tmp_path, judged(None), formats=["junit"])
+    assert set(paths) == {"junit", "summary"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junit.xml", "summary.md"]
+    with pytest.raises(ConfigError, match="unknown format"):
+        write_report(tmp_path, judged(None), formats=["pdf"])
+
+
+def test_load_results_rejects_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a quantpipe run directory"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"schema_version": 1, "run_id": ')
+    with pytest.raises(DataError, match=r"not valid JSON \(line 1"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"schema_version": 99, "tool_version": "9.0"}')
+    with pytest.raises(DataError, match="schema_version 99; this quantpipe reads schema_version 1"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"run_id": "x"}')
+    with pytest.raises(DataError, match="no schema_version"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"schema_version": 1, "run_id": "x"}')
+    with pytest.raises(DataError, match="does not match the results schema: .*model"):
+        load_results(tmp_path)
+
+
+def test_update_latest_points_at_the_newest_run(tmp_path: Path) -> None:
+    first, second = tmp_path / "run-1", tmp_path / "run-2"
+    first.mkdir()
+    second.mkdir()
+    link = update_latest(tmp_path, first)
+    assert link.is_symlink() and os.readlink(link) == "run-1"  # relative: the reports folder can move
+    update_latest(tmp_path, second)
+    assert os.readlink(tmp_path / "latest") == "run-2" and resolve_latest(tmp_path) == second.resolve()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_update_latest_without_symlinks_writes_latest_txt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run-1"
+    run.mkdir()
+
+    def no_symlinks(*args: object, **kwargs: object) -> None:
+        raise OSError("symbolic links are not supported here")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    pointer = update_latest(tmp_path, run)
+    assert pointer.name == "latest.txt" and pointer.read_text().strip() == "run-1"
+    assert resolve_latest(tmp_path) == run
+
+
+def test_publish_ci_outside_github_does_nothing(tmp_path: Path) -> None:
+    assert publish_ci(judged(None), tmp_path, env={}) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_publish_ci_on_github(tmp_path: Path) -> None:
+    summary = tmp_path / "step_summary.md"
+    summary.write_text("earlier step\n")
+    env = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary), "GITHUB_WORKSPACE": str(tmp_path)}
+    results = dataclasses.replace(judged(None), config_path=str(tmp_path / "pipeline.yaml"))
+    lines = publish_ci(results, tmp_path / "run", env=env)
+    text = summary.read_text()
+    assert text.startswith("earlier step\n### ❌ quantpipe: Gate FAILED")  # appended, not overwritten
+    errors = [line for line in lines if line.startswith("::error ")]
+    assert len(errors) == 3
+    assert errors[0].startswith("::error file=pipeline.yaml,title=quantpipe gate%3A ort-int8 speedup vs ort-fp32 >= 100::")
+    assert errors[0].endswith("allowed >= 100x: FAILED")
+    assert all("\n" not in line for line in lines)
+    warnings = [line for line in lines if line.startswith("::warning ")]
+    assert len(warnings) == 1 and "trt-fp32%2C trt-fp16%2C trt-int8 skipped::tensorrt: not installed" in warnings[0]
+
+
+def test_publish_ci_notice_when_the_gate_passes(tmp_path: Path) -> None:
+    results = synthetic_results()
+    ok = dataclasses.replace(results, gate=evaluate_gate(results, [GateRule(variant="ort-int8", metric="top1", min=0.9)]))
+    lines = publish_ci(ok, None, env={"GITHUB_ACTIONS": "true"})
+    assert lines[0] == "::notice title=quantpipe gate passed::1 rule passed in run 20250101T120000Z"
+    assert not any(line.startswith("::error") for line in lines)
+
+
+def test_baseline_without_regression(tmp_path: Path) -> None:
+    base = synthetic_results(run_id="release-1")
+    now = with_top1(base, "ort-int8", 0.9760)  # better: not a regression
+    html = write_report(tmp_path, dataclasses.replace(now, run_id="next"), formats=["html"], baseline=base)["html"]
+    text = html.read_text()
+    assert "No regressions against baseline run release-1" in text
+    assert '<span class="delta better">+0.27 pt</span>' in text
+
+
+def test_histograms_npz_layouts(tmp_path: Path) -> None:
+    from quantpipe.report.rundir import load_histograms
+
+    calib = tmp_path / "calibration"
+    calib.mkdir()
+    counts = np.zeros(64, dtype=np.float64)
+    counts[:10] = [50, 40, 30, 20, 10, 5, 3, 2, 1, 1]
+    np.savez(calib / "histograms.npz", **{
+        "a/counts": counts, "a/bin_width": np.float64(0.125), "a/range_exp": np.int64(5), "a/kind": np.asarray("activation"),
+        "w/counts": counts, "w/bin_width": np.float64(0.5), "w/kind": np.asarray("weight"),
+        "b/counts": counts[:8], "b/edges": np.linspace(0, 4, 9),
+        "c/counts": counts,  # no bins: unusable
+    })
+    hists, reason = load_histograms(tmp_path)
+    assert reason is None and sorted(hists) == ["a", "b"]  # weights are not activation histograms
+    assert hists["a"].edges[-1] == 8.0 and hists["a"].counts.sum() == counts.sum()  # bin_width wins over range_exp
+    assert hists["b"].edges[-1] == 4.0
+    (calib / "histograms.npz").write_bytes(b"not a zip")
+    hists, reason = load_histograms(tmp_path)
+    assert hists == {} and reason is not None and "could not be read" in reason
+
+
+def test_histograms_written_by_calibration_are_read(tmp_path: Path) -> None:
+    cache = pytest.importorskip("quantpipe.calibration.cache", reason="the calibration cache module is not present")
+    from quantpipe.calibration.histogram import StreamingHistogram
+    from quantpipe.report.rundir import load_histograms
+
+    h = StreamingHistogram(2048)
+    h.update(np.random.default_rng(0).standard_normal(5000).astype(np.float32))
+    (tmp_path / "calibration").mkdir()
+    cache.save_histograms(tmp_path / "calibration" / "histograms.npz", {"x": h, "w": h}, {"x": "activation", "w": "weight"})
+    hists, reason = load_histograms(tmp_path)
+    assert reason is None and list(hists) == ["x"]
+    x = hists["x"]
+    last = int(np.flatnonzero(x.counts)[-1])
+    assert x.counts.size == 2048 and x.edges[last] <= h.absmax <= x.edges[last + 1]  # absmax is in the last used bin
+    assert hists["x"].counts.sum() == pytest.approx(5000)
