@@ -84,44 +84,49 @@ def _fmt(metric: str, v: float | None) -> str:
     if metric in ("top1", "top5", "top1_agreement", "top1_drop", "top5_drop"):
         return f"{100 * v:.2f}%"
     if metric == "cosine":
-        return f"{v:.5f}"
+        return f"{v:.4f}"
     if metric == "sqnr_db":
-        return f"{v:.1f} dB"
+        return f"{v:.1f}dB"
     return f"{v:.4g}"
 
 
 def print_summary(results: Any) -> None:
     """Variants table and the gate verdict, on stdout."""
+    from rich.markup import escape
     from rich.table import Table
 
     out = _console()
     table = Table(title=f"quantpipe · {Path(results.model.path).name} · run {results.run_id}", title_justify="left")
-    cols = ["top1", "top1_agreement", "cosine", "sqnr_db"]
-    table.add_column("variant")
-    table.add_column("device")
-    for c in cols:
-        table.add_column(c.replace("_", " "), justify="right")
+    cols = {"top1": "top1", "top1_agreement": "agree", "cosine": "cosine", "sqnr_db": "SQNR"}
+    table.add_column("variant", no_wrap=True)
+    table.add_column("dev", no_wrap=True)
+    for head in cols.values():
+        table.add_column(head, justify="right", no_wrap=True)
     bs_all = sorted({lat.batch_size for e in results.evaluations for lat in e.latency})
     for bs in bs_all:
-        table.add_column(f"ms @bs{bs}", justify="right")
-    table.add_column("size", justify="right")
+        table.add_column(f"ms@{bs}", justify="right", no_wrap=True)
+    table.add_column("MB", justify="right", no_wrap=True)
     variants = {v.name: v for v in results.variants}
+    skipped: dict[str, list[str]] = {}
     for e in results.evaluations:
         v = variants[e.variant]
         if e.skipped:
-            table.add_row(e.variant, v.device, f"[yellow]skipped: {e.skipped}[/yellow]", *[""] * (len(cols) - 1 + len(bs_all) + 1))
+            table.add_row(e.variant, v.device, "[yellow]skipped[/yellow]", *["—"] * (len(cols) - 1 + len(bs_all) + 1))
+            skipped.setdefault(e.skipped, []).append(e.variant)
             continue
         lat = {lat.batch_size: lat for lat in e.latency}
         table.add_row(
             e.variant, v.device, *[_fmt(c, e.metrics.get(c)) for c in cols],
-            *[f"{lat[b].median_ms:.3f}" if b in lat else "—" for b in bs_all],
-            f"{(v.size_bytes or 0) / 1e6:.2f} MB" if v.size_bytes else "—",
+            *[f"{lat[b].median_ms:.2f}" if b in lat else "—" for b in bs_all],
+            f"{v.size_bytes / 1e6:.2f}" if v.size_bytes else "—",
         )
     out.print(table)
+    for reason, names in skipped.items():
+        out.print(f"  [yellow]skipped[/yellow] {escape(', '.join(names))}: {escape(reason)}")
     if results.gate is not None:
         for o in results.gate.outcomes:
             mark = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
-            out.print(f"  {mark} {o.message}")
+            out.print(f"  {mark} {escape(o.message)}")
         verdict = "[bold green]gate passed[/bold green]" if results.gate.passed else "[bold red]gate FAILED[/bold red]"
         n = len(results.gate.outcomes)
         out.print(f"{verdict} ({sum(o.passed for o in results.gate.outcomes)}/{n} rules)" if n else f"{verdict} (no rules)")
