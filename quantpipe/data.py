@@ -5,6 +5,10 @@ A stacked .npz holds one array per model input, named as the input, samples stac
 the leading batch axis of 1); their shapes may differ along the model's dynamic axes, and samples
 whose shapes differ are batched apart (consecutive samples of one shape are stacked up to the batch
 size, so order is kept). Everything is validated against the model's inputs once, here.
+
+A large array stored uncompressed in a stacked .npz (`numpy.savez`) is not loaded whole: its rows are
+read from the file batch by batch, so memory holds one batch, not the data set (a compressed member,
+`numpy.savez_compressed`, is loaded whole).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -133,10 +138,107 @@ def _np_dtype(t: TensorInfo) -> np.dtype:
     return np.dtype(t.dtype)
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+_LAZY_MIN_BYTES = 1 << 20
+"""Arrays at least this large, stored uncompressed, are read batch by batch instead of loaded."""
+
+
+class _NpyMember:
+    """A C-ordered array stored uncompressed inside a .npz, read a slice of rows at a time.
+
+    `member[a:b]` returns a new ndarray of rows a..b (cast to `cast_to` when set); nothing else of the
+    file is kept in memory.
+    """
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, rows: int | None = None) -> None:
+        self.path = path
+        self.offset = offset
+        self.full_shape = shape
+        self.dtype = dtype
+        self.rows = shape[0] if rows is None else rows
+        self.cast_to: np.dtype | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, *self.full_shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.full_shape)
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.full_shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def head(self, n: int) -> _NpyMember:
+        out = _NpyMember(self.path, self.offset, self.full_shape, self.dtype, min(self.rows, max(n, 0)))
+        out.cast_to = self.cast_to
+        return out
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(self.rows)
+        if step != 1:
+            raise IndexError("only contiguous row slices are supported")
+        n = max(stop - start, 0)
+        arr = np.empty((n, *self.full_shape[1:]), dtype=self.dtype)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + start * self.row_bytes)
+            got = fh.readinto(arr.data.cast("B"))
+        if got != n * self.row_bytes:
+            raise DataError(f"{self.path} ended early while reading rows {start}..{stop}; the file is truncated.")
+        return arr.astype(self.cast_to) if self.cast_to is not None and self.cast_to != self.dtype else arr
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        arr = self[0: self.rows]
+        return arr if dtype is None else arr.astype(dtype)
+
+    def count_nonfinite(self, chunk_bytes: int = 1 << 24) -> int:
+        """NaN/Inf values, counted in chunks (memory: one chunk)."""
+        if self.dtype.kind not in "fc":
+            return 0
+        step = max(1, chunk_bytes // max(self.row_bytes, 1))
+        bad = 0
+        for start in range(0, self.rows, step):
+            block = self[start: min(start + step, self.rows)]
+            bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+        return bad
+
+
+def _lazy_members(path: Path) -> dict[str, _NpyMember]:
+    """Members of a .npz that are stored uncompressed, C-ordered and large, opened for reading by rows."""
+    out: dict[str, _NpyMember] = {}
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy") or info.compress_type != zipfile.ZIP_STORED:
+                    continue
+                if info.file_size < _LAZY_MIN_BYTES:
+                    continue
+                fh.seek(info.header_offset)
+                local = fh.read(30)
+                if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                    continue
+                name_len = int.from_bytes(local[26:28], "little")
+                extra_len = int.from_bytes(local[28:30], "little")
+                fh.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                else:
+                    continue
+                if fortran or dtype.hasobject or len(shape) == 0:
+                    continue
+                out[info.filename[: -len(".npy")]] = _NpyMember(path, fh.tell(), tuple(shape), dtype)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}  # the eager loader reports unreadable files properly
+    return out
+
+
+def _load_npz(path: Path, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files if k not in skip}
     except FileNotFoundError as err:
         raise DataError(f"data file {path} does not exist. Check the path (relative paths resolve from pipeline.yaml's folder).") from err
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
@@ -150,6 +252,8 @@ def _check_array(
     where: str, name: str, arr: np.ndarray, info: TensorInfo, *, per_sample: bool, check_finite: bool
 ) -> np.ndarray:
     """Validate one input array against the model input; return it with a batch axis."""
+    if isinstance(arr, _NpyMember):
+        return _check_lazy(where, name, arr, info, check_finite=check_finite)
     want = _np_dtype(info)
     rank = len(info.shape)
     if per_sample and arr.ndim == rank - 1:
@@ -181,6 +285,20 @@ def _check_array(
         arr = arr.astype(want)
     if check_finite and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise DataError(
+            f"{where}: array '{name}' contains {bad} NaN or Inf value(s). Calibration and evaluation need "
+            f"finite inputs: clean or drop those samples."
+        )
+    return arr
+
+
+def _check_lazy(where: str, name: str, arr: _NpyMember, info: TensorInfo, *, check_finite: bool) -> _NpyMember:
+    """_check_array for an array read by rows: the same checks, from the header and a chunked scan."""
+    probe = np.broadcast_to(np.zeros((), dtype=arr.dtype), arr.shape)  # shape and dtype checks read no data
+    _check_array(where, name, probe, info, per_sample=False, check_finite=False)
+    want = _np_dtype(info)
+    arr.cast_to = want if arr.dtype != want else None
+    if check_finite and (bad := arr.count_nonfinite()):
         raise DataError(
             f"{where}: array '{name}' contains {bad} NaN or Inf value(s). Calibration and evaluation need "
             f"finite inputs: clean or drop those samples."
@@ -230,14 +348,16 @@ def open_dataset(
         raise DataError(f"{where} does not exist. Check the path (relative paths resolve from pipeline.yaml's folder).")
     if path.is_dir():
         return _open_folder(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role)
-    raw = _load_npz(path)
+    lazy = _lazy_members(path)
+    raw: dict[str, Any] = dict(_load_npz(path, skip=set(lazy)))
+    raw.update(lazy)
     arrays: dict[str, np.ndarray] = {}
     for info in inputs:
         if info.name not in raw:
             raise DataError(_missing_msg(where, info.name, raw.keys()))
         arr = raw[info.name]
         if max_samples is not None:
-            arr = arr[:max_samples]
+            arr = arr.head(max_samples) if isinstance(arr, _NpyMember) else arr[:max_samples]
         arrays[info.name] = _check_array(where, info.name, arr, info, per_sample=False, check_finite=True)
     counts = {k: v.shape[0] for k, v in arrays.items()}
     if len(set(counts.values())) > 1:

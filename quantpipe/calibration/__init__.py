@@ -1,0 +1,346 @@
+"""The calibrate stage: FP32 activations -> streaming histograms -> per-method amax -> TensorRT caches.
+
+`calibrate` is the stage (pipeline and `quantpipe calibrate`): one pass of ONNX Runtime over the data
+(collect.py), every method computed from the same histograms (methods.py), and per method a TensorRT
+cache plus its JSON sidecar, with one shared histograms.npz (cache.py). The scales are bit-identical
+whatever the batch size (histogram.py explains why).
+
+Files in `out_dir` mode: `<method>.cache`, `<method>.json`, `histograms.npz`.
+Files in `cache` mode (`quantpipe calibrate --cache OUT`): OUT (one method) or `<OUT stem>.<method><OUT
+suffix>` (several), each with its sidecar (`sidecar_path`: OUT's suffix replaced by .json, or .json
+appended when OUT has none), and `<OUT stem>.histograms.npz`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from quantpipe.artifacts import CalibrationSummary
+from quantpipe.calibration.cache import (
+    DEFAULT_TRT_VERSION,
+    MIN_AMAX,
+    LoadedCache,
+    TrtCache,
+    amax_to_scale,
+    load_cache,
+    load_histograms,
+    make_fingerprint,
+    read_trt_cache,
+    save_histograms,
+    sidecar_path,
+    write_sidecar,
+    write_trt_cache,
+)
+from quantpipe.calibration.collect import CollectedStats, collect_histograms
+from quantpipe.calibration.histogram import DEFAULT_NUM_BINS, BinnedHistogram, StreamingHistogram
+from quantpipe.calibration.methods import (
+    BASE_METHODS,
+    DEFAULT_PERCENTILE,
+    METHODS,
+    best_amax,
+    check_method,
+    compute_all,
+    compute_amax,
+)
+from quantpipe.data import Dataset
+from quantpipe.errors import CalibrationError, ConfigError
+
+__all__ = [
+    "METHODS",
+    "BASE_METHODS",
+    "DEFAULT_TRT_VERSION",
+    "DEFAULT_PERCENTILE",
+    "DEFAULT_NUM_BINS",
+    "HISTOGRAMS_FILE",
+    "MIN_AMAX",
+    "StreamingHistogram",
+    "BinnedHistogram",
+    "CollectedStats",
+    "TrtCache",
+    "LoadedCache",
+    "collect_histograms",
+    "compute_amax",
+    "compute_all",
+    "compute_tables",
+    "write_trt_cache",
+    "read_trt_cache",
+    "load_cache",
+    "load_histograms",
+    "sidecar_path",
+    "make_fingerprint",
+    "calibrate",
+    "calibrate_to_cache",
+    "calibrate_in_memory",
+    "select_amax",
+    "amax_to_scale",
+]
+
+log = logging.getLogger(__name__)
+
+HISTOGRAMS_FILE = "histograms.npz"
+_CPU = ("CPUExecutionProvider",)
+
+OnBatch = Callable[[int, int], None]
+
+
+def compute_tables(
+    stats: CollectedStats, methods: Sequence[str], *, percentile: float = DEFAULT_PERCENTILE
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """(method -> tensor -> amax, tensor -> method `best` chose) for every tensor of `stats`."""
+    base = [m for m in BASE_METHODS if m in methods or "best" in methods]
+    tables = compute_all(stats, base, percentile=percentile)
+    chosen: dict[str, str] = {}
+    if "best" in methods:
+        best: dict[str, float] = {}
+        for name, hist in stats.histograms.items():
+            best[name], chosen[name] = best_amax(hist, candidates={m: tables[m][name] for m in base})
+        tables["best"] = best
+    return {m: tables[m] for m in methods}, chosen
+
+
+def _check_methods(methods: Sequence[str] | str, percentile: float) -> list[str]:
+    if isinstance(methods, str):
+        methods = [methods]
+    out = list(dict.fromkeys(check_method(m) for m in methods))
+    if not out:
+        raise ConfigError(f"no calibration method given; choose from {', '.join(METHODS)}.")
+    if not 0.0 < float(percentile) <= 100.0:
+        raise ConfigError(f"calibration percentile must be in (0, 100], got {percentile}.")
+    return out
+
+
+def _model_digest(path: Path) -> str:
+    """sha256 of the model file (external data files are part of the model, so they are hashed too)."""
+    from quantpipe.fsutil import sha256_bytes, sha256_file
+
+    digest = sha256_file(path)
+    external = sorted(p for p in _external_files(path) if p.is_file())
+    if not external:
+        return digest
+    parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
+    return sha256_bytes("\n".join(parts).encode())
+
+
+def _external_files(path: Path) -> set[Path]:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # collect_histograms reports an unreadable model properly
+        return set()
+    files = set()
+    for t in proto.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                files.add(path.parent / entry.value)
+    return files
+
+
+def _paths(
+    methods: Sequence[str], out_dir: str | os.PathLike[str] | None, cache: str | os.PathLike[str] | None
+) -> tuple[dict[str, Path], Path]:
+    """Cache path per method, and the histograms file."""
+    if (out_dir is None) == (cache is None):
+        raise ConfigError("calibration needs exactly one of out_dir (a folder) or cache (a cache file path).")
+    if out_dir is not None:
+        d = Path(out_dir)
+        return {m: d / f"{m}.cache" for m in methods}, d / HISTOGRAMS_FILE
+    c = Path(cache)  # type: ignore[arg-type]
+    if c.exists() and c.is_dir():
+        raise ConfigError(f"--cache {c} is a folder; give the cache file to write, e.g. {c / 'calibration.cache'}.")
+    stem = c.name[: -len(c.suffix)] if c.suffix else c.name
+    paths = {methods[0]: c} if len(methods) == 1 else {m: c.with_name(f"{stem}.{m}{c.suffix}") for m in methods}
+    return paths, c.with_name(f"{stem}.histograms.npz")
+
+
+def calibrate(
+    model_path: str | os.PathLike[str],
+    dataset: Dataset,
+    *,
+    methods: Sequence[str] = ("entropy",),
+    out_dir: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    num_bins: int = DEFAULT_NUM_BINS,
+    percentile: float = DEFAULT_PERCENTILE,
+    trt_version: str = DEFAULT_TRT_VERSION,
+    providers: Sequence[str] = _CPU,
+    on_batch: OnBatch | None = None,
+    model_sha256: str | None = None,
+    threads: int | None = None,
+) -> list[CalibrationSummary]:
+    """Calibrate once, write a TensorRT cache + JSON per method and the shared histograms.
+
+    Args:
+        model_path: FP32 ONNX model.
+        dataset: calibration data opened for this model (quantpipe.data.open_dataset).
+        methods: any of METHODS; all are computed from the same single pass over the data.
+        out_dir: write `<method>.cache`, `<method>.json` and `histograms.npz` here; or
+        cache: the cache file to write (see the module docstring for the names of the others).
+        batch_size: samples per ONNX Runtime run (the scales do not depend on it).
+        num_bins: histogram bins (TensorRT: 2048).
+        percentile: for `percentile` (and `best`).
+        trt_version: the TensorRT version named in the cache header.
+        providers: ONNX Runtime execution providers (CUDA when available and asked for).
+        on_batch: progress callback (samples done, total).
+        model_sha256: the model's hash if the caller has it (else computed).
+        threads: ONNX Runtime and histogram threads (default: the usable cores).
+
+    Returns:
+        One CalibrationSummary per method, in the order given.
+
+    Raises:
+        ConfigError: unknown method or bad percentile (before any work). ModelError, DataError,
+        CalibrationError: from the data pass. Nothing is written unless everything succeeded.
+    """
+    t0 = time.perf_counter()
+    methods = _check_methods(methods, percentile)
+    paths, hist_path = _paths(methods, out_dir, cache)
+    model = Path(model_path)
+    stats = collect_histograms(model, dataset, batch_size=batch_size, num_bins=num_bins, providers=providers,
+                               on_batch=on_batch, threads=threads)
+    if not stats.histograms:
+        raise CalibrationError(f"{model} has no float tensors to calibrate (no float inputs, activations or weights).")
+    tables, chosen = compute_tables(stats, methods, percentile=percentile)
+    digest = model_sha256 or _model_digest(model)
+    save_histograms(hist_path, stats.histograms, stats.kinds)
+    seconds = time.perf_counter() - t0
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    summaries = []
+    for method in methods:
+        amax = tables[method]
+        in_cache = {n: a for n, a in amax.items() if stats.kinds[n] != "weight"}
+        cache_path = write_trt_cache(paths[method], in_cache, method=method, trt_version=trt_version)
+        fingerprint = make_fingerprint(model_sha256=digest, data_fingerprint=dataset.fingerprint, method=method,
+                                       percentile=percentile, num_bins=num_bins, trt_version=trt_version)
+        tensors: dict[str, dict[str, Any]] = {}
+        for name, value in amax.items():
+            info: dict[str, Any] = {
+                "kind": stats.kinds[name],
+                "amax": value,
+                "scale": amax_to_scale(value),
+                "in_cache": name in in_cache,
+                "histogram": stats.histograms[name].summary(),
+            }
+            if method == "best":
+                info["method"] = chosen[name]
+            tensors[name] = info
+        json_path = write_sidecar(
+            cache_path, method=method, fingerprint=fingerprint, tensors=tensors,
+            extra={
+                "percentile": percentile,
+                "trt_version": trt_version,
+                "num_samples": stats.num_samples,
+                "num_batches": stats.num_batches,
+                "batch_size": batch_size,
+                "seconds": round(seconds, 3),
+                "histograms": hist_path.name,
+                "model": str(model),
+                "created": created,
+            },
+        )
+        summaries.append(CalibrationSummary(
+            method=method, num_samples=stats.num_samples, num_tensors=len(in_cache), seconds=seconds,
+            cache_path=str(cache_path), json_path=str(json_path), fingerprint=fingerprint,
+        ))
+        log.debug("calibration (%s): %d tensors -> %s", method, len(in_cache), cache_path)
+    log.info("calibrated %d samples in %.1f s (onnxruntime %.1f s, histograms %.1f s)",
+             stats.num_samples, stats.seconds, stats.inference_seconds, stats.histogram_seconds)
+    return summaries
+
+
+def _providers(device: str) -> list[str]:
+    from quantpipe.backends.onnxruntime import providers_for, resolve_device
+
+    resolved, notice = resolve_device(device)
+    if notice:
+        log.info("calibrate: %s", notice)
+    return providers_for(resolved)
+
+
+def calibrate_to_cache(
+    model_path: str | os.PathLike[str],
+    dataset: Dataset,
+    *,
+    methods: Sequence[str] = ("entropy",),
+    cache: str | os.PathLike[str] = "calibration.cache",
+    batch_size: int = 32,
+    percentile: float = DEFAULT_PERCENTILE,
+    trt_version: str = DEFAULT_TRT_VERSION,
+    device: str = "auto",
+    num_bins: int = DEFAULT_NUM_BINS,
+    on_batch: OnBatch | None = None,
+) -> list[Path]:
+    """`quantpipe calibrate --model M --data D --cache OUT`: calibrate and return every file written."""
+    summaries = calibrate(model_path, dataset, methods=methods, cache=cache, batch_size=batch_size, num_bins=num_bins,
+                          percentile=percentile, trt_version=trt_version, providers=_providers(device),
+                          on_batch=on_batch)
+    written: list[Path] = []
+    for s in summaries:
+        written += [Path(s.cache_path), Path(s.json_path)]
+    written.append(_paths(list(methods) if not isinstance(methods, str) else [methods], None, cache)[1])
+    return written
+
+
+def calibrate_in_memory(
+    model_path: str | os.PathLike[str],
+    dataset: Dataset,
+    *,
+    method: str = "entropy",
+    batch_size: int = 32,
+    percentile: float = DEFAULT_PERCENTILE,
+    device: str = "auto",
+    num_bins: int = DEFAULT_NUM_BINS,
+    on_batch: OnBatch | None = None,
+) -> dict[str, float]:
+    """amax of every graph input and activation with one method, writing nothing (`quantpipe quantize`)."""
+    methods = _check_methods([method], percentile)
+    stats = collect_histograms(model_path, dataset, batch_size=batch_size, num_bins=num_bins,
+                               providers=_providers(device), on_batch=on_batch)
+    tables, _ = compute_tables(stats, methods, percentile=percentile)
+    return {n: a for n, a in tables[method].items() if stats.kinds[n] != "weight"}
+
+
+def select_amax(
+    out_dir: str | os.PathLike[str],
+    use: str,
+    summaries: Sequence[CalibrationSummary],
+    *,
+    percentile: float | None = None,
+) -> dict[str, float]:
+    """The amax (graph inputs and activations) to build INT8 variants with, for `calibration.use`.
+
+    A computed method is read from its JSON sidecar; `best` (when not itself computed) is computed
+    per tensor from `histograms.npz` in `out_dir`.
+    """
+    import json
+
+    check_method(use)
+    by_method = {s.method: s for s in summaries}
+    if use in by_method:
+        path = Path(by_method[use].json_path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CalibrationError(f"cannot read calibration sidecar {path} ({err}); re-run calibration.") from err
+        return {n: float(t["amax"]) for n, t in doc.get("tensors", {}).items() if t.get("kind") != "weight"}
+    if use != "best":
+        raise CalibrationError(
+            f"calibration.use is '{use}' but only {sorted(by_method)} were calibrated; add it to calibration.methods."
+        )
+    hists, kinds = load_histograms(Path(out_dir) / HISTOGRAMS_FILE)
+    p = percentile
+    if p is None:
+        p = next((float(s.fingerprint["percentile"]) for s in summaries if "percentile" in s.fingerprint),
+                 DEFAULT_PERCENTILE)
+    out: dict[str, float] = {}
+    for name, hist in hists.items():
+        if kinds.get(name) != "weight":
+            out[name] = best_amax(hist, percentile=p)[0]
+    return out

@@ -1,0 +1,588 @@
+"""Run the FP32 model through ONNX Runtime and stream every tensor that needs a scale into a histogram.
+
+Tensors (named as in the ORIGINAL graph, which is what Q/DQ placement and TensorRT's cache refer to):
+graph inputs of a float type (kind "input"), every float node output (kind "activation"; exposed as extra
+graph outputs of an in-memory copy of the model, so ONNX Runtime's optimisers keep them), and weights
+held in initializers or Constant nodes (kind "weight"; histogrammed from their values, no inference).
+Types come from ONNX shape inference; outputs of unknown type are exposed and checked at run time.
+
+Cost and memory (the issue's 2-core budget):
+- a Relu's output is not exposed nor binned: its input gets a SignedHistogram, whose positive side is
+  exactly the Relu's histogram (in a ResNet that is 40% of the activation values);
+- the histograms of one run are binned on a small thread pool between ONNX Runtime runs (numpy releases
+  the GIL in its kernels); ONNX Runtime's threads do not spin, so they leave the cores to it;
+- on the CPU, batches are split into runs whose activations stay under `max_run_bytes` (192 MiB): the
+  histograms do not depend on the batching, so memory is bounded whatever the batch size. Only one run's
+  activations are alive at a time; histograms are O(bins) per tensor.
+
+Models with external data (and > 2 GB models) work: the copy is serialised without its weights, and ONNX
+Runtime reads them from the original model's folder. On the CUDA execution provider the outputs stay on
+the device (IOBinding) and are histogrammed there with CuPy when it is importable, else copied to the
+host; the exact integer binning (histogram.py) makes the histograms independent of the device.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantpipe.calibration.histogram import DEFAULT_NUM_BINS, SignedHistogram, StreamingHistogram
+from quantpipe.data import Dataset
+from quantpipe.errors import CalibrationError, DataError, ModelError
+
+__all__ = ["CollectedStats", "TensorPlan", "collect_histograms", "plan_tensors", "KINDS"]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("input", "activation", "weight")
+
+OnBatch = Callable[[int, int], None]
+
+_CPU_EP = "CPUExecutionProvider"
+_CUDA_EP = "CUDAExecutionProvider"
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+DEFAULT_MAX_RUN_BYTES = 192 << 20
+"""Activations of one ONNX Runtime run, at most (CPU); batches are split to stay under it."""
+#: Calibration on the GPU runs in true FP32: onnxruntime's CUDA provider uses TF32 by default on Ampere and
+#: newer, which moved activations by ~1e-3 relative (up to 1.8 histogram bins on EfficientNet-Lite0, H200).
+#: And each (convolution, input shape) runs only a few batches in a fresh session, so cuDNN's exhaustive
+#: algorithm search (the default) costs more than it saves: on an H200, EfficientNet-Lite0 over 63 images took
+#: 1.91 s exhaustive, 1.43 s heuristic, 1.06 s "DEFAULT" -- but DEFAULT makes onnxruntime print a "Fallback
+#: mode" warning for most convolutions and shapes, so the heuristic it is.
+_CUDA_CALIBRATION_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectedStats:
+    """Per-tensor histograms from one pass over the calibration data."""
+
+    histograms: Mapping[str, StreamingHistogram]
+    kinds: Mapping[str, str]
+    """tensor -> 'input' | 'activation' | 'weight'."""
+    num_samples: int
+    num_batches: int
+    """ONNX Runtime runs (batches, some split to bound memory)."""
+    seconds: float
+    inference_seconds: float = 0.0
+    """Wall time inside ONNX Runtime."""
+    histogram_seconds: float = 0.0
+    """Wall time spent binning activations (weights included)."""
+
+    def names(self, *kinds: str) -> list[str]:
+        """Tensor names of the given kinds (all when none are given), in graph order."""
+        return [n for n in self.histograms if not kinds or self.kinds[n] in kinds]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    """Which tensors of a model get a histogram, and where their values come from."""
+
+    inputs: tuple[str, ...]
+    activations: tuple[str, ...]
+    """Node outputs to expose (float, or of unknown type: checked at run time)."""
+    weights: tuple[str, ...]
+    """Float initializers and Constant-node outputs."""
+    relu_from: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Relu output -> its input, for Relus of calibrated inputs/activations (derived, not exposed)."""
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        out = {n: "input" for n in self.inputs}
+        out.update({n: "activation" for n in self.activations})
+        out.update({n: "weight" for n in self.weights})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def _float_types() -> set[int]:
+    from onnx import TensorProto
+
+    return {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+def _elem_types(model: Any) -> dict[str, int]:
+    """Element type of every typed value in the graph, after ONNX shape inference where it succeeds.
+
+    Inference runs on a light copy whose initializers are declared as typed inputs without their
+    data: element types never depend on weight values, and the copy costs no memory for the weights.
+    """
+    import onnx
+
+    g = model.graph
+    declared = {i.name for i in g.input}
+    light_graph = onnx.helper.make_graph(
+        list(g.node), g.name,
+        list(g.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                         for t in g.initializer if t.name not in declared],
+        list(g.output), value_info=list(g.value_info),
+    )
+    light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    inferred = light
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light)
+    except Exception as err:  # inference is a help, not a requirement: unknown types are checked at run time
+        log.debug("ONNX shape inference failed (%s); tensor types are checked at run time instead", err)
+    types: dict[str, int] = {}
+    ig = inferred.graph
+    for vi in list(ig.input) + list(ig.value_info) + list(ig.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def _constant_value(node: Any, base_dir: Path) -> np.ndarray | None:
+    """The float value of a Constant node, or None when it is not a float tensor."""
+    from onnx import helper, numpy_helper
+
+    for attr in node.attribute:
+        if attr.name == "value":
+            if attr.t.data_type not in _float_types():
+                return None
+            return numpy_helper.to_array(attr.t, base_dir=str(base_dir))
+        if attr.name == "value_float":
+            return np.asarray(helper.get_attribute_value(attr), dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.asarray(helper.get_attribute_value(attr), dtype=np.float32)
+    return None
+
+
+def _is_constant(node: Any) -> bool:
+    return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+
+
+def plan_tensors(model: Any) -> TensorPlan:
+    """Find the tensors that need a scale in an ONNX ModelProto (external data need not be loaded)."""
+    floats = _float_types()
+    g = model.graph
+    init_names = {i.name for i in g.initializer}
+    types = _elem_types(model)
+    inputs = tuple(
+        i.name for i in g.input
+        if i.name not in init_names and i.type.tensor_type.elem_type in floats
+    )
+    weights = [i.name for i in g.initializer if i.data_type in floats]
+    seen = set(inputs) | set(weights)
+    activations: list[str] = []
+    for node in g.node:
+        constant = _is_constant(node)
+        for out in node.output:
+            if not out or out in seen:
+                continue
+            seen.add(out)
+            if constant:
+                if types.get(out, 0) in floats or types.get(out) is None:
+                    weights.append(out)
+                continue
+            if types.get(out) is None or types[out] in floats:
+                activations.append(out)
+    runtime = set(inputs) | set(activations)
+    relu_from = {
+        node.output[0]: node.input[0]
+        for node in g.node
+        if node.op_type == "Relu" and node.domain in ("", "ai.onnx") and node.input and node.output
+        and node.input[0] in runtime and node.output[0] in runtime
+    }
+    relu_from = {out: src for out, src in relu_from.items() if src not in relu_from}  # one level: sources are run
+    return TensorPlan(inputs, tuple(activations), tuple(weights), relu_from)
+
+
+# ------------------------------------------------------------------------------------------- session
+
+
+def _has_external_data(model: Any) -> bool:
+    from onnx import TensorProto
+
+    if any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
+        return True
+    return any(
+        attr.t.data_location == TensorProto.EXTERNAL
+        for node in model.graph.node if _is_constant(node) for attr in node.attribute if attr.name == "value"
+    )
+
+
+def _session(model: Any, expose: Sequence[str], model_dir: Path, providers: Sequence[str], threads: int) -> Any:
+    """An InferenceSession on the model with `expose` added to its graph outputs (`model` is modified).
+
+    The copy is serialised without external data; ONNX Runtime reads those weights from the original
+    model's folder, so models with external data (and > 2 GB models) need no extra copy of the weights.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    present = {o.name for o in model.graph.output}
+    for name in expose:
+        if name not in present:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))  # type left for ONNX Runtime to infer
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    # Exposed tensors are graph outputs, which ONNX Runtime's optimisers preserve (a fusion never swallows
+    # a graph output), so every level computes the tensors of the original graph; the full level is the
+    # fastest on CPU.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Between runs the histograms use the cores; spinning ONNX Runtime threads would take CPU from them
+    # (measured: ~10% more CPU time in total with spinning).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _has_external_data(model):
+        so.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(model_dir.resolve()))
+    data = model.SerializeToString()
+    available = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in available] or [_CPU_EP]
+    dropped = [p for p in providers if p not in available]
+    if dropped:
+        log.warning("execution provider(s) %s not available in this onnxruntime; calibrating with %s", dropped, chosen)
+    if _CUDA_EP in chosen:
+        try:
+            with_options = [(_CUDA_EP, dict(_CUDA_CALIBRATION_OPTIONS)) if p == _CUDA_EP else p for p in chosen]
+            return ort.InferenceSession(data, sess_options=so, providers=with_options)
+        except Exception as err:  # an onnxruntime that does not know an option: its defaults, said out loud
+            log.warning("CUDA provider options %s refused (%s); calibrating with onnxruntime's CUDA defaults",
+                        _CUDA_CALIBRATION_OPTIONS, err)
+    try:
+        return ort.InferenceSession(data, sess_options=so, providers=chosen)
+    except Exception as err:
+        raise ModelError(f"onnxruntime cannot load the calibration copy of the model: {err}") from err
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------------ histogram
+
+
+class _Binner:
+    """Histograms one batch's tensors on a small thread pool (numpy releases the GIL in the hot ops).
+
+    Each tensor is updated by exactly one thread per batch and batches are processed in order, so the
+    result is the same as a single thread's (histogram counts do not depend on the order anyway).
+    """
+
+    def __init__(self, hists: Mapping[str, StreamingHistogram | SignedHistogram], threads: int) -> None:
+        self.hists = hists
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        self.threads = threads
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def _run(self, items: list[tuple[int, str, Any]]) -> list[tuple[int, str, str]]:
+        """Update each item's histogram; return the (position, name, reason) of those holding NaN/Inf."""
+        bad = []
+        for pos, name, arr in items:
+            try:
+                self.hists[name].update(arr)
+            except ValueError as err:
+                bad.append((pos, name, str(err)))
+        return bad
+
+    def add(self, arrays: Iterable[tuple[str, Any]], start: int) -> None:
+        """Histogram one batch's arrays (given in graph order)."""
+        items = [(pos, n, a) for pos, (n, a) in enumerate(arrays) if n in self.hists]
+        if self.pool is None or len(items) < 2:
+            bad = self._run(items)
+        else:
+            # Longest-first greedy split by size keeps the threads equally busy.
+            shares: list[list[tuple[int, str, Any]]] = [[] for _ in range(self.threads)]
+            load = [0] * self.threads
+            for item in sorted(items, key=lambda it: -int(getattr(it[2], "size", 0))):
+                i = load.index(min(load))
+                shares[i].append(item)
+                load[i] += int(getattr(item[2], "size", 0))
+            futures = [self.pool.submit(self._run, share) for share in shares if share]
+            bad = [b for f in futures for b in f.result()]
+        if bad:
+            # Name the first tensor in graph order: where the NaN/Inf appears, not everything downstream.
+            _, name, reason = min(bad)
+            others = sorted(b[1] for b in bad if b[1] != name)
+            raise CalibrationError(
+                f"tensor '{name}' holds NaN or Inf for the batch starting at sample {start} ({reason})"
+                + (f"; {len(others)} later tensor(s) of the batch too" if others else "")
+                + ". Check that sample's data, or whether the FP32 model overflows on it; calibration needs finite values."
+            )
+
+
+def _float_output(arr: Any) -> bool:
+    dtype = getattr(arr, "dtype", None)
+    if dtype is None:
+        return False
+    kind = getattr(dtype, "kind", None)
+    return kind == "f" or str(dtype) == "bfloat16"
+
+
+# -------------------------------------------------------------------------------------------- device
+
+
+class _DeviceOutputs:
+    """IOBinding on the CUDA execution provider: outputs stay on the device, seen as CuPy arrays if possible."""
+
+    def __init__(self, session: Any, output_names: Sequence[str]) -> None:
+        from quantpipe import deps
+
+        self.session = session
+        self.output_names = list(output_names)
+        self.cupy: Any = deps.optional("cupy")
+        if self.cupy is None:
+            log.info("CuPy is not importable: CUDA outputs are histogrammed on the host")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, Any]]:
+        io = self.session.io_binding()
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in self.output_names:
+            io.bind_output(name, "cuda")
+        self.session.run_with_iobinding(io)
+        io.synchronize_outputs()  # CuPy reads them on its own stream
+        values = io.get_outputs()
+        out: list[tuple[str, Any]] = []
+        for name, value in zip(self.output_names, values, strict=True):
+            view = self._as_cupy(value) if self.cupy is not None else None
+            out.append((name, view if view is not None else value.numpy()))
+        return out
+
+    def _as_cupy(self, value: Any) -> Any:
+        """A CuPy view of an OrtValue's device memory (kept alive by the view), or None to copy instead."""
+        cp: Any = self.cupy
+        try:
+            dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}.get(
+                value.data_type()
+            )
+            if dtype is None or value.device_name().lower() != "cuda":
+                return None
+            shape = tuple(value.shape())
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            mem = cp.cuda.UnownedMemory(value.data_ptr(), nbytes, value)
+            return cp.ndarray(shape, dtype=dtype, memptr=cp.cuda.MemoryPointer(mem, 0))
+        except Exception as err:  # any mismatch in this optional path: fall back to the host copy
+            log.debug("CuPy view of a CUDA output failed (%s); copying to the host", err)
+            return None
+
+
+# ------------------------------------------------------------------------------------------- collect
+
+
+def collect_histograms(
+    model: str | os.PathLike[str],
+    dataset: Dataset,
+    *,
+    batch_size: int = 32,
+    num_bins: int = DEFAULT_NUM_BINS,
+    tensors: Sequence[str] | None = None,
+    providers: Sequence[str] = (_CPU_EP,),
+    on_batch: OnBatch | None = None,
+    threads: int | None = None,
+    max_run_bytes: int | None = DEFAULT_MAX_RUN_BYTES,
+) -> CollectedStats:
+    """Histogram |x| of every tensor that needs a scale over the whole dataset.
+
+    Args:
+        model: FP32 ONNX model (external data beside it is read where the model says).
+        dataset: calibration data (see quantpipe.data.open_dataset), read batch by batch.
+        batch_size: samples per ONNX Runtime run; the histograms do not depend on it.
+        num_bins: bins of the TensorRT-style histogram the methods work on.
+        tensors: restrict to these tensor names (default: every input, activation and weight).
+        providers: ONNX Runtime execution providers; CUDA is used with IOBinding when available.
+        on_batch: called after each batch with (samples done, total samples).
+        threads: ONNX Runtime intra-op threads and histogram threads (default: the usable cores).
+        max_run_bytes: on the CPU, split batches so that one run's activations stay under this
+            (None: never split). The histograms are the same either way; only memory changes.
+
+    Raises:
+        ModelError: the model cannot be read or run. DataError: the data does not fit the model.
+        CalibrationError: a tensor holds NaN/Inf, or a requested tensor does not exist.
+    """
+    t0 = time.perf_counter()
+    path = Path(model)
+    proto = _load(path)
+    plan = plan_tensors(proto)
+    kinds = plan.kinds
+    if tensors is not None:
+        unknown = [t for t in tensors if t not in kinds]
+        if unknown:
+            raise CalibrationError(
+                f"tensor(s) {unknown} are not float inputs, node outputs or weights of {path}; "
+                f"`quantpipe inspect {path}` lists the model's inputs and outputs."
+            )
+        wanted = set(tensors)
+        kinds = {n: k for n, k in kinds.items() if n in wanted}
+    # A Relu's output is not run through ONNX Runtime's outputs nor binned: its histogram is exactly the
+    # positive side of its input's signed histogram (histogram.SignedHistogram), which costs far less.
+    derived = {out: src for out, src in plan.relu_from.items() if out in kinds and src in kinds}
+    signed = {src: SignedHistogram(num_bins) for src in derived.values()}
+    hists: dict[str, StreamingHistogram | SignedHistogram] = {
+        n: signed.get(n) or StreamingHistogram(num_bins) for n in kinds if n not in derived
+    }
+    init_names = {i.name for i in proto.graph.initializer}
+    model_inputs = [i.name for i in proto.graph.input if i.name not in init_names]
+    missing = [n for n in model_inputs if n not in dataset.input_names]
+    if missing:
+        raise DataError(f"the calibration data has no arrays for model input(s) {missing} (it has {dataset.input_names}).")
+
+    # Weights first, from their stored values; the model proto is then dropped before the data pass.
+    tw = time.perf_counter()
+    _weights_into(proto, path.parent,
+                  {n: h for n, h in hists.items() if kinds[n] == "weight" and isinstance(h, StreamingHistogram)})
+    timing = _Timing(histogram=time.perf_counter() - tw)
+    fetch = [n for n in plan.activations if n in kinds and n not in derived]
+    num_batches = 0
+    if fetch or any(k == "input" for k in kinds.values()):
+        nthreads = threads or _default_threads()
+        session = _session(proto, fetch, path.parent, providers, nthreads)
+        del proto
+        num_batches = _data_pass(session, dataset, fetch, kinds, hists, model_inputs, timing,
+                                 batch_size=batch_size, threads=nthreads, providers=providers, on_batch=on_batch,
+                                 max_run_bytes=max_run_bytes)
+        del session
+    final: dict[str, StreamingHistogram] = {}
+    for n in kinds:
+        if n in derived:
+            final[n] = signed[derived[n]].relu()
+        else:
+            h = hists[n]
+            final[n] = h.absolute() if isinstance(h, SignedHistogram) else h
+    empty = [n for n, h in final.items() if h.num_values == 0 and kinds[n] != "weight"]
+    if empty:
+        log.info("%d tensor(s) received no float values at run time and are left out: %s", len(empty), empty[:8])
+    kept = {n: h for n, h in final.items() if h.num_values > 0}
+    return CollectedStats(
+        histograms=kept,
+        kinds={n: kinds[n] for n in kept},
+        num_samples=dataset.num_samples,
+        num_batches=num_batches,
+        seconds=time.perf_counter() - t0,
+        inference_seconds=timing.inference,
+        histogram_seconds=timing.histogram,
+    )
+
+
+@dataclasses.dataclass
+class _Timing:
+    inference: float = 0.0
+    histogram: float = 0.0
+
+
+def _load(path: Path) -> Any:
+    import onnx
+
+    if not path.is_file():
+        raise ModelError(f"model {path} does not exist.")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise ModelError(f"model {path} is not a readable ONNX file ({err}).") from err
+
+
+def _data_pass(
+    session: Any,
+    dataset: Dataset,
+    fetch: Sequence[str],
+    kinds: Mapping[str, str],
+    hists: Mapping[str, StreamingHistogram | SignedHistogram],
+    model_inputs: Sequence[str],
+    timing: _Timing,
+    *,
+    batch_size: int,
+    threads: int,
+    providers: Sequence[str],
+    on_batch: OnBatch | None,
+    max_run_bytes: int | None,
+) -> int:
+    """Run every batch and histogram its inputs and exposed outputs; return the number of runs.
+
+    On the CPU a batch is split into runs whose activations stay under `max_run_bytes` (sized from the
+    previous run): the histograms do not depend on how the data is batched, so memory can be bounded
+    whatever batch size the caller chose.
+    """
+    on_device = _CUDA_EP in providers and _CUDA_EP in session.get_providers()
+    device = _DeviceOutputs(session, fetch) if on_device and fetch else None
+    wanted_inputs = [n for n in model_inputs if kinds.get(n) == "input"]
+    binner = _Binner(hists, threads)
+    total = dataset.num_samples
+    done = 0
+    runs = 0
+    per_run = 1 if max_run_bytes is not None and device is None else batch_size  # the first run measures
+    try:
+        for batch in dataset.batches(batch_size):
+            lo = 0
+            while lo < batch.size:
+                hi = min(lo + per_run, batch.size)
+                feeds = {k: batch.feeds[k][lo:hi] for k in model_inputs}
+                start = batch.start + lo
+                t0 = time.perf_counter()
+                try:
+                    if device is not None:
+                        outs = device.run(feeds)
+                    elif fetch:
+                        outs = list(zip(fetch, session.run(list(fetch), feeds), strict=True))
+                    else:
+                        outs = []
+                except Exception as err:
+                    raise CalibrationError(
+                        f"onnxruntime failed on the calibration batch starting at sample {start} "
+                        f"({_feeds_desc(feeds)}): {err}"
+                    ) from err
+                t1 = time.perf_counter()
+                arrays = [(n, feeds[n]) for n in wanted_inputs] + [(n, a) for n, a in outs if _float_output(a)]
+                binner.add(arrays, start)
+                timing.inference += t1 - t0
+                timing.histogram += time.perf_counter() - t1
+                if max_run_bytes is not None and device is None:
+                    per_sample = max(1, sum(int(getattr(a, "nbytes", 0)) for _, a in outs) // (hi - lo))
+                    per_run = max(1, min(batch_size, max_run_bytes // per_sample))
+                done += hi - lo
+                runs += 1
+                lo = hi
+                del outs, arrays, feeds  # one run's activations alive at a time
+                if on_batch is not None:
+                    on_batch(done, total)
+    finally:
+        binner.close()
+    return runs
+
+
+def _weights_into(model: Any, base_dir: Path, hists: Mapping[str, StreamingHistogram]) -> None:
+    """Histogram weights one at a time from their stored values (external data read per tensor)."""
+    from onnx import numpy_helper
+
+    if not hists:
+        return
+    for init in model.graph.initializer:
+        if init.name in hists:
+            try:
+                value = numpy_helper.to_array(init, base_dir=str(base_dir))
+            except (OSError, ValueError) as err:
+                raise ModelError(f"cannot read the values of weight '{init.name}' ({err}).") from err
+            _update_weight(hists[init.name], init.name, value)
+    for node in model.graph.node:
+        if _is_constant(node) and node.output and node.output[0] in hists:
+            constant = _constant_value(node, base_dir)
+            if constant is not None:
+                _update_weight(hists[node.output[0]], node.output[0], constant)
+
+
+def _update_weight(hist: StreamingHistogram, name: str, value: np.ndarray) -> None:
+    try:
+        hist.update(value)
+    except ValueError as err:
+        raise CalibrationError(f"weight '{name}' holds NaN or Inf ({err}); the model itself is broken.") from err
+
+
+def _feeds_desc(feeds: Mapping[str, np.ndarray]) -> str:
+    return ", ".join(f"{k}{list(v.shape)} {v.dtype}" for k, v in feeds.items())

@@ -1,0 +1,75 @@
+"""Calibration on the GPU: CuPy histograms and the CUDA execution provider give the CPU's exact histograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantpipe.artifacts import TensorInfo
+from quantpipe.calibration import collect_histograms, compute_amax
+from quantpipe.calibration.histogram import SignedHistogram, StreamingHistogram
+from quantpipe.data import open_dataset
+
+pytestmark = pytest.mark.gpu
+RNG = np.random.default_rng(17)
+
+
+@pytest.fixture(scope="module")
+def cupy() -> Any:
+    """CuPy with a usable device, else skip saying why."""
+    try:
+        import cupy as cp
+
+        cp.cuda.runtime.getDeviceCount()
+        cp.zeros(1).sum()
+    except Exception as err:  # not installed, no driver, no device
+        pytest.skip(f"needs CuPy and an NVIDIA GPU: {type(err).__name__}: {err}")
+    return cp
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "relu_zeros", "subnormal", "shifted"])
+def test_cupy_histograms_are_bit_identical_to_numpy(cupy: Any, kind: str) -> None:
+    x = {
+        "gaussian": lambda: RNG.standard_normal(2_000_000) * 3,
+        "relu_zeros": lambda: np.maximum(RNG.standard_normal(1_000_000), 0),
+        "subnormal": lambda: RNG.standard_normal(100_000) * 1e-39,
+        "shifted": lambda: RNG.standard_normal(500_000) * 2 + 5,
+    }[kind]().astype(np.float32)
+    parts = np.array_split(x, 5)
+    cpu, gpu, scpu, sgpu = StreamingHistogram(), StreamingHistogram(), SignedHistogram(), SignedHistogram()
+    for p in parts:
+        cpu.update(p)
+        gpu.update(cupy.asarray(p))
+        scpu.update(p)
+        sgpu.update(cupy.asarray(p))
+    assert gpu == cpu
+    assert sgpu.absolute() == scpu.absolute() == cpu and sgpu.relu() == scpu.relu()
+    for method in ("entropy", "minmax", "percentile", "mse"):
+        assert compute_amax(gpu, method) == compute_amax(cpu, method)
+
+
+def test_cuda_execution_provider_gives_the_cpu_histograms(ort_cuda: None, tmp_path: Path) -> None:
+    w = numpy_helper.from_array(RNG.standard_normal((4, 2, 3, 3)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], [w],
+    )
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    np.savez(tmp_path / "d.npz", x=RNG.standard_normal((32, 2, 8, 8)).astype(np.float32))
+    ds = open_dataset(tmp_path / "d.npz", (TensorInfo("x", "float32", ("N", 2, 8, 8)),))
+    cpu = collect_histograms(model, ds, batch_size=8)
+    cuda = collect_histograms(model, ds, batch_size=8, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert set(cuda.histograms) == set(cpu.histograms)
+    # Convolution on the GPU may round differently from the CPU: compare what the device cannot change
+    # exactly (inputs, weights) and the rest within a bin.
+    assert cuda.histograms["x"] == cpu.histograms["x"] and cuda.histograms["W"] == cpu.histograms["W"]
+    for name in ("c", "y"):
+        a, b = cuda.histograms[name].binned(), cpu.histograms[name].binned()
+        assert a.num_values == b.num_values and abs(a.absmax - b.absmax) <= 1e-4 * b.absmax
