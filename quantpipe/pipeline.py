@@ -195,6 +195,7 @@ def stage_calibrate(
                 trt_version=c.trt_version,
                 providers=providers_for(device),
                 on_batch=lambda done, total: advance(done),
+                model_sha256=li.spec.sha256,
             )
         files = [Path(s.cache_path).name for s in summaries] + [Path(s.json_path).name for s in summaries]
         _write_manifest(ws.calibration, fp, files, [to_jsonable(s) for s in summaries])
@@ -377,13 +378,23 @@ def _build_trt(
     timing_cache = trt.timing_cache or out_dir / "timing.cache"
     use = cfg.calibration.use
     method = "minmax" if use == "minmax" else "entropy"
-    summary = next((s for s in calib_summaries if s.method == (use if use != "best" else "entropy")), None)
+    summary = next((s for s in calib_summaries if s.method == use), None)
+    best_cache: Path | None = None
+    if use == "best":
+        # The per-tensor choice has no calibration run of its own: give TensorRT a cache of exactly the
+        # scales the Q/DQ model uses (read under the EntropyCalibration2 header, so TensorRT skips calibrating).
+        from quantpipe.calibration.cache import write_trt_cache
+
+        best_cache = write_trt_cache(out_dir / "best.cache", amax, method="best", trt_version=cfg.calibration.trt_version)
     with progress.task("building TensorRT engines", len(todo)) as advance:
         for precision, name in todo:
             plan = T.plan_build(precision, api, trt.int8_mode)  # type: ignore[arg-type]
             source = _onnx_for(plan.source, cfg, ws, li, onnx_models, amax)
             calibration = None
-            if plan.calibrator and summary is not None:
+            if plan.calibrator and best_cache is not None:
+                calibration = T.CalibrationInput(method="entropy", cache_path=best_cache, dataset=li.calib,
+                                                 batch_size=cfg.data.batch_size, write_cache=False)
+            elif plan.calibrator and summary is not None:
                 calibration = T.CalibrationInput(
                     method=method, cache_path=Path(summary.cache_path), dataset=li.calib,  # type: ignore[arg-type]
                     batch_size=cfg.data.batch_size, fingerprint=dict(summary.fingerprint),
