@@ -668,13 +668,11 @@ def make_calibrator(feed: CalibrationFeed) -> trt.IInt8Calibrator:
     if not api.has_calibrators:
         raise BuildError(f"TensorRT {api.version} has no IInt8 calibrators (removed in 11.0); build INT8 from the Q/DQ model")
 
-    class EntropyCalibrator2(trt.IInt8EntropyCalibrator2):
-        """quantpipe's entropy calibrator: TensorRT's IInt8EntropyCalibrator2 fed by a CalibrationFeed."""
+    class _FeedMethods:
+        """The calibrator callbacks, shared by both TensorRT base classes (listed first in the MRO, so
+        pybind11's override lookup finds them)."""
 
-        def __init__(self, feed: CalibrationFeed) -> None:
-            # pybind11 trampolines need the base __init__ called explicitly, or TensorRT crashes later.
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.feed = feed
+        feed: CalibrationFeed
 
         def get_batch_size(self) -> int:
             return self.feed.get_batch_size()
@@ -682,7 +680,7 @@ def make_calibrator(feed: CalibrationFeed) -> trt.IInt8Calibrator:
         # The stubs type get_batch as -> list[int]. We return None when the data is exhausted, as TensorRT's
         # documentation and the binding accept (it treats None and [] alike): None cannot be mistaken for a
         # batch with no inputs.
-        def get_batch(self, names: list[str]) -> list[int] | None:  # type: ignore[override]
+        def get_batch(self, names: list[str]) -> list[int] | None:
             return self.feed.get_batch(names)
 
         # None means "no cache: calibrate" to the binding (the stubs' Buffer return type allows it).
@@ -692,29 +690,24 @@ def make_calibrator(feed: CalibrationFeed) -> trt.IInt8Calibrator:
         def write_calibration_cache(self, cache: Any) -> None:
             self.feed.write_cache(bytes(cache))
 
-    class MinMaxCalibrator(trt.IInt8MinMaxCalibrator):
+    # ignore[misc]: get_batch may return None, which the stubs (-> list[int]) do not allow; see above.
+    class EntropyCalibrator2(_FeedMethods, trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
+        """quantpipe's entropy calibrator: TensorRT's IInt8EntropyCalibrator2 fed by a CalibrationFeed."""
+
+        def __init__(self, feed: CalibrationFeed) -> None:
+            # pybind11 trampolines need the base __init__ called explicitly, or TensorRT crashes later.
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.feed = feed
+
+    class MinMaxCalibrator(_FeedMethods, trt.IInt8MinMaxCalibrator):  # type: ignore[misc]
         """quantpipe's minmax calibrator: TensorRT's IInt8MinMaxCalibrator fed by a CalibrationFeed."""
 
         def __init__(self, feed: CalibrationFeed) -> None:
             trt.IInt8MinMaxCalibrator.__init__(self)
             self.feed = feed
 
-        def get_batch_size(self) -> int:
-            return self.feed.get_batch_size()
-
-        # See EntropyCalibrator2.get_batch: None marks the end of the data.
-        def get_batch(self, names: list[str]) -> list[int] | None:  # type: ignore[override]
-            return self.feed.get_batch(names)
-
-        def read_calibration_cache(self) -> bytes | None:
-            return self.feed.read_cache()
-
-        def write_calibration_cache(self, cache: Any) -> None:
-            self.feed.write_cache(bytes(cache))
-
-    if feed.method == "entropy":
-        return EntropyCalibrator2(feed)
-    return MinMaxCalibrator(feed)
+    calibrator: trt.IInt8Calibrator = EntropyCalibrator2(feed) if feed.method == "entropy" else MinMaxCalibrator(feed)
+    return calibrator
 
 
 # ==================================================================================================
