@@ -277,7 +277,7 @@ def make_fake_trt(version: str, record: dict[str, Any]) -> types.ModuleType:
     if major <= 10:
         class _Calib:
             def __init__(self) -> None:
-                record["calibrator_base_init"] = type(self).__mro__[1].__name__
+                record["calibrator_base_init"] = next(c.__name__ for c in type(self).__mro__ if c.__name__.startswith("IInt8"))
 
         m.IInt8Calibrator = _Calib  # type: ignore[attr-defined]
         m.IInt8EntropyCalibrator2 = type("IInt8EntropyCalibrator2", (_Calib,), {})  # type: ignore[attr-defined]
