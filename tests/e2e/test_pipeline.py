@@ -230,3 +230,26 @@ def test_folder_data_source_runs(tmp_path: Path) -> None:
     cfg["evaluate"]["latency"] = {"batch_sizes": [4], "iterations": 3, "warmup": 1}
     assert main(["run", str(write_config(tmp_path, cfg)), "-q"]) == 0
     shutil.rmtree(tmp_path / "reports")
+
+
+def test_baseline_regression_fails_gate(example_run: tuple[int, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An earlier release that was 2 points better: the baseline rule fails and the report flags it."""
+    _, run_dir, _ = example_run
+    baseline = tmp_path / "release-1.0"
+    shutil.copytree(run_dir, baseline, symlinks=True)
+    res = json.loads((baseline / "results.json").read_text())
+    for e in res["evaluations"]:
+        if e["variant"] == "ort-int8":
+            e["metrics"]["top1"] += 0.02
+    (baseline / "results.json").write_text(json.dumps(res))
+    cfg = example_config(tmp_path)
+    cfg["gate"] = {"rules": [{"variant": "ort-int8", "metric": "top1", "baseline": True, "min": -0.002}]}
+    p = write_config(tmp_path, cfg)
+    code = main(["gate", str(p), "--run", str(run_dir), "--baseline", str(baseline)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1
+    assert "ort-int8" in out and "top1" in out and "FAIL" in out
+    assert main(["report", str(p), "--run", str(run_dir), "--baseline", str(baseline)]) == 0
+    md = (run_dir / "report.md").read_text()
+    assert "release-1.0" in md or res["run_id"] in md
+    assert "regress" in md.lower()
