@@ -296,9 +296,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from quantpipe.deps import doctor_lines, probe_env
-
     from rich.markup import escape
+
+    from quantpipe.deps import doctor_lines, probe_env
 
     env = probe_env()
     out = _console()

@@ -264,7 +264,7 @@ def _check_array(
             f"(shape {_fmt_shape(info.shape)}). Store samples stacked on axis 0"
             + (" (or one sample without the batch axis)." if per_sample else ".")
         )
-    for axis, (got, dim) in enumerate(zip(arr.shape, info.shape)):
+    for axis, (got, dim) in enumerate(zip(arr.shape, info.shape, strict=True)):
         if axis == 0:
             continue
         if isinstance(dim, int) and dim > 0 and got != dim:

@@ -46,11 +46,10 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
 
 def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `dest` atomically and return `dest`."""
-    with atomic_path(dest) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     return Path(dest)
 
 
