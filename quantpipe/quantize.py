@@ -1,0 +1,1496 @@
+"""Writes the INT8 Q/DQ model (explicit quantization, the way TensorRT wants it) and the FP16 model.
+
+Q/DQ placement follows TensorRT's "Q/DQ layer placement recommendations" (developer guide, explicit
+quantization): quantize the *inputs* of the weighted ops (Conv, ConvTranspose, Gemm, MatMul) and
+never their outputs, so TensorRT fuses DQ -> op -> (next Q) into one INT8 kernel; quantize the skip
+input of a residual Add that follows a Conv, so TensorRT fuses the Add into the Conv's epilogue; leave
+numerically sensitive ops (Softmax, LayerNormalization and its decomposed form, normalising
+reductions, Resize ...) in float. Weights are stored as int8 initializers followed by a
+DequantizeLinear (symmetric, zero point 0, one scale per output channel); activations get a
+QuantizeLinear/DequantizeLinear pair with one scale per tensor, scale = amax / 127.
+
+Two traps are guarded explicitly: attention masks written as huge constants (`Where(mask, 0,
+-3.4e38)`) never get a Q/DQ and never give a tensor its scale, and models below opset 13 (where
+DequantizeLinear has no `axis`) are upgraded or fall back to per-tensor weights, never written invalid.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantpipe.errors import BuildError, ModelError
+
+__all__ = [
+    "QUANTIZABLE_OPS",
+    "DEFAULT_FLOAT_OPS",
+    "DEFAULT_FP16_BLOCKLIST",
+    "FP16_MAX",
+    "QuantizedNode",
+    "FloatNode",
+    "QuantizeOptions",
+    "QuantizeReport",
+    "OutOfRangeValue",
+    "Fp16Report",
+    "build_qdq_model",
+    "write_qdq_model",
+    "quantize_model",
+    "build_fp16_model",
+    "write_fp16_model",
+    "load_onnx",
+    "save_onnx",
+    "name_nodes",
+]
+
+log = logging.getLogger(__name__)
+
+#: Weighted ops whose inputs get Q/DQ (TensorRT runs them in INT8 when both inputs are quantized).
+QUANTIZABLE_OPS: frozenset[str] = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+#: Op types kept in float: numerically sensitive (normalisation, exponentials, divisions), or where an
+#: INT8 grid is wrong by construction (Resize coordinates). Q/DQ is never placed on their inputs.
+DEFAULT_FLOAT_OPS: frozenset[str] = frozenset({
+    "LayerNormalization", "GroupNormalization", "InstanceNormalization", "LpNormalization",
+    "MeanVarianceNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+    "Softmax", "LogSoftmax", "Hardmax",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+    "ReduceProd", "Resize", "Upsample", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Gelu", "Div",
+    "TopK", "NonMaxSuppression", "RoiAlign", "GridSample",
+})
+
+#: Op types kept in FP32 by the FP16 converter: coordinate / index arithmetic that FP16 cannot hold
+#: exactly (Resize, Range), ops whose output type comes from an attribute (random generators,
+#: EyeLike), and squaring / exponentials that overflow FP16 at moderate inputs (Pow(x, 2) overflows
+#: for |x| > 256, which is why a decomposed LayerNorm is also kept in FP32 by pattern).
+DEFAULT_FP16_BLOCKLIST: frozenset[str] = frozenset({
+    "Resize", "Upsample", "Range", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+    "Multinomial", "Bernoulli", "EyeLike", "NonMaxSuppression", "RoiAlign", "GridSample", "Pow",
+    "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "Einsum", "STFT", "DFT",
+})
+
+FP16_MAX = 65504.0
+#: A constant at least this large (or infinite) is a sentinel (attention mask "-inf", -3.4e38, -1e9),
+#: not data: tensors it flows into are never quantized.
+_SENTINEL_ABS = 1e8
+#: A calibrated amax this large can only come from such sentinels; it would turn every real value to 0.
+_AMAX_LIMIT = 1e8
+#: Ops through which a sentinel does not reach the output values (or that end the masked path).
+_TAINT_STOPS = frozenset({
+    "Softmax", "LogSoftmax", "Hardmax", "Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater",
+    "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero",
+})
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                      "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "MatMulIntegerToFloat"})
+_FLOAT = 1  # TensorProto.FLOAT
+_FLOAT16 = 10  # TensorProto.FLOAT16
+_LARGE_MODEL_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedNode:
+    """A node whose inputs got Q/DQ: which inputs, and the weight's per-channel axis (None: per tensor)."""
+
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+    weight_axis: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatNode:
+    """A node left in float, and why."""
+
+    name: str
+    op_type: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChannelStats:
+    """Per-channel absmax and mean of one activation on the calibration data (channel = `axis`)."""
+
+    tensor: str
+    axis: int
+    absmax: np.ndarray
+    mean: np.ndarray
+    num_samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    """How `build_qdq_model` places Q/DQ (CLI and pipeline.yaml map onto these)."""
+
+    per_channel: bool = True
+    keep_float_nodes: frozenset[str] = frozenset()
+    keep_float_ops: frozenset[str] = DEFAULT_FLOAT_OPS
+    quantize_residual_add: bool = True
+    quantize_activation_matmul: bool = True
+    """Quantize MatMuls whose both inputs are activations (attention Q.K^T and P.V): TensorRT's INT8 MHA
+    fusion needs them; turn off to keep attention in float."""
+    weight_amax_override: Mapping[str, float | Sequence[float]] | None = None
+    """Weight tensor name -> amax (a float: per tensor; a sequence: per channel) instead of max |w|."""
+    only_nodes: frozenset[str] | None = None
+    """Quantize only these nodes (sensitivity analysis); None: every eligible node."""
+    channel_stats: Mapping[str, ChannelStats] | None = None
+    """Per-channel statistics of the quantized nodes' inputs on the calibration data (`collect_channel_stats`);
+    they enable smoothing and bias correction. None: neither is applied."""
+    smooth_alpha: float | None = 0.7
+    """SmoothQuant migration strength for MatMul / Gemm inputs with outlier channels (None: off)."""
+    smooth_min_spread: float = 8.0
+    """Smooth an activation only when its largest channel range exceeds the median one by this factor."""
+    bias_correction: bool = True
+    """Fold the mean output error of the quantized weights (E[(Wq - W) x]) into the float bias."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeReport:
+    """What `write_qdq_model` did: the nodes it quantized, those it left float and why."""
+
+    model_path: str | None
+    output_path: str | None
+    opset_before: int
+    opset_after: int
+    per_channel: bool
+    quantized_nodes: tuple[QuantizedNode, ...]
+    kept_float: tuple[FloatNode, ...]
+    """Quantizable nodes left in float (with the reason) and numerically sensitive nodes kept in float."""
+    num_quantizable: int
+    """Nodes that would be quantized with nothing kept in float on request (the fallback's denominator)."""
+    warnings: tuple[str, ...] = ()
+    smoothed_tensors: tuple[str, ...] = ()
+    """Activations whose per-channel outliers were moved into the weights (SmoothQuant) before quantizing."""
+    bias_corrected: tuple[str, ...] = ()
+    """Nodes whose float bias absorbs the mean error of their quantized weights (bias correction)."""
+
+    @property
+    def quantized_names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.quantized_nodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutOfRangeValue:
+    """A constant with values FP16 cannot hold, and what the converter did with it."""
+
+    tensor: str
+    max_abs: float
+    count: int
+    action: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp16Report:
+    """What `write_fp16_model` did."""
+
+    model_path: str | None
+    output_path: str | None
+    io_kept_fp32: bool
+    num_fp16_nodes: int
+    kept_fp32: tuple[FloatNode, ...]
+    out_of_range: tuple[OutOfRangeValue, ...]
+    """Initializers / constants with |x| > 65504 (clamped to +-65504 where converted, else kept FP32)."""
+    activation_overflow: tuple[tuple[str, float], ...]
+    """(tensor, calibrated amax) for activations whose amax exceeds 65504: they overflow in FP16."""
+    underflow_values: int
+    """Non-zero constant values smaller than FP16's smallest subnormal (2^-24) that become 0."""
+    num_casts: int
+    warnings: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- model I/O
+
+
+def load_onnx(path: str | os.PathLike[str]) -> Any:
+    """Load an ONNX model with its external data, or raise ModelError saying what is wrong."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model {path} does not exist. Pass the path of an FP32 .onnx file.")
+    try:
+        return onnx.load(os.fspath(path), load_external_data=True)
+    except Exception as err:  # protobuf and onnx raise many types; all mean "not a readable model"
+        raise ModelError(
+            f"model {path} could not be read as ONNX ({type(err).__name__}: {err}). If it uses external data, "
+            f"keep the .data file beside it; otherwise export the model again."
+        ) from err
+
+
+def save_onnx(model: Any, out_path: str | os.PathLike[str], *, check: bool = True,
+              reference: Any | None = None) -> list[str]:
+    """Check `model` and write it atomically (external data when it is too large for one protobuf).
+
+    The checker runs with full_check (strict shape inference). When the FP32 `reference` model fails
+    the same full check, the output is held to the plain check instead, and a warning says so.
+    Returns the warnings.
+    """
+    import onnx
+
+    warnings: list[str] = []
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > _LARGE_MODEL_BYTES
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp_dir:
+        tmp = Path(tmp_dir) / out_path.name
+        data_name = out_path.name + ".data"
+        if large:
+            onnx.save_model(model, os.fspath(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, os.fspath(tmp))
+        if check:
+            warnings += _check_written(tmp, large, reference)
+        # The data file goes first: the model file, which is what a later run trusts, appears last.
+        if large and (Path(tmp_dir) / data_name).exists():
+            os.replace(Path(tmp_dir) / data_name, out_path.parent / data_name)
+        os.replace(tmp, out_path)
+    return warnings
+
+
+def _check_written(path: Path, large: bool, reference: Any | None) -> list[str]:
+    import onnx
+
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+        return []
+    except Exception as err:  # ValidationError, InferenceError ...
+        full_err = err
+    if reference is not None:
+        try:
+            ref = reference if not large else None
+            if ref is not None:
+                onnx.checker.check_model(ref, full_check=True)
+        except Exception:  # the FP32 model fails the strict check too: not something we introduced
+            try:
+                onnx.checker.check_model(os.fspath(path))
+            except Exception as err2:
+                raise BuildError(f"the model written to {path.name} fails the ONNX checker: {err2}") from err2
+            return [f"the FP32 model already fails onnx's full (strict shape inference) check, so the output was "
+                    f"held to the plain check ({type(full_err).__name__}: {str(full_err)[:200]})"]
+    raise BuildError(
+        f"the model written to {path.name} fails onnx.checker.check_model(full_check=True): {full_err}. "
+        f"This is a quantpipe bug; please report it with the model's op list (`quantpipe inspect`)."
+    ) from full_err
+
+
+def _opset(model: Any) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return 0
+
+
+def name_nodes(graph: Any) -> None:
+    """Give every unnamed node a stable unique name (op type + index), so reports and keep-lists can name it."""
+    used = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+
+class _Graph:
+    """Read-only index of a graph: producers, consumers, constants (initializers and Constant nodes)."""
+
+    def __init__(self, graph: Any) -> None:
+        from onnx import numpy_helper
+
+        self.graph = graph
+        self.input_names = {i.name for i in graph.input}
+        self.output_names = {o.name for o in graph.output}
+        self.initializers = {t.name: t for t in graph.initializer if t.name not in self.input_names}
+        self.producer: dict[str, Any] = {}
+        self.position: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[Any, int]]] = collections.defaultdict(list)
+        self.constant_nodes: dict[str, Any] = {}
+        for i, node in enumerate(graph.node):
+            self.position[node.name] = i
+            for o in node.output:
+                self.producer[o] = node
+            for j, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((node, j))
+            if node.op_type == "Constant" and node.output:
+                self.constant_nodes[node.output[0]] = node
+        self.subgraph_refs = _subgraph_references(graph)
+        self._np = numpy_helper
+        self._cache: dict[str, np.ndarray | None] = {}
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers or name in self.constant_nodes
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The constant value of `name` (initializer or Constant node), or None."""
+        if name in self._cache:
+            return self._cache[name]
+        val: np.ndarray | None = None
+        if name in self.initializers:
+            val = self._np.to_array(self.initializers[name])
+        elif name in self.constant_nodes:
+            val = _constant_node_value(self.constant_nodes[name])
+        self._cache[name] = val
+        return val
+
+
+def _constant_node_value(node: Any) -> np.ndarray | None:
+    from onnx import helper, numpy_helper
+
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+        if attr.name in ("sparse_value",):
+            return np.asarray(helper.get_attribute_value(attr))
+    return None
+
+
+def _subgraph_references(graph: Any) -> set[str]:
+    """Names that nodes inside subgraphs (If / Loop / Scan bodies) read from the enclosing scopes."""
+    from onnx import AttributeProto
+
+    refs: set[str] = set()
+
+    def visit(g: Any) -> None:
+        for node in g.node:
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs) \
+                    if attr.type == AttributeProto.GRAPHS else []
+                for sub in subs:
+                    refs.update(n for sn in sub.node for n in sn.input if n)
+                    visit(sub)
+
+    visit(graph)
+    return refs
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _sentinel_tensors(g: _Graph) -> dict[str, str]:
+    """Tensors carrying sentinel values (masks of -3.4e38 ...): name -> the constant they come from.
+
+    A sentinel spreads through every op to its outputs, except through the ops in `_TAINT_STOPS`
+    (Softmax turns the masked scores into ordinary probabilities), through Clip's bounds and through
+    Min/Max against it (they return the other operand).
+    """
+    tainted: dict[str, str] = {}
+    for name in list(g.initializers) + list(g.constant_nodes):
+        val = g.value(name)
+        if val is None or not np.issubdtype(val.dtype, np.floating) or val.size == 0:
+            continue
+        if not np.all(np.isfinite(val)) or float(np.max(np.abs(val))) >= _SENTINEL_ABS:
+            tainted[name] = name
+    for node in g.graph.node:
+        if node.op_type in _TAINT_STOPS or node.op_type == "Constant":
+            continue
+        ins = list(node.input)
+        if node.op_type == "Clip":
+            ins = ins[:1]
+        elif node.op_type in ("Min", "Max"):
+            ins = [i for i in ins if not (i in tainted and g.is_constant(i))]
+        src = next((tainted[i] for i in ins if i in tainted), None)
+        if src is not None:
+            for o in node.output:
+                tainted[o] = src
+    return tainted
+
+
+def _decomposed_layernorm_nodes(g: _Graph) -> set[str]:
+    """Node names forming a decomposed LayerNorm: ReduceMean, Sub, Pow|Mul, ReduceMean, Add, Sqrt, Div|Reciprocal."""
+    found: set[str] = set()
+
+    def consumers(t: str, op: str) -> list[Any]:
+        return [n for n, _ in g.consumers.get(t, []) if n.op_type == op]
+
+    for r1 in g.graph.node:
+        if r1.op_type != "ReduceMean" or not r1.input:
+            continue
+        x = r1.input[0]
+        for sub in consumers(r1.output[0], "Sub"):
+            if x not in sub.input:
+                continue
+            d = sub.output[0]
+            squares = consumers(d, "Pow") + [m for m in consumers(d, "Mul") if list(m.input) == [d, d]]
+            for sq in squares:
+                for r2 in consumers(sq.output[0], "ReduceMean"):
+                    for add in consumers(r2.output[0], "Add"):
+                        for sqrt in consumers(add.output[0], "Sqrt"):
+                            tail = consumers(sqrt.output[0], "Div") + consumers(sqrt.output[0], "Reciprocal")
+                            if tail:
+                                found.update(n.name for n in (r1, sub, sq, r2, add, sqrt, *tail))
+    return found
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Where Q/DQ goes: (node, input index) -> activation amax, or -> weight axis (None: per tensor)."""
+
+    acts: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)
+    weights: dict[tuple[str, int], int | None] = dataclasses.field(default_factory=dict)
+    quantized: list[QuantizedNode] = dataclasses.field(default_factory=list)
+    floats: list[FloatNode] = dataclasses.field(default_factory=list)
+    eligible: int = 0
+
+
+def _weight_axis(node: Any, idx: int, rank: int) -> int | None:
+    """Per-output-channel axis of a constant input, or None where only per-tensor makes sense."""
+    op = node.op_type
+    if rank < 2:
+        return None
+    if op == "Conv" and idx == 1:
+        return 0  # [O, I/g, k...]
+    if op == "ConvTranspose" and idx == 1:
+        return 1  # [I, O/g, k...]
+    if op == "Gemm" and idx == 1:
+        return 0 if _attr(node, "transB", 0) else 1  # B is [N, K] when transposed, else [K, N]
+    if op == "MatMul" and idx == 1:
+        return rank - 1  # [..., K, N]: output channels are the last axis
+    return None
+
+
+def _plan_qdq(g: _Graph, amax: Mapping[str, float], opts: QuantizeOptions, per_channel: bool) -> _Plan:
+    plan = _Plan()
+    sentinels = _sentinel_tensors(g)
+    ln_nodes = _decomposed_layernorm_nodes(g)
+    keep_ops = set(opts.keep_float_ops)
+
+    def act_amax(name: str) -> tuple[float | None, str]:
+        if name in sentinels:
+            return None, f"input '{name}' carries the sentinel constant '{sentinels[name]}' (attention mask)"
+        if name not in amax:
+            return None, f"no calibration amax for input '{name}'"
+        a = float(amax[name])
+        if not np.isfinite(a) or a >= _AMAX_LIMIT:
+            return None, f"calibrated amax {a:.3g} of '{name}' can only come from sentinel values"
+        if a <= 0.0:
+            return None, f"calibrated amax of '{name}' is {a} (the tensor is constant zero)"
+        return a, ""
+
+    for node in g.graph.node:
+        op = node.op_type
+        if op in keep_ops and op not in QUANTIZABLE_OPS:
+            plan.floats.append(FloatNode(node.name, op, "numerically sensitive op kept in float"))
+            continue
+        if node.name in ln_nodes:
+            plan.floats.append(FloatNode(node.name, op, "part of a decomposed LayerNorm kept in float"))
+            continue
+        if op not in QUANTIZABLE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if op in keep_ops:
+            plan.floats.append(FloatNode(node.name, op, f"op type {op} kept in float by configuration"))
+            continue
+        idxs = [0, 1]
+        if len(node.input) < 2:
+            continue
+        consts = [g.is_constant(node.input[i]) for i in idxs]
+        if all(consts):
+            plan.floats.append(FloatNode(node.name, op, "all inputs are constant (fold constants first)"))
+            continue
+        if op == "MatMul" and not any(consts) and not opts.quantize_activation_matmul:
+            plan.floats.append(FloatNode(node.name, op, "activation x activation MatMul left float by option"))
+            continue
+        acts: dict[int, float] = {}
+        weights: dict[int, int | None] = {}
+        reason = ""
+        for i, is_const in zip(idxs, consts, strict=True):
+            name = node.input[i]
+            if is_const:
+                val = g.value(name)
+                if val is None or val.dtype != np.float32:
+                    reason = f"constant input '{name}' is not float32"
+                    break
+                axis = _weight_axis(node, i, val.ndim) if per_channel else None
+                weights[i] = axis
+            else:
+                a, why = act_amax(name)
+                if a is None:
+                    reason = why
+                    break
+                acts[i] = a
+        if reason:
+            plan.floats.append(FloatNode(node.name, op, reason))
+            continue
+        plan.eligible += 1
+        if node.name in opts.keep_float_nodes:
+            plan.floats.append(FloatNode(node.name, op, "kept in float on request"))
+            continue
+        if opts.only_nodes is not None and node.name not in opts.only_nodes:
+            continue
+        for i, a in acts.items():
+            plan.acts[(node.name, i)] = a
+        for i, ax in weights.items():
+            plan.weights[(node.name, i)] = ax
+        waxis = next((ax for ax in weights.values()), None)
+        plan.quantized.append(QuantizedNode(node.name, op, tuple(node.input[i] for i in idxs), waxis))
+
+    if opts.quantize_residual_add and "Add" not in keep_ops:
+        _plan_residual_adds(g, plan, opts, act_amax, ln_nodes)
+    return plan
+
+
+def _plan_residual_adds(g: _Graph, plan: _Plan, opts: QuantizeOptions, act_amax: Any, ln_nodes: set[str]) -> None:
+    """Q/DQ on the skip input of Adds that join a Conv branch and a skip connection.
+
+    TensorRT fuses Conv + BatchNorm + Add (+ ReLU) into one kernel whose precision is taken from the
+    Add's *other* input: quantizing that skip input lets the fused kernel run and write INT8. The Conv
+    branch itself is not quantized at the Add (a Q there would split the fusion).
+    """
+    convs = {"Conv", "ConvTranspose"}
+    eligible_convs = {n.name for n in g.graph.node if n.op_type in convs}
+
+    def conv_producer(t: str) -> Any | None:
+        p = g.producer.get(t)
+        if p is not None and p.op_type == "BatchNormalization":  # unfolded BN sits between Conv and Add
+            p = g.producer.get(p.input[0])
+        return p if p is not None and p.op_type in convs and p.name in eligible_convs else None
+
+    for node in g.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2 or node.name in ln_nodes:
+            continue
+        a, b = node.input
+        if g.is_constant(a) or g.is_constant(b) or a == b:
+            continue
+        pa, pb = conv_producer(a), conv_producer(b)
+        if pa is None and pb is None:
+            continue
+        if pa is not None and pb is not None:
+            # Both branches are convolutions: the later one is the branch TensorRT fuses the Add into.
+            skip_idx = 0 if g.position[pa.name] < g.position[pb.name] else 1
+        else:
+            skip_idx = 1 if pa is not None else 0
+        skip = node.input[skip_idx]
+        amax_v, why = act_amax(skip)
+        if amax_v is None:
+            plan.floats.append(FloatNode(node.name, "Add", f"residual Add left float: {why}"))
+            continue
+        plan.eligible += 1
+        if node.name in opts.keep_float_nodes:
+            plan.floats.append(FloatNode(node.name, "Add", "kept in float on request"))
+            continue
+        if opts.only_nodes is not None and node.name not in opts.only_nodes:
+            continue
+        plan.acts[(node.name, skip_idx)] = amax_v
+        plan.quantized.append(QuantizedNode(node.name, "Add", (skip,), None))
+
+
+# --------------------------------------------------------------------------- rewriting
+
+
+def _quantize_weight(w: np.ndarray, axis: int | None, override: Any | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 in [-127, 127] (TensorRT's weight range); returns (int8 values, float32 scale)."""
+    if axis is None:
+        amax = np.asarray(np.max(np.abs(w)) if w.size else 0.0, dtype=np.float64)
+    else:
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.max(np.abs(w), axis=other).astype(np.float64)
+    if override is not None:
+        ov = np.asarray(override, dtype=np.float64)
+        if ov.size != amax.size:
+            raise BuildError(
+                f"weight amax override has {ov.size} value(s) but the weight needs {amax.size} "
+                f"({'per channel on axis ' + str(axis) if axis is not None else 'per tensor'}). Give one value "
+                f"per output channel, or a single float with per_channel=False."
+            )
+        amax = ov.reshape(amax.shape)
+    # An all-zero channel quantizes to zeros whatever its scale; 1.0 keeps the scale positive (TensorRT needs it).
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    bshape = [1] * w.ndim
+    if axis is not None:
+        bshape[axis] = -1
+    q = np.clip(np.rint(w.astype(np.float64) / scale.reshape(bshape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+class _Names:
+    def __init__(self, graph: Any) -> None:
+        self.used = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+        for n in graph.node:
+            self.used.update(n.output)
+            self.used.update(n.input)
+            self.used.add(n.name)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name = f"{base}_{k}"
+            k += 1
+        self.used.add(name)
+        return name
+
+
+def _apply_plan(model: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions) -> tuple[int, int]:
+    """Rewrite the graph in place; returns (activation Q/DQ pairs, quantized weights)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    names = _Names(graph)
+    new_inits: list[Any] = []
+    before: dict[str, list[Any]] = collections.defaultdict(list)  # node name -> Q/DQ nodes to insert before it
+    act_dq: dict[tuple[str, float], str] = {}
+    w_dq: dict[tuple[str, int | None], str] = {}
+    by_name = {n.name: n for n in graph.node}
+    first_use: dict[str, int] = {}
+    overrides = opts.weight_amax_override or {}
+
+    # Process in node order so every Q/DQ pair is inserted before its first consumer.
+    keys = sorted(set(plan.acts) | set(plan.weights), key=lambda k: (g.position[k[0]], k[1]))
+    for node_name, idx in keys:
+        node = by_name[node_name]
+        src = node.input[idx]
+        if (node_name, idx) in plan.acts:
+            a = plan.acts[(node_name, idx)]
+            key = (src, a)
+            if key not in act_dq:
+                base = src.replace(":", "_")
+                scale = names.fresh(f"{base}_scale")
+                zp = names.fresh(f"{base}_zero_point")
+                q_out = names.fresh(f"{base}_quantized")
+                dq_out = names.fresh(f"{base}_dequantized")
+                new_inits.append(numpy_helper.from_array(np.array(a / 127.0, dtype=np.float32), scale))
+                new_inits.append(numpy_helper.from_array(np.array(0, dtype=np.int8), zp))
+                before[node_name].append(helper.make_node("QuantizeLinear", [src, scale, zp], [q_out],
+                                                          name=names.fresh(f"{base}_QuantizeLinear")))
+                before[node_name].append(helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
+                                                          name=names.fresh(f"{base}_DequantizeLinear")))
+                act_dq[key] = dq_out
+            node.input[idx] = act_dq[key]
+        else:
+            axis = plan.weights[(node_name, idx)]
+            key_w = (src, axis)
+            if key_w not in w_dq:
+                w = g.value(src)
+                assert w is not None  # planned only for constants
+                q, scale = _quantize_weight(w, axis, overrides.get(src))
+                base = src.replace(":", "_")
+                q_name = names.fresh(f"{base}_int8")
+                s_name = names.fresh(f"{base}_scale")
+                z_name = names.fresh(f"{base}_zero_point")
+                dq_out = names.fresh(f"{base}_dequantized")
+                new_inits.append(numpy_helper.from_array(q, q_name))
+                new_inits.append(numpy_helper.from_array(scale.reshape(scale.shape if axis is not None else ()),
+                                                         s_name))
+                zero = np.zeros(scale.shape if axis is not None else (), dtype=np.int8)
+                new_inits.append(numpy_helper.from_array(zero, z_name))
+                attrs = {"axis": axis} if axis is not None else {}
+                before[node_name].append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],
+                                                          name=names.fresh(f"{base}_DequantizeLinear"), **attrs))
+                w_dq[key_w] = dq_out
+            node.input[idx] = w_dq[key_w]
+        first_use.setdefault(src, g.position[node_name])
+
+    nodes = list(graph.node)
+    del graph.node[:]
+    for node in nodes:
+        graph.node.extend(before.get(node.name, []))
+        graph.node.append(node)
+    graph.initializer.extend(new_inits)
+
+    # Drop float weights (initializers and Constant nodes) nothing reads any more: the int8 copy replaces them.
+    still_used = {i for n in graph.node for i in n.input} | g.output_names | g.subgraph_refs
+    keep_inits = [t for t in graph.initializer if t.name in still_used or t.name in g.input_names]
+    if len(keep_inits) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep_inits)
+    dead_consts = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in still_used]
+    for n in dead_consts:
+        graph.node.remove(n)
+    _ = TensorProto  # imported with helper for readers: int8 tensors come from numpy_helper
+    return len(act_dq), len(w_dq)
+
+
+# --------------------------------------------------------------------------- data-driven corrections
+
+
+def ort_session(model: Any, *, int8: bool = False, optimize: bool = True, threads: int | None = None) -> Any:
+    """An onnxruntime CPU InferenceSession for an in-memory model (through a temp file when it is > 2 GB).
+
+    `int8=True` sets `session.qdqisint8allowed`: without it, onnxruntime on x86 rewrites int8 Q/DQ pairs
+    to uint8 and runs U8S8 kernels whose VPMADDUBSW instruction saturates on CPUs without VNNI (AVX2),
+    which wrecks accuracy (EfficientNet-Lite0: 0.69 instead of 0.81 top-1 agreement on the open set).
+    `optimize=False` runs the graph as written (the exact Q/DQ semantics): onnxruntime's fusions can make
+    an exposed intermediate tensor of a Q/DQ model hold something else than the float graph computes.
+    """
+    ort = _require_ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    for k, v in (ORT_INT8_SESSION_CONFIG.items() if int8 else ()):
+        opts.add_session_config_entry(k, v)
+    if model.ByteSize() < _LARGE_MODEL_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="quantpipe-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        import onnx
+
+        onnx.save_model(model, os.fspath(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+
+
+#: Session config for running quantpipe's int8 Q/DQ models on onnxruntime CPU (see `ort_session`).
+ORT_INT8_SESSION_CONFIG: dict[str, str] = {"session.qdqisint8allowed": "1"}
+
+
+def _require_ort() -> Any:
+    from quantpipe.deps import require
+
+    return require("onnxruntime", purpose="running the model to collect statistics")
+
+
+def expose_outputs(model: Any, names: Iterable[str]) -> Any:
+    """A copy of `model` whose graph also outputs the (float) tensors `names`."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(helper.make_tensor_value_info(n, _FLOAT, None))
+            have.add(n)
+    return m
+
+
+def _stat_targets(g: _Graph) -> dict[str, int]:
+    """Non-constant inputs of the quantizable nodes -> the channel axis their consumer contracts over."""
+    out: dict[str, int] = {}
+    for node in g.graph.node:
+        if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2:
+            continue
+        x = node.input[0]
+        if not x or g.is_constant(x):
+            continue
+        if node.op_type in ("Conv", "ConvTranspose"):
+            out.setdefault(x, 1)
+        elif node.op_type == "Gemm" and not _attr(node, "transA", 0) or node.op_type == "MatMul" and g.is_constant(node.input[1]):
+            out.setdefault(x, -1)
+    return out
+
+
+def collect_channel_stats(model: Any, dataset: Any, *, batch_size: int = 8, max_samples: int | None = None,
+                          tensors: Mapping[str, int] | None = None) -> dict[str, ChannelStats]:
+    """Per-channel absmax and mean of the quantizable nodes' activation inputs over `dataset` (FP32 run).
+
+    Args:
+        model: FP32 ModelProto or path.
+        dataset: a `quantpipe.data.Dataset` (the calibration split).
+        batch_size: samples per run.
+        max_samples: stop after this many samples (None: all).
+        tensors: tensor -> channel axis to collect (default: every quantizable node's activation input).
+    """
+    if not hasattr(model, "graph"):
+        model = load_onnx(model)
+    m = _named_copy(model)
+    g = _Graph(m.graph)
+    targets = dict(tensors) if tensors is not None else _stat_targets(g)
+    if not targets:
+        return {}
+    sess = ort_session(expose_outputs(m, targets))
+    out_names = [o.name for o in sess.get_outputs()]
+    acc: dict[str, list[Any]] = {}
+    seen = 0
+    for batch in dataset.batches(batch_size):
+        feeds = dict(batch.feeds)
+        if max_samples is not None:
+            feeds = {k: v[: max_samples - seen] for k, v in feeds.items()}
+        res = dict(zip(out_names, sess.run(None, feeds), strict=True))
+        res.update({k: v for k, v in feeds.items() if k in targets})
+        for name, axis in targets.items():
+            v = np.asarray(res[name], dtype=np.float64)
+            ax = axis % v.ndim
+            flat = np.moveaxis(v, ax, -1).reshape(-1, v.shape[ax])
+            cur = acc.get(name)
+            if cur is None:
+                acc[name] = [np.abs(flat).max(axis=0), flat.sum(axis=0), flat.shape[0]]
+            else:
+                cur[0] = np.maximum(cur[0], np.abs(flat).max(axis=0))
+                cur[1] = cur[1] + flat.sum(axis=0)
+                cur[2] += flat.shape[0]
+        seen += next(iter(feeds.values())).shape[0]
+        if max_samples is not None and seen >= max_samples:
+            break
+    return {name: ChannelStats(name, targets[name], a[0], a[1] / max(a[2], 1), seen) for name, a in acc.items()}
+
+
+def _named_copy(model: Any) -> Any:
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    name_nodes(m.graph)
+    return m
+
+
+def _replace_initializer(graph: Any, names: _Names, base: str, value: np.ndarray) -> str:
+    from onnx import numpy_helper
+
+    name = names.fresh(base)
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    return name
+
+
+def _smooth(m: Any, g: _Graph, opts: QuantizeOptions, stats: dict[str, ChannelStats], amax: dict[str, float],
+            sentinels: Mapping[str, str]) -> list[str]:
+    """SmoothQuant: x W = (x / s)(s W) with s_j = max|x_j|^a / max|W_j|^(1-a), for inputs with outlier channels.
+
+    Transformer activations (LayerNorm outputs, GELU outputs) have a few channels 10-30x larger than the
+    rest; one per-tensor INT8 scale then leaves the other channels a handful of levels. Dividing the
+    channels by s (an explicit Mul, which TensorRT fuses as a pointwise op) and multiplying the weight
+    rows by s is exact in float and moves the range problem into the weights, which are per channel.
+    The smoothed tensor's amax is the largest smoothed channel range on the calibration data.
+    Reference: Xiao et al., "SmoothQuant", ICML 2023.
+    """
+    from onnx import helper
+
+    alpha = float(opts.smooth_alpha or 0.0)
+    groups: dict[str, list[Any]] = collections.defaultdict(list)
+    for node in g.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.op_type in opts.keep_float_ops:
+            continue
+        x, w = node.input[0], node.input[1]
+        if g.is_constant(x) or not g.is_constant(w) or x in sentinels:
+            continue
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            continue
+        val = g.value(w)
+        if val is None or val.dtype != np.float32 or val.ndim != 2:
+            continue
+        groups[x].append(node)
+    names = _Names(m.graph)
+    new_nodes: dict[str, Any] = {}
+    smoothed: list[str] = []
+    for x, consumers in groups.items():
+        st = stats.get(x)
+        if st is None or st.axis not in (-1,) or x not in amax:
+            continue
+        a = np.asarray(st.absmax, dtype=np.float64)
+        live = a[a > 0]
+        if live.size == 0 or float(live.max()) < opts.smooth_min_spread * float(np.median(live)):
+            continue
+        rows = []
+        for node in consumers:
+            w = g.value(node.input[1])
+            assert w is not None
+            trans = node.op_type == "Gemm" and _attr(node, "transB", 0)
+            rows.append(np.abs(w).max(axis=0 if trans else 1))
+        wmax = np.max(rows, axis=0).astype(np.float64)
+        if wmax.shape != a.shape:
+            continue
+        s = np.where((a > 0) & (wmax > 0), np.power(np.maximum(a, 1e-12), alpha)
+                     / np.power(np.maximum(wmax, 1e-12), 1.0 - alpha), 1.0)
+        s = np.clip(s, 1e-4, 1e4)
+        inv = _replace_initializer(m.graph, names, f"{x}_smooth_inv", (1.0 / s).astype(np.float32))
+        xs = names.fresh(f"{x}_smoothed")
+        mul = helper.make_node("Mul", [x, inv], [xs], name=names.fresh(f"{x}_Smooth"))
+        new_nodes[x] = mul
+        for node in consumers:
+            w = g.value(node.input[1])
+            assert w is not None
+            trans = node.op_type == "Gemm" and _attr(node, "transB", 0)
+            scaled = w.astype(np.float64) * (s[None, :] if trans else s[:, None])
+            node.input[1] = _replace_initializer(m.graph, names, f"{node.input[1]}_smoothed", scaled.astype(np.float32))
+            node.input[0] = xs
+        stats[xs] = ChannelStats(xs, -1, a / s, np.asarray(st.mean) / s, st.num_samples)
+        amax[xs] = float(np.max(a / s))
+        smoothed.append(x)
+    if new_nodes:
+        nodes = list(m.graph.node)
+        del m.graph.node[:]
+        for x in [x for x in new_nodes if x not in g.producer]:  # graph inputs: their Mul goes first
+            m.graph.node.append(new_nodes[x])
+        for node in nodes:
+            m.graph.node.append(node)
+            for o in node.output:
+                if o in new_nodes:
+                    m.graph.node.append(new_nodes[o])
+        _drop_unused_initializers(m.graph, g)
+    return smoothed
+
+
+def _drop_unused_initializers(graph: Any, g: _Graph) -> None:
+    used = {i for n in graph.node for i in n.input} | g.output_names | g.subgraph_refs | g.input_names
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+def _bias_correct(m: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions, stats: Mapping[str, ChannelStats]) -> list[str]:
+    """Bias correction: b <- b - E[(Wq - W) x], so quantized weights do not shift each output channel's mean.
+
+    Rounding a kernel's taps rarely cancels, and post-ReLU inputs have a large positive mean, so the
+    quantized layer's outputs drift by a per-channel constant. It matters most in depthwise convolutions
+    (a few taps, large weights); EfficientNet-Lite0's logits gain ~5 dB of SQNR. Uses the per-channel
+    input means from the calibration data. Reference: Nagel et al., "Data-Free Quantization", ICCV 2019.
+    """
+    names = _Names(m.graph)
+    overrides = opts.weight_amax_override or {}
+    done: list[str] = []
+    by_name = {n.name: n for n in g.graph.node}
+    for (node_name, idx), axis in plan.weights.items():
+        node = by_name[node_name]
+        if idx != 1 or node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        st = stats.get(node.input[0])
+        w = g.value(node.input[1])
+        if st is None or w is None:
+            continue
+        q, scale = _quantize_weight(w, axis, overrides.get(node.input[1]))
+        bshape = [1] * w.ndim
+        if axis is not None:
+            bshape[axis] = -1
+        dw = q.astype(np.float64) * scale.reshape(bshape).astype(np.float64) - w.astype(np.float64)
+        mu = np.asarray(st.mean, dtype=np.float64)
+        shift: np.ndarray | None = None
+        if node.op_type == "Conv" and st.axis == 1 and w.ndim >= 3:
+            group = int(_attr(node, "group", 1))
+            o, ig = w.shape[0], w.shape[1]
+            if mu.size != ig * group or o % group:
+                continue
+            per_tap = dw.reshape(o, ig, -1).sum(axis=2)  # [O, I/g]
+            mu_g = mu.reshape(group, ig)[np.arange(o) // (o // group)]  # each output's input-group means
+            shift = (per_tap * mu_g).sum(axis=1)
+        elif node.op_type == "Gemm" and w.ndim == 2:
+            dwk = dw.T if _attr(node, "transB", 0) else dw  # [K, N]
+            if dwk.shape[0] != mu.size:
+                continue
+            shift = float(_attr(node, "alpha", 1.0)) * (mu @ dwk)
+        elif node.op_type == "MatMul" and w.ndim == 2 and w.shape[0] == mu.size:
+            shift = mu @ dw
+        if shift is None or not np.all(np.isfinite(shift)):
+            continue
+        if node.op_type == "MatMul":
+            if not _fold_into_following_add(m, g, node, shift, names):
+                continue
+        else:
+            beta = float(_attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+            if len(node.input) > 2 and node.input[2]:
+                b = g.value(node.input[2])
+                if b is None or b.ndim != 1 or b.shape[0] != shift.shape[0] or beta == 0.0:
+                    continue
+                newb = b.astype(np.float64) - shift / beta
+            else:
+                newb = -shift / beta
+                if len(node.input) == 2:
+                    node.input.append("")
+            node.input[2] = _replace_initializer(m.graph, names, f"{node.name}_bias_corrected", newb.astype(np.float32))
+        done.append(node_name)
+    if done:
+        _drop_unused_initializers(m.graph, g)
+    return done
+
+
+def _fold_into_following_add(m: Any, g: _Graph, node: Any, shift: np.ndarray, names: _Names) -> bool:
+    """MatMul + Add(bias) as exported by PyTorch: correct the Add's constant when nothing else reads it."""
+    users = g.consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0][0].op_type != "Add":
+        return False
+    add, j = users[0]
+    other = add.input[1 - j]
+    b = g.value(other)
+    if b is None or b.dtype != np.float32 or b.shape != shift.shape or len(g.consumers.get(other, [])) != 1:
+        return False
+    add.input[1 - j] = _replace_initializer(m.graph, names, f"{add.name}_bias_corrected",
+                                            (b.astype(np.float64) - shift).astype(np.float32))
+    return True
+
+
+def _prepare_opset(model: Any, per_channel: bool) -> tuple[Any, int, bool, list[str]]:
+    """Bring the model to opset >= 13 where possible; returns (model, opset, per_channel, warnings)."""
+    import onnx
+    from onnx import version_converter
+
+    warnings: list[str] = []
+    opset = _opset(model)
+    if opset >= 13:
+        return model, opset, per_channel, warnings
+    try:
+        converted = version_converter.convert_version(model, 13)
+        onnx.checker.check_model(converted)
+        log.info("upgraded the model from opset %d to 13 for per-channel DequantizeLinear", opset)
+        warnings.append(f"model upgraded from opset {opset} to 13 (per-channel DequantizeLinear needs opset 13)")
+        return converted, 13, per_channel, warnings
+    except Exception as err:  # the converter raises plain RuntimeError / ValidationError for unsupported ops
+        if opset < 10:
+            raise ModelError(
+                f"the model has opset {opset}: QuantizeLinear/DequantizeLinear need opset 10 or newer, and onnx's "
+                f"version converter could not upgrade it ({type(err).__name__}: {err}). Re-export the model with "
+                f"opset >= 13."
+            ) from err
+        warnings.append(
+            f"opset {opset} could not be upgraded to 13 ({type(err).__name__}: {str(err)[:160]}); weights are "
+            f"quantized per tensor, which opset {opset} supports (expect lower accuracy than per channel)"
+        )
+        return model, opset, False, warnings
+
+
+def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOptions = QuantizeOptions(),
+                    *, copy: bool = True) -> tuple[Any, QuantizeReport]:
+    """Return the Q/DQ INT8 version of an FP32 ModelProto (in memory) and its report.
+
+    Args:
+        model: the FP32 model (not modified when `copy`).
+        amax: calibrated absolute range per activation / graph input, by original tensor name.
+        options: placement options.
+        copy: work on a copy of `model` (False saves memory for large models the caller drops).
+    """
+    import onnx
+
+    if copy:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    else:
+        m = model
+    present = sorted({n.op_type for n in m.graph.node} & _QDQ_OPS)
+    if present:
+        raise ModelError(f"the model already contains quantized ops ({', '.join(present)}); quantpipe quantizes "
+                         f"FP32 models. Pass the original FP32 export.")
+    name_nodes(m.graph)
+    opset_before = _opset(m)
+    m, opset_after, per_channel, warnings = _prepare_opset(m, options.per_channel)
+    name_nodes(m.graph)
+    g = _Graph(m.graph)
+    amax_all = dict(amax)
+    stats = dict(options.channel_stats or {})
+    smoothed: list[str] = []
+    if stats and options.smooth_alpha:
+        smoothed = _smooth(m, g, options, stats, amax_all, _sentinel_tensors(g))
+        if smoothed:
+            g = _Graph(m.graph)
+    plan = _plan_qdq(g, amax_all, options, per_channel)
+    corrected: list[str] = []
+    if stats and options.bias_correction:
+        corrected = _bias_correct(m, g, plan, options, stats)
+        if corrected:
+            g = _Graph(m.graph)
+    _apply_plan(m, g, plan, options)
+    skipped_amax = [f for f in plan.floats if f.op_type in QUANTIZABLE_OPS | {"Add"} and "amax" in f.reason]
+    if skipped_amax:
+        warnings.append(f"{len(skipped_amax)} quantizable node(s) left float for want of a usable amax, e.g. "
+                        f"{skipped_amax[0].name}: {skipped_amax[0].reason}")
+    sentinel = [f for f in plan.floats if "sentinel" in f.reason]
+    if sentinel:
+        warnings.append(f"{len(sentinel)} node(s) left float because their input carries a sentinel (mask) constant")
+    report = QuantizeReport(
+        model_path=None, output_path=None, opset_before=opset_before, opset_after=opset_after,
+        per_channel=per_channel, quantized_nodes=tuple(plan.quantized), kept_float=tuple(plan.floats),
+        num_quantizable=plan.eligible, warnings=tuple(warnings), smoothed_tensors=tuple(smoothed),
+        bias_corrected=tuple(corrected),
+    )
+    return m, report
+
+
+def write_qdq_model(
+    model_path: str | os.PathLike[str],
+    amax: Mapping[str, float],
+    out_path: str | os.PathLike[str],
+    *,
+    per_channel: bool = True,
+    keep_float_nodes: Collection[str] = (),
+    keep_float_ops: Collection[str] = DEFAULT_FLOAT_OPS,
+    quantize_residual_add: bool = True,
+    weight_amax_override: Mapping[str, float | Sequence[float]] | None = None,
+    quantize_activation_matmul: bool = True,
+    calibration_data: Any | None = None,
+    channel_stats: Mapping[str, ChannelStats] | None = None,
+    smooth_alpha: float | None = 0.7,
+    bias_correction: bool = True,
+    batch_size: int = 8,
+) -> QuantizeReport:
+    """Write the explicit-quantization (Q/DQ) INT8 model of an FP32 ONNX model, checked, atomically.
+
+    Args:
+        model_path: FP32 ONNX model (external data beside it is loaded).
+        amax: calibrated amax per activation / graph input (original tensor names).
+        out_path: where to write the Q/DQ model (external data `<name>.data` when > ~1.8 GB).
+        per_channel: per-output-channel weight scales (opset >= 13; older models are upgraded).
+        keep_float_nodes: node names left unquantized (the fallback's keep-list).
+        keep_float_ops: op types left unquantized.
+        quantize_residual_add: Q/DQ on the skip input of Conv + skip Adds (TensorRT fusion).
+        weight_amax_override: weight name -> amax instead of max |w|.
+        quantize_activation_matmul: quantize attention's activation x activation MatMuls.
+        calibration_data: the calibration `Dataset`; with it, per-channel statistics are collected (one FP32
+            pass) for smoothing and bias correction. Without it (and without `channel_stats`) neither runs.
+        channel_stats: precomputed `collect_channel_stats` result (skips the pass over `calibration_data`).
+        smooth_alpha: SmoothQuant strength for MatMul / Gemm inputs with outlier channels (None: off).
+        bias_correction: correct biases for the mean error of the quantized weights.
+        batch_size: batch size of the statistics pass.
+
+    Raises:
+        ModelError: unreadable or already quantized model. BuildError: the result fails the checker.
+    """
+    options = QuantizeOptions(
+        per_channel=per_channel, keep_float_nodes=frozenset(keep_float_nodes), keep_float_ops=frozenset(keep_float_ops),
+        quantize_residual_add=quantize_residual_add, weight_amax_override=weight_amax_override,
+        quantize_activation_matmul=quantize_activation_matmul, smooth_alpha=smooth_alpha,
+        bias_correction=bias_correction,
+    )
+    if channel_stats is None and calibration_data is not None and (smooth_alpha or bias_correction):
+        channel_stats = collect_channel_stats(load_onnx(model_path), calibration_data, batch_size=batch_size)
+    if channel_stats is not None:
+        options = dataclasses.replace(options, channel_stats=channel_stats)
+    return quantize_model(model_path, amax, out_path, options)
+
+
+def quantize_model(model_path: str | os.PathLike[str], amax: Mapping[str, float], out_path: str | os.PathLike[str],
+                   options: QuantizeOptions = QuantizeOptions()) -> QuantizeReport:
+    """`quantpipe quantize`'s entry point: FP32 model + amax -> checked Q/DQ model on disk, and its report."""
+    src = load_onnx(model_path)
+    qdq, report = build_qdq_model(src, amax, options)
+    warnings = save_onnx(qdq, out_path, reference=src)
+    for w in report.warnings + tuple(warnings):
+        log.warning("%s", w)
+    return dataclasses.replace(report, model_path=os.fspath(model_path), output_path=os.fspath(out_path),
+                               warnings=report.warnings + tuple(warnings))
+
+
+# --------------------------------------------------------------------------- FP16
+
+
+#: Inputs that must stay float32 whatever the op's precision (their type is fixed by the op schema).
+_FP32_ONLY_INPUTS: dict[str, tuple[int, ...]] = {"Resize": (2,), "Upsample": (1,)}
+
+
+def _tensor_types(model: Any) -> dict[str, int]:
+    """Element type of every tensor the graph names, from ONNX type inference (0 where unknown)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    except Exception as err:  # inference can fail on exotic ops; the declared types still help
+        log.debug("type inference failed (%s); using declared types only", err)
+        inferred = model
+    types: dict[str, int] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    for n in g.node:
+        if n.op_type == "Constant" and n.output:
+            v = _constant_node_value(n)
+            if v is not None:
+                types[n.output[0]] = _FLOAT if v.dtype == np.float32 else types.get(n.output[0], -1)
+    return types
+
+
+def _to_fp16(arr: np.ndarray, name: str, out_of_range: list[OutOfRangeValue]) -> tuple[np.ndarray, int]:
+    """FP32 -> FP16, clamping |x| > 65504 to +-65504 (reported); returns (array, values that underflow to 0)."""
+    finite = np.isfinite(arr)
+    big = finite & (np.abs(arr) > FP16_MAX)
+    if np.any(big):
+        out_of_range.append(OutOfRangeValue(name, float(np.max(np.abs(arr[big]))), int(np.sum(big)),
+                                            "clamped to +-65504 in the FP16 model"))
+    tiny = int(np.sum((arr != 0) & (np.abs(arr) < 2.0**-24) & finite))
+    return np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16), tiny
+
+
+def build_fp16_model(
+    model: Any,
+    *,
+    keep_io_types: bool = True,
+    keep_fp32_ops: Collection[str] = DEFAULT_FP16_BLOCKLIST,
+    keep_fp32_nodes: Collection[str] = (),
+    keep_decomposed_layernorm: bool = True,
+    amax: Mapping[str, float] | None = None,
+) -> tuple[Any, Fp16Report]:
+    """Return the FP16 version of an FP32 ModelProto (a copy) and its report.
+
+    Every node runs in FP16 except the kept ones, which keep FP32 inputs and outputs; Casts are
+    inserted wherever a tensor crosses between the two, and at the graph boundary when
+    `keep_io_types`. Float constants are converted (|x| > 65504 clamped and reported); a constant read
+    only by FP32 nodes stays FP32. Nodes with subgraphs and non-ONNX domains stay FP32 (their FP16
+    support cannot be checked here).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    name_nodes(m.graph)
+    graph = m.graph
+    types = _tensor_types(m)
+    g = _Graph(graph)
+    names = _Names(graph)
+    ln_nodes = _decomposed_layernorm_nodes(g) if keep_decomposed_layernorm else set()
+    warnings: list[str] = []
+    kept: list[FloatNode] = []
+    fp32_nodes: set[str] = set()
+    for node in graph.node:
+        reason = ""
+        if node.op_type in keep_fp32_ops:
+            reason = f"op type {node.op_type} kept in FP32"
+        elif node.name in keep_fp32_nodes:
+            reason = "kept in FP32 on request"
+        elif node.name in ln_nodes:
+            reason = "part of a decomposed LayerNorm (Pow / mean of squares overflow FP16)"
+        elif node.domain not in ("", "ai.onnx"):
+            reason = f"custom domain '{node.domain}' (FP16 support unknown)"
+        elif any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            reason = "has a subgraph"
+        if reason:
+            fp32_nodes.add(node.name)
+            if any(types.get(t) == _FLOAT for t in list(node.input) + list(node.output)):
+                kept.append(FloatNode(node.name, node.op_type, reason))
+
+    # A float Constant read by an FP32 node stays FP32 (FP16 readers get a Cast): converting it would
+    # round or clamp a value the FP32 node was kept in FP32 to see exactly (Resize scales, masks).
+    for node in graph.node:
+        if node.op_type == "Constant" and node.name not in fp32_nodes and node.output:
+            readers = g.consumers.get(node.output[0], [])
+            if any(r.name in fp32_nodes or j in _FP32_ONLY_INPUTS.get(r.op_type, ()) for r, j in readers) \
+                    or node.output[0] in g.output_names:
+                fp32_nodes.add(node.name)
+
+    unknown = sorted({t for n in graph.node for t in list(n.input) + list(n.output) if t and t not in types})
+    if unknown:
+        warnings.append(f"type inference left {len(unknown)} tensor(s) untyped (e.g. '{unknown[0]}'); they are "
+                        f"treated as non-float")
+
+    out_of_range: list[OutOfRangeValue] = []
+    underflow = 0
+    # Float constants: converted where an FP16 node reads them; an FP32 reader keeps (or gets) an FP32 copy.
+    cur: dict[str, int] = dict(types)  # current element type of each tensor as we rewrite
+    init_fp16: dict[str, str] = {}
+    new_inits: list[Any] = []
+    fp32_only_reads: set[str] = set()
+    for node in graph.node:
+        for i in _FP32_ONLY_INPUTS.get(node.op_type, ()):
+            if i < len(node.input):
+                fp32_only_reads.add(node.input[i])
+    for t in list(graph.initializer):
+        if t.data_type != _FLOAT or t.name in g.input_names:
+            continue
+        readers = g.consumers.get(t.name, [])
+        fp16_readers = [n for n, j in readers if n.name not in fp32_nodes
+                        and j not in _FP32_ONLY_INPUTS.get(n.op_type, ())]
+        arr = numpy_helper.to_array(t)
+        if not fp16_readers:
+            if np.any(np.isfinite(arr) & (np.abs(arr) > FP16_MAX)):
+                out_of_range.append(OutOfRangeValue(t.name, float(np.max(np.abs(arr[np.isfinite(arr)]))),
+                                                    int(np.sum(np.abs(arr) > FP16_MAX)), "kept in FP32 (read only by FP32 nodes)"))
+            continue
+        half, tiny = _to_fp16(arr, t.name, out_of_range)
+        underflow += tiny
+        fp32_readers = len(readers) > len(fp16_readers) or t.name in g.output_names or t.name in g.subgraph_refs
+        if fp32_readers:
+            name16 = names.fresh(f"{t.name}_fp16")
+            new_inits.append(numpy_helper.from_array(half, name16))
+            init_fp16[t.name] = name16
+        else:
+            t.CopyFrom(numpy_helper.from_array(half, t.name))
+            cur[t.name] = _FLOAT16
+    graph.initializer.extend(new_inits)
+    for name, n16 in init_fp16.items():
+        cur[n16] = _FLOAT16
+        cur[name] = _FLOAT
+
+    casts: dict[tuple[str, int], str] = {}
+    new_nodes: list[Any] = []
+    num_fp16 = 0
+
+    def cast_to(src: str, to: int) -> str:
+        key = (src, to)
+        if key not in casts:
+            out = names.fresh(f"{src}_to_{'fp16' if to == _FLOAT16 else 'fp32'}")
+            new_nodes.append(helper.make_node("Cast", [src], [out], to=to, name=names.fresh(f"{out}_Cast")))
+            casts[key] = out
+            cur[out] = to
+        return casts[key]
+
+    # Graph inputs: with keep_io_types they stay FP32 and readers get Casts; otherwise they become FP16.
+    if not keep_io_types:
+        for vi in graph.input:
+            if vi.type.tensor_type.elem_type == _FLOAT and vi.name not in g.initializers:
+                vi.type.tensor_type.elem_type = _FLOAT16
+                cur[vi.name] = _FLOAT16
+
+    for node in list(graph.node):
+        is16 = node.name not in fp32_nodes
+        want = _FLOAT16 if is16 else _FLOAT
+        for j, t in enumerate(node.input):
+            if not t:
+                continue
+            if is16 and t in init_fp16 and j not in _FP32_ONLY_INPUTS.get(node.op_type, ()):
+                node.input[j] = init_fp16[t]
+                continue
+            have = cur.get(t)
+            if have not in (_FLOAT, _FLOAT16):
+                continue
+            need = _FLOAT if j in _FP32_ONLY_INPUTS.get(node.op_type, ()) else want
+            if have != need:
+                node.input[j] = cast_to(t, need)
+        if is16:
+            num_fp16 += 1
+            if node.op_type == "Constant":
+                val = _constant_node_value(node)
+                if val is not None and val.dtype == np.float32:
+                    # value / value_float / value_floats all become one FP16 `value` tensor.
+                    half, tiny = _to_fp16(val, node.output[0], out_of_range)
+                    underflow += tiny
+                    del node.attribute[:]
+                    node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(half)))
+                    cur[node.output[0]] = _FLOAT16
+                new_nodes.append(node)
+                continue
+            if node.op_type == "Cast" and _attr(node, "to", 0) == _FLOAT:
+                for a in node.attribute:
+                    if a.name == "to":
+                        a.i = _FLOAT16
+            if node.op_type == "ConstantOfShape":
+                for a in node.attribute:
+                    if a.name == "value" and a.t.data_type == _FLOAT:
+                        half, _ = _to_fp16(numpy_helper.to_array(a.t), node.output[0], out_of_range)
+                        a.t.CopyFrom(numpy_helper.from_array(half, a.t.name))
+            for o in node.output:
+                if cur.get(o) == _FLOAT:
+                    cur[o] = _FLOAT16
+        new_nodes.append(node)
+
+    # Graph outputs: a Cast under the output's own name where the producer's precision is not the I/O one
+    # (FP16 producers with keep_io_types, FP32-kept producers without it).
+    io_type = _FLOAT if keep_io_types else _FLOAT16
+    for vi in graph.output:
+        t = vi.name
+        have = cur.get(t)
+        if have not in (_FLOAT, _FLOAT16) or t in g.input_names:
+            continue
+        vi.type.tensor_type.elem_type = io_type
+        if have == io_type:
+            continue
+        inner = names.fresh(f"{t}_{'fp16' if have == _FLOAT16 else 'fp32'}")
+        for n in new_nodes:
+            for k, o in enumerate(n.output):
+                if o == t:
+                    n.output[k] = inner
+            for k, i in enumerate(n.input):
+                if i == t:
+                    n.input[k] = inner
+        new_nodes.append(helper.make_node("Cast", [inner], [t], to=io_type, name=names.fresh(f"{t}_Cast_io")))
+        casts[(inner, io_type)] = t
+
+    del graph.node[:]
+    graph.node.extend(_topological(new_nodes, graph))
+    # Inferred value_info of converted tensors would now state the wrong type; ORT re-infers it.
+    del graph.value_info[:]
+
+    overflow: list[tuple[str, float]] = []
+    if amax:
+        overflow = sorted(((k, float(v)) for k, v in amax.items() if np.isfinite(v) and abs(float(v)) > FP16_MAX),
+                          key=lambda kv: -kv[1])
+        if overflow:
+            warnings.append(f"{len(overflow)} activation(s) have a calibrated amax above 65504 and overflow in FP16, "
+                            f"e.g. '{overflow[0][0]}' ({overflow[0][1]:.3g}): keep their producers in FP32")
+    if out_of_range:
+        warnings.append(f"{len(out_of_range)} constant(s) hold values beyond FP16's range, e.g. "
+                        f"'{out_of_range[0].tensor}' (max |x| {out_of_range[0].max_abs:.3g}): "
+                        f"{out_of_range[0].action}")
+    report = Fp16Report(
+        model_path=None, output_path=None, io_kept_fp32=keep_io_types, num_fp16_nodes=num_fp16,
+        kept_fp32=tuple(kept), out_of_range=tuple(out_of_range), activation_overflow=tuple(overflow),
+        underflow_values=underflow, num_casts=len(casts), warnings=tuple(warnings),
+    )
+    return m, report
+
+
+def _topological(nodes: Sequence[Any], graph: Any) -> list[Any]:
+    """Order nodes so every input is produced before it is read (stable: original order where possible)."""
+    produced_by = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    deps: list[set[int]] = []
+    for n in nodes:
+        reads = set(n.input) | _node_subgraph_reads(n)
+        deps.append({produced_by[t] for t in reads if t and t in produced_by and t not in available})
+    order: list[Any] = []
+    done: set[int] = set()
+    pending = list(range(len(nodes)))
+    while pending:
+        rest = []
+        progressed = False
+        for i in pending:
+            if deps[i] <= done:
+                order.append(nodes[i])
+                done.add(i)
+                progressed = True
+            else:
+                rest.append(i)
+        if not progressed:
+            raise BuildError("the converted graph has a cycle; this is a quantpipe bug, please report it")
+        pending = rest
+    return order
+
+
+def _node_subgraph_reads(node: Any) -> set[str]:
+    from onnx import AttributeProto
+
+    out: set[str] = set()
+    for a in node.attribute:
+        subs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else []
+        for s in subs:
+            out |= {i for n in s.node for i in n.input if i}
+    return out
+
+
+def write_fp16_model(
+    model_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    keep_io_types: bool = True,
+    keep_fp32_ops: Collection[str] = DEFAULT_FP16_BLOCKLIST,
+    keep_fp32_nodes: Collection[str] = (),
+    amax: Mapping[str, float] | None = None,
+) -> Fp16Report:
+    """Write the FP16 version of an FP32 ONNX model, checked, atomically.
+
+    Args:
+        model_path: FP32 ONNX model.
+        out_path: destination.
+        keep_io_types: keep graph inputs / outputs FP32 (Casts at the boundary).
+        keep_fp32_ops: op types kept in FP32.
+        keep_fp32_nodes: node names kept in FP32.
+        amax: optional calibrated amax per tensor, to report activations that overflow FP16.
+    """
+    src = load_onnx(model_path)
+    fp16, report = build_fp16_model(src, keep_io_types=keep_io_types, keep_fp32_ops=frozenset(keep_fp32_ops),
+                                    keep_fp32_nodes=frozenset(keep_fp32_nodes), amax=amax)
+    warnings = save_onnx(fp16, out_path, reference=src)
+    for w in report.warnings + tuple(warnings):
+        log.warning("%s", w)
+    return dataclasses.replace(report, model_path=os.fspath(model_path), output_path=os.fspath(out_path),
+                               warnings=report.warnings + tuple(warnings))

@@ -1,0 +1,140 @@
+"""The FP16 model writer: runs in onnxruntime, stays close to FP32, reports what FP16 cannot hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from quantpipe import quantize as Q
+
+RNG = np.random.default_rng(1)
+
+
+def _init(name: str, arr) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
+
+
+def _model() -> onnx.ModelProto:
+    """Conv -> Clip -> Resize -> Flatten -> LayerNorm -> MatMul -> masked Add -> Softmax, + a decomposed LayerNorm."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="clip"),
+        helper.make_node("Resize", ["r", "", "scales"], ["up"], name="resize", mode="linear"),
+        helper.make_node("Flatten", ["up"], ["flat"], name="flatten"),
+        helper.make_node("LayerNormalization", ["flat", "g", "beta"], ["ln"], name="ln"),
+        helper.make_node("MatMul", ["ln", "wm"], ["s"], name="mm"),
+        helper.make_node("Constant", [], ["neg"], name="neg_const", value_float=float(np.finfo(np.float32).min)),
+        helper.make_node("Where", ["keep", "zero", "neg"], ["maskadd"], name="where"),
+        helper.make_node("Add", ["s", "maskadd"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["p"], name="softmax"),
+        # decomposed LayerNorm on s: (s - mean) / sqrt(mean((s - mean)^2) + eps)
+        helper.make_node("ReduceMean", ["s"], ["mu"], name="rm1", axes=[-1]),
+        helper.make_node("Sub", ["s", "mu"], ["d"], name="sub"),
+        helper.make_node("Pow", ["d", "two"], ["sq"], name="pow"),
+        helper.make_node("ReduceMean", ["sq"], ["var"], name="rm2", axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="add_eps"),
+        helper.make_node("Sqrt", ["ve"], ["std"], name="sqrt"),
+        helper.make_node("Div", ["d", "std"], ["norm"], name="div"),
+    ]
+    inits = [
+        _init("w", RNG.normal(size=(4, 3, 3, 3))), _init("b", RNG.normal(size=4)), _init("lo", 0.0), _init("hi", 6.0),
+        _init("scales", [1, 1, 2, 2]), _init("g", np.ones(4 * 8 * 8)), _init("beta", np.zeros(4 * 8 * 8)),
+        _init("wm", RNG.normal(size=(256, 6)) * 0.1), _init("zero", 0.0), _init("two", 2.0), _init("eps", 1e-5),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 4, 4]),
+         helper.make_tensor_value_info("keep", TensorProto.BOOL, [None, 6])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [None, 6]),
+         helper.make_tensor_value_info("norm", TensorProto.FLOAT, [None, 6])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _feeds(n: int = 3) -> dict[str, np.ndarray]:
+    keep = np.ones((n, 6), dtype=bool)
+    keep[:, -1] = False
+    return {"x": RNG.normal(size=(n, 3, 4, 4)).astype(np.float32), "keep": keep}
+
+
+def _run(model: onnx.ModelProto, feeds) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def test_fp16_model_runs_and_is_close_to_fp32(tmp_path):
+    model = _model()
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    out = tmp_path / "m.fp16.onnx"
+    rep = Q.write_fp16_model(src, out)
+    m16 = onnx.load(out)
+    onnx.checker.check_model(m16, full_check=True)
+    # I/O stays FP32; the weights are FP16.
+    assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in m16.graph.output)
+    assert m16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    inits = {t.name: t.data_type for t in m16.graph.initializer}
+    assert inits["w"] == TensorProto.FLOAT16 and inits["wm"] == TensorProto.FLOAT16
+    assert rep.num_fp16_nodes == 9 and rep.num_casts >= 3  # 17 nodes - Resize - 7 of the decomposed LayerNorm
+    feeds = _feeds()
+    ref = _run(model, feeds)
+    got = _run(m16, feeds)
+    for r, g in zip(ref, got, strict=True):
+        assert g.dtype == np.float32
+        assert np.allclose(g, r, atol=2e-2, rtol=2e-2)
+    assert np.all(got[0][:, -1] == 0.0)  # the clamped mask still masks
+
+
+def test_out_of_range_constant_is_reported_and_clamped():
+    model = _model()
+    m16, rep = Q.build_fp16_model(model)
+    hit = {o.tensor: o for o in rep.out_of_range}
+    assert "neg" in hit and hit["neg"].max_abs > 3e38 and "clamped" in hit["neg"].action
+    const = next(n for n in m16.graph.node if n.name == "neg_const")
+    val = numpy_helper.to_array(const.attribute[0].t)
+    assert val.dtype == np.float16 and float(val) == -65504.0
+    assert any("beyond FP16" in w for w in rep.warnings)
+
+
+def test_kept_ops_and_decomposed_layernorm_stay_fp32():
+    model = _model()
+    m16, rep = Q.build_fp16_model(model, keep_fp32_ops=Q.DEFAULT_FP16_BLOCKLIST | {"Softmax"})
+    kept = {k.name: k.reason for k in rep.kept_fp32}
+    assert {"resize", "softmax", "pow", "rm2", "sqrt", "div"} <= set(kept)
+    assert "decomposed LayerNorm" in kept["rm2"] and "conv" not in kept
+    producers = {o: n for n in m16.graph.node for o in n.output}
+    # Every float input of a kept node arrives as FP32: through a Cast to FLOAT, or from an FP32 producer.
+    softmax = next(n for n in m16.graph.node if n.name == "softmax")
+    cast = producers[softmax.input[0]]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT
+    resize = next(n for n in m16.graph.node if n.name == "resize")
+    assert {t.name: t.data_type for t in m16.graph.initializer}[resize.input[2]] == TensorProto.FLOAT
+    _run(m16, _feeds())
+
+
+def test_io_types_converted_when_asked():
+    model = _model()
+    m16, rep = Q.build_fp16_model(model, keep_io_types=False)
+    assert m16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in m16.graph.output)
+    feeds = _feeds()
+    feeds["x"] = feeds["x"].astype(np.float16)
+    got = _run(m16, feeds)
+    assert got[0].dtype == np.float16 and not rep.io_kept_fp32
+
+
+def test_activation_overflow_reported_from_amax():
+    _, rep = Q.build_fp16_model(_model(), amax={"s": 1e6, "c": 3.0, "masked": float("inf")})
+    assert rep.activation_overflow == (("s", 1e6),)
+    assert any("overflow" in w for w in rep.warnings)
+
+
+def test_keep_fp32_nodes_by_name():
+    _, rep = Q.build_fp16_model(_model(), keep_fp32_nodes={"mm"})
+    assert "mm" in {k.name for k in rep.kept_fp32}
