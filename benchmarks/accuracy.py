@@ -259,7 +259,7 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
         if not args.skip_sensitivity:
             t = time.perf_counter()
             sens = layer_sensitivity(bench.model, str(out), amax[head], evald, output=bench.output,
-                                     one_at_a_time=args.sensitivity_layers, max_samples=64, batch_size=16,
+                                     one_at_a_time=args.sensitivity_layers or True, max_samples=64, batch_size=16,
                                      channel_stats=cstats)
             res["sensitivity_seconds"] = round(time.perf_counter() - t, 1)
             res["sensitivity"] = [dataclasses.asdict(s) for s in sens[: args.top]]
@@ -364,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=None, help="subset of: effnet_lite0 minilm_l6")
     p.add_argument("--skip-fallback", action="store_true")
     p.add_argument("--skip-sensitivity", action="store_true")
-    p.add_argument("--sensitivity-layers", type=int, default=16, help="layers measured one at a time")
-    p.add_argument("--top", type=int, default=8, help="rows of the sensitivity table")
+    p.add_argument("--sensitivity-layers", type=int, default=0,
+                   help="layers measured one at a time (0: all of them)")
+    p.add_argument("--top", type=int, default=10, help="rows of the sensitivity table")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     args = p.parse_args(argv)

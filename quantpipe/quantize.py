@@ -12,6 +12,12 @@ QuantizeLinear/DequantizeLinear pair with one scale per tensor, scale = amax / 1
 Two traps are guarded explicitly: attention masks written as huge constants (`Where(mask, 0,
 -3.4e38)`) never get a Q/DQ and never give a tensor its scale, and models below opset 13 (where
 DequantizeLinear has no `axis`) are upgraded or fall back to per-tensor weights, never written invalid.
+
+With per-channel statistics of the calibration data (`collect_channel_stats`), two exact-in-float
+corrections run before quantizing: SmoothQuant-style smoothing of MatMul/Gemm inputs with outlier
+channels (transformers' LayerNorm and GELU outputs) and bias correction of the quantized weights'
+mean error (depthwise convolutions). On ONNX Runtime CPU run the result with
+`ORT_INT8_SESSION_CONFIG` (see `ort_session` for why).
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ __all__ = [
     "load_onnx",
     "save_onnx",
     "name_nodes",
+    "ChannelStats",
+    "collect_channel_stats",
+    "expose_outputs",
+    "ort_session",
+    "ORT_INT8_SESSION_CONFIG",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,7 +158,7 @@ class QuantizeOptions:
     they enable smoothing and bias correction. None: neither is applied."""
     smooth_alpha: float | None = 0.7
     """SmoothQuant migration strength for MatMul / Gemm inputs with outlier channels (None: off)."""
-    smooth_min_spread: float = 8.0
+    smooth_min_spread: float = 4.0
     """Smooth an activation only when its largest channel range exceeds the median one by this factor."""
     bias_correction: bool = True
     """Fold the mean output error of the quantized weights (E[(Wq - W) x]) into the float bias."""
@@ -661,7 +672,6 @@ def _apply_plan(model: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions) -> tu
     act_dq: dict[tuple[str, float], str] = {}
     w_dq: dict[tuple[str, int | None], str] = {}
     by_name = {n.name: n for n in graph.node}
-    first_use: dict[str, int] = {}
     overrides = opts.weight_amax_override or {}
 
     # Process in node order so every Q/DQ pair is inserted before its first consumer.
@@ -691,24 +701,25 @@ def _apply_plan(model: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions) -> tu
             key_w = (src, axis)
             if key_w not in w_dq:
                 w = g.value(src)
-                assert w is not None  # planned only for constants
-                q, scale = _quantize_weight(w, axis, overrides.get(src))
+                if w is None:  # planned only for constants; a miss is a bug, not a user error
+                    raise BuildError(f"internal error: weight '{src}' of {node_name} has no constant value")
+                q, w_scale = _quantize_weight(w, axis, overrides.get(src))
                 base = src.replace(":", "_")
                 q_name = names.fresh(f"{base}_int8")
                 s_name = names.fresh(f"{base}_scale")
                 z_name = names.fresh(f"{base}_zero_point")
                 dq_out = names.fresh(f"{base}_dequantized")
+                shape = w_scale.shape if axis is not None else ()
                 new_inits.append(numpy_helper.from_array(q, q_name))
-                new_inits.append(numpy_helper.from_array(scale.reshape(scale.shape if axis is not None else ()),
-                                                         s_name))
-                zero = np.zeros(scale.shape if axis is not None else (), dtype=np.int8)
-                new_inits.append(numpy_helper.from_array(zero, z_name))
-                attrs = {"axis": axis} if axis is not None else {}
-                before[node_name].append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],
-                                                          name=names.fresh(f"{base}_DequantizeLinear"), **attrs))
+                new_inits.append(numpy_helper.from_array(w_scale.reshape(shape), s_name))
+                new_inits.append(numpy_helper.from_array(np.zeros(shape, dtype=np.int8), z_name))
+                dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],
+                                      name=names.fresh(f"{base}_DequantizeLinear"))
+                if axis is not None:
+                    dq.attribute.append(helper.make_attribute("axis", axis))
+                before[node_name].append(dq)
                 w_dq[key_w] = dq_out
             node.input[idx] = w_dq[key_w]
-        first_use.setdefault(src, g.position[node_name])
 
     nodes = list(graph.node)
     del graph.node[:]
@@ -878,7 +889,7 @@ def _smooth(m: Any, g: _Graph, opts: QuantizeOptions, stats: dict[str, ChannelSt
     from onnx import helper
 
     alpha = float(opts.smooth_alpha or 0.0)
-    groups: dict[str, list[Any]] = collections.defaultdict(list)
+    groups: dict[str, list[tuple[Any, np.ndarray]]] = collections.defaultdict(list)
     for node in g.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.op_type in opts.keep_float_ops:
             continue
@@ -890,7 +901,7 @@ def _smooth(m: Any, g: _Graph, opts: QuantizeOptions, stats: dict[str, ChannelSt
         val = g.value(w)
         if val is None or val.dtype != np.float32 or val.ndim != 2:
             continue
-        groups[x].append(node)
+        groups[x].append((node, val))
     names = _Names(m.graph)
     new_nodes: dict[str, Any] = {}
     smoothed: list[str] = []
@@ -903,9 +914,7 @@ def _smooth(m: Any, g: _Graph, opts: QuantizeOptions, stats: dict[str, ChannelSt
         if live.size == 0 or float(live.max()) < opts.smooth_min_spread * float(np.median(live)):
             continue
         rows = []
-        for node in consumers:
-            w = g.value(node.input[1])
-            assert w is not None
+        for node, w in consumers:
             trans = node.op_type == "Gemm" and _attr(node, "transB", 0)
             rows.append(np.abs(w).max(axis=0 if trans else 1))
         wmax = np.max(rows, axis=0).astype(np.float64)
@@ -918,9 +927,7 @@ def _smooth(m: Any, g: _Graph, opts: QuantizeOptions, stats: dict[str, ChannelSt
         xs = names.fresh(f"{x}_smoothed")
         mul = helper.make_node("Mul", [x, inv], [xs], name=names.fresh(f"{x}_Smooth"))
         new_nodes[x] = mul
-        for node in consumers:
-            w = g.value(node.input[1])
-            assert w is not None
+        for node, w in consumers:
             trans = node.op_type == "Gemm" and _attr(node, "transB", 0)
             scaled = w.astype(np.float64) * (s[None, :] if trans else s[:, None])
             node.input[1] = _replace_initializer(m.graph, names, f"{node.input[1]}_smoothed", scaled.astype(np.float32))

@@ -6,8 +6,9 @@ Two measurements per quantized node (Conv, Gemm, MatMul, residual Add):
   the evaluation samples with the node outputs exposed. Cheap (two runs) but it grows with depth,
   since every layer inherits its predecessors' error.
 - *one layer at a time*: the model output when only this node's Q/DQ is kept. One in-memory build
-  and one short run per node, so it can be capped (`one_at_a_time=N` measures the N nodes that add the
-  most noise on top of their inputs', read off the accumulated SQNRs).
+  and one short run per node, so it can be capped: `one_at_a_time=N` measures the N nodes with the
+  lowest *local* SQNR (the node's output with only its own inputs quantized, all measured in one run
+  of an instrumented FP32 graph).
 
 `accuracy_fallback` turns this into a decision: it keeps layers in float one at a time, greedily,
 re-evaluating the quantized model on the evaluation set after each choice, until the budget is met,
@@ -171,8 +172,8 @@ def layer_sensitivity(
         eval_dataset: evaluation `Dataset`; the first `max_samples` samples are used.
         output: the model output the one-layer-at-a-time metric scores (default: the first output).
         one_at_a_time: also measure the output with only one layer quantized: True for every layer, an int N
-            for the N layers that add the most noise on top of their inputs' (from the accumulated SQNRs),
-            False for none.
+            for the N layers with the lowest local SQNR (each layer quantized alone, inputs from FP32; one
+            instrumented run), False for none.
         metric: the one-layer-at-a-time output metric (sqnr_db is the most discriminating).
         calibration_data / channel_stats / options: as given to `write_qdq_model` (smoothing and bias correction
             must match the built model, or the single-layer builds differ from it).
@@ -184,7 +185,7 @@ def layer_sensitivity(
     Returns:
         One `LayerSensitivity` per quantized node: sqnr_db is the accumulated SQNR of its output;
         output_metric is the one-layer-at-a-time value (None when not measured). Sorted worst first: measured
-        nodes by output_metric, then the others by the noise they add on top of their inputs'.
+        nodes by output_metric, then the others by their local SQNR.
     """
     opts = _options(per_channel, keep_float_ops, keep_float_nodes, quantize_residual_add, channel_stats, options)
     ctx = _prepare(model_path, amax, eval_dataset, output=output, batch_size=batch_size, max_samples=max_samples,
@@ -199,24 +200,13 @@ def layer_sensitivity(
         nodes = tuple(q for q in nodes if q.name in in_model)
     by_name = {n.name: n for n in ctx.model.graph.node}
     tensors = {q.name: by_name[q.name].output[0] for q in nodes if q.name in by_name}
-    consts = {t.name for t in ctx.model.graph.initializer} | {
-        n.output[0] for n in ctx.model.graph.node if n.op_type == "Constant" and n.output}
-    graph_inputs = {i.name for i in ctx.model.graph.input}
-    acts_in = {q.name: [i for i in q.inputs if i not in consts and i not in graph_inputs] for q in nodes}
-    exposed = set(tensors.values()) | {i for v in acts_in.values() for i in v}
-    sqnr = _accumulated_sqnr(ctx, full, sorted(exposed))
-
-    def added_noise(q: Any) -> float:
-        """Relative noise power the node adds: its output's noise-to-signal minus its worst input's.
-        Accumulated SQNR alone falls with depth; what a layer adds on top of its inputs ranks it."""
-        out_db = sqnr.get(tensors.get(q.name, ""), math.inf)
-        in_db = min((sqnr.get(i, math.inf) for i in acts_in[q.name]), default=math.inf)
-        return _nsr(out_db) - _nsr(in_db)
+    sqnr = _accumulated_sqnr(ctx, full, sorted(set(tensors.values())))
+    local = _local_sqnr(ctx, build_qdq_model(ctx.model, amax, ctx.options)[0], [q.name for q in nodes])
 
     measured: dict[str, float] = {}
     count = len(nodes) if one_at_a_time is True else int(one_at_a_time or 0)
     if count > 0:
-        order = sorted(nodes, key=added_noise, reverse=True)
+        order = sorted(nodes, key=lambda q: local.get(q.name, math.inf))
         for q in order[:count]:
             single, _ = build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({q.name})))
             out = _run(ort_session(single, int8=True), ctx.feeds, ctx.output)
@@ -231,22 +221,78 @@ def layer_sensitivity(
         for q in nodes
     ]
 
-    noise = {q.name: added_noise(q) for q in nodes}
-
     def key(r: LayerSensitivity) -> tuple[int, float]:
         if r.node in measured:
             v = measured[r.node]
             return (0, v if not math.isnan(v) else -math.inf)
-        return (1, -noise.get(r.node, 0.0))
+        return (1, local.get(r.node, math.inf))
 
     return tuple(sorted(rows, key=key))
 
 
-def _nsr(db: float) -> float:
-    """Noise-to-signal power ratio of an SQNR in dB (0 for inf, inf for -inf or NaN)."""
-    if math.isnan(db):
-        return math.inf
-    return 10.0 ** (-db / 10.0) if db < math.inf else 0.0
+def _local_sqnr(ctx: _Context, qdq: Any, names: Sequence[str]) -> dict[str, float]:
+    """SQNR (dB) of each quantized node's output when only its own inputs are quantized, the rest in FP32.
+
+    One run of an instrumented FP32 graph: it also holds the Q/DQ model's quantization nodes (which read
+    the FP32 tensors there) and a copy of every quantized node fed through them. Unlike the accumulated
+    SQNR this does not fall with depth: it is the layer's own error (input rounding times its gain).
+    """
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(ctx.model)
+    g = m.graph
+    have_init = {t.name for t in g.initializer}
+    fp_nodes = {n.name for n in g.node}
+    g.initializer.extend(t for t in qdq.graph.initializer if t.name not in have_init)
+    wanted = set(names)
+    extra, pairs = [], []
+    for n in qdq.graph.node:
+        if n.name not in fp_nodes:  # QuantizeLinear / DequantizeLinear / smoothing Mul / Constant
+            extra.append(n)
+        elif n.name in wanted and n.output:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            copy.name = f"{n.name}__local"
+            del copy.output[:]
+            copy.output.extend(f"{o}__local" if o else "" for o in n.output)
+            extra.append(copy)
+            pairs.append((n.name, n.output[0], f"{n.output[0]}__local"))
+    if not pairs:
+        return {}
+    g.node.extend(extra)
+    sorted_nodes = _toposort(list(g.node), {i.name for i in g.input} | {t.name for t in g.initializer})
+    del g.node[:]
+    g.node.extend(sorted_nodes)
+    outs = [t for _, a, b in pairs for t in (a, b)]
+    sess = ort_session(expose_outputs(m, outs), optimize=False)
+    sig = {name: 0.0 for name, _, _ in pairs}
+    noise = dict(sig)
+    for f in ctx.feeds:
+        res = dict(zip(outs, sess.run(outs, dict(f)), strict=True))
+        for name, a, b in pairs:
+            x = np.asarray(res[a], dtype=np.float64)
+            sig[name] += float(np.sum(x**2))
+            noise[name] += float(np.sum((np.asarray(res[b], dtype=np.float64) - x) ** 2))
+    return {k: (math.inf if noise[k] == 0 else -math.inf if sig[k] == 0 else 10.0 * math.log10(sig[k] / noise[k]))
+            for k in sig}
+
+
+def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
+    """Nodes ordered so that every input is produced first (stable where the order is already valid)."""
+    done = set(available) | {""}
+    out: list[Any] = []
+    pending = nodes
+    while pending:
+        rest = [n for n in pending if not all(i in done for i in n.input)]
+        ready = [n for n in pending if all(i in done for i in n.input)]
+        if not ready:
+            raise EvaluationError("could not order the instrumented sensitivity graph (a cycle or a missing input)")
+        for n in ready:
+            out.append(n)
+            done.update(n.output)
+        pending = rest
+    return out
 
 
 def _accumulated_sqnr(ctx: _Context, qdq: Any, tensors: Sequence[str]) -> dict[str, float]:
@@ -284,8 +330,8 @@ class _Eval:
     sqnr: float
     """Output SQNR (dB) against FP32: the model's overall fidelity."""
     margin: float
-    """For top-1 metrics, how far the flipped samples are from agreeing again (sum of negative top-1 margins in
-    units of the reference logit spread; 0 when all agree); otherwise equal to `sqnr`."""
+    """Tie-break, higher is better. For top-1 metrics, how far the flipped samples are from agreeing again
+    (sum of negative top-1 margins in units of the reference logit spread; 0 when all agree); otherwise `sqnr`."""
 
 
 def _measure(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> _Eval:
@@ -324,10 +370,8 @@ def accuracy_fallback(
     channel_stats: Mapping[str, ChannelStats] | None = None,
     options: QuantizeOptions | None = None,
     sensitivity: Sequence[LayerSensitivity] | None = None,
-    search: Literal["fidelity", "metric"] = "fidelity",
-    candidates_per_step: int = 4,
+    candidates_per_step: int = 8,
     max_evaluations: int = 400,
-    leave_one_out_limit: int = 160,
     ranking_samples: int = 32,
     on_step: Callable[[str, float], None] | None = None,
 ) -> tuple[QuantizeReport, FallbackReport]:
@@ -344,15 +388,11 @@ def accuracy_fallback(
             Q/DQ and computes in FP32 either way.
         max_layers: keep at most this many layers in float (None: no limit).
         out_path: write the final Q/DQ model here (checked, atomically); None: only report.
-        sensitivity: a precomputed ranking (worst first). Default: with at most `leave_one_out_limit` quantized
-            layers, each layer is kept alone in float and the budget metric measured (one evaluation per layer);
-            above it, one-layer-at-a-time output SQNR on `ranking_samples` samples.
-        search: how a step picks the layer to keep in float. "fidelity": the one that most raises the output
-            SQNR against FP32, which helps every sample and does not chase the few samples a small evaluation set
-            happens to flip; "metric": the one that most raises the budget metric (ties: the flipped samples'
-            margins). Either way the budget metric decides when to stop, and a final pass drops every kept layer
-            the budget does not need.
-        candidates_per_step: how many of the next-ranked layers are tried at each step (the best one is kept).
+        sensitivity: a precomputed ranking (worst first); default: one-layer-at-a-time output SQNR measured here
+            on `ranking_samples` samples.
+        candidates_per_step: how many of the next-ranked layers are tried at each step; the one that raises the
+            budget metric most is kept (ties: the one that brings the flipped samples' top-1 margins closest to
+            agreeing; for cosine, the output SQNR).
         max_evaluations: cap on model builds + evaluation runs (the search stops there and reports met=False).
         ranking_samples: samples used to rank the layers one at a time (when `sensitivity` is not given).
         on_step: progress callback (layer name, metric after keeping it).
@@ -388,9 +428,7 @@ def accuracy_fallback(
     def met(e: _Eval) -> bool:
         return e.value <= target if lower_is_better else e.value >= target
 
-    def rank(e: _Eval) -> tuple[float, ...]:
-        if search == "fidelity":
-            return (e.sqnr,)
+    def rank(e: _Eval) -> tuple[float, float]:
         return (-e.value if lower_is_better else e.value, e.margin)
 
     initial = evaluate(frozenset())
@@ -402,13 +440,7 @@ def accuracy_fallback(
     exhausted = False
     if not met(initial):
         try:
-            if sensitivity is None and len(quantized) <= leave_one_out_limit:
-                # What keeping each layer alone in float buys on the real metric: the ranking the search needs
-                # (and its first step's evaluations, which the cache then reuses).
-                gains = [(evaluate(frozenset({c})), c) for c in quantized]
-                ranking = [c for _, c in sorted(gains, key=lambda t: rank(t[0]), reverse=True)]
-            else:
-                ranking = _ranking(ctx, amax, quantized, sensitivity, ranking_samples)
+            ranking = _ranking(ctx, amax, quantized, sensitivity, ranking_samples)
             remaining = [n for n in ranking if n in ops]
             limit = max_layers if max_layers is not None else len(remaining)
             while not met(current) and remaining and len(keep) < limit:

@@ -127,3 +127,14 @@ def test_sensitivity_of_a_fallback_model_lists_only_its_quantized_layers(setup, 
     Q.write_qdq_model(model_path, amax, int8, keep_float_nodes={"fc2"})
     rows = layer_sensitivity(model_path, int8, amax, ds, output="logits", one_at_a_time=False)
     assert {r.node for r in rows} == {"fc1", "fc3"} and all(r.output_metric is None for r in rows)
+
+
+def test_sensitivity_with_smoothed_inputs(setup):
+    _, model_path, ds, amax = setup
+    # Statistics with one outlier channel make the quantizer smooth fc2's input (a Mul the FP32 model lacks).
+    absmax = np.ones(32)
+    absmax[0] = 50.0
+    stats = {"r1": Q.ChannelStats("r1", -1, absmax, np.zeros(32), N)}
+    rows = layer_sensitivity(model_path, None, amax, ds, output="logits", one_at_a_time=1, channel_stats=stats)
+    assert {r.node for r in rows} == {"fc1", "fc2", "fc3"}
+    assert all(r.sqnr_db is not None for r in rows)
