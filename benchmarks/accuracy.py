@@ -164,10 +164,17 @@ def _ort_baseline(bench: Bench, tmp: Path) -> Path:
 
     pre = tmp / f"{bench.key}.pre.onnx"
     out = tmp / f"{bench.key}.ort_int8.onnx"
+    # quant_pre_process leaves its scratch files (sym_shape_infer_temp.onnx, <uuid>.data) in the working
+    # directory when symbolic shape inference fails: run it from the temporary folder.
+    cwd = os.getcwd()
+    os.chdir(tmp)
     try:
-        quant_pre_process(str(bench.model), str(pre))
-    except Exception:  # symbolic shape inference gives up on the exported BERT graph; ONNX inference suffices
-        quant_pre_process(str(bench.model), str(pre), skip_symbolic_shape=True)
+        try:
+            quant_pre_process(str(bench.model), str(pre))
+        except Exception:  # symbolic shape inference gives up on the exported BERT graph; ONNX inference suffices
+            quant_pre_process(str(bench.model), str(pre), skip_symbolic_shape=True)
+    finally:
+        os.chdir(cwd)
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
