@@ -266,7 +266,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         amax = calibrate_in_memory(spec.path, ds, method=args.method, batch_size=args.batch_size,
                                    percentile=args.percentile, device=args.device,
                                    on_batch=lambda done, total: advance(done))
-    rep = Q.write_qdq_model(spec.path, amax, args.out, per_channel=not args.per_tensor)
+    rep = Q.write_qdq_model(spec.path, amax, args.out, per_channel=not args.per_tensor, calibration_data=ds,
+                            batch_size=args.batch_size)
     _console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
     for w in getattr(rep, "warnings", ()) or ():
         log.warning("%s", w)

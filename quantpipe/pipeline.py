@@ -302,12 +302,13 @@ def _build_ort(
                     li.spec.path, amax, li.eval, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
                     per_channel=q.per_channel, keep_float_ops=keep_ops, keep_float_nodes=q.keep_float_nodes,
-                    quantize_residual_add=q.quantize_residual_add,
+                    quantize_residual_add=q.quantize_residual_add, calibration_data=li.calib,
                 )
             else:
                 Q.write_qdq_model(
                     li.spec.path, amax, out, per_channel=q.per_channel, keep_float_nodes=q.keep_float_nodes,
                     keep_float_ops=keep_ops, quantize_residual_add=q.quantize_residual_add,
+                    calibration_data=li.calib, batch_size=cfg.data.batch_size,
                 )
             built["int8"] = out
             advance(1)
@@ -493,7 +494,7 @@ def stage_sensitivity(
             li.spec.path, int8.artifact or "", amax, li.eval, output=li.output, max_samples=s.max_samples,
             one_at_a_time=s.one_at_a_time, batch_size=cfg.data.batch_size, per_channel=q.per_channel,
             keep_float_ops=q.keep_float_ops if q.keep_float_ops is not None else Q.DEFAULT_FLOAT_OPS,
-            quantize_residual_add=q.quantize_residual_add,
+            quantize_residual_add=q.quantize_residual_add, calibration_data=li.calib,
         )
     return tuple(rows)
 
