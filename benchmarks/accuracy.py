@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import json
 import os
 import platform
 import re
@@ -316,8 +317,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             verdict = "met" if fb["met"] else "NOT met"
             lines += ["", f"Fallback, budget {fb['metric']} >= {fb['target']}: **{verdict}**, {fb['initial']:.4f} -> "
                       f"{fb['final']:.4f}, keeping {len(fb['steps'])} of {fb['num_quantizable']} quantizable layers "
-                      f"({100 * len(fb['steps']) / max(fb['num_quantizable'], 1):.0f}%) in float (FP16 on TensorRT, FP32 "
-                      f"in this ONNX Runtime model), {fb['seconds']} s:", ""]
+                      f"({100 * len(fb['steps']) / max(fb['num_quantizable'], 1):.1f}%) in float (FP16 on TensorRT, FP32 "
+                      f"in this ONNX Runtime model), {fb['seconds']} s" + (":" if fb["steps"] else "."), ""]
             if fb["steps"]:
                 lines += ["| kept in float | op | metric before | after |", "|---|---|---:|---:|"]
                 lines += [f"| {s['node']} | {s['op_type']} | {s['metric_before']:.4f} | {s['metric_after']:.4f} |"
@@ -376,9 +377,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=10, help="rows of the sensitivity table")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
+    p.add_argument("--render", metavar="JSON", help="re-render the block from an accuracy_results.json (no runs)")
     args = p.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        section = render(results, args)
+        if args.no_write:
+            print(section)
+        else:
+            write_section(Path(args.results), section)
+        return 0
 
-    root = Path(args.bench)
+    root = Path(args.bench).resolve()  # absolute: the onnxruntime baseline runs from a temporary folder
     benches = [b for b in _benches(root) if args.models is None or b.key in args.models]
     missing = [str(b.model) for b in benches if not b.model.is_file()]
     if missing:

@@ -370,7 +370,7 @@ def accuracy_fallback(
     channel_stats: Mapping[str, ChannelStats] | None = None,
     options: QuantizeOptions | None = None,
     sensitivity: Sequence[LayerSensitivity] | None = None,
-    candidates_per_step: int = 8,
+    candidates_per_step: int = 12,
     max_evaluations: int = 400,
     ranking_samples: int = 32,
     on_step: Callable[[str, float], None] | None = None,
