@@ -80,6 +80,18 @@ class BinnedHistogram:
         return int(nz[-1]) + 1 if nz.size else 0
 
 
+def _is_cupy(x: Any) -> bool:
+    """A CuPy array (checked without importing CuPy)."""
+    return not isinstance(x, np.ndarray) and type(x).__module__.split(".")[0] == "cupy"
+
+
+def _flat_f32(x: Any) -> np.ndarray:
+    """`x` as a flat float32 numpy array: float16/bfloat16 widen exactly; float64 rounds once per element,
+    whatever the batching."""
+    arr = np.asarray(x)
+    return (arr if arr.dtype == np.float32 else arr.astype(np.float32)).reshape(-1)
+
+
 class _Scratch(threading.local):
     """Per-thread scratch buffers for the CPU hot path (histograms may be updated from worker threads)."""
 
@@ -191,16 +203,12 @@ class StreamingHistogram:
         Raises:
             ValueError: `x` holds NaN or Inf (the caller names the tensor).
         """
-        if not isinstance(x, np.ndarray) and type(x).__module__.split(".")[0] == "cupy":
+        if _is_cupy(x):
             self._update_generic(x, sys.modules["cupy"])
             return
-        arr = np.asarray(x)
-        if arr.size == 0:
+        flat = _flat_f32(x)
+        if flat.size == 0:
             return
-        if arr.dtype != np.float32:
-            # float16/bfloat16 widen exactly; float64 rounds once per element, whatever the batching.
-            arr = arr.astype(np.float32)
-        flat = arr.reshape(-1)
         scratch = _scratch
         for start in range(0, flat.size, _CHUNK):
             chunk = flat[start:start + _CHUNK]
@@ -375,7 +383,7 @@ class SignedHistogram:
 
     def update(self, x: Any) -> None:
         """Add every element of `x` (numpy; CuPy through two plain updates). ValueError on NaN/Inf."""
-        if not isinstance(x, np.ndarray) and type(x).__module__.split(".")[0] == "cupy":
+        if _is_cupy(x):
             # Split the sides on the bits (GPU arithmetic may flush subnormals), then bin each side.
             xp = sys.modules["cupy"]
             bits = (x if x.dtype == xp.float32 else x.astype(xp.float32)).reshape(-1).view(xp.uint32)
@@ -384,12 +392,9 @@ class SignedHistogram:
             self.pos.update(xp.where(negative, zero, bits).view(xp.float32))
             self.neg.update(xp.where(negative, bits & xp.uint32(0x7FFFFFFF), zero).view(xp.float32))
             return
-        arr = np.asarray(x)
-        if arr.size == 0:
+        flat = _flat_f32(x)
+        if flat.size == 0:
             return
-        if arr.dtype != np.float32:
-            arr = arr.astype(np.float32)
-        flat = arr.reshape(-1)
         scratch = _scratch
         pos, neg, fine = self.pos, self.neg, self.pos.fine_bins
         for start in range(0, flat.size, _CHUNK):
