@@ -254,6 +254,14 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
         ):
             q, rep2 = Q.build_qdq_model(model, amax[head], opts)
             row(f"quantpipe INT8, {head}, {label}", ev(_session(q, mode="int8")), quantized=len(rep2.quantized_nodes))
+        # GPTQ weight rounding (opt-in): codes fitted to each layer's calibration inputs.
+        t = time.perf_counter()
+        gptq_opts = Q.with_calibration_data(model, dataclasses.replace(base_opts, weight_rounding="gptq"), calib,
+                                            batch_size=16, amax=amax[head])
+        res["seconds"]["gptq_codes"] = round(time.perf_counter() - t, 1)
+        q, rep2 = Q.build_qdq_model(model, amax[head], gptq_opts)
+        row(f"quantpipe INT8, {head}, GPTQ weight rounding ({len(rep2.gptq_rounded)} weights)",
+            ev(_session(q, mode="int8")), quantized=len(rep2.quantized_nodes), gptq=len(rep2.gptq_rounded))
 
         # FP16
         f16 = tmp / f"{bench.key}.fp16.onnx"
@@ -282,6 +290,15 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
                 base_opts, keep_float_nodes=frozenset(s.node for s in fb.steps)))
             row(f"quantpipe INT8, {head}, fallback for {bench.fallback_metric} >= {bench.fallback_target} "
                 f"({len(fb.steps)} of {fb.num_quantizable} layers in float)", ev(_session(q, mode="int8")))
+            t = time.perf_counter()
+            _, fb_g = accuracy_fallback(bench.model, amax[head], evald, metric=bench.fallback_metric,  # type: ignore[arg-type]
+                                        target=bench.fallback_target, output=bench.output, batch_size=16,
+                                        options=gptq_opts, keep_in="fp16")
+            res["fallback_gptq"] = {**dataclasses.asdict(fb_g), "seconds": round(time.perf_counter() - t, 1)}
+            q, _ = Q.build_qdq_model(model, amax[head], dataclasses.replace(
+                gptq_opts, keep_float_nodes=frozenset(s.node for s in fb_g.steps)))
+            row(f"quantpipe INT8, {head}, GPTQ, fallback for {bench.fallback_metric} >= {bench.fallback_target} "
+                f"({len(fb_g.steps)} of {fb_g.num_quantizable} layers in float)", ev(_session(q, mode="int8")))
     return res
 
 

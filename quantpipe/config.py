@@ -154,9 +154,29 @@ class BackendsConfig(_Model):
 class QuantizeConfig(_Model):
     per_channel: bool = True
     quantize_residual_add: bool = True
+    quantize_activation_matmul: bool = True
+    """Q/DQ on attention's activation x activation MatMuls (TensorRT's INT8 MHA fusion needs them)."""
     keep_float_ops: list[str] | None = None
     """Op types left in float (default: quantpipe.quantize.DEFAULT_FLOAT_OPS)."""
     keep_float_nodes: list[str] = Field(default_factory=list)
+    bias_correction: bool = True
+    """Fold the quantized weights' mean output error into the float bias (calibration data, one FP32 pass)."""
+    smooth_alpha: float | None = Field(default=0.7, ge=0.0, le=1.0)
+    """SmoothQuant strength for MatMul / Gemm inputs with outlier channels; null turns smoothing off."""
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
+    """nearest, or gptq: int8 weight codes fitted to each layer's calibration inputs (quantpipe.gptq)."""
+
+    def options(self) -> Any:
+        """The `quantpipe.quantize.QuantizeOptions` this section describes (no data-driven fields yet)."""
+        from quantpipe.quantize import DEFAULT_FLOAT_OPS, QuantizeOptions
+
+        return QuantizeOptions(
+            per_channel=self.per_channel, quantize_residual_add=self.quantize_residual_add,
+            quantize_activation_matmul=self.quantize_activation_matmul,
+            keep_float_ops=frozenset(self.keep_float_ops if self.keep_float_ops is not None else DEFAULT_FLOAT_OPS),
+            keep_float_nodes=frozenset(self.keep_float_nodes), bias_correction=self.bias_correction,
+            smooth_alpha=self.smooth_alpha or None, weight_rounding=self.weight_rounding,
+        )
 
 
 class Fp16Config(_Model):

@@ -279,7 +279,6 @@ def _build_ort(
     built: dict[str, Path] = {"fp32": Path(li.spec.path)}
     fallback = None
     q = b.quantize
-    keep_ops = q.keep_float_ops if q.keep_float_ops is not None else Q.DEFAULT_FLOAT_OPS
     with progress.task("building ONNX Runtime variants", len(ort.precisions)) as advance:
         if "fp16" in ort.precisions:
             out = ws.models / "model.fp16.onnx"
@@ -301,15 +300,12 @@ def _build_ort(
                 _, fallback = accuracy_fallback(
                     li.spec.path, amax, li.eval, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
-                    per_channel=q.per_channel, keep_float_ops=keep_ops, keep_float_nodes=q.keep_float_nodes,
-                    quantize_residual_add=q.quantize_residual_add, calibration_data=li.calib,
+                    options=q.options(), calibration_data=li.calib,
                 )
             else:
-                Q.write_qdq_model(
-                    li.spec.path, amax, out, per_channel=q.per_channel, keep_float_nodes=q.keep_float_nodes,
-                    keep_float_ops=keep_ops, quantize_residual_add=q.quantize_residual_add,
-                    calibration_data=li.calib, batch_size=cfg.data.batch_size,
-                )
+                options = Q.with_calibration_data(Q.load_onnx(li.spec.path), q.options(), li.calib,
+                                                  batch_size=cfg.data.batch_size, amax=amax)
+                Q.quantize_model(li.spec.path, amax, out, options)
             built["int8"] = out
             advance(1)
         if "fp32" in ort.precisions:
@@ -486,15 +482,11 @@ def stage_sensitivity(
         return ()
     from quantpipe.sensitivity import layer_sensitivity
 
-    q = cfg.build.quantize
-    from quantpipe import quantize as Q
-
     with progress.task("per-layer sensitivity", None):
         rows = layer_sensitivity(
             li.spec.path, int8.artifact or "", amax, li.eval, output=li.output, max_samples=s.max_samples,
-            one_at_a_time=s.one_at_a_time, batch_size=cfg.data.batch_size, per_channel=q.per_channel,
-            keep_float_ops=q.keep_float_ops if q.keep_float_ops is not None else Q.DEFAULT_FLOAT_OPS,
-            quantize_residual_add=q.quantize_residual_add, calibration_data=li.calib,
+            one_at_a_time=s.one_at_a_time, batch_size=cfg.data.batch_size,
+            options=cfg.build.quantize.options(), calibration_data=li.calib,
         )
     return tuple(rows)
 

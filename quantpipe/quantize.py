@@ -56,6 +56,7 @@ __all__ = [
     "name_nodes",
     "ChannelStats",
     "collect_channel_stats",
+    "with_calibration_data",
     "expose_outputs",
     "ort_session",
     "ORT_INT8_SESSION_CONFIG",
@@ -162,6 +163,12 @@ class QuantizeOptions:
     """Smooth an activation only when its largest channel range exceeds the median one by this factor."""
     bias_correction: bool = True
     """Fold the mean output error of the quantized weights (E[(Wq - W) x]) into the float bias."""
+    weight_rounding: str = "nearest"
+    """'gptq': weight codes chosen against the layer's inputs on the calibration data (`quantpipe.gptq`);
+    'nearest': round to nearest. GPTQ needs `weight_codes` (filled by `with_calibration_data`); without them
+    every weight is rounded to nearest."""
+    weight_codes: Mapping[str, Any] | None = None
+    """Weight name -> `quantpipe.gptq.WeightCodes` (precomputed GPTQ codes); used where they match the weight."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +190,8 @@ class QuantizeReport:
     """Activations whose per-channel outliers were moved into the weights (SmoothQuant) before quantizing."""
     bias_corrected: tuple[str, ...] = ()
     """Nodes whose float bias absorbs the mean error of their quantized weights (bias correction)."""
+    gptq_rounded: tuple[str, ...] = ()
+    """Weights whose int8 codes GPTQ chose (the others are rounded to nearest)."""
 
     @property
     def quantized_names(self) -> tuple[str, ...]:
@@ -644,6 +653,19 @@ def _quantize_weight(w: np.ndarray, axis: int | None, override: Any | None) -> t
     return q, scale
 
 
+def _weight_q(src: str, w: np.ndarray, axis: int | None, opts: QuantizeOptions) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(int8 codes, scale, from GPTQ?) for weight `src`: GPTQ's codes where computed for this very value."""
+    from quantpipe.gptq import codes_for
+
+    override = (opts.weight_amax_override or {}).get(src)
+    if override is None and opts.weight_rounding == "gptq":
+        c = codes_for(opts.weight_codes, src, w, axis)
+        if c is not None:
+            return c.q, c.scale, True
+    q, scale = _quantize_weight(w, axis, override)
+    return q, scale, False
+
+
 class _Names:
     def __init__(self, graph: Any) -> None:
         self.used = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
@@ -661,8 +683,8 @@ class _Names:
         return name
 
 
-def _apply_plan(model: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions) -> tuple[int, int]:
-    """Rewrite the graph in place; returns (activation Q/DQ pairs, quantized weights)."""
+def _apply_plan(model: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions) -> list[str]:
+    """Rewrite the graph in place; returns the weights whose codes came from GPTQ."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -672,7 +694,7 @@ def _apply_plan(model: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions) -> tu
     act_dq: dict[tuple[str, float], str] = {}
     w_dq: dict[tuple[str, int | None], str] = {}
     by_name = {n.name: n for n in graph.node}
-    overrides = opts.weight_amax_override or {}
+    gptq_used: list[str] = []
 
     # Process in node order so every Q/DQ pair is inserted before its first consumer.
     keys = sorted(set(plan.acts) | set(plan.weights), key=lambda k: (g.position[k[0]], k[1]))
@@ -703,7 +725,9 @@ def _apply_plan(model: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions) -> tu
                 w = g.value(src)
                 if w is None:  # planned only for constants; a miss is a bug, not a user error
                     raise BuildError(f"internal error: weight '{src}' of {node_name} has no constant value")
-                q, w_scale = _quantize_weight(w, axis, overrides.get(src))
+                q, w_scale, from_gptq = _weight_q(src, w, axis, opts)
+                if from_gptq:
+                    gptq_used.append(src)
                 base = src.replace(":", "_")
                 q_name = names.fresh(f"{base}_int8")
                 s_name = names.fresh(f"{base}_scale")
@@ -738,7 +762,7 @@ def _apply_plan(model: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions) -> tu
     for n in dead_consts:
         graph.node.remove(n)
     _ = TensorProto  # imported with helper for readers: int8 tensors come from numpy_helper
-    return len(act_dq), len(w_dq)
+    return gptq_used
 
 
 # --------------------------------------------------------------------------- data-driven corrections
@@ -966,7 +990,6 @@ def _bias_correct(m: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions, stats: 
     input means from the calibration data. Reference: Nagel et al., "Data-Free Quantization", ICCV 2019.
     """
     names = _Names(m.graph)
-    overrides = opts.weight_amax_override or {}
     done: list[str] = []
     by_name = {n.name: n for n in g.graph.node}
     for (node_name, idx), axis in plan.weights.items():
@@ -977,7 +1000,7 @@ def _bias_correct(m: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions, stats: 
         w = g.value(node.input[1])
         if st is None or w is None:
             continue
-        q, scale = _quantize_weight(w, axis, overrides.get(node.input[1]))
+        q, scale, _ = _weight_q(node.input[1], w, axis, opts)
         bshape = [1] * w.ndim
         if axis is not None:
             bshape[axis] = -1
@@ -1105,7 +1128,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
         corrected = _bias_correct(m, g, plan, options, stats)
         if corrected:
             g = _Graph(m.graph)
-    _apply_plan(m, g, plan, options)
+    gptq_used = _apply_plan(m, g, plan, options)
     skipped_amax = [f for f in plan.floats if f.op_type in QUANTIZABLE_OPS | {"Add"} and "amax" in f.reason]
     if skipped_amax:
         warnings.append(f"{len(skipped_amax)} quantizable node(s) left float for want of a usable amax, e.g. "
@@ -1117,7 +1140,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
         model_path=None, output_path=None, opset_before=opset_before, opset_after=opset_after,
         per_channel=per_channel, quantized_nodes=tuple(plan.quantized), kept_float=tuple(plan.floats),
         num_quantizable=plan.eligible, warnings=tuple(warnings), smoothed_tensors=tuple(smoothed),
-        bias_corrected=tuple(corrected),
+        bias_corrected=tuple(corrected), gptq_rounded=tuple(gptq_used),
     )
     return m, report
 
@@ -1137,6 +1160,7 @@ def write_qdq_model(
     channel_stats: Mapping[str, ChannelStats] | None = None,
     smooth_alpha: float | None = 0.7,
     bias_correction: bool = True,
+    weight_rounding: str = "nearest",
     batch_size: int = 8,
 ) -> QuantizeReport:
     """Write the explicit-quantization (Q/DQ) INT8 model of an FP32 ONNX model, checked, atomically.
@@ -1156,6 +1180,8 @@ def write_qdq_model(
         channel_stats: precomputed `collect_channel_stats` result (skips the pass over `calibration_data`).
         smooth_alpha: SmoothQuant strength for MatMul / Gemm inputs with outlier channels (None: off).
         bias_correction: correct biases for the mean error of the quantized weights.
+        weight_rounding: 'gptq' (weight codes fitted to the calibration inputs; needs `calibration_data`) or
+            'nearest'.
         batch_size: batch size of the statistics pass.
 
     Raises:
@@ -1165,13 +1191,34 @@ def write_qdq_model(
         per_channel=per_channel, keep_float_nodes=frozenset(keep_float_nodes), keep_float_ops=frozenset(keep_float_ops),
         quantize_residual_add=quantize_residual_add, weight_amax_override=weight_amax_override,
         quantize_activation_matmul=quantize_activation_matmul, smooth_alpha=smooth_alpha,
-        bias_correction=bias_correction,
+        bias_correction=bias_correction, weight_rounding=weight_rounding, channel_stats=channel_stats,
     )
-    if channel_stats is None and calibration_data is not None and (smooth_alpha or bias_correction):
-        channel_stats = collect_channel_stats(load_onnx(model_path), calibration_data, batch_size=batch_size)
-    if channel_stats is not None:
-        options = dataclasses.replace(options, channel_stats=channel_stats)
+    if calibration_data is not None:
+        options = with_calibration_data(load_onnx(model_path), options, calibration_data, batch_size=batch_size,
+                                        amax=amax)
     return quantize_model(model_path, amax, out_path, options)
+
+
+def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data: Any, *,
+                          batch_size: int = 8, amax: Mapping[str, float] | None = None) -> QuantizeOptions:
+    """`options` with what the calibration data decides filled in, each computed once here so the writer,
+    the fallback and the sensitivity analysis share it: per-channel statistics (smoothing, bias correction)
+    and GPTQ weight codes (`weight_rounding='gptq'`; given the activations' `amax`, fitted to the
+    quantized inputs). Fields already set are kept."""
+    if options.weight_rounding not in ("gptq", "nearest"):
+        raise BuildError(f"weight_rounding must be 'gptq' or 'nearest', not {options.weight_rounding!r}.")
+    m = _named_copy(model)
+    if options.channel_stats is None and (options.smooth_alpha or options.bias_correction):
+        log.info("collecting per-channel statistics on the calibration data")
+        options = dataclasses.replace(options, channel_stats=collect_channel_stats(m, calibration_data,
+                                                                                   batch_size=batch_size))
+    if options.weight_codes is None and options.weight_rounding == "gptq":
+        from quantpipe.gptq import collect_weight_codes
+
+        log.info("fitting GPTQ weight codes on the calibration data")
+        options = dataclasses.replace(options, weight_codes=collect_weight_codes(
+            m, calibration_data, per_channel=options.per_channel, batch_size=batch_size, input_amax=amax))
+    return options
 
 
 def quantize_model(model_path: str | os.PathLike[str], amax: Mapping[str, float], out_path: str | os.PathLike[str],

@@ -39,12 +39,12 @@ from quantpipe.quantize import (
     QuantizeOptions,
     QuantizeReport,
     build_qdq_model,
-    collect_channel_stats,
     expose_outputs,
     load_onnx,
     name_nodes,
     ort_session,
     save_onnx,
+    with_calibration_data,
 )
 
 __all__ = ["FallbackMetric", "layer_sensitivity", "accuracy_fallback"]
@@ -81,9 +81,8 @@ def _prepare(
 ) -> _Context:
     model = load_onnx(model_path)
     name_nodes(model.graph)
-    if options.channel_stats is None and calibration_data is not None and (options.smooth_alpha or options.bias_correction):
-        options = dataclasses.replace(options, channel_stats=collect_channel_stats(model, calibration_data,
-                                                                                   batch_size=batch_size))
+    if calibration_data is not None:
+        options = with_calibration_data(model, options, calibration_data, batch_size=batch_size, amax=amax)
     outputs = [o.name for o in model.graph.output]
     out = output or outputs[0]
     if out not in outputs:

@@ -107,3 +107,21 @@ def test_fallback_needs_bound() -> None:
 
 def test_variant_name() -> None:
     assert variant_name("tensorrt", "fp16") == "trt-fp16"
+
+
+def test_quantize_section_maps_onto_quantize_options() -> None:
+    from quantpipe.quantize import DEFAULT_FLOAT_OPS
+
+    build = {"quantize": {"weight_rounding": "gptq", "bias_correction": False, "smooth_alpha": None,
+                          "keep_float_nodes": ["conv1"], "quantize_activation_matmul": False}}
+    opts = parse_config({**MINIMAL, "build": build}).build.quantize.options()
+    assert opts.weight_rounding == "gptq" and opts.bias_correction is False and opts.smooth_alpha is None
+    assert opts.keep_float_nodes == frozenset({"conv1"}) and opts.keep_float_ops == DEFAULT_FLOAT_OPS
+    assert opts.quantize_activation_matmul is False
+    defaults = parse_config(MINIMAL).build.quantize.options()
+    assert defaults.weight_rounding == "nearest" and defaults.bias_correction and defaults.smooth_alpha == 0.7
+
+
+def test_unknown_weight_rounding_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"build.quantize.weight_rounding.*'nearest' or 'gptq'.*got 'adaround'"):
+        parse_config({**MINIMAL, "build": {"quantize": {"weight_rounding": "adaround"}}})
