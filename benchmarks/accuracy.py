@@ -239,13 +239,15 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
         rep = Q.quantize_model(bench.model, amax[head], out, base_opts)
         res["headline"] = {"method": head, "quantized": len(rep.quantized_nodes), "num_quantizable": rep.num_quantizable,
                            "smoothed": list(rep.smoothed_tensors), "bias_corrected": len(rep.bias_corrected),
+                           "shifted": len(rep.shifted_tensors),
                            "kept_float": len(rep.kept_float), "write_seconds": round(time.perf_counter() - t, 1),
                            "warnings": list(rep.warnings)}
         row(f"quantpipe INT8, {head}, written file", ev(_session(str(out), mode="int8")))
         row(f"quantpipe INT8, {head}, written file, onnxruntime default session", ev(_session(str(out), mode="default")))
         row(f"quantpipe INT8, {head}, written file, exact Q/DQ arithmetic", ev(_session(str(out), mode="exact")))
         for label, opts in (
-            ("placement only (no smoothing, no bias correction)", Q.QuantizeOptions()),
+            ("placement only (no smoothing, no bias correction, no shift)", Q.QuantizeOptions(shift_nonnegative=False)),
+            ("without the non-negative shift", dataclasses.replace(base_opts, shift_nonnegative=False)),
             ("+ bias correction", dataclasses.replace(base_opts, smooth_alpha=None)),
             ("+ smoothing", dataclasses.replace(base_opts, bias_correction=False)),
             ("without residual-Add Q/DQ", dataclasses.replace(base_opts, quantize_residual_add=False)),
@@ -328,7 +330,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         if h:
             lines += ["", f"Headline quantpipe model ({h['method']}): {h['quantized']} nodes quantized of "
                       f"{h['num_quantizable']} quantizable, {len(h['smoothed'])} activations smoothed, "
-                      f"{h['bias_corrected']} biases corrected; written and checked (full_check) in {h['write_seconds']} s."]
+                      f"{h['bias_corrected']} biases corrected, {h.get('shifted', 0)} non-negative activations shifted; "
+                      f"written and checked (full_check) in {h['write_seconds']} s."]
         fb = b.get("fallback")
         if fb:
             verdict = "met" if fb["met"] else "NOT met"

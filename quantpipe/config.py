@@ -163,6 +163,8 @@ class QuantizeConfig(_Model):
     """Fold the quantized weights' mean output error into the float bias (calibration data, one FP32 pass)."""
     smooth_alpha: float | None = Field(default=0.7, ge=0.0, le=1.0)
     """SmoothQuant strength for MatMul / Gemm inputs with outlier channels; null turns smoothing off."""
+    shift_nonnegative: bool = True
+    """Quantize post-ReLU / ReLU6 inputs of Conv / Gemm around the middle of their range (exact bias folding)."""
     weight_rounding: Literal["nearest", "gptq"] = "nearest"
     """nearest, or gptq: int8 weight codes fitted to each layer's calibration inputs (quantpipe.gptq)."""
 
@@ -176,6 +178,7 @@ class QuantizeConfig(_Model):
             keep_float_ops=frozenset(self.keep_float_ops if self.keep_float_ops is not None else DEFAULT_FLOAT_OPS),
             keep_float_nodes=frozenset(self.keep_float_nodes), bias_correction=self.bias_correction,
             smooth_alpha=self.smooth_alpha or None, weight_rounding=self.weight_rounding,
+            shift_nonnegative=self.shift_nonnegative,
         )
 
 

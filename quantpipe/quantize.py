@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -163,6 +164,10 @@ class QuantizeOptions:
     """Smooth an activation only when its largest channel range exceeds the median one by this factor."""
     bias_correction: bool = True
     """Fold the mean output error of the quantized weights (E[(Wq - W) x]) into the float bias."""
+    shift_nonnegative: bool = True
+    """Post-ReLU / ReLU6 activations (never negative) feeding a Conv or Gemm are shifted by -amax/2 before their
+    symmetric int8 Q/DQ, the shift folded into the producer's and consumer's biases (and the consumer's zero
+    padding made an explicit Pad with the shifted zero): the same float function, twice the int8 resolution."""
     weight_rounding: str = "nearest"
     """'gptq': weight codes chosen against the layer's inputs on the calibration data (`quantpipe.gptq`);
     'nearest': round to nearest. GPTQ needs `weight_codes` (filled by `with_calibration_data`); without them
@@ -192,6 +197,8 @@ class QuantizeReport:
     """Nodes whose float bias absorbs the mean error of their quantized weights (bias correction)."""
     gptq_rounded: tuple[str, ...] = ()
     """Weights whose int8 codes GPTQ chose (the others are rounded to nearest)."""
+    shifted_tensors: tuple[str, ...] = ()
+    """Non-negative activations quantized around the middle of their range (`QuantizeOptions.shift_nonnegative`)."""
 
     @property
     def quantized_names(self) -> tuple[str, ...]:
@@ -981,6 +988,142 @@ def _drop_unused_initializers(graph: Any, g: _Graph) -> None:
         graph.initializer.extend(keep)
 
 
+def _clip_bounds(g: _Graph, node: Any) -> tuple[float, float] | None:
+    """(min, max) of a Relu or Clip node with constant bounds, else None."""
+    if node.op_type == "Relu":
+        return 0.0, math.inf
+    if node.op_type != "Clip":
+        return None
+    bounds = [-math.inf, math.inf]
+    for k in (1, 2):
+        if len(node.input) > k and node.input[k]:
+            v = g.value(node.input[k])
+            if v is None or v.size != 1:
+                return None
+            bounds[k - 1] = float(v.reshape(()))
+    for a in node.attribute:  # opset < 11
+        if a.name in ("min", "max"):
+            bounds[0 if a.name == "min" else 1] = float(a.f)
+    return bounds[0], bounds[1]
+
+
+def _shift_nonnegative(m: Any, g: _Graph, plan: _Plan, stats: dict[str, ChannelStats]) -> list[str]:
+    """Quantize non-negative activations around the middle of their range, exactly compensated.
+
+    TensorRT's activations are symmetric int8: a post-ReLU tensor with amax A gets steps of A/127 and never
+    uses the negative codes. Rewriting  P -> Relu/Clip(lo >= 0) -> t -> C  (P, C a Conv or Gemm; t read
+    only by C) as  P' -> Clip(lo - c, hi - c) -> t' = t - c -> C'  with c = A/2 puts t' in [-A/2, A/2]:
+    steps of A/254, the sign bit used. P' has bias b - c; C' has bias b + c * sum(W) per output, and a
+    zero-padded C reads an explicit Pad with value -c (the shifted zero) instead. In float the graph
+    computes the same function; -c is an exact int8 code, so the Pad commutes with the Q/DQ after it.
+    """
+    from onnx import helper
+
+    names = _Names(m.graph)
+    by_name = {n.name: n for n in g.graph.node}
+    insert_before: dict[str, Any] = {}
+    done: list[str] = []
+    for (node_name, idx), a in sorted(plan.acts.items(), key=lambda kv: g.position[kv[0][0]]):
+        node = by_name[node_name]
+        t = node.input[idx]
+        if idx != 0 or not (a > 0 and math.isfinite(a)) or node.op_type not in ("Conv", "Gemm"):
+            continue
+        if len(g.consumers.get(t, [])) != 1 or t in g.output_names or t in g.subgraph_refs:
+            continue
+        act = g.producer.get(t)
+        bounds = _clip_bounds(g, act) if act is not None else None
+        if act is None or bounds is None or bounds[0] < 0:
+            continue
+        z = act.input[0]
+        prod = g.producer.get(z)
+        if prod is None or prod.op_type not in ("Conv", "Gemm") or len(g.consumers.get(z, [])) != 1 \
+                or z in g.output_names or z in g.subgraph_refs:
+            continue
+        w = g.value(node.input[1])
+        pw = g.value(prod.input[1]) if len(prod.input) > 1 else None
+        if w is None or pw is None or w.dtype != np.float32:
+            continue
+        # Output channels of the producer (the bias length) and the consumer's per-output weight sums.
+        if prod.op_type == "Conv":
+            p_out, p_scale = pw.shape[0], 1.0
+        elif _attr(prod, "transA", 0) or pw.ndim != 2:
+            continue
+        else:
+            p_out = pw.shape[0] if _attr(prod, "transB", 0) else pw.shape[1]
+            p_scale = float(_attr(prod, "beta", 1.0))
+        if node.op_type == "Conv":
+            if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+                continue
+            wsum = w.astype(np.float64).reshape(w.shape[0], -1).sum(axis=1)
+            c_scale = 1.0
+        elif _attr(node, "transA", 0) or w.ndim != 2:
+            continue
+        else:
+            wsum = w.astype(np.float64).sum(axis=1 if _attr(node, "transB", 0) else 0) * float(_attr(node, "alpha", 1.0))
+            c_scale = float(_attr(node, "beta", 1.0))
+        if p_scale == 0.0 or c_scale == 0.0:
+            continue
+        pb = g.value(prod.input[2]) if len(prod.input) > 2 and prod.input[2] else np.zeros(p_out, np.float32)
+        cb = g.value(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(wsum.shape[0], np.float32)
+        if pb is None or cb is None or pb.shape != (p_out,) or cb.shape != wsum.shape:
+            continue
+        c = float(np.float32(a / 2.0))
+        # producer: subtract c from every output
+        new_pb = (pb.astype(np.float64) - c / p_scale).astype(np.float32)
+        if len(prod.input) == 2:
+            prod.input.append("")
+        prod.input[2] = _replace_initializer(m.graph, names, f"{prod.name}_bias_shifted", new_pb)
+        # activation: Relu / Clip(lo, hi) -> Clip(lo - c, hi - c)
+        lo, hi = bounds
+        clip_inputs = [z, _replace_initializer(m.graph, names, f"{act.name}_min", np.array(lo - c, np.float32))]
+        if math.isfinite(hi):
+            clip_inputs.append(_replace_initializer(m.graph, names, f"{act.name}_max", np.array(hi - c, np.float32)))
+        act.op_type = "Clip"
+        del act.input[:]
+        act.input.extend(clip_inputs)
+        keep_attrs = [x for x in act.attribute if x.name not in ("min", "max")]
+        del act.attribute[:]
+        act.attribute.extend(keep_attrs)
+        # consumer: add c * sum(W) to its bias; make its zero padding an explicit Pad with value -c
+        new_cb = (cb.astype(np.float64) + c * wsum / c_scale).astype(np.float32)
+        if len(node.input) == 2:
+            node.input.append("")
+        node.input[2] = _replace_initializer(m.graph, names, f"{node.name}_bias_shifted", new_cb)
+        src = t
+        pads = list(_attr(node, "pads", [])) if node.op_type == "Conv" else []
+        if any(pads):
+            spatial = len(pads) // 2
+            pad_out = names.fresh(f"{t}_padded")
+            all_pads = [0, 0] + pads[:spatial] + [0, 0] + pads[spatial:]
+            pad = helper.make_node(
+                "Pad", [t, _replace_initializer(m.graph, names, f"{node.name}_pads", np.array(all_pads, np.int64)),
+                        _replace_initializer(m.graph, names, f"{node.name}_pad_value", np.array(-c, np.float32))],
+                [pad_out], name=names.fresh(f"{node.name}_Pad"), mode="constant")
+            insert_before[node.name] = pad
+            node.input[0] = pad_out
+            for x in node.attribute:
+                if x.name == "pads":
+                    del x.ints[:]
+                    x.ints.extend([0] * len(pads))
+            src = pad_out
+        plan.acts[(node_name, idx)] = a - c
+        st = stats.get(t)
+        if st is not None:
+            stats[src] = ChannelStats(src, st.axis, np.maximum(np.abs(st.absmax - c), c), np.asarray(st.mean) - c,
+                                      st.num_samples)
+        done.append(t)
+    if insert_before:
+        nodes = list(m.graph.node)
+        del m.graph.node[:]
+        for n in nodes:
+            if n.name in insert_before:
+                m.graph.node.append(insert_before[n.name])
+            m.graph.node.append(n)
+    if done:
+        _drop_unused_initializers(m.graph, _Graph(m.graph))
+    return done
+
+
 def _bias_correct(m: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions, stats: Mapping[str, ChannelStats]) -> list[str]:
     """Bias correction: b <- b - E[(Wq - W) x], so quantized weights do not shift each output channel's mean.
 
@@ -1123,6 +1266,11 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
         if smoothed:
             g = _Graph(m.graph)
     plan = _plan_qdq(g, amax_all, options, per_channel)
+    shifted: list[str] = []
+    if options.shift_nonnegative and opset_after >= 11:
+        shifted = _shift_nonnegative(m, g, plan, stats)
+        if shifted:
+            g = _Graph(m.graph)
     corrected: list[str] = []
     if stats and options.bias_correction:
         corrected = _bias_correct(m, g, plan, options, stats)
@@ -1140,7 +1288,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
         model_path=None, output_path=None, opset_before=opset_before, opset_after=opset_after,
         per_channel=per_channel, quantized_nodes=tuple(plan.quantized), kept_float=tuple(plan.floats),
         num_quantizable=plan.eligible, warnings=tuple(warnings), smoothed_tensors=tuple(smoothed),
-        bias_corrected=tuple(corrected), gptq_rounded=tuple(gptq_used),
+        bias_corrected=tuple(corrected), gptq_rounded=tuple(gptq_used), shifted_tensors=tuple(shifted),
     )
     return m, report
 

@@ -113,11 +113,12 @@ def test_quantize_section_maps_onto_quantize_options() -> None:
     from quantpipe.quantize import DEFAULT_FLOAT_OPS
 
     build = {"quantize": {"weight_rounding": "gptq", "bias_correction": False, "smooth_alpha": None,
-                          "keep_float_nodes": ["conv1"], "quantize_activation_matmul": False}}
+                          "keep_float_nodes": ["conv1"], "quantize_activation_matmul": False,
+                          "shift_nonnegative": False}}
     opts = parse_config({**MINIMAL, "build": build}).build.quantize.options()
     assert opts.weight_rounding == "gptq" and opts.bias_correction is False and opts.smooth_alpha is None
     assert opts.keep_float_nodes == frozenset({"conv1"}) and opts.keep_float_ops == DEFAULT_FLOAT_OPS
-    assert opts.quantize_activation_matmul is False
+    assert opts.quantize_activation_matmul is False and opts.shift_nonnegative is False
     defaults = parse_config(MINIMAL).build.quantize.options()
     assert defaults.weight_rounding == "nearest" and defaults.bias_correction and defaults.smooth_alpha == 0.7
 
