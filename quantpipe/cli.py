@@ -267,7 +267,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                    percentile=args.percentile, device=args.device,
                                    on_batch=lambda done, total: advance(done))
     rep = Q.write_qdq_model(spec.path, amax, args.out, per_channel=not args.per_tensor, calibration_data=ds,
-                            batch_size=args.batch_size, weight_rounding=args.weight_rounding)
+                            batch_size=args.batch_size, weight_rounding=args.weight_rounding,
+                            shift_nonnegative=not args.no_shift)
     _console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
     for w in getattr(rep, "warnings", ()) or ():
         log.warning("%s", w)
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")
     q.add_argument("--weight-rounding", choices=["nearest", "gptq"], default="nearest",
                    help="gptq: fit the int8 weight codes to each layer's calibration inputs (slower)")
+    q.add_argument("--no-shift", action="store_true",
+                   help="quantize post-ReLU activations symmetrically about 0 (default: around mid-range, see README)")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--percentile", type=float, default=99.99)
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

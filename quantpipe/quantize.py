@@ -1309,6 +1309,7 @@ def write_qdq_model(
     smooth_alpha: float | None = 0.7,
     bias_correction: bool = True,
     weight_rounding: str = "nearest",
+    shift_nonnegative: bool = True,
     batch_size: int = 8,
 ) -> QuantizeReport:
     """Write the explicit-quantization (Q/DQ) INT8 model of an FP32 ONNX model, checked, atomically.
@@ -1330,6 +1331,7 @@ def write_qdq_model(
         bias_correction: correct biases for the mean error of the quantized weights.
         weight_rounding: 'gptq' (weight codes fitted to the calibration inputs; needs `calibration_data`) or
             'nearest'.
+        shift_nonnegative: quantize post-ReLU inputs of Conv / Gemm around mid-range (exactly compensated).
         batch_size: batch size of the statistics pass.
 
     Raises:
@@ -1340,6 +1342,7 @@ def write_qdq_model(
         quantize_residual_add=quantize_residual_add, weight_amax_override=weight_amax_override,
         quantize_activation_matmul=quantize_activation_matmul, smooth_alpha=smooth_alpha,
         bias_correction=bias_correction, weight_rounding=weight_rounding, channel_stats=channel_stats,
+        shift_nonnegative=shift_nonnegative,
     )
     if calibration_data is not None:
         options = with_calibration_data(load_onnx(model_path), options, calibration_data, batch_size=batch_size,

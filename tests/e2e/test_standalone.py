@@ -43,12 +43,12 @@ def test_calibrate_writes_a_cache_and_its_sidecar(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "digits.json").read_text())
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+@pytest.mark.parametrize("flags", [["--weight-rounding", "nearest", "--no-shift"], ["--weight-rounding", "gptq"]])
 def test_quantize_writes_an_int8_model_that_agrees_with_fp32(tmp_path: Path, eval_images: np.ndarray,
-                                                            rounding: str) -> None:
+                                                            flags: list[str]) -> None:
     out = tmp_path / "digits.int8.onnx"
     code = main(["quantize", "--model", str(EXAMPLE_MODEL), "--data", str(EXAMPLE_CALIB), "--method", "percentile",
-                 "--weight-rounding", rounding, "--out", str(out), "-q"])
+                 *flags, "--out", str(out), "-q"])
     assert code == 0
     onnx.checker.check_model(onnx.load(out), full_check=True)
     ops = {n.op_type for n in onnx.load(out).graph.node}
