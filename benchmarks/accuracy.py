@@ -260,12 +260,13 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
         row(f"quantpipe INT8, {head}, written file, onnxruntime default session", ev(_session(str(out), mode="default")))
         row(f"quantpipe INT8, {head}, written file, exact Q/DQ arithmetic", ev(_session(str(out), mode="exact")))
         for label, opts in (
-            ("placement only (no smoothing, no bias correction, no shift)", Q.QuantizeOptions(shift_nonnegative=False)),
-            ("without the non-negative shift", dataclasses.replace(base_opts, shift_nonnegative=False)),
-            ("+ bias correction", dataclasses.replace(base_opts, smooth_alpha=None)),
-            ("+ smoothing", dataclasses.replace(base_opts, bias_correction=False)),
-            ("without residual-Add Q/DQ", dataclasses.replace(base_opts, quantize_residual_add=False)),
-            ("without attention (activation x activation) MatMul Q/DQ",
+            ("placement only (no shift, no smoothing, no bias correction)", Q.QuantizeOptions(shift_nonnegative=False)),
+            ("placement + non-negative shift", Q.QuantizeOptions()),
+            ("placement + shift + bias correction", dataclasses.replace(base_opts, smooth_alpha=None)),
+            ("placement + shift + smoothing", dataclasses.replace(base_opts, bias_correction=False)),
+            ("headline without the shift", dataclasses.replace(base_opts, shift_nonnegative=False)),
+            ("headline without residual-Add Q/DQ", dataclasses.replace(base_opts, quantize_residual_add=False)),
+            ("headline without attention (activation x activation) MatMul Q/DQ",
              dataclasses.replace(base_opts, quantize_activation_matmul=False)),
         ):
             q, rep2 = Q.build_qdq_model(model, amax[head], opts)
