@@ -239,19 +239,22 @@ def stage_build(
         }
         manifest = _reusable(ws.models, fp, "build")
         if manifest is None:
-            built, fallback = _build_ort(cfg, ws, li, amax, progress)
+            built, fallback, int8_build = _build_ort(cfg, ws, li, amax, progress)
             files = [Path(p).name for p in built.values() if Path(p).parent == ws.models]
             _write_manifest(ws.models, fp, files, {"paths": {k: str(v) for k, v in built.items()},
-                                                   "fallback": to_jsonable(fallback) if fallback else None})
+                                                   "fallback": to_jsonable(fallback) if fallback else None,
+                                                   "int8_build": int8_build})
         else:
             built = {k: Path(v) for k, v in manifest["payload"]["paths"].items()}
             fb = manifest["payload"].get("fallback")
             fallback = from_jsonable(FallbackReport, fb) if fb else None
+            int8_build = manifest["payload"].get("int8_build")
         for precision in ("fp32", "fp16", "int8"):
             if precision in ort.precisions:
                 path = built[precision]
+                details = {"quantize": int8_build} if precision == "int8" and int8_build else {}
                 variants.append(Variant(variant_name("onnxruntime", precision), "onnxruntime", precision, device,  # type: ignore[arg-type]
-                                        artifact=str(path), size_bytes=_size(path)))
+                                        artifact=str(path), size_bytes=_size(path), details=details))
     trt = b.backends.tensorrt
     if trt.enabled:
         variants += _build_trt(cfg, ws, li, built, amax, calib_summaries, progress)
@@ -268,9 +271,21 @@ def sha256_of_mapping(m: dict[str, float]) -> str:
     return h.hexdigest()
 
 
+def _int8_build_summary(rep: Any) -> dict[str, Any]:
+    """What the Q/DQ writer did, for the report: counts, and the names where they are few enough to read."""
+    return {
+        "quantized": len(rep.quantized_nodes), "num_quantizable": rep.num_quantizable,
+        "kept_float": [{"node": f.name, "op_type": f.op_type, "reason": f.reason} for f in rep.kept_float
+                       if f.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")][:20],
+        "per_channel": rep.per_channel, "opset_before": rep.opset_before, "opset_after": rep.opset_after,
+        "shifted": len(rep.shifted_tensors), "bias_corrected": len(rep.bias_corrected),
+        "smoothed": len(rep.smoothed_tensors), "gptq_rounded": len(rep.gptq_rounded), "warnings": list(rep.warnings),
+    }
+
+
 def _build_ort(
     cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress
-) -> tuple[dict[str, Path], FallbackReport | None]:
+) -> tuple[dict[str, Path], FallbackReport | None, dict[str, Any] | None]:
     from quantpipe import quantize as Q
 
     b = cfg.build
@@ -278,6 +293,7 @@ def _build_ort(
     ws.models.mkdir(parents=True, exist_ok=True)
     built: dict[str, Path] = {"fp32": Path(li.spec.path)}
     fallback = None
+    int8_build = None
     q = b.quantize
     with progress.task("building ONNX Runtime variants", len(ort.precisions)) as advance:
         if "fp16" in ort.precisions:
@@ -297,7 +313,7 @@ def _build_ort(
 
                 fb = b.fallback
                 target = fb.min if fb.metric != "top1_drop" else fb.max
-                _, fallback = accuracy_fallback(
+                rep, fallback = accuracy_fallback(
                     li.spec.path, amax, li.eval, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
                     options=q.options(), calibration_data=li.calib,
@@ -305,12 +321,13 @@ def _build_ort(
             else:
                 options = Q.with_calibration_data(Q.load_onnx(li.spec.path), q.options(), li.calib,
                                                   batch_size=cfg.data.batch_size, amax=amax)
-                Q.quantize_model(li.spec.path, amax, out, options)
+                rep = Q.quantize_model(li.spec.path, amax, out, options)
+            int8_build = _int8_build_summary(rep)
             built["int8"] = out
             advance(1)
         if "fp32" in ort.precisions:
             advance(1)
-    return built, fallback
+    return built, fallback, int8_build
 
 
 def _trt_profiles(cfg: PipelineConfig, li: LoadedInputs) -> dict[str, dict[str, list[int]]]:
@@ -416,7 +433,7 @@ def _onnx_for(
     if key not in built:
         only = cfg.model_copy(update={"build": cfg.build.model_copy(update={"backends": cfg.build.backends.model_copy(
             update={"onnxruntime": cfg.build.backends.onnxruntime.model_copy(update={"precisions": [key]})})})})
-        extra, _ = _build_ort(only, ws, li, amax, NullProgress())
+        extra, _, _ = _build_ort(only, ws, li, amax, NullProgress())
         built.update(extra)
     return built[key]
 

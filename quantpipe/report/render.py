@@ -346,6 +346,7 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
             "metric": str(sens_all["metric_name"].iloc[0]) if not sens_all.empty else "",
         },
         "fallback": {"report": results.fallback, "rows": [r for _, r in fallback.iterrows()], "reason": fallback_reason},
+        "int8_build": _int8_build_lines(results),
         "histograms": {"svg": hist_svg, "how": hist_how, "reason": hist_reason, "count": len(hists),
                        "methods": sorted(thresholds)},
         "calibration": {"rows": [r for _, r in calib.iterrows()],
@@ -353,6 +354,32 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
         "environment": tables.environment_rows(results.environment),
         "baseline_flagged": [d for d in (results.baseline or {}).get("deltas", []) if d["regressed"] or d["improved"]],
     }
+
+
+def _int8_build_lines(results: RunResults) -> list[str]:
+    """How the ONNX Runtime INT8 (Q/DQ) model was made, one sentence per transform, from the build stage."""
+    v = next((v for v in results.variants if v.backend == "onnxruntime" and v.precision == "int8"), None)
+    b = (v.details or {}).get("quantize") if v is not None else None
+    if not b:
+        return []
+    lines = [f"{b['quantized']} of {b['num_quantizable']} quantizable nodes got Q/DQ (weights symmetric int8 "
+             f"{'per output channel' if b['per_channel'] else 'per tensor'}, activations per tensor)"
+             + (f"; the model was upgraded from opset {b['opset_before']} to {b['opset_after']}"
+                if b["opset_before"] != b["opset_after"] else "") + "."]
+    if b["kept_float"]:
+        kept = ", ".join(f"{k['node']} ({k['reason']})" for k in b["kept_float"][:5])
+        more = len(b["kept_float"]) - 5
+        lines.append(f"Left in float: {kept}" + (f" and {more} more" if more > 0 else "") + ".")
+    if b["shifted"]:
+        lines.append(f"{b['shifted']} non-negative activation(s) quantized around the middle of their range "
+                     "(build.quantize.shift_nonnegative): twice the resolution of a symmetric grid.")
+    if b["bias_corrected"]:
+        lines.append(f"{b['bias_corrected']} bias(es) corrected for the mean error of the quantized weights.")
+    if b["smoothed"]:
+        lines.append(f"{b['smoothed']} activation(s) smoothed: outlier channels moved into the weights (SmoothQuant).")
+    if b["gptq_rounded"]:
+        lines.append(f"{b['gptq_rounded']} weight(s) rounded by GPTQ against the calibration inputs.")
+    return lines
 
 
 def summary_context(results: RunResults) -> dict[str, Any]:

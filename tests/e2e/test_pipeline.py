@@ -84,6 +84,27 @@ def test_int8_model_has_qdq(example_run: tuple[int, Path, Path]) -> None:
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+def test_report_says_how_the_int8_model_was_built(example_run: tuple[int, Path, Path]) -> None:
+    import onnx
+
+    _, run_dir, _ = example_run
+    res = json.loads((run_dir / "results.json").read_text())
+    build = next(v for v in res["variants"] if v["name"] == "ort-int8")["details"]["quantize"]
+    m = onnx.load(run_dir / "models" / "model.int8.onnx")
+    convs = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in m.graph.node)
+    assert 0 < build["quantized"] <= build["num_quantizable"] and convs <= build["num_quantizable"]
+    # the digits CNN has Conv -> Relu -> Conv chains: their activations are quantized around mid-range
+    assert build["shifted"] >= 1 and build["bias_corrected"] >= 1
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    shifted_clips = [n for n in m.graph.node if n.op_type == "Clip" and n.input[1] in inits and inits[n.input[1]] < 0]
+    assert len(shifted_clips) == build["shifted"]  # each shifted activation's Relu became Clip(-c, ...)
+    md = (run_dir / "report.md").read_text()
+    assert "How the INT8 model was built" in md
+    assert f"{build['quantized']} of {build['num_quantizable']} quantizable nodes got Q/DQ" in md
+    assert "non-negative activation(s) quantized around the middle of their range" in md
+    assert "How the INT8 model was built" in (run_dir / "report.html").read_text()
+
+
 def test_rerun_reuses_calibration_and_models(example_run: tuple[int, Path, Path], capsys: pytest.CaptureFixture) -> None:
     _, _, cfg = example_run
     code = main(["build", str(cfg)])
