@@ -10,8 +10,7 @@ it are unchanged: only which of two neighbouring codes each weight gets.
 
 Why it matters: depthwise kernels have few taps and large, nearly cancelling weights, so independent
 rounding errors add up where the signal cancels. On EfficientNet-Lite0 (open benchmark set) the output
-SQNR with only the weights quantized rises from 25.2 dB (nearest + bias correction) to 31.5 dB; the first
-depthwise layer alone from 19.5 to 32.4 dB (without bias correction).
+SQNR with only the weights quantized rises from 25.2 dB (nearest + bias correction) to 31.5 dB.
 
 H is collected on the FP32 model over the calibration data, from the exact inputs each node sees
 (convolutions unfolded into patches with their padding, stride, dilation and groups). Layers whose H would
