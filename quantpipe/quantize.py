@@ -58,6 +58,7 @@ __all__ = [
     "ChannelStats",
     "collect_channel_stats",
     "with_calibration_data",
+    "tensor_offsets",
     "expose_outputs",
     "ort_session",
     "ORT_INT8_SESSION_CONFIG",
@@ -988,6 +989,32 @@ def _drop_unused_initializers(graph: Any, g: _Graph) -> None:
         graph.initializer.extend(keep)
 
 
+#: Model metadata key of the tensors `shift_nonnegative` moved: JSON {tensor: c}, the value is (FP32 value - c).
+OFFSETS_METADATA_KEY = "quantpipe.shifted_tensors"
+
+
+def _record_offsets(m: Any, offsets: Mapping[str, float]) -> None:
+    import json
+
+    merged = {**tensor_offsets(m), **offsets}
+    keep = [p for p in m.metadata_props if p.key != OFFSETS_METADATA_KEY]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    entry = m.metadata_props.add()
+    entry.key, entry.value = OFFSETS_METADATA_KEY, json.dumps(merged, sort_keys=True)
+
+
+def tensor_offsets(model: Any) -> dict[str, float]:
+    """Tensors of a quantpipe Q/DQ model that hold (FP32 value - c), by name -> c (`shift_nonnegative`).
+    Compare them with the FP32 model's tensors after adding c back."""
+    import json
+
+    for p in model.metadata_props:
+        if p.key == OFFSETS_METADATA_KEY:
+            return {str(k): float(v) for k, v in json.loads(p.value).items()}
+    return {}
+
+
 def _clip_bounds(g: _Graph, node: Any) -> tuple[float, float] | None:
     """(min, max) of a Relu or Clip node with constant bounds, else None."""
     if node.op_type == "Relu":
@@ -1022,6 +1049,7 @@ def _shift_nonnegative(m: Any, g: _Graph, plan: _Plan, stats: dict[str, ChannelS
     names = _Names(m.graph)
     by_name = {n.name: n for n in g.graph.node}
     insert_before: dict[str, Any] = {}
+    offsets: dict[str, float] = {}
     done: list[str] = []
     for (node_name, idx), a in sorted(plan.acts.items(), key=lambda kv: g.position[kv[0][0]]):
         node = by_name[node_name]
@@ -1111,7 +1139,10 @@ def _shift_nonnegative(m: Any, g: _Graph, plan: _Plan, stats: dict[str, ChannelS
         if st is not None:
             stats[src] = ChannelStats(src, st.axis, np.maximum(np.abs(st.absmax - c), c), np.asarray(st.mean) - c,
                                       st.num_samples)
+        offsets[z] = offsets[t] = c
         done.append(t)
+    if offsets:
+        _record_offsets(m, offsets)
     if insert_before:
         nodes = list(m.graph.node)
         del m.graph.node[:]

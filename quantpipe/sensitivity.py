@@ -44,6 +44,7 @@ from quantpipe.quantize import (
     name_nodes,
     ort_session,
     save_onnx,
+    tensor_offsets,
     with_calibration_data,
 )
 
@@ -245,9 +246,19 @@ def _local_sqnr(ctx: _Context, qdq: Any, names: Sequence[str]) -> dict[str, floa
     fp_nodes = {n.name for n in g.node}
     g.initializer.extend(t for t in qdq.graph.initializer if t.name not in have_init)
     wanted = set(names)
+    # Tensors the Q/DQ graph holds shifted by -c (shift_nonnegative): its own nodes read them that way, so
+    # they read a shifted copy of the FP32 tensor here.
+    offsets = tensor_offsets(qdq)
     extra, pairs = [], []
+    for t, c in sorted(offsets.items()):
+        extra.append(onnx.helper.make_node("Sub", [t, f"{t}__offset"], [f"{t}__shifted"], name=f"{t}__shift"))
+        g.initializer.append(onnx.numpy_helper.from_array(np.array(c, dtype=np.float32), f"{t}__offset"))
     for n in qdq.graph.node:
-        if n.name not in fp_nodes:  # QuantizeLinear / DequantizeLinear / smoothing Mul / Constant
+        if n.name not in fp_nodes or n.name in wanted:
+            for k, i in enumerate(n.input):
+                if i in offsets:
+                    n = _with_input(n, k, f"{i}__shifted")
+        if n.name not in fp_nodes:  # QuantizeLinear / DequantizeLinear / smoothing Mul / Pad / Constant
             extra.append(n)
         elif n.name in wanted and n.output:
             copy = onnx.NodeProto()
@@ -272,9 +283,19 @@ def _local_sqnr(ctx: _Context, qdq: Any, names: Sequence[str]) -> dict[str, floa
         for name, a, b in pairs:
             x = np.asarray(res[a], dtype=np.float64)
             sig[name] += float(np.sum(x**2))
-            noise[name] += float(np.sum((np.asarray(res[b], dtype=np.float64) - x) ** 2))
+            noise[name] += float(np.sum((np.asarray(res[b], dtype=np.float64) + offsets.get(a, 0.0) - x) ** 2))
     return {k: (math.inf if noise[k] == 0 else -math.inf if sig[k] == 0 else 10.0 * math.log10(sig[k] / noise[k]))
             for k in sig}
+
+
+def _with_input(node: Any, k: int, name: str) -> Any:
+    """A copy of `node` reading `name` as its k-th input (the Q/DQ model's graph stays untouched)."""
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.input[k] = name
+    return copy
 
 
 def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
@@ -302,6 +323,7 @@ def _accumulated_sqnr(ctx: _Context, qdq: Any, tensors: Sequence[str]) -> dict[s
     # intermediate of a Q/DQ graph (e.g. a Conv output fused with its Clip).
     fp = ort_session(expose_outputs(ctx.model, tensors), optimize=False)
     qs = ort_session(expose_outputs(qdq, tensors), optimize=False)
+    offsets = tensor_offsets(qdq)  # tensors the Q/DQ model holds shifted by -c (shift_nonnegative)
     sig = dict.fromkeys(tensors, 0.0)
     noise = dict.fromkeys(tensors, 0.0)
     for f in ctx.feeds:
@@ -310,7 +332,7 @@ def _accumulated_sqnr(ctx: _Context, qdq: Any, tensors: Sequence[str]) -> dict[s
         for t, x, y in zip(tensors, a, b, strict=True):
             x64 = np.asarray(x, dtype=np.float64)
             sig[t] += float(np.sum(x64**2))
-            noise[t] += float(np.sum((np.asarray(y, dtype=np.float64) - x64) ** 2))
+            noise[t] += float(np.sum((np.asarray(y, dtype=np.float64) + offsets.get(t, 0.0) - x64) ** 2))
     out = {}
     for t in tensors:
         if noise[t] == 0.0:

@@ -145,3 +145,26 @@ def test_shift_between_two_gemms_is_exact_in_float(trans_b: int) -> None:
     onnx.checker.check_model(m, full_check=True)
     x = RNG.normal(size=(32, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(m, {"x": x}), _run(model, {"x": x}), rtol=1e-5, atol=1e-4)
+
+
+def test_shifted_tensors_are_recorded_and_sensitivity_adds_the_offset_back(tmp_path) -> None:
+    from quantpipe.data import open_dataset
+    from quantpipe.model import tensor_info
+    from quantpipe.sensitivity import layer_sensitivity
+
+    model = _block("relu6")
+    x = _x(32)
+    amax = {"x": float(np.abs(x).max()), "a": 6.0}
+    q, rep = Q.build_qdq_model(model, amax)
+    assert Q.tensor_offsets(q) == {"c1": 3.0, "a": 3.0}  # conv1's output and the Clip's hold (value - 3)
+    assert Q.tensor_offsets(model) == {}
+    onnx.save(model, tmp_path / "m.onnx")
+    onnx.save(q, tmp_path / "m.int8.onnx")
+    np.savez(tmp_path / "e.npz", x=x)
+    ds = open_dataset(tmp_path / "e.npz", [tensor_info(i) for i in model.graph.input], role="evaluation")
+    rows = {r.node: r for r in layer_sensitivity(tmp_path / "m.onnx", str(tmp_path / "m.int8.onnx"), amax, ds)}
+    # conv1's int8 output holds c1 - 3: compared without the offset its SQNR would be about 0 dB
+    assert rows["conv1"].sqnr_db > 25 and rows["dw"].sqnr_db > 20
+    off = {r.node: r for r in layer_sensitivity(
+        tmp_path / "m.onnx", "", amax, ds, options=Q.QuantizeOptions(shift_nonnegative=False))}
+    assert abs(rows["conv1"].sqnr_db - off["conv1"].sqnr_db) < 3  # same layer, same input grid: same error
