@@ -363,6 +363,10 @@ class _Graph:
     def is_constant(self, name: str) -> bool:
         return name in self.initializers or name in self.constant_nodes
 
+    def remember(self, name: str, value: np.ndarray) -> None:
+        """Index a constant added to the graph after this index was built (a rewrite that reads it back)."""
+        self._cache[name] = value
+
     def value(self, name: str) -> np.ndarray | None:
         """The constant value of `name` (initializer or Constant node), or None."""
         if name in self._cache:
@@ -1034,113 +1038,167 @@ def _clip_bounds(g: _Graph, node: Any) -> tuple[float, float] | None:
     return bounds[0], bounds[1]
 
 
+def _bias_slot(g: _Graph, node: Any) -> tuple[int, float, np.ndarray] | None:
+    """A Conv / Gemm whose outputs can absorb a constant through its bias: (outputs, bias scale, bias)."""
+    w = g.value(node.input[1]) if len(node.input) > 1 else None
+    if w is None:
+        return None
+    if node.op_type == "Conv":
+        n_out, scale = w.shape[0], 1.0
+    elif node.op_type == "Gemm" and not _attr(node, "transA", 0) and w.ndim == 2:
+        n_out, scale = (w.shape[0] if _attr(node, "transB", 0) else w.shape[1]), float(_attr(node, "beta", 1.0))
+    else:
+        return None
+    b = g.value(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(n_out, np.float32)
+    if b is None or b.shape != (n_out,) or scale == 0.0:
+        return None
+    return n_out, scale, b
+
+
+def _input_sums(g: _Graph, node: Any) -> np.ndarray | None:
+    """Per output of a Conv / Gemm: how much it moves when every element of its input 0 moves by 1."""
+    w = g.value(node.input[1]) if len(node.input) > 1 else None
+    if w is None or w.dtype != np.float32:
+        return None
+    if node.op_type == "Conv":
+        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            return None
+        return w.astype(np.float64).reshape(w.shape[0], -1).sum(axis=1)
+    if node.op_type == "Gemm" and not _attr(node, "transA", 0) and w.ndim == 2:
+        return w.astype(np.float64).sum(axis=1 if _attr(node, "transB", 0) else 0) * float(_attr(node, "alpha", 1.0))
+    return None
+
+
 def _shift_nonnegative(m: Any, g: _Graph, plan: _Plan, stats: dict[str, ChannelStats]) -> list[str]:
     """Quantize non-negative activations around the middle of their range, exactly compensated.
 
     TensorRT's activations are symmetric int8: a post-ReLU tensor with amax A gets steps of A/127 and never
-    uses the negative codes. Rewriting  P -> Relu/Clip(lo >= 0) -> t -> C  (P, C a Conv or Gemm; t read
-    only by C) as  P' -> Clip(lo - c, hi - c) -> t' = t - c -> C'  with c = A/2 puts t' in [-A/2, A/2]:
-    steps of A/254, the sign bit used. P' has bias b - c; C' has bias b + c * sum(W) per output, and a
-    zero-padded C reads an explicit Pad with value -c (the shifted zero) instead. In float the graph
-    computes the same function; -c is an exact int8 code, so the Pad commutes with the Q/DQ after it.
+    uses the negative codes. Rewriting  P -> Relu/Clip(lo >= 0) -> t  (P a Conv or Gemm) as
+    P' -> Clip(lo - c, hi - c) -> t' = t - c  with c = A/2 puts t' in [-A/2, A/2]: steps of A/254, the sign
+    bit used. P' has bias b - c. Every reader of t must take the shift back exactly, or nothing is done:
+    a Conv / Gemm reading it adds c * sum(W) to its bias (a zero-padded Conv reads an explicit Pad with value
+    -c, the shifted zero, instead); a residual Add whose other input comes from a Conv / Gemm adds c to that
+    producer's bias. In float the graph computes the same function; -c is an exact int8 code, so the Pad
+    commutes with the Q/DQ after it. The shifted tensors are recorded in the model's metadata
+    (`tensor_offsets`).
     """
     from onnx import helper
 
     names = _Names(m.graph)
     by_name = {n.name: n for n in g.graph.node}
+    entries: dict[str, list[tuple[tuple[str, int], float]]] = collections.defaultdict(list)
+    for key, a in plan.acts.items():
+        entries[by_name[key[0]].input[key[1]]].append((key, a))
+    planned_inputs = set(entries)
     insert_before: dict[str, Any] = {}
     offsets: dict[str, float] = {}
     done: list[str] = []
-    for (node_name, idx), a in sorted(plan.acts.items(), key=lambda kv: g.position[kv[0][0]]):
-        node = by_name[node_name]
-        t = node.input[idx]
-        if idx != 0 or not (a > 0 and math.isfinite(a)) or node.op_type not in ("Conv", "Gemm"):
+
+    def set_bias(node: Any, value: np.ndarray, tag: str) -> None:
+        if len(node.input) == 2:
+            node.input.append("")
+        node.input[2] = _replace_initializer(m.graph, names, f"{node.name}_{tag}", value.astype(np.float32))
+        g.remember(node.input[2], value.astype(np.float32))  # a later tensor's fix may adjust it again
+
+    def ok_tensor(name: str) -> bool:
+        return name not in g.output_names and name not in g.subgraph_refs and name not in offsets
+
+    for t in sorted(entries, key=lambda n: g.position[g.producer[n].name] if n in g.producer else -1):
+        amaxes = {a for _, a in entries[t]}
+        if len(amaxes) != 1:
             continue
-        if len(g.consumers.get(t, [])) != 1 or t in g.output_names or t in g.subgraph_refs:
-            continue
+        a = amaxes.pop()
         act = g.producer.get(t)
-        bounds = _clip_bounds(g, act) if act is not None else None
-        if act is None or bounds is None or bounds[0] < 0:
+        if not (a > 0 and math.isfinite(a)) or act is None or not ok_tensor(t):
+            continue
+        bounds = _clip_bounds(g, act)
+        if bounds is None or bounds[0] < 0:
             continue
         z = act.input[0]
         prod = g.producer.get(z)
-        if prod is None or prod.op_type not in ("Conv", "Gemm") or len(g.consumers.get(z, [])) != 1 \
-                or z in g.output_names or z in g.subgraph_refs:
+        if prod is None or prod.op_type not in ("Conv", "Gemm") or len(g.consumers.get(z, [])) != 1 or not ok_tensor(z):
             continue
-        w = g.value(node.input[1])
-        pw = g.value(prod.input[1]) if len(prod.input) > 1 else None
-        if w is None or pw is None or w.dtype != np.float32:
+        p_slot = _bias_slot(g, prod)
+        if p_slot is None:
             continue
-        # Output channels of the producer (the bias length) and the consumer's per-output weight sums.
-        if prod.op_type == "Conv":
-            p_out, p_scale = pw.shape[0], 1.0
-        elif _attr(prod, "transA", 0) or pw.ndim != 2:
-            continue
+        # Every reader must be able to take the shift back.
+        fixes: list[tuple[str, Any, Any]] = []
+        for reader, j in g.consumers.get(t, []):
+            if reader.op_type in ("Conv", "Gemm") and j == 0:
+                sums, slot = _input_sums(g, reader), _bias_slot(g, reader)
+                if sums is None or slot is None or sums.shape != (slot[0],):
+                    break
+                fixes.append(("weights", reader, (sums, slot)))
+            elif reader.op_type == "Add" and len(reader.input) == 2 and reader.input[0] != reader.input[1]:
+                y = reader.input[1 - j]
+                py = g.producer.get(y)
+                if py is None or py.op_type not in ("Conv", "Gemm") or len(g.consumers.get(y, [])) != 1 \
+                        or y in planned_inputs or not ok_tensor(y) or py is prod:
+                    break
+                slot = _bias_slot(g, py)
+                if slot is None:
+                    break
+                fixes.append(("add", py, slot))
+            else:
+                break
         else:
-            p_out = pw.shape[0] if _attr(prod, "transB", 0) else pw.shape[1]
-            p_scale = float(_attr(prod, "beta", 1.0))
-        if node.op_type == "Conv":
-            if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            if not fixes:
                 continue
-            wsum = w.astype(np.float64).reshape(w.shape[0], -1).sum(axis=1)
-            c_scale = 1.0
-        elif _attr(node, "transA", 0) or w.ndim != 2:
-            continue
-        else:
-            wsum = w.astype(np.float64).sum(axis=1 if _attr(node, "transB", 0) else 0) * float(_attr(node, "alpha", 1.0))
-            c_scale = float(_attr(node, "beta", 1.0))
-        if p_scale == 0.0 or c_scale == 0.0:
-            continue
-        pb = g.value(prod.input[2]) if len(prod.input) > 2 and prod.input[2] else np.zeros(p_out, np.float32)
-        cb = g.value(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(wsum.shape[0], np.float32)
-        if pb is None or cb is None or pb.shape != (p_out,) or cb.shape != wsum.shape:
-            continue
-        c = float(np.float32(a / 2.0))
-        # producer: subtract c from every output
-        new_pb = (pb.astype(np.float64) - c / p_scale).astype(np.float32)
-        if len(prod.input) == 2:
-            prod.input.append("")
-        prod.input[2] = _replace_initializer(m.graph, names, f"{prod.name}_bias_shifted", new_pb)
-        # activation: Relu / Clip(lo, hi) -> Clip(lo - c, hi - c)
-        lo, hi = bounds
-        clip_inputs = [z, _replace_initializer(m.graph, names, f"{act.name}_min", np.array(lo - c, np.float32))]
-        if math.isfinite(hi):
-            clip_inputs.append(_replace_initializer(m.graph, names, f"{act.name}_max", np.array(hi - c, np.float32)))
-        act.op_type = "Clip"
-        del act.input[:]
-        act.input.extend(clip_inputs)
-        keep_attrs = [x for x in act.attribute if x.name not in ("min", "max")]
-        del act.attribute[:]
-        act.attribute.extend(keep_attrs)
-        # consumer: add c * sum(W) to its bias; make its zero padding an explicit Pad with value -c
-        new_cb = (cb.astype(np.float64) + c * wsum / c_scale).astype(np.float32)
-        if len(node.input) == 2:
-            node.input.append("")
-        node.input[2] = _replace_initializer(m.graph, names, f"{node.name}_bias_shifted", new_cb)
-        src = t
-        pads = list(_attr(node, "pads", [])) if node.op_type == "Conv" else []
-        if any(pads):
-            spatial = len(pads) // 2
-            pad_out = names.fresh(f"{t}_padded")
-            all_pads = [0, 0] + pads[:spatial] + [0, 0] + pads[spatial:]
-            pad = helper.make_node(
-                "Pad", [t, _replace_initializer(m.graph, names, f"{node.name}_pads", np.array(all_pads, np.int64)),
-                        _replace_initializer(m.graph, names, f"{node.name}_pad_value", np.array(-c, np.float32))],
-                [pad_out], name=names.fresh(f"{node.name}_Pad"), mode="constant")
-            insert_before[node.name] = pad
-            node.input[0] = pad_out
-            for x in node.attribute:
-                if x.name == "pads":
-                    del x.ints[:]
-                    x.ints.extend([0] * len(pads))
-            src = pad_out
-        plan.acts[(node_name, idx)] = a - c
-        st = stats.get(t)
-        if st is not None:
-            stats[src] = ChannelStats(src, st.axis, np.maximum(np.abs(st.absmax - c), c), np.asarray(st.mean) - c,
-                                      st.num_samples)
-        offsets[z] = offsets[t] = c
-        done.append(t)
+            c = float(np.float32(a / 2.0))
+            n_out, scale, pb = p_slot
+            set_bias(prod, pb.astype(np.float64) - c / scale, "bias_shifted")
+            # Relu / Clip(lo, hi) -> Clip(lo - c, hi - c)
+            lo, hi = bounds
+            clip_inputs = [z, _replace_initializer(m.graph, names, f"{act.name}_min", np.array(lo - c, np.float32))]
+            if math.isfinite(hi):
+                clip_inputs.append(_replace_initializer(m.graph, names, f"{act.name}_max",
+                                                        np.array(hi - c, np.float32)))
+            act.op_type = "Clip"
+            del act.input[:]
+            act.input.extend(clip_inputs)
+            keep_attrs = [x for x in act.attribute if x.name not in ("min", "max")]
+            del act.attribute[:]
+            act.attribute.extend(keep_attrs)
+            offsets[z] = offsets[t] = c
+            # A node can need two corrections (a residual block's second conv reads t and feeds the Add that
+            # also reads t): sum them before writing its bias once.
+            deltas: dict[str, list[Any]] = {}
+            for kind, node, info in fixes:
+                bias, bscale = (info[1][2], info[1][1]) if kind == "weights" else (info[2], info[1])
+                d = c * info[0] / bscale if kind == "weights" else np.full(bias.shape, c / bscale)
+                if node.name in deltas:
+                    deltas[node.name][2] = deltas[node.name][2] + d
+                else:
+                    deltas[node.name] = [node, bias.astype(np.float64), d]
+                if kind == "add":  # the Add's other branch now carries +c, so the sum is unchanged
+                    offsets[node.output[0]] = offsets.get(node.output[0], 0.0) - c
+            for node, bias, d in deltas.values():
+                set_bias(node, bias + d, "bias_shifted")
+            st = stats.get(t)  # the unshifted statistics, read once: readers may replace stats[t] below
+            for kind, node, _info in fixes:
+                if kind != "weights":
+                    continue
+                src = t
+                pads = list(_attr(node, "pads", [])) if node.op_type == "Conv" else []
+                if any(pads):
+                    spatial = len(pads) // 2
+                    src = names.fresh(f"{t}_padded")
+                    all_pads = [0, 0] + pads[:spatial] + [0, 0] + pads[spatial:]
+                    insert_before[node.name] = helper.make_node(
+                        "Pad", [t, _replace_initializer(m.graph, names, f"{node.name}_pads", np.array(all_pads, np.int64)),
+                                _replace_initializer(m.graph, names, f"{node.name}_pad_value", np.array(-c, np.float32))],
+                        [src], name=names.fresh(f"{node.name}_Pad"), mode="constant")
+                    node.input[0] = src
+                    for x in node.attribute:
+                        if x.name == "pads":
+                            del x.ints[:]
+                            x.ints.extend([0] * len(pads))
+                if st is not None:
+                    stats[src] = ChannelStats(src, st.axis, np.maximum(np.abs(st.absmax - c), c),
+                                              np.asarray(st.mean) - c, st.num_samples)
+            for key, _ in entries[t]:
+                plan.acts[key] = a - c
+            done.append(t)
     if offsets:
         _record_offsets(m, offsets)
     if insert_before:

@@ -132,7 +132,8 @@ def test_residual_add_not_quantized_when_disabled():
     feeds = {"x": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)}
     q, rep = Q.build_qdq_model(model, _amax_of(model, feeds), Q.QuantizeOptions(quantize_residual_add=False))
     assert "residual" not in {n.name for n in rep.quantized_nodes}
-    assert _qdq_inputs(q)["residual"] == ["Conv", "Relu"]
+    # the skip input comes straight from the activation (a Clip once shift_nonnegative moved it), no Q/DQ
+    assert _qdq_inputs(q)["residual"] == ["Conv", "Clip"] and rep.shifted_tensors == ("r1",)
 
 
 def test_attention_mask_never_quantized_and_no_sentinel_amax():

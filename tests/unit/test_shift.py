@@ -168,3 +168,60 @@ def test_shifted_tensors_are_recorded_and_sensitivity_adds_the_offset_back(tmp_p
     off = {r.node: r for r in layer_sensitivity(
         tmp_path / "m.onnx", "", amax, ds, options=Q.QuantizeOptions(shift_nonnegative=False))}
     assert abs(rows["conv1"].sqnr_db - off["conv1"].sqnr_db) < 3  # same layer, same input grid: same error
+
+
+def _residual(same_conv: bool) -> onnx.ModelProto:
+    """ResNet-style: t = Relu(conv0(x)) read by a padded conv and by the block's residual Add."""
+    w = lambda *shape: numpy_helper.from_array(RNG.normal(size=shape).astype(np.float32) * 0.5, f"w{len(inits)}")  # noqa: E731
+    inits: list[onnx.TensorProto] = []
+    inits.append(w(4, 3, 3, 3))
+    inits.append(numpy_helper.from_array(np.full(4, 0.5, np.float32), "b0"))
+    nodes = [helper.make_node("Conv", ["x", inits[0].name, "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["t"], name="relu0")]
+    inits.append(w(4, 4, 3, 3))
+    nodes.append(helper.make_node("Conv", ["t", inits[-1].name], ["ya"], name="convA", pads=[1, 1, 1, 1]))
+    if same_conv:  # the conv that reads t also feeds the Add: its bias takes both corrections
+        last = "ya"
+    else:
+        nodes.append(helper.make_node("Relu", ["ya"], ["ra"], name="reluA"))
+        inits.append(w(4, 4, 1, 1))
+        nodes.append(helper.make_node("Conv", ["ra", inits[-1].name], ["yb"], name="convB"))
+        last = "yb"
+    nodes += [helper.make_node("Add", [last, "t"], ["s"], name="residual"),
+              helper.make_node("Relu", ["s"], ["y"], name="relu_out")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("same_conv", [False, True])
+def test_shift_through_a_residual_add_is_exact_in_float(same_conv: bool) -> None:
+    model = _residual(same_conv)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    plan = Q._Plan(acts={("convA", 0): 4.0, ("residual", 1): 4.0})
+    assert Q._shift_nonnegative(m, Q._Graph(m.graph), plan, {}) == ["t"]
+    assert plan.acts == {("convA", 0): 2.0, ("residual", 1): 2.0}
+    last = "ya" if same_conv else "yb"
+    assert Q.tensor_offsets(m) == {"c0": 2.0, "t": 2.0, last: -2.0}  # the Add's conv branch carries +2
+    onnx.checker.check_model(m, full_check=True)
+    x = _x()
+    np.testing.assert_allclose(_run(m, {"x": x}), _run(model, {"x": x}), rtol=1e-5, atol=1e-4)
+
+
+def test_residual_block_int8_error_falls_with_the_shift() -> None:
+    model = _residual(False)
+    x = _x(64)
+    ref = _run(model, {"x": x})
+    acts = {n: float(np.abs(_run(Q.expose_outputs(model, [n]), {"x": x}, n)).max()) for n in ("t", "ra")}
+    amax = {"x": float(np.abs(x).max()), **acts}
+    on, rep = Q.build_qdq_model(model, amax)
+    off, _ = Q.build_qdq_model(model, amax, Q.QuantizeOptions(shift_nonnegative=False))
+    assert set(rep.shifted_tensors) == {"t", "ra"}
+    assert "residual" in rep.quantized_names
+    err_on = np.mean((_run(on, {"x": x}) - ref) ** 2)
+    err_off = np.mean((_run(off, {"x": x}) - ref) ** 2)
+    assert err_on < err_off
