@@ -164,7 +164,7 @@ class QuantizeConfig(_Model):
     smooth_alpha: float | None = Field(default=0.7, ge=0.0, le=1.0)
     """SmoothQuant strength for MatMul / Gemm inputs with outlier channels; null turns smoothing off."""
     shift_nonnegative: bool = True
-    """Quantize post-ReLU / ReLU6 inputs of Conv / Gemm around the middle of their range (exact bias folding)."""
+    """Quantize post-ReLU / ReLU6 activations around the middle of their range (exact bias folding; README)."""
     weight_rounding: Literal["nearest", "gptq"] = "nearest"
     """nearest, or gptq: int8 weight codes fitted to each layer's calibration inputs (quantpipe.gptq)."""
 

@@ -166,9 +166,10 @@ class QuantizeOptions:
     bias_correction: bool = True
     """Fold the mean output error of the quantized weights (E[(Wq - W) x]) into the float bias."""
     shift_nonnegative: bool = True
-    """Post-ReLU / ReLU6 activations (never negative) feeding a Conv or Gemm are shifted by -amax/2 before their
-    symmetric int8 Q/DQ, the shift folded into the producer's and consumer's biases (and the consumer's zero
-    padding made an explicit Pad with the shifted zero): the same float function, twice the int8 resolution."""
+    """Post-ReLU / ReLU6 activations of a Conv / Gemm (never negative) are shifted by -amax/2 before their
+    symmetric int8 Q/DQ where every reader can take it back: the shift is folded into the producer's and the
+    readers' biases (a padded Conv reader reads an explicit Pad with the shifted zero; a residual Add reader is
+    balanced through its other branch's conv bias): the same float function, twice the int8 resolution."""
     weight_rounding: str = "nearest"
     """'gptq': weight codes chosen against the layer's inputs on the calibration data (`quantpipe.gptq`);
     'nearest': round to nearest. GPTQ needs `weight_codes` (filled by `with_calibration_data`); without them
