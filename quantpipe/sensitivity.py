@@ -413,7 +413,8 @@ def accuracy_fallback(
             on `ranking_samples` samples.
         candidates_per_step: how many of the next-ranked layers are tried at each step; the one that raises the
             budget metric most is kept (ties: the one that brings the flipped samples' top-1 margins closest to
-            agreeing; for cosine, the output SQNR).
+            agreeing; for cosine, the output SQNR). When none of them raises the metric, every remaining layer
+            is tried before one is kept for its margin alone.
         max_evaluations: cap on model builds + evaluation runs (the search stops there and reports met=False).
         ranking_samples: samples used to rank the layers one at a time (when `sensitivity` is not given).
         on_step: progress callback (layer name, metric after keeping it).
@@ -452,6 +453,9 @@ def accuracy_fallback(
     def rank(e: _Eval) -> tuple[float, float]:
         return (-e.value if lower_is_better else e.value, e.margin)
 
+    def improves(e: _Eval, than: _Eval) -> bool:
+        return e.value < than.value if lower_is_better else e.value > than.value
+
     initial = evaluate(frozenset())
     num_quantizable = reports[frozenset()].num_quantizable
     quantized = [q.name for q in reports[frozenset()].quantized_nodes]
@@ -467,6 +471,12 @@ def accuracy_fallback(
             while not met(current) and remaining and len(keep) < limit:
                 trials = [(evaluate(frozenset(keep + [c])), c) for c in remaining[:max(1, candidates_per_step)]]
                 best, choice = max(trials, key=lambda t: rank(t[0]))
+                if not improves(best, current) and len(remaining) > candidates_per_step:
+                    # None of the most sensitive layers moves the budget metric (typically: the last few
+                    # samples sit on a near-tie that no single top layer flips). Keeping one only for its
+                    # margin tends to stack several layers that never flip it; look at every layer first.
+                    trials += [(evaluate(frozenset(keep + [c])), c) for c in remaining[candidates_per_step:]]
+                    best, choice = max(trials, key=lambda t: rank(t[0]))
                 keep.append(choice)
                 remaining.remove(choice)
                 current = best

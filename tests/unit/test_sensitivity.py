@@ -138,3 +138,19 @@ def test_sensitivity_with_smoothed_inputs(setup):
     rows = layer_sensitivity(model_path, None, amax, ds, output="logits", one_at_a_time=1, channel_stats=stats)
     assert {r.node for r in rows} == {"fc1", "fc2", "fc3"}
     assert all(r.sqnr_db is not None for r in rows)
+
+
+def test_fallback_looks_past_the_ranked_candidates_when_none_moves_the_metric(setup):
+    from quantpipe.artifacts import LayerSensitivity
+
+    _, model_path, ds, amax = setup
+    # A misleading ranking: the damaged layer last, and only one candidate tried per step.
+    ranking = [LayerSensitivity(node=n, op_type="MatMul", tensor="", sqnr_db=None, output_metric=None,
+                                metric_name="sqnr_db") for n in ("fc1", "fc3", "fc2")]
+    chosen: list[str] = []
+    _, fb = accuracy_fallback(model_path, amax, ds, metric="top1_agreement", target=0.99, output="logits",
+                              batch_size=16, sensitivity=ranking, candidates_per_step=1,
+                              on_step=lambda name, value: chosen.append(name))
+    assert fb.initial < 0.99  # the damaged fc2 flips some samples
+    assert chosen[0] == "fc2"  # fc1 alone moved nothing, so every layer was tried before keeping one
+    assert fb.met and [s.node for s in fb.steps] == ["fc2"]
