@@ -282,15 +282,8 @@ def collect_weight_codes(
     graph_inputs = {i.name for i in model.graph.input}
     targets = sorted({L.node.input[0] for L in chosen} - graph_inputs)
     sess = (session or Q.ort_session)(Q.expose_outputs(model, targets))
-    names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(0)
-    seen = 0
-    for batch in dataset.batches(batch_size):
-        feeds = dict(batch.feeds)
-        if max_samples is not None:
-            feeds = {k: v[: max_samples - seen] for k, v in feeds.items()}
-        res = dict(zip(names, sess.run(None, feeds), strict=True))
-        res.update(feeds)
+    for res, _ in Q.fp32_batches(sess, dataset, batch_size=batch_size, max_samples=max_samples):
         for layer in chosen:
             x = res.get(layer.node.input[0])
             if x is None or not np.issubdtype(np.asarray(x).dtype, np.floating):
@@ -305,9 +298,6 @@ def collect_weight_codes(
             h = np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
             layer.h = h if layer.h is None else layer.h + h
             layer.rows += p.shape[1]
-        seen += next(iter(feeds.values())).shape[0]
-        if max_samples is not None and seen >= max_samples:
-            break
     out: dict[str, WeightCodes] = {}
     for layer in chosen:
         wr = _rows(layer)

@@ -850,6 +850,25 @@ def _stat_targets(g: _Graph) -> dict[str, int]:
     return out
 
 
+def fp32_batches(sess: Any, dataset: Any, *, batch_size: int, max_samples: int | None = None
+                 ) -> Iterable[tuple[dict[str, Any], int]]:
+    """Run `sess` over `dataset` batch by batch, stopping after `max_samples`: yields (every output by name,
+    with the batch's inputs merged in; samples in the batch)."""
+    names = [o.name for o in sess.get_outputs()]
+    seen = 0
+    for batch in dataset.batches(batch_size):
+        feeds = dict(batch.feeds)
+        if max_samples is not None:
+            feeds = {k: v[: max_samples - seen] for k, v in feeds.items()}
+        res = dict(zip(names, sess.run(None, feeds), strict=True))
+        res.update(feeds)
+        n = next(iter(feeds.values())).shape[0]
+        yield res, n
+        seen += n
+        if max_samples is not None and seen >= max_samples:
+            return
+
+
 def collect_channel_stats(model: Any, dataset: Any, *, batch_size: int = 8, max_samples: int | None = None,
                           tensors: Mapping[str, int] | None = None) -> dict[str, ChannelStats]:
     """Per-channel absmax and mean of the quantizable nodes' activation inputs over `dataset` (FP32 run).
@@ -869,15 +888,10 @@ def collect_channel_stats(model: Any, dataset: Any, *, batch_size: int = 8, max_
     if not targets:
         return {}
     sess = ort_session(expose_outputs(m, targets))
-    out_names = [o.name for o in sess.get_outputs()]
     acc: dict[str, list[Any]] = {}
     seen = 0
-    for batch in dataset.batches(batch_size):
-        feeds = dict(batch.feeds)
-        if max_samples is not None:
-            feeds = {k: v[: max_samples - seen] for k, v in feeds.items()}
-        res = dict(zip(out_names, sess.run(None, feeds), strict=True))
-        res.update({k: v for k, v in feeds.items() if k in targets})
+    for res, n in fp32_batches(sess, dataset, batch_size=batch_size, max_samples=max_samples):
+        seen += n
         for name, axis in targets.items():
             v = np.asarray(res[name], dtype=np.float64)
             ax = axis % v.ndim
@@ -889,9 +903,6 @@ def collect_channel_stats(model: Any, dataset: Any, *, batch_size: int = 8, max_
                 cur[0] = np.maximum(cur[0], np.abs(flat).max(axis=0))
                 cur[1] = cur[1] + flat.sum(axis=0)
                 cur[2] += flat.shape[0]
-        seen += next(iter(feeds.values())).shape[0]
-        if max_samples is not None and seen >= max_samples:
-            break
     return {name: ChannelStats(name, targets[name], a[0], a[1] / max(a[2], 1), seen) for name, a in acc.items()}
 
 
