@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.quantize import _attr, _quantize_weight
+
 log = logging.getLogger(__name__)
 
 __all__ = ["WeightCodes", "gptq_round", "conv_patches", "weight_fingerprint", "collect_weight_codes"]
@@ -55,15 +57,6 @@ class WeightCodes:
 def weight_fingerprint(w: np.ndarray) -> str:
     a = np.ascontiguousarray(w, dtype=np.float32)
     return hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:24]
-
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def conv_patches(x: np.ndarray, node: Any, wshape: tuple[int, ...]) -> np.ndarray | None:
@@ -219,12 +212,8 @@ def _inputs_rows(layer: _Layer, x: np.ndarray, rng: np.random.Generator) -> np.n
 
 
 def _scale(layer: _Layer) -> np.ndarray:
-    w = layer.w
-    if layer.axis is None:
-        amax = np.asarray(np.max(np.abs(w)), dtype=np.float64)
-    else:
-        amax = np.max(np.abs(w), axis=tuple(i for i in range(w.ndim) if i != layer.axis)).astype(np.float64)
-    return np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)  # exactly quantize._quantize_weight's
+    """The writer's own scales for this weight, so the codes sit on the grid it writes."""
+    return _quantize_weight(layer.w, layer.axis, None)[1]
 
 
 def collect_weight_codes(
