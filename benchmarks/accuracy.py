@@ -297,25 +297,17 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
             res["sensitivity_seconds"] = round(time.perf_counter() - t, 1)
             res["sensitivity"] = [dataclasses.asdict(s) for s in sens[: args.top]]
         if not args.skip_fallback:
-            t = time.perf_counter()
-            frep_q, fb = accuracy_fallback(bench.model, amax[head], evald, metric=bench.fallback_metric,  # type: ignore[arg-type]
-                                           target=bench.fallback_target, output=bench.output, batch_size=16,
-                                           channel_stats=cstats, keep_in="fp16")
-            res["fallback"] = {**dataclasses.asdict(fb), "seconds": round(time.perf_counter() - t, 1)}
-            # The fallback judges against the FP32 model run here; score the final model on the stored reference too.
-            q, _ = Q.build_qdq_model(model, amax[head], dataclasses.replace(
-                base_opts, keep_float_nodes=frozenset(s.node for s in fb.steps)))
-            row(f"quantpipe INT8, {head}, fallback for {bench.fallback_metric} >= {bench.fallback_target} "
-                f"({len(fb.steps)} of {fb.num_quantizable} layers in float)", ev(_session(q, mode="int8")))
-            t = time.perf_counter()
-            _, fb_g = accuracy_fallback(bench.model, amax[head], evald, metric=bench.fallback_metric,  # type: ignore[arg-type]
-                                        target=bench.fallback_target, output=bench.output, batch_size=16,
-                                        options=gptq_opts, keep_in="fp16")
-            res["fallback_gptq"] = {**dataclasses.asdict(fb_g), "seconds": round(time.perf_counter() - t, 1)}
-            q, _ = Q.build_qdq_model(model, amax[head], dataclasses.replace(
-                gptq_opts, keep_float_nodes=frozenset(s.node for s in fb_g.steps)))
-            row(f"quantpipe INT8, {head}, GPTQ, fallback for {bench.fallback_metric} >= {bench.fallback_target} "
-                f"({len(fb_g.steps)} of {fb_g.num_quantizable} layers in float)", ev(_session(q, mode="int8")))
+            for key, label, opts in (("fallback", "", base_opts), ("fallback_gptq", "GPTQ, ", gptq_opts)):
+                t = time.perf_counter()
+                _, fb = accuracy_fallback(bench.model, amax[head], evald, metric=bench.fallback_metric,  # type: ignore[arg-type]
+                                          target=bench.fallback_target, output=bench.output, batch_size=16,
+                                          options=opts, keep_in="fp16")
+                res[key] = {**dataclasses.asdict(fb), "seconds": round(time.perf_counter() - t, 1)}
+                # The fallback judges against the FP32 model run here; score the final model on the stored reference too.
+                q, _ = Q.build_qdq_model(model, amax[head], dataclasses.replace(
+                    opts, keep_float_nodes=frozenset(s.node for s in fb.steps)))
+                row(f"quantpipe INT8, {head}, {label}fallback for {bench.fallback_metric} >= {bench.fallback_target} "
+                    f"({len(fb.steps)} of {fb.num_quantizable} layers in float)", ev(_session(q, mode="int8")))
     return res
 
 
