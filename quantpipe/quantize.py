@@ -1680,8 +1680,12 @@ def build_fp16_model(
                     if a.name == "to":
                         a.i = _FLOAT16
             if node.op_type == "ConstantOfShape":
-                for a in node.attribute:
-                    if a.name == "value" and a.t.data_type == _FLOAT:
+                value = [a for a in node.attribute if a.name == "value"]
+                if not value:  # no `value`: the spec's default is a float32 zero, which must become FP16 too
+                    node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(
+                        np.zeros(1, np.float16))))
+                for a in value:
+                    if a.t.data_type == _FLOAT:
                         half, _ = _to_fp16(numpy_helper.to_array(a.t), node.output[0], out_of_range)
                         a.t.CopyFrom(numpy_helper.from_array(half, a.t.name))
             for o in node.output:

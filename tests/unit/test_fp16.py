@@ -138,3 +138,27 @@ def test_activation_overflow_reported_from_amax():
 def test_keep_fp32_nodes_by_name():
     _, rep = Q.build_fp16_model(_model(), keep_fp32_nodes={"mm"})
     assert "mm" in {k.name for k in rep.kept_fp32}
+
+
+def test_constant_of_shape_without_value_becomes_fp16():
+    """ConstantOfShape with no `value` makes float32 zeros (the spec's default); in an FP16 graph it must make FP16
+    zeros, or a reader that needs matching types (ScatterND, as Swin's shifted-window mask exports) is invalid."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shp"], name="shape"),
+        helper.make_node("ConstantOfShape", ["shp"], ["zeros"], name="cos"),
+        helper.make_node("ScatterND", ["zeros", "idx", "upd"], ["scattered"], name="scatter"),
+        helper.make_node("Add", ["x", "scattered"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.array([[0, 1], [1, 2]], np.int64), "idx"), _init("upd", [5.0, -7.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    m16, _ = Q.build_fp16_model(model)
+    onnx.checker.check_model(m16, full_check=True)
+    x = RNG.normal(size=(2, 3)).astype(np.float32)
+    (got,) = _run(m16, {"x": x})
+    (ref,) = _run(model, {"x": x})
+    assert np.allclose(got, ref, atol=1e-2)
