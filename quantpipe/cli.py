@@ -268,7 +268,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                    on_batch=lambda done, total: advance(done))
     rep = Q.write_qdq_model(spec.path, amax, args.out, per_channel=not args.per_tensor, calibration_data=ds,
                             batch_size=args.batch_size, weight_rounding=args.weight_rounding,
-                            shift_nonnegative=not args.no_shift)
+                            shift_nonnegative=not args.no_shift,
+                            split_activations=None if args.split_activations == "off" else "auto")
     _console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
     for w in getattr(rep, "warnings", ()) or ():
         log.warning("%s", w)
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: fit the int8 weight codes to each layer's calibration inputs (slower)")
     q.add_argument("--no-shift", action="store_true",
                    help="quantize post-ReLU activations symmetrically about 0 (default: around mid-range, see README)")
+    q.add_argument("--split-activations", choices=["auto", "off"], default="auto",
+                   help="auto: an activation holding most of the int8 rounding noise is quantized in pieces (README)")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--percentile", type=float, default=99.99)
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -167,6 +167,9 @@ class QuantizeConfig(_Model):
     """Quantize post-ReLU / ReLU6 activations around the middle of their range (exact bias folding; README)."""
     weight_rounding: Literal["nearest", "gptq"] = "nearest"
     """nearest, or gptq: int8 weight codes fitted to each layer's calibration inputs (quantpipe.gptq)."""
+    split_activations: Literal["auto", "off"] | dict[str, int] = "auto"
+    """auto: an activation holding most of the rounding noise is quantized in pieces (README); off; or
+    {tensor: pieces}."""
 
     def options(self) -> Any:
         """The `quantpipe.quantize.QuantizeOptions` this section describes (no data-driven fields yet)."""
@@ -179,6 +182,7 @@ class QuantizeConfig(_Model):
             keep_float_nodes=frozenset(self.keep_float_nodes), bias_correction=self.bias_correction,
             smooth_alpha=self.smooth_alpha or None, weight_rounding=self.weight_rounding,
             shift_nonnegative=self.shift_nonnegative,
+            split_activations=None if self.split_activations == "off" else self.split_activations,
         )
 
 

@@ -280,6 +280,7 @@ def _int8_build_summary(rep: Any) -> dict[str, Any]:
         "per_channel": rep.per_channel, "opset_before": rep.opset_before, "opset_after": rep.opset_after,
         "shifted": len(rep.shifted_tensors), "bias_corrected": len(rep.bias_corrected),
         "smoothed": len(rep.smoothed_tensors), "gptq_rounded": len(rep.gptq_rounded), "warnings": list(rep.warnings),
+        "split": [{"tensor": t, "pieces": k} for t, k in rep.split_tensors],
     }
 
 

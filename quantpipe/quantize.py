@@ -176,6 +176,10 @@ class QuantizeOptions:
     every weight is rounded to nearest."""
     weight_codes: Mapping[str, Any] | None = None
     """Weight name -> `quantpipe.gptq.WeightCodes` (precomputed GPTQ codes); used where they match the weight."""
+    split_activations: Mapping[str, int] | str | None = None
+    """Activation -> pieces: a post-ReLU / ReLU6 activation of a Conv read by Convs is quantized as K pieces of
+    range amax/K (`_split_activations`; K times the resolution, all INT8). 'auto': `with_calibration_data` picks
+    the activations whose rounding noise dominates the output (`choose_splits`). None: off."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +205,8 @@ class QuantizeReport:
     """Weights whose int8 codes GPTQ chose (the others are rounded to nearest)."""
     shifted_tensors: tuple[str, ...] = ()
     """Non-negative activations quantized around the middle of their range (`QuantizeOptions.shift_nonnegative`)."""
+    split_tensors: tuple[tuple[str, int], ...] = ()
+    """Activations quantized in pieces (`QuantizeOptions.split_activations`): (tensor, pieces)."""
 
     @property
     def quantized_names(self) -> tuple[str, ...]:
@@ -1225,6 +1231,170 @@ def _shift_nonnegative(m: Any, g: _Graph, plan: _Plan, stats: dict[str, ChannelS
     return done
 
 
+def _split_candidate(g: _Graph, t: str, opts: QuantizeOptions) -> tuple[Any, Any, list[Any], float] | None:
+    """(producer Conv, Relu/Clip, Conv readers, upper bound) when `t` = Relu/Clip(0, hi)(Conv(...)) can be
+    split (`_split_activations`), else None."""
+    act = g.producer.get(t)
+    if act is None or t in g.output_names or t in g.subgraph_refs:
+        return None
+    bounds = _clip_bounds(g, act)
+    if bounds is None or bounds[0] != 0.0:
+        return None
+    z = act.input[0]
+    prod = g.producer.get(z)
+    if prod is None or prod.op_type != "Conv" or len(g.consumers.get(z, [])) != 1 or z in g.output_names \
+            or z in g.subgraph_refs or _bias_slot(g, prod) is None:
+        return None
+    readers = []
+    for reader, j in g.consumers.get(t, []):
+        w = g.value(reader.input[1]) if reader.op_type == "Conv" and len(reader.input) > 1 else None
+        if j != 0 or w is None or w.dtype != np.float32 or reader.name in opts.keep_float_nodes \
+                or reader.op_type in opts.keep_float_ops \
+                or (opts.only_nodes is not None and reader.name not in opts.only_nodes):
+            return None
+        readers.append(reader)
+    return (prod, act, readers, bounds[1]) if readers else None
+
+
+def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping[str, int], amax: dict[str, float],
+                       stats: dict[str, ChannelStats]) -> dict[str, str]:
+    """Quantize a sensitive non-negative activation in K pieces of range A/K: K times the int8 resolution.
+
+    t = Clip(0, hi)(Conv(x)) with amax A becomes K channels per channel, t_k = Clip(0, A/K)(Conv(x) - k A/K)
+    (the producer's filters repeated, its bias lowered by k A/K), and every Conv reading t reads the K pieces
+    with its input weights repeated K times (the same groups): sum_k t_k = min(t, A), which is what the Q/DQ
+    of t computed anyway. Each piece is an ordinary int8 tensor with amax A/K, so the layer stays INT8 in
+    TensorRT, at the price of K times the tensor's memory traffic and reader input channels. One activation
+    of EfficientNet-Lite0 (the stem's ReLU6, read by a depthwise conv) holds most of the model's activation
+    noise: this is the tool for such a tensor (`split_activations`, chosen by `choose_splits`).
+
+    Returns the split tensors: original name -> new name (the new tensors are new names, so per-tensor
+    comparisons with the FP32 model skip them).
+    """
+    from onnx import helper
+
+    names = _Names(m.graph)
+    done: dict[str, str] = {}
+    for t, k in sorted(splits.items()):
+        k = int(k)
+        cand = _split_candidate(g, t, opts) if k >= 2 else None
+        a = amax.get(t)
+        if cand is None or a is None or not (a > 0 and math.isfinite(a)):
+            continue
+        prod, act, readers, hi = cand
+        a = min(float(a), hi)
+        piece = a / k
+        n_out, _scale, bias = _bias_slot(g, prod)  # type: ignore[misc]
+        w = g.value(prod.input[1])
+        assert w is not None
+        z_new, t_new = names.fresh(f"{prod.output[0]}_split{k}"), names.fresh(f"{t}_split{k}")
+        if len(prod.input) == 2:
+            prod.input.append("")
+        prod.input[1] = _replace_initializer(m.graph, names, f"{prod.input[1]}_split", np.repeat(w, k, axis=0))
+        steps = (np.arange(k, dtype=np.float64) * piece)[None, :]
+        new_bias = (bias.astype(np.float64)[:, None] - steps).reshape(-1).astype(np.float32)
+        prod.input[2] = _replace_initializer(m.graph, names, f"{prod.name}_bias_split", new_bias)
+        prod.output[0] = z_new
+        act.op_type = "Clip"
+        del act.input[:]
+        act.input.extend([z_new, _replace_initializer(m.graph, names, f"{act.name}_min", np.array(0.0, np.float32)),
+                          _replace_initializer(m.graph, names, f"{act.name}_max", np.array(piece, np.float32))])
+        keep_attrs = [x for x in act.attribute if x.name not in ("min", "max")]
+        del act.attribute[:]
+        act.attribute.extend(keep_attrs)
+        act.output[0] = t_new
+        for reader in readers:
+            wr = g.value(reader.input[1])
+            assert wr is not None
+            reader.input[1] = _replace_initializer(m.graph, names, f"{reader.input[1]}_split", np.repeat(wr, k, axis=1))
+            reader.input[0] = t_new
+        amax[t_new] = piece
+        st = stats.get(t)
+        if st is not None and st.axis == 1:
+            stats[t_new] = ChannelStats(t_new, 1, np.minimum(np.repeat(st.absmax, k), piece),
+                                        np.repeat(np.asarray(st.mean) / k, k), st.num_samples)
+        done[t] = t_new
+        log.debug("split %s into %d pieces of range %.4g (readers: %s)", t, k, piece, ", ".join(r.name for r in readers))
+    if done:
+        # Inferred shapes of the renamed tensors no longer hold; drop any stale entries.
+        keep = [v for v in m.graph.value_info if v.name not in done]
+        del m.graph.value_info[:]
+        m.graph.value_info.extend(keep)
+        _drop_unused_initializers(m.graph, _Graph(m.graph))
+    return done
+
+
+def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
+                  batch_size: int = 8, max_samples: int = 32, max_tensors: int = 2) -> dict[str, int]:
+    """The activations worth splitting (`_split_activations`): tensor -> pieces.
+
+    Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
+    on up to `max_samples` calibration samples, in one instrumented session where a scalar input switches
+    each tensor's fake quantization on. A tensor whose noise at the model outputs is at least a quarter of the
+    summed noise of all of them dominates: it is split in 4 pieces (2 when its share is under a half), at most
+    `max_tensors` of them. Models whose noise is spread evenly get nothing.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = _named_copy(model)
+    g = _Graph(m.graph)
+    cands = [t for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
+             and _split_candidate(g, t, options) is not None]
+    if not cands:
+        return {}
+    outputs = [o.name for o in m.graph.output]
+    switches = {}
+    for i, t in enumerate(cands):
+        a = min(float(amax[t]), _split_candidate(g, t, options)[3])  # type: ignore[index]
+        c, step = (a / 2, a / 254) if options.shift_nonnegative else (0.0, a / 127)
+        sw = f"__qp_split_switch_{i}"
+        switches[t] = sw
+        m.graph.input.append(helper.make_tensor_value_info(sw, TensorProto.FLOAT, []))
+        m.graph.initializer.extend([numpy_helper.from_array(np.array(c, np.float32), f"{sw}_c"),
+                                    numpy_helper.from_array(np.array(step, np.float32), f"{sw}_s"),
+                                    numpy_helper.from_array(np.array(0, np.int8), f"{sw}_z")])
+        fq = [helper.make_node("Sub", [t, f"{sw}_c"], [f"{sw}_m"]),
+              helper.make_node("QuantizeLinear", [f"{sw}_m", f"{sw}_s", f"{sw}_z"], [f"{sw}_q"]),
+              helper.make_node("DequantizeLinear", [f"{sw}_q", f"{sw}_s", f"{sw}_z"], [f"{sw}_d"]),
+              helper.make_node("Sub", [f"{sw}_d", f"{sw}_m"], [f"{sw}_e"]),
+              helper.make_node("Mul", [f"{sw}_e", sw], [f"{sw}_ge"]),
+              helper.make_node("Add", [t, f"{sw}_ge"], [f"{sw}_out"])]
+        for reader, j in g.consumers[t]:
+            reader.input[j] = f"{sw}_out"
+        m.graph.node.extend(fq)
+    nodes = _topological(list(m.graph.node), m.graph)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    sess = ort_session(m, optimize=False)
+    off = {sw: np.array(0.0, np.float32) for sw in switches.values()}
+    sig = 0.0
+    noise = dict.fromkeys(cands, 0.0)
+    seen = 0
+    for batch in calibration_data.batches(batch_size):
+        feeds = {k: v[: max_samples - seen] for k, v in batch.feeds.items()}
+        ref = sess.run(outputs, {**feeds, **off})
+        sig += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
+        for t, sw in switches.items():
+            got = sess.run(outputs, {**feeds, **off, sw: np.array(1.0, np.float32)})
+            noise[t] += sum(float(np.sum(np.square(x.astype(np.float64) - r))) for x, r in zip(got, ref, strict=True)
+                            if r.dtype.kind == "f")
+        seen += next(iter(feeds.values())).shape[0]
+        if seen >= max_samples:
+            break
+    total = sum(noise.values())
+    if total <= 0.0 or sig <= 0.0:
+        return {}
+    chosen: dict[str, int] = {}
+    for t in sorted(cands, key=lambda x: -noise[x])[:max_tensors]:
+        share = noise[t] / total
+        if share >= 0.25:
+            chosen[t] = 4 if share >= 0.5 else 2
+        log.info("activation %s: %.0f%% of the activation rounding noise (%.1f dB alone)%s", t, 100 * share,
+                 10 * math.log10(sig / noise[t]) if noise[t] > 0 else math.inf,
+                 f"; split in {chosen[t]}" if t in chosen else "")
+    return chosen
+
+
 def _bias_correct(m: Any, g: _Graph, plan: _Plan, opts: QuantizeOptions, stats: Mapping[str, ChannelStats]) -> list[str]:
     """Bias correction: b <- b - E[(Wq - W) x], so quantized weights do not shift each output channel's mean.
 
@@ -1361,6 +1531,14 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
     g = _Graph(m.graph)
     amax_all = dict(amax)
     stats = dict(options.channel_stats or {})
+    split: dict[str, str] = {}
+    if isinstance(options.split_activations, Mapping) and options.split_activations:
+        split = _split_activations(m, g, options, options.split_activations, amax_all, stats)
+        if split:
+            g = _Graph(m.graph)
+    elif options.split_activations not in (None, "auto", "off"):
+        raise BuildError(f"split_activations must be 'auto', 'off' or a mapping tensor -> pieces, "
+                         f"not {options.split_activations!r}.")
     smoothed: list[str] = []
     if stats and options.smooth_alpha:
         smoothed = _smooth(m, g, options, stats, amax_all, _sentinel_tensors(g))
@@ -1390,6 +1568,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
         per_channel=per_channel, quantized_nodes=tuple(plan.quantized), kept_float=tuple(plan.floats),
         num_quantizable=plan.eligible, warnings=tuple(warnings), smoothed_tensors=tuple(smoothed),
         bias_corrected=tuple(corrected), gptq_rounded=tuple(gptq_used), shifted_tensors=tuple(shifted),
+        split_tensors=tuple((t, int(options.split_activations[t])) for t in split)  # type: ignore[index]
     )
     return m, report
 
@@ -1411,6 +1590,7 @@ def write_qdq_model(
     bias_correction: bool = True,
     weight_rounding: str = "nearest",
     shift_nonnegative: bool = True,
+    split_activations: Mapping[str, int] | str | None = None,
     batch_size: int = 8,
 ) -> QuantizeReport:
     """Write the explicit-quantization (Q/DQ) INT8 model of an FP32 ONNX model, checked, atomically.
@@ -1433,6 +1613,8 @@ def write_qdq_model(
         weight_rounding: 'gptq' (weight codes fitted to the calibration inputs; needs `calibration_data`) or
             'nearest'.
         shift_nonnegative: quantize post-ReLU inputs of Conv / Gemm around mid-range (exactly compensated).
+        split_activations: 'auto' (needs `calibration_data`), None, or tensor -> pieces
+            (`QuantizeOptions.split_activations`).
         batch_size: batch size of the statistics pass.
 
     Raises:
@@ -1443,7 +1625,7 @@ def write_qdq_model(
         quantize_residual_add=quantize_residual_add, weight_amax_override=weight_amax_override,
         quantize_activation_matmul=quantize_activation_matmul, smooth_alpha=smooth_alpha,
         bias_correction=bias_correction, weight_rounding=weight_rounding, channel_stats=channel_stats,
-        shift_nonnegative=shift_nonnegative,
+        shift_nonnegative=shift_nonnegative, split_activations=split_activations,
     )
     if calibration_data is not None:
         options = with_calibration_data(load_onnx(model_path), options, calibration_data, batch_size=batch_size,
@@ -1464,12 +1646,26 @@ def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data
         log.info("collecting per-channel statistics on the calibration data")
         options = dataclasses.replace(options, channel_stats=collect_channel_stats(m, calibration_data,
                                                                                    batch_size=batch_size))
+    if options.split_activations == "auto":
+        if amax is None:
+            raise BuildError("split_activations='auto' needs the calibrated amax.")
+        log.info("looking for activations whose rounding noise dominates the output")
+        options = dataclasses.replace(options, split_activations=choose_splits(m, amax, options, calibration_data,
+                                                                               batch_size=batch_size))
     if options.weight_codes is None and options.weight_rounding == "gptq":
         from quantpipe.gptq import collect_weight_codes
 
         log.info("fitting GPTQ weight codes on the calibration data")
+        target, target_amax = m, amax
+        if isinstance(options.split_activations, Mapping) and options.split_activations and amax is not None:
+            # Fit the codes of the split graph's weights: `build_qdq_model` makes the same split first, under
+            # the same names.
+            target_amax = dict(amax)
+            if _split_activations(target, _Graph(target.graph), options, options.split_activations, target_amax, {}):
+                name_nodes(target.graph)
         options = dataclasses.replace(options, weight_codes=collect_weight_codes(
-            m, calibration_data, per_channel=options.per_channel, batch_size=batch_size, input_amax=amax))
+            target, calibration_data, per_channel=options.per_channel, batch_size=batch_size,
+            input_amax=target_amax))
     return options
 
 

@@ -253,12 +253,18 @@ def _local_sqnr(ctx: _Context, qdq: Any, names: Sequence[str]) -> dict[str, floa
     for t, c in sorted(offsets.items()):
         extra.append(onnx.helper.make_node("Sub", [t, f"{t}__offset"], [f"{t}__shifted"], name=f"{t}__shift"))
         g.initializer.append(onnx.numpy_helper.from_array(np.array(c, dtype=np.float32), f"{t}__offset"))
+    fp_tensors = {o for n in g.node for o in n.output}
     for n in qdq.graph.node:
-        if n.name not in fp_nodes or n.name in wanted:
+        # Nodes the Q/DQ graph added (QuantizeLinear / DequantizeLinear / smoothing Mul / Pad / Constant) or
+        # rewired to new tensors (a split activation's producer): the instrumented graph needs them too.
+        added = n.name not in fp_nodes or not all(o in fp_tensors for o in n.output if o)
+        if added or n.name in wanted:
             for k, i in enumerate(n.input):
                 if i in offsets:
                     n = _with_input(n, k, f"{i}__shifted")
-        if n.name not in fp_nodes:  # QuantizeLinear / DequantizeLinear / smoothing Mul / Pad / Constant
+        if added:
+            if n.name in fp_nodes:
+                n = _renamed(n, f"{n.name}__qdq")
             extra.append(n)
         elif n.name in wanted and n.output:
             copy = onnx.NodeProto()
@@ -286,6 +292,15 @@ def _local_sqnr(ctx: _Context, qdq: Any, names: Sequence[str]) -> dict[str, floa
             noise[name] += float(np.sum((np.asarray(res[b], dtype=np.float64) + offsets.get(a, 0.0) - x) ** 2))
     return {k: (math.inf if noise[k] == 0 else -math.inf if sig[k] == 0 else 10.0 * math.log10(sig[k] / noise[k]))
             for k in sig}
+
+
+def _renamed(node: Any, name: str) -> Any:
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.name = name
+    return copy
 
 
 def _with_input(node: Any, k: int, name: str) -> Any:
@@ -317,6 +332,8 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
 
 def _accumulated_sqnr(ctx: _Context, qdq: Any, tensors: Sequence[str]) -> dict[str, float]:
     """SQNR (dB) of each tensor in the Q/DQ run against the FP32 run, summed over the evaluation batches."""
+    in_qdq = {o for n in qdq.graph.node for o in n.output}
+    tensors = [t for t in tensors if t in in_qdq]  # a split activation's producer writes a new tensor
     if not tensors:
         return {}
     # Unoptimized sessions: with fusions on, onnxruntime may hand back another value for an exposed

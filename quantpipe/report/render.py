@@ -370,6 +370,10 @@ def _int8_build_lines(results: RunResults) -> list[str]:
         kept = ", ".join(f"{k['node']} ({k['reason']})" for k in b["kept_float"][:5])
         more = len(b["kept_float"]) - 5
         lines.append(f"Left in float: {kept}" + (f" and {more} more" if more > 0 else "") + ".")
+    if b.get("split"):
+        lines.append("Quantized in pieces (all INT8; build.quantize.split_activations): " + ", ".join(
+            f"{s['tensor']} in {s['pieces']} (its readers read {s['pieces']}x the channels)" for s in b["split"])
+            + ": each held most of the activation rounding noise.")
     if b["shifted"]:
         lines.append(f"{b['shifted']} non-negative activation(s) quantized around the middle of their range "
                      "(build.quantize.shift_nonnegative): twice the resolution of a symmetric grid.")
