@@ -240,7 +240,11 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
         cstats = Q.collect_channel_stats(model, calib, batch_size=16)
         res["seconds"] = {"histograms_and_methods": round(cal_s, 1),
                           "channel_stats": round(time.perf_counter() - t, 1)}
-        base_opts = Q.QuantizeOptions(channel_stats=cstats)
+        # split_activations: auto, as pipeline.yaml and `quantpipe quantize` default to
+        t = time.perf_counter()
+        split = Q.choose_splits(model, amax[args.method], Q.QuantizeOptions(), calib, batch_size=16)
+        res["seconds"]["choose_splits"] = round(time.perf_counter() - t, 1)
+        base_opts = Q.QuantizeOptions(channel_stats=cstats, split_activations=split or None)
 
         for m in METHODS:
             q, rep = Q.build_qdq_model(model, amax[m], base_opts)
@@ -253,7 +257,7 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
         rep = Q.quantize_model(bench.model, amax[head], out, base_opts)
         res["headline"] = {"method": head, "quantized": len(rep.quantized_nodes), "num_quantizable": rep.num_quantizable,
                            "smoothed": list(rep.smoothed_tensors), "bias_corrected": len(rep.bias_corrected),
-                           "shifted": len(rep.shifted_tensors),
+                           "shifted": len(rep.shifted_tensors), "split": [list(x) for x in rep.split_tensors],
                            "kept_float": len(rep.kept_float), "write_seconds": round(time.perf_counter() - t, 1),
                            "warnings": list(rep.warnings)}
         row(f"quantpipe INT8, {head}, written file", ev(_session(str(out), mode="int8")))
@@ -265,6 +269,7 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
             ("placement + shift + bias correction", dataclasses.replace(base_opts, smooth_alpha=None)),
             ("placement + shift + smoothing", dataclasses.replace(base_opts, bias_correction=False)),
             ("headline without the shift", dataclasses.replace(base_opts, shift_nonnegative=False)),
+            ("headline without split activations", dataclasses.replace(base_opts, split_activations=None)),
             ("headline without residual-Add Q/DQ", dataclasses.replace(base_opts, quantize_residual_add=False)),
             ("headline without attention (activation x activation) MatMul Q/DQ",
              dataclasses.replace(base_opts, quantize_activation_matmul=False)),
@@ -339,7 +344,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         if h:
             lines += ["", f"Headline quantpipe model ({h['method']}): {h['quantized']} nodes quantized of "
                       f"{h['num_quantizable']} quantizable, {len(h['smoothed'])} activations smoothed, "
-                      f"{h['bias_corrected']} biases corrected, {h.get('shifted', 0)} non-negative activations shifted; "
+                      f"{h['bias_corrected']} biases corrected, {h.get('shifted', 0)} non-negative activations shifted, "
+                      f"{', '.join(f'{t} split in {k}' for t, k in h.get('split', [])) or 'no activation split'}; "
                       f"written and checked (full_check) in {h['write_seconds']} s."]
         fb = b.get("fallback")
         if fb:

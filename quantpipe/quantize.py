@@ -1271,8 +1271,6 @@ def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping
     Returns the split tensors: original name -> new name (the new tensors are new names, so per-tensor
     comparisons with the FP32 model skip them).
     """
-    from onnx import helper
-
     names = _Names(m.graph)
     done: dict[str, str] = {}
     for t, k in sorted(splits.items()):
@@ -1325,14 +1323,16 @@ def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping
 
 
 def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
-                  batch_size: int = 8, max_samples: int = 32, max_tensors: int = 2) -> dict[str, int]:
+                  batch_size: int = 8, max_samples: int = 32, max_tensors: int = 2,
+                  max_sqnr_db: float = 30.0) -> dict[str, int]:
     """The activations worth splitting (`_split_activations`): tensor -> pieces.
 
     Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
     on up to `max_samples` calibration samples, in one instrumented session where a scalar input switches
     each tensor's fake quantization on. A tensor whose noise at the model outputs is at least a quarter of the
     summed noise of all of them dominates: it is split in 4 pieces (2 when its share is under a half), at most
-    `max_tensors` of them. Models whose noise is spread evenly get nothing.
+    `max_tensors` of them, if that noise matters at all (output SQNR with only this tensor rounded below
+    `max_sqnr_db`). Models whose noise is spread evenly, or small, get nothing.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -1387,10 +1387,10 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     chosen: dict[str, int] = {}
     for t in sorted(cands, key=lambda x: -noise[x])[:max_tensors]:
         share = noise[t] / total
-        if share >= 0.25:
+        alone = 10 * math.log10(sig / noise[t]) if noise[t] > 0 else math.inf
+        if share >= 0.25 and alone < max_sqnr_db:
             chosen[t] = 4 if share >= 0.5 else 2
-        log.info("activation %s: %.0f%% of the activation rounding noise (%.1f dB alone)%s", t, 100 * share,
-                 10 * math.log10(sig / noise[t]) if noise[t] > 0 else math.inf,
+        log.info("activation %s: %.0f%% of the activation rounding noise (%.1f dB alone)%s", t, 100 * share, alone,
                  f"; split in {chosen[t]}" if t in chosen else "")
     return chosen
 

@@ -121,6 +121,13 @@ def test_quantize_section_maps_onto_quantize_options() -> None:
     assert opts.quantize_activation_matmul is False and opts.shift_nonnegative is False
     defaults = parse_config(MINIMAL).build.quantize.options()
     assert defaults.weight_rounding == "nearest" and defaults.bias_correction and defaults.smooth_alpha == 0.7
+    assert defaults.split_activations == "auto"
+    off = {"quantize": {"split_activations": "off"}}
+    assert parse_config({**MINIMAL, "build": off}).build.quantize.options().split_activations is None
+    given = {"quantize": {"split_activations": {"relu1": 3}}}
+    assert parse_config({**MINIMAL, "build": given}).build.quantize.options().split_activations == {"relu1": 3}
+    with pytest.raises(ConfigError):
+        parse_config({**MINIMAL, "build": {"quantize": {"split_activations": "sometimes"}}})
 
 
 def test_unknown_weight_rounding_names_the_choices() -> None:

@@ -27,18 +27,18 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def _model() -> onnx.ModelProto:
-    """x -> conv1 -> Clip(0, 6) = a -> {depthwise edge filter dw (padded), 1x1 conv pw} -> Add -> Relu = b -> conv3.
+    """x -> conv1 -> Clip(0, 6) = a -> {depthwise edge filter dw, 3x3 conv pw} -> Add -> Relu = b -> conv3.
 
     `a` feeds a zero-sum (edge) depthwise filter: smooth inputs give it a small signal while its rounding
     noise passes at full strength, so `a` holds most of the model's activation noise; `b` is ordinary.
     """
-    edge = np.array([[0, 1, 0], [-1, 0, 1], [0, -1, 0]], np.float32) * 2.0  # zero-sum; exact int8 codes
-    codes = RNG.integers(-100, 101, size=(4, 4, 1, 1))
-    codes[:, 0] = 127  # each output channel's max |w| is 127 steps of 5e-4: the pw weights quantize exactly
+    edge = np.array([[0, 1, 0], [-1, 0, 1], [0, -1, 0]], np.float32) * 8.0  # zero-sum; exact int8 codes
+    codes = RNG.integers(-100, 101, size=(4, 4, 3, 3))
+    codes[:, 0, 0, 0] = 127  # each output channel's max |w| is 127 steps of 2e-4: the pw weights quantize exactly
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Clip", ["c1", "zero", "six"], ["a"], name="act1"),
-        helper.make_node("Conv", ["a", "wdw", "bdw"], ["d"], name="dw", group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "wdw", "bdw"], ["d"], name="dw", group=4),
         helper.make_node("Conv", ["a", "wpw", "bpw"], ["p"], name="pw"),
         helper.make_node("Add", ["d", "p"], ["s"], name="add"),
         helper.make_node("Relu", ["s"], ["b"], name="act2"),
@@ -48,11 +48,11 @@ def _model() -> onnx.ModelProto:
         _f32("w1", RNG.normal(size=(4, 3, 3, 3)) * 0.3), _f32("b1", RNG.uniform(1.0, 3.0, size=4)),
         _f32("zero", 0.0), _f32("six", 6.0),
         _f32("wdw", np.stack([edge[None]] * 4)), _f32("bdw", np.zeros(4)),
-        _f32("wpw", codes * 5e-4), _f32("bpw", RNG.normal(size=4) * 0.1),
+        _f32("wpw", codes * 2e-4), _f32("bpw", RNG.normal(size=4) * 0.1),
         _f32("w3", RNG.normal(size=(2, 4, 1, 1))), _f32("b3", np.zeros(2)),
     ]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 8, 8])], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 6, 6])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -60,11 +60,11 @@ def _model() -> onnx.ModelProto:
 
 
 def _x(n: int = 16) -> np.ndarray:
-    """Smooth images: a random ramp per sample and channel, plus a little noise."""
+    """Smooth images: a random level and a gentle ramp per sample and channel, plus a little noise."""
     yy, xx = np.meshgrid(np.linspace(-1, 1, 8), np.linspace(-1, 1, 8), indexing="ij")
-    coef = RNG.normal(size=(n, 3, 3))
+    coef = RNG.normal(size=(n, 3, 3)) * np.array([1.0, 0.1, 0.1])
     img = coef[..., 0, None, None] + coef[..., 1, None, None] * xx + coef[..., 2, None, None] * yy
-    return (img + 0.01 * RNG.normal(size=img.shape)).astype(np.float32)
+    return (img + 0.002 * RNG.normal(size=img.shape)).astype(np.float32)
 
 
 def _amax(model: onnx.ModelProto, x: np.ndarray) -> dict[str, float]:
@@ -87,7 +87,7 @@ def test_split_computes_the_same_function_in_float(pieces: int) -> None:
     conv1, dw, pw = (next(n for n in m.graph.node if n.name == k) for k in ("conv1", "dw", "pw"))
     assert w[conv1.input[1]].shape == (4 * pieces, 3, 3, 3)
     assert w[dw.input[1]].shape == (4, pieces, 3, 3)  # still 4 groups, `pieces` inputs each
-    assert w[pw.input[1]].shape == (4, 4 * pieces, 1, 1)
+    assert w[pw.input[1]].shape == (4, 4 * pieces, 3, 3)
     x = _x() * 3  # large enough that a saturates at 6 somewhere
     np.testing.assert_allclose(_run(m, x), _run(model, x), rtol=1e-5, atol=1e-4)
 
@@ -112,8 +112,10 @@ def test_choose_splits_picks_only_the_dominant_activation(tmp_path) -> None:
     model, x = _model(), _x(32)
     np.savez(tmp_path / "c.npz", x=x)
     ds = open_dataset(tmp_path / "c.npz", [tensor_info(i) for i in model.graph.input], role="calibration")
-    chosen = Q.choose_splits(model, _amax(model, x), Q.QuantizeOptions(), ds, batch_size=8)
+    chosen = Q.choose_splits(model, _amax(model, x), Q.QuantizeOptions(), ds, batch_size=8, max_sqnr_db=60.0)
     assert chosen == {"a": 4}
+    # Noise that is small in absolute terms is left alone, however lopsided.
+    assert Q.choose_splits(model, _amax(model, x), Q.QuantizeOptions(), ds, batch_size=8, max_sqnr_db=10.0) == {}
 
 
 def test_split_is_skipped_where_a_reader_stays_float() -> None:
@@ -125,7 +127,10 @@ def test_split_is_skipped_where_a_reader_stays_float() -> None:
     assert all(t.dims[0] == 4 for t in q.graph.initializer if t.name.startswith("w1"))
 
 
-def test_with_calibration_data_resolves_auto(tmp_path) -> None:
+def test_with_calibration_data_resolves_auto(tmp_path, monkeypatch) -> None:
+    import functools
+
+    monkeypatch.setattr(Q, "choose_splits", functools.partial(Q.choose_splits, max_sqnr_db=60.0))
     model, x = _model(), _x(32)
     np.savez(tmp_path / "c.npz", x=x)
     ds = open_dataset(tmp_path / "c.npz", [tensor_info(i) for i in model.graph.input], role="calibration")
