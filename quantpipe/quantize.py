@@ -1532,7 +1532,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
     amax_all = dict(amax)
     stats = dict(options.channel_stats or {})
     split: dict[str, str] = {}
-    if isinstance(options.split_activations, Mapping) and options.split_activations:
+    if isinstance(options.split_activations, Mapping):
         split = _split_activations(m, g, options, options.split_activations, amax_all, stats)
         if split:
             g = _Graph(m.graph)
