@@ -45,7 +45,7 @@ def _model() -> onnx.ModelProto:
         helper.make_node("Conv", ["b", "w3", "b3"], ["y"], name="conv3"),
     ]
     inits = [
-        _f32("w1", RNG.normal(size=(4, 3, 3, 3)) * 0.3), _f32("b1", RNG.uniform(1.0, 3.0, size=4)),
+        _f32("w1", RNG.normal(size=(4, 3, 3, 3)) * 0.05), _f32("b1", RNG.uniform(1.0, 3.0, size=4)),
         _f32("zero", 0.0), _f32("six", 6.0),
         _f32("wdw", np.stack([edge[None]] * 4)), _f32("bdw", np.zeros(4)),
         _f32("wpw", codes * 2e-4), _f32("bpw", RNG.normal(size=4) * 0.1),
@@ -112,8 +112,8 @@ def test_choose_splits_picks_only_the_dominant_activation(tmp_path) -> None:
     model, x = _model(), _x(32)
     np.savez(tmp_path / "c.npz", x=x)
     ds = open_dataset(tmp_path / "c.npz", [tensor_info(i) for i in model.graph.input], role="calibration")
-    chosen = Q.choose_splits(model, _amax(model, x), Q.QuantizeOptions(), ds, batch_size=8, max_sqnr_db=60.0)
-    assert chosen == {"a": 4}
+    chosen = Q.choose_splits(model, _amax(model, x), Q.QuantizeOptions(), ds, batch_size=8)
+    assert chosen == {"a": 4}  # a alone makes almost all of the INT8 model's output noise
     # Noise that is small in absolute terms is left alone, however lopsided.
     assert Q.choose_splits(model, _amax(model, x), Q.QuantizeOptions(), ds, batch_size=8, max_sqnr_db=10.0) == {}
 
@@ -127,10 +127,7 @@ def test_split_is_skipped_where_a_reader_stays_float() -> None:
     assert all(t.dims[0] == 4 for t in q.graph.initializer if t.name.startswith("w1"))
 
 
-def test_with_calibration_data_resolves_auto(tmp_path, monkeypatch) -> None:
-    import functools
-
-    monkeypatch.setattr(Q, "choose_splits", functools.partial(Q.choose_splits, max_sqnr_db=60.0))
+def test_with_calibration_data_resolves_auto(tmp_path) -> None:
     model, x = _model(), _x(32)
     np.savez(tmp_path / "c.npz", x=x)
     ds = open_dataset(tmp_path / "c.npz", [tensor_info(i) for i in model.graph.input], role="calibration")
