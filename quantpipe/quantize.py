@@ -1324,16 +1324,17 @@ def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping
 
 def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
                   batch_size: int = 8, max_samples: int = 32, max_tensors: int = 2,
-                  max_sqnr_db: float = 30.0) -> dict[str, int]:
+                  max_sqnr_db: float = 30.0, min_gain_db: float = 1.0) -> dict[str, int]:
     """The activations worth splitting (`_split_activations`): tensor -> pieces.
 
     Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
     on up to `max_samples` calibration samples, in one instrumented session where a scalar input switches
-    each tensor's fake quantization on, and compared with the output noise of the whole INT8 model built with
-    `options`. A tensor that alone makes at least a fifth of the whole model's noise is split, in 4 pieces
-    (2 under 30 %: 4 pieces cut its noise 16-fold, 2 pieces 4-fold), at most `max_tensors` of them, if that
-    noise matters at all (output SQNR with only this tensor rounded below `max_sqnr_db`). Where the noise is
-    spread over many tensors, comes from elsewhere (weights, other activations), or is small, nothing is split.
+    each tensor's fake quantization on. The `max_tensors` noisiest ones whose noise matters (output SQNR with
+    only that tensor rounded below `max_sqnr_db`, and at least a tenth of the whole INT8 model's output noise)
+    are then tried for real: the whole INT8 model is built with the tensor split in 2 and in 4 pieces and run
+    on the same samples. A split is kept when it lifts the model's output SQNR by at least `min_gain_db`, with
+    the fewest pieces that come within 0.5 dB of the best. Where the noise is spread over many tensors, comes
+    from elsewhere (weights, other activations) or is small, nothing is split.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -1367,38 +1368,57 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     sess = ort_session(m, optimize=False)
-    full = ort_session(build_qdq_model(model, amax, dataclasses.replace(options, split_activations=None))[0],
-                       optimize=False)
     off = {sw: np.array(0.0, np.float32) for sw in switches.values()}
 
     def err(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
         return sum(float(np.sum(np.square(x.astype(np.float64) - r))) for x, r in zip(got, ref, strict=True)
                    if r.dtype.kind == "f")
 
-    sig = full_noise = 0.0
+    feeds_list: list[dict[str, np.ndarray]] = []
+    refs: list[list[np.ndarray]] = []
+    sig = 0.0
     noise = dict.fromkeys(cands, 0.0)
     seen = 0
     for batch in calibration_data.batches(batch_size):
         feeds = {k: v[: max_samples - seen] for k, v in batch.feeds.items()}
         ref = sess.run(outputs, {**feeds, **off})
+        feeds_list.append(feeds)
+        refs.append(ref)
         sig += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
-        full_noise += err(full.run(outputs, feeds), ref)
         for t, sw in switches.items():
             noise[t] += err(sess.run(outputs, {**feeds, **off, sw: np.array(1.0, np.float32)}), ref)
         seen += next(iter(feeds.values())).shape[0]
         if seen >= max_samples:
             break
-    if full_noise <= 0.0 or sig <= 0.0:
+    if sig <= 0.0:
         return {}
-    log.info("INT8 model on %d calibration samples: %.1f dB output SQNR", seen, 10 * math.log10(sig / full_noise))
+
+    def model_noise(splits: Mapping[str, int]) -> float:
+        q = build_qdq_model(model, amax, dataclasses.replace(options, split_activations=dict(splits)))[0]
+        run = ort_session(q, optimize=False)
+        return sum(err(run.run(outputs, f), r) for f, r in zip(feeds_list, refs, strict=True))
+
+    def db(n: float) -> float:
+        return 10 * math.log10(sig / n) if n > 0 else math.inf
+
     chosen: dict[str, int] = {}
+    current = model_noise(chosen)
+    log.info("INT8 model on %d calibration samples: %.1f dB output SQNR", seen, db(current))
     for t in sorted(cands, key=lambda x: -noise[x])[:max_tensors]:
-        share = noise[t] / full_noise
-        alone = 10 * math.log10(sig / noise[t]) if noise[t] > 0 else math.inf
-        if share >= 0.2 and alone < max_sqnr_db:
-            chosen[t] = 4 if share >= 0.3 else 2
-        log.info("activation %s alone: %.1f dB output SQNR, %.0f%% of the INT8 model's output noise%s", t, alone,
-                 100 * share, f"; split in {chosen[t]}" if t in chosen else "")
+        if db(noise[t]) >= max_sqnr_db or noise[t] < 0.1 * current:
+            log.info("activation %s alone: %.1f dB output SQNR (%.0f%% of the model's noise): not split", t,
+                     db(noise[t]), 100 * noise[t] / current if current > 0 else 0.0)
+            continue
+        tried = {k: model_noise({**chosen, t: k}) for k in (2, 4)}
+        best = min(tried.values())
+        k = min(k for k, n in tried.items() if db(n) >= db(best) - 0.5)
+        gain = db(tried[k]) - db(current)
+        log.info("activation %s alone: %.1f dB output SQNR; split in 2 / 4: %.1f / %.1f dB (model: %.1f dB)%s", t,
+                 db(noise[t]), db(tried[2]), db(tried[4]), db(current),
+                 f"; split in {k}" if gain >= min_gain_db else "; not split")
+        if gain >= min_gain_db:
+            chosen[t] = k
+            current = tried[k]
     return chosen
 
 
