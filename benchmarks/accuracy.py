@@ -242,7 +242,7 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
                           "channel_stats": round(time.perf_counter() - t, 1)}
         # split_activations: auto, as pipeline.yaml and `quantpipe quantize` default to
         t = time.perf_counter()
-        split = Q.choose_splits(model, amax[args.method], Q.QuantizeOptions(), calib, batch_size=16)
+        split = Q.choose_splits(model, amax[args.method], Q.QuantizeOptions(channel_stats=cstats), calib, batch_size=16)
         res["seconds"]["choose_splits"] = round(time.perf_counter() - t, 1)
         base_opts = Q.QuantizeOptions(channel_stats=cstats, split_activations=split or None)
 
@@ -402,7 +402,8 @@ def write_section(path: Path, block: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bench", default=".bench", help="the open benchmark set (bash ../shared/bench/build.sh DIR)")
-    p.add_argument("--method", default="percentile", choices=METHODS, help="calibration method of the headline model")
+    p.add_argument("--method", default="best", choices=METHODS,
+                   help="calibration method of the headline model (default: best, as pipeline.yaml uses)")
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument("--models", nargs="*", default=None, help="subset of: effnet_lite0 minilm_l6")
     p.add_argument("--skip-fallback", action="store_true")

@@ -1257,7 +1257,7 @@ def _split_candidate(g: _Graph, t: str, opts: QuantizeOptions) -> tuple[Any, Any
 
 
 def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping[str, int], amax: dict[str, float],
-                       stats: dict[str, ChannelStats]) -> dict[str, str]:
+                       stats: dict[str, ChannelStats], codes: dict[str, Any] | None = None) -> dict[str, str]:
     """Quantize a sensitive non-negative activation in K pieces of range A/K: K times the int8 resolution.
 
     t = Clip(0, hi)(Conv(x)) with amax A becomes K channels per channel, t_k = Clip(0, A/K)(Conv(x) - k A/K)
@@ -1267,6 +1267,10 @@ def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping
     TensorRT, at the price of K times the tensor's memory traffic and reader input channels. One activation
     of EfficientNet-Lite0 (the stem's ReLU6, read by a depthwise conv) holds most of the model's activation
     noise: this is the tool for such a tensor (`split_activations`, chosen by `choose_splits`).
+
+    GPTQ codes (`codes`, updated in place) of the producer's and readers' weights are repeated with them: the
+    copies of one weight keep one code (fitting them apart on the calibration data would lean on the upper
+    pieces, which that data rarely fills).
 
     Returns the split tensors: original name -> new name (the new tensors are new names, so per-tensor
     comparisons with the FP32 model skip them).
@@ -1288,7 +1292,9 @@ def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping
         z_new, t_new = names.fresh(f"{prod.output[0]}_split{k}"), names.fresh(f"{t}_split{k}")
         if len(prod.input) == 2:
             prod.input.append("")
+        old_w = prod.input[1]
         prod.input[1] = _replace_initializer(m.graph, names, f"{prod.input[1]}_split", np.repeat(w, k, axis=0))
+        _repeat_codes(codes, old_w, w, prod.input[1], k, axis=0)
         steps = (np.arange(k, dtype=np.float64) * piece)[None, :]
         new_bias = (bias.astype(np.float64)[:, None] - steps).reshape(-1).astype(np.float32)
         prod.input[2] = _replace_initializer(m.graph, names, f"{prod.name}_bias_split", new_bias)
@@ -1304,7 +1310,9 @@ def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping
         for reader in readers:
             wr = g.value(reader.input[1])
             assert wr is not None
+            old_w = reader.input[1]
             reader.input[1] = _replace_initializer(m.graph, names, f"{reader.input[1]}_split", np.repeat(wr, k, axis=1))
+            _repeat_codes(codes, old_w, wr, reader.input[1], k, axis=1)
             reader.input[0] = t_new
         amax[t_new] = piece
         st = stats.get(t)
@@ -1320,6 +1328,23 @@ def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping
         m.graph.value_info.extend(keep)
         _drop_unused_initializers(m.graph, _Graph(m.graph))
     return done
+
+
+def _repeat_codes(codes: dict[str, Any] | None, name: str, w: np.ndarray, new_name: str, k: int, axis: int) -> None:
+    """GPTQ codes of weight `name` (value `w`), repeated k times along `axis` as the weight was, under `new_name`."""
+    from quantpipe.gptq import WeightCodes, codes_for, weight_fingerprint
+
+    if not codes or name not in codes:
+        return
+    c = codes_for(codes, name, w, codes[name].axis)
+    if c is None:
+        return
+    scale = np.asarray(c.scale)
+    if axis == 0 and scale.ndim >= 1 and scale.shape[0] == w.shape[0]:
+        scale = np.repeat(scale, k, axis=0)
+    new_w = np.repeat(w, k, axis=axis)
+    codes[new_name] = WeightCodes(new_name, c.node, c.axis, np.repeat(c.q, k, axis=axis), scale,
+                                  weight_fingerprint(new_w))
 
 
 def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
@@ -1560,9 +1585,11 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
     stats = dict(options.channel_stats or {})
     split: dict[str, str] = {}
     if isinstance(options.split_activations, Mapping):
-        split = _split_activations(m, g, options, options.split_activations, amax_all, stats)
+        codes = dict(options.weight_codes or {})
+        split = _split_activations(m, g, options, options.split_activations, amax_all, stats, codes)
         if split:
             g = _Graph(m.graph)
+            options = dataclasses.replace(options, weight_codes=codes or None)
     elif options.split_activations not in (None, "auto", "off"):
         raise BuildError(f"split_activations must be 'auto', 'off' or a mapping tensor -> pieces, "
                          f"not {options.split_activations!r}.")
@@ -1683,16 +1710,9 @@ def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data
         from quantpipe.gptq import collect_weight_codes
 
         log.info("fitting GPTQ weight codes on the calibration data")
-        target, target_amax = m, amax
-        if isinstance(options.split_activations, Mapping) and options.split_activations and amax is not None:
-            # Fit the codes of the split graph's weights: `build_qdq_model` makes the same split first, under
-            # the same names.
-            target_amax = dict(amax)
-            if _split_activations(target, _Graph(target.graph), options, options.split_activations, target_amax, {}):
-                name_nodes(target.graph)
+        # On the unsplit graph: a split activation's weights take these codes repeated (`_split_activations`).
         options = dataclasses.replace(options, weight_codes=collect_weight_codes(
-            target, calibration_data, per_channel=options.per_channel, batch_size=batch_size,
-            input_amax=target_amax))
+            m, calibration_data, per_channel=options.per_channel, batch_size=batch_size, input_amax=amax))
     return options
 
 

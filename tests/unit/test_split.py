@@ -137,9 +137,15 @@ def test_with_calibration_data_resolves_auto(tmp_path) -> None:
     assert opts.split_activations == {"a": 4}
     q, rep = Q.build_qdq_model(model, amax, opts)
     assert rep.split_tensors == (("a", 4),)
-    # GPTQ codes were fitted on the split graph, under the names the build gives the split weights.
+    # The split weights carry the unsplit weights' GPTQ codes, repeated: the copies of one weight share a code.
     assert any("split" in w for w in rep.gptq_rounded)
     onnx.checker.check_model(q, full_check=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    dw = next(n for n in q.graph.node if n.name == "dw")
+    codes = inits[dq[dw.input[1]].input[0]]
+    assert codes.dtype == np.int8 and codes.shape == (4, 4, 3, 3)
+    assert all(np.array_equal(codes[:, 0], codes[:, k]) for k in range(1, 4))
 
 
 def test_sensitivity_runs_on_a_split_model(tmp_path) -> None:
