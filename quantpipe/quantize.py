@@ -1770,6 +1770,18 @@ def _to_fp16(arr: np.ndarray, name: str, out_of_range: list[OutOfRangeValue]) ->
     return np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16), tiny
 
 
+_NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
+
+
+def _beyond_fp16(g: _Graph, names: Iterable[str]) -> str | None:
+    """The first constant among `names` with a finite value beyond FP16's range, or None."""
+    for name in names:
+        v = g.value(name) if name and g.is_constant(name) else None
+        if v is not None and v.dtype.kind == "f" and v.size and np.any(np.isfinite(v) & (np.abs(v) > FP16_MAX)):
+            return name
+    return None
+
+
 def build_fp16_model(
     model: Any,
     *,
@@ -1813,6 +1825,9 @@ def build_fp16_model(
             reason = f"custom domain '{node.domain}' (FP16 support unknown)"
         elif any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             reason = "has a subgraph"
+        elif node.op_type in _NORM_OPS and (big := _beyond_fp16(g, node.input[1:])):
+            # A clamped running variance (Paddle exports hold ~1e8) would rescale every output of the channel.
+            reason = f"its parameter '{big}' holds values beyond FP16's range"
         if reason:
             fp32_nodes.add(node.name)
             if any(types.get(t) == _FLOAT for t in list(node.input) + list(node.output)):

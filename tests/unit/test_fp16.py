@@ -162,3 +162,24 @@ def test_constant_of_shape_without_value_becomes_fp16():
     (got,) = _run(m16, {"x": x})
     (ref,) = _run(model, {"x": x})
     assert np.allclose(got, ref, atol=1e-2)
+
+
+def test_batchnorm_with_a_variance_beyond_fp16_stays_fp32():
+    """A running variance of ~1e8 (PP-OCR's exported detector has one) clamped to 65504 rescales the channel: the
+    BatchNormalization stays FP32 instead, and the model stays close to FP32."""
+    var = np.array([9.8e7, 1.0, 2.0], np.float32)
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "mu", "var"], ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["y"], name="relu")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
+        [_init("s", [1.0, 1.0, 1.0]), _init("b", [0.5, 0.0, 0.0]), _init("mu", [0.0, 0.0, 0.0]), _init("var", var)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    m16, rep = Q.build_fp16_model(model)
+    assert any(k.name == "bn" and "beyond FP16" in k.reason for k in rep.kept_fp32)
+    x = (RNG.normal(size=(2, 3, 4, 4)) * 1e4).astype(np.float32)
+    (got,) = _run(m16, {"x": x})
+    (ref,) = _run(model, {"x": x})
+    assert np.allclose(got, ref, rtol=1e-2, atol=1e-2)
