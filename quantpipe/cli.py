@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-shift", action="store_true",
                    help="quantize post-ReLU activations symmetrically about 0 (default: around mid-range, see README)")
     q.add_argument("--split-activations", choices=["auto", "off"], default="auto",
-                   help="auto: an activation holding most of the int8 rounding noise is quantized in pieces (README)")
+                   help="auto: an activation whose int8 rounding dominates the output error is quantized in pieces "
+                        "where that measurably helps (README)")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--percentile", type=float, default=99.99)
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -168,8 +168,8 @@ class QuantizeConfig(_Model):
     weight_rounding: Literal["nearest", "gptq"] = "nearest"
     """nearest, or gptq: int8 weight codes fitted to each layer's calibration inputs (quantpipe.gptq)."""
     split_activations: Literal["auto", "off"] | dict[str, int] = "auto"
-    """auto: an activation holding most of the rounding noise is quantized in pieces (README); off; or
-    {tensor: pieces}."""
+    """auto: an activation whose int8 rounding dominates the output error is quantized in pieces where that
+    measurably helps (README); off; or {tensor: pieces}."""
 
     def options(self) -> Any:
         """The `quantpipe.quantize.QuantizeOptions` this section describes (no data-driven fields yet)."""

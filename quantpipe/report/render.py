@@ -373,7 +373,7 @@ def _int8_build_lines(results: RunResults) -> list[str]:
     if b.get("split"):
         lines.append("Quantized in pieces (all INT8; build.quantize.split_activations): " + ", ".join(
             f"{s['tensor']} in {s['pieces']} (its readers read {s['pieces']}x the channels)" for s in b["split"])
-            + ": each held most of the activation rounding noise.")
+            + " (README: split activations).")
     if b["shifted"]:
         lines.append(f"{b['shifted']} non-negative activation(s) quantized around the middle of their range "
                      "(build.quantize.shift_nonnegative): twice the resolution of a symmetric grid.")
