@@ -1294,10 +1294,12 @@ def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping
             prod.input.append("")
         old_w = prod.input[1]
         prod.input[1] = _replace_initializer(m.graph, names, f"{prod.input[1]}_split", np.repeat(w, k, axis=0))
+        g.remember(prod.input[1], np.repeat(w, k, axis=0))  # a chained split reads it back
         _repeat_codes(codes, old_w, w, prod.input[1], k, axis=0)
         steps = (np.arange(k, dtype=np.float64) * piece)[None, :]
         new_bias = (bias.astype(np.float64)[:, None] - steps).reshape(-1).astype(np.float32)
         prod.input[2] = _replace_initializer(m.graph, names, f"{prod.name}_bias_split", new_bias)
+        g.remember(prod.input[2], new_bias)
         prod.output[0] = z_new
         act.op_type = "Clip"
         del act.input[:]
@@ -1312,6 +1314,7 @@ def _split_activations(m: Any, g: _Graph, opts: QuantizeOptions, splits: Mapping
             assert wr is not None
             old_w = reader.input[1]
             reader.input[1] = _replace_initializer(m.graph, names, f"{reader.input[1]}_split", np.repeat(wr, k, axis=1))
+            g.remember(reader.input[1], np.repeat(wr, k, axis=1))
             _repeat_codes(codes, old_w, wr, reader.input[1], k, axis=1)
             reader.input[0] = t_new
         amax[t_new] = piece

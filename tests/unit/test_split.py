@@ -160,3 +160,34 @@ def test_sensitivity_runs_on_a_split_model(tmp_path) -> None:
     by_node = {r.node: r for r in rows}
     assert {"dw", "pw", "conv3"} <= set(by_node)
     assert by_node["dw"].sqnr_db is not None and by_node["dw"].sqnr_db > 10
+
+
+def test_chained_splits_compose() -> None:
+    """conv1 -> Clip -> a -> conv2 -> Relu -> b -> conv3: conv2 both reads a split tensor and produces one, so
+    its weights are repeated along both axes; in float the model is unchanged (b's amax covers its values)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["a"], name="act1"),
+        helper.make_node("Conv", ["a", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["b"], name="act2"),
+        helper.make_node("Conv", ["b", "w3", "b3"], ["y"], name="conv3", group=5, pads=[1, 1, 1, 1]),
+    ]
+    inits = [_f32("w1", RNG.normal(size=(4, 3, 3, 3))), _f32("b1", RNG.normal(size=4)), _f32("zero", 0.0),
+             _f32("six", 6.0), _f32("w2", RNG.normal(size=(5, 4, 3, 3)) * 0.3), _f32("b2", RNG.normal(size=5)),
+             _f32("w3", RNG.normal(size=(5, 1, 3, 3))), _f32("b3", RNG.normal(size=5))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
+    sess = ort.InferenceSession(Q.expose_outputs(model, ["b"]).SerializeToString(), providers=["CPUExecutionProvider"])
+    amax = {"a": 6.0, "b": float(sess.run(["b"], {"x": x})[0].max()) * 1.01}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    done = Q._split_activations(m, Q._Graph(m.graph), Q.QuantizeOptions(), {"a": 2, "b": 3}, amax, {})
+    assert set(done) == {"a", "b"}
+    onnx.checker.check_model(m, full_check=True)
+    w = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    conv2 = next(n for n in m.graph.node if n.name == "conv2")
+    assert w[conv2.input[1]].shape == (5 * 3, 4 * 2, 3, 3)
+    np.testing.assert_allclose(_run(m, x), _run(model, x), rtol=1e-5, atol=1e-4)
