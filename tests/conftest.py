@@ -15,6 +15,19 @@ EXAMPLE_CALIB = ROOT / "calib_data" / "digits" / "calib.npz"
 EXAMPLE_EVAL = ROOT / "calib_data" / "digits" / "eval.npz"
 
 
+def float_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], inputs: dict[str, list | None],
+                outputs: dict[str, list | None], *, opset: int = 17) -> onnx.ModelProto:
+    """A checked (full_check) FP32 model of `nodes`: float inputs and outputs by name -> shape, IR version 8
+    (what the pinned onnxruntime reads)."""
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def make_mlp(path: Path, *, dtype: int = TensorProto.FLOAT, opset: int = 17, seed: int = 0) -> Path:
     """A 2-layer MLP classifier: x[N,8] -> MatMul -> Relu -> Gemm -> logits[N,4]."""
     rng = np.random.default_rng(seed)

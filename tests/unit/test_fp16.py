@@ -8,6 +8,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from quantpipe import quantize as Q
+from tests.conftest import float_model
 
 RNG = np.random.default_rng(1)
 
@@ -149,13 +150,8 @@ def test_constant_of_shape_without_value_becomes_fp16():
         helper.make_node("ScatterND", ["zeros", "idx", "upd"], ["scattered"], name="scatter"),
         helper.make_node("Add", ["x", "scattered"], ["y"], name="add"),
     ]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-        [numpy_helper.from_array(np.array([[0, 1], [1, 2]], np.int64), "idx"), _init("upd", [5.0, -7.0])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = float_model(nodes, [numpy_helper.from_array(np.array([[0, 1], [1, 2]], np.int64), "idx"),
+                                _init("upd", [5.0, -7.0])], {"x": [2, 3]}, {"y": [2, 3]})
     m16, _ = Q.build_fp16_model(model)
     onnx.checker.check_model(m16, full_check=True)
     x = RNG.normal(size=(2, 3)).astype(np.float32)
@@ -170,13 +166,8 @@ def test_batchnorm_with_a_variance_beyond_fp16_stays_fp32():
     var = np.array([9.8e7, 1.0, 2.0], np.float32)
     nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "mu", "var"], ["bn"], name="bn"),
              helper.make_node("Relu", ["bn"], ["y"], name="relu")]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
-        [_init("s", [1.0, 1.0, 1.0]), _init("b", [0.5, 0.0, 0.0]), _init("mu", [0.0, 0.0, 0.0]), _init("var", var)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = float_model(nodes, [_init("s", [1.0, 1.0, 1.0]), _init("b", [0.5, 0.0, 0.0]), _init("mu", [0.0, 0.0, 0.0]),
+                                _init("var", var)], {"x": [2, 3, 4, 4]}, {"y": [2, 3, 4, 4]})
     m16, rep = Q.build_fp16_model(model)
     assert any(k.name == "bn" and "beyond FP16" in k.reason for k in rep.kept_fp32)
     x = (RNG.normal(size=(2, 3, 4, 4)) * 1e4).astype(np.float32)

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantpipe import gptq as G
 from quantpipe import quantize as Q
+from tests.conftest import float_model
 
 RNG = np.random.default_rng(0)
 
@@ -87,14 +88,8 @@ def _cnn_with_gemm() -> onnx.ModelProto:
         helper.make_node("Flatten", ["r"], ["f"], name="flat"),
         helper.make_node("Gemm", ["f", "w2"], ["y"], name="fc"),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
-                               numpy_helper.from_array(w2, "w2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return float_model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
+                               numpy_helper.from_array(w2, "w2")], {"x": ["n", 8, 4, 4]}, {"y": ["n", 5]})
 
 
 def test_writer_uses_gptq_codes_and_they_beat_nearest_on_the_calibration_data(tmp_path):

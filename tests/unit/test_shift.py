@@ -8,9 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from quantpipe import quantize as Q
+from tests.conftest import float_model
 
 RNG = np.random.default_rng(0)
 
@@ -47,15 +48,10 @@ def _block(act: str = "relu6", consumer_pads: tuple[int, ...] = (1, 1, 1, 1), se
                   numpy_helper.from_array(RNG.normal(size=4).astype(np.float32), "b2")]
         if second_reader:
             nodes.append(helper.make_node("Identity", ["a"], ["a_copy"], name="copy"))
-    outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["n", 5] if gemm else ["n", 4, "h", "w"])]
+    outputs: dict[str, list | None] = {out: ["n", 5] if gemm else ["n", 4, "h", "w"]}
     if second_reader:
-        outputs.append(helper.make_tensor_value_info("a_copy", TensorProto.FLOAT, ["n", 4, 6, 6]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
-                              outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+        outputs["a_copy"] = ["n", 4, 6, 6]
+    return float_model(nodes, inits, {"x": ["n", 3, 6, 6]}, outputs)
 
 
 def _x(n: int = 16) -> np.ndarray:
@@ -133,12 +129,9 @@ def test_shift_between_two_gemms_is_exact_in_float(trans_b: int) -> None:
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", beta=0.5),  # no bias: one gets added
              helper.make_node("Relu", ["h"], ["r"], name="relu"),
              helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=trans_b, alpha=0.7, beta=2.0)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
-                               numpy_helper.from_array(RNG.normal(size=5).astype(np.float32), "b2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = float_model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                                numpy_helper.from_array(RNG.normal(size=5).astype(np.float32), "b2")],
+                        {"x": ["n", 6]}, {"y": ["n", 5]})
     m = onnx.ModelProto()
     m.CopyFrom(model)
     assert Q._shift_nonnegative(m, Q._Graph(m.graph), Q._Plan(acts={("fc2", 0): 3.0}), {}) == ["r"]
@@ -189,12 +182,7 @@ def _residual(same_conv: bool) -> onnx.ModelProto:
         last = "yb"
     nodes += [helper.make_node("Add", [last, "t"], ["s"], name="residual"),
               helper.make_node("Relu", ["s"], ["y"], name="relu_out")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 6, 6])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return float_model(nodes, inits, {"x": ["n", 3, 6, 6]}, {"y": ["n", 4, 6, 6]})
 
 
 @pytest.mark.parametrize("same_conv", [False, True])

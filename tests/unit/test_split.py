@@ -6,11 +6,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from quantpipe import quantize as Q
 from quantpipe.data import open_dataset
 from quantpipe.model import tensor_info
+from tests.conftest import float_model
 
 RNG = np.random.default_rng(3)
 
@@ -51,12 +52,7 @@ def _model() -> onnx.ModelProto:
         _f32("wpw", codes * 2e-4), _f32("bpw", RNG.normal(size=4) * 0.1),
         _f32("w3", RNG.normal(size=(2, 4, 1, 1))), _f32("b3", np.zeros(2)),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 6, 6])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return float_model(nodes, inits, {"x": ["n", 3, 8, 8]}, {"y": ["n", 2, 6, 6]})
 
 
 def _x(n: int = 16) -> np.ndarray:
@@ -175,10 +171,7 @@ def test_chained_splits_compose() -> None:
     inits = [_f32("w1", RNG.normal(size=(4, 3, 3, 3))), _f32("b1", RNG.normal(size=4)), _f32("zero", 0.0),
              _f32("six", 6.0), _f32("w2", RNG.normal(size=(5, 4, 3, 3)) * 0.3), _f32("b2", RNG.normal(size=5)),
              _f32("w3", RNG.normal(size=(5, 1, 3, 3))), _f32("b3", RNG.normal(size=5))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 8, 8])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = float_model(nodes, inits, {"x": ["n", 3, 8, 8]}, {"y": ["n", 5, 8, 8]})
     x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
     sess = ort.InferenceSession(Q.expose_outputs(model, ["b"]).SerializeToString(), providers=["CPUExecutionProvider"])
     amax = {"a": 6.0, "b": float(sess.run(["b"], {"x": x})[0].max()) * 1.01}
