@@ -242,9 +242,9 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
                           "channel_stats": round(time.perf_counter() - t, 1)}
         # split_activations: auto, as pipeline.yaml and `quantpipe quantize` default to
         t = time.perf_counter()
-        split = Q.choose_splits(model, amax[args.method], Q.QuantizeOptions(channel_stats=cstats), calib, batch_size=16)
+        base_opts = Q.with_calibration_data(model, Q.QuantizeOptions(channel_stats=cstats, split_activations="auto"),
+                                            calib, batch_size=16, amax=amax[args.method])
         res["seconds"]["choose_splits"] = round(time.perf_counter() - t, 1)
-        base_opts = Q.QuantizeOptions(channel_stats=cstats, split_activations=split or None)
 
         for m in METHODS:
             q, rep = Q.build_qdq_model(model, amax[m], base_opts)

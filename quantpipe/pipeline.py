@@ -500,11 +500,16 @@ def stage_sensitivity(
         return ()
     from quantpipe.sensitivity import layer_sensitivity
 
+    options = cfg.build.quantize.options()
+    built = ((int8.details or {}).get("quantize") or {}).get("split")
+    if options.split_activations == "auto" and built is not None:
+        # What the build stage chose: the same model, without choosing again.
+        options = dataclasses.replace(options, split_activations={x["tensor"]: x["pieces"] for x in built})
     with progress.task("per-layer sensitivity", None):
         rows = layer_sensitivity(
             li.spec.path, int8.artifact or "", amax, li.eval, output=li.output, max_samples=s.max_samples,
             one_at_a_time=s.one_at_a_time, batch_size=cfg.data.batch_size,
-            options=cfg.build.quantize.options(), calibration_data=li.calib,
+            options=options, calibration_data=li.calib,
         )
     return tuple(rows)
 

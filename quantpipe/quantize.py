@@ -1368,14 +1368,14 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
 
     m = _named_copy(model)
     g = _Graph(m.graph)
-    cands = [t for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
-             and _split_candidate(g, t, options) is not None]
+    cands = {t: c for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
+             and (c := _split_candidate(g, t, options)) is not None}
     if not cands:
         return {}
     outputs = [o.name for o in m.graph.output]
     switches = {}
-    for i, t in enumerate(cands):
-        a = min(float(amax[t]), _split_candidate(g, t, options)[3])  # type: ignore[index]
+    for i, (t, (_prod, _act, _readers, hi)) in enumerate(cands.items()):
+        a = min(float(amax[t]), hi)
         c, step = (a / 2, a / 254) if options.shift_nonnegative else (0.0, a / 127)
         sw = f"__qp_split_switch_{i}"
         switches[t] = sw
