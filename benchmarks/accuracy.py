@@ -16,7 +16,7 @@ left as they are) and a JSON with every number beside it.
 
 Metrics follow the set's README: EfficientNet top-1 agreement with the stored FP32 top-1, MiniLM mean cosine of
 the sentence embedding with the stored FP32 embedding. INT8 models run with
-`quantpipe.quantize.ORT_INT8_SESSION_CONFIG` unless the row says "default session".
+`quantpipe.ortsession.ORT_INT8_SESSION_CONFIG` unless the row says "default session".
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _session(model: Any, *, mode: str) -> Any:
     """mode: 'int8' (quantpipe's recommended config), 'default' (onnxruntime defaults), 'exact' (no fusions)."""
     import onnxruntime as ort
 
-    from quantpipe.quantize import ORT_INT8_SESSION_CONFIG
+    from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -203,7 +203,8 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
     from quantpipe.calibration.collect import collect_histograms
     from quantpipe.data import open_dataset
     from quantpipe.model import tensor_info
-    from quantpipe.sensitivity import accuracy_fallback, layer_sensitivity
+    from quantpipe.fallback import accuracy_fallback
+    from quantpipe.sensitivity import layer_sensitivity
 
     ev = Evaluator(bench)
     model = onnx.load(str(bench.model))
@@ -269,7 +270,7 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
             ("placement + shift + bias correction", dataclasses.replace(base_opts, smooth_alpha=None)),
             ("placement + shift + smoothing", dataclasses.replace(base_opts, bias_correction=False)),
             ("headline without the shift", dataclasses.replace(base_opts, shift_nonnegative=False)),
-            ("headline without split activations", dataclasses.replace(base_opts, split_activations=None)),
+            ("headline without split activations", dataclasses.replace(base_opts, split_activations="off")),
             ("headline without residual-Add Q/DQ", dataclasses.replace(base_opts, quantize_residual_add=False)),
             ("headline without attention (activation x activation) MatMul Q/DQ",
              dataclasses.replace(base_opts, quantize_activation_matmul=False)),
@@ -298,7 +299,7 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
             t = time.perf_counter()
             sens = layer_sensitivity(bench.model, str(out), amax[head], evald, output=bench.output,
                                      one_at_a_time=args.sensitivity_layers or True, max_samples=64, batch_size=16,
-                                     channel_stats=cstats)
+                                     options=Q.QuantizeOptions(channel_stats=cstats))
             res["sensitivity_seconds"] = round(time.perf_counter() - t, 1)
             res["sensitivity"] = [dataclasses.asdict(s) for s in sens[: args.top]]
         if not args.skip_fallback:

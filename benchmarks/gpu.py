@@ -263,14 +263,15 @@ def compare_amax(cpu: CalibRun, gpu: CalibRun) -> dict[str, Any]:
 def write_fp16(model: str | Path, out: Path) -> str | None:
     """quantpipe's FP16 model; returns a note when it had to bypass write_fp16_model's saving step."""
     from quantpipe import quantize
+    from quantpipe.onnxgraph import load_onnx
 
     try:
         quantize.write_fp16_model(model, out)
         return None
-    except AttributeError as err:  # a saving bug in quantize.py must not cost the GPU run its FP16 numbers
+    except AttributeError as err:  # a saving bug in the FP16 writer must not cost the GPU run its FP16 numbers
         import onnx
 
-        fp16, _ = quantize.build_fp16_model(quantize.load_onnx(model))
+        fp16, _ = quantize.build_fp16_model(load_onnx(model))
         onnx.checker.check_model(fp16)
         onnx.save(fp16, str(out))
         return f"write_fp16_model failed ({type(err).__name__}: {err}); FP16 model built with build_fp16_model and onnx.save"

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -87,6 +88,7 @@ def measure(model_path: Path, calib_path: Path, eval_path: Path, tmp: Path, ort_
     from quantpipe.calibration import calibrate_in_memory
     from quantpipe.data import open_dataset
     from quantpipe.model import tensor_info
+    from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 
     model = onnx.load(str(model_path))
     infos = [tensor_info(i) for i in model.graph.input]
@@ -99,7 +101,7 @@ def measure(model_path: Path, calib_path: Path, eval_path: Path, tmp: Path, ort_
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if int8:
-            for k, v in Q.ORT_INT8_SESSION_CONFIG.items():
+            for k, v in ORT_INT8_SESSION_CONFIG.items():
                 so.add_session_config_entry(k, v)
         s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         first = s.get_outputs()[0].name

@@ -245,13 +245,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from quantpipe import quantize as Q
+    from quantpipe.quantize import QuantizeOptions, write_fp16_model, write_qdq_model
 
     if args.fp16:
         from quantpipe.model import load_model_spec
 
         load_model_spec(args.model)
-        rep = Q.write_fp16_model(args.model, args.out)
+        rep = write_fp16_model(args.model, args.out)
         _console().print(f"wrote {args.out}")
         for w in getattr(rep, "warnings", ()) or ():
             log.warning("%s", w)
@@ -266,10 +266,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         amax = calibrate_in_memory(spec.path, ds, method=args.method, batch_size=args.batch_size,
                                    percentile=args.percentile, device=args.device,
                                    on_batch=lambda done, total: advance(done))
-    rep = Q.write_qdq_model(spec.path, amax, args.out, per_channel=not args.per_tensor, calibration_data=ds,
-                            batch_size=args.batch_size, weight_rounding=args.weight_rounding,
-                            shift_nonnegative=not args.no_shift,
-                            split_activations=None if args.split_activations == "off" else "auto")
+    # Flags left out keep QuantizeOptions' defaults, which are pipeline.yaml's (quantpipe.config).
+    chosen = {"weight_rounding": args.weight_rounding, "split_activations": args.split_activations}
+    options = QuantizeOptions(per_channel=not args.per_tensor, shift_nonnegative=not args.no_shift,
+                              **{k: v for k, v in chosen.items() if v is not None})
+    rep = write_qdq_model(spec.path, amax, args.out, options, calibration_data=ds, batch_size=args.batch_size)
     _console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
     for w in getattr(rep, "warnings", ()) or ():
         log.warning("%s", w)
@@ -355,13 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--fp16", action="store_true", help="write the FP16 model instead (no data needed)")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")
-    q.add_argument("--weight-rounding", choices=["nearest", "gptq"], default="nearest",
-                   help="gptq: fit the int8 weight codes to each layer's calibration inputs (slower)")
+    q.add_argument("--weight-rounding", choices=["nearest", "gptq"],
+                   help="gptq: fit the int8 weight codes to each layer's calibration inputs (slower); default: "
+                        "build.quantize.weight_rounding's default")
     q.add_argument("--no-shift", action="store_true",
                    help="quantize post-ReLU activations symmetrically about 0 (default: around mid-range, see README)")
-    q.add_argument("--split-activations", choices=["auto", "off"], default="auto",
+    q.add_argument("--split-activations", choices=["auto", "off"],
                    help="auto: an activation whose int8 rounding dominates the output error is quantized in pieces "
-                        "where that measurably helps (README)")
+                        "where that measurably helps (README); default: build.quantize.split_activations' default")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--percentile", type=float, default=99.99)
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from quantpipe.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_FLOAT_OPS",
+    "DEFAULT_FP16_BLOCKLIST",
     "CALIBRATION_METHODS",
     "GATE_METRICS",
     "PRECISIONS",
@@ -46,6 +48,28 @@ __all__ = [
     "parse_config",
     "variant_name",
 ]
+
+#: Op types kept in float: numerically sensitive (normalisation, exponentials, divisions), or where an
+#: INT8 grid is wrong by construction (Resize coordinates). Q/DQ is never placed on their inputs.
+DEFAULT_FLOAT_OPS: frozenset[str] = frozenset({
+    "LayerNormalization", "GroupNormalization", "InstanceNormalization", "LpNormalization",
+    "MeanVarianceNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+    "Softmax", "LogSoftmax", "Hardmax",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+    "ReduceProd", "Resize", "Upsample", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Gelu", "Div",
+    "TopK", "NonMaxSuppression", "RoiAlign", "GridSample",
+})
+
+#: Op types kept in FP32 by the FP16 converter: coordinate / index arithmetic that FP16 cannot hold
+#: exactly (Resize, Range), ops whose output type comes from an attribute (random generators,
+#: EyeLike), and squaring / exponentials that overflow FP16 at moderate inputs (Pow(x, 2) overflows
+#: for |x| > 256, which is why a decomposed LayerNorm is also kept in FP32 by pattern).
+DEFAULT_FP16_BLOCKLIST: frozenset[str] = frozenset({
+    "Resize", "Upsample", "Range", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+    "Multinomial", "Bernoulli", "EyeLike", "NonMaxSuppression", "RoiAlign", "GridSample", "Pow",
+    "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "Einsum", "STFT", "DFT",
+})
+
 
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile", "mse")
 """Methods a cache can be written for; `best` is also accepted for `calibration.use`."""
@@ -157,39 +181,31 @@ class QuantizeConfig(_Model):
     quantize_activation_matmul: bool = True
     """Q/DQ on attention's activation x activation MatMuls (TensorRT's INT8 MHA fusion needs them)."""
     keep_float_ops: list[str] | None = None
-    """Op types left in float (default: quantpipe.quantize.DEFAULT_FLOAT_OPS)."""
+    """Op types left in float (default: DEFAULT_FLOAT_OPS)."""
     keep_float_nodes: list[str] = Field(default_factory=list)
     bias_correction: bool = True
     """Fold the quantized weights' mean output error into the float bias (calibration data, one FP32 pass)."""
     smooth_alpha: float | None = Field(default=0.7, ge=0.0, le=1.0)
     """SmoothQuant strength for MatMul / Gemm inputs with outlier channels; null turns smoothing off."""
+    smooth_min_spread: float = Field(default=4.0, gt=0.0)
+    """Smooth an activation only when its largest channel range exceeds the median one by this factor."""
     shift_nonnegative: bool = True
     """Quantize post-ReLU / ReLU6 activations around the middle of their range (exact bias folding; README)."""
     weight_rounding: Literal["nearest", "gptq"] = "nearest"
-    """nearest, or gptq: int8 weight codes fitted to each layer's calibration inputs (quantpipe.gptq)."""
+    """nearest, or gptq: int8 weight codes fitted to each layer's calibration inputs (quantpipe.quantize.gptq)."""
     split_activations: Literal["auto", "off"] | dict[str, int] = "auto"
     """auto: an activation whose int8 rounding dominates the output error is quantized in pieces where that
     measurably helps (README); off; or {tensor: pieces}."""
 
-    def options(self) -> Any:
-        """The `quantpipe.quantize.QuantizeOptions` this section describes (no data-driven fields yet)."""
-        from quantpipe.quantize import DEFAULT_FLOAT_OPS, QuantizeOptions
-
-        return QuantizeOptions(
-            per_channel=self.per_channel, quantize_residual_add=self.quantize_residual_add,
-            quantize_activation_matmul=self.quantize_activation_matmul,
-            keep_float_ops=frozenset(self.keep_float_ops if self.keep_float_ops is not None else DEFAULT_FLOAT_OPS),
-            keep_float_nodes=frozenset(self.keep_float_nodes), bias_correction=self.bias_correction,
-            smooth_alpha=self.smooth_alpha or None, weight_rounding=self.weight_rounding,
-            shift_nonnegative=self.shift_nonnegative,
-            split_activations=None if self.split_activations == "off" else self.split_activations,
-        )
 
 
 class Fp16Config(_Model):
     keep_io_types: bool = True
+    """Graph inputs and outputs stay FP32 (Casts at the boundary)."""
     keep_fp32_ops: list[str] | None = None
+    """Op types kept in FP32 (default: DEFAULT_FP16_BLOCKLIST)."""
     keep_fp32_nodes: list[str] = Field(default_factory=list)
+    """Node names kept in FP32."""
 
 
 class FallbackConfig(_Model):

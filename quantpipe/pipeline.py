@@ -287,7 +287,8 @@ def _int8_build_summary(rep: Any) -> dict[str, Any]:
 def _build_ort(
     cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress
 ) -> tuple[dict[str, Path], FallbackReport | None, dict[str, Any] | None]:
-    from quantpipe import quantize as Q
+    from quantpipe.onnxgraph import load_onnx
+    from quantpipe.quantize import QuantizeOptions, quantize_model, with_calibration_data, write_fp16_model
 
     b = cfg.build
     ort = b.backends.onnxruntime
@@ -299,30 +300,25 @@ def _build_ort(
     with progress.task("building ONNX Runtime variants", len(ort.precisions)) as advance:
         if "fp16" in ort.precisions:
             out = ws.models / "model.fp16.onnx"
-            f = b.fp16
-            Q.write_fp16_model(
-                li.spec.path, out, keep_io_types=f.keep_io_types,
-                keep_fp32_ops=f.keep_fp32_ops if f.keep_fp32_ops is not None else Q.DEFAULT_FP16_BLOCKLIST,
-                keep_fp32_nodes=f.keep_fp32_nodes,
-            )
+            write_fp16_model(li.spec.path, out, b.fp16)
             built["fp16"] = out
             advance(1)
         if "int8" in ort.precisions:
             out = ws.models / "model.int8.onnx"
             if b.fallback is not None:
-                from quantpipe.sensitivity import accuracy_fallback
+                from quantpipe.fallback import accuracy_fallback
 
                 fb = b.fallback
                 target = fb.min if fb.metric != "top1_drop" else fb.max
                 rep, fallback = accuracy_fallback(
                     li.spec.path, amax, li.eval, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
-                    options=q.options(), calibration_data=li.calib,
+                    options=QuantizeOptions.from_config(q), calibration_data=li.calib,
                 )
             else:
-                options = Q.with_calibration_data(Q.load_onnx(li.spec.path), q.options(), li.calib,
-                                                  batch_size=cfg.data.batch_size, amax=amax)
-                rep = Q.quantize_model(li.spec.path, amax, out, options)
+                options = with_calibration_data(load_onnx(li.spec.path), QuantizeOptions.from_config(q), li.calib,
+                                                batch_size=cfg.data.batch_size, amax=amax)
+                rep = quantize_model(li.spec.path, amax, out, options)
             int8_build = _int8_build_summary(rep)
             built["int8"] = out
             advance(1)
@@ -498,9 +494,10 @@ def stage_sensitivity(
     int8 = next((v for v in variants if v.name == variant_name("onnxruntime", "int8") and v.ran), None)
     if not s.enabled or int8 is None:
         return ()
+    from quantpipe.quantize import QuantizeOptions
     from quantpipe.sensitivity import layer_sensitivity
 
-    options = cfg.build.quantize.options()
+    options = QuantizeOptions.from_config(cfg.build.quantize)
     built = ((int8.details or {}).get("quantize") or {}).get("split")
     if options.split_activations == "auto" and built is not None:
         # What the build stage chose: the same model, without choosing again.

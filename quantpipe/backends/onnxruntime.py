@@ -70,7 +70,7 @@ class OrtRunner(Runner):
         opts.log_severity_level = 3
         # Without this, onnxruntime's CPU session rewrites int8 Q/DQ into uint8 kernels that saturate on
         # CPUs without VNNI (EfficientNet-Lite0 INT8: 0.44 vs 0.86 agreement); harmless for float models.
-        from quantpipe.quantize import ORT_INT8_SESSION_CONFIG
+        from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 
         for key, value in ORT_INT8_SESSION_CONFIG.items():
             opts.add_session_config_entry(key, value)

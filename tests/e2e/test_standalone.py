@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from quantpipe.cli import main
-from quantpipe.quantize import ORT_INT8_SESSION_CONFIG
+from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 from tests.conftest import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL
 
 

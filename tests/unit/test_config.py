@@ -110,22 +110,23 @@ def test_variant_name() -> None:
 
 
 def test_quantize_section_maps_onto_quantize_options() -> None:
-    from quantpipe.quantize import DEFAULT_FLOAT_OPS
+    from quantpipe.config import DEFAULT_FLOAT_OPS
+    from quantpipe.quantize import QuantizeOptions
 
     build = {"quantize": {"weight_rounding": "gptq", "bias_correction": False, "smooth_alpha": None,
                           "keep_float_nodes": ["conv1"], "quantize_activation_matmul": False,
                           "shift_nonnegative": False}}
-    opts = parse_config({**MINIMAL, "build": build}).build.quantize.options()
+    opts = QuantizeOptions.from_config(parse_config({**MINIMAL, "build": build}).build.quantize)
     assert opts.weight_rounding == "gptq" and opts.bias_correction is False and opts.smooth_alpha is None
     assert opts.keep_float_nodes == frozenset({"conv1"}) and opts.keep_float_ops == DEFAULT_FLOAT_OPS
     assert opts.quantize_activation_matmul is False and opts.shift_nonnegative is False
-    defaults = parse_config(MINIMAL).build.quantize.options()
+    defaults = QuantizeOptions.from_config(parse_config(MINIMAL).build.quantize)
     assert defaults.weight_rounding == "nearest" and defaults.bias_correction and defaults.smooth_alpha == 0.7
     assert defaults.split_activations == "auto"
     off = {"quantize": {"split_activations": "off"}}
-    assert parse_config({**MINIMAL, "build": off}).build.quantize.options().split_activations is None
+    assert QuantizeOptions.from_config(parse_config({**MINIMAL, "build": off}).build.quantize).split_activations == "off"
     given = {"quantize": {"split_activations": {"relu1": 3}}}
-    assert parse_config({**MINIMAL, "build": given}).build.quantize.options().split_activations == {"relu1": 3}
+    assert QuantizeOptions.from_config(parse_config({**MINIMAL, "build": given}).build.quantize).split_activations == {"relu1": 3}
     with pytest.raises(ConfigError):
         parse_config({**MINIMAL, "build": {"quantize": {"split_activations": "sometimes"}}})
 

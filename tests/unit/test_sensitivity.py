@@ -14,8 +14,10 @@ from quantpipe import quantize as Q
 from quantpipe.artifacts import FallbackReport
 from quantpipe.data import open_dataset
 from quantpipe.errors import ConfigError
+from quantpipe.fallback import accuracy_fallback
 from quantpipe.model import tensor_info
-from quantpipe.sensitivity import accuracy_fallback, layer_sensitivity
+from quantpipe.onnxgraph import expose_outputs
+from quantpipe.sensitivity import layer_sensitivity
 
 RNG = np.random.default_rng(2)
 N = 48
@@ -46,7 +48,7 @@ def setup(tmp_path_factory):
     np.savez(d / "eval.npz", x=x, label=np.zeros(N, dtype=np.int64))
     model = onnx.load(model_path)
     ds = open_dataset(d / "eval.npz", [tensor_info(i) for i in model.graph.input], role="evaluation")
-    sess = ort.InferenceSession(Q.expose_outputs(model, ["r1", "r2"]).SerializeToString(),
+    sess = ort.InferenceSession(expose_outputs(model, ["r1", "r2"]).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     r1, r2 = sess.run(["r1", "r2"], {"x": x})
     # fc2's input gets a badly clipped range (as from a bad calibration): it must come out as the worst layer.
@@ -124,7 +126,7 @@ def test_bad_metric_name(setup):
 def test_sensitivity_of_a_fallback_model_lists_only_its_quantized_layers(setup, tmp_path):
     _, model_path, ds, amax = setup
     int8 = tmp_path / "partial.int8.onnx"
-    Q.write_qdq_model(model_path, amax, int8, keep_float_nodes={"fc2"})
+    Q.write_qdq_model(model_path, amax, int8, Q.QuantizeOptions(keep_float_nodes=frozenset({"fc2"})))
     rows = layer_sensitivity(model_path, int8, amax, ds, output="logits", one_at_a_time=False)
     assert {r.node for r in rows} == {"fc1", "fc3"} and all(r.output_metric is None for r in rows)
 
@@ -135,7 +137,8 @@ def test_sensitivity_with_smoothed_inputs(setup):
     absmax = np.ones(32)
     absmax[0] = 50.0
     stats = {"r1": Q.ChannelStats("r1", -1, absmax, np.zeros(32), N)}
-    rows = layer_sensitivity(model_path, None, amax, ds, output="logits", one_at_a_time=1, channel_stats=stats)
+    rows = layer_sensitivity(model_path, None, amax, ds, output="logits", one_at_a_time=1,
+                              options=Q.QuantizeOptions(channel_stats=stats))
     assert {r.node for r in rows} == {"fc1", "fc2", "fc3"}
     assert all(r.sqnr_db is not None for r in rows)
 

@@ -8,8 +8,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from quantpipe import onnxgraph, ortsession
 from quantpipe import quantize as Q
+from quantpipe.config import DEFAULT_FLOAT_OPS
 from quantpipe.errors import ModelError
+from quantpipe.onnxgraph import expose_outputs
+from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 
 RNG = np.random.default_rng(0)
 
@@ -38,7 +42,7 @@ def _amax_of(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
     """Independent oracle for calibration: max |x| of every float tensor, from onnxruntime."""
     inferred = onnx.shape_inference.infer_shapes(model)
     floats = {v.name for v in inferred.graph.value_info if v.type.tensor_type.elem_type == TensorProto.FLOAT}
-    exposed = Q.expose_outputs(model, [o for n in model.graph.node for o in n.output if o in floats])
+    exposed = expose_outputs(model, [o for n in model.graph.node for o in n.output if o in floats])
     vals = _run(exposed, feeds)
     vals.update(feeds)
     return {k: float(np.max(np.abs(v))) for k, v in vals.items() if np.asarray(v).dtype == np.float32}
@@ -261,7 +265,7 @@ def test_opset11_model_is_upgraded_valid_and_close_to_fp32(tmp_path):
     # The session config quantpipe recommends for its int8 models: onnxruntime's default rewrites them to
     # U8S8 kernels that saturate on x86 CPUs without VNNI (see quantize.ORT_INT8_SESSION_CONFIG).
     opts = ort.SessionOptions()
-    for k, v in Q.ORT_INT8_SESSION_CONFIG.items():
+    for k, v in ORT_INT8_SESSION_CONFIG.items():
         opts.add_session_config_entry(k, v)
     got = ort.InferenceSession(str(out_path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     ref = _run(model, feeds)["y"]
@@ -304,7 +308,7 @@ def test_keep_float_nodes_and_ops():
     assert "mm_o" not in {n.name for n in rep.quantized_nodes} and rep.num_quantizable == 6
     _, rep = Q.build_qdq_model(model, amax, Q.QuantizeOptions(quantize_activation_matmul=False))
     assert {n.name for n in rep.quantized_nodes} == {"mm_q", "mm_k", "mm_v", "mm_o"}
-    _, rep = Q.build_qdq_model(model, amax, Q.QuantizeOptions(keep_float_ops=Q.DEFAULT_FLOAT_OPS | {"MatMul"}))
+    _, rep = Q.build_qdq_model(model, amax, Q.QuantizeOptions(keep_float_ops=DEFAULT_FLOAT_OPS | {"MatMul"}))
     assert rep.quantized_nodes == ()
 
 
@@ -332,7 +336,9 @@ def test_external_data_in_and_out(tmp_path, monkeypatch):
     on_disk = onnx.ModelProto()
     on_disk.CopyFrom(model)  # save_model with external data rewrites the proto it is given
     onnx.save_model(on_disk, src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
-    monkeypatch.setattr(Q, "_LARGE_MODEL_BYTES", 100)  # pretend the result is > 2 GB
+    # Pretend the result is > 2 GB: saved with external data, and run by onnxruntime from a file.
+    monkeypatch.setattr(onnxgraph, "LARGE_MODEL_BYTES", 100)
+    monkeypatch.setattr(ortsession, "LARGE_MODEL_BYTES", 100)
     out = tmp_path / "out.int8.onnx"
     rep = Q.write_qdq_model(src, amax, out)
     assert {n.name for n in rep.quantized_nodes} == {"mm1", "mm2"}
@@ -354,7 +360,7 @@ def test_smoothing_is_exact_in_float_and_helps_outlier_channels():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 8])],
                    [_init("chan", scale), _init("w", RNG.normal(size=(d, 8)))])
     feeds = {"x": RNG.normal(size=(64, d)).astype(np.float32)}
-    h = _run(Q.expose_outputs(model, ["h"]), feeds)["h"]
+    h = _run(expose_outputs(model, ["h"]), feeds)["h"]
     stats = {"h": Q.ChannelStats("h", -1, np.abs(h).max(axis=0), h.mean(axis=0), 64)}
     amax = _amax_of(model, feeds)
     ref = _run(model, feeds)["y"]
@@ -396,7 +402,7 @@ def test_collect_channel_stats_matches_numpy(tmp_path):
     np.savez(tmp_path / "d.npz", x=x)
     ds = open_dataset(tmp_path / "d.npz", [tensor_info(i) for i in model.graph.input])
     stats = Q.collect_channel_stats(model, ds, batch_size=2)
-    r1 = _run(Q.expose_outputs(model, ["r1"]), {"x": x})["r1"]
+    r1 = _run(expose_outputs(model, ["r1"]), {"x": x})["r1"]
     assert np.allclose(stats["r1"].mean, r1.mean(axis=(0, 2, 3)), atol=1e-5)
     assert np.allclose(stats["r1"].absmax, np.abs(r1).max(axis=(0, 2, 3)))
     assert stats["ln"].axis == -1 and stats["ln"].mean.shape == (8,)

@@ -8,6 +8,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from quantpipe import quantize as Q
+from quantpipe.config import DEFAULT_FP16_BLOCKLIST, Fp16Config
 from tests.conftest import float_model
 
 RNG = np.random.default_rng(1)
@@ -105,7 +106,7 @@ def test_out_of_range_constant_is_reported_and_clamped():
 
 def test_kept_ops_and_decomposed_layernorm_stay_fp32():
     model = _model()
-    m16, rep = Q.build_fp16_model(model, keep_fp32_ops=Q.DEFAULT_FP16_BLOCKLIST | {"Softmax"})
+    m16, rep = Q.build_fp16_model(model, Fp16Config(keep_fp32_ops=sorted(DEFAULT_FP16_BLOCKLIST | {"Softmax"})))
     kept = {k.name: k.reason for k in rep.kept_fp32}
     assert {"resize", "softmax", "pow", "rm2", "sqrt", "div"} <= set(kept)
     assert "decomposed LayerNorm" in kept["rm2"] and "conv" not in kept
@@ -121,7 +122,7 @@ def test_kept_ops_and_decomposed_layernorm_stay_fp32():
 
 def test_io_types_converted_when_asked():
     model = _model()
-    m16, rep = Q.build_fp16_model(model, keep_io_types=False)
+    m16, rep = Q.build_fp16_model(model, Fp16Config(keep_io_types=False))
     assert m16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in m16.graph.output)
     feeds = _feeds()
@@ -137,7 +138,7 @@ def test_activation_overflow_reported_from_amax():
 
 
 def test_keep_fp32_nodes_by_name():
-    _, rep = Q.build_fp16_model(_model(), keep_fp32_nodes={"mm"})
+    _, rep = Q.build_fp16_model(_model(), Fp16Config(keep_fp32_nodes=["mm"]))
     assert "mm" in {k.name for k in rep.kept_fp32}
 
 

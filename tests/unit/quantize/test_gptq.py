@@ -1,4 +1,4 @@
-"""GPTQ weight rounding (quantpipe.gptq): patch unfolding, the rounding itself, and its use by the Q/DQ writer."""
+"""GPTQ weight rounding (quantpipe.quantize.gptq): patch unfolding, the rounding itself, and its use by the Q/DQ writer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quantpipe import gptq as G
 from quantpipe import quantize as Q
+from quantpipe.quantize import gptq as G
+from quantpipe.quantize import weights as W
 from tests.conftest import float_model
 
 RNG = np.random.default_rng(0)
@@ -103,7 +104,7 @@ def test_writer_uses_gptq_codes_and_they_beat_nearest_on_the_calibration_data(tm
     np.savez(tmp_path / "d.npz", x=x)
     ds = open_dataset(tmp_path / "d.npz", [tensor_info(i) for i in model.graph.input])
     amax = {"x": 6.0, "f": 60.0}
-    opts = Q.with_calibration_data(model, Q.QuantizeOptions(weight_rounding="gptq", bias_correction=False,
+    opts = Q.with_calibration_data(model, Q.QuantizeOptions(weight_rounding="gptq", bias_correction=False, split_activations="off",
                                                                      smooth_alpha=None), ds,
                                    batch_size=128)
     assert set(opts.weight_codes or {}) == {"w1", "w2"}
@@ -124,15 +125,15 @@ def test_codes_are_not_used_for_a_weight_that_changed():
     model = _cnn_with_gemm()
     w1 = numpy_helper.to_array(model.graph.initializer[0])
     scale = np.abs(w1).reshape(8, -1).max(axis=1) / 127
-    fake = G.WeightCodes("w1", "dw", 0, np.zeros(w1.shape, np.int8), scale.astype(np.float32),
-                         G.weight_fingerprint(w1 + 1.0))
+    fake = W.WeightCodes("w1", "dw", 0, np.zeros(w1.shape, np.int8), scale.astype(np.float32),
+                         W.weight_fingerprint(w1 + 1.0))
     _, rep = Q.build_qdq_model(model, {"x": 6.0, "f": 60.0},
                                Q.QuantizeOptions(weight_rounding="gptq", weight_codes={"w1": fake}))
     assert rep.gptq_rounded == ()
-    assert G.codes_for({"w1": fake}, "w1", w1, 0) is None
-    ok = dataclasses.replace(fake, fingerprint=G.weight_fingerprint(w1))
-    assert G.codes_for({"w1": ok}, "w1", w1, 0) is ok
-    assert G.codes_for({"w1": ok}, "w1", w1, None) is None  # computed per channel, asked per tensor
+    assert W.codes_for({"w1": fake}, "w1", w1, 0) is None
+    ok = dataclasses.replace(fake, fingerprint=W.weight_fingerprint(w1))
+    assert W.codes_for({"w1": ok}, "w1", w1, 0) is ok
+    assert W.codes_for({"w1": ok}, "w1", w1, None) is None  # computed per channel, asked per tensor
 
 
 def test_unknown_weight_rounding_is_refused(tmp_path):

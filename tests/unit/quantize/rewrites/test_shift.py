@@ -11,6 +11,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from quantpipe import quantize as Q
+from quantpipe.onnxgraph import Graph, expose_outputs
+from quantpipe.quantize.placement import Plan
+from quantpipe.quantize.rewrites.shift import shift_nonnegative
 from tests.conftest import float_model
 
 RNG = np.random.default_rng(0)
@@ -64,9 +67,9 @@ def test_shift_rewrite_computes_the_same_function_in_float(act: str, pads: tuple
     model = _block(act, pads)
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    g = Q._Graph(m.graph)
-    plan = Q._Plan(acts={("dw", 0): 5.0})
-    assert Q._shift_nonnegative(m, g, plan, {}) == ["a"]
+    g = Graph(m.graph)
+    plan = Plan(acts={("dw", 0): 5.0})
+    assert shift_nonnegative(m, g, plan, {}) == ["a"]
     assert plan.acts[("dw", 0)] == pytest.approx(2.5)
     onnx.checker.check_model(m, full_check=True)
     ops = [n.op_type for n in m.graph.node]
@@ -108,7 +111,7 @@ def test_no_shift_where_another_node_reads_the_activation_or_the_producer_is_not
 def test_shift_keeps_bias_correction_exact_about_the_shifted_mean() -> None:
     model = _block("relu6")
     x = _x(64)
-    a = _run(Q.expose_outputs(model, ["a"]), {"x": x}, "a")
+    a = _run(expose_outputs(model, ["a"]), {"x": x}, "a")
     assert a.min() >= 0 and a.max() <= 6
     stats = {"a": Q.ChannelStats("a", 1, np.abs(a).max(axis=(0, 2, 3)), a.mean(axis=(0, 2, 3)), 64)}
     opts = Q.QuantizeOptions(channel_stats=stats)
@@ -134,7 +137,7 @@ def test_shift_between_two_gemms_is_exact_in_float(trans_b: int) -> None:
                         {"x": ["n", 6]}, {"y": ["n", 5]})
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    assert Q._shift_nonnegative(m, Q._Graph(m.graph), Q._Plan(acts={("fc2", 0): 3.0}), {}) == ["r"]
+    assert shift_nonnegative(m, Graph(m.graph), Plan(acts={("fc2", 0): 3.0}), {}) == ["r"]
     onnx.checker.check_model(m, full_check=True)
     x = RNG.normal(size=(32, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(m, {"x": x}), _run(model, {"x": x}), rtol=1e-5, atol=1e-4)
@@ -190,8 +193,8 @@ def test_shift_through_a_residual_add_is_exact_in_float(same_conv: bool) -> None
     model = _residual(same_conv)
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    plan = Q._Plan(acts={("convA", 0): 4.0, ("residual", 1): 4.0})
-    assert Q._shift_nonnegative(m, Q._Graph(m.graph), plan, {}) == ["t"]
+    plan = Plan(acts={("convA", 0): 4.0, ("residual", 1): 4.0})
+    assert shift_nonnegative(m, Graph(m.graph), plan, {}) == ["t"]
     assert plan.acts == {("convA", 0): 2.0, ("residual", 1): 2.0}
     last = "ya" if same_conv else "yb"
     assert Q.tensor_offsets(m) == {"c0": 2.0, "t": 2.0, last: -2.0}  # the Add's conv branch carries +2
@@ -204,7 +207,7 @@ def test_residual_block_int8_error_falls_with_the_shift() -> None:
     model = _residual(False)
     x = _x(64)
     ref = _run(model, {"x": x})
-    acts = {n: float(np.abs(_run(Q.expose_outputs(model, [n]), {"x": x}, n)).max()) for n in ("t", "ra")}
+    acts = {n: float(np.abs(_run(expose_outputs(model, [n]), {"x": x}, n)).max()) for n in ("t", "ra")}
     amax = {"x": float(np.abs(x).max()), **acts}
     on, rep = Q.build_qdq_model(model, amax)
     off, _ = Q.build_qdq_model(model, amax, Q.QuantizeOptions(shift_nonnegative=False))

@@ -11,6 +11,8 @@ from onnx import helper, numpy_helper
 from quantpipe import quantize as Q
 from quantpipe.data import open_dataset
 from quantpipe.model import tensor_info
+from quantpipe.onnxgraph import Graph, expose_outputs
+from quantpipe.quantize.rewrites.split import split_activations
 from tests.conftest import float_model
 
 RNG = np.random.default_rng(3)
@@ -64,7 +66,7 @@ def _x(n: int = 16) -> np.ndarray:
 
 
 def _amax(model: onnx.ModelProto, x: np.ndarray) -> dict[str, float]:
-    sess = ort.InferenceSession(Q.expose_outputs(model, ["a", "b"]).SerializeToString(),
+    sess = ort.InferenceSession(expose_outputs(model, ["a", "b"]).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     a, b = sess.run(["a", "b"], {"x": x})
     return {"x": float(np.abs(x).max()), "a": 6.0, "b": float(b.max())}
@@ -76,7 +78,7 @@ def test_split_computes_the_same_function_in_float(pieces: int) -> None:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     amax = {"a": 6.0}
-    done = Q._split_activations(m, Q._Graph(m.graph), Q.QuantizeOptions(), {"a": pieces}, amax, {})
+    done = split_activations(m, Graph(m.graph), Q.QuantizeOptions(), {"a": pieces}, amax, {})
     assert set(done) == {"a"} and amax[done["a"]] == pytest.approx(6.0 / pieces)
     onnx.checker.check_model(m, full_check=True)
     w = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
@@ -96,10 +98,10 @@ def test_split_lowers_the_int8_error_of_the_dominant_tensor() -> None:
     def err(split) -> float:
         q, rep = Q.build_qdq_model(model, amax, Q.QuantizeOptions(split_activations=split, only_nodes=frozenset(
             {"dw", "pw"})))
-        assert rep.split_tensors == (tuple((t, k) for t, k in split.items()) if split else ())
+        assert rep.split_tensors == (tuple((t, k) for t, k in split.items()) if split != "off" else ())
         return float(np.mean((_run(q, x) - ref) ** 2))
 
-    plain, split = err(None), err({"a": 4})
+    plain, split = err("off"), err({"a": 4})
     # Only a's rounding is left (the weights quantize exactly): 4 pieces, 4x finer steps, ~16x less noise.
     assert split < plain / 8
 
@@ -173,11 +175,11 @@ def test_chained_splits_compose() -> None:
              _f32("w3", RNG.normal(size=(5, 1, 3, 3))), _f32("b3", RNG.normal(size=5))]
     model = float_model(nodes, inits, {"x": ["n", 3, 8, 8]}, {"y": ["n", 5, 8, 8]})
     x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
-    sess = ort.InferenceSession(Q.expose_outputs(model, ["b"]).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(expose_outputs(model, ["b"]).SerializeToString(), providers=["CPUExecutionProvider"])
     amax = {"a": 6.0, "b": float(sess.run(["b"], {"x": x})[0].max()) * 1.01}
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    done = Q._split_activations(m, Q._Graph(m.graph), Q.QuantizeOptions(), {"a": 2, "b": 3}, amax, {})
+    done = split_activations(m, Graph(m.graph), Q.QuantizeOptions(), {"a": 2, "b": 3}, amax, {})
     assert set(done) == {"a", "b"}
     onnx.checker.check_model(m, full_check=True)
     w = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}

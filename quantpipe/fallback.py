@@ -1,0 +1,260 @@
+"""The accuracy fallback: keep the fewest, most sensitive layers in float until the accuracy budget holds.
+
+It keeps layers in float one at a time, greedily, re-evaluating the quantized model on the evaluation set
+after each choice, until the budget is met, then drops any kept layer the budget no longer needs. A budget
+that cannot be met is reported with `met=False`.
+
+`keep_in="fp16"` records the intent for TensorRT, where a layer left out of INT8 runs in FP16; in the
+ONNX Runtime CPU model the same layer simply has no Q/DQ and computes in FP32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from quantpipe import metrics as M
+from quantpipe.artifacts import FallbackReport, FallbackStep, LayerSensitivity
+from quantpipe.errors import ConfigError
+from quantpipe.onnxgraph import save_onnx
+from quantpipe.ortsession import ort_session
+from quantpipe.quantize.build import build_qdq_model
+from quantpipe.quantize.options import QuantizeOptions
+from quantpipe.quantize.types import QuantizeReport
+from quantpipe.reference import Reference, prepare_reference, run_output, score
+
+__all__ = ["FallbackMetric", "accuracy_fallback"]
+
+log = logging.getLogger(__name__)
+
+FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Eval:
+    value: float
+    """The budget metric."""
+    sqnr: float
+    """Output SQNR (dB) against FP32: the model's overall fidelity."""
+    margin: float
+    """Tie-break, higher is better. For top-1 metrics, how far the flipped samples are from agreeing again
+    (sum of negative top-1 margins in units of the reference logit spread; 0 when all agree); otherwise `sqnr`."""
+
+
+def _measure(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> _Eval:
+    s = M.sqnr_db(out, ref)
+    s = s if not math.isnan(s) else -math.inf
+    margin = s
+    if metric in ("top1_agreement", "top1_drop"):
+        o = np.asarray(out, dtype=np.float64).reshape(out.shape[0], -1)
+        r = np.asarray(ref).reshape(ref.shape[0], -1).argmax(axis=1)
+        rows = np.arange(o.shape[0])
+        own = o[rows, r]
+        o[rows, r] = -np.inf
+        spread = float(np.std(ref)) or 1.0
+        margin = float(np.sum(np.minimum(own - o.max(axis=1), 0.0)) / spread)
+    return _Eval(score(metric, out, ref, labels), s, margin)
+
+
+class _Search:
+    """The fallback's evaluations: each keep-set built and judged once (cached), up to `max_evaluations`."""
+
+    def __init__(self, ctx: Reference, amax: Mapping[str, float], metric: str, target: float,
+                 max_evaluations: int) -> None:
+        self.ctx, self.amax, self.metric, self.target = ctx, amax, metric, target
+        self.max_evaluations = max_evaluations
+        self.lower_is_better = metric == "top1_drop"
+        self.cache: dict[frozenset[str], _Eval] = {}
+        self.reports: dict[frozenset[str], QuantizeReport] = {}
+        self.current = self.evaluate(frozenset())
+        self.keep: list[str] = []
+
+    def evaluate(self, keep: frozenset[str], *, force: bool = False) -> _Eval:
+        if keep not in self.cache:
+            if len(self.cache) >= self.max_evaluations and not force:
+                raise _BudgetExhausted
+            ctx = self.ctx
+            qm, rep = build_qdq_model(ctx.model, self.amax, dataclasses.replace(
+                ctx.options, keep_float_nodes=ctx.options.keep_float_nodes | keep))
+            out = run_output(ort_session(qm, int8=True), ctx.feeds, ctx.output)
+            self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels)
+            self.reports[keep] = rep
+        return self.cache[keep]
+
+    def met(self, e: _Eval) -> bool:
+        return e.value <= self.target if self.lower_is_better else e.value >= self.target
+
+    def rank(self, e: _Eval) -> tuple[float, float]:
+        return (-e.value if self.lower_is_better else e.value, e.margin)
+
+    def improves(self, e: _Eval, than: _Eval) -> bool:
+        return e.value < than.value if self.lower_is_better else e.value > than.value
+
+
+def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, limit: int,
+            candidates_per_step: int, on_step: Callable[[str, float], None] | None) -> None:
+    """Keep the layer that helps most, one at a time, until the budget holds; then drop the kept layers it no
+    longer needs. Progress lives in `search.keep` / `search.current`, so a search stopped by `_BudgetExhausted`
+    reports what it had reached."""
+    while not search.met(search.current) and remaining and len(search.keep) < limit:
+        keep = search.keep
+        trials = [(search.evaluate(frozenset(keep + [c])), c) for c in remaining[:max(1, candidates_per_step)]]
+        best, choice = max(trials, key=lambda t: search.rank(t[0]))
+        if not search.improves(best, search.current) and len(remaining) > candidates_per_step:
+            # None of the most sensitive layers moves the budget metric (typically: the last few
+            # samples sit on a near-tie that no single top layer flips). Keeping one only for its
+            # margin tends to stack several layers that never flip it; look at every layer first.
+            trials += [(search.evaluate(frozenset(keep + [c])), c) for c in remaining[candidates_per_step:]]
+            best, choice = max(trials, key=lambda t: search.rank(t[0]))
+        search.keep.append(choice)
+        remaining.remove(choice)
+        search.current = best
+        log.info("fallback: keeping %s (%s) in float -> %s = %.4f", choice, ops[choice], search.metric, best.value)
+        if on_step is not None:
+            on_step(choice, best.value)
+    if search.met(search.current):
+        # Drop layers the budget no longer needs (a later choice can make an earlier one redundant).
+        for c in list(reversed(search.keep)):
+            trial = [k for k in search.keep if k != c]
+            if search.met(search.evaluate(frozenset(trial))):
+                search.keep = trial
+        search.current = search.evaluate(frozenset(search.keep))
+
+
+def accuracy_fallback(
+    model_path: str | os.PathLike[str],
+    amax: Mapping[str, float],
+    eval_dataset: Any,
+    *,
+    metric: FallbackMetric,
+    target: float,
+    keep_in: Literal["fp16", "fp32"] = "fp16",
+    max_layers: int | None = None,
+    out_path: str | os.PathLike[str] | None = None,
+    output: str | None = None,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    options: QuantizeOptions = QuantizeOptions(),
+    calibration_data: Any | None = None,
+    sensitivity: Sequence[LayerSensitivity] | None = None,
+    candidates_per_step: int = 12,
+    max_evaluations: int = 400,
+    ranking_samples: int = 32,
+    on_step: Callable[[str, float], None] | None = None,
+) -> tuple[QuantizeReport, FallbackReport]:
+    """Keep the fewest, most sensitive layers in float until the accuracy budget holds.
+
+    Args:
+        model_path: the FP32 model.
+        amax: calibrated amax per tensor.
+        eval_dataset: evaluation `Dataset` the budget is judged on (labels needed for top1_drop).
+        metric: top1_agreement (>= target), cosine (>= target) or top1_drop (<= target, needs labels), all
+            against the FP32 model's `output`.
+        target: the budget.
+        keep_in: what a kept layer runs in on TensorRT (fp16 or fp32); in the ONNX Runtime model it has no
+            Q/DQ and computes in FP32 either way.
+        max_layers: keep at most this many layers in float (None: no limit).
+        out_path: write the final Q/DQ model here (checked, atomically); None: only report.
+        options / calibration_data: how to quantize, as given to `write_qdq_model`.
+        sensitivity: a precomputed ranking (worst first); default: one-layer-at-a-time output SQNR measured here
+            on `ranking_samples` samples.
+        candidates_per_step: how many of the next-ranked layers are tried at each step; the one that raises the
+            budget metric most is kept (ties: the one that brings the flipped samples' top-1 margins closest to
+            agreeing; for cosine, the output SQNR). When none of them raises the metric, every remaining layer
+            is tried before one is kept for its margin alone.
+        max_evaluations: cap on model builds + evaluation runs (the search stops there and reports met=False).
+        ranking_samples: samples used to rank the layers one at a time (when `sensitivity` is not given).
+        on_step: progress callback (layer name, metric after keeping it).
+
+    Returns:
+        The final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
+    """
+    if metric not in ("top1_agreement", "cosine", "top1_drop"):
+        raise ConfigError(f"fallback metric must be top1_agreement, cosine or top1_drop, not '{metric}'.")
+    if keep_in not in ("fp16", "fp32"):
+        raise ConfigError(f"fallback keep_in must be fp16 or fp32, not '{keep_in}'.")
+    ctx = prepare_reference(model_path, amax, eval_dataset, output=output, batch_size=batch_size,
+                            max_samples=max_samples, options=options, calibration_data=calibration_data)
+    if metric == "top1_drop" and ctx.labels is None:
+        score("top1_drop", ctx.ref, ctx.ref, None)  # raises the ConfigError that explains it
+    search = _Search(ctx, amax, metric, target, max_evaluations)
+    initial = search.current
+    first = search.reports[frozenset()]
+    ops = {q.name: q.op_type for q in first.quantized_nodes}
+    exhausted = False
+    if not search.met(initial):
+        try:
+            ranking = _ranking(ctx, amax, [q.name for q in first.quantized_nodes], sensitivity, ranking_samples)
+            remaining = [n for n in ranking if n in ops]
+            _greedy(search, remaining, ops, candidates_per_step=candidates_per_step,
+                    limit=max_layers if max_layers is not None else len(remaining), on_step=on_step)
+        except _BudgetExhausted:
+            exhausted = True
+            log.warning("fallback: stopped after %d evaluations (max_evaluations)", max_evaluations)
+    keep, current = search.keep, search.current
+    steps: list[FallbackStep] = []
+    before = initial
+    for i, name in enumerate(keep):
+        after = search.evaluate(frozenset(keep[: i + 1]), force=True)  # at most len(keep) more runs, for the report
+        steps.append(FallbackStep(node=name, op_type=ops[name], kept_in=keep_in, metric_before=before.value,
+                                  metric_after=after.value))
+        before = after
+    rep = _final_model(ctx, amax, search, keep, current, exhausted=exhausted, max_layers=max_layers,
+                       model_path=model_path, out_path=out_path)
+    fallback = FallbackReport(metric=metric, target=float(target), initial=initial.value, final=current.value,
+                              met=search.met(current), num_quantizable=first.num_quantizable, steps=tuple(steps))
+    return rep, fallback
+
+
+def _final_model(ctx: Reference, amax: Mapping[str, float], search: _Search, keep: Sequence[str], current: _Eval, *,
+                 exhausted: bool, max_layers: int | None, model_path: str | os.PathLike[str],
+                 out_path: str | os.PathLike[str] | None) -> QuantizeReport:
+    """Build (and write, with `out_path`) the model with `keep` in float; its report says when the budget failed."""
+    final_opts = dataclasses.replace(ctx.options, keep_float_nodes=ctx.options.keep_float_nodes | frozenset(keep))
+    model, rep = build_qdq_model(ctx.model, amax, final_opts)
+    warnings = list(rep.warnings)
+    if not search.met(current):
+        why = "the evaluation budget ran out" if exhausted else (
+            f"max_layers={max_layers} reached" if max_layers is not None and len(keep) >= max_layers
+            else "every quantized layer was tried")
+        warnings.append(f"accuracy budget {search.metric} {'<=' if search.lower_is_better else '>='} "
+                        f"{search.target} NOT met: {current.value:.4f} after keeping {len(keep)} layer(s) in float "
+                        f"({why})")
+    if out_path is not None:
+        warnings += save_onnx(model, out_path, reference=ctx.model)
+    return dataclasses.replace(rep, model_path=os.fspath(model_path),
+                               output_path=os.fspath(out_path) if out_path is not None else None,
+                               warnings=tuple(warnings))
+
+
+class _BudgetExhausted(Exception):
+    """Raised inside the fallback when max_evaluations is reached."""
+
+
+def _ranking(ctx: Reference, amax: Mapping[str, float], quantized: Sequence[str],
+             sensitivity: Sequence[LayerSensitivity] | None, samples: int) -> list[str]:
+    """Layer names, most sensitive first: the given ranking, or one-layer-at-a-time output SQNR."""
+    if sensitivity:
+        names = [s.node for s in sensitivity]
+        return names + [q for q in quantized if q not in set(names)]
+    # A subset is enough to order the layers; the budget itself is always judged on every sample.
+    feeds, n = [], 0
+    for f in ctx.feeds:
+        if n >= samples:
+            break
+        feeds.append(f)
+        n += next(iter(f.values())).shape[0]
+    ref = ctx.ref[:n]
+    scores = []
+    for name in quantized:
+        single, _ = build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({name})))
+        out = run_output(ort_session(single, int8=True), feeds, ctx.output)
+        s = M.sqnr_db(out, ref)
+        scores.append((s if not math.isnan(s) else -math.inf, name))
+    return [n for _, n in sorted(scores)]

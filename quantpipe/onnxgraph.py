@@ -1,0 +1,342 @@
+"""ONNX graph queries and edits shared by the quantizer and the FP16 writer: loading and atomic saving,
+node naming, a read-only index of a graph (`Graph`), constants, attributes, fresh names, topological order.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantpipe.errors import BuildError, ModelError
+
+__all__ = [
+    "FLOAT", "FLOAT16", "LARGE_MODEL_BYTES", "QUANTIZED_OPS", "Graph", "Names", "add_initializer", "attr",
+    "constant_node_value", "decomposed_layernorm_nodes", "drop_unused_initializers", "expose_outputs", "load_onnx",
+    "name_nodes", "named_copy", "opset_of", "save_onnx", "subgraph_references", "topological_order",
+]
+
+#: Ops that mean a model is already quantized (quantpipe quantizes FP32 models only).
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                      "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "MatMulIntegerToFloat"})
+FLOAT = 1  # TensorProto.FLOAT
+FLOAT16 = 10  # TensorProto.FLOAT16
+LARGE_MODEL_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
+
+
+def load_onnx(path: str | os.PathLike[str]) -> Any:
+    """Load an ONNX model with its external data, or raise ModelError saying what is wrong."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model {path} does not exist. Pass the path of an FP32 .onnx file.")
+    try:
+        return onnx.load(os.fspath(path), load_external_data=True)
+    except Exception as err:  # protobuf and onnx raise many types; all mean "not a readable model"
+        raise ModelError(
+            f"model {path} could not be read as ONNX ({type(err).__name__}: {err}). If it uses external data, "
+            f"keep the .data file beside it; otherwise export the model again."
+        ) from err
+
+
+def save_onnx(model: Any, out_path: str | os.PathLike[str], *, check: bool = True,
+              reference: Any | None = None) -> list[str]:
+    """Check `model` and write it atomically (external data when it is too large for one protobuf).
+
+    The checker runs with full_check (strict shape inference). When the FP32 `reference` model fails
+    the same full check, the output is held to the plain check instead, and a warning says so.
+    Returns the warnings.
+    """
+    import onnx
+
+    warnings: list[str] = []
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > LARGE_MODEL_BYTES
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp_dir:
+        tmp = Path(tmp_dir) / out_path.name
+        data_name = out_path.name + ".data"
+        if large:
+            onnx.save_model(model, os.fspath(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, os.fspath(tmp))
+        if check:
+            warnings += _check_written(tmp, large, reference)
+        # The data file goes first: the model file, which is what a later run trusts, appears last.
+        if large and (Path(tmp_dir) / data_name).exists():
+            os.replace(Path(tmp_dir) / data_name, out_path.parent / data_name)
+        os.replace(tmp, out_path)
+    return warnings
+
+
+def _check_written(path: Path, large: bool, reference: Any | None) -> list[str]:
+    import onnx
+
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+        return []
+    except Exception as err:  # ValidationError, InferenceError ...
+        full_err = err
+    if reference is not None:
+        try:
+            ref = reference if not large else None
+            if ref is not None:
+                onnx.checker.check_model(ref, full_check=True)
+        except Exception:  # the FP32 model fails the strict check too: not something we introduced
+            try:
+                onnx.checker.check_model(os.fspath(path))
+            except Exception as err2:
+                raise BuildError(f"the model written to {path.name} fails the ONNX checker: {err2}") from err2
+            return [f"the FP32 model already fails onnx's full (strict shape inference) check, so the output was "
+                    f"held to the plain check ({type(full_err).__name__}: {str(full_err)[:200]})"]
+    raise BuildError(
+        f"the model written to {path.name} fails onnx.checker.check_model(full_check=True): {full_err}. "
+        f"This is a quantpipe bug; please report it with the model's op list (`quantpipe inspect`)."
+    ) from full_err
+
+
+def opset_of(model: Any) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return 0
+
+
+def name_nodes(graph: Any) -> None:
+    """Give every unnamed node a stable unique name (op type + index), so reports and keep-lists can name it."""
+    used = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+
+class Graph:
+    """Read-only index of a graph: producers, consumers, constants (initializers and Constant nodes)."""
+
+    def __init__(self, graph: Any) -> None:
+        from onnx import numpy_helper
+
+        self.graph = graph
+        self.input_names = {i.name for i in graph.input}
+        self.output_names = {o.name for o in graph.output}
+        self.initializers = {t.name: t for t in graph.initializer if t.name not in self.input_names}
+        self.producer: dict[str, Any] = {}
+        self.position: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[Any, int]]] = collections.defaultdict(list)
+        self.constant_nodes: dict[str, Any] = {}
+        for i, node in enumerate(graph.node):
+            self.position[node.name] = i
+            for o in node.output:
+                self.producer[o] = node
+            for j, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((node, j))
+            if node.op_type == "Constant" and node.output:
+                self.constant_nodes[node.output[0]] = node
+        self.subgraph_refs = subgraph_references(graph)
+        self._np = numpy_helper
+        self._cache: dict[str, np.ndarray | None] = {}
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers or name in self.constant_nodes
+
+    def remember(self, name: str, value: np.ndarray) -> None:
+        """Index a constant added to the graph after this index was built (a rewrite that reads it back)."""
+        self._cache[name] = value
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The constant value of `name` (initializer or Constant node), or None."""
+        if name in self._cache:
+            return self._cache[name]
+        val: np.ndarray | None = None
+        if name in self.initializers:
+            val = self._np.to_array(self.initializers[name])
+        elif name in self.constant_nodes:
+            val = constant_node_value(self.constant_nodes[name])
+        self._cache[name] = val
+        return val
+
+
+def constant_node_value(node: Any) -> np.ndarray | None:
+    from onnx import helper, numpy_helper
+
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+        if attr.name in ("sparse_value",):
+            return np.asarray(helper.get_attribute_value(attr))
+    return None
+
+
+def subgraph_references(graph: Any) -> set[str]:
+    """Names that nodes inside subgraphs (If / Loop / Scan bodies) read from the enclosing scopes."""
+    from onnx import AttributeProto
+
+    refs: set[str] = set()
+
+    def visit(g: Any) -> None:
+        for node in g.node:
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs) \
+                    if attr.type == AttributeProto.GRAPHS else []
+                for sub in subs:
+                    refs.update(n for sn in sub.node for n in sn.input if n)
+                    visit(sub)
+
+    visit(graph)
+    return refs
+
+
+def attr(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+
+def decomposed_layernorm_nodes(g: Graph) -> set[str]:
+    """Node names forming a decomposed LayerNorm: ReduceMean, Sub, Pow|Mul, ReduceMean, Add, Sqrt, Div|Reciprocal."""
+    found: set[str] = set()
+
+    def consumers(t: str, op: str) -> list[Any]:
+        return [n for n, _ in g.consumers.get(t, []) if n.op_type == op]
+
+    for r1 in g.graph.node:
+        if r1.op_type != "ReduceMean" or not r1.input:
+            continue
+        x = r1.input[0]
+        for sub in consumers(r1.output[0], "Sub"):
+            if x not in sub.input:
+                continue
+            d = sub.output[0]
+            squares = consumers(d, "Pow") + [m for m in consumers(d, "Mul") if list(m.input) == [d, d]]
+            for sq in squares:
+                for r2 in consumers(sq.output[0], "ReduceMean"):
+                    for add in consumers(r2.output[0], "Add"):
+                        for sqrt in consumers(add.output[0], "Sqrt"):
+                            tail = consumers(sqrt.output[0], "Div") + consumers(sqrt.output[0], "Reciprocal")
+                            if tail:
+                                found.update(n.name for n in (r1, sub, sq, r2, add, sqrt, *tail))
+    return found
+
+
+
+class Names:
+    def __init__(self, graph: Any) -> None:
+        self.used = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+        for n in graph.node:
+            self.used.update(n.output)
+            self.used.update(n.input)
+            self.used.add(n.name)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name = f"{base}_{k}"
+            k += 1
+        self.used.add(name)
+        return name
+
+
+
+def named_copy(model: Any) -> Any:
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    name_nodes(m.graph)
+    return m
+
+
+def add_initializer(graph: Any, names: Names, base: str, value: np.ndarray) -> str:
+    from onnx import numpy_helper
+
+    name = names.fresh(base)
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    return name
+
+
+
+def drop_unused_initializers(graph: Any, g: Graph) -> None:
+    used = {i for n in graph.node for i in n.input} | g.output_names | g.subgraph_refs | g.input_names
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+
+def topological_order(nodes: Sequence[Any], graph: Any) -> list[Any]:
+    """Order nodes so every input is produced before it is read (stable: original order where possible)."""
+    produced_by = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    deps: list[set[int]] = []
+    for n in nodes:
+        reads = set(n.input) | _node_subgraph_reads(n)
+        deps.append({produced_by[t] for t in reads if t and t in produced_by and t not in available})
+    order: list[Any] = []
+    done: set[int] = set()
+    pending = list(range(len(nodes)))
+    while pending:
+        rest = []
+        progressed = False
+        for i in pending:
+            if deps[i] <= done:
+                order.append(nodes[i])
+                done.add(i)
+                progressed = True
+            else:
+                rest.append(i)
+        if not progressed:
+            raise BuildError("the converted graph has a cycle; this is a quantpipe bug, please report it")
+        pending = rest
+    return order
+
+
+def _node_subgraph_reads(node: Any) -> set[str]:
+    from onnx import AttributeProto
+
+    out: set[str] = set()
+    for a in node.attribute:
+        subs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else []
+        for s in subs:
+            out |= {i for n in s.node for i in n.input if i}
+    return out
+
+
+def expose_outputs(model: Any, names: Iterable[str]) -> Any:
+    """A copy of `model` whose graph also outputs the (float) tensors `names`."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(helper.make_tensor_value_info(n, FLOAT, None))
+            have.add(n)
+    return m

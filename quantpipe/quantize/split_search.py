@@ -1,0 +1,123 @@
+"""Which activations to split (`split_activations: auto`): simulate each candidate's rounding, then try the
+noisiest for real and keep a split only where it measurably lifts the output SQNR."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from quantpipe.int8 import INT8_MAX
+from quantpipe.onnxgraph import Graph, named_copy, topological_order
+from quantpipe.ortsession import ort_session
+from quantpipe.quantize.build import build_qdq_model
+from quantpipe.quantize.options import QuantizeOptions
+from quantpipe.quantize.rewrites.split import split_candidate
+
+__all__ = ["choose_splits"]
+
+log = logging.getLogger(__name__)
+
+
+def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
+                  batch_size: int = 8, max_samples: int = 32, max_tensors: int = 2,
+                  max_sqnr_db: float = 30.0, min_gain_db: float = 1.0) -> dict[str, int]:
+    """The activations worth splitting (`split_activations`): tensor -> pieces.
+
+    Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
+    on up to `max_samples` calibration samples, in one instrumented session where a scalar input switches
+    each tensor's fake quantization on. The `max_tensors` noisiest ones whose noise matters (output SQNR with
+    only that tensor rounded below `max_sqnr_db`, and at least a tenth of the whole INT8 model's output noise)
+    are then tried for real: the whole INT8 model is built with the tensor split in 2 and in 4 pieces and run
+    on the same samples. A split is kept when it lifts the model's output SQNR by at least `min_gain_db`, with
+    the fewest pieces that come within 0.5 dB of the best. Where the noise is spread over many tensors, comes
+    from elsewhere (weights, other activations) or is small, nothing is split.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = named_copy(model)
+    g = Graph(m.graph)
+    cands = {t: c for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
+             and (c := split_candidate(g, t, options)) is not None}
+    if not cands:
+        return {}
+    outputs = [o.name for o in m.graph.output]
+    switches = {}
+    for i, (t, (_prod, _act, _readers, hi)) in enumerate(cands.items()):
+        a = min(float(amax[t]), hi)
+        c, step = (a / 2, a / (2 * INT8_MAX)) if options.shift_nonnegative else (0.0, a / INT8_MAX)
+        sw = f"__qp_split_switch_{i}"
+        switches[t] = sw
+        m.graph.input.append(helper.make_tensor_value_info(sw, TensorProto.FLOAT, []))
+        m.graph.initializer.extend([numpy_helper.from_array(np.array(c, np.float32), f"{sw}_c"),
+                                    numpy_helper.from_array(np.array(step, np.float32), f"{sw}_s"),
+                                    numpy_helper.from_array(np.array(0, np.int8), f"{sw}_z")])
+        fq = [helper.make_node("Sub", [t, f"{sw}_c"], [f"{sw}_m"]),
+              helper.make_node("QuantizeLinear", [f"{sw}_m", f"{sw}_s", f"{sw}_z"], [f"{sw}_q"]),
+              helper.make_node("DequantizeLinear", [f"{sw}_q", f"{sw}_s", f"{sw}_z"], [f"{sw}_d"]),
+              helper.make_node("Sub", [f"{sw}_d", f"{sw}_m"], [f"{sw}_e"]),
+              helper.make_node("Mul", [f"{sw}_e", sw], [f"{sw}_ge"]),
+              helper.make_node("Add", [t, f"{sw}_ge"], [f"{sw}_out"])]
+        for reader, j in g.consumers[t]:
+            reader.input[j] = f"{sw}_out"
+        m.graph.node.extend(fq)
+    nodes = topological_order(list(m.graph.node), m.graph)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    sess = ort_session(m, optimize=False)
+    off = {sw: np.array(0.0, np.float32) for sw in switches.values()}
+
+    def err(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
+        return sum(float(np.sum(np.square(x.astype(np.float64) - r))) for x, r in zip(got, ref, strict=True)
+                   if r.dtype.kind == "f")
+
+    feeds_list: list[dict[str, np.ndarray]] = []
+    refs: list[list[np.ndarray]] = []
+    sig = 0.0
+    noise = dict.fromkeys(cands, 0.0)
+    seen = 0
+    for batch in calibration_data.batches(batch_size):
+        feeds = {k: v[: max_samples - seen] for k, v in batch.feeds.items()}
+        ref = sess.run(outputs, {**feeds, **off})
+        feeds_list.append(feeds)
+        refs.append(ref)
+        sig += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
+        for t, sw in switches.items():
+            noise[t] += err(sess.run(outputs, {**feeds, **off, sw: np.array(1.0, np.float32)}), ref)
+        seen += next(iter(feeds.values())).shape[0]
+        if seen >= max_samples:
+            break
+    if sig <= 0.0:
+        return {}
+
+    def model_noise(splits: Mapping[str, int]) -> float:
+        q = build_qdq_model(model, amax, dataclasses.replace(options, split_activations=dict(splits)))[0]
+        run = ort_session(q, optimize=False)
+        return sum(err(run.run(outputs, f), r) for f, r in zip(feeds_list, refs, strict=True))
+
+    def db(n: float) -> float:
+        return 10 * math.log10(sig / n) if n > 0 else math.inf
+
+    chosen: dict[str, int] = {}
+    current = model_noise(chosen)
+    log.info("INT8 model on %d calibration samples: %.1f dB output SQNR", seen, db(current))
+    for t in sorted(cands, key=lambda x: -noise[x])[:max_tensors]:
+        if db(noise[t]) >= max_sqnr_db or noise[t] < 0.1 * current:
+            log.info("activation %s alone: %.1f dB output SQNR (%.0f%% of the model's noise): not split", t,
+                     db(noise[t]), 100 * noise[t] / current if current > 0 else 0.0)
+            continue
+        tried = {k: model_noise({**chosen, t: k}) for k in (2, 4)}
+        best = min(tried.values())
+        k = min(k for k, n in tried.items() if db(n) >= db(best) - 0.5)
+        gain = db(tried[k]) - db(current)
+        log.info("activation %s alone: %.1f dB output SQNR; split in 2 / 4: %.1f / %.1f dB (model: %.1f dB)%s", t,
+                 db(noise[t]), db(tried[2]), db(tried[4]), db(current),
+                 f"; split in {k}" if gain >= min_gain_db else "; not split")
+        if gain >= min_gain_db:
+            chosen[t] = k
+            current = tried[k]
+    return chosen

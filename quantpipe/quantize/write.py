@@ -1,0 +1,82 @@
+"""`write_qdq_model`, the standalone entry point, and `with_calibration_data`: what the calibration data
+decides (per-channel statistics, the activations to split, GPTQ codes), computed once so the writer, the
+fallback and the sensitivity analysis share it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from quantpipe.errors import BuildError
+from quantpipe.onnxgraph import load_onnx, named_copy
+from quantpipe.quantize.build import quantize_model
+from quantpipe.quantize.gptq import collect_weight_codes
+from quantpipe.quantize.options import QuantizeOptions
+from quantpipe.quantize.split_search import choose_splits
+from quantpipe.quantize.stats import collect_channel_stats
+from quantpipe.quantize.types import QuantizeReport
+
+__all__ = ["with_calibration_data", "write_qdq_model"]
+
+log = logging.getLogger(__name__)
+
+
+def write_qdq_model(
+    model_path: str | os.PathLike[str],
+    amax: Mapping[str, float],
+    out_path: str | os.PathLike[str],
+    options: QuantizeOptions = QuantizeOptions(),
+    *,
+    calibration_data: Any | None = None,
+    batch_size: int = 8,
+) -> QuantizeReport:
+    """Write the explicit-quantization (Q/DQ) INT8 model of an FP32 ONNX model, checked, atomically.
+
+    Args:
+        model_path: FP32 ONNX model (external data beside it is loaded).
+        amax: calibrated amax per activation / graph input (original tensor names).
+        out_path: where to write the Q/DQ model (external data `<name>.data` when > ~1.8 GB).
+        options: how to quantize (`QuantizeOptions`).
+        calibration_data: the calibration `Dataset`; with it, what the data decides is filled in first
+            (`with_calibration_data`: per-channel statistics for smoothing and bias correction, the split of
+            `split_activations='auto'`, GPTQ codes). Without it (and without `options.channel_stats`) no
+            smoothing or bias correction runs, 'auto' splits nothing and GPTQ rounds to nearest.
+        batch_size: batch size of the passes over `calibration_data`.
+
+    Raises:
+        ModelError: unreadable or already quantized model. BuildError: the result fails the checker.
+    """
+    if calibration_data is not None:
+        options = with_calibration_data(load_onnx(model_path), options, calibration_data, batch_size=batch_size,
+                                        amax=amax)
+    return quantize_model(model_path, amax, out_path, options)
+
+
+def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data: Any, *,
+                          batch_size: int = 8, amax: Mapping[str, float] | None = None) -> QuantizeOptions:
+    """`options` with what the calibration data decides filled in, each computed once here so the writer,
+    the fallback and the sensitivity analysis share it: per-channel statistics (smoothing, bias correction)
+    and GPTQ weight codes (`weight_rounding='gptq'`; given the activations' `amax`, fitted to the
+    quantized inputs). Fields already set are kept."""
+    if options.weight_rounding not in ("gptq", "nearest"):
+        raise BuildError(f"weight_rounding must be 'gptq' or 'nearest', not {options.weight_rounding!r}.")
+    m = named_copy(model)
+    if options.channel_stats is None and (options.smooth_alpha or options.bias_correction):
+        log.info("collecting per-channel statistics on the calibration data")
+        options = dataclasses.replace(options, channel_stats=collect_channel_stats(m, calibration_data,
+                                                                                   batch_size=batch_size))
+    if options.split_activations == "auto":
+        if amax is None:
+            raise BuildError("split_activations='auto' needs the calibrated amax.")
+        log.info("looking for activations whose rounding noise dominates the output")
+        options = dataclasses.replace(options, split_activations=choose_splits(m, amax, options, calibration_data,
+                                                                               batch_size=batch_size))
+    if options.weight_codes is None and options.weight_rounding == "gptq":
+        log.info("fitting GPTQ weight codes on the calibration data")
+        # On the unsplit graph: a split activation's weights take these codes repeated (`split_activations`).
+        options = dataclasses.replace(options, weight_codes=collect_weight_codes(
+            m, calibration_data, per_channel=options.per_channel, batch_size=batch_size, input_amax=amax))
+    return options
