@@ -37,12 +37,14 @@ import numpy as np
 from quantpipe.artifacts import Precision
 from quantpipe.backends.base import Runner, Timings
 from quantpipe.calibration import cache as qcache
-from quantpipe.calibration.trt_calibrator import (
+from quantpipe.cuda import (
     AllocatorKind,
     BatchSource,
     CudaRuntimeAllocator,
+    CudaStream,
     DeviceAllocator,
     DeviceBatcher,
+    DeviceBuffer,
     cuda_check,
     cuda_runtime,
     make_allocator,
@@ -83,7 +85,6 @@ __all__ = [
     "check_engine_metadata",
     "make_calibrator",
     "build_engine",
-    "CudaStream",
     "TensorRTRunner",
 ]
 
@@ -973,65 +974,6 @@ def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITi
 # ==================================================================================================
 
 
-class CudaStream:
-    """One CUDA stream with events, asynchronous copies and elapsed times (cuda-python's runtime API).
-
-    The TensorRT runner's plumbing, kept apart so it can be checked on a GPU without TensorRT.
-    """
-
-    def __init__(self, rt: Any, num_events: int = 4) -> None:
-        self.rt = rt
-        self.stream = cuda_check(rt, rt.cudaStreamCreate(), "cudaStreamCreate")
-        self.events = [cuda_check(rt, rt.cudaEventCreate(), "cudaEventCreate") for _ in range(num_events)]
-
-    @property
-    def handle(self) -> int:
-        """The stream as the integer execute_async_v3 takes."""
-        return int(self.stream)
-
-    def h2d(self, ptr: int, host: np.ndarray) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        cuda_check(self.rt, self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, self.stream),
-                   "cudaMemcpyAsync host->device")
-
-    def d2h(self, host: np.ndarray, ptr: int) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        cuda_check(self.rt, self.rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, self.stream),
-                   "cudaMemcpyAsync device->host")
-
-    def record(self, i: int) -> None:
-        cuda_check(self.rt, self.rt.cudaEventRecord(self.events[i], self.stream), "cudaEventRecord")
-
-    def wait_event(self, i: int) -> None:
-        cuda_check(self.rt, self.rt.cudaEventSynchronize(self.events[i]), "cudaEventSynchronize")
-
-    def elapsed_ms(self, i: int, j: int) -> float:
-        return float(cuda_check(self.rt, self.rt.cudaEventElapsedTime(self.events[i], self.events[j]), "cudaEventElapsedTime"))
-
-    def synchronize(self) -> None:
-        cuda_check(self.rt, self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-
-    def close(self) -> None:
-        """Destroy the events and the stream (after a final synchronize). Idempotent."""
-        if self.stream is None:
-            return
-        try:
-            self.synchronize()
-        finally:
-            for ev in self.events:
-                self.rt.cudaEventDestroy(ev)
-            self.rt.cudaStreamDestroy(self.stream)
-            self.events, self.stream = [], None
-
-
-class _DeviceTensor:
-    __slots__ = ("ptr", "nbytes")
-
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.ptr = ptr
-        self.nbytes = nbytes
-
-
 class TensorRTRunner(Runner):
     """Runs a TensorRT engine by tensor name (set_tensor_address / execute_async_v3) on one CUDA stream.
 
@@ -1062,7 +1004,7 @@ class TensorRTRunner(Runner):
         self._stream: CudaStream | None = None
         self._inputs: list[str] = []
         self._outputs: list[str] = []
-        self._buffers: dict[str, _DeviceTensor] = {}
+        self._buffers: dict[str, DeviceBuffer] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -1201,7 +1143,7 @@ class TensorRTRunner(Runner):
             if buf is not None:
                 self._alloc.free(buf.ptr)
                 del self._buffers[name]
-            buf = _DeviceTensor(self._alloc.alloc(nbytes), max(nbytes, 1))
+            buf = DeviceBuffer(self._alloc.alloc(nbytes), max(nbytes, 1))
             self._buffers[name] = buf
         if not self._context.set_tensor_address(name, buf.ptr):
             raise EvaluationError(f"TensorRT refused the device address for tensor '{name}' of engine {self.name}")

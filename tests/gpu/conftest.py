@@ -48,7 +48,7 @@ def _probe_cuda_python() -> tuple[bool, str | None, str | None, str | None]:
     """(cuda-python usable, why not, GPU description, why no GPU)."""
     try:
         from quantpipe.backends.tensorrt import current_gpu
-        from quantpipe.calibration.trt_calibrator import cuda_check, cuda_runtime
+        from quantpipe.cuda import cuda_check, cuda_runtime
 
         rt = cuda_runtime()
     except Exception as err:
@@ -111,7 +111,7 @@ def cuda_rt(gpu_probe: GpuProbe) -> Any:
         pytest.skip(f"needs cuda-python: {gpu_probe.cuda_python_reason}")
     if gpu_probe.gpu is None:
         pytest.skip(f"needs an NVIDIA GPU: {gpu_probe.gpu_reason}")
-    from quantpipe.calibration.trt_calibrator import cuda_runtime
+    from quantpipe.cuda import cuda_runtime
 
     return cuda_runtime()
 

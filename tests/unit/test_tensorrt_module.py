@@ -584,7 +584,7 @@ def _calib_data(tmp_path: Path, n: int = 10) -> Any:
 
 def test_calibrator_feeds_device_batches_then_writes_the_cache_through_quantpipe(tmp_path: Path, fake_trt: Any) -> None:
     from quantpipe.calibration.cache import read_trt_cache
-    from quantpipe.calibration.trt_calibrator import HostAllocator
+    from quantpipe.cuda import HostAllocator
 
     rec = fake_trt("10.13.0.35")
     alloc = HostAllocator()
@@ -623,7 +623,7 @@ def test_quantpipe_cache_lets_tensorrt_skip_calibration(tmp_path: Path, fake_trt
 
 def test_cache_for_another_method_is_not_used(tmp_path: Path, fake_trt: Any) -> None:
     from quantpipe.calibration.cache import write_trt_cache
-    from quantpipe.calibration.trt_calibrator import HostAllocator
+    from quantpipe.cuda import HostAllocator
     from quantpipe.errors import CalibrationError
 
     rec = fake_trt("10.13.0.35")
@@ -654,7 +654,7 @@ def test_stale_quantpipe_cache_is_refused(tmp_path: Path, fake_trt: Any) -> None
 
 def test_errors_inside_tensorrt_callbacks_are_raised_after_the_build(tmp_path: Path, fake_trt: Any) -> None:
     from quantpipe.artifacts import TensorInfo
-    from quantpipe.calibration.trt_calibrator import HostAllocator
+    from quantpipe.cuda import HostAllocator
     from quantpipe.data import open_dataset
     from quantpipe.errors import CalibrationError
 
