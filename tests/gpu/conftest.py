@@ -47,7 +47,7 @@ class GpuProbe:
 def _probe_cuda_python() -> tuple[bool, str | None, str | None, str | None]:
     """(cuda-python usable, why not, GPU description, why no GPU)."""
     try:
-        from quantpipe.backends.tensorrt import current_gpu
+        from quantpipe.backends.tensorrt.metadata import current_gpu
         from quantpipe.cuda import cuda_check, cuda_runtime
 
         rt = cuda_runtime()
@@ -89,7 +89,7 @@ def probe() -> GpuProbe:
 
         gpu_reason = "nvidia-smi not found, and no cuda-python to ask" if shutil.which("nvidia-smi") is None else gpu_reason
     ort_ok, ort_reason = _probe_ort_cuda()
-    from quantpipe.backends.tensorrt import tensorrt_status
+    from quantpipe.backends.tensorrt.version import tensorrt_status
 
     trt_ok, trt_version, trt_reason = tensorrt_status()
     return GpuProbe(gpu, gpu_reason, cuda_ok, cuda_reason, ort_ok, ort_reason, trt_ok, trt_version, trt_reason)

@@ -17,26 +17,28 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import quantpipe.backends.tensorrt as qtrt
-from quantpipe.backends.tensorrt import (
-    BuildPlan,
-    CalibrationInput,
+from quantpipe.backends.tensorrt import runner as trt_runner
+from quantpipe.backends.tensorrt import version as trt_version
+from quantpipe.backends.tensorrt.build import build_engine
+from quantpipe.backends.tensorrt.calibrator import CalibrationInput
+from quantpipe.backends.tensorrt.metadata import (
     GpuInfo,
-    ShapeRange,
-    api_for_version,
-    build_engine,
     check_engine_metadata,
+    metadata_path_for,
+    read_engine_metadata,
+)
+from quantpipe.backends.tensorrt.plan import (
+    BuildPlan,
+    ShapeRange,
     check_profiles,
     check_source_model,
-    metadata_path_for,
     normalize_profiles,
     plan_build,
-    read_engine_metadata,
-    require_tensorrt,
     resolve_int8_mode,
-    tensorrt_status,
     variant_skip_reason,
 )
+from quantpipe.backends.tensorrt.runner import TensorRTRunner
+from quantpipe.backends.tensorrt.version import api_for_version, require_tensorrt, tensorrt_status
 from quantpipe.errors import (
     EXIT_MISSING_DEPENDENCY,
     BuildError,
@@ -44,6 +46,7 @@ from quantpipe.errors import (
     MissingDependencyError,
     StaleArtifactError,
 )
+from quantpipe.fsutil import sha256_file
 
 GPU = GpuInfo(name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 
@@ -389,7 +392,19 @@ def test_module_imports_and_reports_without_tensorrt_or_cuda(monkeypatch: pytest
     reason = variant_skip_reason("fp16")
     assert reason is not None and "not installed" in reason
     with pytest.raises(MissingDependencyError):
-        qtrt.trt.Builder  # noqa: B018 - the lazy module imports on first attribute use
+        trt_version.trt.Builder  # noqa: B018 - the lazy module imports on first attribute use
+
+
+def test_lazy_tensorrt_error_is_the_one_deps_require_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    # version.py cannot import quantpipe.deps (deps imports it), so it words the error itself: keep them equal.
+    from quantpipe.deps import require
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependencyError) as lazy:
+        trt_version.trt.Builder  # noqa: B018
+    with pytest.raises(MissingDependencyError) as door:
+        require("tensorrt", purpose="TensorRT engines")
+    assert str(lazy.value) == str(door.value) and "pip install 'quantpipe[tensorrt]'" in str(lazy.value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,8 +507,8 @@ def test_runner_refuses_an_engine_from_another_gpu(tmp_path: Path, fake_trt: Any
     engine.write_bytes(b"ENGINE")
     meta = dict(META, gpu_name="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
     metadata_path_for(engine).write_text(json.dumps(meta))
-    monkeypatch.setattr(qtrt, "current_gpu", lambda device=0: GPU)
-    with pytest.raises(StaleArtifactError, match="A100"), qtrt.TensorRTRunner(engine, "trt_fp32"):
+    monkeypatch.setattr(trt_runner, "current_gpu", lambda device=0: GPU)
+    with pytest.raises(StaleArtifactError, match="A100"), TensorRTRunner(engine, "trt_fp32"):
         pass
 
 
@@ -520,7 +535,7 @@ def test_build_fp16_on_10_uses_the_builder_flag_and_writes_metadata(tmp_path: Pa
     assert meta["source_sha256"] == info.source_sha256 and len(info.source_sha256) == 64
     assert meta["options"]["profiles"]["x"]["opt"] == [4, 4] and meta["options"]["workspace_mib"] == 256
     check_engine_metadata(meta, engine_path=out, tensorrt_version="10.13.0.35", gpu=GPU,
-                          engine_sha256=qtrt.sha256_file(out))
+                          engine_sha256=sha256_file(out))
 
 
 def test_timing_cache_is_reused_between_builds(tmp_path: Path, fake_trt: Any) -> None:
