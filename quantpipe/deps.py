@@ -150,7 +150,7 @@ def _probe_cuda(gpu: dict[str, Any]) -> str | None:
 
 def _probe_gpu_pieces(env: dict[str, Any], providers: list[str]) -> None:
     """TensorRT's supported-version check, cuda-python's old layout, onnxruntime's CUDA provider, install commands."""
-    from quantpipe.backends.tensorrt import tensorrt_status
+    from quantpipe.backends.tensorrt.version import tensorrt_status
 
     ok, version, reason = tensorrt_status()
     env["tensorrt"] = {"available": ok, "version": version, "reason": reason}

@@ -361,19 +361,22 @@ def _build_trt(
     progress: Progress,
 ) -> list[Variant]:
     """TensorRT engines; each precision this machine cannot build becomes a skipped variant with the reason."""
-    from quantpipe.backends import tensorrt as T
+    from quantpipe.backends.tensorrt.build import build_engine
+    from quantpipe.backends.tensorrt.calibrator import CalibrationInput
+    from quantpipe.backends.tensorrt.plan import plan_build, variant_skip_reason
+    from quantpipe.backends.tensorrt.version import require_tensorrt
 
     trt = cfg.build.backends.tensorrt
     variants: list[Variant] = []
     todo: list[tuple[str, str]] = []
     for precision in (p for p in ("fp32", "fp16", "int8") if p in trt.precisions):
         name = variant_name("tensorrt", precision)
-        reason = T.variant_skip_reason(precision, int8_mode=trt.int8_mode)  # type: ignore[arg-type]
+        reason = variant_skip_reason(precision, int8_mode=trt.int8_mode)  # type: ignore[arg-type]
         if reason is None:
             todo.append((precision, name))
             continue
         if trt.required:
-            T.require_tensorrt()  # raises MissingDependencyError (exit 3) with the pip command
+            require_tensorrt()  # raises MissingDependencyError (exit 3) with the pip command
             raise MissingDependencyError(
                 f"build.backends.tensorrt.required is true, but {name} cannot be built here: {reason}. "
                 f"Run on a machine with an NVIDIA GPU and TensorRT (pip install 'quantpipe[tensorrt]'), "
@@ -383,7 +386,7 @@ def _build_trt(
         variants.append(Variant(name, "tensorrt", precision, "cuda", skipped=reason))  # type: ignore[arg-type]
     if not todo:
         return variants
-    api = T.require_tensorrt()
+    api = require_tensorrt()
     out_dir = ws.models / "tensorrt"
     profiles = _trt_profiles(cfg, li)
     timing_cache = trt.timing_cache or out_dir / "timing.cache"
@@ -399,18 +402,18 @@ def _build_trt(
         best_cache = write_trt_cache(out_dir / "best.cache", amax, method="best", trt_version=cfg.calibration.trt_version)
     with progress.task("building TensorRT engines", len(todo)) as advance:
         for precision, name in todo:
-            plan = T.plan_build(precision, api, trt.int8_mode)  # type: ignore[arg-type]
+            plan = plan_build(precision, api, trt.int8_mode)  # type: ignore[arg-type]
             source = _onnx_for(plan.source, cfg, ws, li, onnx_models, amax)
             calibration = None
             if plan.calibrator and best_cache is not None:
-                calibration = T.CalibrationInput(method="entropy", cache_path=best_cache, dataset=li.calib,
-                                                 batch_size=cfg.data.batch_size, write_cache=False)
+                calibration = CalibrationInput(method="entropy", cache_path=best_cache, dataset=li.calib,
+                                               batch_size=cfg.data.batch_size, write_cache=False)
             elif plan.calibrator and summary is not None:
-                calibration = T.CalibrationInput(
+                calibration = CalibrationInput(
                     method=method, cache_path=Path(summary.cache_path), dataset=li.calib,  # type: ignore[arg-type]
                     batch_size=cfg.data.batch_size, fingerprint=dict(summary.fingerprint),
                 )
-            info = T.build_engine(
+            info = build_engine(
                 source, out_dir / f"model.{precision}.engine", precision=precision, calibration=calibration,  # type: ignore[arg-type]
                 profiles=profiles, workspace_mib=trt.workspace_mib, timing_cache=timing_cache,
                 source_sha256=sha256_file(source), int8_mode=trt.int8_mode,
@@ -481,7 +484,7 @@ def _runner_for(v: Variant, cfg: PipelineConfig) -> Any:
         from quantpipe.backends.onnxruntime import OrtRunner
 
         return OrtRunner(v.artifact or "", v.name, device=v.device, threads=cfg.build.backends.onnxruntime.threads)
-    from quantpipe.backends.tensorrt import TensorRTRunner
+    from quantpipe.backends.tensorrt.runner import TensorRTRunner
 
     return TensorRTRunner(v.artifact or "", v.name, source_sha256=v.details.get("source_sha256"))
 
@@ -530,11 +533,12 @@ def _preflight(cfg: PipelineConfig) -> None:
     trt = cfg.build.backends.tensorrt
     if not (trt.enabled and trt.required):
         return
-    from quantpipe.backends import tensorrt as T
+    from quantpipe.backends.tensorrt.plan import variant_skip_reason
+    from quantpipe.backends.tensorrt.version import require_tensorrt
 
-    T.require_tensorrt()
+    require_tensorrt()
     for precision in trt.precisions:
-        reason = T.variant_skip_reason(precision, int8_mode=trt.int8_mode)
+        reason = variant_skip_reason(precision, int8_mode=trt.int8_mode)
         if reason is not None:
             raise MissingDependencyError(
                 f"build.backends.tensorrt.required is true, but {variant_name('tensorrt', precision)} cannot be built "

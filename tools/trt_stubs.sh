@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Prepares type stubs for `tensorrt` so mypy can check quantpipe/backends/tensorrt.py where TensorRT itself
+# Prepares type stubs for `tensorrt` so mypy can check quantpipe/backends/tensorrt/ where TensorRT itself
 # cannot be installed (its libraries are not on the package index these machines reach).
 #
 #   bash tools/trt_stubs.sh [PYTHON]    # the interpreter whose pip downloads the stubs (default: python3)
 #
 # The stubs land in .typings/ (pyproject's [tool.mypy] mypy_path; the folder ignores itself in git);
-# TRT_STUBS_DEST overrides that. Then: mypy quantpipe/backends/tensorrt.py quantpipe/calibration/trt_calibrator.py
+# TRT_STUBS_DEST overrides that. Then: mypy quantpipe/backends/tensorrt quantpipe/cuda.py
 #
 # Steps (see tensorrt-typecheck.md in the shared notes): install tensorrt-stubs with --no-deps (with its
 # dependencies it pulls tensorrt, which cannot be downloaded here), copy the two stub packages into DEST

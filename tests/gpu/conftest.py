@@ -47,8 +47,8 @@ class GpuProbe:
 def _probe_cuda_python() -> tuple[bool, str | None, str | None, str | None]:
     """(cuda-python usable, why not, GPU description, why no GPU)."""
     try:
-        from quantpipe.backends.tensorrt import current_gpu
-        from quantpipe.calibration.trt_calibrator import cuda_check, cuda_runtime
+        from quantpipe.backends.tensorrt.metadata import current_gpu
+        from quantpipe.cuda import cuda_check, cuda_runtime
 
         rt = cuda_runtime()
     except Exception as err:
@@ -89,7 +89,7 @@ def probe() -> GpuProbe:
 
         gpu_reason = "nvidia-smi not found, and no cuda-python to ask" if shutil.which("nvidia-smi") is None else gpu_reason
     ort_ok, ort_reason = _probe_ort_cuda()
-    from quantpipe.backends.tensorrt import tensorrt_status
+    from quantpipe.backends.tensorrt.version import tensorrt_status
 
     trt_ok, trt_version, trt_reason = tensorrt_status()
     return GpuProbe(gpu, gpu_reason, cuda_ok, cuda_reason, ort_ok, ort_reason, trt_ok, trt_version, trt_reason)
@@ -111,7 +111,7 @@ def cuda_rt(gpu_probe: GpuProbe) -> Any:
         pytest.skip(f"needs cuda-python: {gpu_probe.cuda_python_reason}")
     if gpu_probe.gpu is None:
         pytest.skip(f"needs an NVIDIA GPU: {gpu_probe.gpu_reason}")
-    from quantpipe.calibration.trt_calibrator import cuda_runtime
+    from quantpipe.cuda import cuda_runtime
 
     return cuda_runtime()
 

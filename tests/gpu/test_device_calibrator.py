@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from quantpipe.artifacts import TensorInfo
-from quantpipe.calibration.trt_calibrator import CudaRuntimeAllocator, DeviceBatcher, cuda_check, make_allocator
+from quantpipe.cuda import CudaRuntimeAllocator, DeviceBatcher, cuda_check, make_allocator
 from quantpipe.data import open_dataset
 
 

@@ -15,14 +15,12 @@ import pytest
 
 from quantpipe.artifacts import TensorInfo
 from quantpipe.backends.onnxruntime import OrtRunner
-from quantpipe.backends.tensorrt import (
-    CalibrationInput,
-    TensorRTRunner,
-    api_for_version,
-    build_engine,
-    metadata_path_for,
-    plan_build,
-)
+from quantpipe.backends.tensorrt.build import build_engine
+from quantpipe.backends.tensorrt.calibrator import CalibrationInput
+from quantpipe.backends.tensorrt.metadata import metadata_path_for
+from quantpipe.backends.tensorrt.plan import plan_build
+from quantpipe.backends.tensorrt.runner import TensorRTRunner
+from quantpipe.backends.tensorrt.version import api_for_version
 from quantpipe.data import open_dataset
 from quantpipe.errors import StaleArtifactError
 

@@ -6,8 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from quantpipe.backends.tensorrt import CudaStream
-from quantpipe.calibration.trt_calibrator import CudaRuntimeAllocator
+from quantpipe.cuda import CudaRuntimeAllocator, CudaStream
 
 
 def test_stream_copies_round_trip_and_events_time_them(cuda_rt: Any) -> None:

@@ -19,6 +19,8 @@ def _all_modules() -> list[str]:
 def test_every_module_imports_without_heavy_dependencies() -> None:
     modules = _all_modules()
     assert "quantpipe.cli" in modules and "quantpipe.pipeline" in modules
+    trt_modules = {f"quantpipe.backends.tensorrt.{m}" for m in ("version", "plan", "metadata", "calibrator", "build", "runner")}
+    assert trt_modules | {"quantpipe.cuda", "quantpipe.backends.tensorrt"} <= set(modules)
     code = textwrap.dedent(
         f"""
         import importlib, importlib.abc, sys
@@ -48,3 +50,20 @@ def test_package_import_is_light() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_tensorrt_version_and_package_import_alone() -> None:
+    """`quantpipe.deps` imports `backends.tensorrt.version`: it (and the package it sits in) must pull in no
+    other quantpipe module, or deps -> TensorRT backend -> cuda -> deps would be a cycle again."""
+    code = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]); "
+        "print(sorted(m for m in sys.modules if m.startswith('quantpipe')))"
+    )
+    base = ["quantpipe", "quantpipe.backends", "quantpipe.backends.tensorrt"]
+    for module, expect in (
+        ("quantpipe.backends.tensorrt", base),
+        ("quantpipe.backends.tensorrt.version", [*base, "quantpipe.backends.tensorrt.version", "quantpipe.errors"]),
+    ):
+        proc = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == repr(expect), module

@@ -12,7 +12,11 @@ from typing import Any
 
 import pytest
 
-from quantpipe.backends import tensorrt as T
+from quantpipe.backends.tensorrt import build as trt_build
+from quantpipe.backends.tensorrt import plan as trt_plan
+from quantpipe.backends.tensorrt import version as trt_version
+from quantpipe.backends.tensorrt.metadata import EngineInfo
+from quantpipe.backends.tensorrt.version import api_for_version
 from quantpipe.config import parse_config
 from quantpipe.pipeline import NullProgress, Workspace, load_inputs, stage_build, stage_calibrate
 from tests.conftest import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL
@@ -42,23 +46,23 @@ def _cfg(tmp: Path, use: str = "entropy") -> Any:
 def test_trt_variants_built_from_the_right_models(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, expect_sources: dict[str, str], use: str
 ) -> None:
-    api = T.api_for_version(version)
+    api = api_for_version(version)
     calls: list[dict[str, Any]] = []
 
     def fake_build(onnx_path: Path, out_path: Path, **kw: Any) -> Any:
         calls.append({"onnx": Path(onnx_path), **kw})
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_bytes(b"engine")
-        return T.EngineInfo(
+        return EngineInfo(
             path=str(out_path), metadata_path=str(out_path) + ".json", precision=kw["precision"], tensorrt_version=version,
             gpu_name="fake", compute_capability="9.0", source_model=str(onnx_path), source_sha256=kw["source_sha256"],
             engine_sha256="0" * 64, size_bytes=6, build_seconds=0.0, strongly_typed=not api.weak_typing,
             int8_mode=None, options={},
         )
 
-    monkeypatch.setattr(T, "variant_skip_reason", lambda *a, **k: None)
-    monkeypatch.setattr(T, "require_tensorrt", lambda: api)
-    monkeypatch.setattr(T, "build_engine", fake_build)
+    monkeypatch.setattr(trt_plan, "variant_skip_reason", lambda *a, **k: None)
+    monkeypatch.setattr(trt_version, "require_tensorrt", lambda: api)
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
     cfg = _cfg(tmp_path, use)
     ws = Workspace.for_config(cfg)
     li = load_inputs(cfg)

@@ -1,14 +1,19 @@
-"""Calibration batches in device memory, for TensorRT's implicit-quantization calibrators (TensorRT <= 10).
+"""CUDA device memory, streams and the calibration batcher, through cuda-python or pycuda; no tensorrt here.
 
+Polygraphy keeps CUDA memory and streams in `polygraphy/cuda/`, apart from its TensorRT backend; so does
+quantpipe: `quantpipe.backends.tensorrt` uses this module and this module never imports tensorrt.
+
+Calibration batches in device memory, for TensorRT's implicit-quantization calibrators (TensorRT <= 10):
 TensorRT's `IInt8EntropyCalibrator2` / `IInt8MinMaxCalibrator` pull calibration data by calling
 `get_batch(names)` and expect one device pointer per requested input, in the order of `names`. That
 work (batching the calibration Dataset, keeping one device buffer per input, copying each batch in,
 freeing everything at a known point) lives here in `DeviceBatcher`, a plain class with no tensorrt
-import; `quantpipe.backends.tensorrt` defines the TensorRT subclasses that delegate to it.
+import; `quantpipe.backends.tensorrt.calibrator` defines the TensorRT subclasses that delegate to it.
 
 Device memory goes through a small allocator interface (`DeviceAllocator`): cuda-python's runtime API
 by default, pycuda where it is installed and chosen, and `HostAllocator`, a stand-in "device" in host
-memory that lets the batching be tested on machines without a GPU.
+memory that lets the batching be tested on machines without a GPU. `CudaStream` is the TensorRT runner's
+stream, events and asynchronous copies (cuda-python's runtime API).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ __all__ = [
     "AllocatorKind",
     "BatchSource",
     "CudaRuntimeAllocator",
+    "CudaStream",
     "DeviceAllocator",
     "DeviceBatcher",
+    "DeviceBuffer",
     "HostAllocator",
     "PycudaAllocator",
     "cuda_runtime",
@@ -163,6 +170,57 @@ class CudaRuntimeAllocator:
         return int(free), int(total)
 
 
+class CudaStream:
+    """One CUDA stream with events, asynchronous copies and elapsed times (cuda-python's runtime API).
+
+    The TensorRT runner's plumbing, kept apart so it can be checked on a GPU without TensorRT.
+    """
+
+    def __init__(self, rt: Any, num_events: int = 4) -> None:
+        self.rt = rt
+        self.stream = cuda_check(rt, rt.cudaStreamCreate(), "cudaStreamCreate")
+        self.events = [cuda_check(rt, rt.cudaEventCreate(), "cudaEventCreate") for _ in range(num_events)]
+
+    @property
+    def handle(self) -> int:
+        """The stream as the integer execute_async_v3 takes."""
+        return int(self.stream)
+
+    def h2d(self, ptr: int, host: np.ndarray) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        cuda_check(self.rt, self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, self.stream),
+                   "cudaMemcpyAsync host->device")
+
+    def d2h(self, host: np.ndarray, ptr: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cuda_check(self.rt, self.rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, self.stream),
+                   "cudaMemcpyAsync device->host")
+
+    def record(self, i: int) -> None:
+        cuda_check(self.rt, self.rt.cudaEventRecord(self.events[i], self.stream), "cudaEventRecord")
+
+    def wait_event(self, i: int) -> None:
+        cuda_check(self.rt, self.rt.cudaEventSynchronize(self.events[i]), "cudaEventSynchronize")
+
+    def elapsed_ms(self, i: int, j: int) -> float:
+        return float(cuda_check(self.rt, self.rt.cudaEventElapsedTime(self.events[i], self.events[j]), "cudaEventElapsedTime"))
+
+    def synchronize(self) -> None:
+        cuda_check(self.rt, self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        """Destroy the events and the stream (after a final synchronize). Idempotent."""
+        if self.stream is None:
+            return
+        try:
+            self.synchronize()
+        finally:
+            for ev in self.events:
+                self.rt.cudaEventDestroy(ev)
+            self.rt.cudaStreamDestroy(self.stream)
+            self.events, self.stream = [], None
+
+
 # --------------------------------------------------------------------------------------------------
 # pycuda
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +353,9 @@ def _check_writeable(host: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class _DeviceBuffer:
+class DeviceBuffer:
+    """One device allocation: its address and size; the batcher also notes the shape and dtype it holds."""
+
     __slots__ = ("ptr", "nbytes", "shape", "dtype")
 
     def __init__(self, ptr: int, nbytes: int) -> None:
@@ -341,7 +401,7 @@ class DeviceBatcher:
         self._shapes = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
         self._max_batches = max_batches
         self._drop_last = drop_last
-        self._buffers: dict[str, _DeviceBuffer] = {}
+        self._buffers: dict[str, DeviceBuffer] = {}
         self._iter: Iterator[Any] | None = None
         self._closed = False
         self._exhausted_logged = False
@@ -462,7 +522,7 @@ class DeviceBatcher:
             if buf is not None:
                 self._allocator.free(buf.ptr)
                 del self._buffers[name]
-            buf = _DeviceBuffer(self._allocator.alloc(arr.nbytes), max(arr.nbytes, 1))
+            buf = DeviceBuffer(self._allocator.alloc(arr.nbytes), max(arr.nbytes, 1))
             self._buffers[name] = buf
         self._allocator.copy_to_device(buf.ptr, arr)
         buf.shape = tuple(arr.shape)

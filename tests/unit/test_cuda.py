@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from quantpipe.artifacts import TensorInfo
-from quantpipe.calibration.trt_calibrator import (
+from quantpipe.cuda import (
     CudaRuntimeAllocator,
     DeviceBatcher,
     HostAllocator,
