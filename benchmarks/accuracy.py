@@ -202,8 +202,8 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
     from quantpipe.calibration import compute_tables
     from quantpipe.calibration.collect import collect_histograms
     from quantpipe.data import open_dataset
-    from quantpipe.model import tensor_info
     from quantpipe.fallback import accuracy_fallback
+    from quantpipe.model import tensor_info
     from quantpipe.sensitivity import layer_sensitivity
 
     ev = Evaluator(bench)

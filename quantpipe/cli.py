@@ -314,41 +314,38 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="quantpipe",
-        description="FP32 ONNX -> calibrated INT8/FP16 ONNX Runtime models and TensorRT engines, evaluated, reported and gated.",
-        epilog="Exit codes: 0 pass, 1 gate failed, 2 bad input, 3 missing dependency, 4 a stage failed, 130 interrupted.",
-    )
-    p.add_argument("--version", action="version", version=f"quantpipe {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    common.add_argument("-q", "--quiet", action="store_true", help="warnings and results only, no progress")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _with_config(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("config", nargs="?", type=Path, default=Path("pipeline.yaml"), help="pipeline file (default: ./pipeline.yaml)")
 
-    def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("config", nargs="?", type=Path, default=Path("pipeline.yaml"), help="pipeline file (default: ./pipeline.yaml)")
 
-    r = sub.add_parser("run", parents=[common], help="every stage: calibrate, build, evaluate, report, gate")
-    with_config(r)
-    r.add_argument("--run-id", help="name of the run directory under report.dir (default: UTC timestamp)")
-    r.add_argument("--baseline", type=Path, help="earlier run directory to compare with (overrides report.baseline)")
-    r.set_defaults(func=cmd_run)
+def _add_data_options(sp: argparse.ArgumentParser) -> None:
+    """Calibration options of the standalone commands; their defaults are pipeline.yaml's (quantpipe.config)."""
+    from quantpipe.config import CalibrationConfig, DataConfig
+
+    cal, data = CalibrationConfig.model_fields, DataConfig.model_fields
+    sp.add_argument("--batch-size", type=int, default=data["batch_size"].default)
+    sp.add_argument("--percentile", type=float, default=cal["percentile"].default)
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=cal["device"].default)
+    sp.add_argument("--max-samples", type=int)
+
+
+def _add_calibrate(sub: Any, common: argparse.ArgumentParser) -> None:
+    from quantpipe.config import CalibrationConfig
 
     c = sub.add_parser("calibrate", parents=[common], help="calibrate from pipeline.yaml, or standalone with --model/--data")
-    with_config(c)
+    _with_config(c)
     c.add_argument("--model", type=Path, help="FP32 ONNX model (standalone mode)")
     c.add_argument("--data", type=Path, help=".npz with one array per input, or a folder of per-sample .npz")
     c.add_argument("--method", action="append", choices=["entropy", "minmax", "percentile", "mse"], help="repeatable; default entropy")
-    c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--cache", type=Path, default=Path("calibration.cache"), help="TensorRT cache to write (JSON lands beside it)")
-    c.add_argument("--percentile", type=float, default=99.99)
-    c.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header")
-    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    c.add_argument("--max-samples", type=int)
+    c.add_argument("--trt-version", default=CalibrationConfig.model_fields["trt_version"].default,
+                   help="TensorRT version for the cache header")
+    _add_data_options(c)
     c.add_argument("--run-id", help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_calibrate)
 
+
+def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     q = sub.add_parser("quantize", parents=[common], help="write an INT8 Q/DQ model (or --fp16 an FP16 model) without a pipeline.yaml")
     q.add_argument("--model", type=Path, required=True)
     q.add_argument("--data", type=Path)
@@ -364,27 +361,45 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split-activations", choices=["auto", "off"],
                    help="auto: an activation whose int8 rounding dominates the output error is quantized in pieces "
                         "where that measurably helps (README); default: build.quantize.split_activations' default")
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--percentile", type=float, default=99.99)
-    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    q.add_argument("--max-samples", type=int)
+    _add_data_options(q)
     q.set_defaults(func=cmd_quantize)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="quantpipe",
+        description="FP32 ONNX -> calibrated INT8/FP16 ONNX Runtime models and TensorRT engines, evaluated, reported and gated.",
+        epilog="Exit codes: 0 pass, 1 gate failed, 2 bad input, 3 missing dependency, 4 a stage failed, 130 interrupted.",
+    )
+    p.add_argument("--version", action="version", version=f"quantpipe {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and results only, no progress")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", parents=[common], help="every stage: calibrate, build, evaluate, report, gate")
+    _with_config(r)
+    r.add_argument("--run-id", help="name of the run directory under report.dir (default: UTC timestamp)")
+    r.add_argument("--baseline", type=Path, help="earlier run directory to compare with (overrides report.baseline)")
+    r.set_defaults(func=cmd_run)
+    _add_calibrate(sub, common)
+    _add_quantize(sub, common)
 
     for name, helptext in (("build", "calibrate (or reuse) and build every variant"),
                            ("evaluate", "... and evaluate every variant into a new run directory")):
         s = sub.add_parser(name, parents=[common], help=helptext)
-        with_config(s)
+        _with_config(s)
         s.add_argument("--run-id", help="run directory name (evaluate)")
         s.set_defaults(func=cmd_stage)
 
     rp = sub.add_parser("report", parents=[common], help="(re)write the report files of a run")
-    with_config(rp)
+    _with_config(rp)
     rp.add_argument("--run", type=Path, help="run directory (default: reports/latest)")
     rp.add_argument("--baseline", type=Path, help="earlier run directory to compare with")
     rp.set_defaults(func=cmd_report)
 
     g = sub.add_parser("gate", parents=[common], help="judge a run with pipeline.yaml's gate rules; exit 0/1")
-    with_config(g)
+    _with_config(g)
     g.add_argument("--run", type=Path, help="run directory (default: reports/latest)")
     g.add_argument("--baseline", type=Path, help="earlier run directory for baseline rules")
     g.set_defaults(func=cmd_gate)

@@ -198,18 +198,25 @@ def accuracy_fallback(
             exhausted = True
             log.warning("fallback: stopped after %d evaluations (max_evaluations)", max_evaluations)
     keep, current = search.keep, search.current
-    steps: list[FallbackStep] = []
-    before = initial
-    for i, name in enumerate(keep):
-        after = search.evaluate(frozenset(keep[: i + 1]), force=True)  # at most len(keep) more runs, for the report
-        steps.append(FallbackStep(node=name, op_type=ops[name], kept_in=keep_in, metric_before=before.value,
-                                  metric_after=after.value))
-        before = after
+    steps = _steps(search, keep, ops, keep_in, initial)
     rep = _final_model(ctx, amax, search, keep, current, exhausted=exhausted, max_layers=max_layers,
                        model_path=model_path, out_path=out_path)
     fallback = FallbackReport(metric=metric, target=float(target), initial=initial.value, final=current.value,
-                              met=search.met(current), num_quantizable=first.num_quantizable, steps=tuple(steps))
+                              met=search.met(current), num_quantizable=first.num_quantizable, steps=steps)
     return rep, fallback
+
+
+def _steps(search: _Search, keep: Sequence[str], ops: Mapping[str, str], keep_in: str,
+           initial: _Eval) -> tuple[FallbackStep, ...]:
+    """The metric before and after each kept layer, in the order they were kept (for the report)."""
+    steps: list[FallbackStep] = []
+    before = initial
+    for i, name in enumerate(keep):
+        after = search.evaluate(frozenset(keep[: i + 1]), force=True)  # at most len(keep) more runs
+        steps.append(FallbackStep(node=name, op_type=ops[name], kept_in=keep_in, metric_before=before.value,
+                                  metric_after=after.value))
+        before = after
+    return tuple(steps)
 
 
 def _final_model(ctx: Reference, amax: Mapping[str, float], search: _Search, keep: Sequence[str], current: _Eval, *,

@@ -19,27 +19,13 @@ from onnx import TensorProto, helper
 from quantpipe.artifacts import ModelSpec, TensorInfo
 from quantpipe.errors import ModelError
 from quantpipe.fsutil import sha256_file
+from quantpipe.onnxgraph import QUANTIZED_OPS, load_onnx
 
-__all__ = ["load_model_spec", "read_model", "tensor_info", "apply_input_overrides"]
+__all__ = ["load_model_spec", "tensor_info", "apply_input_overrides"]
 
 log = logging.getLogger(__name__)
 
 _NON_FP32_FLOATS = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16", TensorProto.DOUBLE: "float64"}
-_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
-
-
-def read_model(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file or raise ModelError explaining what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model {path} does not exist. Check model.path in pipeline.yaml (relative to the YAML file) or --model.")
-    try:
-        return onnx.load(os.fspath(path), load_external_data=load_external_data)
-    except Exception as err:  # protobuf raises DecodeError, onnx raises various; all mean "not an ONNX model"
-        raise ModelError(
-            f"model {path} is not a valid ONNX file ({type(err).__name__}: {err}). Export it again "
-            f"(torch.onnx.export, tf2onnx ...) and check it with `python -c \"import onnx; onnx.checker.check_model('{path}')\"`."
-        ) from err
 
 
 def tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
@@ -59,7 +45,7 @@ def tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
 
 def _check_fp32(model: onnx.ModelProto, path: Path) -> None:
     bad: list[str] = []
-    quant = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANT_OPS})
+    quant = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
     if quant:
         raise ModelError(
             f"model {path} is already quantized (it contains {', '.join(quant)}). quantpipe starts from the FP32 model: "
@@ -85,7 +71,7 @@ def _check_fp32(model: onnx.ModelProto, path: Path) -> None:
 def load_model_spec(path: str | Path) -> tuple[ModelSpec, onnx.ModelProto]:
     """Load, check and describe the FP32 model. Returns the spec and the (shape-inferred) proto."""
     path = Path(path)
-    model = read_model(path)
+    model = load_onnx(path)
     try:
         onnx.checker.check_model(model if model.ByteSize() < 2**31 - 1 else os.fspath(path))
     except onnx.checker.ValidationError as err:

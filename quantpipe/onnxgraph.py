@@ -16,14 +16,16 @@ import numpy as np
 from quantpipe.errors import BuildError, ModelError
 
 __all__ = [
-    "FLOAT", "FLOAT16", "LARGE_MODEL_BYTES", "QUANTIZED_OPS", "Graph", "Names", "add_initializer", "attr",
+    "FLOAT", "FLOAT16", "LARGE_MODEL_BYTES", "QDQ_OPS", "QUANTIZED_OPS", "Graph", "Names", "add_initializer", "attr",
     "constant_node_value", "decomposed_layernorm_nodes", "drop_unused_initializers", "expose_outputs", "load_onnx",
     "name_nodes", "named_copy", "opset_of", "save_onnx", "subgraph_references", "topological_order",
 ]
 
-#: Ops that mean a model is already quantized (quantpipe quantizes FP32 models only).
-QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                      "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "MatMulIntegerToFloat"})
+#: The explicit-quantization pair: a model with them is a Q/DQ model.
+QDQ_OPS: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear"})
+#: Ops that mean a model is already quantized (quantpipe calibrates and quantizes FP32 models only).
+QUANTIZED_OPS: frozenset[str] = QDQ_OPS | frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                                                     "DynamicQuantizeLinear", "QLinearAdd", "MatMulIntegerToFloat"})
 FLOAT = 1  # TensorProto.FLOAT
 FLOAT16 = 10  # TensorProto.FLOAT16
 LARGE_MODEL_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
@@ -35,13 +37,15 @@ def load_onnx(path: str | os.PathLike[str]) -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model {path} does not exist. Pass the path of an FP32 .onnx file.")
+        raise ModelError(f"model {path} does not exist. Check model.path in pipeline.yaml (relative to the YAML "
+                         f"file) or --model: the path of an FP32 .onnx file.")
     try:
         return onnx.load(os.fspath(path), load_external_data=True)
     except Exception as err:  # protobuf and onnx raise many types; all mean "not a readable model"
         raise ModelError(
-            f"model {path} could not be read as ONNX ({type(err).__name__}: {err}). If it uses external data, "
-            f"keep the .data file beside it; otherwise export the model again."
+            f"model {path} is not a valid ONNX file ({type(err).__name__}: {err}). If it uses external data, keep "
+            f"the .data file beside it; otherwise export it again (torch.onnx.export, tf2onnx ...) and check it with "
+            f"`python -c \"import onnx; onnx.checker.check_model('{path}')\"`."
         ) from err
 
 

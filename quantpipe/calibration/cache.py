@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 
 from quantpipe.calibration.histogram import StreamingHistogram
+from quantpipe.config import CalibrationConfig
 from quantpipe.errors import CalibrationError, StaleArtifactError
 from quantpipe.fsutil import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from quantpipe.int8 import INT8_MAX
 
 __all__ = [
     "DEFAULT_TRT_VERSION",
@@ -58,9 +60,8 @@ __all__ = [
     "load_histograms",
 ]
 
-DEFAULT_TRT_VERSION = "10.13.0"
+DEFAULT_TRT_VERSION: str = CalibrationConfig.model_fields["trt_version"].default
 MIN_AMAX = 2.0**-14
-QUANT_LEVELS = 127
 
 CACHE_ALGORITHMS: dict[str, str] = {
     "entropy": "EntropyCalibration2",
@@ -92,7 +93,7 @@ class TrtCache:
     @property
     def amax(self) -> dict[str, float]:
         """tensor -> scale * 127."""
-        return {k: v * QUANT_LEVELS for k, v in self.scales.items()}
+        return {k: v * INT8_MAX for k, v in self.scales.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +149,7 @@ def amax_to_scale(amax: float) -> float:
     a = float(amax)
     if not math.isfinite(a):
         raise CalibrationError(f"amax {amax!r} is not finite; a TensorRT scale must be a positive finite float32.")
-    return float(np.float32(max(a, MIN_AMAX) / QUANT_LEVELS))
+    return float(np.float32(max(a, MIN_AMAX) / INT8_MAX))
 
 
 def scale_to_hex(scale: float) -> str:

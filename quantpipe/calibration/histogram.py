@@ -38,9 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.config import CalibrationConfig
+
 __all__ = ["StreamingHistogram", "SignedHistogram", "BinnedHistogram", "DEFAULT_NUM_BINS", "DEFAULT_OVERSAMPLE"]
 
-DEFAULT_NUM_BINS = 2048
+DEFAULT_NUM_BINS: int = CalibrationConfig.model_fields["num_bins"].default
+"""TensorRT's histogram size (2048 bins); pipeline.yaml's calibration.num_bins default."""
 DEFAULT_OVERSAMPLE = 32
 """Fine bins per output bin at the full range (16..32 once the grid is fitted to absmax)."""
 

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from quantpipe.calibration.histogram import BinnedHistogram, StreamingHistogram
+from quantpipe.config import CalibrationConfig
 from quantpipe.errors import ConfigError
+from quantpipe.int8 import INT8_MAX
 
 __all__ = [
     "METHODS",
@@ -38,9 +40,7 @@ BASE_METHODS: tuple[str, ...] = ("entropy", "minmax", "percentile", "mse")
 METHODS: tuple[str, ...] = BASE_METHODS + ("best",)
 """Valid method names; `best` picks, per tensor, the base method with the lowest quantization MSE."""
 
-DEFAULT_PERCENTILE = 99.99
-QUANT_LEVELS = 127
-"""Positive levels of symmetric int8 (TensorRT: scale = amax / 127)."""
+DEFAULT_PERCENTILE: float = CalibrationConfig.model_fields["percentile"].default
 ENTROPY_QUANT_BINS = 128
 ENTROPY_START_BIN = 128
 _TIE_RTOL = 1e-12
@@ -210,7 +210,7 @@ def quantization_mse(hist: StreamingHistogram | BinnedHistogram, amax: float) ->
     lo, hi = edges[:-1], edges[1:]
     if amax <= 0:
         return float((counts * (lo * lo + lo * hi + hi * hi) / 3.0).sum() / total)  # everything clipped to 0
-    step = amax / QUANT_LEVELS
+    step = amax / INT8_MAX
     width = hi - lo
     with np.errstate(divide="ignore", invalid="ignore"):
         inside = np.where(width > 0, np.clip((np.minimum(hi, amax) - lo) / np.where(width > 0, width, 1.0), 0, 1), 1.0)
@@ -240,7 +240,7 @@ def mse_amax(hist: StreamingHistogram | BinnedHistogram, *, start_bin: int = ENT
     first = min(start_bin, n)
     cand = np.arange(first, n + 1, dtype=np.float64)
     t = cand * w
-    step = t / QUANT_LEVELS
+    step = t / INT8_MAX
     k = np.arange(n, dtype=np.float64)
     suffix = lambda v: np.concatenate((np.cumsum(v[::-1])[::-1], [0.0]))  # noqa: E731  sum over k >= i
     s0, s1, s2 = suffix(counts), suffix(counts * k), suffix(counts * k * k)

@@ -217,7 +217,7 @@ def collect_weight_codes(
     round-to-nearest).
 
     Args:
-        model: FP32 ModelProto with named nodes (`quantize.name_nodes`).
+        model: FP32 ModelProto with named nodes (`onnxgraph.name_nodes`).
         dataset: the calibration `Dataset`.
         per_channel: per-output-channel scales (as the Q/DQ writer will use).
         nodes: restrict to these node names (None: every eligible node).
@@ -232,9 +232,23 @@ def collect_weight_codes(
             the INT8 model will see, x + n with n its int8 rounding noise (variance step^2 / 12): that adds
             the noise variance to H's diagonal, which keeps GPTQ from leaning on input directions whose
             signal is below the activation's quantization step.
-        session: factory for an onnxruntime session of a model (default: quantize.ort_session).
+        session: factory for an onnxruntime session of a model (default: ortsession.ort_session).
     """
-    layers = _layers(model, per_channel, nodes)
+    chosen = _within_budget(_layers(model, per_channel, nodes), memory_budget)
+    if not chosen:
+        return {}
+    _accumulate_h(model, dataset, chosen, batch_size=batch_size, max_samples=max_samples,
+                  session=session or ort_session)
+    out: dict[str, WeightCodes] = {}
+    for layer in chosen:
+        codes = _fit(layer, damp=damp, min_rows_per_input=min_rows_per_input, input_amax=input_amax)
+        if codes is not None:
+            out[layer.weight] = codes
+    return out
+
+
+def _within_budget(layers: list[_Layer], memory_budget: int) -> list[_Layer]:
+    """The layers whose H matrices fit `memory_budget` together, smallest first; the others keep nearest."""
     used = 0
     chosen: list[_Layer] = []
     for layer in sorted(layers, key=lambda L: _rows(L).shape[0] * _rows(L).shape[2] ** 2):
@@ -246,11 +260,16 @@ def collect_weight_codes(
             continue
         used += need
         chosen.append(layer)
-    if not chosen:
-        return {}
+    return chosen
+
+
+def _accumulate_h(model: Any, dataset: Any, chosen: list[_Layer], *, batch_size: int, max_samples: int | None,
+                  session: Callable[[Any], Any]) -> None:
+    """Each layer's H = sum of x x^T over the inputs it sees in one FP32 pass (`layer.h`, `layer.rows`;
+    rows -1: its input could not be unfolded, the layer keeps nearest)."""
     graph_inputs = {i.name for i in model.graph.input}
     targets = sorted({L.node.input[0] for L in chosen} - graph_inputs)
-    sess = (session or ort_session)(expose_outputs(model, targets))
+    sess = session(expose_outputs(model, targets))
     rng = np.random.default_rng(0)
     for res, _ in fp32_batches(sess, dataset, batch_size=batch_size, max_samples=max_samples):
         for layer in chosen:
@@ -267,32 +286,33 @@ def collect_weight_codes(
             h = np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
             layer.h = h if layer.h is None else layer.h + h
             layer.rows += p.shape[1]
-    out: dict[str, WeightCodes] = {}
-    for layer in chosen:
-        wr = _rows(layer)
-        if layer.h is None or layer.rows <= 0 or layer.rows < min_rows_per_input * wr.shape[2]:
-            if layer.rows > 0:
-                log.info("GPTQ: %s keeps round-to-nearest (%d input vectors for %d inputs)", layer.node.name,
-                         layer.rows, wr.shape[2])
-            continue
-        scale = _scale(layer)
-        srow = np.broadcast_to(scale.astype(np.float64).reshape(-1) if layer.axis is not None else scale,
-                               (wr.shape[0] * wr.shape[1],)).reshape(wr.shape[0], wr.shape[1])
-        h = layer.h / layer.rows
-        a = (input_amax or {}).get(layer.node.input[0])
-        if a is not None and np.isfinite(a) and a > 0:
-            idx = np.arange(h.shape[2])
-            live = h[:, idx, idx] > 0
-            h[:, idx, idx] += np.where(live, (a / INT8_MAX) ** 2 / 12.0, 0.0)
+
+
+def _fit(layer: _Layer, *, damp: float, min_rows_per_input: float,
+         input_amax: Mapping[str, float] | None) -> WeightCodes | None:
+    """GPTQ codes of one layer from its accumulated H, or None where it keeps round-to-nearest."""
+    wr = _rows(layer)
+    if layer.h is None or layer.rows <= 0 or layer.rows < min_rows_per_input * wr.shape[2]:
+        if layer.rows > 0:
+            log.info("GPTQ: %s keeps round-to-nearest (%d input vectors for %d inputs)", layer.node.name,
+                     layer.rows, wr.shape[2])
+        return None
+    scale = _scale(layer)
+    srow = np.broadcast_to(scale.astype(np.float64).reshape(-1) if layer.axis is not None else scale,
+                           (wr.shape[0] * wr.shape[1],)).reshape(wr.shape[0], wr.shape[1])
+    h = layer.h / layer.rows
+    a = (input_amax or {}).get(layer.node.input[0])
+    if a is not None and np.isfinite(a) and a > 0:
+        idx = np.arange(h.shape[2])
+        live = h[:, idx, idx] > 0
+        h[:, idx, idx] += np.where(live, (a / INT8_MAX) ** 2 / 12.0, 0.0)
+    try:
+        codes = gptq_round(wr, h, srow, damp=damp)
+    except np.linalg.LinAlgError:
         try:
-            codes = gptq_round(wr, h, srow, damp=damp)
+            codes = gptq_round(wr, h, srow, damp=damp * 100)
         except np.linalg.LinAlgError:
-            try:
-                codes = gptq_round(wr, h, srow, damp=damp * 100)
-            except np.linalg.LinAlgError:
-                log.info("GPTQ: %s keeps round-to-nearest (H does not factor)", layer.node.name)
-                continue
-        q = _from_rows(layer, codes).astype(np.int8)
-        out[layer.weight] = WeightCodes(layer.weight, layer.node.name, layer.axis, q, scale,
-                                        weight_fingerprint(layer.w))
-    return out
+            log.info("GPTQ: %s keeps round-to-nearest (H does not factor)", layer.node.name)
+            return None
+    q = _from_rows(layer, codes).astype(np.int8)
+    return WeightCodes(layer.weight, layer.node.name, layer.axis, q, scale, weight_fingerprint(layer.w))

@@ -23,20 +23,10 @@ __all__ = ["choose_splits"]
 log = logging.getLogger(__name__)
 
 
-def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
-                  batch_size: int = 8, max_samples: int = 32, max_tensors: int = 2,
-                  max_sqnr_db: float = 30.0, min_gain_db: float = 1.0) -> dict[str, int]:
-    """The activations worth splitting (`split_activations`): tensor -> pieces.
-
-    Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
-    on up to `max_samples` calibration samples, in one instrumented session where a scalar input switches
-    each tensor's fake quantization on. The `max_tensors` noisiest ones whose noise matters (output SQNR with
-    only that tensor rounded below `max_sqnr_db`, and at least a tenth of the whole INT8 model's output noise)
-    are then tried for real: the whole INT8 model is built with the tensor split in 2 and in 4 pieces and run
-    on the same samples. A split is kept when it lifts the model's output SQNR by at least `min_gain_db`, with
-    the fewest pieces that come within 0.5 dB of the best. Where the noise is spread over many tensors, comes
-    from elsewhere (weights, other activations) or is small, nothing is split.
-    """
+def _instrument(model: Any, amax: Mapping[str, float], options: QuantizeOptions
+                ) -> tuple[Any, dict[str, str], list[str]] | None:
+    """A copy of `model` where each splittable activation's int8 rounding (with the shift, when on) is added
+    to it times a scalar switch input: (model, tensor -> switch input name, candidates), or None."""
     from onnx import TensorProto, helper, numpy_helper
 
     m = named_copy(model)
@@ -44,8 +34,7 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     cands = {t: c for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
              and (c := split_candidate(g, t, options)) is not None}
     if not cands:
-        return {}
-    outputs = [o.name for o in m.graph.output]
+        return None
     switches = {}
     for i, (t, (_prod, _act, _readers, hi)) in enumerate(cands.items()):
         a = min(float(amax[t]), hi)
@@ -68,43 +57,81 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     nodes = topological_order(list(m.graph.node), m.graph)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
+    return m, switches, list(cands)
+
+
+def _err(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
+    """Squared error summed over the float outputs."""
+    return sum(float(np.sum(np.square(x.astype(np.float64) - r))) for x, r in zip(got, ref, strict=True)
+               if r.dtype.kind == "f")
+
+
+@dataclasses.dataclass
+class _Samples:
+    """The calibration samples the search runs on, the FP32 outputs, their energy and each candidate's noise."""
+
+    feeds: list[dict[str, np.ndarray]]
+    refs: list[list[np.ndarray]]
+    signal: float
+    noise: dict[str, float]
+    count: int
+
+    def db(self, n: float) -> float:
+        return 10 * math.log10(self.signal / n) if n > 0 else math.inf
+
+
+def _simulate(m: Any, switches: Mapping[str, str], calibration_data: Any, outputs: list[str], *, batch_size: int,
+              max_samples: int) -> _Samples:
+    """Run the instrumented model with every switch off (the FP32 reference) and with each switch on alone."""
     sess = ort_session(m, optimize=False)
     off = {sw: np.array(0.0, np.float32) for sw in switches.values()}
-
-    def err(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
-        return sum(float(np.sum(np.square(x.astype(np.float64) - r))) for x, r in zip(got, ref, strict=True)
-                   if r.dtype.kind == "f")
-
-    feeds_list: list[dict[str, np.ndarray]] = []
-    refs: list[list[np.ndarray]] = []
-    sig = 0.0
-    noise = dict.fromkeys(cands, 0.0)
-    seen = 0
+    s = _Samples([], [], 0.0, dict.fromkeys(switches, 0.0), 0)
     for batch in calibration_data.batches(batch_size):
-        feeds = {k: v[: max_samples - seen] for k, v in batch.feeds.items()}
+        feeds = {k: v[: max_samples - s.count] for k, v in batch.feeds.items()}
         ref = sess.run(outputs, {**feeds, **off})
-        feeds_list.append(feeds)
-        refs.append(ref)
-        sig += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
+        s.feeds.append(feeds)
+        s.refs.append(ref)
+        s.signal += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
         for t, sw in switches.items():
-            noise[t] += err(sess.run(outputs, {**feeds, **off, sw: np.array(1.0, np.float32)}), ref)
-        seen += next(iter(feeds.values())).shape[0]
-        if seen >= max_samples:
+            s.noise[t] += _err(sess.run(outputs, {**feeds, **off, sw: np.array(1.0, np.float32)}), ref)
+        s.count += next(iter(feeds.values())).shape[0]
+        if s.count >= max_samples:
             break
-    if sig <= 0.0:
+    return s
+
+
+def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
+                  batch_size: int = 8, max_samples: int = 32, max_tensors: int = 2,
+                  max_sqnr_db: float = 30.0, min_gain_db: float = 1.0) -> dict[str, int]:
+    """The activations worth splitting (`split_activations`): tensor -> pieces.
+
+    Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
+    on up to `max_samples` calibration samples, in one instrumented session where a scalar input switches
+    each tensor's fake quantization on. The `max_tensors` noisiest ones whose noise matters (output SQNR with
+    only that tensor rounded below `max_sqnr_db`, and at least a tenth of the whole INT8 model's output noise)
+    are then tried for real: the whole INT8 model is built with the tensor split in 2 and in 4 pieces and run
+    on the same samples. A split is kept when it lifts the model's output SQNR by at least `min_gain_db`, with
+    the fewest pieces that come within 0.5 dB of the best. Where the noise is spread over many tensors, comes
+    from elsewhere (weights, other activations) or is small, nothing is split.
+    """
+    found = _instrument(model, amax, options)
+    if found is None:
+        return {}
+    m, switches, cands = found
+    outputs = [o.name for o in m.graph.output]
+    s = _simulate(m, switches, calibration_data, outputs, batch_size=batch_size, max_samples=max_samples)
+    if s.signal <= 0.0:
         return {}
 
     def model_noise(splits: Mapping[str, int]) -> float:
         q = build_qdq_model(model, amax, dataclasses.replace(options, split_activations=dict(splits)))[0]
         run = ort_session(q, optimize=False)
-        return sum(err(run.run(outputs, f), r) for f, r in zip(feeds_list, refs, strict=True))
-
-    def db(n: float) -> float:
-        return 10 * math.log10(sig / n) if n > 0 else math.inf
+        return sum(_err(run.run(outputs, f), r) for f, r in zip(s.feeds, s.refs, strict=True))
 
     chosen: dict[str, int] = {}
     current = model_noise(chosen)
-    log.info("INT8 model on %d calibration samples: %.1f dB output SQNR", seen, db(current))
+    db, noise = s.db, s.noise
+    log.info("INT8 model on %d calibration samples: %.1f dB output SQNR", s.count, db(current))
     for t in sorted(cands, key=lambda x: -noise[x])[:max_tensors]:
         if db(noise[t]) >= max_sqnr_db or noise[t] < 0.1 * current:
             log.info("activation %s alone: %.1f dB output SQNR (%.0f%% of the model's noise): not split", t,

@@ -226,7 +226,7 @@ def test_gate_rule_unknown_metric(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 def test_overlapping_splits_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from quantpipe.config import parse_config
-    from quantpipe.pipeline import load_inputs
+    from quantpipe.inputs import load_inputs
 
     ev = np.load(EXAMPLE_EVAL)
     calib = tmp_path / "calib.npz"

@@ -17,8 +17,11 @@ from quantpipe.backends.tensorrt import plan as trt_plan
 from quantpipe.backends.tensorrt import version as trt_version
 from quantpipe.backends.tensorrt.metadata import EngineInfo
 from quantpipe.backends.tensorrt.version import api_for_version
+from quantpipe.build import stage_build
 from quantpipe.config import parse_config
-from quantpipe.pipeline import NullProgress, Workspace, load_inputs, stage_build, stage_calibrate
+from quantpipe.inputs import load_inputs
+from quantpipe.pipeline import stage_calibrate
+from quantpipe.workspace import NullProgress, Workspace
 from tests.conftest import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL
 
 

@@ -16,6 +16,7 @@ from quantpipe.artifacts import Precision
 from quantpipe.backends.tensorrt.version import TrtApi, api_for_version, tensorrt_status
 from quantpipe.cuda import cuda_check, cuda_runtime
 from quantpipe.errors import BuildError, QuantpipeError
+from quantpipe.onnxgraph import QDQ_OPS
 
 __all__ = [
     "BuildPlan",
@@ -121,9 +122,6 @@ def _gpu_visible() -> bool:
 # Inputs checked before TensorRT sees them
 # ==================================================================================================
 
-_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
-
-
 def check_source_model(onnx_path: str | Path, plan: BuildPlan) -> None:
     """Refuse a model that cannot give the planned engine (BuildError saying which model to pass).
 
@@ -141,7 +139,7 @@ def check_source_model(onnx_path: str | Path, plan: BuildPlan) -> None:
     except Exception as err:
         raise BuildError(f"TensorRT build: cannot read ONNX model {path}: {err}") from err
     graph = model.graph
-    has_qdq = any(n.op_type in _QDQ_OPS for n in graph.node)
+    has_qdq = any(n.op_type in QDQ_OPS for n in graph.node)
     f16 = onnx.TensorProto.FLOAT16
     has_fp16 = (
         any(t.data_type == f16 for t in graph.initializer)

@@ -1,0 +1,48 @@
+"""The load stage: the model and both data sets, checked against each other before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from quantpipe.artifacts import ModelSpec, TensorInfo
+from quantpipe.config import PipelineConfig
+from quantpipe.data import Dataset, check_disjoint, open_dataset
+from quantpipe.errors import DataError
+from quantpipe.model import apply_input_overrides, load_model_spec
+
+__all__ = ["LoadedInputs", "load_inputs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedInputs:
+    """The load stage's output: the model spec and the validated data sets."""
+
+    spec: ModelSpec
+    inputs: tuple[TensorInfo, ...]
+    output: str
+    calib: Dataset
+    eval: Dataset
+
+
+
+def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
+    """Load and check the model and both data sets (exit 2 on any mismatch)."""
+    spec, _ = load_model_spec(cfg.model.path)
+    inputs = apply_input_overrides(spec.inputs, cfg.model.inputs)
+    out_names = [o.name for o in spec.outputs]
+    output = cfg.model.output or out_names[0]
+    if output not in out_names:
+        raise DataError(f"pipeline.yaml model.output is '{output}', but the model's outputs are {out_names}.")
+    d = cfg.data
+    calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration")
+    ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples, role="evaluation")
+    overlap = check_disjoint(calib, ev)
+    if overlap:
+        log.warning(
+            "%d evaluation sample(s) also appear in the calibration data; accuracy on them is optimistic. "
+            "Use disjoint splits.", overlap
+        )
+    return LoadedInputs(spec, inputs, output, calib, ev)
