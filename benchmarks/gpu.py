@@ -89,7 +89,7 @@ def _cuda_ep_usable(model: str | Path) -> tuple[bool, str]:
 
 def calibrate_once(
     model: str | Path, data: str | Path, *, device: str, batch_size: int = 32, repeats: int = 1,
-    max_samples: int | None = None,
+    max_samples: int | None = None, cuda_options: Mapping[str, str] | None = None,
 ) -> CalibRun:
     """Run `collect_histograms` `repeats` times on `device` ('cpu' or 'cuda'); keep the last stats."""
     from quantpipe.calibration.collect import collect_histograms
@@ -112,45 +112,23 @@ def calibrate_once(
     stats = None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        stats = collect_histograms(model, dataset, batch_size=batch_size, providers=providers)
+        stats = collect_histograms(model, dataset, batch_size=batch_size, providers=providers, cuda_options=cuda_options)
         seconds.append(time.perf_counter() - t0)
     return CalibRun(device, used, seconds, stats, notes)
 
 
 def profile_phases(model: str | Path, data: str | Path, *, device: str, batch_size: int = 32) -> dict[str, float]:
-    """Where one warm calibration call spends its time (wraps collect.py's internals; best effort)."""
-    import collections
-
-    import quantpipe.calibration.collect as c
-
-    spent: dict[str, float] = collections.defaultdict(float)
-    patches: list[tuple[Any, str, Any]] = []
-
-    def wrap(owner: Any, name: str, label: str) -> None:
-        fn = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
-        if fn is None:
-            return
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[label] += time.perf_counter() - t0
-
-        setattr(owner, name, timed)
-        patches.append((owner, name, fn))
-
-    wrap(c, "plan_tensors", "plan tensors (shape inference)")
-    wrap(c, "_session", "session creation")
-    wrap(c, "_weights_into", "weight histograms")
-    wrap(c._DeviceOutputs, "run", "inference + copies (CUDA, IOBinding)")
-    wrap(c._Binner, "add", "activation histograms")
-    try:
-        run = calibrate_once(model, data, device=device, batch_size=batch_size, repeats=1)
-    finally:
-        for owner, name, fn in reversed(patches):
-            setattr(owner, name, fn)
+    """Where one warm calibration call spends its time (the phase timings collect_histograms reports)."""
+    run = calibrate_once(model, data, device=device, batch_size=batch_size, repeats=1)
+    stats = run.stats
+    spent = {
+        "plan tensors (shape inference)": stats.plan_seconds,
+        "session creation": stats.session_seconds,
+        "weight histograms": stats.weight_seconds,
+    }
+    if run.device_used == "cuda":  # on the CPU, inference is counted in "other"
+        spent["inference + copies (CUDA, IOBinding)"] = stats.inference_seconds
+    spent["activation histograms"] = stats.histogram_seconds - stats.weight_seconds
     total = run.seconds[-1]
     out = {k: round(v, 4) for k, v in spent.items()}
     out["other (load, data, CPU inference)"] = round(total - sum(spent.values()), 4)
@@ -184,20 +162,14 @@ def scaling(model: str | Path, data: str | Path, *, repeat: int, batch_size: int
 
 
 def conv_search_variants(model: str | Path, data: str | Path, *, batch_size: int) -> dict[str, Any]:
-    """Warm CUDA calibration time with each cuDNN algorithm search (collect.py's choice is DEFAULT)."""
-    import quantpipe.calibration.collect as c
+    """Warm CUDA calibration time with each cuDNN algorithm search (collect.py's choice is HEURISTIC)."""
+    from quantpipe.calibration.collect import CUDA_CALIBRATION_OPTIONS
 
-    base = getattr(c, "_CUDA_CALIBRATION_OPTIONS", None)
-    if base is None:
-        return {"skipped": "collect.py sets no CUDA provider options"}
     out: dict[str, Any] = {}
-    try:
-        for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
-            c._CUDA_CALIBRATION_OPTIONS = {**base, "cudnn_conv_algo_search": search}
-            run = calibrate_once(model, data, device="cuda", batch_size=batch_size, repeats=2)
-            out[search] = round(run.seconds[-1], 4)
-    finally:
-        c._CUDA_CALIBRATION_OPTIONS = base
+    for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+        options = {**CUDA_CALIBRATION_OPTIONS, "cudnn_conv_algo_search": search}
+        run = calibrate_once(model, data, device="cuda", batch_size=batch_size, repeats=2, cuda_options=options)
+        out[search] = round(run.seconds[-1], 4)
     return out
 
 

@@ -96,6 +96,17 @@ class Dataset:
     def is_folder(self) -> bool:
         return self._samples is not None
 
+    @property
+    def streamed_inputs(self) -> tuple[str, ...]:
+        """Inputs of a stacked .npz read from the file batch by batch instead of held in memory.
+
+        Large arrays stored uncompressed are streamed; compressed ones are loaded whole. Empty for a folder,
+        whose samples are read per batch anyway.
+        """
+        if self._arrays is None:
+            return ()
+        return tuple(name for name, arr in self._arrays.items() if isinstance(arr, _NpyMember))
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Yield batches in sample order; never more than `batch_size` samples, never mixed shapes."""
         if batch_size < 1:

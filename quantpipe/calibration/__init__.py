@@ -17,7 +17,7 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,25 +214,11 @@ def calibrate(
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summaries = []
     for method in methods:
-        amax = tables[method]
-        in_cache = {n: a for n, a in amax.items() if stats.kinds[n] != "weight"}
-        cache_path = write_trt_cache(paths[method], in_cache, method=method, trt_version=trt_version)
+        # make_fingerprint is pure, and its one failure (a bad trt_version) write_trt_cache raises first anyway.
         fingerprint = make_fingerprint(model_sha256=digest, data_fingerprint=dataset.fingerprint, method=method,
                                        percentile=percentile, num_bins=num_bins, trt_version=trt_version)
-        tensors: dict[str, dict[str, Any]] = {}
-        for name, value in amax.items():
-            info: dict[str, Any] = {
-                "kind": stats.kinds[name],
-                "amax": value,
-                "scale": amax_to_scale(value),
-                "in_cache": name in in_cache,
-                "histogram": stats.histograms[name].summary(),
-            }
-            if method == "best":
-                info["method"] = chosen[name]
-            tensors[name] = info
-        json_path = write_sidecar(
-            cache_path, method=method, fingerprint=fingerprint, tensors=tensors,
+        summaries.append(_write_method(
+            method, tables[method], stats, chosen, paths[method], trt_version=trt_version, fingerprint=fingerprint,
             extra={
                 "percentile": percentile,
                 "trt_version": trt_version,
@@ -244,15 +230,58 @@ def calibrate(
                 "model": str(model),
                 "created": created,
             },
-        )
-        summaries.append(CalibrationSummary(
-            method=method, num_samples=stats.num_samples, num_tensors=len(in_cache), seconds=seconds,
-            cache_path=str(cache_path), json_path=str(json_path), fingerprint=fingerprint,
+            seconds=seconds,
         ))
-        log.debug("calibration (%s): %d tensors -> %s", method, len(in_cache), cache_path)
     log.info("calibrated %d samples in %.1f s (onnxruntime %.1f s, histograms %.1f s)",
              stats.num_samples, stats.seconds, stats.inference_seconds, stats.histogram_seconds)
     return summaries
+
+
+def _write_method(
+    method: str,
+    amax: Mapping[str, float],
+    stats: CollectedStats,
+    chosen: Mapping[str, str],
+    cache_path: Path,
+    *,
+    trt_version: str,
+    fingerprint: dict[str, str],
+    extra: Mapping[str, Any],
+    seconds: float,
+) -> CalibrationSummary:
+    """Write one method's TensorRT cache (inputs and activations) and its JSON sidecar (every tensor, and `extra`)."""
+    in_cache = {n: a for n, a in amax.items() if stats.kinds[n] != "weight"}
+    written = write_trt_cache(cache_path, in_cache, method=method, trt_version=trt_version)
+    json_path = write_sidecar(written, method=method, fingerprint=fingerprint,
+                              tensors=_sidecar_tensors(method, amax, stats, chosen, in_cache), extra=extra)
+    log.debug("calibration (%s): %d tensors -> %s", method, len(in_cache), written)
+    return CalibrationSummary(
+        method=method, num_samples=stats.num_samples, num_tensors=len(in_cache), seconds=seconds,
+        cache_path=str(written), json_path=str(json_path), fingerprint=fingerprint,
+    )
+
+
+def _sidecar_tensors(
+    method: str,
+    amax: Mapping[str, float],
+    stats: CollectedStats,
+    chosen: Mapping[str, str],
+    in_cache: Mapping[str, float],
+) -> dict[str, dict[str, Any]]:
+    """The sidecar's per-tensor record: kind, amax, scale, whether in the cache, histogram summary."""
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, value in amax.items():
+        info: dict[str, Any] = {
+            "kind": stats.kinds[name],
+            "amax": value,
+            "scale": amax_to_scale(value),
+            "in_cache": name in in_cache,
+            "histogram": stats.histograms[name].summary(),
+        }
+        if method == "best":
+            info["method"] = chosen[name]
+        tensors[name] = info
+    return tensors
 
 
 def _providers(device: str) -> list[str]:

@@ -30,15 +30,16 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from quantpipe.calibration.device import DeviceOutputs
 from quantpipe.calibration.histogram import DEFAULT_NUM_BINS, SignedHistogram, StreamingHistogram
 from quantpipe.data import Dataset
 from quantpipe.errors import CalibrationError, DataError, ModelError
 
-__all__ = ["CollectedStats", "TensorPlan", "collect_histograms", "plan_tensors", "KINDS"]
+__all__ = ["CollectedStats", "TensorPlan", "collect_histograms", "plan_tensors", "KINDS", "CUDA_CALIBRATION_OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ DEFAULT_MAX_RUN_BYTES = 192 << 20
 #: algorithm search (the default) costs more than it saves: on an H200, EfficientNet-Lite0 over 63 images took
 #: 1.91 s exhaustive, 1.43 s heuristic, 1.06 s "DEFAULT" -- but DEFAULT makes onnxruntime print a "Fallback
 #: mode" warning for most convolutions and shapes, so the heuristic it is.
-_CUDA_CALIBRATION_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+CUDA_CALIBRATION_OPTIONS: Mapping[str, str] = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+"""onnxruntime CUDA provider options calibration uses unless `collect_histograms(cuda_options=...)` says otherwise."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,12 @@ class CollectedStats:
     """Wall time inside ONNX Runtime."""
     histogram_seconds: float = 0.0
     """Wall time spent binning activations (weights included)."""
+    plan_seconds: float = 0.0
+    """Wall time finding the tensors to calibrate (ONNX shape inference)."""
+    session_seconds: float = 0.0
+    """Wall time creating the ONNX Runtime session (0 when no data pass was needed)."""
+    weight_seconds: float = 0.0
+    """Wall time binning weights (part of histogram_seconds)."""
 
     def names(self, *kinds: str) -> list[str]:
         """Tensor names of the given kinds (all when none are given), in graph order."""
@@ -213,7 +221,8 @@ def _has_external_data(model: Any) -> bool:
     )
 
 
-def _session(model: Any, expose: Sequence[str], model_dir: Path, providers: Sequence[str], threads: int) -> Any:
+def _session(model: Any, expose: Sequence[str], model_dir: Path, providers: Sequence[str], threads: int,
+             cuda_options: Mapping[str, str]) -> Any:
     """An InferenceSession on the model with `expose` added to its graph outputs (`model` is modified).
 
     The copy is serialised without external data; ONNX Runtime reads those weights from the original
@@ -246,11 +255,11 @@ def _session(model: Any, expose: Sequence[str], model_dir: Path, providers: Sequ
         log.warning("execution provider(s) %s not available in this onnxruntime; calibrating with %s", dropped, chosen)
     if _CUDA_EP in chosen:
         try:
-            with_options = [(_CUDA_EP, dict(_CUDA_CALIBRATION_OPTIONS)) if p == _CUDA_EP else p for p in chosen]
+            with_options = [(_CUDA_EP, dict(cuda_options)) if p == _CUDA_EP else p for p in chosen]
             return ort.InferenceSession(data, sess_options=so, providers=with_options)
         except Exception as err:  # an onnxruntime that does not know an option: its defaults, said out loud
             log.warning("CUDA provider options %s refused (%s); calibrating with onnxruntime's CUDA defaults",
-                        _CUDA_CALIBRATION_OPTIONS, err)
+                        cuda_options, err)
     try:
         return ort.InferenceSession(data, sess_options=so, providers=chosen)
     except Exception as err:
@@ -327,54 +336,6 @@ def _float_output(arr: Any) -> bool:
     return kind == "f" or str(dtype) == "bfloat16"
 
 
-# -------------------------------------------------------------------------------------------- device
-
-
-class _DeviceOutputs:
-    """IOBinding on the CUDA execution provider: outputs stay on the device, seen as CuPy arrays if possible."""
-
-    def __init__(self, session: Any, output_names: Sequence[str]) -> None:
-        from quantpipe import deps
-
-        self.session = session
-        self.output_names = list(output_names)
-        self.cupy: Any = deps.optional("cupy")
-        if self.cupy is None:
-            log.info("CuPy is not importable: CUDA outputs are histogrammed on the host")
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, Any]]:
-        io = self.session.io_binding()
-        for name, arr in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        for name in self.output_names:
-            io.bind_output(name, "cuda")
-        self.session.run_with_iobinding(io)
-        io.synchronize_outputs()  # CuPy reads them on its own stream
-        values = io.get_outputs()
-        out: list[tuple[str, Any]] = []
-        for name, value in zip(self.output_names, values, strict=True):
-            view = self._as_cupy(value) if self.cupy is not None else None
-            out.append((name, view if view is not None else value.numpy()))
-        return out
-
-    def _as_cupy(self, value: Any) -> Any:
-        """A CuPy view of an OrtValue's device memory (kept alive by the view), or None to copy instead."""
-        cp: Any = self.cupy
-        try:
-            dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}.get(
-                value.data_type()
-            )
-            if dtype is None or value.device_name().lower() != "cuda":
-                return None
-            shape = tuple(value.shape())
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            mem = cp.cuda.UnownedMemory(value.data_ptr(), nbytes, value)
-            return cp.ndarray(shape, dtype=dtype, memptr=cp.cuda.MemoryPointer(mem, 0))
-        except Exception as err:  # any mismatch in this optional path: fall back to the host copy
-            log.debug("CuPy view of a CUDA output failed (%s); copying to the host", err)
-            return None
-
-
 # ------------------------------------------------------------------------------------------- collect
 
 
@@ -389,6 +350,7 @@ def collect_histograms(
     on_batch: OnBatch | None = None,
     threads: int | None = None,
     max_run_bytes: int | None = DEFAULT_MAX_RUN_BYTES,
+    cuda_options: Mapping[str, str] | None = None,
 ) -> CollectedStats:
     """Histogram |x| of every tensor that needs a scale over the whole dataset.
 
@@ -403,6 +365,7 @@ def collect_histograms(
         threads: ONNX Runtime intra-op threads and histogram threads (default: the usable cores).
         max_run_bytes: on the CPU, split batches so that one run's activations stay under this
             (None: never split). The histograms are the same either way; only memory changes.
+        cuda_options: onnxruntime CUDA provider options (default: CUDA_CALIBRATION_OPTIONS, true FP32).
 
     Raises:
         ModelError: the model cannot be read or run. DataError: the data does not fit the model.
@@ -411,56 +374,36 @@ def collect_histograms(
     t0 = time.perf_counter()
     path = Path(model)
     proto = _load(path)
+    tp = time.perf_counter()
     plan = plan_tensors(proto)
-    kinds = plan.kinds
-    if tensors is not None:
-        unknown = [t for t in tensors if t not in kinds]
-        if unknown:
-            raise CalibrationError(
-                f"tensor(s) {unknown} are not float inputs, node outputs or weights of {path}; "
-                f"`quantpipe inspect {path}` lists the model's inputs and outputs."
-            )
-        wanted = set(tensors)
-        kinds = {n: k for n, k in kinds.items() if n in wanted}
+    plan_seconds = time.perf_counter() - tp
+    kinds = _requested_kinds(plan, tensors, path)
     # A Relu's output is not run through ONNX Runtime's outputs nor binned: its histogram is exactly the
     # positive side of its input's signed histogram (histogram.SignedHistogram), which costs far less.
     derived = {out: src for out, src in plan.relu_from.items() if out in kinds and src in kinds}
-    signed = {src: SignedHistogram(num_bins) for src in derived.values()}
-    hists: dict[str, StreamingHistogram | SignedHistogram] = {
-        n: signed.get(n) or StreamingHistogram(num_bins) for n in kinds if n not in derived
-    }
-    init_names = {i.name for i in proto.graph.initializer}
-    model_inputs = [i.name for i in proto.graph.input if i.name not in init_names]
-    missing = [n for n in model_inputs if n not in dataset.input_names]
-    if missing:
-        raise DataError(f"the calibration data has no arrays for model input(s) {missing} (it has {dataset.input_names}).")
+    hists = _new_histograms(kinds, derived, num_bins)
+    model_inputs = _model_inputs(proto, dataset)
 
     # Weights first, from their stored values; the model proto is then dropped before the data pass.
     tw = time.perf_counter()
     _weights_into(proto, path.parent,
                   {n: h for n, h in hists.items() if kinds[n] == "weight" and isinstance(h, StreamingHistogram)})
-    timing = _Timing(histogram=time.perf_counter() - tw)
+    weight_seconds = time.perf_counter() - tw
+    timing = _Timing(histogram=weight_seconds, plan=plan_seconds, weights=weight_seconds)
     fetch = [n for n in plan.activations if n in kinds and n not in derived]
     num_batches = 0
     if fetch or any(k == "input" for k in kinds.values()):
         nthreads = threads or _default_threads()
-        session = _session(proto, fetch, path.parent, providers, nthreads)
+        ts = time.perf_counter()
+        session = _session(proto, fetch, path.parent, providers, nthreads,
+                           CUDA_CALIBRATION_OPTIONS if cuda_options is None else cuda_options)
+        timing.session = time.perf_counter() - ts
         del proto
         num_batches = _data_pass(session, dataset, fetch, kinds, hists, model_inputs, timing,
                                  batch_size=batch_size, threads=nthreads, providers=providers, on_batch=on_batch,
                                  max_run_bytes=max_run_bytes)
         del session
-    final: dict[str, StreamingHistogram] = {}
-    for n in kinds:
-        if n in derived:
-            final[n] = signed[derived[n]].relu()
-        else:
-            h = hists[n]
-            final[n] = h.absolute() if isinstance(h, SignedHistogram) else h
-    empty = [n for n, h in final.items() if h.num_values == 0 and kinds[n] != "weight"]
-    if empty:
-        log.info("%d tensor(s) received no float values at run time and are left out: %s", len(empty), empty[:8])
-    kept = {n: h for n, h in final.items() if h.num_values > 0}
+    kept = _final_histograms(kinds, derived, hists)
     return CollectedStats(
         histograms=kept,
         kinds={n: kinds[n] for n in kept},
@@ -469,13 +412,69 @@ def collect_histograms(
         seconds=time.perf_counter() - t0,
         inference_seconds=timing.inference,
         histogram_seconds=timing.histogram,
+        plan_seconds=timing.plan,
+        session_seconds=timing.session,
+        weight_seconds=timing.weights,
     )
+
+
+def _requested_kinds(plan: TensorPlan, tensors: Sequence[str] | None, path: Path) -> dict[str, str]:
+    """tensor -> kind of the tensors to histogram: all of `plan`, or the requested ones (checked to exist)."""
+    kinds = plan.kinds
+    if tensors is None:
+        return kinds
+    unknown = [t for t in tensors if t not in kinds]
+    if unknown:
+        raise CalibrationError(
+            f"tensor(s) {unknown} are not float inputs, node outputs or weights of {path}; "
+            f"`quantpipe inspect {path}` lists the model's inputs and outputs."
+        )
+    wanted = set(tensors)
+    return {n: k for n, k in kinds.items() if n in wanted}
+
+
+def _new_histograms(
+    kinds: Mapping[str, str], derived: Mapping[str, str], num_bins: int
+) -> dict[str, StreamingHistogram | SignedHistogram]:
+    """An empty histogram per binned tensor: signed for the source of a derived Relu output, else |x|."""
+    signed = {src: SignedHistogram(num_bins) for src in derived.values()}
+    return {n: signed.get(n) or StreamingHistogram(num_bins) for n in kinds if n not in derived}
+
+
+def _model_inputs(proto: Any, dataset: Dataset) -> list[str]:
+    """The model's graph inputs (initializers aside), each of which the data must provide."""
+    init_names = {i.name for i in proto.graph.initializer}
+    model_inputs = [i.name for i in proto.graph.input if i.name not in init_names]
+    missing = [n for n in model_inputs if n not in dataset.input_names]
+    if missing:
+        raise DataError(f"the calibration data has no arrays for model input(s) {missing} (it has {dataset.input_names}).")
+    return model_inputs
+
+
+def _final_histograms(
+    kinds: Mapping[str, str], derived: Mapping[str, str], hists: Mapping[str, StreamingHistogram | SignedHistogram]
+) -> dict[str, StreamingHistogram]:
+    """The |x| histogram of every tensor (Relu outputs from their source), less those that saw no values."""
+    final: dict[str, StreamingHistogram] = {}
+    for n in kinds:
+        if n in derived:
+            final[n] = cast(SignedHistogram, hists[derived[n]]).relu()
+        else:
+            h = hists[n]
+            final[n] = h.absolute() if isinstance(h, SignedHistogram) else h
+    empty = [n for n, h in final.items() if h.num_values == 0 and kinds[n] != "weight"]
+    if empty:
+        log.info("%d tensor(s) received no float values at run time and are left out: %s", len(empty), empty[:8])
+    return {n: h for n, h in final.items() if h.num_values > 0}
 
 
 @dataclasses.dataclass
 class _Timing:
     inference: float = 0.0
     histogram: float = 0.0
+    plan: float = 0.0
+    session: float = 0.0
+    weights: float = 0.0
 
 
 def _load(path: Path) -> Any:
@@ -511,7 +510,7 @@ def _data_pass(
     whatever batch size the caller chose.
     """
     on_device = _CUDA_EP in providers and _CUDA_EP in session.get_providers()
-    device = _DeviceOutputs(session, fetch) if on_device and fetch else None
+    device = DeviceOutputs(session, fetch) if on_device and fetch else None
     wanted_inputs = [n for n in model_inputs if kinds.get(n) == "input"]
     binner = _Binner(hists, threads)
     total = dataset.num_samples

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from quantpipe.artifacts import TensorInfo
-from quantpipe.data import _NpyMember, open_dataset
+from quantpipe.data import open_dataset
 from quantpipe.errors import DataError
 
 INFO = (TensorInfo("input", "float32", ("N", 3, 32, 32)),)
@@ -19,7 +19,7 @@ def test_large_uncompressed_array_is_read_by_batch(tmp_path: Path) -> None:
     x = RNG.standard_normal((100, 3, 32, 32)).astype(np.float32)  # 1.2 MB: above the lazy threshold
     np.savez(tmp_path / "d.npz", input=x, label=np.arange(100))
     ds = open_dataset(tmp_path / "d.npz", INFO, labels_key="label")
-    assert isinstance(ds._arrays["input"], _NpyMember)  # not loaded whole
+    assert ds.streamed_inputs == ("input",)  # not loaded whole
     batches = list(ds.batches(32))
     assert [b.size for b in batches] == [32, 32, 32, 4]
     assert np.array_equal(np.concatenate([b.feeds["input"] for b in batches]), x)
@@ -46,5 +46,5 @@ def test_compressed_arrays_are_loaded_whole(tmp_path: Path) -> None:
     x = RNG.standard_normal((100, 3, 32, 32)).astype(np.float32)
     np.savez_compressed(tmp_path / "c.npz", input=x)
     ds = open_dataset(tmp_path / "c.npz", INFO)
-    assert isinstance(ds._arrays["input"], np.ndarray)
+    assert ds.streamed_inputs == ()  # loaded whole
     assert np.array_equal(next(ds.batches(100)).feeds["input"], x)
