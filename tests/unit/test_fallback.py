@@ -1,0 +1,74 @@
+"""The accuracy-driven fallback on a tiny MLP built in code (`damaged_mlp`: fc2 is the damaged layer)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from quantpipe.artifacts import FallbackReport
+from quantpipe.data import open_dataset
+from quantpipe.errors import ConfigError
+from quantpipe.fallback import accuracy_fallback
+from quantpipe.model import tensor_info
+
+
+def test_fallback_meets_budget_and_reports_steps(damaged_mlp, tmp_path):
+    _, model_path, ds, amax = damaged_mlp
+    out = tmp_path / "fb.onnx"
+    rep, fb = accuracy_fallback(model_path, amax, ds, metric="cosine", target=0.999, output="logits", out_path=out,
+                                batch_size=16, keep_in="fp16")
+    assert isinstance(fb, FallbackReport)
+    assert fb.met and fb.final >= 0.999 > fb.initial
+    assert fb.num_quantizable == 3
+    assert [s.node for s in fb.steps][0] == "fc2" and fb.steps[0].kept_in == "fp16"
+    assert fb.steps[-1].metric_after == pytest.approx(fb.final)
+    assert fb.steps[0].metric_before == pytest.approx(fb.initial)
+    assert "fc2" not in rep.quantized_names and "fc2" in {f.name for f in rep.kept_float}
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_impossible_budget_is_reported_not_hidden(damaged_mlp):
+    _, model_path, ds, amax = damaged_mlp
+    rep, fb = accuracy_fallback(model_path, amax, ds, metric="cosine", target=0.99999999, output="logits",
+                                max_layers=1, batch_size=16)
+    assert not fb.met and len(fb.steps) == 1
+    assert any("NOT met" in w for w in rep.warnings)
+
+
+def test_already_met_budget_keeps_everything_quantized(damaged_mlp):
+    _, model_path, ds, amax = damaged_mlp
+    _, fb = accuracy_fallback(model_path, amax, ds, metric="top1_agreement", target=0.0, output="logits")
+    assert fb.met and fb.steps == () and fb.final == fb.initial
+
+
+def test_top1_drop_uses_labels_and_needs_them(damaged_mlp, tmp_path):
+    d, model_path, unlabeled, amax = damaged_mlp
+    model = onnx.load(model_path)
+    labeled = open_dataset(d / "eval.npz", [tensor_info(i) for i in model.graph.input], labels_key="label",
+                           role="evaluation")
+    _, fb = accuracy_fallback(model_path, amax, labeled, metric="top1_drop", target=1.0, output="logits")
+    assert fb.met and -1.0 <= fb.initial <= 1.0  # a drop of at most 100% always holds
+    with pytest.raises(ConfigError, match="labels"):
+        accuracy_fallback(model_path, amax, unlabeled, metric="top1_drop", target=0.01, output="logits")
+
+
+def test_bad_metric_name(damaged_mlp):
+    _, model_path, ds, amax = damaged_mlp
+    with pytest.raises(ConfigError):
+        accuracy_fallback(model_path, amax, ds, metric="accuracy", target=0.9)  # type: ignore[arg-type]
+
+
+def test_fallback_looks_past_the_ranked_candidates_when_none_moves_the_metric(damaged_mlp):
+    from quantpipe.artifacts import LayerSensitivity
+
+    _, model_path, ds, amax = damaged_mlp
+    # A misleading ranking: the damaged layer last, and only one candidate tried per step.
+    ranking = [LayerSensitivity(node=n, op_type="MatMul", tensor="", sqnr_db=None, output_metric=None,
+                                metric_name="sqnr_db") for n in ("fc1", "fc3", "fc2")]
+    chosen: list[str] = []
+    _, fb = accuracy_fallback(model_path, amax, ds, metric="top1_agreement", target=0.99, output="logits",
+                              batch_size=16, sensitivity=ranking, candidates_per_step=1,
+                              on_step=lambda name, value: chosen.append(name))
+    assert fb.initial < 0.99  # the damaged fc2 flips some samples
+    assert chosen[0] == "fc2"  # fc1 alone moved nothing, so every layer was tried before keeping one
+    assert fb.met and [s.node for s in fb.steps] == ["fc2"]
