@@ -305,7 +305,8 @@ def run_bench(bench: Bench, args: argparse.Namespace, log: Callable[[str], None]
         if not args.skip_fallback:
             for key, label, opts in (("fallback", "", base_opts), ("fallback_gptq", "GPTQ, ", gptq_opts)):
                 t = time.perf_counter()
-                _, fb = accuracy_fallback(bench.model, amax[head], evald, metric=bench.fallback_metric,  # type: ignore[arg-type]
+                # Chosen on the calibration data, judged (below) on the evaluation data: never the same samples.
+                _, fb = accuracy_fallback(bench.model, amax[head], calib, metric=bench.fallback_metric,  # type: ignore[arg-type]
                                           target=bench.fallback_target, output=bench.output, batch_size=16,
                                           options=opts, keep_in="fp16")
                 res[key] = {**dataclasses.asdict(fb), "seconds": round(time.perf_counter() - t, 1)}

@@ -181,6 +181,11 @@ class FallbackReport:
     met: bool
     num_quantizable: int
     steps: tuple[FallbackStep, ...]
+    chosen_on: str | None = None
+    """The data the layers were chosen and the budget measured on: 'calibration' or 'validation' (never the
+    evaluation data the gate judges); None in results written before it was recorded."""
+    chosen_samples: int | None = None
+    """How many samples of `chosen_on` the budget was measured on."""
 
 
 @dataclasses.dataclass(frozen=True)

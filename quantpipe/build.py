@@ -51,7 +51,10 @@ def stage_build(
             "model_sha256": li.spec.sha256,
             "scales": amax_fp,
             "build": json.dumps(cfg.section_fingerprint("build"), sort_keys=True),
-            "eval_data": li.eval.fingerprint if b.fallback is not None else "",
+            # What the build chooses on (statistics, splits, GPTQ codes, the fallback). Never the evaluation
+            # data: the gate judges it, and a change there re-runs only evaluate, report and gate.
+            "calib_data": li.calib.fingerprint,
+            "selection_data": li.selection.fingerprint if b.fallback is not None else "",
             "quantpipe": __version__,
         }
         manifest = reusable(ws.models, fp, "build")
@@ -128,7 +131,7 @@ def _build_ort(
                 fb = b.fallback
                 target = fb.min if fb.metric != "top1_drop" else fb.max
                 rep, fallback = accuracy_fallback(
-                    li.spec.path, amax, li.eval, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
+                    li.spec.path, amax, li.selection, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
                     options=QuantizeOptions.from_config(q), calibration_data=li.calib,
                 )
@@ -136,7 +139,7 @@ def _build_ort(
                 options = with_calibration_data(load_onnx(li.spec.path), QuantizeOptions.from_config(q), li.calib,
                                                 batch_size=cfg.data.batch_size, amax=amax)
                 rep = quantize_model(li.spec.path, amax, out, options)
-            int8_build = _int8_build_summary(rep)
+            int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples}
             built["int8"] = out
             advance(1)
         if "fp32" in ort.precisions:

@@ -122,13 +122,16 @@ class ModelConfig(_Model):
 class DataSource(_Model):
     path: Path
     labels: str | None = None
-    """Name of the labels array (evaluation only): integer class per sample."""
+    """Name of the labels array (evaluation, validation): integer class per sample."""
     max_samples: int | None = Field(default=None, ge=1)
 
 
 class DataConfig(_Model):
     calibration: DataSource
     evaluation: DataSource
+    validation: DataSource | None = None
+    """Optional split the build's choices (the accuracy fallback) are made on instead of the calibration data;
+    labels allowed (top1_drop needs them). Never the evaluation data: the gate judges there."""
     batch_size: int = Field(default=32, ge=1)
     """Batch size for calibration and accuracy evaluation (results do not depend on it)."""
 
@@ -336,6 +339,18 @@ class PipelineConfig(_Model):
     """The YAML file this came from (set by load_config)."""
 
     @model_validator(mode="after")
+    def _fallback_has_labels(self) -> PipelineConfig:
+        fb = self.build.fallback
+        v = self.data.validation
+        if fb is not None and fb.metric == "top1_drop" and (v is None or v.labels is None):
+            raise ValueError(
+                "build.fallback.metric is top1_drop, which needs labels in the data the fallback chooses on, and "
+                "the fallback never chooses on data.evaluation (the gate judges that data, so choosing there would "
+                "make the gate's number optimistic); add a labelled split disjoint from evaluation as "
+                "data.validation (path and labels), or use metric top1_agreement (against FP32, needs no labels)")
+        return self
+
+    @model_validator(mode="after")
     def _rules_name_variants(self) -> PipelineConfig:
         names = self.variant_names()
         for i, rule in enumerate(self.gate.rules):
@@ -427,6 +442,8 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
         update={
             "calibration": cfg.data.calibration.model_copy(update={"path": r(cfg.data.calibration.path)}),
             "evaluation": cfg.data.evaluation.model_copy(update={"path": r(cfg.data.evaluation.path)}),
+            "validation": None if cfg.data.validation is None
+            else cfg.data.validation.model_copy(update={"path": r(cfg.data.validation.path)}),
         }
     )
     trt = cfg.build.backends.tensorrt
@@ -483,8 +500,9 @@ def load_config(path: str | Path, *, check_files: bool = True) -> PipelineConfig
                 ("model.path", cfg.model.path),
                 ("data.calibration.path", cfg.data.calibration.path),
                 ("data.evaluation.path", cfg.data.evaluation.path),
+                ("data.validation.path", cfg.data.validation.path if cfg.data.validation else None),
             )
-            if not p.exists()
+            if p is not None and not p.exists()
         ]
         if missing:
             lines = "\n".join(f"  {key}: {p} does not exist." for key, p in missing)

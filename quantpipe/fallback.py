@@ -1,8 +1,12 @@
 """The accuracy fallback: keep the fewest, most sensitive layers in float until the accuracy budget holds.
 
-It keeps layers in float one at a time, greedily, re-evaluating the quantized model on the evaluation set
-after each choice, until the budget is met, then drops any kept layer the budget no longer needs. A budget
-that cannot be met is reported with `met=False`.
+It keeps layers in float one at a time, greedily, re-evaluating the quantized model on the selection data after
+each choice, until the budget is met, then drops any kept layer the budget no longer needs. A budget that cannot
+be met is reported with `met=False`.
+
+The selection data is the calibration data or a validation split, never the evaluation data: the gate judges
+the evaluation data, and a choice made on the samples it judges makes its number optimistic by construction.
+A dataset opened with role "evaluation" is refused.
 
 `keep_in="fp16"` records the intent for TensorRT, where a layer left out of INT8 runs in FP16; in the
 ONNX Runtime CPU model the same layer simply has no Q/DQ and computes in FP32.
@@ -130,7 +134,7 @@ def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, li
 def accuracy_fallback(
     model_path: str | os.PathLike[str],
     amax: Mapping[str, float],
-    eval_dataset: Any,
+    dataset: Any,
     *,
     metric: FallbackMetric,
     target: float,
@@ -153,7 +157,8 @@ def accuracy_fallback(
     Args:
         model_path: the FP32 model.
         amax: calibrated amax per tensor.
-        eval_dataset: evaluation `Dataset` the budget is judged on (labels needed for top1_drop).
+        dataset: the `Dataset` the layers are chosen and the budget measured on: calibration or validation data
+            (labels needed for top1_drop), never the evaluation data (role "evaluation" raises ConfigError).
         metric: top1_agreement (>= target), cosine (>= target) or top1_drop (<= target, needs labels), all
             against the FP32 model's `output`.
         target: the budget.
@@ -162,8 +167,9 @@ def accuracy_fallback(
         max_layers: keep at most this many layers in float (None: no limit).
         out_path: write the final Q/DQ model here (checked, atomically); None: only report.
         options / calibration_data: how to quantize, as given to `write_qdq_model`.
-        sensitivity: a precomputed ranking (worst first); default: one-layer-at-a-time output SQNR measured here
-            on `ranking_samples` samples.
+        sensitivity: a precomputed ranking (worst first), itself measured on selection data, not on the
+            evaluation data; default: one-layer-at-a-time output SQNR measured here on `ranking_samples` samples
+            of `dataset`.
         candidates_per_step: how many of the next-ranked layers are tried at each step; the one that raises the
             budget metric most is kept (ties: the one that brings the flipped samples' top-1 margins closest to
             agreeing; for cosine, the output SQNR). When none of them raises the metric, every remaining layer
@@ -175,14 +181,14 @@ def accuracy_fallback(
     Returns:
         The final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
     """
-    if metric not in ("top1_agreement", "cosine", "top1_drop"):
-        raise ConfigError(f"fallback metric must be top1_agreement, cosine or top1_drop, not '{metric}'.")
-    if keep_in not in ("fp16", "fp32"):
-        raise ConfigError(f"fallback keep_in must be fp16 or fp32, not '{keep_in}'.")
-    ctx = prepare_reference(model_path, amax, eval_dataset, output=output, batch_size=batch_size,
+    role = _check_arguments(metric, keep_in, dataset)
+    ctx = prepare_reference(model_path, amax, dataset, output=output, batch_size=batch_size,
                             max_samples=max_samples, options=options, calibration_data=calibration_data)
     if metric == "top1_drop" and ctx.labels is None:
-        score("top1_drop", ctx.ref, ctx.ref, None)  # raises the ConfigError that explains it
+        raise ConfigError(
+            f"the fallback metric top1_drop needs labels in the data it chooses on ({role or 'the given'} data "
+            f"{getattr(dataset, 'path', '')}); add a labelled validation split (data.validation with labels), or "
+            "use top1_agreement or cosine, which need no labels.")
     search = _Search(ctx, amax, metric, target, max_evaluations)
     initial = search.current
     first = search.reports[frozenset()]
@@ -202,8 +208,24 @@ def accuracy_fallback(
     rep = _final_model(ctx, amax, search, keep, current, exhausted=exhausted, max_layers=max_layers,
                        model_path=model_path, out_path=out_path)
     fallback = FallbackReport(metric=metric, target=float(target), initial=initial.value, final=current.value,
-                              met=search.met(current), num_quantizable=first.num_quantizable, steps=steps)
+                              met=search.met(current), num_quantizable=first.num_quantizable, steps=steps,
+                              chosen_on=role, chosen_samples=int(ctx.ref.shape[0]))
     return rep, fallback
+
+
+def _check_arguments(metric: str, keep_in: str, dataset: Any) -> str | None:
+    """Refuse an unknown metric or keep_in, and the evaluation data; return the dataset's role."""
+    if metric not in ("top1_agreement", "cosine", "top1_drop"):
+        raise ConfigError(f"fallback metric must be top1_agreement, cosine or top1_drop, not '{metric}'.")
+    if keep_in not in ("fp16", "fp32"):
+        raise ConfigError(f"fallback keep_in must be fp16 or fp32, not '{keep_in}'.")
+    role = getattr(dataset, "role", None)
+    if role == "evaluation":
+        raise ConfigError(
+            f"the accuracy fallback was given the evaluation data ({getattr(dataset, 'path', '?')}); it chooses "
+            "which layers stay in float, and choosing on the data the gate judges makes the gate's number "
+            "optimistic. Pass the calibration data or a separate validation split (data.validation).")
+    return role
 
 
 def _steps(search: _Search, keep: Sequence[str], ops: Mapping[str, str], keep_in: str,
@@ -227,7 +249,7 @@ def _final_model(ctx: Reference, amax: Mapping[str, float], search: _Search, kee
     model, rep = build_qdq_model(ctx.model, amax, final_opts)
     warnings = list(rep.warnings)
     if not search.met(current):
-        why = "the evaluation budget ran out" if exhausted else (
+        why = "max_evaluations ran out" if exhausted else (
             f"max_layers={max_layers} reached" if max_layers is not None and len(keep) >= max_layers
             else "every quantized layer was tried")
         warnings.append(f"accuracy budget {search.metric} {'<=' if search.lower_is_better else '>='} "

@@ -1,4 +1,5 @@
-"""The load stage: the model and both data sets, checked against each other before anything runs."""
+"""The load stage: the model and the data sets (calibration, evaluation, optional validation), checked against
+each other before anything runs."""
 
 from __future__ import annotations
 
@@ -25,11 +26,17 @@ class LoadedInputs:
     output: str
     calib: Dataset
     eval: Dataset
+    validation: Dataset | None = None
 
+    @property
+    def selection(self) -> Dataset:
+        """The data the build's choices are made on: the validation split when given, else the calibration
+        data; never the evaluation data, which the gate judges."""
+        return self.validation if self.validation is not None else self.calib
 
 
 def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
-    """Load and check the model and both data sets (exit 2 on any mismatch)."""
+    """Load and check the model and the data sets (exit 2 on any mismatch)."""
     spec, _ = load_model_spec(cfg.model.path)
     inputs = apply_input_overrides(spec.inputs, cfg.model.inputs)
     out_names = [o.name for o in spec.outputs]
@@ -39,10 +46,20 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     d = cfg.data
     calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration")
     ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples, role="evaluation")
-    overlap = check_disjoint(calib, ev)
+    _warn_overlap(calib, ev)
+    val = None
+    if d.validation is not None:
+        val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
+                           max_samples=d.validation.max_samples, role="validation")
+        _warn_overlap(val, ev)
+    return LoadedInputs(spec, inputs, output, calib, ev, val)
+
+
+def _warn_overlap(chooser: Dataset, ev: Dataset) -> None:
+    """Warn when evaluation samples also appear in a split the build chooses or calibrates on."""
+    overlap = check_disjoint(chooser, ev)
     if overlap:
         log.warning(
-            "%d evaluation sample(s) also appear in the calibration data; accuracy on them is optimistic. "
-            "Use disjoint splits.", overlap
+            "%d evaluation sample(s) also appear in the %s data; accuracy on them is optimistic. "
+            "Use disjoint splits.", overlap, chooser.role
         )
-    return LoadedInputs(spec, inputs, output, calib, ev)

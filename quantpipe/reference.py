@@ -1,5 +1,6 @@
-"""The FP32 reference on the evaluation samples, and how a Q/DQ variant is run and scored against it: what the
-per-layer sensitivity analysis and the accuracy fallback share."""
+"""The FP32 reference on a set of samples, and how a Q/DQ variant is run and scored against it: what the
+per-layer sensitivity analysis (on the evaluation data) and the accuracy fallback (on the calibration or
+validation data) share."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ __all__ = ["Reference", "prepare_reference", "run_output", "score"]
 
 @dataclasses.dataclass
 class Reference:
-    """The FP32 model, its reference outputs on the evaluation samples, and how to build Q/DQ variants."""
+    """The FP32 model, its reference outputs on the given samples, and how to build Q/DQ variants."""
 
     model: Any
     amax: Mapping[str, float]
@@ -91,8 +92,8 @@ def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None
         return M.top1_agreement(out, ref)
     if name == "top1_drop":
         if labels is None:
-            raise ConfigError("the fallback metric top1_drop needs labels in the evaluation data "
-                              "(data.evaluation.labels); use top1_agreement or cosine without labels.")
+            raise ConfigError("the metric top1_drop needs labels in the data it is measured on (for the fallback: "
+                              "data.validation.labels); use top1_agreement or cosine without labels.")
         return M.topk_accuracy(ref, labels, 1) - M.topk_accuracy(out, labels, 1)
     raise ConfigError(f"unknown metric '{name}'; expected one of sqnr_db, cosine, top1_agreement, top1_drop.")
 

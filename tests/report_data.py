@@ -85,6 +85,7 @@ def synthetic_results(run_dir: Path | None = None, *, run_id: str = "20250101T12
         metric="top1_agreement", target=0.985, initial=0.9800, final=0.9889, met=True, num_quantizable=6,
         steps=(FallbackStep("/conv1/Conv", "Conv", "fp16", 0.9800, 0.9867),
                FallbackStep("/fc2/Gemm", "Gemm", "fp16", 0.9867, 0.9889)),
+        chosen_on="calibration", chosen_samples=512,
     )
     calib_dir = (run_dir / "calibration") if run_dir is not None else Path("calibration")
     calibration = tuple(

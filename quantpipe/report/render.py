@@ -345,7 +345,8 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
             "reason": sens_reason, "total": len(sens_all),
             "metric": str(sens_all["metric_name"].iloc[0]) if not sens_all.empty else "",
         },
-        "fallback": {"report": results.fallback, "rows": [r for _, r in fallback.iterrows()], "reason": fallback_reason},
+        "fallback": {"report": results.fallback, "rows": [r for _, r in fallback.iterrows()], "reason": fallback_reason,
+                     "data": _fallback_data_line(results)},
         "int8_build": _int8_build_lines(results),
         "histograms": {"svg": hist_svg, "how": hist_how, "reason": hist_reason, "count": len(hists),
                        "methods": sorted(thresholds)},
@@ -354,6 +355,21 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
         "environment": tables.environment_rows(results.environment),
         "baseline_flagged": [d for d in (results.baseline or {}).get("deltas", []) if d["regressed"] or d["improved"]],
     }
+
+
+def _judged_samples(results: RunResults) -> int | None:
+    ref = next((e for e in results.evaluations if e.variant == results.reference and not e.skipped), None)
+    return ref.num_samples if ref is not None else None
+
+
+def _fallback_data_line(results: RunResults) -> str | None:
+    """Which data the fallback chose on and which data the gate judged (None for results that do not say)."""
+    fb = results.fallback
+    if fb is None or fb.chosen_on is None:
+        return None
+    judged = _judged_samples(results)
+    return (f"Fallback chose on: {fb.chosen_on} data ({fb.chosen_samples} samples); judged on: evaluation data"
+            + (f" ({judged} samples)" if judged is not None else "") + ".")
 
 
 def _int8_build_lines(results: RunResults) -> list[str]:
@@ -383,6 +399,11 @@ def _int8_build_lines(results: RunResults) -> list[str]:
         lines.append(f"{b['smoothed']} activation(s) smoothed: outlier channels moved into the weights (SmoothQuant).")
     if b["gptq_rounded"]:
         lines.append(f"{b['gptq_rounded']} weight(s) rounded by GPTQ against the calibration inputs.")
+    if b.get("calibration_samples") is not None:
+        judged = _judged_samples(results)
+        lines.append(f"INT8 scales and the choices above made on: calibration data ({b['calibration_samples']} "
+                     "samples); judged on: evaluation data"
+                     + (f" ({judged} samples)" if judged is not None else "") + ".")
     return lines
 
 

@@ -105,6 +105,37 @@ def test_fallback_needs_bound() -> None:
         parse_config({**MINIMAL, "build": {"fallback": {"metric": "top1_agreement"}}})
 
 
+def test_validation_split_is_optional_and_resolved(tmp_path: Path) -> None:
+    assert parse_config(MINIMAL, base_dir=tmp_path).data.validation is None
+    data = {**MINIMAL["data"], "validation": {"path": "v.npz", "labels": "label", "max_samples": 100}}
+    v = parse_config({**MINIMAL, "data": data}, base_dir=tmp_path).data.validation
+    assert v is not None and v.path == (tmp_path / "v.npz").resolve() and v.labels == "label" and v.max_samples == 100
+
+
+def test_top1_drop_fallback_needs_labelled_validation_split() -> None:
+    """The fallback never chooses on data.evaluation, so top1_drop needs labels somewhere else."""
+    fallback = {"fallback": {"metric": "top1_drop", "max": 0.01}}
+    with pytest.raises(ConfigError, match=r"top1_drop.*data\.validation.*top1_agreement") as err:
+        parse_config({**MINIMAL, "build": fallback})  # labelled evaluation data is not enough
+    assert err.value.exit_code == 2
+    unlabelled = {**MINIMAL["data"], "validation": {"path": "v.npz"}}
+    with pytest.raises(ConfigError, match="data.validation"):
+        parse_config({**MINIMAL, "data": unlabelled, "build": fallback})
+    labelled = {**MINIMAL["data"], "validation": {"path": "v.npz", "labels": "label"}}
+    assert parse_config({**MINIMAL, "data": labelled, "build": fallback}).build.fallback is not None
+    agreement = {"fallback": {"metric": "top1_agreement", "min": 0.99}}
+    assert parse_config({**MINIMAL, "build": agreement}).data.validation is None  # calibration data suffices
+
+
+def test_missing_validation_file_is_named(tmp_path: Path) -> None:
+    for name in ("m.onnx", "c.npz", "e.npz"):
+        (tmp_path / name).write_bytes(b"")
+    p = _write(tmp_path, "model: {path: m.onnx}\ndata:\n  calibration: {path: c.npz}\n"
+                         "  evaluation: {path: e.npz}\n  validation: {path: v.npz}\n")
+    with pytest.raises(ConfigError, match=r"data\.validation\.path: .*v\.npz does not exist"):
+        load_config(p)
+
+
 def test_variant_name() -> None:
     assert variant_name("tensorrt", "fp16") == "trt-fp16"
 

@@ -1,4 +1,6 @@
-"""The accuracy-driven fallback on a tiny MLP built in code (`damaged_mlp`: fc2 is the damaged layer)."""
+"""The accuracy-driven fallback on a tiny MLP built in code (`damaged_mlp`: fc2 is the damaged layer).
+
+The fixture's samples are opened here as calibration data: the fallback chooses, so it refuses evaluation data."""
 
 from __future__ import annotations
 
@@ -12,8 +14,20 @@ from quantpipe.fallback import accuracy_fallback
 from quantpipe.model import tensor_info
 
 
-def test_fallback_meets_budget_and_reports_steps(damaged_mlp, tmp_path):
-    _, model_path, ds, amax = damaged_mlp
+def _open(d, model_path, *, role: str = "calibration", labels: str | None = None):
+    model = onnx.load(model_path)
+    return open_dataset(d / "eval.npz", [tensor_info(i) for i in model.graph.input], labels_key=labels, role=role)
+
+
+@pytest.fixture(scope="module")
+def calib_mlp(damaged_mlp):
+    """`damaged_mlp` with its samples opened as calibration data."""
+    d, model_path, _, amax = damaged_mlp
+    return d, model_path, _open(d, model_path), amax
+
+
+def test_fallback_meets_budget_and_reports_steps(calib_mlp, tmp_path):
+    _, model_path, ds, amax = calib_mlp
     out = tmp_path / "fb.onnx"
     rep, fb = accuracy_fallback(model_path, amax, ds, metric="cosine", target=0.999, output="logits", out_path=out,
                                 batch_size=16, keep_in="fp16")
@@ -27,41 +41,56 @@ def test_fallback_meets_budget_and_reports_steps(damaged_mlp, tmp_path):
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
-def test_impossible_budget_is_reported_not_hidden(damaged_mlp):
-    _, model_path, ds, amax = damaged_mlp
+def test_impossible_budget_is_reported_not_hidden(calib_mlp):
+    _, model_path, ds, amax = calib_mlp
     rep, fb = accuracy_fallback(model_path, amax, ds, metric="cosine", target=0.99999999, output="logits",
                                 max_layers=1, batch_size=16)
     assert not fb.met and len(fb.steps) == 1
     assert any("NOT met" in w for w in rep.warnings)
 
 
-def test_already_met_budget_keeps_everything_quantized(damaged_mlp):
-    _, model_path, ds, amax = damaged_mlp
+def test_already_met_budget_keeps_everything_quantized(calib_mlp):
+    _, model_path, ds, amax = calib_mlp
     _, fb = accuracy_fallback(model_path, amax, ds, metric="top1_agreement", target=0.0, output="logits")
     assert fb.met and fb.steps == () and fb.final == fb.initial
 
 
-def test_top1_drop_uses_labels_and_needs_them(damaged_mlp, tmp_path):
-    d, model_path, unlabeled, amax = damaged_mlp
-    model = onnx.load(model_path)
-    labeled = open_dataset(d / "eval.npz", [tensor_info(i) for i in model.graph.input], labels_key="label",
-                           role="evaluation")
+def test_top1_drop_uses_labels_and_needs_them(calib_mlp):
+    d, model_path, unlabeled, amax = calib_mlp
+    labeled = _open(d, model_path, role="validation", labels="label")
     _, fb = accuracy_fallback(model_path, amax, labeled, metric="top1_drop", target=1.0, output="logits")
     assert fb.met and -1.0 <= fb.initial <= 1.0  # a drop of at most 100% always holds
-    with pytest.raises(ConfigError, match="labels"):
+    with pytest.raises(ConfigError, match=r"labels.*data\.validation"):
         accuracy_fallback(model_path, amax, unlabeled, metric="top1_drop", target=0.01, output="logits")
 
 
-def test_bad_metric_name(damaged_mlp):
-    _, model_path, ds, amax = damaged_mlp
+def test_fallback_records_the_data_it_chose_on(calib_mlp):
+    d, model_path, ds, amax = calib_mlp
+    _, fb = accuracy_fallback(model_path, amax, ds, metric="cosine", target=0.999, output="logits", batch_size=16)
+    assert (fb.chosen_on, fb.chosen_samples) == ("calibration", ds.num_samples)
+    _, fb = accuracy_fallback(model_path, amax, _open(d, model_path, role="validation"), metric="cosine",
+                              target=0.999, output="logits", batch_size=16, max_samples=20)
+    assert (fb.chosen_on, fb.chosen_samples) == ("validation", 20)
+
+
+def test_fallback_refuses_the_evaluation_data(damaged_mlp):
+    """The gate judges the evaluation data; the fallback must never choose on it."""
+    _, model_path, evaluation, amax = damaged_mlp
+    assert evaluation.role == "evaluation"
+    with pytest.raises(ConfigError, match="evaluation data.*data\\.validation"):
+        accuracy_fallback(model_path, amax, evaluation, metric="cosine", target=0.999, output="logits")
+
+
+def test_bad_metric_name(calib_mlp):
+    _, model_path, ds, amax = calib_mlp
     with pytest.raises(ConfigError):
         accuracy_fallback(model_path, amax, ds, metric="accuracy", target=0.9)  # type: ignore[arg-type]
 
 
-def test_fallback_looks_past_the_ranked_candidates_when_none_moves_the_metric(damaged_mlp):
+def test_fallback_looks_past_the_ranked_candidates_when_none_moves_the_metric(calib_mlp):
     from quantpipe.artifacts import LayerSensitivity
 
-    _, model_path, ds, amax = damaged_mlp
+    _, model_path, ds, amax = calib_mlp
     # A misleading ranking: the damaged layer last, and only one candidate tried per step.
     ranking = [LayerSensitivity(node=n, op_type="MatMul", tensor="", sqnr_db=None, output_metric=None,
                                 metric_name="sqnr_db") for n in ("fc1", "fc3", "fc2")]

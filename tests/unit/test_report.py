@@ -170,6 +170,19 @@ def test_sections_without_data_say_why(tmp_path: Path) -> None:
     assert "no sensitivity analysis: disabled in pipeline.yaml" in html
 
 
+def test_report_says_which_data_chose_and_which_judged(tmp_path: Path) -> None:
+    results = judged(None)
+    judged_n = next(e.num_samples for e in results.evaluations if e.variant == results.reference)
+    files = write_report(tmp_path / "run", results, formats=["md", "html", "json"])
+    line = f"Fallback chose on: calibration data (512 samples); judged on: evaluation data ({judged_n} samples)."
+    assert line in files["md"].read_text() and line in files["html"].read_text()
+    fb = json.loads(files["json"].read_text())["fallback"]
+    assert (fb["chosen_on"], fb["chosen_samples"]) == ("calibration", 512)
+    # results written before the fallback recorded its data: no claim either way
+    old = dataclasses.replace(results, fallback=dataclasses.replace(results.fallback, chosen_on=None, chosen_samples=None))
+    assert "Fallback chose on" not in write_report(tmp_path / "old", old, formats=["md"])["md"].read_text()
+
+
 def test_gate_not_evaluated_and_no_rules(tmp_path: Path) -> None:
     results = synthetic_results()
     md = write_report(tmp_path, results, formats=["md"])["md"].read_text()
