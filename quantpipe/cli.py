@@ -127,9 +127,19 @@ def print_summary(results: Any) -> None:
         for o in results.gate.outcomes:
             mark = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
             out.print(f"  {mark} {escape(o.message)}")
-        verdict = "[bold green]gate passed[/bold green]" if results.gate.passed else "[bold red]gate FAILED[/bold red]"
-        n = len(results.gate.outcomes)
-        out.print(f"{verdict} ({sum(o.passed for o in results.gate.outcomes)}/{n} rules)" if n else f"{verdict} (no rules)")
+        out.print(_gate_line(results.gate))
+
+
+def _gate_line(gate: Any) -> str:
+    """The verdict line: how many rules failed (or that all passed), in the words of the report's verdict."""
+    n = len(gate.outcomes)
+    failed = sum(not o.passed for o in gate.outcomes)
+    rules = f"rule{'s' if n != 1 else ''}"
+    if not gate.passed:
+        return f"[bold red]gate FAILED[/bold red] ({failed} of {n} {rules} failed)" if failed else \
+            "[bold red]gate FAILED[/bold red]"
+    return f"[bold green]gate passed[/bold green] (all {n} {rules} passed)" if n else \
+        "[bold green]gate passed[/bold green] (no rules)"
 
 
 # --------------------------------------------------------------------------- commands

@@ -274,3 +274,20 @@ def test_baseline_regression_fails_gate(example_run: tuple[int, Path, Path], tmp
     md = (run_dir / "report.md").read_text()
     assert "release-1.0" in md or res["run_id"] in md
     assert "regress" in md.lower()
+
+
+def test_gate_line_counts_failed_rules(example_run: tuple[int, Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    _, run_dir, _ = example_run
+    cfg = example_config(tmp_path)
+    cfg["gate"] = {"rules": [{"variant": "ort-int8", "metric": "speedup", "vs": "ort-fp32", "min": 100},
+                             {"variant": "ort-int8", "metric": "top1_agreement", "min": 0.5},
+                             {"variant": "ort-fp16", "metric": "top1_agreement", "min": 1.01}]}
+    capsys.readouterr()
+    assert main(["gate", str(write_config(tmp_path, cfg)), "--run", str(run_dir)]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "gate FAILED (2 of 3 rules failed)" in out
+    assert "1/3" not in out
+    cfg["gate"]["rules"] = cfg["gate"]["rules"][1:2]
+    assert main(["gate", str(write_config(tmp_path, cfg)), "--run", str(run_dir)]) == 0
+    assert "gate passed (all 1 rule passed)" in " ".join(capsys.readouterr().out.split())
