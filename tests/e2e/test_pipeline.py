@@ -291,3 +291,28 @@ def test_gate_line_counts_failed_rules(example_run: tuple[int, Path, Path], tmp_
     cfg["gate"]["rules"] = cfg["gate"]["rules"][1:2]
     assert main(["gate", str(write_config(tmp_path, cfg)), "--run", str(run_dir)]) == 0
     assert "gate passed (all 1 rule passed)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_tensorrt_skip_is_said_once(tmp_path: Path, capsys: pytest.CaptureFixture, quiet: bool) -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        pass
+    else:
+        pytest.skip("tensorrt is installed here: nothing is skipped")
+    cfg = example_config(tmp_path)
+    cfg["build"]["backends"]["onnxruntime"]["precisions"] = ["fp32"]
+    cfg["evaluate"]["sensitivity"] = {"enabled": False}
+    cfg["gate"] = {"rules": []}
+    capsys.readouterr()
+    assert main(["run", str(write_config(tmp_path, cfg)), *(["-q"] if quiet else [])]) == 0
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "WARNING" not in err  # required: false -> a choice, not a problem
+    reason = "No module named 'tensorrt'"
+    # the summary says it once, naming all three variants; the log (info, hidden under -q) at most once more
+    assert out.count(reason) == 1 and "skipped trt-fp32, trt-fp16, trt-int8:" in out
+    assert err.count(reason) == (0 if quiet else 1)
+    if not quiet:
+        assert "trt-fp32, trt-fp16, trt-int8: skipped (" in err
