@@ -101,6 +101,25 @@ def test_html_shows_verdict_rules_and_skipped_variants(written: tuple[Path, dict
         assert f'<section id="{section}">' in html
 
 
+def test_environment_shows_no_python_repr(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    html = written[1]["html"].read_text()
+    section = html[html.index('<section id="environment">'):]
+    section = section[:section.index("</section>")]
+    assert "{'" not in section and "['" not in section and "&#39;available" not in section
+    assert "<dt>onnxruntime CUDA</dt><dd>not available: no NVIDIA GPU, so no onnxruntime CUDA execution provider</dd>" \
+        in section
+    md = written[1]["md"].read_text()
+    assert "{'" not in md[md.index("## Environment"):]
+
+
+def test_environment_rows_of_unknown_nested_keys() -> None:
+    from quantpipe.report.tables import environment_rows
+
+    rows = dict(environment_rows({"accelerator": {"name": "X1", "cores": [4, 8], "note": None},
+                                  "probe": {"available": True, "version": "2.0"}, "flags": ["a", "b"]}))
+    assert rows == {"accelerator": "name: X1; cores: 4, 8", "probe": "2.0", "flags": "a, b"}
+
+
 def test_html_flags_the_baseline_regression(written: tuple[Path, dict[str, Path], RunResults]) -> None:
     html = written[1]["html"].read_text()
     assert "1 regression against baseline run release-1" in html
