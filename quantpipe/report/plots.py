@@ -177,21 +177,47 @@ def _horizontal() -> dict[str, Any]:
 
 
 @_with_rc
-def sensitivity_bars(frame: pd.DataFrame) -> str:
-    """Horizontal bars of per-layer SQNR (dB; shorter = the layer loses more when quantized), worst on top."""
-    rows = frame.iloc[::-1]
+def sensitivity_bars(frame: pd.DataFrame, *, column: str, metric: str, axis_label: str) -> str:
+    """Horizontal bars of the quantity the layers are ranked by, most costly layer on top.
+
+    `frame` is `tables.sensitivity_frame` (already in rank order); `column` is the drawn column (the ranking
+    key: `output_metric`, or `sqnr_db` when no output metric was measured) and `metric` its unit (gate
+    metric name). A row without a value (not measured) keeps its place with no bar.
+    """
+    from matplotlib.ticker import FuncFormatter
+
+    from quantpipe.gate import format_value
+
+    rows = frame.iloc[::-1]  # barh draws bottom-up: the first rank goes on top
     fig = _figure(_WIDTH, 0.8 + 0.27 * len(rows))
     ax = fig.add_subplot()
-    values = rows["sqnr_db"].astype(float).fillna(0.0).to_numpy()
+    raw = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+    values = np.where(np.isnan(raw), 0.0, raw)
     labels = [f"{n}  ({op})" for n, op in zip(rows["node"], rows["op_type"], strict=True)]
-    worst = np.nanmin(values) if len(values) else 0.0
-    colors = ["#c0392b" if v <= worst + 3.0 else "#e59866" if v < 30.0 else "#7fb3d5" for v in values]
-    ax.barh(range(len(rows)), values, color=colors, height=0.62)
+    first = len(rows) - 1  # rank 1, the most costly layer
+    if metric == "sqnr_db":
+        worst = np.nanmin(raw) if np.isfinite(raw).any() else 0.0
+        colors = ["#c0392b" if v <= worst + 3.0 else "#e59866" if v < 30.0 else "#7fb3d5" for v in values]
+    else:
+        colors = ["#c0392b" if i == first else "#7fb3d5" for i in range(len(rows))]
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.1f} dB", va="center", fontsize=7.5, color="#333333")
-    ax.set_xlabel("SQNR of the layer's output with only this layer quantized (dB; lower = more sensitive)")
-    ax.set_xlim(0, (np.nanmax(values) if len(values) else 1.0) * 1.15)
+    ax.set_xlabel(axis_label)
+    measured = raw[np.isfinite(raw)]
+    if metric == "sqnr_db" or not measured.size:
+        ax.barh(range(len(rows)), values, color=colors, height=0.62)
+        ax.set_xlim(0, (float(measured.max()) if measured.size and measured.max() > 0 else 1.0) * 1.15)
+    else:
+        # Fractions near 1 (agreement, cosine) are equal-looking bars from 0: dots on a zoomed axis instead.
+        lo, hi = float(measured.min()), float(measured.max())
+        pad = max(hi - lo, abs(hi) * 1e-3, 1e-9) * 0.15
+        ax.set_xlim(lo - pad, hi + pad * 4)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_value(metric, float(v))))
+        values = np.where(np.isnan(raw), lo - pad, raw)
+        ax.scatter(values[np.isfinite(raw)], np.flatnonzero(np.isfinite(raw)), s=40,
+                   color=[c for c, ok in zip(colors, np.isfinite(raw), strict=True) if ok], zorder=3)
+    for i, v in enumerate(raw):
+        text = " not measured" if np.isnan(v) else f" {format_value(metric, float(v))}"
+        ax.text(values[i], i, text, va="center", fontsize=7.5, color="#333333")
     ax.grid(axis="y", visible=False)
     return _svg(fig, "sensitivity")
 
