@@ -202,8 +202,8 @@ def _build_trt(
                 f"Run on a machine with an NVIDIA GPU and TensorRT (pip install 'quantpipe[tensorrt]'), "
                 f"or set required: false to report TensorRT variants as skipped."
             )
-        log.warning("%s: skipped (%s)", name, reason)
         variants.append(Variant(name, "tensorrt", precision, "cuda", skipped=reason))  # type: ignore[arg-type]
+    _log_skipped(variants)
     if not todo:
         return variants
     api = require_tensorrt()
@@ -243,6 +243,16 @@ def _build_trt(
             advance(1)
     order = {n: i for i, n in enumerate(variant_name("tensorrt", p) for p in ("fp32", "fp16", "int8"))}
     return sorted(variants, key=lambda v: order[v.name])
+
+
+def _log_skipped(variants: list[Variant]) -> None:
+    """One info line per reason, naming every variant it skips: TensorRT not required (required: false) is a
+    choice, not a problem, and the summary repeats the reason once beside the results."""
+    by_reason: dict[str, list[str]] = {}
+    for v in variants:
+        by_reason.setdefault(v.skipped or "", []).append(v.name)
+    for reason, names in by_reason.items():
+        log.info("%s: skipped (%s)", ", ".join(names), reason)
 
 
 def _onnx_for(

@@ -127,9 +127,19 @@ def print_summary(results: Any) -> None:
         for o in results.gate.outcomes:
             mark = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
             out.print(f"  {mark} {escape(o.message)}")
-        verdict = "[bold green]gate passed[/bold green]" if results.gate.passed else "[bold red]gate FAILED[/bold red]"
-        n = len(results.gate.outcomes)
-        out.print(f"{verdict} ({sum(o.passed for o in results.gate.outcomes)}/{n} rules)" if n else f"{verdict} (no rules)")
+        out.print(_gate_line(results.gate))
+
+
+def _gate_line(gate: Any) -> str:
+    """The verdict line: how many rules failed (or that all passed), in the words of the report's verdict."""
+    n = len(gate.outcomes)
+    failed = sum(not o.passed for o in gate.outcomes)
+    rules = f"rule{'s' if n != 1 else ''}"
+    if not gate.passed:
+        return f"[bold red]gate FAILED[/bold red] ({failed} of {n} {rules} failed)" if failed else \
+            "[bold red]gate FAILED[/bold red]"
+    return f"[bold green]gate passed[/bold green] (all {n} {rules} passed)" if n else \
+        "[bold green]gate passed[/bold green] (no rules)"
 
 
 # --------------------------------------------------------------------------- commands
@@ -278,25 +288,61 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """Describe any valid ONNX model: the FP32 export, or the FP16 / INT8 (Q/DQ) model you ship."""
     from rich.markup import escape
     from rich.table import Table
 
-    from quantpipe.model import load_model_spec
+    from quantpipe.model import read_model_spec
+    from quantpipe.modelinfo import describe_precision
 
-    spec, _ = load_model_spec(args.model)
+    spec, proto = read_model_spec(args.model)
+    info = describe_precision(proto)
     out = _console()
-    out.print(f"[bold]{spec.path}[/bold]  opset {spec.opset} · IR {spec.ir_version} · {spec.producer or 'unknown producer'}")
+    out.print(f"[bold]{escape(spec.path)}[/bold]  opset {spec.opset} · IR {spec.ir_version} · "
+              f"{escape(spec.producer or 'unknown producer')}")
     out.print(f"{spec.num_parameters:,} parameters · {spec.size_bytes / 1e6:.2f} MB · sha256 {spec.sha256[:16]}…")
+    compute = ", ".join(f"{n} {p}" for p, n in info.totals.items())
+    out.print(f"precision: {info.kind} · compute nodes: {compute or 'none'}")
     t = Table("", "name", "dtype", "shape", title="inputs and outputs", title_justify="left")
     for kind, items in (("input", spec.inputs), ("output", spec.outputs)):
         for i in items:
             t.add_row(kind, escape(i.name), i.dtype, escape("[" + ", ".join("?" if d is None else str(d) for d in i.shape) + "]"))
     out.print(t)
-    ops = Table("op", "count", title="operators", title_justify="left")
-    for op, n in spec.op_counts.items():
-        ops.add_row(op, str(n))
+    columns = [p for p in ("fp32", "fp16", "int8", "other") if info.totals.get(p)]
+    ops = Table("op", "count", *columns, title="operators, by compute precision", title_justify="left")
+    for col in ops.columns[1:]:
+        col.justify = "right"
+    for op, per in info.by_op.items():
+        ops.add_row(op, str(spec.op_counts.get(op, sum(per.values()))), *[str(per.get(c) or "·") for c in columns])
+    for op in (op for op in spec.op_counts if op not in info.by_op):  # Q/DQ, Cast: they convert, not compute
+        ops.add_row(f"[dim]{op}[/dim]", str(spec.op_counts[op]), *["[dim]converts[/dim]", *[""] * (len(columns) - 1)][:len(columns)])
     out.print(ops)
+    for line in _precision_lines(info):
+        out.print(escape(line))
     return EXIT_OK
+
+
+def _precision_lines(info: Any) -> list[str]:
+    """Q/DQ, scales, casts and quantpipe metadata of a `modelinfo.ModelPrecision`, one fact per line."""
+    q = info.qdq
+    lines = []
+    if q.quantize or q.dequantize:
+        lines.append(f"Q/DQ: {q.quantize} QuantizeLinear, {q.dequantize} DequantizeLinear ({q.per_channel} per-channel, "
+                     f"{q.per_tensor} per-tensor; {q.weight_dequantize} dequantize stored weights)")
+        for what, rng in (("weight", q.weight_scales), ("activation", q.activation_scales)):
+            if rng is not None:
+                lines.append(f"{what} scales: min {rng[0]:.4g}, max {rng[1]:.4g}")
+        zero = (f"{q.nonzero_zero_points} Q/DQ node(s) with a non-zero zero point ({q.zero_point_min} .. {q.zero_point_max})"
+                if q.nonzero_zero_points else "all 0")
+        lines.append(f"zero points: {'/'.join(q.zero_point_types) or 'none'}; {zero}")
+    else:
+        lines.append("Q/DQ: none")
+    casts = [f"{n} to {p}" for p, n in (("fp16", info.casts_to_fp16), ("fp32", info.casts_to_fp32),
+                                        ("another type", info.casts_other)) if n]
+    lines.append(f"casts: {', '.join(casts) if casts else 'none'}")
+    meta = ", ".join(f"{k} ({v})" for k, v in info.quantpipe_metadata.items())
+    lines.append(f"quantpipe metadata: {meta}" if meta else "quantpipe metadata: none")
+    return lines
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -404,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", type=Path, help="earlier run directory for baseline rules")
     g.set_defaults(func=cmd_gate)
 
-    i = sub.add_parser("inspect", parents=[common], help="inputs, outputs, opset and op counts of an ONNX model")
+    i = sub.add_parser("inspect", parents=[common], help="inputs, outputs, opset, op counts and precision (FP32, FP16 or Q/DQ INT8) of an ONNX model")
     i.add_argument("model", type=Path)
     i.set_defaults(func=cmd_inspect)
 

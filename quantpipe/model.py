@@ -1,7 +1,8 @@
 """The load stage: read and check the FP32 ONNX model, its inputs and outputs.
 
-Rejects files that are not ONNX, models that fail the checker, and models whose float tensors are
-not FP32 (quantpipe calibrates FP32 models; an FP16 or already-quantized model is a user error).
+`load_model_spec` rejects files that are not ONNX, models that fail the checker, and models whose float
+tensors are not FP32 (quantpipe calibrates FP32 models; an FP16 or already-quantized model is a user error
+there). `read_model_spec` describes any valid model, whatever its precision (`quantpipe inspect`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from quantpipe.errors import ModelError
 from quantpipe.fsutil import sha256_file
 from quantpipe.onnxgraph import QUANTIZED_OPS, load_onnx
 
-__all__ = ["load_model_spec", "tensor_info", "apply_input_overrides"]
+__all__ = ["load_model_spec", "read_model_spec", "tensor_info", "apply_input_overrides"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,22 @@ def _check_fp32(model: onnx.ModelProto, path: Path) -> None:
 
 
 def load_model_spec(path: str | Path) -> tuple[ModelSpec, onnx.ModelProto]:
-    """Load, check and describe the FP32 model. Returns the spec and the (shape-inferred) proto."""
+    """Load, check and describe the FP32 model the pipeline starts from. Returns the spec and the
+    (shape-inferred) proto; a model that is not FP32, or has no inputs, is a ModelError."""
+    path = Path(path)
+    spec, inferred = read_model_spec(path, before_inference=lambda model: _check_fp32(model, path))
+    if not spec.inputs:
+        raise ModelError(f"model {path} has no graph inputs; quantpipe needs inputs to feed the calibration data to.")
+    return spec, inferred
+
+
+def read_model_spec(
+    path: str | Path, *, before_inference: Callable[[onnx.ModelProto], None] | None = None
+) -> tuple[ModelSpec, onnx.ModelProto]:
+    """Load, check (ONNX checker) and describe any valid ONNX model, FP32, FP16 or Q/DQ (`quantpipe inspect`).
+
+    `before_inference` sees the checked model before shape inference (the FP32 checks of `load_model_spec`).
+    """
     path = Path(path)
     model = load_onnx(path)
     try:
@@ -77,30 +93,26 @@ def load_model_spec(path: str | Path) -> tuple[ModelSpec, onnx.ModelProto]:
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"model {path} fails the ONNX checker: {first}. Fix or re-export the model.") from err
-    _check_fp32(model, path)
+    if before_inference is not None:
+        before_inference(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < 2**31 - 1 else model
     except Exception as err:  # shape inference is a help, not a requirement
         log.warning("shape inference failed on %s (%s); continuing with declared shapes", path, err)
         inferred = model
     init_names = {i.name for i in inferred.graph.initializer}
-    inputs = tuple(tensor_info(v) for v in inferred.graph.input if v.name not in init_names)
-    outputs = tuple(tensor_info(v) for v in inferred.graph.output)
-    if not inputs:
-        raise ModelError(f"model {path} has no graph inputs; quantpipe needs inputs to feed the calibration data to.")
     opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 0)
     ops = collections.Counter(n.op_type for n in inferred.graph.node)
-    num_params = int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in inferred.graph.initializer))
     spec = ModelSpec(
         path=str(path),
         sha256=sha256_file(path),
         opset=int(opset),
         ir_version=int(inferred.ir_version),
         producer=f"{inferred.producer_name} {inferred.producer_version}".strip(),
-        inputs=inputs,
-        outputs=outputs,
+        inputs=tuple(tensor_info(v) for v in inferred.graph.input if v.name not in init_names),
+        outputs=tuple(tensor_info(v) for v in inferred.graph.output),
         op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        num_parameters=num_params,
+        num_parameters=int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in inferred.graph.initializer)),
         size_bytes=path.stat().st_size,
     )
     return spec, inferred

@@ -105,6 +105,9 @@ def synthetic_results(run_dir: Path | None = None, *, run_id: str = "20250101T12
         "pycuda": {"available": False, "version": None, "reason": "ModuleNotFoundError: No module named 'pycuda'"},
         "cupy": {"available": False, "version": None, "reason": "ModuleNotFoundError: No module named 'cupy'"},
         "modelopt": {"available": False, "version": None, "reason": "ModuleNotFoundError: No module named 'modelopt'"},
+        "onnxruntime_cuda": {"available": False, "version": None,
+                             "reason": "no NVIDIA GPU, so no onnxruntime CUDA execution provider",
+                             "install": "pip uninstall -y onnxruntime && pip install 'quantpipe[gpu]'  (onnxruntime-gpu)"},
     }
     results = RunResults(
         schema_version=RESULTS_SCHEMA_VERSION, run_id=run_id, created="2025-01-01T12:00:00+00:00", tool_version="0.1.0",

@@ -23,6 +23,7 @@ from quantpipe.report.rundir import TensorHistogram
 __all__ = [
     "PRECISION_COLORS",
     "accuracy_vs_latency",
+    "accuracy_vs_latency_figure",
     "latency_distributions",
     "sensitivity_bars",
     "activation_histograms",
@@ -96,17 +97,22 @@ def _with_rc(func: Any) -> Any:
 
 @_with_rc
 def accuracy_vs_latency(points: pd.DataFrame, *, accuracy: str, batch_size: int, accuracy_label: str) -> str:
-    """Scatter of accuracy (y) against median latency (x), one point per variant.
+    """Scatter of accuracy (y) against median latency (x), one labelled point per variant, as inline SVG.
 
     `points` has columns variant, backend, precision, latency_ms, and `accuracy` (a fraction).
     """
+    fig = accuracy_vs_latency_figure(points, accuracy=accuracy, batch_size=batch_size, accuracy_label=accuracy_label)
+    return _svg(fig, "accuracy-vs-latency")
+
+
+@_with_rc
+def accuracy_vs_latency_figure(points: pd.DataFrame, *, accuracy: str, batch_size: int, accuracy_label: str) -> Any:
+    """The `accuracy_vs_latency` figure; its variant labels are placed so that none overlaps another."""
     fig = _figure(_WIDTH, 3.9)
     ax = fig.add_subplot()
     for _, row in points.iterrows():
         ax.scatter(row["latency_ms"], row[accuracy] * 100, s=70, color=PRECISION_COLORS.get(row["precision"], "#777"),
                    marker=_BACKEND_MARKERS.get(row["backend"], "D"), edgecolor="white", linewidth=1.0, zorder=3)
-        ax.annotate(row["variant"], (row["latency_ms"], row[accuracy] * 100), xytext=(7, 4), textcoords="offset points",
-                    fontsize=8.5, color="#222222")
     ax.set_xlabel(f"median latency at batch size {batch_size} (ms per batch, lower is better)")
     ax.set_ylabel(f"{accuracy_label} (%)")
     lo, hi = points["latency_ms"].min(), points["latency_ms"].max()
@@ -118,8 +124,57 @@ def accuracy_vs_latency(points: pd.DataFrame, *, accuracy: str, batch_size: int,
     handles = [_legend_marker(ax, PRECISION_COLORS[p], "o", p.upper()) for p in PRECISION_COLORS
                if p in set(points["precision"])]
     handles += [_legend_marker(ax, "#888888", m, b) for b, m in _BACKEND_MARKERS.items() if b in set(points["backend"])]
-    ax.legend(handles=handles, loc="lower right", fontsize=8, ncol=2)
-    return _svg(fig, "accuracy-vs-latency")
+    legend = ax.legend(handles=handles, loc="lower right", fontsize=8, ncol=2)
+    _place_labels(fig, ax, [(str(r["variant"]), float(r["latency_ms"]), float(r[accuracy]) * 100)
+                            for _, r in points.iterrows()], avoid=[legend])
+    return fig
+
+
+# Offsets (points) tried in turn for a label: right of the marker first, then around it, then further out.
+_LABEL_OFFSETS = [(7, 4), (7, -11), (-7, 4), (-7, -11), (0, 10), (0, -17)]
+_LABEL_OFFSETS += [(dx * 2, dy * 2) for dx, dy in _LABEL_OFFSETS] + [(dx * 3, dy * 3) for dx, dy in _LABEL_OFFSETS]
+
+
+def _place_labels(fig: Any, ax: Any, labels: list[tuple[str, float, float]], avoid: list[Any]) -> None:
+    """Annotate each (text, x, y), at the first offset whose box overlaps no earlier label, marker or `avoid`.
+
+    Two variants of nearly equal latency and accuracy (ort-fp32 / ort-fp16 on a small model) would otherwise
+    print their names over each other. Boxes are measured after a draw, so the layout is the final one.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig) if not isinstance(fig.canvas, FigureCanvasAgg) else fig.canvas
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    taken = [a.get_window_extent(renderer).expanded(1.02, 1.1) for a in avoid]
+    for _, x, y in labels:  # the markers themselves (about 9 px across at s=70)
+        px, py = ax.transData.transform((x, y))
+        taken.append(_box(px - 6, py - 6, px + 6, py + 6))
+    axes_box = ax.get_window_extent(renderer)
+    for text, x, y in labels:
+        best = None
+        for i, (dx, dy) in enumerate(_LABEL_OFFSETS):
+            far = i >= 6
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8.5, color="#222222",
+                              ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                              arrowprops={"arrowstyle": "-", "color": "#999999", "linewidth": 0.6} if far else None)
+            box = ann.get_window_extent(renderer)
+            inside = axes_box.x0 <= box.x0 and box.x1 <= axes_box.x1 and axes_box.y0 <= box.y0 and box.y1 <= axes_box.y1
+            if inside and not any(box.overlaps(t) for t in taken):
+                best = (ann, box)
+                break
+            ann.remove()
+        if best is None:  # nowhere free: the first choice, as before
+            ann = ax.annotate(text, (x, y), xytext=_LABEL_OFFSETS[0], textcoords="offset points", fontsize=8.5,
+                              color="#222222")
+            best = (ann, ann.get_window_extent(renderer))
+        taken.append(best[1])
+
+
+def _box(x0: float, y0: float, x1: float, y1: float) -> Any:
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
 
 
 def _legend_marker(ax: Any, color: str, marker: str, label: str) -> Any:
@@ -177,21 +232,47 @@ def _horizontal() -> dict[str, Any]:
 
 
 @_with_rc
-def sensitivity_bars(frame: pd.DataFrame) -> str:
-    """Horizontal bars of per-layer SQNR (dB; shorter = the layer loses more when quantized), worst on top."""
-    rows = frame.iloc[::-1]
+def sensitivity_bars(frame: pd.DataFrame, *, column: str, metric: str, axis_label: str) -> str:
+    """Horizontal bars of the quantity the layers are ranked by, most costly layer on top.
+
+    `frame` is `tables.sensitivity_frame` (already in rank order); `column` is the drawn column (the ranking
+    key: `output_metric`, or `sqnr_db` when no output metric was measured) and `metric` its unit (gate
+    metric name). A row without a value (not measured) keeps its place with no bar.
+    """
+    from matplotlib.ticker import FuncFormatter
+
+    from quantpipe.gate import format_value
+
+    rows = frame.iloc[::-1]  # barh draws bottom-up: the first rank goes on top
     fig = _figure(_WIDTH, 0.8 + 0.27 * len(rows))
     ax = fig.add_subplot()
-    values = rows["sqnr_db"].astype(float).fillna(0.0).to_numpy()
+    raw = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+    values = np.where(np.isnan(raw), 0.0, raw)
     labels = [f"{n}  ({op})" for n, op in zip(rows["node"], rows["op_type"], strict=True)]
-    worst = np.nanmin(values) if len(values) else 0.0
-    colors = ["#c0392b" if v <= worst + 3.0 else "#e59866" if v < 30.0 else "#7fb3d5" for v in values]
-    ax.barh(range(len(rows)), values, color=colors, height=0.62)
+    first = len(rows) - 1  # rank 1, the most costly layer
+    if metric == "sqnr_db":
+        worst = np.nanmin(raw) if np.isfinite(raw).any() else 0.0
+        colors = ["#c0392b" if v <= worst + 3.0 else "#e59866" if v < 30.0 else "#7fb3d5" for v in values]
+    else:
+        colors = ["#c0392b" if i == first else "#7fb3d5" for i in range(len(rows))]
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.1f} dB", va="center", fontsize=7.5, color="#333333")
-    ax.set_xlabel("SQNR of the layer's output with only this layer quantized (dB; lower = more sensitive)")
-    ax.set_xlim(0, (np.nanmax(values) if len(values) else 1.0) * 1.15)
+    ax.set_xlabel(axis_label)
+    measured = raw[np.isfinite(raw)]
+    if metric == "sqnr_db" or not measured.size:
+        ax.barh(range(len(rows)), values, color=colors, height=0.62)
+        ax.set_xlim(0, (float(measured.max()) if measured.size and measured.max() > 0 else 1.0) * 1.15)
+    else:
+        # Fractions near 1 (agreement, cosine) are equal-looking bars from 0: dots on a zoomed axis instead.
+        lo, hi = float(measured.min()), float(measured.max())
+        pad = max(hi - lo, abs(hi) * 1e-3, 1e-9) * 0.15
+        ax.set_xlim(lo - pad, hi + pad * 4)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_value(metric, float(v))))
+        values = np.where(np.isnan(raw), lo - pad, raw)
+        ax.scatter(values[np.isfinite(raw)], np.flatnonzero(np.isfinite(raw)), s=40,
+                   color=[c for c, ok in zip(colors, np.isfinite(raw), strict=True) if ok], zorder=3)
+    for i, v in enumerate(raw):
+        text = " not measured" if np.isnan(v) else f" {format_value(metric, float(v))}"
+        ax.text(values[i], i, text, va="center", fontsize=7.5, color="#333333")
     ax.grid(axis="y", visible=False)
     return _svg(fig, "sensitivity")
 

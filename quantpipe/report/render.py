@@ -21,7 +21,7 @@ import pandas as pd
 
 from quantpipe.artifacts import RunResults, to_jsonable
 from quantpipe.fsutil import atomic_write_json, atomic_write_text
-from quantpipe.gate import format_value, observe
+from quantpipe.gate import HIGHER_IS_BETTER, format_value, observe
 from quantpipe.report import plots, tables
 from quantpipe.report.compare import with_baseline
 from quantpipe.report.junit import junit_xml
@@ -339,12 +339,7 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
         "latency_reason": notes.get("latency") or latency_reason,
         "scatter": {"svg": scatter_svg, "caption": scatter_caption, "reason": scatter_reason},
         "latency_plot": latency_svg,
-        "sensitivity": {
-            "rows": [r for _, r in sens.iterrows()],
-            "svg": (plots.sensitivity_bars(sens) if draw else "") if not sens.empty else None,
-            "reason": sens_reason, "total": len(sens_all),
-            "metric": str(sens_all["metric_name"].iloc[0]) if not sens_all.empty else "",
-        },
+        "sensitivity": _sensitivity(sens, sens_all, sens_reason, draw),
         "fallback": {"report": results.fallback, "rows": [r for _, r in fallback.iterrows()], "reason": fallback_reason,
                      "data": _fallback_data_line(results)},
         "int8_build": _int8_build_lines(results),
@@ -370,6 +365,26 @@ def _fallback_data_line(results: RunResults) -> str | None:
     judged = _judged_samples(results)
     return (f"Fallback chose on: {fb.chosen_on} data ({fb.chosen_samples} samples); judged on: evaluation data"
             + (f" ({judged} samples)" if judged is not None else "") + ".")
+
+
+def _sensitivity(sens: pd.DataFrame, sens_all: pd.DataFrame, reason: str, draw: bool) -> dict[str, Any]:
+    """The sensitivity section: the chart draws the quantity the rows are ranked by (tables.sensitivity_frame)."""
+    metric = str(sens_all["metric_name"].iloc[0]) if not sens_all.empty else ""
+    ranked_by_output = not sens_all.empty and bool(sens_all["output_metric"].notna().any())
+    unit = metric if ranked_by_output else "sqnr_db"
+    label = METRIC_LABELS.get(metric, metric)
+    if ranked_by_output:
+        ranked_by = f"{label} of the model output with only this layer quantized"
+    else:
+        ranked_by = "SQNR of the layer's output in the INT8 model"
+    better = "lower" if HIGHER_IS_BETTER.get(unit, True) else "higher"
+    axis = f"{ranked_by} ({'dB; ' if unit == 'sqnr_db' else ''}{better} = more costly)"
+    svg = None
+    if not sens.empty:
+        svg = plots.sensitivity_bars(sens, column="output_metric" if ranked_by_output else "sqnr_db", metric=unit,
+                                     axis_label=axis) if draw else ""
+    return {"rows": [r for _, r in sens.iterrows()], "svg": svg, "reason": reason, "total": len(sens_all),
+            "metric": metric, "ranked_by": ranked_by, "ranked_by_output": ranked_by_output}
 
 
 def _int8_build_lines(results: RunResults) -> list[str]:

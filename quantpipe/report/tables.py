@@ -140,10 +140,21 @@ def _short(v: Any) -> str:
 
 def _status(entry: Any) -> str:
     if not isinstance(entry, Mapping):
-        return str(entry)
+        return _readable(entry)
     if entry.get("available"):
         return f"{entry.get('version') or 'available'}"
     return f"not available: {entry.get('reason') or 'unknown reason'}"
+
+
+def _readable(value: Any) -> str:
+    """Any probe value as text for people: never a Python repr of a dict or a list."""
+    if isinstance(value, Mapping):
+        if "available" in value:
+            return _status(value)
+        return "; ".join(f"{k}: {_readable(v)}" for k, v in value.items() if v not in (None, "", [], {})) or "none"
+    if isinstance(value, list | tuple | set | frozenset):
+        return ", ".join(_readable(v) for v in value) or "none"
+    return "unknown" if value is None else str(value)
 
 
 def environment_rows(env: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -165,11 +176,11 @@ def environment_rows(env: Mapping[str, Any]) -> list[tuple[str, str]]:
                 for g in gpus) or "available"))
         else:
             rows.append(("GPU", f"none: {gpu.get('reason') or 'not detected'}"))
-    labels = {"tensorrt": "TensorRT", "cuda.bindings": "cuda-python", "pycuda": "pycuda", "cupy": "CuPy",
-              "modelopt": "ModelOpt"}
+    labels = {"onnxruntime_cuda": "onnxruntime CUDA", "tensorrt": "TensorRT", "cuda.bindings": "cuda-python",
+              "pycuda": "pycuda", "cupy": "CuPy", "modelopt": "ModelOpt"}
     for key, label in labels.items():
         if key in env:
             rows.append((label, _status(env[key])))
     known = {k for _, k in simple} | {"onnxruntime_providers", "gpu", "machine", *labels}
-    rows += [(k, str(v)) for k, v in env.items() if k not in known]
+    rows += [(k, _readable(v)) for k, v in env.items() if k not in known]  # keys a newer probe added
     return rows

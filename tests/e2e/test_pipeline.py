@@ -274,3 +274,45 @@ def test_baseline_regression_fails_gate(example_run: tuple[int, Path, Path], tmp
     md = (run_dir / "report.md").read_text()
     assert "release-1.0" in md or res["run_id"] in md
     assert "regress" in md.lower()
+
+
+def test_gate_line_counts_failed_rules(example_run: tuple[int, Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    _, run_dir, _ = example_run
+    cfg = example_config(tmp_path)
+    cfg["gate"] = {"rules": [{"variant": "ort-int8", "metric": "speedup", "vs": "ort-fp32", "min": 100},
+                             {"variant": "ort-int8", "metric": "top1_agreement", "min": 0.5},
+                             {"variant": "ort-fp16", "metric": "top1_agreement", "min": 1.01}]}
+    capsys.readouterr()
+    assert main(["gate", str(write_config(tmp_path, cfg)), "--run", str(run_dir)]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "gate FAILED (2 of 3 rules failed)" in out
+    assert "1/3" not in out
+    cfg["gate"]["rules"] = cfg["gate"]["rules"][1:2]
+    assert main(["gate", str(write_config(tmp_path, cfg)), "--run", str(run_dir)]) == 0
+    assert "gate passed (all 1 rule passed)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_tensorrt_skip_is_said_once(tmp_path: Path, capsys: pytest.CaptureFixture, quiet: bool) -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        pass
+    else:
+        pytest.skip("tensorrt is installed here: nothing is skipped")
+    cfg = example_config(tmp_path)
+    cfg["build"]["backends"]["onnxruntime"]["precisions"] = ["fp32"]
+    cfg["evaluate"]["sensitivity"] = {"enabled": False}
+    cfg["gate"] = {"rules": []}
+    capsys.readouterr()
+    assert main(["run", str(write_config(tmp_path, cfg)), *(["-q"] if quiet else [])]) == 0
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "WARNING" not in err  # required: false -> a choice, not a problem
+    reason = "No module named 'tensorrt'"
+    # the summary says it once, naming all three variants; the log (info, hidden under -q) at most once more
+    assert out.count(reason) == 1 and "skipped trt-fp32, trt-fp16, trt-int8:" in out
+    assert err.count(reason) == (0 if quiet else 1)
+    if not quiet:
+        assert "trt-fp32, trt-fp16, trt-int8: skipped (" in err

@@ -140,7 +140,19 @@ _FACTS_JS = """JSON.stringify({
   scrollWidth: document.documentElement.scrollWidth,
   innerWidth: window.innerWidth,
   scripts: document.scripts.length,
-  resources: performance.getEntriesByType('resource').map(e => e.name)
+  resources: performance.getEntriesByType('resource').map(e => e.name),
+  labelOverlaps: (() => {  // variant labels of the accuracy-vs-latency plot whose boxes intersect, as drawn
+    const svg = document.querySelector('svg[aria-label="accuracy-vs-latency"]');
+    const labels = svg ? Array.from(svg.querySelectorAll('text')).filter(t => /^(ort|trt)-/.test(t.textContent.trim())) : [];
+    const boxes = labels.map(t => [t.textContent.trim(), t.getBoundingClientRect()]);
+    const hits = [];
+    for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+      const [a, p] = boxes[i], [b, q] = boxes[j];
+      if (p.left < q.right && q.left < p.right && p.top < q.bottom && q.top < p.bottom) hits.push(a + ' / ' + b);
+    }
+    return {labels: boxes.map(b => b[0]), hits: hits};
+  })(),
+  environment: (document.querySelector('#environment') || {}).innerText || ''
 })"""
 
 
@@ -241,6 +253,15 @@ def test_synthetic_report_shows_verdict_sections_and_plots(synthetic_page: tuple
                     "Activation histograms", "Calibration", "Environment"):
         assert section in f["sections"], f"section {section!r} missing from {f['sections']}"
     assert f["scrollWidth"] <= f["innerWidth"], f"page is {f['scrollWidth']} px wide in a {f['innerWidth']} px window"
+    assert_readable(f)
+
+
+def assert_readable(facts: dict[str, Any]) -> None:
+    """Issue 14.9 as seen in Chromium: plot labels that can be read, an Environment table without Python dicts."""
+    overlaps = facts["labelOverlaps"]
+    assert overlaps["labels"], "no variant labels found in the accuracy-vs-latency plot"
+    assert overlaps["hits"] == [], f"accuracy-vs-latency labels overlap: {overlaps['hits']}"
+    assert "Environment" in facts["environment"] and "{'" not in facts["environment"], facts["environment"]
 
 
 def test_synthetic_report_prints(synthetic_page: tuple[Path, PageCheck]) -> None:
@@ -279,4 +300,5 @@ def test_example_run_report_renders(tmp_path: Path) -> None:
     assert page.errors == [], "\n".join(page.errors)
     assert page.requests == []
     assert_not_blank(page.screenshot, "example-report", tmp_path)
+    assert_readable(page.facts)
 

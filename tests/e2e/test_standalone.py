@@ -68,3 +68,57 @@ def test_quantize_int8_without_data_is_a_usage_error(tmp_path: Path, capsys: pyt
     assert code == 2
     assert "--data" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def shipped_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The example's INT8 (Q/DQ) and FP16 models, written by `quantpipe quantize` (what a user ships)."""
+    folder = tmp_path_factory.mktemp("shipped")
+    int8, fp16 = folder / "x.int8.onnx", folder / "x.fp16.onnx"
+    assert main(["quantize", "--model", str(EXAMPLE_MODEL), "--data", str(EXAMPLE_CALIB), "--out", str(int8), "-q"]) == 0
+    assert main(["quantize", "--model", str(EXAMPLE_MODEL), "--fp16", "--out", str(fp16), "-q"]) == 0
+    return {"int8": int8, "fp16": fp16}
+
+
+def _inspect(model: Path, capsys: pytest.CaptureFixture) -> str:
+    capsys.readouterr()
+    assert main(["inspect", str(model)]) == 0
+    return " ".join(capsys.readouterr().out.split())  # rich wraps long lines at the terminal width
+
+
+def test_inspect_describes_the_int8_model(shipped_models: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from quantpipe.quantize.rewrites.shift import tensor_offsets
+
+    model = onnx.load(shipped_models["int8"])
+    ops = [n.op_type for n in model.graph.node]
+    out = _inspect(shipped_models["int8"], capsys)
+    # 6 Conv + 2 Gemm + the residual Add read Q/DQ inputs: 9 int8 compute nodes, as `quantize` reported.
+    assert "precision: int8 (Q/DQ) · compute nodes: 14 fp32, 9 int8" in out
+    assert f"Q/DQ: {ops.count('QuantizeLinear')} QuantizeLinear, {ops.count('DequantizeLinear')} DequantizeLinear" in out
+    assert "(8 per-channel, 18 per-tensor; 8 dequantize stored weights)" in out
+    assert "weight scales: min" in out and "activation scales: min" in out
+    assert "zero points: int8; all 0" in out
+    assert f"quantpipe metadata: quantpipe.shifted_tensors ({len(tensor_offsets(model))} tensors)" in out
+    assert "casts: none" in out
+
+
+def test_inspect_describes_the_fp16_model(shipped_models: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    out = _inspect(shipped_models["fp16"], capsys)
+    assert "precision: fp16 · compute nodes: 20 fp16" in out
+    assert "casts: 1 to fp16, 1 to fp32" in out  # float32 I/O kept: one Cast in, one out
+    assert "Q/DQ: none" in out
+    assert "input │ input │ float32 │ [batch, 1, 32, 32]" in out
+
+
+def test_inspect_fp32_model(capsys: pytest.CaptureFixture) -> None:
+    out = _inspect(EXAMPLE_MODEL, capsys)
+    assert "precision: fp32 · compute nodes: 20 fp32" in out
+    assert "Q/DQ: none" in out and "quantpipe metadata: none" in out
+
+
+def test_pipeline_input_still_must_be_fp32(shipped_models: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    code = main(["quantize", "--model", str(shipped_models["int8"]), "--data", str(EXAMPLE_CALIB),
+                 "--out", str(tmp_path / "again.onnx"), "-q"])
+    assert code == 2
+    assert "already quantized" in " ".join(capsys.readouterr().err.split())

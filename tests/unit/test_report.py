@@ -101,6 +101,57 @@ def test_html_shows_verdict_rules_and_skipped_variants(written: tuple[Path, dict
         assert f'<section id="{section}">' in html
 
 
+def test_environment_shows_no_python_repr(written: tuple[Path, dict[str, Path], RunResults]) -> None:
+    html = written[1]["html"].read_text()
+    section = html[html.index('<section id="environment">'):]
+    section = section[:section.index("</section>")]
+    assert "{'" not in section and "['" not in section and "&#39;available" not in section
+    assert "<dt>onnxruntime CUDA</dt><dd>not available: no NVIDIA GPU, so no onnxruntime CUDA execution provider</dd>" \
+        in section
+    md = written[1]["md"].read_text()
+    assert "{'" not in md[md.index("## Environment"):]
+
+
+def test_environment_rows_of_unknown_nested_keys() -> None:
+    from quantpipe.report.tables import environment_rows
+
+    rows = dict(environment_rows({"accelerator": {"name": "X1", "cores": [4, 8], "note": None},
+                                  "probe": {"available": True, "version": "2.0"}, "flags": ["a", "b"]}))
+    assert rows == {"accelerator": "name: X1; cores: 4, 8", "probe": "2.0", "flags": "a, b"}
+
+
+def _svg_texts(svg: str) -> list[str]:
+    return [t.strip() for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg)]
+
+
+@pytest.mark.parametrize("measured", [True, False])
+def test_sensitivity_chart_draws_what_it_ranks_by(measured: bool) -> None:
+    from quantpipe.artifacts import LayerSensitivity
+    from quantpipe.gate import format_value
+
+    # Layer SQNR and the output metric disagree on the order: the chart must follow the ranking.
+    rows = [("/a/Conv", 20.0, 0.999), ("/b/Conv", 35.0, 0.950), ("/c/Gemm", 30.0, 0.990)]
+    sens = tuple(LayerSensitivity(n, n.split("/")[-1], f"{n}_out", sq, m if measured else None, "top1_agreement")
+                 for n, sq, m in rows)
+    results = dataclasses.replace(synthetic_results(None), sensitivity=sens)
+    ctx = build_context(Path("nowhere"), results)
+    order = ["/b/Conv", "/c/Gemm", "/a/Conv"] if measured else ["/a/Conv", "/c/Gemm", "/b/Conv"]
+    assert [r["node"] for r in ctx["sensitivity"]["rows"]] == order
+    texts = _svg_texts(ctx["sensitivity"]["svg"])
+    # barh draws bottom-up: the tick labels and the value labels read in reverse rank order
+    assert [t.split()[0] for t in texts if t.startswith("/")] == order[::-1]
+    by_node = {n: (sq, m) for n, sq, m in rows}
+    drawn = [format_value("top1_agreement", by_node[n][1]) if measured else format_value("sqnr_db", by_node[n][0])
+             for n in order[::-1]]
+    last_label = max(i for i, t in enumerate(texts) if t.startswith("/"))
+    assert texts[last_label + 1:] == drawn  # the value beside each bar, after the axis and tick labels
+    html = render_html(ctx)
+    section = html[html.index('<section id="sensitivity">'):html.index("Kept in float by the accuracy fallback")]
+    expected = "Top-1 agreement of the model output" if measured else "SQNR of the layer&#39;s output in the INT8 model"
+    assert f"ranked by the {expected}" in section
+    assert [m for m in re.findall(r'<td class="name">([^<]*)</td>', section)] == order
+
+
 def test_html_flags_the_baseline_regression(written: tuple[Path, dict[str, Path], RunResults]) -> None:
     html = written[1]["html"].read_text()
     assert "1 regression against baseline run release-1" in html
