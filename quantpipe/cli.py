@@ -52,7 +52,10 @@ class RichProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         start = time.perf_counter()
-        if not self.enabled or not self.err.is_terminal:
+        if not self.enabled:  # -q: warnings and results only
+            yield lambda n: None
+            return
+        if not self.err.is_terminal:  # a CI log: no bars, one line per finished task
             yield lambda n: None
             self.err.print(f"[dim]•[/dim] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
             return
