@@ -35,7 +35,7 @@ from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import DataError, MissingDependencyError, QuantpipeError
 from quantpipe.fsutil import atomic_write_json
 from quantpipe.inputs import LoadedInputs, load_inputs
-from quantpipe.workspace import NullProgress, Progress, Workspace, new_run_id, reusable, write_manifest
+from quantpipe.workspace import NullProgress, Progress, Workspace, new_run_id, relative_to, reusable, write_manifest
 
 __all__ = ["finish_run", "run_pipeline", "run_stages", "stage_calibrate", "stage_evaluate", "stage_sensitivity"]
 
@@ -46,7 +46,7 @@ def stage_calibrate(
     cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, progress: Progress
 ) -> tuple[list[CalibrationSummary], dict[str, float]]:
     """Calibrate (or reuse) with every configured method; return summaries and the scales to build with."""
-    from quantpipe.calibration import calibrate, select_amax
+    from quantpipe.calibration import HISTOGRAMS_FILE, calibrate, select_amax
 
     c = cfg.calibration
     fp = {
@@ -77,10 +77,17 @@ def stage_calibrate(
                 on_batch=lambda done, total: advance(done),
                 model_sha256=li.spec.sha256,
             )
-        files = [Path(s.cache_path).name for s in summaries] + [Path(s.json_path).name for s in summaries]
-        write_manifest(ws.calibration, fp, files, [to_jsonable(s) for s in summaries])
+        stored = [dataclasses.replace(s, cache_path=relative_to(s.cache_path, ws.calibration),
+                                      json_path=relative_to(s.json_path, ws.calibration)) for s in summaries]
+        files = [s.cache_path for s in stored] + [s.json_path for s in stored]
+        if (ws.calibration / HISTOGRAMS_FILE).is_file():
+            files.append(HISTOGRAMS_FILE)
+        write_manifest(ws.calibration, fp, files, [to_jsonable(s) for s in stored])
     else:
+        # Paths are stored relative to the stage folder: a moved or copied project reads its own files.
         summaries = [from_jsonable(CalibrationSummary, s) for s in manifest["payload"]]
+        summaries = [dataclasses.replace(s, cache_path=str(ws.calibration / s.cache_path),
+                                         json_path=str(ws.calibration / s.json_path)) for s in summaries]
     amax = select_amax(ws.calibration, c.use, summaries)
     return summaries, amax
 
