@@ -15,9 +15,9 @@ from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError
 from quantpipe.fsutil import sha256_file
 from quantpipe.inputs import LoadedInputs
-from quantpipe.workspace import NullProgress, Progress, Workspace, reusable, write_manifest
+from quantpipe.workspace import NullProgress, Progress, Workspace, relative_to, reusable, write_manifest
 
-__all__ = ["sha256_of_mapping", "stage_build"]
+__all__ = ["model_files", "sha256_of_mapping", "stage_build"]
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,14 @@ def stage_build(
         manifest = reusable(ws.models, fp, "build")
         if manifest is None:
             built, fallback, int8_build = _build_ort(cfg, ws, li, amax, progress)
-            files = [Path(p).name for p in built.values() if Path(p).parent == ws.models]
-            write_manifest(ws.models, fp, files, {"paths": {k: str(v) for k, v in built.items()},
-                                                   "fallback": to_jsonable(fallback) if fallback else None,
-                                                   "int8_build": int8_build})
+            # Only what the build wrote, relative to the stage folder (the FP32 model is the user's, found
+            # through pipeline.yaml each run): a moved or copied project reads its own files.
+            paths = {k: relative_to(v, ws.models) for k, v in built.items() if k != "fp32"}
+            write_manifest(ws.models, fp, [f for p in paths.values() for f in model_files(ws.models, p)],
+                           {"paths": paths, "fallback": to_jsonable(fallback) if fallback else None,
+                            "int8_build": int8_build})
         else:
-            built = {k: Path(v) for k, v in manifest["payload"]["paths"].items()}
+            built = {"fp32": Path(li.spec.path), **{k: ws.models / v for k, v in manifest["payload"]["paths"].items()}}
             fb = manifest["payload"].get("fallback")
             fallback = from_jsonable(FallbackReport, fb) if fb else None
             int8_build = manifest["payload"].get("int8_build")
@@ -79,6 +81,12 @@ def stage_build(
     if trt.enabled:
         variants += _build_trt(cfg, ws, li, built, amax, calib_summaries, progress)
     return variants, fallback
+
+
+def model_files(folder: Path, name: str) -> list[str]:
+    """An ONNX model's files relative to `folder`: the model, and its external-data file when it has one
+    (quantpipe.onnxgraph writes large models as `<name>.data` beside them)."""
+    return [name] + ([f"{name}.data"] if (folder / f"{name}.data").is_file() else [])
 
 
 def sha256_of_mapping(m: dict[str, float]) -> str:

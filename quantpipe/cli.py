@@ -204,25 +204,23 @@ def _resolve_run_dir(cfg: Any, run: Path | None) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from quantpipe.pipeline import finish_run
-    from quantpipe.report import load_results
+    from quantpipe.pipeline import rewrite_report
 
     cfg = _load(args)
     run_dir = _resolve_run_dir(cfg, args.run)
-    results = load_results(run_dir)
-    results, _ = finish_run(cfg, results, run_dir, baseline_dir=args.baseline, write=True)
+    results = rewrite_report(cfg, run_dir, baseline_dir=args.baseline)
     print_summary(results)
     _console().print(f"report: {run_dir / 'report.html'}")
     return EXIT_OK
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from quantpipe.pipeline import finish_run
-    from quantpipe.report import load_results, publish_ci
+    from quantpipe.pipeline import judge_run
+    from quantpipe.report import publish_ci
 
     cfg = _load(args)
     run_dir = _resolve_run_dir(cfg, args.run)
-    results, _ = finish_run(cfg, load_results(run_dir), run_dir, baseline_dir=args.baseline, write=False)
+    results = judge_run(cfg, run_dir, baseline_dir=args.baseline)
     print_summary(results)
     for line in publish_ci(results, run_dir):
         print(line)
@@ -424,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     common.add_argument("-q", "--quiet", action="store_true", help="warnings and results only, no progress")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", parents=[common], help="every stage: calibrate, build, evaluate, report, gate")
@@ -474,9 +473,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rich.markup import escape
 
         err.print(f"[bold red]error:[/bold red] {escape(str(e))}")
-        if args.verbose > 1:
+        if getattr(args, "debug", False):
             err.print_exception()
         return e.exit_code
+    except OSError as e:  # the file system refused (disk full, permissions changed mid-run): not a bug
+        from rich.markup import escape
+
+        from quantpipe.errors import os_error_message
+
+        err.print(f"[bold red]error:[/bold red] {escape(os_error_message(e, 'reading or writing'))}")
+        if getattr(args, "debug", False):
+            err.print_exception()
+        return EXIT_STAGE_FAILED
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: finished artifacts were kept; nothing half-written was left behind.")
         return EXIT_INTERRUPTED

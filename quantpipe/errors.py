@@ -24,6 +24,9 @@ __all__ = [
     "EvaluationError",
     "MissingDependencyError",
     "GateFailed",
+    "OutputError",
+    "WriteError",
+    "os_error_message",
 ]
 
 EXIT_OK = 0
@@ -92,3 +95,27 @@ class GateFailed(QuantpipeError):
     """At least one release-gate rule failed."""
 
     exit_code = EXIT_GATE_FAILED
+
+
+class OutputError(QuantpipeError):
+    """An output location cannot be used, found before any work starts: report.dir not writable, too little
+    free space, the run folder already exists (exit 2: fix the setup, nothing was computed)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class WriteError(QuantpipeError):
+    """Writing an artifact or a report file failed while the pipeline ran (disk full, permissions changed)."""
+
+    exit_code = EXIT_STAGE_FAILED
+
+
+def os_error_message(err: OSError, doing: str = "writing") -> str:
+    """One paragraph for an OSError met while `doing`: the path, the OS reason, how to go on."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p)
+    where = f" {paths}" if paths else ""
+    reason = err.strerror or str(err) or type(err).__name__
+    return (
+        f"{doing}{where} failed: {reason}. Free some space or fix the folder's permissions, then run again: "
+        f"finished stages are reused and no half-written run is kept. Add --debug for the traceback."
+    )

@@ -11,12 +11,22 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "sha256_bytes"]
+__all__ = [
+    "atomic_copy",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "sha256_file",
+    "sha256_bytes",
+    "writable_reason",
+]
 
 
 @contextlib.contextmanager
@@ -75,3 +85,33 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def atomic_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Copy `src`'s bytes to `dest` atomically (a new file, never a link to `src`) and return `dest`.
+
+    A copy, not a hard link: a link shares the inode, so an in-place write to either name would change
+    the other; a published file must not change when its source does. shutil.copyfile uses the
+    kernel's copy (copy_file_range / sendfile) where it can.
+    """
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dest)
+
+
+def writable_reason(folder: str | os.PathLike[str]) -> str | None:
+    """None when files can be created in `folder` (made if missing), else why not (the OS's words).
+
+    Probes by creating and removing a file: permission bits alone do not tell (root, read-only
+    mounts, ACLs, quotas).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".quantpipe-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(folder) else ""
+        return f"{err.strerror or err}{where}"
+    return None

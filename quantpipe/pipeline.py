@@ -12,7 +12,6 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,32 @@ from quantpipe.artifacts import (
     from_jsonable,
     to_jsonable,
 )
-from quantpipe.build import stage_build
+from quantpipe.build import model_files, stage_build
 from quantpipe.config import PipelineConfig, variant_name
-from quantpipe.errors import DataError, MissingDependencyError, QuantpipeError
-from quantpipe.fsutil import atomic_write_json
+from quantpipe.errors import MissingDependencyError, OutputError, QuantpipeError, WriteError, os_error_message
+from quantpipe.fsutil import atomic_copy, atomic_write_json, writable_reason
 from quantpipe.inputs import LoadedInputs, load_inputs
-from quantpipe.workspace import NullProgress, Progress, Workspace, new_run_id, reusable, write_manifest
+from quantpipe.report.rundir import (
+    commit_run,
+    mark_rewriting,
+    require_complete,
+    staging_dir,
+    update_latest,
+    write_complete,
+)
+from quantpipe.workspace import NullProgress, Progress, Workspace, new_run_id, relative_to, reusable, write_manifest
 
-__all__ = ["finish_run", "run_pipeline", "run_stages", "stage_calibrate", "stage_evaluate", "stage_sensitivity"]
+__all__ = [
+    "finish_run",
+    "judge_run",
+    "rewrite_report",
+    "run_pipeline",
+    "run_stages",
+    "space_needed",
+    "stage_calibrate",
+    "stage_evaluate",
+    "stage_sensitivity",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +63,7 @@ def stage_calibrate(
     cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, progress: Progress
 ) -> tuple[list[CalibrationSummary], dict[str, float]]:
     """Calibrate (or reuse) with every configured method; return summaries and the scales to build with."""
-    from quantpipe.calibration import calibrate, select_amax
+    from quantpipe.calibration import HISTOGRAMS_FILE, calibrate, select_amax
 
     c = cfg.calibration
     fp = {
@@ -77,10 +94,17 @@ def stage_calibrate(
                 on_batch=lambda done, total: advance(done),
                 model_sha256=li.spec.sha256,
             )
-        files = [Path(s.cache_path).name for s in summaries] + [Path(s.json_path).name for s in summaries]
-        write_manifest(ws.calibration, fp, files, [to_jsonable(s) for s in summaries])
+        stored = [dataclasses.replace(s, cache_path=relative_to(s.cache_path, ws.calibration),
+                                      json_path=relative_to(s.json_path, ws.calibration)) for s in summaries]
+        files = [s.cache_path for s in stored] + [s.json_path for s in stored]
+        if (ws.calibration / HISTOGRAMS_FILE).is_file():
+            files.append(HISTOGRAMS_FILE)
+        write_manifest(ws.calibration, fp, files, [to_jsonable(s) for s in stored])
     else:
+        # Paths are stored relative to the stage folder: a moved or copied project reads its own files.
         summaries = [from_jsonable(CalibrationSummary, s) for s in manifest["payload"]]
+        summaries = [dataclasses.replace(s, cache_path=str(ws.calibration / s.cache_path),
+                                         json_path=str(ws.calibration / s.json_path)) for s in summaries]
     amax = select_amax(ws.calibration, c.use, summaries)
     return summaries, amax
 
@@ -165,15 +189,16 @@ def stage_sensitivity(
 # --------------------------------------------------------------------------- whole pipeline
 
 
-def _copy_into(src: Path, dest_dir: Path) -> None:
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / src.name
-    if dest.exists():
-        dest.unlink()
-    try:
-        os.link(src, dest)  # engines and models can be large: a hard link costs nothing
-    except OSError:
-        shutil.copy2(src, dest)
+def _publish(src: Path, dest_dir: Path) -> str:
+    """Copy a workspace artifact into the staged run; return its path relative to the run folder.
+
+    A copy, not a hard link (what this did before): a link shares the inode, so rewriting the
+    workspace file in place changed every earlier run's published copy. A reflink would be as cheap
+    but exists only on some file systems; read-only bits do not stop root or an editor. The copy costs
+    disk for large engines; a published run that cannot change under the reader is worth it.
+    """
+    atomic_copy(src, dest_dir / src.name)
+    return f"{dest_dir.name}/{src.name}"
 
 
 def _preflight(cfg: PipelineConfig) -> None:
@@ -195,6 +220,52 @@ def _preflight(cfg: PipelineConfig) -> None:
             )
 
 
+# Size of a built variant per byte of the FP32 model, generous (a Q/DQ model keeps float biases and scales).
+_SIZE_PER_MODEL_BYTE = {"fp32": 1.0, "fp16": 0.5, "int8": 0.5}
+_REPORT_BYTES = 32 << 20  # report pages, plots, caches of a small model
+
+
+def space_needed(cfg: PipelineConfig, li: LoadedInputs) -> int:
+    """A generous estimate of the bytes a run writes: its models and engines twice (workspace, run folder),
+    the calibration histograms, the report."""
+    b = cfg.build.backends
+    factor = sum(_SIZE_PER_MODEL_BYTE[p] for p in b.onnxruntime.precisions if p != "fp32") if b.onnxruntime.enabled else 0.0
+    factor += sum(_SIZE_PER_MODEL_BYTE[p] for p in b.tensorrt.precisions) if b.tensorrt.enabled else 0.0
+    tensors = sum(li.spec.op_counts.values()) + len(li.spec.inputs)
+    histograms = tensors * cfg.calibration.num_bins * 8
+    return int(2 * (factor * li.spec.size_bytes + histograms)) + _REPORT_BYTES
+
+
+def _check_outputs(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, run_id: str | None) -> None:
+    """Before any work: every output folder writable, enough free space, the run folder's name free.
+    A failure is an OutputError (exit 2) naming the folder and the fix."""
+    report_dir = Path(cfg.report.dir)
+    if run_id is not None:
+        run_dir = report_dir / run_id
+        if run_dir.is_file() or (run_dir.is_dir() and any(run_dir.iterdir())):
+            raise OutputError(
+                f"run folder {run_dir} already exists (report.run_id / --run-id '{run_id}'). Choose another run id, "
+                f"or remove that folder; nothing was computed."
+            )
+    folders = [(report_dir, "report.dir"), (ws.root, "the workspace")]
+    if cfg.build.backends.tensorrt.enabled and cfg.build.backends.tensorrt.timing_cache:
+        folders.append((Path(cfg.build.backends.tensorrt.timing_cache).parent, "build.backends.tensorrt.timing_cache's folder"))
+    for folder, what in folders:
+        reason = writable_reason(folder)
+        if reason is not None:
+            raise OutputError(
+                f"{what} {folder} cannot be written: {reason}. Make it writable (or point report.dir in "
+                f"{cfg.source or 'pipeline.yaml'} at a writable folder); nothing was computed."
+            )
+    need, free = space_needed(cfg, li), shutil.disk_usage(report_dir).free
+    if free < need:
+        raise OutputError(
+            f"report.dir {report_dir} has {free / 2**20:.0f} MiB free, and this run writes about {need / 2**20:.0f} MiB "
+            f"(its models and engines in the workspace and in the run folder, histograms, report). Free some space "
+            f"or point report.dir at another disk; nothing was computed."
+        )
+
+
 def run_stages(
     cfg: PipelineConfig,
     *,
@@ -208,12 +279,14 @@ def run_stages(
     Returns the results (None before evaluate) and the run directory (None before evaluate).
     The gate's verdict is in results.gate; the caller maps it to an exit code.
     """
-    from quantpipe.deps import probe_env
-
     progress = progress or NullProgress()
     ws = Workspace.for_config(cfg)
     li = load_inputs(cfg)
     _preflight(cfg)
+    makes_run = until not in ("calibrate", "build")
+    fixed_id = run_id or cfg.report.run_id
+    _check_outputs(cfg, ws, li, fixed_id if makes_run else None)
+    run_id = fixed_id or new_run_id()
     summaries, amax = stage_calibrate(cfg, ws, li, progress)
     if until == "calibrate":
         return None, None
@@ -222,64 +295,100 @@ def run_stages(
         return None, None
     evals, ref = stage_evaluate(cfg, li, variants, progress)
     sens = stage_sensitivity(cfg, li, amax, variants, progress)
-    run_id = run_id or cfg.report.run_id or new_run_id()
     run_dir = Path(cfg.report.dir) / run_id
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise DataError(f"run directory {run_dir} already exists. Choose another report.run_id or remove it.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for s in summaries:
-        for p in (Path(s.cache_path), Path(s.json_path)):
-            _copy_into(p, run_dir / "calibration")
-    hist = ws.calibration / "histograms.npz"
-    if hist.exists():
-        _copy_into(hist, run_dir / "calibration")
-    run_variants = []
-    for v in variants:
-        if v.ran and v.artifact and Path(v.artifact).parent.resolve() != Path(li.spec.path).parent.resolve():
-            _copy_into(Path(v.artifact), run_dir / "models")
-            v = dataclasses.replace(v, artifact=str(run_dir / "models" / Path(v.artifact).name))
-        run_variants.append(v)
-    summaries_here = [
-        dataclasses.replace(s, cache_path=str(run_dir / "calibration" / Path(s.cache_path).name),
-                            json_path=str(run_dir / "calibration" / Path(s.json_path).name))
-        for s in summaries
-    ]
-    results = RunResults(
-        schema_version=RESULTS_SCHEMA_VERSION,
-        run_id=run_id,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        tool_version=__version__,
-        config_path=str(cfg.source) if cfg.source else None,
-        model=li.spec,
-        environment=probe_env(),
-        calibration=tuple(summaries_here),
-        variants=tuple(run_variants),
-        evaluations=tuple(evals),
-        reference=ref,
-        sensitivity=sens,
-        fallback=fallback,
+        raise OutputError(f"run folder {run_dir} appeared while this run was running. Choose another report.run_id.")
+    staging = staging_dir(cfg.report.dir, run_id)
+    try:
+        results = _stage_run(cfg, ws, li, staging, run_id,
+                             RunResults(schema_version=RESULTS_SCHEMA_VERSION, run_id=run_id, created="", tool_version=__version__,
+                                        config_path=str(cfg.source) if cfg.source else None, model=li.spec,
+                                        environment={}, calibration=tuple(summaries), variants=tuple(variants),
+                                        evaluations=tuple(evals), reference=ref, sensitivity=sens, fallback=fallback))
+        if until != "evaluate":
+            results, _ = finish_run(cfg, results, staging, baseline_dir=baseline_dir, shown_dir=run_dir)
+        commit_run(staging, run_dir, stage="evaluate" if until == "evaluate" else "report")
+    except OSError as err:
+        raise WriteError(os_error_message(err, f"writing run {run_id}")) from err
+    finally:
+        if staging.exists():  # not committed: an interrupted or failed run leaves nothing half-written
+            shutil.rmtree(staging, ignore_errors=True)
+    if until != "evaluate":
+        update_latest(Path(cfg.report.dir), run_dir)
+    return results, run_dir
+
+
+def _stage_run(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, staging: Path, run_id: str,
+               results: RunResults) -> RunResults:
+    """Copy the run's caches and models into `staging` and write results.json there; paths in it are
+    relative to the run folder, so the folder can be moved or archived whole."""
+    from quantpipe.deps import probe_env
+
+    staging.mkdir(parents=True)
+    calib = staging / "calibration"
+    summaries = [dataclasses.replace(s, cache_path=_publish(Path(s.cache_path), calib),
+                                     json_path=_publish(Path(s.json_path), calib)) for s in results.calibration]
+    if (ws.calibration / "histograms.npz").exists():
+        _publish(ws.calibration / "histograms.npz", calib)
+    variants = []
+    for v in results.variants:
+        if v.ran and v.artifact and Path(v.artifact).resolve() != Path(li.spec.path).resolve():
+            src = Path(v.artifact)
+            for extra in model_files(src.parent, src.name)[1:]:  # external data beside a large model
+                _publish(src.parent / extra, staging / "models")
+            v = dataclasses.replace(v, artifact=_publish(src, staging / "models"))
+        variants.append(v)
+    results = dataclasses.replace(
+        results, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), environment=probe_env(),
+        calibration=tuple(summaries), variants=tuple(variants),
     )
-    atomic_write_json(run_dir / "results.json", to_jsonable(results))
-    if until == "evaluate":
-        return results, run_dir
-    return finish_run(cfg, results, run_dir, baseline_dir=baseline_dir, write=until in ("report", "gate"))
+    atomic_write_json(staging / "results.json", to_jsonable(results))
+    return results
 
 
 def finish_run(
-    cfg: PipelineConfig, results: RunResults, run_dir: Path, *, baseline_dir: Path | None = None, write: bool = True
+    cfg: PipelineConfig, results: RunResults, run_dir: Path, *, baseline_dir: Path | None = None, write: bool = True,
+    shown_dir: Path | None = None,
 ) -> tuple[RunResults, Path]:
-    """Judge the results with the gate rules and write the report files (report and gate stages)."""
+    """Judge the results with the gate rules and write the report files into `run_dir` (report and gate
+    stages). Committing the run and pointing `latest` at it are the caller's (run_stages, rewrite_report)."""
     from quantpipe.gate import evaluate_gate
-    from quantpipe.report import load_results, update_latest, with_baseline, write_report
+    from quantpipe.report import load_results, with_baseline, write_report
 
     baseline_dir = baseline_dir or cfg.report.baseline
     baseline = load_results(baseline_dir) if baseline_dir else None
     decision = evaluate_gate(results, cfg.gate.rules, baseline)
     results = with_baseline(dataclasses.replace(results, gate=decision), baseline)
     if write:
-        write_report(run_dir, results, formats=cfg.report.formats, baseline=baseline, notes=_section_notes(cfg))
-        update_latest(Path(cfg.report.dir), run_dir)
+        write_report(run_dir, results, formats=cfg.report.formats, baseline=baseline, notes=_section_notes(cfg),
+                     shown_dir=shown_dir)
     return results, run_dir
+
+
+def judge_run(cfg: PipelineConfig, run_dir: Path, *, baseline_dir: Path | None = None) -> RunResults:
+    """`quantpipe gate --run`: judge a committed, complete run (an incomplete one is a DataError, exit 2)."""
+    from quantpipe.report import load_results
+
+    run = require_complete(run_dir)
+    results, _ = finish_run(cfg, load_results(run), run, baseline_dir=baseline_dir, write=False)
+    return results
+
+
+def rewrite_report(cfg: PipelineConfig, run_dir: Path, *, baseline_dir: Path | None = None) -> RunResults:
+    """`quantpipe report`: rewrite a committed run's report files in place, recorded as being rewritten
+    until they all are (`gate --run` refuses it meanwhile), then complete again and `latest`."""
+    from quantpipe.report import load_results
+
+    run = require_complete(run_dir, allow_rewriting=True)
+    results = load_results(run)
+    try:
+        mark_rewriting(run, "report")
+        results, _ = finish_run(cfg, results, run, baseline_dir=baseline_dir, write=True)
+        write_complete(run, "report")
+    except OSError as err:
+        raise WriteError(os_error_message(err, f"rewriting the report of {run}")) from err
+    update_latest(Path(cfg.report.dir), run)
+    return results
 
 
 def _section_notes(cfg: PipelineConfig) -> dict[str, str]:

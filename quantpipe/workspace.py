@@ -1,6 +1,8 @@
 """The workspace (`<report.dir>/.work/<name>/`) where calibration and build artifacts persist between runs,
-each stage folder with a manifest of its inputs' fingerprint (model hash, data hash, its config section,
-tool version): a stage re-runs only when that changed, and logs what changed. Also the `Progress` protocol
+each stage folder with a manifest (`stage.json`) of its inputs' fingerprint (model hash, data hash, its config
+section, tool version) and of the sha256 of every file the stage wrote: a stage is reused only when its
+inputs did not change and its files are still what it wrote, and logs why it re-runs. Manifests store
+paths relative to the stage folder, so a moved or copied project works on its own files. Also the `Progress` protocol
 the stages report long work through."""
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import datetime as _dt
 import json
 import logging
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from quantpipe.config import PipelineConfig
-from quantpipe.fsutil import atomic_write_json
+from quantpipe.fsutil import atomic_write_json, sha256_file
 
-__all__ = ["NullProgress", "Progress", "Workspace", "new_run_id", "reusable", "write_manifest"]
+__all__ = ["NullProgress", "Progress", "Workspace", "new_run_id", "relative_to", "reusable", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -77,28 +79,60 @@ def _fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changed
 
 
+def _manifest_files(manifest: dict[str, Any]) -> dict[str, str] | str:
+    """name -> sha256 of the stage's files, or why the manifest cannot vouch for them."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "the earlier manifest records no content hashes (written by an older quantpipe)"
+    for name, digest in files.items():
+        rel = PurePosixPath(str(name))
+        if rel.is_absolute() or ".." in rel.parts or not isinstance(digest, str):
+            return f"the earlier manifest names {name!r}, which is not a file inside the workspace"
+    return files
+
+
 def reusable(folder: Path, fingerprint: dict[str, Any], stage: str) -> dict[str, Any] | None:
-    """The stored manifest when the stage's inputs did not change (and its files exist), else None."""
+    """The stored manifest when the stage's inputs did not change and every file it wrote is still
+    byte for byte what it wrote (sha256), else None; logs why the stage runs."""
     path = _stage_manifest(folder)
     if not path.is_file():
         log.info("%s: running (no earlier result in %s)", stage, folder)
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         log.info("%s: running (earlier manifest unreadable)", stage)
         return None
-    changed = _fingerprint_diff(manifest.get("fingerprint", {}), fingerprint)
+    if not isinstance(manifest, dict):
+        log.info("%s: running (earlier manifest unreadable)", stage)
+        return None
+    changed = _fingerprint_diff(manifest.get("fingerprint") or {}, fingerprint)
     if changed:
         log.info("%s: re-running because %s changed", stage, ", ".join(changed))
         return None
-    missing = [f for f in manifest.get("files", []) if not (folder / f).exists()]
-    if missing:
-        log.info("%s: re-running because %s is missing", stage, ", ".join(missing))
+    files = _manifest_files(manifest)
+    if isinstance(files, str):
+        log.info("%s: re-running because %s", stage, files)
         return None
-    log.info("%s: inputs unchanged, reusing %s", stage, folder)
+    for name, digest in sorted(files.items()):
+        if not (folder / name).is_file():
+            log.info("%s: re-running because %s is missing", stage, name)
+            return None
+        if sha256_file(folder / name) != digest:
+            log.info("%s: re-running because %s changed on disk since it was written", stage, name)
+            return None
+    log.info("%s: inputs unchanged, reusing %s (%d file(s) verified)", stage, folder, len(files))
     return manifest
 
 
 def write_manifest(folder: Path, fingerprint: dict[str, Any], files: list[str], payload: Any) -> None:
-    atomic_write_json(_stage_manifest(folder), {"fingerprint": fingerprint, "files": files, "payload": payload})
+    """Record a finished stage: its inputs' fingerprint, the sha256 of each file it wrote (paths relative to
+    `folder`) and its payload. Written last, so a stage interrupted before it is simply run again."""
+    hashes = {name: sha256_file(folder / name) for name in files}
+    atomic_write_json(_stage_manifest(folder), {"fingerprint": fingerprint, "files": hashes, "payload": payload})
+
+
+def relative_to(path: str | Path, folder: Path) -> str:
+    """`path` (inside `folder`) as a POSIX path relative to it: what manifests store, so a moved or copied
+    project reads its own files, never the original's."""
+    return Path(path).resolve().relative_to(folder.resolve()).as_posix()

@@ -227,7 +227,8 @@ def calibrate(
                 "batch_size": batch_size,
                 "seconds": round(seconds, 3),
                 "histograms": hist_path.name,
-                "model": str(model),
+                # Relative to the cache's folder: a moved or copied project names its own model.
+                "model": _relpath(model, paths[method].parent),
                 "created": created,
             },
             seconds=seconds,
@@ -235,6 +236,13 @@ def calibrate(
     log.info("calibrated %d samples in %.1f s (onnxruntime %.1f s, histograms %.1f s)",
              stats.num_samples, stats.seconds, stats.inference_seconds, stats.histogram_seconds)
     return summaries
+
+
+def _relpath(path: Path, start: Path) -> str:
+    try:
+        return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return path.name
 
 
 def _write_method(

@@ -475,6 +475,7 @@ def write_report(
     formats: Iterable[str] = FORMATS,
     baseline: RunResults | None = None,
     notes: Mapping[str, str] | None = None,
+    shown_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Path]:
     """Write the report files of `results` into `run_dir`, each atomically; return {format: path}.
 
@@ -483,6 +484,8 @@ def write_report(
     (stored in results.json as `baseline`; without it, a comparison already in `results.baseline` is
     shown). `notes` replaces the text of an empty section, e.g. {"sensitivity": "no sensitivity
     analysis: disabled in pipeline.yaml"} (keys: sensitivity, fallback, histograms, latency, calibration).
+    `shown_dir`: the folder the report names as its own (the run's final place, when `run_dir` is where it
+    is staged before being committed).
     """
     started = time.perf_counter()
     run = Path(run_dir)
@@ -503,7 +506,7 @@ def write_report(
         written["junit"] = atomic_write_text(run / OUTPUT_FILES["junit"], junit_xml(results))
     context = build_context(run, results, notes=notes, draw="html" in wanted)
     context["files"] = [OUTPUT_FILES[f] for f in FORMATS if f in wanted and f != "html"]
-    context["run_dir"] = str(run)
+    context["run_dir"] = str(shown_dir if shown_dir is not None else run)
     if "md" in wanted:
         written["md"] = atomic_write_text(run / OUTPUT_FILES["md"], render_markdown(context))
     if "html" in wanted:

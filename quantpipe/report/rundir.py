@@ -1,4 +1,9 @@
-"""What a run directory holds, read back: results.json, the calibration sidecars, the latest-run pointer.
+"""What a run directory holds, read back: results.json, the calibration sidecars, the latest-run pointer,
+and the completion record that makes a run a run.
+
+A run is committed last: `quantpipe run` writes every file into a hidden staging folder beside it, writes
+`complete.json` (the list of the run's files) and only then renames the folder into place; `latest`
+only ever points at a committed run, and `report` / `gate --run` refuse a folder without the record.
 
 `reports/<run-id>/results.json` is the contract between the stages that measure and the stages that
 judge and show (report, gate), so it is validated on the way in: a wrong schema version or a
@@ -19,12 +24,18 @@ from typing import Any
 import numpy as np
 
 from quantpipe.artifacts import RESULTS_SCHEMA_VERSION, RunResults, from_jsonable
-from quantpipe.errors import DataError
-from quantpipe.fsutil import atomic_write_text
+from quantpipe.errors import DataError, WriteError
+from quantpipe.fsutil import atomic_write_json, atomic_write_text
 
 __all__ = [
+    "COMPLETE_FILE",
     "RESULTS_FILE",
     "LATEST",
+    "commit_run",
+    "mark_rewriting",
+    "require_complete",
+    "staging_dir",
+    "write_complete",
     "TensorHistogram",
     "load_results",
     "update_latest",
@@ -38,6 +49,7 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 LATEST = "latest"
 HISTOGRAMS_FILE = "histograms.npz"
+COMPLETE_FILE = "complete.json"
 
 
 def load_results(run_dir: str | os.PathLike[str]) -> RunResults:
@@ -86,14 +98,91 @@ def load_results(run_dir: str | os.PathLike[str]) -> RunResults:
         raise DataError(f"{path} does not match the results schema: {problems}{more}. Re-run `quantpipe evaluate`.") from err
 
 
+# --------------------------------------------------------------------------- committing a run
+
+
+def staging_dir(report_root: str | os.PathLike[str], run_id: str) -> Path:
+    """Where a run is written before it is committed: hidden, beside its final place (same file system,
+    so the commit is one rename), and per process (two runs never share one)."""
+    return Path(report_root) / f".{run_id}.{os.getpid()}.partial"
+
+
+def write_complete(run_dir: str | os.PathLike[str], stage: str, *, state: str = "complete") -> Path:
+    """Write the completion record of `run_dir`: its state, the last stage written, every file it holds."""
+    run = Path(run_dir)
+    files = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() and p.name != COMPLETE_FILE)
+    return atomic_write_json(run / COMPLETE_FILE, {"state": state, "stage": stage, "files": files})
+
+
+def commit_run(staging: Path, run_dir: Path, *, stage: str) -> Path:
+    """Record the staged run complete, then rename it into place (atomic: readers see all of it or nothing)."""
+    write_complete(staging, stage)
+    try:
+        os.rename(staging, run_dir)  # replaces nothing but an empty folder
+    except OSError as err:
+        raise WriteError(
+            f"cannot move the finished run {staging} to {run_dir}: {err.strerror or err}. "
+            f"Another run with that name may have finished meanwhile; choose another report.run_id."
+        ) from err
+    return run_dir
+
+
+def mark_rewriting(run_dir: str | os.PathLike[str], stage: str) -> None:
+    """`quantpipe report` rewrites a committed run in place: until it records the run complete again,
+    `gate --run` refuses it (files may be a mix of old and new)."""
+    write_complete(run_dir, stage, state="rewriting")
+
+
+def _complete_record(run: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((run / COMPLETE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), list) else None
+
+
+def require_complete(run_dir: str | os.PathLike[str], *, allow_rewriting: bool = False) -> Path:
+    """The run folder, when it was committed and every file it recorded is there; else DataError (exit 2).
+
+    `allow_rewriting`: accept a run whose report files were being rewritten (`quantpipe report` finishes it).
+    """
+    run = Path(run_dir)
+    if run.is_file() and run.name == RESULTS_FILE:
+        run = run.parent
+    if not (run / RESULTS_FILE).is_file():
+        load_results(run)  # the "not a run directory" message
+    record = _complete_record(run)
+    if record is None:
+        raise DataError(
+            f"{run} is not a complete run: it has no readable {COMPLETE_FILE}, which quantpipe writes last, once "
+            f"every file of a run is there. The run was interrupted, is still being written, or was written by an "
+            f"older quantpipe. Run `quantpipe run` again (calibration and build are reused)."
+        )
+    if record.get("state") != "complete" and not allow_rewriting:
+        raise DataError(
+            f"{run} is not a complete run: `quantpipe report` was rewriting its report files when it stopped. "
+            f"Run `quantpipe report --run {run}` to finish them, then judge it."
+        )
+    missing = [f for f in record["files"] if not (run / str(f)).is_file()]
+    if missing and not allow_rewriting:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DataError(
+            f"{run} is not a complete run: {', '.join(map(str, missing[:5]))}{more} recorded in {COMPLETE_FILE} "
+            f"is missing. Run `quantpipe run` again (calibration and build are reused)."
+        )
+    return run
+
+
 def update_latest(report_root: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> Path:
-    """Point `<report_root>/latest` at `run_dir` (relative symlink, replaced atomically).
+    """Point `<report_root>/latest` at `run_dir` (relative symlink, replaced atomically); a run that is
+    not complete (require_complete) is refused: `latest` only ever points at complete runs.
 
     Where symlinks cannot be made (Windows without the privilege, some network file systems)
     writes `<report_root>/latest.txt` holding the run directory's name instead. Returns the
     pointer written.
     """
     root, run = Path(report_root), Path(run_dir)
+    require_complete(run)
     root.mkdir(parents=True, exist_ok=True)
     target = os.path.relpath(run.resolve(), root.resolve())
     link = root / LATEST
@@ -139,10 +228,15 @@ class TensorHistogram:
 
 def _calibration_file(run_dir: Path, recorded: str, name: str | None = None) -> Path | None:
     """A calibration artifact: where results.json says it is, else beside the results in calibration/."""
-    candidates = [Path(recorded)] if recorded else []
-    base = name or (Path(recorded).name if recorded else "")
+    # The run's own copy first: results.json records paths relative to the run folder, and an absolute one
+    # (older results) may name another project's file after the folder was copied.
+    rec = Path(recorded) if recorded else None
+    candidates = [run_dir / rec] if rec is not None and not rec.is_absolute() else []
+    base = name or (rec.name if rec is not None else "")
     if base:
         candidates += [run_dir / "calibration" / base, run_dir / base]
+    if rec is not None and rec.is_absolute():
+        candidates.append(rec)
     return next((c for c in candidates if c.is_file()), None)
 
 

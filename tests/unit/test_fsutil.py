@@ -45,3 +45,27 @@ def test_sha256(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"abc")
     assert sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_atomic_copy_is_a_copy_not_a_link(tmp_path: Path) -> None:
+    import os
+
+    from quantpipe.fsutil import atomic_copy
+
+    src = tmp_path / "src.cache"
+    src.write_text("scales")
+    dest = atomic_copy(src, tmp_path / "run" / "src.cache")
+    assert os.stat(src).st_ino != os.stat(dest).st_ino
+    with open(src, "r+") as fh:  # an in-place write to the source leaves the copy alone
+        fh.write("SCALES")
+    assert dest.read_text() == "scales"
+
+
+def test_writable_reason(tmp_path: Path) -> None:
+    from quantpipe.fsutil import writable_reason
+
+    assert writable_reason(tmp_path / "new" / "folder") is None and (tmp_path / "new" / "folder").is_dir()
+    (tmp_path / "file").write_text("x")
+    reason = writable_reason(tmp_path / "file" / "reports")
+    assert reason is not None and "Not a directory" in reason
+    assert list((tmp_path / "new" / "folder").iterdir()) == []  # the probe leaves nothing behind

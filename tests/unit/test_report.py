@@ -19,6 +19,7 @@ from quantpipe.errors import ConfigError, DataError
 from quantpipe.gate import evaluate_gate
 from quantpipe.report import load_results, publish_ci, resolve_latest, update_latest, write_report
 from quantpipe.report.render import build_context, render_html
+from quantpipe.report.rundir import write_complete
 from tests.report_data import synthetic_results, with_top1
 
 RULES = [
@@ -267,10 +268,16 @@ def test_load_results_rejects_bad_files(tmp_path: Path) -> None:
         load_results(tmp_path)
 
 
+def _committed(run: Path) -> Path:
+    """A run folder as `quantpipe run` leaves it: results.json and the completion record written last."""
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    write_complete(run, "report")
+    return run
+
+
 def test_update_latest_points_at_the_newest_run(tmp_path: Path) -> None:
-    first, second = tmp_path / "run-1", tmp_path / "run-2"
-    first.mkdir()
-    second.mkdir()
+    first, second = _committed(tmp_path / "run-1"), _committed(tmp_path / "run-2")
     link = update_latest(tmp_path, first)
     assert link.is_symlink() and os.readlink(link) == "run-1"  # relative: the reports folder can move
     update_latest(tmp_path, second)
@@ -279,8 +286,7 @@ def test_update_latest_points_at_the_newest_run(tmp_path: Path) -> None:
 
 
 def test_update_latest_without_symlinks_writes_latest_txt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    run = tmp_path / "run-1"
-    run.mkdir()
+    run = _committed(tmp_path / "run-1")
 
     def no_symlinks(*args: object, **kwargs: object) -> None:
         raise OSError("symbolic links are not supported here")
@@ -289,6 +295,19 @@ def test_update_latest_without_symlinks_writes_latest_txt(tmp_path: Path, monkey
     pointer = update_latest(tmp_path, run)
     assert pointer.name == "latest.txt" and pointer.read_text().strip() == "run-1"
     assert resolve_latest(tmp_path) == run
+
+
+def test_update_latest_refuses_an_incomplete_run(tmp_path: Path) -> None:
+    run = _committed(tmp_path / "run-1")
+    (run / "report.html").write_text("<html>")
+    write_complete(run, "report")
+    (run / "report.html").unlink()  # a file the run recorded is gone
+    with pytest.raises(DataError, match="report.html recorded in complete.json is missing"):
+        update_latest(tmp_path, run)
+    (run / "complete.json").unlink()
+    with pytest.raises(DataError, match="not a complete run"):
+        update_latest(tmp_path, run)
+    assert not (tmp_path / "latest").exists()
 
 
 def test_publish_ci_outside_github_does_nothing(tmp_path: Path) -> None:
