@@ -270,8 +270,14 @@ def _build_serialized(
         detail = "; ".join(logger.errors[-5:]) or "TensorRT gave no error message (run with --verbose for its log)"
         raise BuildError(f"TensorRT could not build the {plan.precision} engine from {onnx_path}: {detail}")
     if timing_path is not None and cache is not None:
-        atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized), ranges, timing_path
+        atomic_write_bytes(timing_path, _host_bytes(config.get_timing_cache().serialize()))
+    return _host_bytes(serialized), ranges, timing_path
+
+
+def _host_bytes(memory: trt.IHostMemory) -> bytes:
+    """An IHostMemory's bytes. It implements the buffer protocol (pybind11 `def_buffer`), which stubs generated from
+    the bindings cannot express (no `__buffer__` before Python 3.12), hence the one ignore."""
+    return bytes(memory)  # type: ignore[call-overload]
 
 
 def dims_tuple(dims: trt.Dims) -> tuple[int, ...]:

@@ -12,12 +12,15 @@ import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from quantpipe.backends.tensorrt.version import require_tensorrt, trt
 from quantpipe.calibration import cache as qcache
 from quantpipe.cuda import AllocatorKind, BatchSource, DeviceAllocator, DeviceBatcher
 from quantpipe.errors import BuildError, CalibrationError, QuantpipeError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["CACHE_ALGORITHM", "CalibrationFeed", "CalibrationInput", "CalibrationMethod", "make_calibrator"]
 
@@ -182,52 +185,71 @@ class CalibrationFeed:
             self.batcher.close()
 
 
-def make_calibrator(feed: CalibrationFeed) -> trt.IInt8Calibrator:
+# ignore[name-defined, unused-ignore]: TensorRT 11 has no IInt8Calibrator; mypy's 11.x run sees this annotation
+# (never evaluated: `from __future__ import annotations`), the <= 10 runs check it (tools/trt_bindings.py mypy).
+def make_calibrator(feed: CalibrationFeed) -> trt.IInt8Calibrator:  # type: ignore[name-defined, unused-ignore]
     """A TensorRT calibrator object delegating to `feed`: IInt8EntropyCalibrator2 or IInt8MinMaxCalibrator.
 
-    The subclasses are defined here, after tensorrt is imported, so this module imports without it.
+    The subclasses are defined here, after tensorrt is imported, so this module imports without it. Each one
+    overrides the real base's methods with their real signatures (tests/unit/backends/test_trt_conformance.py
+    checks them against the bindings of every claimed version; mypy checks them against stubs generated from
+    those bindings).
     """
     api = require_tensorrt()
-    if not api.has_calibrators:
-        raise BuildError(f"TensorRT {api.version} has no IInt8 calibrators (removed in 11.0); build INT8 from the Q/DQ model")
+    # mypy's 11.x run treats `has_calibrators` as always false and skips this block (the names are gone there).
+    if api.has_calibrators:
 
-    class _FeedMethods:
-        """The calibrator callbacks, shared by both TensorRT base classes (listed first in the MRO, so
-        pybind11's override lookup finds them)."""
+        class EntropyCalibrator2(trt.IInt8EntropyCalibrator2):
+            """quantpipe's entropy calibrator: TensorRT's IInt8EntropyCalibrator2 fed by a CalibrationFeed."""
 
-        feed: CalibrationFeed
+            def __init__(self, feed: CalibrationFeed) -> None:
+                # pybind11 trampolines need the base __init__ called explicitly, or TensorRT crashes later.
+                trt.IInt8EntropyCalibrator2.__init__(self)
+                self.feed = feed
 
-        def get_batch_size(self) -> int:
-            return self.feed.get_batch_size()
+            def get_batch_size(self) -> int:
+                return self.feed.get_batch_size()
 
-        # The stubs type get_batch as -> list[int]. We return None when the data is exhausted, as TensorRT's
-        # documentation and the binding accept (it treats None and [] alike): None cannot be mistaken for a
-        # batch with no inputs.
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            return self.feed.get_batch(names)
+            def get_batch(self, names: Sequence[str]) -> list[int]:
+                return _batch_for_tensorrt(self.feed, names)
 
-        # None means "no cache: calibrate" to the binding (the stubs' Buffer return type allows it).
-        def read_calibration_cache(self) -> bytes | None:
-            return self.feed.read_cache()
+            def read_calibration_cache(self) -> bytes | None:  # type: ignore[override]  # see below
+                return self.feed.read_cache()
 
-        def write_calibration_cache(self, cache: Any) -> None:
-            self.feed.write_cache(bytes(cache))
+            def write_calibration_cache(self, cache: Buffer) -> None:
+                self.feed.write_cache(bytes(cache))
 
-    # ignore[misc]: get_batch may return None, which the stubs (-> list[int]) do not allow; see above.
-    class EntropyCalibrator2(_FeedMethods, trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
-        """quantpipe's entropy calibrator: TensorRT's IInt8EntropyCalibrator2 fed by a CalibrationFeed."""
+        class MinMaxCalibrator(trt.IInt8MinMaxCalibrator):
+            """quantpipe's minmax calibrator: TensorRT's IInt8MinMaxCalibrator fed by a CalibrationFeed."""
 
-        def __init__(self, feed: CalibrationFeed) -> None:
-            # pybind11 trampolines need the base __init__ called explicitly, or TensorRT crashes later.
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.feed = feed
+            def __init__(self, feed: CalibrationFeed) -> None:
+                trt.IInt8MinMaxCalibrator.__init__(self)
+                self.feed = feed
 
-    class MinMaxCalibrator(_FeedMethods, trt.IInt8MinMaxCalibrator):  # type: ignore[misc]
-        """quantpipe's minmax calibrator: TensorRT's IInt8MinMaxCalibrator fed by a CalibrationFeed."""
+            def get_batch_size(self) -> int:
+                return self.feed.get_batch_size()
 
-        def __init__(self, feed: CalibrationFeed) -> None:
-            trt.IInt8MinMaxCalibrator.__init__(self)
-            self.feed = feed
+            def get_batch(self, names: Sequence[str]) -> list[int]:
+                return _batch_for_tensorrt(self.feed, names)
 
-    calibrator: trt.IInt8Calibrator = EntropyCalibrator2(feed) if feed.method == "entropy" else MinMaxCalibrator(feed)
-    return calibrator
+            def read_calibration_cache(self) -> bytes | None:  # type: ignore[override]  # see below
+                return self.feed.read_cache()
+
+            def write_calibration_cache(self, cache: Buffer) -> None:
+                self.feed.write_cache(bytes(cache))
+
+        calibrator: trt.IInt8Calibrator = EntropyCalibrator2(feed) if feed.method == "entropy" else MinMaxCalibrator(feed)
+        return calibrator
+    raise BuildError(f"TensorRT {api.version} has no IInt8 calibrators (removed in 11.0); build INT8 from the Q/DQ model")
+
+
+# read_calibration_cache returns None although the bindings type it `-> Buffer`: None is how the method's own
+# docstring says "no cache: calibrate" (the binding checks for None before reading a buffer); an empty buffer
+# is not documented to mean the same. Hence the one `ignore[override]` per class above.
+
+
+def _batch_for_tensorrt(feed: CalibrationFeed, names: Sequence[str]) -> list[int]:
+    """The real `get_batch(names: Sequence[str]) -> list[int]`: device pointers, or [] once the data is exhausted
+    (the binding's docstring: "an empty list if there are no more batches"; it treats None the same)."""
+    batch = feed.get_batch(names)
+    return batch if batch is not None else []

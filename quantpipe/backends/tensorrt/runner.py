@@ -165,7 +165,8 @@ class TensorRTRunner(Runner):
         for name in self._inputs:
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             arr = np.ascontiguousarray(feeds[name], dtype=dtype)
-            if not context.set_input_shape(name, tuple(arr.shape)):
+            # trt.Dims, not a tuple: 8.6's set_input_shape takes only Dims (10.x added tuple and list overloads).
+            if not context.set_input_shape(name, trt.Dims(list(arr.shape))):
                 raise EvaluationError(
                     f"TensorRT engine {self.name} rejects input '{name}' of shape {list(arr.shape)}: outside the engine's "
                     f"optimization profile (engine shape {list(dims_tuple(engine.get_tensor_shape(name)))})"

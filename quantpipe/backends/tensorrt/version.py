@@ -61,7 +61,7 @@ class _LazyTensorRT:
         return getattr(import_tensorrt(), name)
 
 
-if TYPE_CHECKING:  # mypy checks every use of `trt` against the tensorrt stubs (tools/trt_stubs.sh)
+if TYPE_CHECKING:  # mypy checks every use of `trt` against stubs of the real bindings (tools/trt_bindings.py mypy)
     import tensorrt as trt
 else:
     trt = _LazyTensorRT()
