@@ -27,7 +27,6 @@ class LoadedInputs:
     eval: Dataset
 
 
-
 def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     """Load and check the model and both data sets (exit 2 on any mismatch)."""
     spec, _ = load_model_spec(cfg.model.path)
@@ -39,6 +38,9 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     d = cfg.data
     calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration")
     ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples, role="evaluation")
+    classes = _static_classes(spec, output)
+    if classes is not None:
+        ev.check_label_range(classes, output)  # else: evaluate checks once the first batch shows the class count
     overlap = check_disjoint(calib, ev)
     if overlap:
         log.warning(
@@ -46,3 +48,12 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
             "Use disjoint splits.", overlap
         )
     return LoadedInputs(spec, inputs, output, calib, ev)
+
+
+def _static_classes(spec: ModelSpec, output: str) -> int | None:
+    """The class count of a classifier output [N, classes] when the model declares it (None if dynamic or not one)."""
+    info = next(o for o in spec.outputs if o.name == output)
+    if len(info.shape) != 2:
+        return None
+    last = info.shape[-1]
+    return last if isinstance(last, int) and last > 1 else None
