@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,7 @@ def _lazy_members(path: Path) -> dict[str, _NpyMember]:
                 if fortran or dtype.hasobject or len(shape) == 0:
                     continue
                 out[info.filename[: -len(".npy")]] = _NpyMember(path, fh.tell(), tuple(shape), dtype)
-    except (OSError, ValueError, zipfile.BadZipFile):
+    except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error):
         return {}  # the eager loader reports unreadable files properly
     return out
 
@@ -268,7 +269,9 @@ def _load_npz(path: Path, skip: set[str] | frozenset[str] = frozenset()) -> dict
             return {k: z[k] for k in z.files if k not in skip}
     except FileNotFoundError as err:
         raise DataError(f"data file {path} does not exist. Check the path (relative paths resolve from pipeline.yaml's folder).") from err
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+    # A damaged archive raises more than BadZipFile: zlib.error (a compressed member), NotImplementedError
+    # (flag or version bits zipfile does not know).
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, ValueError, OSError, EOFError) as err:
         raise DataError(
             f"data file {path} is not a readable .npz archive ({err}). Write it with numpy.savez or "
             f"numpy.savez_compressed, one array per model input named as the input."
@@ -452,7 +455,7 @@ def open_dataset(
         if info.name not in raw:
             raise DataError(_missing_msg(where, info.name, raw.keys()))
         arr = raw[info.name]
-        if max_samples is not None:
+        if max_samples is not None and arr.ndim > 0:  # a 0-d array is refused by _check_array, by its rank
             arr = arr.head(max_samples) if isinstance(arr, _NpyMember) else arr[:max_samples]
         arrays[info.name] = _check_array(where, info.name, arr, info, per_sample=False, check_finite=True)
     counts = {k: v.shape[0] for k, v in arrays.items()}

@@ -173,3 +173,34 @@ def test_folder_labels_are_validated(tmp_path: Path) -> None:
         np.savez(folder / f"{i}.npz", input=np.zeros((1, 4, 4), np.float32), label=np.array([i + 0.5]))
     with pytest.raises(DataError, match=r"data folder .*'label' holds 3 invalid label\(s\)"):
         open_dataset(folder, IMG, labels_key="label")
+
+
+# --------------------------------------------------------------------------- found by the property tests
+
+def test_damaged_compressed_npz_is_a_data_error(tmp_path: Path) -> None:
+    p = tmp_path / "d.npz"
+    np.savez_compressed(p, input=np.zeros((2, 1, 4, 4), np.float32), label=np.arange(2))
+    data = bytearray(p.read_bytes())
+    # The first local header's extra-field length: the deflate stream is read from the wrong offset, and
+    # zipfile raises zlib.error, which was uncaught.
+    data[28] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="is not a readable .npz archive"):
+        open_dataset(p, IMG, labels_key="label")
+
+
+def test_zip_with_unknown_flags_is_a_data_error(tmp_path: Path) -> None:
+    p = tmp_path / "d.npz"
+    np.savez(p, input=np.zeros((2, 1, 4, 4), np.float32))
+    data = bytearray(p.read_bytes())
+    data[6] |= 0x20  # local header flag bit 5 ("compressed patched data"): NotImplementedError, was uncaught
+    data[data.rindex(b"PK\x01\x02") + 8] |= 0x20
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="is not a readable .npz archive"):
+        open_dataset(p, IMG)
+
+
+def test_scalar_input_with_max_samples_is_a_data_error(tmp_path: Path) -> None:
+    p = _npz(tmp_path / "d.npz", input=np.float32(0))  # was an IndexError from arr[:max_samples]
+    with pytest.raises(DataError, match="rank 4"):
+        open_dataset(p, IMG, max_samples=1)
