@@ -404,8 +404,9 @@ def _checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_sample
                         f"Give one label per sample, in the order of the samples.")
     kind = labels.dtype.kind
     if kind == "f":
-        with np.errstate(invalid="ignore"):
-            integral = np.isfinite(labels) & (np.abs(labels) <= _EXACT_FLOAT_INT) & (labels == np.round(labels))
+        wide = labels.astype(np.float64)  # float16 cannot even hold the 2**53 bound
+        integral = np.isfinite(wide) & (np.abs(wide) <= _EXACT_FLOAT_INT)
+        integral &= np.where(integral, wide, 0.0) == np.round(np.where(integral, wide, 0.0))
         if not np.all(integral):
             raise DataError(_label_msg(where, key, labels[~integral], f"labels are {labels.dtype} and these are not "
                                        f"whole numbers", f"Store the class index per sample as integers, e.g. "
