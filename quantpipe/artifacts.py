@@ -143,6 +143,8 @@ class EvalResult:
     top1_drop (reference top1 - this top1, with labels)."""
     latency: tuple[LatencyStats, ...] = ()
     skipped: str | None = None
+    num_classes: int | None = None
+    """Classes of a classifier output [N, classes] (what chance-level accuracy is 1 over); None otherwise."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,10 +11,10 @@ import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantpipe.errors import ConfigError
 
@@ -96,6 +96,17 @@ GATE_METRICS: dict[str, str] = {
 _KEY_HINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _path_text(value: Any) -> Any:
+    """Refuse what no file system can name: an empty path or one holding a NUL byte (resolve() would crash)."""
+    if isinstance(value, str) and (not value.strip() or "\x00" in value):
+        raise ValueError("a path must be non-empty and cannot contain a NUL byte (write '.' for the pipeline's folder)")
+    return value
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_path_text)]
+"""A path in pipeline.yaml (relative to its folder)."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -112,7 +123,7 @@ class InputSpec(_Model):
 
 
 class ModelConfig(_Model):
-    path: Path
+    path: ConfigPath
     inputs: dict[str, InputSpec] = Field(default_factory=dict)
     output: str | None = None
     """The output compared against the reference and labels (default: the first graph output)."""
@@ -120,7 +131,7 @@ class ModelConfig(_Model):
 
 
 class DataSource(_Model):
-    path: Path
+    path: ConfigPath
     labels: str | None = None
     """Name of the labels array (evaluation, validation): integer class per sample."""
     max_samples: int | None = Field(default=None, ge=1)
@@ -170,7 +181,7 @@ class TrtBackendConfig(_Model):
     """`qdq` builds from the explicit Q/DQ model (TensorRT >= 11 needs it); `calibrator` uses implicit
     calibration with quantpipe's cache (TensorRT <= 10); `auto` picks by installed version."""
     workspace_mib: int = Field(default=2048, ge=64)
-    timing_cache: Path | None = None
+    timing_cache: ConfigPath | None = None
 
 
 class BackendsConfig(_Model):
@@ -317,9 +328,9 @@ class GateConfig(_Model):
 
 
 class ReportConfig(_Model):
-    dir: Path = Path("reports")
+    dir: ConfigPath = Path("reports")
     formats: list[Literal["md", "html", "json", "csv", "junit"]] = Field(default_factory=lambda: ["md", "html", "json", "csv", "junit"])
-    baseline: Path | None = None
+    baseline: ConfigPath | None = None
     """A previous run directory (reports/<run-id>) to compare with."""
     run_id: str | None = None
     """Default: a UTC timestamp."""

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from quantpipe.errors import DataError
 from quantpipe.fsutil import sha256_file
 
 __all__ = ["Batch", "Dataset", "open_dataset", "check_disjoint"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,19 @@ class Dataset:
     def labels(self) -> np.ndarray | None:
         """Labels for every sample (None when the data carries none)."""
         return self._labels
+
+    def check_label_range(self, classes: int, output: str) -> None:
+        """Refuse labels outside [0, classes) of the model output they are scored against (DataError, exit 2)."""
+        if self._labels is None or classes < 1:
+            return
+        bad = self._labels >= classes
+        if np.any(bad):
+            raise DataError(_label_msg(
+                f"{self.role} data {self.path}", self.labels_key or "labels", self._labels[bad],
+                f"class indices must be in [0, {classes}): output '{output}' has {classes} classes",
+                f"Store each sample's class index in 0..{classes - 1}, or set model.output to the output these "
+                f"labels index",
+            ))
 
     @property
     def is_folder(self) -> bool:
@@ -241,7 +258,7 @@ def _lazy_members(path: Path) -> dict[str, _NpyMember]:
                 if fortran or dtype.hasobject or len(shape) == 0:
                     continue
                 out[info.filename[: -len(".npy")]] = _NpyMember(path, fh.tell(), tuple(shape), dtype)
-    except (OSError, ValueError, zipfile.BadZipFile):
+    except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error):
         return {}  # the eager loader reports unreadable files properly
     return out
 
@@ -252,7 +269,9 @@ def _load_npz(path: Path, skip: set[str] | frozenset[str] = frozenset()) -> dict
             return {k: z[k] for k in z.files if k not in skip}
     except FileNotFoundError as err:
         raise DataError(f"data file {path} does not exist. Check the path (relative paths resolve from pipeline.yaml's folder).") from err
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+    # A damaged archive raises more than BadZipFile: zlib.error (a compressed member), NotImplementedError
+    # (flag or version bits zipfile does not know).
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, ValueError, OSError, EOFError) as err:
         raise DataError(
             f"data file {path} is not a readable .npz archive ({err}). Write it with numpy.savez or "
             f"numpy.savez_compressed, one array per model input named as the input."
@@ -340,6 +359,76 @@ def _missing_msg(where: str, name: str, present: object) -> str:
     )
 
 
+_EXACT_FLOAT_INT = 2.0**53
+"""Floats are exact integers only up to 2**53; larger "class indices" cannot be told apart."""
+
+
+def _label_msg(where: str, key: str, bad: np.ndarray, what: str, fix: str) -> str:
+    shown = ", ".join(repr(v.item()) for v in np.unique(bad.reshape(-1))[:5])
+    return (f"{where}: labels array '{key}' holds {bad.size} invalid label(s) (e.g. {shown}); {what}. {fix}. "
+            f"Labels are one integer class index per sample.")
+
+
+def _label_column(where: str, key: str, raw: Any) -> np.ndarray:
+    """The labels as one value per sample: shape [N] or [N, 1]; anything else (a scalar, one-hot rows) is refused."""
+    arr = np.asarray(raw)
+    if arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1):
+        return arr.reshape(-1)
+    hint = " One-hot or score rows: store labels.argmax(axis=1)." if arr.ndim == 2 else ""
+    raise DataError(
+        f"{where}: labels array '{key}' has shape {list(arr.shape)}, but labels need one value per sample, shape [N] "
+        f"or [N, 1].{hint} Store one integer class index per sample."
+    )
+
+
+def _one_label(path: Path, key: str, raw: Any) -> np.ndarray:
+    """The label of one per-sample file: exactly one value."""
+    arr = np.asarray(raw).reshape(-1)
+    if arr.size != 1:
+        raise DataError(
+            f"{path}: labels array '{key}' holds {arr.size} values, but a per-sample file needs exactly one label "
+            f"(its integer class index)."
+        )
+    return arr
+
+
+def _checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_samples: int | None) -> np.ndarray:
+    """Labels validated as data: one per sample, integer class indices (exactly integral floats converted), >= 0.
+
+    The upper bound needs the model output's class count: `Dataset.check_label_range`.
+    """
+    if max_samples is not None:
+        labels = labels[:max_samples]
+    if labels.shape[0] != n:
+        raise DataError(f"{where}: labels array '{key}' holds {labels.shape[0]} labels for {n} samples. "
+                        f"Give one label per sample, in the order of the samples.")
+    kind = labels.dtype.kind
+    if kind == "f":
+        wide = labels.astype(np.float64)  # float16 cannot even hold the 2**53 bound
+        integral = np.isfinite(wide) & (np.abs(wide) <= _EXACT_FLOAT_INT)
+        integral &= np.where(integral, wide, 0.0) == np.round(np.where(integral, wide, 0.0))
+        if not np.all(integral):
+            raise DataError(_label_msg(where, key, labels[~integral], f"labels are {labels.dtype} and these are not "
+                                       f"whole numbers", f"Store the class index per sample as integers, e.g. "
+                                       f"np.savez(..., {key}=labels.astype(np.int64))"))
+        log.info("%s: labels array '%s' is %s holding whole numbers; converted to int64 class indices.",
+                 where, key, labels.dtype)
+        labels = labels.astype(np.int64)
+    elif kind == "b":
+        log.info("%s: labels array '%s' is boolean; read as class indices 0 and 1.", where, key)
+        labels = labels.astype(np.int64)
+    elif kind not in "iu":
+        raise DataError(
+            f"{where}: labels array '{key}' has dtype {labels.dtype}, but labels are integer class indices. "
+            f"Store them as integers, e.g. np.savez(..., {key}=labels.astype(np.int64))."
+        )
+    negative = labels < 0
+    if np.any(negative):
+        raise DataError(_label_msg(where, key, labels[negative], "class indices cannot be negative",
+                                   "Drop unlabelled samples (e.g. -1 for 'unknown') or map them to a class"))
+    return labels
+
+
 def open_dataset(
     path: str | Path,
     inputs: Sequence[TensorInfo],
@@ -367,7 +456,7 @@ def open_dataset(
         if info.name not in raw:
             raise DataError(_missing_msg(where, info.name, raw.keys()))
         arr = raw[info.name]
-        if max_samples is not None:
+        if max_samples is not None and arr.ndim > 0:  # a 0-d array is refused by _check_array, by its rank
             arr = arr.head(max_samples) if isinstance(arr, _NpyMember) else arr[:max_samples]
         arrays[info.name] = _check_array(where, info.name, arr, info, per_sample=False, check_finite=True)
     counts = {k: v.shape[0] for k, v in arrays.items()}
@@ -383,9 +472,7 @@ def open_dataset(
                 f"{where}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Set data.evaluation.labels "
                 f"to the name of the labels array, or remove it to evaluate without labels."
             )
-        labels = np.asarray(raw[labels_key])[: n if max_samples is None else max_samples].reshape(-1)
-        if labels.shape[0] != n:
-            raise DataError(f"{where}: {labels.shape[0]} labels for {n} samples. Give one label per sample.")
+        labels = _checked_labels(where, labels_key, _label_column(where, labels_key, raw[labels_key]), n, max_samples)
     digest = hashlib.sha256()
     digest.update(sha256_file(path).encode())
     digest.update(f"|max={max_samples}|labels={labels_key}".encode())
@@ -413,10 +500,11 @@ def _open_folder(
             raw = _load_npz(f)
             if labels_key not in raw:
                 raise DataError(f"{f}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Every sample file needs its label.")
-            labels.append(np.asarray(raw[labels_key]).reshape(-1)[:1])
+            labels.append(_one_label(f, labels_key, raw[labels_key]))
     digest.update(f"|max={max_samples}|labels={labels_key}".encode())
+    checked = _checked_labels(where, labels_key, np.concatenate(labels), len(samples), None) if labels else None
     return Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role, arrays=None,
-                   samples=samples, labels=np.concatenate(labels) if labels else None, fingerprint=digest.hexdigest())
+                   samples=samples, labels=checked, fingerprint=digest.hexdigest())
 
 
 def check_disjoint(a: Dataset, b: Dataset, limit: int = 4096) -> int:

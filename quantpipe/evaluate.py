@@ -35,6 +35,10 @@ def run_outputs(
         if output not in outs:
             raise EvaluationError(f"variant {runner.name} has no output '{output}' (outputs: {sorted(outs)}).")
         chunks.append(np.asarray(outs[output], dtype=np.float32))
+        if len(chunks) == 1 and _is_classifier(chunks[0]):
+            # Where the model leaves the class count dynamic, the first batch tells it: check the labels
+            # against it before anything is scored (a no-op when the load stage already could).
+            dataset.check_label_range(int(chunks[0].shape[1]), output)
         if on_batch is not None:
             on_batch(batch.size)
     shapes = {c.shape[1:] for c in chunks}
@@ -45,6 +49,11 @@ def run_outputs(
             f"(e.g. a pooled embedding or the logits)."
         )
     return np.concatenate(chunks, axis=0)
+
+
+def _is_classifier(out: np.ndarray) -> bool:
+    """[N, classes] with more than one class: what top-1/top-5 against labels are computed on."""
+    return out.ndim == 2 and out.shape[1] > 1
 
 
 def _finite(v: float) -> float | None:
@@ -63,7 +72,7 @@ def accuracy_metrics(
     `ref_labelled` holds the reference's own top1/top5 so drops can be recorded beside them.
     """
     res: dict[str, float | None] = {}
-    classify = out.ndim == 2 and out.shape[1] > 1
+    classify = _is_classifier(out)
     if labels is not None and classify and out.shape[0] == labels.shape[0]:
         if "top1" in wanted:
             res["top1"] = M.topk_accuracy(out, labels, 1)
@@ -144,4 +153,6 @@ def evaluate_variant(
     for bs in latency_batch_sizes:
         feeds = latency_feeds(dataset, bs)
         lat.append(latency_stats(runner.measure(feeds, warmup, iterations), bs, warmup))
-    return EvalResult(variant=runner.name, num_samples=dataset.num_samples, metrics=values, latency=tuple(lat)), out
+    classes = int(out.shape[1]) if _is_classifier(out) else None
+    return EvalResult(variant=runner.name, num_samples=dataset.num_samples, metrics=values, latency=tuple(lat),
+                      num_classes=classes), out

@@ -9,6 +9,10 @@ Rules that cannot be judged fail; they never pass silently. That covers a varian
 (top-1 without labels, latency with latency disabled, a batch size not measured), and a rule with
 `baseline: true` when no baseline run was given. Bounds are inclusive.
 
+Nothing is judged against nonsense labels: a reference whose top-1 on the labels is below chance (1 / classes)
+on a set large enough to tell (`REFERENCE_MIN_SAMPLES`, and at least one sample per class) fails the gate with
+its own outcome, and every rule on a label metric (top1, top5 and their drops) cannot be judged.
+
 Values are stored raw (fractions for accuracies, ms, samples/s, MB) in results.json and junit.xml;
 `format_value` is the one place that turns them into text (accuracies as percent, drops and changes
 of accuracies in percentage points).
@@ -33,6 +37,8 @@ __all__ = [
     "evaluate_gate",
     "format_value",
     "format_bounds",
+    "REFERENCE_MIN_SAMPLES",
+    "implausible_reference",
 ]
 
 ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error")
@@ -56,6 +62,12 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "size_mb": False,
 }
 """Which direction is an improvement (baseline comparison flags the other direction)."""
+
+LABEL_METRICS = ("top1", "top5", "top1_drop", "top5_drop")
+"""Metrics computed against the labels (meaningless when the reference shows the labels are)."""
+REFERENCE_MIN_SAMPLES = 30
+"""Labelled samples (and at least one per class) before a below-chance reference counts as implausible: with
+fewer, even a fair model can score below chance by luck (a 70% binary classifier on 30 samples: < 2%)."""
 
 _PERCENT = {"top1", "top5", "top1_agreement"}
 _POINTS = {"top1_drop", "top5_drop"}
@@ -212,6 +224,40 @@ def observe(
     return Observation(variant, metric, theirs.median_ms / mine.median_ms, batch_size=bs, vs=vs)
 
 
+def _below_chance(results: RunResults) -> tuple[float, float, int, int] | None:
+    """(top1, chance, samples, classes) of the reference when its top-1 is below chance on enough samples."""
+    ref = _find_eval(results, results.reference)
+    if ref is None or ref.skipped is not None or ref.num_classes is None or ref.num_classes < 2:
+        return None
+    top1 = ref.metrics.get("top1")
+    n, classes = ref.num_samples, ref.num_classes
+    chance = 1.0 / classes
+    if top1 is None or n < max(REFERENCE_MIN_SAMPLES, classes) or top1 >= chance:
+        return None
+    return float(top1), chance, n, classes
+
+
+def implausible_reference(results: RunResults) -> RuleOutcome | None:
+    """A failed outcome when the reference's top-1 is below chance on enough labelled samples, else None.
+
+    A trained FP32 model below chance means the labels do not index its output (floats, another class order,
+    another output); every accuracy and drop computed against them is then noise, so nothing may pass on them.
+    """
+    found = _below_chance(results)
+    if found is None:
+        return None
+    top1, chance, n, classes = found
+    allowed = format_bounds("top1", chance, None)
+    return RuleOutcome(
+        rule=f"{results.reference} top1 above chance", variant=results.reference, metric="top1", observed=top1,
+        allowed=allowed, passed=False,
+        message=(f"reference {results.reference} top1 = {format_value('top1', top1)} on {n} labelled samples, below "
+                 f"chance ({format_value('top1', chance)} for {classes} classes), so the labels do not index the "
+                 f"model's output: check the labels array (data.evaluation.labels), its class order and model.output; "
+                 f"allowed {allowed}: FAILED"),
+    )
+
+
 def _within(value: float, lo: float | None, hi: float | None) -> bool:
     if math.isnan(value):
         return False
@@ -224,6 +270,11 @@ def judge_rule(results: RunResults, rule: GateRule, baseline: RunResults | None 
     """Judge one rule; the outcome's message names variant, metric, observed and allowed values."""
     allowed = format_bounds(rule.metric, rule.min, rule.max, delta=rule.baseline)
     obs = observe(results, rule.variant, rule.metric, batch_size=rule.batch_size, vs=rule.vs)
+    below = _below_chance(results) if rule.metric in LABEL_METRICS else None
+    if below is not None:
+        obs = dataclasses.replace(obs, value=None, reason=(
+            f"the reference {results.reference} scores top1 {format_value('top1', below[0])}, below chance "
+            f"({format_value('top1', below[1])}), so the labels do not index the model's output"))
     what = f"{rule.variant} {rule.metric}{obs.context}"
     value = obs.value
     if rule.baseline:
@@ -258,8 +309,12 @@ def judge_rule(results: RunResults, rule: GateRule, baseline: RunResults | None 
 
 
 def evaluate_gate(results: RunResults, rules: Sequence[GateRule], baseline: RunResults | None = None) -> GateDecision:
-    """Judge every rule; the gate passes only when all of them pass (no rules: it passes)."""
-    outcomes = tuple(judge_rule(results, r, baseline) for r in rules)
+    """Judge every rule; the gate passes only when all of them pass (no rules: it passes).
+
+    An implausible reference (see `implausible_reference`) adds a failed outcome of its own, first.
+    """
+    bad_ref = implausible_reference(results)
+    outcomes = ((bad_ref,) if bad_ref is not None else ()) + tuple(judge_rule(results, r, baseline) for r in rules)
     return GateDecision(passed=all(o.passed for o in outcomes), outcomes=outcomes)
 
 

@@ -46,11 +46,16 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     d = cfg.data
     calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration")
     ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples, role="evaluation")
+    classes = _static_classes(spec, output)
+    if classes is not None:
+        ev.check_label_range(classes, output)  # else: evaluate checks once the first batch shows the class count
     _warn_overlap(calib, ev)
     val = None
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
                            max_samples=d.validation.max_samples, role="validation")
+        if classes is not None:
+            val.check_label_range(classes, output)
         _warn_overlap(val, ev)
     return LoadedInputs(spec, inputs, output, calib, ev, val)
 
@@ -63,3 +68,12 @@ def _warn_overlap(chooser: Dataset, ev: Dataset) -> None:
             "%d evaluation sample(s) also appear in the %s data; accuracy on them is optimistic. "
             "Use disjoint splits.", overlap, chooser.role
         )
+
+
+def _static_classes(spec: ModelSpec, output: str) -> int | None:
+    """The class count of a classifier output [N, classes] when the model declares it (None if dynamic or not one)."""
+    info = next(o for o in spec.outputs if o.name == output)
+    if len(info.shape) != 2:
+        return None
+    last = info.shape[-1]
+    return last if isinstance(last, int) and last > 1 else None

@@ -149,7 +149,10 @@ def amax_to_scale(amax: float) -> float:
     a = float(amax)
     if not math.isfinite(a):
         raise CalibrationError(f"amax {amax!r} is not finite; a TensorRT scale must be a positive finite float32.")
-    return float(np.float32(max(a, MIN_AMAX) / INT8_MAX))
+    scale = max(a, MIN_AMAX) / INT8_MAX
+    if scale > float(np.finfo(np.float32).max):  # float32 would round it to inf, which TensorRT cannot use
+        raise CalibrationError(f"amax {amax!r} is beyond the float32 range; a TensorRT scale must be a positive finite float32.")
+    return float(np.float32(scale))
 
 
 def scale_to_hex(scale: float) -> str:
@@ -192,7 +195,7 @@ def read_trt_cache(path: str | os.PathLike[str]) -> TrtCache:
         raise CalibrationError(f"calibration cache {p} does not exist; run `quantpipe calibrate` to create it.") from err
     except (OSError, UnicodeDecodeError) as err:
         raise CalibrationError(f"calibration cache {p} cannot be read as text ({err}).") from err
-    lines = text.splitlines()
+    lines = text.split("\n")  # as TensorRT reads it: a tensor name may hold any other line separator (U+2028 ...)
     header = lines[0].strip() if lines else ""
     m = _HEADER_RE.match(header)
     if m is None:
@@ -208,7 +211,13 @@ def read_trt_cache(path: str | os.PathLike[str]) -> TrtCache:
         lm = _LINE_RE.match(line)
         if lm is None:
             raise CalibrationError(f"{p}, line {number}: {line[:80]!r} is not 'tensor: <hex float32 scale>'.")
-        scales[lm.group(1)] = _hex_to_scale(lm.group(2))
+        scale = _hex_to_scale(lm.group(2))
+        if not (math.isfinite(scale) and scale >= 0):
+            raise CalibrationError(
+                f"{p}, line {number}: tensor {lm.group(1)[:80]!r} has scale {scale!r}; a calibration scale is a finite "
+                f"float32 >= 0. The cache is damaged: delete it to recalibrate."
+            )
+        scales[lm.group(1)] = scale
     return TrtCache(header=header, trt_version=decode_trt_version(m.group(1)), algorithm=m.group(2), scales=scales)
 
 

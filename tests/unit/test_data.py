@@ -107,3 +107,100 @@ def test_overlap_detection(tmp_path: Path) -> None:
     a = open_dataset(_npz(tmp_path / "a.npz", input=x[:4]), IMG)
     b = open_dataset(_npz(tmp_path / "b.npz", input=x[2:]), IMG)
     assert check_disjoint(a, b) == 2
+
+
+# --------------------------------------------------------------------------- labels are data (issue 14)
+
+def _labelled(tmp_path: Path, labels: np.ndarray, n: int = 6) -> Path:
+    return _npz(tmp_path / "d.npz", input=np.zeros((n, 1, 4, 4), np.float32), label=labels)
+
+
+@pytest.mark.parametrize(
+    ("labels", "pattern"),
+    [
+        (np.arange(6) + 0.5, r"labels array 'label' holds 6 invalid label\(s\) \(e\.g\. 0\.5, 1\.5, 2\.5, 3\.5, 4\.5\); "
+                             r"labels are float64 and these are not whole numbers\. .*astype\(np\.int64\)"),
+        (np.array([0, 1, np.nan, 3, 4, np.inf]), r"holds 2 invalid label\(s\) \(e\.g\. inf, nan\)"),
+        (np.array([0, -1, 2, -1, 4, 5]), r"holds 2 invalid label\(s\) \(e\.g\. -1\); class indices cannot be negative"),
+        (np.array([1e300] * 6), r"not whole numbers"),  # integral but not exactly representable as an index
+        (np.array(["a"] * 6), r"dtype <U1, but labels are integer class indices"),
+        (np.arange(5), r"holds 5 labels for 6 samples"),
+        (np.arange(7), r"holds 7 labels for 6 samples"),  # was truncated silently
+        (np.eye(6, 3), r"shape \[6, 3\].*labels\.argmax\(axis=1\)"),
+        (np.int64(3), r"shape \[\].*one value per sample"),  # was an IndexError
+    ],
+)
+def test_bad_labels_are_data_errors(tmp_path: Path, labels: np.ndarray, pattern: str) -> None:
+    with pytest.raises(DataError, match=pattern):
+        open_dataset(_labelled(tmp_path, labels), IMG, labels_key="label", role="evaluation")
+
+
+def test_integral_float_and_bool_labels_are_converted_with_a_note(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="quantpipe.data")
+    ds = open_dataset(_labelled(tmp_path, np.arange(6, dtype=np.float32)), IMG, labels_key="label")
+    assert ds.labels is not None and ds.labels.dtype == np.int64 and list(ds.labels) == list(range(6))
+    assert "converted to int64" in caplog.text
+    ds = open_dataset(_labelled(tmp_path, np.array([True, False] * 3)), IMG, labels_key="label")
+    assert ds.labels is not None and list(ds.labels) == [1, 0] * 3
+
+
+def test_labels_column_shape_n_by_1_is_accepted(tmp_path: Path) -> None:
+    ds = open_dataset(_labelled(tmp_path, np.arange(6).reshape(6, 1)), IMG, labels_key="label")
+    assert ds.labels is not None and list(ds.labels) == list(range(6))
+
+
+def test_label_range_is_checked_against_the_class_count(tmp_path: Path) -> None:
+    ds = open_dataset(_labelled(tmp_path, np.array([0, 57, 9, 10, 57, 3])), IMG, labels_key="label", role="evaluation")
+    ds.check_label_range(60, "logits")
+    with pytest.raises(DataError, match=r"'label' holds 3 invalid label\(s\) \(e\.g\. 10, 57\); class indices must be "
+                                        r"in \[0, 10\): output 'logits' has 10 classes\. .*0\.\.9"):
+        ds.check_label_range(10, "logits")
+
+
+def test_folder_needs_exactly_one_label_per_file(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i in range(3):
+        np.savez(folder / f"{i}.npz", input=np.zeros((1, 4, 4), np.float32), label=np.arange(i))  # 0, 1, 2 values
+    with pytest.raises(DataError, match=r"0\.npz: labels array 'label' holds 0 values"):
+        open_dataset(folder, IMG, labels_key="label")  # was: fewer labels than samples, silently
+
+
+def test_folder_labels_are_validated(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i in range(3):
+        np.savez(folder / f"{i}.npz", input=np.zeros((1, 4, 4), np.float32), label=np.array([i + 0.5]))
+    with pytest.raises(DataError, match=r"data folder .*'label' holds 3 invalid label\(s\)"):
+        open_dataset(folder, IMG, labels_key="label")
+
+
+# --------------------------------------------------------------------------- found by the property tests
+
+def test_damaged_compressed_npz_is_a_data_error(tmp_path: Path) -> None:
+    p = tmp_path / "d.npz"
+    np.savez_compressed(p, input=np.zeros((2, 1, 4, 4), np.float32), label=np.arange(2))
+    data = bytearray(p.read_bytes())
+    # The first local header's extra-field length: the deflate stream is read from the wrong offset, and
+    # zipfile raises zlib.error, which was uncaught.
+    data[28] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="is not a readable .npz archive"):
+        open_dataset(p, IMG, labels_key="label")
+
+
+def test_zip_with_unknown_flags_is_a_data_error(tmp_path: Path) -> None:
+    p = tmp_path / "d.npz"
+    np.savez(p, input=np.zeros((2, 1, 4, 4), np.float32))
+    data = bytearray(p.read_bytes())
+    data[6] |= 0x20  # local header flag bit 5 ("compressed patched data"): NotImplementedError, was uncaught
+    data[data.rindex(b"PK\x01\x02") + 8] |= 0x20
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="is not a readable .npz archive"):
+        open_dataset(p, IMG)
+
+
+def test_scalar_input_with_max_samples_is_a_data_error(tmp_path: Path) -> None:
+    p = _npz(tmp_path / "d.npz", input=np.float32(0))  # was an IndexError from arr[:max_samples]
+    with pytest.raises(DataError, match="rank 4"):
+        open_dataset(p, IMG, max_samples=1)

@@ -227,3 +227,49 @@ def test_format_value_units() -> None:
     assert format_value("cosine", None) == "n/a"
     assert format_bounds("top1_drop", None, 0.01) == "<= 1 pt"
     assert format_bounds("top1", -0.002, None, delta=True) == ">= -0.2 pt"
+
+
+# --------------------------------------------------------------------------- an implausible reference (issue 14)
+
+def _with_reference(results: RunResults, top1: float, *, n: int = 400, classes: int | None = 10) -> RunResults:
+    evals = tuple(dataclasses.replace(e, num_samples=n, num_classes=classes, metrics={**e.metrics, "top1": top1})
+                  if e.variant == results.reference else e for e in results.evaluations)
+    return dataclasses.replace(results, evaluations=evals)
+
+
+def test_below_chance_reference_fails_the_gate_and_every_label_rule(results: RunResults) -> None:
+    r = with_top1(_with_reference(results, 0.0), "ort-int8", 0.0)  # float labels: 0% everywhere, drop 0 pt
+    rules = [rule(variant="ort-int8", metric="top1_drop", max=0.01), rule(variant="ort-int8", metric="top1_agreement", min=0.9)]
+    d = evaluate_gate(r, rules)
+    assert not d.passed
+    first, drop, agree = d.outcomes
+    assert not first.passed and first.variant == "ort-fp32" and first.observed == 0.0
+    assert "reference ort-fp32 top1 = 0.00% on 400 labelled samples, below chance (10.00% for 10 classes)" in first.message
+    assert "data.evaluation.labels" in first.message
+    assert not drop.passed and "cannot be judged" in drop.message and "below chance (10.00%)" in drop.message
+    assert agree.passed  # agreement with the reference's outputs does not use the labels
+
+
+@pytest.mark.parametrize(
+    ("top1", "n", "classes"),
+    [
+        (0.10, 400, 10),   # at chance: not below it
+        (0.0, 29, 10),     # too few samples to tell
+        (0.0, 500, 1000),  # fewer samples than classes: a fair model may miss them all
+        (0.0, 400, None),  # not a classifier output
+        (0.99, 400, 10),   # the bundled example
+    ],
+)
+def test_reference_check_needs_evidence(results: RunResults, top1: float, n: int, classes: int | None) -> None:
+    r = _with_reference(results, top1, n=n, classes=classes)
+    d = evaluate_gate(r, [rule(variant="ort-fp32", metric="top1", min=0.0)])
+    assert len(d.outcomes) == 1 and d.passed
+
+
+def test_results_json_without_num_classes_still_loads(results: RunResults) -> None:
+    from quantpipe.artifacts import from_jsonable
+
+    data = to_jsonable(results)
+    for e in data["evaluations"]:
+        e.pop("num_classes", None)
+    assert evaluate_gate(from_jsonable(RunResults, data), []).passed

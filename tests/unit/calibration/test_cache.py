@@ -206,3 +206,24 @@ def test_failed_calibration_leaves_no_files(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(KeyboardInterrupt):
         save_histograms(tmp_path / "h.npz", {"t": StreamingHistogram()}, {"t": "activation"})
     assert list(tmp_path.glob("*h.npz*")) == []
+
+
+# --------------------------------------------------------------------------- found by the property tests
+
+@pytest.mark.parametrize("hex_scale", ["7fc00000", "7f800000", "bf800000"])  # NaN, +inf, -1.0
+def test_unusable_scales_are_refused(tmp_path: Path, hex_scale: str) -> None:
+    p = tmp_path / "x.cache"
+    p.write_text(f"TRT-101300-EntropyCalibration2\nconv1: {hex_scale}\n")
+    with pytest.raises(CalibrationError, match=r"line 2: tensor 'conv1' has scale .* a calibration scale is a finite"):
+        read_trt_cache(p)
+
+
+def test_amax_beyond_float32_is_refused_not_written_as_inf(tmp_path: Path) -> None:
+    with pytest.raises(CalibrationError, match="beyond the float32 range"):
+        write_trt_cache(tmp_path / "x.cache", {"t": 1e300}, method="entropy")
+
+
+def test_tensor_names_with_unicode_line_separators_round_trip(tmp_path: Path) -> None:
+    names = {"a\u2028b": 1.0, "c\x85d": 2.0, "e\x0cf": 3.0}  # str.splitlines() split these lines apart
+    cache = read_trt_cache(write_trt_cache(tmp_path / "x.cache", names, method="entropy"))
+    assert list(cache.scales) == list(names)

@@ -1,0 +1,52 @@
+"""The evaluate stage: labels checked against the class count the outputs show, before anything is scored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantpipe.artifacts import TensorInfo
+from quantpipe.data import open_dataset
+from quantpipe.errors import DataError
+from quantpipe.evaluate import evaluate_variant, run_outputs
+
+IMG = (TensorInfo("input", "float32", ("batch", 2)),)
+
+
+class _Classifier:
+    """A runner whose output has `classes` columns (a model with a dynamic class dimension)."""
+
+    name = "fake"
+
+    def __init__(self, classes: int) -> None:
+        self.classes = classes
+        self.batches = 0
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches += 1
+        n = feeds["input"].shape[0]
+        return {"logits": np.eye(n, self.classes, dtype=np.float32)}
+
+
+def _data(tmp_path: Path, labels: np.ndarray) -> Path:
+    p = tmp_path / "eval.npz"
+    np.savez(p, input=np.zeros((len(labels), 2), np.float32), label=labels)
+    return p
+
+
+def test_labels_beyond_the_class_count_stop_after_the_first_batch(tmp_path: Path) -> None:
+    ds = open_dataset(_data(tmp_path, np.array([0, 1, 2, 57] * 8)), IMG, labels_key="label", role="evaluation")
+    runner = _Classifier(10)
+    with pytest.raises(DataError, match=r"'label' holds 8 invalid label\(s\) \(e\.g\. 57\); class indices must be in "
+                                        r"\[0, 10\): output 'logits' has 10 classes"):
+        run_outputs(runner, ds, "logits", 4)  # type: ignore[arg-type]
+    assert runner.batches == 1
+
+
+def test_the_class_count_is_recorded_for_the_gate(tmp_path: Path) -> None:
+    ds = open_dataset(_data(tmp_path, np.arange(8) % 3), IMG, labels_key="label", role="evaluation")
+    res, _ = evaluate_variant(_Classifier(3), ds, output="logits", batch_size=4, metrics=["top1"],  # type: ignore[arg-type]
+                              reference=None, ref_labelled=None)
+    assert res.num_classes == 3 and res.metrics["top1"] == pytest.approx(4 / 8)
