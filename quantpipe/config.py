@@ -424,10 +424,22 @@ def _first_model(ann: Any) -> type[BaseModel] | None:
     return None
 
 
+_BRANCH_TAG = re.compile(r"^(literal|function-(after|before|wrap|plain)|dict|list|union|tagged-union)\[.*\]$")
+
+
+def _is_branch_tag(part: Any) -> bool:
+    """A location element pydantic adds for a union / validator branch, not a key of pipeline.yaml."""
+    return isinstance(part, str) and bool(_BRANCH_TAG.match(part))
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal"))))
+        # Drop pydantic's own branch tags (`literal['auto','off']`, `function-after[...]`); an unknown key is
+        # the last element and is the user's, whatever it is called.
+        raw = tuple(e["loc"])
+        keep_last = e["type"] == "extra_forbidden"
+        loc = tuple(p for i, p in enumerate(raw) if (keep_last and i == len(raw) - 1) or not _is_branch_tag(p))
         where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(top level)"
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])

@@ -165,3 +165,15 @@ def test_quantize_section_maps_onto_quantize_options() -> None:
 def test_unknown_weight_rounding_names_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"build.quantize.weight_rounding.*'nearest' or 'gptq'.*got 'adaround'"):
         parse_config({**MINIMAL, "build": {"quantize": {"weight_rounding": "adaround"}}})
+
+
+def test_unknown_key_named_like_a_pydantic_tag_is_reported() -> None:
+    # A user key called `literal` was filtered out with pydantic's `literal[...]` branch tags: IndexError.
+    with pytest.raises(ConfigError, match="unknown key 'literal'"):
+        parse_config({**MINIMAL, "literal": None})
+
+
+@pytest.mark.parametrize("key", ["literal[", "literal['a']", "function-after[x]"])
+def test_unknown_key_that_looks_like_a_branch_tag_is_reported(key: str) -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config({**MINIMAL, key: None})
