@@ -343,6 +343,10 @@ def _precision_lines(info: Any) -> list[str]:
     lines.append(f"casts: {', '.join(casts) if casts else 'none'}")
     meta = ", ".join(f"{k} ({v})" for k, v in info.quantpipe_metadata.items())
     lines.append(f"quantpipe metadata: {meta}" if meta else "quantpipe metadata: none")
+    if q.quantize or q.dequantize:
+        from quantpipe.modelinfo import int8_run_lines
+
+        lines.extend(int8_run_lines())
     return lines
 
 

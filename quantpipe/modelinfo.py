@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "describe_precision"]
+from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
+
+__all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "describe_precision", "int8_run_lines"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "other")
 """The columns of `ModelPrecision.by_op`, in display order."""
@@ -199,4 +201,21 @@ def describe_precision(model: Any) -> ModelPrecision:
         qdq=_qdq_summary(model, constants),
         casts_to_fp16=casts["fp16"], casts_to_fp32=casts["fp32"], casts_other=casts["other"],
         quantpipe_metadata=_metadata(model),
+    )
+
+
+def int8_run_lines() -> tuple[str, str]:
+    """What a Q/DQ INT8 model is for, and the ONNX Runtime settings that reproduce quantpipe's numbers.
+
+    For whoever takes the file elsewhere: in ONNX Runtime's default CPU session the same model computes
+    something else on CPUs without VNNI (uint8 kernels whose VPMADDUBSW saturates; see ortsession.py).
+    """
+    config = ", ".join(f"{k}={v}" for k, v in ORT_INT8_SESSION_CONFIG.items())
+    return (
+        "Made for TensorRT: explicit quantization, the Q/DQ scales are the INT8 scales (TensorRT 8.6-10: build "
+        "with the INT8 flag, trtexec --int8; 11: as is); no calibrator, no cache.",
+        f"On ONNX Runtime CPU set the session config entry {config}: quantpipe's evaluation runs so, at the "
+        "default graph optimizations; with optimizations off (ORT_DISABLE_ALL) the Q/DQ arithmetic is exact, "
+        "as quantpipe's quantizer measures it. Without it, ONNX Runtime runs uint8 kernels that saturate on "
+        "CPUs without VNNI, and the model computes something else.",
     )

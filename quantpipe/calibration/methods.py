@@ -75,43 +75,57 @@ def entropy_amax(
 ) -> float:
     """TensorRT's IInt8EntropyCalibrator2 threshold: the one minimising KL(P || Q).
 
-    Source: Szymon Migacz, "8-bit Inference with TensorRT", GTC 2017; the details below follow the
-    reimplementations in NVIDIA pytorch-quantization and Model Optimizer (`HistogramCalibrator`).
+    Source: Szymon Migacz, "8-bit Inference with TensorRT", GTC 2017 (the calibration pseudo-code); where
+    the talk leaves a choice, NVIDIA's reimplementation of the same calibrator (pytorch-quantization and
+    Model Optimizer, `HistogramCalibrator` method "entropy").
 
-    On the histogram of |x| (2048 bins up to absmax), with bin 0's count replaced by bin 1's (so the
-    exact zeros a ReLU produces do not dominate P), for every candidate i from `start_bin` (128) to the
-    number of bins:
+    On the histogram of |x| (2048 bins whose grid covers absmax, the last ones possibly empty), with bin
+    0's count replaced by bin 1's (so the exact zeros a ReLU produces do not dominate P), for every
+    candidate i from `start_bin` (128) to the number of bins, empty tail bins included:
 
     - P, the reference: bins 0..i-1, with the count of every bin >= i (the clipped outliers) added to
       bin i-1;
-    - Q, the candidate: bins 0..i-1 merged into `quant_bins` (128) groups (bin j in group floor(128 j / i)),
-      each group's count spread evenly over its non-empty bins (empty bins stay empty);
+    - Q, the candidate: bins 0..i-1 merged into `quant_bins` (128) levels (bin j in level floor(128 j / i)),
+      each level's count spread evenly over its non-empty bins (empty bins stay empty);
     - KL(P || Q) over the normalised P and Q (infinite when P has mass where Q has none, i.e. when bin
       i-1 is empty but outliers were folded into it).
 
-    The smallest divergence wins (the largest i among equal ones, like the reference code); amax is the
-    right edge of bin i-1, i.e. i * bin_width (capped at absmax). Candidates stop at the last non-empty
-    bin: the histogram's grid may extend a little beyond absmax (see histogram.py), and empty bins
-    past the data would tie with it.
-
-    Vectorised over all candidates at once: with prefix sums C (counts), N (non-empty bins) and
-    H (count * log count), every group's sum S_g and non-empty count n_g is a difference of prefix sums,
-    and KL = [sum P log P - sum_g S_g log(S_g / n_g) - outliers * log Q_{i-1}] / T - log T + log C_i,
-    where T is the total count. About 5 ms for 2048 bins (the reference loop takes seconds).
+    The smallest divergence wins (on equal ones, within 1e-12, the largest i, like the reference code);
+    amax is the right edge of bin i-1, i * bin_width, capped at absmax. Candidates run past the data into
+    the empty tail bins, as published: TensorRT grows its histogram range by powers of two, so its final
+    histogram ends in empty bins. A longer P regroups the bins into wider levels, so those KLs differ from
+    the last non-empty bin's; when one wins, amax is absmax. The result thus depends on the grid's empty
+    tail (0 to 128 bins here, histogram.py): it equals TensorRT's only as far as the histograms are equal.
+    tests/unit/calibration/test_entropy_reference.py checks it against an independent implementation.
 
     The KL curve can have near-equal minima far apart (sparse tails): the smallest change to the
     histogram (other data, another device's rounding) can move the threshold by many bins. That is a
     property of the method, which is why the histogram itself is exact and batch-independent here.
     """
     b = _binned(hist)
-    n = b.used_bins
-    if b.absmax <= 0.0 or n < 2:
+    if b.absmax <= 0.0 or b.used_bins < 2:
         return float(max(b.absmax, 0.0))
-    counts = b.counts[:n].astype(np.float64)
+    counts = b.counts.astype(np.float64)
     counts[0] = counts[1]
+    cand = np.arange(min(start_bin, counts.size), counts.size + 1, dtype=np.int64)
+    kl = _entropy_divergences(counts, cand, quant_bins)
+    if not np.isfinite(kl).any():
+        return float(b.absmax)
+    best = float(np.min(kl))
+    ties = np.nonzero(kl <= best + _TIE_RTOL * max(1.0, abs(best)))[0]
+    i = int(cand[ties[-1]])
+    return float(min(i * b.bin_width, b.absmax))
+
+
+def _entropy_divergences(counts: np.ndarray, cand: np.ndarray, quant_bins: int) -> np.ndarray:
+    """KL(P || Q) of `entropy_amax` for every candidate i in `cand` (inf where undefined).
+
+    Vectorised over all candidates at once: with prefix sums C (counts), N (non-empty bins) and
+    H (count * log count), every level's sum S_g and non-empty count n_g is a difference of prefix sums,
+    and KL = [sum P log P - sum_g S_g log(S_g / n_g) - outliers * log Q_{i-1}] / T - log T + log C_i,
+    where T is the total count. 5-10 ms for 2048 bins on 2 cores (a loop over candidates: 0.1 s).
+    """
     total = float(counts.sum())
-    first = min(start_bin, n)
-    cand = np.arange(first, n + 1, dtype=np.int64)
     cum = np.concatenate(([0.0], np.cumsum(counts)))
     nonzero = np.concatenate(([0], np.cumsum(counts > 0)))
     plogp_prefix = np.concatenate(([0.0], np.cumsum(_xlogx(counts))))
@@ -141,12 +155,7 @@ def entropy_amax(
         kl = (plogp - plogq) / total - math.log(total) + np.log(np.where(z > 0, z, 1.0))
     kl[(outliers > 0) & (last <= 0)] = np.inf
     kl[z <= 0] = np.inf
-    if not np.isfinite(kl).any():
-        return float(b.absmax)
-    best = float(np.min(kl))
-    ties = np.nonzero(kl <= best + _TIE_RTOL * max(1.0, abs(best)))[0]
-    i = int(cand[ties[-1]])
-    return float(min(i * b.bin_width, b.absmax))
+    return kl
 
 
 # ------------------------------------------------------------------------------------ minmax, percentile

@@ -419,6 +419,9 @@ def _int8_build_lines(results: RunResults) -> list[str]:
         lines.append(f"INT8 scales and the choices above made on: calibration data ({b['calibration_samples']} "
                      "samples); judged on: evaluation data"
                      + (f" ({judged} samples)" if judged is not None else "") + ".")
+    from quantpipe.modelinfo import int8_run_lines  # onnx: only for a run with an INT8 model
+
+    lines.append(" ".join(int8_run_lines()))
     return lines
 
 

@@ -105,6 +105,14 @@ def test_report_says_how_the_int8_model_was_built(example_run: tuple[int, Path, 
     assert "How the INT8 model was built" in (run_dir / "report.html").read_text()
 
 
+def test_report_says_how_to_run_the_int8_model_faithfully(example_run: tuple[int, Path, Path]) -> None:
+    _, run_dir, _ = example_run
+    for name in ("report.md", "report.html"):
+        text = " ".join((run_dir / name).read_text().split())
+        assert "Made for TensorRT: explicit quantization" in text, name
+        assert "set the session config entry session.qdqisint8allowed=1" in text, name
+
+
 def test_rerun_reuses_calibration_and_models(example_run: tuple[int, Path, Path], capsys: pytest.CaptureFixture) -> None:
     _, _, cfg = example_run
     code = main(["build", str(cfg)])

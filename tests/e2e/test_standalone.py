@@ -102,6 +102,15 @@ def test_inspect_describes_the_int8_model(shipped_models: dict[str, Path], capsy
     assert "casts: none" in out
 
 
+def test_inspect_says_how_to_run_the_int8_model_faithfully(shipped_models: dict[str, Path],
+                                                          capsys: pytest.CaptureFixture) -> None:
+    out = _inspect(shipped_models["int8"], capsys)
+    assert "Made for TensorRT: explicit quantization" in out
+    assert "On ONNX Runtime CPU set the session config entry session.qdqisint8allowed=1" in out
+    assert "optimizations off (ORT_DISABLE_ALL) the Q/DQ arithmetic is exact" in out
+    assert "Made for TensorRT" not in _inspect(shipped_models["fp16"], capsys)
+
+
 def test_inspect_describes_the_fp16_model(shipped_models: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     out = _inspect(shipped_models["fp16"], capsys)
     assert "precision: fp16 · compute nodes: 20 fp16" in out

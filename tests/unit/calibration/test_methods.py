@@ -1,4 +1,5 @@
-"""Calibration methods against independent implementations written here from their descriptions."""
+"""Calibration methods against independent implementations written here from their descriptions (entropy:
+test_entropy_reference.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from quantpipe.calibration.histogram import BinnedHistogram, StreamingHistogram
+from quantpipe.calibration.histogram import StreamingHistogram
 from quantpipe.calibration.methods import (
     BASE_METHODS,
     METHODS,
@@ -24,75 +25,8 @@ RNG = np.random.default_rng(7)
 N = 60000
 
 
-def _reference_entropy(counts: np.ndarray, bin_width: float, absmax: float) -> float:
-    """TensorRT's IInt8EntropyCalibrator2 rule (GTC 2017 "8-bit Inference with TensorRT"), one candidate at a
-    time: P = first i bins with the outliers folded into bin i-1; Q = those bins merged into 128 levels
-    (bin j goes to the level whose slice of linspace(0, i, 129) holds j) and spread back over the
-    non-empty bins; smallest KL(P||Q) wins (the last one on ties); the threshold is bin i-1's right
-    edge. Bin 0 takes bin 1's count; candidates stop at the last non-empty bin."""
-    used = int(np.flatnonzero(counts)[-1]) + 1
-    bins = counts[:used].astype(np.float64)
-    bins[0] = bins[1]
-    best, best_i = math.inf, used
-    for i in range(min(128, used), used + 1):
-        p = bins[:i].copy()
-        p[i - 1] += bins[i:].sum()
-        level = np.digitize(np.arange(i), np.linspace(0, i, 129)) - 1
-        nonempty = bins[:i] > 0
-        level_sum = np.bincount(level, weights=bins[:i], minlength=128)
-        level_nonempty = np.bincount(level, weights=nonempty, minlength=128)
-        q = np.where(nonempty, level_sum[level] / np.maximum(level_nonempty[level], 1), 0.0)
-        if q.sum() == 0:
-            continue
-        p, q = p / p.sum(), q / q.sum()
-        if np.any((p > 0) & (q == 0)):
-            kl = math.inf
-        else:
-            m = p > 0
-            kl = float(np.sum(p[m] * np.log(p[m] / q[m])))
-        if kl <= best:
-            best, best_i = kl, i
-    return min(best_i * bin_width, absmax)
-
-
-def _trt_grid(x: np.ndarray) -> BinnedHistogram:
-    """2048 bins over [0, absmax] exactly (TensorRT's own grid)."""
-    a = float(np.abs(x).max())
-    counts, _ = np.histogram(np.abs(x.astype(np.float64)), bins=2048, range=(0.0, a))
-    return BinnedHistogram(counts, a / 2048, a, x.size)
-
-
-def _quantpipe_grid(x: np.ndarray) -> BinnedHistogram:
-    """The grid the streaming histogram uses (histogram.py docstring), computed here from scratch."""
-    a = float(np.abs(x).max())
-    fine_width = 2.0 ** math.frexp(a)[1] / 65536
-    q = math.ceil(a / (2048 * fine_width))
-    counts, _ = np.histogram(np.abs(x.astype(np.float64)), bins=2048, range=(0.0, 2048 * q * fine_width))
-    return BinnedHistogram(counts, q * fine_width, a, x.size)
-
-
-DISTRIBUTIONS = {
-    "gaussian": lambda: RNG.standard_normal(N),
-    "laplace": lambda: RNG.laplace(size=N),
-    "heavy_tailed_outliers": lambda: np.concatenate([RNG.standard_t(4, size=N), RNG.standard_normal(15) * 60]),
-    "relu_clipped": lambda: np.maximum(RNG.standard_normal(N) + 0.3, 0.0),
-    "sparse": lambda: np.where(RNG.random(N) < 0.03, RNG.standard_normal(N) * 3, 0.0),
-    "constant": lambda: np.full(N // 10, -2.5),
-}
-
-
-@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
-def test_entropy_matches_independent_implementation(name: str) -> None:
-    x = DISTRIBUTIONS[name]().astype(np.float32)
-    h = StreamingHistogram()
-    for part in np.array_split(x, 5):
-        h.update(part)
-    grid = _quantpipe_grid(x)
-    expected = _reference_entropy(grid.counts, grid.bin_width, grid.absmax)
-    assert abs(entropy_amax(h) - expected) <= grid.bin_width  # production: streaming histogram -> KL search
-    # The KL search alone, on TensorRT's exact [0, absmax] grid.
-    trt = _trt_grid(x)
-    assert abs(entropy_amax(trt) - _reference_entropy(trt.counts, trt.bin_width, trt.absmax)) <= trt.bin_width
+# The entropy search against an independent implementation of the published algorithm:
+# test_entropy_reference.py.
 
 
 def test_all_zero_tensor_gives_zero_for_every_method() -> None:
