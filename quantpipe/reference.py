@@ -15,6 +15,7 @@ from quantpipe import metrics as M
 from quantpipe.errors import ConfigError, EvaluationError
 from quantpipe.onnxgraph import load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
+from quantpipe.quantize.build import prepare_opset
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.write import with_calibration_data
 
@@ -47,6 +48,10 @@ def prepare_reference(
     calibration_data: Any | None,
 ) -> Reference:
     model = load_onnx(model_path)
+    name_nodes(model.graph)
+    # The reference graph is instrumented with the Q/DQ model's nodes (per-layer sensitivity): bring it to the
+    # opset the quantizer writes (DequantizeLinear's `axis` needs 13), as build_qdq_model does.
+    model, _, _, _ = prepare_opset(model, options.per_channel)
     name_nodes(model.graph)
     if calibration_data is not None:
         options = with_calibration_data(model, options, calibration_data, batch_size=batch_size, amax=amax)

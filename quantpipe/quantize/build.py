@@ -22,12 +22,12 @@ from quantpipe.quantize.rewrites.smooth import smooth_inputs
 from quantpipe.quantize.rewrites.split import split_activations
 from quantpipe.quantize.types import QuantizeReport
 
-__all__ = ["build_qdq_model", "quantize_model"]
+__all__ = ["build_qdq_model", "prepare_opset", "quantize_model"]
 
 log = logging.getLogger(__name__)
 
 
-def _prepare_opset(model: Any, per_channel: bool) -> tuple[Any, int, bool, list[str]]:
+def prepare_opset(model: Any, per_channel: bool) -> tuple[Any, int, bool, list[str]]:
     """Bring the model to opset >= 13 where possible; returns (model, opset, per_channel, warnings)."""
     import onnx
     from onnx import version_converter
@@ -79,7 +79,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
                          f"FP32 models. Pass the original FP32 export.")
     name_nodes(m.graph)
     opset_before = opset_of(m)
-    m, opset_after, per_channel, warnings = _prepare_opset(m, options.per_channel)
+    m, opset_after, per_channel, warnings = prepare_opset(m, options.per_channel)
     name_nodes(m.graph)
     g = Graph(m.graph)
     amax_all = dict(amax)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from quantpipe.int8 import INT8_MAX
-from quantpipe.onnxgraph import attr, expose_outputs
+from quantpipe.onnxgraph import Graph, attr, expose_outputs
 from quantpipe.ortsession import fp32_batches, ort_session
 from quantpipe.quantize.weights import WeightCodes, quantize_weight, weight_fingerprint
 
@@ -126,21 +126,22 @@ class _Layer:
 
 
 def _layers(model: Any, per_channel: bool, nodes: set[str] | None) -> list[_Layer]:
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
+    """The weighted nodes GPTQ can fit: a constant weight (initializer or Constant node, as the Q/DQ writer sees
+    it; Paddle exports keep every weight in a Constant node) read by this node alone, on an activation input."""
+    g = Graph(model.graph)
     readers: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
     out: list[_Layer] = []
     for n in model.graph.node:
-        if len(n.input) < 2 or n.input[1] not in inits or n.input[0] in inits or readers.get(n.input[1], 0) != 1:
+        if len(n.input) < 2 or not g.is_constant(n.input[1]) or g.is_constant(n.input[0]) \
+                or readers.get(n.input[1], 0) != 1:
             continue
         if nodes is not None and n.name not in nodes:
             continue
-        w = numpy_helper.to_array(inits[n.input[1]])
-        if w.dtype != np.float32 or w.size == 0:
+        w = g.value(n.input[1])
+        if w is None or w.dtype != np.float32 or w.size == 0:
             continue
         if n.op_type == "Conv" and w.ndim >= 3:
             out.append(_Layer(n, n.input[1], w, 0 if per_channel else None, "conv"))

@@ -49,3 +49,16 @@ def test_sensitivity_with_smoothed_inputs(damaged_mlp):
     assert all(r.sqnr_db is not None for r in rows)
 
 
+
+
+def test_sensitivity_of_an_opset11_model(damaged_mlp, tmp_path):
+    # The quantizer upgrades opset < 13 (DequantizeLinear's `axis`); the instrumented reference graph must too.
+    import onnx
+
+    _, model_path, ds, amax = damaged_mlp
+    old = onnx.load(model_path)  # MatMul and Relu read the same at opset 11: only the declared opset changes
+    old.opset_import[0].version = 11
+    onnx.checker.check_model(old, full_check=True)
+    onnx.save(old, tmp_path / "mlp11.onnx")
+    rows = layer_sensitivity(tmp_path / "mlp11.onnx", None, amax, ds, output="logits", batch_size=16)
+    assert [r.node for r in rows][0] == "fc2" and all(r.sqnr_db is not None for r in rows)

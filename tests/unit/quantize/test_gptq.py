@@ -141,3 +141,28 @@ def test_unknown_weight_rounding_is_refused(tmp_path):
 
     with pytest.raises(BuildError, match="weight_rounding"):
         Q.with_calibration_data(_cnn_with_gemm(), Q.QuantizeOptions(weight_rounding="adaround"), None)
+
+
+def test_gptq_fits_weights_held_in_constant_nodes(tmp_path):
+    """Paddle exports keep every weight in a Constant node, no initializer: GPTQ silently did nothing there."""
+    from quantpipe.data import open_dataset
+    from quantpipe.model import tensor_info
+
+    model = _cnn_with_gemm()
+    consts = []
+    for t in list(model.graph.initializer):
+        consts.append(helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t))
+    del model.graph.initializer[:]
+    nodes = consts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    x = (RNG.normal(size=(640, 8, 1, 1)) + 2.0 + 0.2 * RNG.normal(size=(640, 8, 4, 4))).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    ds = open_dataset(tmp_path / "d.npz", [tensor_info(i) for i in model.graph.input])
+    opts = Q.with_calibration_data(model, Q.QuantizeOptions(weight_rounding="gptq", bias_correction=False,
+                                                            split_activations="off", smooth_alpha=None), ds,
+                                   batch_size=128)
+    assert set(opts.weight_codes or {}) == {"w1", "w2"}
+    _, rep = Q.build_qdq_model(model, {"x": 6.0, "f": 60.0}, opts)
+    assert set(rep.gptq_rounded) == {"w1", "w2"}
