@@ -24,6 +24,7 @@ __all__ = [
     "LayerSensitivity",
     "FallbackStep",
     "FallbackReport",
+    "Collapse",
     "RuleOutcome",
     "GateDecision",
     "RunResults",
@@ -191,6 +192,20 @@ class FallbackReport:
 
 
 @dataclasses.dataclass(frozen=True)
+class Collapse:
+    """An INT8 variant whose output or task metric is catastrophic (quantpipe.collapse): said first in reports."""
+
+    variant: str
+    problems: tuple[str, ...]
+    """What is catastrophic, e.g. 'output SQNR 2.80 dB (collapse below 10 dB)'."""
+    cause: str
+    """The likely cause: the worst layers from the per-layer sensitivity, when it ran."""
+    fix: str
+    fix_yaml: str
+    """The pipeline.yaml lines that apply the fix (build.fallback with a budget)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class RuleOutcome:
     """One gate rule, judged."""
 
@@ -232,6 +247,8 @@ class RunResults:
     gate: GateDecision | None = None
     baseline: Mapping[str, Any] | None = None
     """Set by report --baseline: the baseline run id and per-variant deltas."""
+    collapse: tuple[Collapse, ...] = ()
+    """INT8 variants that collapsed (judged with the gate, by evaluate.collapse's limits)."""
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -57,6 +57,9 @@ def stage_build(
             "selection_data": li.selection.fingerprint if b.fallback is not None else "",
             "quantpipe": __version__,
         }
+        if b.fallback is not None and b.fallback.metric in ("line_agreement", "map_iou"):
+            # How the output is decoded / thresholded decides what the fallback keeps in float.
+            fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense"}), sort_keys=True)
         manifest = reusable(ws.models, fp, "build")
         if manifest is None:
             built, fallback, int8_build = _build_ort(cfg, ws, li, amax, progress)
@@ -135,6 +138,7 @@ def _build_ort(
             out = ws.models / "model.int8.onnx"
             if b.fallback is not None:
                 from quantpipe.fallback import accuracy_fallback
+                from quantpipe.taskmetrics import TaskSpec
 
                 fb = b.fallback
                 target = fb.min if fb.metric != "top1_drop" else fb.max
@@ -142,6 +146,7 @@ def _build_ort(
                     li.spec.path, amax, li.selection, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
                     options=QuantizeOptions.from_config(q), calibration_data=li.calib,
+                    task=TaskSpec.from_config(cfg.evaluate),
                 )
             else:
                 options = with_calibration_data(load_onnx(li.spec.path), QuantizeOptions.from_config(q), li.calib,

@@ -24,7 +24,7 @@ from quantpipe.errors import (
     QuantpipeError,
 )
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "print_summary", "collapse_lines"]
 
 log = logging.getLogger("quantpipe")
 
@@ -99,6 +99,8 @@ def print_summary(results: Any) -> None:
     from rich.table import Table
 
     out = _console()
+    for line in collapse_lines(results):
+        out.print(line)
     table = Table(title=f"quantpipe · {Path(results.model.path).name} · run {results.run_id}", title_justify="left")
     cols = {"top1": "top1", "top1_agreement": "agree", "cosine": "cosine", "sqnr_db": "SQNR"}
     table.add_column("variant", no_wrap=True)
@@ -131,6 +133,19 @@ def print_summary(results: Any) -> None:
             mark = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
             out.print(f"  {mark} {escape(o.message)}")
         out.print(_gate_line(results.gate))
+
+
+def collapse_lines(results: Any) -> list[str]:
+    """Rich-markup lines for each collapsed INT8 variant (printed first): what, likely cause, the YAML to paste."""
+    from rich.markup import escape
+
+    lines = []
+    for c in getattr(results, "collapse", ()):
+        lines.append(f"[bold red]INT8 COLLAPSED: {escape(c.variant)}[/bold red]: {escape('; '.join(c.problems))}.")
+        lines.append(f"  likely cause: {escape(c.cause)}")
+        lines.append(f"  fix: {escape(c.fix)}")
+        lines += [f"    {escape(line)}" for line in c.fix_yaml.splitlines()]
+    return lines
 
 
 def _gate_line(gate: Any) -> str:

@@ -7,16 +7,23 @@ exit code 2), and nothing is written before the configuration is valid.
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
+from quantpipe.configbase import StrictModel, did_you_mean
 from quantpipe.errors import ConfigError
+from quantpipe.evalconfig import (
+    CollapseConfig,
+    CtcConfig,
+    DenseConfig,
+    EvaluateConfig,
+    LatencyConfig,
+    SensitivityConfig,
+)
 
 __all__ = [
     "DEFAULT_FLOAT_OPS",
@@ -40,6 +47,10 @@ __all__ = [
     "LatencyConfig",
     "SensitivityConfig",
     "EvaluateConfig",
+    "CtcConfig",
+    "DenseConfig",
+    "CollapseConfig",
+    "FALLBACK_METRICS",
     "GateRule",
     "GateConfig",
     "ReportConfig",
@@ -85,6 +96,13 @@ GATE_METRICS: dict[str, str] = {
     "top1_agreement": "fraction of samples whose argmax matches the FP32 reference",
     "cosine": "mean cosine similarity of the output with the FP32 reference",
     "sqnr_db": "output SQNR against the FP32 reference, dB",
+    "line_agreement": "CTC: fraction of samples whose greedy-decoded sequence equals FP32's",
+    "cer": "CTC: character error rate of the decoded sequences against FP32's (edits / FP32's length)",
+    "line_accuracy": "CTC: fraction of samples decoded exactly as their label sequence (needs labels)",
+    "label_cer": "CTC: character error rate against the label sequences (needs labels)",
+    "line_accuracy_drop": "CTC: reference line_accuracy minus this variant's (fraction; needs labels)",
+    "map_iou": "dense: mean IoU of the thresholded output map with FP32's",
+    "box_agreement": "dense: F1 of the thresholded map's connected-component boxes against FP32's (IoU >= box_iou)",
     "max_abs_error": "largest absolute difference from the FP32 reference",
     "latency_ms": "median latency per batch, ms (at `batch_size`, default the largest measured)",
     "latency_p99_ms": "p99 latency per batch, ms",
@@ -107,8 +125,7 @@ ConfigPath = Annotated[Path, BeforeValidator(_path_text)]
 """A path in pipeline.yaml (relative to its folder)."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Model = StrictModel
 
 
 class InputSpec(_Model):
@@ -222,10 +239,15 @@ class Fp16Config(_Model):
     """Node names kept in FP32."""
 
 
+FALLBACK_METRICS = ("top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou")
+"""What the accuracy fallback can hold a budget on (all against FP32 but top1_drop, which needs labels)."""
+
+
 class FallbackConfig(_Model):
-    metric: Literal["top1_agreement", "cosine", "top1_drop"]
+    metric: Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou"]
+    """line_agreement needs evaluate.task ctc; map_iou needs evaluate.task dense."""
     min: float | None = None
-    """Lower bound for top1_agreement / cosine."""
+    """Lower bound for top1_agreement / cosine / line_agreement / map_iou."""
     max: float | None = None
     """Upper bound for top1_drop."""
     keep_in: Literal["fp16", "fp32"] = "fp16"
@@ -247,36 +269,6 @@ class BuildConfig(_Model):
     fallback: FallbackConfig | None = None
 
 
-class LatencyConfig(_Model):
-    enabled: bool = True
-    warmup: int = Field(default=10, ge=0)
-    iterations: int = Field(default=50, ge=1)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(b < 1 for b in v):
-            raise ValueError("batch_sizes must be a non-empty list of positive integers")
-        return sorted(set(v))
-
-
-class SensitivityConfig(_Model):
-    enabled: bool = True
-    top: int = Field(default=10, ge=1)
-    max_samples: int = Field(default=64, ge=1)
-    """Evaluation samples used for the per-layer analysis (it runs the model once per layer)."""
-    one_at_a_time: bool = True
-
-
-class EvaluateConfig(_Model):
-    metrics: list[Literal["top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error"]] = Field(
-        default_factory=lambda: ["top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error"]
-    )
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)
-    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
-
-
 class GateRule(_Model):
     """One release rule, e.g. {variant: ort-int8, metric: top1_drop, max: 0.01}.
 
@@ -296,8 +288,8 @@ class GateRule(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> GateRule:
-        if self.metric not in GATE_METRICS:
-            raise ValueError(f"unknown metric '{self.metric}'{_did_you_mean(self.metric, GATE_METRICS)}; known: {', '.join(GATE_METRICS)}")
+        if self.metric not in GATE_METRICS and not re.match(r"^[A-Za-z_]\w*$", self.metric):
+            raise ValueError(f"unknown metric '{self.metric}'{did_you_mean(self.metric, GATE_METRICS)}; known: {', '.join(GATE_METRICS)}")
         if self.min is None and self.max is None:
             raise ValueError(f"rule for {self.variant} {self.metric} needs `min` or `max`")
         if self.vs is not None and self.metric != "speedup":
@@ -362,13 +354,30 @@ class PipelineConfig(_Model):
         return self
 
     @model_validator(mode="after")
+    def _rules_name_metrics(self) -> PipelineConfig:
+        hooks = self.evaluate.hooks()
+        for i, rule in enumerate(self.gate.rules):
+            if rule.metric in GATE_METRICS:
+                continue
+            if not hooks:
+                raise ValueError(
+                    f"gate.rules[{i}].metric: unknown metric '{rule.metric}'{did_you_mean(rule.metric, GATE_METRICS)}; "
+                    f"known: {', '.join(GATE_METRICS)} (or a name returned by a hook in evaluate.metrics)")
+        fb = self.build.fallback
+        need = {"line_agreement": "ctc", "map_iou": "dense"}.get(fb.metric) if fb is not None else None
+        if need is not None and self.evaluate.task != need:
+            raise ValueError(f"build.fallback.metric {fb.metric} needs evaluate.task: {need} "  # type: ignore[union-attr]
+                             f"(it is {self.evaluate.task}); set the task or choose another fallback metric")
+        return self
+
+    @model_validator(mode="after")
     def _rules_name_variants(self) -> PipelineConfig:
         names = self.variant_names()
         for i, rule in enumerate(self.gate.rules):
             for key, name in (("variant", rule.variant), ("vs", rule.vs)):
                 if name is not None and name not in names:
                     raise ValueError(
-                        f"gate.rules[{i}].{key}: unknown variant '{name}'{_did_you_mean(name, names)}; "
+                        f"gate.rules[{i}].{key}: unknown variant '{name}'{did_you_mean(name, names)}; "
                         f"this pipeline builds: {', '.join(names) or 'nothing'}"
                     )
         return self
@@ -391,11 +400,6 @@ class PipelineConfig(_Model):
 def variant_name(backend: str, precision: str) -> str:
     """'onnxruntime', 'int8' -> 'ort-int8'."""
     return f"{BACKEND_SHORT[backend]}-{precision}"
-
-
-def _did_you_mean(word: str, options: Sequence[str] | dict[str, Any]) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -444,7 +448,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])
             model = _model_at(loc)
-            hint = _did_you_mean(key, list(model.model_fields)) if model else ""
+            hint = did_you_mean(key, list(model.model_fields)) if model else ""
             allowed = f" Allowed keys here: {', '.join(k for k in model.model_fields if k != 'source')}." if model else ""
             lines.append(f"  {where}: unknown key '{key}'{hint}.{allowed}")
         elif e["type"] == "missing":

@@ -369,9 +369,15 @@ def _label_msg(where: str, key: str, bad: np.ndarray, what: str, fix: str) -> st
             f"Labels are one integer class index per sample.")
 
 
-def _label_column(where: str, key: str, raw: Any) -> np.ndarray:
-    """The labels as one value per sample: shape [N] or [N, 1]; anything else (a scalar, one-hot rows) is refused."""
+def _label_column(where: str, key: str, raw: Any, sequence: bool = False) -> np.ndarray:
+    """The labels as one value per sample: shape [N] or [N, 1]; anything else (a scalar, one-hot rows) is refused.
+    With `sequence` (CTC models): rows [N, L] of class indices padded with -1."""
     arr = np.asarray(raw)
+    if sequence:
+        if arr.ndim == 2:
+            return arr
+        raise DataError(f"{where}: labels array '{key}' has shape {list(arr.shape)}, but evaluate.task ctc reads "
+                        f"label sequences: shape [N, L], class indices padded with -1 (e.g. [[3, 1, 4, -1], ...]).")
     if arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1):
         return arr.reshape(-1)
     hint = " One-hot or score rows: store labels.argmax(axis=1)." if arr.ndim == 2 else ""
@@ -392,7 +398,8 @@ def _one_label(path: Path, key: str, raw: Any) -> np.ndarray:
     return arr
 
 
-def _checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_samples: int | None) -> np.ndarray:
+def _checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_samples: int | None,
+                    sequence: bool = False) -> np.ndarray:
     """Labels validated as data: one per sample, integer class indices (exactly integral floats converted), >= 0.
 
     The upper bound needs the model output's class count: `Dataset.check_label_range`.
@@ -422,7 +429,7 @@ def _checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_sample
             f"{where}: labels array '{key}' has dtype {labels.dtype}, but labels are integer class indices. "
             f"Store them as integers, e.g. np.savez(..., {key}=labels.astype(np.int64))."
         )
-    negative = labels < 0
+    negative = labels < (-1 if sequence else 0)  # -1 pads a label sequence
     if np.any(negative):
         raise DataError(_label_msg(where, key, labels[negative], "class indices cannot be negative",
                                    "Drop unlabelled samples (e.g. -1 for 'unknown') or map them to a class"))
@@ -436,8 +443,11 @@ def open_dataset(
     labels_key: str | None = None,
     max_samples: int | None = None,
     role: str = "calibration",
+    sequence_labels: bool = False,
 ) -> Dataset:
     """Open and validate a data source for a model with the given inputs.
+
+    `sequence_labels`: the labels are rows [N, L] of class indices padded with -1 (CTC models; .npz files only).
 
     Raises DataError (exit 2) on a missing path, unreadable files, names/shapes/dtypes that do not
     fit the model, NaN/Inf values, mismatched sample counts, missing labels, or no samples at all.
@@ -447,6 +457,9 @@ def open_dataset(
     if not path.exists():
         raise DataError(f"{where} does not exist. Check the path (relative paths resolve from pipeline.yaml's folder).")
     if path.is_dir():
+        if sequence_labels and labels_key is not None:
+            raise DataError(f"{where} is a folder of per-sample files, but label sequences (evaluate.task ctc) are "
+                            f"read from one .npz: store the inputs and a labels array [N, L] padded with -1 there.")
         return _open_folder(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role)
     lazy = _lazy_members(path)
     raw: dict[str, Any] = dict(_load_npz(path, skip=set(lazy)))
@@ -472,7 +485,8 @@ def open_dataset(
                 f"{where}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Set data.evaluation.labels "
                 f"to the name of the labels array, or remove it to evaluate without labels."
             )
-        labels = _checked_labels(where, labels_key, _label_column(where, labels_key, raw[labels_key]), n, max_samples)
+        labels = _checked_labels(where, labels_key, _label_column(where, labels_key, raw[labels_key], sequence_labels),
+                                 n, max_samples, sequence_labels)
     digest = hashlib.sha256()
     digest.update(sha256_file(path).encode())
     digest.update(f"|max={max_samples}|labels={labels_key}".encode())

@@ -17,6 +17,7 @@ from quantpipe.artifacts import EvalResult, LatencyStats
 from quantpipe.backends.base import Runner, Timings
 from quantpipe.data import Dataset
 from quantpipe.errors import EvaluationError
+from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
 __all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant"]
 
@@ -26,7 +27,8 @@ ProgressFn = Callable[[int], None]
 
 
 def run_outputs(
-    runner: Runner, dataset: Dataset, output: str, batch_size: int, on_batch: ProgressFn | None = None
+    runner: Runner, dataset: Dataset, output: str, batch_size: int, on_batch: ProgressFn | None = None,
+    *, classify: bool = True,
 ) -> np.ndarray:
     """Run every evaluation batch; return the chosen output for all samples, stacked on axis 0."""
     chunks: list[np.ndarray] = []
@@ -35,7 +37,7 @@ def run_outputs(
         if output not in outs:
             raise EvaluationError(f"variant {runner.name} has no output '{output}' (outputs: {sorted(outs)}).")
         chunks.append(np.asarray(outs[output], dtype=np.float32))
-        if len(chunks) == 1 and _is_classifier(chunks[0]):
+        if classify and len(chunks) == 1 and _is_classifier(chunks[0]):
             # Where the model leaves the class count dynamic, the first batch tells it: check the labels
             # against it before anything is scored (a no-op when the load stage already could).
             dataset.check_label_range(int(chunks[0].shape[1]), output)
@@ -66,13 +68,16 @@ def accuracy_metrics(
     labels: np.ndarray | None,
     wanted: Sequence[str],
     ref_labelled: dict[str, float] | None = None,
+    task: TaskSpec = CLASSIFICATION,
+    hooks: Sequence[str] = (),
 ) -> dict[str, float | None]:
     """Accuracy against labels and agreement with the reference, for the metrics asked for.
 
-    `ref_labelled` holds the reference's own top1/top5 so drops can be recorded beside them.
+    `ref_labelled` holds the reference's own labelled metrics (top1, top5, line_accuracy) so drops can be
+    recorded beside them. `task` says how to read a CTC or dense output; `hooks` are `module:function` metrics.
     """
     res: dict[str, float | None] = {}
-    classify = _is_classifier(out)
+    classify = _is_classifier(out) and task.task == "classification"
     if labels is not None and classify and out.shape[0] == labels.shape[0]:
         if "top1" in wanted:
             res["top1"] = M.topk_accuracy(out, labels, 1)
@@ -93,6 +98,11 @@ def accuracy_metrics(
             res["sqnr_db"] = _finite(M.sqnr_db(out, ref))
         if "max_abs_error" in wanted:
             res["max_abs_error"] = M.max_abs_error(out, ref)
+    res.update(task_metrics(out, ref, labels, wanted, task))
+    if ref_labelled and res.get("line_accuracy") is not None and "line_accuracy" in ref_labelled:
+        res["line_accuracy_drop"] = ref_labelled["line_accuracy"] - float(res["line_accuracy"])  # type: ignore[arg-type]
+    if hooks:
+        res.update(run_hooks(hooks, out, ref, labels))
     return res
 
 
@@ -145,14 +155,16 @@ def evaluate_variant(
     warmup: int = 10,
     iterations: int = 50,
     on_batch: ProgressFn | None = None,
+    task: TaskSpec = CLASSIFICATION,
+    hooks: Sequence[str] = (),
 ) -> tuple[EvalResult, np.ndarray]:
     """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference)."""
-    out = run_outputs(runner, dataset, output, batch_size, on_batch)
-    values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled)
+    out = run_outputs(runner, dataset, output, batch_size, on_batch, classify=task.task == "classification")
+    values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks)
     lat = []
     for bs in latency_batch_sizes:
         feeds = latency_feeds(dataset, bs)
         lat.append(latency_stats(runner.measure(feeds, warmup, iterations), bs, warmup))
-    classes = int(out.shape[1]) if _is_classifier(out) else None
+    classes = int(out.shape[1]) if _is_classifier(out) and task.task == "classification" else None
     return EvalResult(variant=runner.name, num_samples=dataset.num_samples, metrics=values, latency=tuple(lat),
                       num_classes=classes), out

@@ -32,12 +32,14 @@ from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.types import QuantizeReport
 from quantpipe.reference import Reference, prepare_reference, run_output, score
+from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["FallbackMetric", "accuracy_fallback"]
 
 log = logging.getLogger(__name__)
 
-FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop"]
+FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou"]
+_METRICS = ("top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +50,13 @@ class _Eval:
     """Output SQNR (dB) against FP32: the model's overall fidelity."""
     margin: float
     """Tie-break, higher is better. For top-1 metrics, how far the flipped samples are from agreeing again
-    (sum of negative top-1 margins in units of the reference logit spread; 0 when all agree); otherwise `sqnr`."""
+    (sum of negative top-1 margins in units of the reference logit spread; 0 when all agree); otherwise `sqnr`
+    (cosine, and the task metrics line_agreement / map_iou: a step that flips no line or pixel still counts by how
+    much closer the whole output came)."""
 
 
-def _measure(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> _Eval:
+def _measure(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
+             task: TaskSpec = CLASSIFICATION) -> _Eval:
     s = M.sqnr_db(out, ref)
     s = s if not math.isnan(s) else -math.inf
     margin = s
@@ -63,15 +68,15 @@ def _measure(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray |
         o[rows, r] = -np.inf
         spread = float(np.std(ref)) or 1.0
         margin = float(np.sum(np.minimum(own - o.max(axis=1), 0.0)) / spread)
-    return _Eval(score(metric, out, ref, labels), s, margin)
+    return _Eval(score(metric, out, ref, labels, task), s, margin)
 
 
 class _Search:
     """The fallback's evaluations: each keep-set built and judged once (cached), up to `max_evaluations`."""
 
     def __init__(self, ctx: Reference, amax: Mapping[str, float], metric: str, target: float,
-                 max_evaluations: int) -> None:
-        self.ctx, self.amax, self.metric, self.target = ctx, amax, metric, target
+                 max_evaluations: int, task: TaskSpec = CLASSIFICATION) -> None:
+        self.ctx, self.amax, self.metric, self.target, self.task = ctx, amax, metric, target, task
         self.max_evaluations = max_evaluations
         self.lower_is_better = metric == "top1_drop"
         self.cache: dict[frozenset[str], _Eval] = {}
@@ -87,7 +92,7 @@ class _Search:
             qm, rep = build_qdq_model(ctx.model, self.amax, dataclasses.replace(
                 ctx.options, keep_float_nodes=ctx.options.keep_float_nodes | keep))
             out = run_output(ort_session(qm, int8=True), ctx.feeds, ctx.output)
-            self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels)
+            self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
             self.reports[keep] = rep
         return self.cache[keep]
 
@@ -151,6 +156,7 @@ def accuracy_fallback(
     max_evaluations: int = 400,
     ranking_samples: int = 32,
     on_step: Callable[[str, float], None] | None = None,
+    task: TaskSpec = CLASSIFICATION,
 ) -> tuple[QuantizeReport, FallbackReport]:
     """Keep the fewest, most sensitive layers in float until the accuracy budget holds.
 
@@ -158,12 +164,11 @@ def accuracy_fallback(
         model_path: the FP32 model.
         amax: calibrated amax per tensor.
         dataset: the `Dataset` the layers are chosen and the budget measured on: calibration or validation data
-            (labels needed for top1_drop), never the evaluation data (role "evaluation" raises ConfigError).
-        metric: top1_agreement (>= target), cosine (>= target) or top1_drop (<= target, needs labels), all
-            against the FP32 model's `output`.
+            (labels for top1_drop), never the evaluation data (role "evaluation": ConfigError).
+        metric: top1_agreement, cosine, line_agreement (CTC `task`), map_iou (dense `task`): >= target; top1_drop
+            (labels): <= target; all against the FP32 model's `output`.
         target: the budget.
-        keep_in: what a kept layer runs in on TensorRT (fp16 or fp32); in the ONNX Runtime model it has no
-            Q/DQ and computes in FP32 either way.
+        keep_in: what a kept layer runs in on TensorRT (fp16 or fp32); in ONNX Runtime it computes in FP32.
         max_layers: keep at most this many layers in float (None: no limit).
         out_path: write the final Q/DQ model here (checked, atomically); None: only report.
         options / calibration_data: how to quantize, as given to `write_qdq_model`.
@@ -176,7 +181,7 @@ def accuracy_fallback(
             is tried before one is kept for its margin alone.
         max_evaluations: cap on model builds + evaluation runs (the search stops there and reports met=False).
         ranking_samples: samples used to rank the layers one at a time (when `sensitivity` is not given).
-        on_step: progress callback (layer name, metric after keeping it).
+        on_step: progress callback (layer name, metric after keeping it); task: how the output is read.
 
     Returns:
         The final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
@@ -189,7 +194,7 @@ def accuracy_fallback(
             f"the fallback metric top1_drop needs labels in the data it chooses on ({role or 'the given'} data "
             f"{getattr(dataset, 'path', '')}); add a labelled validation split (data.validation with labels), or "
             "use top1_agreement or cosine, which need no labels.")
-    search = _Search(ctx, amax, metric, target, max_evaluations)
+    search = _Search(ctx, amax, metric, target, max_evaluations, task)
     initial = search.current
     first = search.reports[frozenset()]
     ops = {q.name: q.op_type for q in first.quantized_nodes}
@@ -215,8 +220,8 @@ def accuracy_fallback(
 
 def _check_arguments(metric: str, keep_in: str, dataset: Any) -> str | None:
     """Refuse an unknown metric or keep_in, and the evaluation data; return the dataset's role."""
-    if metric not in ("top1_agreement", "cosine", "top1_drop"):
-        raise ConfigError(f"fallback metric must be top1_agreement, cosine or top1_drop, not '{metric}'.")
+    if metric not in _METRICS:
+        raise ConfigError(f"fallback metric must be one of {', '.join(_METRICS)}, not '{metric}'.")
     if keep_in not in ("fp16", "fp32"):
         raise ConfigError(f"fallback keep_in must be fp16 or fp32, not '{keep_in}'.")
     role = getattr(dataset, "role", None)

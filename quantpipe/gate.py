@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 from quantpipe.artifacts import EvalResult, GateDecision, LatencyStats, RuleOutcome, RunResults, Variant
 from quantpipe.config import GATE_METRICS, GateRule
+from quantpipe.configbase import did_you_mean
+from quantpipe.errors import ConfigError
 
 __all__ = [
     "ACCURACY_METRICS",
@@ -35,13 +37,16 @@ __all__ = [
     "observe",
     "judge_rule",
     "evaluate_gate",
+    "check_rule_metrics",
     "format_value",
     "format_bounds",
     "REFERENCE_MIN_SAMPLES",
     "implausible_reference",
 ]
 
-ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error")
+ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
+                    "line_agreement", "cer", "line_accuracy", "label_cer", "line_accuracy_drop", "map_iou",
+                    "box_agreement")
 """Metrics that come from EvalResult.metrics (batch-size independent)."""
 LATENCY_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")
 """Metrics read at one batch size."""
@@ -55,13 +60,21 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "cosine": True,
     "sqnr_db": True,
     "max_abs_error": False,
+    "line_agreement": True,
+    "cer": False,
+    "line_accuracy": True,
+    "label_cer": False,
+    "line_accuracy_drop": False,
+    "map_iou": True,
+    "box_agreement": True,
     "latency_ms": False,
     "latency_p99_ms": False,
     "throughput": True,
     "speedup": True,
     "size_mb": False,
 }
-"""Which direction is an improvement (baseline comparison flags the other direction)."""
+"""Which direction is an improvement (baseline comparison flags the other direction). A hook's metric is not
+listed: it is taken as higher-is-better."""
 
 LABEL_METRICS = ("top1", "top5", "top1_drop", "top5_drop")
 """Metrics computed against the labels (meaningless when the reference shows the labels are)."""
@@ -69,8 +82,8 @@ REFERENCE_MIN_SAMPLES = 30
 """Labelled samples (and at least one per class) before a below-chance reference counts as implausible: with
 fewer, even a fair model can score below chance by luck (a 70% binary classifier on 30 samples: < 2%)."""
 
-_PERCENT = {"top1", "top5", "top1_agreement"}
-_POINTS = {"top1_drop", "top5_drop"}
+_PERCENT = {"top1", "top5", "top1_agreement", "line_agreement", "line_accuracy", "cer", "label_cer"}
+_POINTS = {"top1_drop", "top5_drop", "line_accuracy_drop"}
 _BOUND_SLACK = 1e-9
 """Relative slack on bounds: 0.98 - 0.97 is 0.010000000000000009 in floats and must pass `max: 0.01`."""
 
@@ -135,7 +148,7 @@ def _measured(e: EvalResult) -> str:
 
 
 def _accuracy(results: RunResults, name: str, e: EvalResult, metric: str) -> Observation:
-    if metric in ("top1_drop", "top5_drop"):
+    if metric in ("top1_drop", "top5_drop", "line_accuracy_drop"):
         base = metric.removesuffix("_drop")
         ref = _find_eval(results, results.reference)
         this, that = e.metrics.get(base), (ref.metrics.get(base) if ref is not None else None)
@@ -148,8 +161,12 @@ def _accuracy(results: RunResults, name: str, e: EvalResult, metric: str) -> Obs
         return _missing(name, metric, f"{metric} needs {base} of both {name} and the reference {results.reference}, "
                         f"which this run did not measure (it needs labels: set data.evaluation.labels)")
     if metric not in e.metrics:
-        hint = {"top1": " (it needs labels: set data.evaluation.labels)", "top5": " (it needs labels: set data.evaluation.labels)",
-                "top1_agreement": " (it needs a classifier output shaped [N, classes])"}.get(metric, "")
+        labels = " (it needs labels: set data.evaluation.labels)"
+        hint = {"top1": labels, "top5": labels, "line_accuracy": labels, "label_cer": labels,
+                "top1_agreement": " (it needs a classifier output shaped [N, classes])",
+                "line_agreement": " (it needs evaluate.task: ctc)", "cer": " (it needs evaluate.task: ctc)",
+                "map_iou": " (it needs evaluate.task: dense)", "box_agreement": " (it needs evaluate.task: dense)",
+                }.get(metric, "")
         return _missing(name, metric, f"{metric} was not measured for {name}{hint}; it must also be in evaluate.metrics")
     value = e.metrics[metric]
     if value is None:
@@ -175,7 +192,7 @@ def observe(
     Latency metrics default to the largest batch size measured (for speedup: measured by both
     variants); speedup compares with `vs`, default the run's reference.
     """
-    if metric not in GATE_METRICS:
+    if metric not in GATE_METRICS and metric not in _hook_metrics(results):
         return _missing(variant, metric, f"unknown metric '{metric}' (known: {', '.join(GATE_METRICS)})")
     why = _unavailable(results, variant)
     if why is not None:
@@ -308,11 +325,35 @@ def judge_rule(results: RunResults, rule: GateRule, baseline: RunResults | None 
     )
 
 
+def _hook_metrics(results: RunResults) -> set[str]:
+    """Metric names this run recorded beyond the built-in ones (returned by evaluate.metrics hooks)."""
+    return {k for e in results.evaluations for k in e.metrics if k not in GATE_METRICS}
+
+
+def check_rule_metrics(results: RunResults, rules: Sequence[GateRule]) -> None:
+    """Refuse a rule on a metric that is neither built in nor recorded by a hook in this run (ConfigError).
+
+    pipeline.yaml cannot know a hook's names before it runs; once the results exist, a typo is an error, never a
+    rule that fails for a reason nobody reads.
+    """
+    produced = _hook_metrics(results)
+    for i, rule in enumerate(rules):
+        if rule.metric not in GATE_METRICS and rule.metric not in produced:
+            known = sorted(produced)
+            raise ConfigError(
+                f"gate.rules[{i}] ({rule.variant}) names metric '{rule.metric}', which is not a quantpipe metric and "
+                f"was not returned by any evaluate.metrics hook in run {results.run_id} (hooks returned: "
+                f"{', '.join(known) or 'nothing'}){did_you_mean(rule.metric, [*GATE_METRICS, *known])}. Fix the name in "
+                f"gate.rules, or return it from the hook.")
+
+
 def evaluate_gate(results: RunResults, rules: Sequence[GateRule], baseline: RunResults | None = None) -> GateDecision:
     """Judge every rule; the gate passes only when all of them pass (no rules: it passes).
 
-    An implausible reference (see `implausible_reference`) adds a failed outcome of its own, first.
+    An implausible reference (see `implausible_reference`) adds a failed outcome of its own, first. A rule on a
+    metric that neither quantpipe nor a hook recorded raises ConfigError (`check_rule_metrics`).
     """
+    check_rule_metrics(results, rules)
     bad_ref = implausible_reference(results)
     outcomes = ((bad_ref,) if bad_ref is not None else ()) + tuple(judge_rule(results, r, baseline) for r in rules)
     return GateDecision(passed=all(o.passed for o in outcomes), outcomes=outcomes)
@@ -343,6 +384,8 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
         return f"{v * 100:+.2f} pt" if delta else f"{v * 100:.2f} pt"
     if metric == "cosine":
         return f"{v:+.2e}" if delta else f"{v:.6f}"
+    if metric in ("map_iou", "box_agreement"):
+        return f"{v:+.4f}" if delta else f"{v:.4f}"
     if metric == "sqnr_db":
         return f"{v:{'+' if delta else ''}.2f} dB"
     if metric == "max_abs_error":

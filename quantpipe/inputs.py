@@ -45,15 +45,17 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
         raise DataError(f"pipeline.yaml model.output is '{output}', but the model's outputs are {out_names}.")
     d = cfg.data
     calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration")
-    ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples, role="evaluation")
-    classes = _static_classes(spec, output)
+    seq = cfg.evaluate.task == "ctc"
+    ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples,
+                      role="evaluation", sequence_labels=seq)
+    classes = _static_classes(spec, output) if cfg.evaluate.task == "classification" else None
     if classes is not None:
         ev.check_label_range(classes, output)  # else: evaluate checks once the first batch shows the class count
     _warn_overlap(calib, ev)
     val = None
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
-                           max_samples=d.validation.max_samples, role="validation")
+                           max_samples=d.validation.max_samples, role="validation", sequence_labels=seq)
         if classes is not None:
             val.check_label_range(classes, output)
         _warn_overlap(val, ev)

@@ -1,14 +1,23 @@
 """Accuracy and agreement metrics on plain numpy arrays (no model, no backend).
 
 Shared by evaluate (variants vs the FP32 reference) and the sensitivity / fallback analysis.
-Every function takes arrays of shape [N, ...] and returns a Python float.
+Every scoring function takes arrays of shape [N, ...] and returns a Python float. Besides classification:
+sequence models read by greedy CTC decoding (exact-match rate, character error rate) and dense maps read by
+thresholding (IoU of the maps, agreement of their connected-component boxes).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence as Sequence_
+
 import numpy as np
 
-__all__ = ["topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "max_abs_error"]
+__all__ = [
+    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "max_abs_error",
+    "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
+    "foreground", "mask_iou", "component_boxes", "box_iou", "matched_boxes", "box_agreement",
+]
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -59,3 +68,166 @@ def sqnr_db(pred: np.ndarray, ref: np.ndarray) -> float:
 def max_abs_error(pred: np.ndarray, ref: np.ndarray) -> float:
     """Largest absolute elementwise difference."""
     return float(np.max(np.abs(_flat(pred) - _flat(ref)))) if np.size(ref) else 0.0
+
+
+# --------------------------------------------------------------------------- sequence models (CTC)
+
+Sequence = tuple[int, ...]
+
+
+def ctc_greedy_decode(logits: np.ndarray, *, blank: int = 0, layout: str = "NTC") -> list[Sequence]:
+    """Greedy CTC decode of [N, T, C] (layout "NTC") or [N, C, T] ("NCT") scores: argmax per timestep, repeats
+    collapsed, `blank` dropped. Works on logits or probabilities alike (argmax is the same)."""
+    x = np.asarray(logits)
+    if x.ndim != 3:
+        raise ValueError(f"a CTC output must have 3 axes [N, T, C] or [N, C, T], got shape {list(x.shape)}")
+    best = x.argmax(axis=2 if layout == "NTC" else 1)  # [N, T]
+    prev = np.concatenate([np.full((best.shape[0], 1), -1, dtype=best.dtype), best[:, :-1]], axis=1)
+    keep = (best != blank) & (best != prev)
+    return [tuple(int(c) for c in row[k]) for row, k in zip(best, keep, strict=True)]
+
+
+def label_sequences(labels: np.ndarray) -> list[Sequence]:
+    """Label rows [N, L] of class indices padded with -1 -> one sequence per sample (the -1 entries dropped)."""
+    lab = np.asarray(labels)
+    lab = lab.reshape(lab.shape[0], -1)
+    return [tuple(int(c) for c in row[row != -1]) for row in lab]
+
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions, each costing 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+    return row[-1]
+
+
+def exact_match_rate(pred: Sequence_[Sequence], ref: Sequence_[Sequence]) -> float:
+    """Fraction of samples whose sequence equals the reference sequence."""
+    if len(pred) != len(ref):
+        raise ValueError(f"{len(pred)} sequences but {len(ref)} references")
+    return float(np.mean([p == r for p, r in zip(pred, ref, strict=True)])) if ref else float("nan")
+
+
+def character_error_rate(pred: Sequence_[Sequence], ref: Sequence_[Sequence]) -> float:
+    """Corpus CER: total edit distance over total reference length (edits over 1 when every reference is empty)."""
+    if len(pred) != len(ref):
+        raise ValueError(f"{len(pred)} sequences but {len(ref)} references")
+    edits = sum(edit_distance(p, r) for p, r in zip(pred, ref, strict=True))
+    return edits / max(1, sum(len(r) for r in ref))
+
+
+# --------------------------------------------------------------------------- dense maps (detection / segmentation)
+
+
+def foreground(x: np.ndarray, *, threshold: float = 0.5, logits: bool = False) -> np.ndarray:
+    """Boolean map of `x > threshold`; with `logits` the sigmoid is applied first (so 0.5 means logit 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    if logits:
+        # sigmoid(x) > t  <=>  x > log(t / (1 - t)): exact, and no overflow in exp for large logits.
+        if threshold <= 0.0 or threshold >= 1.0:
+            return np.full(x.shape, threshold <= 0.0)
+        return x > math.log(threshold / (1.0 - threshold))
+    return x > threshold
+
+
+def mask_iou(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over samples of |pred AND ref| / |pred OR ref| of boolean maps [N, ...]; 1.0 when both are empty."""
+    p = np.asarray(pred, dtype=bool).reshape(pred.shape[0], -1)
+    r = np.asarray(ref, dtype=bool).reshape(ref.shape[0], -1)
+    inter = np.sum(p & r, axis=1)
+    union = np.sum(p | r, axis=1)
+    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+
+
+Box = tuple[int, int, int, int]
+"""(row0, col0, row1, col1), inclusive."""
+
+
+def component_boxes(mask: np.ndarray) -> list[Box]:
+    """Bounding boxes of the 8-connected components of a 2-D boolean map.
+
+    Run-length labelling: each row's runs of True are found with numpy, runs that touch a run of the row above
+    (8-connectivity: overlapping or diagonal) are joined with union-find. Cost grows with the number of runs,
+    not pixels, so a 640x640 probability map takes milliseconds.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2:
+        raise ValueError(f"component_boxes needs a 2-D map, got shape {list(m.shape)}")
+    runs: list[tuple[int, int, int]] = []  # (row, first col, last col)
+    row_runs: list[list[int]] = []
+    for r, line in enumerate(m):
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], line.view(np.int8), [0]))))
+        ids = []
+        for s, e in zip(edges[::2], edges[1::2], strict=True):
+            ids.append(len(runs))
+            runs.append((r, int(s), int(e) - 1))
+        row_runs.append(ids)
+    parent = list(range(len(runs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for r in range(1, len(row_runs)):
+        above, here = row_runs[r - 1], row_runs[r]
+        i = 0
+        for k in here:
+            _, s, e = runs[k]
+            while i < len(above) and runs[above[i]][2] < s - 1:
+                i += 1
+            j = i
+            while j < len(above) and runs[above[j]][1] <= e + 1:
+                parent[root(above[j])] = root(k)
+                j += 1
+    boxes: dict[int, list[int]] = {}
+    for k, (r, s, e) in enumerate(runs):
+        b = boxes.setdefault(root(k), [r, s, r, e])
+        b[0], b[1], b[2], b[3] = min(b[0], r), min(b[1], s), max(b[2], r), max(b[3], e)
+    return [(b[0], b[1], b[2], b[3]) for b in boxes.values()]
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """IoU of two inclusive pixel boxes."""
+    h = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    w = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    inter = max(0, h) * max(0, w)
+    area = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+    return inter / area
+
+
+def matched_boxes(pred: Sequence_[Box], ref: Sequence_[Box], min_iou: float = 0.5) -> int:
+    """One-to-one matches at IoU >= min_iou, the highest-IoU pairs first."""
+    pairs = sorted(((box_iou(p, r), i, j) for i, p in enumerate(pred) for j, r in enumerate(ref)), reverse=True)
+    used_p: set[int] = set()
+    used_r: set[int] = set()
+    for iou, i, j in pairs:
+        if iou < min_iou:
+            break
+        if i not in used_p and j not in used_r:
+            used_p.add(i)
+            used_r.add(j)
+    return len(used_p)
+
+
+def box_agreement(pred: np.ndarray, ref: np.ndarray, min_iou: float = 0.5) -> float:
+    """F1 of the connected-component boxes of boolean maps [N, ..., H, W] against the reference's, matched at
+    IoU >= min_iou, pooled over every sample and map: 2 * matches / (boxes + reference boxes); 1.0 with no boxes."""
+    p = np.asarray(pred, dtype=bool)
+    r = np.asarray(ref, dtype=bool)
+    if p.ndim < 3:
+        raise ValueError(f"box_agreement needs maps [N, H, W] or [N, C, H, W], got shape {list(p.shape)}")
+    p = p.reshape(-1, *p.shape[-2:])
+    r = r.reshape(-1, *r.shape[-2:])
+    matches = total = 0
+    for pm, rm in zip(p, r, strict=True):
+        pb, rb = component_boxes(pm), component_boxes(rm)
+        matches += matched_boxes(pb, rb, min_iou)
+        total += len(pb) + len(rb)
+    return 2.0 * matches / total if total else 1.0

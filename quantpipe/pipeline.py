@@ -115,8 +115,10 @@ def stage_evaluate(
 ) -> tuple[list[EvalResult], str]:
     """Evaluate every variant that was built; the FP32 ONNX Runtime variant is the reference."""
     from quantpipe.evaluate import evaluate_variant
+    from quantpipe.taskmetrics import TaskSpec
 
     ev = cfg.evaluate
+    task, hooks, wanted = TaskSpec.from_config(ev), ev.hooks(), ev.wanted()
     lat = ev.latency
     ran = [v for v in variants if v.ran]
     ref_name = variant_name("onnxruntime", "fp32")
@@ -131,18 +133,18 @@ def stage_evaluate(
         n_lat = len(lat.batch_sizes) if lat.enabled else 0
         with progress.task(f"evaluating {v.name}", li.eval.num_samples) as advance, runner:
             res, out = evaluate_variant(
-                runner, li.eval, output=li.output, batch_size=cfg.data.batch_size, metrics=ev.metrics,
+                runner, li.eval, output=li.output, batch_size=cfg.data.batch_size, metrics=wanted,
                 reference=reference, ref_labelled=ref_labelled,
                 latency_batch_sizes=lat.batch_sizes if n_lat else (), warmup=lat.warmup, iterations=lat.iterations,
-                on_batch=advance,
+                on_batch=advance, task=task, hooks=hooks if v.name != ref_name else (),  # the ref's: below, vs itself
             )
         if v.name == ref_name:
             reference = out
-            ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in ("top1", "top5") and val is not None}
+            ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in ("top1", "top5", "line_accuracy") and val is not None}
             # The reference against itself: exact agreement by definition, recomputed for honesty.
             from quantpipe.evaluate import accuracy_metrics
 
-            res = dataclasses.replace(res, metrics={**res.metrics, **accuracy_metrics(out, out, li.eval.labels, ev.metrics, ref_labelled)})
+            res = dataclasses.replace(res, metrics={**res.metrics, **accuracy_metrics(out, out, li.eval.labels, wanted, ref_labelled, task, hooks)})
         results.append(res)
     for v in variants:
         if not v.ran:
@@ -171,6 +173,7 @@ def stage_sensitivity(
         return ()
     from quantpipe.quantize import QuantizeOptions
     from quantpipe.sensitivity import layer_sensitivity
+    from quantpipe.taskmetrics import TaskSpec
 
     options = QuantizeOptions.from_config(cfg.build.quantize)
     built = ((int8.details or {}).get("quantize") or {}).get("split")
@@ -181,7 +184,7 @@ def stage_sensitivity(
         rows = layer_sensitivity(
             li.spec.path, int8.artifact or "", amax, li.eval, output=li.output, max_samples=s.max_samples,
             one_at_a_time=s.one_at_a_time, batch_size=cfg.data.batch_size,
-            options=options, calibration_data=li.calib,
+            options=options, calibration_data=li.calib, metric=s.metric, task=TaskSpec.from_config(cfg.evaluate),
         )
     return tuple(rows)
 
@@ -352,13 +355,15 @@ def finish_run(
 ) -> tuple[RunResults, Path]:
     """Judge the results with the gate rules and write the report files into `run_dir` (report and gate
     stages). Committing the run and pointing `latest` at it are the caller's (run_stages, rewrite_report)."""
+    from quantpipe.collapse import find_collapse
     from quantpipe.gate import evaluate_gate
     from quantpipe.report import load_results, with_baseline, write_report
 
     baseline_dir = baseline_dir or cfg.report.baseline
     baseline = load_results(baseline_dir) if baseline_dir else None
     decision = evaluate_gate(results, cfg.gate.rules, baseline)
-    results = with_baseline(dataclasses.replace(results, gate=decision), baseline)
+    collapsed = find_collapse(results, cfg.evaluate.collapse)
+    results = with_baseline(dataclasses.replace(results, gate=decision, collapse=collapsed), baseline)
     if write:
         write_report(run_dir, results, formats=cfg.report.formats, baseline=baseline, notes=_section_notes(cfg),
                      shown_dir=shown_dir)

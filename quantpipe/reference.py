@@ -18,6 +18,7 @@ from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import prepare_opset
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.write import with_calibration_data
+from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, task_score
 
 __all__ = ["Reference", "prepare_reference", "run_output", "score"]
 
@@ -87,8 +88,12 @@ def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str
 
 
 
-def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
-    """Metric `name` of the output `out` against the FP32 `ref` (top1_drop: against `labels`)."""
+def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
+          task: TaskSpec = CLASSIFICATION) -> float:
+    """Metric `name` of the output `out` against the FP32 `ref` (top1_drop: against `labels`; line_agreement and
+    map_iou read the output as `task` says)."""
+    if name in ("line_agreement", "map_iou"):
+        return task_score(name, out, ref, task)
     if name == "sqnr_db":
         return M.sqnr_db(out, ref)
     if name == "cosine":
@@ -100,6 +105,7 @@ def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None
             raise ConfigError("the metric top1_drop needs labels in the data it is measured on (for the fallback: "
                               "data.validation.labels); use top1_agreement or cosine without labels.")
         return M.topk_accuracy(ref, labels, 1) - M.topk_accuracy(out, labels, 1)
-    raise ConfigError(f"unknown metric '{name}'; expected one of sqnr_db, cosine, top1_agreement, top1_drop.")
+    raise ConfigError(f"unknown metric '{name}'; expected one of sqnr_db, cosine, top1_agreement, top1_drop, "
+                      "line_agreement, map_iou.")
 
 

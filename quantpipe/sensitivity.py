@@ -26,18 +26,20 @@ import numpy as np
 
 from quantpipe.artifacts import LayerSensitivity
 from quantpipe.errors import EvaluationError
+from quantpipe.metrics import sqnr_db
 from quantpipe.onnxgraph import expose_outputs, load_onnx
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.shift import tensor_offsets
 from quantpipe.reference import Reference, prepare_reference, run_output, score
+from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["SensitivityMetric", "layer_sensitivity"]
 
 log = logging.getLogger(__name__)
 
-SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement"]
+SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou"]
 
 
 def _finite(x: float) -> float | None:
@@ -57,6 +59,7 @@ def layer_sensitivity(
     batch_size: int = 8,
     options: QuantizeOptions = QuantizeOptions(),
     calibration_data: Any | None = None,
+    task: TaskSpec = CLASSIFICATION,
 ) -> tuple[LayerSensitivity, ...]:
     """Per-layer sensitivity of the INT8 Q/DQ model, worst first.
 
@@ -70,7 +73,8 @@ def layer_sensitivity(
         one_at_a_time: also measure the output with only one layer quantized: True for every layer, an int N
             for the N layers with the lowest local SQNR (each layer quantized alone, inputs from FP32; one
             instrumented run), False for none.
-        metric: the one-layer-at-a-time output metric (sqnr_db is the most discriminating).
+        metric: the one-layer-at-a-time output metric (sqnr_db is the most discriminating; line_agreement and
+            map_iou read the output as `task` says, and layers they score alike are ordered by output SQNR).
         options / calibration_data: as given to `write_qdq_model` (smoothing, bias correction and splits
             must match the built model, or the single-layer builds differ from it).
 
@@ -98,15 +102,9 @@ def layer_sensitivity(
     sqnr = _accumulated_sqnr(ctx, full, sorted(set(tensors.values())))
     local = _local_sqnr(ctx, build_qdq_model(ctx.model, amax, ctx.options)[0], [q.name for q in nodes])
 
-    measured: dict[str, float] = {}
     count = len(nodes) if one_at_a_time is True else int(one_at_a_time or 0)
-    if count > 0:
-        order = sorted(nodes, key=lambda q: local.get(q.name, math.inf))
-        for q in order[:count]:
-            single, _ = build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({q.name})))
-            out = run_output(ort_session(single, int8=True), ctx.feeds, ctx.output)
-            measured[q.name] = score(metric, out, ctx.ref, ctx.labels)
-            log.debug("sensitivity %s (%s): %s = %.4g", q.name, q.op_type, metric, measured[q.name])
+    order = sorted(nodes, key=lambda q: local.get(q.name, math.inf))
+    measured, tie = _one_at_a_time(ctx, amax, order[:max(0, count)], metric, task)
 
     rows = [
         LayerSensitivity(node=q.name, op_type=q.op_type, tensor=tensors.get(q.name, ""),
@@ -116,13 +114,28 @@ def layer_sensitivity(
         for q in nodes
     ]
 
-    def key(r: LayerSensitivity) -> tuple[int, float]:
+    def key(r: LayerSensitivity) -> tuple[int, float, float]:
         if r.node in measured:
-            v = measured[r.node]
-            return (0, v if not math.isnan(v) else -math.inf)
-        return (1, local.get(r.node, math.inf))
+            v, t = measured[r.node], tie[r.node]
+            return (0, v if not math.isnan(v) else -math.inf, t if not math.isnan(t) else -math.inf)
+        return (1, local.get(r.node, math.inf), 0.0)
 
     return tuple(sorted(rows, key=key))
+
+
+def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[Any], metric: str,
+                   task: TaskSpec) -> tuple[dict[str, float], dict[str, float]]:
+    """The output metric with only each node quantized, and a tie-break (output SQNR, for the metrics many layers
+    score alike: agreement counts)."""
+    measured: dict[str, float] = {}
+    tie: dict[str, float] = {}
+    for q in nodes:
+        single, _ = build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({q.name})))
+        out = run_output(ort_session(single, int8=True), ctx.feeds, ctx.output)
+        measured[q.name] = score(metric, out, ctx.ref, ctx.labels, task)
+        tie[q.name] = sqnr_db(out, ctx.ref) if metric in ("top1_agreement", "line_agreement", "map_iou") else 0.0
+        log.debug("sensitivity %s (%s): %s = %.4g", q.name, q.op_type, metric, measured[q.name])
+    return measured, tie
 
 
 def _local_sqnr(ctx: Reference, qdq: Any, names: Sequence[str]) -> dict[str, float]:

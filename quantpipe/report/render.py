@@ -440,6 +440,7 @@ def summary_context(results: RunResults) -> dict[str, Any]:
         "_variants": variants,
         "_latency": latency,
         "verdict": _verdict(results),
+        "collapse": list(results.collapse),
         "highlights": _highlights(results, variants, latency),
         "metric_labels": METRIC_LABELS,
         "metrics": metrics,

@@ -10,6 +10,7 @@ import pytest
 
 from quantpipe.artifacts import EvalResult, RunResults, to_jsonable
 from quantpipe.config import GATE_METRICS, GateRule
+from quantpipe.errors import ConfigError
 from quantpipe.gate import evaluate_gate, format_bounds, format_value, judge_rule, observe
 from quantpipe.report.compare import compare_runs
 from tests.report_data import synthetic_results, with_top1
@@ -42,10 +43,40 @@ def test_accuracy_metrics_are_read_from_the_evaluation(results: RunResults, metr
     assert not judge_rule(results, rule(variant="ort-int8", metric=metric, max=expected - 0.01)).passed
 
 
+_TASK_ONLY = {"line_agreement": 0.75, "cer": 0.04, "line_accuracy": 0.7, "label_cer": 0.05, "map_iou": 0.91,
+              "box_agreement": 0.88}
+"""Metrics of evaluate.task ctc / dense (with the values a CTC / dense run would record for ort-int8)."""
+
+
 def test_every_gate_metric_is_observable(results: RunResults) -> None:
     for metric in GATE_METRICS:
+        if metric in _TASK_ONLY or metric == "line_accuracy_drop":
+            continue
         obs = observe(results, "ort-int8", metric)
         assert obs.value is not None and math.isfinite(obs.value), (metric, obs.reason)
+
+
+def test_task_metrics_are_observable_when_recorded(results: RunResults) -> None:
+    missing = observe(results, "ort-int8", "line_agreement")
+    assert missing.value is None and "it needs evaluate.task: ctc" in (missing.reason or "")
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, **_TASK_ONLY}) if e.variant == "ort-int8" else
+                  dataclasses.replace(e, metrics={**e.metrics, "line_accuracy": 0.8}) if e.variant == "ort-fp32" else e
+                  for e in results.evaluations)
+    ctc = dataclasses.replace(results, evaluations=evals)
+    for metric, value in {**_TASK_ONLY, "line_accuracy_drop": 0.8 - 0.7}.items():
+        assert observe(ctc, "ort-int8", metric).value == pytest.approx(value), metric
+    assert judge_rule(ctc, rule(variant="ort-int8", metric="line_agreement", min=0.7)).passed
+    failed = judge_rule(ctc, rule(variant="ort-int8", metric="cer", max=0.01))
+    assert not failed.passed and "cer = 4.00%" in failed.message
+
+
+def test_hook_metrics_are_judged_and_unknown_names_refused(results: RunResults) -> None:
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "coco_map": 0.41}) for e in results.evaluations)
+    hooked = dataclasses.replace(results, evaluations=evals)
+    rules = [rule(variant="ort-int8", metric="coco_map", min=0.4)]
+    assert evaluate_gate(hooked, rules).passed
+    with pytest.raises(ConfigError, match=r"metric 'coco_mAP'.*hooks returned: coco_map.*did you mean 'coco_map'"):
+        evaluate_gate(hooked, [rule(variant="ort-int8", metric="coco_mAP", min=0.4)])
 
 
 def test_top1_drop_is_recomputed_from_the_two_top1_values(results: RunResults) -> None:

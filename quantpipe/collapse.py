@@ -1,0 +1,91 @@
+"""Loud on collapse: an INT8 variant whose output SQNR or task agreement is catastrophic, with cause and fix.
+
+A judgment, like the gate: a pure function of the results and the limits in `evaluate.collapse`. The report,
+summary.md and the CLI summary say it first, before any table, because a collapsed model that a gate without
+rules lets through is the worst outcome a quantization tool can hand a user.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from quantpipe.artifacts import Collapse, EvalResult, LayerSensitivity, RunResults
+from quantpipe.evalconfig import CollapseConfig
+
+__all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "find_collapse"]
+
+AGREEMENT_METRICS = ("top1_agreement", "line_agreement", "map_iou", "box_agreement")
+"""Task agreement with FP32 (fractions, 1 = identical decisions) judged against `min_agreement`."""
+
+FALLBACK_BUDGETS: dict[str, float] = {"line_agreement": 0.98, "top1_agreement": 0.99, "map_iou": 0.95, "cosine": 0.999}
+"""The budget suggested for `build.fallback`, by the metric the task is judged on (first one measured wins)."""
+
+_WORST_SHOWN = 3
+
+
+def _sqnr(e: EvalResult) -> float | None:
+    v = e.metrics.get("sqnr_db")
+    if v is None:
+        return math.inf if e.metrics.get("max_abs_error") == 0.0 else None
+    return float(v)
+
+
+def _problems(e: EvalResult, limits: CollapseConfig) -> list[str]:
+    out = []
+    s = _sqnr(e)
+    if s is not None and s < limits.min_sqnr_db:
+        out.append(f"output SQNR {s:.2f} dB against FP32 (collapse below {limits.min_sqnr_db:g} dB)")
+    for m in AGREEMENT_METRICS:
+        v = e.metrics.get(m)
+        if v is not None and float(v) < limits.min_agreement:
+            out.append(f"{m} {float(v):.3f} (collapse below {limits.min_agreement:g})")
+    return out
+
+
+def _cause(sens: Sequence[LayerSensitivity]) -> str:
+    if not sens:
+        return ("per-layer sensitivity did not run, so the layers to blame are unknown: set "
+                "evaluate.sensitivity.enabled: true to name them.")
+    shown = []
+    for r in sens[:_WORST_SHOWN]:
+        if r.output_metric is not None:
+            shown.append(f"{r.node} ({r.op_type}; {r.metric_name} {r.output_metric:.4g} when quantized alone)")
+        else:
+            sq = f"{r.sqnr_db:.1f} dB" if r.sqnr_db is not None else "n/a"
+            shown.append(f"{r.node} ({r.op_type}; output SQNR {sq})")
+    return "the most sensitive layers (per-layer sensitivity, worst first): " + "; ".join(shown) + "."
+
+
+def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
+    metric = next((m for m in FALLBACK_BUDGETS if e.metrics.get(m) is not None), "cosine")
+    quantizable = (results.fallback.num_quantizable if results.fallback is not None
+                   else len(results.sensitivity) or None)
+    budget = max(1, math.ceil(0.1 * quantizable)) if quantizable else None
+    lines = ["build:", "  fallback:", f"    metric: {metric}", f"    min: {FALLBACK_BUDGETS[metric]:g}"]
+    if budget is not None:
+        lines.append(f"    max_layers: {budget}   # 10% of the {quantizable} quantized layers")
+    yaml = "\n".join(lines)
+    if results.fallback is not None:
+        fb = results.fallback
+        state = "met" if fb.met else "NOT met"
+        fix = (f"the accuracy fallback ran (budget {fb.metric} {fb.target:g}: {state}, {len(fb.steps)} layer(s) kept "
+               f"in float); give it the task's metric and a larger max_layers in pipeline.yaml:")
+    else:
+        fix = "keep the most sensitive layers in float with the accuracy fallback; paste into pipeline.yaml:"
+    return fix, yaml
+
+
+def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse, ...]:
+    """Every INT8 variant that ran and whose output SQNR or task agreement is below the collapse limits."""
+    int8 = {v.name for v in results.variants if v.precision == "int8" and v.skipped is None}
+    found = []
+    for e in results.evaluations:
+        if e.variant not in int8 or e.skipped is not None:
+            continue
+        problems = _problems(e, limits)
+        if problems:
+            fix, yaml = _fix(results, e)
+            found.append(Collapse(variant=e.variant, problems=tuple(problems), cause=_cause(results.sensitivity),
+                                  fix=fix, fix_yaml=yaml))
+    return tuple(found)

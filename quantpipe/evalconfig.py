@@ -1,0 +1,127 @@
+"""The `evaluate` section of pipeline.yaml: which task the model solves, the metrics recorded, latency,
+sensitivity, and when an INT8 variant counts as collapsed. Defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from quantpipe.configbase import StrictModel, did_you_mean
+
+__all__ = [
+    "BUILTIN_METRICS",
+    "TASK_METRICS",
+    "HOOK_PATTERN",
+    "CtcConfig",
+    "DenseConfig",
+    "CollapseConfig",
+    "LatencyConfig",
+    "SensitivityConfig",
+    "EvaluateConfig",
+]
+
+BUILTIN_METRICS = ("top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
+                   "line_agreement", "cer", "line_accuracy", "label_cer", "map_iou", "box_agreement")
+"""Names `evaluate.metrics` accepts besides `module:function` hooks."""
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("top1", "top5", "top1_agreement"),
+    "ctc": ("line_agreement", "cer", "line_accuracy", "label_cer"),
+    "dense": ("map_iou", "box_agreement"),
+}
+"""The task-specific metrics of each task (cosine, sqnr_db, max_abs_error apply to every task)."""
+
+HOOK_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+"""`package.module:function`: a user metric hook."""
+
+
+class CtcConfig(StrictModel):
+    """Greedy CTC decoding of a sequence model's output."""
+
+    blank: int = Field(default=0, ge=0)
+    """Index of the CTC blank class."""
+    layout: Literal["NTC", "NCT"] = "NTC"
+    """Axes of the output: [N, T, C] (time, then classes; the common layout) or [N, C, T]."""
+
+
+class DenseConfig(StrictModel):
+    """How a dense output (detection / segmentation map) is thresholded into foreground."""
+
+    threshold: float = 0.5
+    """Foreground where the probability exceeds this."""
+    logits: bool = False
+    """The output holds logits: a sigmoid is applied before the threshold (0.5 then means logit 0)."""
+    box_iou: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Two connected-component boxes match at this IoU or more (box_agreement)."""
+
+
+class CollapseConfig(StrictModel):
+    """When an INT8 variant counts as collapsed: the report then says so first, with cause and fix.
+
+    A healthy INT8 model sits at 20-40 dB output SQNR and >= 0.95 agreement. Below 10 dB the error's RMS is a
+    third of the signal's or more, where decisions flip across the board; below 0.5 agreement most samples
+    are read differently from FP32: broken, not merely imprecise (the gate rules judge the finer budget).
+    """
+
+    min_sqnr_db: float = 10.0
+    min_agreement: float = 0.5
+    """For top1_agreement, line_agreement, map_iou and box_agreement."""
+
+
+class LatencyConfig(StrictModel):
+    enabled: bool = True
+    warmup: int = Field(default=10, ge=0)
+    iterations: int = Field(default=50, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch_sizes must be a non-empty list of positive integers")
+        return sorted(set(v))
+
+
+class SensitivityConfig(StrictModel):
+    enabled: bool = True
+    top: int = Field(default=10, ge=1)
+    max_samples: int = Field(default=64, ge=1)
+    """Evaluation samples used for the per-layer analysis (it runs the model once per layer)."""
+    one_at_a_time: bool = True
+    metric: Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou"] = "sqnr_db"
+    """The model-output metric of one layer quantized alone (task metrics: ties ordered by output SQNR)."""
+
+
+class EvaluateConfig(StrictModel):
+    task: Literal["classification", "ctc", "dense"] = "classification"
+    """What the output means: class scores [N, classes], CTC sequence scores [N, T, C], or dense maps."""
+    metrics: list[str] = Field(default_factory=lambda: ["top1", "top5", "top1_agreement", "cosine", "sqnr_db",
+                                                        "max_abs_error"])
+    """Built-in names (BUILTIN_METRICS; the default suits classification, and the task's own metrics are
+    always added for ctc and dense) and `module:function` hooks returning {name: number}."""
+    ctc: CtcConfig = Field(default_factory=CtcConfig)
+    dense: DenseConfig = Field(default_factory=DenseConfig)
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in BUILTIN_METRICS and not HOOK_PATTERN.match(name):
+                raise ValueError(f"unknown metric '{name}'{did_you_mean(name, BUILTIN_METRICS)}; expected one of "
+                                 f"{', '.join(BUILTIN_METRICS)}, or a hook written package.module:function")
+        return v
+
+    def hooks(self) -> list[str]:
+        """The `module:function` entries of `metrics`."""
+        return [m for m in self.metrics if ":" in m]
+
+    def wanted(self) -> list[str]:
+        """Built-in metrics to record: those asked for plus, for ctc and dense, the task's own."""
+        names = [m for m in self.metrics if ":" not in m]
+        extra = [m for m in TASK_METRICS[self.task] if m not in names] if self.task != "classification" else []
+        return names + extra

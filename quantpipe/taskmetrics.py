@@ -1,0 +1,155 @@
+"""Task metrics: what a sequence model (CTC) or a dense-map model is judged on, and user metric hooks.
+
+evaluate records them for every variant; the accuracy fallback and the per-layer sensitivity score one of them
+(`task_score`). The arithmetic lives in quantpipe.metrics; this module reads a model output the way its task
+means it (decode, threshold) and names the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from quantpipe import metrics as M
+from quantpipe.errors import ConfigError, EvaluationError
+from quantpipe.evalconfig import BUILTIN_METRICS, EvaluateConfig
+
+__all__ = ["CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hook", "run_hooks"]
+
+SEQUENCE_VS_REF = ("line_agreement", "cer")
+SEQUENCE_VS_LABELS = ("line_accuracy", "label_cer")
+DENSE = ("map_iou", "box_agreement")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """How an output is read: its task and that task's options (see config: evaluate.task, .ctc, .dense)."""
+
+    task: str = "classification"
+    blank: int = 0
+    layout: str = "NTC"
+    threshold: float = 0.5
+    logits: bool = False
+    box_iou: float = 0.5
+
+    @classmethod
+    def from_config(cls, ev: EvaluateConfig) -> TaskSpec:
+        return cls(task=ev.task, blank=ev.ctc.blank, layout=ev.ctc.layout, threshold=ev.dense.threshold,
+                   logits=ev.dense.logits, box_iou=ev.dense.box_iou)
+
+    def decode(self, out: np.ndarray) -> list[tuple[int, ...]]:
+        """Greedy CTC decode; a clear EvaluationError when the output is not [N, T, C] / [N, C, T]."""
+        if np.ndim(out) != 3:
+            raise EvaluationError(
+                f"evaluate.task is ctc, but the output has shape {list(np.shape(out))}; CTC decoding needs 3 axes "
+                f"(evaluate.ctc.layout: {self.layout}). Set model.output to the sequence scores, or change evaluate.task.")
+        classes = np.shape(out)[2 if self.layout == "NTC" else 1]
+        if self.blank >= classes:
+            raise EvaluationError(f"evaluate.ctc.blank is {self.blank}, but the output has {classes} classes on its "
+                                  f"class axis (layout {self.layout}); set the blank index the model was trained with.")
+        return M.ctc_greedy_decode(out, blank=self.blank, layout=self.layout)
+
+    def mask(self, out: np.ndarray) -> np.ndarray:
+        """The thresholded foreground of a dense output."""
+        if np.ndim(out) < 3:
+            raise EvaluationError(
+                f"evaluate.task is dense, but the output has shape {list(np.shape(out))}; a map needs [N, H, W] or "
+                f"[N, C, H, W]. Set model.output to the probability / logit map, or change evaluate.task.")
+        return M.foreground(out, threshold=self.threshold, logits=self.logits)
+
+
+CLASSIFICATION = TaskSpec()
+"""Today's reading of an output: class scores (no decoding, no threshold)."""
+
+
+def task_metrics(out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | None, wanted: Sequence[str],
+                 spec: TaskSpec) -> dict[str, float | None]:
+    """The task's metrics among `wanted` (against the FP32 `ref` and, for CTC, the label sequences)."""
+    res: dict[str, float | None] = {}
+    if spec.task == "ctc":
+        pred = spec.decode(out)
+        if ref is not None:
+            gold = spec.decode(ref)
+            if "line_agreement" in wanted:
+                res["line_agreement"] = M.exact_match_rate(pred, gold)
+            if "cer" in wanted:
+                res["cer"] = M.character_error_rate(pred, gold)
+        if labels is not None and np.shape(labels)[0] == len(pred):
+            seqs = M.label_sequences(labels)
+            if "line_accuracy" in wanted:
+                res["line_accuracy"] = M.exact_match_rate(pred, seqs)
+            if "label_cer" in wanted:
+                res["label_cer"] = M.character_error_rate(pred, seqs)
+    elif spec.task == "dense" and ref is not None:
+        mine, theirs = spec.mask(out), spec.mask(ref)
+        if "map_iou" in wanted:
+            res["map_iou"] = M.mask_iou(mine, theirs)
+        if "box_agreement" in wanted:
+            res["box_agreement"] = M.box_agreement(mine, theirs, spec.box_iou)
+    return res
+
+
+def task_score(name: str, out: np.ndarray, ref: np.ndarray, spec: TaskSpec) -> float:
+    """One task metric against the FP32 output (for the fallback's budget and the sensitivity ranking)."""
+    needs = "ctc" if name in SEQUENCE_VS_REF else "dense" if name in DENSE else None
+    if needs is None or spec.task != needs:
+        raise ConfigError(f"the metric {name} needs evaluate.task: {needs or 'ctc or dense'} (it is {spec.task}); "
+                          f"set evaluate.task, or use sqnr_db, cosine or top1_agreement.")
+    value = task_metrics(out, ref, None, (name,), spec)[name]
+    return float("nan") if value is None else float(value)
+
+
+MetricHook = Callable[[np.ndarray, "np.ndarray | None", "np.ndarray | None"], Mapping[str, float]]
+
+
+def load_hook(spec: str) -> MetricHook:
+    """Import `package.module:function` (ConfigError naming the hook when it cannot be found)."""
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # an import error inside the user's module is theirs to see, named
+        raise ConfigError(f"evaluate.metrics hook '{spec}': module {module_name} cannot be imported "
+                          f"({type(err).__name__}: {err}). Install the package or put its folder on PYTHONPATH.") from err
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ConfigError(f"evaluate.metrics hook '{spec}': {module_name} has no function {func_name}. "
+                          f"Write it as package.module:function, the function taking (outputs, reference, labels).")
+    return func  # type: ignore[no-any-return]
+
+
+def run_hooks(hooks: Sequence[str], out: np.ndarray, ref: np.ndarray | None,
+              labels: np.ndarray | None) -> dict[str, float | None]:
+    """Call each hook with (outputs, reference outputs or None, labels or None); merge the named numbers."""
+    res: dict[str, float | None] = {}
+    for spec in hooks:
+        func = load_hook(spec)
+        try:
+            got: Any = func(out, ref, labels)
+        except Exception as err:
+            raise EvaluationError(f"evaluate.metrics hook '{spec}' raised {type(err).__name__}: {err}. Fix the hook "
+                                  f"(it is called with outputs {list(out.shape)}, the FP32 reference outputs or "
+                                  f"None, and the labels or None).") from err
+        if not isinstance(got, Mapping):
+            raise EvaluationError(f"evaluate.metrics hook '{spec}' returned {type(got).__name__}; it must return a "
+                                  f"dict of metric name -> number, e.g. {{'coco_map': 0.41}}.")
+        for name, value in got.items():
+            _check_hook_value(spec, name, value, res)
+            res[name] = float(value) if math.isfinite(float(value)) else None
+    return res
+
+
+def _check_hook_value(spec: str, name: Any, value: Any, seen: Mapping[str, Any]) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise EvaluationError(f"evaluate.metrics hook '{spec}' returned the metric name {name!r}; names must be "
+                              f"identifiers (letters, digits, _), as gate rules name them.")
+    if name in BUILTIN_METRICS or name.endswith("_drop") or name in seen:
+        raise EvaluationError(f"evaluate.metrics hook '{spec}' returned '{name}', which is already a quantpipe "
+                              f"metric or another hook's; rename it (e.g. '{name}_hook').")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise EvaluationError(f"evaluate.metrics hook '{spec}' returned {name} = {value!r}; values must be numbers.")

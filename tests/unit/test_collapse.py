@@ -1,0 +1,69 @@
+"""Loud on collapse: a crafted INT8 collapse is said first, with the worst layers and the YAML that fixes it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from quantpipe.artifacts import RunResults
+from quantpipe.cli import collapse_lines
+from quantpipe.collapse import find_collapse
+from quantpipe.config import CollapseConfig
+from quantpipe.report import write_report
+from tests.report_data import synthetic_results
+
+
+def _collapsed(tmp: Path) -> RunResults:
+    results = synthetic_results(tmp)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": 2.8, "top1_agreement": 0.31})
+                  if e.variant == "ort-int8" else e for e in results.evaluations)
+    results = dataclasses.replace(results, evaluations=evals, fallback=None)
+    return dataclasses.replace(results, collapse=find_collapse(results, CollapseConfig()))
+
+
+def test_healthy_int8_is_not_flagged(tmp_path: Path) -> None:
+    assert find_collapse(synthetic_results(tmp_path), CollapseConfig()) == ()
+
+
+def test_collapse_names_problem_cause_and_fix(tmp_path: Path) -> None:
+    (c,) = _collapsed(tmp_path).collapse
+    assert c.variant == "ort-int8"
+    assert c.problems == ("output SQNR 2.80 dB against FP32 (collapse below 10 dB)",
+                          "top1_agreement 0.310 (collapse below 0.5)")
+    assert c.cause.startswith("the most sensitive layers (per-layer sensitivity, worst first): /conv1/Conv (Conv;")
+    fix = yaml.safe_load(c.fix_yaml)
+    assert fix == {"build": {"fallback": {"metric": "top1_agreement", "min": 0.99, "max_layers": 1}}}
+    # limits come from the config: a looser SQNR limit leaves only the agreement
+    (loose,) = find_collapse(_collapsed(tmp_path), CollapseConfig(min_sqnr_db=1.0))
+    assert loose.problems == ("top1_agreement 0.310 (collapse below 0.5)",)
+
+
+def test_without_sensitivity_the_cause_says_how_to_get_it(tmp_path: Path) -> None:
+    results = dataclasses.replace(_collapsed(tmp_path), sensitivity=())
+    (c,) = find_collapse(results, CollapseConfig())
+    assert "evaluate.sensitivity.enabled: true" in c.cause
+    assert "max_layers" not in c.fix_yaml  # no layer count known
+
+
+def test_reports_say_it_before_the_tables(tmp_path: Path) -> None:
+    results = _collapsed(tmp_path)
+    written = write_report(tmp_path / "run", results)
+    for fmt, first_table in (("md", "| Variant"), ("summary", "| Variant"), ("html", "<table")):
+        text = written[fmt].read_text()
+        at = text.find("INT8 COLLAPSED" if fmt != "html" else "INT8 collapsed: ort-int8")
+        assert 0 <= at < text.find(first_table), fmt
+        assert "metric: top1_agreement" in text and "/conv1/Conv" in text, fmt
+
+
+def test_cli_summary_prints_it_first(tmp_path: Path) -> None:
+    lines = collapse_lines(_collapsed(tmp_path))
+    console = Console(record=True, width=200)
+    for line in lines:
+        console.print(line)
+    text = console.export_text()
+    assert text.startswith("INT8 COLLAPSED: ort-int8: output SQNR 2.80 dB")
+    assert "likely cause: the most sensitive layers" in text and "    metric: top1_agreement" in text
+    assert collapse_lines(synthetic_results(tmp_path)) == []
