@@ -115,6 +115,19 @@ def _int8_build_summary(rep: Any) -> dict[str, Any]:
     }
 
 
+def _auto_ranges(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
+    """`calibration.use: auto`'s summary (which method each tensor got and why) from the calibration stage."""
+    import json
+
+    path = ws.calibration / "auto_ranges.json"
+    if cfg.calibration.use != "auto" or not path.is_file():
+        return {}
+    try:
+        return {"ranges": json.loads(path.read_text(encoding="utf-8"))["summary"]}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def _build_ort(
     cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress
 ) -> tuple[dict[str, Path], FallbackReport | None, dict[str, Any] | None]:
@@ -152,7 +165,8 @@ def _build_ort(
                 options = with_calibration_data(load_onnx(li.spec.path), QuantizeOptions.from_config(q), li.calib,
                                                 batch_size=cfg.data.batch_size, amax=amax)
                 rep = quantize_model(li.spec.path, amax, out, options)
-            int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples}
+            int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples,
+                          **_auto_ranges(cfg, ws)}
             built["int8"] = out
             advance(1)
         if "fp32" in ort.precisions:

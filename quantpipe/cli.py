@@ -284,23 +284,39 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.data is None:
         raise ConfigError("INT8 quantization needs calibration data: pass --data D.npz (or --fp16 for an FP16 model).")
-    from quantpipe.calibration import calibrate_in_memory
-
     spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
-    progress = RichProgress(not args.quiet)
-    with progress.task(f"calibrating ({args.method}) on {ds.num_samples} samples", ds.num_samples) as advance:
-        amax = calibrate_in_memory(spec.path, ds, method=args.method, batch_size=args.batch_size,
-                                   percentile=args.percentile, device=args.device,
-                                   on_batch=lambda done, total: advance(done))
     # Flags left out keep QuantizeOptions' defaults, which are pipeline.yaml's (quantpipe.config).
     chosen = {"weight_rounding": args.weight_rounding, "split_activations": args.split_activations}
     options = QuantizeOptions(per_channel=not args.per_tensor, shift_nonnegative=not args.no_shift,
                               **{k: v for k, v in chosen.items() if v is not None})
+    amax = _quantize_amax(args, spec.path, ds, options)
     rep = write_qdq_model(spec.path, amax, args.out, options, calibration_data=ds, batch_size=args.batch_size)
     _console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
     for w in getattr(rep, "warnings", ()) or ():
         log.warning("%s", w)
     return EXIT_OK
+
+
+def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options: Any) -> dict[str, float]:
+    """The activation ranges of `quantpipe quantize --method M`; `auto` chooses per tensor by output effect."""
+    from quantpipe.calibration import calibrate_tables_in_memory
+
+    progress = RichProgress(not args.quiet)
+    methods = ["entropy", "minmax", "percentile", "mse", "best"] if args.method == "auto" else [args.method]
+    with progress.task(f"calibrating ({args.method}) on {ds.num_samples} samples", ds.num_samples) as advance:
+        tables = calibrate_tables_in_memory(model_path, ds, methods=methods, batch_size=args.batch_size,
+                                            percentile=args.percentile, device=args.device,
+                                            on_batch=lambda done, total: advance(done))
+    if args.method != "auto":
+        return tables[args.method]
+    from quantpipe.onnxgraph import load_onnx
+    from quantpipe.quantize.range_search import choose_ranges
+
+    choice = choose_ranges(load_onnx(model_path), tables, options, ds, batch_size=args.batch_size)
+    s = choice.summary()
+    _console().print(f"auto ranges: {s['per_method']} per tensor; kept {s['winner']} "
+                     f"({', '.join(f'{k} {v} dB' for k, v in s['model_db'].items())}; {s['seconds']} s)")
+    return choice.amax
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -412,10 +428,16 @@ def _add_calibrate(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
+    from quantpipe.config import CalibrationConfig
+
     q = sub.add_parser("quantize", parents=[common], help="write an INT8 Q/DQ model (or --fp16 an FP16 model) without a pipeline.yaml")
     q.add_argument("--model", type=Path, required=True)
     q.add_argument("--data", type=Path)
-    q.add_argument("--method", choices=["entropy", "minmax", "percentile", "mse", "best"], default="entropy")
+    q.add_argument("--method", choices=["auto", "entropy", "minmax", "percentile", "mse", "best"],
+                   default=CalibrationConfig().use,
+                   help="auto (default): per tensor, the candidate range (entropy/minmax/percentile/mse) with the least "
+                        "effect on the output, checked against each single method on the whole INT8 model; "
+                        "entropy: TensorRT's scales, exactly")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--fp16", action="store_true", help="write the FP16 model instead (no data needed)")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")

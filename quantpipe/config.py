@@ -166,8 +166,11 @@ class DataConfig(_Model):
 
 class CalibrationConfig(_Model):
     methods: list[Literal["entropy", "minmax", "percentile", "mse"]] = Field(default_factory=lambda: ["entropy", "minmax"])
-    use: Literal["entropy", "minmax", "percentile", "mse", "best"] = "entropy"
-    """Which scales build the INT8 variants; `best` picks per tensor the lowest-MSE method."""
+    use: Literal["auto", "entropy", "minmax", "percentile", "mse", "best"] = "auto"
+    """Which scales build the INT8 variants. `auto`: per tensor, the candidate (entropy, minmax, percentile,
+    mse; computed from the histograms whatever `methods` holds) with the least measured effect on the model
+    output, checked against each single method on the whole INT8 model (`quantize.range_search`); `best`:
+    per tensor the lowest quantization-MSE method; `entropy`: TensorRT's scales, exactly."""
     percentile: float = Field(default=99.99, gt=0.0, le=100.0)
     num_bins: int = Field(default=2048, ge=128)
     trt_version: str = "10.13.0"
@@ -176,7 +179,7 @@ class CalibrationConfig(_Model):
 
     @model_validator(mode="after")
     def _use_is_computed(self) -> CalibrationConfig:
-        if self.use != "best" and self.use not in self.methods:
+        if self.use not in ("best", "auto") and self.use not in self.methods:
             raise ValueError(f"calibration.use is '{self.use}' but calibration.methods {self.methods} does not compute it; add it to methods")
         return self
 

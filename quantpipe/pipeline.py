@@ -105,8 +105,42 @@ def stage_calibrate(
         summaries = [from_jsonable(CalibrationSummary, s) for s in manifest["payload"]]
         summaries = [dataclasses.replace(s, cache_path=str(ws.calibration / s.cache_path),
                                          json_path=str(ws.calibration / s.json_path)) for s in summaries]
+    if c.use == "auto":
+        return summaries, _auto_amax(cfg, ws, li, summaries, fp)
     amax = select_amax(ws.calibration, c.use, summaries)
     return summaries, amax
+
+
+AUTO_RANGES_FILE = "auto_ranges.json"
+
+
+def _auto_amax(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, summaries: list[CalibrationSummary],
+               calib_fp: dict[str, Any]) -> dict[str, float]:
+    """`calibration.use: auto`: the per-tensor ranges `choose_ranges` measures, reused while the calibration
+    and the `build.quantize` section (the choice depends on how the model is quantized) are unchanged; the
+    choice and why are written to `auto_ranges.json` beside the calibration files (the build summary reads it)."""
+    from quantpipe.calibration import method_tables
+    from quantpipe.onnxgraph import load_onnx
+    from quantpipe.quantize import QuantizeOptions
+    from quantpipe.quantize.range_search import AUTO_CANDIDATES, choose_ranges
+
+    fp = {**calib_fp, "build.quantize": json.dumps(cfg.build.quantize.model_dump(mode="json"), sort_keys=True)}
+    path = ws.calibration / AUTO_RANGES_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = {}
+    if doc.get("fingerprint") == fp:
+        log.info("calibrate: reusing the auto ranges (%s)", path)
+        return {k: float(v) for k, v in doc["amax"].items()}
+    if doc:
+        log.info("calibrate: choosing the auto ranges again (calibration or build.quantize changed)")
+    tables = method_tables(ws.calibration, [*AUTO_CANDIDATES, "best"], summaries, percentile=cfg.calibration.percentile)
+    choice = choose_ranges(load_onnx(li.spec.path), tables, QuantizeOptions.from_config(cfg.build.quantize), li.calib,
+                           batch_size=cfg.data.batch_size)
+    atomic_write_json(path, {"fingerprint": fp, "amax": choice.amax, "summary": choice.summary(),
+                             "per_tensor": choice.per_tensor})
+    return choice.amax
 
 
 

@@ -3,7 +3,7 @@
 
     PYTHONPATH=. python benchmarks/realset/score.py --set .realbench [--out DIR] [--jobs N] [--models ...]
 
-For each model and method (entropy, minmax, percentile, mse, best, and best with GPTQ weight rounding) it runs
+For each model and method (entropy, minmax, percentile, mse, best, auto, and best with GPTQ weight rounding) it runs
 `python -m quantpipe quantize --model M --data calib.npz --method X --out ...`, then runs FP32 and INT8 on
 eval.npz in onnxruntime CPU. INT8 runs with the exact Q/DQ arithmetic: `quantpipe.ortsession.ORT_INT8_SESSION_CONFIG`
 and graph optimizations disabled. Metrics are against FP32 (FP32 scores 1.0):
@@ -32,6 +32,7 @@ VARIANTS = {  # name -> extra `quantpipe quantize` flags
     "percentile": ["--method", "percentile"],
     "mse": ["--method", "mse"],
     "best": ["--method", "best"],
+    "auto": ["--method", "auto"],
     "best+gptq": ["--method", "best", "--weight-rounding", "gptq"],
 }
 MODELS = ("ppocr_rec", "ppocr_det", "ppocr_cls")

@@ -54,6 +54,7 @@ from quantpipe.errors import CalibrationError, ConfigError
 __all__ = [
     "METHODS",
     "BASE_METHODS",
+    "method_tables",
     "DEFAULT_TRT_VERSION",
     "DEFAULT_PERCENTILE",
     "DEFAULT_NUM_BINS",
@@ -77,6 +78,7 @@ __all__ = [
     "calibrate",
     "calibrate_to_cache",
     "calibrate_in_memory",
+    "calibrate_tables_in_memory",
     "select_amax",
     "amax_to_scale",
 ]
@@ -337,11 +339,47 @@ def calibrate_in_memory(
     on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
     """amax of every graph input and activation with one method, writing nothing (`quantpipe quantize`)."""
-    methods = _check_methods([method], percentile)
+    return calibrate_tables_in_memory(model_path, dataset, methods=[method], batch_size=batch_size,
+                                      percentile=percentile, device=device, num_bins=num_bins,
+                                      on_batch=on_batch)[method]
+
+
+def calibrate_tables_in_memory(
+    model_path: str | os.PathLike[str],
+    dataset: Dataset,
+    *,
+    methods: Sequence[str],
+    batch_size: int = 32,
+    percentile: float = DEFAULT_PERCENTILE,
+    device: str = "auto",
+    num_bins: int = DEFAULT_NUM_BINS,
+    on_batch: OnBatch | None = None,
+) -> dict[str, dict[str, float]]:
+    """method -> amax of every graph input and activation, from one pass over the data, writing nothing."""
+    checked = _check_methods(methods, percentile)
     stats = collect_histograms(model_path, dataset, batch_size=batch_size, num_bins=num_bins,
                                providers=_providers(device), on_batch=on_batch)
-    tables, _ = compute_tables(stats, methods, percentile=percentile)
-    return {n: a for n, a in tables[method].items() if stats.kinds[n] != "weight"}
+    tables, _ = compute_tables(stats, checked, percentile=percentile)
+    return {m: {n: a for n, a in t.items() if stats.kinds[n] != "weight"} for m, t in tables.items()}
+
+
+def method_tables(
+    out_dir: str | os.PathLike[str],
+    methods: Sequence[str],
+    summaries: Sequence[CalibrationSummary],
+    *,
+    percentile: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """method -> tensor -> amax (graph inputs and activations) for `methods`, from `histograms.npz` in
+    `out_dir` (`calibration.use: auto` chooses among them)."""
+    methods = [check_method(m) for m in methods]
+    hists, kinds = load_histograms(Path(out_dir) / HISTOGRAMS_FILE)
+    p = percentile
+    if p is None:
+        p = next((float(s.fingerprint["percentile"]) for s in summaries if "percentile" in s.fingerprint),
+                 DEFAULT_PERCENTILE)
+    acts = {n: h for n, h in hists.items() if kinds.get(n) != "weight"}
+    return compute_all(acts, methods, percentile=p)
 
 
 def select_amax(

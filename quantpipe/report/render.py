@@ -401,6 +401,12 @@ def _int8_build_lines(results: RunResults) -> list[str]:
         kept = ", ".join(f"{k['node']} ({k['reason']})" for k in b["kept_float"][:5])
         more = len(b["kept_float"]) - 5
         lines.append(f"Left in float: {kept}" + (f" and {more} more" if more > 0 else "") + ".")
+    if b.get("ranges"):
+        r = b["ranges"]
+        counts = ", ".join(f"{m} {n}" for m, n in r["per_method"].items())
+        lines.append(f"Activation ranges (calibration.use: auto), chosen per tensor by measured output effect: "
+                     f"{counts}; whole-model check kept {r['winner']} ({r['model_db'].get(r['winner'])} dB on "
+                     f"{r['samples']} calibration samples); auto_ranges.json says why for each tensor.")
     if b.get("split"):
         lines.append("Quantized in pieces (all INT8; build.quantize.split_activations): " + ", ".join(
             f"{s['tensor']} in {s['pieces']} (its readers read {s['pieces']}x the channels)" for s in b["split"])

@@ -33,7 +33,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     cfg = parse_config(MINIMAL, base_dir=tmp_path)
     assert cfg.model.path == (tmp_path / "m.onnx").resolve()
     assert cfg.data.evaluation.path == (tmp_path / "e.npz").resolve()
-    assert cfg.calibration.methods == ["entropy", "minmax"] and cfg.calibration.use == "entropy"
+    assert cfg.calibration.methods == ["entropy", "minmax"] and cfg.calibration.use == "auto"
     assert cfg.variant_names() == ["ort-fp32", "ort-fp16", "ort-int8"]  # tensorrt off by default
     assert cfg.report.dir == (tmp_path / "reports").resolve()
 

@@ -1,0 +1,239 @@
+"""`calibration.use: auto`: each activation's amax chosen among the calibration methods' candidates by its
+measured effect on the model's output, then checked against every single method on the whole INT8 model."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from quantpipe.int8 import INT8_MAX
+from quantpipe.onnxgraph import Graph, named_copy, topological_order
+from quantpipe.ortsession import ort_session
+from quantpipe.quantize.build import build_qdq_model
+from quantpipe.quantize.options import QuantizeOptions
+from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
+from quantpipe.quantize.write import with_calibration_data
+
+__all__ = ["AUTO_CANDIDATES", "RangeChoice", "choose_ranges"]
+
+log = logging.getLogger(__name__)
+
+#: The methods whose amax `auto` chooses among, per tensor (ties go to the larger amax).
+AUTO_CANDIDATES: tuple[str, ...] = ("entropy", "minmax", "percentile", "mse")
+#: The name of the per-tensor choice among the whole-model candidates of the safeguard.
+PER_TENSOR = "per-tensor"
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeChoice:
+    """What `choose_ranges` chose.
+
+    Attributes:
+        amax: tensor -> amax to build the INT8 model with.
+        winner: `PER_TENSOR` (the per-tensor choice) or the single method whose whole table won the safeguard.
+        model_db: output SQNR (dB) of the whole INT8 model on the search samples, per whole-model candidate.
+        per_tensor: tensor -> {"method": chosen method, "noise_db": {method: output SQNR with only this
+            tensor quantized at that method's amax}}.
+        samples: calibration samples the search ran on. seconds: its wall time.
+    """
+
+    amax: dict[str, float]
+    winner: str
+    model_db: dict[str, float]
+    per_tensor: dict[str, dict[str, Any]]
+    samples: int
+    seconds: float
+
+    def summary(self, top: int = 5) -> dict[str, Any]:
+        """Counts per method, and the tensors where the choice mattered most (largest gap, in output SQNR
+        with that tensor alone quantized, between the chosen and the worst candidate)."""
+        counts: dict[str, int] = {}
+        gaps = []
+        for t, rec in self.per_tensor.items():
+            counts[rec["method"]] = counts.get(rec["method"], 0) + 1
+            dbs = [d for d in rec["noise_db"].values() if math.isfinite(d)]
+            chosen = rec["noise_db"][rec["method"]]
+            gap = (chosen - min(dbs)) if dbs and math.isfinite(chosen) else 0.0
+            gaps.append((gap, t, rec))
+        gaps.sort(key=lambda x: (-x[0], x[1]))
+        return {
+            "winner": self.winner, "model_db": {k: round(v, 2) for k, v in self.model_db.items()},
+            "per_method": dict(sorted(counts.items())), "samples": self.samples, "seconds": round(self.seconds, 1),
+            "mattered_most": [{"tensor": t, "method": r["method"], "gap_db": round(g, 2),
+                               "noise_db": {m: round(d, 2) for m, d in r["noise_db"].items()}}
+                              for g, t, r in gaps[:top] if g > 0],
+        }
+
+
+def _nonnegative(g: Graph, t: str) -> bool:
+    """Produced by Relu or by a Clip with a constant lower bound >= 0 (the shift's candidates)."""
+    node = g.producer.get(t)
+    if node is None:
+        return False
+    if node.op_type == "Relu":
+        return True
+    if node.op_type != "Clip":
+        return False
+    lo = None
+    if len(node.input) > 1 and node.input[1]:
+        v = g.value(node.input[1])
+        lo = float(v) if v is not None and v.size == 1 else None
+    else:
+        lo = next((a.f for a in node.attribute if a.name == "min"), None)
+    return lo is not None and lo >= 0.0
+
+
+def _instrument(model: Any, tensors: Sequence[str]) -> tuple[Any, dict[str, tuple[str, str, str]]]:
+    """A copy of `model` where each tensor's int8 rounding error, at a centre and step given as inputs, is
+    added to it times a scalar switch input: (model, tensor -> (switch, centre, step) input names)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = named_copy(model)
+    g = Graph(m.graph)
+    names = {}
+    for i, t in enumerate(tensors):
+        sw, c, s = f"__qp_rs_on_{i}", f"__qp_rs_c_{i}", f"__qp_rs_s_{i}"
+        names[t] = (sw, c, s)
+        m.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in (sw, c, s))
+        m.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int8), f"{sw}_z"))
+        fq = [helper.make_node("Sub", [t, c], [f"{sw}_m"]),
+              helper.make_node("QuantizeLinear", [f"{sw}_m", s, f"{sw}_z"], [f"{sw}_q"]),
+              helper.make_node("DequantizeLinear", [f"{sw}_q", s, f"{sw}_z"], [f"{sw}_d"]),
+              helper.make_node("Sub", [f"{sw}_d", f"{sw}_m"], [f"{sw}_e"]),
+              helper.make_node("Mul", [f"{sw}_e", sw], [f"{sw}_ge"]),
+              helper.make_node("Add", [t, f"{sw}_ge"], [f"{sw}_out"])]
+        for reader, j in g.consumers[t]:
+            reader.input[j] = f"{sw}_out"
+        m.graph.node.extend(fq)
+    nodes = topological_order(list(m.graph.node), m.graph)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m, names
+
+
+def _err(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
+    return sum(float(np.sum(np.square(x.astype(np.float64) - r))) for x, r in zip(got, ref, strict=True)
+               if r.dtype.kind == "f")
+
+
+def _db(signal: float, noise: float) -> float:
+    """Output SQNR in dB, capped at 300 (no noise at all) so it stays valid JSON."""
+    return min(300.0, 10 * math.log10(signal / noise)) if noise > 0 and signal > 0 else 300.0
+
+
+def _usable(a: float | None) -> bool:
+    return a is not None and math.isfinite(a) and 0.0 < a < AMAX_LIMIT
+
+
+def _planned_tensors(model: Any, table: Mapping[str, float], options: QuantizeOptions) -> list[str]:
+    """The activations (and graph inputs) the quantizer gives a Q/DQ, in graph order."""
+    g = Graph(named_copy(model).graph)
+    plan = plan_qdq(g, table, options, options.per_channel)
+    by_name = {n.name: n for n in g.graph.node}
+    return list(dict.fromkeys(by_name[n].input[j] for n, j in plan.acts if n in by_name))
+
+
+def _candidates(tables: Mapping[str, Mapping[str, float]], t: str) -> dict[float, list[str]]:
+    """Distinct usable amax of `t` -> the methods that give it."""
+    out: dict[float, list[str]] = {}
+    for m in AUTO_CANDIDATES:
+        a = tables.get(m, {}).get(t)
+        if _usable(a):
+            out.setdefault(float(a), []).append(m)  # type: ignore[arg-type]
+    return out
+
+
+def _alone_pass(model: Any, tables: Mapping[str, Mapping[str, float]], tensors: list[str], options: QuantizeOptions,
+                feeds: list[dict[str, np.ndarray]], refs: list[list[np.ndarray]], signal: float
+                ) -> dict[str, dict[str, Any]]:
+    """Per tensor: each candidate amax's output noise with only that tensor rounded; the lowest wins."""
+    m, names = _instrument(model, tensors)
+    g = Graph(m.graph)
+    outputs = [o.name for o in model.graph.output]
+    sess = ort_session(m, optimize=False)
+    one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)
+    off = {n: (one if k == 2 else zero) for trio in names.values() for k, n in enumerate(trio)}
+    out: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        cands = _candidates(tables, t)
+        shift = options.shift_nonnegative and _nonnegative(g, t)
+        noise_db: dict[str, float] = {}
+        scored = []
+        for a, methods in cands.items():
+            sw, c, s = names[t]
+            centre, step = (a / 2, a / (2 * INT8_MAX)) if shift else (0.0, a / INT8_MAX)
+            on = {sw: one, c: np.array(centre, np.float32), s: np.array(step, np.float32)}
+            n = sum(_err(sess.run(outputs, {**f, **off, **on}), r) for f, r in zip(feeds, refs, strict=True))
+            for meth in methods:
+                noise_db[meth] = _db(signal, n)
+            scored.append((n, -a, methods[0]))
+        if scored:
+            out[t] = {"method": min(scored)[2], "noise_db": noise_db}
+    return out
+
+
+def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options: QuantizeOptions,
+                  calibration_data: Any, *, batch_size: int = 8, max_samples: int = 32) -> RangeChoice:
+    """Each activation's amax, chosen by its measured effect on the model output (`calibration.use: auto`).
+
+    1. Alone pass: in one instrumented session where scalar inputs switch each planned activation's fake
+       quantization on and set its scale, each distinct candidate amax among `AUTO_CANDIDATES` (entropy,
+       minmax, percentile, mse) is simulated with only that tensor rounded (symmetric, or the non-negative
+       shift's centre amax/2 and step amax/254 for Relu / Clip(lo >= 0) outputs when the shift is on), on up to
+       `max_samples` calibration samples; the amax with the lowest output noise (squared error of the float
+       outputs vs FP32) wins; ties go to the larger amax.
+    2. Safeguard: the whole INT8 model is built with that per-tensor choice and with each single method's
+       table in `tables` (the candidates and `best` when given) and run on the same samples; the lowest output
+       noise wins. So `auto` is never worse than the best single method on the calibration data by this measure.
+
+    `tables` must hold the four candidates (tensor -> amax); tensors no candidate covers keep `best`'s (or
+    mse's) amax.
+    """
+    t0 = time.perf_counter()
+    missing = [m for m in AUTO_CANDIDATES if m not in tables]
+    if missing:
+        raise ValueError(f"choose_ranges needs the tables of {', '.join(AUTO_CANDIDATES)}; missing {missing}")
+    m0 = named_copy(model)
+    opts = dataclasses.replace(options, split_activations="off")
+    if opts.channel_stats is None and (opts.smooth_alpha or opts.bias_correction):
+        opts = with_calibration_data(m0, dataclasses.replace(opts, weight_rounding="nearest"), calibration_data,
+                                     batch_size=batch_size)
+    outputs = [o.name for o in m0.graph.output]
+    ref_sess = ort_session(m0, optimize=False)
+    feeds: list[dict[str, np.ndarray]] = []
+    refs: list[list[np.ndarray]] = []
+    count = 0
+    for batch in calibration_data.batches(batch_size):
+        f = {k: v[: max_samples - count] for k, v in batch.feeds.items()}
+        feeds.append(f)
+        refs.append(ref_sess.run(outputs, f))
+        count += next(iter(f.values())).shape[0]
+        if count >= max_samples:
+            break
+    signal = sum(float(np.sum(np.square(r, dtype=np.float64))) for ref in refs for r in ref if r.dtype.kind == "f")
+    base = dict(tables.get("best", tables["mse"]))
+    tensors = [t for t in _planned_tensors(m0, tables["minmax"], opts) if len(_candidates(tables, t)) > 1]
+    log.info("auto ranges: %d activations with distinct candidates, %d samples", len(tensors), count)
+    per_tensor = _alone_pass(m0, tables, tensors, opts, feeds, refs, signal) if tensors and signal > 0 else {}
+    log.info("auto ranges: per-tensor pass done in %.1f s", time.perf_counter() - t0)
+    choice = {**base, **{t: float(tables[r["method"]][t]) for t, r in per_tensor.items()}}
+    wholes = {PER_TENSOR: choice, **{k: dict(v) for k, v in tables.items() if k in (*AUTO_CANDIDATES, "best")}}
+    model_db: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for name, table in wholes.items():
+        q = build_qdq_model(m0, table, opts)[0]
+        run = ort_session(q, optimize=False)
+        noise[name] = sum(_err(run.run(outputs, f), r) for f, r in zip(feeds, refs, strict=True))
+        model_db[name] = _db(signal, noise[name])
+    winner = min(noise, key=lambda k: (noise[k], k != PER_TENSOR))
+    secs = time.perf_counter() - t0
+    log.info("auto ranges: whole INT8 model output SQNR %s; kept %s (%.1f s)",
+             ", ".join(f"{k} {v:.1f} dB" for k, v in model_db.items()), winner, secs)
+    return RangeChoice(amax=dict(wholes[winner]), winner=winner, model_db=model_db, per_tensor=per_tensor,
+                       samples=count, seconds=secs)
