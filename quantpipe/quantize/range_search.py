@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.errors import BuildError
 from quantpipe.int8 import INT8_MAX
 from quantpipe.onnxgraph import Graph, named_copy, topological_order
 from quantpipe.ortsession import ort_session
@@ -198,7 +199,8 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     t0 = time.perf_counter()
     missing = [m for m in AUTO_CANDIDATES if m not in tables]
     if missing:
-        raise ValueError(f"choose_ranges needs the tables of {', '.join(AUTO_CANDIDATES)}; missing {missing}")
+        raise BuildError(f"calibration.use: auto chooses among {', '.join(AUTO_CANDIDATES)}, but the tables of "
+                         f"{', '.join(missing)} are missing; this is a quantpipe bug, please report it.")
     m0 = named_copy(model)
     opts = dataclasses.replace(options, split_activations="off")
     if opts.channel_stats is None and (opts.smooth_alpha or opts.bias_correction):
