@@ -29,7 +29,7 @@ from quantpipe.artifacts import (
     from_jsonable,
     to_jsonable,
 )
-from quantpipe.build import model_files, stage_build
+from quantpipe.build import model_files, sha256_of_mapping, stage_build
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError, OutputError, QuantpipeError, WriteError, os_error_message
 from quantpipe.fsutil import atomic_copy, atomic_write_json, writable_reason
@@ -131,17 +131,20 @@ def _auto_amax(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, summaries: 
     except (OSError, ValueError):
         doc = {}
     if doc.get("fingerprint") == fp:
-        log.info("calibrate: reusing the auto ranges (%s)", path)
-        return {k: float(v) for k, v in doc["amax"].items()}
-    if doc:
+        amax = {k: float(v) for k, v in doc.get("amax", {}).items()}
+        # Verified, not trusted: ranges edited on disk since they were written are chosen again.
+        if amax and doc.get("amax_sha256") == sha256_of_mapping(amax):
+            log.info("calibrate: reusing the auto ranges (%s)", path)
+            return amax
+        log.info("calibrate: choosing the auto ranges again (%s changed on disk since it was written)", path.name)
+    elif doc:
         log.info("calibrate: choosing the auto ranges again (calibration or build.quantize changed)")
     tables = method_tables(ws.calibration, [*AUTO_CANDIDATES, "best"], summaries, percentile=cfg.calibration.percentile)
     choice = choose_ranges(load_onnx(li.spec.path), tables, QuantizeOptions.from_config(cfg.build.quantize), li.calib,
                            batch_size=cfg.data.batch_size)
-    atomic_write_json(path, {"fingerprint": fp, "amax": choice.amax, "summary": choice.summary(),
-                             "per_tensor": choice.per_tensor})
+    atomic_write_json(path, {"fingerprint": fp, "amax": choice.amax, "amax_sha256": sha256_of_mapping(choice.amax),
+                             "summary": choice.summary(), "per_tensor": choice.per_tensor})
     return choice.amax
-
 
 
 def stage_evaluate(

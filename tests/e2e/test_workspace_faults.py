@@ -99,6 +99,19 @@ def test_tampered_cache_and_model_are_rebuilt_not_reused(project: Path, capsys: 
     assert os.stat(published).st_ino != os.stat(cache).st_ino  # published files are copies, never links
 
 
+
+def test_edited_auto_ranges_are_chosen_again_not_reused(project: Path, capsys: pytest.CaptureFixture) -> None:
+    ranges = project / WORK / "calibration/auto_ranges.json"
+    doc = json.loads(ranges.read_text())
+    name = next(iter(doc["amax"]))
+    doc["amax"][name] = 1e-3  # an edited range that would clip the tensor
+    ranges.write_text(json.dumps(doc))
+    code, _, err = _run_cli(["run", str(project / "pipeline.yaml"), "--run-id", "after-edit"], capsys)
+    assert code == 0, err
+    assert "choosing the auto ranges again (auto_ranges.json changed on disk since it was written)" in err
+    assert json.loads(ranges.read_text())["amax"][name] != 1e-3
+
+
 # --------------------------------------------------------------------------- 4: relocatable
 
 
