@@ -14,9 +14,10 @@ import numpy as np
 
 from quantpipe.errors import BuildError
 from quantpipe.int8 import INT8_MAX
-from quantpipe.onnxgraph import Graph, named_copy, topological_order
+from quantpipe.onnxgraph import Graph, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
+from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
 from quantpipe.quantize.write import with_calibration_data
@@ -93,7 +94,7 @@ def _nonnegative(g: Graph, t: str) -> bool:
 def _instrument(model: Any, tensors: Sequence[str]) -> tuple[Any, dict[str, tuple[str, str, str]]]:
     """A copy of `model` where each tensor's int8 rounding error, at a centre and step given as inputs, is
     added to it times a scalar switch input: (model, tensor -> (switch, centre, step) input names)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     m = named_copy(model)
     g = Graph(m.graph)
@@ -102,25 +103,9 @@ def _instrument(model: Any, tensors: Sequence[str]) -> tuple[Any, dict[str, tupl
         sw, c, s = f"__qp_rs_on_{i}", f"__qp_rs_c_{i}", f"__qp_rs_s_{i}"
         names[t] = (sw, c, s)
         m.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in (sw, c, s))
-        m.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int8), f"{sw}_z"))
-        fq = [helper.make_node("Sub", [t, c], [f"{sw}_m"]),
-              helper.make_node("QuantizeLinear", [f"{sw}_m", s, f"{sw}_z"], [f"{sw}_q"]),
-              helper.make_node("DequantizeLinear", [f"{sw}_q", s, f"{sw}_z"], [f"{sw}_d"]),
-              helper.make_node("Sub", [f"{sw}_d", f"{sw}_m"], [f"{sw}_e"]),
-              helper.make_node("Mul", [f"{sw}_e", sw], [f"{sw}_ge"]),
-              helper.make_node("Add", [t, f"{sw}_ge"], [f"{sw}_out"])]
-        for reader, j in g.consumers[t]:
-            reader.input[j] = f"{sw}_out"
-        m.graph.node.extend(fq)
-    nodes = topological_order(list(m.graph.node), m.graph)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
+        add_switched_rounding(m, g, t, sw, c, s)
+    reorder(m)
     return m, names
-
-
-def _err(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
-    return sum(float(np.sum(np.square(x.astype(np.float64) - r))) for x, r in zip(got, ref, strict=True)
-               if r.dtype.kind == "f")
 
 
 def _db(signal: float, noise: float) -> float:
@@ -170,7 +155,7 @@ def _alone_pass(model: Any, tables: Mapping[str, Mapping[str, float]], tensors: 
             sw, c, s = names[t]
             centre, step = (a / 2, a / (2 * INT8_MAX)) if shift else (0.0, a / INT8_MAX)
             on = {sw: one, c: np.array(centre, np.float32), s: np.array(step, np.float32)}
-            n = sum(_err(sess.run(outputs, {**f, **off, **on}), r) for f, r in zip(feeds, refs, strict=True))
+            n = sum(output_error(sess.run(outputs, {**f, **off, **on}), r) for f, r in zip(feeds, refs, strict=True))
             for meth in methods:
                 noise_db[meth] = _db(signal, n)
             scored.append((n, -a, methods[0]))
@@ -231,7 +216,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     for name, table in wholes.items():
         q = build_qdq_model(m0, table, opts)[0]
         run = ort_session(q, optimize=False)
-        noise[name] = sum(_err(run.run(outputs, f), r) for f, r in zip(feeds, refs, strict=True))
+        noise[name] = sum(output_error(run.run(outputs, f), r) for f, r in zip(feeds, refs, strict=True))
         model_db[name] = _db(signal, noise[name])
     winner = min(noise, key=lambda k: (noise[k], k != PER_TENSOR))
     secs = time.perf_counter() - t0

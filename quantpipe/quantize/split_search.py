@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from quantpipe.int8 import INT8_MAX
-from quantpipe.onnxgraph import Graph, named_copy, topological_order
+from quantpipe.onnxgraph import Graph, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
+from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.split import split_candidate
 
@@ -43,27 +44,10 @@ def _instrument(model: Any, amax: Mapping[str, float], options: QuantizeOptions
         switches[t] = sw
         m.graph.input.append(helper.make_tensor_value_info(sw, TensorProto.FLOAT, []))
         m.graph.initializer.extend([numpy_helper.from_array(np.array(c, np.float32), f"{sw}_c"),
-                                    numpy_helper.from_array(np.array(step, np.float32), f"{sw}_s"),
-                                    numpy_helper.from_array(np.array(0, np.int8), f"{sw}_z")])
-        fq = [helper.make_node("Sub", [t, f"{sw}_c"], [f"{sw}_m"]),
-              helper.make_node("QuantizeLinear", [f"{sw}_m", f"{sw}_s", f"{sw}_z"], [f"{sw}_q"]),
-              helper.make_node("DequantizeLinear", [f"{sw}_q", f"{sw}_s", f"{sw}_z"], [f"{sw}_d"]),
-              helper.make_node("Sub", [f"{sw}_d", f"{sw}_m"], [f"{sw}_e"]),
-              helper.make_node("Mul", [f"{sw}_e", sw], [f"{sw}_ge"]),
-              helper.make_node("Add", [t, f"{sw}_ge"], [f"{sw}_out"])]
-        for reader, j in g.consumers[t]:
-            reader.input[j] = f"{sw}_out"
-        m.graph.node.extend(fq)
-    nodes = topological_order(list(m.graph.node), m.graph)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
+                                    numpy_helper.from_array(np.array(step, np.float32), f"{sw}_s")])
+        add_switched_rounding(m, g, t, sw, f"{sw}_c", f"{sw}_s")
+    reorder(m)
     return m, switches, list(cands)
-
-
-def _err(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
-    """Squared error summed over the float outputs."""
-    return sum(float(np.sum(np.square(x.astype(np.float64) - r))) for x, r in zip(got, ref, strict=True)
-               if r.dtype.kind == "f")
 
 
 @dataclasses.dataclass
@@ -93,7 +77,7 @@ def _simulate(m: Any, switches: Mapping[str, str], calibration_data: Any, output
         s.refs.append(ref)
         s.signal += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
         for t, sw in switches.items():
-            s.noise[t] += _err(sess.run(outputs, {**feeds, **off, sw: np.array(1.0, np.float32)}), ref)
+            s.noise[t] += output_error(sess.run(outputs, {**feeds, **off, sw: np.array(1.0, np.float32)}), ref)
         s.count += next(iter(feeds.values())).shape[0]
         if s.count >= max_samples:
             break
@@ -126,7 +110,7 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     def model_noise(splits: Mapping[str, int]) -> float:
         q = build_qdq_model(model, amax, dataclasses.replace(options, split_activations=dict(splits)))[0]
         run = ort_session(q, optimize=False)
-        return sum(_err(run.run(outputs, f), r) for f, r in zip(s.feeds, s.refs, strict=True))
+        return sum(output_error(run.run(outputs, f), r) for f, r in zip(s.feeds, s.refs, strict=True))
 
     chosen: dict[str, int] = {}
     current = model_noise(chosen)
