@@ -25,6 +25,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+import onnx
+
+from quantpipe import metrics as M
+from quantpipe.ortsession import ort_session
 
 VARIANTS = {  # name -> extra `quantpipe quantize` flags
     "entropy": ["--method", "entropy"],
@@ -60,49 +64,9 @@ def verify(set_dir: str) -> dict:
     return manifest
 
 
-def session(path: str, int8: bool, threads: int):
-    import onnxruntime as ort
-
-    from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    if int8:  # the exact Q/DQ arithmetic: no fusions, int8 kernels allowed (no U8S8 saturation)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        for k, v in ORT_INT8_SESSION_CONFIG.items():
-            opts.add_session_config_entry(k, v)
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
 def run(sess, x: np.ndarray, batch: int = 8) -> np.ndarray:
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - out) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
-
-
-def ctc_greedy(probs: np.ndarray, charset: list[str]) -> list[str]:
-    """rapidocr CTCLabelDecode: argmax per timestep, merge repeats, drop blank (index 0)."""
-    out = []
-    for idx in probs.argmax(axis=2):
-        keep = np.ones(len(idx), dtype=bool)
-        keep[1:] = idx[1:] != idx[:-1]
-        keep &= idx != 0
-        out.append("".join(charset[i] for i in idx[keep]))
-    return out
-
-
-def edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
 
 
 def components(mask: np.ndarray) -> np.ndarray:
@@ -133,14 +97,19 @@ def box_matches(a: np.ndarray, b: np.ndarray, thresh: float = 0.5) -> int:
     return matched
 
 
+def decode(probs: np.ndarray, charset: list[str]) -> list[str]:
+    """rapidocr's CTCLabelDecode (blank 0) as text: quantpipe's greedy CTC decode, mapped through the charset."""
+    return ["".join(charset[i] for i in seq) for seq in M.ctc_greedy_decode(probs, blank=0)]
+
+
 def task_metrics(model: str, ref: np.ndarray, out: np.ndarray, z: dict, charset: list[str] | None) -> dict:
-    m: dict = {"sqnr_db": sqnr_db(ref, out)}
+    m: dict = {"sqnr_db": M.sqnr_db(out, ref)}
     if model == "ppocr_rec":
-        fp32, q = ctc_greedy(ref, charset), ctc_greedy(out, charset)
+        fp32, q = decode(ref, charset), decode(out, charset)
         m["exact"] = int(sum(a == b for a, b in zip(fp32, q, strict=True)))
         m["n"] = len(fp32)
         m["exact_rate"] = m["exact"] / m["n"]
-        m["cer"] = sum(edit_distance(a, b) for a, b in zip(fp32, q, strict=True)) / max(1, sum(len(a) for a in fp32))
+        m["cer"] = M.character_error_rate(q, fp32)
         m["exact_vs_rendered"] = float(np.mean([b == t for b, t in zip(q, z["text"], strict=True)]))
         m["diffs"] = [[a, b] for a, b in zip(fp32, q, strict=True) if a != b][:8]
     elif model == "ppocr_det":
@@ -160,8 +129,6 @@ def task_metrics(model: str, ref: np.ndarray, out: np.ndarray, z: dict, charset:
 
 
 def charset_of(model_path: str) -> list[str]:
-    import onnx
-
     meta = {p.key: p.value for p in onnx.load(model_path, load_external_data=False).metadata_props}
     return ["blank"] + meta["character"].splitlines() + [" "]
 
@@ -171,7 +138,7 @@ def score_variant(set_dir: str, out_dir: str, model: str, variant: str, threads:
     src = os.path.join(set_dir, model, "model.onnx")
     z = dict(np.load(os.path.join(set_dir, model, "eval.npz")))
     charset = charset_of(src) if model == "ppocr_rec" else None
-    ref = run(session(src, False, threads), z["x"])
+    ref = run(ort_session(onnx.load(src), threads=threads), z["x"])
     row: dict = {"model": model, "variant": variant}
     if variant == "fp32":
         row.update(task_metrics(model, ref, ref, z, charset))
@@ -187,7 +154,8 @@ def score_variant(set_dir: str, out_dir: str, model: str, variant: str, threads:
     if proc.returncode:
         row["error"] = f"quantpipe quantize exit {proc.returncode}"
         return row
-    out = run(session(dst, True, threads), z["x"])
+    # The exact Q/DQ arithmetic: no fusions, int8 kernels allowed (no U8S8 saturation).
+    out = run(ort_session(onnx.load(dst), int8=True, optimize=False, threads=threads), z["x"])
     row.update(task_metrics(model, ref, out, z, charset))
     return row
 
