@@ -20,6 +20,7 @@ from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
+from quantpipe.quantize.rewrites.patterns import clip_bounds
 from quantpipe.quantize.write import with_calibration_data
 
 __all__ = ["AUTO_CANDIDATES", "RangeChoice", "choose_ranges"]
@@ -74,21 +75,11 @@ class RangeChoice:
 
 
 def _nonnegative(g: Graph, t: str) -> bool:
-    """Produced by Relu or by a Clip with a constant lower bound >= 0 (the shift's candidates)."""
+    """Produced by Relu or by a Clip with constant bounds and a lower bound >= 0 (the shift's candidates, as
+    `rewrites.shift` itself recognises them)."""
     node = g.producer.get(t)
-    if node is None:
-        return False
-    if node.op_type == "Relu":
-        return True
-    if node.op_type != "Clip":
-        return False
-    lo = None
-    if len(node.input) > 1 and node.input[1]:
-        v = g.value(node.input[1])
-        lo = float(v) if v is not None and v.size == 1 else None
-    else:
-        lo = next((a.f for a in node.attribute if a.name == "min"), None)
-    return lo is not None and lo >= 0.0
+    bounds = clip_bounds(g, node) if node is not None else None
+    return bounds is not None and bounds[0] >= 0.0
 
 
 def _instrument(model: Any, tensors: Sequence[str]) -> tuple[Any, dict[str, tuple[str, str, str]]]:
