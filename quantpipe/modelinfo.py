@@ -20,8 +20,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
+from quantpipe.onnxgraph import Graph
 from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 
 __all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "describe_precision", "int8_run_lines"]
@@ -83,17 +84,6 @@ class ModelPrecision:
         return used[0] if len(used) == 1 else "mixed fp16/fp32" if used else "no float compute"
 
 
-def _constants(model: Any) -> dict[str, np.ndarray]:
-    """Initializers and Constant node outputs by name (scales and zero points live in either)."""
-    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output:
-            value = next((a for a in n.attribute if a.name == "value"), None)
-            if value is not None:
-                out[n.output[0]] = numpy_helper.to_array(value.t)
-    return out
-
-
 def _elem_types(model: Any) -> dict[str, int]:
     types = {}
     for vi in (*model.graph.input, *model.graph.output, *model.graph.value_info):
@@ -103,9 +93,9 @@ def _elem_types(model: Any) -> dict[str, int]:
     return types
 
 
-def _node_precision(node: Any, dq_outputs: set[str], int8_outputs: set[str], constants: Mapping[str, Any],
+def _node_precision(node: Any, dq_outputs: set[str], int8_outputs: set[str], g: Graph,
                     types: Mapping[str, int]) -> str:
-    data_inputs = [i for i in node.input if i and i not in constants]
+    data_inputs = [i for i in node.input if i and not g.is_constant(i)]
     if any(i in dq_outputs for i in data_inputs) and all(i in dq_outputs or i in int8_outputs for i in data_inputs):
         return "int8"
     for o in node.output:
@@ -114,20 +104,20 @@ def _node_precision(node: Any, dq_outputs: set[str], int8_outputs: set[str], con
     return "other"
 
 
-def _qdq_summary(model: Any, constants: Mapping[str, np.ndarray]) -> QdqSummary:
+def _qdq_summary(model: Any, g: Graph) -> QdqSummary:
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     scales: dict[str, list[np.ndarray]] = {"weight": [], "activation": []}
     zps, zp_types = [], set()
     per_channel = weights = 0
     for n in qdq:
-        is_weight = n.op_type == "DequantizeLinear" and n.input[0] in constants
+        is_weight = n.op_type == "DequantizeLinear" and g.is_constant(n.input[0])
         weights += is_weight
-        scale = constants.get(n.input[1]) if len(n.input) > 1 else None
+        scale = g.value(n.input[1]) if len(n.input) > 1 else None
         if scale is not None and scale.size > 1:
             per_channel += 1
         if scale is not None and scale.size:
             scales["weight" if is_weight else "activation"].append(np.asarray(scale, dtype=np.float64).ravel())
-        zp = constants.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        zp = g.value(n.input[2]) if len(n.input) > 2 and n.input[2] else None
         if zp is not None:
             zp_types.add(zp.dtype.name)
             if np.any(zp != 0):
@@ -175,7 +165,7 @@ def describe_precision(model: Any) -> ModelPrecision:
     Pass the model after `onnx.shape_inference.infer_shapes` (as `model.read_model_spec` returns it): the
     precision of a float node is read from its output's inferred element type.
     """
-    constants = _constants(model)
+    g = Graph(model.graph)  # constants decoded on demand: the scales and zero points, not every weight
     types = _elem_types(model)
     dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     int8_outputs: set[str] = set()
@@ -187,7 +177,7 @@ def describe_precision(model: Any) -> ModelPrecision:
             casts["fp16" if to == TensorProto.FLOAT16 else "fp32" if to == TensorProto.FLOAT else "other"] += 1
         if n.op_type in _CONVERSIONS or n.op_type == "Constant":
             continue
-        precision = _node_precision(n, dq_outputs, int8_outputs, constants, types)
+        precision = _node_precision(n, dq_outputs, int8_outputs, g, types)
         if precision == "int8":
             int8_outputs.update(n.output)
         by_op[n.op_type][precision] += 1
@@ -198,7 +188,7 @@ def describe_precision(model: Any) -> ModelPrecision:
     return ModelPrecision(
         by_op={op: {p: by_op[op][p] for p in PRECISIONS if by_op[op][p]} for op in order},
         totals={p: totals[p] for p in PRECISIONS if totals[p]},
-        qdq=_qdq_summary(model, constants),
+        qdq=_qdq_summary(model, g),
         casts_to_fp16=casts["fp16"], casts_to_fp32=casts["fp32"], casts_other=casts["other"],
         quantpipe_metadata=_metadata(model),
     )
