@@ -17,7 +17,7 @@ from quantpipe.fsutil import sha256_file
 from quantpipe.inputs import LoadedInputs
 from quantpipe.workspace import NullProgress, Progress, Workspace, relative_to, reusable, write_manifest
 
-__all__ = ["model_files", "sha256_of_mapping", "stage_build"]
+__all__ = ["model_files", "quantize_options", "sha256_of_mapping", "stage_build"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def stage_build(
             "selection_data": li.selection.fingerprint if b.fallback is not None else "",
             "quantpipe": __version__,
         }
+        if cfg.calibration.from_cache is not None:  # the cache's scales are kept exact: see quantize_options
+            fp["from_cache"] = str(cfg.calibration.from_cache)
         if b.fallback is not None and b.fallback.metric in ("line_agreement", "map_iou"):
             # How the output is decoded / thresholded decides what the fallback keeps in float.
             fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense"}), sort_keys=True)
@@ -128,11 +130,35 @@ def _auto_ranges(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
         return {}
 
 
+def quantize_options(cfg: PipelineConfig) -> Any:
+    """`build.quantize` as QuantizeOptions; with `calibration.from_cache`, without the rewrites that would
+    change a scale the cache fixes (`migrate.exact_scale_options`)."""
+    from quantpipe.quantize import QuantizeOptions
+
+    options = QuantizeOptions.from_config(cfg.build.quantize)
+    if cfg.calibration.from_cache is not None:
+        from quantpipe.migrate import exact_scale_options
+
+        options, _ = exact_scale_options(options)
+    return options
+
+
+def _from_cache(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
+    """`calibration.from_cache`'s record (what the cache gave, lacked, held for nothing) from the calibration stage."""
+    path = ws.calibration / "from_cache.json"
+    if cfg.calibration.from_cache is None or not path.is_file():
+        return {}
+    try:
+        return {"from_cache": json.loads(path.read_text(encoding="utf-8"))}
+    except (OSError, ValueError):
+        return {}
+
+
 def _build_ort(
     cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress
 ) -> tuple[dict[str, Path], FallbackReport | None, dict[str, Any] | None]:
     from quantpipe.onnxgraph import load_onnx
-    from quantpipe.quantize import QuantizeOptions, quantize_model, with_calibration_data, write_fp16_model
+    from quantpipe.quantize import quantize_model, with_calibration_data, write_fp16_model
 
     b = cfg.build
     ort = b.backends.onnxruntime
@@ -140,7 +166,6 @@ def _build_ort(
     built: dict[str, Path] = {"fp32": Path(li.spec.path)}
     fallback = None
     int8_build = None
-    q = b.quantize
     with progress.task("building ONNX Runtime variants", len(ort.precisions)) as advance:
         if "fp16" in ort.precisions:
             out = ws.models / "model.fp16.onnx"
@@ -158,15 +183,15 @@ def _build_ort(
                 rep, fallback = accuracy_fallback(
                     li.spec.path, amax, li.selection, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
-                    options=QuantizeOptions.from_config(q), calibration_data=li.calib,
+                    options=quantize_options(cfg), calibration_data=li.calib,
                     task=TaskSpec.from_config(cfg.evaluate),
                 )
             else:
-                options = with_calibration_data(load_onnx(li.spec.path), QuantizeOptions.from_config(q), li.calib,
+                options = with_calibration_data(load_onnx(li.spec.path), quantize_options(cfg), li.calib,
                                                 batch_size=cfg.data.batch_size, amax=amax)
                 rep = quantize_model(li.spec.path, amax, out, options)
             int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples,
-                          **_auto_ranges(cfg, ws)}
+                          **_auto_ranges(cfg, ws), **_from_cache(cfg, ws)}
             built["int8"] = out
             advance(1)
         if "fp32" in ort.precisions:
@@ -241,7 +266,7 @@ def _build_trt(
     method = "minmax" if use == "minmax" else "entropy"
     summary = next((s for s in calib_summaries if s.method == use), None)
     best_cache: Path | None = None
-    if use == "best":
+    if use == "best" or cfg.calibration.from_cache is not None:
         # The per-tensor choice has no calibration run of its own: give TensorRT a cache of exactly the
         # scales the Q/DQ model uses (read under the EntropyCalibration2 header, so TensorRT skips calibrating).
         from quantpipe.calibration.cache import write_trt_cache

@@ -273,6 +273,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from quantpipe.quantize import QuantizeOptions, write_fp16_model, write_qdq_model
 
+    if args.fp16 and args.from_cache is not None:
+        raise ConfigError("--fp16 and --from-cache do not go together: a calibration cache holds INT8 scales. "
+                          "Drop --fp16 for the INT8 Q/DQ model, or --from-cache for the FP16 model.")
     if args.fp16:
         from quantpipe.model import load_model_spec
 
@@ -282,17 +285,41 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         for w in getattr(rep, "warnings", ()) or ():
             log.warning("%s", w)
         return EXIT_OK
-    if args.data is None:
-        raise ConfigError("INT8 quantization needs calibration data: pass --data D.npz (or --fp16 for an FP16 model).")
-    spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
     # Flags left out keep QuantizeOptions' defaults, which are pipeline.yaml's (quantpipe.config).
     chosen = {"weight_rounding": args.weight_rounding, "split_activations": args.split_activations}
     options = QuantizeOptions(per_channel=not args.per_tensor, shift_nonnegative=not args.no_shift,
                               **{k: v for k, v in chosen.items() if v is not None})
+    if args.from_cache is not None:
+        return _quantize_from_cache(args, options)
+    if args.data is None:
+        raise ConfigError("INT8 quantization needs calibration data: pass --data D.npz (or --fp16 for an FP16 model, "
+                          "or --from-cache C for the scales of a TensorRT calibration cache).")
+    spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
     amax = _quantize_amax(args, spec.path, ds, options)
     rep = write_qdq_model(spec.path, amax, args.out, options, calibration_data=ds, batch_size=args.batch_size)
     _console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
     for w in getattr(rep, "warnings", ()) or ():
+        log.warning("%s", w)
+    return EXIT_OK
+
+
+def _quantize_from_cache(args: argparse.Namespace, options: Any) -> int:
+    """`quantpipe quantize --from-cache C`: a TensorRT <= 10 cache's scales, exactly, in a Q/DQ model (migrate.py)."""
+    from quantpipe.migrate import migrate_cache
+    from quantpipe.model import load_model_spec
+
+    spec, ds = (_standalone_dataset(args.model, args.data, args.max_samples) if args.data is not None
+                else (load_model_spec(args.model)[0], None))
+    method = None if args.method == "auto" else args.method
+    with RichProgress(not args.quiet).task("calibrating the tensors the cache lacks" if ds is not None else
+                                           "writing the Q/DQ model", ds.num_samples if ds is not None else None) as advance:
+        rep, migration = migrate_cache(spec.path, args.from_cache, args.out, options, calibration_data=ds,
+                                       batch_size=args.batch_size, percentile=args.percentile, device=args.device,
+                                       method=method, on_batch=lambda done, total: advance(done))
+    for line in migration.lines():
+        _console().print(line, markup=False)
+    _console().print(f"wrote {args.out} ({len(rep.quantized_nodes)} nodes quantized)")
+    for w in rep.warnings:
         log.warning("%s", w)
     return EXIT_OK
 
@@ -438,8 +465,12 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="auto (default): per tensor, the candidate range (entropy/minmax/percentile/mse) with the least "
                         "effect on the output, checked against each single method on the whole INT8 model; "
                         "entropy: TensorRT's scales, exactly")
-    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--out", "-o", type=Path, required=True)
     q.add_argument("--fp16", action="store_true", help="write the FP16 model instead (no data needed)")
+    q.add_argument("--from-cache", type=Path, metavar="CACHE",
+                   help="TensorRT <= 10 / trtexec / Polygraphy / TAO calibration cache: its scales, exactly, in the "
+                        "Q/DQ model TensorRT 11 builds; tensors it lacks are calibrated from --data if given "
+                        "(--method, default: the cache's calibrator), else left in float (README, 'Migrating')")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")
     q.add_argument("--weight-rounding", choices=["nearest", "gptq"],
                    help="gptq: fit the int8 weight codes to each layer's calibration inputs (slower); default: "

@@ -176,6 +176,10 @@ class CalibrationConfig(_Model):
     trt_version: str = "10.13.0"
     """TensorRT version written in the cache header (`TRT-<version>-EntropyCalibration2`)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    from_cache: ConfigPath | None = None
+    """A calibration cache written by TensorRT <= 10, trtexec, Polygraphy or TAO: the INT8 variants take its
+    scales exactly (migration to TensorRT 11, `quantpipe.migrate`); tensors it lacks take the calibrated ranges
+    of the method closest to its calibrator. `use` is then not consulted."""
 
     @model_validator(mode="after")
     def _use_is_computed(self) -> CalibrationConfig:
@@ -476,12 +480,14 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
             else cfg.data.validation.model_copy(update={"path": r(cfg.data.validation.path)}),
         }
     )
+    calibration = cfg.calibration.model_copy(update={"from_cache": r(cfg.calibration.from_cache)})
     trt = cfg.build.backends.tensorrt
     backends = cfg.build.backends.model_copy(update={"tensorrt": trt.model_copy(update={"timing_cache": r(trt.timing_cache)})})
     return cfg.model_copy(
         update={
             "model": cfg.model.model_copy(update={"path": r(cfg.model.path)}),
             "data": data,
+            "calibration": calibration,
             "build": cfg.build.model_copy(update={"backends": backends}),
             "report": cfg.report.model_copy(update={"dir": r(cfg.report.dir), "baseline": r(cfg.report.baseline)}),
         }
@@ -531,6 +537,7 @@ def load_config(path: str | Path, *, check_files: bool = True) -> PipelineConfig
                 ("data.calibration.path", cfg.data.calibration.path),
                 ("data.evaluation.path", cfg.data.evaluation.path),
                 ("data.validation.path", cfg.data.validation.path if cfg.data.validation else None),
+                ("calibration.from_cache", cfg.calibration.from_cache),
             )
             if p is not None and not p.exists()
         ]

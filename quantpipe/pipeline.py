@@ -105,6 +105,8 @@ def stage_calibrate(
         summaries = [from_jsonable(CalibrationSummary, s) for s in manifest["payload"]]
         summaries = [dataclasses.replace(s, cache_path=str(ws.calibration / s.cache_path),
                                          json_path=str(ws.calibration / s.json_path)) for s in summaries]
+    if c.from_cache is not None:
+        return summaries, _cache_amax(cfg, ws, summaries, li)
     if c.use == "auto":
         return summaries, _auto_amax(cfg, ws, li, summaries, fp)
     amax = select_amax(ws.calibration, c.use, summaries)
@@ -112,6 +114,30 @@ def stage_calibrate(
 
 
 AUTO_RANGES_FILE = "auto_ranges.json"
+FROM_CACHE_FILE = "from_cache.json"
+
+
+def _cache_amax(cfg: PipelineConfig, ws: Workspace, summaries: list[CalibrationSummary],
+                li: LoadedInputs) -> dict[str, float]:
+    """`calibration.from_cache`: a TensorRT <= 10 cache's ranges, exactly, and for the tensors it lacks the
+    calibrated ranges of the method closest to its calibrator (`migrate`); what was done goes to the log and
+    to `from_cache.json` beside the calibration files (the build summary reads it)."""
+    from quantpipe.calibration import method_tables
+    from quantpipe.migrate import exact_scale_options, merge_amax, read_legacy_cache
+    from quantpipe.quantize import QuantizeOptions
+
+    assert cfg.calibration.from_cache is not None
+    options, disabled = exact_scale_options(QuantizeOptions.from_config(cfg.build.quantize))
+    match = read_legacy_cache(cfg.calibration.from_cache, li.spec.path, options)
+    calibrated = None
+    if match.missing:
+        calibrated = method_tables(ws.calibration, [match.method], summaries,
+                                   percentile=cfg.calibration.percentile)[match.method]
+    migration = merge_amax(match, calibrated, disabled)
+    for line in migration.lines():
+        log.info("calibrate: %s", line)
+    atomic_write_json(ws.calibration / FROM_CACHE_FILE, migration.to_json())
+    return dict(migration.amax)
 
 
 def _auto_amax(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, summaries: list[CalibrationSummary],
@@ -208,11 +234,11 @@ def stage_sensitivity(
     int8 = next((v for v in variants if v.name == variant_name("onnxruntime", "int8") and v.ran), None)
     if not s.enabled or int8 is None:
         return ()
-    from quantpipe.quantize import QuantizeOptions
+    from quantpipe.build import quantize_options
     from quantpipe.sensitivity import layer_sensitivity
     from quantpipe.taskmetrics import TaskSpec
 
-    options = QuantizeOptions.from_config(cfg.build.quantize)
+    options = quantize_options(cfg)
     built = ((int8.details or {}).get("quantize") or {}).get("split")
     if options.split_activations == "auto" and built is not None:
         # What the build stage chose: the same model, without choosing again.

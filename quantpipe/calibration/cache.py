@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_TRT_VERSION",
     "MIN_AMAX",
     "CACHE_ALGORITHMS",
+    "ALGORITHM_METHODS",
     "TrtCache",
     "LoadedCache",
     "trt_algorithm",
@@ -71,6 +72,17 @@ CACHE_ALGORITHMS: dict[str, str] = {
     "best": "EntropyCalibration2",
 }
 """Header algorithm per method: the TensorRT calibrator that will read the cache."""
+
+ALGORITHM_METHODS: dict[str, str] = {
+    "EntropyCalibration2": "entropy",
+    "EntropyCalibration": "entropy",
+    "MinMaxCalibration": "minmax",
+    "LegacyCalibration": "percentile",
+}
+"""The quantpipe method closest to each TensorRT calibrator a cache header can name (TensorRT 5 to 10,
+trtexec, Polygraphy and TAO write the same format): what `quantpipe quantize --from-cache` calibrates the
+tensors a cache lacks with. IInt8EntropyCalibrator (v1) differs from v2 in details quantpipe does not model;
+IInt8LegacyCalibrator's quantile / regression cutoff is closest to a percentile range."""
 
 _HEADER_RE = re.compile(r"^TRT-(\d+)-([A-Za-z0-9_]+)$")
 _LINE_RE = re.compile(r"^(.*):\s*([0-9a-fA-F]{1,8})$")
@@ -185,12 +197,16 @@ def write_trt_cache(
 def read_trt_cache(path: str | os.PathLike[str]) -> TrtCache:
     """Parse a TensorRT calibration cache (quantpipe's or TensorRT's own); scales are exact float32.
 
+    Reads what TensorRT 5-10 (`TRT-8601-EntropyCalibration2`, `TRT-100300-MinMaxCalibration` ...), trtexec,
+    Polygraphy (which saves TensorRT's bytes as they are) and TAO write: the hex is the float32's bits as
+    TensorRT prints them, without leading zeros (`0` for a zero scale); Windows line ends are accepted.
+
     Raises:
         CalibrationError: missing file, bad header or a malformed line (with its number).
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # -sig: a cache saved by a Windows editor starts with a BOM
     except FileNotFoundError as err:
         raise CalibrationError(f"calibration cache {p} does not exist; run `quantpipe calibrate` to create it.") from err
     except (OSError, UnicodeDecodeError) as err:
