@@ -352,7 +352,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from quantpipe.model import read_model_spec
-    from quantpipe.modelinfo import describe_precision
+    from quantpipe.modelinfo import PRECISIONS, describe_precision, precision_lines
 
     spec, proto = read_model_spec(args.model)
     info = describe_precision(proto)
@@ -367,7 +367,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for i in items:
             t.add_row(kind, escape(i.name), i.dtype, escape("[" + ", ".join("?" if d is None else str(d) for d in i.shape) + "]"))
     out.print(t)
-    columns = [p for p in ("fp32", "fp16", "int8", "other") if info.totals.get(p)]
+    columns = [p for p in PRECISIONS if info.totals.get(p)]
     ops = Table("op", "count", *columns, title="operators, by compute precision", title_justify="left")
     for col in ops.columns[1:]:
         col.justify = "right"
@@ -376,36 +376,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for op in (op for op in spec.op_counts if op not in info.by_op):  # Q/DQ, Cast: they convert, not compute
         ops.add_row(f"[dim]{op}[/dim]", str(spec.op_counts[op]), *["[dim]converts[/dim]", *[""] * (len(columns) - 1)][:len(columns)])
     out.print(ops)
-    for line in _precision_lines(info):
+    for line in precision_lines(info):
         out.print(escape(line))
     return EXIT_OK
-
-
-def _precision_lines(info: Any) -> list[str]:
-    """Q/DQ, scales, casts and quantpipe metadata of a `modelinfo.ModelPrecision`, one fact per line."""
-    q = info.qdq
-    lines = []
-    if q.quantize or q.dequantize:
-        lines.append(f"Q/DQ: {q.quantize} QuantizeLinear, {q.dequantize} DequantizeLinear ({q.per_channel} per-channel, "
-                     f"{q.per_tensor} per-tensor; {q.weight_dequantize} dequantize stored weights)")
-        for what, rng in (("weight", q.weight_scales), ("activation", q.activation_scales)):
-            if rng is not None:
-                lines.append(f"{what} scales: min {rng[0]:.4g}, max {rng[1]:.4g}")
-        zero = (f"{q.nonzero_zero_points} Q/DQ node(s) with a non-zero zero point ({q.zero_point_min} .. {q.zero_point_max})"
-                if q.nonzero_zero_points else "all 0")
-        lines.append(f"zero points: {'/'.join(q.zero_point_types) or 'none'}; {zero}")
-    else:
-        lines.append("Q/DQ: none")
-    casts = [f"{n} to {p}" for p, n in (("fp16", info.casts_to_fp16), ("fp32", info.casts_to_fp32),
-                                        ("another type", info.casts_other)) if n]
-    lines.append(f"casts: {', '.join(casts) if casts else 'none'}")
-    meta = ", ".join(f"{k} ({v})" for k, v in info.quantpipe_metadata.items())
-    lines.append(f"quantpipe metadata: {meta}" if meta else "quantpipe metadata: none")
-    if q.quantize or q.dequantize:
-        from quantpipe.modelinfo import int8_run_lines
-
-        lines.extend(int8_run_lines())
-    return lines
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -9,6 +9,14 @@ node is the precision a Q/DQ-aware runtime computes it in:
 - fp16 / fp32: otherwise, by the element type of its first floating-point output (shape inference);
 - other: a node with no floating-point output (Shape, integer arithmetic ...).
 QuantizeLinear / DequantizeLinear and Cast nodes convert between precisions; they are counted apart.
+
+Q/DQ models from other tools read the same way. NVIDIA ModelOpt (`modelopt.onnx.quantization`, through ONNX
+Runtime's QDQ quantizer with `AddQDQPairToWeight` and `DedicatedQDQPair`) keeps weights in float behind a
+QuantizeLinear -> DequantizeLinear pair (per output channel), gives every consumer its own pair, writes FP16
+scales when its `high_precision_dtype` is fp16, stores int8 weights behind a lone DequantizeLinear after its
+`qdq_to_dq`, and writes INT4 / FP8 Q/DQ as TensorRT custom ops in the `trt` domain (`TRT_INT4QuantizeLinear`
+...). All of these count as Q/DQ here; a node reading only dequantized inputs computes in the quantized type
+(int8, fp8 or int4, from the zero point's or the custom op's type).
 """
 
 from __future__ import annotations
@@ -25,13 +33,16 @@ from onnx import TensorProto
 from quantpipe.onnxgraph import Graph
 from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 
-__all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "describe_precision", "int8_run_lines"]
+__all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "describe_precision", "int8_run_lines", "precision_lines",
+           "qdq_role"]
 
-PRECISIONS = ("fp32", "fp16", "int8", "other")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4", "other")
 """The columns of `ModelPrecision.by_op`, in display order."""
+_QUANTIZED = ("int8", "fp8", "int4")
 _FLOAT_TYPES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "fp16",
                 TensorProto.DOUBLE: "fp32"}
-_CONVERSIONS = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast"})
+_QDQ_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft", "trt"})
+_STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 _METADATA_PREFIX = "quantpipe."
 
 
@@ -58,6 +69,12 @@ class QdqSummary:
     zero_point_min: int | None
     zero_point_max: int | None
     """Range of the non-zero zero points (None when every zero point is 0)."""
+    weight_quantize: int = 0
+    """QuantizeLinear nodes on float weights: weights kept in float behind a Q -> DQ pair (ModelOpt's layout)."""
+    scale_types: tuple[str, ...] = ()
+    """Element types of the scales (float32, float16 ...)."""
+    quantized_types: tuple[str, ...] = ()
+    """What the Q/DQ nodes quantize to (int8, uint8, int4, float8e4m3fn ...)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +91,17 @@ class ModelPrecision:
     casts_other: int
     quantpipe_metadata: Mapping[str, str]
     """metadata key -> a short description ("12 tensors" for a JSON mapping), for keys quantpipe writes."""
+    quantized_layers: tuple[str, ...] = ()
+    """Compute nodes in a quantized precision (int8, fp8, int4), by name, in graph order."""
+    custom_ops: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """'domain::op' -> count, for ops outside the standard ONNX / ONNX Runtime domains (e.g. `trt::`)."""
 
     @property
     def kind(self) -> str:
         """One word for the whole model: int8 (Q/DQ), fp16, fp32 or mixed."""
         if self.qdq.quantize or self.qdq.dequantize:
-            return "int8 (Q/DQ)"
+            used = [p for p in _QUANTIZED if self.totals.get(p)]
+            return f"{'/'.join(used) or 'int8'} (Q/DQ)"
         used = [p for p in ("fp32", "fp16") if self.totals.get(p)]
         return used[0] if len(used) == 1 else "mixed fp16/fp32" if used else "no float compute"
 
@@ -93,44 +115,101 @@ def _elem_types(model: Any) -> dict[str, int]:
     return types
 
 
-def _node_precision(node: Any, dq_outputs: set[str], int8_outputs: set[str], g: Graph,
+def qdq_role(node: Any) -> str | None:
+    """'q' for a quantize node, 'dq' for a dequantize node (ONNX, ONNX Runtime's contrib and TensorRT's `trt::`
+    custom Q/DQ ops such as TRT_INT4DequantizeLinear), else None."""
+    if node.domain not in _QDQ_DOMAINS:
+        return None
+    if node.op_type.endswith("DequantizeLinear"):
+        return "dq"
+    return "q" if node.op_type.endswith("QuantizeLinear") else None
+
+
+def _type_name(data_type: int) -> str:
+    """TensorProto element type -> numpy-style name: float32, float16, int8, int4, float8e4m3fn ..."""
+    name = TensorProto.DataType.Name(data_type).lower()
+    return {"float": "float32", "double": "float64"}.get(name, name)
+
+
+def _quantized_type(node: Any, const_types: Mapping[str, int]) -> str:
+    """What a Q/DQ node quantizes to: its zero point's type, else its custom op's name, else ONNX's uint8 default."""
+    if len(node.input) > 2 and node.input[2] in const_types:
+        return _type_name(const_types[node.input[2]])
+    op = node.op_type.upper()
+    for key, name in (("INT4", "int4"), ("FP8", "float8e4m3fn"), ("INT8", "int8")):
+        if key in op:
+            return name
+    attr = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
+    return _type_name(attr) if attr else "uint8"
+
+
+def _precision_of(quantized_type: str) -> str:
+    return "int4" if "int4" in quantized_type else "fp8" if "float8" in quantized_type else "int8"
+
+
+def _node_precision(node: Any, dq_outputs: Mapping[str, str], quant_outputs: Mapping[str, str], g: Graph,
                     types: Mapping[str, int]) -> str:
     data_inputs = [i for i in node.input if i and not g.is_constant(i)]
-    if any(i in dq_outputs for i in data_inputs) and all(i in dq_outputs or i in int8_outputs for i in data_inputs):
-        return "int8"
+    if any(i in dq_outputs for i in data_inputs) and all(i in dq_outputs or i in quant_outputs for i in data_inputs):
+        got = {dq_outputs.get(i) or quant_outputs[i] for i in data_inputs}
+        return next(p for p in ("int4", "fp8", "int8") if p in got)  # the narrowest input decides the kernel
     for o in node.output:
         if types.get(o) in _FLOAT_TYPES:
             return _FLOAT_TYPES[types[o]]
     return "other"
 
 
-def _qdq_summary(model: Any, g: Graph) -> QdqSummary:
-    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+def _const_types(model: Any) -> dict[str, int]:
+    out = {i.name: i.data_type for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            if value is not None:
+                out[n.output[0]] = value.data_type
+    return out
+
+
+def _scale_values(g: Graph, name: str) -> np.ndarray | None:
+    try:
+        value = g.value(name)
+    except Exception:  # an element type numpy cannot hold: the scale is still counted, without its range
+        return None
+    return None if value is None else np.asarray(value, dtype=np.float64).ravel()
+
+
+def _qdq_summary(model: Any, g: Graph, const_types: Mapping[str, int]) -> QdqSummary:
+    qdq = [n for n in model.graph.node if qdq_role(n)]
+    weight_q = {n.output[0] for n in qdq if qdq_role(n) == "q" and g.is_constant(n.input[0])}
     scales: dict[str, list[np.ndarray]] = {"weight": [], "activation": []}
-    zps, zp_types = [], set()
+    zps, zp_types, scale_types, q_types = [], set(), set(), set()
     per_channel = weights = 0
     for n in qdq:
-        is_weight = n.op_type == "DequantizeLinear" and g.is_constant(n.input[0])
-        weights += is_weight
-        scale = g.value(n.input[1]) if len(n.input) > 1 else None
+        stored = qdq_role(n) == "dq" and g.is_constant(n.input[0])
+        weights += stored
+        is_weight = stored or g.is_constant(n.input[0]) or n.input[0] in weight_q
+        q_types.add(_quantized_type(n, const_types))
+        if len(n.input) > 1 and n.input[1] in const_types:
+            scale_types.add(_type_name(const_types[n.input[1]]))
+        scale = _scale_values(g, n.input[1]) if len(n.input) > 1 else None
         if scale is not None and scale.size > 1:
             per_channel += 1
         if scale is not None and scale.size:
-            scales["weight" if is_weight else "activation"].append(np.asarray(scale, dtype=np.float64).ravel())
-        zp = g.value(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-        if zp is not None:
-            zp_types.add(zp.dtype.name)
-            if np.any(zp != 0):
-                zps.append(np.asarray(zp, dtype=np.int64).ravel())
+            scales["weight" if is_weight else "activation"].append(scale)
+        if len(n.input) > 2 and n.input[2] in const_types:
+            zp_types.add(_type_name(const_types[n.input[2]]))
+            zp = _scale_values(g, n.input[2])
+            if zp is not None and np.any(zp != 0):
+                zps.append(zp.astype(np.int64))
     all_zps = np.concatenate(zps) if zps else np.zeros(0, dtype=np.int64)
     return QdqSummary(
-        quantize=sum(n.op_type == "QuantizeLinear" for n in qdq),
-        dequantize=sum(n.op_type == "DequantizeLinear" for n in qdq),
+        quantize=sum(qdq_role(n) == "q" for n in qdq),
+        dequantize=sum(qdq_role(n) == "dq" for n in qdq),
         per_tensor=len(qdq) - per_channel, per_channel=per_channel, weight_dequantize=weights,
         weight_scales=_range(scales["weight"]), activation_scales=_range(scales["activation"]),
         zero_point_types=tuple(sorted(zp_types)), nonzero_zero_points=len(zps),
         zero_point_min=int(all_zps.min()) if all_zps.size else None,
         zero_point_max=int(all_zps.max()) if all_zps.size else None,
+        weight_quantize=len(weight_q), scale_types=tuple(sorted(scale_types)), quantized_types=tuple(sorted(q_types)),
     )
 
 
@@ -167,19 +246,26 @@ def describe_precision(model: Any) -> ModelPrecision:
     """
     g = Graph(model.graph)  # constants decoded on demand: the scales and zero points, not every weight
     types = _elem_types(model)
-    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    int8_outputs: set[str] = set()
+    const_types = _const_types(model)
+    dq_outputs = {o: _precision_of(_quantized_type(n, const_types))
+                  for n in model.graph.node if qdq_role(n) == "dq" for o in n.output}
+    quant_outputs: dict[str, str] = {}
+    layers: list[str] = []
     by_op: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     casts = collections.Counter()
-    for n in model.graph.node:
+    custom: collections.Counter[str] = collections.Counter()
+    for i, n in enumerate(model.graph.node):
+        if n.domain not in _STANDARD_DOMAINS:
+            custom[f"{n.domain}::{n.op_type}"] += 1
         if n.op_type == "Cast":
             to = next((a.i for a in n.attribute if a.name == "to"), 0)
             casts["fp16" if to == TensorProto.FLOAT16 else "fp32" if to == TensorProto.FLOAT else "other"] += 1
-        if n.op_type in _CONVERSIONS or n.op_type == "Constant":
+        if qdq_role(n) or n.op_type in ("Cast", "Constant"):
             continue
-        precision = _node_precision(n, dq_outputs, int8_outputs, g, types)
-        if precision == "int8":
-            int8_outputs.update(n.output)
+        precision = _node_precision(n, dq_outputs, quant_outputs, g, types)
+        if precision in _QUANTIZED:
+            quant_outputs.update({o: precision for o in n.output})
+            layers.append(n.name or f"{n.op_type}_{i}")
         by_op[n.op_type][precision] += 1
     totals: collections.Counter[str] = collections.Counter()
     for counts in by_op.values():
@@ -188,10 +274,43 @@ def describe_precision(model: Any) -> ModelPrecision:
     return ModelPrecision(
         by_op={op: {p: by_op[op][p] for p in PRECISIONS if by_op[op][p]} for op in order},
         totals={p: totals[p] for p in PRECISIONS if totals[p]},
-        qdq=_qdq_summary(model, g),
+        qdq=_qdq_summary(model, g, const_types),
         casts_to_fp16=casts["fp16"], casts_to_fp32=casts["fp32"], casts_other=casts["other"],
-        quantpipe_metadata=_metadata(model),
+        quantpipe_metadata=_metadata(model), quantized_layers=tuple(layers), custom_ops=dict(custom),
     )
+
+
+def precision_lines(info: ModelPrecision) -> list[str]:
+    """Q/DQ, scales, casts and quantpipe metadata of a `modelinfo.ModelPrecision`, one fact per line."""
+    q = info.qdq
+    lines = []
+    if q.quantize or q.dequantize:
+        lines.append(f"Q/DQ: {q.quantize} QuantizeLinear, {q.dequantize} DequantizeLinear ({q.per_channel} per-channel, "
+                     f"{q.per_tensor} per-tensor; {q.weight_dequantize} dequantize stored weights"
+                     + (f"; {q.weight_quantize} quantize float weights (Q -> DQ pairs)" if q.weight_quantize else "")
+                     + f") to {'/'.join(q.quantized_types) or '?'} with {'/'.join(q.scale_types) or '?'} scales")
+        if info.quantized_layers:
+            names = ", ".join(info.quantized_layers[:8])
+            more = len(info.quantized_layers) - 8
+            lines.append(f"quantized layers ({len(info.quantized_layers)}): {names}" + (f" and {more} more" if more > 0 else ""))
+        for what, rng in (("weight", q.weight_scales), ("activation", q.activation_scales)):
+            if rng is not None:
+                lines.append(f"{what} scales: min {rng[0]:.4g}, max {rng[1]:.4g}")
+        zero = (f"{q.nonzero_zero_points} Q/DQ node(s) with a non-zero zero point ({q.zero_point_min} .. {q.zero_point_max})"
+                if q.nonzero_zero_points else "all 0")
+        lines.append(f"zero points: {'/'.join(q.zero_point_types) or 'none'}; {zero}")
+    else:
+        lines.append("Q/DQ: none")
+    casts = [f"{n} to {p}" for p, n in (("fp16", info.casts_to_fp16), ("fp32", info.casts_to_fp32),
+                                        ("another type", info.casts_other)) if n]
+    lines.append(f"casts: {', '.join(casts) if casts else 'none'}")
+    if info.custom_ops:
+        lines.append("custom-domain ops: " + ", ".join(f"{op} {n}" for op, n in info.custom_ops.items()))
+    meta = ", ".join(f"{k} ({v})" for k, v in info.quantpipe_metadata.items())
+    lines.append(f"quantpipe metadata: {meta}" if meta else "quantpipe metadata: none")
+    if q.quantize or q.dequantize:
+        lines.extend(int8_run_lines())
+    return lines
 
 
 def int8_run_lines() -> tuple[str, str]:
