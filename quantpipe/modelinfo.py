@@ -39,7 +39,7 @@ __all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "describe_precision", "
 PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4", "other")
 """The columns of `ModelPrecision.by_op`, in display order."""
 _QUANTIZED = ("int8", "fp8", "int4")
-_FLOAT_TYPES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "fp16",
+_FLOAT_TYPES: dict[int, str] = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "fp16",
                 TensorProto.DOUBLE: "fp32"}
 _QDQ_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft", "trt"})
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -252,7 +252,7 @@ def describe_precision(model: Any) -> ModelPrecision:
     quant_outputs: dict[str, str] = {}
     layers: list[str] = []
     by_op: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    casts = collections.Counter()
+    casts: collections.Counter[str] = collections.Counter()
     custom: collections.Counter[str] = collections.Counter()
     for i, n in enumerate(model.graph.node):
         if n.domain not in _STANDARD_DOMAINS:
