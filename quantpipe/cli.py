@@ -432,7 +432,7 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
 
     q = sub.add_parser("quantize", parents=[common], help="write an INT8 Q/DQ model (or --fp16 an FP16 model) without a pipeline.yaml")
     q.add_argument("--model", type=Path, required=True)
-    q.add_argument("--data", type=Path)
+    q.add_argument("--data", "--calibration-data", type=Path)
     q.add_argument("--method", choices=["auto", "entropy", "minmax", "percentile", "mse", "best"],
                    default=CalibrationConfig().use,
                    help="auto (default): per tensor, the candidate range (entropy/minmax/percentile/mse) with the least "

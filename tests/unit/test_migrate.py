@@ -236,7 +236,7 @@ def test_cli_reports_version_algorithm_missing_and_ignored(tmp_path: Path, cnn: 
     cache = write_legacy_cache(tmp_path / "c.cache", "TRT-8601-EntropyCalibration2", scales,
                                extra_lines=("(Unnamed Layer* 5) [Shuffle]_output: 3c010a14",))
     out = tmp_path / "q.onnx"
-    assert main(["quantize", "--model", str(cnn), "--from-cache", str(cache), "--data", str(cnn_data),
+    assert main(["quantize", "--model", str(cnn), "--from-cache", str(cache), "--calibration-data", str(cnn_data),
                  "-o", str(out), "-q"]) == EXIT_OK
     text = " ".join(capsys.readouterr().out.split())
     assert "TensorRT 8.6.1, EntropyCalibration2" in text
