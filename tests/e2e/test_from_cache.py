@@ -71,3 +71,50 @@ def test_a_missing_from_cache_file_is_a_config_error(tmp_path: Path) -> None:
     cfg["calibration"]["from_cache"] = "legacy/trt.cache"
     with pytest.raises(ConfigError, match=r"calibration.from_cache: .*legacy/trt.cache does not exist"):
         load_config(write_config(tmp_path, cfg))
+
+
+def test_tensorrt_10_calibrator_reads_exactly_the_cache_scales(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT <= 10 (implicit INT8): the calibrator gets a cache of the migrated ranges, read without calibrating
+    (EntropyCalibration2 header), whose scales are the legacy cache's, bit for bit."""
+    from quantpipe.backends.tensorrt import build as trt_build
+    from quantpipe.backends.tensorrt import plan as trt_plan
+    from quantpipe.backends.tensorrt import version as trt_version
+    from quantpipe.backends.tensorrt.version import api_for_version
+    from quantpipe.build import stage_build
+    from quantpipe.calibration import read_trt_cache
+    from quantpipe.config import parse_config
+    from quantpipe.inputs import load_inputs
+    from quantpipe.pipeline import stage_calibrate
+    from quantpipe.workspace import NullProgress, Workspace
+    from tests.conftest import EXAMPLE_EVAL
+
+    cache, scales = legacy_cache(tmp_path, drop=None)
+    calls: list[dict] = []
+
+    def fake_build(onnx_path: Path, out_path: Path, **kw: object) -> None:
+        calls.append(kw)
+        raise RuntimeError("stop after the first engine")
+
+    monkeypatch.setattr(trt_plan, "variant_skip_reason", lambda *a, **k: None)
+    monkeypatch.setattr(trt_version, "require_tensorrt", lambda: api_for_version("10.13.0"))
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
+    cfg = parse_config({
+        "model": {"path": str(EXAMPLE_MODEL)},
+        "data": {"calibration": {"path": str(EXAMPLE_CALIB), "max_samples": 16},
+                 "evaluation": {"path": str(EXAMPLE_EVAL), "labels": "label", "max_samples": 16}, "batch_size": 8},
+        "calibration": {"methods": ["entropy"], "use": "entropy", "from_cache": str(cache)},
+        "build": {"backends": {"onnxruntime": {"precisions": ["fp32"]},
+                               "tensorrt": {"enabled": True, "precisions": ["int8"]}}},
+        "report": {"dir": str(tmp_path / "reports")},
+    }, base_dir=tmp_path)
+    ws = Workspace.for_config(cfg)
+    li = load_inputs(cfg)
+    summaries, amax = stage_calibrate(cfg, ws, li, NullProgress())
+    with pytest.raises(RuntimeError, match="stop after"):
+        stage_build(cfg, ws, li, amax, summaries, NullProgress())
+    given = calls[0]["calibration"]
+    assert given.cache_path.name == "best.cache" and given.method == "entropy"
+    written = read_trt_cache(given.cache_path)
+    assert written.header.endswith("-EntropyCalibration2")
+    needed = tensors_to_quantize(onnx.load(EXAMPLE_MODEL))
+    assert {t: written.scales[t] for t in needed} == {t: scales[t] for t in needed}
