@@ -147,3 +147,19 @@ def test_inspect_cli_describes_modelopt_models(tmp_path: Path, build, capsys: py
         assert "with float16 scales" in out
     if build is modelopt_trt_fp8:
         assert "custom-domain ops: trt::TRT_FP8QuantizeLinear 2" in out
+
+
+def test_standard_fp8_qdq_with_float8_zero_points(tmp_path: Path) -> None:
+    """ModelOpt's FP8 mode in standard ONNX (opset 19): Q/DQ whose zero points are FLOAT8E4M3FN."""
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+             helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0]),
+             numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.full(4, 0.01, np.float32), "ws"),
+             helper.make_tensor("wzp", TensorProto.FLOAT8E4M3FN, [4], [0.0] * 4)]
+    nodes = [*_qdq("x", "s", "zp", "x_dq"), *_qdq("w", "ws", "wzp", "w_dq", axis=0),
+             helper.make_node("Conv", ["x_dq", "w_dq"], ["y"], name="/conv/Conv", pads=[1, 1, 1, 1])]
+    info = _describe(_save(tmp_path, "fp8", nodes, inits, TensorProto.FLOAT, TensorProto.FLOAT,
+                           [helper.make_opsetid("", 19)]))
+    assert info.kind == "fp8 (Q/DQ)" and info.by_op == {"Conv": {"fp8": 1}}
+    assert info.qdq.quantized_types == ("float8e4m3fn",) and info.qdq.weight_quantize == 1
+    assert info.qdq.activation_scales == (pytest.approx(0.02), pytest.approx(0.02))
