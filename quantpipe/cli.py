@@ -441,7 +441,8 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     q.add_argument("--out", "-o", type=Path, required=True)
     q.add_argument("--fp16", action="store_true", help="write the FP16 model instead (no data needed)")
     q.add_argument("--from-cache", type=Path, metavar="CACHE",
-                   help="TensorRT <= 10 / trtexec / Polygraphy / TAO calibration cache: its scales, exactly, in the "
+                   help="TensorRT <= 10 / trtexec / Polygraphy / TAO calibration cache (or TAO's calibration JSON): its "
+                        "scales, exactly, in the "
                         "Q/DQ model TensorRT 11 builds; tensors it lacks are calibrated from --data if given "
                         "(--method, default: the cache's calibrator), else left in float (README, 'Migrating')")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")

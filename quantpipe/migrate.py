@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from quantpipe.calibration.cache import ALGORITHM_METHODS, TrtCache, read_trt_cache
+from quantpipe.calibration.cache import ALGORITHM_METHODS, TrtCache, read_tao_json, read_trt_cache
 from quantpipe.errors import CalibrationError, DataError, StaleArtifactError
 from quantpipe.int8 import INT8_MAX
 from quantpipe.onnxgraph import Graph, load_onnx, named_copy
@@ -95,7 +96,8 @@ class Migration:
     def lines(self) -> list[str]:
         """One fact per line, for the console and the logs."""
         m = self.match
-        out = [f"cache {m.cache_path}: TensorRT {m.trt_version}, {m.algorithm} ({m.header}); "
+        made = f"TensorRT {m.trt_version}, {m.algorithm}" if m.trt_version else "TAO's QAT scales"
+        out = [f"cache {m.cache_path}: {made} ({m.header}); "
                f"{len(m.scales)} of the {len(m.scales) + len(m.missing)} tensors quantpipe quantizes take its scales exactly"]
         if self.calibrated:
             out.append(f"{len(self.calibrated)} tensor(s) the cache lacks were calibrated from the data ({m.method}): "
@@ -179,17 +181,32 @@ def read_legacy_cache(cache_path: str | os.PathLike[str], model: Any,
                       options: QuantizeOptions = QuantizeOptions()) -> CacheMatch:
     """Read a TensorRT <= 10 / trtexec / Polygraphy / TAO calibration cache against a model (path or ModelProto).
 
+    TAO's calibration JSON (`{"tensor_scales": {tensor: amax}}`, `.json` or starting with '{') reads as the
+    cache TAO writes from it.
+
     Raises:
         DataError: no such file, a bad header or a malformed line (with its number).
         StaleArtifactError: a cache written for another model (see `match_cache`).
     """
     try:
-        cache = read_trt_cache(cache_path)
+        cache = read_tao_json(cache_path) if _is_json(cache_path) else read_trt_cache(cache_path)
     except CalibrationError as err:  # the user's file, not a failed stage: bad input (exit 2)
         raise DataError(f"{err} quantpipe reads the text caches TensorRT 5-10, trtexec, Polygraphy and TAO write "
                         f"('TRT-<version>-<algorithm>', then 'tensor: <hex>' per line); fix or replace the file.") from err
     proto = load_onnx(model) if isinstance(model, str | os.PathLike) else model
     return match_cache(cache, proto, cache_path=cache_path, options=options)
+
+
+def _is_json(path: str | os.PathLike[str]) -> bool:
+    """TAO's calibration JSON rather than a text cache: by suffix, or by a first byte of '{'."""
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        return True
+    try:
+        with p.open("rb") as fh:
+            return fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{"
+    except OSError:
+        return False
 
 
 def exact_scale_options(options: QuantizeOptions) -> tuple[QuantizeOptions, tuple[str, ...]]:

@@ -53,6 +53,8 @@ __all__ = [
     "scale_to_hex",
     "write_trt_cache",
     "read_trt_cache",
+    "read_tao_json",
+    "TAO_JSON_HEADER",
     "sidecar_path",
     "make_fingerprint",
     "write_sidecar",
@@ -235,6 +237,35 @@ def read_trt_cache(path: str | os.PathLike[str]) -> TrtCache:
             )
         scales[lm.group(1)] = scale
     return TrtCache(header=header, trt_version=decode_trt_version(m.group(1)), algorithm=m.group(2), scales=scales)
+
+
+TAO_JSON_HEADER = "TAO calibration JSON (tensor_scales)"
+
+
+def read_tao_json(path: str | os.PathLike[str]) -> TrtCache:
+    """Read the calibration JSON TAO exports beside its cache (`--cal_json_file`, QAT models):
+    `{"tensor_scales": {tensor: amax}}`, as the TrtCache TAO writes from it (`cal.bin`: header
+    EntropyCalibration2, scale = float32(amax / 127)); it names no TensorRT version (trt_version '').
+
+    Raises:
+        CalibrationError: unreadable, not JSON, or no `tensor_scales` mapping of positive finite numbers.
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError as err:
+        raise CalibrationError(f"calibration file {p} does not exist.") from err
+    except (OSError, ValueError) as err:
+        raise CalibrationError(f"{p} cannot be read as JSON ({err}).") from err
+    table = doc.get("tensor_scales") if isinstance(doc, dict) else None
+    if not isinstance(table, dict):
+        raise CalibrationError(f"{p} is not a TAO calibration JSON: it has no 'tensor_scales' mapping of tensor -> amax.")
+    scales: dict[str, float] = {}
+    for name, amax in table.items():
+        if isinstance(amax, bool) or not isinstance(amax, int | float) or not math.isfinite(amax) or amax < 0:
+            raise CalibrationError(f"{p}: tensor_scales[{name!r}] is {amax!r}; an amax is a finite number >= 0.")
+        scales[name] = float(np.float32(amax / INT8_MAX))
+    return TrtCache(header=TAO_JSON_HEADER, trt_version="", algorithm="EntropyCalibration2", scales=scales)
 
 
 # ------------------------------------------------------------------------------------------- sidecar

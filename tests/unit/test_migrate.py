@@ -250,3 +250,24 @@ def test_fp16_and_from_cache_conflict(tmp_path: Path, cnn: Path, capsys: pytest.
     assert main(["quantize", "--model", str(cnn), "--from-cache", str(cache), "--fp16", "-o",
                  str(tmp_path / "q.onnx")]) == EXIT_BAD_INPUT
     assert "--fp16 and --from-cache" in capsys.readouterr().err
+
+
+def test_tao_calibration_json_reads_as_the_cache_tao_writes_from_it(tmp_path: Path, cnn: Path) -> None:
+    """TAO exports `{"tensor_scales": {tensor: amax}}` (--cal_json_file) and writes its cal.bin from the same
+    mapping: scale = float32(amax / 127) under an EntropyCalibration2 header."""
+    amax = {t: float(RNG.uniform(0.5, 20.0)) for t in EVERY_TENSOR}
+    tao_json = tmp_path / "cal.json"
+    tao_json.write_text(json.dumps({"tensor_scales": amax}, indent=4))
+    cal_bin = write_legacy_cache(tmp_path / "cal.bin", "TRT-8601-EntropyCalibration2",
+                                 {t: struct.unpack("f", struct.pack("f", a / 127.0))[0] for t, a in amax.items()})
+    from_json, from_bin = read_legacy_cache(tao_json, cnn), read_legacy_cache(cal_bin, cnn)
+    assert dict(from_json.scales) == dict(from_bin.scales) and len(from_json.scales) == len(QUANTIZED)
+    assert from_json.trt_version == "" and from_json.method == "entropy"
+    rep, migration = migrate_cache(cnn, tao_json, tmp_path / "q.onnx")
+    assert "TAO's QAT scales" in migration.lines()[0]
+    assert {k: v.tobytes() for k, v in activation_scales(tmp_path / "q.onnx").items()} == {
+        t: np.float32(from_bin.scales[t]).tobytes() for t in QUANTIZED}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tensor_scales": {"input": "x"}}')
+    with pytest.raises(DataError, match=r"tensor_scales\['input'\] is 'x'"):
+        read_legacy_cache(bad, cnn)
