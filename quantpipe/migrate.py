@@ -1,7 +1,8 @@
 """Migration from TensorRT <= 10: a calibration cache written by TensorRT 5-10, trtexec, Polygraphy or TAO
 turned into the explicit Q/DQ model TensorRT 11 builds (it removed implicit calibration and the caches).
 
-`read_legacy_cache` reads a cache (`calibration.cache.read_trt_cache`, the one reader) and matches its
+`read_legacy_cache` reads a cache (`calibration.cache.read_trt_cache`, the one reader of TensorRT's format;
+TAO's calibration JSON through `read_tao_json`) and matches its
 entries against a model: the tensors quantpipe's placement quantizes that the cache holds (their scales are
 used exactly), those it lacks, entries naming a tensor the placement leaves alone (TensorRT caches every
 tensor of its network) and entries naming no tensor of the model (TensorRT's own `(Unnamed Layer* 3)
@@ -147,17 +148,17 @@ def match_cache(cache: TrtCache, model: Any, *, cache_path: str | os.PathLike[st
     Raises:
         StaleArtifactError: the cache is empty, or fewer than MIN_MATCHED_FRACTION of its entries name a
             tensor of the model (a cache written for another model).
-        CalibrationError: the header names a calibrator quantpipe does not know.
+        DataError: the header names a calibrator quantpipe does not know.
     """
     where = os.fspath(cache_path) or "the cache"
     if cache.algorithm not in ALGORITHM_METHODS:
-        raise CalibrationError(
+        raise DataError(
             f"{where}: header {cache.header!r} names the calibrator {cache.algorithm!r}; quantpipe reads caches of "
             f"{', '.join(ALGORITHM_METHODS)}. Check that the file is a TensorRT calibration cache.")
     tensors = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output if o}
     if not cache.scales:
         raise StaleArtifactError(f"{where} holds no tensor scales (only the header {cache.header!r}); it cannot "
-                                 f"quantize anything. Point --from-cache at the cache TensorRT wrote for this model.")
+                                 f"quantize anything. Point --from-cache (or calibration.from_cache) at the cache TensorRT wrote for this model.")
     named = [t for t in cache.scales if t in tensors]
     if len(named) < MIN_MATCHED_FRACTION * len(cache.scales):
         unknown = [t for t in cache.scales if t not in tensors]
@@ -165,7 +166,7 @@ def match_cache(cache: TrtCache, model: Any, *, cache_path: str | os.PathLike[st
             f"{where} was not written for this model: only {len(named)} of "
             f"its {len(cache.scales)} entries name a tensor of the model (e.g. the cache has {_names(unknown, 3)}; "
             f"the model's tensors are like {_names(sorted(tensors), 3)}). Use the cache TensorRT wrote for this "
-            f"exact ONNX export, or calibrate afresh without --from-cache.")
+            f"exact ONNX export, or calibrate afresh (without --from-cache / calibration.from_cache).")
     needed = tensors_to_quantize(model, options)
     needed_set = set(needed)
     return CacheMatch(

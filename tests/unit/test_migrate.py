@@ -271,3 +271,12 @@ def test_tao_calibration_json_reads_as_the_cache_tao_writes_from_it(tmp_path: Pa
     bad.write_text('{"tensor_scales": {"input": "x"}}')
     with pytest.raises(DataError, match=r"tensor_scales\['input'\] is 'x'"):
         read_legacy_cache(bad, cnn)
+
+
+def test_an_empty_cache_and_an_unknown_calibrator_are_refused(tmp_path: Path, cnn: Path) -> None:
+    empty = write_legacy_cache(tmp_path / "e.cache", "TRT-8601-EntropyCalibration2", {})
+    with pytest.raises(StaleArtifactError, match="holds no tensor scales"):
+        read_legacy_cache(empty, cnn)
+    odd = write_legacy_cache(tmp_path / "o.cache", "TRT-8601-FancyCalibration", awkward_scales(EVERY_TENSOR))
+    with pytest.raises(DataError, match="names the calibrator 'FancyCalibration'"):
+        read_legacy_cache(odd, cnn)
