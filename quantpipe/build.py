@@ -145,7 +145,9 @@ def quantize_options(cfg: PipelineConfig) -> Any:
 
 def _from_cache(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     """`calibration.from_cache`'s record (what the cache gave, lacked, held for nothing) from the calibration stage."""
-    path = ws.calibration / "from_cache.json"
+    from quantpipe.migrate import MIGRATION_FILE
+
+    path = ws.calibration / MIGRATION_FILE
     if cfg.calibration.from_cache is None or not path.is_file():
         return {}
     try:

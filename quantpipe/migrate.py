@@ -35,6 +35,7 @@ from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import plan_qdq
 
 __all__ = [
+    "MIGRATION_FILE",
     "MIN_MATCHED_FRACTION",
     "CacheMatch",
     "Migration",
@@ -46,6 +47,8 @@ __all__ = [
     "tensors_to_quantize",
 ]
 
+MIGRATION_FILE = "from_cache.json"
+"""Where the pipeline records `Migration.to_json()`, beside the calibration files."""
 MIN_MATCHED_FRACTION = 0.5
 """A cache in which fewer of the entries name a tensor of the model was written for another model."""
 

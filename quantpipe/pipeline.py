@@ -114,7 +114,6 @@ def stage_calibrate(
 
 
 AUTO_RANGES_FILE = "auto_ranges.json"
-FROM_CACHE_FILE = "from_cache.json"
 
 
 def _cache_amax(cfg: PipelineConfig, ws: Workspace, summaries: list[CalibrationSummary],
@@ -123,7 +122,7 @@ def _cache_amax(cfg: PipelineConfig, ws: Workspace, summaries: list[CalibrationS
     calibrated ranges of the method closest to its calibrator (`migrate`); what was done goes to the log and
     to `from_cache.json` beside the calibration files (the build summary reads it)."""
     from quantpipe.calibration import method_tables
-    from quantpipe.migrate import exact_scale_options, merge_amax, read_legacy_cache
+    from quantpipe.migrate import MIGRATION_FILE, exact_scale_options, merge_amax, read_legacy_cache
     from quantpipe.quantize import QuantizeOptions
 
     assert cfg.calibration.from_cache is not None
@@ -136,7 +135,7 @@ def _cache_amax(cfg: PipelineConfig, ws: Workspace, summaries: list[CalibrationS
     migration = merge_amax(match, calibrated, disabled)
     for line in migration.lines():
         log.info("calibrate: %s", line)
-    atomic_write_json(ws.calibration / FROM_CACHE_FILE, migration.to_json())
+    atomic_write_json(ws.calibration / MIGRATION_FILE, migration.to_json())
     return dict(migration.amax)
 
 
