@@ -384,6 +384,19 @@ class SignedHistogram:
         merged.num_values = self.pos.num_values
         return merged
 
+    def merge(self, other: SignedHistogram) -> SignedHistogram:
+        """A new signed histogram of both inputs' data (shards): each side merges exactly."""
+        out = SignedHistogram.__new__(SignedHistogram)
+        out.pos, out.neg = self.pos.merge(other.pos), self.neg.merge(other.neg)
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SignedHistogram):
+            return NotImplemented
+        return self.pos == other.pos and self.neg == other.neg
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
     def update(self, x: Any) -> None:
         """Add every element of `x` (numpy; CuPy through two plain updates). ValueError on NaN/Inf."""
         if _is_cupy(x):
