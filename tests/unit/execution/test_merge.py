@@ -79,3 +79,19 @@ def test_partial_stats_merge_adds_samples_and_refuses_other_tensor_sets():
         assert "different" in str(err)
     else:
         raise AssertionError("merging shards of different tensor sets must fail")
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=values, scale=st.sampled_from([1e-30, 1.0, 1e20]))
+def test_histograms_travel_between_processes_unchanged(x, scale):
+    """A shard's histograms are pickled compactly (trimmed counts, small integer types) and come back equal."""
+    import pickle
+
+    x = (x * np.float32(scale)).astype(np.float32)
+    h, s = StreamingHistogram(256), SignedHistogram(256)
+    h.update(x)
+    s.update(x)
+    back = pickle.loads(pickle.dumps(h))
+    assert back == h and back.counts.dtype == np.int64 and back.counts.size == h.fine_bins
+    assert pickle.loads(pickle.dumps(s)) == s
+    assert pickle.loads(pickle.dumps(StreamingHistogram(256))) == StreamingHistogram(256)
