@@ -139,12 +139,7 @@ class Dataset:
                 )
             return
         assert self._samples is not None
-        start = 0
-        while start < n:
-            shapes = self._samples[start].shapes
-            stop = start + 1
-            while stop < n and stop - start < batch_size and self._samples[stop].shapes == shapes:
-                stop += 1
+        for start, stop in self.batch_bounds(batch_size):
             feeds = {name: [] for name in self.input_names}  # type: dict[str, list[np.ndarray]]
             for sample in self._samples[start:stop]:
                 arrays = _read_sample(sample.path, self.inputs)
@@ -155,7 +150,6 @@ class Dataset:
                 labels=None if self._labels is None else self._labels[start:stop],
                 start=start,
             )
-            start = stop
 
     def batch_bounds(self, batch_size: int) -> list[tuple[int, int]]:
         """(start, stop) of every batch `batches(batch_size)` yields, in order, without reading any data.
