@@ -277,6 +277,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError("standalone calibration needs both --model and --data (or pass a pipeline.yaml instead).")
     from quantpipe.calibration import calibrate_to_cache
     from quantpipe.execution import make_executor
+    from quantpipe.workspace import advance_to
 
     spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
     progress = RichProgress(not args.quiet)
@@ -286,7 +287,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             progress.task(f"calibrating {spec.path} on {ds.num_samples} samples", ds.num_samples) as advance:
         written = calibrate_to_cache(
             spec.path, ds, methods=methods, cache=args.cache, batch_size=args.batch_size, percentile=args.percentile,
-            trt_version=args.trt_version, device=args.device, on_batch=lambda done, total: advance(done),
+            trt_version=args.trt_version, device=args.device, on_batch=advance_to(advance),
             executor=executor,
         )
     for path in written:
@@ -324,13 +325,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options: Any) -> dict[str, float]:
     """The activation ranges of `quantpipe quantize --method M`; `auto` chooses per tensor by output effect."""
     from quantpipe.calibration import calibrate_tables_in_memory
+    from quantpipe.workspace import advance_to
 
     progress = RichProgress(not args.quiet)
     methods = ["entropy", "minmax", "percentile", "mse", "best"] if args.method == "auto" else [args.method]
     with progress.task(f"calibrating ({args.method}) on {ds.num_samples} samples", ds.num_samples) as advance:
         tables = calibrate_tables_in_memory(model_path, ds, methods=methods, batch_size=args.batch_size,
                                             percentile=args.percentile, device=args.device,
-                                            on_batch=lambda done, total: advance(done))
+                                            on_batch=advance_to(advance))
     if args.method != "auto":
         return tables[args.method]
     from quantpipe.onnxgraph import load_onnx

@@ -43,7 +43,16 @@ from quantpipe.report.rundir import (
     update_latest,
     write_complete,
 )
-from quantpipe.workspace import NullProgress, Progress, Workspace, new_run_id, relative_to, reusable, write_manifest
+from quantpipe.workspace import (
+    NullProgress,
+    Progress,
+    Workspace,
+    advance_to,
+    new_run_id,
+    relative_to,
+    reusable,
+    write_manifest,
+)
 
 __all__ = [
     "finish_run",
@@ -94,7 +103,7 @@ def stage_calibrate(
                 percentile=c.percentile,
                 trt_version=c.trt_version,
                 providers=providers_for(device),
-                on_batch=lambda done, total: advance(done),
+                on_batch=advance_to(advance),
                 model_sha256=li.spec.sha256,
                 executor=executor,
             )
