@@ -64,10 +64,10 @@ def make_executor(cfg: ExecutionConfig, *, gpu: bool = False) -> Executor:
 
     Nothing starts here: a pool or a Ray instance starts on the first `map` (a fully reused run starts none).
     """
+    if cfg.engine == "ray":  # workers default to the cluster's CPUs (GPUs), which Ray tells when first used
+        return RayPool(cfg.workers, address=cfg.address, gpu=gpu, retries=cfg.retries)
     workers = default_workers(cfg, gpu=gpu)
     gpu_ids = visible_gpus() if gpu else []
-    if cfg.engine == "ray":
-        return RayPool(workers, address=cfg.address, gpus=len(gpu_ids), retries=cfg.retries)
     if workers == 1:
         return InProcess()
     return LocalPool(workers, gpu_ids=gpu_ids, retries=cfg.retries)

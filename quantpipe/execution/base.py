@@ -28,9 +28,16 @@ class Executor(Protocol):
 
     engine: str
     """'local' or 'ray'."""
-    workers: int
-    gpus: int
-    """GPUs the workers use, one each (0: CPU work)."""
+
+    @property
+    def workers(self) -> int:
+        """How many shards the stages cut their work into (at most this many run at once)."""
+        ...
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the workers use, one each (0: CPU work)."""
+        ...
 
     @property
     def threads_per_worker(self) -> int | None:

@@ -45,22 +45,38 @@ class RayPool:
     """Work items as Ray tasks; see the module docstring.
 
     Args:
-        workers: shards the stages cut their work into (and tasks in flight).
+        workers: shards the stages cut their work into (and tasks in flight); None: the cluster's CPUs (its GPUs
+            with `gpu`), read when the cluster is first used.
         address: the cluster to connect to; None starts a local instance for this run.
-        gpus: 1 GPU per task when > 0 (Ray places the tasks on GPUs it has).
+        gpu: the work runs on CUDA: one GPU per task (Ray places the tasks on GPUs it has).
         retries: Ray's `max_retries` for a task whose worker died.
     """
 
     engine = "ray"
 
-    def __init__(self, workers: int, *, address: str | None = None, gpus: int = 0,
+    def __init__(self, workers: int | None, *, address: str | None = None, gpu: bool = False,
                  retries: int = DEFAULT_RETRIES) -> None:
-        self.workers = workers
-        self.gpus = gpus
+        self._workers = workers
+        self._gpu = gpu
+        self._gpus = 0
         self.retries = retries
         self.address = address
         self._started = False
         self._cpus: int | None = None
+
+    @property
+    def workers(self) -> int:
+        if self._workers is None:
+            self._ray()
+        assert self._workers is not None
+        return self._workers
+
+    @property
+    def gpus(self) -> int:
+        """GPUs on the cluster the tasks use, one each (0: CPU work)."""
+        if self._gpu:
+            self._ray()
+        return self._gpus
 
     def _ray(self) -> Any:
         """The ray module, connected (on first use: a run whose stages are all reused starts no Ray)."""
@@ -68,28 +84,33 @@ class RayPool:
             os.environ.setdefault(LOOPBACK_ENV, "0")
         ray = require("ray", purpose="execution.engine: ray")
         if not ray.is_initialized():
-            if self.address is None:
-                log.info("starting a local Ray instance (%d CPUs, loopback only) for this run", usable_cores())
-                ray.init(num_cpus=usable_cores(), include_dashboard=False, configure_logging=False,
-                         log_to_driver=True)
-                self._started = True
-            else:
-                log.info("connecting to the Ray cluster at %s", self.address)
-                try:
-                    ray.init(address=self.address, configure_logging=False, log_to_driver=True)
-                except Exception as err:  # ConnectionError, ValueError, RuntimeError: Ray's own words say why
-                    raise WorkerError(
-                        f"cannot connect to the Ray cluster at execution.address '{self.address}' ({err}). Check "
-                        f"that the cluster runs (`ray status` on its head node) and the address; or leave address "
-                        f"out to start a local Ray instance for the run."
-                    ) from err
+            self._connect(ray)
         if self._cpus is None:
-            self._cpus = self._cpus_per_task(ray)
+            resources = ray.cluster_resources()
+            cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+            self._gpus = gpus if self._gpu else 0
+            if self._workers is None:
+                self._workers = max(1, self._gpus or cpus)
+            self._cpus = max(1, cpus // self._workers)
+            log.info("Ray: %d worker(s), %d CPU(s) each%s", self._workers, self._cpus,
+                     ", one GPU each" if self._gpus else "")
         return ray
 
-    def _cpus_per_task(self, ray: Any) -> int:
-        total = int(ray.cluster_resources().get("CPU", 1))
-        return max(1, min(total, total // self.workers if self.workers <= total else 1))
+    def _connect(self, ray: Any) -> None:
+        if self.address is None:
+            log.info("starting a local Ray instance (%d CPUs, loopback only) for this run", usable_cores())
+            ray.init(num_cpus=usable_cores(), include_dashboard=False, configure_logging=False, log_to_driver=True)
+            self._started = True
+            return
+        log.info("connecting to the Ray cluster at %s", self.address)
+        try:
+            ray.init(address=self.address, configure_logging=False, log_to_driver=True)
+        except Exception as err:  # ConnectionError, ValueError, RuntimeError: Ray's own words say why
+            raise WorkerError(
+                f"cannot connect to the Ray cluster at execution.address '{self.address}' ({err}). Check that the "
+                f"cluster runs (`ray status` on its head node) and the address; or leave address out to start a "
+                f"local Ray instance for the run."
+            ) from err
 
     @property
     def threads_per_worker(self) -> int | None:
@@ -98,7 +119,7 @@ class RayPool:
 
     def map(self, fn: Callable[[T], R], items: Sequence[T], *, on_result: OnResult | None = None) -> list[R]:
         ray = self._ray()
-        task = ray.remote(fn).options(num_cpus=self._cpus, num_gpus=1 if self.gpus else 0,
+        task = ray.remote(fn).options(num_cpus=self._cpus, num_gpus=1 if self._gpus else 0,
                                       max_retries=self.retries, retry_exceptions=False)
         refs = [task.remote(ray.put(item)) for item in items]
         index = {ref: i for i, ref in enumerate(refs)}

@@ -80,3 +80,5 @@ def test_ray_runs_the_same_work(ray_cluster, tmp_path):
         ex.map(helpers.die_always, ["a"])
     ex.close()
     assert ray_cluster.is_initialized()  # an instance the executor did not start is left running
+    default = make_executor(ExecutionConfig(engine="ray"))
+    assert (default.workers, default.threads_per_worker, default.gpus) == (2, 1, 0)  # the cluster's 2 CPUs
