@@ -337,7 +337,7 @@ class ExecutionConfig(_Model):
     """`local`: worker processes on this machine; `ray`: Ray tasks (pip install 'quantpipe[ray]')."""
     workers: int | None = Field(default=None, ge=1)
     """Workers the stages shard their work over; None: this machine's cores (its GPUs when calibration runs on
-    CUDA). 1: everything in this process, no pool."""
+    CUDA), or with engine ray the cluster's CPUs (GPUs). 1: everything in this process, no pool."""
     address: str | None = None
     """engine ray: the cluster (`auto`, `ray://host:port`); None starts a local Ray instance for the run."""
     retries: int = Field(default=2, ge=0)
