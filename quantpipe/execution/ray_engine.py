@@ -29,7 +29,7 @@ from quantpipe.errors import QuantpipeError, WorkerError
 from quantpipe.execution.base import OnResult, usable_cores
 from quantpipe.execution.local import DEFAULT_RETRIES
 
-__all__ = ["RayPool", "LOOPBACK_ENV"]
+__all__ = ["RayPool", "LOOPBACK_ENV", "run_logged"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,20 @@ R = TypeVar("R")
 #: Ray advertises (and binds) a local instance on the machine's network address unless this is "0" when ray
 #: is first imported; a run's own instance needs no network, so quantpipe keeps it on 127.0.0.1.
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def run_logged(fn: Callable[[T], R], level: int, item: T) -> R:
+    """A Ray task: `fn(item)`, with quantpipe's log records at the driver's level written to the worker's stderr,
+    which Ray forwards to the driver (prefixed with the task and its pid)."""
+    root = logging.getLogger("quantpipe")
+    if not any(getattr(h, "quantpipe_ray", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.quantpipe_ray = True  # type: ignore[attr-defined]
+        root.handlers[:] = [handler]
+        root.propagate = False
+    root.setLevel(level)
+    return fn(item)
 
 
 class RayPool:
@@ -119,9 +133,10 @@ class RayPool:
 
     def map(self, fn: Callable[[T], R], items: Sequence[T], *, on_result: OnResult | None = None) -> list[R]:
         ray = self._ray()
-        task = ray.remote(fn).options(num_cpus=self._cpus, num_gpus=1 if self._gpus else 0,
+        level = logging.getLogger("quantpipe").getEffectiveLevel()
+        task = ray.remote(run_logged).options(num_cpus=self._cpus, num_gpus=1 if self._gpus else 0,
                                       max_retries=self.retries, retry_exceptions=False)
-        refs = [task.remote(ray.put(item)) for item in items]
+        refs = [task.remote(fn, level, ray.put(item)) for item in items]
         index = {ref: i for i, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         waiting = list(refs)
