@@ -82,3 +82,16 @@ def test_ray_runs_the_same_work(ray_cluster, tmp_path):
     assert ray_cluster.is_initialized()  # an instance the executor did not start is left running
     default = make_executor(ExecutionConfig(engine="ray"))
     assert (default.workers, default.threads_per_worker, default.gpus) == (2, 1, 0)  # the cluster's 2 CPUs
+
+
+def test_each_local_worker_gets_one_gpu_and_its_share_of_the_threads():
+    with LocalPool(2, gpu_ids=["3", "5"]) as p:
+        seen = p.map(helpers.my_gpu, list(range(8)))
+    by_pid: dict[int, set[str | None]] = {}
+    for pid, gpu, threads in seen:
+        by_pid.setdefault(pid, set()).add(gpu)
+        assert threads == str(p.threads_per_worker)
+    assert all(len(g) == 1 for g in by_pid.values()), by_pid  # a worker keeps its GPU
+    assert set().union(*by_pid.values()) <= {"3", "5"}
+    if len(by_pid) == 2:  # both workers took work: they hold different GPUs
+        assert set().union(*by_pid.values()) == {"3", "5"}
