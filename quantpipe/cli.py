@@ -166,7 +166,27 @@ def _gate_line(gate: Any) -> str:
 def _load(args: argparse.Namespace) -> Any:
     from quantpipe.config import load_config
 
-    return load_config(args.config)
+    cfg = load_config(args.config)
+    return cfg.model_copy(update={"execution": _execution(args, cfg.execution)})
+
+
+def _execution(args: argparse.Namespace, base: Any = None) -> Any:
+    """pipeline.yaml's `execution:` (or its defaults) with --workers / --engine / --ray-address applied."""
+    from pydantic import ValidationError
+
+    from quantpipe.config import ExecutionConfig
+
+    merged = (base or ExecutionConfig()).model_dump()
+    flags = {"workers": getattr(args, "workers", None), "engine": getattr(args, "engine", None),
+             "address": getattr(args, "ray_address", None)}
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    if flags["address"] is not None and flags["engine"] is None:
+        merged["engine"] = "ray"  # --ray-address alone means Ray
+    try:
+        return ExecutionConfig.model_validate(merged)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'execution'}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"--workers / --engine / --ray-address: {problems}.") from err
 
 
 def _gate_exit(results: Any) -> int:
@@ -256,14 +276,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.model is None or args.data is None:
         raise ConfigError("standalone calibration needs both --model and --data (or pass a pipeline.yaml instead).")
     from quantpipe.calibration import calibrate_to_cache
+    from quantpipe.execution import make_executor
+    from quantpipe.workspace import advance_to
 
     spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
     progress = RichProgress(not args.quiet)
     methods = args.method or ["entropy"]
-    with progress.task(f"calibrating {spec.path} on {ds.num_samples} samples", ds.num_samples) as advance:
+    executor = make_executor(_execution(args), gpu=args.device == "cuda")
+    with contextlib.closing(executor), \
+            progress.task(f"calibrating {spec.path} on {ds.num_samples} samples", ds.num_samples) as advance:
         written = calibrate_to_cache(
             spec.path, ds, methods=methods, cache=args.cache, batch_size=args.batch_size, percentile=args.percentile,
-            trt_version=args.trt_version, device=args.device, on_batch=lambda done, total: advance(done),
+            trt_version=args.trt_version, device=args.device, on_batch=advance_to(advance),
+            executor=executor,
         )
     for path in written:
         _console().print(f"wrote {path}")
@@ -327,13 +352,14 @@ def _quantize_from_cache(args: argparse.Namespace, options: Any) -> int:
 def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options: Any) -> dict[str, float]:
     """The activation ranges of `quantpipe quantize --method M`; `auto` chooses per tensor by output effect."""
     from quantpipe.calibration import calibrate_tables_in_memory
+    from quantpipe.workspace import advance_to
 
     progress = RichProgress(not args.quiet)
     methods = ["entropy", "minmax", "percentile", "mse", "best"] if args.method == "auto" else [args.method]
     with progress.task(f"calibrating ({args.method}) on {ds.num_samples} samples", ds.num_samples) as advance:
         tables = calibrate_tables_in_memory(model_path, ds, methods=methods, batch_size=args.batch_size,
                                             percentile=args.percentile, device=args.device,
-                                            on_batch=lambda done, total: advance(done))
+                                            on_batch=advance_to(advance))
     if args.method != "auto":
         return tables[args.method]
     from quantpipe.onnxgraph import load_onnx
@@ -400,6 +426,14 @@ def _with_config(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("config", nargs="?", type=Path, default=Path("pipeline.yaml"), help="pipeline file (default: ./pipeline.yaml)")
 
 
+def _add_execution_options(sp: argparse.ArgumentParser) -> None:
+    """--workers / --engine / --ray-address: override pipeline.yaml's `execution:` (defaults: quantpipe.config)."""
+    sp.add_argument("--workers", type=int, help="workers the stages shard their work over (default: execution.workers, "
+                                                "else the cores, or the GPUs; 1: no pool)")
+    sp.add_argument("--engine", choices=["local", "ray"], help="local worker processes, or Ray tasks (execution.engine)")
+    sp.add_argument("--ray-address", help="Ray cluster to run on (auto, ray://host:port); implies --engine ray")
+
+
 def _add_data_options(sp: argparse.ArgumentParser) -> None:
     """Calibration options of the standalone commands; their defaults are pipeline.yaml's (quantpipe.config)."""
     from quantpipe.config import CalibrationConfig, DataConfig
@@ -423,6 +457,7 @@ def _add_calibrate(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("--trt-version", default=CalibrationConfig.model_fields["trt_version"].default,
                    help="TensorRT version for the cache header")
     _add_data_options(c)
+    _add_execution_options(c)
     c.add_argument("--run-id", help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_calibrate)
 
@@ -475,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(r)
     r.add_argument("--run-id", help="name of the run directory under report.dir (default: UTC timestamp)")
     r.add_argument("--baseline", type=Path, help="earlier run directory to compare with (overrides report.baseline)")
+    _add_execution_options(r)
     r.set_defaults(func=cmd_run)
     _add_calibrate(sub, common)
     _add_quantize(sub, common)
@@ -484,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, parents=[common], help=helptext)
         _with_config(s)
         s.add_argument("--run-id", help="run directory name (evaluate)")
+        _add_execution_options(s)
         s.set_defaults(func=cmd_stage)
 
     rp = sub.add_parser("report", parents=[common], help="(re)write the report files of a run")

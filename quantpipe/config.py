@@ -54,6 +54,7 @@ __all__ = [
     "GateRule",
     "GateConfig",
     "ReportConfig",
+    "ExecutionConfig",
     "PipelineConfig",
     "load_config",
     "parse_config",
@@ -335,6 +336,25 @@ class ReportConfig(_Model):
     """Default: a UTC timestamp."""
 
 
+class ExecutionConfig(_Model):
+    engine: Literal["local", "ray"] = "local"
+    """`local`: worker processes on this machine; `ray`: Ray tasks (pip install 'quantpipe[ray]')."""
+    workers: int | None = Field(default=None, ge=1)
+    """Workers the stages shard their work over; None: this machine's cores (its GPUs when calibration runs on
+    CUDA), or with engine ray the cluster's CPUs (GPUs). 1: everything in this process, no pool."""
+    address: str | None = None
+    """engine ray: the cluster (`auto`, `ray://host:port`); None starts a local Ray instance for the run."""
+    retries: int = Field(default=2, ge=0)
+    """Times a shard is run again after the worker running it died."""
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> ExecutionConfig:
+        if self.address is not None and self.engine != "ray":
+            raise ValueError(f"execution.address '{self.address}' names a Ray cluster, but execution.engine is "
+                             f"'{self.engine}'; set engine: ray, or remove address")
+        return self
+
+
 class PipelineConfig(_Model):
     version: Literal[1] = 1
     name: str = "model"
@@ -345,6 +365,7 @@ class PipelineConfig(_Model):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     source: Path | None = Field(default=None, exclude=True)
     """The YAML file this came from (set by load_config)."""
 

@@ -139,12 +139,7 @@ class Dataset:
                 )
             return
         assert self._samples is not None
-        start = 0
-        while start < n:
-            shapes = self._samples[start].shapes
-            stop = start + 1
-            while stop < n and stop - start < batch_size and self._samples[stop].shapes == shapes:
-                stop += 1
+        for start, stop in self.batch_bounds(batch_size):
             feeds = {name: [] for name in self.input_names}  # type: dict[str, list[np.ndarray]]
             for sample in self._samples[start:stop]:
                 arrays = _read_sample(sample.path, self.inputs)
@@ -155,7 +150,47 @@ class Dataset:
                 labels=None if self._labels is None else self._labels[start:stop],
                 start=start,
             )
+
+    def batch_bounds(self, batch_size: int) -> list[tuple[int, int]]:
+        """(start, stop) of every batch `batches(batch_size)` yields, in order, without reading any data.
+
+        A shard that starts at one of these starts and ends at one of these stops (`subset`) is batched
+        exactly as the whole data set is there: what lets parallel evaluation reproduce one process bit for bit.
+        """
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        n = self.num_samples
+        if self._samples is None:
+            return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+        bounds, start = [], 0
+        while start < n:
+            shapes = self._samples[start].shapes
+            stop = start + 1
+            while stop < n and stop - start < batch_size and self._samples[stop].shapes == shapes:
+                stop += 1
+            bounds.append((start, stop))
             start = stop
+        return bounds
+
+    def subset(self, start: int, stop: int) -> Dataset:
+        """Samples [start, stop) as a Dataset of their own (labels included; nothing is read).
+
+        Used to shard work across processes: it pickles small (lazily read arrays and folder samples travel as
+        file references, in-memory arrays as their rows only).
+        """
+        n = self.num_samples
+        if not 0 <= start < stop <= n:
+            raise DataError(f"cannot take samples [{start}, {stop}) of {self.role} data {self.path} ({n} samples).")
+        arrays = None
+        if self._arrays is not None:
+            arrays = {k: v.rows_slice(start, stop) if isinstance(v, _NpyMember) else v[start:stop]
+                      for k, v in self._arrays.items()}
+        return Dataset(
+            self.path, self.inputs, labels_key=self.labels_key, max_samples=self.max_samples, role=self.role,
+            arrays=arrays, samples=None if self._samples is None else self._samples[start:stop],
+            labels=None if self._labels is None else self._labels[start:stop],
+            fingerprint=f"{self.fingerprint}|samples={start}:{stop}",
+        )
 
     def first_batch(self, batch_size: int) -> Batch:
         """The first batch (for latency measurement and shape checks)."""
@@ -199,6 +234,12 @@ class _NpyMember:
 
     def head(self, n: int) -> _NpyMember:
         out = _NpyMember(self.path, self.offset, self.full_shape, self.dtype, min(self.rows, max(n, 0)))
+        out.cast_to = self.cast_to
+        return out
+
+    def rows_slice(self, start: int, stop: int) -> _NpyMember:
+        """Rows [start, stop) as a member of their own (nothing is read)."""
+        out = _NpyMember(self.path, self.offset + start * self.row_bytes, self.full_shape, self.dtype, stop - start)
         out.cast_to = self.cast_to
         return out
 

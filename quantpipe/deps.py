@@ -28,6 +28,7 @@ INSTALL_HINTS: dict[str, tuple[str, str, str]] = {
     "cupy": ("gpu", "pip install cupy-cuda12x  (or cupy-cuda13x to match your CUDA)", "GPU histograms"),
     "modelopt": ("modelopt", "pip install 'quantpipe[modelopt]'", "ModelOpt helpers"),
     "matplotlib": ("report", "pip install matplotlib", "plots in report.html"),
+    "ray": ("ray", "pip install 'quantpipe[ray]'  (or: pip install ray)", "execution.engine: ray"),
     "torch": ("train", "pip install torch==2.13.0", "re-training the bundled example"),
 }
 

@@ -26,6 +26,7 @@ __all__ = [
     "GateFailed",
     "OutputError",
     "WriteError",
+    "WorkerError",
     "os_error_message",
 ]
 
@@ -106,6 +107,13 @@ class OutputError(QuantpipeError):
 
 class WriteError(QuantpipeError):
     """Writing an artifact or a report file failed while the pipeline ran (disk full, permissions changed)."""
+
+    exit_code = EXIT_STAGE_FAILED
+
+
+class WorkerError(QuantpipeError):
+    """Work sent to worker processes (execution.workers > 1, or a Ray cluster) could not be completed: a worker
+    died more often than retries allow, or the cluster failed. No number is reported from a partial shard set."""
 
     exit_code = EXIT_STAGE_FAILED
 

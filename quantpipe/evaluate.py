@@ -6,20 +6,24 @@ reference, latency) and never decides pass or fail; quantpipe.gate does that.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from quantpipe import metrics as M
-from quantpipe.artifacts import EvalResult, LatencyStats
+from quantpipe.artifacts import EvalResult, LatencyStats, Variant
 from quantpipe.backends.base import Runner, Timings
 from quantpipe.data import Dataset
 from quantpipe.errors import EvaluationError
+from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
-__all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant"]
+__all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner",
+           "OutputsJob", "outputs_job", "sharded_outputs", "shardable", "stack_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +47,15 @@ def run_outputs(
             dataset.check_label_range(int(chunks[0].shape[1]), output)
         if on_batch is not None:
             on_batch(batch.size)
+    return stack_outputs(chunks, runner.name, output)
+
+
+def stack_outputs(chunks: Sequence[np.ndarray], variant: str, output: str) -> np.ndarray:
+    """The outputs of consecutive batches (or shards) stacked on axis 0; EvaluationError when their shapes differ."""
     shapes = {c.shape[1:] for c in chunks}
     if len(shapes) > 1:
         raise EvaluationError(
-            f"output '{output}' of variant {runner.name} changes shape with the input ({sorted(shapes)}), so samples "
+            f"output '{output}' of variant {variant} changes shape with the input ({sorted(shapes)}), so samples "
             f"cannot be compared side by side. Set model.output in pipeline.yaml to an output of fixed size "
             f"(e.g. a pooled embedding or the logits)."
         )
@@ -157,9 +166,20 @@ def evaluate_variant(
     on_batch: ProgressFn | None = None,
     task: TaskSpec = CLASSIFICATION,
     hooks: Sequence[str] = (),
+    outputs: np.ndarray | None = None,
 ) -> tuple[EvalResult, np.ndarray]:
-    """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference)."""
-    out = run_outputs(runner, dataset, output, batch_size, on_batch, classify=task.task == "classification")
+    """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference).
+
+    `outputs`: the variant's outputs on `dataset` computed elsewhere (`sharded_outputs`); the runner then only
+    measures latency.
+    """
+    classify = task.task == "classification"
+    if outputs is None:
+        out = run_outputs(runner, dataset, output, batch_size, on_batch, classify=classify)
+    else:
+        out = outputs
+        if classify and _is_classifier(out):
+            dataset.check_label_range(int(out.shape[1]), output)
     values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks)
     lat = []
     for bs in latency_batch_sizes:
@@ -168,3 +188,71 @@ def evaluate_variant(
     classes = int(out.shape[1]) if _is_classifier(out) and task.task == "classification" else None
     return EvalResult(variant=runner.name, num_samples=dataset.num_samples, metrics=values, latency=tuple(lat),
                       num_classes=classes), out
+
+
+# --------------------------------------------------------------------------------------------- sharded
+
+
+def open_runner(v: Variant, threads: int | None) -> Any:
+    """The Runner of a built variant (not yet entered). `threads`: onnxruntime intra-op threads (None: its own)."""
+    if v.backend == "onnxruntime":
+        from quantpipe.backends.onnxruntime import OrtRunner
+
+        return OrtRunner(v.artifact or "", v.name, device=v.device, threads=threads)
+    from quantpipe.backends.tensorrt.runner import TensorRTRunner
+
+    return TensorRTRunner(v.artifact or "", v.name, source_sha256=v.details.get("source_sha256"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputsJob:
+    """One worker's share of evaluation: one variant on one shard of the data (whole batches, in order)."""
+
+    variant: Variant
+    dataset: Dataset
+    output: str
+    batch_size: int
+    threads: int | None
+
+
+def outputs_job(job: OutputsJob) -> np.ndarray:
+    """Run in a worker: the variant's outputs on its shard, batched exactly as one process batches them."""
+    with open_runner(job.variant, job.threads) as runner:
+        return run_outputs(runner, job.dataset, job.output, job.batch_size, classify=False)
+
+
+def shardable(v: Variant, executor: Executor) -> bool:
+    """Whether workers can compute this variant's outputs: CPU variants always, GPU ones when each worker has a GPU."""
+    return v.device == "cpu" or executor.gpus > 0
+
+
+def sharded_outputs(
+    executor: Executor,
+    variants: Sequence[Variant],
+    dataset: Dataset,
+    *,
+    output: str,
+    batch_size: int,
+    threads: int | None,
+    on_samples: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """variant name -> its outputs on every sample of `dataset`, computed as variants x shards on the workers
+    and concatenated in order: the same arrays as `run_outputs` in one process (the shards hold whole batches).
+
+    Every shard must finish (a failing one raises its error; WorkerError when its worker keeps dying).
+    """
+    bounds = shard_bounds(dataset.batch_bounds(batch_size), executor.workers)
+    shards = [dataset.subset(lo, hi) for lo, hi in bounds]
+    jobs = [OutputsJob(v, shard, output, batch_size, threads) for v in variants for shard in shards]
+    log.info("evaluate: %d variant(s) x %d shard(s) on %d %s worker(s)", len(variants), len(shards),
+             executor.workers, executor.engine)
+    results = executor.map(outputs_job, jobs,
+                           on_result=None if on_samples is None else lambda i, out: on_samples(int(out.shape[0])))
+    outs = {}
+    for k, v in enumerate(variants):
+        out = stack_outputs(results[k * len(shards):(k + 1) * len(shards)], v.name, output)
+        if out.shape[0] != dataset.num_samples:  # never numbers from a partial shard set
+            raise EvaluationError(f"variant {v.name}: the shards returned {out.shape[0]} of {dataset.num_samples} "
+                                  f"outputs; no metric is computed from part of the data.")
+        outs[v.name] = out
+    return outs

@@ -32,6 +32,7 @@ from quantpipe.artifacts import (
 from quantpipe.build import model_files, sha256_of_mapping, stage_build
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError, OutputError, QuantpipeError, WriteError, os_error_message
+from quantpipe.execution import Executor
 from quantpipe.fsutil import atomic_copy, atomic_write_json, writable_reason
 from quantpipe.inputs import LoadedInputs, load_inputs
 from quantpipe.report.rundir import (
@@ -42,7 +43,16 @@ from quantpipe.report.rundir import (
     update_latest,
     write_complete,
 )
-from quantpipe.workspace import NullProgress, Progress, Workspace, new_run_id, relative_to, reusable, write_manifest
+from quantpipe.workspace import (
+    NullProgress,
+    Progress,
+    Workspace,
+    advance_to,
+    new_run_id,
+    relative_to,
+    reusable,
+    write_manifest,
+)
 
 __all__ = [
     "finish_run",
@@ -54,15 +64,17 @@ __all__ = [
     "stage_calibrate",
     "stage_evaluate",
     "stage_sensitivity",
+    "execution_for",
 ]
 
 log = logging.getLogger(__name__)
 
 
 def stage_calibrate(
-    cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, progress: Progress
+    cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, progress: Progress, executor: Executor | None = None
 ) -> tuple[list[CalibrationSummary], dict[str, float]]:
-    """Calibrate (or reuse) with every configured method; return summaries and the scales to build with."""
+    """Calibrate (or reuse) with every configured method; return summaries and the scales to build with.
+    `executor`: shard the data pass over its workers (the same caches, bit for bit)."""
     from quantpipe.calibration import HISTOGRAMS_FILE, calibrate, select_amax
 
     c = cfg.calibration
@@ -91,8 +103,9 @@ def stage_calibrate(
                 percentile=c.percentile,
                 trt_version=c.trt_version,
                 providers=providers_for(device),
-                on_batch=lambda done, total: advance(done),
+                on_batch=advance_to(advance),
                 model_sha256=li.spec.sha256,
+                executor=executor,
             )
         stored = [dataclasses.replace(s, cache_path=relative_to(s.cache_path, ws.calibration),
                                       json_path=relative_to(s.json_path, ws.calibration)) for s in summaries]
@@ -173,10 +186,16 @@ def _auto_amax(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, summaries: 
 
 
 def stage_evaluate(
-    cfg: PipelineConfig, li: LoadedInputs, variants: list[Variant], progress: Progress
+    cfg: PipelineConfig, li: LoadedInputs, variants: list[Variant], progress: Progress,
+    executor: Executor | None = None,
 ) -> tuple[list[EvalResult], str]:
-    """Evaluate every variant that was built; the FP32 ONNX Runtime variant is the reference."""
-    from quantpipe.evaluate import evaluate_variant
+    """Evaluate every variant that was built; the FP32 ONNX Runtime variant is the reference.
+
+    With an executor of several workers, the variants' outputs are computed first as variants x shards
+    (evaluate.sharded_outputs, the same arrays as one process); metrics and latency then run here, one variant
+    at a time, so latency is never measured beside other work.
+    """
+    from quantpipe.evaluate import evaluate_variant, open_runner
     from quantpipe.taskmetrics import TaskSpec
 
     ev = cfg.evaluate
@@ -190,15 +209,19 @@ def stage_evaluate(
     if not any(v.name == ref_name for v in ran):
         log.warning("no %s variant: agreement metrics need the FP32 reference; enable onnxruntime fp32", ref_name)
     order = sorted(ran, key=lambda v: v.name != ref_name)
+    threads = cfg.build.backends.onnxruntime.threads
+    outputs = _sharded_outputs(cfg, li, order, progress, executor)
     for v in order:
-        runner = _runner_for(v, cfg)
+        runner = open_runner(v, threads)
         n_lat = len(lat.batch_sizes) if lat.enabled else 0
-        with progress.task(f"evaluating {v.name}", li.eval.num_samples) as advance, runner:
+        what = f"measuring {v.name}" if v.name in outputs else f"evaluating {v.name}"
+        with progress.task(what, None if v.name in outputs else li.eval.num_samples) as advance, runner:
             res, out = evaluate_variant(
                 runner, li.eval, output=li.output, batch_size=cfg.data.batch_size, metrics=wanted,
                 reference=reference, ref_labelled=ref_labelled,
                 latency_batch_sizes=lat.batch_sizes if n_lat else (), warmup=lat.warmup, iterations=lat.iterations,
                 on_batch=advance, task=task, hooks=hooks if v.name != ref_name else (),  # the ref's: below, vs itself
+                outputs=outputs.get(v.name),
             )
         if v.name == ref_name:
             reference = out
@@ -215,14 +238,22 @@ def stage_evaluate(
     return [by_name[v.name] for v in variants if v.name in by_name], ref_name
 
 
-def _runner_for(v: Variant, cfg: PipelineConfig) -> Any:
-    if v.backend == "onnxruntime":
-        from quantpipe.backends.onnxruntime import OrtRunner
+def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Variant], progress: Progress,
+                     executor: Executor | None) -> dict[str, np.ndarray]:
+    """The outputs of the variants the executor's workers can run, as variants x shards (empty: one worker)."""
+    from quantpipe.evaluate import shardable, sharded_outputs
 
-        return OrtRunner(v.artifact or "", v.name, device=v.device, threads=cfg.build.backends.onnxruntime.threads)
-    from quantpipe.backends.tensorrt.runner import TensorRTRunner
-
-    return TensorRTRunner(v.artifact or "", v.name, source_sha256=v.details.get("source_sha256"))
+    if executor is None or executor.workers < 2 or len(li.eval.batch_bounds(cfg.data.batch_size)) < 2:
+        return {}
+    chosen = [v for v in variants if shardable(v, executor)]
+    if not chosen:
+        return {}
+    total = len(chosen) * li.eval.num_samples
+    with progress.task(f"evaluating {len(chosen)} variant(s) on {executor.workers} {executor.engine} workers",
+                       total) as advance:
+        return sharded_outputs(executor, chosen, li.eval, output=li.output, batch_size=cfg.data.batch_size,
+                               threads=cfg.build.backends.onnxruntime.threads or executor.threads_per_worker,
+                               on_samples=advance)
 
 
 def stage_sensitivity(
@@ -344,7 +375,28 @@ def run_stages(
     Returns the results (None before evaluate) and the run directory (None before evaluate).
     The gate's verdict is in results.gate; the caller maps it to an exit code.
     """
-    progress = progress or NullProgress()
+    executor = execution_for(cfg)
+    try:
+        return _run_stages(cfg, executor, until=until, progress=progress or NullProgress(), run_id=run_id,
+                           baseline_dir=baseline_dir)
+    finally:
+        executor.close()
+
+
+def execution_for(cfg: PipelineConfig) -> Executor:
+    """The run's executor (`execution:`); its workers get a GPU each when calibration runs on CUDA."""
+    from quantpipe.backends.onnxruntime import resolve_device
+    from quantpipe.execution import make_executor
+
+    try:
+        gpu = resolve_device(cfg.calibration.device)[0] == "cuda"
+    except MissingDependencyError:
+        gpu = False  # calibrate says so, with the fix
+    return make_executor(cfg.execution, gpu=gpu)
+
+
+def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress: Progress, run_id: str | None,
+                baseline_dir: Path | None) -> tuple[RunResults | None, Path | None]:
     ws = Workspace.for_config(cfg)
     li = load_inputs(cfg)
     _preflight(cfg)
@@ -352,13 +404,13 @@ def run_stages(
     fixed_id = run_id or cfg.report.run_id
     _check_outputs(cfg, ws, li, fixed_id if makes_run else None)
     run_id = fixed_id or new_run_id()
-    summaries, amax = stage_calibrate(cfg, ws, li, progress)
+    summaries, amax = stage_calibrate(cfg, ws, li, progress, executor)
     if until == "calibrate":
         return None, None
     variants, fallback = stage_build(cfg, ws, li, amax, summaries, progress)
     if until == "build":
         return None, None
-    evals, ref = stage_evaluate(cfg, li, variants, progress)
+    evals, ref = stage_evaluate(cfg, li, variants, progress, executor)
     sens = stage_sensitivity(cfg, li, amax, variants, progress)
     run_dir = Path(cfg.report.dir) / run_id
     if run_dir.exists() and any(run_dir.iterdir()):

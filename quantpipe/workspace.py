@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from quantpipe.config import PipelineConfig
 from quantpipe.fsutil import atomic_write_json, sha256_file
 
-__all__ = ["NullProgress", "Progress", "Workspace", "new_run_id", "relative_to", "reusable", "write_manifest"]
+__all__ = ["NullProgress", "Progress", "Workspace", "advance_to", "new_run_id", "relative_to", "reusable", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,18 @@ class NullProgress:
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         yield lambda n: None
+
+
+def advance_to(advance: Callable[[int], None]) -> Callable[[int, int], None]:
+    """An `on_batch(done, total)` callback (done: samples so far) that moves a Progress task's `advance(n)` by the
+    samples added since the last call (calling `advance(done)` would count every earlier sample again)."""
+    seen = [0]
+
+    def on_batch(done: int, total: int) -> None:
+        advance(done - seen[0])
+        seen[0] = done
+
+    return on_batch
 
 
 def new_run_id() -> str:

@@ -50,6 +50,7 @@ from quantpipe.calibration.methods import (
 )
 from quantpipe.data import Dataset
 from quantpipe.errors import CalibrationError, ConfigError
+from quantpipe.execution import Executor
 
 __all__ = [
     "METHODS",
@@ -176,6 +177,7 @@ def calibrate(
     on_batch: OnBatch | None = None,
     model_sha256: str | None = None,
     threads: int | None = None,
+    executor: Executor | None = None,
 ) -> list[CalibrationSummary]:
     """Calibrate once, write a TensorRT cache + JSON per method and the shared histograms.
 
@@ -193,6 +195,8 @@ def calibrate(
         on_batch: progress callback (samples done, total).
         model_sha256: the model's hash if the caller has it (else computed).
         threads: ONNX Runtime and histogram threads (default: the usable cores).
+        executor: shard the data pass over its workers (calibration/sharded.py: the same histograms, bit
+            for bit); None or one worker: this process.
 
     Returns:
         One CalibrationSummary per method, in the order given.
@@ -205,8 +209,8 @@ def calibrate(
     methods = _check_methods(methods, percentile)
     paths, hist_path = _paths(methods, out_dir, cache)
     model = Path(model_path)
-    stats = collect_histograms(model, dataset, batch_size=batch_size, num_bins=num_bins, providers=providers,
-                               on_batch=on_batch, threads=threads)
+    stats = _collect(model, dataset, executor, batch_size=batch_size, num_bins=num_bins, providers=providers,
+                     on_batch=on_batch, threads=threads)
     if not stats.histograms:
         raise CalibrationError(f"{model} has no float tensors to calibrate (no float inputs, activations or weights).")
     tables, chosen = compute_tables(stats, methods, percentile=percentile)
@@ -238,6 +242,19 @@ def calibrate(
     log.info("calibrated %d samples in %.1f s (onnxruntime %.1f s, histograms %.1f s)",
              stats.num_samples, stats.seconds, stats.inference_seconds, stats.histogram_seconds)
     return summaries
+
+
+def _collect(model: Path, dataset: Dataset, executor: Executor | None, *, batch_size: int, num_bins: int,
+             providers: Sequence[str], on_batch: OnBatch | None, threads: int | None) -> CollectedStats:
+    """One pass over the data: in this process, or sharded over the executor's workers when it has several
+    and the data holds more than one batch."""
+    if executor is not None and executor.workers > 1 and len(dataset.batch_bounds(batch_size)) > 1:
+        from quantpipe.calibration.sharded import collect_sharded
+
+        return collect_sharded(model, dataset, executor, batch_size=batch_size, num_bins=num_bins,
+                               providers=providers, on_batch=on_batch)
+    return collect_histograms(model, dataset, batch_size=batch_size, num_bins=num_bins, providers=providers,
+                              on_batch=on_batch, threads=threads)
 
 
 def _relpath(path: Path, start: Path) -> str:
@@ -315,11 +332,12 @@ def calibrate_to_cache(
     device: str = "auto",
     num_bins: int = DEFAULT_NUM_BINS,
     on_batch: OnBatch | None = None,
+    executor: Executor | None = None,
 ) -> list[Path]:
     """`quantpipe calibrate --model M --data D --cache OUT`: calibrate and return every file written."""
     summaries = calibrate(model_path, dataset, methods=methods, cache=cache, batch_size=batch_size, num_bins=num_bins,
                           percentile=percentile, trt_version=trt_version, providers=_providers(device),
-                          on_batch=on_batch)
+                          on_batch=on_batch, executor=executor)
     written: list[Path] = []
     for s in summaries:
         written += [Path(s.cache_path), Path(s.json_path)]

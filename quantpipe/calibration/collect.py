@@ -36,10 +36,12 @@ import numpy as np
 
 from quantpipe.calibration.device import DeviceOutputs
 from quantpipe.calibration.histogram import DEFAULT_NUM_BINS, SignedHistogram, StreamingHistogram
+from quantpipe.calibration.plan import TensorPlan, constant_value, is_constant, plan_tensors
 from quantpipe.data import Dataset
 from quantpipe.errors import CalibrationError, DataError, ModelError
 
-__all__ = ["CollectedStats", "TensorPlan", "collect_histograms", "plan_tensors", "KINDS", "CUDA_CALIBRATION_OPTIONS"]
+__all__ = ["CollectedStats", "PartialStats", "Timing", "TensorPlan", "collect_histograms", "collect_partial", "finish_stats",
+           "plan_tensors", "KINDS", "CUDA_CALIBRATION_OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -89,124 +91,6 @@ class CollectedStats:
         return [n for n in self.histograms if not kinds or self.kinds[n] in kinds]
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorPlan:
-    """Which tensors of a model get a histogram, and where their values come from."""
-
-    inputs: tuple[str, ...]
-    activations: tuple[str, ...]
-    """Node outputs to expose (float, or of unknown type: checked at run time)."""
-    weights: tuple[str, ...]
-    """Float initializers and Constant-node outputs."""
-    relu_from: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    """Relu output -> its input, for Relus of calibrated inputs/activations (derived, not exposed)."""
-
-    @property
-    def kinds(self) -> dict[str, str]:
-        out = {n: "input" for n in self.inputs}
-        out.update({n: "activation" for n in self.activations})
-        out.update({n: "weight" for n in self.weights})
-        return out
-
-
-# ---------------------------------------------------------------------------------------------- plan
-
-
-def _float_types() -> set[int]:
-    from onnx import TensorProto
-
-    return {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-
-
-def _elem_types(model: Any) -> dict[str, int]:
-    """Element type of every typed value in the graph, after ONNX shape inference where it succeeds.
-
-    Inference runs on a light copy whose initializers are declared as typed inputs without their
-    data: element types never depend on weight values, and the copy costs no memory for the weights.
-    """
-    import onnx
-
-    g = model.graph
-    declared = {i.name for i in g.input}
-    light_graph = onnx.helper.make_graph(
-        list(g.node), g.name,
-        list(g.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                         for t in g.initializer if t.name not in declared],
-        list(g.output), value_info=list(g.value_info),
-    )
-    light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    light.functions.extend(model.functions)
-    inferred = light
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light)
-    except Exception as err:  # inference is a help, not a requirement: unknown types are checked at run time
-        log.debug("ONNX shape inference failed (%s); tensor types are checked at run time instead", err)
-    types: dict[str, int] = {}
-    ig = inferred.graph
-    for vi in list(ig.input) + list(ig.value_info) + list(ig.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for init in g.initializer:
-        types[init.name] = init.data_type
-    return types
-
-
-def _constant_value(node: Any, base_dir: Path) -> np.ndarray | None:
-    """The float value of a Constant node, or None when it is not a float tensor."""
-    from onnx import helper, numpy_helper
-
-    for attr in node.attribute:
-        if attr.name == "value":
-            if attr.t.data_type not in _float_types():
-                return None
-            return numpy_helper.to_array(attr.t, base_dir=str(base_dir))
-        if attr.name == "value_float":
-            return np.asarray(helper.get_attribute_value(attr), dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.asarray(helper.get_attribute_value(attr), dtype=np.float32)
-    return None
-
-
-def _is_constant(node: Any) -> bool:
-    return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
-
-
-def plan_tensors(model: Any) -> TensorPlan:
-    """Find the tensors that need a scale in an ONNX ModelProto (external data need not be loaded)."""
-    floats = _float_types()
-    g = model.graph
-    init_names = {i.name for i in g.initializer}
-    types = _elem_types(model)
-    inputs = tuple(
-        i.name for i in g.input
-        if i.name not in init_names and i.type.tensor_type.elem_type in floats
-    )
-    weights = [i.name for i in g.initializer if i.data_type in floats]
-    seen = set(inputs) | set(weights)
-    activations: list[str] = []
-    for node in g.node:
-        constant = _is_constant(node)
-        for out in node.output:
-            if not out or out in seen:
-                continue
-            seen.add(out)
-            if constant:
-                if types.get(out, 0) in floats or types.get(out) is None:
-                    weights.append(out)
-                continue
-            if types.get(out) is None or types[out] in floats:
-                activations.append(out)
-    runtime = set(inputs) | set(activations)
-    relu_from = {
-        node.output[0]: node.input[0]
-        for node in g.node
-        if node.op_type == "Relu" and node.domain in ("", "ai.onnx") and node.input and node.output
-        and node.input[0] in runtime and node.output[0] in runtime
-    }
-    relu_from = {out: src for out, src in relu_from.items() if src not in relu_from}  # one level: sources are run
-    return TensorPlan(inputs, tuple(activations), tuple(weights), relu_from)
-
-
 # ------------------------------------------------------------------------------------------- session
 
 
@@ -217,7 +101,7 @@ def _has_external_data(model: Any) -> bool:
         return True
     return any(
         attr.t.data_location == TensorProto.EXTERNAL
-        for node in model.graph.node if _is_constant(node) for attr in node.attribute if attr.name == "value"
+        for node in model.graph.node if is_constant(node) for attr in node.attribute if attr.name == "value"
     )
 
 
@@ -372,6 +256,68 @@ def collect_histograms(
         CalibrationError: a tensor holds NaN/Inf, or a requested tensor does not exist.
     """
     t0 = time.perf_counter()
+    partial = collect_partial(model, dataset, batch_size=batch_size, num_bins=num_bins, tensors=tensors,
+                              providers=providers, on_batch=on_batch, threads=threads, max_run_bytes=max_run_bytes,
+                              cuda_options=cuda_options)
+    return finish_stats(partial, time.perf_counter() - t0)
+
+
+@dataclasses.dataclass
+class Timing:
+    """Where a data pass spent its wall time (summed over shards when the pass was sharded)."""
+
+    inference: float = 0.0
+    histogram: float = 0.0
+    plan: float = 0.0
+    session: float = 0.0
+    weights: float = 0.0
+
+    def plus(self, other: Timing) -> Timing:
+        return Timing(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)))
+
+
+@dataclasses.dataclass
+class PartialStats:
+    """The raw histograms of one pass over (a shard of) the data, before Relu outputs are derived from their
+    inputs: what a calibration shard returns. `merge` adds two shards exactly (histogram.py: the counts are a
+    function of the data alone), and `finish_stats` turns the sum into CollectedStats."""
+
+    kinds: dict[str, str]
+    """tensor -> kind of every requested tensor, in graph order."""
+    derived: dict[str, str]
+    """Relu output -> its input, whose signed histogram gives the Relu's."""
+    hists: dict[str, StreamingHistogram | SignedHistogram]
+    num_samples: int
+    num_batches: int
+    timing: Timing
+
+    def merge(self, other: PartialStats) -> PartialStats:
+        """Both shards' histograms added (same model and tensors; ValueError otherwise)."""
+        if list(self.kinds.items()) != list(other.kinds.items()) or self.derived != other.derived:
+            raise ValueError("cannot merge calibration shards of different models or tensor sets")
+        hists = {n: h.merge(other.hists[n]) for n, h in self.hists.items()}  # type: ignore[arg-type]
+        return PartialStats(self.kinds, self.derived, hists, self.num_samples + other.num_samples,
+                            self.num_batches + other.num_batches, self.timing.plus(other.timing))
+
+
+def collect_partial(
+    model: str | os.PathLike[str],
+    dataset: Dataset,
+    *,
+    batch_size: int = 32,
+    num_bins: int = DEFAULT_NUM_BINS,
+    tensors: Sequence[str] | None = None,
+    providers: Sequence[str] = (_CPU_EP,),
+    on_batch: OnBatch | None = None,
+    threads: int | None = None,
+    max_run_bytes: int | None = DEFAULT_MAX_RUN_BYTES,
+    cuda_options: Mapping[str, str] | None = None,
+    weights: bool = True,
+) -> PartialStats:
+    """`collect_histograms`' pass over `dataset` (a whole data set or one shard of it), before finishing.
+
+    `weights`: histogram the weights too (exactly one shard of a sharded pass does; the others leave them empty).
+    """
     path = Path(model)
     proto = _load(path)
     tp = time.perf_counter()
@@ -386,10 +332,11 @@ def collect_histograms(
 
     # Weights first, from their stored values; the model proto is then dropped before the data pass.
     tw = time.perf_counter()
-    _weights_into(proto, path.parent,
-                  {n: h for n, h in hists.items() if kinds[n] == "weight" and isinstance(h, StreamingHistogram)})
+    if weights:
+        _weights_into(proto, path.parent,
+                      {n: h for n, h in hists.items() if kinds[n] == "weight" and isinstance(h, StreamingHistogram)})
     weight_seconds = time.perf_counter() - tw
-    timing = _Timing(histogram=weight_seconds, plan=plan_seconds, weights=weight_seconds)
+    timing = Timing(histogram=weight_seconds, plan=plan_seconds, weights=weight_seconds)
     fetch = [n for n in plan.activations if n in kinds and n not in derived]
     num_batches = 0
     if fetch or any(k == "input" for k in kinds.values()):
@@ -403,18 +350,24 @@ def collect_histograms(
                                  batch_size=batch_size, threads=nthreads, providers=providers, on_batch=on_batch,
                                  max_run_bytes=max_run_bytes)
         del session
-    kept = _final_histograms(kinds, derived, hists)
+    return PartialStats(kinds, derived, hists, dataset.num_samples, num_batches, timing)
+
+
+def finish_stats(partial: PartialStats, seconds: float) -> CollectedStats:
+    """The CollectedStats of a finished pass (merged shards or one whole pass) that took `seconds`."""
+    kept = _final_histograms(partial.kinds, partial.derived, partial.hists)
+    t = partial.timing
     return CollectedStats(
         histograms=kept,
-        kinds={n: kinds[n] for n in kept},
-        num_samples=dataset.num_samples,
-        num_batches=num_batches,
-        seconds=time.perf_counter() - t0,
-        inference_seconds=timing.inference,
-        histogram_seconds=timing.histogram,
-        plan_seconds=timing.plan,
-        session_seconds=timing.session,
-        weight_seconds=timing.weights,
+        kinds={n: partial.kinds[n] for n in kept},
+        num_samples=partial.num_samples,
+        num_batches=partial.num_batches,
+        seconds=seconds,
+        inference_seconds=t.inference,
+        histogram_seconds=t.histogram,
+        plan_seconds=t.plan,
+        session_seconds=t.session,
+        weight_seconds=t.weights,
     )
 
 
@@ -468,15 +421,6 @@ def _final_histograms(
     return {n: h for n, h in final.items() if h.num_values > 0}
 
 
-@dataclasses.dataclass
-class _Timing:
-    inference: float = 0.0
-    histogram: float = 0.0
-    plan: float = 0.0
-    session: float = 0.0
-    weights: float = 0.0
-
-
 def _load(path: Path) -> Any:
     import onnx
 
@@ -495,7 +439,7 @@ def _data_pass(
     kinds: Mapping[str, str],
     hists: Mapping[str, StreamingHistogram | SignedHistogram],
     model_inputs: Sequence[str],
-    timing: _Timing,
+    timing: Timing,
     *,
     batch_size: int,
     threads: int,
@@ -570,8 +514,8 @@ def _weights_into(model: Any, base_dir: Path, hists: Mapping[str, StreamingHisto
                 raise ModelError(f"cannot read the values of weight '{init.name}' ({err}).") from err
             _update_weight(hists[init.name], init.name, value)
     for node in model.graph.node:
-        if _is_constant(node) and node.output and node.output[0] in hists:
-            constant = _constant_value(node, base_dir)
+        if is_constant(node) and node.output and node.output[0] in hists:
+            constant = constant_value(node, base_dir)
             if constant is not None:
                 _update_weight(hists[node.output[0]], node.output[0], constant)
 

@@ -340,6 +340,16 @@ class StreamingHistogram:
 
     # ---------------------------------------------------------------------------------- (de)serialise
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle compactly (a shard's histograms travel between processes): the counts up to the last non-zero
+        one, in the smallest unsigned type that holds them; unpickled to exactly the same histogram."""
+        nz = np.flatnonzero(self.counts)
+        used = self.counts[: int(nz[-1]) + 1] if nz.size else self.counts[:0]
+        top = int(used.max()) if used.size else 0
+        dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if top <= np.iinfo(t).max)
+        return (_unpickle, (self.num_bins, self.fine_bins, used.astype(dtype), self.range_exp, self.absmax,
+                            self.num_values))
+
     @classmethod
     def from_state(
         cls, num_bins: int, counts: np.ndarray, range_exp: int | None, absmax: float, num_values: int
@@ -354,6 +364,13 @@ class StreamingHistogram:
         h.range_exp = None if range_exp is None else int(range_exp)
         h.absmax, h.num_values = float(absmax), int(num_values)
         return h
+
+
+def _unpickle(num_bins: int, fine_bins: int, used: np.ndarray, range_exp: int | None, absmax: float,
+              num_values: int) -> StreamingHistogram:
+    counts = np.zeros(fine_bins, dtype=np.int64)
+    counts[: used.size] = used
+    return StreamingHistogram.from_state(num_bins, counts, range_exp, absmax, num_values)
 
 
 class SignedHistogram:
@@ -383,6 +400,19 @@ class SignedHistogram:
         merged.counts[0] -= self.pos.num_values
         merged.num_values = self.pos.num_values
         return merged
+
+    def merge(self, other: SignedHistogram) -> SignedHistogram:
+        """A new signed histogram of both inputs' data (shards): each side merges exactly."""
+        out = SignedHistogram.__new__(SignedHistogram)
+        out.pos, out.neg = self.pos.merge(other.pos), self.neg.merge(other.neg)
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SignedHistogram):
+            return NotImplemented
+        return self.pos == other.pos and self.neg == other.neg
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
 
     def update(self, x: Any) -> None:
         """Add every element of `x` (numpy; CuPy through two plain updates). ValueError on NaN/Inf."""

@@ -9,7 +9,7 @@ import textwrap
 
 import quantpipe
 
-BLOCKED = ["tensorrt", "tensorrt_bindings", "pycuda", "cuda", "cupy", "modelopt", "torch"]
+BLOCKED = ["tensorrt", "tensorrt_bindings", "pycuda", "cuda", "cupy", "modelopt", "torch", "ray"]
 
 
 def _all_modules() -> list[str]:

@@ -55,3 +55,13 @@ def test_manifest_that_cannot_vouch_is_not_trusted(stage: Path, files: object, c
 
 def test_relative_to(tmp_path: Path) -> None:
     assert relative_to(tmp_path / "models" / "m.onnx", tmp_path) == "models/m.onnx"
+
+
+def test_advance_to_turns_samples_so_far_into_increments() -> None:
+    from quantpipe.workspace import advance_to
+
+    steps: list[int] = []
+    on_batch = advance_to(steps.append)
+    for done in (32, 64, 63 + 32, 100):
+        on_batch(done, 100)
+    assert steps == [32, 32, 31, 5] and sum(steps) == 100

@@ -1,0 +1,121 @@
+"""What every execution engine offers: `map(fn, items)` with ordered results, and how work is split.
+
+An `Executor` runs a picklable, module-level function over a list of items and returns the results in the
+items' order, whatever order the workers finish in. The stages split their data with `shard_bounds` into
+contiguous runs of whole batches, so every worker batches its samples exactly as one process would, and
+concatenating the shards' outputs in order gives one process's outputs bit for bit.
+
+`InProcess` is `workers: 1`: no pool, no pickling, the stage's own code path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+__all__ = ["Executor", "InProcess", "OnResult", "shard_bounds", "usable_cores"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+OnResult = Callable[[int, Any], None]
+"""Called in the lead process as each item finishes: (item index, its result)."""
+
+
+class Executor(Protocol):
+    """Runs independent work items on `workers` workers; results come back in the items' order."""
+
+    engine: str
+    """'local' or 'ray'."""
+
+    @property
+    def workers(self) -> int:
+        """How many shards the stages cut their work into (at most this many run at once)."""
+        ...
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the workers use, one each (0: CPU work)."""
+        ...
+
+    @property
+    def threads_per_worker(self) -> int | None:
+        """Intra-op threads each worker should use (None: the library's default, all cores)."""
+        ...
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T], *, on_result: OnResult | None = None) -> list[R]:
+        """`[fn(x) for x in items]`, spread over the workers. `fn` must be a module-level function and the
+        items picklable. The first error a worker raises is raised here (a QuantpipeError as itself); a
+        worker that dies is retried, and if it keeps dying WorkerError says so: never a partial result."""
+        ...
+
+    def close(self) -> None:
+        """Stop the workers (and a Ray instance this executor started)."""
+        ...
+
+
+class InProcess:
+    """`workers: 1`: the work runs in this process, in order, exactly as without an execution layer."""
+
+    engine = "local"
+    workers = 1
+    gpus = 0
+
+    @property
+    def threads_per_worker(self) -> int | None:
+        return None
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T], *, on_result: OnResult | None = None) -> list[R]:
+        out = []
+        for i, item in enumerate(items):
+            result = fn(item)
+            if on_result is not None:
+                on_result(i, result)
+            out.append(result)
+        return out
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self) -> InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def shard_bounds(batches: Sequence[tuple[int, int]], shards: int) -> list[tuple[int, int]]:
+    """Split consecutive batches [(start, stop), ...] into at most `shards` contiguous runs of whole batches,
+    as equal in samples as whole batches allow; returns each run's (start, stop) in order.
+
+    The runs cover every sample exactly once, in order; no run is empty; there are min(shards, len(batches)).
+    """
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if not batches:
+        return []
+    n = min(shards, len(batches))
+    first, total = batches[0][0], batches[-1][1] - batches[0][0]
+    out: list[tuple[int, int]] = []
+    k = 0  # index of the next batch not yet in a run
+    for run in range(n):
+        if run == n - 1:
+            end = len(batches)
+        else:
+            # Cut at the batch whose stop is nearest the ideal boundary, leaving a batch for each later run.
+            ideal = first + total * (run + 1) / n
+            end = k + 1
+            while end < len(batches) - (n - run - 1) and abs(batches[end][1] - ideal) <= abs(batches[end - 1][1] - ideal):
+                end += 1
+        out.append((batches[k][0], batches[end - 1][1]))
+        k = end
+    return out

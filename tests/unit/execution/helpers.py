@@ -1,0 +1,53 @@
+"""Module-level work functions for the executor tests (a spawned worker or a Ray worker imports them by name)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from quantpipe.errors import DataError
+
+log = logging.getLogger("quantpipe.tests.execution")
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def slow_first(x: int) -> int:
+    """Item 0 finishes last, so results arrive out of order."""
+    if x == 0:
+        import time
+
+        time.sleep(0.5)
+    return x
+
+
+def bad_data(x: int) -> int:
+    if x == 2:
+        raise DataError(f"sample {x} is broken")
+    return x
+
+
+def logs(x: int) -> int:
+    log.warning("hello from item %d", x)
+    return os.getpid()
+
+
+def die_once(marker: str) -> str:
+    """Kill this worker process the first time (a crash in native code, the OOM killer), succeed when retried."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text("died")
+        os._exit(17)
+    return "survived"
+
+
+def die_always(_: str) -> str:
+    os._exit(17)
+
+
+def my_gpu(_: int) -> tuple[int, str | None, str | None]:
+    """(pid, CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS) of the worker that ran the item."""
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")

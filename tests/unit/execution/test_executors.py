@@ -1,0 +1,97 @@
+"""The executors for real: ordered results, errors raised as themselves, worker logs reaching the lead, a
+worker that dies retried and one that keeps dying reported (never a partial result)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+
+from quantpipe.config import ExecutionConfig
+from quantpipe.errors import DataError, WorkerError
+from quantpipe.execution import InProcess, LocalPool, RayPool, make_executor
+from tests.unit.execution import helpers
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with LocalPool(2, retries=1) as p:
+        yield p
+
+
+def test_workers_1_is_in_process():
+    ex = make_executor(ExecutionConfig(workers=1))
+    assert isinstance(ex, InProcess) and ex.threads_per_worker is None
+    seen = []
+    assert ex.map(helpers.square, [3, 1, 2], on_result=lambda i, r: seen.append((i, r))) == [9, 1, 4]
+    assert seen == [(0, 9), (1, 1), (2, 4)]
+    assert isinstance(make_executor(ExecutionConfig(workers=3)), LocalPool)
+    assert isinstance(make_executor(ExecutionConfig(engine="ray", workers=2)), RayPool)  # nothing starts yet
+
+
+def test_results_come_back_in_order(pool):
+    seen = []
+    assert pool.map(helpers.slow_first, list(range(5)), on_result=lambda i, r: seen.append(i)) == list(range(5))
+    assert sorted(seen) == list(range(5)) and seen[-1] == 0  # finished last, still first in the results
+    assert pool.threads_per_worker >= 1
+
+
+def test_a_worker_error_is_raised_as_itself(pool):
+    with pytest.raises(DataError, match="sample 2 is broken"):
+        pool.map(helpers.bad_data, list(range(4)))
+    assert pool.map(helpers.square, [4]) == [16]  # the pool starts again for the next work
+
+
+def test_worker_logs_reach_the_lead_with_the_worker_named(pool, caplog):
+    with caplog.at_level(logging.WARNING, logger="quantpipe"):
+        pids = pool.map(helpers.logs, [0, 1, 2, 3])
+        # Records travel through a queue that the lead drains on its own thread: wait for them (not a timing test).
+        for _ in range(100):
+            lines = [r.getMessage() for r in caplog.records if "hello from item" in r.getMessage()]
+            if len(lines) >= 4:
+                break
+            time.sleep(0.1)
+    assert os.getpid() not in pids
+    assert sorted(int(m.rsplit(" ", 1)[1]) for m in lines) == [0, 1, 2, 3]
+    assert all(m.startswith("[worker ") for m in lines), lines
+
+
+def test_a_dead_worker_is_retried(pool, tmp_path):
+    marker = str(tmp_path / "died-once")
+    assert pool.map(helpers.die_once, [marker]) == ["survived"]
+    assert os.path.exists(marker)
+
+
+def test_a_worker_that_keeps_dying_is_an_error_not_a_partial_result(tmp_path):
+    with LocalPool(2, retries=1) as p, pytest.raises(WorkerError, match="died 2 times.*partial set of shards"):
+        p.map(helpers.die_always, ["a", "b"])
+
+
+def test_ray_runs_the_same_work(ray_cluster, tmp_path):
+    ex = RayPool(2, retries=1)
+    assert ex.map(helpers.slow_first, list(range(5))) == list(range(5))
+    with pytest.raises(DataError, match="sample 2 is broken"):
+        ex.map(helpers.bad_data, list(range(4)))
+    marker = str(tmp_path / "ray-died-once")
+    assert ex.map(helpers.die_once, [marker]) == ["survived"]  # Ray's max_retries ran it again
+    with pytest.raises(WorkerError, match="partial set of shards"):
+        ex.map(helpers.die_always, ["a"])
+    ex.close()
+    assert ray_cluster.is_initialized()  # an instance the executor did not start is left running
+    default = make_executor(ExecutionConfig(engine="ray"))
+    assert (default.workers, default.threads_per_worker, default.gpus) == (2, 1, 0)  # the cluster's 2 CPUs
+
+
+def test_each_local_worker_gets_one_gpu_and_its_share_of_the_threads():
+    with LocalPool(2, gpu_ids=["3", "5"]) as p:
+        seen = p.map(helpers.my_gpu, list(range(8)))
+    by_pid: dict[int, set[str | None]] = {}
+    for pid, gpu, threads in seen:
+        by_pid.setdefault(pid, set()).add(gpu)
+        assert threads == str(p.threads_per_worker)
+    assert all(len(g) == 1 for g in by_pid.values()), by_pid  # a worker keeps its GPU
+    assert set().union(*by_pid.values()) <= {"3", "5"}
+    if len(by_pid) == 2:  # both workers took work: they hold different GPUs
+        assert set().union(*by_pid.values()) == {"3", "5"}
