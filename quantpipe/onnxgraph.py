@@ -17,7 +17,9 @@ from quantpipe.errors import BuildError, ModelError
 
 __all__ = [
     "FLOAT", "FLOAT16", "LARGE_MODEL_BYTES", "QDQ_OPS", "QUANTIZED_OPS", "Graph", "Names", "add_initializer", "attr",
-    "constant_node_value", "decomposed_layernorm_nodes", "drop_unused_initializers", "expose_outputs", "load_onnx",
+    "check_external_data", "constant_node_value", "external_data_files", "external_tensors", "has_external_data",
+    "model_sha256", "model_size_bytes", "tensor_value", "BASEPATH", "entry", "set_entry", "drop_entry", "external_folders",
+    "strip_basepath", "in_memory_bytes", "external_bytes", "write_external", "decomposed_layernorm_nodes", "drop_unused_initializers", "expose_outputs", "load_onnx",
     "name_nodes", "named_copy", "opset_of", "save_onnx", "subgraph_references", "topological_order",
 ]
 
@@ -29,47 +31,261 @@ QUANTIZED_OPS: frozenset[str] = QDQ_OPS | frozenset({"QLinearConv", "QLinearMatM
 FLOAT = 1  # TensorProto.FLOAT
 FLOAT16 = 10  # TensorProto.FLOAT16
 LARGE_MODEL_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
+#: The external-data key `load_onnx(external_data=False)` records a reference's folder in (onnx allows it;
+#: `onnx.save_model` strips it; onnxruntime refuses it, so `strip_basepath` removes it for sessions).
+BASEPATH = "basepath"
 
 
-def load_onnx(path: str | os.PathLike[str]) -> Any:
-    """Load an ONNX model with its external data, or raise ModelError saying what is wrong."""
+def load_onnx(path: str | os.PathLike[str], *, external_data: bool = False) -> Any:
+    """Load an ONNX model, or raise ModelError saying what is wrong.
+
+    With `external_data=False` tensors stored in external files stay references to them (the proto holds the
+    graph only, whatever the model's size): for reading the graph, checking it (by path) and sessions that
+    read the weights from the model's folder (`ortsession.ort_session(base_dir=...)`); `tensor_value` reads one
+    such tensor. Either way a missing or short external-data file is a ModelError naming it.
+    """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model {path} does not exist. Check model.path in pipeline.yaml (relative to the YAML "
                          f"file) or --model: the path of an FP32 .onnx file.")
     try:
-        return onnx.load(os.fspath(path), load_external_data=True)
+        model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as err:  # protobuf and onnx raise many types; all mean "not a readable model"
         raise ModelError(
             f"model {path} is not a valid ONNX file ({type(err).__name__}: {err}). If it uses external data, keep "
             f"the .data file beside it; otherwise export it again (torch.onnx.export, tf2onnx ...) and check it with "
             f"`python -c \"import onnx; onnx.checker.check_model('{path}')\"`."
         ) from err
+    check_external_data(model, path)
+    if not external_data:
+        for t in external_tensors(model):  # each reference says which folder it is relative to (copies keep it)
+            set_entry(t, BASEPATH, os.fspath(path.parent.resolve()))
+    elif has_external_data(model):
+        try:
+            load_external_data_for_model(model, os.fspath(path.parent))
+        except Exception as err:  # a file that changed under us, or a location onnx refuses
+            raise ModelError(f"model {path}: its external data cannot be read ({type(err).__name__}: {err}). Keep the "
+                             f"files its tensors name beside the model, unchanged since it was saved.") from err
+    return model
+
+
+def external_tensors(model: Any) -> list[Any]:
+    """Every TensorProto of `model` (initializers and Constant values, subgraphs included) stored externally."""
+    from onnx import TensorProto
+
+    return [t for t in _all_tensors(model) if t.data_location == TensorProto.EXTERNAL]
+
+
+def has_external_data(model: Any) -> bool:
+    """Whether any tensor of `model` is stored in an external file (not loaded into the proto)."""
+    return bool(external_tensors(model))
+
+
+def external_data_files(model: Any, model_path: str | os.PathLike[str]) -> list[Path]:
+    """The external-data files `model` (read from `model_path`) names, sorted, each once."""
+    folder = Path(model_path).parent
+    return sorted({folder / _location(t) for t in external_tensors(model)})
+
+
+def check_external_data(model: Any, path: Path) -> None:
+    """ModelError when an external-data file the model names is missing, outside its folder, or too short."""
+    needed: dict[str, int] = {}
+    for t in external_tensors(model):
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts:
+            raise ModelError(f"model {path}: tensor '{t.name}' names external data at '{loc}', which is not a path "
+                             f"inside the model's folder. Save the model again with onnx.save_model(..., "
+                             f"save_as_external_data=True) so its data file sits beside it.")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        needed[loc] = max(needed.get(loc, 0), end)
+    for loc, end in sorted(needed.items()):
+        f = path.parent / loc
+        if not f.is_file():
+            raise ModelError(f"model {path} keeps its weights in the external data file '{loc}', which is missing "
+                             f"(looked for {f}). Copy it beside the model (ONNX resolves it relative to the model's "
+                             f"folder), or export the model again.")
+        if f.stat().st_size < end:
+            raise ModelError(f"model {path}: its external data file {f} has {f.stat().st_size} bytes but the model "
+                             f"reads up to byte {end}; the file is truncated or belongs to another export. Copy "
+                             f"it again or export the model again.")
+
+
+def tensor_value(tensor: Any, base_dir: str | os.PathLike[str] | None = None) -> np.ndarray:
+    """A TensorProto's value; an external one is read from `base_dir`, by default the folder `load_onnx`
+    recorded in it."""
+    from onnx import numpy_helper
+
+    if base_dir is None:
+        base_dir = entry(tensor, BASEPATH)
+    return numpy_helper.to_array(tensor, base_dir=os.fspath(base_dir))
+
+
+def entry(tensor: Any, key: str) -> str:
+    """The value of one `external_data` entry of a TensorProto ("" when absent)."""
+    return next((e.value for e in tensor.external_data if e.key == key), "")
+
+
+def set_entry(tensor: Any, key: str, value: str) -> None:
+    for e in tensor.external_data:
+        if e.key == key:
+            e.value = value
+            return
+    tensor.external_data.add(key=key, value=value)
+
+
+def drop_entry(tensor: Any, key: str) -> None:
+    keep = [(e.key, e.value) for e in tensor.external_data if e.key != key]
+    del tensor.external_data[:]
+    for k, v in keep:
+        tensor.external_data.add(key=k, value=v)
+
+
+def external_folders(model: Any) -> set[str]:
+    """The folders (absolute) that `model`'s external references are relative to, as `load_onnx` recorded them."""
+    return {entry(t, BASEPATH) for t in external_tensors(model)}
+
+
+def strip_basepath(model: Any) -> Any:
+    """`model` (a copy when it has external references) without the folder `load_onnx` records in them:
+    onnxruntime refuses unknown external-data keys; its folder goes in its session options instead."""
+    import onnx
+
+    if not has_external_data(model):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in external_tensors(m):
+        drop_entry(t, BASEPATH)
+    return m
+
+
+def in_memory_bytes(model: Any) -> int:
+    """The bytes of the tensors held inside the proto (not external ones): what decides whether it can be
+    serialised as one protobuf (ModelProto.ByteSize itself fails past 2 GiB)."""
+    from onnx import TensorProto
+
+    return sum(t.ByteSize() for t in _all_tensors(model) if t.data_location != TensorProto.EXTERNAL)
+
+
+def external_bytes(model: Any) -> int:
+    """The bytes of `model`'s tensors stored in external files."""
+    return sum(int(entry(t, "length") or 0) for t in external_tensors(model))
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of an ONNX model: its file, and when it keeps weights in external files, those too (a changed
+    weight file changes the model). A model without external data hashes as its file alone."""
+    from quantpipe.fsutil import sha256_bytes, sha256_file
+
+    path = Path(path)
+    digest = sha256_file(path)
+    files = external_data_files(load_onnx(path, external_data=False), path)
+    if not files:
+        return digest
+    parts = [digest] + [f"{f.relative_to(path.parent).as_posix()}:{sha256_file(f)}" for f in files]
+    return sha256_bytes("\n".join(parts).encode())
+
+
+def write_external(model: Any, path: str | os.PathLike[str], *, threshold: int = 1024) -> None:
+    """Write `model` to `path` with every tensor of >= `threshold` bytes in one external file `<name>.data`
+    beside it, streamed one tensor at a time: tensors the proto holds and tensors it still references in other
+    files (`load_onnx(external_data=False)`) alike, so no copy of the whole model is ever in memory. `model`
+    is changed: its tensors end up referencing the new file (pass a copy, or drop it after)."""
+    from onnx import TensorProto
+
+    path = Path(path)
+    data_name = path.name + ".data"
+    with open(path.parent / data_name, "wb") as out:
+        for t in _all_tensors(model):
+            if t.data_location == TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                with open(Path(info.get(BASEPATH, ".")) / info["location"], "rb") as src:
+                    src.seek(int(info.get("offset", 0) or 0))
+                    raw = src.read(int(info["length"])) if "length" in info else src.read()
+            elif t.HasField("raw_data") and len(t.raw_data) >= threshold:
+                raw = t.raw_data
+            else:
+                continue
+            offset = out.tell()
+            out.write(raw)
+            del raw
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(out.tell() - offset))):
+                t.external_data.add(key=key, value=value)
+            t.data_location = TensorProto.EXTERNAL
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+
+
+def model_size_bytes(path: str | os.PathLike[str]) -> int:
+    """An ONNX model's size on disk: its file and its external-data files."""
+    path = Path(path)
+    return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(load_onnx(path), path))
+
+
+def _location(tensor: Any) -> str:
+    return entry(tensor, "location")
+
+
+def _all_tensors(model: Any) -> list[Any]:
+    from onnx import AttributeProto
+
+    out: list[Any] = []
+
+    def visit(g: Any) -> None:
+        out.extend(g.initializer)
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == AttributeProto.TENSOR:
+                    out.append(a.t)
+                elif a.type == AttributeProto.TENSORS:
+                    out.extend(a.tensors)
+                elif a.type == AttributeProto.GRAPH:
+                    visit(a.g)
+                elif a.type == AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        visit(sub)
+
+    visit(model.graph)
+    return out
 
 
 def save_onnx(model: Any, out_path: str | os.PathLike[str], *, check: bool = True,
               reference: Any | None = None) -> list[str]:
-    """Check `model` and write it atomically (external data when it is too large for one protobuf).
+    """Check `model` and write it atomically (external data `<name>.data` beside it when it is too large for
+    one protobuf). Tensors `model` still references in external files (`load_onnx(external_data=False)`) are
+    read from there into the written copy; `model` itself is not changed.
 
-    The checker runs with full_check (strict shape inference). When the FP32 `reference` model fails
+    The checker runs with full_check (strict shape inference), by path. When the FP32 `reference` model fails
     the same full check, the output is held to the plain check instead, and a warning says so.
     Returns the warnings.
     """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
 
     warnings: list[str] = []
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > LARGE_MODEL_BYTES
+    large = in_memory_bytes(model) + external_bytes(model) > LARGE_MODEL_BYTES
+    if large or has_external_data(model):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)  # a copy: the caller's model keeps its own tensors
+        model = out
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / out_path.name
         data_name = out_path.name + ".data"
         if large:
-            onnx.save_model(model, os.fspath(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            write_external(model, tmp)  # streamed tensor by tensor
         else:
+            for t in external_tensors(model):  # small enough for one protobuf: the referenced weights go inside
+                base = entry(t, BASEPATH)
+                drop_entry(t, BASEPATH)
+                load_external_data_for_tensor(t, base)
             onnx.save_model(model, os.fspath(tmp))
         if check:
             warnings += _check_written(tmp, large, reference)
@@ -90,7 +306,7 @@ def _check_written(path: Path, large: bool, reference: Any | None) -> list[str]:
         full_err = err
     if reference is not None:
         try:
-            ref = reference if not large else None
+            ref = reference if not large and not has_external_data(reference) else None
             if ref is not None:
                 onnx.checker.check_model(ref, full_check=True)
         except Exception:  # the FP32 model fails the strict check too: not something we introduced
@@ -127,12 +343,15 @@ def name_nodes(graph: Any) -> None:
 
 
 class Graph:
-    """Read-only index of a graph: producers, consumers, constants (initializers and Constant nodes)."""
+    """Read-only index of a graph: producers, consumers, constants (initializers and Constant nodes).
 
-    def __init__(self, graph: Any) -> None:
-        from onnx import numpy_helper
+    `base_dir`: the model's folder, where constants still stored externally are read from (`load_onnx(path,
+    external_data=False)`).
+    """
 
+    def __init__(self, graph: Any, base_dir: str | os.PathLike[str] | None = None) -> None:
         self.graph = graph
+        self.base_dir = base_dir
         self.input_names = {i.name for i in graph.input}
         self.output_names = {o.name for o in graph.output}
         self.initializers = {t.name: t for t in graph.initializer if t.name not in self.input_names}
@@ -150,7 +369,6 @@ class Graph:
             if node.op_type == "Constant" and node.output:
                 self.constant_nodes[node.output[0]] = node
         self.subgraph_refs = subgraph_references(graph)
-        self._np = numpy_helper
         self._cache: dict[str, np.ndarray | None] = {}
 
     def is_constant(self, name: str) -> bool:
@@ -166,19 +384,19 @@ class Graph:
             return self._cache[name]
         val: np.ndarray | None = None
         if name in self.initializers:
-            val = self._np.to_array(self.initializers[name])
+            val = tensor_value(self.initializers[name], self.base_dir)
         elif name in self.constant_nodes:
-            val = constant_node_value(self.constant_nodes[name])
+            val = constant_node_value(self.constant_nodes[name], self.base_dir)
         self._cache[name] = val
         return val
 
 
-def constant_node_value(node: Any) -> np.ndarray | None:
-    from onnx import helper, numpy_helper
+def constant_node_value(node: Any, base_dir: str | os.PathLike[str] | None = None) -> np.ndarray | None:
+    from onnx import helper
 
     for attr in node.attribute:
         if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
+            return tensor_value(attr.t, base_dir)
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":
