@@ -13,9 +13,10 @@ from quantpipe import __version__
 from quantpipe.artifacts import CalibrationSummary, FallbackReport, Variant, from_jsonable, to_jsonable
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError
+from quantpipe.externaldata import external_data_files
 from quantpipe.fsutil import sha256_file
 from quantpipe.inputs import LoadedInputs
-from quantpipe.onnxgraph import external_data_files, load_onnx, model_size_bytes
+from quantpipe.onnxgraph import load_onnx, model_size_bytes
 from quantpipe.workspace import NullProgress, Progress, Workspace, relative_to, reusable, write_manifest
 
 __all__ = ["model_files", "sha256_of_mapping", "stage_build"]

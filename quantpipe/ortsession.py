@@ -11,13 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from quantpipe.errors import BuildError
-from quantpipe.onnxgraph import (
-    LARGE_MODEL_BYTES,
-    external_folders,
-    in_memory_bytes,
-    strip_basepath,
-    write_external,
-)
+from quantpipe.externaldata import external_folders, in_memory_bytes, strip_basepath, write_external
+from quantpipe.onnxgraph import LARGE_MODEL_BYTES
 
 __all__ = ["EXTERNAL_FOLDER_KEY", "ORT_INT8_SESSION_CONFIG", "fp32_batches", "ort_session", "require_ort"]
 

@@ -478,7 +478,8 @@ class _Timing:
 
 
 def _load(path: Path) -> Any:
-    from quantpipe.onnxgraph import load_onnx, strip_basepath
+    from quantpipe.externaldata import strip_basepath
+    from quantpipe.onnxgraph import load_onnx
 
     # The graph only (weights in external files stay there; `_session` gives onnxruntime their folder).
     return strip_basepath(load_onnx(path))

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from quantpipe.errors import BuildError, ModelError
-from quantpipe.onnxgraph import QUANTIZED_OPS, Graph, has_external_data, load_onnx, name_nodes, opset_of, save_onnx
+from quantpipe.externaldata import has_external_data
+from quantpipe.onnxgraph import QUANTIZED_OPS, Graph, load_onnx, name_nodes, opset_of, save_onnx
 from quantpipe.quantize.emit import apply_plan
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import QUANTIZABLE_OPS, plan_qdq, sentinel_tensors

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from quantpipe.config import DEFAULT_FP16_BLOCKLIST, Fp16Config
+from quantpipe.externaldata import tensor_value
 from quantpipe.onnxgraph import (
     FLOAT,
     FLOAT16,
@@ -22,7 +23,6 @@ from quantpipe.onnxgraph import (
     load_onnx,
     name_nodes,
     save_onnx,
-    tensor_value,
     topological_order,
 )
 from quantpipe.quantize.types import FloatNode

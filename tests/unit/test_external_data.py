@@ -16,8 +16,9 @@ from onnx import TensorProto
 from quantpipe import onnxgraph, ortsession
 from quantpipe.cli import main
 from quantpipe.errors import EXIT_BAD_INPUT, ModelError
+from quantpipe.externaldata import BASEPATH, external_data_files, has_external_data, in_memory_bytes
 from quantpipe.model import load_model_spec
-from quantpipe.onnxgraph import Graph, external_data_files, has_external_data, load_onnx, model_sha256, save_onnx
+from quantpipe.onnxgraph import Graph, load_onnx, model_sha256, save_onnx
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.fp16 import write_fp16_model
 from tests.bigmodel import write_matmul_chain
@@ -41,7 +42,7 @@ def _ref(path: Path, x: np.ndarray) -> np.ndarray:
 
 def test_load_keeps_external_weights_out_of_the_proto_and_reads_them_on_demand(chain: Path) -> None:
     m = load_onnx(chain)
-    assert has_external_data(m) and onnxgraph.in_memory_bytes(m) == 0
+    assert has_external_data(m) and in_memory_bytes(m) == 0
     assert external_data_files(m, chain) == [chain.parent / "model.onnx.data"]
     w0 = Graph(m.graph).value("w0")
     full = onnx.load(str(chain))  # onnx's own loader, weights in memory: the same values
@@ -70,7 +71,7 @@ def test_save_writes_external_references_into_the_new_model(chain: Path, tmp_pat
     assert (tmp_path / "out" / "copy.onnx.data").is_file() == large
     np.testing.assert_array_equal(_ref(out, _x()), _ref(chain, _x()))
     for t in onnx.load(str(out), load_external_data=False).graph.initializer:  # no folder recorded in the file
-        assert onnxgraph.BASEPATH not in {e.key for e in t.external_data}
+        assert BASEPATH not in {e.key for e in t.external_data}
 
 
 def test_fp16_writer_on_an_external_data_model(chain: Path, tmp_path: Path) -> None:
