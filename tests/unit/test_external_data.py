@@ -114,3 +114,12 @@ def test_missing_or_truncated_data_file_is_a_model_error(chain: Path, capsys) ->
 def test_inspect_reads_an_external_data_model(chain: Path, capsys) -> None:
     assert main(["inspect", str(chain)]) == 0
     assert "MatMul" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [["--data", "calib.npz", "--method", "minmax"], ["--fp16"]])
+def test_standalone_quantize_on_an_external_data_model(chain: Path, tmp_path: Path, flags: list[str]) -> None:
+    out = tmp_path / "out.onnx"
+    data = [f if f != "calib.npz" else str(chain.parent / f) for f in flags]
+    assert main(["quantize", "--model", str(chain), *data, "--out", str(out), "-q"]) == 0
+    got, ref = _ref(out, _x()), _ref(chain, _x())
+    assert np.max(np.abs(got - ref)) < 0.1 * np.max(np.abs(ref))
