@@ -1,6 +1,6 @@
 """A model over protobuf's 2 GB limit through every stage: time and peak memory per stage.
 
-    python benchmarks/large_model.py --dir /tmp/large        # ~15 min on 2 cores; prints a Markdown table
+    python benchmarks/large_model.py --dir /tmp/large        # ~20 min on 2 shared cores; prints a Markdown table
     python benchmarks/large_model.py --dir /tmp/large --dims 2048 1024 2048 --samples 4   # a quick smoke run
 
 It writes (tests/bigmodel.py) a chain of four float32 MatMuls, x[N, 16384] -> 9216 -> 16384 -> 9216 -> 16384
@@ -12,8 +12,8 @@ Then it runs, each in its own process, `quantpipe inspect`, `quantpipe calibrate
 (everything reused but evaluation), and records each one's wall time and peak RSS (os.wait4's rusage of that
 process alone). `--fallback` adds a `build.fallback` budget (the accuracy fallback's candidates on this model).
 
-Why not a test: on the 2-core development machine the whole run takes about 13 minutes (sensitivity alone 8:
-one onnxruntime session per candidate layer, each reading 2.4 GB), well past what CI spends on one test. The
+Why not a test: on the 2-core development machine the whole run takes 13-20 minutes (sensitivity alone about
+8: one onnxruntime session per candidate layer, each over 2.4 GB), well past what CI spends on one test. The
 tests run the same stages on a few-MB model with external data (tests/unit/test_external_data.py,
 tests/e2e/test_external_data.py).
 """
