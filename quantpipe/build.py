@@ -13,8 +13,10 @@ from quantpipe import __version__
 from quantpipe.artifacts import CalibrationSummary, FallbackReport, Variant, from_jsonable, to_jsonable
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError
+from quantpipe.externaldata import external_data_files
 from quantpipe.fsutil import sha256_file
 from quantpipe.inputs import LoadedInputs
+from quantpipe.onnxgraph import load_onnx, model_size_bytes
 from quantpipe.workspace import NullProgress, Progress, Workspace, relative_to, reusable, write_manifest
 
 __all__ = ["model_files", "quantize_options", "sha256_of_mapping", "stage_build"]
@@ -23,7 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    if path.is_file():
+        return model_size_bytes(path) if path.suffix == ".onnx" else path.stat().st_size  # with external data
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def stage_build(
@@ -89,9 +93,12 @@ def stage_build(
 
 
 def model_files(folder: Path, name: str) -> list[str]:
-    """An ONNX model's files relative to `folder`: the model, and its external-data file when it has one
-    (quantpipe.onnxgraph writes large models as `<name>.data` beside them)."""
-    return [name] + ([f"{name}.data"] if (folder / f"{name}.data").is_file() else [])
+    """An ONNX model's files relative to `folder`: the model, and the external-data files it names (quantpipe's
+    writers put a large model's weights in `<name>.data` beside it)."""
+    path = folder / name
+    if path.suffix != ".onnx":
+        return [name]
+    return [name] + [f.relative_to(folder).as_posix() for f in external_data_files(load_onnx(path), path)]
 
 
 def sha256_of_mapping(m: dict[str, float]) -> str:
@@ -159,7 +166,6 @@ def _from_cache(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
 def _build_ort(
     cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress
 ) -> tuple[dict[str, Path], FallbackReport | None, dict[str, Any] | None]:
-    from quantpipe.onnxgraph import load_onnx
     from quantpipe.quantize import quantize_model, with_calibration_data, write_fp16_model
 
     b = cfg.build

@@ -19,8 +19,7 @@ from onnx import TensorProto, helper
 
 from quantpipe.artifacts import ModelSpec, TensorInfo
 from quantpipe.errors import ModelError
-from quantpipe.fsutil import sha256_file
-from quantpipe.onnxgraph import QUANTIZED_OPS, load_onnx
+from quantpipe.onnxgraph import QUANTIZED_OPS, load_onnx, model_sha256, model_size_bytes
 
 __all__ = ["load_model_spec", "read_model_spec", "tensor_info", "apply_input_overrides"]
 
@@ -87,16 +86,18 @@ def read_model_spec(
     `before_inference` sees the checked model before shape inference (the FP32 checks of `load_model_spec`).
     """
     path = Path(path)
-    model = load_onnx(path)
+    # The graph only: weights in external files stay there (a > 2 GB model cannot be one protobuf), and the
+    # checker reads the model by path, external data included.
+    model = load_onnx(path, external_data=False)
     try:
-        onnx.checker.check_model(model if model.ByteSize() < 2**31 - 1 else os.fspath(path))
+        onnx.checker.check_model(os.fspath(path))
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"model {path} fails the ONNX checker: {first}. Fix or re-export the model.") from err
     if before_inference is not None:
         before_inference(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < 2**31 - 1 else model
+        inferred = onnx.shape_inference.infer_shapes(model)
     except Exception as err:  # shape inference is a help, not a requirement
         log.warning("shape inference failed on %s (%s); continuing with declared shapes", path, err)
         inferred = model
@@ -105,7 +106,7 @@ def read_model_spec(
     ops = collections.Counter(n.op_type for n in inferred.graph.node)
     spec = ModelSpec(
         path=str(path),
-        sha256=sha256_file(path),
+        sha256=model_sha256(path),
         opset=int(opset),
         ir_version=int(inferred.ir_version),
         producer=f"{inferred.producer_name} {inferred.producer_version}".strip(),
@@ -113,7 +114,7 @@ def read_model_spec(
         outputs=tuple(tensor_info(v) for v in inferred.graph.output),
         op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         num_parameters=int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in inferred.graph.initializer)),
-        size_bytes=path.stat().st_size,
+        size_bytes=model_size_bytes(path),
     )
     return spec, inferred
 

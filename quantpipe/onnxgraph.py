@@ -14,11 +14,26 @@ from typing import Any
 import numpy as np
 
 from quantpipe.errors import BuildError, ModelError
+from quantpipe.externaldata import (
+    BASEPATH,
+    check_external_data,
+    drop_entry,
+    entry,
+    external_bytes,
+    external_data_files,
+    external_tensors,
+    has_external_data,
+    in_memory_bytes,
+    set_entry,
+    tensor_value,
+    write_external,
+)
 
 __all__ = [
-    "FLOAT", "FLOAT16", "LARGE_MODEL_BYTES", "QDQ_OPS", "QUANTIZED_OPS", "Graph", "Names", "add_initializer", "attr",
-    "constant_node_value", "decomposed_layernorm_nodes", "drop_unused_initializers", "expose_outputs", "load_onnx",
-    "name_nodes", "named_copy", "opset_of", "save_onnx", "subgraph_references", "topological_order",
+    "FLOAT", "FLOAT16", "Graph", "LARGE_MODEL_BYTES", "Names", "QDQ_OPS", "QUANTIZED_OPS", "UNCACHED_EXTERNAL_BYTES",
+    "add_initializer", "attr", "constant_node_value", "decomposed_layernorm_nodes", "drop_unused_initializers",
+    "expose_outputs", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy", "opset_of",
+    "save_onnx", "subgraph_references", "topological_order",
 ]
 
 #: The explicit-quantization pair: a model with them is a Q/DQ model.
@@ -29,47 +44,98 @@ QUANTIZED_OPS: frozenset[str] = QDQ_OPS | frozenset({"QLinearConv", "QLinearMatM
 FLOAT = 1  # TensorProto.FLOAT
 FLOAT16 = 10  # TensorProto.FLOAT16
 LARGE_MODEL_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
+#: An external tensor at least this large is read from its file each time `Graph.value` is asked for it (from
+#: the page cache, after the first time) instead of being kept: a 2.4 GB model's weights would all stay alive.
+UNCACHED_EXTERNAL_BYTES = 64 << 20
 
 
-def load_onnx(path: str | os.PathLike[str]) -> Any:
-    """Load an ONNX model with its external data, or raise ModelError saying what is wrong."""
+def load_onnx(path: str | os.PathLike[str], *, external_data: bool = False) -> Any:
+    """Load an ONNX model, or raise ModelError saying what is wrong.
+
+    With `external_data=False` tensors stored in external files stay references to them (the proto holds the
+    graph only, whatever the model's size): for reading the graph, checking it (by path) and sessions that
+    read the weights from the model's folder (`ortsession.ort_session(base_dir=...)`); `tensor_value` reads one
+    such tensor. Either way a missing or short external-data file is a ModelError naming it.
+    """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model {path} does not exist. Check model.path in pipeline.yaml (relative to the YAML "
                          f"file) or --model: the path of an FP32 .onnx file.")
     try:
-        return onnx.load(os.fspath(path), load_external_data=True)
+        model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as err:  # protobuf and onnx raise many types; all mean "not a readable model"
         raise ModelError(
             f"model {path} is not a valid ONNX file ({type(err).__name__}: {err}). If it uses external data, keep "
             f"the .data file beside it; otherwise export it again (torch.onnx.export, tf2onnx ...) and check it with "
             f"`python -c \"import onnx; onnx.checker.check_model('{path}')\"`."
         ) from err
+    check_external_data(model, path)
+    if not external_data:
+        for t in external_tensors(model):  # each reference says which folder it is relative to (copies keep it)
+            set_entry(t, BASEPATH, os.fspath(path.parent.resolve()))
+    elif has_external_data(model):
+        try:
+            load_external_data_for_model(model, os.fspath(path.parent))
+        except Exception as err:  # a file that changed under us, or a location onnx refuses
+            raise ModelError(f"model {path}: its external data cannot be read ({type(err).__name__}: {err}). Keep the "
+                             f"files its tensors name beside the model, unchanged since it was saved.") from err
+    return model
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of an ONNX model: its file, and when it keeps weights in external files, those too (a changed
+    weight file changes the model). A model without external data hashes as its file alone."""
+    from quantpipe.fsutil import sha256_bytes, sha256_file
+
+    path = Path(path)
+    digest = sha256_file(path)
+    files = external_data_files(load_onnx(path, external_data=False), path)
+    if not files:
+        return digest
+    parts = [digest] + [f"{f.relative_to(path.parent).as_posix()}:{sha256_file(f)}" for f in files]
+    return sha256_bytes("\n".join(parts).encode())
+
+
+def model_size_bytes(path: str | os.PathLike[str]) -> int:
+    """An ONNX model's size on disk: its file and its external-data files."""
+    path = Path(path)
+    return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(load_onnx(path), path))
 
 
 def save_onnx(model: Any, out_path: str | os.PathLike[str], *, check: bool = True,
               reference: Any | None = None) -> list[str]:
-    """Check `model` and write it atomically (external data when it is too large for one protobuf).
+    """Check `model` and write it atomically (external data `<name>.data` beside it when it is too large for
+    one protobuf). Tensors `model` still references in external files (`load_onnx(external_data=False)`) are
+    read from there into the written copy; `model` itself is not changed.
 
-    The checker runs with full_check (strict shape inference). When the FP32 `reference` model fails
+    The checker runs with full_check (strict shape inference), by path. When the FP32 `reference` model fails
     the same full check, the output is held to the plain check instead, and a warning says so.
     Returns the warnings.
     """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
 
     warnings: list[str] = []
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > LARGE_MODEL_BYTES
+    large = in_memory_bytes(model) + external_bytes(model) > LARGE_MODEL_BYTES
+    if large or has_external_data(model):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)  # a copy: the caller's model keeps its own tensors
+        model = out
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / out_path.name
         data_name = out_path.name + ".data"
         if large:
-            onnx.save_model(model, os.fspath(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            write_external(model, tmp)  # streamed tensor by tensor
         else:
+            for t in external_tensors(model):  # small enough for one protobuf: the referenced weights go inside
+                base = entry(t, BASEPATH)
+                drop_entry(t, BASEPATH)
+                load_external_data_for_tensor(t, base)
             onnx.save_model(model, os.fspath(tmp))
         if check:
             warnings += _check_written(tmp, large, reference)
@@ -90,7 +156,7 @@ def _check_written(path: Path, large: bool, reference: Any | None) -> list[str]:
         full_err = err
     if reference is not None:
         try:
-            ref = reference if not large else None
+            ref = reference if not large and not has_external_data(reference) else None
             if ref is not None:
                 onnx.checker.check_model(ref, full_check=True)
         except Exception:  # the FP32 model fails the strict check too: not something we introduced
@@ -127,12 +193,15 @@ def name_nodes(graph: Any) -> None:
 
 
 class Graph:
-    """Read-only index of a graph: producers, consumers, constants (initializers and Constant nodes)."""
+    """Read-only index of a graph: producers, consumers, constants (initializers and Constant nodes).
 
-    def __init__(self, graph: Any) -> None:
-        from onnx import numpy_helper
+    `base_dir`: the model's folder, where constants still stored externally are read from (`load_onnx(path,
+    external_data=False)`).
+    """
 
+    def __init__(self, graph: Any, base_dir: str | os.PathLike[str] | None = None) -> None:
         self.graph = graph
+        self.base_dir = base_dir
         self.input_names = {i.name for i in graph.input}
         self.output_names = {o.name for o in graph.output}
         self.initializers = {t.name: t for t in graph.initializer if t.name not in self.input_names}
@@ -150,7 +219,6 @@ class Graph:
             if node.op_type == "Constant" and node.output:
                 self.constant_nodes[node.output[0]] = node
         self.subgraph_refs = subgraph_references(graph)
-        self._np = numpy_helper
         self._cache: dict[str, np.ndarray | None] = {}
 
     def is_constant(self, name: str) -> bool:
@@ -166,19 +234,22 @@ class Graph:
             return self._cache[name]
         val: np.ndarray | None = None
         if name in self.initializers:
-            val = self._np.to_array(self.initializers[name])
+            t = self.initializers[name]
+            val = tensor_value(t, self.base_dir)
+            if t.data_location == 1 and val.nbytes >= UNCACHED_EXTERNAL_BYTES:  # TensorProto.EXTERNAL
+                return val  # read again when asked again: a large model's weights are not all held at once
         elif name in self.constant_nodes:
-            val = constant_node_value(self.constant_nodes[name])
+            val = constant_node_value(self.constant_nodes[name], self.base_dir)
         self._cache[name] = val
         return val
 
 
-def constant_node_value(node: Any) -> np.ndarray | None:
-    from onnx import helper, numpy_helper
+def constant_node_value(node: Any, base_dir: str | os.PathLike[str] | None = None) -> np.ndarray | None:
+    from onnx import helper
 
     for attr in node.attribute:
         if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
+            return tensor_value(attr.t, base_dir)
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":

@@ -10,13 +10,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from quantpipe.errors import BuildError
+from quantpipe.externaldata import external_folders, in_memory_bytes, strip_basepath, write_external
 from quantpipe.onnxgraph import LARGE_MODEL_BYTES
 
-__all__ = ["ORT_INT8_SESSION_CONFIG", "fp32_batches", "ort_session", "require_ort"]
+__all__ = ["EXTERNAL_FOLDER_KEY", "ORT_INT8_SESSION_CONFIG", "fp32_batches", "ort_session", "require_ort"]
+
+#: onnxruntime's session option for the folder external data is read from when a model comes as bytes.
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def ort_session(model: Any, *, int8: bool = False, optimize: bool = True, threads: int | None = None) -> Any:
-    """An onnxruntime CPU InferenceSession for an in-memory model (through a temp file when it is > 2 GB).
+    """An onnxruntime CPU InferenceSession for an in-memory model (weights still in external files are read
+    from there; through a temp file when the proto itself holds > ~1.8 GB).
 
     `int8=True` sets `session.qdqisint8allowed`: without it, onnxruntime on x86 rewrites int8 Q/DQ pairs
     to uint8 and runs U8S8 kernels whose VPMADDUBSW instruction saturates on CPUs without VNNI (AVX2),
@@ -33,14 +39,33 @@ def ort_session(model: Any, *, int8: bool = False, optimize: bool = True, thread
         opts.intra_op_num_threads = threads
     for k, v in (ORT_INT8_SESSION_CONFIG.items() if int8 else ()):
         opts.add_session_config_entry(k, v)
-    if model.ByteSize() < LARGE_MODEL_BYTES:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory(prefix="quantpipe-ort-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        import onnx
+    return _session(ort, model, opts)
 
-        onnx.save_model(model, os.fspath(path), save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+
+def _session(ort: Any, model: Any, opts: Any) -> Any:
+    """Serialise only what the proto holds: weights still in the model's external files are read by onnxruntime
+    from their folder (no copy of a large model per session); a proto that holds > ~1.8 GB itself goes
+    through a temporary file with external data."""
+    folders = external_folders(model)
+    if len(folders) > 1:
+        raise BuildError(f"an in-memory model references external data in several folders ({sorted(folders)}); "
+                         f"this is a quantpipe bug, please report it.")
+    providers = ["CPUExecutionProvider"]
+    if in_memory_bytes(model) < LARGE_MODEL_BYTES:
+        if folders:
+            opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, next(iter(folders)))
+        return ort.InferenceSession(strip_basepath(model).SerializeToString(), opts, providers=providers)
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="quantpipe-ort-") as tmp:
+        # onnxruntime reads external data only from the model's own folder (it refuses links out of it): every
+        # weight goes into the temporary file, streamed tensor by tensor from the proto or the files it names.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        path = Path(tmp) / "model.onnx"
+        write_external(copy, path)
+        del copy
+        return ort.InferenceSession(os.fspath(path), opts, providers=providers)
 
 
 #: Session config for running quantpipe's int8 Q/DQ models on onnxruntime CPU (see `ort_session`).

@@ -51,6 +51,7 @@ from quantpipe.calibration.methods import (
 from quantpipe.data import Dataset
 from quantpipe.errors import CalibrationError, ConfigError
 from quantpipe.execution import Executor
+from quantpipe.onnxgraph import model_sha256 as onnx_model_sha256
 
 __all__ = [
     "METHODS",
@@ -116,33 +117,6 @@ def _check_methods(methods: Sequence[str] | str, percentile: float) -> list[str]
     if not 0.0 < float(percentile) <= 100.0:
         raise ConfigError(f"calibration percentile must be in (0, 100], got {percentile}.")
     return out
-
-
-def _model_digest(path: Path) -> str:
-    """sha256 of the model file (external data files are part of the model, so they are hashed too)."""
-    from quantpipe.fsutil import sha256_bytes, sha256_file
-
-    digest = sha256_file(path)
-    external = sorted(p for p in _external_files(path) if p.is_file())
-    if not external:
-        return digest
-    parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
-    return sha256_bytes("\n".join(parts).encode())
-
-
-def _external_files(path: Path) -> set[Path]:
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # collect_histograms reports an unreadable model properly
-        return set()
-    files = set()
-    for t in proto.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                files.add(path.parent / entry.value)
-    return files
 
 
 def _paths(
@@ -214,7 +188,7 @@ def calibrate(
     if not stats.histograms:
         raise CalibrationError(f"{model} has no float tensors to calibrate (no float inputs, activations or weights).")
     tables, chosen = compute_tables(stats, methods, percentile=percentile)
-    digest = model_sha256 or _model_digest(model)
+    digest = model_sha256 or onnx_model_sha256(model)
     save_histograms(hist_path, stats.histograms, stats.kinds)
     seconds = time.perf_counter() - t0
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -422,14 +422,11 @@ def _final_histograms(
 
 
 def _load(path: Path) -> Any:
-    import onnx
+    from quantpipe.externaldata import strip_basepath
+    from quantpipe.onnxgraph import load_onnx
 
-    if not path.is_file():
-        raise ModelError(f"model {path} does not exist.")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise ModelError(f"model {path} is not a readable ONNX file ({err}).") from err
+    # The graph only (weights in external files stay there; `_session` gives onnxruntime their folder).
+    return strip_basepath(load_onnx(path))
 
 
 def _data_pass(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from quantpipe.errors import BuildError, ModelError
+from quantpipe.externaldata import has_external_data
 from quantpipe.onnxgraph import QUANTIZED_OPS, Graph, load_onnx, name_nodes, opset_of, save_onnx
 from quantpipe.quantize.emit import apply_plan
 from quantpipe.quantize.options import QuantizeOptions
@@ -38,7 +39,8 @@ def prepare_opset(model: Any, per_channel: bool) -> tuple[Any, int, bool, list[s
         return model, opset, per_channel, warnings
     try:
         converted = version_converter.convert_version(model, 13)
-        onnx.checker.check_model(converted)
+        if not has_external_data(converted):  # an in-memory proto cannot be checked with external references
+            onnx.checker.check_model(converted)
         log.info("upgraded the model from opset %d to 13 for per-channel DequantizeLinear", opset)
         warnings.append(f"model upgraded from opset {opset} to 13 (per-channel DequantizeLinear needs opset 13)")
         return converted, 13, per_channel, warnings

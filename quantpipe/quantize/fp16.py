@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from quantpipe.config import DEFAULT_FP16_BLOCKLIST, Fp16Config
+from quantpipe.externaldata import tensor_value
 from quantpipe.onnxgraph import (
     FLOAT,
     FLOAT16,
@@ -196,7 +197,7 @@ def _convert_initializers(graph: Any, g: Graph, fp32_nodes: set[str], rw: _Rewri
         readers = g.consumers.get(t.name, [])
         fp16_readers = [n for n, j in readers if n.name not in fp32_nodes
                         and j not in _FP32_ONLY_INPUTS.get(n.op_type, ())]
-        arr = numpy_helper.to_array(t)
+        arr = tensor_value(t)  # an external weight is read from the model's folder
         if not fp16_readers:
             if np.any(np.isfinite(arr) & (np.abs(arr) > FP16_MAX)):
                 rw.out_of_range.append(OutOfRangeValue(t.name, float(np.max(np.abs(arr[np.isfinite(arr)]))),
@@ -242,7 +243,7 @@ def _to_fp16_node(node: Any, rw: _Rewrite) -> None:
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
         for a in value:
             if a.t.data_type == FLOAT:
-                half, _ = _to_fp16(numpy_helper.to_array(a.t), node.output[0], rw.out_of_range)
+                half, _ = _to_fp16(tensor_value(a.t), node.output[0], rw.out_of_range)
                 a.t.CopyFrom(numpy_helper.from_array(half, a.t.name))
     for o in node.output:
         if rw.cur.get(o) == FLOAT:

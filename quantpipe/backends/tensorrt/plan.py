@@ -15,8 +15,8 @@ from typing import Any, Literal
 from quantpipe.artifacts import Precision
 from quantpipe.backends.tensorrt.version import TrtApi, api_for_version, tensorrt_status
 from quantpipe.cuda import cuda_check, cuda_runtime
-from quantpipe.errors import BuildError, QuantpipeError
-from quantpipe.onnxgraph import QDQ_OPS
+from quantpipe.errors import BuildError, ModelError, QuantpipeError
+from quantpipe.onnxgraph import QDQ_OPS, load_onnx
 
 __all__ = [
     "BuildPlan",
@@ -135,8 +135,8 @@ def check_source_model(onnx_path: str | Path, plan: BuildPlan) -> None:
     if not path.is_file():
         raise BuildError(f"TensorRT build: model {path} does not exist")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
+        model = load_onnx(path)  # the graph only: weights in external files stay there (TensorRT parses by path)
+    except ModelError as err:
         raise BuildError(f"TensorRT build: cannot read ONNX model {path}: {err}") from err
     graph = model.graph
     has_qdq = any(n.op_type in QDQ_OPS for n in graph.node)
