@@ -83,6 +83,10 @@ def stage_build(
     trt = b.backends.tensorrt
     if trt.enabled:
         variants += _build_trt(cfg, ws, li, built, amax, calib_summaries, progress)
+    if b.backends.modelopt.enabled:  # NVIDIA ModelOpt's INT8 / FP16 beside quantpipe's (out of process)
+        from quantpipe.backends.modelopt.build import build_modelopt_variants
+
+        variants += build_modelopt_variants(cfg, ws, li, amax, progress)
     return variants, fallback
 
 
