@@ -519,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--dir", type=Path, help="the venv folder (default: $XDG_CACHE_HOME/quantpipe/modelopt-<version>; "
                     "elsewhere, point build.backends.modelopt.python at its interpreter)")
     st.add_argument("--python", default=sys.executable, help="the Python that makes the venv (default: this one)")
-    st.add_argument("--torch-index", help="a pip index to take torch from first, e.g. https://download.pytorch.org/whl/cpu")
+    st.add_argument("--torch-index", help="the pip index to take torch from first (default: PyTorch's CPU index where it "
+                    "answers, on Linux x86-64; 'off': whatever pip finds)")
     st.add_argument("--force", action="store_true", help="reinstall even when a checked venv is there")
     st.set_defaults(func=cmd_setup)
     return p

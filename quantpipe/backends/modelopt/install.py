@@ -9,10 +9,12 @@ onnxruntime in one environment, and it patches onnxruntime at import. The venv i
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,7 +30,9 @@ from quantpipe.backends.modelopt.env import (
 )
 from quantpipe.errors import MissingDependencyError
 
-__all__ = ["VERIFY_CODE", "install_modelopt"]
+__all__ = ["CPU_TORCH_INDEX", "VERIFY_CODE", "cpu_torch_index", "install_modelopt"]
+
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu/"
 
 VERIFY_CODE = (
     "import modelopt, modelopt.onnx.quantization as q, modelopt.onnx.autocast as a; "
@@ -55,6 +59,20 @@ def _run(cmd: Sequence[str], what: str, on_line: Callable[[str], None]) -> None:
             f"{what} failed (exit {proc.returncode}) running `{' '.join(cmd)}`; its last lines: "
             + " | ".join(tail) + f". Fix the cause (network, disk space, Python version) and run `{SETUP_COMMAND}` again."
         )
+
+
+def cpu_torch_index(choice: str | None) -> str | None:
+    """The index to take torch from: `choice` as given ('off': PyPI's), else PyTorch's CPU index on Linux x86-64
+    where it answers within seconds (elsewhere PyPI's wheel is the CPU one already, or a local wheelhouse serves)."""
+    if choice is not None:
+        return None if choice == "off" else choice
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        with urllib.request.urlopen(CPU_TORCH_INDEX + "torch/", timeout=5):
+            return CPU_TORCH_INDEX
+    except (OSError, ValueError):
+        return None
 
 
 def install_modelopt(
@@ -85,9 +103,11 @@ def install_modelopt(
     on_line(f"creating a venv at {venv} (Python {sys.version.split()[0]} from {base_python})")
     _run([base_python, "-m", "venv", str(venv)], "creating the ModelOpt venv", on_line)
     pip = [str(exe), "-m", "pip", "install", "--progress-bar", "off"]
-    if torch_index:
-        # torch first, from the given index (e.g. https://download.pytorch.org/whl/cpu: the CPU-only wheel)
-        _run([*pip, "--index-url", torch_index, REQUIREMENTS[1]], "installing torch", on_line)
+    index = cpu_torch_index(torch_index)
+    if index:
+        # torch first, its CPU-only build (~200 MB) instead of PyPI's Linux wheel with ~2.5 GB of CUDA libraries
+        on_line(f"taking torch from {index}")
+        _run([*pip, "--extra-index-url", index, REQUIREMENTS[1]], "installing torch", on_line)
     _run([*pip, *REQUIREMENTS], f"installing nvidia-modelopt {MODELOPT_VERSION}", on_line)
     on_line("checking that ModelOpt imports there")
     proc = subprocess.run([str(exe), "-c", VERIFY_CODE], capture_output=True, text=True)

@@ -130,3 +130,19 @@ def test_worker_failure_is_a_build_error_with_the_output_tail(tmp_path: Path) ->
         run_worker(sys.executable, [job], tmp_path, "modelopt")
     assert "ModuleNotFoundError" in str(err.value) and err.value.exit_code == 4
     assert sorted(os.listdir(tmp_path)) == []  # no job file, no half model, no report left
+
+
+def test_python_path_is_absolute_but_not_resolved(tmp_path: Path) -> None:
+    """A venv's python is a symlink to the base interpreter: resolving it would run outside the venv."""
+    real = _fake_python(tmp_path / "base" / "python3", "0.47.0")
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").symlink_to(real)
+    cfg = _config(tmp_path, python="venv/bin/python")
+    assert cfg.build.backends.modelopt.python == tmp_path / "venv" / "bin" / "python"  # type: ignore[attr-defined]
+
+
+def test_torch_index_choice() -> None:
+    from quantpipe.backends.modelopt.install import cpu_torch_index
+
+    assert cpu_torch_index("off") is None
+    assert cpu_torch_index("https://example.invalid/simple/") == "https://example.invalid/simple/"
