@@ -415,7 +415,8 @@ class PipelineConfig(_Model):
         if b.tensorrt.enabled:
             out += [variant_name("tensorrt", p) for p in PRECISIONS if p in b.tensorrt.precisions]
         if b.modelopt.enabled:
-            out += [variant_name("modelopt", v) for v in MODELOPT_VARIANTS if v in b.modelopt.variants]
+            mo = [variant_name("modelopt", v) for v in MODELOPT_VARIANTS if v in b.modelopt.variants]
+            out += mo + ([variant_name("tensorrt", n) for n in mo] if b.tensorrt.enabled else [])
         return out
 
     def section_fingerprint(self, section: str) -> dict[str, Any]:

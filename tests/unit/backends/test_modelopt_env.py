@@ -146,3 +146,54 @@ def test_torch_index_choice() -> None:
 
     assert cpu_torch_index("off") is None
     assert cpu_torch_index("https://example.invalid/simple/") == "https://example.invalid/simple/"
+
+
+def test_modelopt_models_feed_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trt-modelopt-<variant>`: an engine built from ModelOpt's ONNX model with the explicit-quantization plan (the
+    TensorRT 11 path); a ModelOpt variant that was skipped gives a skipped engine with the same reason."""
+    from quantpipe.artifacts import Variant
+    from quantpipe.backends.modelopt import build as mo_build
+    from quantpipe.backends.tensorrt import build as trt_build
+    from quantpipe.backends.tensorrt import plan as trt_plan
+    from quantpipe.backends.tensorrt import version as trt_version
+    from quantpipe.backends.tensorrt.metadata import EngineInfo
+    from quantpipe.backends.tensorrt.version import api_for_version
+    from quantpipe.build import stage_build
+
+    calls: list[dict[str, object]] = []
+
+    def fake_engine(onnx_path: Path, out_path: Path, **kw: object) -> EngineInfo:
+        calls.append({"onnx": Path(onnx_path), **kw})
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_bytes(b"engine")
+        return EngineInfo(path=str(out_path), metadata_path=str(out_path) + ".json", precision=kw["precision"],  # type: ignore[arg-type]
+                          tensorrt_version="11.4.0", gpu_name="fake", compute_capability="9.0", source_model=str(onnx_path),
+                          source_sha256=str(kw["source_sha256"]), engine_sha256="0" * 64, size_bytes=6, build_seconds=0.0,
+                          strongly_typed=True, int8_mode="qdq", options={})
+
+    mo_model = tmp_path / "int8.onnx"
+    mo_model.write_bytes(EXAMPLE_MODEL.read_bytes())
+    fake_mo = [Variant("modelopt-int8", "modelopt", "int8", "cpu", artifact=str(mo_model), size_bytes=1),
+               Variant("modelopt-fp16", "modelopt", "fp16", "cpu", skipped="ModelOpt is not set up; run `x`")]
+    monkeypatch.setattr(mo_build, "build_modelopt_variants", lambda *a, **k: fake_mo)
+    monkeypatch.setattr(trt_plan, "variant_skip_reason", lambda *a, **k: "tensorrt: not installed")
+    cfg = _config(tmp_path, variants=["int8", "fp16"])
+    cfg = cfg.model_copy(update={"build": cfg.build.model_copy(update={"backends": cfg.build.backends.model_copy(update={  # type: ignore[attr-defined]
+        "tensorrt": cfg.build.backends.tensorrt.model_copy(update={"enabled": True, "precisions": ["int8"]}),  # type: ignore[attr-defined]
+        "onnxruntime": cfg.build.backends.onnxruntime.model_copy(update={"precisions": ["fp32"]})})})})  # type: ignore[attr-defined]
+    assert "trt-modelopt-int8" in cfg.variant_names()
+    li = load_inputs(cfg)
+    ws = Workspace(tmp_path / "ws")
+    variants, _ = stage_build(cfg, ws, li, {}, [], NullProgress())
+    skipped = {v.name: v.skipped for v in variants if not v.ran}
+    assert skipped["trt-modelopt-int8"] == "tensorrt: not installed"  # no TensorRT here: skipped, saying why
+    assert skipped["trt-modelopt-fp16"] == "ModelOpt is not set up; run `x`"
+    monkeypatch.setattr(trt_plan, "variant_skip_reason", lambda *a, **k: None)
+    monkeypatch.setattr(trt_version, "require_tensorrt", lambda: api_for_version("11.4.0"))
+    monkeypatch.setattr(trt_build, "build_engine", fake_engine)
+    variants, _ = stage_build(cfg, ws, li, {}, [], NullProgress())
+    built = next(v for v in variants if v.name == "trt-modelopt-int8")
+    assert built.ran and built.backend == "tensorrt" and built.precision == "int8"
+    (call,) = [c for c in calls if c["onnx"] == mo_model]
+    assert call["int8_mode"] == "qdq" and call["precision"] == "int8" and call.get("calibration") is None
+    assert built.details["source_sha256"] == call["source_sha256"]
