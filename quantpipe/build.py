@@ -103,7 +103,7 @@ def _build_trt_modelopt(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, mo
     out: list[Variant] = []
     todo: list[Variant] = []
     for v in mo_variants:
-        reason = v.skipped or variant_skip_reason(v.precision, int8_mode="qdq")
+        reason = variant_skip_reason(v.precision, int8_mode="qdq") or v.skipped
         if reason is None:
             todo.append(v)
         else:

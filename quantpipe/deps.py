@@ -228,5 +228,6 @@ def doctor_lines(env: dict[str, Any]) -> list[tuple[bool, str]]:
         else:
             hint = INSTALL_HINTS.get(mod) or INSTALL_HINTS.get(mod.split(".")[0])
             cmd = hint[1] if hint else f"pip install {mod}"
-            lines.append((False, f"{label} not importable ({st.get('reason')}); install: {cmd}"))
+            state = "not available" if mod == "modelopt" else "not importable"  # ModelOpt is never imported here
+            lines.append((False, f"{label} {state} ({st.get('reason')}); install: {cmd}"))
     return lines

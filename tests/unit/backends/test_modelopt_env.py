@@ -187,13 +187,24 @@ def test_modelopt_models_feed_tensorrt(tmp_path: Path, monkeypatch: pytest.Monke
     variants, _ = stage_build(cfg, ws, li, {}, [], NullProgress())
     skipped = {v.name: v.skipped for v in variants if not v.ran}
     assert skipped["trt-modelopt-int8"] == "tensorrt: not installed"  # no TensorRT here: skipped, saying why
-    assert skipped["trt-modelopt-fp16"] == "ModelOpt is not set up; run `x`"
+    assert skipped["trt-modelopt-fp16"] == "tensorrt: not installed"
     monkeypatch.setattr(trt_plan, "variant_skip_reason", lambda *a, **k: None)
     monkeypatch.setattr(trt_version, "require_tensorrt", lambda: api_for_version("11.4.0"))
     monkeypatch.setattr(trt_build, "build_engine", fake_engine)
     variants, _ = stage_build(cfg, ws, li, {}, [], NullProgress())
     built = next(v for v in variants if v.name == "trt-modelopt-int8")
+    assert next(v for v in variants if v.name == "trt-modelopt-fp16").skipped == "ModelOpt is not set up; run `x`"
     assert built.ran and built.backend == "tensorrt" and built.precision == "int8"
     (call,) = [c for c in calls if c["onnx"] == mo_model]
     assert call["int8_mode"] == "qdq" and call["precision"] == "int8" and call.get("calibration") is None
     assert built.details["source_sha256"] == call["source_sha256"]
+
+
+def test_doctor_reports_modelopt_without_importing_it(empty_cache: Path) -> None:
+    from quantpipe.deps import doctor_lines, probe_env
+
+    env = probe_env()
+    assert env["modelopt"]["available"] is False and "quantpipe setup modelopt" in env["modelopt"]["install"]
+    (line,) = [text for ok, text in doctor_lines(env) if text.startswith("ModelOpt")]
+    assert "not available" in line and "quantpipe setup modelopt" in line
+    assert "modelopt" not in sys.modules
