@@ -64,7 +64,7 @@ def test_three_variants_evaluated_reported_and_gated(mo_run: tuple[int, Path, Pa
         m = ev[name]["metrics"]
         assert m["top1_agreement"] >= 0.9 and m["cosine"] > 0.99 and m["top1"] >= 0.9, (name, m)
         assert [x["batch_size"] for x in ev[name]["latency"]] == [1, 32]
-        assert (run_dir / "models" / f"{name.removeprefix('modelopt-')}.onnx").is_file()
+        assert (run_dir / "models" / f"{name}.onnx").is_file()
     variants = {v["name"]: v for v in res["variants"]}
     assert variants["modelopt-int8"]["details"]["modelopt"]["quantize_linear"] > 0
     assert variants["modelopt-fp16"]["details"]["modelopt"]["quantize_linear"] == 0
@@ -80,7 +80,7 @@ def test_three_variants_evaluated_reported_and_gated(mo_run: tuple[int, Path, Pa
 def test_modelopt_int8_is_exact_qdq_of_its_calibration(mo_run: tuple[int, Path, Path]) -> None:
     """ModelOpt's model is an explicit Q/DQ model with int8 zero points (what TensorRT 11 builds as is)."""
     _, run_dir, _ = mo_run
-    model = onnx.load(str(run_dir / "models" / "int8.onnx"))
+    model = onnx.load(str(run_dir / "models" / "modelopt-int8.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert qs
@@ -95,7 +95,7 @@ def test_quantpipe_scales_through_modelopt_placement_are_equal(mo_run: tuple[int
     ours = read_trt_cache(ws / "quantpipe_scales.cache").scales
     auto = json.loads((cfg_path.parent / "reports" / ".work" / "digits-cnn" / "calibration" / "auto_ranges.json").read_text())
     assert ours == {k: amax_to_scale(v) for k, v in auto["amax"].items()}  # the cache is calibration.use's scales
-    model = onnx.load(str(run_dir / "models" / "int8-qpscales.onnx"))
+    model = onnx.load(str(run_dir / "models" / "modelopt-int8-qpscales.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     compared = 0
     for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):

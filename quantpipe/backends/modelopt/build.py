@@ -139,13 +139,13 @@ def build_modelopt_variants(
     manifest = reusable(folder, fp, "build (modelopt)")
     if manifest is None:
         reports = _run_all(cfg, folder, li, env, wanted, progress)
-        files = [f"{v}.onnx" for v in wanted] + [f"{v}.json" for v in wanted] + ([QPSCALES_CACHE] if scales_sha else [])
+        files = [f"modelopt-{v}.onnx" for v in wanted] + [f"modelopt-{v}.json" for v in wanted] + ([QPSCALES_CACHE] if scales_sha else [])
         write_manifest(folder, fp, files, {"reports": reports, "python": env.python})
     else:
         reports = manifest["payload"]["reports"]
     out = []
     for v in wanted:
-        path = folder / f"{v}.onnx"
+        path = folder / f"modelopt-{v}.onnx"
         out.append(Variant(variant_name("modelopt", v), "modelopt", _precision(v), "cpu", artifact=str(path),  # type: ignore[arg-type]
                            size_bytes=path.stat().st_size, details={"modelopt": reports[v]}))
     return out
@@ -158,13 +158,13 @@ def _run_all(cfg: PipelineConfig, folder: Path, li: LoadedInputs, env: ModeloptE
     assert env.python is not None
     reports: dict[str, Any] = {}
     for v in wanted:  # what an earlier, different run left must not pass for this run's output
-        (folder / f"{v}.onnx").unlink(missing_ok=True)
-        (folder / f"{v}.json").unlink(missing_ok=True)
+        (folder / f"modelopt-{v}.onnx").unlink(missing_ok=True)
+        (folder / f"modelopt-{v}.json").unlink(missing_ok=True)
     try:
         write_calibration_npz(li.calib, npz, cfg.data.batch_size)
         jobs = [{"mode": v, "model": str(Path(li.spec.path).resolve()), "calibration_data": str(npz),
                  "calibration_method": mo.calibration_method, "calibration_cache": str(folder / QPSCALES_CACHE),
-                 "output": str(folder / f"{v}.onnx"), "report": str(folder / f"{v}.json")} for v in wanted]
+                 "output": str(folder / f"modelopt-{v}.onnx"), "report": str(folder / f"modelopt-{v}.json")} for v in wanted]
         with progress.task(f"building ModelOpt {env.version} variants ({', '.join(wanted)})", None):
             for v, doc in zip(wanted, run_worker(env.python, jobs, folder, "modelopt"), strict=True):
                 reports[v] = doc
