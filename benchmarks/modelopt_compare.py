@@ -6,7 +6,8 @@
 Per model, each in a process of its own (so its peak RSS is its own, read from `os.wait4`):
 
 - quantpipe default: `calibration.use: auto` (histograms once, every method, per-tensor choice by output effect)
-  and the Q/DQ model, the library calls `quantpipe quantize --method auto` makes;
+  and the Q/DQ model, the library calls `quantpipe quantize --method auto` makes; and `use: best` (the fast choice:
+  per tensor the method with the least histogram MSE), unless --no-best;
 - ModelOpt `entropy` and `max`: `modelopt.onnx.quantization.quantize` on the same calibration samples, on CPU
   (quantpipe's ModelOpt worker, one job per process; `high_precision_dtype=fp32`);
 - ModelOpt placement with quantpipe's scales: the same, with quantpipe's `auto` scales as a TensorRT cache
@@ -54,8 +55,9 @@ MODELS = {
 }
 
 
-def _child_quantpipe(model: str, calib: str, out_dir: str) -> int:
-    """quantpipe default, as `quantpipe quantize --method auto` does it; writes int8.onnx and scales.cache."""
+def _child_quantpipe(model: str, calib: str, out_dir: str, use: str = "auto") -> int:
+    """quantpipe's INT8 as `quantpipe quantize --method <use>` makes it (`auto`: the default; `best`: the fast
+    choice); writes int8.onnx and scales.cache into out_dir."""
     from quantpipe.calibration import calibrate_tables_in_memory
     from quantpipe.calibration.cache import write_trt_cache
     from quantpipe.data import open_dataset
@@ -70,7 +72,7 @@ def _child_quantpipe(model: str, calib: str, out_dir: str) -> int:
     options = QuantizeOptions()
     tables = calibrate_tables_in_memory(model, ds, methods=["entropy", "minmax", "percentile", "mse", "best"],
                                         batch_size=32, device="cpu")
-    amax = choose_ranges(load_onnx(model), tables, options, ds, batch_size=32).amax
+    amax = choose_ranges(load_onnx(model), tables, options, ds, batch_size=32).amax if use == "auto" else tables[use]
     write_qdq_model(model, amax, Path(out_dir) / "int8.onnx", options, calibration_data=ds, batch_size=32)
     write_trt_cache(Path(out_dir) / "scales.cache", dict(sorted(amax.items())), method="entropy")
     Path(out_dir, "child.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
@@ -112,7 +114,7 @@ def _score(out: np.ndarray, ref: np.ndarray, metric: str) -> dict[str, float]:
     return {"metric": float(value), "sqnr_db": float(M.sqnr_db(out, ref))}
 
 
-def _bench_one(key: str, bench: Path, mo_python: str, work: Path, log: Any) -> dict[str, Any]:
+def _bench_one(key: str, bench: Path, mo_python: str, work: Path, log: Any, with_best: bool = True) -> dict[str, Any]:
     from quantpipe.backends.modelopt.build import WORKER
 
     title, model, calib, eval_npz, output, metric = MODELS[key]
@@ -125,6 +127,13 @@ def _bench_one(key: str, bench: Path, mo_python: str, work: Path, log: Any) -> d
     rows.append({"variant": "quantpipe default (auto)", "wall_s": wall, "peak_rss_bytes": rss,
                  **_score(_outputs(str(out / "int8.onnx"), eval_npz, output, int8=True), ref, metric)})
     log(f"{key}: {rows[-1]}")
+    if with_best:
+        (out / "best").mkdir(exist_ok=True)
+        wall, rss, _ = _measured([sys.executable, __file__, "--child-quantpipe", model, calib, str(out / "best"),
+                                  "--child-use", "best"])
+        rows.append({"variant": "quantpipe `use: best`", "wall_s": wall, "peak_rss_bytes": rss,
+                     **_score(_outputs(str(out / "best" / "int8.onnx"), eval_npz, output, int8=True), ref, metric)})
+        log(f"{key}: {rows[-1]}")
     for name, method, cache in (("ModelOpt entropy", "entropy", None), ("ModelOpt max", "max", None),
                                 ("ModelOpt placement, quantpipe scales", "entropy", str(out / "scales.cache"))):
         tag = name.split()[-1] if cache is None else "qpscales"
@@ -195,10 +204,12 @@ def main() -> int:
     p.add_argument("--modelopt-python", help="ModelOpt's interpreter (default: the `quantpipe setup modelopt` venv)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "modelopt_results.json")
     p.add_argument("--write-results", action="store_true", help="rewrite the section of benchmarks/RESULTS.md")
+    p.add_argument("--no-best", action="store_true", help="leave out the `calibration.use: best` row")
     p.add_argument("--child-quantpipe", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--child-use", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_quantpipe:
-        return _child_quantpipe(*args.child_quantpipe)
+        return _child_quantpipe(*args.child_quantpipe, use=args.child_use)
     from quantpipe.backends.modelopt.env import find_modelopt
 
     env = find_modelopt(args.modelopt_python)
@@ -212,7 +223,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="modelopt-compare-") as tmp:
         for key in keys:
             results["models"][key] = _bench_one(key, args.bench or Path("."), str(env.python), Path(tmp),
-                                                lambda s: print(s, file=sys.stderr, flush=True))
+                                                lambda s: print(s, file=sys.stderr, flush=True), not args.no_best)
     args.out.write_text(json.dumps(results, indent=1))
     md = _markdown(results)
     print(md)
