@@ -75,8 +75,17 @@ def _child_quantpipe(model: str, calib: str, out_dir: str, use: str = "auto") ->
     amax = choose_ranges(load_onnx(model), tables, options, ds, batch_size=32).amax if use == "auto" else tables[use]
     write_qdq_model(model, amax, Path(out_dir) / "int8.onnx", options, calibration_data=ds, batch_size=32)
     write_trt_cache(Path(out_dir) / "scales.cache", dict(sorted(amax.items())), method="entropy")
-    Path(out_dir, "child.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    Path(out_dir, "child.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_bytes": _vm_hwm()}))
     return 0
+
+
+def _vm_hwm() -> int | None:
+    """This process's own peak RSS (Linux VmHWM); `os.wait4`'s ru_maxrss of a child also counts the memory the parent
+    had when it spawned it (Linux keeps that peak across exec), which dwarfs a small child."""
+    with contextlib.suppress(OSError, StopIteration):
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    return None
 
 
 def _measured(cmd: list[str]) -> tuple[float, int, str]:
@@ -124,6 +133,7 @@ def _bench_one(key: str, bench: Path, mo_python: str, work: Path, log: Any, with
     ref = _outputs(model, eval_npz, output, int8=False)
     rows: list[dict[str, Any]] = []
     wall, rss, _ = _measured([sys.executable, __file__, "--child-quantpipe", model, calib, str(out)])
+    rss = json.loads((out / "child.json").read_text()).get("peak_rss_bytes") or rss
     rows.append({"variant": "quantpipe default (auto)", "wall_s": wall, "peak_rss_bytes": rss,
                  **_score(_outputs(str(out / "int8.onnx"), eval_npz, output, int8=True), ref, metric)})
     log(f"{key}: {rows[-1]}")
@@ -131,6 +141,7 @@ def _bench_one(key: str, bench: Path, mo_python: str, work: Path, log: Any, with
         (out / "best").mkdir(exist_ok=True)
         wall, rss, _ = _measured([sys.executable, __file__, "--child-quantpipe", model, calib, str(out / "best"),
                                   "--child-use", "best"])
+        rss = json.loads((out / "best" / "child.json").read_text()).get("peak_rss_bytes") or rss
         rows.append({"variant": "quantpipe `use: best`", "wall_s": wall, "peak_rss_bytes": rss,
                      **_score(_outputs(str(out / "best" / "int8.onnx"), eval_npz, output, int8=True), ref, metric)})
         log(f"{key}: {rows[-1]}")
@@ -143,12 +154,14 @@ def _bench_one(key: str, bench: Path, mo_python: str, work: Path, log: Any, with
         (out / f"mo-{tag}.job.json").write_text(json.dumps({"jobs": [job]}))
         wall, rss, tail = _measured([mo_python, str(WORKER), str(out / f"mo-{tag}.job.json")])
         rep = json.loads((out / f"mo-{tag}.json").read_text())
+        rss = rep.get("peak_rss_bytes") or rss  # the worker's own VmHWM
         imported = next((ln.split()[-2] for ln in tail.splitlines() if ln.startswith("modelopt imported in")), None)
         rows.append({"variant": name, "wall_s": wall, "peak_rss_bytes": rss, "modelopt_seconds": rep["seconds"],
                      "import_s": float(imported) if imported else None, "qdq": rep["quantize_linear"],
                      **_score(_outputs(str(out / f"mo-{tag}.onnx"), eval_npz, output, int8=True), ref, metric)})
         log(f"{key}: {rows[-1]}")
-    return {"title": title, "metric": metric, "rows": rows}
+    return {"title": title, "metric": metric, "rows": rows, "measured": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "rss": "VmHWM of each process"}
 
 
 def _machine(mo_python: str) -> dict[str, Any]:
@@ -171,12 +184,15 @@ def _markdown(results: dict[str, Any]) -> str:
     lines = [BEGIN, "", f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, **shared with other jobs** (times are "
              f"noisy; read them as rough): quantpipe on Python {m['python']}, onnxruntime {m['onnxruntime']}; ModelOpt "
              f"{m['modelopt']} (torch {m['modelopt_torch']}, onnxruntime-gpu {m['modelopt_ort']} on CPU) in its own venv. "
-             "Each calibration ran in a process of its own; peak RSS is that process's (`os.wait4`). INT8 models run "
+             "Each calibration ran in a process of its own; peak RSS is that process's own: VmHWM where the table says so, "
+             "else `os.wait4`'s ru_maxrss, which also counts the benchmark process's memory at the time it spawned the "
+             "child (Linux keeps that peak across exec): a floor of up to 577 MiB, below every such number shown. INT8 models run "
              "on onnxruntime CPU with the Q/DQ arithmetic exact; the metric and SQNR are against the FP32 model's "
              "output on the evaluation split. `python benchmarks/modelopt_compare.py --bench .bench --write-results`.", ""]
     for key, r in results["models"].items():
         label = "top-1 agreement" if r["metric"] == "top1_agreement" else "cosine"
-        lines += [f"**{r['title']}** ({key})", "", f"| variant | {label} | SQNR dB | calibration wall s | of it: import s | peak RSS MiB |",
+        when = f", measured {r['measured']}" if r.get("measured") else ""
+        lines += [f"**{r['title']}** ({key}{when}; peak RSS: {r.get('rss', 'os.wait4 ru_maxrss')})", "", f"| variant | {label} | SQNR dB | calibration wall s | of it: import s | peak RSS MiB |",
                   "|---|---|---|---|---|---|"]
         for row in r["rows"]:
             imp = f"{row['import_s']:.1f}" if row.get("import_s") is not None else "—"
@@ -205,6 +221,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "modelopt_results.json")
     p.add_argument("--write-results", action="store_true", help="rewrite the section of benchmarks/RESULTS.md")
     p.add_argument("--no-best", action="store_true", help="leave out the `calibration.use: best` row")
+    p.add_argument("--merge", type=Path, help="keep the other models' results from this earlier --out JSON")
     p.add_argument("--child-quantpipe", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--child-use", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -220,6 +237,10 @@ def main() -> int:
     if any(k != "digits" for k in keys) and args.bench is None:
         p.error("--bench is needed for the open set's models")
     results: dict[str, Any] = {"machine": _machine(str(env.python)), "models": {}}
+    if args.merge:  # earlier results of the models not re-run now (each row says when it was measured)
+        old = json.loads(args.merge.read_text())
+        results["models"] = {k: {"measured": f"in the run started {old['machine']['date']}", **v}
+                             for k, v in old["models"].items() if k not in keys}
     with tempfile.TemporaryDirectory(prefix="modelopt-compare-") as tmp:
         for key in keys:
             results["models"][key] = _bench_one(key, args.bench or Path("."), str(env.python), Path(tmp),
