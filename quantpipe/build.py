@@ -89,7 +89,47 @@ def stage_build(
     trt = b.backends.tensorrt
     if trt.enabled:
         variants += _build_trt(cfg, ws, li, built, amax, calib_summaries, progress)
+    if b.backends.modelopt.enabled:  # NVIDIA ModelOpt's INT8 / FP16 beside quantpipe's (out of process)
+        from quantpipe.backends.modelopt.build import build_modelopt_variants
+
+        mo_variants = build_modelopt_variants(cfg, ws, li, amax, progress)
+        variants += mo_variants
+        if trt.enabled:
+            variants += _build_trt_modelopt(cfg, ws, li, mo_variants, progress)
     return variants, fallback
+
+
+def _build_trt_modelopt(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, mo_variants: list[Variant],
+                        progress: Progress) -> list[Variant]:
+    """`trt-modelopt-<variant>`: TensorRT engines of ModelOpt's ONNX models, as TensorRT 11 users build them (strongly
+    typed: the precision is the model's own; on <= 10 the Q/DQ model with the INT8 flag, AutoCast's with FP16)."""
+    from quantpipe.backends.tensorrt.plan import variant_skip_reason
+
+    trt = cfg.build.backends.tensorrt
+    out: list[Variant] = []
+    todo: list[Variant] = []
+    for v in mo_variants:
+        reason = variant_skip_reason(v.precision, int8_mode="qdq") or v.skipped
+        if reason is None:
+            todo.append(v)
+        else:
+            out.append(Variant(variant_name("tensorrt", v.name), "tensorrt", v.precision, "cuda", skipped=reason))
+    _log_skipped(out)
+    if not todo:
+        return out
+    from quantpipe.backends.tensorrt.build import build_engine
+
+    out_dir = ws.models / "tensorrt"
+    with progress.task("building TensorRT engines of ModelOpt's models", len(todo)) as advance:
+        for v in todo:
+            source = Path(v.artifact or "")
+            info = build_engine(source, out_dir / f"{v.name}.engine", precision=v.precision, profiles=_trt_profiles(cfg, li),
+                                workspace_mib=trt.workspace_mib, timing_cache=trt.timing_cache or out_dir / "timing.cache",
+                                source_sha256=sha256_file(source), int8_mode="qdq")
+            out.append(Variant(variant_name("tensorrt", v.name), "tensorrt", v.precision, "cuda", artifact=info.path,
+                               size_bytes=info.size_bytes, details=to_jsonable(info)))
+            advance(1)
+    return out
 
 
 def model_files(folder: Path, name: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Command line: `quantpipe run|calibrate|quantize|build|evaluate|report|gate|inspect|doctor`.
+"""Command line: `quantpipe run|calibrate|quantize|build|evaluate|report|gate|inspect|doctor|setup`.
 
 The only place that configures logging, draws progress, and maps errors to exit codes:
 0 pass, 1 gate failed, 2 bad input, 3 missing dependency, 4 a stage failed, 130 interrupted.
@@ -419,6 +419,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_setup(args: argparse.Namespace) -> int:
+    """`quantpipe setup modelopt`: ModelOpt in a venv of its own (README, "NVIDIA ModelOpt")."""
+    from rich.markup import escape
+
+    from quantpipe.backends.modelopt.install import install_modelopt
+
+    err = _console(stderr=True)
+    env, seconds = install_modelopt(venv=args.dir, base_python=args.python, torch_index=args.torch_index,
+                                    force=args.force, on_line=lambda line: err.print(f"[dim]{escape(line)}[/dim]"))
+    _console().print(f"[green]✓[/green] ModelOpt {escape(str(env.version))} ready in {escape(str(env.python))} "
+                     f"({seconds:.0f} s); quantpipe finds it there (build.backends.modelopt.enabled: true)")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -541,6 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", parents=[common], help="what this machine can run, and how to install what is missing")
     d.set_defaults(func=cmd_doctor)
+
+    st = sub.add_parser("setup", parents=[common], help="install an optional tool quantpipe runs out of process (modelopt)")
+    st.add_argument("tool", choices=["modelopt"], help="modelopt: nvidia-modelopt[onnx] in a venv under your cache")
+    st.add_argument("--dir", type=Path, help="the venv folder (default: $XDG_CACHE_HOME/quantpipe/modelopt-<version>; "
+                    "elsewhere, point build.backends.modelopt.python at its interpreter)")
+    st.add_argument("--python", default=sys.executable, help="the Python that makes the venv (default: this one)")
+    st.add_argument("--torch-index", help="the pip index to take torch from first, e.g. PyTorch's CPU wheel index on Linux "
+                    "x86-64 (about 200 MB instead of ~2.5 GB of CUDA wheels); default: the indexes pip is set up with")
+    st.add_argument("--force", action="store_true", help="reinstall even when a checked venv is there")
+    st.set_defaults(func=cmd_setup)
     return p
 
 

@@ -7,6 +7,7 @@ exit code 2), and nothing is written before the configuration is valid.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +41,8 @@ __all__ = [
     "OrtBackendConfig",
     "TrtBackendConfig",
     "BackendsConfig",
+    "MODELOPT_VARIANTS",
+    "ModeloptBackendConfig",
     "QuantizeConfig",
     "Fp16Config",
     "FallbackConfig",
@@ -87,7 +90,7 @@ CALIBRATION_METHODS = ("entropy", "minmax", "percentile", "mse")
 """Methods a cache can be written for; `best` is also accepted for `calibration.use`."""
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKEND_SHORT = {"onnxruntime": "ort", "tensorrt": "trt"}
+BACKEND_SHORT = {"onnxruntime": "ort", "tensorrt": "trt", "modelopt": "modelopt"}
 
 GATE_METRICS: dict[str, str] = {
     "top1": "labelled top-1 accuracy (fraction)",
@@ -209,9 +212,27 @@ class TrtBackendConfig(_Model):
     timing_cache: ConfigPath | None = None
 
 
+MODELOPT_VARIANTS = ("int8", "int8-qpscales", "fp16")
+"""NVIDIA ModelOpt's variants: its own INT8 calibration, quantpipe's scales through its Q/DQ placement, AutoCast FP16."""
+
+
+class ModeloptBackendConfig(_Model):
+    """NVIDIA ModelOpt's INT8 / AutoCast FP16 beside quantpipe's, run out of process (README, "NVIDIA ModelOpt")."""
+
+    enabled: bool = False
+    variants: list[Literal["int8", "int8-qpscales", "fp16"]] = Field(default_factory=lambda: list(MODELOPT_VARIANTS))
+    calibration_method: Literal["entropy", "max"] = "entropy"
+    """ModelOpt's own calibration for `modelopt-int8` (its ONNX `entropy` is onnxruntime's histogram code)."""
+    python: ConfigPath | None = None
+    """An interpreter with nvidia-modelopt[onnx] of the user's own; default: the venv `quantpipe setup modelopt` made."""
+    required: bool = False
+    """When true, a machine where ModelOpt is not set up fails the run with exit code 3 instead of skipping."""
+
+
 class BackendsConfig(_Model):
     onnxruntime: OrtBackendConfig = Field(default_factory=OrtBackendConfig)
     tensorrt: TrtBackendConfig = Field(default_factory=lambda: TrtBackendConfig(enabled=False))
+    modelopt: ModeloptBackendConfig = Field(default_factory=ModeloptBackendConfig)
 
 
 class QuantizeConfig(_Model):
@@ -418,6 +439,9 @@ class PipelineConfig(_Model):
             out += [variant_name("onnxruntime", p) for p in PRECISIONS if p in b.onnxruntime.precisions]
         if b.tensorrt.enabled:
             out += [variant_name("tensorrt", p) for p in PRECISIONS if p in b.tensorrt.precisions]
+        if b.modelopt.enabled:
+            mo = [variant_name("modelopt", v) for v in MODELOPT_VARIANTS if v in b.modelopt.variants]
+            out += mo + ([variant_name("tensorrt", n) for n in mo] if b.tensorrt.enabled else [])
         return out
 
     def section_fingerprint(self, section: str) -> dict[str, Any]:
@@ -503,7 +527,12 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     )
     calibration = cfg.calibration.model_copy(update={"from_cache": r(cfg.calibration.from_cache)})
     trt = cfg.build.backends.tensorrt
-    backends = cfg.build.backends.model_copy(update={"tensorrt": trt.model_copy(update={"timing_cache": r(trt.timing_cache)})})
+    mo = cfg.build.backends.modelopt
+    # An interpreter path is made absolute but never resolved: a venv's python is a symlink to the base interpreter,
+    # and the resolved path would run outside the venv.
+    mo_python = None if mo.python is None else Path(os.path.abspath(base / mo.python))
+    backends = cfg.build.backends.model_copy(update={"tensorrt": trt.model_copy(update={"timing_cache": r(trt.timing_cache)}),
+                                                     "modelopt": mo.model_copy(update={"python": mo_python})})
     return cfg.model_copy(
         update={
             "model": cfg.model.model_copy(update={"path": r(cfg.model.path)}),

@@ -26,7 +26,8 @@ INSTALL_HINTS: dict[str, tuple[str, str, str]] = {
     "cuda.bindings": ("gpu", "pip install 'quantpipe[gpu]'  (or: pip install cuda-python)", "device memory for TensorRT"),
     "pycuda": ("gpu", "pip install pycuda", "device memory for TensorRT (alternative to cuda-python)"),
     "cupy": ("gpu", "pip install cupy-cuda12x  (or cupy-cuda13x to match your CUDA)", "GPU histograms"),
-    "modelopt": ("modelopt", "pip install 'quantpipe[modelopt]'", "ModelOpt helpers"),
+    "modelopt": ("modelopt", "quantpipe setup modelopt  (its own venv: ModelOpt pins its own onnxruntime)",
+                 "NVIDIA ModelOpt's INT8 / FP16 variants"),
     "matplotlib": ("report", "pip install matplotlib", "plots in report.html"),
     "ray": ("ray", "pip install 'quantpipe[ray]'  (or: pip install ray)", "execution.engine: ray"),
     "torch": ("train", "pip install torch==2.13.0", "re-training the bundled example"),
@@ -109,8 +110,9 @@ def probe_env() -> dict[str, Any]:
         "onnxruntime_providers": providers,
         "gpu": _nvidia_smi(),
     }
-    for mod in ("tensorrt", "cuda.bindings", "pycuda", "cupy", "modelopt"):
+    for mod in ("tensorrt", "cuda.bindings", "pycuda", "cupy"):
         env[mod] = _import_status(mod)
+    env["modelopt"] = _modelopt_status()
     try:
         cuda = _probe_cuda(env["gpu"])
         if cuda:
@@ -121,6 +123,15 @@ def probe_env() -> dict[str, Any]:
     except Exception as err:  # the probe must never break a run; say what went wrong instead
         env["probe_error"] = f"{type(err).__name__}: {err}"
     return env
+
+
+def _modelopt_status() -> dict[str, Any]:
+    """ModelOpt as quantpipe runs it: out of process, from the venv `quantpipe setup modelopt` made (never imported
+    here: it patches onnxruntime at import)."""
+    from quantpipe.backends.modelopt.env import find_modelopt
+
+    found = find_modelopt()
+    return {"available": found.available, "version": found.version, "reason": found.reason, "python": found.python}
 
 
 def _probe_cuda(gpu: dict[str, Any]) -> str | None:
@@ -213,9 +224,11 @@ def doctor_lines(env: dict[str, Any]) -> list[tuple[bool, str]]:
     for mod, label in (("tensorrt", "TensorRT"), ("cuda.bindings", "cuda-python"), ("pycuda", "pycuda"), ("cupy", "CuPy"), ("modelopt", "ModelOpt")):
         st = env.get(mod, {})
         if st.get("available"):
-            lines.append((True, f"{label} {st.get('version') or ''}".rstrip()))
+            where = f" (in {st['python']})" if st.get("python") else ""
+            lines.append((True, f"{label} {st.get('version') or ''}".rstrip() + where))
         else:
             hint = INSTALL_HINTS.get(mod) or INSTALL_HINTS.get(mod.split(".")[0])
             cmd = hint[1] if hint else f"pip install {mod}"
-            lines.append((False, f"{label} not importable ({st.get('reason')}); install: {cmd}"))
+            state = "not available" if mod == "modelopt" else "not importable"  # ModelOpt is never imported here
+            lines.append((False, f"{label} {state} ({st.get('reason')}); install: {cmd}"))
     return lines

@@ -195,7 +195,7 @@ def evaluate_variant(
 
 def open_runner(v: Variant, threads: int | None) -> Any:
     """The Runner of a built variant (not yet entered). `threads`: onnxruntime intra-op threads (None: its own)."""
-    if v.backend == "onnxruntime":
+    if v.backend in ("onnxruntime", "modelopt"):  # ModelOpt's variants are ONNX models, run like quantpipe's
         from quantpipe.backends.onnxruntime import OrtRunner
 
         return OrtRunner(v.artifact or "", v.name, device=v.device, threads=threads)

@@ -299,6 +299,11 @@ def _publish(src: Path, dest_dir: Path) -> str:
 
 def _preflight(cfg: PipelineConfig) -> None:
     """Fail fast (exit 3) when a required backend cannot run here, before hours of calibration."""
+    mo = cfg.build.backends.modelopt
+    if mo.enabled and mo.required:
+        from quantpipe.backends.modelopt.build import modelopt_skip
+
+        modelopt_skip(cfg)  # raises MissingDependencyError (exit 3) with the set-up command
     trt = cfg.build.backends.tensorrt
     if not (trt.enabled and trt.required):
         return
@@ -327,6 +332,7 @@ def space_needed(cfg: PipelineConfig, li: LoadedInputs) -> int:
     b = cfg.build.backends
     factor = sum(_SIZE_PER_MODEL_BYTE[p] for p in b.onnxruntime.precisions if p != "fp32") if b.onnxruntime.enabled else 0.0
     factor += sum(_SIZE_PER_MODEL_BYTE[p] for p in b.tensorrt.precisions) if b.tensorrt.enabled else 0.0
+    factor += sum(_SIZE_PER_MODEL_BYTE[v[:4]] for v in b.modelopt.variants) if b.modelopt.enabled else 0.0
     tensors = sum(li.spec.op_counts.values()) + len(li.spec.inputs)
     histograms = tensors * cfg.calibration.num_bins * 8
     return int(2 * (factor * li.spec.size_bytes + histograms)) + _REPORT_BYTES

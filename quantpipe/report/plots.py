@@ -33,7 +33,7 @@ PRECISION_COLORS = {"fp32": "#3b6ea8", "fp16": "#d9822b", "int8": "#2e8b57"}
 METHOD_COLORS = {"entropy": "#d62728", "minmax": "#7b3fa0", "mse": "#139c8c", "percentile": "#e69f00", "best": "#1f5fa8"}
 """Fixed per method, so a method has the same colour in every report."""
 _OTHER_COLORS = ["#555555", "#8c564b", "#e377c2"]
-_BACKEND_MARKERS = {"onnxruntime": "o", "tensorrt": "s"}
+_BACKEND_MARKERS = {"onnxruntime": "o", "tensorrt": "s", "modelopt": "^"}
 _WIDTH = 9.0
 """Inches: at the page's ~860 px plot width, matplotlib's 9 pt text shows at about the page's table size."""
 _RC: dict[str, Any] = {
