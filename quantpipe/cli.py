@@ -289,7 +289,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     chosen = {"weight_rounding": args.weight_rounding, "split_activations": args.split_activations}
     options = QuantizeOptions(per_channel=not args.per_tensor, shift_nonnegative=not args.no_shift,
                               **{k: v for k, v in chosen.items() if v is not None})
-    amax = _quantize_amax(args, spec.path, ds, options)
+    amax, options = _quantize_amax(args, spec.path, ds, options)
     rep = write_qdq_model(spec.path, amax, args.out, options, calibration_data=ds, batch_size=args.batch_size)
     _console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
     for w in getattr(rep, "warnings", ()) or ():
@@ -297,8 +297,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options: Any) -> dict[str, float]:
-    """The activation ranges of `quantpipe quantize --method M`; `auto` chooses per tensor by output effect."""
+def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options: Any) -> tuple[dict[str, float], Any]:
+    """The activation ranges of `quantpipe quantize --method M` and the options to write with; `auto` chooses
+    per tensor by output effect (and hands on the per-channel statistics it collected, so they are not
+    collected twice)."""
     from quantpipe.calibration import calibrate_tables_in_memory
 
     progress = RichProgress(not args.quiet)
@@ -308,7 +310,9 @@ def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options:
                                             percentile=args.percentile, device=args.device,
                                             on_batch=lambda done, total: advance(done))
     if args.method != "auto":
-        return tables[args.method]
+        return tables[args.method], options
+    import dataclasses
+
     from quantpipe.onnxgraph import load_onnx
     from quantpipe.quantize.range_search import choose_ranges
 
@@ -316,7 +320,9 @@ def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options:
     s = choice.summary()
     _console().print(f"auto ranges: {s['per_method']} per tensor; kept {s['winner']} "
                      f"({', '.join(f'{k} {v} dB' for k, v in s['model_db'].items())}; {s['seconds']} s)")
-    return choice.amax
+    if options.channel_stats is None and choice.channel_stats is not None:
+        options = dataclasses.replace(options, channel_stats=choice.channel_stats)
+    return choice.amax, options
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
