@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 AUTO_CANDIDATES: tuple[str, ...] = ("entropy", "minmax", "percentile", "mse")
 #: The name of the per-tensor choice among the whole-model candidates of the safeguard.
 PER_TENSOR = "per-tensor"
-#: Candidate amax closer than this (relative) to a larger one are measured as the larger one.
-MERGE_RELATIVE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,14 +152,12 @@ def _planned_tensors(model: Any, table: Mapping[str, float], options: QuantizeOp
 
 
 def _candidates(tables: Mapping[str, Mapping[str, float]], t: str) -> dict[float, list[str]]:
-    """Distinct usable amax of `t` -> the methods that give it; an amax within `MERGE_RELATIVE` of a larger
-    candidate is measured as that one (listed after it)."""
-    found = sorted(((float(a), m) for m in AUTO_CANDIDATES if _usable(a := tables.get(m, {}).get(t))),  # type: ignore[arg-type]
-                   key=lambda am: (-am[0], AUTO_CANDIDATES.index(am[1])))
+    """Distinct usable amax of `t` -> the methods that give it."""
     out: dict[float, list[str]] = {}
-    for a, m in found:
-        rep = next((b for b in out if b - a <= MERGE_RELATIVE * b), a)
-        out.setdefault(rep, []).append(m)
+    for m in AUTO_CANDIDATES:
+        a = tables.get(m, {}).get(t)
+        if _usable(a):
+            out.setdefault(float(a), []).append(m)  # type: ignore[arg-type]
     return out
 
 
@@ -220,8 +216,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     1. Alone pass: in one instrumented session where scalar inputs switch each planned activation's fake
        quantization on and set its scale, each distinct candidate amax among `AUTO_CANDIDATES` (entropy,
        minmax, percentile, mse) is simulated with only that tensor rounded (symmetric, or the non-negative
-       shift's centre amax/2 and step amax/254 for Relu / Clip(lo >= 0) outputs when the shift is on); amax
-       within `MERGE_RELATIVE` of a larger one count as that one; on up to `max_samples` calibration samples,
+       shift's centre amax/2 and step amax/254 for Relu / Clip(lo >= 0) outputs when the shift is on); on up to `max_samples` calibration samples,
        the amax with the lowest output noise (squared error of the float outputs vs FP32; of a Softmax output's
        logits, centred, instead: `_judged_outputs`) wins; ties go to the
        larger amax. A candidate stops being measured once its noise so far already loses (exact: the same
