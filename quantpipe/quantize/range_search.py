@@ -14,7 +14,7 @@ import numpy as np
 
 from quantpipe.errors import BuildError
 from quantpipe.int8 import INT8_MAX
-from quantpipe.onnxgraph import Graph, attr, expose_outputs, named_copy, opset_of
+from quantpipe.onnxgraph import Graph, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
@@ -40,8 +40,7 @@ class RangeChoice:
     Attributes:
         amax: tensor -> amax to build the INT8 model with.
         winner: `PER_TENSOR` (the per-tensor choice) or the single method whose whole table won the safeguard.
-        model_db: output SQNR (dB) of the whole INT8 model on the search samples, per whole-model candidate
-            (a Softmax output measured on its logits).
+        model_db: output SQNR (dB) of the whole INT8 model on the search samples, per whole-model candidate.
         per_tensor: tensor -> {"method": chosen method, "noise_db": {method: output SQNR with only this
             tensor quantized at that method's amax}}.
         samples: calibration samples the search ran on. seconds: its wall time.
@@ -84,37 +83,6 @@ def _nonnegative(g: Graph, t: str) -> bool:
     node = g.producer.get(t)
     bounds = clip_bounds(g, node) if node is not None else None
     return bounds is not None and bounds[0] >= 0.0
-
-
-def _judged_outputs(model: Any) -> dict[str, tuple[int, bool] | None]:
-    """What the search measures the output noise on: a Softmax output (directly or through Identity) by the
-    Softmax's input, its logits, centred over the softmax axes (what decides its argmax; the probabilities
-    saturate, so their error is dominated by the few near-ties of the calibration samples and jumps with the
-    smallest change of a range); any other output as it is. Tensor -> (softmax axis, whether the axes after it
-    count too: opset < 13's flattening Softmax), or None (measured as it is)."""
-    g = Graph(model.graph)
-    out: dict[str, tuple[int, bool] | None] = {}
-    for o in model.graph.output:
-        node = g.producer.get(o.name)
-        while node is not None and node.op_type == "Identity":
-            node = g.producer.get(node.input[0])
-        if node is None or node.op_type != "Softmax":
-            out[o.name] = None
-            continue
-        legacy = opset_of(model) < 13
-        out[node.input[0]] = (int(attr(node, "axis", 1 if legacy else -1)), legacy)
-    return out
-
-
-def _centred(values: Sequence[np.ndarray], judged: Sequence[tuple[int, bool] | None]) -> list[np.ndarray]:
-    """The judged outputs as measured: logits less their mean over the softmax axes (softmax ignores it)."""
-    out = []
-    for v, how in zip(values, judged, strict=True):
-        if how is not None and v.dtype.kind == "f":
-            axis = how[0] % v.ndim
-            v = v - v.mean(axis=tuple(range(axis, v.ndim)) if how[1] else axis, keepdims=True)
-        out.append(v)
-    return out
 
 
 def _instrument(model: Any, tensors: Sequence[str]) -> tuple[Any, dict[str, tuple[str, str, str]]]:
@@ -162,16 +130,15 @@ def _candidates(tables: Mapping[str, Mapping[str, float]], t: str) -> dict[float
 
 
 def _alone_pass(model: Any, tables: Mapping[str, Mapping[str, float]], tensors: list[str], options: QuantizeOptions,
-                feeds: list[dict[str, np.ndarray]], refs: list[list[np.ndarray]],
-                judged: Mapping[str, tuple[int, bool] | None]) -> dict[str, dict[str, Any]]:
+                feeds: list[dict[str, np.ndarray]], refs: list[list[np.ndarray]]) -> dict[str, dict[str, Any]]:
     """Per tensor: each candidate amax's output noise with only that tensor rounded; the lowest wins.
 
     Exact pruning (the choice is the one measuring everything would make): every candidate is measured on the
     first batch; the lowest there is measured on every batch, and each other one stops as soon as its running
     sum of squared errors (which only grows) already loses to the leader's total."""
-    outputs, hows = list(judged), list(judged.values())
-    m, names = _instrument(expose_outputs(model, outputs), tensors)
+    m, names = _instrument(model, tensors)
     g = Graph(m.graph)
+    outputs = [o.name for o in model.graph.output]
     sess = ort_session(m, optimize=False)
     one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)
     off = {n: (one if k == 2 else zero) for trio in names.values() for k, n in enumerate(trio)}
@@ -186,7 +153,7 @@ def _alone_pass(model: Any, tables: Mapping[str, Mapping[str, float]], tensors: 
         def err(a: float, i: int, sw: str = sw, c: str = c, s: str = s, shift: bool = shift) -> float:
             centre, step = (a / 2, a / (2 * INT8_MAX)) if shift else (0.0, a / INT8_MAX)
             on = {sw: one, c: np.array(centre, np.float32), s: np.array(step, np.float32)}
-            return output_error(_centred(sess.run(outputs, {**feeds[i], **off, **on}), hows), refs[i])
+            return output_error(sess.run(outputs, {**feeds[i], **off, **on}), refs[i])
 
         noise = {a: err(a, 0) for a in cands}
         done = dict.fromkeys(cands, 0)  # index of the last batch measured
@@ -217,8 +184,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
        quantization on and set its scale, each distinct candidate amax among `AUTO_CANDIDATES` (entropy,
        minmax, percentile, mse) is simulated with only that tensor rounded (symmetric, or the non-negative
        shift's centre amax/2 and step amax/254 for Relu / Clip(lo >= 0) outputs when the shift is on); on up to `max_samples` calibration samples,
-       the amax with the lowest output noise (squared error of the float outputs vs FP32; of a Softmax output's
-       logits, centred, instead: `_judged_outputs`) wins; ties go to the
+       the amax with the lowest output noise (squared error of the float outputs vs FP32) wins; ties go to the
        larger amax. A candidate stops being measured once its noise so far already loses (exact: the same
        choice as measuring it on every sample); its `noise_db` is then an upper bound, measured on the samples
        `pruned` gives.
@@ -240,16 +206,15 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     if opts.channel_stats is None and (opts.smooth_alpha or opts.bias_correction):
         opts = with_calibration_data(m0, dataclasses.replace(opts, weight_rounding="nearest"), calibration_data,
                                      batch_size=batch_size)
-    judged = _judged_outputs(m0)
-    outputs, hows = list(judged), list(judged.values())
-    ref_sess = ort_session(expose_outputs(m0, outputs), optimize=False)
+    outputs = [o.name for o in m0.graph.output]
+    ref_sess = ort_session(m0, optimize=False)
     feeds: list[dict[str, np.ndarray]] = []
     refs: list[list[np.ndarray]] = []
     count = 0
     for batch in calibration_data.batches(batch_size):
         f = {k: v[: max_samples - count] for k, v in batch.feeds.items()}
         feeds.append(f)
-        refs.append(_centred(ref_sess.run(outputs, f), hows))
+        refs.append(ref_sess.run(outputs, f))
         count += next(iter(f.values())).shape[0]
         if count >= max_samples:
             break
@@ -257,7 +222,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     base = dict(tables.get("best", tables["mse"]))
     tensors = [t for t in _planned_tensors(m0, tables["minmax"], opts) if len(_candidates(tables, t)) > 1]
     log.info("auto ranges: %d activations with distinct candidates, %d samples", len(tensors), count)
-    per_tensor = _alone_pass(m0, tables, tensors, opts, feeds, refs, judged) if tensors and signal > 0 else {}
+    per_tensor = _alone_pass(m0, tables, tensors, opts, feeds, refs) if tensors and signal > 0 else {}
     log.info("auto ranges: per-tensor pass done in %.1f s", time.perf_counter() - t0)
     choice = {**base, **{t: float(r["amax"]) for t, r in per_tensor.items()}}
     wholes = {PER_TENSOR: choice, **{k: dict(v) for k, v in tables.items() if k in (*AUTO_CANDIDATES, "best")}}
@@ -267,9 +232,8 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     for name, table in wholes.items():
         key = tuple(sorted(table.items()))
         if key not in measured:
-            run = ort_session(expose_outputs(build_qdq_model(m0, table, opts)[0], outputs), optimize=False)
-            measured[key] = sum(output_error(_centred(run.run(outputs, f), hows), r)
-                                for f, r in zip(feeds, refs, strict=True))
+            run = ort_session(build_qdq_model(m0, table, opts)[0], optimize=False)
+            measured[key] = sum(output_error(run.run(outputs, f), r) for f, r in zip(feeds, refs, strict=True))
         noise[name] = measured[key]
         model_db[name] = _db(signal, noise[name])
     winner = min(noise, key=lambda k: (noise[k], k != PER_TENSOR))
