@@ -10,11 +10,12 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from quantpipe import __version__
+from quantpipe.console import RichProgress, console, print_summary
 from quantpipe.errors import (
     EXIT_GATE_FAILED,
     EXIT_INTERRUPTED,
@@ -24,140 +25,24 @@ from quantpipe.errors import (
     QuantpipeError,
 )
 
-__all__ = ["main", "build_parser", "print_summary", "collapse_lines"]
+__all__ = ["main", "build_parser"]
 
 log = logging.getLogger("quantpipe")
 
 
-# --------------------------------------------------------------------------- console, progress
-
-
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
-
-
-class RichProgress:
-    """quantpipe.pipeline.Progress drawn with rich (transient bars on stderr, one line per finished task)."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.err = _console(stderr=True)
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        import time
-
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        start = time.perf_counter()
-        if not self.enabled:  # -q: warnings and results only
-            yield lambda n: None
-            return
-        if not self.err.is_terminal:  # a CI log: no bars, one line per finished task
-            yield lambda n: None
-            self.err.print(f"[dim]•[/dim] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
-            return
-        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-        with Progress(*columns, console=self.err, transient=True) as bar:
-            tid = bar.add_task(description, total=total)
-            yield lambda n: bar.advance(tid, n)
-        self.err.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+# --------------------------------------------------------------------------- logging
 
 
 def _setup_logging(verbosity: int) -> None:
     from rich.logging import RichHandler
 
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
-    handler = RichHandler(console=_console(stderr=True), show_time=False, show_path=verbosity > 0, markup=False)
+    handler = RichHandler(console=console(stderr=True), show_time=False, show_path=verbosity > 0, markup=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("quantpipe")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-
-
-# --------------------------------------------------------------------------- summaries
-
-
-def _fmt(metric: str, v: float | None) -> str:
-    if v is None:
-        return "—"
-    if metric in ("top1", "top5", "top1_agreement", "top1_drop", "top5_drop"):
-        return f"{100 * v:.2f}%"
-    if metric == "cosine":
-        return f"{v:.4f}"
-    if metric == "sqnr_db":
-        return f"{v:.1f}dB"
-    return f"{v:.4g}"
-
-
-def print_summary(results: Any) -> None:
-    """Variants table and the gate verdict, on stdout."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    out = _console()
-    for line in collapse_lines(results):
-        out.print(line)
-    table = Table(title=f"quantpipe · {Path(results.model.path).name} · run {results.run_id}", title_justify="left")
-    cols = {"top1": "top1", "top1_agreement": "agree", "cosine": "cosine", "sqnr_db": "SQNR"}
-    table.add_column("variant", no_wrap=True)
-    table.add_column("dev", no_wrap=True)
-    for head in cols.values():
-        table.add_column(head, justify="right", no_wrap=True)
-    bs_all = sorted({lat.batch_size for e in results.evaluations for lat in e.latency})
-    for bs in bs_all:
-        table.add_column(f"ms@{bs}", justify="right", no_wrap=True)
-    table.add_column("MB", justify="right", no_wrap=True)
-    variants = {v.name: v for v in results.variants}
-    skipped: dict[str, list[str]] = {}
-    for e in results.evaluations:
-        v = variants[e.variant]
-        if e.skipped:
-            table.add_row(e.variant, v.device, "[yellow]skipped[/yellow]", *["—"] * (len(cols) - 1 + len(bs_all) + 1))
-            skipped.setdefault(e.skipped, []).append(e.variant)
-            continue
-        lat = {lat.batch_size: lat for lat in e.latency}
-        table.add_row(
-            e.variant, v.device, *[_fmt(c, e.metrics.get(c)) for c in cols],
-            *[f"{lat[b].median_ms:.2f}" if b in lat else "—" for b in bs_all],
-            f"{v.size_bytes / 1e6:.2f}" if v.size_bytes else "—",
-        )
-    out.print(table)
-    for reason, names in skipped.items():
-        out.print(f"  [yellow]skipped[/yellow] {escape(', '.join(names))}: {escape(reason)}")
-    if results.gate is not None:
-        for o in results.gate.outcomes:
-            mark = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
-            out.print(f"  {mark} {escape(o.message)}")
-        out.print(_gate_line(results.gate))
-
-
-def collapse_lines(results: Any) -> list[str]:
-    """Rich-markup lines for each collapsed INT8 variant (printed first): what, likely cause, the YAML to paste."""
-    from rich.markup import escape
-
-    lines = []
-    for c in getattr(results, "collapse", ()):
-        lines.append(f"[bold red]INT8 COLLAPSED: {escape(c.variant)}[/bold red]: {escape('; '.join(c.problems))}.")
-        lines.append(f"  likely cause: {escape(c.cause)}")
-        lines.append(f"  fix: {escape(c.fix)}")
-        lines += [f"    {escape(line)}" for line in c.fix_yaml.splitlines()]
-    return lines
-
-
-def _gate_line(gate: Any) -> str:
-    """The verdict line: how many rules failed (or that all passed), in the words of the report's verdict."""
-    n = len(gate.outcomes)
-    failed = sum(not o.passed for o in gate.outcomes)
-    rules = f"rule{'s' if n != 1 else ''}"
-    if not gate.passed:
-        return f"[bold red]gate FAILED[/bold red] ({failed} of {n} {rules} failed)" if failed else \
-            "[bold red]gate FAILED[/bold red]"
-    return f"[bold green]gate passed[/bold green] (all {n} {rules} passed)" if n else \
-        "[bold green]gate passed[/bold green] (no rules)"
 
 
 # --------------------------------------------------------------------------- commands
@@ -206,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_summary(results)
     for line in publish_ci(results, run_dir):
         print(line)
-    _console().print(f"report: {run_dir / 'report.html'}")
+    console().print(f"report: {run_dir / 'report.html'}")
     return _gate_exit(results)
 
 
@@ -217,11 +102,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
     results, run_dir = run_stages(cfg, until=args.command, progress=RichProgress(not args.quiet), run_id=args.run_id)
     if results is not None:
         print_summary(results)
-        _console().print(f"results: {run_dir}")
+        console().print(f"results: {run_dir}")
     else:
         from quantpipe.pipeline import Workspace
 
-        _console().print(f"{args.command}: done; artifacts in {Workspace.for_config(cfg).root}")
+        console().print(f"{args.command}: done; artifacts in {Workspace.for_config(cfg).root}")
     return EXIT_OK
 
 
@@ -245,7 +130,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = _resolve_run_dir(cfg, args.run)
     results = rewrite_report(cfg, run_dir, baseline_dir=args.baseline)
     print_summary(results)
-    _console().print(f"report: {run_dir / 'report.html'}")
+    console().print(f"report: {run_dir / 'report.html'}")
     return EXIT_OK
 
 
@@ -291,7 +176,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             executor=executor,
         )
     for path in written:
-        _console().print(f"wrote {path}")
+        console().print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -306,7 +191,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         load_model_spec(args.model)
         rep = write_fp16_model(args.model, args.out)
-        _console().print(f"wrote {args.out}")
+        console().print(f"wrote {args.out}")
         for w in getattr(rep, "warnings", ()) or ():
             log.warning("%s", w)
         return EXIT_OK
@@ -320,9 +205,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError("INT8 quantization needs calibration data: pass --data D.npz (or --fp16 for an FP16 model, "
                           "or --from-cache C for the scales of a TensorRT calibration cache).")
     spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
-    amax = _quantize_amax(args, spec.path, ds, options)
+    amax, options = _quantize_amax(args, spec.path, ds, options)
     rep = write_qdq_model(spec.path, amax, args.out, options, calibration_data=ds, batch_size=args.batch_size)
-    _console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
+    console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
     for w in getattr(rep, "warnings", ()) or ():
         log.warning("%s", w)
     return EXIT_OK
@@ -342,15 +227,17 @@ def _quantize_from_cache(args: argparse.Namespace, options: Any) -> int:
                                        batch_size=args.batch_size, percentile=args.percentile, device=args.device,
                                        method=method, on_batch=lambda done, total: advance(done))
     for line in migration.lines():
-        _console().print(line, markup=False)
-    _console().print(f"wrote {args.out} ({len(rep.quantized_nodes)} nodes quantized)")
+        console().print(line, markup=False)
+    console().print(f"wrote {args.out} ({len(rep.quantized_nodes)} nodes quantized)")
     for w in rep.warnings:
         log.warning("%s", w)
     return EXIT_OK
 
 
-def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options: Any) -> dict[str, float]:
-    """The activation ranges of `quantpipe quantize --method M`; `auto` chooses per tensor by output effect."""
+def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options: Any) -> tuple[dict[str, float], Any]:
+    """The activation ranges of `quantpipe quantize --method M` and the options to write with; `auto` chooses
+    per tensor by output effect (and hands on the per-channel statistics it collected, so they are not
+    collected twice)."""
     from quantpipe.calibration import calibrate_tables_in_memory
     from quantpipe.workspace import advance_to
 
@@ -361,15 +248,19 @@ def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options:
                                             percentile=args.percentile, device=args.device,
                                             on_batch=advance_to(advance))
     if args.method != "auto":
-        return tables[args.method]
+        return tables[args.method], options
+    import dataclasses
+
     from quantpipe.onnxgraph import load_onnx
     from quantpipe.quantize.range_search import choose_ranges
 
     choice = choose_ranges(load_onnx(model_path), tables, options, ds, batch_size=args.batch_size)
     s = choice.summary()
-    _console().print(f"auto ranges: {s['per_method']} per tensor; kept {s['winner']} "
+    console().print(f"auto ranges: {s['per_method']} per tensor; kept {s['winner']} "
                      f"({', '.join(f'{k} {v} dB' for k, v in s['model_db'].items())}; {s['seconds']} s)")
-    return choice.amax
+    if options.channel_stats is None and choice.channel_stats is not None:
+        options = dataclasses.replace(options, channel_stats=choice.channel_stats)
+    return choice.amax, options
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -382,7 +273,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     spec, proto = read_model_spec(args.model)
     info = describe_precision(proto)
-    out = _console()
+    out = console()
     out.print(f"[bold]{escape(spec.path)}[/bold]  opset {spec.opset} · IR {spec.ir_version} · "
               f"{escape(spec.producer or 'unknown producer')}")
     out.print(f"{spec.num_parameters:,} parameters · {spec.size_bytes / 1e6:.2f} MB · sha256 {spec.sha256[:16]}…")
@@ -413,7 +304,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from quantpipe.deps import doctor_lines, probe_env
 
     env = probe_env()
-    out = _console()
+    out = console()
     for ok, text in doctor_lines(env):
         out.print(("[green]✓[/green] " if ok else "[yellow]✗[/yellow] ") + escape(text))
     return EXIT_OK
@@ -425,10 +316,10 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
     from quantpipe.backends.modelopt.install import install_modelopt
 
-    err = _console(stderr=True)
+    err = console(stderr=True)
     env, seconds = install_modelopt(venv=args.dir, base_python=args.python, torch_index=args.torch_index,
                                     force=args.force, on_line=lambda line: err.print(f"[dim]{escape(line)}[/dim]"))
-    _console().print(f"[green]✓[/green] ModelOpt {escape(str(env.version))} ready in {escape(str(env.python))} "
+    console().print(f"[green]✓[/green] ModelOpt {escape(str(env.version))} ready in {escape(str(env.python))} "
                      f"({seconds:.0f} s); quantpipe finds it there (build.backends.modelopt.enabled: true)")
     return EXIT_OK
 
@@ -573,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
-    err = _console(stderr=True)
+    err = console(stderr=True)
     try:
         return int(args.func(args))
     except QuantpipeError as e:

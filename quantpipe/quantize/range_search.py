@@ -44,6 +44,8 @@ class RangeChoice:
         per_tensor: tensor -> {"method": chosen method, "noise_db": {method: output SQNR with only this
             tensor quantized at that method's amax}}.
         samples: calibration samples the search ran on. seconds: its wall time.
+        channel_stats: the per-channel statistics the search built its models with (`QuantizeOptions.channel_stats`;
+            None when smoothing and bias correction are off), for the writer to reuse.
     """
 
     amax: dict[str, float]
@@ -52,6 +54,7 @@ class RangeChoice:
     per_tensor: dict[str, dict[str, Any]]
     samples: int
     seconds: float
+    channel_stats: Mapping[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def summary(self, top: int = 5) -> dict[str, Any]:
         """Counts per method, and the tensors where the choice mattered most (largest gap, in output SQNR
@@ -127,32 +130,50 @@ def _candidates(tables: Mapping[str, Mapping[str, float]], t: str) -> dict[float
 
 
 def _alone_pass(model: Any, tables: Mapping[str, Mapping[str, float]], tensors: list[str], options: QuantizeOptions,
-                feeds: list[dict[str, np.ndarray]], refs: list[list[np.ndarray]], signal: float
-                ) -> dict[str, dict[str, Any]]:
-    """Per tensor: each candidate amax's output noise with only that tensor rounded; the lowest wins."""
+                feeds: list[dict[str, np.ndarray]], refs: list[list[np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Per tensor: each candidate amax's output noise with only that tensor rounded; the lowest wins.
+
+    Exact pruning (the choice is the one measuring everything would make): every candidate is measured on the
+    first batch; the lowest there is measured on every batch, and each other one stops as soon as its running
+    sum of squared errors (which only grows) already loses to the leader's total."""
     m, names = _instrument(model, tensors)
     g = Graph(m.graph)
     outputs = [o.name for o in model.graph.output]
     sess = ort_session(m, optimize=False)
     one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)
     off = {n: (one if k == 2 else zero) for trio in names.values() for k, n in enumerate(trio)}
+    signals = np.cumsum([_signal(r) for r in refs])
+    sizes = np.cumsum([next(iter(f.values())).shape[0] for f in feeds])
     out: dict[str, dict[str, Any]] = {}
     for t in tensors:
         cands = _candidates(tables, t)
         shift = options.shift_nonnegative and _nonnegative(g, t)
-        noise_db: dict[str, float] = {}
-        scored = []
-        for a, methods in cands.items():
-            sw, c, s = names[t]
+        sw, c, s = names[t]
+
+        def err(a: float, i: int, sw: str = sw, c: str = c, s: str = s, shift: bool = shift) -> float:
             centre, step = (a / 2, a / (2 * INT8_MAX)) if shift else (0.0, a / INT8_MAX)
             on = {sw: one, c: np.array(centre, np.float32), s: np.array(step, np.float32)}
-            n = sum(output_error(sess.run(outputs, {**f, **off, **on}), r) for f, r in zip(feeds, refs, strict=True))
-            for meth in methods:
-                noise_db[meth] = _db(signal, n)
-            scored.append((n, -a, methods[0]))
-        if scored:
-            out[t] = {"method": min(scored)[2], "noise_db": noise_db}
+            return output_error(sess.run(outputs, {**feeds[i], **off, **on}), refs[i])
+
+        noise = {a: err(a, 0) for a in cands}
+        done = dict.fromkeys(cands, 0)  # index of the last batch measured
+        lead: tuple[float, float] | None = None  # (total noise, -amax) of the best fully measured candidate
+        for a in sorted(cands, key=lambda a: (noise[a], -a)):
+            while done[a] < len(feeds) - 1 and (lead is None or (noise[a], -a) <= lead):
+                done[a] += 1
+                noise[a] += err(a, done[a])
+            if done[a] == len(feeds) - 1 and (lead is None or (noise[a], -a) < lead):
+                lead = (noise[a], -a)
+        assert lead is not None
+        win = -lead[1]
+        out[t] = {"method": cands[win][0], "amax": win,
+                  "noise_db": {meth: _db(float(signals[done[a]]), noise[a]) for a, ms in cands.items() for meth in ms},
+                  "pruned": {cands[a][0]: int(sizes[done[a]]) for a in cands if done[a] < len(feeds) - 1}}
     return out
+
+
+def _signal(ref: Sequence[np.ndarray]) -> float:
+    return sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
 
 
 def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options: QuantizeOptions,
@@ -162,12 +183,15 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     1. Alone pass: in one instrumented session where scalar inputs switch each planned activation's fake
        quantization on and set its scale, each distinct candidate amax among `AUTO_CANDIDATES` (entropy,
        minmax, percentile, mse) is simulated with only that tensor rounded (symmetric, or the non-negative
-       shift's centre amax/2 and step amax/254 for Relu / Clip(lo >= 0) outputs when the shift is on), on up to
-       `max_samples` calibration samples; the amax with the lowest output noise (squared error of the float
-       outputs vs FP32) wins; ties go to the larger amax.
-    2. Safeguard: the whole INT8 model is built with that per-tensor choice and with each single method's
-       table in `tables` (the candidates and `best` when given) and run on the same samples; the lowest output
-       noise wins. So `auto` is never worse than the best single method on the calibration data by this measure.
+       shift's centre amax/2 and step amax/254 for Relu / Clip(lo >= 0) outputs when the shift is on); on up to `max_samples` calibration samples,
+       the amax with the lowest output noise (squared error of the float outputs vs FP32) wins; ties go to the
+       larger amax. A candidate stops being measured once its noise so far already loses (exact: the same
+       choice as measuring it on every sample); its `noise_db` is then an upper bound, measured on the samples
+       `pruned` gives.
+    2. Safeguard: the whole INT8 model is built with that per-tensor choice and with each distinct single
+       method's table in `tables` (the candidates and `best` when given) and run on `max_samples` samples; the
+       lowest output noise wins. So `auto` is never worse than the best single method on the calibration data
+       by this measure.
 
     `tables` must hold the four candidates (tensor -> amax); tensors no candidate covers keep `best`'s (or
     mse's) amax.
@@ -194,24 +218,27 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
         count += next(iter(f.values())).shape[0]
         if count >= max_samples:
             break
-    signal = sum(float(np.sum(np.square(r, dtype=np.float64))) for ref in refs for r in ref if r.dtype.kind == "f")
+    signal = sum(_signal(r) for r in refs)
     base = dict(tables.get("best", tables["mse"]))
     tensors = [t for t in _planned_tensors(m0, tables["minmax"], opts) if len(_candidates(tables, t)) > 1]
     log.info("auto ranges: %d activations with distinct candidates, %d samples", len(tensors), count)
-    per_tensor = _alone_pass(m0, tables, tensors, opts, feeds, refs, signal) if tensors and signal > 0 else {}
+    per_tensor = _alone_pass(m0, tables, tensors, opts, feeds, refs) if tensors and signal > 0 else {}
     log.info("auto ranges: per-tensor pass done in %.1f s", time.perf_counter() - t0)
-    choice = {**base, **{t: float(tables[r["method"]][t]) for t, r in per_tensor.items()}}
+    choice = {**base, **{t: float(r["amax"]) for t, r in per_tensor.items()}}
     wholes = {PER_TENSOR: choice, **{k: dict(v) for k, v in tables.items() if k in (*AUTO_CANDIDATES, "best")}}
     model_db: dict[str, float] = {}
     noise: dict[str, float] = {}
+    measured: dict[tuple[tuple[str, float], ...], float] = {}  # equal tables (best is often one method's) run once
     for name, table in wholes.items():
-        q = build_qdq_model(m0, table, opts)[0]
-        run = ort_session(q, optimize=False)
-        noise[name] = sum(output_error(run.run(outputs, f), r) for f, r in zip(feeds, refs, strict=True))
+        key = tuple(sorted(table.items()))
+        if key not in measured:
+            run = ort_session(build_qdq_model(m0, table, opts)[0], optimize=False)
+            measured[key] = sum(output_error(run.run(outputs, f), r) for f, r in zip(feeds, refs, strict=True))
+        noise[name] = measured[key]
         model_db[name] = _db(signal, noise[name])
     winner = min(noise, key=lambda k: (noise[k], k != PER_TENSOR))
     secs = time.perf_counter() - t0
     log.info("auto ranges: whole INT8 model output SQNR %s; kept %s (%.1f s)",
              ", ".join(f"{k} {v:.1f} dB" for k, v in model_db.items()), winner, secs)
     return RangeChoice(amax=dict(wholes[winner]), winner=winner, model_db=model_db, per_tensor=per_tensor,
-                       samples=count, seconds=secs)
+                       samples=count, seconds=secs, channel_stats=opts.channel_stats)

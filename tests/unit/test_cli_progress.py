@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantpipe.cli import RichProgress
+from quantpipe.console import RichProgress
 
 
 def test_quiet_progress_prints_nothing(capsys) -> None:

@@ -9,9 +9,9 @@ import yaml
 from rich.console import Console
 
 from quantpipe.artifacts import RunResults
-from quantpipe.cli import collapse_lines
 from quantpipe.collapse import find_collapse
 from quantpipe.config import CollapseConfig
+from quantpipe.console import collapse_lines
 from quantpipe.report import write_report
 from tests.report_data import synthetic_results
 

@@ -87,3 +87,25 @@ def test_safeguard_returns_a_single_method_when_it_is_better(tmp_path) -> None:
     assert got.model_db["best"] >= max(v for k, v in got.model_db.items() if k != "best")
     assert got.winner == "best" and got.amax == tables["best"]
     assert PER_TENSOR in got.model_db
+
+
+def test_equal_candidates_are_measured_once_and_clear_losers_stop_early(tmp_path) -> None:
+    model, x = _model(), _x(32)
+    ds = _dataset(tmp_path, model, x)
+    opts = Q.QuantizeOptions(smooth_alpha=None, bias_correction=False)
+    tables = _tables()
+    tables["percentile"] = {"x": 40.0, "h": 40.0}  # minmax's amax: measured once
+    got = choose_ranges(model, tables, opts, ds, batch_size=8)
+    h = got.per_tensor["h"]
+    assert h["noise_db"]["percentile"] == h["noise_db"]["minmax"]
+    assert h["method"] == "minmax" and h["amax"] == 40.0 and got.amax["h"] == 40.0
+    # entropy's and mse's clips of the rare 40 lose on the first 8 samples already: not measured further.
+    assert h["pruned"] == {"entropy": 8, "mse": 8}
+    # A close candidate is measured until it loses, and never pruned when it would win.
+    tables["percentile"] = {"x": 40.0, "h": 42.0}  # no clip, a 5 % coarser step: close to minmax
+    close = choose_ranges(model, tables, opts, ds, batch_size=8).per_tensor["h"]
+    assert close["method"] == "minmax" and close["pruned"]["entropy"] == 8
+    assert 8 < close["pruned"].get("percentile", 32) <= 32
+    # The pruning is exact: with the close candidate's noise known in full (one batch), the same choice.
+    whole = choose_ranges(model, tables, opts, ds, batch_size=32).per_tensor["h"]
+    assert whole["method"] == close["method"] and whole["amax"] == close["amax"]

@@ -1,0 +1,126 @@
+"""What the terminal shows: rich consoles, the progress bars of a run, the variants table and the gate's verdict.
+
+The CLI (quantpipe/cli.py) draws through these; nothing else prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["console", "RichProgress", "print_summary", "collapse_lines", "gate_line"]
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+class RichProgress:
+    """quantpipe.pipeline.Progress drawn with rich (transient bars on stderr, one line per finished task)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.err = console(stderr=True)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        import time
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        start = time.perf_counter()
+        if not self.enabled:  # -q: warnings and results only
+            yield lambda n: None
+            return
+        if not self.err.is_terminal:  # a CI log: no bars, one line per finished task
+            yield lambda n: None
+            self.err.print(f"[dim]•[/dim] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            tid = bar.add_task(description, total=total)
+            yield lambda n: bar.advance(tid, n)
+        self.err.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+
+
+def _fmt(metric: str, v: float | None) -> str:
+    if v is None:
+        return "—"
+    if metric in ("top1", "top5", "top1_agreement", "top1_drop", "top5_drop"):
+        return f"{100 * v:.2f}%"
+    if metric == "cosine":
+        return f"{v:.4f}"
+    if metric == "sqnr_db":
+        return f"{v:.1f}dB"
+    return f"{v:.4g}"
+
+
+def print_summary(results: Any) -> None:
+    """Variants table and the gate verdict, on stdout."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    out = console()
+    for line in collapse_lines(results):
+        out.print(line)
+    table = Table(title=f"quantpipe · {Path(results.model.path).name} · run {results.run_id}", title_justify="left")
+    cols = {"top1": "top1", "top1_agreement": "agree", "cosine": "cosine", "sqnr_db": "SQNR"}
+    table.add_column("variant", no_wrap=True)
+    table.add_column("dev", no_wrap=True)
+    for head in cols.values():
+        table.add_column(head, justify="right", no_wrap=True)
+    bs_all = sorted({lat.batch_size for e in results.evaluations for lat in e.latency})
+    for bs in bs_all:
+        table.add_column(f"ms@{bs}", justify="right", no_wrap=True)
+    table.add_column("MB", justify="right", no_wrap=True)
+    variants = {v.name: v for v in results.variants}
+    skipped: dict[str, list[str]] = {}
+    for e in results.evaluations:
+        v = variants[e.variant]
+        if e.skipped:
+            table.add_row(e.variant, v.device, "[yellow]skipped[/yellow]", *["—"] * (len(cols) - 1 + len(bs_all) + 1))
+            skipped.setdefault(e.skipped, []).append(e.variant)
+            continue
+        lat = {lat.batch_size: lat for lat in e.latency}
+        table.add_row(
+            e.variant, v.device, *[_fmt(c, e.metrics.get(c)) for c in cols],
+            *[f"{lat[b].median_ms:.2f}" if b in lat else "—" for b in bs_all],
+            f"{v.size_bytes / 1e6:.2f}" if v.size_bytes else "—",
+        )
+    out.print(table)
+    for reason, names in skipped.items():
+        out.print(f"  [yellow]skipped[/yellow] {escape(', '.join(names))}: {escape(reason)}")
+    if results.gate is not None:
+        for o in results.gate.outcomes:
+            mark = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
+            out.print(f"  {mark} {escape(o.message)}")
+        out.print(gate_line(results.gate))
+
+
+def collapse_lines(results: Any) -> list[str]:
+    """Rich-markup lines for each collapsed INT8 variant (printed first): what, likely cause, the YAML to paste."""
+    from rich.markup import escape
+
+    lines = []
+    for c in getattr(results, "collapse", ()):
+        lines.append(f"[bold red]INT8 COLLAPSED: {escape(c.variant)}[/bold red]: {escape('; '.join(c.problems))}.")
+        lines.append(f"  likely cause: {escape(c.cause)}")
+        lines.append(f"  fix: {escape(c.fix)}")
+        lines += [f"    {escape(line)}" for line in c.fix_yaml.splitlines()]
+    return lines
+
+
+def gate_line(gate: Any) -> str:
+    """The verdict line: how many rules failed (or that all passed), in the words of the report's verdict."""
+    n = len(gate.outcomes)
+    failed = sum(not o.passed for o in gate.outcomes)
+    rules = f"rule{'s' if n != 1 else ''}"
+    if not gate.passed:
+        return f"[bold red]gate FAILED[/bold red] ({failed} of {n} {rules} failed)" if failed else \
+            "[bold red]gate FAILED[/bold red]"
+    return f"[bold green]gate passed[/bold green] (all {n} {rules} passed)" if n else \
+        "[bold green]gate passed[/bold green] (no rules)"
