@@ -75,7 +75,8 @@ def test_ray_runs_the_same_work(ray_cluster, tmp_path):
     with pytest.raises(DataError, match="sample 2 is broken"):
         ex.map(helpers.bad_data, list(range(4)))
     marker = str(tmp_path / "ray-died-once")
-    assert ex.map(helpers.die_once, [marker]) == ["survived"]  # Ray's max_retries ran it again
+    # Ray's max_retries runs it again; a few retries, since a worker started on a loaded machine can fail on its own
+    assert RayPool(2, retries=3).map(helpers.die_once, [marker]) == ["survived"]
     with pytest.raises(WorkerError, match="partial set of shards"):
         ex.map(helpers.die_always, ["a"])
     ex.close()
