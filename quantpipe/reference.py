@@ -13,14 +13,20 @@ import numpy as np
 
 from quantpipe import metrics as M
 from quantpipe.errors import ConfigError, EvaluationError
-from quantpipe.onnxgraph import load_onnx, name_nodes
+from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import prepare_opset
+from quantpipe.quantize.downstream import changed_nodes, cut_below
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.write import with_calibration_data
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, task_score
 
-__all__ = ["Reference", "prepare_reference", "run_output", "score"]
+__all__ = ["CANDIDATES_PER_RUN", "Reference", "prepare_reference", "run_candidates", "run_output", "score"]
+
+
+#: How many candidates `run_candidates` is given at once by the searches: their models and sessions are held
+#: together, and each group costs one run of the base model.
+CANDIDATES_PER_RUN = 16
 
 
 @dataclasses.dataclass
@@ -86,6 +92,66 @@ def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str
     """`output` of `sess` over every batch of `feeds`, concatenated."""
     return np.concatenate([sess.run([output], dict(f))[0] for f in feeds], axis=0)
 
+
+
+def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], output: str, *,
+                   int8: bool = True) -> list[np.ndarray]:
+    """`output` of each candidate model over every batch of `feeds` (concatenated), as `run_output` of its own
+    session gives it, computing only what differs from `base`.
+
+    Each candidate differs from `base` in a few nodes (a layer kept in float or quantized alone): a candidate runs
+    only the part of its graph those nodes reach (`downstream.cut_below`), fed with the tensors it reads from one
+    run of `base` with them exposed. The part is optimized as onnxruntime optimizes the whole model (the shapes
+    the whole model infers are declared on its inputs), so it computes the same bits; tests/unit/test_reference.py
+    and tools/golden.py check it. A single candidate runs whole (the run of `base` would cost as much).
+
+    Models may be given as ModelProto or serialized bytes, feeds are numpy arrays: the arguments pickle, so a
+    worker process can evaluate a share of the candidates.
+    """
+    import onnx
+
+    models = [_proto(c) for c in candidates]
+    if len(models) < 2 or _proto(base).ByteSize() >= LARGE_MODEL_BYTES:  # shape inference needs a < 2 GB proto
+        return [run_output(ort_session(m, int8=int8), feeds, output) for m in models]
+    base = _proto(base)
+    inputs = {i.name for i in base.graph.input}
+    cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, base), base=base) for m in models]
+    exposed = sorted({f for c in cuts for f in c.feeds if f not in inputs} - {output})
+    shapes = {v.name: v for v in onnx.shape_inference.infer_shapes(base).graph.value_info} if exposed else {}
+    sess = ort_session(_exposed(base, exposed, shapes), int8=int8)
+    names = [output, *exposed]
+    parts: list[Any] = [None] * len(models)
+    outs: list[list[np.ndarray]] = [[] for _ in models]
+    for f in feeds:
+        known = {**dict(zip(names, sess.run(names, dict(f)), strict=True)), **f}
+        for k, cut in enumerate(cuts):
+            if output not in cut.outputs:  # the change does not reach the output
+                outs[k].append(known[output])
+                continue
+            if parts[k] is None:
+                parts[k] = ort_session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes), int8=int8)
+            outs[k].append(parts[k].run([output], {t: known[t] for t in cut.feeds})[0])
+    return [np.concatenate(o, axis=0) for o in outs]
+
+
+def _exposed(model: Any, names: Sequence[str], shapes: Mapping[str, Any]) -> Any:
+    """`expose_outputs` for tensors of any type (int8 ones included): their types from shape inference."""
+
+    typed = [n for n in names if n in shapes and shapes[n].type.tensor_type.elem_type]
+    m = expose_outputs(model, [n for n in names if n not in set(typed)])
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(shapes[n] for n in typed if n not in have)
+    return m
+
+
+def _proto(model: Any) -> Any:
+    import onnx
+
+    if isinstance(model, bytes):
+        m = onnx.ModelProto()
+        m.ParseFromString(model)
+        return m
+    return model
 
 
 def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
