@@ -1,7 +1,7 @@
 """How long the searches take: split choice, accuracy fallback and per-layer sensitivity, timed apart.
 
     python benchmarks/search_speed.py --bench .bench --out search_speed.json [--samples 63]
-           [--searches split,fallback,sensitivity] [--profile DIR] [--work DIR]
+           [--searches split,fallback,sensitivity] [--splits EARLIER.json] [--profile DIR] [--work DIR]
 
 It builds the pipeline `quantpipe run` would on EfficientNet-Lite0 of the open benchmark set (manifest.json:
 `effnet_lite0/model.onnx`, `calib.npz` to calibrate and choose on, `eval.npz` to judge): pipeline.yaml's
@@ -99,7 +99,8 @@ def _timed(name: str, fn: Any, profile: Path | None, seconds: dict[str, float]) 
             prof.dump_stats(str(profile / f"{name}.prof"))
 
 
-def run(bench: Path, work: Path, samples: int, searches: list[str], profile: Path | None) -> dict[str, Any]:
+def run(bench: Path, work: Path, samples: int, searches: list[str], profile: Path | None,
+        given_splits: dict[str, int] | None = None) -> dict[str, Any]:
     from quantpipe.config import load_config
     from quantpipe.fallback import accuracy_fallback
     from quantpipe.inputs import load_inputs
@@ -121,10 +122,13 @@ def run(bench: Path, work: Path, samples: int, searches: list[str], profile: Pat
     seconds: dict[str, float] = {}
     res: dict[str, Any] = {"model": "EfficientNet-Lite0", "samples": samples, "machine": _machine(),
                            "seconds": seconds}
-    splits = _timed("split", lambda: choose_splits(named_copy(model), amax, options, li.calib, batch_size=bs),
-                    profile if "split" in searches else None, seconds)
-    if "split" not in searches:
-        del seconds["split"]
+    if given_splits is not None and "split" not in searches:
+        splits = given_splits
+    else:
+        splits = _timed("split", lambda: choose_splits(named_copy(model), amax, options, li.calib, batch_size=bs),
+                        profile if "split" in searches else None, seconds)
+        if "split" not in searches:
+            del seconds["split"]
     res["splits"] = dict(sorted(splits.items()))
     options = dataclasses.replace(options, split_activations=splits)
     out = work / "model.int8.onnx"
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=63, help="calibration / selection and evaluation samples")
     p.add_argument("--searches", default=",".join(SEARCHES), help="comma-separated subset of " + ",".join(SEARCHES))
     p.add_argument("--profile", type=Path, help="write a cProfile .prof per timed search into this folder")
+    p.add_argument("--splits", type=Path, help="take the split choice from this earlier output JSON (when 'split' "
+                   "is not among --searches) instead of choosing it again")
     p.add_argument("--work", type=Path, help="workspace to keep (calibration is reused from it); default: a temp dir")
     args = p.parse_args(argv)
     searches = [s for s in args.searches.split(",") if s]
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qp-search-speed-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        res = run(args.bench.resolve(), work.resolve(), args.samples, searches, args.profile)
+        given = json.loads(args.splits.read_text())["splits"] if args.splits else None
+        res = run(args.bench.resolve(), work.resolve(), args.samples, searches, args.profile, given)
     res["quantpipe"] = str(Path(sys.modules["quantpipe"].__file__ or "").parent)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")

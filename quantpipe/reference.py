@@ -95,7 +95,7 @@ def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str
 
 
 def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], output: str, *,
-                   int8: bool = True) -> list[np.ndarray]:
+                   int8: bool = True, max_part: float = 0.8, min_skipped: float = 1.5) -> list[np.ndarray]:
     """`output` of each candidate model over every batch of `feeds` (concatenated), as `run_output` of its own
     session gives it, computing only what differs from `base`.
 
@@ -103,7 +103,9 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     only the part of its graph those nodes reach (`downstream.cut_below`), fed with the tensors it reads from one
     run of `base` with them exposed. The part is optimized as onnxruntime optimizes the whole model (the shapes
     the whole model infers are declared on its inputs), so it computes the same bits; tests/unit/test_reference.py
-    and tools/golden.py check it. A single candidate runs whole (the run of `base` would cost as much).
+    and tools/golden.py check it. A candidate whose part is more than `max_part` of its model (by estimated
+    multiply-adds) runs whole, and so do all when the parts together skip fewer than `min_skipped` whole runs (the
+    run of `base` that feeds them costs about one).
 
     Models may be given as ModelProto or serialized bytes, feeds are numpy arrays: the arguments pickle, so a
     worker process can evaluate a share of the candidates.
@@ -116,22 +118,57 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     base = _proto(base)
     inputs = {i.name for i in base.graph.input}
     cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, base), base=base) for m in models]
-    exposed = sorted({f for c in cuts for f in c.feeds if f not in inputs} - {output})
-    shapes = {v.name: v for v in onnx.shape_inference.infer_shapes(base).graph.value_info} if exposed else {}
-    sess = ort_session(_exposed(base, exposed, shapes), int8=int8)
-    names = [output, *exposed]
-    parts: list[Any] = [None] * len(models)
+    shapes = {v.name: v for v in onnx.shape_inference.infer_shapes(base).graph.value_info}
+    # A part that is most of its model runs whole, and parts run at all only where what they skip together
+    # outweighs the run of `base` that feeds them (estimated by multiply-adds).
+    cost = _node_costs(base, shapes)
+    mean = sum(cost.values()) / max(1, len(cost))
+    frac = [sum(cost.get(n.name, mean) for n in c.nodes) / max(1e-9, sum(cost.get(n.name, mean) for n in m.graph.node))
+            for c, m in zip(cuts, models, strict=True)]
+    cut_at = [k for k, c in enumerate(cuts) if frac[k] <= max_part and set(c.feeds) - inputs]
+    if sum(1.0 - frac[k] for k in cut_at) < min_skipped:
+        cut_at = []
     outs: list[list[np.ndarray]] = [[] for _ in models]
-    for f in feeds:
-        known = {**dict(zip(names, sess.run(names, dict(f)), strict=True)), **f}
-        for k, cut in enumerate(cuts):
-            if output not in cut.outputs:  # the change does not reach the output
-                outs[k].append(known[output])
-                continue
-            if parts[k] is None:
-                parts[k] = ort_session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes), int8=int8)
-            outs[k].append(parts[k].run([output], {t: known[t] for t in cut.feeds})[0])
+    for k, m in enumerate(models):
+        if k not in cut_at:
+            outs[k] = [run_output(ort_session(m, int8=int8), feeds, output)]
+    if cut_at:
+        exposed = sorted({f for k in cut_at for f in cuts[k].feeds if f not in inputs} - {output})
+        sess = ort_session(_exposed(base, exposed, shapes), int8=int8)
+        names = [output, *exposed]
+        parts: dict[int, Any] = {}
+        for f in feeds:
+            known = {**dict(zip(names, sess.run(names, dict(f)), strict=True)), **f}
+            for k in cut_at:
+                cut = cuts[k]
+                if output not in cut.outputs:  # the change does not reach the output
+                    outs[k].append(known[output])
+                    continue
+                if k not in parts:
+                    parts[k] = ort_session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes), int8=int8)
+                outs[k].append(parts[k].run([output], {t: known[t] for t in cut.feeds})[0])
     return [np.concatenate(o, axis=0) for o in outs]
+
+
+def _node_costs(model: Any, shapes: Mapping[str, Any]) -> dict[str, float]:
+    """Rough multiply-adds per sample of each node: its output's elements (symbolic dimensions as 1), times the
+    weight elements per output channel for Conv / ConvTranspose / Gemm / MatMul with a constant weight."""
+    known = {**shapes, **{v.name: v for v in model.graph.output}}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    out: dict[str, float] = {}
+    for n in model.graph.node:
+        v = known.get(n.output[0]) if n.output else None
+        elems = 1.0
+        if v is not None:
+            for d in v.type.tensor_type.shape.dim:
+                elems *= d.dim_value if d.dim_value > 0 else 1
+        w = weights.get(n.input[1]) if len(n.input) > 1 else None
+        if w and n.op_type in ("Conv", "ConvTranspose"):
+            elems *= float(np.prod(w[1:]))
+        elif w and n.op_type in ("Gemm", "MatMul"):
+            elems *= float(w[0])
+        out[n.name] = elems
+    return out
 
 
 def _exposed(model: Any, names: Sequence[str], shapes: Mapping[str, Any]) -> Any:

@@ -33,8 +33,8 @@ def _instrument(model: Any, amax: Mapping[str, float], options: QuantizeOptions
 
     m = named_copy(model)
     g = Graph(m.graph)
-    cands = {t: c for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
-             and (c := split_candidate(g, t, options)) is not None}
+    cands = {t: found for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
+             and (found := split_candidate(g, t, options)) is not None}
     if not cands:
         return None
     switches = {}

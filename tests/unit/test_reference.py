@@ -16,6 +16,7 @@ from quantpipe.ortsession import ort_session
 from quantpipe.quantize import QuantizeOptions
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.downstream import changed_nodes, cut_below
+from quantpipe import reference
 from quantpipe.reference import prepare_reference, run_candidates, run_output
 from tests.conftest import EXAMPLE_CALIB, EXAMPLE_MODEL
 
@@ -46,7 +47,7 @@ def test_layers_kept_in_float_equal_their_own_runs(example_ctx) -> None:
     assert len(names) >= 3
     keeps = [build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, keep_float_nodes=frozenset({n})))[0]
              for n in names]
-    got = run_candidates(full, keeps, ctx.feeds, ctx.output)
+    got = run_candidates(full, keeps, ctx.feeds, ctx.output, max_part=1.0, min_skipped=0.0)  # every part runs
     for name, a, b in zip(names, got, _alone(keeps, ctx), strict=True):
         assert np.array_equal(a, b), name
     # The later layers' parts are smaller than the model: the test exercises the cut, not whole runs.
@@ -60,7 +61,7 @@ def test_single_layers_equal_their_own_runs_and_take_bytes(example_ctx) -> None:
     singles = [build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({q.name})))[0]
                for q in rep.quantized_nodes]
     got = run_candidates(ctx.model.SerializeToString(), [m.SerializeToString() for m in singles], ctx.feeds,
-                         ctx.output)
+                         ctx.output, max_part=1.0, min_skipped=0.0)
     for a, b in zip(got, _alone(singles, ctx), strict=True):
         assert np.array_equal(a, b)
     # Quantized layers change the output: a comparison that cannot fail proves nothing.
@@ -77,3 +78,19 @@ def test_a_cut_is_never_fed_a_dequantized_tensor_or_a_constant(example_ctx) -> N
         for f in cut.feeds:
             p = producer.get(f)
             assert p is None or p.op_type not in ("DequantizeLinear", "Constant"), (q.name, f)
+
+
+def test_parts_run_only_where_they_skip_enough(example_ctx, monkeypatch) -> None:
+    """By default a part that is most of its model runs whole; the estimate never changes a result."""
+    ctx, amax = example_ctx
+    full, rep = build_qdq_model(ctx.model, amax, ctx.options)
+    keeps = [build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, keep_float_nodes=frozenset({q.name})))[0]
+             for q in rep.quantized_nodes]
+    made: list[int] = []
+    real = reference.ort_session
+    monkeypatch.setattr(reference, "ort_session", lambda m, **kw: made.append(len(m.graph.node)) or real(m, **kw))
+    got = run_candidates(full, keeps, ctx.feeds, ctx.output)
+    for a, b in zip(got, _alone(keeps, ctx), strict=True):
+        assert np.array_equal(a, b)
+    parts = sum(1 for n in made if n < min(len(k.graph.node) for k in keeps))
+    assert 0 < parts < len(keeps)  # the first layers run whole, the last ones as parts
