@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+from quantpipe import reference
 from quantpipe.data import open_dataset
 from quantpipe.model import tensor_info
 from quantpipe.onnxgraph import expose_outputs
@@ -16,7 +17,6 @@ from quantpipe.ortsession import ort_session
 from quantpipe.quantize import QuantizeOptions
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.downstream import changed_nodes, cut_below
-from quantpipe import reference
 from quantpipe.reference import prepare_reference, run_candidates, run_output
 from tests.conftest import EXAMPLE_CALIB, EXAMPLE_MODEL
 
