@@ -27,11 +27,10 @@ from quantpipe import metrics as M
 from quantpipe.artifacts import FallbackReport, FallbackStep, LayerSensitivity
 from quantpipe.errors import ConfigError
 from quantpipe.onnxgraph import save_onnx
-from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.types import QuantizeReport
-from quantpipe.reference import Reference, prepare_reference, run_output, score
+from quantpipe.reference import CANDIDATES_PER_RUN, Reference, prepare_reference, run_candidates, score
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["FallbackMetric", "accuracy_fallback"]
@@ -81,20 +80,49 @@ class _Search:
         self.lower_is_better = metric == "top1_drop"
         self.cache: dict[frozenset[str], _Eval] = {}
         self.reports: dict[frozenset[str], QuantizeReport] = {}
+        self.models: dict[frozenset[str], Any] = {}
         self.current = self.evaluate(frozenset())
         self.keep: list[str] = []
 
     def evaluate(self, keep: frozenset[str], *, force: bool = False) -> _Eval:
-        if keep not in self.cache:
-            if len(self.cache) >= self.max_evaluations and not force:
-                raise _BudgetExhausted
-            ctx = self.ctx
-            qm, rep = build_qdq_model(ctx.model, self.amax, dataclasses.replace(
-                ctx.options, keep_float_nodes=ctx.options.keep_float_nodes | keep))
-            out = run_output(ort_session(qm, int8=True), ctx.feeds, ctx.output)
-            self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
-            self.reports[keep] = rep
-        return self.cache[keep]
+        return self.evaluate_many([keep], force=force)[0]
+
+    def evaluate_many(self, keeps: Sequence[frozenset[str]], *, base: frozenset[str] | None = None,
+                      force: bool = False) -> list[_Eval]:
+        """Each keep-set's evaluation, in order, as `evaluate` one at a time would give them (raising
+        `_BudgetExhausted` where that would, after caching the ones before). Keep-sets that differ from `base` in
+        a layer or two run together, each computing only what differs from the model of `base`
+        (`reference.run_candidates`)."""
+        todo: list[frozenset[str]] = []
+        exhausted = False
+        for keep in keeps:
+            if keep in self.cache or keep in todo:
+                continue
+            if len(self.cache) + len(todo) >= self.max_evaluations and not force:
+                exhausted = True
+                break
+            todo.append(keep)
+        ctx = self.ctx
+        for at in range(0, len(todo), CANDIDATES_PER_RUN):
+            group = todo[at:at + CANDIDATES_PER_RUN]
+            built = [self._build(keep) for keep in group]
+            base_model = self._model(base) if base is not None and len(group) > 1 else None
+            outs = run_candidates(base_model, [m for m, _ in built], ctx.feeds, ctx.output)
+            for keep, (_, rep), out in zip(group, built, outs, strict=True):
+                self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
+                self.reports[keep] = rep
+            self.models = {keep: m for keep, (m, _) in zip(group, built, strict=True)}  # the next base is among them
+        if exhausted:
+            raise _BudgetExhausted
+        return [self.cache[k] for k in keeps]
+
+    def _build(self, keep: frozenset[str]) -> tuple[Any, QuantizeReport]:
+        ctx = self.ctx
+        return build_qdq_model(ctx.model, self.amax, dataclasses.replace(
+            ctx.options, keep_float_nodes=ctx.options.keep_float_nodes | keep))
+
+    def _model(self, keep: frozenset[str]) -> Any:
+        return self.models[keep] if keep in self.models else self._build(keep)[0]
 
     def met(self, e: _Eval) -> bool:
         return e.value <= self.target if self.lower_is_better else e.value >= self.target
@@ -113,13 +141,17 @@ def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, li
     reports what it had reached."""
     while not search.met(search.current) and remaining and len(search.keep) < limit:
         keep = search.keep
-        trials = [(search.evaluate(frozenset(keep + [c])), c) for c in remaining[:max(1, candidates_per_step)]]
+        first = remaining[:max(1, candidates_per_step)]
+        trials = list(zip(search.evaluate_many([frozenset(keep + [c]) for c in first], base=frozenset(keep)), first,
+                          strict=True))
         best, choice = max(trials, key=lambda t: search.rank(t[0]))
         if not search.improves(best, search.current) and len(remaining) > candidates_per_step:
             # None of the most sensitive layers moves the budget metric (typically: the last few
             # samples sit on a near-tie that no single top layer flips). Keeping one only for its
             # margin tends to stack several layers that never flip it; look at every layer first.
-            trials += [(search.evaluate(frozenset(keep + [c])), c) for c in remaining[candidates_per_step:]]
+            rest = remaining[candidates_per_step:]
+            trials += zip(search.evaluate_many([frozenset(keep + [c]) for c in rest], base=frozenset(keep)), rest,
+                          strict=True)
             best, choice = max(trials, key=lambda t: search.rank(t[0]))
         search.keep.append(choice)
         remaining.remove(choice)
@@ -286,9 +318,11 @@ def _ranking(ctx: Reference, amax: Mapping[str, float], quantized: Sequence[str]
         n += next(iter(f.values())).shape[0]
     ref = ctx.ref[:n]
     scores = []
-    for name in quantized:
-        single, _ = build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({name})))
-        out = run_output(ort_session(single, int8=True), feeds, ctx.output)
-        s = M.sqnr_db(out, ref)
-        scores.append((s if not math.isnan(s) else -math.inf, name))
+    for at in range(0, len(quantized), CANDIDATES_PER_RUN):
+        group = quantized[at:at + CANDIDATES_PER_RUN]
+        singles = [build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({name})))[0]
+                   for name in group]
+        for name, out in zip(group, run_candidates(ctx.model, singles, feeds, ctx.output), strict=True):
+            s = M.sqnr_db(out, ref)
+            scores.append((s if not math.isnan(s) else -math.inf, name))
     return [n for _, n in sorted(scores)]

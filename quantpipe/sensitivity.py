@@ -32,7 +32,7 @@ from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.shift import tensor_offsets
-from quantpipe.reference import Reference, prepare_reference, run_output, score
+from quantpipe.reference import CANDIDATES_PER_RUN, Reference, prepare_reference, run_candidates, score
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["SensitivityMetric", "layer_sensitivity"]
@@ -129,12 +129,14 @@ def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[An
     score alike: agreement counts)."""
     measured: dict[str, float] = {}
     tie: dict[str, float] = {}
-    for q in nodes:
-        single, _ = build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({q.name})))
-        out = run_output(ort_session(single, int8=True), ctx.feeds, ctx.output)
-        measured[q.name] = score(metric, out, ctx.ref, ctx.labels, task)
-        tie[q.name] = sqnr_db(out, ctx.ref) if metric in ("top1_agreement", "line_agreement", "map_iou") else 0.0
-        log.debug("sensitivity %s (%s): %s = %.4g", q.name, q.op_type, metric, measured[q.name])
+    for at in range(0, len(nodes), CANDIDATES_PER_RUN):
+        group = nodes[at:at + CANDIDATES_PER_RUN]
+        singles = [build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({q.name})))[0]
+                   for q in group]
+        for q, out in zip(group, run_candidates(ctx.model, singles, ctx.feeds, ctx.output), strict=True):
+            measured[q.name] = score(metric, out, ctx.ref, ctx.labels, task)
+            tie[q.name] = sqnr_db(out, ctx.ref) if metric in ("top1_agreement", "line_agreement", "map_iou") else 0.0
+            log.debug("sensitivity %s (%s): %s = %.4g", q.name, q.op_type, metric, measured[q.name])
     return measured, tie
 
 

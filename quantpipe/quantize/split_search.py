@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from quantpipe.int8 import INT8_MAX
-from quantpipe.onnxgraph import Graph, named_copy
+from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
+from quantpipe.quantize.downstream import cut_below
 from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.split import split_candidate
@@ -32,8 +33,8 @@ def _instrument(model: Any, amax: Mapping[str, float], options: QuantizeOptions
 
     m = named_copy(model)
     g = Graph(m.graph)
-    cands = {t: c for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
-             and (c := split_candidate(g, t, options)) is not None}
+    cands = {t: found for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
+             and (found := split_candidate(g, t, options)) is not None}
     if not cands:
         return None
     switches = {}
@@ -66,18 +67,34 @@ class _Samples:
 
 def _simulate(m: Any, switches: Mapping[str, str], calibration_data: Any, outputs: list[str], *, batch_size: int,
               max_samples: int) -> _Samples:
-    """Run the instrumented model with every switch off (the FP32 reference) and with each switch on alone."""
-    sess = ort_session(m, optimize=False)
+    """Run the instrumented model with every switch off (the FP32 reference) and with each switch on alone.
+
+    A switch changes only what its tensor reaches: each switch's run is of that part alone (`cut_below`), fed
+    with the tensors it reads from the run with every switch off, which computes the same bits (no graph
+    optimizations: every node runs as written)."""
     off = {sw: np.array(0.0, np.float32) for sw in switches.values()}
+    cuts = {t: cut_below(m, [t], outputs) for t in switches}
+    inputs = {i.name for i in m.graph.input}
+    exposed = sorted({f for c in cuts.values() for f in c.feeds if f not in inputs} - set(outputs))
+    sess = ort_session(expose_outputs(m, exposed), optimize=False)
+    parts: dict[str, Any] = {}
     s = _Samples([], [], 0.0, dict.fromkeys(switches, 0.0), 0)
     for batch in calibration_data.batches(batch_size):
         feeds = {k: v[: max_samples - s.count] for k, v in batch.feeds.items()}
-        ref = sess.run(outputs, {**feeds, **off})
+        run = sess.run([*outputs, *exposed], {**feeds, **off})
+        ref = run[: len(outputs)]
+        known = {**dict(zip(outputs, ref, strict=True)), **dict(zip(exposed, run[len(outputs):], strict=True)),
+                 **feeds, **off}
         s.feeds.append(feeds)
         s.refs.append(ref)
         s.signal += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
         for t, sw in switches.items():
-            s.noise[t] += output_error(sess.run(outputs, {**feeds, **off, sw: np.array(1.0, np.float32)}), ref)
+            cut = cuts[t]
+            if t not in parts:
+                parts[t] = ort_session(cut.model({f: known[f].dtype for f in cut.feeds}), optimize=False)
+            got = dict(zip(cut.outputs, parts[t].run(cut.outputs, {**{f: known[f] for f in cut.feeds},
+                                                                     sw: np.array(1.0, np.float32)}), strict=True))
+            s.noise[t] += output_error([got.get(o, r) for o, r in zip(outputs, ref, strict=True)], ref)
         s.count += next(iter(feeds.values())).shape[0]
         if s.count >= max_samples:
             break
