@@ -242,24 +242,30 @@ def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Varia
                      executor: Executor | None) -> dict[str, np.ndarray]:
     """The outputs of the variants the executor's workers can run, as variants x shards (empty: one worker)."""
     from quantpipe.evaluate import shardable, sharded_outputs
+    from quantpipe.execution import model_mb, plan_shards
 
-    if executor is None or executor.workers < 2 or len(li.eval.batch_bounds(cfg.data.batch_size)) < 2:
+    if executor is None or executor.workers < 2:
         return {}
     chosen = [v for v in variants if shardable(v, executor)]
-    if not chosen:
+    # Small work stays in this process (no pool): samples x the variants' model MB must fill two shards.
+    work = li.eval.num_samples * sum(model_mb(v.artifact) for v in chosen if v.artifact and Path(v.artifact).is_file())
+    shards = plan_shards(executor, items=len(li.eval.batch_bounds(cfg.data.batch_size)), work_mb=work)
+    if not chosen or shards < 2:
         return {}
     total = len(chosen) * li.eval.num_samples
     with progress.task(f"evaluating {len(chosen)} variant(s) on {executor.workers} {executor.engine} workers",
                        total) as advance:
         return sharded_outputs(executor, chosen, li.eval, output=li.output, batch_size=cfg.data.batch_size,
                                threads=cfg.build.backends.onnxruntime.threads or executor.threads_per_worker,
-                               on_samples=advance)
+                               on_samples=advance, shards=shards)
 
 
 def stage_sensitivity(
-    cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, float], variants: list[Variant], progress: Progress
+    cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, float], variants: list[Variant], progress: Progress,
+    executor: Executor | None = None,
 ) -> tuple[LayerSensitivity, ...]:
-    """Per-layer sensitivity of the INT8 ONNX variant (skipped when disabled or not built)."""
+    """Per-layer sensitivity of the INT8 ONNX variant (skipped when disabled or not built); its one-layer-at-a-time
+    candidates run in shares on the executor's workers."""
     s = cfg.evaluate.sensitivity
     int8 = next((v for v in variants if v.name == variant_name("onnxruntime", "int8") and v.ran), None)
     if not s.enabled or int8 is None:
@@ -278,6 +284,7 @@ def stage_sensitivity(
             li.spec.path, int8.artifact or "", amax, li.eval, output=li.output, max_samples=s.max_samples,
             one_at_a_time=s.one_at_a_time, batch_size=cfg.data.batch_size,
             options=options, calibration_data=li.calib, metric=s.metric, task=TaskSpec.from_config(cfg.evaluate),
+            executor=executor,
         )
     return tuple(rows)
 
@@ -407,11 +414,11 @@ def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress
     summaries, amax = stage_calibrate(cfg, ws, li, progress, executor)
     if until == "calibrate":
         return None, None
-    variants, fallback = stage_build(cfg, ws, li, amax, summaries, progress)
+    variants, fallback = stage_build(cfg, ws, li, amax, summaries, progress, executor)
     if until == "build":
         return None, None
     evals, ref = stage_evaluate(cfg, li, variants, progress, executor)
-    sens = stage_sensitivity(cfg, li, amax, variants, progress)
+    sens = stage_sensitivity(cfg, li, amax, variants, progress, executor)
     run_dir = Path(cfg.report.dir) / run_id
     if run_dir.exists() and any(run_dir.iterdir()):
         raise OutputError(f"run folder {run_dir} appeared while this run was running. Choose another report.run_id.")

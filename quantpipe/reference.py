@@ -95,7 +95,8 @@ def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str
 
 
 def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], output: str, *,
-                   int8: bool = True, max_part: float = 0.8, min_skipped: float = 1.5) -> list[np.ndarray]:
+                   int8: bool = True, max_part: float = 0.8, min_skipped: float = 1.5,
+                   threads: int | None = None) -> list[np.ndarray]:
     """`output` of each candidate model over every batch of `feeds` (concatenated), as `run_output` of its own
     session gives it, computing only what differs from `base`.
 
@@ -108,13 +109,14 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     run of `base` that feeds them costs about one).
 
     Models may be given as ModelProto or serialized bytes, feeds are numpy arrays: the arguments pickle, so a
-    worker process can evaluate a share of the candidates.
+    worker process can evaluate a share of the candidates (`quantpipe.candidates`; `threads`: onnxruntime's
+    intra-op threads there, the worker's share of the cores; the outputs do not depend on it).
     """
     import onnx
 
     models = [_proto(c) for c in candidates]
     if len(models) < 2 or _proto(base).ByteSize() >= LARGE_MODEL_BYTES:  # shape inference needs a < 2 GB proto
-        return [run_output(ort_session(m, int8=int8), feeds, output) for m in models]
+        return [run_output(ort_session(m, int8=int8, threads=threads), feeds, output) for m in models]
     base = _proto(base)
     inputs = {i.name for i in base.graph.input}
     cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, base), base=base) for m in models]
@@ -131,10 +133,10 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     outs: list[list[np.ndarray]] = [[] for _ in models]
     for k, m in enumerate(models):
         if k not in cut_at:
-            outs[k] = [run_output(ort_session(m, int8=int8), feeds, output)]
+            outs[k] = [run_output(ort_session(m, int8=int8, threads=threads), feeds, output)]
     if cut_at:
         exposed = sorted({f for k in cut_at for f in cuts[k].feeds if f not in inputs} - {output})
-        sess = ort_session(_exposed(base, exposed, shapes), int8=int8)
+        sess = ort_session(_exposed(base, exposed, shapes), int8=int8, threads=threads)
         names = [output, *exposed]
         parts: dict[int, Any] = {}
         for f in feeds:
@@ -145,7 +147,8 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
                     outs[k].append(known[output])
                     continue
                 if k not in parts:
-                    parts[k] = ort_session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes), int8=int8)
+                    parts[k] = ort_session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes), int8=int8,
+                                            threads=threads)
                 outs[k].append(parts[k].run([output], {t: known[t] for t in cut.feeds})[0])
     return [np.concatenate(o, axis=0) for o in outs]
 
