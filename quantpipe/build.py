@@ -194,7 +194,7 @@ def _build_ort(
                 )
             else:
                 options = with_calibration_data(load_onnx(li.spec.path), quantize_options(cfg), li.calib,
-                                                batch_size=cfg.data.batch_size, amax=amax)
+                                                batch_size=cfg.data.batch_size, amax=amax, executor=executor)
                 rep = quantize_model(li.spec.path, amax, out, options)
             int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples,
                           **_auto_ranges(cfg, ws), **_from_cache(cfg, ws)}

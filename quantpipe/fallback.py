@@ -215,8 +215,8 @@ def accuracy_fallback(
             (labels): <= target; all against the FP32 model's `output`.
         target: the budget. max_layers: keep at most this many layers in float (None: no limit).
         keep_in: what a kept layer runs in on TensorRT (fp16 or fp32); in ONNX Runtime it computes in FP32.
-        out_path: write the final Q/DQ model here (checked, atomically); None: only report.
-        options / calibration_data: how to quantize, as given to `write_qdq_model`.
+        out_path: write the final Q/DQ model here (checked, atomically; None: only report); options /
+            calibration_data: how to quantize, as given to `write_qdq_model`.
         sensitivity: a precomputed ranking (worst first), measured on selection data, not the evaluation data;
             default: one-layer-at-a-time output SQNR measured here on `ranking_samples` samples of `dataset`.
         candidates_per_step: how many of the next-ranked layers are tried at each step; the one that raises the
@@ -228,12 +228,12 @@ def accuracy_fallback(
         on_step: progress callback (layer name, metric after keeping it); task: how the output is read.
         executor: the ranking's and each step's candidates run in shares on its workers (the same layers kept).
 
-    Returns:
-        The final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
+    Returns: the final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
     """
     role = _check_arguments(metric, keep_in, dataset)
     ctx = prepare_reference(model_path, amax, dataset, output=output, batch_size=batch_size,
-                            max_samples=max_samples, options=options, calibration_data=calibration_data)
+                            max_samples=max_samples, options=options, calibration_data=calibration_data,
+                            executor=executor)
     if metric == "top1_drop" and ctx.labels is None:
         raise ConfigError(
             f"the fallback metric top1_drop needs labels in the data it chooses on ({role or 'the given'} data "

@@ -121,7 +121,7 @@ def stage_calibrate(
     if c.from_cache is not None:
         return summaries, _cache_amax(cfg, ws, summaries, li)
     if c.use == "auto":
-        return summaries, _auto_amax(cfg, ws, li, summaries, fp)
+        return summaries, _auto_amax(cfg, ws, li, summaries, fp, executor)
     amax = select_amax(ws.calibration, c.use, summaries)
     return summaries, amax
 
@@ -153,7 +153,7 @@ def _cache_amax(cfg: PipelineConfig, ws: Workspace, summaries: list[CalibrationS
 
 
 def _auto_amax(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, summaries: list[CalibrationSummary],
-               calib_fp: dict[str, Any]) -> dict[str, float]:
+               calib_fp: dict[str, Any], executor: Executor | None = None) -> dict[str, float]:
     """`calibration.use: auto`: the per-tensor ranges `choose_ranges` measures, reused while the calibration
     and the `build.quantize` section (the choice depends on how the model is quantized) are unchanged; the
     choice and why are written to `auto_ranges.json` beside the calibration files (the build summary reads it)."""
@@ -179,7 +179,7 @@ def _auto_amax(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, summaries: 
         log.info("calibrate: choosing the auto ranges again (calibration or build.quantize changed)")
     tables = method_tables(ws.calibration, [*AUTO_CANDIDATES, "best"], summaries, percentile=cfg.calibration.percentile)
     choice = choose_ranges(load_onnx(li.spec.path), tables, QuantizeOptions.from_config(cfg.build.quantize), li.calib,
-                           batch_size=cfg.data.batch_size)
+                           batch_size=cfg.data.batch_size, executor=executor)
     atomic_write_json(path, {"fingerprint": fp, "amax": choice.amax, "amax_sha256": sha256_of_mapping(choice.amax),
                              "summary": choice.summary(), "per_tensor": choice.per_tensor})
     return choice.amax

@@ -13,6 +13,7 @@ import numpy as np
 
 from quantpipe import metrics as M
 from quantpipe.errors import ConfigError, EvaluationError
+from quantpipe.execution import Executor
 from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import prepare_opset
@@ -53,7 +54,11 @@ def prepare_reference(
     max_samples: int | None,
     options: QuantizeOptions,
     calibration_data: Any | None,
+    executor: Executor | None = None,
 ) -> Reference:
+    """The FP32 model at the Q/DQ writer's opset, its `output` on the first `max_samples` samples of `dataset`,
+    and `options` with what the calibration data decides (`with_calibration_data`; `executor`: its searches'
+    workers)."""
     model = load_onnx(model_path)
     name_nodes(model.graph)
     # The reference graph is instrumented with the Q/DQ model's nodes (per-layer sensitivity): bring it to the
@@ -61,7 +66,8 @@ def prepare_reference(
     model, _, _, _ = prepare_opset(model, options.per_channel)
     name_nodes(model.graph)
     if calibration_data is not None:
-        options = with_calibration_data(model, options, calibration_data, batch_size=batch_size, amax=amax)
+        options = with_calibration_data(model, options, calibration_data, batch_size=batch_size, amax=amax,
+                                        executor=executor)
     outputs = [o.name for o in model.graph.output]
     out = output or outputs[0]
     if out not in outputs:

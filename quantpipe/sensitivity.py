@@ -92,7 +92,8 @@ def layer_sensitivity(
         nodes by output_metric, then the others by their local SQNR.
     """
     ctx = prepare_reference(model_path, amax, eval_dataset, output=output, batch_size=batch_size,
-                            max_samples=max_samples, options=options, calibration_data=calibration_data)
+                            max_samples=max_samples, options=options, calibration_data=calibration_data,
+                            executor=executor)
     full, report = build_qdq_model(ctx.model, amax, ctx.options)
     nodes = report.quantized_nodes
     if int8_model:

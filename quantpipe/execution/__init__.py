@@ -22,13 +22,22 @@ import shutil
 import subprocess
 
 from quantpipe.config import ExecutionConfig
-from quantpipe.execution.base import Executor, InProcess, OnResult, model_mb, plan_shards, shard_bounds, usable_cores
+from quantpipe.execution.base import (
+    Executor,
+    InProcess,
+    OnResult,
+    model_mb,
+    plan_shards,
+    run_jobs,
+    shard_bounds,
+    usable_cores,
+)
 from quantpipe.execution.local import LocalPool
 from quantpipe.execution.ray_engine import RayPool
 
 __all__ = [
     "Executor", "InProcess", "LocalPool", "RayPool", "OnResult", "make_executor", "shard_bounds", "usable_cores",
-    "visible_gpus", "default_workers", "model_mb", "plan_shards",
+    "visible_gpus", "default_workers", "model_mb", "plan_shards", "run_jobs",
 ]
 
 

@@ -10,6 +10,7 @@ concatenating the shards' outputs in order gives one process's outputs bit for b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -18,8 +19,8 @@ from typing import Any, Protocol, TypeVar
 
 from quantpipe.config import ExecutionConfig
 
-__all__ = ["DEFAULT_MIN_SHARD_MB", "Executor", "InProcess", "OnResult", "model_mb", "plan_shards", "shard_bounds",
-           "usable_cores"]
+__all__ = ["DEFAULT_MIN_SHARD_MB", "Executor", "InProcess", "OnResult", "model_mb", "plan_shards", "run_jobs",
+           "shard_bounds", "usable_cores"]
 
 DEFAULT_MIN_SHARD_MB: float = ExecutionConfig.model_fields["min_shard_mb"].default
 """The least work (samples x model MB) a shard is given; see `plan_shards`."""
@@ -160,3 +161,15 @@ def plan_shards(executor: Executor | None, *, items: int, work_mb: float) -> int
     if by_work < 2:
         return 1
     return max(1, min(items, by_work, executor.workers))
+
+
+def run_jobs(executor: Executor | None, fn: Callable[[T], R], jobs: Sequence[T], *, work_mb: float) -> list[R]:
+    """`[fn(j) for j in jobs]`: on the executor's workers when the work fills two shards (`plan_shards`), else in
+    this process. Jobs are dataclasses; one with a `threads` field gets the workers' share of the cores there."""
+    if plan_shards(executor, items=len(jobs), work_mb=work_mb) < 2:
+        return [fn(j) for j in jobs]
+    assert executor is not None
+    threads = executor.threads_per_worker
+    if jobs and dataclasses.is_dataclass(jobs[0]) and any(f.name == "threads" for f in dataclasses.fields(jobs[0])):
+        jobs = [dataclasses.replace(j, threads=threads) for j in jobs]  # type: ignore[type-var]
+    return executor.map(fn, jobs)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.execution import Executor, model_mb, run_jobs
 from quantpipe.int8 import INT8_MAX
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
@@ -20,7 +21,7 @@ from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, r
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.split import split_candidate
 
-__all__ = ["choose_splits"]
+__all__ = ["choose_splits", "trial_noise"]
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,31 @@ def _simulate(m: Any, switches: Mapping[str, str], calibration_data: Any, output
     return s
 
 
+@dataclasses.dataclass(frozen=True)
+class _Trial:
+    """One whole INT8 model to try (picklable: it may run on a worker)."""
+
+    model: Any
+    amax: Mapping[str, float]
+    options: QuantizeOptions
+    splits: dict[str, int]
+    feeds: list[dict[str, np.ndarray]]
+    refs: list[list[np.ndarray]]
+    outputs: list[str]
+    threads: int | None = None
+
+
+def trial_noise(trial: _Trial) -> float:
+    """The output noise of the INT8 model built with `trial.splits` on the search samples (run in a worker or here)."""
+    q = build_qdq_model(trial.model, trial.amax, dataclasses.replace(trial.options, split_activations=trial.splits))[0]
+    run = ort_session(q, optimize=False, threads=trial.threads)
+    return sum(output_error(run.run(trial.outputs, f), r) for f, r in zip(trial.feeds, trial.refs, strict=True))
+
+
 def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
                   batch_size: int = 8, max_samples: int = 32, max_tensors: int = 2,
-                  max_sqnr_db: float = 30.0, min_gain_db: float = 1.0) -> dict[str, int]:
+                  max_sqnr_db: float = 30.0, min_gain_db: float = 1.0,
+                  executor: Executor | None = None) -> dict[str, int]:
     """The activations worth splitting (`split_activations`): tensor -> pieces.
 
     Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
@@ -113,7 +136,8 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     are then tried for real: the whole INT8 model is built with the tensor split in 2 and in 4 pieces and run
     on the same samples. A split is kept when it lifts the model's output SQNR by at least `min_gain_db`, with
     the fewest pieces that come within 0.5 dB of the best. Where the noise is spread over many tensors, comes
-    from elsewhere (weights, other activations) or is small, nothing is split.
+    from elsewhere (weights, other activations) or is small, nothing is split. `executor`: a tensor's 2- and
+    4-piece models are tried on its workers at once when that is work enough (`execution.run_jobs`).
     """
     found = _instrument(model, amax, options)
     if found is None:
@@ -124,13 +148,12 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     if s.signal <= 0.0:
         return {}
 
-    def model_noise(splits: Mapping[str, int]) -> float:
-        q = build_qdq_model(model, amax, dataclasses.replace(options, split_activations=dict(splits)))[0]
-        run = ort_session(q, optimize=False)
-        return sum(output_error(run.run(outputs, f), r) for f, r in zip(s.feeds, s.refs, strict=True))
+    def model_noise(*trials: Mapping[str, int]) -> list[float]:
+        jobs = [_Trial(model, amax, options, dict(t), s.feeds, s.refs, outputs) for t in trials]
+        return run_jobs(executor, trial_noise, jobs, work_mb=len(jobs) * s.count * model_mb(model))
 
     chosen: dict[str, int] = {}
-    current = model_noise(chosen)
+    current = model_noise(chosen)[0]
     db, noise = s.db, s.noise
     log.info("INT8 model on %d calibration samples: %.1f dB output SQNR", s.count, db(current))
     for t in sorted(cands, key=lambda x: -noise[x])[:max_tensors]:
@@ -138,7 +161,7 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
             log.info("activation %s alone: %.1f dB output SQNR (%.0f%% of the model's noise): not split", t,
                      db(noise[t]), 100 * noise[t] / current if current > 0 else 0.0)
             continue
-        tried = {k: model_noise({**chosen, t: k}) for k in (2, 4)}
+        tried = dict(zip((2, 4), model_noise(*({**chosen, t: k} for k in (2, 4))), strict=True))
         best = min(tried.values())
         k = min(k for k, n in tried.items() if db(n) >= db(best) - 0.5)
         gain = db(tried[k]) - db(current)

@@ -127,3 +127,48 @@ def test_share_count_counts_candidates_samples_and_model_size(digits):
     assert share_count(Pool(), 2, feeds, model) == 2  # 2 x 12 x 1 MB = 24 MB: two shares of >= 10
     assert share_count(Pool(), 1, feeds, model) == 1
     assert share_count(Pool(), 40, feeds, model) == 8
+
+
+@pytest.fixture(scope="module")
+def ranges_case(digits, tmp_path_factory):
+    """The digits CNN with every method's table (what `calibration.use: auto` chooses among)."""
+    from quantpipe.calibration import method_tables
+    from quantpipe.onnxgraph import load_onnx
+    from quantpipe.quantize.range_search import AUTO_CANDIDATES
+
+    calib, _, _ = digits
+    out = tmp_path_factory.mktemp("auto")
+    summaries = calibrate(EXAMPLE_MODEL, calib, methods=["entropy", "minmax", "percentile", "mse"], out_dir=out)
+    tables = method_tables(out, [*AUTO_CANDIDATES, "best"], summaries, percentile=99.99)
+    return load_onnx(EXAMPLE_MODEL), tables, calib
+
+
+def _ranges_and_splits(executor, ranges_case):
+    from quantpipe.quantize.options import QuantizeOptions
+    from quantpipe.quantize.range_search import choose_ranges
+    from quantpipe.quantize.split_search import choose_splits
+
+    model, tables, calib = ranges_case
+    got = choose_ranges(model, tables, QuantizeOptions(), calib, batch_size=8, executor=executor)
+    # minmax with the splittable ReLU outputs' ranges 16x too wide (no shift), so their rounding dominates; no SQNR
+    # bar and any gain kept: the 2- and 4-piece trials of both run, one after the other.
+    relus = ("/features/features.0/features.0.2/Relu_output_0", "/features/features.2/conv1/conv1.2/Relu_output_0")
+    coarse = {t: a * (16.0 if t in relus else 1.0) for t, a in tables["minmax"].items()}
+    splits = choose_splits(model, coarse, QuantizeOptions(shift_nonnegative=False), calib, batch_size=8,
+                           max_sqnr_db=1e9, min_gain_db=-1e9, executor=executor)
+    return got.amax, got.winner, got.model_db, got.per_tensor, splits
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_auto_ranges_and_split_choice_on_workers_equal_one_process(engine, ranges_case, request):
+    expected = _ranges_and_splits(InProcess(), ranges_case)
+    assert len(expected[3]) >= 2 and len(expected[4]) == 2, "the case must search several tensors and split two"
+    if engine == "ray":
+        request.getfixturevalue("ray_cluster")
+        got = _ranges_and_splits(RayPool(2, min_shard_mb=0), ranges_case)
+    else:
+        with LocalPool(2, min_shard_mb=0) as pool:
+            got = _ranges_and_splits(pool, ranges_case)
+            assert pool.started
+    assert got == expected
+    assert list(got[3]) == list(expected[3])  # the per-tensor record in the same order (auto_ranges.json)
