@@ -259,7 +259,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"| {row['model']} | {stage} | {row['engine']} | {row['workers']} | "
-                f"{row[f'{stage}_cold_s'] if f'{stage}_cold_s' in row else float('nan'):.2f} | "
+                f"{format(row[f'{stage}_cold_s'], '.2f') if f'{stage}_cold_s' in row else '-'} | "
                 f"{row[f'{stage}_warm_s']:.2f} | {row.get(f'{stage}_speedup', float('nan')):.2f}x | "
                 f"{row.get(f'{stage}_efficiency', float('nan')):.0%} | "
                 f"{'yes' if row[f'{stage}_identical'] else 'NO'} |")
