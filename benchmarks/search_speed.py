@@ -13,8 +13,8 @@ and is not timed. Then, each timed on its own:
 - ``split``: `choose_splits` (`split_activations: auto`);
 - ``fallback``: `accuracy_fallback`, as the build stage calls it, with the split and the per-channel statistics
   already filled in (so the split is not chosen twice);
-- ``sensitivity``: `layer_sensitivity` of the fallback's model (the fallback runs first, untimed, when only
-  sensitivity is asked for), as the pipeline's sensitivity stage calls it.
+- ``sensitivity``: `layer_sensitivity` of the fallback's model, as the pipeline's sensitivity stage calls it
+  (without ``fallback`` among the searches: of the INT8 model with every layer quantized).
 
 The JSON holds the seconds, the machine, and the results themselves (splits, the fallback's steps and kept
 layers, the sensitivity table with every number as `float.hex`), so two trees' outputs compare exactly: run
@@ -132,16 +132,14 @@ def run(bench: Path, work: Path, samples: int, searches: list[str], profile: Pat
     res["splits"] = dict(sorted(splits.items()))
     options = dataclasses.replace(options, split_activations=splits)
     out = work / "model.int8.onnx"
-    if "fallback" in searches or "sensitivity" in searches:
+    if "fallback" in searches:
         fb = cfg.build.fallback
         assert fb is not None and fb.min is not None
         rep, fallback = _timed("fallback", lambda: accuracy_fallback(
             li.spec.path, amax, li.selection, out_path=out, metric=fb.metric, target=float(fb.min),
             keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=bs, options=options,
             calibration_data=li.calib, task=TaskSpec.from_config(cfg.evaluate)),
-            profile if "fallback" in searches else None, seconds)
-        if "fallback" not in searches:
-            del seconds["fallback"]
+            profile, seconds)
         res["fallback"] = {"kept": [s.node for s in fallback.steps], "met": fallback.met,
                            "initial": _hex(fallback.initial), "final": _hex(fallback.final),
                            "steps": [[s.node, _hex(s.metric_before), _hex(s.metric_after)] for s in fallback.steps],
@@ -151,8 +149,10 @@ def run(bench: Path, work: Path, samples: int, searches: list[str], profile: Pat
         res["fallback"]["model_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
     if "sensitivity" in searches:
         s = cfg.evaluate.sensitivity
+        # Without the fallback, the sensitivity of the INT8 model with every layer quantized (built inside).
+        judged = str(out) if "fallback" in searches else ""
         rows = _timed("sensitivity", lambda: layer_sensitivity(
-            li.spec.path, str(out), amax, li.eval, output=li.output, max_samples=s.max_samples,
+            li.spec.path, judged, amax, li.eval, output=li.output, max_samples=s.max_samples,
             one_at_a_time=s.one_at_a_time, batch_size=bs, options=options, calibration_data=li.calib,
             metric=s.metric, task=TaskSpec.from_config(cfg.evaluate)), profile, seconds)
         res["sensitivity"] = [[r.node, r.op_type, r.tensor, _hex(r.sqnr_db), _hex(r.output_metric), r.metric_name]

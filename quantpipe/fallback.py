@@ -2,7 +2,10 @@
 
 It keeps layers in float one at a time, greedily, re-evaluating the quantized model on the selection data after
 each choice, until the budget is met, then drops any kept layer the budget no longer needs. A budget that cannot
-be met is reported with `met=False`.
+be met is reported with `met=False`. A step's candidates are judged together: each runs only the part of the graph
+below its layer, fed from one run of the current model (`reference.run_candidates`; the same bits as a run of the
+whole candidate model). With several workers, a step's candidates run in shares on them (`quantpipe.candidates`);
+the steps themselves stay in order, so the same layers are kept.
 
 The selection data is the calibration data or a validation split, never the evaluation data: the gate judges
 the evaluation data, and a choice made on the samples it judges makes its number optimistic by construction.

@@ -6,7 +6,8 @@ Two measurements per quantized node (Conv, Gemm, MatMul, residual Add):
   the evaluation samples with the node outputs exposed. Cheap (two runs) but it grows with depth,
   since every layer inherits its predecessors' error.
 - *one layer at a time*: the model output when only this node's Q/DQ is kept. One in-memory build
-  and one short run per node, so it can be capped: `one_at_a_time=N` measures the N nodes with the
+  per node, and a run of the part of the graph below it (`reference.run_candidates`: the FP32 tensors above it
+  come from one run of the FP32 model per group of nodes; same bits as a run of the whole model); it can be capped: `one_at_a_time=N` measures the N nodes with the
   lowest *local* SQNR (the node's output with only its own inputs quantized, all measured in one run
   of an instrumented FP32 graph).
 
