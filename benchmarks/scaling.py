@@ -11,14 +11,24 @@ into `--work`, `--resnet-images` calibration images, 512 by default, half as man
 Stages, each timed around the call a pipeline run makes:
 - `calibrate`: `quantpipe.calibration.calibrate` with entropy and minmax (histograms, caches and JSON written);
 - `evaluate`: the outputs of the ONNX Runtime FP32 and FP16 variants on the evaluation images
-  (`evaluate.sharded_outputs`; with 1 worker `run_outputs` in this process, what `workers: 1` runs).
-Sensitivity and fallback still run in one process (their parallel search is not built yet): not measured.
+  (`evaluate.sharded_outputs`; with 1 worker `run_outputs` in this process, what `workers: 1` runs);
+- `sensitivity`: `layer_sensitivity` as the pipeline's stage calls it (evaluation images, `max_samples` 64, every
+  layer one at a time, output SQNR), its candidates in shares on the workers;
+- `fallback`: `accuracy_fallback` with `build.fallback: {metric: top1_agreement, min: 0.99}` on the calibration
+  images (`--search-samples` of them, all by default), its ranking and each step's trials on the workers.
+  On the ResNet-50 shape (random weights) the budget is not reachable in reasonable time: `--max-evaluations`
+  bounds the search (the same bounded search at every worker count, so the times compare).
+The searches use the `best` scales and pipeline.yaml's quantize defaults, with the per-channel statistics and the
+split choice filled in once beforehand (untimed), as the pipeline's build stage hands them over.
 
-Per (model, engine, workers) one executor serves every stage, twice over: `cold` includes starting the workers
-(what a run pays once), `warm` reuses them (what each further stage pays). A local Ray instance is started once
-per benchmark, before any timing (its start time is recorded apart). Workers 1 is `workers: 1` (this process,
-no pool; onnxruntime on every core) for both engines. The calibration results are checked equal (cache bytes)
-to the 1-worker run in every case, and the evaluation outputs too.
+Per (model, engine, workers) one executor serves every stage: for calibrate and evaluate twice over, `cold`
+including starting the workers (what a run pays once), `warm` reusing them (what each further stage pays); the
+searches run once, `warm` (the workers already started). A local Ray instance is started once per benchmark,
+before any timing (its start time is recorded apart). Workers 1 is `workers: 1` (this process, no pool;
+onnxruntime on every core) for both engines. Executors get `execution.min_shard_mb` (`--min-shard-mb`; default
+pipeline.yaml's), so a stage whose work is too small for N workers uses fewer, as a pipeline run does: say so
+when a speed-up stalls (0 measures pure scaling). Every stage's result is checked equal to the 1-worker run's:
+cache bytes, output arrays, the sensitivity table (every number) and the fallback's steps and model bytes.
 
 Scaling efficiency = t(1 worker) / (t(N workers) x N). The JSON records the machine (CPU model, cores, load
 average before and after each case); say in RESULTS.md whether the machine was shared.
@@ -43,7 +53,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 MODELS = ("effnet_lite0", "resnet50")
-STAGES = ("calibrate", "evaluate")
+STAGES = ("calibrate", "evaluate", "sensitivity", "fallback")
+SEARCH_STAGES = ("sensitivity", "fallback")
 
 
 def machine() -> dict[str, Any]:
@@ -119,13 +130,71 @@ def run_evaluate(executor: Any, vs: list[Any], data: Any, output: str, batch_siz
     return seconds, digest
 
 
-def make(engine: str, workers: int) -> Any:
+def search_setup(model: Path, calib: Any, batch_size: int) -> dict[str, Any]:
+    """What the searches start from, computed once in this process (untimed): the `best` scales and pipeline.yaml's
+    quantize defaults with the per-channel statistics and the split choice filled in."""
+    from quantpipe.calibration import calibrate, select_amax
+    from quantpipe.config import BuildConfig
+    from quantpipe.onnxgraph import load_onnx
+    from quantpipe.quantize import QuantizeOptions, with_calibration_data
+
+    with tempfile.TemporaryDirectory() as out:
+        summaries = calibrate(model, calib, methods=["entropy", "minmax", "percentile", "mse"], out_dir=out,
+                              batch_size=batch_size)
+        amax = select_amax(out, "best", summaries)
+    options = with_calibration_data(load_onnx(model), QuantizeOptions.from_config(BuildConfig().quantize), calib,
+                                    batch_size=batch_size, amax=amax)
+    return {"amax": amax, "options": options}
+
+
+def run_sensitivity(executor: Any, model: Path, data: Any, setup: dict[str, Any], batch_size: int) -> tuple[float, str]:
+    from quantpipe.artifacts import to_jsonable
+    from quantpipe.sensitivity import layer_sensitivity
+
+    t0 = time.perf_counter()
+    rows = layer_sensitivity(model, None, setup["amax"], data, max_samples=64, batch_size=batch_size,
+                             options=setup["options"], executor=executor)
+    seconds = time.perf_counter() - t0
+    doc = [{k: (v.hex() if isinstance(v, float) else v) for k, v in to_jsonable(r).items()} for r in rows]
+    return seconds, hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def run_fallback(executor: Any, model: Path, calib: Any, setup: dict[str, Any], args: argparse.Namespace
+                 ) -> tuple[float, str]:
+    from quantpipe.artifacts import to_jsonable
+    from quantpipe.fallback import accuracy_fallback
+
+    with tempfile.TemporaryDirectory() as out:
+        path = Path(out) / "model.int8.onnx"
+        t0 = time.perf_counter()
+        _, fb = accuracy_fallback(model, setup["amax"], calib, metric="top1_agreement", target=0.99, out_path=path,
+                                  batch_size=args.batch_size, max_samples=args.search_samples,
+                                  max_evaluations=args.max_evaluations, options=setup["options"], executor=executor)
+        seconds = time.perf_counter() - t0
+        print(f"  fallback: {len(fb.steps)} layer(s) kept, {fb.metric} {fb.initial:.4f} -> {fb.final:.4f}, "
+              f"met={fb.met}", flush=True)
+        digest = hashlib.sha256(json.dumps(to_jsonable(fb), sort_keys=True).encode() + path.read_bytes()).hexdigest()
+    return seconds, digest
+
+
+def make(engine: str, workers: int, min_shard_mb: float | None) -> Any:
     from quantpipe.config import ExecutionConfig
     from quantpipe.execution import InProcess, make_executor
 
     if workers == 1:
         return InProcess()
-    return make_executor(ExecutionConfig(engine=engine, workers=workers))
+    extra = {} if min_shard_mb is None else {"min_shard_mb": min_shard_mb}
+    return make_executor(ExecutionConfig(engine=engine, workers=workers, **extra))
+
+
+def run_stage(stage: str, executor: Any, ctx: dict[str, Any], args: argparse.Namespace) -> tuple[float, str]:
+    if stage == "calibrate":
+        return run_calibrate(executor, ctx["model"], ctx["calib"], args.batch_size)
+    if stage == "evaluate":
+        return run_evaluate(executor, ctx["variants"], ctx["data"], ctx["output"], args.batch_size)
+    if stage == "sensitivity":
+        return run_sensitivity(executor, ctx["model"], ctx["data"], ctx["setup"], args.batch_size)
+    return run_fallback(executor, ctx["model"], ctx["calib"], ctx["setup"], args)
 
 
 def bench_model(name: str, args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
@@ -136,24 +205,24 @@ def bench_model(name: str, args: argparse.Namespace, results: list[dict[str, Any
     spec, _ = load_model_spec(model)
     calib = open_dataset(calib_path, spec.inputs)
     data = open_dataset(eval_path, spec.inputs, role="evaluation")
-    vs = variants(model, args.work)
-    output = spec.outputs[0].name
+    ctx = {"model": model, "calib": calib, "data": data, "output": spec.outputs[0].name,
+           "variants": variants(model, args.work) if "evaluate" in args.stages else [],
+           "setup": search_setup(model, calib, args.batch_size) if set(SEARCH_STAGES) & set(args.stages) else {}}
     reference: dict[str, str] = {}
     for engine in args.engines:
         for workers in args.workers:
             if workers == 1 and engine != args.engines[0]:
                 continue  # workers: 1 is this process whatever the engine
-            executor = make(engine, workers)
+            executor = make(engine, workers, args.min_shard_mb)
             row: dict[str, Any] = {"model": name, "engine": engine if workers > 1 else "in-process",
                                    "workers": workers, "calib_samples": calib.num_samples,
                                    "eval_samples": data.num_samples, "load_before": os.getloadavg()}
             try:
+                if workers > 1:  # the searches are timed warm: start the workers first
+                    executor.map(abs, list(range(workers)))
                 for stage in args.stages:
-                    for when in ("cold", "warm"):
-                        if stage == "calibrate":
-                            seconds, digest = run_calibrate(executor, model, calib, args.batch_size)
-                        else:
-                            seconds, digest = run_evaluate(executor, vs, data, output, args.batch_size)
+                    for when in (("warm",) if stage in SEARCH_STAGES else ("cold", "warm")):
+                        seconds, digest = run_stage(stage, executor, ctx, args)
                         row[f"{stage}_{when}_s"] = round(seconds, 3)
                         same = reference.setdefault(stage, digest) == digest
                         row[f"{stage}_identical"] = row.get(f"{stage}_identical", True) and same
@@ -189,7 +258,8 @@ def markdown(doc: dict[str, Any]) -> str:
             if f"{stage}_warm_s" not in row:
                 continue
             lines.append(
-                f"| {row['model']} | {stage} | {row['engine']} | {row['workers']} | {row[f'{stage}_cold_s']:.2f} | "
+                f"| {row['model']} | {stage} | {row['engine']} | {row['workers']} | "
+                f"{format(row[f'{stage}_cold_s'], '.2f') if f'{stage}_cold_s' in row else '-'} | "
                 f"{row[f'{stage}_warm_s']:.2f} | {row.get(f'{stage}_speedup', float('nan')):.2f}x | "
                 f"{row.get(f'{stage}_efficiency', float('nan')):.0%} | "
                 f"{'yes' if row[f'{stage}_identical'] else 'NO'} |")
@@ -206,6 +276,12 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", choices=["local", "ray"], default=["local", "ray"])
     ap.add_argument("--resnet-images", type=int, default=512, help="ResNet-50 calibration images (>= 500 for the issue)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--search-samples", type=int, default=None,
+                    help="calibration images the fallback chooses on (default: all, as the pipeline does)")
+    ap.add_argument("--max-evaluations", type=int, default=400,
+                    help="bound on the fallback's model evaluations (accuracy_fallback's max_evaluations)")
+    ap.add_argument("--min-shard-mb", type=float, default=None,
+                    help="execution.min_shard_mb for the executors (default: pipeline.yaml's; 0: always every worker)")
     ap.add_argument("--note", default="", help="what else ran on the machine (say 'shared' when it was)")
     ap.add_argument("--out", type=Path, default=Path("scaling.json"))
     ap.add_argument("--markdown", type=Path, help="also write the table here")

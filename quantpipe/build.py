@@ -13,6 +13,7 @@ from quantpipe import __version__
 from quantpipe.artifacts import CalibrationSummary, FallbackReport, Variant, from_jsonable, to_jsonable
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError
+from quantpipe.execution import Executor
 from quantpipe.externaldata import external_data_files
 from quantpipe.fsutil import sha256_file
 from quantpipe.inputs import LoadedInputs
@@ -37,8 +38,10 @@ def stage_build(
     amax: dict[str, float],
     calib_summaries: list[CalibrationSummary],
     progress: Progress,
+    executor: Executor | None = None,
 ) -> tuple[list[Variant], FallbackReport | None]:
-    """Build every requested variant (or reuse it); unavailable backends become skipped variants."""
+    """Build every requested variant (or reuse it); unavailable backends become skipped variants.
+    `executor`: the fallback's candidates run in shares on its workers (the same layers kept)."""
     b = cfg.build
     variants: list[Variant] = []
     fallback: FallbackReport | None = None
@@ -68,7 +71,7 @@ def stage_build(
             fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense"}), sort_keys=True)
         manifest = reusable(ws.models, fp, "build")
         if manifest is None:
-            built, fallback, int8_build = _build_ort(cfg, ws, li, amax, progress)
+            built, fallback, int8_build = _build_ort(cfg, ws, li, amax, progress, executor)
             # Only what the build wrote, relative to the stage folder (the FP32 model is the user's, found
             # through pipeline.yaml each run): a moved or copied project reads its own files.
             paths = {k: relative_to(v, ws.models) for k, v in built.items() if k != "fp32"}
@@ -204,7 +207,8 @@ def _from_cache(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
 
 
 def _build_ort(
-    cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress
+    cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress,
+    executor: Executor | None = None,
 ) -> tuple[dict[str, Path], FallbackReport | None, dict[str, Any] | None]:
     from quantpipe.quantize import quantize_model, with_calibration_data, write_fp16_model
 
@@ -232,11 +236,11 @@ def _build_ort(
                     li.spec.path, amax, li.selection, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
                     options=quantize_options(cfg), calibration_data=li.calib,
-                    task=TaskSpec.from_config(cfg.evaluate),
+                    task=TaskSpec.from_config(cfg.evaluate), executor=executor,
                 )
             else:
                 options = with_calibration_data(load_onnx(li.spec.path), quantize_options(cfg), li.calib,
-                                                batch_size=cfg.data.batch_size, amax=amax)
+                                                batch_size=cfg.data.batch_size, amax=amax, executor=executor)
                 rep = quantize_model(li.spec.path, amax, out, options)
             int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples,
                           **_auto_ranges(cfg, ws), **_from_cache(cfg, ws)}

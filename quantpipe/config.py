@@ -367,6 +367,10 @@ class ExecutionConfig(_Model):
     """engine ray: the cluster (`auto`, `ray://host:port`); None starts a local Ray instance for the run."""
     retries: int = Field(default=2, ge=0)
     """Times a shard is run again after the worker running it died."""
+    min_shard_mb: float = Field(default=256.0, ge=0.0)
+    """The least work a worker is given, counted as samples x the model's size in MB (per candidate for the
+    searches): smaller work is cut into fewer shards, and runs in this process, starting no pool, when it makes
+    one. 0: always use every worker."""
 
     @model_validator(mode="after")
     def _address_needs_ray(self) -> ExecutionConfig:

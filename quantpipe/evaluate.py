@@ -235,13 +235,15 @@ def sharded_outputs(
     batch_size: int,
     threads: int | None,
     on_samples: Callable[[int], None] | None = None,
+    shards: int | None = None,
 ) -> dict[str, np.ndarray]:
     """variant name -> its outputs on every sample of `dataset`, computed as variants x shards on the workers
     and concatenated in order: the same arrays as `run_outputs` in one process (the shards hold whole batches).
 
     Every shard must finish (a failing one raises its error; WorkerError when its worker keeps dying).
+    `shards`: how many to cut the data into (default: one per worker).
     """
-    bounds = shard_bounds(dataset.batch_bounds(batch_size), executor.workers)
+    bounds = shard_bounds(dataset.batch_bounds(batch_size), shards or executor.workers)
     shards = [dataset.subset(lo, hi) for lo, hi in bounds]
     jobs = [OutputsJob(v, shard, output, batch_size, threads) for v in variants for shard in shards]
     log.info("evaluate: %d variant(s) x %d shard(s) on %d %s worker(s)", len(variants), len(shards),

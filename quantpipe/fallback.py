@@ -2,7 +2,10 @@
 
 It keeps layers in float one at a time, greedily, re-evaluating the quantized model on the selection data after
 each choice, until the budget is met, then drops any kept layer the budget no longer needs. A budget that cannot
-be met is reported with `met=False`.
+be met is reported with `met=False`. A step's candidates are judged together: each runs only the part of the graph
+below its layer, fed from one run of the current model (`reference.run_candidates`; the same bits as a run of the
+whole candidate model). With several workers, a step's candidates run in shares on them (`quantpipe.candidates`);
+the steps themselves stay in order, so the same layers are kept.
 
 The selection data is the calibration data or a validation split, never the evaluation data: the gate judges
 the evaluation data, and a choice made on the samples it judges makes its number optimistic by construction.
@@ -25,13 +28,14 @@ import numpy as np
 
 from quantpipe import metrics as M
 from quantpipe.artifacts import FallbackReport, FallbackStep, LayerSensitivity
+from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared, share_count
 from quantpipe.errors import ConfigError
+from quantpipe.execution import Executor
 from quantpipe.onnxgraph import save_onnx
-from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.types import QuantizeReport
-from quantpipe.reference import Reference, prepare_reference, run_output, score
+from quantpipe.reference import CANDIDATES_PER_RUN, Reference, prepare_reference, run_candidates, score
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["FallbackMetric", "accuracy_fallback"]
@@ -75,26 +79,67 @@ class _Search:
     """The fallback's evaluations: each keep-set built and judged once (cached), up to `max_evaluations`."""
 
     def __init__(self, ctx: Reference, amax: Mapping[str, float], metric: str, target: float,
-                 max_evaluations: int, task: TaskSpec = CLASSIFICATION) -> None:
+                 max_evaluations: int, task: TaskSpec = CLASSIFICATION, executor: Executor | None = None) -> None:
         self.ctx, self.amax, self.metric, self.target, self.task = ctx, amax, metric, target, task
+        self.executor = executor
         self.max_evaluations = max_evaluations
         self.lower_is_better = metric == "top1_drop"
         self.cache: dict[frozenset[str], _Eval] = {}
         self.reports: dict[frozenset[str], QuantizeReport] = {}
+        self.models: dict[frozenset[str], Any] = {}
         self.current = self.evaluate(frozenset())
         self.keep: list[str] = []
 
     def evaluate(self, keep: frozenset[str], *, force: bool = False) -> _Eval:
-        if keep not in self.cache:
-            if len(self.cache) >= self.max_evaluations and not force:
-                raise _BudgetExhausted
-            ctx = self.ctx
-            qm, rep = build_qdq_model(ctx.model, self.amax, dataclasses.replace(
-                ctx.options, keep_float_nodes=ctx.options.keep_float_nodes | keep))
-            out = run_output(ort_session(qm, int8=True), ctx.feeds, ctx.output)
-            self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
-            self.reports[keep] = rep
-        return self.cache[keep]
+        return self.evaluate_many([keep], force=force)[0]
+
+    def evaluate_many(self, keeps: Sequence[frozenset[str]], *, base: frozenset[str] | None = None,
+                      force: bool = False) -> list[_Eval]:
+        """Each keep-set's evaluation, in order, as `evaluate` one at a time would give them (raising
+        `_BudgetExhausted` where that would, after caching the ones before). Keep-sets that differ from `base` in
+        a layer or two run together, each computing only what differs from the model of `base`
+        (`reference.run_candidates`); in shares on the executor's workers when they are work enough for two
+        (`candidates.share_count`). `reports` holds the QuantizeReport of the keep-sets built here."""
+        todo: list[frozenset[str]] = []
+        exhausted = False
+        for keep in keeps:
+            if keep in self.cache or keep in todo:
+                continue
+            if len(self.cache) + len(todo) >= self.max_evaluations and not force:
+                exhausted = True
+                break
+            todo.append(keep)
+        ctx = self.ctx
+        shares = share_count(self.executor, len(todo), ctx.feeds, ctx.model) if len(todo) > 1 else 1
+        if shares > 1:  # built and run in shares on the workers (the same outputs as below)
+            kept = ctx.options.keep_float_nodes
+            share = CandidateShare(ctx.model, self.amax, ctx.options,
+                                   tuple({"keep_float_nodes": kept | keep} for keep in todo),
+                                   None if base is None else {"keep_float_nodes": kept | base}, tuple(ctx.feeds),
+                                   ctx.output)
+            for keep, out in zip(todo, run_shared(self.executor, share, shares=shares), strict=True):
+                self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
+            todo = []
+        for at in range(0, len(todo), CANDIDATES_PER_RUN):
+            group = todo[at:at + CANDIDATES_PER_RUN]
+            built = [self._build(keep) for keep in group]
+            base_model = self._model(base) if base is not None and len(group) > 1 else None
+            outs = run_candidates(base_model, [m for m, _ in built], ctx.feeds, ctx.output)
+            for keep, (_, rep), out in zip(group, built, outs, strict=True):
+                self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
+                self.reports[keep] = rep
+            self.models = {keep: m for keep, (m, _) in zip(group, built, strict=True)}  # the next base is among them
+        if exhausted:
+            raise _BudgetExhausted
+        return [self.cache[k] for k in keeps]
+
+    def _build(self, keep: frozenset[str]) -> tuple[Any, QuantizeReport]:
+        ctx = self.ctx
+        return build_qdq_model(ctx.model, self.amax, dataclasses.replace(
+            ctx.options, keep_float_nodes=ctx.options.keep_float_nodes | keep))
+
+    def _model(self, keep: frozenset[str]) -> Any:
+        return self.models[keep] if keep in self.models else self._build(keep)[0]
 
     def met(self, e: _Eval) -> bool:
         return e.value <= self.target if self.lower_is_better else e.value >= self.target
@@ -113,13 +158,17 @@ def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, li
     reports what it had reached."""
     while not search.met(search.current) and remaining and len(search.keep) < limit:
         keep = search.keep
-        trials = [(search.evaluate(frozenset(keep + [c])), c) for c in remaining[:max(1, candidates_per_step)]]
+        first = remaining[:max(1, candidates_per_step)]
+        trials = list(zip(search.evaluate_many([frozenset(keep + [c]) for c in first], base=frozenset(keep)), first,
+                          strict=True))
         best, choice = max(trials, key=lambda t: search.rank(t[0]))
         if not search.improves(best, search.current) and len(remaining) > candidates_per_step:
             # None of the most sensitive layers moves the budget metric (typically: the last few
             # samples sit on a near-tie that no single top layer flips). Keeping one only for its
             # margin tends to stack several layers that never flip it; look at every layer first.
-            trials += [(search.evaluate(frozenset(keep + [c])), c) for c in remaining[candidates_per_step:]]
+            rest = remaining[candidates_per_step:]
+            trials += zip(search.evaluate_many([frozenset(keep + [c]) for c in rest], base=frozenset(keep)), rest,
+                          strict=True)
             best, choice = max(trials, key=lambda t: search.rank(t[0]))
         search.keep.append(choice)
         remaining.remove(choice)
@@ -157,51 +206,51 @@ def accuracy_fallback(
     ranking_samples: int = 32,
     on_step: Callable[[str, float], None] | None = None,
     task: TaskSpec = CLASSIFICATION,
+    executor: Executor | None = None,
 ) -> tuple[QuantizeReport, FallbackReport]:
     """Keep the fewest, most sensitive layers in float until the accuracy budget holds.
 
     Args:
-        model_path: the FP32 model.
-        amax: calibrated amax per tensor.
+        model_path / amax: the FP32 model; calibrated amax per tensor.
         dataset: the `Dataset` the layers are chosen and the budget measured on: calibration or validation data
             (labels for top1_drop), never the evaluation data (role "evaluation": ConfigError).
         metric: top1_agreement, cosine, line_agreement (CTC `task`), map_iou (dense `task`): >= target; top1_drop
             (labels): <= target; all against the FP32 model's `output`.
-        target: the budget.
+        target: the budget. max_layers: keep at most this many layers in float (None: no limit).
         keep_in: what a kept layer runs in on TensorRT (fp16 or fp32); in ONNX Runtime it computes in FP32.
-        max_layers: keep at most this many layers in float (None: no limit).
-        out_path: write the final Q/DQ model here (checked, atomically); None: only report.
-        options / calibration_data: how to quantize, as given to `write_qdq_model`.
-        sensitivity: a precomputed ranking (worst first), itself measured on selection data, not on the
-            evaluation data; default: one-layer-at-a-time output SQNR measured here on `ranking_samples` samples
-            of `dataset`.
+        out_path: write the final Q/DQ model here (checked, atomically; None: only report); options /
+            calibration_data: how to quantize, as given to `write_qdq_model`.
+        sensitivity: a precomputed ranking (worst first), measured on selection data, not the evaluation data;
+            default: one-layer-at-a-time output SQNR measured here on `ranking_samples` samples of `dataset`.
         candidates_per_step: how many of the next-ranked layers are tried at each step; the one that raises the
             budget metric most is kept (ties: the one that brings the flipped samples' top-1 margins closest to
             agreeing; for cosine, the output SQNR). When none of them raises the metric, every remaining layer
             is tried before one is kept for its margin alone.
         max_evaluations: cap on model builds + evaluation runs (the search stops there and reports met=False).
-        ranking_samples: samples used to rank the layers one at a time (when `sensitivity` is not given).
+        ranking_samples: samples that rank the layers one at a time (when `sensitivity` is not given).
         on_step: progress callback (layer name, metric after keeping it); task: how the output is read.
+        executor: the ranking's and each step's candidates run in shares on its workers (the same layers kept).
 
-    Returns:
-        The final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
+    Returns: the final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
     """
     role = _check_arguments(metric, keep_in, dataset)
     ctx = prepare_reference(model_path, amax, dataset, output=output, batch_size=batch_size,
-                            max_samples=max_samples, options=options, calibration_data=calibration_data)
+                            max_samples=max_samples, options=options, calibration_data=calibration_data,
+                            executor=executor)
     if metric == "top1_drop" and ctx.labels is None:
         raise ConfigError(
             f"the fallback metric top1_drop needs labels in the data it chooses on ({role or 'the given'} data "
             f"{getattr(dataset, 'path', '')}); add a labelled validation split (data.validation with labels), or "
             "use top1_agreement or cosine, which need no labels.")
-    search = _Search(ctx, amax, metric, target, max_evaluations, task)
+    search = _Search(ctx, amax, metric, target, max_evaluations, task, executor)
     initial = search.current
     first = search.reports[frozenset()]
     ops = {q.name: q.op_type for q in first.quantized_nodes}
     exhausted = False
     if not search.met(initial):
         try:
-            ranking = _ranking(ctx, amax, [q.name for q in first.quantized_nodes], sensitivity, ranking_samples)
+            ranking = _ranking(ctx, amax, [q.name for q in first.quantized_nodes], sensitivity, ranking_samples,
+                               executor)
             remaining = [n for n in ranking if n in ops]
             _greedy(search, remaining, ops, candidates_per_step=candidates_per_step,
                     limit=max_layers if max_layers is not None else len(remaining), on_step=on_step)
@@ -272,7 +321,7 @@ class _BudgetExhausted(Exception):
 
 
 def _ranking(ctx: Reference, amax: Mapping[str, float], quantized: Sequence[str],
-             sensitivity: Sequence[LayerSensitivity] | None, samples: int) -> list[str]:
+             sensitivity: Sequence[LayerSensitivity] | None, samples: int, executor: Executor | None) -> list[str]:
     """Layer names, most sensitive first: the given ranking, or one-layer-at-a-time output SQNR."""
     if sensitivity:
         names = [s.node for s in sensitivity]
@@ -286,9 +335,9 @@ def _ranking(ctx: Reference, amax: Mapping[str, float], quantized: Sequence[str]
         n += next(iter(f.values())).shape[0]
     ref = ctx.ref[:n]
     scores = []
-    for name in quantized:
-        single, _ = build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({name})))
-        out = run_output(ort_session(single, int8=True), feeds, ctx.output)
+    share = CandidateShare(ctx.model, amax, ctx.options, tuple({"only_nodes": frozenset({name})} for name in quantized),
+                           FP32_BASE, tuple(feeds), ctx.output)
+    for name, out in zip(quantized, run_shared(executor, share), strict=True):
         s = M.sqnr_db(out, ref)
         scores.append((s if not math.isnan(s) else -math.inf, name))
     return [n for _, n in sorted(scores)]

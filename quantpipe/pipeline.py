@@ -121,7 +121,7 @@ def stage_calibrate(
     if c.from_cache is not None:
         return summaries, _cache_amax(cfg, ws, summaries, li)
     if c.use == "auto":
-        return summaries, _auto_amax(cfg, ws, li, summaries, fp)
+        return summaries, _auto_amax(cfg, ws, li, summaries, fp, executor)
     amax = select_amax(ws.calibration, c.use, summaries)
     return summaries, amax
 
@@ -153,7 +153,7 @@ def _cache_amax(cfg: PipelineConfig, ws: Workspace, summaries: list[CalibrationS
 
 
 def _auto_amax(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, summaries: list[CalibrationSummary],
-               calib_fp: dict[str, Any]) -> dict[str, float]:
+               calib_fp: dict[str, Any], executor: Executor | None = None) -> dict[str, float]:
     """`calibration.use: auto`: the per-tensor ranges `choose_ranges` measures, reused while the calibration
     and the `build.quantize` section (the choice depends on how the model is quantized) are unchanged; the
     choice and why are written to `auto_ranges.json` beside the calibration files (the build summary reads it)."""
@@ -179,7 +179,7 @@ def _auto_amax(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, summaries: 
         log.info("calibrate: choosing the auto ranges again (calibration or build.quantize changed)")
     tables = method_tables(ws.calibration, [*AUTO_CANDIDATES, "best"], summaries, percentile=cfg.calibration.percentile)
     choice = choose_ranges(load_onnx(li.spec.path), tables, QuantizeOptions.from_config(cfg.build.quantize), li.calib,
-                           batch_size=cfg.data.batch_size)
+                           batch_size=cfg.data.batch_size, executor=executor)
     atomic_write_json(path, {"fingerprint": fp, "amax": choice.amax, "amax_sha256": sha256_of_mapping(choice.amax),
                              "summary": choice.summary(), "per_tensor": choice.per_tensor})
     return choice.amax
@@ -242,24 +242,30 @@ def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Varia
                      executor: Executor | None) -> dict[str, np.ndarray]:
     """The outputs of the variants the executor's workers can run, as variants x shards (empty: one worker)."""
     from quantpipe.evaluate import shardable, sharded_outputs
+    from quantpipe.execution import model_mb, plan_shards
 
-    if executor is None or executor.workers < 2 or len(li.eval.batch_bounds(cfg.data.batch_size)) < 2:
+    if executor is None or executor.workers < 2:
         return {}
     chosen = [v for v in variants if shardable(v, executor)]
-    if not chosen:
+    # Small work stays in this process (no pool): samples x the variants' model MB must fill two shards.
+    work = li.eval.num_samples * sum(model_mb(v.artifact) for v in chosen if v.artifact and Path(v.artifact).is_file())
+    shards = plan_shards(executor, items=len(li.eval.batch_bounds(cfg.data.batch_size)), work_mb=work)
+    if not chosen or shards < 2:
         return {}
     total = len(chosen) * li.eval.num_samples
     with progress.task(f"evaluating {len(chosen)} variant(s) on {executor.workers} {executor.engine} workers",
                        total) as advance:
         return sharded_outputs(executor, chosen, li.eval, output=li.output, batch_size=cfg.data.batch_size,
                                threads=cfg.build.backends.onnxruntime.threads or executor.threads_per_worker,
-                               on_samples=advance)
+                               on_samples=advance, shards=shards)
 
 
 def stage_sensitivity(
-    cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, float], variants: list[Variant], progress: Progress
+    cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, float], variants: list[Variant], progress: Progress,
+    executor: Executor | None = None,
 ) -> tuple[LayerSensitivity, ...]:
-    """Per-layer sensitivity of the INT8 ONNX variant (skipped when disabled or not built)."""
+    """Per-layer sensitivity of the INT8 ONNX variant (skipped when disabled or not built); its one-layer-at-a-time
+    candidates run in shares on the executor's workers."""
     s = cfg.evaluate.sensitivity
     int8 = next((v for v in variants if v.name == variant_name("onnxruntime", "int8") and v.ran), None)
     if not s.enabled or int8 is None:
@@ -278,6 +284,7 @@ def stage_sensitivity(
             li.spec.path, int8.artifact or "", amax, li.eval, output=li.output, max_samples=s.max_samples,
             one_at_a_time=s.one_at_a_time, batch_size=cfg.data.batch_size,
             options=options, calibration_data=li.calib, metric=s.metric, task=TaskSpec.from_config(cfg.evaluate),
+            executor=executor,
         )
     return tuple(rows)
 
@@ -413,11 +420,11 @@ def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress
     summaries, amax = stage_calibrate(cfg, ws, li, progress, executor)
     if until == "calibrate":
         return None, None
-    variants, fallback = stage_build(cfg, ws, li, amax, summaries, progress)
+    variants, fallback = stage_build(cfg, ws, li, amax, summaries, progress, executor)
     if until == "build":
         return None, None
     evals, ref = stage_evaluate(cfg, li, variants, progress, executor)
-    sens = stage_sensitivity(cfg, li, amax, variants, progress)
+    sens = stage_sensitivity(cfg, li, amax, variants, progress, executor)
     run_dir = Path(cfg.report.dir) / run_id
     if run_dir.exists() and any(run_dir.iterdir()):
         raise OutputError(f"run folder {run_dir} appeared while this run was running. Choose another report.run_id.")

@@ -13,14 +13,21 @@ import numpy as np
 
 from quantpipe import metrics as M
 from quantpipe.errors import ConfigError, EvaluationError
-from quantpipe.onnxgraph import load_onnx, name_nodes
+from quantpipe.execution import Executor
+from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import prepare_opset
+from quantpipe.quantize.downstream import changed_nodes, cut_below
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.write import with_calibration_data
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, task_score
 
-__all__ = ["Reference", "prepare_reference", "run_output", "score"]
+__all__ = ["CANDIDATES_PER_RUN", "Reference", "prepare_reference", "run_candidates", "run_output", "score"]
+
+
+#: How many candidates `run_candidates` is given at once by the searches: their models and sessions are held
+#: together, and each group costs one run of the base model.
+CANDIDATES_PER_RUN = 16
 
 
 @dataclasses.dataclass
@@ -47,7 +54,11 @@ def prepare_reference(
     max_samples: int | None,
     options: QuantizeOptions,
     calibration_data: Any | None,
+    executor: Executor | None = None,
 ) -> Reference:
+    """The FP32 model at the Q/DQ writer's opset, its `output` on the first `max_samples` samples of `dataset`,
+    and `options` with what the calibration data decides (`with_calibration_data`; `executor`: its searches'
+    workers)."""
     model = load_onnx(model_path)
     name_nodes(model.graph)
     # The reference graph is instrumented with the Q/DQ model's nodes (per-layer sensitivity): bring it to the
@@ -55,7 +66,8 @@ def prepare_reference(
     model, _, _, _ = prepare_opset(model, options.per_channel)
     name_nodes(model.graph)
     if calibration_data is not None:
-        options = with_calibration_data(model, options, calibration_data, batch_size=batch_size, amax=amax)
+        options = with_calibration_data(model, options, calibration_data, batch_size=batch_size, amax=amax,
+                                        executor=executor)
     outputs = [o.name for o in model.graph.output]
     out = output or outputs[0]
     if out not in outputs:
@@ -86,6 +98,106 @@ def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str
     """`output` of `sess` over every batch of `feeds`, concatenated."""
     return np.concatenate([sess.run([output], dict(f))[0] for f in feeds], axis=0)
 
+
+
+def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], output: str, *,
+                   int8: bool = True, max_part: float = 0.8, min_skipped: float = 1.5,
+                   threads: int | None = None) -> list[np.ndarray]:
+    """`output` of each candidate model over every batch of `feeds` (concatenated), as `run_output` of its own
+    session gives it, computing only what differs from `base`.
+
+    Each candidate differs from `base` in a few nodes (a layer kept in float or quantized alone): a candidate runs
+    only the part of its graph those nodes reach (`downstream.cut_below`), fed with the tensors it reads from one
+    run of `base` with them exposed. The part is optimized as onnxruntime optimizes the whole model (the shapes
+    the whole model infers are declared on its inputs), so it computes the same bits; tests/unit/test_reference.py
+    and tools/golden.py check it. A candidate whose part is more than `max_part` of its model (by estimated
+    multiply-adds) runs whole, and so do all when the parts together skip fewer than `min_skipped` whole runs (the
+    run of `base` that feeds them costs about one).
+
+    Models may be given as ModelProto or serialized bytes, feeds are numpy arrays: the arguments pickle, so a
+    worker process can evaluate a share of the candidates (`quantpipe.candidates`; `threads`: onnxruntime's
+    intra-op threads there, the worker's share of the cores; the outputs do not depend on it).
+    """
+    import onnx
+
+    models = [_proto(c) for c in candidates]
+    if len(models) < 2 or _proto(base).ByteSize() >= LARGE_MODEL_BYTES:  # shape inference needs a < 2 GB proto
+        return [run_output(ort_session(m, int8=int8, threads=threads), feeds, output) for m in models]
+    base = _proto(base)
+    inputs = {i.name for i in base.graph.input}
+    cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, base), base=base) for m in models]
+    shapes = {v.name: v for v in onnx.shape_inference.infer_shapes(base).graph.value_info}
+    # A part that is most of its model runs whole, and parts run at all only where what they skip together
+    # outweighs the run of `base` that feeds them (estimated by multiply-adds).
+    cost = _node_costs(base, shapes)
+    mean = sum(cost.values()) / max(1, len(cost))
+    frac = [sum(cost.get(n.name, mean) for n in c.nodes) / max(1e-9, sum(cost.get(n.name, mean) for n in m.graph.node))
+            for c, m in zip(cuts, models, strict=True)]
+    cut_at = [k for k, c in enumerate(cuts) if frac[k] <= max_part and set(c.feeds) - inputs]
+    if sum(1.0 - frac[k] for k in cut_at) < min_skipped:
+        cut_at = []
+    outs: list[list[np.ndarray]] = [[] for _ in models]
+    for k, m in enumerate(models):
+        if k not in cut_at:
+            outs[k] = [run_output(ort_session(m, int8=int8, threads=threads), feeds, output)]
+    if cut_at:
+        exposed = sorted({f for k in cut_at for f in cuts[k].feeds if f not in inputs} - {output})
+        sess = ort_session(_exposed(base, exposed, shapes), int8=int8, threads=threads)
+        names = [output, *exposed]
+        parts: dict[int, Any] = {}
+        for f in feeds:
+            known = {**dict(zip(names, sess.run(names, dict(f)), strict=True)), **f}
+            for k in cut_at:
+                cut = cuts[k]
+                if output not in cut.outputs:  # the change does not reach the output
+                    outs[k].append(known[output])
+                    continue
+                if k not in parts:
+                    parts[k] = ort_session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes), int8=int8,
+                                            threads=threads)
+                outs[k].append(parts[k].run([output], {t: known[t] for t in cut.feeds})[0])
+    return [np.concatenate(o, axis=0) for o in outs]
+
+
+def _node_costs(model: Any, shapes: Mapping[str, Any]) -> dict[str, float]:
+    """Rough multiply-adds per sample of each node: its output's elements (symbolic dimensions as 1), times the
+    weight elements per output channel for Conv / ConvTranspose / Gemm / MatMul with a constant weight."""
+    known = {**shapes, **{v.name: v for v in model.graph.output}}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    out: dict[str, float] = {}
+    for n in model.graph.node:
+        v = known.get(n.output[0]) if n.output else None
+        elems = 1.0
+        if v is not None:
+            for d in v.type.tensor_type.shape.dim:
+                elems *= d.dim_value if d.dim_value > 0 else 1
+        w = weights.get(n.input[1]) if len(n.input) > 1 else None
+        if w and n.op_type in ("Conv", "ConvTranspose"):
+            elems *= float(np.prod(w[1:]))
+        elif w and n.op_type in ("Gemm", "MatMul"):
+            elems *= float(w[0])
+        out[n.name] = elems
+    return out
+
+
+def _exposed(model: Any, names: Sequence[str], shapes: Mapping[str, Any]) -> Any:
+    """`expose_outputs` for tensors of any type (int8 ones included): their types from shape inference."""
+
+    typed = [n for n in names if n in shapes and shapes[n].type.tensor_type.elem_type]
+    m = expose_outputs(model, [n for n in names if n not in set(typed)])
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(shapes[n] for n in typed if n not in have)
+    return m
+
+
+def _proto(model: Any) -> Any:
+    import onnx
+
+    if isinstance(model, bytes):
+        m = onnx.ModelProto()
+        m.ParseFromString(model)
+        return m
+    return model
 
 
 def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,

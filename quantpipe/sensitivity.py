@@ -6,7 +6,8 @@ Two measurements per quantized node (Conv, Gemm, MatMul, residual Add):
   the evaluation samples with the node outputs exposed. Cheap (two runs) but it grows with depth,
   since every layer inherits its predecessors' error.
 - *one layer at a time*: the model output when only this node's Q/DQ is kept. One in-memory build
-  and one short run per node, so it can be capped: `one_at_a_time=N` measures the N nodes with the
+  per node, and a run of the part of the graph below it (`reference.run_candidates`: the FP32 tensors above it
+  come from one run of the FP32 model per group of nodes; same bits as a run of the whole model); it can be capped: `one_at_a_time=N` measures the N nodes with the
   lowest *local* SQNR (the node's output with only its own inputs quantized, all measured in one run
   of an instrumented FP32 graph).
 
@@ -15,7 +16,6 @@ Two measurements per quantized node (Conv, Gemm, MatMul, residual Add):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -25,14 +25,16 @@ from typing import Any, Literal
 import numpy as np
 
 from quantpipe.artifacts import LayerSensitivity
+from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared
 from quantpipe.errors import EvaluationError
+from quantpipe.execution import Executor
 from quantpipe.metrics import sqnr_db
 from quantpipe.onnxgraph import expose_outputs, load_onnx
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.shift import tensor_offsets
-from quantpipe.reference import Reference, prepare_reference, run_output, score
+from quantpipe.reference import Reference, prepare_reference, score
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["SensitivityMetric", "layer_sensitivity"]
@@ -60,6 +62,7 @@ def layer_sensitivity(
     options: QuantizeOptions = QuantizeOptions(),
     calibration_data: Any | None = None,
     task: TaskSpec = CLASSIFICATION,
+    executor: Executor | None = None,
 ) -> tuple[LayerSensitivity, ...]:
     """Per-layer sensitivity of the INT8 Q/DQ model, worst first.
 
@@ -77,6 +80,8 @@ def layer_sensitivity(
             map_iou read the output as `task` says, and layers they score alike are ordered by output SQNR).
         options / calibration_data: as given to `write_qdq_model` (smoothing, bias correction and splits
             must match the built model, or the single-layer builds differ from it).
+        executor: the run's workers: the one-layer-at-a-time candidates run in shares there (the same numbers
+            as in one process); None: this process.
 
     The accumulated SQNR covers every element of a tensor, padded positions included: in a padded transformer
     batch the padding's hidden states carry large errors that never reach a pooled output, so judge those
@@ -88,7 +93,8 @@ def layer_sensitivity(
         nodes by output_metric, then the others by their local SQNR.
     """
     ctx = prepare_reference(model_path, amax, eval_dataset, output=output, batch_size=batch_size,
-                            max_samples=max_samples, options=options, calibration_data=calibration_data)
+                            max_samples=max_samples, options=options, calibration_data=calibration_data,
+                            executor=executor)
     full, report = build_qdq_model(ctx.model, amax, ctx.options)
     nodes = report.quantized_nodes
     if int8_model:
@@ -104,7 +110,7 @@ def layer_sensitivity(
 
     count = len(nodes) if one_at_a_time is True else int(one_at_a_time or 0)
     order = sorted(nodes, key=lambda q: local.get(q.name, math.inf))
-    measured, tie = _one_at_a_time(ctx, amax, order[:max(0, count)], metric, task)
+    measured, tie = _one_at_a_time(ctx, amax, order[:max(0, count)], metric, task, executor)
 
     rows = [
         LayerSensitivity(node=q.name, op_type=q.op_type, tensor=tensors.get(q.name, ""),
@@ -124,14 +130,14 @@ def layer_sensitivity(
 
 
 def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[Any], metric: str,
-                   task: TaskSpec) -> tuple[dict[str, float], dict[str, float]]:
+                   task: TaskSpec, executor: Executor | None) -> tuple[dict[str, float], dict[str, float]]:
     """The output metric with only each node quantized, and a tie-break (output SQNR, for the metrics many layers
-    score alike: agreement counts)."""
+    score alike: agreement counts). The candidates run in shares on the executor's workers (`candidates`)."""
     measured: dict[str, float] = {}
     tie: dict[str, float] = {}
-    for q in nodes:
-        single, _ = build_qdq_model(ctx.model, amax, dataclasses.replace(ctx.options, only_nodes=frozenset({q.name})))
-        out = run_output(ort_session(single, int8=True), ctx.feeds, ctx.output)
+    share = CandidateShare(ctx.model, amax, ctx.options, tuple({"only_nodes": frozenset({q.name})} for q in nodes),
+                           FP32_BASE, tuple(ctx.feeds), ctx.output)
+    for q, out in zip(nodes, run_shared(executor, share), strict=True):
         measured[q.name] = score(metric, out, ctx.ref, ctx.labels, task)
         tie[q.name] = sqnr_db(out, ctx.ref) if metric in ("top1_agreement", "line_agreement", "map_iou") else 0.0
         log.debug("sensitivity %s (%s): %s = %.4g", q.name, q.op_type, metric, measured[q.name])

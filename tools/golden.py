@@ -9,6 +9,12 @@ set, each in a fresh temporary workspace, and records the sha256 of every artifa
 - JSON files: the document with run-dependent fields removed (timestamps, durations, latencies, the environment)
   and the workspace's path replaced by ``<root>``.
 
+Where a run has them, the per-layer sensitivity table and the fallback's steps are also recorded as they are
+(``<job>/sensitivity``, ``<job>/fallback``: every number as ``float.hex``), not only hashed inside results.json, so a
+check that fails on them prints what changed. ``effnet_fallback`` runs ``quantpipe run`` on EfficientNet-Lite0 of
+the open set (24 calibration and evaluation samples, ``build.fallback: {metric: top1_agreement, min: 0.99}``,
+sensitivity on).
+
     python tools/golden.py record .golden/before.json [--bench .bench] [--only example,effnet_lite0,minilm_l6]
     python tools/golden.py check .golden/before.json  [--bench .bench] [--only ...]
 
@@ -58,6 +64,8 @@ QUANTIZE_CASES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 OPEN_MODELS = ("effnet_lite0", "minilm_l6")
 EXAMPLE_JOBS = ("example", "example-fallback")
+SEARCH_JOBS = ("effnet_fallback",)
+SEARCH_SAMPLES = 24
 
 
 def _normalize(value: Any, root: str) -> Any:
@@ -118,9 +126,60 @@ def run_example(work: Path, job: str) -> dict[str, str]:
         # A cosine this close to 1 is out of reach with any layer quantized: the search keeps max_layers layers.
         cfg["build"]["fallback"] = {"metric": "cosine", "min": 0.99999999, "max_layers": 2}
         (work / "pipeline.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return _run_pipeline(work, job)
+
+
+def _run_pipeline(work: Path, job: str) -> dict[str, str]:
     _quantpipe(["run", "pipeline.yaml", "--run-id", "golden"], work)
     run = work / "reports" / "golden"
-    return {f"{job}/{p.relative_to(run)}": digest(p, work) for p in _artifacts(run)}
+    out = {f"{job}/{p.relative_to(run)}": digest(p, work) for p in _artifacts(run)}
+    return {**out, **search_results(run / "results.json", job)}
+
+
+def _hex(x: Any) -> Any:
+    return float(x).hex() if isinstance(x, float) else x
+
+
+def search_results(results: Path, job: str) -> dict[str, str]:
+    """The sensitivity table and the fallback's steps of a run, as they are (numbers as float.hex)."""
+    if not results.is_file():
+        return {}
+    doc = json.loads(results.read_text())
+    out = {}
+    sens = doc.get("sensitivity") or []
+    if sens:
+        rows = [[r.get("node"), r.get("op_type"), r.get("tensor"), _hex(r.get("sqnr_db")), _hex(r.get("output_metric")),
+                 r.get("metric_name")] for r in sens]
+        out[f"{job}/sensitivity"] = json.dumps(rows)
+    fb = doc.get("fallback")
+    if fb:
+        steps = [[s.get("node"), _hex(s.get("metric_before")), _hex(s.get("metric_after"))] for s in fb.get("steps", [])]
+        out[f"{job}/fallback"] = json.dumps({"kept": [s[0] for s in steps], "steps": steps, "met": fb.get("met"),
+                                             "initial": _hex(fb.get("initial")), "final": _hex(fb.get("final"))})
+    return out
+
+
+def run_search_case(bench: Path, work: Path, job: str) -> dict[str, str]:
+    """``quantpipe run`` on EfficientNet-Lite0 with the accuracy fallback and the sensitivity analysis."""
+    src = bench / "effnet_lite0"
+    for split in ("calib", "eval"):
+        with np.load(src / f"{split}.npz") as d:
+            np.savez(work / f"{split}.npz", **{k: d[k][:SEARCH_SAMPLES] for k in d.files})
+    cfg = {
+        "version": 1, "name": "golden-effnet-fallback",
+        "model": {"path": str(src / "model.onnx"), "output": "logits"},
+        "data": {"calibration": {"path": "calib.npz"}, "evaluation": {"path": "eval.npz", "labels": "fp32_top1"},
+                 "batch_size": 8},
+        "calibration": {"methods": ["entropy", "minmax"], "use": "entropy", "device": "cpu"},
+        "build": {"backends": {"onnxruntime": {"precisions": ["fp32", "int8"], "device": "cpu"},
+                               "tensorrt": {"enabled": False}},
+                  "fallback": {"metric": "top1_agreement", "min": 0.99}},
+        "evaluate": {"metrics": ["top1_agreement", "sqnr_db"], "latency": {"enabled": False},
+                     "sensitivity": {"enabled": True}},
+        "report": {"dir": "reports", "formats": ["json"]},
+    }
+    (work / "pipeline.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return _run_pipeline(work, job)
 
 
 def run_open_model(bench: Path, name: str, work: Path) -> dict[str, str]:
@@ -143,17 +202,23 @@ def run_open_model(bench: Path, name: str, work: Path) -> dict[str, str]:
 
 def collect(bench: Path | None, only: set[str] | None) -> dict[str, str]:
     digests: dict[str, str] = {}
-    jobs: list[str] = [*EXAMPLE_JOBS, *OPEN_MODELS]
+    jobs: list[str] = [*EXAMPLE_JOBS, *OPEN_MODELS, *SEARCH_JOBS]
     for job in jobs:
         if only is not None and job not in only:
             continue
-        if job not in EXAMPLE_JOBS and (bench is None or not (bench / job / "model.onnx").is_file()):
+        model = "effnet_lite0" if job in SEARCH_JOBS else job
+        if job not in EXAMPLE_JOBS and (bench is None or not (bench / model / "model.onnx").is_file()):
             print(f"golden: {job}: skipped (no open set at {bench}; build it with shared/bench/build.sh)")
             continue
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"golden-{job}-") as tmp:
             work = Path(tmp)
-            found = run_example(work, job) if job in EXAMPLE_JOBS else run_open_model(bench.resolve(), job, work)  # type: ignore[union-attr]
+            if job in EXAMPLE_JOBS:
+                found = run_example(work, job)
+            elif job in SEARCH_JOBS:
+                found = run_search_case(bench.resolve(), work, job)  # type: ignore[union-attr]
+            else:
+                found = run_open_model(bench.resolve(), job, work)  # type: ignore[union-attr]
         print(f"golden: {job}: {len(found)} artifacts in {time.perf_counter() - t0:.0f} s")
         digests.update(found)
     return digests
@@ -164,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mode", choices=["record", "check"])
     p.add_argument("file", type=Path, help="the recorded digests (JSON)")
     p.add_argument("--bench", type=Path, default=REPO / ".bench", help="the open set (shared/bench/build.sh output)")
-    p.add_argument("--only", help="comma-separated subset of: " + ",".join((*EXAMPLE_JOBS, *OPEN_MODELS)))
+    p.add_argument("--only", help="comma-separated subset of: " + ",".join((*EXAMPLE_JOBS, *OPEN_MODELS, *SEARCH_JOBS)))
     p.add_argument("--src", type=Path, default=REPO, help="the quantpipe source tree to run (default: this one)")
     args = p.parse_args(argv)
     global SOURCE
@@ -183,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     missing, extra = sorted(before.keys() - now.keys()), sorted(now.keys() - before.keys())
     for k in changed:
         print(f"golden: DIFFERS  {k}")
+        if k.endswith(("/sensitivity", "/fallback")):  # recorded as they are: say what changed
+            print(f"  before: {before[k][:2000]}\n  now:    {now[k][:2000]}")
     for k in missing:
         print(f"golden: MISSING  {k}")
     for k in extra:

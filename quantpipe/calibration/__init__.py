@@ -50,7 +50,7 @@ from quantpipe.calibration.methods import (
 )
 from quantpipe.data import Dataset
 from quantpipe.errors import CalibrationError, ConfigError
-from quantpipe.execution import Executor
+from quantpipe.execution import Executor, model_mb, plan_shards
 from quantpipe.onnxgraph import model_sha256 as onnx_model_sha256
 
 __all__ = [
@@ -221,12 +221,15 @@ def calibrate(
 def _collect(model: Path, dataset: Dataset, executor: Executor | None, *, batch_size: int, num_bins: int,
              providers: Sequence[str], on_batch: OnBatch | None, threads: int | None) -> CollectedStats:
     """One pass over the data: in this process, or sharded over the executor's workers when it has several
-    and the data holds more than one batch."""
-    if executor is not None and executor.workers > 1 and len(dataset.batch_bounds(batch_size)) > 1:
-        from quantpipe.calibration.sharded import collect_sharded
+    and the data is work enough for more than one shard (`plan_shards`: batches, samples x model MB)."""
+    if executor is not None and executor.workers > 1:
+        shards = plan_shards(executor, items=len(dataset.batch_bounds(batch_size)),
+                             work_mb=dataset.num_samples * model_mb(model))
+        if shards > 1:
+            from quantpipe.calibration.sharded import collect_sharded
 
-        return collect_sharded(model, dataset, executor, batch_size=batch_size, num_bins=num_bins,
-                               providers=providers, on_batch=on_batch)
+            return collect_sharded(model, dataset, executor, batch_size=batch_size, num_bins=num_bins,
+                                   providers=providers, on_batch=on_batch, shards=shards)
     return collect_histograms(model, dataset, batch_size=batch_size, num_bins=num_bins, providers=providers,
                               on_batch=on_batch, threads=threads)
 

@@ -71,14 +71,16 @@ def collect_sharded(
     on_batch: OnBatch | None = None,
     max_run_bytes: int | None = DEFAULT_MAX_RUN_BYTES,
     cuda_options: Mapping[str, str] | None = None,
+    shards: int | None = None,
 ) -> CollectedStats:
     """`collect_histograms` with the data shared out over `executor`'s workers; the same histograms exactly.
 
     Progress (`on_batch`) advances as shards finish. Every shard must finish: a shard that fails raises
     its error, and a shard whose worker keeps dying raises WorkerError, never a partial histogram.
+    `shards`: how many to cut the data into (default: one per worker).
     """
     t0 = time.perf_counter()
-    bounds = shard_bounds(dataset.batch_bounds(batch_size), executor.workers)
+    bounds = shard_bounds(dataset.batch_bounds(batch_size), shards or executor.workers)
     threads = executor.threads_per_worker
     jobs = [
         ShardJob(str(model), dataset.subset(lo, hi), i == 0, batch_size, num_bins,

@@ -10,7 +10,9 @@ picklable items and returns the results in order:
 
 The stages shard their data with `shard_bounds` (whole batches, in order) and merge what the shards return:
 calibration adds histograms (exact: the same cache bytes as one process), evaluation concatenates outputs.
-Searches (sensitivity, fallback) can pass independent candidates to `map` the same way.
+Searches (sensitivity, fallback, split choice, `calibration.use: auto`) pass shares of their independent
+candidates to `map` (`quantpipe.candidates`). `plan_shards` keeps small work in this process: a shard must hold
+at least `execution.min_shard_mb` of work (samples x model MB), so no pool starts for the bundled example.
 """
 
 from __future__ import annotations
@@ -20,13 +22,22 @@ import shutil
 import subprocess
 
 from quantpipe.config import ExecutionConfig
-from quantpipe.execution.base import Executor, InProcess, OnResult, shard_bounds, usable_cores
+from quantpipe.execution.base import (
+    Executor,
+    InProcess,
+    OnResult,
+    model_mb,
+    plan_shards,
+    run_jobs,
+    shard_bounds,
+    usable_cores,
+)
 from quantpipe.execution.local import LocalPool
 from quantpipe.execution.ray_engine import RayPool
 
 __all__ = [
     "Executor", "InProcess", "LocalPool", "RayPool", "OnResult", "make_executor", "shard_bounds", "usable_cores",
-    "visible_gpus", "default_workers",
+    "visible_gpus", "default_workers", "model_mb", "plan_shards", "run_jobs",
 ]
 
 
@@ -65,9 +76,9 @@ def make_executor(cfg: ExecutionConfig, *, gpu: bool = False) -> Executor:
     Nothing starts here: a pool or a Ray instance starts on the first `map` (a fully reused run starts none).
     """
     if cfg.engine == "ray":  # workers default to the cluster's CPUs (GPUs), which Ray tells when first used
-        return RayPool(cfg.workers, address=cfg.address, gpu=gpu, retries=cfg.retries)
+        return RayPool(cfg.workers, address=cfg.address, gpu=gpu, retries=cfg.retries, min_shard_mb=cfg.min_shard_mb)
     workers = default_workers(cfg, gpu=gpu)
     gpu_ids = visible_gpus() if gpu else []
     if workers == 1:
         return InProcess()
-    return LocalPool(workers, gpu_ids=gpu_ids, retries=cfg.retries)
+    return LocalPool(workers, gpu_ids=gpu_ids, retries=cfg.retries, min_shard_mb=cfg.min_shard_mb)

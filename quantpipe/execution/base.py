@@ -10,11 +10,20 @@ concatenating the shards' outputs in order gives one process's outputs bit for b
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-__all__ = ["Executor", "InProcess", "OnResult", "shard_bounds", "usable_cores"]
+from quantpipe.config import ExecutionConfig
+
+__all__ = ["DEFAULT_MIN_SHARD_MB", "Executor", "InProcess", "OnResult", "model_mb", "plan_shards", "run_jobs",
+           "shard_bounds", "usable_cores"]
+
+DEFAULT_MIN_SHARD_MB: float = ExecutionConfig.model_fields["min_shard_mb"].default
+"""The least work (samples x model MB) a shard is given; see `plan_shards`."""
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -28,6 +37,9 @@ class Executor(Protocol):
 
     engine: str
     """'local' or 'ray'."""
+
+    min_shard_mb: float
+    """The least work a shard is given (`plan_shards`)."""
 
     @property
     def workers(self) -> int:
@@ -61,6 +73,7 @@ class InProcess:
     engine = "local"
     workers = 1
     gpus = 0
+    min_shard_mb = DEFAULT_MIN_SHARD_MB
 
     @property
     def threads_per_worker(self) -> int | None:
@@ -119,3 +132,44 @@ def shard_bounds(batches: Sequence[tuple[int, int]], shards: int) -> list[tuple[
         out.append((batches[k][0], batches[end - 1][1]))
         k = end
     return out
+
+
+def model_mb(model: Any) -> float:
+    """A model's size in MB: an ONNX file (with the `<name>.data` external data quantpipe writes beside it), a
+    ModelProto or serialized bytes."""
+    if isinstance(model, bytes):
+        return len(model) / 1e6
+    if hasattr(model, "ByteSize"):
+        return float(model.ByteSize()) / 1e6
+    path = Path(model)
+    data = path.with_name(path.name + ".data")
+    size = path.stat().st_size if path.is_file() else 0
+    return (size + (data.stat().st_size if data.is_file() else 0)) / 1e6
+
+
+def plan_shards(executor: Executor | None, *, items: int, work_mb: float) -> int:
+    """How many shards to cut `items` work items (batches, candidates) into: at most the executor's workers and
+    the items, each shard holding at least `executor.min_shard_mb` of the `work_mb` in all (samples x model
+    MB). 1 means: run in this process, start no pool (small work costs more to ship than to do).
+
+    The work is weighed before the workers are counted, so small work never starts a Ray instance to ask.
+    """
+    if executor is None or items < 2:
+        return 1
+    floor = max(0.0, float(executor.min_shard_mb))
+    by_work = items if floor == 0 else math.floor(work_mb / floor)
+    if by_work < 2:
+        return 1
+    return max(1, min(items, by_work, executor.workers))
+
+
+def run_jobs(executor: Executor | None, fn: Callable[[T], R], jobs: Sequence[T], *, work_mb: float) -> list[R]:
+    """`[fn(j) for j in jobs]`: on the executor's workers when the work fills two shards (`plan_shards`), else in
+    this process. Jobs are dataclasses; one with a `threads` field gets the workers' share of the cores there."""
+    if plan_shards(executor, items=len(jobs), work_mb=work_mb) < 2:
+        return [fn(j) for j in jobs]
+    assert executor is not None
+    threads = executor.threads_per_worker
+    if jobs and dataclasses.is_dataclass(jobs[0]) and any(f.name == "threads" for f in dataclasses.fields(jobs[0])):
+        jobs = [dataclasses.replace(j, threads=threads) for j in jobs]  # type: ignore[type-var]
+    return executor.map(fn, jobs)

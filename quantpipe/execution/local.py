@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from quantpipe.config import ExecutionConfig
 from quantpipe.errors import WorkerError
-from quantpipe.execution.base import OnResult, usable_cores
+from quantpipe.execution.base import DEFAULT_MIN_SHARD_MB, OnResult, usable_cores
 
 __all__ = ["LocalPool", "DEFAULT_RETRIES"]
 
@@ -71,14 +71,17 @@ class LocalPool:
         workers: processes (>= 2; `InProcess` is the one-worker executor).
         gpus: GPU ids to spread the workers over, one per worker (empty: CPU work).
         retries: resubmissions of an item whose worker died.
+        min_shard_mb: the least work a shard is given (`plan_shards`).
     """
 
     engine = "local"
 
-    def __init__(self, workers: int, *, gpu_ids: Sequence[str] = (), retries: int = DEFAULT_RETRIES) -> None:
+    def __init__(self, workers: int, *, gpu_ids: Sequence[str] = (), retries: int = DEFAULT_RETRIES,
+                 min_shard_mb: float = DEFAULT_MIN_SHARD_MB) -> None:
         if workers < 2:
             raise ValueError("LocalPool needs at least 2 workers; use InProcess for one")
         self.workers = workers
+        self.min_shard_mb = min_shard_mb
         self.gpu_ids = tuple(gpu_ids)
         self.gpus = len(self.gpu_ids)
         self.retries = retries
@@ -90,6 +93,11 @@ class LocalPool:
     @property
     def threads_per_worker(self) -> int | None:
         return max(1, usable_cores() // self.workers)
+
+    @property
+    def started(self) -> bool:
+        """Whether the worker processes run (they start on the first `map`)."""
+        return self._pool is not None
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:

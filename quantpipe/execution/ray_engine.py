@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from quantpipe.deps import require
 from quantpipe.errors import QuantpipeError, WorkerError
-from quantpipe.execution.base import OnResult, usable_cores
+from quantpipe.execution.base import DEFAULT_MIN_SHARD_MB, OnResult, usable_cores
 from quantpipe.execution.local import DEFAULT_RETRIES
 
 __all__ = ["RayPool", "LOOPBACK_ENV", "run_logged"]
@@ -64,13 +64,15 @@ class RayPool:
         address: the cluster to connect to; None starts a local instance for this run.
         gpu: the work runs on CUDA: one GPU per task (Ray places the tasks on GPUs it has).
         retries: Ray's `max_retries` for a task whose worker died.
+        min_shard_mb: the least work a shard is given (`plan_shards`).
     """
 
     engine = "ray"
 
     def __init__(self, workers: int | None, *, address: str | None = None, gpu: bool = False,
-                 retries: int = DEFAULT_RETRIES) -> None:
+                 retries: int = DEFAULT_RETRIES, min_shard_mb: float = DEFAULT_MIN_SHARD_MB) -> None:
         self._workers = workers
+        self.min_shard_mb = min_shard_mb
         self._gpu = gpu
         self._gpus = 0
         self.retries = retries

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from quantpipe.errors import BuildError
+from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs
 from quantpipe.int8 import INT8_MAX
 from quantpipe.onnxgraph import Graph, named_copy
 from quantpipe.ortsession import ort_session
@@ -23,7 +24,7 @@ from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
 from quantpipe.quantize.rewrites.patterns import clip_bounds
 from quantpipe.quantize.write import with_calibration_data
 
-__all__ = ["AUTO_CANDIDATES", "RangeChoice", "choose_ranges"]
+__all__ = ["AUTO_CANDIDATES", "RangeChoice", "alone_share", "choose_ranges", "whole_noise"]
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +130,53 @@ def _candidates(tables: Mapping[str, Mapping[str, float]], t: str) -> dict[float
     return out
 
 
-def _alone_pass(model: Any, tables: Mapping[str, Mapping[str, float]], tensors: list[str], options: QuantizeOptions,
-                feeds: list[dict[str, np.ndarray]], refs: list[list[np.ndarray]]) -> dict[str, dict[str, Any]]:
-    """Per tensor: each candidate amax's output noise with only that tensor rounded; the lowest wins.
+@dataclasses.dataclass(frozen=True)
+class _Alone:
+    """A share of the alone pass: `share`'s tensors, in the session instrumented for all `tensors` (so every
+    share runs the same graph as one process does). Picklable: it may run on a worker."""
+
+    model: Any
+    tables: Mapping[str, Mapping[str, float]]
+    tensors: tuple[str, ...]
+    share: tuple[str, ...]
+    options: QuantizeOptions
+    feeds: list[dict[str, np.ndarray]]
+    refs: list[list[np.ndarray]]
+    signal: float
+    threads: int | None = None
+
+
+def _alone_pass(job: _Alone, executor: Executor | None) -> dict[str, dict[str, Any]]:
+    """Per tensor: each candidate amax's output noise with only that tensor rounded; the lowest wins. The
+    tensors are cut into shares run on the executor's workers when that is work enough (the same numbers)."""
+    n = len(job.tensors)
+    samples = sum(next(iter(f.values())).shape[0] for f in job.feeds)
+    shares = plan_shards(executor, items=n, work_mb=n * len(AUTO_CANDIDATES) * samples * model_mb(job.model))
+    if executor is None or shares < 2:
+        return alone_share(job)
+    cuts = [round(n * k / shares) for k in range(shares + 1)]
+    jobs = [dataclasses.replace(job, share=job.tensors[lo:hi], threads=executor.threads_per_worker)
+            for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
+    return {t: rec for part in executor.map(alone_share, jobs) for t, rec in part.items()}
+
+
+def alone_share(job: _Alone) -> dict[str, dict[str, Any]]:
+    """One share of the alone pass (`_Alone`), in a worker or here.
 
     Exact pruning (the choice is the one measuring everything would make): every candidate is measured on the
     first batch; the lowest there is measured on every batch, and each other one stops as soon as its running
     sum of squared errors (which only grows) already loses to the leader's total."""
-    m, names = _instrument(model, tensors)
+    model, tables, options, feeds, refs = job.model, job.tables, job.options, job.feeds, job.refs
+    m, names = _instrument(model, job.tensors)
     g = Graph(m.graph)
     outputs = [o.name for o in model.graph.output]
-    sess = ort_session(m, optimize=False)
+    sess = ort_session(m, optimize=False, threads=job.threads)
     one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)
     off = {n: (one if k == 2 else zero) for trio in names.values() for k, n in enumerate(trio)}
     signals = np.cumsum([_signal(r) for r in refs])
     sizes = np.cumsum([next(iter(f.values())).shape[0] for f in feeds])
     out: dict[str, dict[str, Any]] = {}
-    for t in tensors:
+    for t in job.share:
         cands = _candidates(tables, t)
         shift = options.shift_nonnegative and _nonnegative(g, t)
         sw, c, s = names[t]
@@ -176,8 +207,28 @@ def _signal(ref: Sequence[np.ndarray]) -> float:
     return sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Whole:
+    """One whole INT8 model of the safeguard (picklable: it may run on a worker)."""
+
+    model: Any
+    table: Mapping[str, float]
+    options: QuantizeOptions
+    feeds: list[dict[str, np.ndarray]]
+    refs: list[list[np.ndarray]]
+    outputs: list[str]
+    threads: int | None = None
+
+
+def whole_noise(job: _Whole) -> float:
+    """The output noise of the INT8 model built with `job.table` on the search samples (in a worker or here)."""
+    run = ort_session(build_qdq_model(job.model, job.table, job.options)[0], optimize=False, threads=job.threads)
+    return sum(output_error(run.run(job.outputs, f), r) for f, r in zip(job.feeds, job.refs, strict=True))
+
+
 def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options: QuantizeOptions,
-                  calibration_data: Any, *, batch_size: int = 8, max_samples: int = 32) -> RangeChoice:
+                  calibration_data: Any, *, batch_size: int = 8, max_samples: int = 32,
+                  executor: Executor | None = None) -> RangeChoice:
     """Each activation's amax, chosen by its measured effect on the model output (`calibration.use: auto`).
 
     1. Alone pass: in one instrumented session where scalar inputs switch each planned activation's fake
@@ -194,7 +245,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
        by this measure.
 
     `tables` must hold the four candidates (tensor -> amax); tensors no candidate covers keep `best`'s (or
-    mse's) amax.
+    mse's) amax. `executor`: both passes run on its workers when they are work enough (the same choice).
     """
     t0 = time.perf_counter()
     missing = [m for m in AUTO_CANDIDATES if m not in tables]
@@ -222,18 +273,22 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     base = dict(tables.get("best", tables["mse"]))
     tensors = [t for t in _planned_tensors(m0, tables["minmax"], opts) if len(_candidates(tables, t)) > 1]
     log.info("auto ranges: %d activations with distinct candidates, %d samples", len(tensors), count)
-    per_tensor = _alone_pass(m0, tables, tensors, opts, feeds, refs) if tensors and signal > 0 else {}
+    per_tensor = (_alone_pass(_Alone(m0, tables, tuple(tensors), tuple(tensors), opts, feeds, refs, signal), executor)
+                  if tensors and signal > 0 else {})
     log.info("auto ranges: per-tensor pass done in %.1f s", time.perf_counter() - t0)
     choice = {**base, **{t: float(r["amax"]) for t, r in per_tensor.items()}}
     wholes = {PER_TENSOR: choice, **{k: dict(v) for k, v in tables.items() if k in (*AUTO_CANDIDATES, "best")}}
     model_db: dict[str, float] = {}
     noise: dict[str, float] = {}
-    measured: dict[tuple[tuple[str, float], ...], float] = {}  # equal tables (best is often one method's) run once
-    for name, table in wholes.items():
-        key = tuple(sorted(table.items()))
-        if key not in measured:
-            run = ort_session(build_qdq_model(m0, table, opts)[0], optimize=False)
-            measured[key] = sum(output_error(run.run(outputs, f), r) for f, r in zip(feeds, refs, strict=True))
+    # Equal tables (best is often one method's) run once.
+    keys = [tuple(sorted(table.items())) for table in wholes.values()]
+    first: dict[tuple[tuple[str, float], ...], Mapping[str, float]] = {}
+    for key, table in zip(keys, wholes.values(), strict=True):
+        first.setdefault(key, table)
+    jobs = [_Whole(m0, table, opts, feeds, refs, outputs) for table in first.values()]
+    measured = dict(zip(first, run_jobs(executor, whole_noise, jobs, work_mb=len(jobs) * count * model_mb(m0)),
+                        strict=True))
+    for name, key in zip(wholes, keys, strict=True):
         noise[name] = measured[key]
         model_db[name] = _db(signal, noise[name])
     winner = min(noise, key=lambda k: (noise[k], k != PER_TENSOR))

@@ -11,15 +11,17 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.execution import Executor, model_mb, run_jobs
 from quantpipe.int8 import INT8_MAX
-from quantpipe.onnxgraph import Graph, named_copy
+from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
+from quantpipe.quantize.downstream import cut_below
 from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.split import split_candidate
 
-__all__ = ["choose_splits"]
+__all__ = ["choose_splits", "trial_noise"]
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,8 @@ def _instrument(model: Any, amax: Mapping[str, float], options: QuantizeOptions
 
     m = named_copy(model)
     g = Graph(m.graph)
-    cands = {t: c for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
-             and (c := split_candidate(g, t, options)) is not None}
+    cands = {t: found for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
+             and (found := split_candidate(g, t, options)) is not None}
     if not cands:
         return None
     switches = {}
@@ -66,27 +68,65 @@ class _Samples:
 
 def _simulate(m: Any, switches: Mapping[str, str], calibration_data: Any, outputs: list[str], *, batch_size: int,
               max_samples: int) -> _Samples:
-    """Run the instrumented model with every switch off (the FP32 reference) and with each switch on alone."""
-    sess = ort_session(m, optimize=False)
+    """Run the instrumented model with every switch off (the FP32 reference) and with each switch on alone.
+
+    A switch changes only what its tensor reaches: each switch's run is of that part alone (`cut_below`), fed
+    with the tensors it reads from the run with every switch off, which computes the same bits (no graph
+    optimizations: every node runs as written)."""
     off = {sw: np.array(0.0, np.float32) for sw in switches.values()}
+    cuts = {t: cut_below(m, [t], outputs) for t in switches}
+    inputs = {i.name for i in m.graph.input}
+    exposed = sorted({f for c in cuts.values() for f in c.feeds if f not in inputs} - set(outputs))
+    sess = ort_session(expose_outputs(m, exposed), optimize=False)
+    parts: dict[str, Any] = {}
     s = _Samples([], [], 0.0, dict.fromkeys(switches, 0.0), 0)
     for batch in calibration_data.batches(batch_size):
         feeds = {k: v[: max_samples - s.count] for k, v in batch.feeds.items()}
-        ref = sess.run(outputs, {**feeds, **off})
+        run = sess.run([*outputs, *exposed], {**feeds, **off})
+        ref = run[: len(outputs)]
+        known = {**dict(zip(outputs, ref, strict=True)), **dict(zip(exposed, run[len(outputs):], strict=True)),
+                 **feeds, **off}
         s.feeds.append(feeds)
         s.refs.append(ref)
         s.signal += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
         for t, sw in switches.items():
-            s.noise[t] += output_error(sess.run(outputs, {**feeds, **off, sw: np.array(1.0, np.float32)}), ref)
+            cut = cuts[t]
+            if t not in parts:
+                parts[t] = ort_session(cut.model({f: known[f].dtype for f in cut.feeds}), optimize=False)
+            got = dict(zip(cut.outputs, parts[t].run(cut.outputs, {**{f: known[f] for f in cut.feeds},
+                                                                     sw: np.array(1.0, np.float32)}), strict=True))
+            s.noise[t] += output_error([got.get(o, r) for o, r in zip(outputs, ref, strict=True)], ref)
         s.count += next(iter(feeds.values())).shape[0]
         if s.count >= max_samples:
             break
     return s
 
 
+@dataclasses.dataclass(frozen=True)
+class _Trial:
+    """One whole INT8 model to try (picklable: it may run on a worker)."""
+
+    model: Any
+    amax: Mapping[str, float]
+    options: QuantizeOptions
+    splits: dict[str, int]
+    feeds: list[dict[str, np.ndarray]]
+    refs: list[list[np.ndarray]]
+    outputs: list[str]
+    threads: int | None = None
+
+
+def trial_noise(trial: _Trial) -> float:
+    """The output noise of the INT8 model built with `trial.splits` on the search samples (run in a worker or here)."""
+    q = build_qdq_model(trial.model, trial.amax, dataclasses.replace(trial.options, split_activations=trial.splits))[0]
+    run = ort_session(q, optimize=False, threads=trial.threads)
+    return sum(output_error(run.run(trial.outputs, f), r) for f, r in zip(trial.feeds, trial.refs, strict=True))
+
+
 def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
                   batch_size: int = 8, max_samples: int = 32, max_tensors: int = 2,
-                  max_sqnr_db: float = 30.0, min_gain_db: float = 1.0) -> dict[str, int]:
+                  max_sqnr_db: float = 30.0, min_gain_db: float = 1.0,
+                  executor: Executor | None = None) -> dict[str, int]:
     """The activations worth splitting (`split_activations`): tensor -> pieces.
 
     Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
@@ -96,7 +136,8 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     are then tried for real: the whole INT8 model is built with the tensor split in 2 and in 4 pieces and run
     on the same samples. A split is kept when it lifts the model's output SQNR by at least `min_gain_db`, with
     the fewest pieces that come within 0.5 dB of the best. Where the noise is spread over many tensors, comes
-    from elsewhere (weights, other activations) or is small, nothing is split.
+    from elsewhere (weights, other activations) or is small, nothing is split. `executor`: a tensor's 2- and
+    4-piece models are tried on its workers at once when that is work enough (`execution.run_jobs`).
     """
     found = _instrument(model, amax, options)
     if found is None:
@@ -107,13 +148,12 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     if s.signal <= 0.0:
         return {}
 
-    def model_noise(splits: Mapping[str, int]) -> float:
-        q = build_qdq_model(model, amax, dataclasses.replace(options, split_activations=dict(splits)))[0]
-        run = ort_session(q, optimize=False)
-        return sum(output_error(run.run(outputs, f), r) for f, r in zip(s.feeds, s.refs, strict=True))
+    def model_noise(*trials: Mapping[str, int]) -> list[float]:
+        jobs = [_Trial(model, amax, options, dict(t), s.feeds, s.refs, outputs) for t in trials]
+        return run_jobs(executor, trial_noise, jobs, work_mb=len(jobs) * s.count * model_mb(model))
 
     chosen: dict[str, int] = {}
-    current = model_noise(chosen)
+    current = model_noise(chosen)[0]
     db, noise = s.db, s.noise
     log.info("INT8 model on %d calibration samples: %.1f dB output SQNR", s.count, db(current))
     for t in sorted(cands, key=lambda x: -noise[x])[:max_tensors]:
@@ -121,7 +161,7 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
             log.info("activation %s alone: %.1f dB output SQNR (%.0f%% of the model's noise): not split", t,
                      db(noise[t]), 100 * noise[t] / current if current > 0 else 0.0)
             continue
-        tried = {k: model_noise({**chosen, t: k}) for k in (2, 4)}
+        tried = dict(zip((2, 4), model_noise(*({**chosen, t: k} for k in (2, 4))), strict=True))
         best = min(tried.values())
         k = min(k for k, n in tried.items() if db(n) >= db(best) - 0.5)
         gain = db(tried[k]) - db(current)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from quantpipe.errors import BuildError
+from quantpipe.execution import Executor
 from quantpipe.onnxgraph import load_onnx, named_copy
 from quantpipe.quantize.build import quantize_model
 from quantpipe.quantize.gptq import collect_weight_codes
@@ -56,11 +57,13 @@ def write_qdq_model(
 
 
 def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data: Any, *,
-                          batch_size: int = 8, amax: Mapping[str, float] | None = None) -> QuantizeOptions:
+                          batch_size: int = 8, amax: Mapping[str, float] | None = None,
+                          executor: Executor | None = None) -> QuantizeOptions:
     """`options` with what the calibration data decides filled in, each computed once here so the writer,
-    the fallback and the sensitivity analysis share it: per-channel statistics (smoothing, bias correction)
-    and GPTQ weight codes (`weight_rounding='gptq'`; given the activations' `amax`, fitted to the
-    quantized inputs). Fields already set are kept."""
+    the fallback and the sensitivity analysis share it: per-channel statistics (smoothing, bias correction),
+    the activations to split (`split_activations='auto'`; its trials on `executor`'s workers) and GPTQ weight
+    codes (`weight_rounding='gptq'`; given the activations' `amax`, fitted to the quantized inputs). Fields
+    already set are kept."""
     if options.weight_rounding not in ("gptq", "nearest"):
         raise BuildError(f"weight_rounding must be 'gptq' or 'nearest', not {options.weight_rounding!r}.")
     m = named_copy(model)
@@ -73,7 +76,8 @@ def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data
             raise BuildError("split_activations='auto' needs the calibrated amax.")
         log.info("looking for activations whose rounding noise dominates the output")
         options = dataclasses.replace(options, split_activations=choose_splits(m, amax, options, calibration_data,
-                                                                               batch_size=batch_size))
+                                                                               batch_size=batch_size,
+                                                                               executor=executor))
     if options.weight_codes is None and options.weight_rounding == "gptq":
         log.info("fitting GPTQ weight codes on the calibration data")
         # On the unsplit graph: a split activation's weights take these codes repeated (`split_activations`).

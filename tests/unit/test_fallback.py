@@ -101,3 +101,15 @@ def test_fallback_looks_past_the_ranked_candidates_when_none_moves_the_metric(ca
     assert fb.initial < 0.99  # the damaged fc2 flips some samples
     assert chosen[0] == "fc2"  # fc1 alone moved nothing, so every layer was tried before keeping one
     assert fb.met and [s.node for s in fb.steps] == ["fc2"]
+
+
+def test_fallback_stops_at_max_evaluations(calib_mlp):
+    """The candidates of a step are judged together, but never more than max_evaluations of them."""
+    _, model_path, ds, amax = calib_mlp
+    rep, fb = accuracy_fallback(model_path, amax, ds, metric="cosine", target=0.999999999, output="logits",
+                                batch_size=16, max_evaluations=3)
+    assert not fb.met and fb.steps == ()
+    assert any("max_evaluations ran out" in w for w in rep.warnings)
+    rep, fb = accuracy_fallback(model_path, amax, ds, metric="cosine", target=0.999999999, output="logits",
+                                batch_size=16, max_evaluations=4)
+    assert [s.node for s in fb.steps][:1] == ["fc2"]  # a budget that covers the first step keeps its best layer
