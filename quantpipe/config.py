@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
-from quantpipe.configbase import StrictModel, did_you_mean
+from quantpipe.configbase import StrictModel, did_you_mean, format_validation_errors
 from quantpipe.errors import ConfigError
 from quantpipe.evalconfig import (
     CollapseConfig,
@@ -458,65 +458,6 @@ def variant_name(backend: str, precision: str) -> str:
     return f"{BACKEND_SHORT[backend]}-{precision}"
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that holds the key at `path` (for "did you mean" hints)."""
-    model: Any = PipelineConfig
-    for part in path[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        model = _first_model(ann)
-        if model is None:
-            return None
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _first_model(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for arg in getattr(ann, "__args__", ()) or ():
-        found = _first_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-_BRANCH_TAG = re.compile(r"^(literal|function-(after|before|wrap|plain)|dict|list|union|tagged-union)\[.*\]$")
-
-
-def _is_branch_tag(part: Any) -> bool:
-    """A location element pydantic adds for a union / validator branch, not a key of pipeline.yaml."""
-    return isinstance(part, str) and bool(_BRANCH_TAG.match(part))
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        # Drop pydantic's own branch tags (`literal['auto','off']`, `function-after[...]`); an unknown key is
-        # the last element and is the user's, whatever it is called.
-        raw = tuple(e["loc"])
-        keep_last = e["type"] == "extra_forbidden"
-        loc = tuple(p for i, p in enumerate(raw) if (keep_last and i == len(raw) - 1) or not _is_branch_tag(p))
-        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(top level)"
-        if e["type"] == "extra_forbidden":
-            key = str(loc[-1])
-            model = _model_at(loc)
-            hint = did_you_mean(key, list(model.model_fields)) if model else ""
-            allowed = f" Allowed keys here: {', '.join(k for k in model.model_fields if k != 'source')}." if model else ""
-            lines.append(f"  {where}: unknown key '{key}'{hint}.{allowed}")
-        elif e["type"] == "missing":
-            lines.append(f"  {where}: required key is missing.")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = e.get("input")
-            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-            lines.append(f"  {where}: {msg}{shown}.")
-    return f"{source} is not a valid pipeline configuration:\n" + "\n".join(lines) + "\nSee the pipeline.yaml reference in README.md."
-
-
 def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     def r(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
@@ -555,7 +496,7 @@ def parse_config(raw: Any, *, source: str = "pipeline.yaml", base_dir: Path | No
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(format_validation_errors(err, source, PipelineConfig)) from None
     return _resolve_paths(cfg, base_dir or Path.cwd())
 
 
