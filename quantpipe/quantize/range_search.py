@@ -209,6 +209,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
         run = ort_session(q, optimize=False)
         noise[name] = sum(output_error(run.run(outputs, f), r) for f, r in zip(feeds, refs, strict=True))
         model_db[name] = _db(signal, noise[name])
+        del q, run  # one candidate model and session alive at a time (MiniLM: 1.57 GB peak with two)
     winner = min(noise, key=lambda k: (noise[k], k != PER_TENSOR))
     secs = time.perf_counter() - t0
     log.info("auto ranges: whole INT8 model output SQNR %s; kept %s (%.1f s)",
