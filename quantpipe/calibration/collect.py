@@ -11,7 +11,7 @@ Cost and memory (the issue's 2-core budget):
   exactly the Relu's histogram (in a ResNet that is 40% of the activation values);
 - the histograms of one run are binned on a small thread pool between ONNX Runtime runs (numpy releases
   the GIL in its kernels); ONNX Runtime's threads do not spin, so they leave the cores to it;
-- on the CPU, batches are split into runs whose activations stay under `max_run_bytes` (64 MiB): the
+- on the CPU, batches are split into runs whose activations stay under `max_run_bytes` (192 MiB): the
   histograms do not depend on the batching, so memory is bounded whatever the batch size. Only one run's
   activations are alive at a time; histograms are O(bins) per tensor.
 
@@ -52,9 +52,11 @@ OnBatch = Callable[[int, int], None]
 _CPU_EP = "CPUExecutionProvider"
 _CUDA_EP = "CUDAExecutionProvider"
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-DEFAULT_MAX_RUN_BYTES = 64 << 20
-"""Activations of one ONNX Runtime run, at most (CPU); batches are split to stay under it. With 192 MiB and
-onnxruntime's CPU arena the EfficientNet-Lite0 pass peaked at 507 MiB RSS; with 64 MiB and no arena at 356 MiB."""
+DEFAULT_MAX_RUN_BYTES = 192 << 20
+"""Activations of one ONNX Runtime run, at most (CPU); batches are split to stay under it. EfficientNet-Lite0's pass
+peaked at 507 MiB RSS with onnxruntime's CPU arena, 463 MiB without, 356 MiB without and at 64 MiB per run; but a
+tensor that does not depend on the batch (MiniLM's position embedding) is binned once per run, so its histogram
+counts (not its amax) follow the number of runs: lowering this changes histograms.npz."""
 #: Calibration on the GPU runs in true FP32: onnxruntime's CUDA provider uses TF32 by default on Ampere and
 #: newer, which moved activations by ~1e-3 relative (up to 1.8 histogram bins on EfficientNet-Lite0, H200).
 #: And each (convolution, input shape) runs only a few batches in a fresh session, so cuDNN's exhaustive
