@@ -5,9 +5,11 @@
 
 Per model, each in a process of its own (so its peak RSS is its own, read from `os.wait4`):
 
-- quantpipe default: `calibration.use: auto` (histograms once, every method, per-tensor choice by output effect)
-  and the Q/DQ model, the library calls `quantpipe quantize --method auto` makes; and `use: best` (the fast choice:
-  per tensor the method with the least histogram MSE), unless --no-best;
+- quantpipe, in two stages as the CLI runs them, each in its own process: calibration (the histograms and every
+  method's amax, what `quantpipe calibrate` computes), then quantize from those tables (`quantpipe quantize`):
+  `calibration.use: auto`, the default (the per-tensor range search by output effect), and `use: best` (the fast
+  choice: per tensor the method with the least histogram MSE), unless --no-best; each writes the Q/DQ model with
+  the calibration data (per-channel statistics, the split search, the rewrites);
 - ModelOpt `entropy` and `max`: `modelopt.onnx.quantization.quantize` on the same calibration samples, on CPU
   (quantpipe's ModelOpt worker, one job per process; `high_precision_dtype=fp32`);
 - ModelOpt placement with quantpipe's scales: the same, with quantpipe's `auto` scales as a TensorRT cache
@@ -15,8 +17,10 @@ Per model, each in a process of its own (so its peak RSS is its own, read from `
 
 Every INT8 model then runs on onnxruntime CPU with the Q/DQ arithmetic exact (`session.qdqisint8allowed`, no graph
 optimisation) and is scored against the FP32 model: the task metric (EfficientNet-Lite0 and digits: top-1 agreement;
-MiniLM: mean cosine of the sentence embedding) and the output SQNR. Calibration time is the process's wall time
-(ModelOpt's includes importing torch and ModelOpt: "import" says how much). The section "ModelOpt side by side" of
+MiniLM: mean cosine of the sentence embedding) and the output SQNR. Time is each process's wall time (ModelOpt's
+includes importing torch and ModelOpt: "import" says how much); peak RSS its own VmHWM. ModelOpt does calibration
+and Q/DQ placement in one process: compare it with quantpipe's calibration row (the like stage) and its quantize
+rows. --no-modelopt runs quantpipe's rows alone. The section "ModelOpt side by side" of
 benchmarks/RESULTS.md is written with --write-results (the rest of the file is left as it is).
 """
 
@@ -55,9 +59,13 @@ MODELS = {
 }
 
 
-def _child_quantpipe(model: str, calib: str, out_dir: str, use: str = "auto") -> int:
-    """quantpipe's INT8 as `quantpipe quantize --method <use>` makes it (`auto`: the default; `best`: the fast
-    choice); writes int8.onnx and scales.cache into out_dir."""
+def _child_quantpipe(model: str, calib: str, out_dir: str, stage: str = "calibrate") -> int:
+    """One stage of quantpipe's INT8, in a process of its own so that its peak RSS is its own.
+
+    `calibrate`: the histograms and every method's amax (what `quantpipe calibrate` computes), into tables.json;
+    `auto` / `best`: from those tables, the ranges of `quantpipe quantize --method <stage>` (`auto`: the default,
+    the range search; `best`: per tensor the method with the least histogram MSE) and the Q/DQ model written with
+    the calibration data (statistics, split search, rewrites): int8.onnx and scales.cache into out_dir."""
     from quantpipe.calibration import calibrate_tables_in_memory
     from quantpipe.calibration.cache import write_trt_cache
     from quantpipe.data import open_dataset
@@ -68,14 +76,23 @@ def _child_quantpipe(model: str, calib: str, out_dir: str, use: str = "auto") ->
 
     start = time.perf_counter()
     spec, _ = load_model_spec(model)
+    del _
     ds = open_dataset(calib, spec.inputs, role="calibration")
     options = QuantizeOptions()
-    tables = calibrate_tables_in_memory(model, ds, methods=["entropy", "minmax", "percentile", "mse", "best"],
-                                        batch_size=32, device="cpu")
-    amax = choose_ranges(load_onnx(model), tables, options, ds, batch_size=32).amax if use == "auto" else tables[use]
-    write_qdq_model(model, amax, Path(out_dir) / "int8.onnx", options, calibration_data=ds, batch_size=32)
-    write_trt_cache(Path(out_dir) / "scales.cache", dict(sorted(amax.items())), method="entropy")
-    Path(out_dir, "child.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_bytes": _vm_hwm()}))
+    tables_path = Path(out_dir) / "tables.json"
+    if stage == "calibrate":
+        tables = calibrate_tables_in_memory(model, ds, methods=["entropy", "minmax", "percentile", "mse", "best"],
+                                            batch_size=32, device="cpu")
+        tables_path.write_text(json.dumps(tables))
+    else:
+        tables = json.loads(tables_path.read_text())
+        amax = choose_ranges(load_onnx(model), tables, options, ds, batch_size=32).amax if stage == "auto" else tables[stage]
+        out = Path(out_dir) / stage
+        out.mkdir(exist_ok=True)
+        write_qdq_model(model, amax, out / "int8.onnx", options, calibration_data=ds, batch_size=32)
+        write_trt_cache(out / "scales.cache", dict(sorted(amax.items())), method="entropy")
+    Path(out_dir, f"child-{stage}.json").write_text(json.dumps({"seconds": time.perf_counter() - start,
+                                                                "peak_rss_bytes": _vm_hwm()}))
     return 0
 
 
@@ -123,7 +140,7 @@ def _score(out: np.ndarray, ref: np.ndarray, metric: str) -> dict[str, float]:
     return {"metric": float(value), "sqnr_db": float(M.sqnr_db(out, ref))}
 
 
-def _bench_one(key: str, bench: Path, mo_python: str, work: Path, log: Any, with_best: bool = True) -> dict[str, Any]:
+def _bench_one(key: str, bench: Path, mo_python: str | None, work: Path, log: Any, with_best: bool = True) -> dict[str, Any]:
     from quantpipe.backends.modelopt.build import WORKER
 
     title, model, calib, eval_npz, output, metric = MODELS[key]
@@ -132,21 +149,21 @@ def _bench_one(key: str, bench: Path, mo_python: str, work: Path, log: Any, with
     out.mkdir(parents=True, exist_ok=True)
     ref = _outputs(model, eval_npz, output, int8=False)
     rows: list[dict[str, Any]] = []
-    wall, rss, _ = _measured([sys.executable, __file__, "--child-quantpipe", model, calib, str(out)])
-    rss = json.loads((out / "child.json").read_text()).get("peak_rss_bytes") or rss
-    rows.append({"variant": "quantpipe default (auto)", "wall_s": wall, "peak_rss_bytes": rss,
-                 **_score(_outputs(str(out / "int8.onnx"), eval_npz, output, int8=True), ref, metric)})
-    log(f"{key}: {rows[-1]}")
+    stages = [("calibrate", "quantpipe calibration (histograms + amax)"), ("auto", "quantpipe quantize, default (auto)")]
     if with_best:
-        (out / "best").mkdir(exist_ok=True)
-        wall, rss, _ = _measured([sys.executable, __file__, "--child-quantpipe", model, calib, str(out / "best"),
-                                  "--child-use", "best"])
-        rss = json.loads((out / "best" / "child.json").read_text()).get("peak_rss_bytes") or rss
-        rows.append({"variant": "quantpipe `use: best`", "wall_s": wall, "peak_rss_bytes": rss,
-                     **_score(_outputs(str(out / "best" / "int8.onnx"), eval_npz, output, int8=True), ref, metric)})
+        stages.append(("best", "quantpipe quantize, `use: best`"))
+    for stage, label in stages:
+        wall, rss, _ = _measured([sys.executable, __file__, "--child-quantpipe", model, calib, str(out),
+                                  "--child-stage", stage])
+        rss = json.loads((out / f"child-{stage}.json").read_text()).get("peak_rss_bytes") or rss
+        row: dict[str, Any] = {"variant": label, "stage": stage, "wall_s": wall, "peak_rss_bytes": rss}
+        if stage != "calibrate":
+            row.update(_score(_outputs(str(out / stage / "int8.onnx"), eval_npz, output, int8=True), ref, metric))
+        rows.append(row)
         log(f"{key}: {rows[-1]}")
     for name, method, cache in (("ModelOpt entropy", "entropy", None), ("ModelOpt max", "max", None),
-                                ("ModelOpt placement, quantpipe scales", "entropy", str(out / "scales.cache"))):
+                                ("ModelOpt placement, quantpipe scales", "entropy", str(out / "auto" / "scales.cache"))
+                                ) if mo_python else ():
         tag = name.split()[-1] if cache is None else "qpscales"
         job = {"mode": "int8-qpscales" if cache else "int8", "model": model, "calibration_data": calib,
                "calibration_method": method, "calibration_cache": cache,
@@ -164,14 +181,14 @@ def _bench_one(key: str, bench: Path, mo_python: str, work: Path, log: Any, with
             "rss": "VmHWM of each process"}
 
 
-def _machine(mo_python: str) -> dict[str, Any]:
+def _machine(mo_python: str | None) -> dict[str, Any]:
     import onnxruntime
 
     cpu = platform.machine()
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                    if ln.startswith("model name"))
-    mo = subprocess.run([mo_python, "-c", "import importlib.metadata as m; print(m.version('nvidia-modelopt'), "
+    mo = [] if mo_python is None else subprocess.run([mo_python, "-c", "import importlib.metadata as m; print(m.version('nvidia-modelopt'), "
                          "m.version('torch'), m.version('onnxruntime-gpu'))"], capture_output=True, text=True).stdout.split()
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
             "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
@@ -182,9 +199,11 @@ def _machine(mo_python: str) -> dict[str, Any]:
 def _markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [BEGIN, "", f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, **shared with other jobs** (times are "
-             f"noisy; read them as rough): quantpipe on Python {m['python']}, onnxruntime {m['onnxruntime']}; ModelOpt "
-             f"{m['modelopt']} (torch {m['modelopt_torch']}, onnxruntime-gpu {m['modelopt_ort']} on CPU) in its own venv. "
-             "Each calibration ran in a process of its own; peak RSS is that process's own: VmHWM where the table says so, "
+             f"noisy; read them as rough): quantpipe on Python {m['python']}, onnxruntime {m['onnxruntime']}; "
+             + (f"ModelOpt {m['modelopt']} (torch {m['modelopt_torch']}, onnxruntime-gpu {m['modelopt_ort']} on CPU) in its "
+                "own venv. " if m.get("modelopt") else "ModelOpt not run (--no-modelopt). ")
+             + "quantpipe's calibration and quantize stages ran each in a process of its own (ModelOpt's one process does both). "
+             "Peak RSS is each process's own: VmHWM where the table says so, "
              "else `os.wait4`'s ru_maxrss, which also counts the benchmark process's memory at the time it spawned the "
              "child (Linux keeps that peak across exec): a floor of up to 577 MiB, below every such number shown. INT8 models run "
              "on onnxruntime CPU with the Q/DQ arithmetic exact; the metric and SQNR are against the FP32 model's "
@@ -192,11 +211,12 @@ def _markdown(results: dict[str, Any]) -> str:
     for key, r in results["models"].items():
         label = "top-1 agreement" if r["metric"] == "top1_agreement" else "cosine"
         when = f", measured {r['measured']}" if r.get("measured") else ""
-        lines += [f"**{r['title']}** ({key}{when}; peak RSS: {r.get('rss', 'os.wait4 ru_maxrss')})", "", f"| variant | {label} | SQNR dB | calibration wall s | of it: import s | peak RSS MiB |",
+        lines += [f"**{r['title']}** ({key}{when}; peak RSS: {r.get('rss', 'os.wait4 ru_maxrss')})", "", f"| variant | {label} | SQNR dB | wall s | of it: import s | peak RSS MiB |",
                   "|---|---|---|---|---|---|"]
         for row in r["rows"]:
             imp = f"{row['import_s']:.1f}" if row.get("import_s") is not None else "—"
-            lines.append(f"| {row['variant']} | {row['metric']:.4f} | {row['sqnr_db']:.1f} | {row['wall_s']:.1f} | {imp} | "
+            metric = f"{row['metric']:.4f} | {row['sqnr_db']:.1f}" if "metric" in row else "— | —"
+            lines.append(f"| {row['variant']} | {metric} | {row['wall_s']:.1f} | {imp} | "
                          f"{row['peak_rss_bytes'] / 2**20:.0f} |")
         lines.append("")
     return "\n".join([*lines, END])
@@ -221,29 +241,31 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "modelopt_results.json")
     p.add_argument("--write-results", action="store_true", help="rewrite the section of benchmarks/RESULTS.md")
     p.add_argument("--no-best", action="store_true", help="leave out the `calibration.use: best` row")
+    p.add_argument("--no-modelopt", action="store_true", help="quantpipe's rows only")
     p.add_argument("--merge", type=Path, help="keep the other models' results from this earlier --out JSON")
     p.add_argument("--child-quantpipe", nargs=3, help=argparse.SUPPRESS)
-    p.add_argument("--child-use", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--child-stage", default="calibrate", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_quantpipe:
-        return _child_quantpipe(*args.child_quantpipe, use=args.child_use)
+        return _child_quantpipe(*args.child_quantpipe, stage=args.child_stage)
     from quantpipe.backends.modelopt.env import find_modelopt
 
     env = find_modelopt(args.modelopt_python)
-    if not env.available:
-        print(f"ModelOpt is not available: {env.reason}", file=sys.stderr)
+    if not env.available and not args.no_modelopt:
+        print(f"ModelOpt is not available: {env.reason} (--no-modelopt runs quantpipe's rows alone)", file=sys.stderr)
         return 3
+    mo_python = None if args.no_modelopt else str(env.python)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     if any(k != "digits" for k in keys) and args.bench is None:
         p.error("--bench is needed for the open set's models")
-    results: dict[str, Any] = {"machine": _machine(str(env.python)), "models": {}}
+    results: dict[str, Any] = {"machine": _machine(mo_python), "models": {}}
     if args.merge:  # earlier results of the models not re-run now (each row says when it was measured)
         old = json.loads(args.merge.read_text())
         results["models"] = {k: {"measured": f"in the run started {old['machine']['date']}", **v}
                              for k, v in old["models"].items() if k not in keys}
     with tempfile.TemporaryDirectory(prefix="modelopt-compare-") as tmp:
         for key in keys:
-            results["models"][key] = _bench_one(key, args.bench or Path("."), str(env.python), Path(tmp),
+            results["models"][key] = _bench_one(key, args.bench or Path("."), mo_python, Path(tmp),
                                                 lambda s: print(s, file=sys.stderr, flush=True), not args.no_best)
     args.out.write_text(json.dumps(results, indent=1))
     md = _markdown(results)

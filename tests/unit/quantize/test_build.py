@@ -417,3 +417,22 @@ def test_write_is_checked_and_report_paths(tmp_path):
     assert rep.output_path == str(out) and rep.model_path == str(src)
     onnx.checker.check_model(onnx.load(out), full_check=True)
     assert [p.name for p in out.parent.iterdir()] == ["att.int8.onnx"]  # no temp files left behind
+
+
+def test_collect_channel_stats_in_pieces_is_bit_identical_to_one_run_per_batch(tmp_path):
+    """The statistics pass runs a batch in pieces under `max_run_bytes` (memory); each batch's sum must still be
+    the row-by-row sum of the whole batch, so the bits do not depend on the pieces."""
+    from quantpipe.data import open_dataset
+    from quantpipe.model import tensor_info
+
+    model = _cnn()
+    # Samples of magnitudes 1e-6 .. 1e6: their float64 sum rounds, so the order of the additions shows in the bits.
+    x = (RNG.normal(size=(37, 3, 8, 8)) * 10.0 ** RNG.uniform(-6, 6, size=(37, 1, 1, 1))).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    ds = open_dataset(tmp_path / "d.npz", [tensor_info(i) for i in model.graph.input])
+    pieces = Q.collect_channel_stats(model, ds, batch_size=16, max_run_bytes=1)  # one sample per run
+    whole = Q.collect_channel_stats(model, ds, batch_size=16, max_run_bytes=1 << 40)
+    assert set(pieces) == set(whole)
+    for name, st in whole.items():
+        assert np.array_equal(pieces[name].mean, st.mean) and np.array_equal(pieces[name].absmax, st.absmax), name
+        assert pieces[name].num_samples == st.num_samples == 37
