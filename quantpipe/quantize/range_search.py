@@ -142,7 +142,6 @@ class _Alone:
     options: QuantizeOptions
     feeds: list[dict[str, np.ndarray]]
     refs: list[list[np.ndarray]]
-    signal: float
     threads: int | None = None
 
 
@@ -273,7 +272,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     base = dict(tables.get("best", tables["mse"]))
     tensors = [t for t in _planned_tensors(m0, tables["minmax"], opts) if len(_candidates(tables, t)) > 1]
     log.info("auto ranges: %d activations with distinct candidates, %d samples", len(tensors), count)
-    per_tensor = (_alone_pass(_Alone(m0, tables, tuple(tensors), tuple(tensors), opts, feeds, refs, signal), executor)
+    per_tensor = (_alone_pass(_Alone(m0, tables, tuple(tensors), tuple(tensors), opts, feeds, refs), executor)
                   if tensors and signal > 0 else {})
     log.info("auto ranges: per-tensor pass done in %.1f s", time.perf_counter() - t0)
     choice = {**base, **{t: float(r["amax"]) for t, r in per_tensor.items()}}
