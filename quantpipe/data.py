@@ -4,11 +4,12 @@ A stacked .npz holds one array per model input, named as the input, samples stac
 (plus, for evaluation, a labels array). A folder holds one .npz per sample (arrays with or without
 the leading batch axis of 1); their shapes may differ along the model's dynamic axes, and samples
 whose shapes differ are batched apart (consecutive samples of one shape are stacked up to the batch
-size, so order is kept). Everything is validated against the model's inputs once, here.
+size, so order is kept). Everything is validated against the model's inputs once, when opened.
 
 A large array stored uncompressed in a stacked .npz (`numpy.savez`) is not loaded whole: its rows are
 read from the file batch by batch, so memory holds one batch, not the data set (a compressed member,
-`numpy.savez_compressed`, is loaded whole).
+`numpy.savez_compressed`, is loaded whole). The files themselves are read and their arrays checked in
+`quantpipe.datafiles`; this module holds the data set, its labels and its batching.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import zipfile
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from quantpipe.artifacts import TensorInfo
+from quantpipe.datafiles import NpyMember, check_array, lazy_members, load_npz, missing_msg, read_sample
 from quantpipe.errors import DataError
 from quantpipe.fsutil import sha256_file
 
@@ -122,7 +122,7 @@ class Dataset:
         """
         if self._arrays is None:
             return ()
-        return tuple(name for name, arr in self._arrays.items() if isinstance(arr, _NpyMember))
+        return tuple(name for name, arr in self._arrays.items() if isinstance(arr, NpyMember))
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Yield batches in sample order; never more than `batch_size` samples, never mixed shapes."""
@@ -142,7 +142,7 @@ class Dataset:
         for start, stop in self.batch_bounds(batch_size):
             feeds = {name: [] for name in self.input_names}  # type: dict[str, list[np.ndarray]]
             for sample in self._samples[start:stop]:
-                arrays = _read_sample(sample.path, self.inputs)
+                arrays = read_sample(sample.path, self.inputs)
                 for name in self.input_names:
                     feeds[name].append(arrays[name])
             yield Batch(
@@ -183,7 +183,7 @@ class Dataset:
             raise DataError(f"cannot take samples [{start}, {stop}) of {self.role} data {self.path} ({n} samples).")
         arrays = None
         if self._arrays is not None:
-            arrays = {k: v.rows_slice(start, stop) if isinstance(v, _NpyMember) else v[start:stop]
+            arrays = {k: v.rows_slice(start, stop) if isinstance(v, NpyMember) else v[start:stop]
                       for k, v in self._arrays.items()}
         return Dataset(
             self.path, self.inputs, labels_key=self.labels_key, max_samples=self.max_samples, role=self.role,
@@ -195,209 +195,6 @@ class Dataset:
     def first_batch(self, batch_size: int) -> Batch:
         """The first batch (for latency measurement and shape checks)."""
         return next(self.batches(batch_size))
-
-
-def _np_dtype(t: TensorInfo) -> np.dtype:
-    return np.dtype(t.dtype)
-
-
-_LAZY_MIN_BYTES = 1 << 20
-"""Arrays at least this large, stored uncompressed, are read batch by batch instead of loaded."""
-
-
-class _NpyMember:
-    """A C-ordered array stored uncompressed inside a .npz, read a slice of rows at a time.
-
-    `member[a:b]` returns a new ndarray of rows a..b (cast to `cast_to` when set); nothing else of the
-    file is kept in memory.
-    """
-
-    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, rows: int | None = None) -> None:
-        self.path = path
-        self.offset = offset
-        self.full_shape = shape
-        self.dtype = dtype
-        self.rows = shape[0] if rows is None else rows
-        self.cast_to: np.dtype | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.rows, *self.full_shape[1:])
-
-    @property
-    def ndim(self) -> int:
-        return len(self.full_shape)
-
-    @property
-    def row_bytes(self) -> int:
-        return int(np.prod(self.full_shape[1:], dtype=np.int64)) * self.dtype.itemsize
-
-    def head(self, n: int) -> _NpyMember:
-        out = _NpyMember(self.path, self.offset, self.full_shape, self.dtype, min(self.rows, max(n, 0)))
-        out.cast_to = self.cast_to
-        return out
-
-    def rows_slice(self, start: int, stop: int) -> _NpyMember:
-        """Rows [start, stop) as a member of their own (nothing is read)."""
-        out = _NpyMember(self.path, self.offset + start * self.row_bytes, self.full_shape, self.dtype, stop - start)
-        out.cast_to = self.cast_to
-        return out
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        start, stop, step = key.indices(self.rows)
-        if step != 1:
-            raise IndexError("only contiguous row slices are supported")
-        n = max(stop - start, 0)
-        arr = np.empty((n, *self.full_shape[1:]), dtype=self.dtype)
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset + start * self.row_bytes)
-            got = fh.readinto(arr.data.cast("B"))
-        if got != n * self.row_bytes:
-            raise DataError(f"{self.path} ended early while reading rows {start}..{stop}; the file is truncated.")
-        return arr.astype(self.cast_to) if self.cast_to is not None and self.cast_to != self.dtype else arr
-
-    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        arr = self[0: self.rows]
-        return arr if dtype is None else arr.astype(dtype)
-
-    def count_nonfinite(self, chunk_bytes: int = 1 << 24) -> int:
-        """NaN/Inf values, counted in chunks (memory: one chunk)."""
-        if self.dtype.kind not in "fc":
-            return 0
-        step = max(1, chunk_bytes // max(self.row_bytes, 1))
-        bad = 0
-        for start in range(0, self.rows, step):
-            block = self[start: min(start + step, self.rows)]
-            bad += int(block.size - np.count_nonzero(np.isfinite(block)))
-        return bad
-
-
-def _lazy_members(path: Path) -> dict[str, _NpyMember]:
-    """Members of a .npz that are stored uncompressed, C-ordered and large, opened for reading by rows."""
-    out: dict[str, _NpyMember] = {}
-    try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy") or info.compress_type != zipfile.ZIP_STORED:
-                    continue
-                if info.file_size < _LAZY_MIN_BYTES:
-                    continue
-                fh.seek(info.header_offset)
-                local = fh.read(30)
-                if len(local) != 30 or local[:4] != b"PK\x03\x04":
-                    continue
-                name_len = int.from_bytes(local[26:28], "little")
-                extra_len = int.from_bytes(local[28:30], "little")
-                fh.seek(info.header_offset + 30 + name_len + extra_len)
-                version = np.lib.format.read_magic(fh)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-                else:
-                    continue
-                if fortran or dtype.hasobject or len(shape) == 0:
-                    continue
-                out[info.filename[: -len(".npy")]] = _NpyMember(path, fh.tell(), tuple(shape), dtype)
-    except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error):
-        return {}  # the eager loader reports unreadable files properly
-    return out
-
-
-def _load_npz(path: Path, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files if k not in skip}
-    except FileNotFoundError as err:
-        raise DataError(f"data file {path} does not exist. Check the path (relative paths resolve from pipeline.yaml's folder).") from err
-    # A damaged archive raises more than BadZipFile: zlib.error (a compressed member), NotImplementedError
-    # (flag or version bits zipfile does not know).
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, ValueError, OSError, EOFError) as err:
-        raise DataError(
-            f"data file {path} is not a readable .npz archive ({err}). Write it with numpy.savez or "
-            f"numpy.savez_compressed, one array per model input named as the input."
-        ) from err
-
-
-def _check_array(
-    where: str, name: str, arr: np.ndarray, info: TensorInfo, *, per_sample: bool, check_finite: bool
-) -> np.ndarray:
-    """Validate one input array against the model input; return it with a batch axis."""
-    if isinstance(arr, _NpyMember):
-        return _check_lazy(where, name, arr, info, check_finite=check_finite)
-    want = _np_dtype(info)
-    rank = len(info.shape)
-    if per_sample and arr.ndim == rank - 1:
-        arr = arr[None]
-    if arr.ndim != rank:
-        raise DataError(
-            f"{where}: array '{name}' has shape {list(arr.shape)} but model input '{name}' has rank {rank} "
-            f"(shape {_fmt_shape(info.shape)}). Store samples stacked on axis 0"
-            + (" (or one sample without the batch axis)." if per_sample else ".")
-        )
-    for axis, (got, dim) in enumerate(zip(arr.shape, info.shape, strict=True)):
-        if axis == 0:
-            continue
-        if isinstance(dim, int) and dim > 0 and got != dim:
-            raise DataError(
-                f"{where}: array '{name}' has shape {list(arr.shape)} but model input '{name}' expects "
-                f"{_fmt_shape(info.shape)} (axis {axis} must be {dim}). Resize or re-export the data to the model's input shape."
-            )
-    if arr.dtype != want:
-        # float64 -> float32 and int32 -> int64 are harmless; int -> float usually means
-        # unnormalised data (raw uint8 pixels), so it is refused rather than silently cast.
-        kinds = (arr.dtype.kind, want.kind)
-        same_kind = kinds[0] == kinds[1] or set(kinds) <= {"i", "u"}
-        if not same_kind:
-            raise DataError(
-                f"{where}: array '{name}' has dtype {arr.dtype} but model input '{name}' is {want}. "
-                f"Convert it, e.g. arr.astype(np.{want.name})."
-            )
-        arr = arr.astype(want)
-    if check_finite and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        raise DataError(
-            f"{where}: array '{name}' contains {bad} NaN or Inf value(s). Calibration and evaluation need "
-            f"finite inputs: clean or drop those samples."
-        )
-    return arr
-
-
-def _check_lazy(where: str, name: str, arr: _NpyMember, info: TensorInfo, *, check_finite: bool) -> _NpyMember:
-    """_check_array for an array read by rows: the same checks, from the header and a chunked scan."""
-    probe = np.broadcast_to(np.zeros((), dtype=arr.dtype), arr.shape)  # shape and dtype checks read no data
-    _check_array(where, name, probe, info, per_sample=False, check_finite=False)
-    want = _np_dtype(info)
-    arr.cast_to = want if arr.dtype != want else None
-    if check_finite and (bad := arr.count_nonfinite()):
-        raise DataError(
-            f"{where}: array '{name}' contains {bad} NaN or Inf value(s). Calibration and evaluation need "
-            f"finite inputs: clean or drop those samples."
-        )
-    return arr
-
-
-def _fmt_shape(shape: Sequence[int | str | None]) -> str:
-    return "[" + ", ".join("?" if d is None or (isinstance(d, int) and d < 0) else str(d) for d in shape) + "]"
-
-
-def _read_sample(path: Path, inputs: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
-    raw = _load_npz(path)
-    out = {}
-    for info in inputs:
-        if info.name not in raw:
-            raise DataError(_missing_msg(str(path), info.name, raw.keys()))
-        out[info.name] = _check_array(str(path), info.name, raw[info.name], info, per_sample=True, check_finite=True)
-        if out[info.name].shape[0] != 1:
-            raise DataError(f"{path}: a per-sample file must hold one sample, but '{info.name}' has {out[info.name].shape[0]}.")
-    return out
-
-
-def _missing_msg(where: str, name: str, present: object) -> str:
-    return (
-        f"{where}: no array named '{name}', which the model needs as an input (arrays present: "
-        f"{sorted(present)}). Name each array after the model input it feeds (see `quantpipe inspect MODEL`)."  # type: ignore[call-overload]
-    )
 
 
 _EXACT_FLOAT_INT = 2.0**53
@@ -502,17 +299,17 @@ def open_dataset(
             raise DataError(f"{where} is a folder of per-sample files, but label sequences (evaluate.task ctc) are "
                             f"read from one .npz: store the inputs and a labels array [N, L] padded with -1 there.")
         return _open_folder(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role)
-    lazy = _lazy_members(path)
-    raw: dict[str, Any] = dict(_load_npz(path, skip=set(lazy)))
+    lazy = lazy_members(path)
+    raw: dict[str, Any] = dict(load_npz(path, skip=set(lazy)))
     raw.update(lazy)
     arrays: dict[str, np.ndarray] = {}
     for info in inputs:
         if info.name not in raw:
-            raise DataError(_missing_msg(where, info.name, raw.keys()))
+            raise DataError(missing_msg(where, info.name, raw.keys()))
         arr = raw[info.name]
-        if max_samples is not None and arr.ndim > 0:  # a 0-d array is refused by _check_array, by its rank
-            arr = arr.head(max_samples) if isinstance(arr, _NpyMember) else arr[:max_samples]
-        arrays[info.name] = _check_array(where, info.name, arr, info, per_sample=False, check_finite=True)
+        if max_samples is not None and arr.ndim > 0:  # a 0-d array is refused by check_array, by its rank
+            arr = arr.head(max_samples) if isinstance(arr, NpyMember) else arr[:max_samples]
+        arrays[info.name] = check_array(where, info.name, arr, info, per_sample=False, check_finite=True)
     counts = {k: v.shape[0] for k, v in arrays.items()}
     if len(set(counts.values())) > 1:
         raise DataError(f"{where}: inputs hold different numbers of samples {counts}. Every input array needs one row per sample.")
@@ -548,11 +345,11 @@ def _open_folder(
     labels: list[np.ndarray] = []
     digest = hashlib.sha256()
     for f in files:
-        arrays = _read_sample(f, inputs)
+        arrays = read_sample(f, inputs)
         samples.append(_Sample(f, tuple(arrays[i.name].shape for i in inputs)))
         digest.update(f"{f.name}:{sha256_file(f)}\n".encode())
         if labels_key is not None:
-            raw = _load_npz(f)
+            raw = load_npz(f)
             if labels_key not in raw:
                 raise DataError(f"{f}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Every sample file needs its label.")
             labels.append(_one_label(f, labels_key, raw[labels_key]))

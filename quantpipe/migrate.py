@@ -58,11 +58,8 @@ class CacheMatch:
     """A TensorRT cache read against a model: what it gives, what it lacks, what it holds for nothing."""
 
     cache_path: str
-    header: str
-    trt_version: str
-    """Dotted, from the header (e.g. '8.6.1' for TRT-8601)."""
-    algorithm: str
-    """The calibrator named in the header, e.g. 'EntropyCalibration2'."""
+    cache: TrtCache
+    """The cache as read: its header, TensorRT version ('' for TAO's JSON), calibrator and every entry."""
     scales: Mapping[str, float]
     """Tensor the placement quantizes -> the cache's float32 scale, exactly."""
     missing: tuple[str, ...]
@@ -80,7 +77,7 @@ class CacheMatch:
     @property
     def method(self) -> str:
         """The quantpipe method closest to the cache's calibrator (for the tensors it lacks)."""
-        return ALGORITHM_METHODS[self.algorithm]
+        return ALGORITHM_METHODS[self.cache.algorithm]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +96,9 @@ class Migration:
 
     def lines(self) -> list[str]:
         """One fact per line, for the console and the logs."""
-        m = self.match
-        made = f"TensorRT {m.trt_version}, {m.algorithm}" if m.trt_version else "TAO's QAT scales"
-        out = [f"cache {m.cache_path}: {made} ({m.header}); "
+        m, c = self.match, self.match.cache
+        made = f"TensorRT {c.trt_version}, {c.algorithm}" if c.trt_version else "TAO's QAT scales"
+        out = [f"cache {m.cache_path}: {made} ({c.header}); "
                f"{len(m.scales)} of the {len(m.scales) + len(m.missing)} tensors quantpipe quantizes take its scales exactly"]
         if self.calibrated:
             out.append(f"{len(self.calibrated)} tensor(s) the cache lacks were calibrated from the data ({m.method}): "
@@ -120,8 +117,8 @@ class Migration:
 
     def to_json(self) -> dict[str, Any]:
         """A plain-JSON record (the pipeline writes it beside the calibration files)."""
-        m = self.match
-        return {"cache": m.cache_path, "header": m.header, "trt_version": m.trt_version, "algorithm": m.algorithm,
+        m, c = self.match, self.match.cache
+        return {"cache": m.cache_path, "header": c.header, "trt_version": c.trt_version, "algorithm": c.algorithm,
                 "from_cache": sorted(m.scales), "calibrated": list(self.calibrated), "method": m.method,
                 "left_float": list(self.left_float), "unused": list(m.unused), "ignored": list(m.unknown),
                 "disabled": list(self.disabled)}
@@ -173,7 +170,7 @@ def match_cache(cache: TrtCache, model: Any, *, cache_path: str | os.PathLike[st
     needed = tensors_to_quantize(model, options)
     needed_set = set(needed)
     return CacheMatch(
-        cache_path=where, header=cache.header, trt_version=cache.trt_version, algorithm=cache.algorithm,
+        cache_path=where, cache=cache,
         scales={t: cache.scales[t] for t in needed if t in cache.scales},
         missing=tuple(t for t in needed if t not in cache.scales),
         unused=tuple(t for t in named if t not in needed_set),

@@ -106,7 +106,7 @@ def test_every_header_family_reads_with_its_version_and_calibrator(tmp_path: Pat
                                                                    version: str, algorithm: str, method: str) -> None:
     scales = awkward_scales(EVERY_TENSOR)
     match = read_legacy_cache(write_legacy_cache(tmp_path / "c.cache", header, scales), cnn)
-    assert (match.header, match.trt_version, match.algorithm, match.method) == (header, version, algorithm, method)
+    assert (match.cache.header, match.cache.trt_version, match.cache.algorithm, match.method) == (header, version, algorithm, method)
     assert dict(match.scales) == {t: scales[t] for t in QUANTIZED}
     assert match.missing == () and match.unknown == ()
     assert set(match.unused) == set(EVERY_TENSOR) - set(QUANTIZED)
@@ -262,7 +262,7 @@ def test_tao_calibration_json_reads_as_the_cache_tao_writes_from_it(tmp_path: Pa
                                  {t: struct.unpack("f", struct.pack("f", a / 127.0))[0] for t, a in amax.items()})
     from_json, from_bin = read_legacy_cache(tao_json, cnn), read_legacy_cache(cal_bin, cnn)
     assert dict(from_json.scales) == dict(from_bin.scales) and len(from_json.scales) == len(QUANTIZED)
-    assert from_json.trt_version == "" and from_json.method == "entropy"
+    assert from_json.cache.trt_version == "" and from_json.method == "entropy"
     rep, migration = migrate_cache(cnn, tao_json, tmp_path / "q.onnx")
     assert "TAO's QAT scales" in migration.lines()[0]
     assert {k: v.tobytes() for k, v in activation_scales(tmp_path / "q.onnx").items()} == {

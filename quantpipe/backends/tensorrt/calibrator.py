@@ -185,6 +185,37 @@ class CalibrationFeed:
             self.batcher.close()
 
 
+class _FeedForwarding:
+    """The four methods TensorRT calls on a calibrator, forwarded to `self.feed`: mixed into both TensorRT subclasses.
+
+    A plain class (no tensorrt in it) placed before the binding's base, so these override the binding's methods
+    (pybind11's trampolines find a Python override by ordinary attribute lookup, mixins included: the conformance
+    test calls the binding's own `get_batch_size`, which reaches ours through TensorRT's C++ virtual). No
+    `__init__` here: see `make_calibrator`.
+    """
+
+    feed: CalibrationFeed
+
+    def get_batch_size(self) -> int:
+        return self.feed.get_batch_size()
+
+    def get_batch(self, names: Sequence[str]) -> list[int]:
+        # The real `get_batch(names: Sequence[str]) -> list[int]`: device pointers, or [] once the data is exhausted
+        # (the binding's docstring: "an empty list if there are no more batches"; it treats None the same).
+        batch = self.feed.get_batch(names)
+        return batch if batch is not None else []
+
+    def read_calibration_cache(self) -> bytes | None:
+        # None although the bindings type it `-> Buffer`: None is how the method's own docstring says "no cache:
+        # calibrate" (the binding checks for None before reading a buffer); an empty buffer is not documented to
+        # mean the same. Hence each subclass names this method itself, with the one `ignore[assignment]`: so mypy
+        # reports that mismatch there alone and still checks the other three methods against each base.
+        return self.feed.read_cache()
+
+    def write_calibration_cache(self, cache: Buffer) -> None:
+        self.feed.write_cache(bytes(cache))
+
+
 # ignore[name-defined, unused-ignore]: TensorRT 11 has no IInt8Calibrator; mypy's 11.x run sees this annotation
 # (never evaluated: `from __future__ import annotations`), the <= 10 runs check it (tools/trt_bindings.py mypy).
 def make_calibrator(feed: CalibrationFeed) -> trt.IInt8Calibrator:  # type: ignore[name-defined, unused-ignore]
@@ -198,58 +229,28 @@ def make_calibrator(feed: CalibrationFeed) -> trt.IInt8Calibrator:  # type: igno
     api = require_tensorrt()
     # mypy's 11.x run treats `has_calibrators` as always false and skips this block (the names are gone there).
     if api.has_calibrators:
+        # _FeedForwarding comes first so that its methods override the binding's; each class still calls its own
+        # pybind11 base's __init__ by name (pybind11's rule for trampolines: not super(), which follows Python's
+        # MRO through the mixin; without the call the C++ object does not exist and TensorRT crashes later).
 
-        class EntropyCalibrator2(trt.IInt8EntropyCalibrator2):
+        class EntropyCalibrator2(_FeedForwarding, trt.IInt8EntropyCalibrator2):
             """quantpipe's entropy calibrator: TensorRT's IInt8EntropyCalibrator2 fed by a CalibrationFeed."""
 
             def __init__(self, feed: CalibrationFeed) -> None:
-                # pybind11 trampolines need the base __init__ called explicitly, or TensorRT crashes later.
                 trt.IInt8EntropyCalibrator2.__init__(self)
                 self.feed = feed
 
-            def get_batch_size(self) -> int:
-                return self.feed.get_batch_size()
+            read_calibration_cache = _FeedForwarding.read_calibration_cache  # type: ignore[assignment]  # see the mixin
 
-            def get_batch(self, names: Sequence[str]) -> list[int]:
-                return _batch_for_tensorrt(self.feed, names)
-
-            def read_calibration_cache(self) -> bytes | None:  # type: ignore[override]  # see below
-                return self.feed.read_cache()
-
-            def write_calibration_cache(self, cache: Buffer) -> None:
-                self.feed.write_cache(bytes(cache))
-
-        class MinMaxCalibrator(trt.IInt8MinMaxCalibrator):
+        class MinMaxCalibrator(_FeedForwarding, trt.IInt8MinMaxCalibrator):
             """quantpipe's minmax calibrator: TensorRT's IInt8MinMaxCalibrator fed by a CalibrationFeed."""
 
             def __init__(self, feed: CalibrationFeed) -> None:
                 trt.IInt8MinMaxCalibrator.__init__(self)
                 self.feed = feed
 
-            def get_batch_size(self) -> int:
-                return self.feed.get_batch_size()
-
-            def get_batch(self, names: Sequence[str]) -> list[int]:
-                return _batch_for_tensorrt(self.feed, names)
-
-            def read_calibration_cache(self) -> bytes | None:  # type: ignore[override]  # see below
-                return self.feed.read_cache()
-
-            def write_calibration_cache(self, cache: Buffer) -> None:
-                self.feed.write_cache(bytes(cache))
+            read_calibration_cache = _FeedForwarding.read_calibration_cache  # type: ignore[assignment]  # see the mixin
 
         calibrator: trt.IInt8Calibrator = EntropyCalibrator2(feed) if feed.method == "entropy" else MinMaxCalibrator(feed)
         return calibrator
     raise BuildError(f"TensorRT {api.version} has no IInt8 calibrators (removed in 11.0); build INT8 from the Q/DQ model")
-
-
-# read_calibration_cache returns None although the bindings type it `-> Buffer`: None is how the method's own
-# docstring says "no cache: calibrate" (the binding checks for None before reading a buffer); an empty buffer
-# is not documented to mean the same. Hence the one `ignore[override]` per class above.
-
-
-def _batch_for_tensorrt(feed: CalibrationFeed, names: Sequence[str]) -> list[int]:
-    """The real `get_batch(names: Sequence[str]) -> list[int]`: device pointers, or [] once the data is exhausted
-    (the binding's docstring: "an empty list if there are no more batches"; it treats None the same)."""
-    batch = feed.get_batch(names)
-    return batch if batch is not None else []

@@ -21,19 +21,24 @@ def _cuts(n: int, fracs: list[float]) -> list[int]:
     return sorted({0, n, *(int(f * n) for f in fracs)})
 
 
+def _whole_and_merged(cls, x, fracs):
+    """`cls`'s histogram of all of `x`, and the merge of its histograms of the shards `fracs` cuts `x` into."""
+    whole = cls(256)
+    whole.update(x)
+    parts = []
+    cuts = _cuts(x.size, fracs)
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
+        h = cls(256)
+        h.update(x[lo:hi])
+        parts.append(h)
+    return whole, functools.reduce(cls.merge, parts)
+
+
 @settings(max_examples=60, deadline=None)
 @given(x=values, fracs=st.lists(st.floats(0, 1), max_size=5), scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e20]))
 def test_streaming_histogram_of_shards_equals_one_pass(x, fracs, scale):
     x = (x * np.float32(scale)).astype(np.float32)
-    whole = StreamingHistogram(256)
-    whole.update(x)
-    cuts = _cuts(x.size, fracs)
-    parts = []
-    for lo, hi in zip(cuts, cuts[1:], strict=False):
-        h = StreamingHistogram(256)
-        h.update(x[lo:hi])
-        parts.append(h)
-    merged = functools.reduce(StreamingHistogram.merge, parts)
+    whole, merged = _whole_and_merged(StreamingHistogram, x, fracs)
     assert merged == whole
     assert merged.binned().counts.tolist() == whole.binned().counts.tolist()
 
@@ -41,15 +46,7 @@ def test_streaming_histogram_of_shards_equals_one_pass(x, fracs, scale):
 @settings(max_examples=60, deadline=None)
 @given(x=values, fracs=st.lists(st.floats(0, 1), max_size=5))
 def test_signed_histogram_of_shards_equals_one_pass(x, fracs):
-    whole = SignedHistogram(256)
-    whole.update(x)
-    cuts = _cuts(x.size, fracs)
-    parts = []
-    for lo, hi in zip(cuts, cuts[1:], strict=False):
-        h = SignedHistogram(256)
-        h.update(x[lo:hi])
-        parts.append(h)
-    merged = functools.reduce(SignedHistogram.merge, parts)
+    whole, merged = _whole_and_merged(SignedHistogram, x, fracs)
     assert merged == whole
     assert merged.relu() == whole.relu() and merged.absolute() == whole.absolute()
 
