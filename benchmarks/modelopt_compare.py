@@ -244,7 +244,7 @@ def _markdown(results: dict[str, Any]) -> str:
              "child (Linux keeps that peak across exec): a floor of up to 577 MiB, below every such number shown. INT8 models run "
              "on onnxruntime CPU with the Q/DQ arithmetic exact; the metric and SQNR are against the FP32 model's "
              "output on the evaluation split. `python benchmarks/modelopt_compare.py --bench .bench --write-results`.", ""]
-    for key, r in results["models"].items():
+    for key, r in sorted(results["models"].items(), key=lambda kv: list(MODELS).index(kv[0]) if kv[0] in MODELS else 99):
         label = "top-1 agreement" if r["metric"] == "top1_agreement" else "cosine"
         when = f", measured {r['measured']}" if r.get("measured") else ""
         if r.get("load"):
