@@ -1,4 +1,4 @@
-"""quantpipe's INT8 against NVIDIA ModelOpt's, side by side, on the open benchmark set and the bundled digits CNN.
+"""quantpipe's INT8 against NVIDIA ModelOpt's, side by side, on the open set, the ResNet-18 anchor and the digits CNN.
 
     python benchmarks/modelopt_compare.py --bench /path/to/.bench       # after `quantpipe setup modelopt`
     python benchmarks/modelopt_compare.py --bench .bench --modelopt-python /opt/mo/bin/python --write-results
@@ -14,6 +14,11 @@ Per model, each in a process of its own (so its peak RSS is its own, read from `
   (quantpipe's ModelOpt worker, one job per process; `high_precision_dtype=fp32`);
 - ModelOpt placement with quantpipe's scales: the same, with quantpipe's `auto` scales as a TensorRT cache
   (`calibration_cache_path`), what the pipeline's `modelopt-int8-qpscales` does.
+
+The ResNet-18-shaped anchor model (`resnet18`) is the one benchmarks/calibration.py builds (BasicBlocks
+[2, 2, 2, 2], BatchNorm statistics from forward passes on the data, smooth-noise 3x224x224 images, fixed seeds): built
+once into --anchor-dir by ModelOpt's interpreter, which has torch (quantpipe's environment need not), from 256
+images; the first 64 calibrate, the last 64 evaluate.
 
 Every INT8 model then runs on onnxruntime CPU with the Q/DQ arithmetic exact (`session.qdqisint8allowed`, no graph
 optimisation) and is scored against the FP32 model: the task metric (EfficientNet-Lite0 and digits: top-1 agreement;
@@ -54,9 +59,38 @@ MODELS = {
                      "logits", "top1_agreement"),
     "minilm_l6": ("all-MiniLM-L6-v2", "minilm_l6/model.onnx", "minilm_l6/calib.npz", "minilm_l6/eval.npz",
                   "sentence_embedding", "cosine"),
+    "resnet18": ("ResNet-18-shaped anchor (benchmarks/calibration.py's)", "resnet18.onnx", "calib.npz", "eval.npz",
+                 "logits", "top1_agreement"),
     "digits": ("digits CNN (bundled)", str(ROOT / "examples/digits/digits_cnn.onnx"), str(ROOT / "calib_data/digits/calib.npz"),
                str(ROOT / "calib_data/digits/eval.npz"), "logits", "top1_agreement"),
 }
+
+
+ANCHOR_IMAGES = 256
+ANCHOR_SPLIT = 64  # calibration: the first 64 images; evaluation: the last 64
+
+
+def _anchor(folder: Path, python: str | None) -> Path:
+    """The ResNet-18-shaped anchor (benchmarks/calibration.py's `build`, in an interpreter with torch: ModelOpt's by
+    default) and its calibration / evaluation splits, built once into `folder`; the folder."""
+    model, calib, eval_npz = (folder / MODELS["resnet18"][k] for k in (1, 2, 3))
+    if not (model.is_file() and calib.is_file() and eval_npz.is_file()):
+        if python is None:
+            raise RuntimeError(f"the anchor model is not built in {folder} and building it needs torch: give "
+                               "--modelopt-python (or --torch-python) an interpreter that has it")
+        code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                "from benchmarks.calibration import build; build(Path(sys.argv[2]), int(sys.argv[3]))")
+        subprocess.run([python, "-c", code, str(ROOT), str(folder), str(ANCHOR_IMAGES)], check=True)
+        images = folder / f"images_{ANCHOR_IMAGES}.npz"
+        with np.load(images) as z:
+            x = z["input"]
+        for path, part in ((calib, x[:ANCHOR_SPLIT]), (eval_npz, x[-ANCHOR_SPLIT:])):
+            tmp = path.with_suffix(".tmp.npz")
+            with open(tmp, "wb") as fh:
+                np.savez(fh, input=part)
+            os.replace(tmp, path)
+        images.unlink()
+    return folder
 
 
 def _child_quantpipe(model: str, calib: str, out_dir: str, stage: str = "calibrate") -> int:
@@ -141,12 +175,14 @@ def _score(out: np.ndarray, ref: np.ndarray, metric: str) -> dict[str, float]:
 
 
 def _bench_one(key: str, bench: Path, mo_python: str | None, work: Path, log: Any, with_best: bool = True) -> dict[str, Any]:
+    """`bench`: the folder the model's relative paths are in (the open set's, or the anchor's)."""
     from quantpipe.backends.modelopt.build import WORKER
 
     title, model, calib, eval_npz, output, metric = MODELS[key]
     model, calib, eval_npz = (str(bench / p) if not Path(p).is_absolute() else p for p in (model, calib, eval_npz))
     out = work / key
     out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     ref = _outputs(model, eval_npz, output, int8=False)
     rows: list[dict[str, Any]] = []
     stages = [("calibrate", "quantpipe calibration (histograms + amax)"), ("auto", "quantpipe quantize, default (auto)")]
@@ -178,7 +214,7 @@ def _bench_one(key: str, bench: Path, mo_python: str | None, work: Path, log: An
                      **_score(_outputs(str(out / f"mo-{tag}.onnx"), eval_npz, output, int8=True), ref, metric)})
         log(f"{key}: {rows[-1]}")
     return {"title": title, "metric": metric, "rows": rows, "measured": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "rss": "VmHWM of each process"}
+            "rss": "VmHWM of each process", "load": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
 
 
 def _machine(mo_python: str | None) -> dict[str, Any]:
@@ -208,9 +244,11 @@ def _markdown(results: dict[str, Any]) -> str:
              "child (Linux keeps that peak across exec): a floor of up to 577 MiB, below every such number shown. INT8 models run "
              "on onnxruntime CPU with the Q/DQ arithmetic exact; the metric and SQNR are against the FP32 model's "
              "output on the evaluation split. `python benchmarks/modelopt_compare.py --bench .bench --write-results`.", ""]
-    for key, r in results["models"].items():
+    for key, r in sorted(results["models"].items(), key=lambda kv: list(MODELS).index(kv[0]) if kv[0] in MODELS else 99):
         label = "top-1 agreement" if r["metric"] == "top1_agreement" else "cosine"
         when = f", measured {r['measured']}" if r.get("measured") else ""
+        if r.get("load"):
+            when += f"; 1-min load average {r['load'][0]:g} before, {r['load'][1]:g} after, on {m['cores']} cores"
         lines += [f"**{r['title']}** ({key}{when}; peak RSS: {r.get('rss', 'os.wait4 ru_maxrss')})", "", f"| variant | {label} | SQNR dB | wall s | of it: import s | peak RSS MiB |",
                   "|---|---|---|---|---|---|"]
         for row in r["rows"]:
@@ -236,7 +274,10 @@ def _write_results(md: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", type=Path, help="the open benchmark set (manifest.json's folder)")
-    p.add_argument("--models", default="effnet_lite0,minilm_l6,digits")
+    p.add_argument("--models", default="effnet_lite0,minilm_l6,resnet18,digits")
+    p.add_argument("--anchor-dir", type=Path, default=ROOT / ".bench" / "calib-bench",
+                   help="where the ResNet-18 anchor and its data are built (once)")
+    p.add_argument("--torch-python", help="an interpreter with torch to build the anchor (default: ModelOpt's)")
     p.add_argument("--modelopt-python", help="ModelOpt's interpreter (default: the `quantpipe setup modelopt` venv)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "modelopt_results.json")
     p.add_argument("--write-results", action="store_true", help="rewrite the section of benchmarks/RESULTS.md")
@@ -256,7 +297,7 @@ def main() -> int:
         return 3
     mo_python = None if args.no_modelopt else str(env.python)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    if any(k != "digits" for k in keys) and args.bench is None:
+    if any(k not in ("digits", "resnet18") for k in keys) and args.bench is None:
         p.error("--bench is needed for the open set's models")
     results: dict[str, Any] = {"machine": _machine(mo_python), "models": {}}
     if args.merge:  # earlier results of the models not re-run now (each row says when it was measured)
@@ -265,7 +306,9 @@ def main() -> int:
                              for k, v in old["models"].items() if k not in keys}
     with tempfile.TemporaryDirectory(prefix="modelopt-compare-") as tmp:
         for key in keys:
-            results["models"][key] = _bench_one(key, args.bench or Path("."), mo_python, Path(tmp),
+            folder = (_anchor(args.anchor_dir, args.torch_python or (str(env.python) if env.available else None))
+                      if key == "resnet18" else args.bench or Path("."))
+            results["models"][key] = _bench_one(key, folder, mo_python, Path(tmp),
                                                 lambda s: print(s, file=sys.stderr, flush=True), not args.no_best)
     args.out.write_text(json.dumps(results, indent=1))
     md = _markdown(results)

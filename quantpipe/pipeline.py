@@ -425,6 +425,10 @@ def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress
         return None, None
     evals, ref = stage_evaluate(cfg, li, variants, progress, executor)
     sens = stage_sensitivity(cfg, li, amax, variants, progress, executor)
+    if cfg.build.backends.modelopt.enabled:  # ModelOpt's INT8 models, judged as written (details["sensitivity"])
+        from quantpipe.backends.modelopt.sensitivity import with_modelopt_sensitivity
+
+        variants = with_modelopt_sensitivity(cfg, li, variants, progress)
     run_dir = Path(cfg.report.dir) / run_id
     if run_dir.exists() and any(run_dir.iterdir()):
         raise OutputError(f"run folder {run_dir} appeared while this run was running. Choose another report.run_id.")

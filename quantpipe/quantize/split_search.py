@@ -72,33 +72,49 @@ def _simulate(m: Any, switches: Mapping[str, str], calibration_data: Any, output
 
     A switch changes only what its tensor reaches: each switch's run is of that part alone (`cut_below`), fed
     with the tensors it reads from the run with every switch off, which computes the same bits (no graph
-    optimizations: every node runs as written)."""
+    optimizations: every node runs as written).
+
+    Memory: the reference run's tensors of every batch are kept (they are `max_samples` samples' worth whatever
+    the batch size), each part's session lives only while its switch is measured, and a tensor is dropped after
+    the last part that reads it. Holding every part's session at once cost more than the tensors (EfficientNet-Lite0,
+    32 samples: 32 sessions, 1.4 GB on top of 0.77 GB of tensors). Each part runs on the same batches as before,
+    and each switch's noise adds up over the batches in the same order: the same numbers."""
     off = {sw: np.array(0.0, np.float32) for sw in switches.values()}
     cuts = {t: cut_below(m, [t], outputs) for t in switches}
     inputs = {i.name for i in m.graph.input}
     exposed = sorted({f for c in cuts.values() for f in c.feeds if f not in inputs} - set(outputs))
     sess = ort_session(expose_outputs(m, exposed), optimize=False)
-    parts: dict[str, Any] = {}
     s = _Samples([], [], 0.0, dict.fromkeys(switches, 0.0), 0)
+    known: list[dict[str, np.ndarray]] = []  # per batch: every tensor a part may read
     for batch in calibration_data.batches(batch_size):
         feeds = {k: v[: max_samples - s.count] for k, v in batch.feeds.items()}
         run = sess.run([*outputs, *exposed], {**feeds, **off})
         ref = run[: len(outputs)]
-        known = {**dict(zip(outputs, ref, strict=True)), **dict(zip(exposed, run[len(outputs):], strict=True)),
-                 **feeds, **off}
+        known.append({**dict(zip(outputs, ref, strict=True)), **dict(zip(exposed, run[len(outputs):], strict=True)),
+                      **feeds, **off})
+        del run  # `known` holds them: dropping one there frees it
         s.feeds.append(feeds)
         s.refs.append(ref)
         s.signal += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
-        for t, sw in switches.items():
-            cut = cuts[t]
-            if t not in parts:
-                parts[t] = ort_session(cut.model({f: known[f].dtype for f in cut.feeds}), optimize=False)
-            got = dict(zip(cut.outputs, parts[t].run(cut.outputs, {**{f: known[f] for f in cut.feeds},
-                                                                     sw: np.array(1.0, np.float32)}), strict=True))
-            s.noise[t] += output_error([got.get(o, r) for o, r in zip(outputs, ref, strict=True)], ref)
         s.count += next(iter(feeds.values())).shape[0]
         if s.count >= max_samples:
             break
+    del sess
+    if not known:
+        return s
+    last_reader = {f: t for t in switches for f in cuts[t].feeds}
+    for t, sw in switches.items():
+        cut = cuts[t]
+        part = ort_session(cut.model({f: known[0][f].dtype for f in cut.feeds}), optimize=False)
+        for have, ref in zip(known, s.refs, strict=True):
+            got = dict(zip(cut.outputs, part.run(cut.outputs, {**{f: have[f] for f in cut.feeds},
+                                                               sw: np.array(1.0, np.float32)}), strict=True))
+            s.noise[t] += output_error([got.get(o, r) for o, r in zip(outputs, ref, strict=True)], ref)
+        del part
+        for f in cut.feeds:
+            if last_reader[f] == t:
+                for have in known:
+                    have.pop(f, None)
     return s
 
 

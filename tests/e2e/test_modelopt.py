@@ -37,7 +37,7 @@ def _modelopt_config(tmp: Path) -> dict:
     cfg["build"]["backends"]["tensorrt"]["enabled"] = False
     cfg["build"]["backends"]["modelopt"] = {"enabled": True, "calibration_method": "entropy",
                                             **({"python": _PYTHON} if _PYTHON else {})}
-    cfg["evaluate"]["sensitivity"] = {"enabled": False}
+    cfg["evaluate"]["sensitivity"] = {"enabled": True, "max_samples": 16, "metric": "cosine"}
     cfg["gate"]["rules"] += [
         {"variant": "modelopt-int8", "metric": "top1_agreement", "min": 0.9},
         {"variant": "modelopt-int8-qpscales", "metric": "top1_agreement", "min": 0.9},
@@ -75,6 +75,25 @@ def test_three_variants_evaluated_reported_and_gated(mo_run: tuple[int, Path, Pa
     assert all(name in report for name in MO)
     junit = (run_dir / "junit.xml").read_text()
     assert "modelopt-int8-qpscales top1_agreement" in junit
+
+
+def test_modelopt_int8_variants_get_a_per_layer_sensitivity(mo_run: tuple[int, Path, Path]) -> None:
+    """Each ModelOpt INT8 model, judged as written: one row per node reading its Q/DQ pairs, worst first."""
+    _, run_dir, _ = mo_run
+    res = json.loads((run_dir / "results.json").read_text())
+    variants = {v["name"]: v for v in res["variants"]}
+    assert res["sensitivity"]  # quantpipe's own, as before
+    assert "sensitivity" not in variants["modelopt-fp16"]["details"]
+    for name in ("modelopt-int8", "modelopt-int8-qpscales"):
+        rows = variants[name]["details"]["sensitivity"]
+        model = onnx.load(str(run_dir / "models" / f"{name}.onnx"))
+        dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        readers = {n.name for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                   and any(i in dq for i in n.input)}
+        assert {r["node"] for r in rows} == readers and len(rows) == len(readers) >= 3, name
+        assert all(r["metric_name"] == "cosine" and r["output_metric"] is not None for r in rows)
+        assert [r["output_metric"] for r in rows] == sorted(r["output_metric"] for r in rows)
+        assert all(0.9 < r["output_metric"] <= 1.0 + 1e-6 for r in rows), rows
 
 
 def test_modelopt_int8_is_exact_qdq_of_its_calibration(mo_run: tuple[int, Path, Path]) -> None:
