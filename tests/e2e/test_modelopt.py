@@ -94,6 +94,14 @@ def test_modelopt_int8_variants_get_a_per_layer_sensitivity(mo_run: tuple[int, P
         assert all(r["metric_name"] == "cosine" and r["output_metric"] is not None for r in rows)
         assert [r["output_metric"] for r in rows] == sorted(r["output_metric"] for r in rows)
         assert all(0.9 < r["output_metric"] <= 1.0 + 1e-6 for r in rows), rows
+    report_md, report_html = (run_dir / "report.md").read_text(), (run_dir / "report.html").read_text()
+    for name in ("modelopt-int8", "modelopt-int8-qpscales"):
+        worst = variants[name]["details"]["sensitivity"][0]["node"]
+        heading = f"{name}: the model as written, each node's own Q/DQ kept alone"
+        assert heading in report_md and heading in report_html
+        section = report_md.split(f"#### {heading}", 1)[1].split("####", 1)[0]
+        assert f"`{worst}`" in section.split("|---|", 1)[1].splitlines()[1]  # worst node on the first row
+    assert "modelopt-fp16: the model as written" not in report_md
 
 
 def test_modelopt_int8_is_exact_qdq_of_its_calibration(mo_run: tuple[int, Path, Path]) -> None:
