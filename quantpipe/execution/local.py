@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from quantpipe.config import ExecutionConfig
 from quantpipe.errors import WorkerError
 from quantpipe.execution.base import DEFAULT_MIN_SHARD_MB, OnResult, usable_cores
-from quantpipe.execution.stash import Stashed, pack, stash_file
+from quantpipe.execution.stash import StashBook, Stashed, stash_file
 
 __all__ = ["LocalPool", "DEFAULT_RETRIES"]
 
@@ -93,7 +93,7 @@ class LocalPool:
         self._log_queue: Any = None
         self._listener: logging.handlers.QueueListener | None = None
         self._stash_dir: str | None = None
-        self._stashed: dict[str, Stashed] = {}
+        self._stashed = StashBook()
 
     @property
     def threads_per_worker(self) -> int | None:
@@ -164,12 +164,12 @@ class LocalPool:
     def stash(self, value: Any) -> Stashed:
         """Write the pickled value once to this pool's temporary folder, named by its sha256; workers read it
         once each (`execution.stash`). The folder goes with `close`."""
-        data, digest = pack(value)
-        if digest not in self._stashed:
-            if self._stash_dir is None:
-                self._stash_dir = tempfile.mkdtemp(prefix="quantpipe-stash-")
-            self._stashed[digest] = stash_file(self._stash_dir, data, digest)
-        return self._stashed[digest]
+        return self._stashed.stash(value, self._put)
+
+    def _put(self, data: bytes, digest: str) -> Stashed:
+        if self._stash_dir is None:
+            self._stash_dir = tempfile.mkdtemp(prefix="quantpipe-stash-")
+        return stash_file(self._stash_dir, data, digest)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -30,7 +30,7 @@ from quantpipe.deps import require
 from quantpipe.errors import QuantpipeError, WorkerError
 from quantpipe.execution.base import DEFAULT_MIN_SHARD_MB, OnResult, usable_cores
 from quantpipe.execution.local import DEFAULT_RETRIES
-from quantpipe.execution.stash import Stashed, pack
+from quantpipe.execution.stash import StashBook, Stashed
 
 __all__ = ["RayPool", "LOOPBACK_ENV", "run_logged"]
 
@@ -82,7 +82,7 @@ class RayPool:
         self.address = address
         self._started = False
         self._cpus: int | None = None
-        self._stashed: dict[str, Stashed] = {}
+        self._stashed = StashBook()
 
     @property
     def workers(self) -> int:
@@ -180,10 +180,8 @@ class RayPool:
         """Put the pickled value into the object store once per content (sha256) and run; tasks carry the
         reference and each worker process reads it once (`execution.stash`)."""
         ray = self._ray()
-        data, digest = pack(value)
-        if digest not in self._stashed:
-            self._stashed[digest] = Stashed(digest=digest, kind="ray", where=ray.put(data), size=len(data))
-        return self._stashed[digest]
+        return self._stashed.stash(value, lambda data, digest: Stashed(digest=digest, kind="ray", where=ray.put(data),
+                                                                      size=len(data)))
 
     def close(self) -> None:
         self._stashed.clear()  # the references go: Ray frees the objects

@@ -10,7 +10,8 @@ truncated file, or a reused name, is refused with WorkerError, never trusted) an
 reads and unpickles a value once however many shares (and search steps) use it; a value that changes (the next
 step's recipe) has another digest and another entry. The cache keeps the `CACHE_ENTRIES` values used last.
 
-`InProcess` stashes nothing: its handle holds the value itself (no pickling, no hashing).
+The lead pickles and hashes a value once however often it is stashed (`StashBook` remembers the values it saw,
+by identity). `InProcess` stashes nothing: its handle holds the value itself (no pickling, no hashing).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import hashlib
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from quantpipe.deps import require
 from quantpipe.errors import WorkerError
 
-__all__ = ["CACHE_ENTRIES", "Stashed", "cached_digests", "pack", "stash_file", "unstash"]
+__all__ = ["CACHE_ENTRIES", "Stashed", "StashBook", "cached_digests", "pack", "stash_file", "unstash"]
 
 CACHE_ENTRIES = 6
 """Values a worker process keeps (the model, the samples and a few steps' recipes)."""
@@ -48,6 +50,39 @@ class Stashed:
     value: Any = None
     size: int = 0
     """The pickled bytes' length."""
+
+
+class StashBook:
+    """An executor's record of what it stashed: a handle per content (sha256), and the last `remember` values
+    stashed by identity, so a search that stashes the same model and samples at every step pickles and hashes
+    them once. The values are held (an id is never reused while remembered) and must not be changed in place
+    once stashed: the searches' model, scales and samples are not. A tuple is remembered by its items'
+    identities (the searches pass a fresh tuple of the same samples at every step)."""
+
+    def __init__(self, remember: int = 8) -> None:
+        self.handles: dict[str, Stashed] = {}
+        self._known: collections.OrderedDict[tuple[int, ...], tuple[Any, Stashed]] = collections.OrderedDict()
+        self._remember = remember
+
+    def stash(self, value: Any, put: Callable[[bytes, str], Stashed]) -> Stashed:
+        """The handle to `value`: remembered, or `put(pickled bytes, digest)` once per content."""
+        key = tuple(map(id, value)) if isinstance(value, tuple) else (id(value),)
+        known = self._known.get(key)
+        if known is not None and (known[0] is value or (isinstance(value, tuple) and len(known[0]) == len(value)
+                                                       and all(a is b for a, b in zip(known[0], value, strict=True)))):
+            self._known.move_to_end(key)
+            return known[1]
+        data, digest = pack(value)
+        if digest not in self.handles:
+            self.handles[digest] = put(data, digest)
+        self._known[key] = (value, self.handles[digest])
+        while len(self._known) > self._remember:
+            self._known.popitem(last=False)
+        return self.handles[digest]
+
+    def clear(self) -> None:
+        self.handles.clear()
+        self._known.clear()
 
 
 def pack(value: Any) -> tuple[bytes, str]:

@@ -194,3 +194,27 @@ def test_a_share_job_pickles_small(slices_case):
         job = ShareJob(model, pool.stash((share.amax, share.options)), pool.stash(tuple(share.feeds)), share.base,
                        share.output, share.changes[:1], (0, 2), 1)
         assert len(pickle.dumps(job)) < 4096 < model.size
+
+
+def test_stash_book_pickles_a_value_once_and_a_content_once(monkeypatch):
+    from quantpipe.execution import stash as stash_module
+
+    packed: list[int] = []
+    real_pack = stash_module.pack
+    monkeypatch.setattr(stash_module, "pack", lambda v: (packed.append(1), real_pack(v))[1])
+    puts: list[str] = []
+
+    def put(data: bytes, digest: str) -> Stashed:
+        puts.append(digest)
+        return Stashed(digest=digest, kind="inline", value=pickle.loads(data))
+
+    book = stash_module.StashBook()
+    model, feeds = np.arange(10.0), [{"x": np.ones(3)}, {"x": np.zeros(3)}]
+    first = book.stash(model, put)
+    assert book.stash(model, put) is first and len(packed) == 1  # the same object: not pickled again
+    assert book.stash(tuple(feeds), put) is book.stash(tuple(feeds), put)  # a fresh tuple of the same samples
+    assert len(packed) == 2
+    assert book.stash(np.arange(10.0), put) is first and len(packed) == 3  # equal content, another object: one put
+    assert len(puts) == 2
+    book.clear()
+    assert book.stash(model, put).digest == first.digest and len(puts) == 3
