@@ -102,14 +102,17 @@ def share_count(executor: Executor | None, candidates: int, feeds: Sequence[Mapp
 def split(candidates: int, batches: int, shares: int) -> list[tuple[tuple[int, ...], tuple[int, int]]]:
     """Each share's (candidate indices, (first batch, end batch)). With at least as many candidates as shares:
     every `shares`-th candidate over every batch (so a share gets early and late layers alike, whose parts cost
-    very differently, and the shares come out even). With fewer: each candidate alone over a contiguous slice
-    of whole batches, as many slices as it takes to give every share work. Every (candidate, batch) is in
+    very differently, and the shares come out even). With fewer: each candidate alone over contiguous slices
+    of whole batches, as many as make the work end soonest when `shares` run at once (none if slicing gains nothing). Every (candidate, batch) is in
     exactly one share, and a candidate's slices come in batch order."""
     if candidates < 1 or batches < 1:
         return []
     if shares <= candidates:
         return [(tuple(range(k, candidates, shares)), (0, batches)) for k in range(max(1, shares))]
-    slices = min(batches, -(-shares // candidates))
+    # As many slices per candidate as make the last round of shares shortest (rounds x slice length, in whole
+    # candidates), the fewest among equals: 12 candidates on 16 workers over 2 batches stay whole (24 halves take
+    # as long), over 8 batches run in quarters (48 quarters: 3 rounds of a quarter).
+    slices = min(range(1, batches + 1), key=lambda s: (-(-candidates * s // shares) / s, s))
     cuts = [round(batches * k / slices) for k in range(slices + 1)]
     return [((c,), (lo, hi)) for c in range(candidates) for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
 

@@ -35,7 +35,14 @@ def test_split_covers_every_candidate_and_batch_once_in_order(candidates, batche
         assert max(len(c) for c, _ in plan) - min(len(c) for c, _ in plan) <= 1
     else:  # one candidate per share, its slices in batch order, enough of them to fill the shares (or every batch)
         assert all(len(c) == 1 for c, _ in plan)
-        assert len(plan) >= min(shares, candidates * batches)
+        slices = len(plan) // candidates
+
+        def finish(s: int) -> float:  # rounds of `shares` at once, times a slice's length (in whole candidates)
+            return -(-candidates * s // shares) / s
+
+        assert len(plan) == candidates * slices
+        assert finish(slices) == min(finish(s) for s in range(1, batches + 1))  # ends soonest
+        assert all(finish(s) > finish(slices) for s in range(1, slices))  # with the fewest slices that do
         for c in range(candidates):
             spans = [span for cands, span in plan if cands == (c,)]
             assert spans == sorted(spans) and spans[0][0] == 0 and spans[-1][1] == batches
@@ -60,7 +67,8 @@ def test_share_count_cuts_into_sample_slices_when_workers_outnumber_candidates()
     assert share_count(Pool(), 12, feeds, b"\0" * 1000) == 16  # 12 candidates x 4 batches: every worker
     assert share_count(Pool(), 2, feeds, b"\0" * 1000) == 8  # 2 x 4 (candidate, batch) pieces at most
     assert share_count(Pool(), 1, feeds, b"\0" * 1000) == 1  # one candidate stays in this process
-    assert len(split(12, 4, 16)) == 24  # 12 candidates, 2 slices each
+    assert len(split(12, 4, 16)) == 48  # 12 candidates in quarters: 3 rounds of a quarter on 16 workers
+    assert len(split(12, 2, 16)) == 12  # in halves, 24 shares would take as long as 12 whole candidates
 
 
 def test_stash_is_verified_and_kept(tmp_path):
