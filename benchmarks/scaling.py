@@ -30,8 +30,10 @@ pipeline.yaml's), so a stage whose work is too small for N workers uses fewer, a
 when a speed-up stalls (0 measures pure scaling). Every stage's result is checked equal to the 1-worker run's:
 cache bytes, output arrays, the sensitivity table (every number) and the fallback's steps and model bytes.
 
-Scaling efficiency = t(1 worker) / (t(N workers) x N). The JSON records the machine (CPU model, cores, load
-average before and after each case); say in RESULTS.md whether the machine was shared.
+Scaling efficiency = t(1 worker) / (t(N workers) x N). The JSON and the table record the machine (CPU model,
+cores) and the load average before and after each case; say in RESULTS.md whether the machine was shared. The
+searches' shares carry only their candidates: the model, scales and samples go to each worker once
+(`executor.stash`), and a step with fewer candidates than workers is cut into sample slices (`candidates.split`).
 """
 
 from __future__ import annotations
@@ -251,8 +253,9 @@ def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [f"Measured {doc['date']} on {m['host']}: {m['cpu']}, {m['cores']} usable cores, GPUs {m['gpus'] or 'none'}, "
              f"Python {m['python']}. {doc['note']}".rstrip(), "",
-             "| model | stage | engine | workers | cold s | warm s | speed-up (warm) | efficiency | same result as 1 worker |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+             "| model | stage | engine | workers | cold s | warm s | speed-up (warm) | efficiency | same result as 1 worker "
+             "| load avg (1 min) before -> after the case |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for row in doc["results"]:
         for stage in STAGES:
             if f"{stage}_warm_s" not in row:
@@ -262,7 +265,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{format(row[f'{stage}_cold_s'], '.2f') if f'{stage}_cold_s' in row else '-'} | "
                 f"{row[f'{stage}_warm_s']:.2f} | {row.get(f'{stage}_speedup', float('nan')):.2f}x | "
                 f"{row.get(f'{stage}_efficiency', float('nan')):.0%} | "
-                f"{'yes' if row[f'{stage}_identical'] else 'NO'} |")
+                f"{'yes' if row[f'{stage}_identical'] else 'NO'} | "
+                f"{row['load_before'][0]:.1f} -> {row.get('load_after', (float('nan'),))[0]:.1f} |")
     return "\n".join(lines) + "\n"
 
 

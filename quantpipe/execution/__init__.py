@@ -11,7 +11,8 @@ picklable items and returns the results in order:
 The stages shard their data with `shard_bounds` (whole batches, in order) and merge what the shards return:
 calibration adds histograms (exact: the same cache bytes as one process), evaluation concatenates outputs.
 Searches (sensitivity, fallback, split choice, `calibration.use: auto`) pass shares of their independent
-candidates to `map` (`quantpipe.candidates`). `plan_shards` keeps small work in this process: a shard must hold
+candidates to `map` (`quantpipe.candidates`), the model and samples they all read stashed once per worker
+(`executor.stash`, `execution.stash`). `plan_shards` keeps small work in this process: a shard must hold
 at least `execution.min_shard_mb` of work (samples x model MB), so no pool starts for the bundled example.
 """
 
@@ -34,10 +35,12 @@ from quantpipe.execution.base import (
 )
 from quantpipe.execution.local import LocalPool
 from quantpipe.execution.ray_engine import RayPool
+from quantpipe.execution.stash import Stashed, unstash
 
 __all__ = [
     "Executor", "InProcess", "LocalPool", "RayPool", "OnResult", "make_executor", "shard_bounds", "usable_cores",
     "visible_gpus", "default_workers", "model_mb", "plan_shards", "run_jobs",
+    "Stashed", "unstash",
 ]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from quantpipe.config import ExecutionConfig
+from quantpipe.execution.stash import Stashed
 
 __all__ = ["DEFAULT_MIN_SHARD_MB", "Executor", "InProcess", "OnResult", "model_mb", "plan_shards", "run_jobs",
            "shard_bounds", "usable_cores"]
@@ -62,6 +63,11 @@ class Executor(Protocol):
         worker that dies is retried, and if it keeps dying WorkerError says so: never a partial result."""
         ...
 
+    def stash(self, value: Any) -> Stashed:
+        """A handle to `value` that items carry instead of the value: each worker reads it once and keeps it
+        (`execution.stash`: a file or a Ray object named by the sha256 of the pickled value)."""
+        ...
+
     def close(self) -> None:
         """Stop the workers (and a Ray instance this executor started)."""
         ...
@@ -87,6 +93,9 @@ class InProcess:
                 on_result(i, result)
             out.append(result)
         return out
+
+    def stash(self, value: Any) -> Stashed:
+        return Stashed(digest="", kind="inline", value=value)
 
     def close(self) -> None:
         return None

@@ -17,6 +17,8 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 from quantpipe.config import ExecutionConfig
 from quantpipe.errors import WorkerError
 from quantpipe.execution.base import DEFAULT_MIN_SHARD_MB, OnResult, usable_cores
+from quantpipe.execution.stash import StashBook, Stashed, stash_file
 
 __all__ = ["LocalPool", "DEFAULT_RETRIES"]
 
@@ -89,6 +92,8 @@ class LocalPool:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._log_queue: Any = None
         self._listener: logging.handlers.QueueListener | None = None
+        self._stash_dir: str | None = None
+        self._stashed = StashBook()
 
     @property
     def threads_per_worker(self) -> int | None:
@@ -156,10 +161,24 @@ class LocalPool:
             if on_result is not None:
                 on_result(i, results[i])
 
+    def stash(self, value: Any) -> Stashed:
+        """Write the pickled value once to this pool's temporary folder, named by its sha256; workers read it
+        once each (`execution.stash`). The folder goes with `close`."""
+        return self._stashed.stash(value, self._put)
+
+    def _put(self, data: bytes, digest: str) -> Stashed:
+        if self._stash_dir is None:
+            self._stash_dir = tempfile.mkdtemp(prefix="quantpipe-stash-")
+        return stash_file(self._stash_dir, data, digest)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._stash_dir is not None:
+            shutil.rmtree(self._stash_dir, ignore_errors=True)
+            self._stash_dir = None
+            self._stashed.clear()
         if self._listener is not None:
             self._listener.stop()
             self._listener = None

@@ -5,6 +5,8 @@
   when the run ends. A Ray instance already initialised in this process (a test's, a notebook's) is used
   as it is and left running.
 
+Large values every item reads (a search step's model and samples) are put into the object store once per content
+(`stash`) and the items carry the reference; each worker process reads such a value once (`execution.stash`).
 Each item goes into Ray's object store (`ray.put`) and runs as one task asking for `threads_per_worker`
 CPUs (and one GPU when the work is on GPUs), so Ray never runs more tasks at once than the resources allow;
 `workers` is how many shards the stages cut their data into. A task whose worker dies is retried by Ray
@@ -28,6 +30,7 @@ from quantpipe.deps import require
 from quantpipe.errors import QuantpipeError, WorkerError
 from quantpipe.execution.base import DEFAULT_MIN_SHARD_MB, OnResult, usable_cores
 from quantpipe.execution.local import DEFAULT_RETRIES
+from quantpipe.execution.stash import StashBook, Stashed
 
 __all__ = ["RayPool", "LOOPBACK_ENV", "run_logged"]
 
@@ -79,6 +82,7 @@ class RayPool:
         self.address = address
         self._started = False
         self._cpus: int | None = None
+        self._stashed = StashBook()
 
     @property
     def workers(self) -> int:
@@ -172,7 +176,15 @@ class RayPool:
                 f"Check the cluster (`ray status`, the workers' logs); fewer workers need less memory per node."
             ) from err
 
+    def stash(self, value: Any) -> Stashed:
+        """Put the pickled value into the object store once per content (sha256) and run; tasks carry the
+        reference and each worker process reads it once (`execution.stash`)."""
+        ray = self._ray()
+        return self._stashed.stash(value, lambda data, digest: Stashed(digest=digest, kind="ray", where=ray.put(data),
+                                                                      size=len(data)))
+
     def close(self) -> None:
+        self._stashed.clear()  # the references go: Ray frees the objects
         if self._started:
             ray = require("ray", purpose="execution.engine: ray")
             ray.shutdown()

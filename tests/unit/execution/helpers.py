@@ -51,3 +51,11 @@ def die_always(_: str) -> str:
 def my_gpu(_: int) -> tuple[int, str | None, str | None]:
     """(pid, CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS) of the worker that ran the item."""
     return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")
+
+
+def stash_seen(handle: object) -> tuple[int, bool, object]:
+    """(pid, whether this worker held the stashed value before, the value) for the stash tests."""
+    from quantpipe.execution.stash import cached_digests, unstash
+
+    before = getattr(handle, "digest", "") in cached_digests()
+    return os.getpid(), before, unstash(handle)  # type: ignore[arg-type]
