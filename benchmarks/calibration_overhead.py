@@ -19,8 +19,8 @@ per round, so a busy spell of a shared machine hits every case alike), the media
 - `calibrate`: quantpipe.calibration.calibrate with `methods=["entropy"]` (`quantpipe calibrate`'s default),
   one worker, the files written to a temporary folder; its parts from `calibrate(timings=...)`: plan (shape
   inference), session (exposing the tensors: the model copy with extra outputs, and its session), inference,
-  histograms (binning activations), weights, search (the entropy search, histograms.npz encoded beside it),
-  write (hashing the model, writing the cache, sidecar and histograms.npz).
+  histograms (binning activations), weights, search (the entropy search; histograms.npz encoded and the model
+  hashed beside it), write (the cache, sidecar and histograms.npz).
 
 Every case reads the data through quantpipe.data, as calibration does. The ratio is calibrate / plain; the
 `exposed` row splits calibration's excess into what exposing the tensors costs onnxruntime (fusions and
@@ -214,7 +214,7 @@ def machine() -> dict[str, Any]:
 
 PART_ROWS = (("plan", "plan (shape inference)"), ("session", "session (tensors exposed, session created)"),
              ("inference", "onnxruntime runs"), ("histograms", "binning activations"), ("weights", "binning weights"),
-             ("search", "entropy search (histograms.npz encoded beside it)"), ("write", "hash model, write files"))
+             ("search", "entropy search (histograms.npz encoded, model hashed beside it)"), ("write", "writing the files"))
 
 
 def render(results: dict[str, Any]) -> str:

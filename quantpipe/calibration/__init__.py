@@ -191,9 +191,8 @@ def calibrate(
     stats = _collect(model, dataset, executor, batch_size=batch_size, num_bins=num_bins, providers=providers,
                      on_batch=on_batch, threads=threads)
     t_search = time.perf_counter()
-    tables, chosen, npz = _search(stats, methods, percentile)
+    tables, chosen, npz, digest = _search(stats, methods, percentile, model, model_sha256)
     t_write = time.perf_counter()
-    digest = model_sha256 or onnx_model_sha256(model)
     write_histograms(hist_path, npz)
     seconds = time.perf_counter() - t0
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -221,20 +220,21 @@ def calibrate(
     return summaries
 
 
-def _search(stats: CollectedStats, methods: Sequence[str],
-            percentile: float) -> tuple[dict[str, dict[str, float]], dict[str, str], bytes]:
-    """compute_tables, with histograms.npz's bytes encoded on a thread meanwhile (both are numpy work that
-    releases the GIL); the file is written only once everything else succeeded."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+def _search(stats: CollectedStats, methods: Sequence[str], percentile: float, model: Path,
+            model_sha256: str | None) -> tuple[dict[str, dict[str, float]], dict[str, str], bytes, str]:
+    """compute_tables, with histograms.npz's bytes encoded and the model hashed (if not given) on threads
+    meanwhile (numpy and hashlib release the GIL); the file is written only once everything else succeeded."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         encoding = pool.submit(histograms_npz, stats.histograms, stats.kinds)
+        hashing = pool.submit(onnx_model_sha256, model) if model_sha256 is None else None
         tables, chosen = compute_tables(stats, methods, percentile=percentile)
-        return tables, chosen, encoding.result()
+        return tables, chosen, encoding.result(), model_sha256 if hashing is None else hashing.result()
 
 
 STAGE_PARTS = ("plan", "session", "inference", "histograms", "weights", "search", "write")
 """`calibrate(timings=...)`'s parts: shape inference to find the tensors; the copy of the model with every tensor
 exposed as an output and its onnxruntime session; onnxruntime's runs; binning the activations; binning the
-weights; the methods' search (with histograms.npz encoded beside it); hashing the model and writing the files."""
+weights; the methods' search (histograms.npz encoded and the model hashed beside it); writing the files."""
 
 
 def _parts(stats: CollectedStats, *, search: float, write: float, total: float) -> dict[str, float]:
