@@ -16,6 +16,8 @@ per round, so a busy spell of a shared machine hits every case alike), the media
   runs hold (it splits them to keep one run's activations under DEFAULT_MAX_RUN_BYTES);
 - `exposed`: the same pass with every tensor calibration runs onnxruntime for exposed as a graph output and
   fetched (then dropped), split as calibration splits it: onnxruntime's share of calibration, no histogram;
+- `exposed, arena`: the same with onnxruntime's CPU arena on (calibration's options turn it off to keep the
+  peak memory low: without it every run's buffers are fresh pages, hence the page faults counted per case);
 - `calibrate`: quantpipe.calibration.calibrate with `methods=["entropy"]` (`quantpipe calibrate`'s default),
   one worker, the files written to a temporary folder; its parts from `calibrate(timings=...)`: plan (shape
   inference), session (exposing the tensors: the model copy with extra outputs, and its session), inference,
@@ -52,7 +54,7 @@ BEGIN = "<!-- calibration-overhead:begin (benchmarks/calibration_overhead.py wri
 END = "<!-- calibration-overhead:end -->"
 TARGET = 1.2
 EXAMPLE = ("examples/digits/digits_cnn.onnx", "calib_data/digits/calib.npz")
-CASES = ("plain", "plain_calib_options", "plain_split", "exposed", "calibrate")
+CASES = ("plain", "plain_calib_options", "plain_split", "exposed", "exposed_arena", "calibrate")
 
 
 def models(bench: Path | None, wanted: list[str]) -> dict[str, tuple[Path, Path]]:
@@ -92,13 +94,14 @@ def fetched_tensors(model: Path) -> tuple[list[str], list[str]]:
 
 def ort_pass(model: Path, dataset: Any, batch_size: int, *, calibration_options: bool = False,
              expose: list[str] | None = None, sized_as: list[str] | None = None,
-             per_run: int | None = None) -> dict[str, float]:
+             per_run: int | None = None, arena: bool | None = None) -> dict[str, float]:
     """One onnxruntime pass over the data: session created, then every batch run.
 
     Default: what a user has (default SessionOptions, the model's outputs, whole batches). `calibration_options`:
     calibration's SessionOptions (collect.session_options). `expose`: these tensors added to the graph outputs
     and fetched (then dropped), the batches split as calibration splits them (DEFAULT_MAX_RUN_BYTES, sized from
-    the previous run). `per_run`: split the batches into runs of this many samples.
+    the previous run). `per_run`: split the batches into runs of this many samples. `arena`: onnxruntime's CPU
+    arena on or off whatever the options say. Also counts the page faults (minor) of the pass.
     """
     import onnx
     import onnxruntime as ort
@@ -106,7 +109,10 @@ def ort_pass(model: Path, dataset: Any, batch_size: int, *, calibration_options:
     from quantpipe.calibration.collect import DEFAULT_MAX_RUN_BYTES, session_options
 
     t0 = time.perf_counter()
+    faults = _faults()
     options = session_options(_cores()) if calibration_options else ort.SessionOptions()
+    if arena is not None:
+        options.enable_cpu_mem_arena = arena
     if expose:
         proto = onnx.load(str(model))
         present = {o.name for o in proto.graph.output}
@@ -132,7 +138,14 @@ def ort_pass(model: Path, dataset: Any, batch_size: int, *, calibration_options:
                 size = max(1, min(batch_size, DEFAULT_MAX_RUN_BYTES // per_sample))
             del outs, feeds
             lo, runs = hi, runs + 1
-    return {"total": time.perf_counter() - t0, "session": t1 - t0, "runs": float(runs), "per_run": float(size)}
+    return {"total": time.perf_counter() - t0, "session": t1 - t0, "runs": float(runs), "per_run": float(size),
+            "page_faults": float(_faults() - faults)}
+
+
+def _faults() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def calibrate_stage(model: Path, dataset: Any, batch_size: int) -> dict[str, float]:
@@ -141,9 +154,10 @@ def calibrate_stage(model: Path, dataset: Any, batch_size: int) -> dict[str, flo
 
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="calib-overhead-") as tmp:
-        t0 = time.perf_counter()
+        t0, faults = time.perf_counter(), _faults()
         calibrate(model, dataset, methods=["entropy"], out_dir=tmp, batch_size=batch_size, timings=timings)
         timings["wall"] = time.perf_counter() - t0
+        timings["page_faults"] = float(_faults() - faults)
     return timings
 
 
@@ -158,6 +172,8 @@ def measure(name: str, model: Path, data: Path, *, repeats: int, batch_size: int
         "plain_calib_options": lambda: ort_pass(model, dataset, batch_size, calibration_options=True),
         "plain_split": lambda: ort_pass(model, dataset, batch_size, calibration_options=True, per_run=split),
         "exposed": lambda: ort_pass(model, dataset, batch_size, calibration_options=True, expose=fetch, sized_as=sized_as),
+        "exposed_arena": lambda: ort_pass(model, dataset, batch_size, calibration_options=True, expose=fetch,
+                                          sized_as=sized_as, arena=True),
         "calibrate": lambda: calibrate_stage(model, dataset, batch_size),
     }
     load_before = os.getloadavg()
@@ -249,6 +265,10 @@ def render(results: dict[str, Any]) -> str:
             lambda r: ratio("plain_split")(r) + f" ({r['samples_per_run']})") + " |",
         "| same, calibration's tensors exposed and fetched, no histograms (tensors) | " + cells(
             lambda r: ratio("exposed")(r) + f" ({r['exposed_tensors']})") + " |",
+        "| same, with onnxruntime's CPU arena (calibration turns it off to save memory) | " + cells(ratio("exposed_arena")) + " |",
+        "| page faults: plain / exposed / exposed with arena / calibrate | " + cells(
+            lambda r: " / ".join(f"{r['median'][c]['page_faults'] / 1000:.0f}k"
+                                 for c in ("plain", "exposed", "exposed_arena", "calibrate"))) + " |",
         "| **calibrate** (end to end) | " + cells(
             lambda r: f"**{r['median']['calibrate']['wall']:.2f} s ({r['ratio']:.2f}x)**") + " |",
     ]
