@@ -226,9 +226,9 @@ def _search(stats: CollectedStats, methods: Sequence[str], percentile: float, mo
     meanwhile (numpy and hashlib release the GIL); the file is written only once everything else succeeded."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         encoding = pool.submit(histograms_npz, stats.histograms, stats.kinds)
-        hashing = pool.submit(onnx_model_sha256, model) if model_sha256 is None else None
+        hashing = pool.submit(lambda: model_sha256 or onnx_model_sha256(model))
         tables, chosen = compute_tables(stats, methods, percentile=percentile)
-        return tables, chosen, encoding.result(), model_sha256 if hashing is None else hashing.result()
+        return tables, chosen, encoding.result(), hashing.result()
 
 
 STAGE_PARTS = ("plan", "session", "inference", "histograms", "weights", "search", "write")

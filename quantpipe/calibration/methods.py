@@ -381,9 +381,10 @@ def _tensor_amax(hist: StreamingHistogram, methods: list[str], percentile: float
     def amax(m: str) -> float:
         if m == "percentile":
             return percentile_amax(hist, percentile)
-        if (m, *key) not in memo:
-            memo[(m, *key)] = compute_amax_binned(binned, m)
-        return memo[(m, *key)]
+        entry = (m, *key)
+        if entry not in memo:
+            memo[entry] = compute_amax_binned(binned, m)
+        return memo[entry]
 
     done = {m: amax(m) for m in methods if m != "best"}
     if "best" in methods:
