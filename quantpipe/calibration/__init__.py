@@ -13,6 +13,7 @@ appended when OUT has none), and `<OUT stem>.histograms.npz`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import logging
 import os
@@ -28,12 +29,13 @@ from quantpipe.calibration.cache import (
     LoadedCache,
     TrtCache,
     amax_to_scale,
+    histograms_npz,
     load_cache,
     load_histograms,
     make_fingerprint,
     read_trt_cache,
-    save_histograms,
     sidecar_path,
+    write_histograms,
     write_sidecar,
     write_trt_cache,
 )
@@ -61,6 +63,7 @@ __all__ = [
     "DEFAULT_PERCENTILE",
     "DEFAULT_NUM_BINS",
     "HISTOGRAMS_FILE",
+    "STAGE_PARTS",
     "MIN_AMAX",
     "StreamingHistogram",
     "BinnedHistogram",
@@ -152,6 +155,7 @@ def calibrate(
     model_sha256: str | None = None,
     threads: int | None = None,
     executor: Executor | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[CalibrationSummary]:
     """Calibrate once, write a TensorRT cache + JSON per method and the shared histograms.
 
@@ -171,6 +175,7 @@ def calibrate(
         threads: ONNX Runtime and histogram threads (default: the usable cores).
         executor: shard the data pass over its workers (calibration/sharded.py: the same histograms, bit
             for bit); None or one worker: this process.
+        timings: when given, filled with the wall seconds of each part (`STAGE_PARTS`, and `total`).
 
     Returns:
         One CalibrationSummary per method, in the order given.
@@ -185,11 +190,10 @@ def calibrate(
     model = Path(model_path)
     stats = _collect(model, dataset, executor, batch_size=batch_size, num_bins=num_bins, providers=providers,
                      on_batch=on_batch, threads=threads)
-    if not stats.histograms:
-        raise CalibrationError(f"{model} has no float tensors to calibrate (no float inputs, activations or weights).")
-    tables, chosen = compute_tables(stats, methods, percentile=percentile)
-    digest = model_sha256 or onnx_model_sha256(model)
-    save_histograms(hist_path, stats.histograms, stats.kinds)
+    t_search = time.perf_counter()
+    tables, chosen, npz, digest = _search(stats, methods, percentile, model, model_sha256)
+    t_write = time.perf_counter()
+    write_histograms(hist_path, npz)
     seconds = time.perf_counter() - t0
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summaries = []
@@ -200,38 +204,64 @@ def calibrate(
         summaries.append(_write_method(
             method, tables[method], stats, chosen, paths[method], trt_version=trt_version, fingerprint=fingerprint,
             extra={
-                "percentile": percentile,
-                "trt_version": trt_version,
-                "num_samples": stats.num_samples,
-                "num_batches": stats.num_batches,
-                "batch_size": batch_size,
-                "seconds": round(seconds, 3),
+                "percentile": percentile, "trt_version": trt_version, "num_samples": stats.num_samples,
+                "num_batches": stats.num_batches, "batch_size": batch_size, "seconds": round(seconds, 3),
                 "histograms": hist_path.name,
                 # Relative to the cache's folder: a moved or copied project names its own model.
-                "model": _relpath(model, paths[method].parent),
-                "created": created,
+                "model": _relpath(model, paths[method].parent), "created": created,
             },
             seconds=seconds,
         ))
     log.info("calibrated %d samples in %.1f s (onnxruntime %.1f s, histograms %.1f s)",
              stats.num_samples, stats.seconds, stats.inference_seconds, stats.histogram_seconds)
+    if timings is not None:
+        timings.update(_parts(stats, search=t_write - t_search, write=time.perf_counter() - t_write,
+                              total=time.perf_counter() - t0))
     return summaries
+
+
+def _search(stats: CollectedStats, methods: Sequence[str], percentile: float, model: Path,
+            model_sha256: str | None) -> tuple[dict[str, dict[str, float]], dict[str, str], bytes, str]:
+    """compute_tables, with histograms.npz's bytes encoded and the model hashed (if not given) on threads
+    meanwhile (numpy and hashlib release the GIL); the file is written only once everything else succeeded."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        encoding = pool.submit(histograms_npz, stats.histograms, stats.kinds)
+        hashing = pool.submit(lambda: model_sha256 or onnx_model_sha256(model))
+        tables, chosen = compute_tables(stats, methods, percentile=percentile)
+        return tables, chosen, encoding.result(), hashing.result()
+
+
+STAGE_PARTS = ("plan", "session", "inference", "histograms", "weights", "search", "write")
+"""`calibrate(timings=...)`'s parts: shape inference to find the tensors; the copy of the model with every tensor
+exposed as an output and its onnxruntime session; onnxruntime's runs; binning the activations; binning the
+weights; the methods' search (histograms.npz encoded and the model hashed beside it); writing the files."""
+
+
+def _parts(stats: CollectedStats, *, search: float, write: float, total: float) -> dict[str, float]:
+    values = (stats.plan_seconds, stats.session_seconds, stats.inference_seconds,
+              stats.histogram_seconds - stats.weight_seconds, stats.weight_seconds, search, write)
+    return {**dict(zip(STAGE_PARTS, values, strict=True)), "collect": stats.seconds, "total": total}
 
 
 def _collect(model: Path, dataset: Dataset, executor: Executor | None, *, batch_size: int, num_bins: int,
              providers: Sequence[str], on_batch: OnBatch | None, threads: int | None) -> CollectedStats:
     """One pass over the data: in this process, or sharded over the executor's workers when it has several
     and the data is work enough for more than one shard (`plan_shards`: batches, samples x model MB)."""
+    stats = None
     if executor is not None and executor.workers > 1:
         shards = plan_shards(executor, items=len(dataset.batch_bounds(batch_size)),
                              work_mb=dataset.num_samples * model_mb(model))
         if shards > 1:
             from quantpipe.calibration.sharded import collect_sharded
 
-            return collect_sharded(model, dataset, executor, batch_size=batch_size, num_bins=num_bins,
-                                   providers=providers, on_batch=on_batch, shards=shards)
-    return collect_histograms(model, dataset, batch_size=batch_size, num_bins=num_bins, providers=providers,
-                              on_batch=on_batch, threads=threads)
+            stats = collect_sharded(model, dataset, executor, batch_size=batch_size, num_bins=num_bins,
+                                    providers=providers, on_batch=on_batch, shards=shards)
+    if stats is None:
+        stats = collect_histograms(model, dataset, batch_size=batch_size, num_bins=num_bins, providers=providers,
+                                   on_batch=on_batch, threads=threads)
+    if not stats.histograms:
+        raise CalibrationError(f"{model} has no float tensors to calibrate (no float inputs, activations or weights).")
+    return stats
 
 
 def _relpath(path: Path, start: Path) -> str:

@@ -21,6 +21,7 @@ Every file is written atomically; the sidecar, which holds the cache's sha256, i
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -60,6 +61,8 @@ __all__ = [
     "write_sidecar",
     "load_cache",
     "save_histograms",
+    "histograms_npz",
+    "write_histograms",
     "load_histograms",
 ]
 
@@ -404,7 +407,20 @@ def save_histograms(
     histograms: Mapping[str, StreamingHistogram],
     kinds: Mapping[str, str],
 ) -> Path:
-    """Write every histogram to one compressed .npz, atomically.
+    """Write every histogram to one compressed .npz (`histograms_npz`), atomically."""
+    return write_histograms(path, histograms_npz(histograms, kinds))
+
+
+def write_histograms(path: str | os.PathLike[str], npz: bytes) -> Path:
+    """Write `histograms_npz`' bytes to `path`, atomically."""
+    dest = Path(path)
+    with atomic_path(dest, suffix=".npz") as tmp:
+        tmp.write_bytes(npz)
+    return dest
+
+
+def histograms_npz(histograms: Mapping[str, StreamingHistogram], kinds: Mapping[str, str]) -> bytes:
+    """Every histogram as the bytes of one compressed .npz.
 
     Per tensor `<name>/counts` and `<name>/bin_width` (the binned histogram the methods and the report
     use: bins start at 0), plus the exact streaming state (`fine_counts`, `range_exp`, `absmax`,
@@ -429,15 +445,14 @@ def save_histograms(
         dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.int64) if peak <= np.iinfo(t).max)
         arrays[f"{name}/fine_counts"] = fine.astype(dtype)
         arrays[f"{name}/fine_bins"] = np.asarray(h.fine_bins, dtype=np.int64)
-    dest = Path(path)
     # np.savez_compressed's zlib level 6 takes ~1 s for a ResNet's histograms; level 1 is several times
     # faster and nearly as small (the counts are small integers).
-    with atomic_path(dest, suffix=".npz") as tmp, \
-            zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for key, arr in arrays.items():
             with zf.open(key + ".npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
-    return dest
+    return buffer.getvalue()
 
 
 def load_histograms(path: str | os.PathLike[str]) -> tuple[dict[str, StreamingHistogram], dict[str, str]]:

@@ -9,6 +9,9 @@ Types come from ONNX shape inference; outputs of unknown type are exposed and ch
 Cost and memory (the issue's 2-core budget):
 - a Relu's output is not exposed nor binned: its input gets a SignedHistogram, whose positive side is
   exactly the Relu's histogram (in a ResNet that is 40% of the activation values);
+- nor is the output of a Reshape, Transpose, Flatten, Squeeze, Unsqueeze or Identity of a binned tensor: it
+  holds the same values, so its histogram is a copy of its input's (in MiniLM, 15% of the activation values);
+  the runs are sized as if they were fetched, so the histograms are those of a pass that bins them;
 - the histograms of one run are binned on a small thread pool between ONNX Runtime runs (numpy releases
   the GIL in its kernels); ONNX Runtime's threads do not spin, so they leave the cores to it;
 - on the CPU, batches are split into runs whose activations stay under `max_run_bytes` (192 MiB): the
@@ -41,7 +44,7 @@ from quantpipe.data import Dataset
 from quantpipe.errors import CalibrationError, DataError, ModelError
 
 __all__ = ["CollectedStats", "PartialStats", "Timing", "TensorPlan", "collect_histograms", "collect_partial", "finish_stats",
-           "plan_tensors", "KINDS", "CUDA_CALIBRATION_OPTIONS"]
+           "plan_tensors", "session_options", "same_value_sources", "SAME_VALUE_OPS", "KINDS", "CUDA_CALIBRATION_OPTIONS", "DEFAULT_MAX_RUN_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +125,7 @@ def _session(model: Any, expose: Sequence[str], model_dir: Path, providers: Sequ
     for name in expose:
         if name not in present:
             model.graph.output.append(onnx.ValueInfoProto(name=name))  # type left for ONNX Runtime to infer
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    # Exposed tensors are graph outputs, which ONNX Runtime's optimisers preserve (a fusion never swallows
-    # a graph output), so every level computes the tensors of the original graph; the full level is the
-    # fastest on CPU.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Between runs the histograms use the cores; spinning ONNX Runtime threads would take CPU from them
-    # (measured: ~10% more CPU time in total with spinning).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # No CPU arena: it would keep the largest run's buffers for the pass (allocation never changes the values).
-    so.enable_cpu_mem_arena = False
+    so = session_options(threads)
     if _has_external_data(model):
         so.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(model_dir.resolve()))
     data = model.SerializeToString()
@@ -153,6 +145,25 @@ def _session(model: Any, expose: Sequence[str], model_dir: Path, providers: Sequ
         return ort.InferenceSession(data, sess_options=so, providers=chosen)
     except Exception as err:
         raise ModelError(f"onnxruntime cannot load the calibration copy of the model: {err}") from err
+
+
+def session_options(threads: int) -> Any:
+    """The onnxruntime SessionOptions of calibration's session (benchmarks/calibration_overhead.py times them)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    # Exposed tensors are graph outputs, which ONNX Runtime's optimisers preserve (a fusion never swallows
+    # a graph output), so every level computes the tensors of the original graph; the full level is the
+    # fastest on CPU.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Between runs the histograms use the cores; spinning ONNX Runtime threads would take CPU from them
+    # (measured: ~10% more CPU time in total with spinning).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No CPU arena: it would keep the largest run's buffers for the pass (allocation never changes the values).
+    so.enable_cpu_mem_arena = False
+    return so
 
 
 def _default_threads() -> int:
@@ -295,14 +306,17 @@ class PartialStats:
     num_samples: int
     num_batches: int
     timing: Timing
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Output of a Reshape-like node -> the tensor whose values it holds (`same_value_sources`): not run nor binned."""
 
     def merge(self, other: PartialStats) -> PartialStats:
         """Both shards' histograms added (same model and tensors; ValueError otherwise)."""
-        if list(self.kinds.items()) != list(other.kinds.items()) or self.derived != other.derived:
+        if (list(self.kinds.items()) != list(other.kinds.items()) or self.derived != other.derived
+                or self.aliases != other.aliases):
             raise ValueError("cannot merge calibration shards of different models or tensor sets")
         hists = {n: h.merge(other.hists[n]) for n, h in self.hists.items()}  # type: ignore[arg-type]
         return PartialStats(self.kinds, self.derived, hists, self.num_samples + other.num_samples,
-                            self.num_batches + other.num_batches, self.timing.plus(other.timing))
+                            self.num_batches + other.num_batches, self.timing.plus(other.timing), self.aliases)
 
 
 def collect_partial(
@@ -332,7 +346,9 @@ def collect_partial(
     # A Relu's output is not run through ONNX Runtime's outputs nor binned: its histogram is exactly the
     # positive side of its input's signed histogram (histogram.SignedHistogram), which costs far less.
     derived = {out: src for out, src in plan.relu_from.items() if out in kinds and src in kinds}
-    hists = _new_histograms(kinds, derived, num_bins)
+    # Likewise the output of a Reshape, Transpose, ... holds its input's values: its histogram is its input's.
+    aliases = same_value_sources(proto, kinds, derived)
+    hists = _new_histograms(kinds, {**derived, **aliases}, derived, num_bins)
     model_inputs = _model_inputs(proto, dataset)
 
     # Weights first, from their stored values; the model proto is then dropped before the data pass.
@@ -342,7 +358,7 @@ def collect_partial(
                       {n: h for n, h in hists.items() if kinds[n] == "weight" and isinstance(h, StreamingHistogram)})
     weight_seconds = time.perf_counter() - tw
     timing = Timing(histogram=weight_seconds, plan=plan_seconds, weights=weight_seconds)
-    fetch = [n for n in plan.activations if n in kinds and n not in derived]
+    fetch = [n for n in plan.activations if n in kinds and n not in derived and n not in aliases]
     num_batches = 0
     if fetch or any(k == "input" for k in kinds.values()):
         nthreads = threads or _default_threads()
@@ -353,14 +369,14 @@ def collect_partial(
         del proto
         num_batches = _data_pass(session, dataset, fetch, kinds, hists, model_inputs, timing,
                                  batch_size=batch_size, threads=nthreads, providers=providers, on_batch=on_batch,
-                                 max_run_bytes=max_run_bytes)
+                                 max_run_bytes=max_run_bytes, sized_as={a: derived.get(s, s) for a, s in aliases.items()})
         del session
-    return PartialStats(kinds, derived, hists, dataset.num_samples, num_batches, timing)
+    return PartialStats(kinds, derived, hists, dataset.num_samples, num_batches, timing, aliases)
 
 
 def finish_stats(partial: PartialStats, seconds: float) -> CollectedStats:
     """The CollectedStats of a finished pass (merged shards or one whole pass) that took `seconds`."""
-    kept = _final_histograms(partial.kinds, partial.derived, partial.hists)
+    kept = _final_histograms(partial.kinds, partial.derived, partial.hists, partial.aliases)
     t = partial.timing
     return CollectedStats(
         histograms=kept,
@@ -392,11 +408,34 @@ def _requested_kinds(plan: TensorPlan, tensors: Sequence[str] | None, path: Path
 
 
 def _new_histograms(
-    kinds: Mapping[str, str], derived: Mapping[str, str], num_bins: int
+    kinds: Mapping[str, str], not_binned: Mapping[str, str], derived: Mapping[str, str], num_bins: int
 ) -> dict[str, StreamingHistogram | SignedHistogram]:
     """An empty histogram per binned tensor: signed for the source of a derived Relu output, else |x|."""
     signed = {src: SignedHistogram(num_bins) for src in derived.values()}
-    return {n: signed.get(n) or StreamingHistogram(num_bins) for n in kinds if n not in derived}
+    return {n: signed.get(n) or StreamingHistogram(num_bins) for n in kinds if n not in not_binned}
+
+
+SAME_VALUE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+"""Ops whose output holds exactly the values of their first input (reordered or reshaped): the same histogram."""
+
+
+def same_value_sources(proto: Any, kinds: Mapping[str, str], derived: Mapping[str, str]) -> dict[str, str]:
+    """Activation -> the binned input or activation whose values it holds (through chains of SAME_VALUE_OPS).
+
+    Only run-time sources qualify: a tensor computed from weights alone is binned once per run, unlike the
+    weight itself. A Relu's source is binned with its signs (SignedHistogram), so it is never an alias.
+    """
+    sources = set(derived.values())
+    aliases: dict[str, str] = {}
+    for node in proto.graph.node:  # ONNX graphs are topologically sorted
+        if node.op_type not in SAME_VALUE_OPS or node.domain not in ("", "ai.onnx") or not node.input or not node.output:
+            continue
+        out, src = node.output[0], node.input[0]
+        src = aliases.get(src, src)
+        if (kinds.get(out) == "activation" and kinds.get(src) in ("input", "activation") and out not in derived
+                and out not in sources):
+            aliases[out] = src
+    return aliases
 
 
 def _model_inputs(proto: Any, dataset: Dataset) -> list[str]:
@@ -410,16 +449,22 @@ def _model_inputs(proto: Any, dataset: Dataset) -> list[str]:
 
 
 def _final_histograms(
-    kinds: Mapping[str, str], derived: Mapping[str, str], hists: Mapping[str, StreamingHistogram | SignedHistogram]
+    kinds: Mapping[str, str], derived: Mapping[str, str], hists: Mapping[str, StreamingHistogram | SignedHistogram],
+    aliases: Mapping[str, str],
 ) -> dict[str, StreamingHistogram]:
-    """The |x| histogram of every tensor (Relu outputs from their source), less those that saw no values."""
-    final: dict[str, StreamingHistogram] = {}
+    """The |x| histogram of every tensor (Relu outputs from their source, aliases copied from theirs), in graph
+    order, less those that saw no values."""
+    final = cast(dict[str, StreamingHistogram], dict.fromkeys(kinds))  # every entry is set below, in this order
     for n in kinds:
+        if n in aliases:
+            continue
         if n in derived:
             final[n] = cast(SignedHistogram, hists[derived[n]]).relu()
         else:
             h = hists[n]
             final[n] = h.absolute() if isinstance(h, SignedHistogram) else h
+    for n, src in aliases.items():  # sources are never aliases themselves
+        final[n] = final[src].copy()
     empty = [n for n, h in final.items() if h.num_values == 0 and kinds[n] != "weight"]
     if empty:
         log.info("%d tensor(s) received no float values at run time and are left out: %s", len(empty), empty[:8])
@@ -448,12 +493,15 @@ def _data_pass(
     providers: Sequence[str],
     on_batch: OnBatch | None,
     max_run_bytes: int | None,
+    sized_as: Mapping[str, str],
 ) -> int:
     """Run every batch and histogram its inputs and exposed outputs; return the number of runs.
 
     On the CPU a batch is split into runs whose activations stay under `max_run_bytes` (sized from the
     previous run): the histograms do not depend on how the data is batched, so memory can be bounded
-    whatever batch size the caller chose.
+    whatever batch size the caller chose. The size counts the aliases (`same_value_sources`) as if they were
+    fetched, each as large as the tensor in `sized_as` (a fetched one or an input): the runs, and so the
+    histograms of tensors that do not depend on the batch, are those of a pass that fetches them.
     """
     on_device = _CUDA_EP in providers and _CUDA_EP in session.get_providers()
     device = DeviceOutputs(session, fetch) if on_device and fetch else None
@@ -489,7 +537,9 @@ def _data_pass(
                 timing.inference += t1 - t0
                 timing.histogram += time.perf_counter() - t1
                 if max_run_bytes is not None and device is None:
-                    per_sample = max(1, sum(int(getattr(a, "nbytes", 0)) for _, a in outs) // (hi - lo))
+                    nbytes = {n: int(getattr(a, "nbytes", 0)) for n, a in [*feeds.items(), *outs]}
+                    fetched = sum(nbytes[n] for n, _ in outs) + sum(nbytes[n] for n in sized_as.values())
+                    per_sample = max(1, fetched // (hi - lo))
                     per_run = max(1, min(batch_size, max_run_bytes // per_sample))
                 done += hi - lo
                 runs += 1

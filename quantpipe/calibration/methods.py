@@ -10,7 +10,10 @@ are all zero gets amax 0 from every method; the cache writer turns that into a t
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -108,7 +111,7 @@ def entropy_amax(
     counts = b.counts.astype(np.float64)
     counts[0] = counts[1]
     cand = np.arange(min(start_bin, counts.size), counts.size + 1, dtype=np.int64)
-    kl = _entropy_divergences(counts, cand, quant_bins)
+    kl = _entropy_divergences(counts, cand, quant_bins, _group_edges(int(cand[0]), int(cand[-1]), quant_bins))
     if not np.isfinite(kl).any():
         return float(b.absmax)
     best = float(np.min(kl))
@@ -117,7 +120,21 @@ def entropy_amax(
     return float(min(i * b.bin_width, b.absmax))
 
 
-def _entropy_divergences(counts: np.ndarray, cand: np.ndarray, quant_bins: int) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _group_edges(first: int, last: int, quant_bins: int) -> np.ndarray:
+    """Bin where group g of candidate i starts, [i - first, g] = ceil(g * i / quant_bins), for the candidates
+    first..last: the same for every histogram of a calibration (computed once, read-only).
+
+    Exact in float64 (small integers and a power-of-two divisor), and faster than integer floor division.
+    """
+    cand = np.arange(first, last + 1, dtype=np.float64)
+    groups = np.arange(quant_bins + 1, dtype=np.float64)
+    edges = np.ceil(np.multiply.outer(cand, groups) / quant_bins).astype(np.intp)
+    edges.flags.writeable = False
+    return edges
+
+
+def _entropy_divergences(counts: np.ndarray, cand: np.ndarray, quant_bins: int, edges: np.ndarray) -> np.ndarray:
     """KL(P || Q) of `entropy_amax` for every candidate i in `cand` (inf where undefined).
 
     Vectorised over all candidates at once: with prefix sums C (counts), N (non-empty bins) and
@@ -127,20 +144,25 @@ def _entropy_divergences(counts: np.ndarray, cand: np.ndarray, quant_bins: int) 
     """
     total = float(counts.sum())
     cum = np.concatenate(([0.0], np.cumsum(counts)))
-    nonzero = np.concatenate(([0], np.cumsum(counts > 0)))
+    nonzero = np.concatenate(([0.0], np.cumsum(counts > 0, dtype=np.float64)))  # small integers: exact
     plogp_prefix = np.concatenate(([0.0], np.cumsum(_xlogx(counts))))
 
-    # Group g of candidate i starts at bin ceil(g * i / quant_bins): exact in float64 (small integers and a
-    # power-of-two divisor), and faster than integer floor division.
-    groups = np.arange(quant_bins + 1, dtype=np.float64)
-    edges = np.ceil(np.multiply.outer(cand.astype(np.float64), groups) / quant_bins).astype(np.intp)
-    group_sum = np.diff(cum[edges], axis=1)
-    group_nz = np.diff(nonzero[edges], axis=1)
+    # edges[k, g]: where group g of candidate cand[k] starts (`_group_edges`). The counts are >= 0, so a group
+    # has a non-empty bin exactly when its sum is > 0, and an empty group's sum is exactly 0.
+    at = cum[edges]
+    group_sum = np.subtract(at[:, 1:], at[:, :-1])
+    at = nonzero[edges]
+    group_nz = np.subtract(at[:, 1:], at[:, :-1])
+    del at
     valid = group_nz > 0
     safe_sum = np.where(valid, group_sum, 1.0)
-    safe_nz = np.where(valid, group_nz, 1)
+    np.maximum(group_nz, 1.0, out=group_nz)  # empty groups: 1 (a count, else >= 1)
+    q_last = safe_sum[:, -1] / group_nz[:, -1]
+    # S_g log(S_g / n_g), and 0 * log(1 / 1) = 0 for an empty group.
+    cross = np.divide(safe_sum, group_nz, out=safe_sum)
     with np.errstate(divide="ignore", invalid="ignore"):
-        cross = np.where(valid & (group_sum > 0), group_sum * np.log(safe_sum / safe_nz), 0.0).sum(axis=1)
+        np.log(cross, out=cross)
+    cross = np.multiply(group_sum, cross, out=cross).sum(axis=1)
 
     outliers = total - cum[cand]
     outliers[outliers < 0] = 0.0
@@ -148,7 +170,7 @@ def _entropy_divergences(counts: np.ndarray, cand: np.ndarray, quant_bins: int) 
     p_last = last + outliers
     plogp = plogp_prefix[cand - 1] + _xlogx(p_last)
     # Bin i-1 always falls in the last group (ceil(127 i / 128) <= i - 1 for i >= 128).
-    q_last = np.where(last > 0, safe_sum[:, -1] / safe_nz[:, -1], 0.0)
+    q_last = np.where(last > 0, q_last, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         plogq = cross + np.where(outliers > 0, outliers * np.log(np.where(q_last > 0, q_last, 1.0)), 0.0)
         z = cum[cand]
@@ -325,20 +347,50 @@ def compute_all(
         wanted = set(kinds)
         hists = {n: h for n, h in hists.items() if stats.kinds[n] in wanted}
     out: dict[str, dict[str, float]] = {m: {} for m in methods}
-    for name, hist in hists.items():
-        binned = hist.binned()
-        done: dict[str, float] = {}
+    names = list(hists)
+    # Equal binned histograms (a Reshape's and its input's, collect.py) give equal results: searched once.
+    memo: dict[tuple[Any, ...], float] = {}
+    # Tensors are independent and numpy releases the GIL in the search's array work: a few threads
+    # (each tensor's result is the same whatever thread computes it).
+    threads = min(_cores(), 4, len(names))
+    if threads > 1:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+            results = list(pool.map(lambda n: _tensor_amax(hists[n], methods, percentile, memo), names))
+    else:
+        results = [_tensor_amax(hists[n], methods, percentile, memo) for n in names]
+    for name, amax in zip(names, results, strict=True):
         for m in methods:
-            if m == "best":
-                continue
-            done[m] = percentile_amax(hist, percentile) if m == "percentile" else compute_amax_binned(binned, m)
-            out[m][name] = done[m]
-        if "best" in out:
-            for m in BASE_METHODS:
-                if m not in done:
-                    done[m] = percentile_amax(hist, percentile) if m == "percentile" else compute_amax_binned(binned, m)
-            out["best"][name] = best_amax(binned, candidates=done)[0]
+            out[m][name] = amax[m]
     return out
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _tensor_amax(hist: StreamingHistogram, methods: list[str], percentile: float,
+                 memo: dict[tuple[Any, ...], float]) -> dict[str, float]:
+    """method -> amax of one tensor (`best` reuses the other methods' results). `memo`: binned results by
+    histogram, shared by the tensors of one call (a race only computes the same value twice)."""
+    binned = hist.binned()
+    key = (binned.counts.tobytes(), binned.bin_width, binned.absmax, binned.num_values)
+
+    def amax(m: str) -> float:
+        if m == "percentile":
+            return percentile_amax(hist, percentile)
+        entry = (m, *key)
+        if entry not in memo:
+            memo[entry] = compute_amax_binned(binned, m)
+        return memo[entry]
+
+    done = {m: amax(m) for m in methods if m != "best"}
+    if "best" in methods:
+        done.update({m: amax(m) for m in BASE_METHODS if m not in done})
+        done["best"] = best_amax(binned, candidates=done)[0]
+    return done
 
 
 def compute_amax_binned(binned: BinnedHistogram, method: str) -> float:
