@@ -105,8 +105,7 @@ def layer_sensitivity(
         nodes = tuple(q for q in nodes if q.name in in_model)
     by_name = {n.name: n for n in ctx.model.graph.node}
     tensors = {q.name: by_name[q.name].output[0] for q in nodes if q.name in by_name}
-    # The accumulated SQNR's FP32 side comes from the local SQNR's run of the instrumented FP32 graph.
-    acc = _Accumulated(ctx, full, sorted(set(tensors.values())))
+    acc = _Accumulated(ctx, full, sorted(set(tensors.values())))  # its FP32 side from the local SQNR's run
     local = _local_sqnr(ctx, built, [q.name for q in nodes], acc)
     sqnr = acc.result()
 
