@@ -18,7 +18,10 @@ and is not timed. Then, each timed on its own:
 
 The JSON holds the seconds, the machine, and the results themselves (splits, the fallback's steps and kept
 layers, the sensitivity table with every number as `float.hex`), so two trees' outputs compare exactly: run
-it with `PYTHONPATH=<other tree>` for the other side. `--profile DIR` writes a cProfile `.prof` per search.
+it with `PYTHONPATH=<other tree>` for the other side, or give `--baseline <other tree>`: the same searches run first
+with that tree's quantpipe (a subprocess, same workspace and splits), then with this one, back to back, and the JSON
+holds both sides' seconds under `baseline` and whether every result is identical (`identical`, `differences`).
+`--profile DIR` writes a cProfile `.prof` per search.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -160,6 +164,18 @@ def run(bench: Path, work: Path, samples: int, searches: list[str], profile: Pat
     return res
 
 
+def _baseline(tree: Path, argv: list[str], out: Path) -> dict[str, Any]:
+    """The same benchmark with `tree`'s quantpipe, in a subprocess (its JSON)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree.resolve()), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, __file__, *argv, "--out", str(out)], env=env, check=True)
+    return json.loads(out.read_text())
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The result keys (splits, fallback, sensitivity) on which two runs differ."""
+    return [k for k in ("splits", "fallback", "sensitivity") if a.get(k) != b.get(k)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bench", type=Path, required=True, help="the open benchmark set (manifest.json's folder)")
@@ -170,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", type=Path, help="take the split choice from this earlier output JSON (when 'split' "
                    "is not among --searches) instead of choosing it again")
     p.add_argument("--work", type=Path, help="workspace to keep (calibration is reused from it); default: a temp dir")
+    p.add_argument("--baseline", type=Path, help="another quantpipe tree (its folder holding quantpipe/): run the "
+                   "same searches with it first, then with this tree, back to back, and compare the results")
     args = p.parse_args(argv)
     searches = [s for s in args.searches.split(",") if s]
     unknown = set(searches) - set(SEARCHES)
@@ -178,11 +196,22 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.bench / "effnet_lite0" / "model.onnx").is_file():
         p.error(f"{args.bench} holds no effnet_lite0/model.onnx; build the open set with shared/bench/build.sh")
     with tempfile.TemporaryDirectory(prefix="qp-search-speed-") as tmp:
-        work = args.work or Path(tmp)
+        work = args.work or Path(tmp) / "work"
         work.mkdir(parents=True, exist_ok=True)
+        base = None
+        if args.baseline:
+            same = ["--bench", str(args.bench), "--samples", str(args.samples), "--searches", ",".join(searches),
+                    "--work", str(work), *(["--splits", str(args.splits)] if args.splits else [])]
+            base = _baseline(args.baseline, same, Path(tmp) / "baseline.json")
         given = json.loads(args.splits.read_text())["splits"] if args.splits else None
         res = run(args.bench.resolve(), work.resolve(), args.samples, searches, args.profile, given)
     res["quantpipe"] = str(Path(sys.modules["quantpipe"].__file__ or "").parent)
+    if base is not None:
+        res["baseline"] = {"quantpipe": base["quantpipe"], "seconds": base["seconds"]}
+        res["differences"] = _differences(base, res)
+        res["identical"] = not res["differences"]
+        print(f"search_speed: baseline {base['seconds']} -> this tree {res['seconds']}; "
+              f"{'identical results' if res['identical'] else 'DIFFERENT: ' + ', '.join(res['differences'])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"search_speed: wrote {args.out}")

@@ -17,7 +17,7 @@ from quantpipe.execution import Executor
 from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import prepare_opset
-from quantpipe.quantize.downstream import changed_nodes, cut_below
+from quantpipe.quantize.downstream import NodeIndex, changed_nodes, cut_below, unsafe_to_feed
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.write import with_calibration_data
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, task_score
@@ -125,7 +125,11 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
         return [run_output(ort_session(m, int8=int8, threads=threads), feeds, output) for m in models]
     base = _proto(base)
     inputs = {i.name for i in base.graph.input}
-    cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, base), base=base) for m in models]
+    index, base_unsafe = NodeIndex(base), unsafe_to_feed(base)  # once for all the candidates
+    cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, index), base=base, base_unsafe=base_unsafe)
+            for m in models]
+    if not any(set(c.feeds) - inputs for c in cuts):  # every part reaches up to the inputs: each runs whole
+        return [run_output(ort_session(m, int8=int8, threads=threads), feeds, output) for m in models]
     shapes = {v.name: v for v in onnx.shape_inference.infer_shapes(base).graph.value_info}
     # A part that is most of its model runs whole, and parts run at all only where what they skip together
     # outweighs the run of `base` that feeds them (estimated by multiply-adds).

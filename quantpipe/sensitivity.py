@@ -95,8 +95,8 @@ def layer_sensitivity(
     ctx = prepare_reference(model_path, amax, eval_dataset, output=output, batch_size=batch_size,
                             max_samples=max_samples, options=options, calibration_data=calibration_data,
                             executor=executor)
-    full, report = build_qdq_model(ctx.model, amax, ctx.options)
-    nodes = report.quantized_nodes
+    built, report = build_qdq_model(ctx.model, amax, ctx.options)
+    full, nodes = built, report.quantized_nodes
     if int8_model:
         # Judge the model that was built; it may hold fewer quantized layers (a fallback kept some in float).
         full = load_onnx(int8_model)
@@ -105,8 +105,9 @@ def layer_sensitivity(
         nodes = tuple(q for q in nodes if q.name in in_model)
     by_name = {n.name: n for n in ctx.model.graph.node}
     tensors = {q.name: by_name[q.name].output[0] for q in nodes if q.name in by_name}
-    sqnr = _accumulated_sqnr(ctx, full, sorted(set(tensors.values())))
-    local = _local_sqnr(ctx, build_qdq_model(ctx.model, amax, ctx.options)[0], [q.name for q in nodes])
+    acc = _Accumulated(ctx, full, sorted(set(tensors.values())))  # its FP32 side from the local SQNR's run
+    local = _local_sqnr(ctx, built, [q.name for q in nodes], acc)
+    sqnr = acc.result()
 
     count = len(nodes) if one_at_a_time is True else int(one_at_a_time or 0)
     order = sorted(nodes, key=lambda q: local.get(q.name, math.inf))
@@ -144,12 +145,14 @@ def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[An
     return measured, tie
 
 
-def _local_sqnr(ctx: Reference, qdq: Any, names: Sequence[str]) -> dict[str, float]:
+def _local_sqnr(ctx: Reference, qdq: Any, names: Sequence[str], acc: _Accumulated) -> dict[str, float]:
     """SQNR (dB) of each quantized node's output when only its own inputs are quantized, the rest in FP32.
 
     One run of an instrumented FP32 graph: it also holds the Q/DQ model's quantization nodes (which read
     the FP32 tensors there) and a copy of every quantized node fed through them. Unlike the accumulated
     SQNR this does not fall with depth: it is the layer's own error (input rounding times its gain).
+    Each batch's FP32 tensors go on to `acc` (without graph optimizations every node runs as written, so they
+    are the bits a run of the FP32 model gives).
     """
     import onnx
 
@@ -189,6 +192,8 @@ def _local_sqnr(ctx: Reference, qdq: Any, names: Sequence[str]) -> dict[str, flo
             extra.append(copy)
             pairs.append((n.name, n.output[0], f"{n.output[0]}__local"))
     if not pairs:
+        for f in ctx.feeds:
+            acc.add(f, {})
         return {}
     g.node.extend(extra)
     sorted_nodes = _toposort(list(g.node), {i.name for i in g.input} | {t.name for t in g.initializer})
@@ -200,10 +205,14 @@ def _local_sqnr(ctx: Reference, qdq: Any, names: Sequence[str]) -> dict[str, flo
     noise = dict(sig)
     for f in ctx.feeds:
         res = dict(zip(outs, sess.run(outs, dict(f)), strict=True))
+        fp: dict[str, tuple[np.ndarray, float]] = {}
         for name, a, b in pairs:
             x = np.asarray(res[a], dtype=np.float64)
-            sig[name] += float(np.sum(x**2))
+            fp[a] = (x, float(np.sum(x**2)))
+            sig[name] += fp[a][1]
             noise[name] += float(np.sum((np.asarray(res[b], dtype=np.float64) + offsets.get(a, 0.0) - x) ** 2))
+        acc.add(f, fp)
+        del fp, res
     return {k: (math.inf if noise[k] == 0 else -math.inf if sig[k] == 0 else 10.0 * math.log10(sig[k] / noise[k]))
             for k in sig}
 
@@ -244,34 +253,44 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
     return out
 
 
-def _accumulated_sqnr(ctx: Reference, qdq: Any, tensors: Sequence[str]) -> dict[str, float]:
-    """SQNR (dB) of each tensor in the Q/DQ run against the FP32 run, summed over the evaluation batches."""
-    in_qdq = {o for n in qdq.graph.node for o in n.output}
-    tensors = [t for t in tensors if t in in_qdq]  # a split activation's producer writes a new tensor
-    if not tensors:
-        return {}
-    # Unoptimized sessions: with fusions on, onnxruntime may hand back another value for an exposed
-    # intermediate of a Q/DQ graph (e.g. a Conv output fused with its Clip).
-    fp = ort_session(expose_outputs(ctx.model, tensors), optimize=False)
-    qs = ort_session(expose_outputs(qdq, tensors), optimize=False)
-    offsets = tensor_offsets(qdq)  # tensors the Q/DQ model holds shifted by -c (shift_nonnegative)
-    sig = dict.fromkeys(tensors, 0.0)
-    noise = dict.fromkeys(tensors, 0.0)
-    for f in ctx.feeds:
-        a = fp.run(list(tensors), dict(f))
-        b = qs.run(list(tensors), dict(f))
-        for t, x, y in zip(tensors, a, b, strict=True):
-            x64 = np.asarray(x, dtype=np.float64)
-            sig[t] += float(np.sum(x64**2))
-            noise[t] += float(np.sum((np.asarray(y, dtype=np.float64) + offsets.get(t, 0.0) - x64) ** 2))
-    out = {}
-    for t in tensors:
-        if noise[t] == 0.0:
-            out[t] = math.inf
-        elif sig[t] == 0.0:
-            out[t] = -math.inf
-        else:
-            out[t] = 10.0 * math.log10(sig[t] / noise[t])
-    return out
+class _Accumulated:
+    """SQNR (dB) of each tensor in the Q/DQ run against the FP32 run, summed over the evaluation batches, fed
+    batch by batch with the FP32 tensors (float64) and their squared sums that another run computed."""
 
+    def __init__(self, ctx: Reference, qdq: Any, tensors: Sequence[str]) -> None:
+        in_qdq = {o for n in qdq.graph.node for o in n.output}
+        self.tensors = [t for t in tensors if t in in_qdq]  # a split activation's producer writes a new tensor
+        # Unoptimized sessions: with fusions on, onnxruntime may hand back another value for an exposed
+        # intermediate of a Q/DQ graph (e.g. a Conv output fused with its Clip).
+        self.qs = ort_session(expose_outputs(qdq, self.tensors), optimize=False) if self.tensors else None
+        self.model, self.fp = ctx.model, None
+        self.offsets = tensor_offsets(qdq)  # tensors the Q/DQ model holds shifted by -c (shift_nonnegative)
+        self.sig = dict.fromkeys(self.tensors, 0.0)
+        self.noise = dict.fromkeys(self.tensors, 0.0)
 
+    def add(self, feed: Mapping[str, np.ndarray], fp: Mapping[str, tuple[np.ndarray, float]]) -> None:
+        if self.qs is None:
+            return
+        missing = [t for t in self.tensors if t not in fp]
+        if missing:  # not among the run's tensors: from a run of the FP32 model itself (the same bits)
+            if self.fp is None:
+                self.fp = ort_session(expose_outputs(self.model, missing), optimize=False)
+            got = {t: np.asarray(x, dtype=np.float64) for t, x in zip(missing, self.fp.run(missing, dict(feed)),
+                                                                       strict=True)}
+            fp = {**fp, **{t: (x, float(np.sum(x**2))) for t, x in got.items()}}
+        b = self.qs.run(list(self.tensors), dict(feed))
+        for t, y in zip(self.tensors, b, strict=True):
+            x64, sq = fp[t]
+            self.sig[t] += sq
+            self.noise[t] += float(np.sum((np.asarray(y, dtype=np.float64) + self.offsets.get(t, 0.0) - x64) ** 2))
+
+    def result(self) -> dict[str, float]:
+        out = {}
+        for t in self.tensors:
+            if self.noise[t] == 0.0:
+                out[t] = math.inf
+            elif self.sig[t] == 0.0:
+                out[t] = -math.inf
+            else:
+                out[t] = 10.0 * math.log10(self.sig[t] / self.noise[t])
+        return out

@@ -15,7 +15,7 @@ import numpy as np
 
 from quantpipe.onnxgraph import subgraph_references
 
-__all__ = ["Cut", "cut_below"]
+__all__ = ["Cut", "NodeIndex", "changed_nodes", "cut_below", "unsafe_to_feed"]
 
 
 class Cut:
@@ -59,14 +59,15 @@ class Cut:
 
 
 def cut_below(model: Any, changed: Iterable[str], outputs: Sequence[str] | None = None, *,
-              nodes: Iterable[str] = (), base: Any | None = None) -> Cut:
+              nodes: Iterable[str] = (), base: Any | None = None, base_unsafe: set[str] | None = None) -> Cut:
     """The nodes reached from the tensors `changed` (graph inputs or node outputs: their readers, their readers'
     readers, ...) and from the nodes named `nodes` (and theirs), in graph order, with the tensors they read from
     outside (`Cut.feeds`) and the model outputs (among `outputs`, default all) they compute.
 
     With `base` (the model whose run gives the feeds; its graph optimized by onnxruntime, as `model`'s will be),
-    only tensors onnxruntime computes alike in both graphs, whatever their readers, are fed (`_fed_alike`);
-    another one's producer joins the part, with everything that reads it, until none is left.
+    only tensors onnxruntime computes alike in both graphs, whatever their readers, are fed (`unsafe_to_feed`);
+    another one's producer joins the part, with everything that reads it, until none is left. `base_unsafe`:
+    `unsafe_to_feed(base)`, when the caller cuts many models against one base (the same cut, computed once).
     """
     g = model.graph
     producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
@@ -79,7 +80,9 @@ def cut_below(model: Any, changed: Iterable[str], outputs: Sequence[str] | None 
     seeds = set(nodes)
     pending = [k for k, n in enumerate(g.node) if n.name in seeds] + [k for t in changed for k in readers.get(t, [])]
     inside: set[int] = set()
-    unsafe = _fed_otherwise(model, base) if base is not None else None
+    unsafe = None
+    if base is not None:
+        unsafe = unsafe_to_feed(model) | (unsafe_to_feed(base) if base_unsafe is None else base_unsafe)
     while pending:
         while pending:  # downstream closure: every reader of a tensor the part computes
             k = pending.pop()
@@ -104,8 +107,9 @@ def cut_below(model: Any, changed: Iterable[str], outputs: Sequence[str] | None 
     return Cut(model, found, read, [o for o in wanted if o in produced])
 
 
-def _fed_otherwise(model: Any, base: Any) -> set[str]:
-    """Tensors of `model` that a part must not be fed from a run of `base` (both optimized by onnxruntime).
+def unsafe_to_feed(model: Any) -> set[str]:
+    """Tensors of `model` that a part must not be fed from a run of another model where it also computes them
+    (both optimized by onnxruntime): `cut_below` joins this set of the candidate and of `base`.
 
     Safe to feed: graph inputs, int8 tensors out of a QuantizeLinear (the end of a quantized node group: the group
     is fused or not for reasons inside it, and exposing its output leaves it whole), and float tensors that no
@@ -114,25 +118,22 @@ def _fed_otherwise(model: Any, base: Any) -> set[str]:
     moves Q/DQ across pooling and reshapes, drops a Relu that a quantization clamps anyway, each depending on the
     whole chain, and exposing a tensor in it changes what it does.
     """
-    unsafe: set[str] = set()
-    for m in (model, base):
-        g = m.graph
-        constant = {t.name for t in g.initializer}
-        after_dq: set[str] = set()  # tensors computed from a dequantized tensor
-        for n in g.node:  # graph order is topological
-            outs = [o for o in n.output if o]
-            if n.op_type == "Constant" or (n.input and all(i in constant for i in n.input if i)):
-                constant.update(outs)
-            if n.op_type == "DequantizeLinear" or (n.op_type != "QuantizeLinear" and any(i in after_dq for i in n.input)):
-                after_dq.update(outs)
-        before_q: set[str] = set()  # float tensors that flow on into a QuantizeLinear (not across int8 ones)
-        for n in reversed(g.node):
-            if n.op_type == "QuantizeLinear":
-                before_q.update(n.input[:1])
-            elif n.op_type != "DequantizeLinear" and any(o in before_q for o in n.output if o):
-                before_q.update(i for i in n.input if i)
-        unsafe |= constant | after_dq | before_q
-    return unsafe
+    g = model.graph
+    constant = {t.name for t in g.initializer}
+    after_dq: set[str] = set()  # tensors computed from a dequantized tensor
+    for n in g.node:  # graph order is topological
+        outs = [o for o in n.output if o]
+        if n.op_type == "Constant" or (n.input and all(i in constant for i in n.input if i)):
+            constant.update(outs)
+        if n.op_type == "DequantizeLinear" or (n.op_type != "QuantizeLinear" and any(i in after_dq for i in n.input)):
+            after_dq.update(outs)
+    before_q: set[str] = set()  # float tensors that flow on into a QuantizeLinear (not across int8 ones)
+    for n in reversed(g.node):
+        if n.op_type == "QuantizeLinear":
+            before_q.update(n.input[:1])
+        elif n.op_type != "DequantizeLinear" and any(o in before_q for o in n.output if o):
+            before_q.update(i for i in n.input if i)
+    return constant | after_dq | before_q
 
 
 def _subgraph_reads(nodes: Iterable[Any]) -> set[str]:
@@ -147,11 +148,21 @@ def _subgraph_reads(nodes: Iterable[Any]) -> set[str]:
     return subgraph_references(one)
 
 
+class NodeIndex:
+    """A base model's nodes and initializers by name (serialized once), to compare many candidates with it."""
+
+    def __init__(self, base: Any) -> None:
+        self.nodes = {n.name: n.SerializeToString() for n in base.graph.node}
+        self.inits = {t.name: t for t in base.graph.initializer}
+
+
 def changed_nodes(model: Any, base: Any) -> set[str]:
-    """Names of the nodes of `model` that `base` does not hold as they are (new, or another op, inputs, outputs or
-    attributes), and of those that read an initializer whose value differs from `base`'s."""
-    before = {n.name: n.SerializeToString() for n in base.graph.node}
-    inits = {t.name: t.SerializeToString() for t in base.graph.initializer}
-    differ = {t.name for t in model.graph.initializer if inits.get(t.name) != t.SerializeToString()}
+    """Names of the nodes of `model` that `base` (a model, or its `NodeIndex`) does not hold as they are (new, or
+    another op, inputs, outputs or attributes), and of those that read an initializer whose value differs from
+    `base`'s."""
+    index = base if isinstance(base, NodeIndex) else NodeIndex(base)
+    inits = index.inits
+    # Message equality compares the fields (name, dims, type, data) without serializing the weights again.
+    differ = {t.name for t in model.graph.initializer if t.name not in inits or inits[t.name] != t}
     return {n.name for n in model.graph.node
-            if before.get(n.name) != n.SerializeToString() or any(i in differ for i in n.input)}
+            if index.nodes.get(n.name) != n.SerializeToString() or any(i in differ for i in n.input)}

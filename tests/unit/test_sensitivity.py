@@ -62,3 +62,27 @@ def test_sensitivity_of_an_opset11_model(damaged_mlp, tmp_path):
     onnx.save(old, tmp_path / "mlp11.onnx")
     rows = layer_sensitivity(tmp_path / "mlp11.onnx", None, amax, ds, output="logits", batch_size=16)
     assert [r.node for r in rows][0] == "fc2" and all(r.sqnr_db is not None for r in rows)
+
+
+def test_accumulated_sqnr_is_the_two_models_run_apart(damaged_mlp):
+    """The accumulated SQNR takes its FP32 side from the instrumented local-SQNR run: the same numbers, to the
+    bit, as the FP32 model and the Q/DQ model each run on its own (the definition, computed here directly)."""
+    import onnx
+
+    from quantpipe.onnxgraph import expose_outputs
+    from quantpipe.ortsession import ort_session
+
+    _, model_path, ds, amax = damaged_mlp
+    rows = layer_sensitivity(model_path, None, amax, ds, output="logits", one_at_a_time=False, batch_size=16)
+    fp32 = onnx.load(str(model_path))
+    qdq, _ = Q.build_qdq_model(fp32, amax)
+    tensors = sorted(r.tensor for r in rows)
+    a = ort_session(expose_outputs(fp32, tensors), optimize=False)
+    b = ort_session(expose_outputs(qdq, tensors), optimize=False)
+    sig, noise = dict.fromkeys(tensors, 0.0), dict.fromkeys(tensors, 0.0)
+    for batch in ds.batches(16):
+        for t, x, y in zip(tensors, a.run(tensors, dict(batch.feeds)), b.run(tensors, dict(batch.feeds)), strict=True):
+            x64 = np.asarray(x, dtype=np.float64)
+            sig[t] += float(np.sum(x64**2))
+            noise[t] += float(np.sum((np.asarray(y, dtype=np.float64) - x64) ** 2))
+    assert {r.tensor: r.sqnr_db for r in rows} == {t: 10.0 * np.log10(sig[t] / noise[t]) for t in tensors}
