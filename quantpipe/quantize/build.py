@@ -104,7 +104,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
     plan = plan_qdq(g, amax_all, options, per_channel)
     shifted: list[str] = []
     if options.shift_nonnegative and opset_after >= 11:
-        shifted = shift_nonnegative(m, g, plan, stats)
+        shifted = shift_nonnegative(m, g, plan, stats, options)
         if shifted:
             g = Graph(m.graph)
     corrected: list[str] = []
