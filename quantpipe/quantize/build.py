@@ -114,7 +114,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
         corrected = correct_biases(m, g, plan, options, stats)
         if corrected:
             g = Graph(m.graph)
-    if options.output_bias and options.only_nodes is None:  # a whole-model correction: not for one layer alone
+    if options.output_bias and options.only_nodes is None and options.keep_float_nodes == options.output_bias_keep:
         corrected += [n for n in apply_output_bias(m, g, options.output_bias) if n not in corrected]
         g = Graph(m.graph)
     gptq_used = apply_plan(m, g, plan, options)

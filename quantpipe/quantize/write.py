@@ -86,7 +86,8 @@ def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data
             m, calibration_data, per_channel=options.per_channel, batch_size=batch_size, input_amax=amax))
     if options.output_bias is None and options.bias_correction and amax is not None:
         options = dataclasses.replace(options, output_bias=output_bias(m, amax, options, calibration_data,
-                                                                       batch_size=batch_size))
+                                                                       batch_size=batch_size),
+                                      output_bias_keep=options.keep_float_nodes)
     return options
 
 
