@@ -3,7 +3,7 @@
 Each job has its own module; this package re-exports the entry points callers use:
 
 - `options`: `QuantizeOptions`, the one object that says how to quantize (defaults from `config`);
-- `build`: `build_qdq_model` / `quantize_model`, the fixed order split -> smooth -> plan -> shift -> bias -> emit;
+- `build`: `build_qdq_model` / `quantize_model`, the fixed order split -> smooth -> plan -> shift -> bias (and output bias) -> emit;
 - `placement`: where Q/DQ goes (TensorRT's placement rules, residual Adds, sentinel masks);
 - `emit`: the Q/DQ nodes and int8 weights; `weights`: the int8 weight codes (nearest or GPTQ);
 - `rewrites/`: `smooth`, `shift`, `split`, `bias_correction`, each exact in float;

@@ -1,6 +1,7 @@
 """The INT8 Q/DQ model, built in one fixed order: opset upgrade, split activations, smoothing, placement,
-the non-negative shift, bias correction, then the Q/DQ nodes themselves. Models below opset 13 (where
-DequantizeLinear has no `axis`) are upgraded or fall back to per-tensor weights, never written invalid.
+the non-negative shift, bias correction (and the output heads' measured mean error), then the Q/DQ nodes.
+Models below opset 13 (where DequantizeLinear has no `axis`) are upgraded or fall back to per-tensor weights,
+never written invalid.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from quantpipe.quantize.emit import apply_plan
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import QUANTIZABLE_OPS, plan_qdq, sentinel_tensors
 from quantpipe.quantize.rewrites.bias_correction import correct_biases
+from quantpipe.quantize.rewrites.output_bias import apply_output_bias
 from quantpipe.quantize.rewrites.shift import shift_nonnegative
 from quantpipe.quantize.rewrites.smooth import smooth_inputs
 from quantpipe.quantize.rewrites.split import split_activations
@@ -104,7 +106,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
     plan = plan_qdq(g, amax_all, options, per_channel)
     shifted: list[str] = []
     if options.shift_nonnegative and opset_after >= 11:
-        shifted = shift_nonnegative(m, g, plan, stats)
+        shifted = shift_nonnegative(m, g, plan, stats, options)
         if shifted:
             g = Graph(m.graph)
     corrected: list[str] = []
@@ -112,6 +114,9 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
         corrected = correct_biases(m, g, plan, options, stats)
         if corrected:
             g = Graph(m.graph)
+    if options.output_bias and options.only_nodes is None and options.keep_float_nodes == options.output_bias_keep:
+        corrected += [n for n in apply_output_bias(m, g, options.output_bias) if n not in corrected]
+        g = Graph(m.graph)
     gptq_used = apply_plan(m, g, plan, options)
     skipped_amax = [f for f in plan.floats if f.op_type in QUANTIZABLE_OPS | {"Add"} and "amax" in f.reason]
     if skipped_amax:

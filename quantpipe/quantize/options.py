@@ -60,6 +60,15 @@ class QuantizeOptions:
     the activations whose rounding noise dominates the output (`split_search.choose_splits`); until then, and
     with 'off', nothing is split."""
 
+    output_bias: Mapping[str, Any] | None = None
+    """Head node -> its INT8 output's mean error per channel on the calibration data (`rewrites.output_bias`,
+    filled by `with_calibration_data` when bias correction is on), subtracted from the head's bias. Measured on
+    the whole INT8 model with `output_bias_keep` in float: builds of one layer alone (`only_nodes`, the
+    sensitivity) or with other layers in float (the fallback's) leave it out, since the error it takes back
+    changes with them."""
+    output_bias_keep: frozenset[str] = frozenset()
+    """The `keep_float_nodes` `output_bias` was measured with."""
+
     @classmethod
     def from_config(cls, section: QuantizeConfig) -> QuantizeOptions:
         """The options pipeline.yaml's `build.quantize` section describes (no data-driven fields yet)."""

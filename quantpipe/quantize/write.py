@@ -13,14 +13,15 @@ from typing import Any
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor
 from quantpipe.onnxgraph import load_onnx, named_copy
-from quantpipe.quantize.build import quantize_model
+from quantpipe.quantize.build import build_qdq_model, quantize_model
 from quantpipe.quantize.gptq import collect_weight_codes
 from quantpipe.quantize.options import QuantizeOptions
+from quantpipe.quantize.rewrites.output_bias import find_output_heads, measure_output_bias
 from quantpipe.quantize.split_search import choose_splits
 from quantpipe.quantize.stats import collect_channel_stats
 from quantpipe.quantize.types import QuantizeReport
 
-__all__ = ["with_calibration_data", "write_qdq_model"]
+__all__ = ["output_bias", "with_calibration_data", "write_qdq_model"]
 
 log = logging.getLogger(__name__)
 
@@ -83,4 +84,22 @@ def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data
         # On the unsplit graph: a split activation's weights take these codes repeated (`split_activations`).
         options = dataclasses.replace(options, weight_codes=collect_weight_codes(
             m, calibration_data, per_channel=options.per_channel, batch_size=batch_size, input_amax=amax))
+    if options.output_bias is None and options.bias_correction and amax is not None:
+        options = dataclasses.replace(options, output_bias=output_bias(m, amax, options, calibration_data,
+                                                                       batch_size=batch_size),
+                                      output_bias_keep=options.keep_float_nodes)
     return options
+
+
+def output_bias(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
+                batch_size: int = 8) -> dict[str, Any]:
+    """The INT8 model's mean error per channel at each output head (`rewrites.output_bias`), measured on the
+    calibration data with everything else `options` decides: what `QuantizeOptions.output_bias` takes back."""
+    from quantpipe.onnxgraph import Graph
+
+    heads = find_output_heads(Graph(model.graph))
+    if not heads:
+        return {}
+    log.info("measuring the INT8 output's mean error at %s", ", ".join(h.node for h in heads))
+    qdq, _ = build_qdq_model(model, amax, options)
+    return measure_output_bias(model, qdq, heads, calibration_data, batch_size=batch_size)

@@ -49,11 +49,16 @@ def bias_slot(g: Graph, node: Any) -> tuple[int, float, np.ndarray] | None:
     return n_out, scale, b
 
 
-def input_sums(g: Graph, node: Any) -> np.ndarray | None:
-    """Per output of a Conv / Gemm: how much it moves when every element of its input 0 moves by 1."""
+def input_sums(g: Graph, node: Any, weight: np.ndarray | None = None) -> np.ndarray | None:
+    """Per output of a Conv / Gemm: how much it moves when every element of its input 0 moves by 1.
+    `weight`: the values the node will compute with (its int8 weight dequantized) instead of its float weight."""
     w = g.value(node.input[1]) if len(node.input) > 1 else None
     if w is None or w.dtype != np.float32:
         return None
+    if weight is not None:
+        if weight.shape != w.shape:
+            return None
+        w = weight
     if node.op_type == "Conv":
         if attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
             return None

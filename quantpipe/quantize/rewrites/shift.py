@@ -4,6 +4,7 @@ compensated through the biases of their producer and readers."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -11,9 +12,11 @@ from typing import Any
 import numpy as np
 
 from quantpipe.onnxgraph import Graph, Names, add_initializer, attr, drop_unused_initializers
+from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import Plan
 from quantpipe.quantize.rewrites.patterns import bias_slot, clip_bounds, input_sums
 from quantpipe.quantize.types import ChannelStats
+from quantpipe.quantize.weights import int8_weight
 
 __all__ = ["OFFSETS_METADATA_KEY", "shift_nonnegative", "tensor_offsets"]
 
@@ -53,8 +56,8 @@ _Fix = tuple[str, Any, Any]
 class _Shifter:
     """One pass of the shift over a graph: the state its steps share (fresh names, Pads to insert, offsets)."""
 
-    def __init__(self, m: Any, g: Graph, plan: Plan, stats: dict[str, ChannelStats]) -> None:
-        self.m, self.g, self.plan, self.stats = m, g, plan, stats
+    def __init__(self, m: Any, g: Graph, plan: Plan, stats: dict[str, ChannelStats], opts: QuantizeOptions) -> None:
+        self.m, self.g, self.plan, self.stats, self.opts = m, g, plan, stats, opts
         self.names = Names(m.graph)
         by_name = {n.name: n for n in g.graph.node}
         self.entries: dict[str, list[tuple[tuple[str, int], float]]] = collections.defaultdict(list)
@@ -96,13 +99,27 @@ class _Shifter:
         fixes = self.reader_fixes(t, prod) if p_slot is not None else None
         return (a, act, prod, bounds, p_slot, fixes) if fixes else None
 
+    def computed_weight(self, reader: Any) -> np.ndarray | None:
+        """The weight a reader computes with: its int8 weight dequantized where the plan quantizes it, else None
+        (its float weight)."""
+        key = (reader.name, 1)
+        w = self.g.value(reader.input[1]) if len(reader.input) > 1 else None
+        if key not in self.plan.weights or w is None or w.dtype != np.float32:
+            return None
+        axis = self.plan.weights[key]
+        q, scale, _ = int8_weight(reader.input[1], w, axis, self.opts)
+        bshape = [1] * w.ndim
+        if axis is not None:
+            bshape[axis] = -1
+        return q.astype(np.float64) * scale.reshape(bshape).astype(np.float64)
+
     def reader_fixes(self, t: str, prod: Any) -> list[_Fix] | None:
         """How every reader of `t` takes the shift back, or None when one cannot."""
         g = self.g
         fixes: list[_Fix] = []
         for reader, j in g.consumers.get(t, []):
             if reader.op_type in ("Conv", "Gemm") and j == 0:
-                sums, slot = input_sums(g, reader), bias_slot(g, reader)
+                sums, slot = input_sums(g, reader, self.computed_weight(reader)), bias_slot(g, reader)
                 if sums is None or slot is None or sums.shape != (slot[0],):
                     return None
                 fixes.append(("weights", reader, (sums, slot)))
@@ -151,8 +168,9 @@ class _Shifter:
             self.set_bias(node, bias + d, "bias_shifted")
 
     def pad_readers(self, t: str, fixes: list[_Fix], c: float) -> None:
-        """A zero-padded Conv reader reads an explicit Pad whose value is -c (the shifted zero); the statistics
-        follow the shifted tensor."""
+        """A zero-padded Conv reader reads an explicit Pad whose value is -c (the shifted zero). The padded
+        tensor keeps the unshifted statistics: with its bias corrected by c * sum(int8 weight), the reader computes
+        what it computed from the unshifted input, so bias correction's E[(Wq - W) x] is about that input."""
         from onnx import helper
 
         m, names = self.m, self.names
@@ -175,9 +193,8 @@ class _Shifter:
                     if x.name == "pads":
                         del x.ints[:]
                         x.ints.extend([0] * len(pads))
-            if st is not None:
-                self.stats[src] = ChannelStats(src, st.axis, np.maximum(np.abs(st.absmax - c), c),
-                                               np.asarray(st.mean) - c, st.num_samples)
+            if st is not None and src != t:
+                self.stats[src] = dataclasses.replace(st, tensor=src)
 
     def finish(self, done: list[str]) -> None:
         m = self.m
@@ -194,20 +211,22 @@ class _Shifter:
             drop_unused_initializers(m.graph, Graph(m.graph))
 
 
-def shift_nonnegative(m: Any, g: Graph, plan: Plan, stats: dict[str, ChannelStats]) -> list[str]:
+def shift_nonnegative(m: Any, g: Graph, plan: Plan, stats: dict[str, ChannelStats],
+                      options: QuantizeOptions = QuantizeOptions()) -> list[str]:
     """Quantize non-negative activations around the middle of their range, exactly compensated.
 
     TensorRT's activations are symmetric int8: a post-ReLU tensor with amax A gets steps of A/127 and never
     uses the negative codes. Rewriting  P -> Relu/Clip(lo >= 0) -> t  (P a Conv or Gemm) as
     P' -> Clip(lo - c, hi - c) -> t' = t - c  with c = A/2 puts t' in [-A/2, A/2]: steps of A/254, the sign
     bit used. P' has bias b - c. Every reader of t must take the shift back exactly, or nothing is done:
-    a Conv / Gemm reading it adds c * sum(W) to its bias (a zero-padded Conv reads an explicit Pad with value
-    -c, the shifted zero, instead); a residual Add whose other input comes from a Conv / Gemm adds c to that
+    a Conv / Gemm reading it adds c * sum(W) to its bias, W the weight it computes with (int8 dequantized where
+    the plan quantizes it, so c times the weights' rounding error never reaches the output: with a wide range c
+    is large); a zero-padded Conv reads an explicit Pad with value -c, the shifted zero; a residual Add whose other input comes from a Conv / Gemm adds c to that
     producer's bias. In float the graph computes the same function; -c is an exact int8 code, so the Pad
     commutes with the Q/DQ after it. The shifted tensors are recorded in the model's metadata
     (`tensor_offsets`). Returns the shifted tensors.
     """
-    s = _Shifter(m, g, plan, stats)
+    s = _Shifter(m, g, plan, stats, options)
     done: list[str] = []
     for t in sorted(s.entries, key=lambda n: g.position[g.producer[n].name] if n in g.producer else -1):
         found = s.candidate(t)
