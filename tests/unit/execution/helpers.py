@@ -59,3 +59,17 @@ def stash_seen(handle: object) -> tuple[int, bool, object]:
 
     before = getattr(handle, "digest", "") in cached_digests()
     return os.getpid(), before, unstash(handle)  # type: ignore[arg-type]
+
+
+def digits_entropy(out: Path) -> tuple:
+    """(calibration Dataset, evaluation Dataset, entropy amax) of the bundled example, calibrated into `out`."""
+    from quantpipe.calibration import calibrate, select_amax
+    from quantpipe.data import open_dataset
+    from quantpipe.model import load_model_spec
+    from tests.conftest import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL
+
+    spec, _ = load_model_spec(EXAMPLE_MODEL)
+    calib = open_dataset(EXAMPLE_CALIB, spec.inputs)
+    evald = open_dataset(EXAMPLE_EVAL, spec.inputs, labels_key="label", role="evaluation")
+    amax = select_amax(out, "entropy", calibrate(EXAMPLE_MODEL, calib, methods=["entropy"], out_dir=out))
+    return calib, evald, amax

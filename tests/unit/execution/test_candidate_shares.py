@@ -106,15 +106,10 @@ def test_local_workers_read_a_stashed_value_once(tmp_path):
 @pytest.fixture(scope="module")
 def slices_case(tmp_path_factory):
     """A share of 3 one-layer candidates over 4 batches of the bundled example, and one process's outputs."""
-    from quantpipe.calibration import calibrate, select_amax
     from quantpipe.quantize.options import QuantizeOptions
     from quantpipe.reference import prepare_reference
 
-    spec, _ = load_model_spec(EXAMPLE_MODEL)
-    calib = open_dataset(EXAMPLE_CALIB, spec.inputs)
-    evald = open_dataset(EXAMPLE_EVAL, spec.inputs, labels_key="label", role="evaluation")
-    out = tmp_path_factory.mktemp("cal")
-    amax = select_amax(out, "entropy", calibrate(EXAMPLE_MODEL, calib, methods=["entropy"], out_dir=out))
+    _, evald, amax = helpers.digits_entropy(tmp_path_factory.mktemp("cal"))
     ctx = prepare_reference(EXAMPLE_MODEL, amax, evald, output=None, batch_size=8, max_samples=32,
                             options=QuantizeOptions(), calibration_data=None)
     names = [n.name for n in ctx.model.graph.node if n.op_type in ("Conv", "Gemm")][:3]

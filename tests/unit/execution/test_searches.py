@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from quantpipe.calibration import calibrate, select_amax
+from quantpipe.calibration import calibrate
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_share, run_shared, share_count
-from quantpipe.data import open_dataset
 from quantpipe.execution import InProcess, LocalPool, RayPool, plan_shards
 from quantpipe.fallback import accuracy_fallback
-from quantpipe.model import load_model_spec
 from quantpipe.sensitivity import layer_sensitivity
-from tests.conftest import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL
+from tests.conftest import EXAMPLE_MODEL
+from tests.unit.execution import helpers
 
 #: The budget keeps several of the digits CNN's layers in float, over several greedy steps.
 BUDGET = {"metric": "cosine", "target": 0.99999}
@@ -22,12 +21,7 @@ BUDGET = {"metric": "cosine", "target": 0.99999}
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """(calibration Dataset, evaluation Dataset, entropy amax) of the bundled example."""
-    spec, _ = load_model_spec(EXAMPLE_MODEL)
-    calib = open_dataset(EXAMPLE_CALIB, spec.inputs)
-    evald = open_dataset(EXAMPLE_EVAL, spec.inputs, labels_key="label", role="evaluation")
-    out = tmp_path_factory.mktemp("cal")
-    amax = select_amax(out, "entropy", calibrate(EXAMPLE_MODEL, calib, methods=["entropy"], out_dir=out))
-    return calib, evald, amax
+    return helpers.digits_entropy(tmp_path_factory.mktemp("cal"))
 
 
 def _searches(executor, digits, out):
