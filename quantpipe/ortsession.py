@@ -10,11 +10,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from quantpipe.errors import BuildError
 from quantpipe.externaldata import external_folders, in_memory_bytes, strip_basepath, write_external
 from quantpipe.onnxgraph import LARGE_MODEL_BYTES
 
-__all__ = ["EXTERNAL_FOLDER_KEY", "ORT_INT8_SESSION_CONFIG", "fp32_batches", "ort_session", "require_ort"]
+__all__ = ["EXTERNAL_FOLDER_KEY", "ORT_INT8_SESSION_CONFIG", "fold_weight_dequantize", "fp32_batches", "ort_session",
+           "require_ort"]
 
 #: onnxruntime's session option for the folder external data is read from when a model comes as bytes.
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
@@ -29,6 +32,13 @@ def ort_session(model: Any, *, int8: bool = False, optimize: bool = True, thread
     which wrecks accuracy (EfficientNet-Lite0: 0.69 instead of 0.81 top-1 agreement on the open set).
     `optimize=False` runs the graph as written (the exact Q/DQ semantics): onnxruntime's fusions can make
     an exposed intermediate tensor of a Q/DQ model hold something else than the float graph computes.
+
+    Quantized weights are given to onnxruntime as the float constants they dequantize to
+    (`fold_weight_dequantize`, the same bits): a Gemm / MatMul whose weight is a DequantizeLinear output is not
+    prepacked, and onnxruntime's float GEMM then blocks its K loop by each thread's share of N, so with many
+    intra-op threads its last bits depend on the thread count (EfficientNet-Lite0 INT8: identical at 1-8
+    threads, 1.9e-6 off at 16). On constants the sums are the same at every thread count, so the searches give
+    the same numbers with any number of workers on any machine (tests/unit/test_ortsession.py).
     """
     ort = require_ort()
     opts = ort.SessionOptions()
@@ -43,7 +53,56 @@ def ort_session(model: Any, *, int8: bool = False, optimize: bool = True, thread
         opts.intra_op_num_threads = threads
     for k, v in (ORT_INT8_SESSION_CONFIG.items() if int8 else ()):
         opts.add_session_config_entry(k, v)
-    return _session(ort, model, opts)
+    return _session(ort, fold_weight_dequantize(model), opts)
+
+
+def fold_weight_dequantize(model: Any) -> Any:
+    """`model` with each DequantizeLinear of constants (a quantized weight: int8 / uint8 values, float32 scale,
+    per-tensor or per-axis) replaced by the float32 initializer it computes, bit for bit as onnxruntime's kernel
+    computes it (`(int32(q) - zero_point) * scale` in float32). `model` itself is unchanged; a model without
+    such a node is returned as is. Weights held in external files, blocked quantization and other types stay
+    DequantizeLinear nodes."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    ints = {TensorProto.INT8, TensorProto.UINT8}
+    outputs = {o.name for o in model.graph.output}
+
+    def foldable(n: Any) -> bool:
+        if n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            return False
+        if n.output[0] in outputs or any(a.name == "block_size" for a in n.attribute):
+            return False
+        ts = [inits.get(i) for i in n.input if i]
+        if any(t is None or t.data_location == TensorProto.EXTERNAL for t in ts):
+            return False
+        return ts[0].data_type in ints and ts[1].data_type == TensorProto.FLOAT  # type: ignore[union-attr]
+
+    fold = [n for n in model.graph.node if foldable(n)]
+    if not fold:
+        return model
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    folded = {n.output[0] for n in fold}
+    keep = [n for n in out.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in folded)]
+    values = []
+    for n in fold:
+        q = numpy_helper.to_array(inits[n.input[0]]).astype(np.int32)
+        scale = numpy_helper.to_array(inits[n.input[1]])
+        zp = (numpy_helper.to_array(inits[n.input[2]]).astype(np.int32) if len(n.input) > 2 and n.input[2]
+              else np.zeros_like(scale, dtype=np.int32))
+        if scale.ndim == 1 and q.ndim > 1:  # per axis
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        values.append(numpy_helper.from_array((q - zp).astype(np.float32) * scale, n.output[0]))
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    out.graph.initializer.extend(values)  # the int8 ones stay: a subgraph may read them; onnxruntime drops unused
+    return out
 
 
 def _session(ort: Any, model: Any, opts: Any) -> Any:

@@ -108,9 +108,10 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
 
     Each candidate differs from `base` in a few nodes (a layer kept in float or quantized alone): a candidate runs
     only the part of its graph those nodes reach (`downstream.cut_below`), fed with the tensors it reads from one
-    run of `base` with them exposed. The part is optimized as onnxruntime optimizes the whole model (the shapes
-    the whole model infers are declared on its inputs), so it computes the same bits; tests/unit/test_reference.py
-    and tools/golden.py check it. A candidate whose part is more than `max_part` of its model (by estimated
+    run of `base` with them exposed. Q/DQ models (`int8`) run as written (`ort_session(optimize=False)`: the exact
+    Q/DQ arithmetic, the same bits at any thread count); float ones are optimized, a part as onnxruntime
+    optimizes the whole model (the shapes the whole model infers are declared on its inputs). Either way a part
+    computes the same bits as its whole model; tests/unit/test_reference.py and tools/golden.py check it. A candidate whose part is more than `max_part` of its model (by estimated
     multiply-adds) runs whole, and so do all when the parts together skip fewer than `min_skipped` whole runs (the
     run of `base` that feeds them costs about one).
 
@@ -120,16 +121,19 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     """
     import onnx
 
+    def session(m: Any) -> Any:
+        return ort_session(m, int8=int8, optimize=not int8, threads=threads)
+
     models = [_proto(c) for c in candidates]
     if len(models) < 2 or _proto(base).ByteSize() >= LARGE_MODEL_BYTES:  # shape inference needs a < 2 GB proto
-        return [run_output(ort_session(m, int8=int8, threads=threads), feeds, output) for m in models]
+        return [run_output(session(m), feeds, output) for m in models]
     base = _proto(base)
     inputs = {i.name for i in base.graph.input}
     index, base_unsafe = NodeIndex(base), unsafe_to_feed(base)  # once for all the candidates
     cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, index), base=base, base_unsafe=base_unsafe)
             for m in models]
     if not any(set(c.feeds) - inputs for c in cuts):  # every part reaches up to the inputs: each runs whole
-        return [run_output(ort_session(m, int8=int8, threads=threads), feeds, output) for m in models]
+        return [run_output(session(m), feeds, output) for m in models]
     shapes = {v.name: v for v in onnx.shape_inference.infer_shapes(base).graph.value_info}
     # A part that is most of its model runs whole, and parts run at all only where what they skip together
     # outweighs the run of `base` that feeds them (estimated by multiply-adds).
@@ -143,10 +147,10 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     outs: list[list[np.ndarray]] = [[] for _ in models]
     for k, m in enumerate(models):
         if k not in cut_at:
-            outs[k] = [run_output(ort_session(m, int8=int8, threads=threads), feeds, output)]
+            outs[k] = [run_output(session(m), feeds, output)]
     if cut_at:
         exposed = sorted({f for k in cut_at for f in cuts[k].feeds if f not in inputs} - {output})
-        sess = ort_session(_exposed(base, exposed, shapes), int8=int8, threads=threads)
+        sess = session(_exposed(base, exposed, shapes))
         names = [output, *exposed]
         parts: dict[int, Any] = {}
         for f in feeds:
@@ -157,8 +161,7 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
                     outs[k].append(known[output])
                     continue
                 if k not in parts:
-                    parts[k] = ort_session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes), int8=int8,
-                                            threads=threads)
+                    parts[k] = session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes))
                 outs[k].append(parts[k].run([output], {t: known[t] for t in cut.feeds})[0])
     return [np.concatenate(o, axis=0) for o in outs]
 
