@@ -193,6 +193,16 @@ def evaluate_variant(
 # --------------------------------------------------------------------------------------------- sharded
 
 
+def accuracy_threads(configured: int | None) -> int:
+    """onnxruntime intra-op threads for the passes whose outputs are scored: `configured`
+    (build.backends.onnxruntime.threads), else 1 in every process. onnxruntime's float GEMM on a weight it
+    cannot prepack (a Q/DQ model's dequantized weight) blocks its sums by each thread's share of the output
+    columns, so its last bits depend on the thread count; one count everywhere keeps the scored numbers the same
+    with any number of workers on any machine (the workers give the parallelism). Latency is measured with
+    `configured` (None: onnxruntime's default, every core), as a deployment runs."""
+    return configured or 1
+
+
 def open_runner(v: Variant, threads: int | None) -> Any:
     """The Runner of a built variant (not yet entered). `threads`: onnxruntime intra-op threads (None: its own)."""
     if v.backend in ("onnxruntime", "modelopt"):  # ModelOpt's variants are ONNX models, run like quantpipe's

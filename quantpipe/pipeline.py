@@ -195,7 +195,7 @@ def stage_evaluate(
     (evaluate.sharded_outputs, the same arrays as one process); metrics and latency then run here, one variant
     at a time, so latency is never measured beside other work.
     """
-    from quantpipe.evaluate import evaluate_variant, open_runner
+    from quantpipe.evaluate import accuracy_threads, evaluate_variant, open_runner, run_outputs
     from quantpipe.taskmetrics import TaskSpec
 
     ev = cfg.evaluate
@@ -212,8 +212,14 @@ def stage_evaluate(
     threads = cfg.build.backends.onnxruntime.threads
     outputs = _sharded_outputs(cfg, li, order, progress, executor)
     for v in order:
-        runner = open_runner(v, threads)
         n_lat = len(lat.batch_sizes) if lat.enabled else 0
+        if v.name not in outputs and n_lat and accuracy_threads(threads) != threads and v.device == "cpu":
+            # The scored outputs on one fixed thread count (evaluate.accuracy_threads), latency on `threads`.
+            with progress.task(f"evaluating {v.name}", li.eval.num_samples) as advance, \
+                    open_runner(v, accuracy_threads(threads)) as runner:
+                outputs[v.name] = run_outputs(runner, li.eval, li.output, cfg.data.batch_size, advance,
+                                              classify=task.task == "classification")
+        runner = open_runner(v, threads if n_lat else accuracy_threads(threads))
         what = f"measuring {v.name}" if v.name in outputs else f"evaluating {v.name}"
         with progress.task(what, None if v.name in outputs else li.eval.num_samples) as advance, runner:
             res, out = evaluate_variant(
@@ -241,7 +247,7 @@ def stage_evaluate(
 def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Variant], progress: Progress,
                      executor: Executor | None) -> dict[str, np.ndarray]:
     """The outputs of the variants the executor's workers can run, as variants x shards (empty: one worker)."""
-    from quantpipe.evaluate import shardable, sharded_outputs
+    from quantpipe.evaluate import accuracy_threads, shardable, sharded_outputs
     from quantpipe.execution import model_mb, plan_shards
 
     if executor is None or executor.workers < 2:
@@ -256,7 +262,7 @@ def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Varia
     with progress.task(f"evaluating {len(chosen)} variant(s) on {executor.workers} {executor.engine} workers",
                        total) as advance:
         return sharded_outputs(executor, chosen, li.eval, output=li.output, batch_size=cfg.data.batch_size,
-                               threads=cfg.build.backends.onnxruntime.threads or executor.threads_per_worker,
+                               threads=accuracy_threads(cfg.build.backends.onnxruntime.threads),
                                on_samples=advance, shards=shards)
 
 

@@ -47,3 +47,35 @@ def test_run_on_2_workers_equals_one_process(tmp_path):
     assert two_ranges["amax"] == one_ranges["amax"] and two_ranges["per_tensor"] == one_ranges["per_tensor"]
     for key in ("fallback", "sensitivity", "calibration", "evaluations"):
         assert _without_timings(two[key]) == _without_timings(one[key]), key
+
+
+def test_scored_outputs_run_on_one_thread_and_latency_on_the_configured_count(tmp_path, monkeypatch):
+    """onnxruntime's float GEMM on a dequantized weight sums in an order set by its thread count: the outputs the
+    metrics score run on one intra-op thread in every process (evaluate.accuracy_threads), so they never depend on
+    the workers or the machine's cores; latency runs as configured (unset: onnxruntime's default)."""
+    from quantpipe.backends import onnxruntime as ortb
+
+    seen: list[tuple[str, str, int | None]] = []
+    infer, measure = ortb.OrtRunner.infer, ortb.OrtRunner.measure
+
+    def spy_infer(self, feeds):
+        seen.append(("infer", self.name, self.threads))
+        return infer(self, feeds)
+
+    def spy_measure(self, feeds, warmup, iterations):
+        seen.append(("measure", self.name, self.threads))
+        return measure(self, feeds, warmup, iterations)
+
+    monkeypatch.setattr(ortb.OrtRunner, "infer", spy_infer)
+    monkeypatch.setattr(ortb.OrtRunner, "measure", spy_measure)
+    tmp_path.mkdir(exist_ok=True)
+    cfg = example_config(tmp_path, execution={"workers": 1})
+    cfg["build"]["backends"]["tensorrt"]["enabled"] = False
+    cfg["evaluate"]["latency"] = {"enabled": True, "batch_sizes": [1], "warmup": 1, "iterations": 2}
+    cfg["gate"] = {"rules": []}
+    assert main(["run", str(write_config(tmp_path, cfg)), "--run-id", "r", "-q"]) == 0
+    names = {name for _, name, _ in seen}
+    assert {"ort-fp32", "ort-int8"} <= names, names
+    for name in names:
+        assert {t for k, n, t in seen if n == name and k == "infer"} == {1}, name
+        assert {t for k, n, t in seen if n == name and k == "measure"} == {None}, name
