@@ -15,7 +15,7 @@ import numpy as np
 
 from quantpipe.onnxgraph import subgraph_references
 
-__all__ = ["Cut", "NodeIndex", "changed_nodes", "cut_below", "unsafe_to_feed"]
+__all__ = ["FLOAT_BARRIERS", "Cut", "NodeIndex", "changed_nodes", "cut_below", "unsafe_to_feed"]
 
 
 class Cut:
@@ -132,8 +132,18 @@ def unsafe_to_feed(model: Any) -> set[str]:
         if n.op_type == "QuantizeLinear":
             before_q.update(n.input[:1])
         elif n.op_type != "DequantizeLinear" and any(o in before_q for o in n.output if o):
+            if n.op_type in FLOAT_BARRIERS and not any(i in after_dq for i in n.input):
+                continue  # its output is computed in float whatever follows: its inputs are not in the chain
             before_q.update(i for i in n.input if i)
     return constant | after_dq | before_q
+
+
+#: Ops whose inputs a quantization below them never reaches when none of them is dequantized: onnxruntime fuses
+#: such an op with a QuantizeLinear only inside a node group fed by DequantizeLinear (QLinearConv, QLinearMatMul,
+#: QLinearAdd, QLinearMul); fed in float, it computes in float and its output alone is the chain's start (the
+#: Relu / Clip a quantization clamps anyway, and the reshapes and pooling a QuantizeLinear moves across, sit
+#: between it and the QuantizeLinear and stay in the chain).
+FLOAT_BARRIERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul"})
 
 
 def _subgraph_reads(nodes: Iterable[Any]) -> set[str]:

@@ -66,6 +66,10 @@ def test_single_layers_equal_their_own_runs_and_take_bytes(example_ctx) -> None:
         assert np.array_equal(a, b)
     # Quantized layers change the output: a comparison that cannot fail proves nothing.
     assert not np.array_equal(got[0], ctx.ref)
+    # A layer quantized alone is fed at the float op above its quantization (FLOAT_BARRIERS), not from the input:
+    # the later layers' parts are smaller than their models.
+    last = cut_below(singles[-1], (), [ctx.output], nodes=changed_nodes(singles[-1], ctx.model), base=ctx.model)
+    assert 0 < len(last.nodes) < len(singles[-1].graph.node) and set(last.feeds) - {i.name for i in ctx.model.graph.input}
 
 
 def test_a_cut_is_never_fed_a_dequantized_tensor_or_a_constant(example_ctx) -> None:
