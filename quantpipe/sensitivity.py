@@ -16,6 +16,7 @@ Two measurements per quantized node (Conv, Gemm, MatMul, residual Add):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -26,8 +27,8 @@ import numpy as np
 
 from quantpipe.artifacts import LayerSensitivity
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared
-from quantpipe.errors import EvaluationError
-from quantpipe.execution import Executor
+from quantpipe.errors import EvaluationError, WorkerError
+from quantpipe.execution import Executor, Stashed, plan_shards, unstash
 from quantpipe.metrics import sqnr_db
 from quantpipe.onnxgraph import expose_outputs, load_onnx
 from quantpipe.ortsession import ort_session
@@ -105,9 +106,8 @@ def layer_sensitivity(
         nodes = tuple(q for q in nodes if q.name in in_model)
     by_name = {n.name: n for n in ctx.model.graph.node}
     tensors = {q.name: by_name[q.name].output[0] for q in nodes if q.name in by_name}
-    acc = _Accumulated(ctx, full, sorted(set(tensors.values())))  # its FP32 side from the local SQNR's run
-    local = _local_sqnr(ctx, built, [q.name for q in nodes], acc)
-    sqnr = acc.result()
+    local, sqnr = _local_and_accumulated(ctx, built, full, [q.name for q in nodes], sorted(set(tensors.values())),
+                                         executor)
 
     count = len(nodes) if one_at_a_time is True else int(one_at_a_time or 0)
     order = sorted(nodes, key=lambda q: local.get(q.name, math.inf))
@@ -145,14 +145,122 @@ def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[An
     return measured, tie
 
 
-def _local_sqnr(ctx: Reference, qdq: Any, names: Sequence[str], acc: _Accumulated) -> dict[str, float]:
-    """SQNR (dB) of each quantized node's output when only its own inputs are quantized, the rest in FP32.
+@dataclasses.dataclass(frozen=True)
+class _SqnrJob:
+    """One share of the SQNR runs (`_sqnr_sums`): handles to the instrumented FP32 graph (`_instrumented`), the
+    Q/DQ model with the accumulated tensors exposed, an FP32 model exposing the tensors the first does not hold,
+    and the samples; the share's batches."""
 
-    One run of an instrumented FP32 graph: it also holds the Q/DQ model's quantization nodes (which read
-    the FP32 tensors there) and a copy of every quantized node fed through them. Unlike the accumulated
-    SQNR this does not fall with depth: it is the layer's own error (input rounding times its gain).
-    Each batch's FP32 tensors go on to `acc` (without graph optimizations every node runs as written, so they
-    are the bits a run of the FP32 model gives).
+    local: Stashed
+    """(instrumented model, its outputs, (node, fp32 tensor, local tensor) pairs, offsets) or None."""
+    accumulated: Stashed
+    """(Q/DQ model exposing `tensors`, tensors, offsets, FP32 model exposing the missing ones or None, missing)
+    or None."""
+    feeds: Stashed
+    batches: tuple[int, int]
+    threads: int | None = None
+
+
+#: Per batch: ({node: (signal, noise)} of the local SQNR, {tensor: (signal, noise)} of the accumulated SQNR).
+_BatchSums = tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]
+
+
+def _sqnr_sums(job: _SqnrJob) -> list[_BatchSums]:
+    """Run in a worker (or this process): the local and accumulated SQNR's squared sums of each of the share's
+    batches. The FP32 tensors of the instrumented run serve the accumulated SQNR too (without graph optimizations
+    every node runs as written, so they are the bits a run of the FP32 model gives)."""
+    local, accumulated = unstash(job.local), unstash(job.accumulated)
+    lo, hi = job.batches
+    feeds = unstash(job.feeds)[lo:hi]
+    sess = ort_session(local[0], optimize=False, threads=job.threads) if local else None
+    qs = fs = None
+    if accumulated:
+        qs = ort_session(accumulated[0], optimize=False, threads=job.threads)
+        fs = ort_session(accumulated[3], optimize=False, threads=job.threads) if accumulated[3] else None
+    out: list[_BatchSums] = []
+    for f in feeds:
+        fp: dict[str, tuple[np.ndarray, float]] = {}
+        loc: dict[str, tuple[float, float]] = {}
+        if sess is not None:
+            _, outs, pairs, offsets = local
+            res = dict(zip(outs, sess.run(list(outs), dict(f)), strict=True))
+            for name, a, b in pairs:
+                x = np.asarray(res[a], dtype=np.float64)
+                fp[a] = (x, float(np.sum(x**2)))
+                loc[name] = (fp[a][1], float(np.sum((np.asarray(res[b], dtype=np.float64) + offsets.get(a, 0.0) - x) ** 2)))
+            del res
+        acc: dict[str, tuple[float, float]] = {}
+        if qs is not None:
+            _, tensors, offsets, _, missing = accumulated
+            if fs is not None:  # not among the instrumented run's tensors: from a run of the FP32 model itself
+                got = [np.asarray(x, dtype=np.float64) for x in fs.run(list(missing), dict(f))]
+                fp.update({t: (x, float(np.sum(x**2))) for t, x in zip(missing, got, strict=True)})
+            for t, y in zip(tensors, qs.run(list(tensors), dict(f)), strict=True):
+                x64, sq = fp[t]
+                acc[t] = (sq, float(np.sum((np.asarray(y, dtype=np.float64) + offsets.get(t, 0.0) - x64) ** 2)))
+        out.append((loc, acc))
+        del fp
+    return out
+
+
+def _sqnr_db(sig: float, noise: float) -> float:
+    return math.inf if noise == 0 else -math.inf if sig == 0 else 10.0 * math.log10(sig / noise)
+
+
+def _local_and_accumulated(ctx: Reference, built: Any, full: Any, names: Sequence[str], tensors: Sequence[str],
+                           executor: Executor | None) -> tuple[dict[str, float], dict[str, float]]:
+    """The local SQNR of each quantized node (`_instrumented`) and the accumulated SQNR of each tensor (the Q/DQ
+    model `full` against FP32, over every element), summed over the evaluation batches in batch order: the
+    batches run in shares on the executor's workers, with the same numbers as in one process."""
+    local = _instrumented(ctx, built, names)
+    in_full = {o for n in full.graph.node for o in n.output}
+    tensors = [t for t in tensors if t in in_full]  # a split activation's producer writes a new tensor
+    accumulated = None
+    if tensors:
+        have = {a for _, a, _ in local[2]} if local else set()
+        missing = tuple(t for t in tensors if t not in have)
+        fp = expose_outputs(ctx.model, list(missing)) if missing else None
+        # Unoptimized sessions: with fusions on, onnxruntime may hand back another value for an exposed
+        # intermediate of a Q/DQ graph (e.g. a Conv output fused with its Clip).
+        accumulated = (expose_outputs(full, tensors), tuple(tensors), tensor_offsets(full), fp,
+                       missing)
+    if local is None and accumulated is None:
+        return {}, {}
+    batches = len(ctx.feeds)
+    work = (local[0].ByteSize() if local else 0) + (accumulated[0].ByteSize() if accumulated else 0)
+    shares = plan_shards(executor, items=batches, work_mb=len(ctx.ref) * work / 1e6)
+    if executor is None or shares < 2:
+        inline = [Stashed("", "inline", value=v) for v in (local, accumulated, tuple(ctx.feeds))]
+        sums = [_sqnr_sums(_SqnrJob(inline[0], inline[1], inline[2], batches=(0, batches)))]
+    else:
+        h = [executor.stash(v) for v in (local, accumulated, tuple(ctx.feeds))]
+        cuts = [round(batches * k / shares) for k in range(shares + 1)]
+        jobs = [_SqnrJob(h[0], h[1], h[2], batches=(lo, hi), threads=executor.threads_per_worker)
+                for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
+        sums = executor.map(_sqnr_sums, jobs)
+    per_batch = [b for part in sums for b in part]
+    if len(per_batch) != batches:
+        raise WorkerError(f"the SQNR runs returned {len(per_batch)} of {batches} batches; no partial result is used")
+    node_sums: dict[str, list[float]] = {name: [0.0, 0.0] for name, _, _ in (local[2] if local else ())}
+    tensor_sums: dict[str, list[float]] = {t: [0.0, 0.0] for t in tensors}
+    for loc, acc in per_batch:  # in batch order: the same additions as one process makes
+        for k, (sq, n) in loc.items():
+            node_sums[k][0] += sq
+            node_sums[k][1] += n
+        for t, (sq, n) in acc.items():
+            tensor_sums[t][0] += sq
+            tensor_sums[t][1] += n
+    return ({k: _sqnr_db(*v) for k, v in node_sums.items()}, {t: _sqnr_db(*v) for t, v in tensor_sums.items()})
+
+
+def _instrumented(ctx: Reference, qdq: Any, names: Sequence[str]
+                  ) -> tuple[Any, tuple[str, ...], tuple[tuple[str, str, str], ...], dict[str, float]] | None:
+    """The graph the local SQNR runs: the node's output when only its own inputs are quantized, the rest in FP32.
+
+    An instrumented FP32 graph: it also holds the Q/DQ model's quantization nodes (which read the FP32 tensors
+    there) and a copy of every quantized node fed through them. Unlike the accumulated SQNR this does not fall
+    with depth: it is the layer's own error (input rounding times its gain). Returns (the model, its
+    exposed outputs, (node, fp32 tensor, local tensor) pairs, the shift offsets), None when no node is there.
     """
     import onnx
 
@@ -192,29 +300,13 @@ def _local_sqnr(ctx: Reference, qdq: Any, names: Sequence[str], acc: _Accumulate
             extra.append(copy)
             pairs.append((n.name, n.output[0], f"{n.output[0]}__local"))
     if not pairs:
-        for f in ctx.feeds:
-            acc.add(f, {})
-        return {}
+        return None
     g.node.extend(extra)
     sorted_nodes = _toposort(list(g.node), {i.name for i in g.input} | {t.name for t in g.initializer})
     del g.node[:]
     g.node.extend(sorted_nodes)
-    outs = [t for _, a, b in pairs for t in (a, b)]
-    sess = ort_session(expose_outputs(m, outs), optimize=False)
-    sig = {name: 0.0 for name, _, _ in pairs}
-    noise = dict(sig)
-    for f in ctx.feeds:
-        res = dict(zip(outs, sess.run(outs, dict(f)), strict=True))
-        fp: dict[str, tuple[np.ndarray, float]] = {}
-        for name, a, b in pairs:
-            x = np.asarray(res[a], dtype=np.float64)
-            fp[a] = (x, float(np.sum(x**2)))
-            sig[name] += fp[a][1]
-            noise[name] += float(np.sum((np.asarray(res[b], dtype=np.float64) + offsets.get(a, 0.0) - x) ** 2))
-        acc.add(f, fp)
-        del fp, res
-    return {k: (math.inf if noise[k] == 0 else -math.inf if sig[k] == 0 else 10.0 * math.log10(sig[k] / noise[k]))
-            for k in sig}
+    outs = tuple(t for _, a, b in pairs for t in (a, b))
+    return expose_outputs(m, list(outs)), outs, tuple(pairs), offsets
 
 
 def _renamed(node: Any, name: str) -> Any:
@@ -251,46 +343,3 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
             done.update(n.output)
         pending = rest
     return out
-
-
-class _Accumulated:
-    """SQNR (dB) of each tensor in the Q/DQ run against the FP32 run, summed over the evaluation batches, fed
-    batch by batch with the FP32 tensors (float64) and their squared sums that another run computed."""
-
-    def __init__(self, ctx: Reference, qdq: Any, tensors: Sequence[str]) -> None:
-        in_qdq = {o for n in qdq.graph.node for o in n.output}
-        self.tensors = [t for t in tensors if t in in_qdq]  # a split activation's producer writes a new tensor
-        # Unoptimized sessions: with fusions on, onnxruntime may hand back another value for an exposed
-        # intermediate of a Q/DQ graph (e.g. a Conv output fused with its Clip).
-        self.qs = ort_session(expose_outputs(qdq, self.tensors), optimize=False) if self.tensors else None
-        self.model, self.fp = ctx.model, None
-        self.offsets = tensor_offsets(qdq)  # tensors the Q/DQ model holds shifted by -c (shift_nonnegative)
-        self.sig = dict.fromkeys(self.tensors, 0.0)
-        self.noise = dict.fromkeys(self.tensors, 0.0)
-
-    def add(self, feed: Mapping[str, np.ndarray], fp: Mapping[str, tuple[np.ndarray, float]]) -> None:
-        if self.qs is None:
-            return
-        missing = [t for t in self.tensors if t not in fp]
-        if missing:  # not among the run's tensors: from a run of the FP32 model itself (the same bits)
-            if self.fp is None:
-                self.fp = ort_session(expose_outputs(self.model, missing), optimize=False)
-            got = {t: np.asarray(x, dtype=np.float64) for t, x in zip(missing, self.fp.run(missing, dict(feed)),
-                                                                       strict=True)}
-            fp = {**fp, **{t: (x, float(np.sum(x**2))) for t, x in got.items()}}
-        b = self.qs.run(list(self.tensors), dict(feed))
-        for t, y in zip(self.tensors, b, strict=True):
-            x64, sq = fp[t]
-            self.sig[t] += sq
-            self.noise[t] += float(np.sum((np.asarray(y, dtype=np.float64) + self.offsets.get(t, 0.0) - x64) ** 2))
-
-    def result(self) -> dict[str, float]:
-        out = {}
-        for t in self.tensors:
-            if self.noise[t] == 0.0:
-                out[t] = math.inf
-            elif self.sig[t] == 0.0:
-                out[t] = -math.inf
-            else:
-                out[t] = 10.0 * math.log10(self.sig[t] / self.noise[t])
-        return out
