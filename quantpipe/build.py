@@ -66,7 +66,7 @@ def stage_build(
         }
         if cfg.calibration.from_cache is not None:  # the cache's scales are kept exact: see quantize_options
             fp["from_cache"] = str(cfg.calibration.from_cache)
-        if b.fallback is not None and b.fallback.metric in ("line_agreement", "map_iou"):
+        if b.fallback is not None and b.fallback.metric in ("line_agreement", "map_iou", "box_agreement"):
             # How the output is decoded / thresholded decides what the fallback keeps in float.
             fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense"}), sort_keys=True)
         manifest = reusable(ws.models, fp, "build")

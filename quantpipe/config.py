@@ -268,15 +268,15 @@ class Fp16Config(_Model):
     """Node names kept in FP32."""
 
 
-FALLBACK_METRICS = ("top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou")
+FALLBACK_METRICS = ("top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement")
 """What the accuracy fallback can hold a budget on (all against FP32 but top1_drop, which needs labels)."""
 
 
 class FallbackConfig(_Model):
-    metric: Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou"]
-    """line_agreement needs evaluate.task ctc; map_iou needs evaluate.task dense."""
+    metric: Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement"]
+    """line_agreement needs evaluate.task ctc; map_iou and box_agreement need evaluate.task dense."""
     min: float | None = None
-    """Lower bound for top1_agreement / cosine / line_agreement / map_iou."""
+    """Lower bound for top1_agreement / cosine / line_agreement / map_iou / box_agreement."""
     max: float | None = None
     """Upper bound for top1_drop."""
     keep_in: Literal["fp16", "fp32"] = "fp16"
@@ -417,7 +417,7 @@ class PipelineConfig(_Model):
                     f"gate.rules[{i}].metric: unknown metric '{rule.metric}'{did_you_mean(rule.metric, GATE_METRICS)}; "
                     f"known: {', '.join(GATE_METRICS)} (or a name returned by a hook in evaluate.metrics)")
         fb = self.build.fallback
-        need = {"line_agreement": "ctc", "map_iou": "dense"}.get(fb.metric) if fb is not None else None
+        need = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense"}.get(fb.metric) if fb is not None else None
         if need is not None and self.evaluate.task != need:
             raise ValueError(f"build.fallback.metric {fb.metric} needs evaluate.task: {need} "  # type: ignore[union-attr]
                              f"(it is {self.evaluate.task}); set the task or choose another fallback metric")

@@ -90,7 +90,7 @@ class SensitivityConfig(StrictModel):
     max_samples: int = Field(default=64, ge=1)
     """Evaluation samples used for the per-layer analysis (it runs the model once per layer)."""
     one_at_a_time: bool = True
-    metric: Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou"] = "sqnr_db"
+    metric: Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement"] = "sqnr_db"
     """The model-output metric of one layer quantized alone (task metrics: ties ordered by output SQNR)."""
 
 

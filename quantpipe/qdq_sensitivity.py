@@ -206,5 +206,5 @@ def _one_at_a_time(qdq: Any, nodes: Sequence[str], feeds: Sequence[Mapping[str, 
         outs = run_candidates(base, [keep_only_pairs(qdq, {n}) for n in group], feeds, output)
         for n, o in zip(group, outs, strict=True):
             measured[n] = score(metric, o, ref, labels, task)
-            tie[n] = sqnr_db(o, ref) if metric in ("top1_agreement", "line_agreement", "map_iou") else 0.0
+            tie[n] = sqnr_db(o, ref) if metric in ("top1_agreement", "line_agreement", "map_iou", "box_agreement") else 0.0
     return measured, tie

@@ -42,7 +42,7 @@ __all__ = ["SensitivityMetric", "layer_sensitivity"]
 
 log = logging.getLogger(__name__)
 
-SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou"]
+SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement"]
 
 
 def _finite(x: float) -> float | None:
@@ -78,7 +78,7 @@ def layer_sensitivity(
             for the N layers with the lowest local SQNR (each layer quantized alone, inputs from FP32; one
             instrumented run), False for none.
         metric: the one-layer-at-a-time output metric (sqnr_db is the most discriminating; line_agreement and
-            map_iou read the output as `task` says, and layers they score alike are ordered by output SQNR).
+            map_iou / box_agreement read the output as `task` says, and layers they score alike are ordered by output SQNR).
         options / calibration_data: as given to `write_qdq_model` (smoothing, bias correction and splits
             must match the built model, or the single-layer builds differ from it).
         executor: the run's workers: the one-layer-at-a-time candidates run in shares there (the same numbers
@@ -140,7 +140,7 @@ def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[An
                            FP32_BASE, tuple(ctx.feeds), ctx.output)
     for q, out in zip(nodes, run_shared(executor, share), strict=True):
         measured[q.name] = score(metric, out, ctx.ref, ctx.labels, task)
-        tie[q.name] = sqnr_db(out, ctx.ref) if metric in ("top1_agreement", "line_agreement", "map_iou") else 0.0
+        tie[q.name] = sqnr_db(out, ctx.ref) if metric in ("top1_agreement", "line_agreement", "map_iou", "box_agreement") else 0.0
         log.debug("sensitivity %s (%s): %s = %.4g", q.name, q.op_type, metric, measured[q.name])
     return measured, tie
 

@@ -113,3 +113,27 @@ def test_fallback_stops_at_max_evaluations(calib_mlp):
     rep, fb = accuracy_fallback(model_path, amax, ds, metric="cosine", target=0.999999999, output="logits",
                                 batch_size=16, max_evaluations=4)
     assert [s.node for s in fb.steps][:1] == ["fc2"]  # a budget that covers the first step keeps its best layer
+
+
+def test_box_agreement_is_a_fallback_budget(calib_mlp, tmp_path):
+    """A detector is judged by its boxes: the damaged MLP's logits read as a one-row map (Reshape to [N, 1, C]),
+    thresholded, its connected runs the boxes; keeping the damaged layer in float brings them back."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantpipe.taskmetrics import TaskSpec
+
+    _, model_path, ds, amax = calib_mlp
+    m = onnx.load(model_path)
+    m.graph.initializer.append(numpy_helper.from_array(np.array([0, 1, -1], dtype=np.int64), "map_shape"))
+    m.graph.node.append(helper.make_node("Reshape", ["logits", "map_shape"], ["map"], name="to_map"))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("map", TensorProto.FLOAT, ["N", 1, "C"]))
+    path = tmp_path / "map.onnx"
+    onnx.save(m, path)
+    task = TaskSpec(task="dense", threshold=0.0)
+    _, fb = accuracy_fallback(path, amax, ds, metric="box_agreement", target=0.99, output="map",
+                              out_path=tmp_path / "fb.onnx", batch_size=16, task=task)
+    assert fb.metric == "box_agreement"
+    assert fb.initial < 0.99 <= fb.final and fb.met
+    assert "fc2" in [s.node for s in fb.steps]
