@@ -6,7 +6,7 @@
 Calibrates on calib.npz (all methods), chooses the ranges as `quantpipe quantize` does by default
 (`range_search.choose_ranges`), then runs `quantpipe.fallback.accuracy_fallback` on the calibration lines
 (never on eval.npz): top1_agreement for ppocr_cls, line_agreement (CTC, blank 0) for ppocr_rec, map_iou for
-ppocr_det, each >= --target against FP32. Scores the model it writes on eval.npz with score.py's task metrics
+ppocr_det (`--metric box_agreement` for its boxes), each >= --target against FP32. Scores the model it writes on eval.npz with score.py's task metrics
 and prints one JSON line: the budget, what the fallback measured on the calibration data, how many of the
 quantizable layers stay float, and the eval metrics.
 """
@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--model", required=True, choices=MODELS)
     ap.add_argument("--target", type=float, default=None, help="default: 0.98 for rec lines, else 0.99")
     ap.add_argument("--max-layers", type=int, default=None)
+    ap.add_argument("--metric", default=None, help="the budget's metric (default: METRIC[model]); e.g. box_agreement "
+                                                   "for ppocr_det")
     ap.add_argument("--out", default=None, help="where to write the INT8 model (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -60,7 +62,7 @@ def main() -> None:
     choice = choose_ranges(load_onnx(spec.path), tables, QuantizeOptions(), calib, batch_size=8)
     t1 = time.perf_counter()
     out = args.out or os.path.join(tempfile.mkdtemp(), f"{args.model}.fallback.onnx")
-    rep, fb = accuracy_fallback(spec.path, choice.amax, calib, metric=METRIC[args.model], target=target,  # type: ignore[arg-type]
+    rep, fb = accuracy_fallback(spec.path, choice.amax, calib, metric=args.metric or METRIC[args.model], target=target,  # type: ignore[arg-type]
                                 max_layers=args.max_layers, out_path=out, calibration_data=calib, batch_size=8,
                                 options=QuantizeOptions(channel_stats=choice.channel_stats), task=task)
     t2 = time.perf_counter()
