@@ -178,6 +178,12 @@ def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, li
             on_step(choice, best.value)
     if search.met(search.current):
         # Drop layers the budget no longer needs (a later choice can make an earlier one redundant).
+        keep = list(search.keep)
+        if len(keep) > 1 and search.max_evaluations - len(search.cache) >= 2 * len(keep) + 1:
+            # Every single removal at once (in shares on the workers when there are any), where the budget has room
+            # for them and the loop's own evaluations: the loop reads them from the cache, deciding as it would
+            # one at a time (a removal it takes makes the later sets other ones, evaluated then).
+            search.evaluate_many([frozenset(k for k in keep if k != c) for c in reversed(keep)], base=frozenset(keep))
         for c in list(reversed(search.keep)):
             trial = [k for k in search.keep if k != c]
             if search.met(search.evaluate(frozenset(trial))):
