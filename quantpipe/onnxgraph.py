@@ -403,15 +403,38 @@ def _node_subgraph_reads(node: Any) -> set[str]:
 
 
 def expose_outputs(model: Any, names: Iterable[str]) -> Any:
-    """A copy of `model` whose graph also outputs the (float) tensors `names`."""
+    """A copy of `model` whose graph also outputs the tensors `names`, each declared with its element type (from
+    the graph's value_info, else ONNX shape inference; float where neither tells: a search may expose the
+    integer tensors a cut part reads, e.g. a Cast to int64 feeding a shape computation)."""
     import onnx
     from onnx import helper
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    names = [n for n in dict.fromkeys(names) if n not in have]
+    types = _elem_types(m, names)
     for n in names:
-        if n not in have:
-            m.graph.output.append(helper.make_tensor_value_info(n, FLOAT, None))
-            have.add(n)
+        m.graph.output.append(helper.make_tensor_value_info(n, types.get(n) or FLOAT, None))
     return m
+
+
+def _elem_types(model: Any, names: Sequence[str]) -> dict[str, int]:
+    """The element type of each of `names` the model's graph declares or ONNX shape inference finds (models
+    under LARGE_MODEL_BYTES; nothing for a tensor neither knows)."""
+    g = model.graph
+    known = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.output, *g.input)}
+    known.update({t.name: t.data_type for t in g.initializer})
+    if all(known.get(n) for n in names) or model.ByteSize() >= LARGE_MODEL_BYTES:
+        return known
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    except Exception:  # an op shape inference does not know: those tensors stay float
+        return known
+    for v in inferred:
+        known.setdefault(v.name, v.type.tensor_type.elem_type)
+        if not known[v.name]:
+            known[v.name] = v.type.tensor_type.elem_type
+    return known

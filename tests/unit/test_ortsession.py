@@ -76,3 +76,21 @@ def test_folded_weights_are_the_bits_dequantize_linear_computes():
         w = next(numpy_helper.to_array(t) for t in folded.graph.initializer if t.name == "w")
         assert w.dtype == np.float32
         np.testing.assert_array_equal(w, computed)
+
+
+def test_exposed_integer_tensors_keep_their_type():
+    """A search may expose a cut part's integer feed (PP-OCRv4 rec: a Cast to int64 feeding a Reshape's shape; the
+    split search failed there with an onnxruntime type error when every exposed tensor was declared float)."""
+    from quantpipe.onnxgraph import expose_outputs
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["sf"], ["si"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["x", "si"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    exposed = expose_outputs(model, ["si", "sf", "s"])
+    types = {o.name: o.type.tensor_type.elem_type for o in exposed.graph.output}
+    assert types == {"y": TensorProto.FLOAT, "si": TensorProto.INT64, "sf": TensorProto.FLOAT, "s": TensorProto.INT64}
+    got = ort_session(exposed, optimize=False).run(["si"], {"x": np.zeros((2, 3), np.float32)})[0]
+    np.testing.assert_array_equal(got, [2, 3])
