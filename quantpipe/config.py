@@ -417,7 +417,8 @@ class PipelineConfig(_Model):
                     f"gate.rules[{i}].metric: unknown metric '{rule.metric}'{did_you_mean(rule.metric, GATE_METRICS)}; "
                     f"known: {', '.join(GATE_METRICS)} (or a name returned by a hook in evaluate.metrics)")
         fb = self.build.fallback
-        need = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense"}.get(fb.metric) if fb is not None else None
+        needs = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense"}
+        need = needs.get(fb.metric) if fb is not None else None
         if need is not None and self.evaluate.task != need:
             raise ValueError(f"build.fallback.metric {fb.metric} needs evaluate.task: {need} "  # type: ignore[union-attr]
                              f"(it is {self.evaluate.task}); set the task or choose another fallback metric")

@@ -31,7 +31,7 @@ from quantpipe.errors import EvaluationError
 from quantpipe.metrics import sqnr_db
 from quantpipe.onnxgraph import Graph, attr, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
-from quantpipe.reference import CANDIDATES_PER_RUN, run_candidates, run_output, score
+from quantpipe.reference import CANDIDATES_PER_RUN, COUNTED_SCORES, run_candidates, run_output, score
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["keep_only_pairs", "qdq_layer_sensitivity", "quantized_nodes"]
@@ -206,5 +206,5 @@ def _one_at_a_time(qdq: Any, nodes: Sequence[str], feeds: Sequence[Mapping[str, 
         outs = run_candidates(base, [keep_only_pairs(qdq, {n}) for n in group], feeds, output)
         for n, o in zip(group, outs, strict=True):
             measured[n] = score(metric, o, ref, labels, task)
-            tie[n] = sqnr_db(o, ref) if metric in ("top1_agreement", "line_agreement", "map_iou", "box_agreement") else 0.0
+            tie[n] = sqnr_db(o, ref) if metric in COUNTED_SCORES else 0.0
     return measured, tie

@@ -22,7 +22,12 @@ from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.write import with_calibration_data
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, task_score
 
-__all__ = ["CANDIDATES_PER_RUN", "Reference", "prepare_reference", "run_candidates", "run_output", "score"]
+__all__ = ["CANDIDATES_PER_RUN", "COUNTED_SCORES", "Reference", "prepare_reference", "run_candidates", "run_output",
+           "score"]
+
+#: Scores that count decisions (samples, lines, pixels, boxes): many layers score alike on them, so the searches
+#: order equal scores by output SQNR.
+COUNTED_SCORES = ("top1_agreement", "line_agreement", "map_iou", "box_agreement")
 
 
 #: How many candidates `run_candidates` is given at once by the searches: their models and sessions are held
@@ -111,9 +116,10 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     run of `base` with them exposed. Q/DQ models (`int8`) run as written (`ort_session(optimize=False)`: the exact
     Q/DQ arithmetic, the same bits at any thread count); float ones are optimized, a part as onnxruntime
     optimizes the whole model (the shapes the whole model infers are declared on its inputs). Either way a part
-    computes the same bits as its whole model; tests/unit/test_reference.py and tools/golden.py check it. A candidate whose part is more than `max_part` of its model (by estimated
-    multiply-adds) runs whole, and so do all when the parts together skip fewer than `min_skipped` whole runs (the
-    run of `base` that feeds them costs about one).
+    computes the same bits as its whole model; tests/unit/test_reference.py and tools/golden.py check it. A
+    candidate whose part is more than `max_part` of its model (by estimated multiply-adds) runs whole, and so do all
+    when the parts together skip fewer than `min_skipped` whole runs (the run of `base` that feeds them costs about
+    one).
 
     Models may be given as ModelProto or serialized bytes, feeds are numpy arrays: the arguments pickle, so a
     worker process can evaluate a share of the candidates (`quantpipe.candidates`; `threads`: onnxruntime's

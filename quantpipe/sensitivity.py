@@ -35,7 +35,7 @@ from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.shift import tensor_offsets
-from quantpipe.reference import Reference, prepare_reference, score
+from quantpipe.reference import COUNTED_SCORES, Reference, prepare_reference, score
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["SensitivityMetric", "layer_sensitivity"]
@@ -78,7 +78,8 @@ def layer_sensitivity(
             for the N layers with the lowest local SQNR (each layer quantized alone, inputs from FP32; one
             instrumented run), False for none.
         metric: the one-layer-at-a-time output metric (sqnr_db is the most discriminating; line_agreement and
-            map_iou / box_agreement read the output as `task` says, and layers they score alike are ordered by output SQNR).
+            map_iou / box_agreement read the output as `task` says, and layers they score alike are ordered by
+            output SQNR).
         options / calibration_data: as given to `write_qdq_model` (smoothing, bias correction and splits
             must match the built model, or the single-layer builds differ from it).
         executor: the run's workers: the one-layer-at-a-time candidates run in shares there (the same numbers
@@ -140,7 +141,7 @@ def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[An
                            FP32_BASE, tuple(ctx.feeds), ctx.output)
     for q, out in zip(nodes, run_shared(executor, share), strict=True):
         measured[q.name] = score(metric, out, ctx.ref, ctx.labels, task)
-        tie[q.name] = sqnr_db(out, ctx.ref) if metric in ("top1_agreement", "line_agreement", "map_iou", "box_agreement") else 0.0
+        tie[q.name] = sqnr_db(out, ctx.ref) if metric in COUNTED_SCORES else 0.0
         log.debug("sensitivity %s (%s): %s = %.4g", q.name, q.op_type, metric, measured[q.name])
     return measured, tie
 
@@ -187,7 +188,8 @@ def _sqnr_sums(job: _SqnrJob) -> list[_BatchSums]:
             for name, a, b in pairs:
                 x = np.asarray(res[a], dtype=np.float64)
                 fp[a] = (x, float(np.sum(x**2)))
-                loc[name] = (fp[a][1], float(np.sum((np.asarray(res[b], dtype=np.float64) + offsets.get(a, 0.0) - x) ** 2)))
+                y = np.asarray(res[b], dtype=np.float64)
+                loc[name] = (fp[a][1], float(np.sum((y + offsets.get(a, 0.0) - x) ** 2)))
             del res
         acc: dict[str, tuple[float, float]] = {}
         if qs is not None:
@@ -222,8 +224,7 @@ def _local_and_accumulated(ctx: Reference, built: Any, full: Any, names: Sequenc
         fp = expose_outputs(ctx.model, list(missing)) if missing else None
         # Unoptimized sessions: with fusions on, onnxruntime may hand back another value for an exposed
         # intermediate of a Q/DQ graph (e.g. a Conv output fused with its Clip).
-        accumulated = (expose_outputs(full, tensors), tuple(tensors), tensor_offsets(full), fp,
-                       missing)
+        accumulated = (expose_outputs(full, tensors), tuple(tensors), tensor_offsets(full), fp, missing)
     if local is None and accumulated is None:
         return {}, {}
     batches = len(ctx.feeds)
