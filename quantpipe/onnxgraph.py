@@ -434,7 +434,6 @@ def _elem_types(model: Any, names: Sequence[str]) -> dict[str, int]:
     except Exception:  # an op shape inference does not know: those tensors stay float
         return known
     for v in inferred:
-        known.setdefault(v.name, v.type.tensor_type.elem_type)
-        if not known[v.name]:
+        if not known.get(v.name):
             known[v.name] = v.type.tensor_type.elem_type
     return known
