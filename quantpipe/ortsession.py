@@ -16,8 +16,8 @@ from quantpipe.errors import BuildError
 from quantpipe.externaldata import external_folders, in_memory_bytes, strip_basepath, write_external
 from quantpipe.onnxgraph import LARGE_MODEL_BYTES
 
-__all__ = ["EXTERNAL_FOLDER_KEY", "ORT_INT8_SESSION_CONFIG", "fold_weight_dequantize", "fp32_batches", "ort_session",
-           "require_ort"]
+__all__ = ["EXTERNAL_FOLDER_KEY", "FOLD_MAX_BYTES", "ORT_INT8_SESSION_CONFIG", "fold_weight_dequantize", "fp32_batches",
+           "ort_session", "require_ort"]
 
 #: onnxruntime's session option for the folder external data is read from when a model comes as bytes.
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
@@ -56,12 +56,25 @@ def ort_session(model: Any, *, int8: bool = False, optimize: bool = True, thread
     return _session(ort, fold_weight_dequantize(model), opts)
 
 
+#: The most float32 weight bytes `fold_weight_dequantize` adds to a session's model.
+FOLD_MAX_BYTES = 1 << 30
+
+
+def _elements(t: Any) -> int:
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n
+
+
 def fold_weight_dequantize(model: Any) -> Any:
     """`model` with each DequantizeLinear of constants (a quantized weight: int8 / uint8 values, float32 scale,
     per-tensor or per-axis) replaced by the float32 initializer it computes, bit for bit as onnxruntime's kernel
     computes it (`(int32(q) - zero_point) * scale` in float32). `model` itself is unchanged; a model without
     such a node is returned as is. Weights held in external files, blocked quantization and other types stay
-    DequantizeLinear nodes."""
+    DequantizeLinear nodes, and so does every weight of a model whose float weights would take more than
+    FOLD_MAX_BYTES (memory first: such a model's searches can then differ in the last bits between thread counts
+    above 8, README "Parallel execution")."""
     from onnx import TensorProto, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -79,7 +92,7 @@ def fold_weight_dequantize(model: Any) -> Any:
         return ts[0].data_type in ints and ts[1].data_type == TensorProto.FLOAT  # type: ignore[union-attr]
 
     fold = [n for n in model.graph.node if foldable(n)]
-    if not fold:
+    if not fold or 4 * sum(_elements(inits[n.input[0]]) for n in fold) > FOLD_MAX_BYTES:
         return model
     import onnx
 

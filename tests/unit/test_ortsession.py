@@ -94,3 +94,13 @@ def test_exposed_integer_tensors_keep_their_type():
     assert types == {"y": TensorProto.FLOAT, "si": TensorProto.INT64, "sf": TensorProto.FLOAT, "s": TensorProto.INT64}
     got = ort_session(exposed, optimize=False).run(["si"], {"x": np.zeros((2, 3), np.float32)})[0]
     np.testing.assert_array_equal(got, [2, 3])
+
+
+def test_weights_past_the_cap_stay_dequantize_nodes(monkeypatch):
+    """Memory first: a model whose float weights would pass FOLD_MAX_BYTES is given to onnxruntime as it is."""
+    from quantpipe import ortsession
+
+    model = _qdq_gemm(True, np.random.default_rng(2))
+    assert [n.op_type for n in ortsession.fold_weight_dequantize(model).graph.node] == ["Gemm"]
+    monkeypatch.setattr(ortsession, "FOLD_MAX_BYTES", 4 * 1280 * 1000 - 1)
+    assert ortsession.fold_weight_dequantize(model) is model
