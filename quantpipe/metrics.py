@@ -14,7 +14,7 @@ from collections.abc import Sequence as Sequence_
 import numpy as np
 
 __all__ = [
-    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "max_abs_error",
+    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "sqnr_from_sums", "finite_or_none", "max_abs_error",
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
     "foreground", "mask_iou", "component_boxes", "box_iou", "matched_boxes", "box_agreement",
 ]
@@ -63,6 +63,17 @@ def sqnr_db(pred: np.ndarray, ref: np.ndarray) -> float:
     if signal == 0.0:
         return float("-inf")
     return float(10.0 * np.log10(signal / noise))
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """SQNR (dB) from squared sums accumulated elsewhere (batch by batch, in order): inf when the noise is 0, -inf
+    when the signal is."""
+    return math.inf if noise == 0 else -math.inf if signal == 0 else 10.0 * math.log10(signal / noise)
+
+
+def finite_or_none(x: float) -> float | None:
+    """`x` as a float, None where it is inf or nan (what results.json records)."""
+    return float(x) if math.isfinite(x) else None
 
 
 def max_abs_error(pred: np.ndarray, ref: np.ndarray) -> float:

@@ -28,10 +28,11 @@ import numpy as np
 
 from quantpipe.artifacts import LayerSensitivity
 from quantpipe.errors import EvaluationError
-from quantpipe.metrics import sqnr_db
+from quantpipe.metrics import finite_or_none, sqnr_db, sqnr_from_sums
 from quantpipe.onnxgraph import Graph, attr, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
 from quantpipe.reference import CANDIDATES_PER_RUN, COUNTED_SCORES, run_candidates, run_output, score
+from quantpipe.sensitivity import worst_first
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["keep_only_pairs", "qdq_layer_sensitivity", "quantized_nodes"]
@@ -139,21 +140,10 @@ def qdq_layer_sensitivity(
     order = sorted(nodes, key=lambda n: (node_db[n] if not math.isnan(node_db[n]) else math.inf))[:max(0, count)]
     measured, tie = _one_at_a_time(qdq, order, feeds, out, ref, labels, metric, task)
     rows = [LayerSensitivity(node=n, op_type=by_name[n].op_type, tensor=tensors.get(n, ""),
-                             sqnr_db=_finite(node_db[n]), output_metric=_finite(measured[n]) if n in measured else None,
+                             sqnr_db=finite_or_none(node_db[n]),
+                             output_metric=finite_or_none(measured[n]) if n in measured else None,
                              metric_name=metric) for n in nodes]
-
-    def key(r: LayerSensitivity) -> tuple[int, float, float]:
-        if r.node in measured:
-            v, t = measured[r.node], tie[r.node]
-            return (0, v if not math.isnan(v) else -math.inf, t if not math.isnan(t) else -math.inf)
-        db = node_db[r.node]
-        return (1, db if not math.isnan(db) else math.inf, 0.0)
-
-    return tuple(sorted(rows, key=key))
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
+    return worst_first(rows, measured, tie, node_db)
 
 
 def _feeds(dataset: Any, batch_size: int, max_samples: int | None) -> tuple[list[dict[str, np.ndarray]],
@@ -190,8 +180,7 @@ def _accumulated(fp32: Any, qdq: Any, feeds: Sequence[Mapping[str, np.ndarray]],
             x64 = np.asarray(x, dtype=np.float64)
             sig[t] += float(np.sum(x64**2))
             noise[t] += float(np.sum((np.asarray(y, dtype=np.float64) - x64) ** 2))
-    return {t: math.inf if noise[t] == 0 else -math.inf if sig[t] == 0 else 10 * math.log10(sig[t] / noise[t])
-            for t in tensors}
+    return {t: sqnr_from_sums(sig[t], noise[t]) for t in tensors}
 
 
 def _one_at_a_time(qdq: Any, nodes: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], output: str,

@@ -29,7 +29,7 @@ from quantpipe.artifacts import LayerSensitivity
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared
 from quantpipe.errors import EvaluationError, WorkerError
 from quantpipe.execution import Executor, Stashed, plan_shards, unstash
-from quantpipe.metrics import sqnr_db
+from quantpipe.metrics import finite_or_none, sqnr_db, sqnr_from_sums
 from quantpipe.onnxgraph import expose_outputs, load_onnx
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
@@ -38,15 +38,11 @@ from quantpipe.quantize.rewrites.shift import tensor_offsets
 from quantpipe.reference import COUNTED_SCORES, Reference, prepare_reference, score
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
-__all__ = ["SensitivityMetric", "layer_sensitivity"]
+__all__ = ["SensitivityMetric", "layer_sensitivity", "worst_first"]
 
 log = logging.getLogger(__name__)
 
 SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement"]
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
 
 
 def layer_sensitivity(
@@ -116,17 +112,25 @@ def layer_sensitivity(
 
     rows = [
         LayerSensitivity(node=q.name, op_type=q.op_type, tensor=tensors.get(q.name, ""),
-                         sqnr_db=_finite(sqnr.get(tensors.get(q.name, ""), math.nan)),
-                         output_metric=_finite(measured[q.name]) if q.name in measured else None,
+                         sqnr_db=finite_or_none(sqnr.get(tensors.get(q.name, ""), math.nan)),
+                         output_metric=finite_or_none(measured[q.name]) if q.name in measured else None,
                          metric_name=metric)
         for q in nodes
     ]
+    return worst_first(rows, measured, tie, local)
 
+
+def worst_first(rows: Sequence[LayerSensitivity], measured: Mapping[str, float], tie: Mapping[str, float],
+                other: Mapping[str, float]) -> tuple[LayerSensitivity, ...]:
+    """Sensitivity rows worst first: the nodes measured one at a time by their output metric (ties: `tie`), then
+    the others by `other` (a cheaper per-node SQNR, lowest first). nan sorts as the worst measured value and as
+    the least worrying other one."""
     def key(r: LayerSensitivity) -> tuple[int, float, float]:
         if r.node in measured:
             v, t = measured[r.node], tie[r.node]
             return (0, v if not math.isnan(v) else -math.inf, t if not math.isnan(t) else -math.inf)
-        return (1, local.get(r.node, math.inf), 0.0)
+        o = other.get(r.node, math.inf)
+        return (1, o if not math.isnan(o) else math.inf, 0.0)
 
     return tuple(sorted(rows, key=key))
 
@@ -205,10 +209,6 @@ def _sqnr_sums(job: _SqnrJob) -> list[_BatchSums]:
     return out
 
 
-def _sqnr_db(sig: float, noise: float) -> float:
-    return math.inf if noise == 0 else -math.inf if sig == 0 else 10.0 * math.log10(sig / noise)
-
-
 def _local_and_accumulated(ctx: Reference, built: Any, full: Any, names: Sequence[str], tensors: Sequence[str],
                            executor: Executor | None) -> tuple[dict[str, float], dict[str, float]]:
     """The local SQNR of each quantized node (`_instrumented`) and the accumulated SQNR of each tensor (the Q/DQ
@@ -251,7 +251,8 @@ def _local_and_accumulated(ctx: Reference, built: Any, full: Any, names: Sequenc
         for t, (sq, n) in acc.items():
             tensor_sums[t][0] += sq
             tensor_sums[t][1] += n
-    return ({k: _sqnr_db(*v) for k, v in node_sums.items()}, {t: _sqnr_db(*v) for t, v in tensor_sums.items()})
+    return ({k: sqnr_from_sums(*v) for k, v in node_sums.items()},
+            {t: sqnr_from_sums(*v) for t, v in tensor_sums.items()})
 
 
 def _instrumented(ctx: Reference, qdq: Any, names: Sequence[str]
