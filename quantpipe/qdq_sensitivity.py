@@ -31,7 +31,7 @@ from quantpipe.errors import EvaluationError
 from quantpipe.metrics import finite_or_none, sqnr_db, sqnr_from_sums
 from quantpipe.onnxgraph import Graph, attr, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
-from quantpipe.reference import CANDIDATES_PER_RUN, COUNTED_SCORES, run_candidates, run_output, score
+from quantpipe.reference import CANDIDATES_PER_RUN, COUNTED_SCORES, first_samples, run_candidates, run_output, score
 from quantpipe.sensitivity import worst_first
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
@@ -129,7 +129,7 @@ def qdq_layer_sensitivity(
     if out not in outputs or out not in {o.name for o in qdq.graph.output}:
         raise EvaluationError(f"output '{out}' is not an output of both {model_path} and {qdq_model}; the "
                               "per-layer sensitivity compares that output.")
-    feeds, labels = _feeds(eval_dataset, batch_size, max_samples)
+    feeds, labels = first_samples(eval_dataset, batch_size, max_samples, needed_by="the per-layer sensitivity needs")
     ref = run_output(ort_session(fp32), feeds, out)
     nodes = quantized_nodes(qdq)
     by_name = {n.name: n for n in qdq.graph.node}
@@ -144,24 +144,6 @@ def qdq_layer_sensitivity(
                              output_metric=finite_or_none(measured[n]) if n in measured else None,
                              metric_name=metric) for n in nodes]
     return worst_first(rows, measured, tie, node_db)
-
-
-def _feeds(dataset: Any, batch_size: int, max_samples: int | None) -> tuple[list[dict[str, np.ndarray]],
-                                                                            np.ndarray | None]:
-    feeds: list[dict[str, np.ndarray]] = []
-    labels: list[np.ndarray] = []
-    seen = 0
-    for batch in dataset.batches(batch_size):
-        keep = batch.size if max_samples is None else min(batch.size, max_samples - seen)
-        feeds.append({k: v[:keep] for k, v in batch.feeds.items()})
-        if batch.labels is not None:
-            labels.append(np.asarray(batch.labels)[:keep])
-        seen += keep
-        if max_samples is not None and seen >= max_samples:
-            break
-    if not feeds:
-        raise EvaluationError("the evaluation data holds no samples; the per-layer sensitivity needs at least one.")
-    return feeds, (np.concatenate(labels) if labels else None)
 
 
 def _accumulated(fp32: Any, qdq: Any, feeds: Sequence[Mapping[str, np.ndarray]], tensors: Sequence[str]

@@ -22,8 +22,8 @@ from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.write import with_calibration_data
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, task_score
 
-__all__ = ["CANDIDATES_PER_RUN", "COUNTED_SCORES", "Reference", "prepare_reference", "run_candidates", "run_output",
-           "score"]
+__all__ = ["CANDIDATES_PER_RUN", "COUNTED_SCORES", "Reference", "first_samples", "prepare_reference", "run_candidates",
+           "run_output", "score"]
 
 #: Scores that count decisions (samples, lines, pixels, boxes): many layers score alike on them, so the searches
 #: order equal scores by output SQNR.
@@ -77,6 +77,15 @@ def prepare_reference(
     out = output or outputs[0]
     if out not in outputs:
         raise ConfigError(f"output '{out}' is not an output of {model_path} (outputs: {outputs}).")
+    feeds, labels = first_samples(dataset, batch_size, max_samples, needed_by="sensitivity and fallback need")
+    ref = run_output(ort_session(model), feeds, out)
+    return Reference(model, amax, options, feeds, ref, labels, out)
+
+
+def first_samples(dataset: Any, batch_size: int, max_samples: int | None, *, needed_by: str
+                  ) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """The feeds of the first `max_samples` samples of `dataset` (all: None) in batches of `batch_size`, and their
+    labels when the data has them. EvaluationError when there is no sample (`needed_by`: who says they need one)."""
     feeds: list[dict[str, np.ndarray]] = []
     labels: list[np.ndarray] = []
     seen = 0
@@ -94,9 +103,8 @@ def prepare_reference(
         if max_samples is not None and seen >= max_samples:
             break
     if not feeds:
-        raise EvaluationError("the evaluation data holds no samples; sensitivity and fallback need at least one.")
-    ref = run_output(ort_session(model), feeds, out)
-    return Reference(model, amax, options, feeds, ref, np.concatenate(labels) if labels else None, out)
+        raise EvaluationError(f"the evaluation data holds no samples; {needed_by} at least one.")
+    return feeds, (np.concatenate(labels) if labels else None)
 
 
 def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str) -> np.ndarray:
