@@ -15,9 +15,10 @@ import numpy as np
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs
 from quantpipe.int8 import INT8_MAX
-from quantpipe.onnxgraph import Graph, named_copy
+from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
+from quantpipe.quantize.downstream import cut_below
 from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
@@ -86,23 +87,6 @@ def _nonnegative(g: Graph, t: str) -> bool:
     return bounds is not None and bounds[0] >= 0.0
 
 
-def _instrument(model: Any, tensors: Sequence[str]) -> tuple[Any, dict[str, tuple[str, str, str]]]:
-    """A copy of `model` where each tensor's int8 rounding error, at a centre and step given as inputs, is
-    added to it times a scalar switch input: (model, tensor -> (switch, centre, step) input names)."""
-    from onnx import TensorProto, helper
-
-    m = named_copy(model)
-    g = Graph(m.graph)
-    names = {}
-    for i, t in enumerate(tensors):
-        sw, c, s = f"__qp_rs_on_{i}", f"__qp_rs_c_{i}", f"__qp_rs_s_{i}"
-        names[t] = (sw, c, s)
-        m.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in (sw, c, s))
-        add_switched_rounding(m, g, t, sw, c, s)
-    reorder(m)
-    return m, names
-
-
 def _db(signal: float, noise: float) -> float:
     """Output SQNR in dB, capped at 300 (no noise at all) so it stays valid JSON."""
     return min(300.0, 10 * math.log10(signal / noise)) if noise > 0 and signal > 0 else 300.0
@@ -132,8 +116,8 @@ def _candidates(tables: Mapping[str, Mapping[str, float]], t: str) -> dict[float
 
 @dataclasses.dataclass(frozen=True)
 class _Alone:
-    """A share of the alone pass: `share`'s tensors, in the session instrumented for all `tensors` (so every
-    share runs the same graph as one process does). Picklable: it may run on a worker."""
+    """A share of the alone pass: `share`'s tensors among all `tensors` (each tensor's numbers depend on nothing
+    else: the share a tensor falls in changes none of them). Picklable: it may run on a worker."""
 
     model: Any
     tables: Mapping[str, Mapping[str, float]]
@@ -145,61 +129,132 @@ class _Alone:
     threads: int | None = None
 
 
+#: Tensors whose parts one run of the FP32 model feeds together (their sessions live at once, and the tensors
+#: the parts read from it are held for one batch).
+TENSORS_PER_RUN = 16
+
+
 def _alone_pass(job: _Alone, executor: Executor | None) -> dict[str, dict[str, Any]]:
     """Per tensor: each candidate amax's output noise with only that tensor rounded; the lowest wins. The
-    tensors are cut into shares run on the executor's workers when that is work enough (the same numbers)."""
+    tensors are dealt into shares run on the executor's workers when that is work enough (the same numbers);
+    every k-th tensor to a share, since an early tensor's part is most of the model and a late one's little."""
     n = len(job.tensors)
     samples = sum(next(iter(f.values())).shape[0] for f in job.feeds)
     shares = plan_shards(executor, items=n, work_mb=n * len(AUTO_CANDIDATES) * samples * model_mb(job.model))
     if executor is None or shares < 2:
         return alone_share(job)
-    cuts = [round(n * k / shares) for k in range(shares + 1)]
-    jobs = [dataclasses.replace(job, share=job.tensors[lo:hi], threads=executor.threads_per_worker)
-            for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
-    return {t: rec for part in executor.map(alone_share, jobs) for t, rec in part.items()}
+    jobs = [dataclasses.replace(job, share=job.tensors[k::shares], threads=executor.threads_per_worker)
+            for k in range(min(shares, n))]
+    found = {t: rec for part in executor.map(alone_share, jobs) for t, rec in part.items()}
+    return {t: found[t] for t in job.tensors}
+
+
+class _Part:
+    """The part of the FP32 model below one tensor `t` (`downstream.cut_below`), with t's int8 rounding error
+    switched in at t's readers (`fake_quant.add_switched_rounding`): run unoptimized on the tensors it reads
+    from a run of the FP32 model, it computes the bits the whole model with only t rounded computes."""
+
+    def __init__(self, model: Any, t: str, outputs: Sequence[str]) -> None:
+        self.t, self.cut = t, cut_below(model, [t], outputs)
+        self.outputs = list(self.cut.outputs)
+        self.session: Any = None
+
+    def run(self, known: Mapping[str, np.ndarray], on: Mapping[str, np.ndarray], threads: int | None
+            ) -> list[np.ndarray]:
+        from onnx import TensorProto, helper
+
+        if self.session is None:
+            m = self.cut.model({f: known[f].dtype for f in self.cut.feeds})
+            m.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in on)
+            sw, c, s = on
+            add_switched_rounding(m, Graph(m.graph), self.t, sw, c, s)
+            reorder(m)
+            self.session = ort_session(m, optimize=False, threads=threads)
+        return self.session.run(self.outputs, {**{f: known[f] for f in self.cut.feeds}, **on})
 
 
 def alone_share(job: _Alone) -> dict[str, dict[str, Any]]:
     """One share of the alone pass (`_Alone`), in a worker or here.
 
-    Exact pruning (the choice is the one measuring everything would make): every candidate is measured on the
-    first batch; the lowest there is measured on every batch, and each other one stops as soon as its running
-    sum of squared errors (which only grows) already loses to the leader's total."""
-    model, tables, options, feeds, refs = job.model, job.tables, job.options, job.feeds, job.refs
-    m, names = _instrument(model, job.tensors)
-    g = Graph(m.graph)
+    Each tensor's candidates run only the part of the model below it (`_Part`), fed from one run of the FP32
+    model per batch for `TENSORS_PER_RUN` tensors at a time. Exact pruning (the choice is the one measuring
+    everything would make): every candidate is measured on the first batch; in that order, the first is
+    measured on every batch, and each other one stops as soon as its running sum of squared errors (which only
+    grows) already loses to the best total so far."""
+    out: dict[str, dict[str, Any]] = {}
+    for at in range(0, len(job.share), TENSORS_PER_RUN):
+        out.update(_alone_group(job, job.share[at:at + TENSORS_PER_RUN]))
+    return out
+
+
+def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`alone_share` for a few tensors: rounds over the batches, one run of the FP32 model per batch and round
+    feeding every part that round needs, so only one batch of the tensors the parts read is held at a time."""
+    model, feeds, refs = job.model, job.feeds, job.refs
+    g = Graph(model.graph)
     outputs = [o.name for o in model.graph.output]
-    sess = ort_session(m, optimize=False, threads=job.threads)
-    one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)
-    off = {n: (one if k == 2 else zero) for trio in names.values() for k, n in enumerate(trio)}
+    inputs = {i.name for i in model.graph.input}
+    parts = {t: _Part(model, t, outputs) for t in group}
+    read = sorted({f for p in parts.values() for f in p.cut.feeds if f not in inputs})
+    fp32 = ort_session(expose_outputs(model, read), optimize=False, threads=job.threads) if read else None
+    at = {o: k for k, o in enumerate(outputs)}
+    one = np.array(1.0, np.float32)
+    cands = {t: _candidates(job.tables, t) for t in group}
+    shift = {t: job.options.shift_nonnegative and _nonnegative(g, t) for t in group}
+
+    def errors(i: int, wanted: Sequence[tuple[str, float]]) -> list[float]:
+        """The output noise of each (tensor, amax) on batch i."""
+        known = dict(feeds[i])
+        if fp32 is not None:
+            known.update(zip(read, fp32.run(read, feeds[i]), strict=True))
+        got = []
+        for t, a in wanted:
+            centre, step = (a / 2, a / (2 * INT8_MAX)) if shift[t] else (0.0, a / INT8_MAX)
+            sw = f"__qp_rs_on_{t}"
+            on = {sw: one, f"{sw}_c": np.array(centre, np.float32), f"{sw}_s": np.array(step, np.float32)}
+            part = parts[t]
+            res = part.run(known, on, job.threads) if part.outputs else []
+            # Outputs t does not reach equal FP32's: they add 0.0, so only the reached ones are summed (in order).
+            got.append(output_error(res, [refs[i][at[o]] for o in part.outputs]))
+        return got
+
+    noise: dict[str, dict[float, float]] = {t: {} for t in group}
+    first = [(t, a) for t in group for a in cands[t]]
+    for (t, a), e in zip(first, errors(0, first), strict=True):
+        noise[t][a] = e
+    done = {t: dict.fromkeys(cands[t], 0) for t in group}  # index of the last batch measured
+    lead: dict[str, tuple[float, float] | None] = dict.fromkeys(group)  # (total, -amax) of the best one measured
+    order = {t: sorted(cands[t], key=lambda a, n=noise[t]: (n[a], -a)) for t in group}  # type: ignore[misc]
+    for r in range(max((len(o) for o in order.values()), default=0)):  # round r: each tensor's r-th candidate
+        for i in range(1, len(feeds)):
+            wanted = [(t, order[t][r]) for t in group if r < len(order[t]) and done[t][order[t][r]] == i - 1
+                      and _within(lead[t], noise[t][order[t][r]], order[t][r], or_equal=True)]
+            for (t, a), e in zip(wanted, errors(i, wanted) if wanted else [], strict=True):
+                noise[t][a] += e
+                done[t][a] = i
+        for t in group:
+            if r < len(order[t]):
+                a = order[t][r]
+                if done[t][a] == len(feeds) - 1 and _within(lead[t], noise[t][a], a, or_equal=False):
+                    lead[t] = (noise[t][a], -a)
     signals = np.cumsum([_signal(r) for r in refs])
     sizes = np.cumsum([next(iter(f.values())).shape[0] for f in feeds])
     out: dict[str, dict[str, Any]] = {}
-    for t in job.share:
-        cands = _candidates(tables, t)
-        shift = options.shift_nonnegative and _nonnegative(g, t)
-        sw, c, s = names[t]
-
-        def err(a: float, i: int, sw: str = sw, c: str = c, s: str = s, shift: bool = shift) -> float:
-            centre, step = (a / 2, a / (2 * INT8_MAX)) if shift else (0.0, a / INT8_MAX)
-            on = {sw: one, c: np.array(centre, np.float32), s: np.array(step, np.float32)}
-            return output_error(sess.run(outputs, {**feeds[i], **off, **on}), refs[i])
-
-        noise = {a: err(a, 0) for a in cands}
-        done = dict.fromkeys(cands, 0)  # index of the last batch measured
-        lead: tuple[float, float] | None = None  # (total noise, -amax) of the best fully measured candidate
-        for a in sorted(cands, key=lambda a: (noise[a], -a)):
-            while done[a] < len(feeds) - 1 and (lead is None or (noise[a], -a) <= lead):
-                done[a] += 1
-                noise[a] += err(a, done[a])
-            if done[a] == len(feeds) - 1 and (lead is None or (noise[a], -a) < lead):
-                lead = (noise[a], -a)
-        assert lead is not None
-        win = -lead[1]
-        out[t] = {"method": cands[win][0], "amax": win,
-                  "noise_db": {meth: _db(float(signals[done[a]]), noise[a]) for a, ms in cands.items() for meth in ms},
-                  "pruned": {cands[a][0]: int(sizes[done[a]]) for a in cands if done[a] < len(feeds) - 1}}
+    for t in group:
+        best = lead[t]
+        assert best is not None
+        win, c = -best[1], cands[t]
+        out[t] = {"method": c[win][0], "amax": win,
+                  "noise_db": {meth: _db(float(signals[done[t][a]]), noise[t][a]) for a, ms in c.items() for meth in ms},
+                  "pruned": {c[a][0]: int(sizes[done[t][a]]) for a in c if done[t][a] < len(feeds) - 1}}
     return out
+
+
+def _within(lead: tuple[float, float] | None, noise: float, a: float, *, or_equal: bool) -> bool:
+    """Whether (noise, -a) is below `lead` (no lead yet: True), ties included when `or_equal`."""
+    if lead is None:
+        return True
+    return (noise, -a) <= lead if or_equal else (noise, -a) < lead
 
 
 def _signal(ref: Sequence[np.ndarray]) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -109,3 +111,98 @@ def test_equal_candidates_are_measured_once_and_clear_losers_stop_early(tmp_path
     # The pruning is exact: with the close candidate's noise known in full (one batch), the same choice.
     whole = choose_ranges(model, tables, opts, ds, batch_size=32).per_tensor["h"]
     assert whole["method"] == close["method"] and whole["amax"] == close["amax"]
+
+
+def _branchy() -> onnx.ModelProto:
+    """A residual block with a side output: r1 feeds a Conv, the residual Add and the side branch y2, so the part
+    below a tensor reads tensors from above it and reaches one output or both."""
+    rng = np.random.default_rng(3)
+
+    def w(*shape: int) -> np.ndarray:
+        return rng.normal(0, 0.3, size=shape).astype(np.float32)
+
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", **conv),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", **conv),
+         helper.make_node("Add", ["r1", "c2"], ["s"], name="add"),
+         helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+         helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+         helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+         helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1),
+         helper.make_node("Conv", ["r1", "w4", "b4"], ["y2"], name="side", kernel_shape=[1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5]),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["n", 2, 8, 8])],
+        [numpy_helper.from_array(a, k) for k, a in {
+            "w1": w(8, 4, 3, 3), "b1": w(8), "w2": w(8, 8, 3, 3), "b2": w(8), "w3": w(5, 8), "b3": w(5),
+            "w4": w(2, 8, 1, 1), "b4": w(2)}.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_alone_pass_matches_the_whole_model_with_one_tensor_rounded(tmp_path, monkeypatch) -> None:
+    """Each candidate's noise, measured on the part below its tensor, is the whole model's with only that tensor
+    rounded (the pass's oracle, computed here the long way: every candidate on every batch), and neither the
+    grouping of the tensors nor the workers' shares change a number."""
+    from quantpipe.onnxgraph import Graph
+    from quantpipe.quantize import range_search as RS
+    from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
+
+    model = _branchy()
+    x = np.random.default_rng(5).normal(0, 1, size=(24, 4, 8, 8)).astype(np.float32)
+    x[::5, 0, 2, 2] = 12.0  # a rare outlier: clipping it costs, keeping it coarsens the step
+    ds = _dataset(tmp_path, model, x)
+    full = onnx.helper.make_model(model.graph, opset_imports=model.opset_import)
+    del full.graph.output[:]
+    names = ["x", "c1", "r1", "c2", "s", "r2", "p", "f", "y", "y2"]
+    for n in names:
+        full.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+    acts = dict(zip(names, ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
+                    .run(names, {"x": x}), strict=True))
+    top = {n: float(np.abs(a).max()) for n, a in acts.items()}
+    tables = {m: {n: top[n] * k for n in names} for m, k in
+              (("entropy", 0.4), ("minmax", 1.0), ("percentile", 0.75), ("mse", 0.55))}
+    opts = Q.QuantizeOptions(smooth_alpha=None, bias_correction=False)
+    got = choose_ranges(model, tables, opts, ds, batch_size=8)
+    assert {"x", "r1", "f"} <= set(got.per_tensor)  # r1: three readers, both outputs below it
+
+    def whole(t: str, a: float, xb: np.ndarray) -> list[np.ndarray]:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        for n in ("q_on", "q_c", "q_s"):
+            m.graph.input.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, []))
+        add_switched_rounding(m, Graph(m.graph), t, "q_on", "q_c", "q_s")
+        reorder(m)
+        shift = RS._nonnegative(Graph(model.graph), t)
+        centre, step = (a / 2, a / 254) if shift else (0.0, a / 127)
+        return _run_all(m, {"x": xb, "q_on": np.array(1, np.float32), "q_c": np.array(centre, np.float32),
+                               "q_s": np.array(step, np.float32)})
+
+    batches = [x[i:i + 8] for i in range(0, 24, 8)]
+    refs = [_run_all(model, {"x": b}) for b in batches]
+    signals = np.cumsum([sum(float(np.sum(np.square(r, dtype=np.float64))) for r in rb) for rb in refs])
+    for t, rec in got.per_tensor.items():
+        per_batch = {a: [output_error(whole(t, a, b), r) for b, r in zip(batches, refs, strict=True)]
+                     for a in {tables[m][t] for m in RS.AUTO_CANDIDATES}}
+        noise = {a: sum(e) for a, e in per_batch.items()}
+        assert rec["amax"] == min(noise, key=lambda a: (noise[a], -a)), t
+        for meth, db in rec["noise_db"].items():
+            k = rec["pruned"].get(meth, 24) // 8  # a pruned candidate's noise is that of its first k batches
+            assert db == RS._db(signals[k - 1], sum(per_batch[tables[meth][t]][:k])), (t, meth)
+    # One tensor per FP32 run, and the tensors dealt to three shares: the same records.
+    monkeypatch.setattr(RS, "TENSORS_PER_RUN", 1)
+    again = choose_ranges(model, tables, opts, ds, batch_size=8)
+    assert again.per_tensor == got.per_tensor and again.amax == got.amax
+    job = RS._Alone(model, tables, tuple(got.per_tensor), (), opts,
+                    [{"x": b} for b in batches], refs)
+    dealt = {t: r for k in range(3)
+             for t, r in RS.alone_share(dataclasses.replace(job, share=job.tensors[k::3])).items()}
+    assert dealt == got.per_tensor
+
+
+def _run_all(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
