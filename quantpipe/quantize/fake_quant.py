@@ -1,16 +1,19 @@
 """Switchable int8 rounding inside an FP32 graph, for the searches that measure one tensor's rounding at a time
-(`split_search`, `range_search`): one session, a scalar switch input per tensor."""
+(`split_search`, `range_search`): the part of the graph below the tensor (`RoundedPart`), its rounding switched in
+by scalar inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from quantpipe.onnxgraph import Graph, topological_order
+from quantpipe.ortsession import ort_session
+from quantpipe.quantize.downstream import cut_below
 
-__all__ = ["add_switched_rounding", "output_error", "reorder"]
+__all__ = ["RoundedPart", "add_switched_rounding", "output_error", "reorder"]
 
 
 def add_switched_rounding(m: Any, g: Graph, t: str, switch: str, centre: str, step: str) -> None:
@@ -51,3 +54,34 @@ def output_error(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
         return float(np.sum(d))
 
     return sum(one(x, r) for x, r in zip(got, ref, strict=True) if r.dtype.kind == "f")
+
+
+class RoundedPart:
+    """The part of an FP32 model below one tensor `t` (`downstream.cut_below`) with t's int8 rounding error switched
+    in at t's readers (`add_switched_rounding`; `switch`: the names of its switch, centre and step inputs).
+
+    Run without graph optimizations on the tensors it reads (`feeds`, from a run of the FP32 model) it computes the
+    bits of the whole model with only t rounded, for the model `outputs` t reaches (`outputs`; the others equal
+    FP32's). The session is made on the first run (the feeds' element types come from it)."""
+
+    def __init__(self, model: Any, t: str, outputs: Sequence[str], switch: tuple[str, str, str]) -> None:
+        self.t, self.switch, self.cut = t, switch, cut_below(model, [t], outputs)
+        self.feeds, self.outputs = list(self.cut.feeds), list(self.cut.outputs)
+        self.session: Any = None
+
+    def run(self, known: Mapping[str, np.ndarray], on: float, centre: float, step: float,
+            threads: int | None = None) -> list[np.ndarray]:
+        """The outputs (`self.outputs`) with t rounded on the grid of `step` around `centre` (`on` = 1.0) or not
+        (0.0), the other tensors from `known`."""
+        from onnx import TensorProto, helper
+
+        sw, c, s = self.switch
+        if self.session is None:
+            m = self.cut.model({f: known[f].dtype for f in self.feeds})
+            m.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in self.switch)
+            add_switched_rounding(m, Graph(m.graph), self.t, sw, c, s)
+            reorder(m)
+            self.session = ort_session(m, optimize=False, threads=threads)
+        scalars = {sw: on, c: centre, s: step}
+        return self.session.run(self.outputs, {**{f: known[f] for f in self.feeds},
+                                               **{k: np.array(v, np.float32) for k, v in scalars.items()}})

@@ -18,8 +18,7 @@ from quantpipe.int8 import INT8_MAX
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
-from quantpipe.quantize.downstream import cut_below
-from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
+from quantpipe.quantize.fake_quant import RoundedPart, output_error
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
 from quantpipe.quantize.rewrites.patterns import clip_bounds
@@ -149,34 +148,10 @@ def _alone_pass(job: _Alone, executor: Executor | None) -> dict[str, dict[str, A
     return {t: found[t] for t in job.tensors}
 
 
-class _Part:
-    """The part of the FP32 model below one tensor `t` (`downstream.cut_below`), with t's int8 rounding error
-    switched in at t's readers (`fake_quant.add_switched_rounding`): run unoptimized on the tensors it reads
-    from a run of the FP32 model, it computes the bits the whole model with only t rounded computes."""
-
-    def __init__(self, model: Any, t: str, outputs: Sequence[str]) -> None:
-        self.t, self.cut = t, cut_below(model, [t], outputs)
-        self.outputs = list(self.cut.outputs)
-        self.session: Any = None
-
-    def run(self, known: Mapping[str, np.ndarray], on: Mapping[str, np.ndarray], threads: int | None
-            ) -> list[np.ndarray]:
-        from onnx import TensorProto, helper
-
-        if self.session is None:
-            m = self.cut.model({f: known[f].dtype for f in self.cut.feeds})
-            m.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in on)
-            sw, c, s = on
-            add_switched_rounding(m, Graph(m.graph), self.t, sw, c, s)
-            reorder(m)
-            self.session = ort_session(m, optimize=False, threads=threads)
-        return self.session.run(self.outputs, {**{f: known[f] for f in self.cut.feeds}, **on})
-
-
 def alone_share(job: _Alone) -> dict[str, dict[str, Any]]:
     """One share of the alone pass (`_Alone`), in a worker or here.
 
-    Each tensor's candidates run only the part of the model below it (`_Part`), fed from one run of the FP32
+    Each tensor's candidates run only the part of the model below it (`fake_quant.RoundedPart`), fed from one run of the FP32
     model per batch for `TENSORS_PER_RUN` tensors at a time. Exact pruning (the choice is the one measuring
     everything would make): every candidate is measured on the first batch; in that order, the first is
     measured on every batch, and each other one stops as soon as its running sum of squared errors (which only
@@ -194,11 +169,11 @@ def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]
     g = Graph(model.graph)
     outputs = [o.name for o in model.graph.output]
     inputs = {i.name for i in model.graph.input}
-    parts = {t: _Part(model, t, outputs) for t in group}
-    read = sorted({f for p in parts.values() for f in p.cut.feeds if f not in inputs})
+    parts = {t: RoundedPart(model, t, outputs, (f"__qp_rs_on_{t}", f"__qp_rs_c_{t}", f"__qp_rs_s_{t}"))
+             for t in group}
+    read = sorted({f for p in parts.values() for f in p.feeds if f not in inputs})
     fp32 = ort_session(expose_outputs(model, read), optimize=False, threads=job.threads) if read else None
     at = {o: k for k, o in enumerate(outputs)}
-    one = np.array(1.0, np.float32)
     cands = {t: _candidates(job.tables, t) for t in group}
     shift = {t: job.options.shift_nonnegative and _nonnegative(g, t) for t in group}
 
@@ -210,10 +185,8 @@ def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]
         got = []
         for t, a in wanted:
             centre, step = (a / 2, a / (2 * INT8_MAX)) if shift[t] else (0.0, a / INT8_MAX)
-            sw = f"__qp_rs_on_{t}"
-            on = {sw: one, f"{sw}_c": np.array(centre, np.float32), f"{sw}_s": np.array(step, np.float32)}
             part = parts[t]
-            res = part.run(known, on, job.threads) if part.outputs else []
+            res = part.run(known, 1.0, centre, step, job.threads) if part.outputs else []
             # Outputs t does not reach equal FP32's: they add 0.0, so only the reached ones are summed (in order).
             got.append(output_error(res, [refs[i][at[o]] for o in part.outputs]))
         return got

@@ -16,8 +16,7 @@ from quantpipe.int8 import INT8_MAX
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
-from quantpipe.quantize.downstream import cut_below
-from quantpipe.quantize.fake_quant import add_switched_rounding, output_error, reorder
+from quantpipe.quantize.fake_quant import RoundedPart, output_error
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.split import split_candidate
 
@@ -26,30 +25,18 @@ __all__ = ["choose_splits", "trial_noise"]
 log = logging.getLogger(__name__)
 
 
-def _instrument(model: Any, amax: Mapping[str, float], options: QuantizeOptions
-                ) -> tuple[Any, dict[str, str], list[str]] | None:
-    """A copy of `model` where each splittable activation's int8 rounding (with the shift, when on) is added
-    to it times a scalar switch input: (model, tensor -> switch input name, candidates), or None."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    m = named_copy(model)
-    g = Graph(m.graph)
-    cands = {t: found for t in sorted(g.producer) if t in amax and math.isfinite(amax[t]) and amax[t] > 0
-             and (found := split_candidate(g, t, options)) is not None}
-    if not cands:
-        return None
-    switches = {}
-    for i, (t, (_prod, _act, _readers, hi)) in enumerate(cands.items()):
-        a = min(float(amax[t]), hi)
-        c, step = (a / 2, a / (2 * INT8_MAX)) if options.shift_nonnegative else (0.0, a / INT8_MAX)
-        sw = f"__qp_split_switch_{i}"
-        switches[t] = sw
-        m.graph.input.append(helper.make_tensor_value_info(sw, TensorProto.FLOAT, []))
-        m.graph.initializer.extend([numpy_helper.from_array(np.array(c, np.float32), f"{sw}_c"),
-                                    numpy_helper.from_array(np.array(step, np.float32), f"{sw}_s")])
-        add_switched_rounding(m, g, t, sw, f"{sw}_c", f"{sw}_s")
-    reorder(m)
-    return m, switches, list(cands)
+def _roundings(model: Any, amax: Mapping[str, float], options: QuantizeOptions) -> dict[str, tuple[float, float]]:
+    """Each splittable activation of `model` (graph order of its producers' outputs, sorted by name) -> the centre
+    and step of its int8 rounding (with the shift, when on)."""
+    g = Graph(model.graph)
+    out = {}
+    for t in sorted(g.producer):
+        if t in amax and math.isfinite(amax[t]) and amax[t] > 0:
+            found = split_candidate(g, t, options)
+            if found is not None:
+                a = min(float(amax[t]), found[3])
+                out[t] = (a / 2, a / (2 * INT8_MAX)) if options.shift_nonnegative else (0.0, a / INT8_MAX)
+    return out
 
 
 @dataclasses.dataclass
@@ -66,32 +53,33 @@ class _Samples:
         return 10 * math.log10(self.signal / n) if n > 0 else math.inf
 
 
-def _simulate(m: Any, switches: Mapping[str, str], calibration_data: Any, outputs: list[str], *, batch_size: int,
-              max_samples: int) -> _Samples:
-    """Run the instrumented model with every switch off (the FP32 reference) and with each switch on alone.
+def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_data: Any, outputs: list[str], *,
+              batch_size: int, max_samples: int) -> _Samples:
+    """Run the FP32 model (the reference), then each tensor's rounding alone (`roundings`: tensor -> centre, step).
 
-    A switch changes only what its tensor reaches: each switch's run is of that part alone (`cut_below`), fed
-    with the tensors it reads from the run with every switch off, which computes the same bits (no graph
-    optimizations: every node runs as written).
+    A rounding changes only what its tensor reaches: each one runs that part alone (`fake_quant.RoundedPart`), fed
+    with the tensors it reads from the reference run, which computes the bits of the whole model with only that
+    tensor rounded (no graph optimizations: every node runs as written).
 
     Memory: the reference run's tensors of every batch are kept (they are `max_samples` samples' worth whatever
-    the batch size), each part's session lives only while its switch is measured, and a tensor is dropped after
+    the batch size), each part's session lives only while its tensor is measured, and a tensor is dropped after
     the last part that reads it. Holding every part's session at once cost more than the tensors (EfficientNet-Lite0,
-    32 samples: 32 sessions, 1.4 GB on top of 0.77 GB of tensors). Each part runs on the same batches as before,
-    and each switch's noise adds up over the batches in the same order: the same numbers."""
-    off = {sw: np.array(0.0, np.float32) for sw in switches.values()}
-    cuts = {t: cut_below(m, [t], outputs) for t in switches}
+    32 samples: 32 sessions, 1.4 GB on top of 0.77 GB of tensors). Each part runs on the same batches, and each
+    tensor's noise adds up over the batches in order."""
+    parts = {t: RoundedPart(m, t, outputs, (f"__qp_split_switch_{i}", f"__qp_split_switch_{i}_c",
+                                            f"__qp_split_switch_{i}_s"))
+             for i, t in enumerate(roundings)}
     inputs = {i.name for i in m.graph.input}
-    exposed = sorted({f for c in cuts.values() for f in c.feeds if f not in inputs} - set(outputs))
+    exposed = sorted({f for p in parts.values() for f in p.feeds if f not in inputs} - set(outputs))
     sess = ort_session(expose_outputs(m, exposed), optimize=False)
-    s = _Samples([], [], 0.0, dict.fromkeys(switches, 0.0), 0)
+    s = _Samples([], [], 0.0, dict.fromkeys(roundings, 0.0), 0)
     known: list[dict[str, np.ndarray]] = []  # per batch: every tensor a part may read
     for batch in calibration_data.batches(batch_size):
         feeds = {k: v[: max_samples - s.count] for k, v in batch.feeds.items()}
-        run = sess.run([*outputs, *exposed], {**feeds, **off})
+        run = sess.run([*outputs, *exposed], feeds)
         ref = run[: len(outputs)]
         known.append({**dict(zip(outputs, ref, strict=True)), **dict(zip(exposed, run[len(outputs):], strict=True)),
-                      **feeds, **off})
+                      **feeds})
         del run  # `known` holds them: dropping one there frees it
         s.feeds.append(feeds)
         s.refs.append(ref)
@@ -102,16 +90,14 @@ def _simulate(m: Any, switches: Mapping[str, str], calibration_data: Any, output
     del sess
     if not known:
         return s
-    last_reader = {f: t for t in switches for f in cuts[t].feeds}
-    for t, sw in switches.items():
-        cut = cuts[t]
-        part = ort_session(cut.model({f: known[0][f].dtype for f in cut.feeds}), optimize=False)
+    last_reader = {f: t for t in roundings for f in parts[t].feeds}
+    for t, (centre, step) in roundings.items():
+        part = parts[t]
         for have, ref in zip(known, s.refs, strict=True):
-            got = dict(zip(cut.outputs, part.run(cut.outputs, {**{f: have[f] for f in cut.feeds},
-                                                               sw: np.array(1.0, np.float32)}), strict=True))
+            got = dict(zip(part.outputs, part.run(have, 1.0, centre, step), strict=True))
             s.noise[t] += output_error([got.get(o, r) for o, r in zip(outputs, ref, strict=True)], ref)
-        del part
-        for f in cut.feeds:
+        part.session = None
+        for f in part.feeds:
             if last_reader[f] == t:
                 for have in known:
                     have.pop(f, None)
@@ -146,8 +132,8 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     """The activations worth splitting (`split_activations`): tensor -> pieces.
 
     Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
-    on up to `max_samples` calibration samples, in one instrumented session where a scalar input switches
-    each tensor's fake quantization on. The `max_tensors` noisiest ones whose noise matters (output SQNR with
+    on up to `max_samples` calibration samples, each on the part of the FP32 model below it (`_simulate`). The
+    `max_tensors` noisiest ones whose noise matters (output SQNR with
     only that tensor rounded below `max_sqnr_db`, and at least a tenth of the whole INT8 model's output noise)
     are then tried for real: the whole INT8 model is built with the tensor split in 2 and in 4 pieces and run
     on the same samples. A split is kept when it lifts the model's output SQNR by at least `min_gain_db`, with
@@ -155,12 +141,13 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     from elsewhere (weights, other activations) or is small, nothing is split. `executor`: a tensor's 2- and
     4-piece models are tried on its workers at once when that is work enough (`execution.run_jobs`).
     """
-    found = _instrument(model, amax, options)
-    if found is None:
+    m = named_copy(model)
+    roundings = _roundings(m, amax, options)
+    if not roundings:
         return {}
-    m, switches, cands = found
+    cands = list(roundings)
     outputs = [o.name for o in m.graph.output]
-    s = _simulate(m, switches, calibration_data, outputs, batch_size=batch_size, max_samples=max_samples)
+    s = _simulate(m, roundings, calibration_data, outputs, batch_size=batch_size, max_samples=max_samples)
     if s.signal <= 0.0:
         return {}
 

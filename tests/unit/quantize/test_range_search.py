@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import math
 
 import numpy as np
 import onnx
@@ -174,7 +174,7 @@ def test_alone_pass_matches_the_whole_model_with_one_tensor_rounded(tmp_path, mo
             m.graph.input.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, []))
         add_switched_rounding(m, Graph(m.graph), t, "q_on", "q_c", "q_s")
         reorder(m)
-        shift = RS._nonnegative(Graph(model.graph), t)
+        shift = t in ("r1", "r2")  # Relu outputs: the non-negative shift's grid
         centre, step = (a / 2, a / 254) if shift else (0.0, a / 127)
         return _run_all(m, {"x": xb, "q_on": np.array(1, np.float32), "q_c": np.array(centre, np.float32),
                                "q_s": np.array(step, np.float32)})
@@ -189,16 +189,11 @@ def test_alone_pass_matches_the_whole_model_with_one_tensor_rounded(tmp_path, mo
         assert rec["amax"] == min(noise, key=lambda a: (noise[a], -a)), t
         for meth, db in rec["noise_db"].items():
             k = rec["pruned"].get(meth, 24) // 8  # a pruned candidate's noise is that of its first k batches
-            assert db == RS._db(signals[k - 1], sum(per_batch[tables[meth][t]][:k])), (t, meth)
-    # One tensor per FP32 run, and the tensors dealt to three shares: the same records.
+            assert db == min(300.0, 10 * math.log10(signals[k - 1] / sum(per_batch[tables[meth][t]][:k]))), (t, meth)
+    # One tensor per FP32 run: the same records (tests/unit/execution/test_searches.py deals them to workers).
     monkeypatch.setattr(RS, "TENSORS_PER_RUN", 1)
     again = choose_ranges(model, tables, opts, ds, batch_size=8)
     assert again.per_tensor == got.per_tensor and again.amax == got.amax
-    job = RS._Alone(model, tables, tuple(got.per_tensor), (), opts,
-                    [{"x": b} for b in batches], refs)
-    dealt = {t: r for k in range(3)
-             for t, r in RS.alone_share(dataclasses.replace(job, share=job.tensors[k::3])).items()}
-    assert dealt == got.per_tensor
 
 
 def _run_all(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
