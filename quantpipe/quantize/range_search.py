@@ -128,9 +128,11 @@ class _Alone:
     threads: int | None = None
 
 
-#: Tensors whose parts one run of the FP32 model feeds together (their sessions live at once, and the tensors
-#: the parts read from it are held for one batch).
+#: At most this many tensors' parts are fed from one run of the FP32 model, and only as many (at least one) as
+#: keep the FP32 tensors those parts read, held for every search batch while they are measured, within
+#: `FRONTIER_BYTES` (measured on the first batch).
 TENSORS_PER_RUN = 16
+FRONTIER_BYTES = 256 << 20
 
 
 def _alone_pass(job: _Alone, executor: Executor | None) -> dict[str, dict[str, Any]]:
@@ -151,20 +153,25 @@ def _alone_pass(job: _Alone, executor: Executor | None) -> dict[str, dict[str, A
 def alone_share(job: _Alone) -> dict[str, dict[str, Any]]:
     """One share of the alone pass (`_Alone`), in a worker or here.
 
-    Each tensor's candidates run only the part of the model below it (`fake_quant.RoundedPart`), fed from one run of the FP32
-    model per batch for `TENSORS_PER_RUN` tensors at a time. Exact pruning (the choice is the one measuring
-    everything would make): every candidate is measured on the first batch; in that order, the first is
-    measured on every batch, and each other one stops as soon as its running sum of squared errors (which only
-    grows) already loses to the best total so far."""
+    Each tensor's candidates run only the part of the model below it (`fake_quant.RoundedPart`), fed from one run
+    of the FP32 model per batch for a group of tensors (`TENSORS_PER_RUN`, fewer where their feeds are large);
+    one part's session lives at a time. Exact pruning (the choice is the one measuring everything would make):
+    every candidate is measured on the first batch; the lowest there is measured on every batch, and each other
+    one stops as soon as its running sum of squared errors (which only grows) already loses to the leader's
+    total."""
     out: dict[str, dict[str, Any]] = {}
-    for at in range(0, len(job.share), TENSORS_PER_RUN):
-        out.update(_alone_group(job, job.share[at:at + TENSORS_PER_RUN]))
+    pending = list(job.share)
+    while pending:
+        found = _alone_group(job, pending[:TENSORS_PER_RUN])
+        out.update(found)
+        pending = pending[len(found):]
     return out
 
 
 def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """`alone_share` for a few tensors: rounds over the batches, one run of the FP32 model per batch and round
-    feeding every part that round needs, so only one batch of the tensors the parts read is held at a time."""
+    """`alone_share` for the first of `group`'s tensors whose parts' FP32 feeds fit `FRONTIER_BYTES` over every
+    batch (at least one tensor; the caller passes the rest again). Each feed is dropped after the last part that
+    reads it, and one part's session lives at a time."""
     model, feeds, refs = job.model, job.feeds, job.refs
     g = Graph(model.graph)
     outputs = [o.name for o in model.graph.output]
@@ -172,54 +179,59 @@ def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]
     parts = {t: RoundedPart(model, t, outputs, (f"__qp_rs_on_{t}", f"__qp_rs_c_{t}", f"__qp_rs_s_{t}"))
              for t in group}
     read = sorted({f for p in parts.values() for f in p.feeds if f not in inputs})
-    fp32 = ort_session(expose_outputs(model, read), optimize=False, threads=job.threads) if read else None
+    known = [dict(f) for f in feeds]
+    if read:
+        fp32 = ort_session(expose_outputs(model, read), optimize=False, threads=job.threads)
+        known[0].update(zip(read, fp32.run(read, feeds[0]), strict=True))
+        taken: set[str] = set()
+        for k, t in enumerate(group):  # the longest run of tensors whose feeds fit, measured on the first batch
+            more = taken | {f for f in parts[t].feeds if f not in inputs}
+            if k and sum(known[0][f].nbytes for f in more) * len(feeds) > FRONTIER_BYTES:
+                group = group[:k]
+                break
+            taken = more
+        read = sorted(taken)
+        for name in set(known[0]) - taken - inputs:
+            del known[0][name]
+        for have, batch in zip(known[1:], feeds[1:], strict=True):
+            if read:  # (an empty list would fetch every output)
+                have.update(zip(read, fp32.run(read, batch), strict=True))
+        del fp32
+    last_reader = {f: t for t in group for f in parts[t].feeds}
     at = {o: k for k, o in enumerate(outputs)}
-    cands = {t: _candidates(job.tables, t) for t in group}
-    shift = {t: job.options.shift_nonnegative and _nonnegative(g, t) for t in group}
-
-    def errors(i: int, wanted: Sequence[tuple[str, float]]) -> list[float]:
-        """The output noise of each (tensor, amax) on batch i."""
-        known = dict(feeds[i])
-        if fp32 is not None:
-            known.update(zip(read, fp32.run(read, feeds[i]), strict=True))
-        got = []
-        for t, a in wanted:
-            centre, step = (a / 2, a / (2 * INT8_MAX)) if shift[t] else (0.0, a / INT8_MAX)
-            part = parts[t]
-            res = part.run(known, 1.0, centre, step, job.threads) if part.outputs else []
-            # Outputs t does not reach equal FP32's: they add 0.0, so only the reached ones are summed (in order).
-            got.append(output_error(res, [refs[i][at[o]] for o in part.outputs]))
-        return got
-
-    noise: dict[str, dict[float, float]] = {t: {} for t in group}
-    first = [(t, a) for t in group for a in cands[t]]
-    for (t, a), e in zip(first, errors(0, first), strict=True):
-        noise[t][a] = e
-    done = {t: dict.fromkeys(cands[t], 0) for t in group}  # index of the last batch measured
-    lead: dict[str, tuple[float, float] | None] = dict.fromkeys(group)  # (total, -amax) of the best one measured
-    order = {t: sorted(cands[t], key=lambda a, n=noise[t]: (n[a], -a)) for t in group}  # type: ignore[misc]
-    for r in range(max((len(o) for o in order.values()), default=0)):  # round r: each tensor's r-th candidate
-        for i in range(1, len(feeds)):
-            wanted = [(t, order[t][r]) for t in group if r < len(order[t]) and done[t][order[t][r]] == i - 1
-                      and _within(lead[t], noise[t][order[t][r]], order[t][r], or_equal=True)]
-            for (t, a), e in zip(wanted, errors(i, wanted) if wanted else [], strict=True):
-                noise[t][a] += e
-                done[t][a] = i
-        for t in group:
-            if r < len(order[t]):
-                a = order[t][r]
-                if done[t][a] == len(feeds) - 1 and _within(lead[t], noise[t][a], a, or_equal=False):
-                    lead[t] = (noise[t][a], -a)
     signals = np.cumsum([_signal(r) for r in refs])
     sizes = np.cumsum([next(iter(f.values())).shape[0] for f in feeds])
     out: dict[str, dict[str, Any]] = {}
     for t in group:
-        best = lead[t]
-        assert best is not None
-        win, c = -best[1], cands[t]
-        out[t] = {"method": c[win][0], "amax": win,
-                  "noise_db": {meth: _db(float(signals[done[t][a]]), noise[t][a]) for a, ms in c.items() for meth in ms},
-                  "pruned": {c[a][0]: int(sizes[done[t][a]]) for a in c if done[t][a] < len(feeds) - 1}}
+        cands = _candidates(job.tables, t)
+        shift = job.options.shift_nonnegative and _nonnegative(g, t)
+        part = parts[t]
+
+        def err(a: float, i: int, part: RoundedPart = part, shift: bool = shift) -> float:
+            centre, step = (a / 2, a / (2 * INT8_MAX)) if shift else (0.0, a / INT8_MAX)
+            res = part.run(known[i], 1.0, centre, step, job.threads) if part.outputs else []
+            # Outputs t does not reach equal FP32's: they add 0.0, so only the reached ones are summed (in order).
+            return output_error(res, [refs[i][at[o]] for o in part.outputs])
+
+        noise = {a: err(a, 0) for a in cands}
+        done = dict.fromkeys(cands, 0)  # index of the last batch measured
+        lead: tuple[float, float] | None = None  # (total noise, -amax) of the best fully measured candidate
+        for a in sorted(cands, key=lambda a: (noise[a], -a)):
+            while done[a] < len(feeds) - 1 and _within(lead, noise[a], a, or_equal=True):
+                done[a] += 1
+                noise[a] += err(a, done[a])
+            if done[a] == len(feeds) - 1 and _within(lead, noise[a], a, or_equal=False):
+                lead = (noise[a], -a)
+        assert lead is not None
+        win = -lead[1]
+        out[t] = {"method": cands[win][0], "amax": win,
+                  "noise_db": {meth: _db(float(signals[done[a]]), noise[a]) for a, ms in cands.items() for meth in ms},
+                  "pruned": {cands[a][0]: int(sizes[done[a]]) for a in cands if done[a] < len(feeds) - 1}}
+        part.session = None
+        for name in part.feeds:
+            if last_reader[name] == t and name not in inputs:
+                for have in known:
+                    have.pop(name, None)
     return out
 
 

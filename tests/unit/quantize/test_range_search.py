@@ -190,10 +190,13 @@ def test_alone_pass_matches_the_whole_model_with_one_tensor_rounded(tmp_path, mo
         for meth, db in rec["noise_db"].items():
             k = rec["pruned"].get(meth, 24) // 8  # a pruned candidate's noise is that of its first k batches
             assert db == min(300.0, 10 * math.log10(signals[k - 1] / sum(per_batch[tables[meth][t]][:k]))), (t, meth)
-    # One tensor per FP32 run: the same records (tests/unit/execution/test_searches.py deals them to workers).
-    monkeypatch.setattr(RS, "TENSORS_PER_RUN", 1)
-    again = choose_ranges(model, tables, opts, ds, batch_size=8)
-    assert again.per_tensor == got.per_tensor and again.amax == got.amax
+    # One tensor per FP32 run, by count or because the feeds exceed the memory bound: the same records
+    # (tests/unit/execution/test_searches.py deals them to workers).
+    for name, value in (("TENSORS_PER_RUN", 1), ("FRONTIER_BYTES", 1)):
+        with monkeypatch.context() as m:
+            m.setattr(RS, name, value)
+            again = choose_ranges(model, tables, opts, ds, batch_size=8)
+        assert again.per_tensor == got.per_tensor and again.amax == got.amax
 
 
 def _run_all(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
