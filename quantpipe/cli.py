@@ -204,9 +204,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.data is None:
         raise ConfigError("INT8 quantization needs calibration data: pass --data D.npz (or --fp16 for an FP16 model, "
                           "or --from-cache C for the scales of a TensorRT calibration cache).")
+    from quantpipe.execution import make_executor
+
     spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
-    amax, options = _quantize_amax(args, spec.path, ds, options)
-    rep = write_qdq_model(spec.path, amax, args.out, options, calibration_data=ds, batch_size=args.batch_size)
+    executor = make_executor(_execution(args), gpu=args.device == "cuda")
+    with contextlib.closing(executor):
+        amax, options = _quantize_amax(args, spec.path, ds, options, executor)
+        with RichProgress(not args.quiet).task("writing the INT8 model (statistics, split choice, bias correction)",
+                                               None):
+            rep = write_qdq_model(spec.path, amax, args.out, options, calibration_data=ds,
+                                  batch_size=args.batch_size, executor=executor)
     console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
     for w in getattr(rep, "warnings", ()) or ():
         log.warning("%s", w)
@@ -234,10 +241,11 @@ def _quantize_from_cache(args: argparse.Namespace, options: Any) -> int:
     return EXIT_OK
 
 
-def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options: Any) -> tuple[dict[str, float], Any]:
+def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options: Any, executor: Any
+                   ) -> tuple[dict[str, float], Any]:
     """The activation ranges of `quantpipe quantize --method M` and the options to write with; `auto` chooses
-    per tensor by output effect (and hands on the per-channel statistics it collected, so they are not
-    collected twice)."""
+    per tensor by output effect, its runs on `executor`'s workers when they are work enough (and hands on the
+    per-channel statistics it collected, so they are not collected twice)."""
     from quantpipe.calibration import calibrate_tables_in_memory
     from quantpipe.workspace import advance_to
 
@@ -254,7 +262,9 @@ def _quantize_amax(args: argparse.Namespace, model_path: Path, ds: Any, options:
     from quantpipe.onnxgraph import load_onnx
     from quantpipe.quantize.range_search import choose_ranges
 
-    choice = choose_ranges(load_onnx(model_path), tables, options, ds, batch_size=args.batch_size)
+    with progress.task("choosing each activation's range (auto: candidates measured on the model output)", None):
+        choice = choose_ranges(load_onnx(model_path), tables, options, ds, batch_size=args.batch_size,
+                               executor=executor)
     s = choice.summary()
     console().print(f"auto ranges: {s['per_method']} per tensor; kept {s['winner']} "
                      f"({', '.join(f'{k} {v} dB' for k, v in s['model_db'].items())}; {s['seconds']} s)")
@@ -395,6 +405,7 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="auto: an activation whose int8 rounding dominates the output error is quantized in pieces "
                         "where that measurably helps (README); default: build.quantize.split_activations' default")
     _add_data_options(q)
+    _add_execution_options(q)
     q.set_defaults(func=cmd_quantize)
 
 

@@ -34,6 +34,7 @@ def write_qdq_model(
     *,
     calibration_data: Any | None = None,
     batch_size: int = 8,
+    executor: Executor | None = None,
 ) -> QuantizeReport:
     """Write the explicit-quantization (Q/DQ) INT8 model of an FP32 ONNX model, checked, atomically.
 
@@ -47,13 +48,14 @@ def write_qdq_model(
             `split_activations='auto'`, GPTQ codes). Without it (and without `options.channel_stats`) no
             smoothing or bias correction runs, 'auto' splits nothing and GPTQ rounds to nearest.
         batch_size: batch size of the passes over `calibration_data`.
+        executor: the split choice's trials run on its workers (`with_calibration_data`; the same model).
 
     Raises:
         ModelError: unreadable or already quantized model. BuildError: the result fails the checker.
     """
     if calibration_data is not None:
         options = with_calibration_data(load_onnx(model_path), options, calibration_data, batch_size=batch_size,
-                                        amax=amax)
+                                        amax=amax, executor=executor)
     return quantize_model(model_path, amax, out_path, options)
 
 

@@ -131,3 +131,31 @@ def test_pipeline_input_still_must_be_fp32(shipped_models: dict[str, Path], tmp_
                  "--out", str(tmp_path / "again.onnx"), "-q"])
     assert code == 2
     assert "already quantized" in " ".join(capsys.readouterr().err.split())
+
+
+def test_quantize_on_workers_writes_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`quantpipe quantize --workers 2`: auto's range search and the split choice run on two local workers (shards
+    forced however small the work) and write the bytes one process writes."""
+    import quantpipe.execution as execution
+    from quantpipe.config import ExecutionConfig
+
+    one = tmp_path / "one.onnx"
+    assert main(["quantize", "--model", str(EXAMPLE_MODEL), "--data", str(EXAMPLE_CALIB), "--workers", "1",
+                 "--out", str(one), "-q"]) == 0
+    made, calls = [], []
+    real = execution.make_executor
+
+    def spied(cfg: ExecutionConfig, **kw: object) -> object:
+        assert cfg.workers == 2
+        ex = real(cfg.model_copy(update={"min_shard_mb": 0.0}), **kw)
+        inner = ex.map
+        ex.map = lambda fn, items, **k: (calls.append(fn.__name__), inner(fn, items, **k))[1]  # type: ignore[method-assign]
+        made.append(ex)
+        return ex
+
+    monkeypatch.setattr(execution, "make_executor", spied)
+    two = tmp_path / "two.onnx"
+    assert main(["quantize", "--model", str(EXAMPLE_MODEL), "--data", str(EXAMPLE_CALIB), "--workers", "2",
+                 "--out", str(two), "-q"]) == 0
+    assert made and "alone_share" in calls
+    assert two.read_bytes() == one.read_bytes()
