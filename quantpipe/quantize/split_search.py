@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def _roundings(model: Any, amax: Mapping[str, float], options: QuantizeOptions) -> dict[str, tuple[float, float]]:
-    """Each splittable activation of `model` (graph order of its producers' outputs, sorted by name) -> the centre
-    and step of its int8 rounding (with the shift, when on)."""
+    """Each splittable activation of `model`, by name, -> the centre and step of its int8 rounding (with the shift,
+    when on)."""
     g = Graph(model.graph)
     out = {}
     for t in sorted(g.producer):
@@ -133,8 +133,8 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
 
     Every splittable activation's int8 rounding is simulated alone (weights and other activations in float)
     on up to `max_samples` calibration samples, each on the part of the FP32 model below it (`_simulate`). The
-    `max_tensors` noisiest ones whose noise matters (output SQNR with
-    only that tensor rounded below `max_sqnr_db`, and at least a tenth of the whole INT8 model's output noise)
+    `max_tensors` noisiest ones whose noise matters (output SQNR with only that tensor rounded below
+    `max_sqnr_db`, and at least a tenth of the whole INT8 model's output noise)
     are then tried for real: the whole INT8 model is built with the tensor split in 2 and in 4 pieces and run
     on the same samples. A split is kept when it lifts the model's output SQNR by at least `min_gain_db`, with
     the fewest pieces that come within 0.5 dB of the best. Where the noise is spread over many tensors, comes
