@@ -29,7 +29,7 @@ from quantpipe.artifacts import LayerSensitivity
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared
 from quantpipe.errors import EvaluationError, WorkerError
 from quantpipe.execution import Executor, Stashed, plan_shards, unstash
-from quantpipe.metrics import finite_or_none, sqnr_db, sqnr_from_sums
+from quantpipe.metrics import finite_or_none, sqnr_db, sqnr_from_sums, squared_error
 from quantpipe.onnxgraph import expose_outputs, load_onnx
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
@@ -192,7 +192,7 @@ def _sqnr_sums(job: _SqnrJob) -> list[_BatchSums]:
             for name, a, b in pairs:
                 x = np.asarray(res[a], dtype=np.float64)
                 fp[a] = (x, float(np.sum(np.square(x))))
-                loc[name] = (fp[a][1], _noise(res[b], offsets.get(a, 0.0), x))
+                loc[name] = (fp[a][1], squared_error(res[b], x, offsets.get(a, 0.0)))
             del res
         acc: dict[str, tuple[float, float]] = {}
         if qs is not None:
@@ -202,22 +202,10 @@ def _sqnr_sums(job: _SqnrJob) -> list[_BatchSums]:
                 fp.update({t: (x, float(np.sum(x**2))) for t, x in zip(missing, got, strict=True)})
             for t, y in zip(tensors, qs.run(list(tensors), dict(f)), strict=True):
                 x64, sq = fp[t]
-                acc[t] = (sq, _noise(y, offsets.get(t, 0.0), x64))
+                acc[t] = (sq, squared_error(y, x64, offsets.get(t, 0.0)))
         out.append((loc, acc))
         del fp
     return out
-
-
-def _noise(y: np.ndarray, offset: float, x: np.ndarray) -> float:
-    """sum((y + offset - x)**2) in float64 (`x` is), in place on one copy of `y`: the same sum, without the three
-    temporaries of a large tensor the expression makes. An offset of 0 is not added (it could only turn a -0.0
-    into +0.0, which the square makes equal)."""
-    d = np.array(y, dtype=np.float64)
-    if offset:
-        d += offset
-    d -= x
-    np.square(d, out=d)
-    return float(np.sum(d))
 
 
 def _local_and_accumulated(ctx: Reference, built: Any, full: Any, names: Sequence[str], tensors: Sequence[str],

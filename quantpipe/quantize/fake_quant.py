@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.metrics import squared_error
 from quantpipe.onnxgraph import Graph, topological_order
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.downstream import cut_below
@@ -44,16 +45,8 @@ def reorder(m: Any) -> None:
 
 
 def output_error(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
-    """Squared error summed over the float outputs (each in float64: sum((x - r)**2), computed in place on one
-    copy of x, since a classifier's or a recognizer's output is large and the searches call this thousands of
-    times)."""
-    def one(x: np.ndarray, r: np.ndarray) -> float:
-        d = x.astype(np.float64)
-        d -= r
-        np.square(d, out=d)
-        return float(np.sum(d))
-
-    return sum(one(x, r) for x, r in zip(got, ref, strict=True) if r.dtype.kind == "f")
+    """Squared error summed over the float outputs (each in float64, `metrics.squared_error`)."""
+    return sum(squared_error(x, r) for x, r in zip(got, ref, strict=True) if r.dtype.kind == "f")
 
 
 class RoundedPart:
