@@ -14,7 +14,7 @@ from collections.abc import Sequence as Sequence_
 import numpy as np
 
 __all__ = [
-    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "sqnr_from_sums", "squared_error", "finite_or_none", "max_abs_error",
+    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "sqnr_from_sums", "SquaredSums", "squared_error", "finite_or_none", "max_abs_error",
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
     "foreground", "mask_iou", "component_boxes", "box_iou", "matched_boxes", "box_agreement",
 ]
@@ -65,16 +65,50 @@ def sqnr_db(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(10.0 * np.log10(signal / noise))
 
 
+class SquaredSums:
+    """Float64 squared sums of tensors (a signal's sum(x**2), an error's sum((y + offset - x)**2)) computed on one
+    float64 scratch buffer that is reused from call to call.
+
+    The searches take thousands of these sums on large activations. A fresh float64 copy for each one costs more
+    than the sum itself: allocating it, the page faults, and the temporaries of the plain expression. Each sum here
+    is `np.sum` over a contiguous float64 array of the tensor's own shape that holds the same values as the plain
+    expression, so it gives the same bits (tests/unit/test_metrics.py checks it). The buffer grows to the largest
+    tensor seen; drop the object to free it. Not safe to share between threads.
+    """
+
+    def __init__(self) -> None:
+        self._buf = np.empty(0, dtype=np.float64)
+
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = math.prod(shape)
+        if self._buf.size < n:
+            self._buf = np.empty(n, dtype=np.float64)
+        return self._buf[:n].reshape(shape)
+
+    def signal(self, x: np.ndarray) -> float:
+        """sum(x**2), with x taken in float64."""
+        x = np.asarray(x)
+        d = self._scratch(x.shape)
+        np.square(x, out=d, dtype=np.float64)
+        return float(np.sum(d))
+
+    def error(self, y: np.ndarray, x: np.ndarray, offset: float = 0.0) -> float:
+        """sum((y + offset - x)**2), with y and x taken in float64 (x may broadcast against y). An offset of 0 is
+        not added (it could only turn a -0.0 into +0.0, which the square makes equal)."""
+        y = np.asarray(y)
+        d = self._scratch(y.shape)
+        np.copyto(d, y, casting="unsafe")
+        if offset:
+            d += offset
+        np.subtract(d, x, out=d)
+        np.square(d, out=d)
+        return float(np.sum(d))
+
+
 def squared_error(y: np.ndarray, x: np.ndarray, offset: float = 0.0) -> float:
-    """sum((y + offset - x)**2) in float64, in place on one float64 copy of `y` (the searches call it thousands of
-    times on large tensors; the expression would make three more temporaries of the same sum). An offset of 0 is
-    not added (it could only turn a -0.0 into +0.0, which the square makes equal)."""
-    d = np.array(y, dtype=np.float64)
-    if offset:
-        d += offset
-    d -= x
-    np.square(d, out=d)
-    return float(np.sum(d))
+    """sum((y + offset - x)**2) in float64 (`SquaredSums.error` on a buffer of its own; a loop over many tensors
+    should keep one `SquaredSums`)."""
+    return SquaredSums().error(y, x, offset)
 
 
 def sqnr_from_sums(signal: float, noise: float) -> float:

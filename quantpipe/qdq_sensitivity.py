@@ -28,7 +28,7 @@ import numpy as np
 
 from quantpipe.artifacts import LayerSensitivity
 from quantpipe.errors import EvaluationError
-from quantpipe.metrics import finite_or_none, sqnr_db, sqnr_from_sums, squared_error
+from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
 from quantpipe.onnxgraph import Graph, attr, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
 from quantpipe.reference import CANDIDATES_PER_RUN, COUNTED_SCORES, first_samples, run_candidates, run_output, score
@@ -157,11 +157,11 @@ def _accumulated(fp32: Any, qdq: Any, feeds: Sequence[Mapping[str, np.ndarray]],
     b_sess = ort_session(expose_outputs(qdq, tensors), int8=True, optimize=False)
     sig = dict.fromkeys(tensors, 0.0)
     noise = dict.fromkeys(tensors, 0.0)
+    sums = SquaredSums()
     for f in feeds:
         for t, x, y in zip(tensors, a_sess.run(tensors, dict(f)), b_sess.run(tensors, dict(f)), strict=True):
-            x64 = np.asarray(x, dtype=np.float64)
-            sig[t] += float(np.sum(x64**2))
-            noise[t] += squared_error(y, x64)
+            sig[t] += sums.signal(x)
+            noise[t] += sums.error(y, x)
     return {t: sqnr_from_sums(sig[t], noise[t]) for t in tensors}
 
 

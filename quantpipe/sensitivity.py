@@ -29,7 +29,7 @@ from quantpipe.artifacts import LayerSensitivity
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared
 from quantpipe.errors import EvaluationError, WorkerError
 from quantpipe.execution import Executor, Stashed, plan_shards, unstash
-from quantpipe.metrics import finite_or_none, sqnr_db, sqnr_from_sums, squared_error
+from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
 from quantpipe.onnxgraph import expose_outputs, load_onnx
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
@@ -183,6 +183,7 @@ def _sqnr_sums(job: _SqnrJob) -> list[_BatchSums]:
         qs = ort_session(accumulated[0], optimize=False, threads=job.threads)
         fs = ort_session(accumulated[3], optimize=False, threads=job.threads) if accumulated[3] else None
     out: list[_BatchSums] = []
+    sums = SquaredSums()
     for f in feeds:
         fp: dict[str, tuple[np.ndarray, float]] = {}
         loc: dict[str, tuple[float, float]] = {}
@@ -190,19 +191,19 @@ def _sqnr_sums(job: _SqnrJob) -> list[_BatchSums]:
             _, outs, pairs, offsets = local
             res = dict(zip(outs, sess.run(list(outs), dict(f)), strict=True))
             for name, a, b in pairs:
-                x = np.asarray(res[a], dtype=np.float64)
-                fp[a] = (x, float(np.sum(np.square(x))))
-                loc[name] = (fp[a][1], squared_error(res[b], x, offsets.get(a, 0.0)))
+                x = res[a]
+                fp[a] = (x, sums.signal(x))
+                loc[name] = (fp[a][1], sums.error(res[b], x, offsets.get(a, 0.0)))
             del res
         acc: dict[str, tuple[float, float]] = {}
         if qs is not None:
             _, tensors, offsets, _, missing = accumulated
             if fs is not None:  # not among the instrumented run's tensors: from a run of the FP32 model itself
-                got = [np.asarray(x, dtype=np.float64) for x in fs.run(list(missing), dict(f))]
-                fp.update({t: (x, float(np.sum(x**2))) for t, x in zip(missing, got, strict=True)})
+                fp.update({t: (x, sums.signal(x))
+                           for t, x in zip(missing, fs.run(list(missing), dict(f)), strict=True)})
             for t, y in zip(tensors, qs.run(list(tensors), dict(f)), strict=True):
-                x64, sq = fp[t]
-                acc[t] = (sq, squared_error(y, x64, offsets.get(t, 0.0)))
+                x, sq = fp[t]
+                acc[t] = (sq, sums.error(y, x, offsets.get(t, 0.0)))
         out.append((loc, acc))
         del fp
     return out

@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from quantpipe.metrics import squared_error
+from quantpipe.metrics import SquaredSums
 from quantpipe.onnxgraph import Graph, topological_order
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.downstream import cut_below
 
-__all__ = ["RoundedPart", "add_switched_rounding", "output_error", "reorder"]
+__all__ = ["RoundedPart", "add_switched_rounding", "output_error", "output_signal", "reorder"]
 
 
 def add_switched_rounding(m: Any, g: Graph, t: str, switch: str, centre: str, step: str) -> None:
@@ -44,9 +44,17 @@ def reorder(m: Any) -> None:
     m.graph.node.extend(nodes)
 
 
-def output_error(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
-    """Squared error summed over the float outputs (each in float64, `metrics.squared_error`)."""
-    return sum(squared_error(x, r) for x, r in zip(got, ref, strict=True) if r.dtype.kind == "f")
+def output_error(got: Sequence[np.ndarray], ref: Sequence[np.ndarray], sums: SquaredSums | None = None) -> float:
+    """Squared error summed over the float outputs (each in float64, `metrics.SquaredSums.error`; a loop should pass
+    one `sums` for all its calls)."""
+    sums = sums or SquaredSums()
+    return sum(sums.error(x, r) for x, r in zip(got, ref, strict=True) if r.dtype.kind == "f")
+
+
+def output_signal(ref: Sequence[np.ndarray], sums: SquaredSums | None = None) -> float:
+    """Squared sum of the float outputs (each in float64), the signal `output_error` is measured against."""
+    sums = sums or SquaredSums()
+    return sum(sums.signal(r) for r in ref if r.dtype.kind == "f")
 
 
 class RoundedPart:

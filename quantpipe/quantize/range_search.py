@@ -15,10 +15,11 @@ import numpy as np
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs
 from quantpipe.int8 import INT8_MAX
+from quantpipe.metrics import SquaredSums
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
-from quantpipe.quantize.fake_quant import RoundedPart, output_error
+from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
 from quantpipe.quantize.rewrites.patterns import clip_bounds
@@ -199,7 +200,8 @@ def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]
         del fp32
     last_reader = {f: t for t in group for f in parts[t].feeds}
     at = {o: k for k, o in enumerate(outputs)}
-    signals = np.cumsum([_signal(r) for r in refs])
+    sums = SquaredSums()
+    signals = np.cumsum([output_signal(r, sums) for r in refs])
     sizes = np.cumsum([next(iter(f.values())).shape[0] for f in feeds])
     out: dict[str, dict[str, Any]] = {}
     for t in group:
@@ -211,7 +213,7 @@ def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]
             centre, step = (a / 2, a / (2 * INT8_MAX)) if shift else (0.0, a / INT8_MAX)
             res = part.run(known[i], 1.0, centre, step, job.threads) if part.outputs else []
             # Outputs t does not reach equal FP32's: they add 0.0, so only the reached ones are summed (in order).
-            return output_error(res, [refs[i][at[o]] for o in part.outputs])
+            return output_error(res, [refs[i][at[o]] for o in part.outputs], sums)
 
         noise = {a: err(a, 0) for a in cands}
         done = dict.fromkeys(cands, 0)  # index of the last batch measured
@@ -242,10 +244,6 @@ def _within(lead: tuple[float, float] | None, noise: float, a: float, *, or_equa
     return (noise, -a) <= lead if or_equal else (noise, -a) < lead
 
 
-def _signal(ref: Sequence[np.ndarray]) -> float:
-    return sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
-
-
 @dataclasses.dataclass(frozen=True)
 class _Whole:
     """One whole INT8 model of the safeguard (picklable: it may run on a worker)."""
@@ -262,7 +260,8 @@ class _Whole:
 def whole_noise(job: _Whole) -> float:
     """The output noise of the INT8 model built with `job.table` on the search samples (in a worker or here)."""
     run = ort_session(build_qdq_model(job.model, job.table, job.options)[0], optimize=False, threads=job.threads)
-    return sum(output_error(run.run(job.outputs, f), r) for f, r in zip(job.feeds, job.refs, strict=True))
+    sums = SquaredSums()
+    return sum(output_error(run.run(job.outputs, f), r, sums) for f, r in zip(job.feeds, job.refs, strict=True))
 
 
 def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options: QuantizeOptions,
@@ -308,7 +307,8 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
         count += next(iter(f.values())).shape[0]
         if count >= max_samples:
             break
-    signal = sum(_signal(r) for r in refs)
+    sums = SquaredSums()
+    signal = sum(output_signal(r, sums) for r in refs)
     base = dict(tables.get("best", tables["mse"]))
     tensors = [t for t in _planned_tensors(m0, tables["minmax"], opts) if len(_candidates(tables, t)) > 1]
     log.info("auto ranges: %d activations with distinct candidates, %d samples", len(tensors), count)

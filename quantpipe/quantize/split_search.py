@@ -13,10 +13,11 @@ import numpy as np
 
 from quantpipe.execution import Executor, model_mb, run_jobs
 from quantpipe.int8 import INT8_MAX
+from quantpipe.metrics import SquaredSums
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
-from quantpipe.quantize.fake_quant import RoundedPart, output_error
+from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.split import split_candidate
 
@@ -73,6 +74,7 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
     exposed = sorted({f for p in parts.values() for f in p.feeds if f not in inputs} - set(outputs))
     sess = ort_session(expose_outputs(m, exposed), optimize=False)
     s = _Samples([], [], 0.0, dict.fromkeys(roundings, 0.0), 0)
+    sums = SquaredSums()
     known: list[dict[str, np.ndarray]] = []  # per batch: every tensor a part may read
     for batch in calibration_data.batches(batch_size):
         feeds = {k: v[: max_samples - s.count] for k, v in batch.feeds.items()}
@@ -83,7 +85,7 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
         del run  # `known` holds them: dropping one there frees it
         s.feeds.append(feeds)
         s.refs.append(ref)
-        s.signal += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref if r.dtype.kind == "f")
+        s.signal += output_signal(ref, sums)
         s.count += next(iter(feeds.values())).shape[0]
         if s.count >= max_samples:
             break
@@ -95,7 +97,7 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
         part = parts[t]
         for have, ref in zip(known, s.refs, strict=True):
             got = dict(zip(part.outputs, part.run(have, 1.0, centre, step), strict=True))
-            s.noise[t] += output_error([got.get(o, r) for o, r in zip(outputs, ref, strict=True)], ref)
+            s.noise[t] += output_error([got.get(o, r) for o, r in zip(outputs, ref, strict=True)], ref, sums)
         part.session = None
         for f in part.feeds:
             if last_reader[f] == t:
@@ -122,7 +124,8 @@ def trial_noise(trial: _Trial) -> float:
     """The output noise of the INT8 model built with `trial.splits` on the search samples (run in a worker or here)."""
     q = build_qdq_model(trial.model, trial.amax, dataclasses.replace(trial.options, split_activations=trial.splits))[0]
     run = ort_session(q, optimize=False, threads=trial.threads)
-    return sum(output_error(run.run(trial.outputs, f), r) for f, r in zip(trial.feeds, trial.refs, strict=True))
+    sums = SquaredSums()
+    return sum(output_error(run.run(trial.outputs, f), r, sums) for f, r in zip(trial.feeds, trial.refs, strict=True))
 
 
 def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,

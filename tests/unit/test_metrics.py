@@ -46,3 +46,26 @@ def test_squared_error_is_the_float64_expression_bit_for_bit_and_leaves_its_inpu
         want = float(np.sum((np.asarray(y, dtype=np.float64) + offset - x) ** 2))
         assert M.squared_error(y, x, offset) == want
     assert np.array_equal(y, y0) and np.array_equal(x, x0)
+
+
+def test_squared_sums_reuse_one_buffer_and_give_the_plain_expressions_bits() -> None:
+    rng = np.random.default_rng(12)
+    sums = M.SquaredSums()
+    # large, then smaller, then larger again: the buffer is reused and regrown; float32 and float64 references
+    for shape in ((8, 16, 33, 33), (3, 70), (2, 5, 7), (16, 16, 40, 40)):
+        y = rng.normal(size=shape).astype(np.float32)
+        x32 = (y + rng.normal(scale=1e-3, size=shape)).astype(np.float32)
+        y0, x0 = y.copy(), x32.copy()
+        x64 = np.asarray(x32, dtype=np.float64)
+        assert sums.signal(x32) == float(np.sum(np.square(x64)))
+        assert sums.signal(x64) == float(np.sum(x64**2))
+        for offset in (0.0, -1.25):
+            want = float(np.sum((np.asarray(y, dtype=np.float64) + offset - x64) ** 2))
+            assert sums.error(y, x32, offset) == want
+            assert sums.error(y, x64, offset) == want
+        assert np.array_equal(y, y0) and np.array_equal(x32, x0)
+    # a reference that broadcasts against the output, and a 0-d tensor
+    y = rng.normal(size=(4, 6)).astype(np.float32)
+    r = rng.normal(size=(6,)).astype(np.float32)
+    assert sums.error(y, r) == float(np.sum((y.astype(np.float64) - r.astype(np.float64)) ** 2))
+    assert sums.signal(np.float32(3.0)) == 9.0
