@@ -356,11 +356,12 @@ def add_initializer(graph: Any, names: Names, base: str, value: np.ndarray) -> s
 
 
 def drop_unused_initializers(graph: Any, g: Graph) -> None:
+    """Remove the initializers nothing reads, in place (the others keep their order). Deleted one by one: clearing
+    the list and extending it with the kept ones would copy every kept tensor, weights included."""
     used = {i for n in graph.node for i in n.input} | g.output_names | g.subgraph_refs | g.input_names
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    for k in reversed(range(len(graph.initializer))):
+        if graph.initializer[k].name not in used:
+            del graph.initializer[k]
 
 
 

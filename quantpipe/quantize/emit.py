@@ -11,7 +11,7 @@ import numpy as np
 
 from quantpipe.errors import BuildError
 from quantpipe.int8 import INT8_MAX
-from quantpipe.onnxgraph import Graph, Names
+from quantpipe.onnxgraph import Graph, Names, drop_unused_initializers
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import Plan
 from quantpipe.quantize.weights import int8_weight
@@ -89,11 +89,8 @@ def apply_plan(model: Any, g: Graph, plan: Plan, opts: QuantizeOptions) -> list[
     graph.initializer.extend(new_inits)
 
     # Drop float weights (initializers and Constant nodes) nothing reads any more: the int8 copy replaces them.
+    drop_unused_initializers(graph, g)
     still_used = {i for n in graph.node for i in n.input} | g.output_names | g.subgraph_refs
-    keep_inits = [t for t in graph.initializer if t.name in still_used or t.name in g.input_names]
-    if len(keep_inits) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep_inits)
     dead_consts = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in still_used]
     for n in dead_consts:
         graph.node.remove(n)
