@@ -13,6 +13,7 @@ from quantpipe import __version__
 from quantpipe.artifacts import CalibrationSummary, FallbackReport, Variant, from_jsonable, to_jsonable
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError
+from quantpipe.evalconfig import TASK_SCORES
 from quantpipe.execution import Executor
 from quantpipe.externaldata import external_data_files
 from quantpipe.fsutil import sha256_file
@@ -66,7 +67,7 @@ def stage_build(
         }
         if cfg.calibration.from_cache is not None:  # the cache's scales are kept exact: see quantize_options
             fp["from_cache"] = str(cfg.calibration.from_cache)
-        if b.fallback is not None and b.fallback.metric in ("line_agreement", "map_iou", "box_agreement"):
+        if b.fallback is not None and b.fallback.metric in TASK_SCORES:
             # How the output is decoded / thresholded decides what the fallback keeps in float.
             fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense"}), sort_keys=True)
         manifest = reusable(ws.models, fp, "build")

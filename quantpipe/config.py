@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from quantpipe.configbase import StrictModel, did_you_mean, format_validation_errors
 from quantpipe.errors import ConfigError
 from quantpipe.evalconfig import (
+    TASK_SCORES,
     CollapseConfig,
     CtcConfig,
     DenseConfig,
@@ -417,8 +418,7 @@ class PipelineConfig(_Model):
                     f"gate.rules[{i}].metric: unknown metric '{rule.metric}'{did_you_mean(rule.metric, GATE_METRICS)}; "
                     f"known: {', '.join(GATE_METRICS)} (or a name returned by a hook in evaluate.metrics)")
         fb = self.build.fallback
-        needs = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense"}
-        need = needs.get(fb.metric) if fb is not None else None
+        need = TASK_SCORES.get(fb.metric) if fb is not None else None
         if need is not None and self.evaluate.task != need:
             raise ValueError(f"build.fallback.metric {fb.metric} needs evaluate.task: {need} "  # type: ignore[union-attr]
                              f"(it is {self.evaluate.task}); set the task or choose another fallback metric")

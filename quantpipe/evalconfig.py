@@ -33,6 +33,10 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 """The task-specific metrics of each task (cosine, sqnr_db, max_abs_error apply to every task)."""
 
+TASK_SCORES: dict[str, str] = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense"}
+"""The search metrics (fallback budget, sensitivity metric) that read the output as `evaluate.task` says, and the
+task each needs."""
+
 HOOK_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 """`package.module:function`: a user metric hook."""
 

@@ -29,6 +29,7 @@ import numpy as np
 from quantpipe import metrics as M
 from quantpipe.artifacts import FallbackReport, FallbackStep, LayerSensitivity
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared, share_count
+from quantpipe.config import FALLBACK_METRICS
 from quantpipe.errors import ConfigError
 from quantpipe.execution import Executor
 from quantpipe.onnxgraph import save_onnx
@@ -43,7 +44,6 @@ __all__ = ["FallbackMetric", "accuracy_fallback"]
 log = logging.getLogger(__name__)
 
 FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement"]
-_METRICS = ("top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,8 +275,8 @@ def accuracy_fallback(
 
 def _check_arguments(metric: str, keep_in: str, dataset: Any) -> str | None:
     """Refuse an unknown metric or keep_in, and the evaluation data; return the dataset's role."""
-    if metric not in _METRICS:
-        raise ConfigError(f"fallback metric must be one of {', '.join(_METRICS)}, not '{metric}'.")
+    if metric not in FALLBACK_METRICS:
+        raise ConfigError(f"fallback metric must be one of {', '.join(FALLBACK_METRICS)}, not '{metric}'.")
     if keep_in not in ("fp16", "fp32"):
         raise ConfigError(f"fallback keep_in must be fp16 or fp32, not '{keep_in}'.")
     role = getattr(dataset, "role", None)

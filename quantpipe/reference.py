@@ -13,6 +13,7 @@ import numpy as np
 
 from quantpipe import metrics as M
 from quantpipe.errors import ConfigError, EvaluationError
+from quantpipe.evalconfig import TASK_SCORES
 from quantpipe.execution import Executor
 from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
@@ -27,7 +28,7 @@ __all__ = ["CANDIDATES_PER_RUN", "COUNTED_SCORES", "Reference", "first_samples",
 
 #: Scores that count decisions (samples, lines, pixels, boxes): many layers score alike on them, so the searches
 #: order equal scores by output SQNR.
-COUNTED_SCORES = ("top1_agreement", "line_agreement", "map_iou", "box_agreement")
+COUNTED_SCORES = ("top1_agreement", *TASK_SCORES)
 
 
 #: How many candidates `run_candidates` is given at once by the searches: their models and sessions are held
@@ -226,7 +227,7 @@ def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None
           task: TaskSpec = CLASSIFICATION) -> float:
     """Metric `name` of the output `out` against the FP32 `ref` (top1_drop: against `labels`; line_agreement and
     map_iou / box_agreement read the output as `task` says)."""
-    if name in ("line_agreement", "map_iou", "box_agreement"):
+    if name in TASK_SCORES:
         return task_score(name, out, ref, task)
     if name == "sqnr_db":
         return M.sqnr_db(out, ref)
