@@ -115,7 +115,7 @@ def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str
 
 
 def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], output: str, *,
-                   int8: bool = True, max_part: float = 1.0, min_skipped: float = 1.5,
+                   int8: bool = True, max_part: float = 0.8, min_skipped: float = 1.5,
                    threads: int | None = None) -> list[np.ndarray]:
     """`output` of each candidate model over every batch of `feeds` (concatenated), as `run_output` of its own
     session gives it, computing only what differs from `base`.
@@ -126,10 +126,9 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     Q/DQ arithmetic, the same bits at any thread count); float ones are optimized, a part as onnxruntime
     optimizes the whole model (the shapes the whole model infers are declared on its inputs). Either way a part
     computes the same bits as its whole model; tests/unit/test_reference.py and tools/golden.py check it. A
-    candidate whose part is more than `max_part` of its model (by estimated multiply-adds; by default none: even a
-    part of 90 % of the model is cheaper than the whole, since the feeding run is made anyway) runs whole, and so do
-    all when the parts together skip fewer than `min_skipped` whole runs (the run of `base` that feeds them costs
-    about one).
+    candidate whose part is more than `max_part` of its model (by estimated multiply-adds) runs whole, and so do all
+    when the parts together skip fewer than `min_skipped` whole runs (the run of `base` that feeds them costs about
+    one).
 
     Models may be given as ModelProto or serialized bytes, feeds are numpy arrays: the arguments pickle, so a
     worker process can evaluate a share of the candidates (`quantpipe.candidates`; `threads`: onnxruntime's
