@@ -1,0 +1,34 @@
+"""Graph helpers of `quantpipe.onnxgraph` that the quantizer's rewrites share."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from quantpipe.onnxgraph import Graph, drop_unused_initializers
+
+
+def test_drop_unused_initializers_removes_only_unread_tensors_and_keeps_the_order() -> None:
+    inits = [numpy_helper.from_array(np.full((3,), i, np.float32), f"w{i}") for i in range(6)]
+    # w1 and w4 are read by nodes, w3 is a graph input with a default (an initializer that is also an input),
+    # w5 is a graph output; w0 and w2 are read by nothing
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w1"], ["y"]), helper.make_node("Mul", ["y", "w4"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+         helper.make_tensor_value_info("w3", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3]),
+         helper.make_tensor_value_info("w5", TensorProto.FLOAT, [3])],
+        initializer=inits)
+    model = helper.make_model(graph)
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    keep = [t for t in expected.graph.initializer if t.name in {"w1", "w3", "w4", "w5"}]
+    del expected.graph.initializer[:]
+    expected.graph.initializer.extend(keep)
+
+    drop_unused_initializers(model.graph, Graph(model.graph))
+    assert [t.name for t in model.graph.initializer] == ["w1", "w3", "w4", "w5"]
+    assert model.SerializeToString() == expected.SerializeToString()  # the kept tensors' bytes, in order
+    drop_unused_initializers(model.graph, Graph(model.graph))  # nothing left to drop
+    assert model.SerializeToString() == expected.SerializeToString()
