@@ -14,7 +14,7 @@ from collections.abc import Sequence as Sequence_
 import numpy as np
 
 __all__ = [
-    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "sqnr_from_sums", "SquaredSums", "squared_error", "finite_or_none", "max_abs_error",
+    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "sqnr_from_sums", "SquaredSums", "finite_or_none", "max_abs_error",
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
     "foreground", "mask_iou", "component_boxes", "box_iou", "matched_boxes", "box_agreement",
 ]
@@ -103,12 +103,6 @@ class SquaredSums:
         np.subtract(d, x, out=d)
         np.square(d, out=d)
         return float(np.sum(d))
-
-
-def squared_error(y: np.ndarray, x: np.ndarray, offset: float = 0.0) -> float:
-    """sum((y + offset - x)**2) in float64 (`SquaredSums.error` on a buffer of its own; a loop over many tensors
-    should keep one `SquaredSums`)."""
-    return SquaredSums().error(y, x, offset)
 
 
 def sqnr_from_sums(signal: float, noise: float) -> float:
