@@ -18,7 +18,7 @@ from quantpipe.execution import Executor
 from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import prepare_opset
-from quantpipe.quantize.downstream import NodeIndex, changed_nodes, cut_below, unsafe_to_feed
+from quantpipe.quantize.downstream import NodeIndex, changed_nodes, constant_tensors, cut_below
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.write import with_calibration_data
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, task_score
@@ -115,17 +115,16 @@ def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str
 
 
 def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], output: str, *,
-                   int8: bool = True, max_part: float = 0.8, min_skipped: float = 1.5,
-                   threads: int | None = None) -> list[np.ndarray]:
+                   max_part: float = 0.8, min_skipped: float = 1.5, threads: int | None = None) -> list[np.ndarray]:
     """`output` of each candidate model over every batch of `feeds` (concatenated), as `run_output` of its own
     session gives it, computing only what differs from `base`.
 
     Each candidate differs from `base` in a few nodes (a layer kept in float or quantized alone): a candidate runs
     only the part of its graph those nodes reach (`downstream.cut_below`), fed with the tensors it reads from one
-    run of `base` with them exposed. Q/DQ models (`int8`) run as written (`ort_session(optimize=False)`: the exact
-    Q/DQ arithmetic, the same bits at any thread count); float ones are optimized, a part as onnxruntime
-    optimizes the whole model (the shapes the whole model infers are declared on its inputs). Either way a part
-    computes the same bits as its whole model; tests/unit/test_reference.py and tools/golden.py check it. A
+    run of `base` with them exposed (any tensor but a constant: `downstream.constant_tensors`). Every model runs
+    as written (`ort_session(int8=True, optimize=False)`: the exact Q/DQ arithmetic, no fusion that depends on
+    the whole chain), so a node given the same inputs computes the same bits, and a part the same bits as its
+    whole model; tests/unit/test_reference.py and tools/golden.py check it. A
     candidate whose part is more than `max_part` of its model (by estimated multiply-adds) runs whole, and so do all
     when the parts together skip fewer than `min_skipped` whole runs (the run of `base` that feeds them costs about
     one).
@@ -137,15 +136,15 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     import onnx
 
     def session(m: Any) -> Any:
-        return ort_session(m, int8=int8, optimize=not int8, threads=threads)
+        return ort_session(m, int8=True, optimize=False, threads=threads)
 
     models = [_proto(c) for c in candidates]
     if len(models) < 2 or _proto(base).ByteSize() >= LARGE_MODEL_BYTES:  # shape inference needs a < 2 GB proto
         return [run_output(session(m), feeds, output) for m in models]
     base = _proto(base)
     inputs = {i.name for i in base.graph.input}
-    index, base_unsafe = NodeIndex(base), unsafe_to_feed(base)  # once for all the candidates
-    cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, index), base=base, base_unsafe=base_unsafe)
+    index, base_constants = NodeIndex(base), constant_tensors(base)  # once for all the candidates
+    cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, index), base=base, base_constants=base_constants)
             for m in models]
     if not any(set(c.feeds) - inputs for c in cuts):  # every part reaches up to the inputs: each runs whole
         return [run_output(session(m), feeds, output) for m in models]

@@ -15,7 +15,7 @@ import numpy as np
 
 from quantpipe.onnxgraph import subgraph_references
 
-__all__ = ["FLOAT_BARRIERS", "Cut", "NodeIndex", "changed_nodes", "cut_below", "unsafe_to_feed"]
+__all__ = ["Cut", "NodeIndex", "changed_nodes", "constant_tensors", "cut_below"]
 
 
 class Cut:
@@ -27,9 +27,8 @@ class Cut:
 
     def model(self, dtypes: Mapping[str, np.dtype], shapes: Mapping[str, Any] | None = None) -> Any:
         """The downstream model; `dtypes` gives each feed's element type (as the whole model's run returned it),
-        `shapes` the ValueInfoProto of tensors whose shape is known (onnx shape inference of the whole model):
-        onnxruntime's graph optimizations depend on the shapes, and the downstream model must be optimized as the
-        whole model is for its outputs to be the same bits."""
+        `shapes` the ValueInfoProto of tensors whose shape is known (onnx shape inference of the whole model),
+        declared on the part's inputs."""
         import onnx
         from onnx import helper
 
@@ -42,7 +41,7 @@ class Cut:
         g.node.extend(self.nodes)
         read = {i for n in self.nodes for i in n.input if i} | _subgraph_reads(self.nodes)
         g.initializer.extend(t for t in src.graph.initializer if t.name in read and t.name not in self.feeds)
-        # The shapes the whole model declares or infers: graph optimizations depend on them.
+        # The shapes the whole model declares or infers.
         known = {v.name: v for v in [*(shapes or {}).values(), *src.graph.input, *src.graph.value_info]}
         for name in self.feeds:
             elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name]))
@@ -59,15 +58,14 @@ class Cut:
 
 
 def cut_below(model: Any, changed: Iterable[str], outputs: Sequence[str] | None = None, *,
-              nodes: Iterable[str] = (), base: Any | None = None, base_unsafe: set[str] | None = None) -> Cut:
+              nodes: Iterable[str] = (), base: Any | None = None, base_constants: set[str] | None = None) -> Cut:
     """The nodes reached from the tensors `changed` (graph inputs or node outputs: their readers, their readers'
     readers, ...) and from the nodes named `nodes` (and theirs), in graph order, with the tensors they read from
     outside (`Cut.feeds`) and the model outputs (among `outputs`, default all) they compute.
 
-    With `base` (the model whose run gives the feeds; its graph optimized by onnxruntime, as `model`'s will be),
-    only tensors onnxruntime computes alike in both graphs, whatever their readers, are fed (`unsafe_to_feed`);
-    another one's producer joins the part, with everything that reads it, until none is left. `base_unsafe`:
-    `unsafe_to_feed(base)`, when the caller cuts many models against one base (the same cut, computed once).
+    With `base` (the model whose run gives the feeds), no tensor that is a constant in either graph is fed
+    (`constant_tensors`): its producer joins the part, with everything that reads it, until none is left.
+    `base_constants`: `constant_tensors(base)`, when the caller cuts many models against one base (computed once).
     """
     g = model.graph
     producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
@@ -80,19 +78,19 @@ def cut_below(model: Any, changed: Iterable[str], outputs: Sequence[str] | None 
     seeds = set(nodes)
     pending = [k for k, n in enumerate(g.node) if n.name in seeds] + [k for t in changed for k in readers.get(t, [])]
     inside: set[int] = set()
-    unsafe = None
+    constants = None
     if base is not None:
-        unsafe = unsafe_to_feed(model) | (unsafe_to_feed(base) if base_unsafe is None else base_unsafe)
+        constants = constant_tensors(model) | (constant_tensors(base) if base_constants is None else base_constants)
     while pending:
         while pending:  # downstream closure: every reader of a tensor the part computes
             k = pending.pop()
             if k not in inside:
                 inside.add(k)
                 pending += [r for o in g.node[k].output if o for r in readers.get(o, [])]
-        for k in sorted(inside):  # feeds computed otherwise in `base` or fused into the part: their producer joins
+        for k in sorted(inside):  # constants are not fed: their producer joins
             for i in g.node[k].input:
                 p = producer.get(i)
-                if p is not None and p not in inside and (unsafe is not None and i in unsafe):
+                if p is not None and p not in inside and (constants is not None and i in constants):
                     pending.append(p)
     found = [g.node[k] for k in sorted(inside)]
     produced = {o for n in found for o in n.output if o}
@@ -107,46 +105,17 @@ def cut_below(model: Any, changed: Iterable[str], outputs: Sequence[str] | None 
     return Cut(model, found, read, [o for o in wanted if o in produced])
 
 
-def unsafe_to_feed(model: Any) -> set[str]:
-    """Tensors of `model` that a part must not be fed from a run of another model where it also computes them
-    (both optimized by onnxruntime): `cut_below` joins this set of the candidate and of `base`.
-
-    Safe to feed: graph inputs, int8 tensors out of a QuantizeLinear (the end of a quantized node group: the group
-    is fused or not for reasons inside it, and exposing its output leaves it whole), and float tensors that no
-    quantization touches in either graph. Not safe: a constant (folded), a dequantized tensor and anything computed
-    from one, and anything that flows on into a QuantizeLinear: onnxruntime fuses such ops into int8 kernels,
-    moves Q/DQ across pooling and reshapes, drops a Relu that a quantization clamps anyway, each depending on the
-    whole chain, and exposing a tensor in it changes what it does.
-    """
-    g = model.graph
-    constant = {t.name for t in g.initializer}
-    after_dq: set[str] = set()  # tensors computed from a dequantized tensor
-    for n in g.node:  # graph order is topological
-        outs = [o for o in n.output if o]
+def constant_tensors(model: Any) -> set[str]:
+    """Tensors of `model` computed from constants alone (initializers, Constant nodes and what only reads them:
+    a quantized weight's DequantizeLinear, a Reshape's shape). `cut_below` never feeds one: onnxruntime takes a
+    constant weight as one (`ortsession.fold_weight_dequantize` folds a quantized weight into one, and a
+    Gemm / MatMul prepacks it), while a fed tensor is a graph input it computes on otherwise (the last bits of a
+    GEMM on 16 threads differ)."""
+    constant = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:  # graph order is topological
         if n.op_type == "Constant" or (n.input and all(i in constant for i in n.input if i)):
-            constant.update(outs)
-        if n.op_type == "DequantizeLinear" or (n.op_type != "QuantizeLinear" and any(i in after_dq for i in n.input)):
-            after_dq.update(outs)
-    before_q: set[str] = set()  # float tensors that flow on into a QuantizeLinear (not across int8 ones)
-    for n in reversed(g.node):
-        if n.op_type == "QuantizeLinear":
-            before_q.update(n.input[:1])
-        elif n.op_type != "DequantizeLinear" and any(o in before_q for o in n.output if o):
-            if n.op_type in FLOAT_BARRIERS and not any(i in after_dq for i in n.input):
-                continue  # its output is computed in float whatever follows: its inputs are not in the chain
-            before_q.update(i for i in n.input if i)
-    return constant | after_dq | before_q
-
-
-#: Ops whose inputs a quantization below them never reaches when none of them is dequantized: onnxruntime fuses
-#: such an op with a QuantizeLinear only inside a node group fed by DequantizeLinear (QLinearConv, QLinearMatMul,
-#: QLinearAdd, QLinearMul); fed in float, it computes in float and its output alone is the chain's start (the
-#: Relu / Clip a quantization clamps anyway, and the reshapes and pooling a QuantizeLinear moves across, sit
-#: between it and the QuantizeLinear and stay in the chain). Tried first when the searches ran Q/DQ models
-#: optimized and reverted (5th-digit differences in the one-layer sensitivity); since Q/DQ candidates run as
-#: written (`reference.run_candidates`) no fusion exists to differ, and the golden check finds every number
-#: identical.
-FLOAT_BARRIERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul"})
+            constant.update(o for o in n.output if o)
+    return constant
 
 
 def _subgraph_reads(nodes: Iterable[Any]) -> set[str]:
