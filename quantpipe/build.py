@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from quantpipe import __version__
 from quantpipe.artifacts import CalibrationSummary, FallbackReport, Variant, from_jsonable, to_jsonable
@@ -21,6 +21,9 @@ from quantpipe.inputs import LoadedInputs
 from quantpipe.onnxgraph import load_onnx, model_size_bytes
 from quantpipe.workspace import NullProgress, Progress, Workspace, relative_to, reusable, write_manifest
 
+if TYPE_CHECKING:
+    from quantpipe.quantize.options import QuantizeOptions
+
 __all__ = ["model_files", "quantize_options", "sha256_of_mapping", "stage_build"]
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,17 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+class Built(NamedTuple):
+    """What the build stage hands on: the variants, the fallback's report, and the options the INT8 ONNX model was
+    built with, what the calibration data decided filled in (`quantize.with_calibration_data`), when it was built
+    in this process (None when reused from an earlier run): the sensitivity stage builds the same model's layers
+    with them instead of measuring the per-channel statistics and the output bias again."""
+
+    variants: list[Variant]
+    fallback: FallbackReport | None
+    int8_options: QuantizeOptions | None
+
+
 def stage_build(
     cfg: PipelineConfig,
     ws: Workspace,
@@ -40,12 +54,13 @@ def stage_build(
     calib_summaries: list[CalibrationSummary],
     progress: Progress,
     executor: Executor | None = None,
-) -> tuple[list[Variant], FallbackReport | None]:
+) -> Built:
     """Build every requested variant (or reuse it); unavailable backends become skipped variants.
     `executor`: the fallback's candidates run in shares on its workers (the same layers kept)."""
     b = cfg.build
     variants: list[Variant] = []
     fallback: FallbackReport | None = None
+    int8_options: QuantizeOptions | None = None
     built: dict[str, Path] = {"fp32": Path(li.spec.path)}
     ort = b.backends.onnxruntime
     if ort.enabled:
@@ -72,7 +87,7 @@ def stage_build(
             fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense"}), sort_keys=True)
         manifest = reusable(ws.models, fp, "build")
         if manifest is None:
-            built, fallback, int8_build = _build_ort(cfg, ws, li, amax, progress, executor)
+            built, fallback, int8_build, int8_options = _build_ort(cfg, ws, li, amax, progress, executor)
             # Only what the build wrote, relative to the stage folder (the FP32 model is the user's, found
             # through pipeline.yaml each run): a moved or copied project reads its own files.
             paths = {k: relative_to(v, ws.models) for k, v in built.items() if k != "fp32"}
@@ -100,7 +115,7 @@ def stage_build(
         variants += mo_variants
         if trt.enabled:
             variants += _build_trt_modelopt(cfg, ws, li, mo_variants, progress)
-    return variants, fallback
+    return Built(variants, fallback, int8_options)
 
 
 def _build_trt_modelopt(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, mo_variants: list[Variant],
@@ -210,7 +225,8 @@ def _from_cache(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
 def _build_ort(
     cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress,
     executor: Executor | None = None,
-) -> tuple[dict[str, Path], FallbackReport | None, dict[str, Any] | None]:
+) -> tuple[dict[str, Path], FallbackReport | None, dict[str, Any] | None, QuantizeOptions | None]:
+    """The ONNX Runtime variants' models, the fallback's report, the INT8 build's summary and its filled options."""
     from quantpipe.quantize import quantize_model, with_calibration_data, write_fp16_model
 
     b = cfg.build
@@ -219,6 +235,7 @@ def _build_ort(
     built: dict[str, Path] = {"fp32": Path(li.spec.path)}
     fallback = None
     int8_build = None
+    options = None
     with progress.task("building ONNX Runtime variants", len(ort.precisions)) as advance:
         if "fp16" in ort.precisions:
             out = ws.models / "model.fp16.onnx"
@@ -227,6 +244,9 @@ def _build_ort(
             advance(1)
         if "int8" in ort.precisions:
             out = ws.models / "model.int8.onnx"
+            # What the calibration data decides, once: the writer or the fallback, then the sensitivity stage.
+            options = with_calibration_data(load_onnx(li.spec.path), quantize_options(cfg), li.calib,
+                                            batch_size=cfg.data.batch_size, amax=amax, executor=executor)
             if b.fallback is not None:
                 from quantpipe.fallback import accuracy_fallback
                 from quantpipe.taskmetrics import TaskSpec
@@ -236,12 +256,9 @@ def _build_ort(
                 rep, fallback = accuracy_fallback(
                     li.spec.path, amax, li.selection, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
-                    options=quantize_options(cfg), calibration_data=li.calib,
-                    task=TaskSpec.from_config(cfg.evaluate), executor=executor,
+                    options=options, task=TaskSpec.from_config(cfg.evaluate), executor=executor,
                 )
             else:
-                options = with_calibration_data(load_onnx(li.spec.path), quantize_options(cfg), li.calib,
-                                                batch_size=cfg.data.batch_size, amax=amax, executor=executor)
                 rep = quantize_model(li.spec.path, amax, out, options)
             int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples,
                           **_auto_ranges(cfg, ws), **_from_cache(cfg, ws)}
@@ -249,7 +266,7 @@ def _build_ort(
             advance(1)
         if "fp32" in ort.precisions:
             advance(1)
-    return built, fallback, int8_build
+    return built, fallback, int8_build, options
 
 
 def _trt_profiles(cfg: PipelineConfig, li: LoadedInputs) -> dict[str, dict[str, list[int]]]:
@@ -368,6 +385,6 @@ def _onnx_for(
     if key not in built:
         only = cfg.model_copy(update={"build": cfg.build.model_copy(update={"backends": cfg.build.backends.model_copy(
             update={"onnxruntime": cfg.build.backends.onnxruntime.model_copy(update={"precisions": [key]})})})})
-        extra, _, _ = _build_ort(only, ws, li, amax, NullProgress())
+        extra, _, _, _ = _build_ort(only, ws, li, amax, NullProgress())
         built.update(extra)
     return built[key]

@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,6 +53,9 @@ from quantpipe.workspace import (
     reusable,
     write_manifest,
 )
+
+if TYPE_CHECKING:
+    from quantpipe.quantize.options import QuantizeOptions
 
 __all__ = [
     "finish_run",
@@ -268,10 +271,12 @@ def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Varia
 
 def stage_sensitivity(
     cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, float], variants: list[Variant], progress: Progress,
-    executor: Executor | None = None,
+    executor: Executor | None = None, int8_options: QuantizeOptions | None = None,
 ) -> tuple[LayerSensitivity, ...]:
     """Per-layer sensitivity of the INT8 ONNX variant (skipped when disabled or not built); its one-layer-at-a-time
-    candidates run in shares on the executor's workers."""
+    candidates run in shares on the executor's workers. `int8_options`: what the build stage built the INT8 model
+    with (`build.Built`), when it built it in this run; otherwise what the calibration data decides is measured
+    again (the same values)."""
     s = cfg.evaluate.sensitivity
     int8 = next((v for v in variants if v.name == variant_name("onnxruntime", "int8") and v.ran), None)
     if not s.enabled or int8 is None:
@@ -280,7 +285,7 @@ def stage_sensitivity(
     from quantpipe.sensitivity import layer_sensitivity
     from quantpipe.taskmetrics import TaskSpec
 
-    options = quantize_options(cfg)
+    options = int8_options or quantize_options(cfg)
     built = ((int8.details or {}).get("quantize") or {}).get("split")
     if options.split_activations == "auto" and built is not None:
         # What the build stage chose: the same model, without choosing again.
@@ -426,11 +431,11 @@ def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress
     summaries, amax = stage_calibrate(cfg, ws, li, progress, executor)
     if until == "calibrate":
         return None, None
-    variants, fallback = stage_build(cfg, ws, li, amax, summaries, progress, executor)
+    variants, fallback, int8_options = stage_build(cfg, ws, li, amax, summaries, progress, executor)
     if until == "build":
         return None, None
     evals, ref = stage_evaluate(cfg, li, variants, progress, executor)
-    sens = stage_sensitivity(cfg, li, amax, variants, progress, executor)
+    sens = stage_sensitivity(cfg, li, amax, variants, progress, executor, int8_options)
     if cfg.build.backends.modelopt.enabled:  # ModelOpt's INT8 models, judged as written (details["sensitivity"])
         from quantpipe.backends.modelopt.sensitivity import with_modelopt_sensitivity
 

@@ -70,7 +70,7 @@ def test_trt_variants_built_from_the_right_models(
     ws = Workspace.for_config(cfg)
     li = load_inputs(cfg)
     summaries, amax = stage_calibrate(cfg, ws, li, NullProgress())
-    variants, _ = stage_build(cfg, ws, li, amax, summaries, NullProgress())
+    variants, _, _ = stage_build(cfg, ws, li, amax, summaries, NullProgress())
     assert [v.name for v in variants] == ["ort-fp32", "trt-fp32", "trt-fp16", "trt-int8"]
     assert all(v.ran and v.size_bytes == 6 for v in variants[1:])
     by_precision = {c["precision"]: c for c in calls}

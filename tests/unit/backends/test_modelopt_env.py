@@ -185,14 +185,14 @@ def test_modelopt_models_feed_tensorrt(tmp_path: Path, monkeypatch: pytest.Monke
     assert "trt-modelopt-int8" in cfg.variant_names()
     li = load_inputs(cfg)
     ws = Workspace(tmp_path / "ws")
-    variants, _ = stage_build(cfg, ws, li, {}, [], NullProgress())
+    variants, _, _ = stage_build(cfg, ws, li, {}, [], NullProgress())
     skipped = {v.name: v.skipped for v in variants if not v.ran}
     assert skipped["trt-modelopt-int8"] == "tensorrt: not installed"  # no TensorRT here: skipped, saying why
     assert skipped["trt-modelopt-fp16"] == "tensorrt: not installed"
     monkeypatch.setattr(trt_plan, "variant_skip_reason", lambda *a, **k: None)
     monkeypatch.setattr(trt_version, "require_tensorrt", lambda: api_for_version("11.4.0"))
     monkeypatch.setattr(trt_build, "build_engine", fake_engine)
-    variants, _ = stage_build(cfg, ws, li, {}, [], NullProgress())
+    variants, _, _ = stage_build(cfg, ws, li, {}, [], NullProgress())
     built = next(v for v in variants if v.name == "trt-modelopt-int8")
     assert next(v for v in variants if v.name == "trt-modelopt-fp16").skipped == "ModelOpt is not set up; run `x`"
     assert built.ran and built.backend == "tensorrt" and built.precision == "int8"
