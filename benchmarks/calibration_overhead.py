@@ -3,6 +3,7 @@
     python benchmarks/calibration_overhead.py --bench .bench               # 5 repeats, prints the table
     python benchmarks/calibration_overhead.py --bench .bench --write       # ... and rewrites its RESULTS.md block
     python benchmarks/calibration_overhead.py --bench .bench --json out.json --repeats 3 --models digits
+    python benchmarks/calibration_overhead.py --bench .bench --models effnet_lite0 --device cuda --repeat-samples 8
 
 For each model (the bundled digits example, and EfficientNet-Lite0 and all-MiniLM-L6-v2 of the open set that
 `--bench` points at; manifest.json names their files), in one process, repeats interleaved (one of each case
@@ -23,6 +24,12 @@ per round, so a busy spell of a shared machine hits every case alike), the media
   inference), session (exposing the tensors: the model copy with extra outputs, and its session), inference,
   histograms (binning activations), weights, search (the entropy search; histograms.npz encoded and the model
   hashed beside it), write (the cache, sidecar and histograms.npz).
+
+`--device cuda` (a GPU host with onnxruntime-gpu and CuPy): `plain` is the same user's pass on onnxruntime's CUDA
+provider (default provider options), `calibrate` calibration on CUDA (histograms on the device), and only those
+two cases run; the block is printed, not written into RESULTS.md. `--repeat-samples K` calibrates on the
+calibration set repeated K times (a real calibration set holds hundreds of samples; the open set's 63 are few
+enough that CUDA's per-shape start-up dominates).
 
 Every case reads the data through quantpipe.data, as calibration does. The ratio is calibrate / plain; the
 `exposed` row splits calibration's excess into what exposing the tensors costs onnxruntime (fusions and
@@ -70,11 +77,18 @@ def models(bench: Path | None, wanted: list[str]) -> dict[str, tuple[Path, Path]
     return {m: found[m] for m in wanted}
 
 
-def _dataset(model: Path, data: Path, max_samples: int | None) -> Any:
+def _dataset(model: Path, data: Path, max_samples: int | None, repeat: int = 1) -> Any:
+    import numpy as np
+
     from quantpipe.data import open_dataset
     from quantpipe.model import load_model_spec
 
     spec, _ = load_model_spec(model)
+    if repeat > 1:  # the calibration set K times over, in a file of its own
+        with np.load(data) as z:
+            arrays = {k: np.concatenate([z[k]] * repeat, axis=0) for k in z.files}
+        data = Path(tempfile.mkdtemp(prefix="calib-overhead-")) / f"x{repeat}_{data.name}"
+        np.savez(data, **arrays)
     return open_dataset(data, spec.inputs, max_samples=max_samples, role="calibration")
 
 
@@ -94,7 +108,8 @@ def fetched_tensors(model: Path) -> tuple[list[str], list[str]]:
 
 def ort_pass(model: Path, dataset: Any, batch_size: int, *, calibration_options: bool = False,
              expose: list[str] | None = None, sized_as: list[str] | None = None,
-             per_run: int | None = None, arena: bool | None = None) -> dict[str, float]:
+             per_run: int | None = None, arena: bool | None = None,
+             providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict[str, float]:
     """One onnxruntime pass over the data: session created, then every batch run.
 
     Default: what a user has (default SessionOptions, the model's outputs, whole batches). `calibration_options`:
@@ -117,9 +132,9 @@ def ort_pass(model: Path, dataset: Any, batch_size: int, *, calibration_options:
         proto = onnx.load(str(model))
         present = {o.name for o in proto.graph.output}
         proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in expose if n not in present)
-        session = ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=list(providers))
     else:
-        session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model), sess_options=options, providers=list(providers))
     names = [i.name for i in session.get_inputs()]
     fetch = expose or None
     t1 = time.perf_counter()
@@ -148,43 +163,48 @@ def _faults() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
-def calibrate_stage(model: Path, dataset: Any, batch_size: int) -> dict[str, float]:
+def calibrate_stage(model: Path, dataset: Any, batch_size: int,
+                    providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict[str, float]:
     """quantpipe's calibration (entropy, one worker), files written to a temporary folder; its parts."""
     from quantpipe.calibration import calibrate
 
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="calib-overhead-") as tmp:
         t0, faults = time.perf_counter(), _faults()
-        calibrate(model, dataset, methods=["entropy"], out_dir=tmp, batch_size=batch_size, timings=timings)
+        calibrate(model, dataset, methods=["entropy"], out_dir=tmp, batch_size=batch_size, timings=timings,
+                  providers=providers)
         timings["wall"] = time.perf_counter() - t0
         timings["page_faults"] = float(_faults() - faults)
     return timings
 
 
 def measure(name: str, model: Path, data: Path, *, repeats: int, batch_size: int,
-            max_samples: int | None = None) -> dict[str, Any]:
+            max_samples: int | None = None, device: str = "cpu", repeat_samples: int = 1) -> dict[str, Any]:
     """Every case `repeats` times, interleaved; the per-case lists and their medians."""
-    dataset = _dataset(model, data, max_samples)
+    dataset = _dataset(model, data, max_samples, repeat_samples)
     fetch, sized_as = fetched_tensors(model)
-    split = int(ort_pass(model, dataset, batch_size, calibration_options=True, expose=fetch, sized_as=sized_as)["per_run"])
-    runs: dict[str, Callable[[], dict[str, float]]] = {
-        "plain": lambda: ort_pass(model, dataset, batch_size),
-        "plain_calib_options": lambda: ort_pass(model, dataset, batch_size, calibration_options=True),
-        "plain_split": lambda: ort_pass(model, dataset, batch_size, calibration_options=True, per_run=split),
-        "exposed": lambda: ort_pass(model, dataset, batch_size, calibration_options=True, expose=fetch, sized_as=sized_as),
-        "exposed_arena": lambda: ort_pass(model, dataset, batch_size, calibration_options=True, expose=fetch,
-                                          sized_as=sized_as, arena=True),
-        "calibrate": lambda: calibrate_stage(model, dataset, batch_size),
-    }
+    cuda = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    if device == "cuda":
+        split = 0
+        runs: dict[str, Callable[[], dict[str, float]]] = {
+            "plain": lambda: ort_pass(model, dataset, batch_size, providers=cuda),
+            "calibrate": lambda: calibrate_stage(model, dataset, batch_size, providers=cuda),
+        }
+        ort_pass(model, dataset, batch_size, providers=cuda)  # the CUDA context, once, before any timing
+    else:
+        split = int(ort_pass(model, dataset, batch_size, calibration_options=True, expose=fetch,
+                             sized_as=sized_as)["per_run"])
+        runs = _cpu_cases(model, dataset, batch_size, fetch, sized_as, split)
     load_before = os.getloadavg()
-    samples: dict[str, list[dict[str, float]]] = {c: [] for c in CASES}
+    samples: dict[str, list[dict[str, float]]] = {c: [] for c in CASES if c in runs}
     for _ in range(repeats):
-        for case in CASES:
+        for case in samples:
             samples[case].append(runs[case]())
     medians = {case: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for case, rows in samples.items()}
     plain = medians["plain"]["total"]
     return {
         "model": name,
+        "device": device,
         "samples": dataset.num_samples,
         "batch_size": batch_size,
         "exposed_tensors": len(fetch),
@@ -197,6 +217,30 @@ def measure(name: str, model: Path, data: Path, *, repeats: int, batch_size: int
         "load_before": load_before,
         "load_after": os.getloadavg(),
     }
+
+
+def _cpu_cases(model: Path, dataset: Any, batch_size: int, fetch: list[str], sized_as: list[str],
+               split: int) -> dict[str, Callable[[], dict[str, float]]]:
+    return {
+        "plain": lambda: ort_pass(model, dataset, batch_size),
+        "plain_calib_options": lambda: ort_pass(model, dataset, batch_size, calibration_options=True),
+        "plain_split": lambda: ort_pass(model, dataset, batch_size, calibration_options=True, per_run=split),
+        "exposed": lambda: ort_pass(model, dataset, batch_size, calibration_options=True, expose=fetch, sized_as=sized_as),
+        "exposed_arena": lambda: ort_pass(model, dataset, batch_size, calibration_options=True, expose=fetch,
+                                          sized_as=sized_as, arena=True),
+        "calibrate": lambda: calibrate_stage(model, dataset, batch_size),
+    }
+
+
+def _gpu_name() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        return out.splitlines()[0] if out else "GPU ?"
+    except (OSError, subprocess.SubprocessError):
+        return "GPU ?"
 
 
 def _cores() -> int:
@@ -231,6 +275,37 @@ def machine() -> dict[str, Any]:
 PART_ROWS = (("plan", "plan (shape inference)"), ("session", "session (tensors exposed, session created)"),
              ("inference", "onnxruntime runs"), ("histograms", "binning activations"), ("weights", "binning weights"),
              ("search", "entropy search (histograms.npz encoded, model hashed beside it)"), ("write", "writing the files"))
+
+
+def render_cuda(results: dict[str, Any]) -> str:
+    """The CUDA table (plain pass and calibration on onnxruntime's CUDA provider): one column per model."""
+    rows = results["models"]
+    m = results["machine"]
+
+    def cells(fn: Callable[[dict[str, Any]], str]) -> str:
+        return " | ".join(fn(r) for r in rows)
+
+    def share(key: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: f"{r['median']['calibrate'].get(key, 0.0):.2f} s ({r['median']['calibrate'].get(key, 0.0) / r['median']['plain']['total']:.2f}x)"
+
+    lines = [
+        f"Machine: {m.get('gpu', 'GPU ?')}; host {m['cpu']}, {m['cores']} cores, Python {m['python']}, numpy "
+        f"{m['numpy']}, onnxruntime {m['onnxruntime']}; {m['date']}. {results['note']}",
+        f"Median of {rows[0]['repeats']} interleaved repeats (after one untimed CUDA pass); batch size "
+        f"{rows[0]['batch_size']}; calibration: entropy, one worker, CUDA. In brackets: seconds as a multiple of the "
+        "plain pass.",
+        "",
+        "| | " + " | ".join(f"{r['model']} ({r['samples']} samples)" for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+        "| plain onnxruntime CUDA pass (default options, session included) | " + cells(
+            lambda r: f"{r['median']['plain']['total']:.2f} s (session {r['median']['plain']['session']:.2f} s)") + " |",
+        "| **calibrate** on CUDA (end to end) | " + cells(
+            lambda r: f"**{r['median']['calibrate']['wall']:.2f} s ({r['ratio']:.2f}x)**") + " |",
+    ]
+    lines += [f"| - {label} | " + cells(share(key)) + " |" for key, label in PART_ROWS]
+    lines += ["", f"Target (issue 18): calibrate <= {TARGET}x the plain pass: " + ", ".join(
+        f"{r['model']} {r['ratio']:.2f}x ({'met' if r['ratio'] <= TARGET else 'not met'})" for r in rows) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -307,15 +382,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="said under the table (e.g. whether the machine was shared)")
     ap.add_argument("--json", type=Path, help="write every measurement here")
     ap.add_argument("--write", action="store_true", help="rewrite the block in benchmarks/RESULTS.md")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the plain pass and calibration on onnxruntime's CUDA provider (the table is printed)")
+    ap.add_argument("--repeat-samples", type=int, default=1, help="calibrate on the calibration set repeated K times")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and args.write:
+        raise SystemExit("--write rewrites the CPU block of RESULTS.md; the CUDA table is printed only.")
+    if args.device == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise SystemExit("--device cuda needs onnxruntime-gpu with its CUDA provider (this onnxruntime has "
+                             f"{onnxruntime.get_available_providers()}); see ../shared/gpu/README.md.")
     wanted = args.models.split(",") if args.models else ["digits"] + (["effnet_lite0", "minilm_l6"] if args.bench else [])
     results: dict[str, Any] = {"machine": machine(), "note": args.note, "models": []}
     for name, (model, data) in models(args.bench, wanted).items():
-        row = measure(name, model, data, repeats=args.repeats, batch_size=args.batch_size, max_samples=args.max_samples)
+        row = measure(name, model, data, repeats=args.repeats, batch_size=args.batch_size, max_samples=args.max_samples,
+                      device=args.device, repeat_samples=args.repeat_samples)
         results["models"].append(row)
         print(f"{name}: calibrate {row['median']['calibrate']['wall']:.2f} s, plain {row['median']['plain']['total']:.2f} s,"
               f" ratio {row['ratio']:.2f}x", flush=True)
-    block = render(results)
+    if args.device == "cuda":
+        results["machine"]["gpu"] = _gpu_name()
+    block = render_cuda(results) if args.device == "cuda" else render(results)
     print(block)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
