@@ -35,11 +35,15 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+#: What the calibration data decided for the INT8 model (`quantize.decisions`), in the models folder.
+DECISIONS_FILE = "model.int8.decisions.npz"
+
+
 class Built(NamedTuple):
     """What the build stage hands on: the variants, the fallback's report, and the options the INT8 ONNX model was
-    built with, what the calibration data decided filled in (`quantize.with_calibration_data`), when it was built
-    in this process (None when reused from an earlier run): the sensitivity stage builds the same model's layers
-    with them instead of measuring the per-channel statistics and the output bias again."""
+    built with, what the calibration data decided filled in (`quantize.with_calibration_data`; read back from
+    DECISIONS_FILE when the build is reused; None when no INT8 ONNX model was built): the sensitivity stage builds
+    the same model's layers with them instead of measuring the per-channel statistics and the output bias again."""
 
     variants: list[Variant]
     fallback: FallbackReport | None
@@ -69,36 +73,33 @@ def stage_build(
         device, notice = resolve_device(ort.device)
         if notice:
             log.info("build: %s", notice)
-        amax_fp = sha256_of_mapping(amax)
-        fp = {
-            "model_sha256": li.spec.sha256,
-            "scales": amax_fp,
-            "build": json.dumps(cfg.section_fingerprint("build"), sort_keys=True),
-            # What the build chooses on (statistics, splits, GPTQ codes, the fallback). Never the evaluation
-            # data: the gate judges it, and a change there re-runs only evaluate, report and gate.
-            "calib_data": li.calib.fingerprint,
-            "selection_data": li.selection.fingerprint if b.fallback is not None else "",
-            "quantpipe": __version__,
-        }
-        if cfg.calibration.from_cache is not None:  # the cache's scales are kept exact: see quantize_options
-            fp["from_cache"] = str(cfg.calibration.from_cache)
-        if b.fallback is not None and b.fallback.metric in TASK_SCORES:
-            # How the output is decoded / thresholded decides what the fallback keeps in float.
-            fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense"}), sort_keys=True)
+        fp = _ort_fingerprint(cfg, li, amax)
         manifest = reusable(ws.models, fp, "build")
         if manifest is None:
             built, fallback, int8_build, int8_options = _build_ort(cfg, ws, li, amax, progress, executor)
             # Only what the build wrote, relative to the stage folder (the FP32 model is the user's, found
             # through pipeline.yaml each run): a moved or copied project reads its own files.
             paths = {k: relative_to(v, ws.models) for k, v in built.items() if k != "fp32"}
-            write_manifest(ws.models, fp, [f for p in paths.values() for f in model_files(ws.models, p)],
+            files = [f for p in paths.values() for f in model_files(ws.models, p)]
+            decisions = None
+            if int8_options is not None:  # what the calibration data decided, for the sensitivity stage
+                from quantpipe.quantize.decisions import save_decisions
+
+                decisions = DECISIONS_FILE
+                save_decisions(ws.models / decisions, int8_options)
+                files.append(decisions)
+            write_manifest(ws.models, fp, files,
                            {"paths": paths, "fallback": to_jsonable(fallback) if fallback else None,
-                            "int8_build": int8_build})
+                            "int8_build": int8_build, "decisions": decisions})
         else:
             built = {"fp32": Path(li.spec.path), **{k: ws.models / v for k, v in manifest["payload"]["paths"].items()}}
             fb = manifest["payload"].get("fallback")
             fallback = from_jsonable(FallbackReport, fb) if fb else None
             int8_build = manifest["payload"].get("int8_build")
+            if manifest["payload"].get("decisions"):  # verified with the models (sha256 in the manifest)
+                from quantpipe.quantize.decisions import load_decisions
+
+                int8_options = load_decisions(ws.models / manifest["payload"]["decisions"], quantize_options(cfg))
         for precision in ("fp32", "fp16", "int8"):
             if precision in ort.precisions:
                 path = built[precision]
@@ -116,6 +117,27 @@ def stage_build(
         if trt.enabled:
             variants += _build_trt_modelopt(cfg, ws, li, mo_variants, progress)
     return Built(variants, fallback, int8_options)
+
+
+def _ort_fingerprint(cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, float]) -> dict[str, str]:
+    """What the ONNX Runtime models depend on: a change in any of these builds them again."""
+    b = cfg.build
+    fp = {
+        "model_sha256": li.spec.sha256,
+        "scales": sha256_of_mapping(amax),
+        "build": json.dumps(cfg.section_fingerprint("build"), sort_keys=True),
+        # What the build chooses on (statistics, splits, GPTQ codes, the fallback). Never the evaluation
+        # data: the gate judges it, and a change there re-runs only evaluate, report and gate.
+        "calib_data": li.calib.fingerprint,
+        "selection_data": li.selection.fingerprint if b.fallback is not None else "",
+        "quantpipe": __version__,
+    }
+    if cfg.calibration.from_cache is not None:  # the cache's scales are kept exact: see quantize_options
+        fp["from_cache"] = str(cfg.calibration.from_cache)
+    if b.fallback is not None and b.fallback.metric in TASK_SCORES:
+        # How the output is decoded / thresholded decides what the fallback keeps in float.
+        fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense"}), sort_keys=True)
+    return fp
 
 
 def _build_trt_modelopt(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, mo_variants: list[Variant],

@@ -275,8 +275,8 @@ def stage_sensitivity(
 ) -> tuple[LayerSensitivity, ...]:
     """Per-layer sensitivity of the INT8 ONNX variant (skipped when disabled or not built); its one-layer-at-a-time
     candidates run in shares on the executor's workers. `int8_options`: what the build stage built the INT8 model
-    with (`build.Built`), when it built it in this run; otherwise what the calibration data decides is measured
-    again (the same values)."""
+    with (`build.Built`: built in this run, or read back with a reused build); without them (a workspace from
+    before they were saved) what the calibration data decides is measured again (the same values)."""
     s = cfg.evaluate.sensitivity
     int8 = next((v for v in variants if v.name == variant_name("onnxruntime", "int8") and v.ran), None)
     if not s.enabled or int8 is None:
