@@ -83,8 +83,10 @@ def load_decisions(path: str | os.PathLike[str], options: QuantizeOptions) -> Qu
 
 
 def _split(split: str | Mapping[str, Any]) -> SplitActivations:
-    if split == "auto" or split == "off":
-        return "auto" if split == "auto" else "off"
+    if split == "auto":
+        return "auto"
+    if split == "off":
+        return "off"
     if isinstance(split, str):
         raise ValueError(f"unknown split_activations {split!r} in the decisions file")
     return {str(k): int(v) for k, v in split.items()}
