@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.calibration import gpu_bins
 from quantpipe.config import CalibrationConfig
 
 __all__ = ["StreamingHistogram", "SignedHistogram", "BinnedHistogram", "DEFAULT_NUM_BINS", "DEFAULT_OVERSAMPLE"]
@@ -53,6 +54,10 @@ small enough that the scratch arrays stay near the core's cache."""
 
 _F32_MAX_EXP = 127
 _F32_MIN_EXP = -126
+GPU_KERNEL = True
+"""CuPy arrays are binned by `gpu_bins`' fused kernel, the counts kept on the device; False: by CuPy's array
+functions and `bincount`, the counts copied to the host each update (the same counts; benchmarks/gpu_bins.py
+times the two)."""
 _TINY = 2.0**-100
 """Below this absmax the GPU path bins in float64 (subnormal float32 may be flushed to zero there);
 above it, a flushed subnormal would have landed in bin 0 anyway (|x| * 2**p < 2**-10)."""
@@ -126,20 +131,35 @@ class StreamingHistogram:
         oversample: fine bins per output bin; `num_bins * oversample` is rounded up to a power of two.
     """
 
-    __slots__ = ("num_bins", "fine_bins", "counts", "range_exp", "absmax", "num_values")
+    __slots__ = ("num_bins", "fine_bins", "_counts", "_device_counts", "range_exp", "absmax", "num_values")
 
     def __init__(self, num_bins: int = DEFAULT_NUM_BINS, *, oversample: int = DEFAULT_OVERSAMPLE) -> None:
         if num_bins < 1 or oversample < 2:
             raise ValueError(f"num_bins must be >= 1 and oversample >= 2, got {num_bins} and {oversample}")
         self.num_bins = int(num_bins)
         self.fine_bins = 1 << max(1, math.ceil(math.log2(num_bins * oversample)))
-        self.counts = np.zeros(self.fine_bins, dtype=np.int64)
+        self._counts = np.zeros(self.fine_bins, dtype=np.int64)
+        self._device_counts: Any = None
+        """Counts added on the GPU since they were last read (CuPy uint64; `gpu_bins`), at the current range."""
         self.range_exp: int | None = None
         """The range is 2**range_exp (None until a non-zero value arrives; zeros are bin 0 at any range)."""
         self.absmax = 0.0
         self.num_values = 0
 
     # ------------------------------------------------------------------------------------------ state
+
+    @property
+    def counts(self) -> np.ndarray:
+        """The fine bins' counts (int64, on the host: counts the GPU added are copied over first)."""
+        if self._device_counts is not None:
+            pending, self._device_counts = self._device_counts, None
+            self._counts += pending.get().astype(np.int64)
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: np.ndarray) -> None:
+        self._device_counts = None  # the value read them in, or replaces them
+        self._counts = value
 
     @property
     def range(self) -> float:
@@ -157,6 +177,7 @@ class StreamingHistogram:
     def copy(self) -> StreamingHistogram:
         out = StreamingHistogram.__new__(StreamingHistogram)
         out.num_bins, out.fine_bins = self.num_bins, self.fine_bins
+        out._device_counts = None
         out.counts = self.counts.copy()
         out.range_exp, out.absmax, out.num_values = self.range_exp, self.absmax, self.num_values
         return out
@@ -265,13 +286,26 @@ class StreamingHistogram:
             self.counts[0] += n
         else:
             pexp = self._hold(m)
-            if mag.dtype == xp.float32 and _F32_MIN_EXP <= pexp <= _F32_MAX_EXP:
+            if (GPU_KERNEL and xp is sys.modules.get("cupy") and mag.dtype == xp.float32
+                    and _F32_MIN_EXP <= pexp <= _F32_MAX_EXP):
+                # One fused kernel, the counts left on the device (gpu_bins): the same bins as below.
+                gpu_bins.abs_bins(xp, mag, math.ldexp(1.0, pexp), self._pending(xp))
+            elif mag.dtype == xp.float32 and _F32_MIN_EXP <= pexp <= _F32_MAX_EXP:
                 idx = (mag * xp.float32(math.ldexp(1.0, pexp))).astype(xp.int32)
+                self._add_bincount(xp.bincount(idx, minlength=self.fine_bins))
             else:
                 idx = xp.ldexp(mag.astype(xp.float64), pexp).astype(xp.int32)
-            counts = xp.bincount(idx, minlength=self.fine_bins)
-            self.counts += np.asarray(counts.get() if hasattr(counts, "get") else counts, dtype=np.int64)
+                self._add_bincount(xp.bincount(idx, minlength=self.fine_bins))
         self.num_values += n
+
+    def _pending(self, cp: Any) -> Any:
+        """The device counts to add to (zeros after each read of `counts`)."""
+        if self._device_counts is None:
+            self._device_counts = cp.zeros(self.fine_bins, dtype=cp.uint64)
+        return self._device_counts
+
+    def _add_bincount(self, counts: Any) -> None:
+        self.counts += np.asarray(counts.get() if hasattr(counts, "get") else counts, dtype=np.int64)
 
     # ------------------------------------------------------------------------------------------ merge
 
@@ -414,12 +448,42 @@ class SignedHistogram:
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
+    def _fused(self, cp: Any, flat: Any) -> bool:
+        """Both sides of the float32 CuPy array `flat` in one kernel (`gpu_bins.signed_bins`), the counts left on the
+        device, where every non-zero side is normal-scale; False (nothing done) for the plain path."""
+        hi, lo = (float(v) for v in cp.stack([flat.max(), flat.min()]).get())
+        if not (math.isfinite(hi) and math.isfinite(lo)):
+            raise ValueError("NaN or Inf value")
+        tops = (max(hi, 0.0), max(-lo, 0.0))
+        if any(0.0 < t < _TINY for t in tops):
+            return False  # subnormal scale: the plain path decodes the bits in float64
+        scales = []
+        for side, top in zip((self.pos, self.neg), tops, strict=True):
+            if top == 0.0:
+                scales.append(1.0)  # every value of this side is a zero (bin 0 at any scale)
+                continue
+            pexp = side._hold(top)
+            if not _F32_MIN_EXP <= pexp <= _F32_MAX_EXP:
+                return False
+            scales.append(math.ldexp(1.0, pexp))
+        n, fine = int(flat.size), self.pos.fine_bins
+        both = cp.zeros(2 * fine, dtype=cp.uint64)
+        gpu_bins.signed_bins(cp, flat, scales[0], scales[1], fine, both)
+        for side, top, counts in ((self.pos, tops[0], both[:fine]), (self.neg, tops[1], both[fine:])):
+            side._pending(cp)[...] += counts
+            side.absmax = max(side.absmax, top)
+            side.num_values += n
+        return True
+
     def update(self, x: Any) -> None:
-        """Add every element of `x` (numpy; CuPy through two plain updates). ValueError on NaN/Inf."""
+        """Add every element of `x` (numpy; CuPy in one fused kernel, `gpu_bins`). ValueError on NaN/Inf."""
         if _is_cupy(x):
-            # Split the sides on the bits (GPU arithmetic may flush subnormals), then bin each side.
             xp = sys.modules["cupy"]
-            bits = (x if x.dtype == xp.float32 else x.astype(xp.float32)).reshape(-1).view(xp.uint32)
+            flat = (x if x.dtype == xp.float32 else x.astype(xp.float32)).reshape(-1)
+            if GPU_KERNEL and flat.size and self._fused(xp, flat):
+                return
+            # Split the sides on the bits (GPU arithmetic may flush subnormals), then bin each side.
+            bits = flat.view(xp.uint32)
             negative = (bits >> xp.uint32(31)).astype(xp.bool_)
             zero = xp.uint32(0)
             self.pos.update(xp.where(negative, zero, bits).view(xp.float32))

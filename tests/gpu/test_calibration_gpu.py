@@ -32,15 +32,27 @@ def cupy() -> Any:
     return cp
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "relu_zeros", "subnormal", "shifted"])
-def test_cupy_histograms_are_bit_identical_to_numpy(cupy: Any, kind: str) -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["fused-kernel", "cupy-functions"])
+@pytest.mark.parametrize("kind", ["gaussian", "relu_zeros", "subnormal", "shifted", "growing", "negative", "float16",
+                                  "signed_zeros"])
+def test_cupy_histograms_are_bit_identical_to_numpy(cupy: Any, kind: str, kernel: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantpipe.calibration import histogram
+
+    monkeypatch.setattr(histogram, "GPU_KERNEL", kernel)
     x = {
         "gaussian": lambda: RNG.standard_normal(2_000_000) * 3,
         "relu_zeros": lambda: np.maximum(RNG.standard_normal(1_000_000), 0),
         "subnormal": lambda: RNG.standard_normal(100_000) * 1e-39,
         "shifted": lambda: RNG.standard_normal(500_000) * 2 + 5,
-    }[kind]().astype(np.float32)
-    parts = np.array_split(x, 5)
+        # the range grows part after part (bins merged on the host between device updates)
+        "growing": lambda: np.concatenate([RNG.standard_normal(300_000) * 10.0 ** k for k in range(-3, 4)]),
+        "negative": lambda: -np.abs(RNG.standard_normal(700_000)),
+        "float16": lambda: RNG.standard_normal(600_000) * 7,
+        "signed_zeros": lambda: np.where(RNG.random(900_000) < 0.5, -0.0, RNG.standard_normal(900_000)),
+    }[kind]()
+    x = x.astype(np.float16 if kind == "float16" else np.float32)
+    parts = np.array_split(x, 7)
     cpu, gpu, scpu, sgpu = StreamingHistogram(), StreamingHistogram(), SignedHistogram(), SignedHistogram()
     for p in parts:
         cpu.update(p)
@@ -51,6 +63,18 @@ def test_cupy_histograms_are_bit_identical_to_numpy(cupy: Any, kind: str) -> Non
     assert sgpu.absolute() == scpu.absolute() == cpu and sgpu.relu() == scpu.relu()
     for method in ("entropy", "minmax", "percentile", "mse"):
         assert compute_amax(gpu, method) == compute_amax(cpu, method)
+    # Counts read, then more data: the device counts start again from zero.
+    more = cupy.asarray(parts[0])
+    gpu.update(more)
+    cpu.update(parts[0])
+    assert gpu == cpu
+
+
+def test_cupy_nan_is_refused(cupy: Any) -> None:
+    bad = cupy.asarray(np.array([1.0, np.nan, -2.0], dtype=np.float32))
+    for h in (StreamingHistogram(), SignedHistogram()):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            h.update(bad)
 
 
 def test_cuda_execution_provider_gives_the_cpu_histograms(ort_cuda: None, tmp_path: Path) -> None:

@@ -156,3 +156,42 @@ def test_array_module_generic_path_matches_the_cpu_path() -> None:
         for part in np.array_split(x, 3):
             generic._update_generic(part, np)
         assert generic == _fed([x])
+
+
+class _OnDevice:
+    """What the histogram needs of counts the GPU kernel left on the device (a CuPy array): `get()`."""
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = counts
+
+    def get(self) -> np.ndarray:
+        return self.counts
+
+
+def test_counts_left_on_the_device_join_when_read_copied_grown_or_pickled() -> None:
+    import pickle
+
+    data = np.array([0.25, 0.5, 1.5, 3.0], dtype=np.float32)
+    fresh = StreamingHistogram()
+    fresh.update(data)
+    extra = np.zeros(fresh.fine_bins, dtype=np.uint64)
+    extra[[0, 7, 4095]] = [3, 5, 1]
+    want = fresh.counts + extra.astype(np.int64)
+    for read in ("counts", "copy", "pickle", "grow"):
+        h = StreamingHistogram()
+        h.update(data)
+        h._device_counts = _OnDevice(extra.copy())
+        if read == "counts":
+            got = h.counts
+        elif read == "copy":
+            got = h.copy().counts
+        elif read == "pickle":
+            got = pickle.loads(pickle.dumps(h)).counts
+        else:  # a larger value: the pending counts join at the old range before the bins are merged
+            ref = StreamingHistogram.from_state(h.num_bins, want, h.range_exp, h.absmax, h.num_values)
+            h.update(np.array([100.0], dtype=np.float32))
+            ref.update(np.array([100.0], dtype=np.float32))
+            assert h == ref
+            continue
+        assert np.array_equal(got, want), read
+        assert h.counts.sum() == want.sum()  # read once: not added twice
