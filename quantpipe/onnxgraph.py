@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -403,10 +403,11 @@ def _node_subgraph_reads(node: Any) -> set[str]:
     return out
 
 
-def expose_outputs(model: Any, names: Iterable[str]) -> Any:
+def expose_outputs(model: Any, names: Iterable[str], value_info: Mapping[str, Any] | None = None) -> Any:
     """A copy of `model` whose graph also outputs the tensors `names`, each declared with its element type (from
-    the graph's value_info, else ONNX shape inference; float where neither tells: a search may expose the
-    integer tensors a cut part reads, e.g. a Cast to int64 feeding a shape computation)."""
+    `value_info` as given, e.g. the caller's own shape inference with the shapes, then the graph's value_info, else
+    ONNX shape inference; float where none tells: a search may expose the integer tensors a cut part reads, e.g. a
+    Cast to int64 feeding a shape computation)."""
     import onnx
     from onnx import helper
 
@@ -414,9 +415,10 @@ def expose_outputs(model: Any, names: Iterable[str]) -> Any:
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
     names = [n for n in dict.fromkeys(names) if n not in have]
-    types = _elem_types(m, names)
+    given = {n: v for n in names if (v := (value_info or {}).get(n)) is not None and v.type.tensor_type.elem_type}
+    types = _elem_types(m, [n for n in names if n not in given])
     for n in names:
-        m.graph.output.append(helper.make_tensor_value_info(n, types.get(n) or FLOAT, None))
+        m.graph.output.append(given[n] if n in given else helper.make_tensor_value_info(n, types.get(n) or FLOAT, None))
     return m
 
 

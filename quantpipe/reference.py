@@ -164,7 +164,7 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
             outs[k] = [run_output(session(m), feeds, output)]
     if cut_at:
         exposed = sorted({f for k in cut_at for f in cuts[k].feeds if f not in inputs} - {output})
-        sess = session(_exposed(base, exposed, shapes))
+        sess = session(expose_outputs(base, exposed, shapes))
         names = [output, *exposed]
         parts: dict[int, Any] = {}
         for f in feeds:
@@ -199,16 +199,6 @@ def _node_costs(model: Any, shapes: Mapping[str, Any]) -> dict[str, float]:
             elems *= float(w[0])
         out[n.name] = elems
     return out
-
-
-def _exposed(model: Any, names: Sequence[str], shapes: Mapping[str, Any]) -> Any:
-    """`expose_outputs` for tensors of any type (int8 ones included): their types from shape inference."""
-
-    typed = [n for n in names if n in shapes and shapes[n].type.tensor_type.elem_type]
-    m = expose_outputs(model, [n for n in names if n not in set(typed)])
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(shapes[n] for n in typed if n not in have)
-    return m
 
 
 def _proto(model: Any) -> Any:

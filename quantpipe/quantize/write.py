@@ -69,25 +69,31 @@ def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data
     already set are kept."""
     if options.weight_rounding not in ("gptq", "nearest"):
         raise BuildError(f"weight_rounding must be 'gptq' or 'nearest', not {options.weight_rounding!r}.")
-    m = named_copy(model)
+    copies: list[Any] = []
+
+    def m() -> Any:  # the named copy, made once and only when something is measured (none when all is filled)
+        if not copies:
+            copies.append(named_copy(model))
+        return copies[0]
+
     if options.channel_stats is None and (options.smooth_alpha or options.bias_correction):
         log.info("collecting per-channel statistics on the calibration data")
-        options = dataclasses.replace(options, channel_stats=collect_channel_stats(m, calibration_data,
+        options = dataclasses.replace(options, channel_stats=collect_channel_stats(m(), calibration_data,
                                                                                    batch_size=batch_size))
     if options.split_activations == "auto":
         if amax is None:
             raise BuildError("split_activations='auto' needs the calibrated amax.")
         log.info("looking for activations whose rounding noise dominates the output")
-        options = dataclasses.replace(options, split_activations=choose_splits(m, amax, options, calibration_data,
+        options = dataclasses.replace(options, split_activations=choose_splits(m(), amax, options, calibration_data,
                                                                                batch_size=batch_size,
                                                                                executor=executor))
     if options.weight_codes is None and options.weight_rounding == "gptq":
         log.info("fitting GPTQ weight codes on the calibration data")
         # On the unsplit graph: a split activation's weights take these codes repeated (`split_activations`).
         options = dataclasses.replace(options, weight_codes=collect_weight_codes(
-            m, calibration_data, per_channel=options.per_channel, batch_size=batch_size, input_amax=amax))
+            m(), calibration_data, per_channel=options.per_channel, batch_size=batch_size, input_amax=amax))
     if options.output_bias is None and options.bias_correction and amax is not None:
-        options = dataclasses.replace(options, output_bias=output_bias(m, amax, options, calibration_data,
+        options = dataclasses.replace(options, output_bias=output_bias(m(), amax, options, calibration_data,
                                                                        batch_size=batch_size),
                                       output_bias_keep=options.keep_float_nodes)
     return options
