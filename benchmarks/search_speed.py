@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -211,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         given = json.loads(args.splits.read_text())["splits"] if args.splits else None
         res = run(args.bench.resolve(), work.resolve(), args.samples, searches, args.profile, given)
     res["quantpipe"] = str(Path(sys.modules["quantpipe"].__file__ or "").parent)
+    res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this process's peak
     if base is not None:
-        res["baseline"] = {"quantpipe": base["quantpipe"], "seconds": base["seconds"]}
+        res["baseline"] = {"quantpipe": base["quantpipe"], "seconds": base["seconds"],
+                           "peak_rss_mb": base.get("peak_rss_mb")}
         res["differences"] = _differences(base, res)
         res["identical"] = not res["differences"]
         print(f"search_speed: baseline {base['seconds']} -> this tree {res['seconds']}; "
