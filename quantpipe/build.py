@@ -294,7 +294,9 @@ def _build_ort(
 def _trt_profiles(cfg: PipelineConfig, li: LoadedInputs) -> dict[str, dict[str, list[int]]]:
     """min/opt/max shapes per input: pipeline.yaml's, else batch 1 .. the largest batch size used,
     with the other dynamic axes taken from the first calibration sample."""
-    sizes = [cfg.data.batch_size, *cfg.evaluate.latency.batch_sizes]
+    cap = li.calib.max_batch or max(cfg.data.batch_size, *cfg.evaluate.latency.batch_sizes)  # a fixed batch caps all
+    sizes = [min(b, cap) for b in (cfg.data.batch_size, *cfg.evaluate.latency.batch_sizes)]
+    opt = min(max(cfg.evaluate.latency.batch_sizes), cap)
     first = li.calib.first_batch(1).feeds
     axis = cfg.model.batch_axis
     out: dict[str, dict[str, list[int]]] = {}
@@ -309,7 +311,7 @@ def _trt_profiles(cfg: PipelineConfig, li: LoadedInputs) -> dict[str, dict[str, 
 
         out[info.name] = {
             "min": list(spec.min_shape) if spec and spec.min_shape else with_batch(1),
-            "opt": list(spec.opt_shape) if spec and spec.opt_shape else with_batch(max(cfg.evaluate.latency.batch_sizes)),
+            "opt": list(spec.opt_shape) if spec and spec.opt_shape else with_batch(opt),
             "max": list(spec.max_shape) if spec and spec.max_shape else with_batch(max(sizes)),
         }
     return out

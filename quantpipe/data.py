@@ -79,10 +79,32 @@ class Dataset:
         self._samples = samples
         self._labels = labels
         self.fingerprint = fingerprint
+        self._told_cap = False
 
     @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
+
+    @property
+    def max_batch(self) -> int | None:
+        """The most samples one run of the model takes: the smallest fixed leading dimension of its inputs (a model
+        exported with batch 1 takes one at a time; an RNN state [1, 1, H] as well), None when each is dynamic."""
+        fixed = [d for t in self.inputs if t.shape and isinstance(d := t.shape[0], int) and d > 0]
+        return min(fixed) if fixed else None
+
+    def per_run(self, batch_size: int) -> int:
+        """The samples per run for a requested `batch_size`: never more than the model takes (`max_batch`)."""
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        cap = self.max_batch
+        if cap is None or batch_size <= cap:
+            return batch_size
+        if not self._told_cap:
+            self._told_cap = True
+            fixed = next(t for t in self.inputs if t.shape and t.shape[0] == cap)
+            log.info("model input '%s' has a fixed leading dimension (%s): %s data runs %d sample(s) at a time, "
+                     "not the batch size %d", fixed.name, list(fixed.shape), self.role, cap, batch_size)
+        return cap
 
     @property
     def num_samples(self) -> int:
@@ -125,9 +147,9 @@ class Dataset:
         return tuple(name for name, arr in self._arrays.items() if isinstance(arr, NpyMember))
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        """Yield batches in sample order; never more than `batch_size` samples, never mixed shapes."""
-        if batch_size < 1:
-            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        """Yield batches in sample order; never more than `batch_size` samples (nor than the model takes:
+        `per_run`), never mixed shapes."""
+        batch_size = self.per_run(batch_size)
         n = self.num_samples
         if self._arrays is not None:
             for start in range(0, n, batch_size):
@@ -157,8 +179,7 @@ class Dataset:
         A shard that starts at one of these starts and ends at one of these stops (`subset`) is batched
         exactly as the whole data set is there: what lets parallel evaluation reproduce one process bit for bit.
         """
-        if batch_size < 1:
-            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        batch_size = self.per_run(batch_size)
         n = self.num_samples
         if self._samples is None:
             return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
@@ -328,8 +349,22 @@ def open_dataset(
     digest = hashlib.sha256()
     digest.update(sha256_file(path).encode())
     digest.update(f"|max={max_samples}|labels={labels_key}".encode())
-    return Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role, arrays=arrays,
-                   samples=None, labels=labels, fingerprint=digest.hexdigest())
+    return _fits_fixed_batch(where, Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role,
+                                            arrays=arrays, samples=None, labels=labels,
+                                            fingerprint=digest.hexdigest()))
+
+
+def _fits_fixed_batch(where: str, ds: Dataset) -> Dataset:
+    """Refuse a sample count a model with a fixed batch of k > 1 cannot be run on (its last run would be short)."""
+    k = ds.max_batch
+    if k is not None and k > 1 and ds.num_samples % k:
+        fixed = next(t for t in ds.inputs if t.shape and t.shape[0] == k)
+        raise DataError(
+            f"{where} holds {ds.num_samples} samples, but model input '{fixed.name}' takes exactly {k} per run "
+            f"(shape {list(fixed.shape)}), so the last run would hold {ds.num_samples % k}. Give a multiple of {k} "
+            f"samples (max_samples: {ds.num_samples - ds.num_samples % k}), or export the model with a dynamic "
+            f"batch axis.")
+    return ds
 
 
 def _open_folder(
@@ -355,8 +390,9 @@ def _open_folder(
             labels.append(_one_label(f, labels_key, raw[labels_key]))
     digest.update(f"|max={max_samples}|labels={labels_key}".encode())
     checked = _checked_labels(where, labels_key, np.concatenate(labels), len(samples), None) if labels else None
-    return Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role, arrays=None,
-                   samples=samples, labels=checked, fingerprint=digest.hexdigest())
+    return _fits_fixed_batch(where, Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role,
+                                            arrays=None, samples=samples, labels=checked,
+                                            fingerprint=digest.hexdigest()))
 
 
 def check_disjoint(a: Dataset, b: Dataset, limit: int = 4096) -> int:

@@ -147,6 +147,12 @@ def check_array(
     where: str, name: str, arr: np.ndarray, info: TensorInfo, *, per_sample: bool, check_finite: bool
 ) -> np.ndarray:
     """Validate one input array against the model input; return it with a batch axis."""
+    if not info.shape:
+        raise DataError(
+            f"{where}: model input '{name}' is a scalar (rank 0), and quantpipe feeds every input as samples stacked "
+            f"on a leading axis, so it cannot feed this one. Make the scalar part of the model: replace the input "
+            f"by an initializer holding its value (e.g. onnx.numpy_helper.from_array(np.array(v), '{name}') appended "
+            f"to graph.initializer, and the input removed from graph.input), then quantize that model.")
     if isinstance(arr, NpyMember):
         return _check_lazy(where, name, arr, info, check_finite=check_finite)
     want = _np_dtype(info)

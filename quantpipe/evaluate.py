@@ -183,6 +183,10 @@ def evaluate_variant(
     values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks)
     lat = []
     for bs in latency_batch_sizes:
+        if dataset.max_batch is not None and bs > dataset.max_batch:
+            log.warning("latency at batch %d skipped for %s: the model takes at most %d sample(s) per run (a fixed "
+                        "leading input dimension)", bs, runner.name, dataset.max_batch)
+            continue
         feeds = latency_feeds(dataset, bs)
         lat.append(latency_stats(runner.measure(feeds, warmup, iterations), bs, warmup))
     classes = int(out.shape[1]) if _is_classifier(out) and task.task == "classification" else None

@@ -159,3 +159,23 @@ def test_quantize_on_workers_writes_the_same_model(tmp_path: Path, monkeypatch: 
                  "--out", str(two), "-q"]) == 0
     assert made and "alone_share" in calls
     assert two.read_bytes() == one.read_bytes()
+
+
+def test_quantize_a_model_with_a_fixed_batch_of_one(tmp_path: Path) -> None:
+    # Exports with batch 1 are common (detectors, captcha OCR, RNN states); the default batch size must not break them.
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y0"]), helper.make_node("Relu", ["y0"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w])
+    model = tmp_path / "fixed1.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), model)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((16, 8)).astype(np.float32))
+    for method in ("entropy", "auto"):
+        out = tmp_path / f"{method}.onnx"
+        assert main(["quantize", "--model", str(model), "--data", str(data), "--method", method, "--out", str(out),
+                     "-q"]) == 0
+        assert out.is_file()

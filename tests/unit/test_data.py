@@ -204,3 +204,32 @@ def test_scalar_input_with_max_samples_is_a_data_error(tmp_path: Path) -> None:
     p = _npz(tmp_path / "d.npz", input=np.float32(0))  # was an IndexError from arr[:max_samples]
     with pytest.raises(DataError, match="rank 4"):
         open_dataset(p, IMG, max_samples=1)
+
+
+FIXED1 = (TensorInfo("x", "float32", (1, 8)), TensorInfo("h", "float32", (1, 1, 4)))
+
+
+def test_a_fixed_batch_of_one_runs_one_sample_at_a_time(tmp_path: Path) -> None:
+    # A model exported with batch 1 (or an RNN state [1, 1, H]) takes one sample per run, whatever was asked.
+    p = _npz(tmp_path / "d.npz", x=np.arange(5 * 8, dtype=np.float32).reshape(5, 8), h=np.zeros((5, 1, 4), np.float32))
+    ds = open_dataset(p, FIXED1)
+    assert ds.max_batch == 1 and ds.per_run(32) == 1
+    assert [b.size for b in ds.batches(32)] == [1] * 5
+    assert ds.batch_bounds(32) == [(i, i + 1) for i in range(5)]
+    assert open_dataset(p, (TensorInfo("x", "float32", ("n", 8)),)).max_batch is None
+
+
+def test_a_fixed_batch_of_four_runs_fours_and_refuses_a_short_last_run(tmp_path: Path) -> None:
+    fixed4 = (TensorInfo("x", "float32", (4, 8)),)
+    ds = open_dataset(_npz(tmp_path / "a.npz", x=np.zeros((8, 8), np.float32)), fixed4)
+    assert [b.size for b in ds.batches(32)] == [4, 4] and [b.size for b in ds.batches(2)] == [2] * 4
+    with pytest.raises(DataError, match=r"takes exactly 4 per run .*\(max_samples: 8\)"):
+        open_dataset(_npz(tmp_path / "b.npz", x=np.zeros((10, 8), np.float32)), fixed4)
+
+
+def test_a_scalar_model_input_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    inputs = (TensorInfo("x", "float32", ("n", 8)), TensorInfo("sr", "int64", ()))
+    for sr in (np.full(4, 16000, np.int64), np.array(16000, np.int64)):  # stacked, or one 0-d value
+        p = _npz(tmp_path / "d.npz", x=np.zeros((4, 8), np.float32), sr=sr)
+        with pytest.raises(DataError, match=r"'sr' is a scalar \(rank 0\).*replace the input by an initializer"):
+            open_dataset(p, inputs)
