@@ -50,8 +50,11 @@ class RichProgress:
 def _fmt(metric: str, v: float | None) -> str:
     if v is None:
         return "—"
-    if metric in ("top1", "top5", "top1_agreement", "top1_drop", "top5_drop"):
+    if metric in ("top1", "top5", "top1_agreement", "top1_drop", "top5_drop", "line_agreement", "line_accuracy", "cer",
+                  "label_cer"):
         return f"{100 * v:.2f}%"
+    if metric in ("map_iou", "box_agreement"):
+        return f"{v:.4f}"
     if metric == "cosine":
         return f"{v:.4f}"
     if metric == "sqnr_db":
@@ -69,6 +72,13 @@ def print_summary(results: Any) -> None:
         out.print(line)
     table = Table(title=f"quantpipe · {Path(results.model.path).name} · run {results.run_id}", title_justify="left")
     cols = {"top1": "top1", "top1_agreement": "agree", "cosine": "cosine", "sqnr_db": "SQNR"}
+    # The task's own metrics (CTC lines, dense maps) where measured; top-1 columns only where a variant has them.
+    task_cols = {"line_accuracy": "line acc", "line_agreement": "line agree", "cer": "CER", "map_iou": "IoU",
+                 "box_agreement": "box agree"}
+    measured = {m for e in results.evaluations if not e.skipped for m, val in e.metrics.items() if val is not None}
+    if measured & set(task_cols):
+        cols = {**{m: h for m, h in cols.items() if m in measured and m != "sqnr_db"},
+                **{m: h for m, h in task_cols.items() if m in measured}, "sqnr_db": "SQNR"}
     table.add_column("variant", no_wrap=True)
     table.add_column("dev", no_wrap=True)
     for head in cols.values():

@@ -40,8 +40,19 @@ METRIC_LABELS = {
     "top1_agreement": "Top-1 agreement", "cosine": "Cosine", "sqnr_db": "SQNR", "max_abs_error": "Max abs error",
     "latency_ms": "Median latency", "latency_p99_ms": "p99 latency", "throughput": "Throughput",
     "speedup": "Speedup", "size_mb": "Size",
+    "line_agreement": "Line agreement", "cer": "CER", "line_accuracy": "Line accuracy", "label_cer": "CER vs labels",
+    "line_accuracy_drop": "Line accuracy drop", "map_iou": "Map IoU", "box_agreement": "Box agreement",
 }
-_TABLE_METRICS = ("top1", "top5", "top1_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error")
+_TABLE_METRICS = ("top1", "top5", "top1_drop", "top1_agreement", "line_accuracy", "line_agreement", "cer", "label_cer",
+                  "map_iou", "box_agreement", "cosine", "sqnr_db", "max_abs_error")
+KEY_ACCURACY = ("top1", "line_accuracy", "top1_agreement", "line_agreement", "box_agreement", "map_iou", "cosine")
+"""The accuracy a summary leads with, the first one measured: the task's own (against labels, else against the
+reference) before the output's cosine."""
+_KEY_LABELS = {"top1": "top-1 accuracy", "line_accuracy": "exact-line accuracy",
+               "top1_agreement": "top-1 agreement with the reference",
+               "line_agreement": "exact-line agreement with the reference",
+               "box_agreement": "box agreement with the reference", "map_iou": "map IoU with the reference",
+               "cosine": "cosine"}
 _MAX_HISTOGRAMS = 6
 _TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
 _SENSITIVITY_ROWS = 12
@@ -146,8 +157,10 @@ def _highlights(results: RunResults, variants: pd.DataFrame, latency: pd.DataFra
             drop = _num(v["top1_drop"])
             parts.append(f"top-1 {format_value('top1', v['top1'])}"
                          + (f" ({format_value('top1', 0.0 - drop, delta=True)} vs {results.reference})" if drop is not None else ""))
-        elif _num(v["top1_agreement"]) is not None:
-            parts.append(f"top-1 agreement {format_value('top1_agreement', v['top1_agreement'])}")
+        else:
+            key = next((m for m in KEY_ACCURACY[1:-1] if _num(v[m]) is not None), None)
+            if key is not None:
+                parts.append(f"{_KEY_LABELS[key].removesuffix(' with the reference')} {format_value(key, v[key])}")
         lat = latency[(latency["variant"] == v["variant"]) & latency["speedup"].notna()]
         if len(lat):
             row = lat.iloc[-1]
@@ -178,7 +191,7 @@ def _variant_rows(results: RunResults, variants: pd.DataFrame, metrics: Sequence
 def _key_rows(results: RunResults, variants: pd.DataFrame) -> list[dict[str, Any]]:
     """One short row per variant for the CI summary: accuracy, latency, speedup, size (as the gate reads them)."""
     measured = tables.measured_accuracy_metrics(variants)
-    acc = next((m for m in ("top1", "top1_agreement", "cosine") if m in measured), None)
+    acc = next((m for m in KEY_ACCURACY if m in measured), None)
     rows: list[dict[str, Any]] = []
     for _, v in variants.iterrows():
         name = v["variant"]
@@ -229,7 +242,7 @@ def _scatter(results: RunResults, variants: pd.DataFrame, latency: pd.DataFrame,
              draw: bool) -> tuple[str | None, str, str]:
     """(svg or None, caption, reason when None)."""
     ran = variants[variants["status"] != "skipped"]
-    metric = next((m for m in ("top1", "top1_agreement", "cosine") if ran[m].notna().any()), None)
+    metric = next((m for m in KEY_ACCURACY if ran[m].notna().any()), None)
     if metric is None:
         return None, "", "no accuracy metric was measured for any variant"
     if latency.empty:
@@ -241,7 +254,7 @@ def _scatter(results: RunResults, variants: pd.DataFrame, latency: pd.DataFrame,
     points = points[points[metric].notna()]
     if points.empty:
         return None, "", f"no variant has both {metric} and latency at batch size {bs}"
-    label = {"top1": "top-1 accuracy", "top1_agreement": "top-1 agreement with the reference", "cosine": "cosine"}[metric]
+    label = _KEY_LABELS[metric]
     svg = plots.accuracy_vs_latency(points, accuracy=metric, batch_size=bs, accuracy_label=label) if draw else ""
     return svg, f"{label.capitalize()} against median latency at batch size {bs}. Up and to the left is better.", ""
 
@@ -466,7 +479,7 @@ def summary_context(results: RunResults) -> dict[str, Any]:
         "variant_rows": _variant_rows(results, variants, metrics, _deltas(baseline)),
         "skipped": [(r["variant"], r["skipped_reason"]) for _, r in variants.iterrows() if r["status"] == "skipped"],
         "key_rows": _key_rows(results, variants),
-        "key_metric": next((m for m in ("top1", "top1_agreement", "cosine") if m in measured), None),
+        "key_metric": next((m for m in KEY_ACCURACY if m in measured), None),
         "baseline": baseline,
         "baseline_regressions": list(baseline.get("regressions", [])) if baseline else [],
         "files": [],

@@ -386,3 +386,23 @@ def test_histograms_written_by_calibration_are_read(tmp_path: Path) -> None:
     last = int(np.flatnonzero(x.counts)[-1])
     assert x.counts.size == 2048 and x.edges[last] <= h.absmax <= x.edges[last + 1]  # absmax is in the last used bin
     assert hists["x"].counts.sum() == pytest.approx(5000)
+
+
+def test_a_ctc_run_leads_with_its_line_metrics(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A text recognizer's variants carry no top-1: the tables, the summary and the terminal show its task's metrics.
+    from quantpipe.console import print_summary
+
+    base = synthetic_results(None)
+    ctc = {"ort-fp32": (1.0, 0.0), "ort-fp16": (1.0, 0.0), "ort-int8": (0.875, 0.0137)}
+    evals = tuple(dataclasses.replace(e, metrics={"line_agreement": ctc[e.variant][0], "cer": ctc[e.variant][1],
+                                                  "cosine": e.metrics["cosine"], "sqnr_db": e.metrics["sqnr_db"]})
+                  if e.variant in ctc else e for e in base.evaluations)
+    results = dataclasses.replace(base, evaluations=evals)
+    paths = write_report(tmp_path / "run", results)
+    summary, report = paths["summary"].read_text(), paths["md"].read_text()
+    assert "87.50%" in summary and "0.999520" not in summary  # the key accuracy is the line agreement, not cosine
+    assert "Line agreement" in report and "CER" in report and "1.37%" in report
+    print_summary(results)
+    out = capsys.readouterr().out
+    assert "line agree" in out and "87.50%" in out and "1.37%" in out
+    assert "agree " not in out.replace("line agree", "")  # no empty top-1 agreement column
