@@ -40,7 +40,14 @@ def run_outputs(
         outs = runner.infer(batch.feeds)
         if output not in outs:
             raise EvaluationError(f"variant {runner.name} has no output '{output}' (outputs: {sorted(outs)}).")
-        chunks.append(np.asarray(outs[output], dtype=np.float32))
+        chunk = np.asarray(outs[output], dtype=np.float32)
+        if chunk.ndim == 0 or chunk.shape[0] != batch.size:
+            raise EvaluationError(
+                f"output '{output}' of variant {runner.name} has shape {list(chunk.shape)} for a batch of {batch.size} "
+                f"sample(s): its leading axis is not the batch, and quantpipe compares outputs sample by sample along "
+                f"the leading axis (an RNN's [T, N, C] does this). Set model.output to a batch-first output, or "
+                f"re-export the model with the output transposed to [N, ...].")
+        chunks.append(chunk)
         if classify and len(chunks) == 1 and _is_classifier(chunks[0]):
             # Where the model leaves the class count dynamic, the first batch tells it: check the labels
             # against it before anything is scored (a no-op when the load stage already could).

@@ -50,3 +50,23 @@ def test_the_class_count_is_recorded_for_the_gate(tmp_path: Path) -> None:
     res, _ = evaluate_variant(_Classifier(3), ds, output="logits", batch_size=4, metrics=["top1"],  # type: ignore[arg-type]
                               reference=None, ref_labelled=None)
     assert res.num_classes == 3 and res.metrics["top1"] == pytest.approx(4 / 8)
+
+
+class _TimeFirst:
+    """A runner whose output puts time before the batch ([T, N, C], as an RNN's often does)."""
+
+    name = "rnn"
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"seq": np.zeros((7, feeds["input"].shape[0], 3), np.float32)}
+
+
+def test_an_output_whose_leading_axis_is_not_the_batch_is_refused_in_any_batching(tmp_path: Path) -> None:
+    # Scored as rows it would compare timesteps, and a shard count would change the numbers: refused, saying why.
+    from quantpipe.errors import EvaluationError
+
+    ds = open_dataset(_data(tmp_path, np.zeros(8, np.int64)), IMG, role="evaluation")
+    for batch_size in (1, 4):
+        with pytest.raises(EvaluationError, match=r"shape \[7, \d, 3\] for a batch of \d sample\(s\): its leading axis "
+                                                  r"is not the batch"):
+            run_outputs(_TimeFirst(), ds, "seq", batch_size)  # type: ignore[arg-type]
