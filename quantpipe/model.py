@@ -113,7 +113,7 @@ def read_model_spec(
         inputs=tuple(tensor_info(v) for v in inferred.graph.input if v.name not in init_names),
         outputs=tuple(tensor_info(v) for v in inferred.graph.output),
         op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        num_parameters=int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in inferred.graph.initializer)),
+        num_parameters=_parameter_count(inferred.graph),
         size_bytes=model_size_bytes(path),
     )
     return spec, inferred
@@ -138,3 +138,12 @@ def apply_input_overrides(inputs: tuple[TensorInfo, ...], overrides: Mapping[str
         dtype = getattr(spec, "dtype", None)
         out.append(TensorInfo(t.name, dtype or t.dtype, tuple(shape) if shape is not None else t.shape))
     return tuple(out)
+
+
+def _parameter_count(graph: onnx.GraphProto) -> int:
+    """Elements of the graph's initializers and of its Constant nodes' tensors (Paddle exports, among others, keep
+    every weight in a Constant node), subgraphs (If, Loop, Scan branches) included."""
+    tensors = [*graph.initializer, *(a.t for n in graph.node if n.op_type == "Constant"
+                                     for a in n.attribute if a.name == "value" and a.HasField("t"))]
+    subgraphs = [g for n in graph.node for a in n.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))]
+    return int(sum(int(np.prod(t.dims)) if t.dims else 1 for t in tensors)) + sum(map(_parameter_count, subgraphs))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
 
 from quantpipe.errors import ModelError
-from quantpipe.model import load_model_spec
+from quantpipe.model import load_model_spec, read_model_spec
 from tests.conftest import make_mlp
 
 
@@ -58,3 +59,25 @@ def test_already_quantized_refused(tmp_path: Path) -> None:
     onnx.save(m, p)
     with pytest.raises(ModelError, match="already quantized"):
         load_model_spec(p)
+
+
+def test_parameters_count_constant_nodes_and_subgraphs(tmp_path: Path) -> None:
+    # Paddle exports keep every weight in a Constant node, silero-vad its weights in If branches: all are parameters.
+    from onnx import helper, numpy_helper
+
+    w = helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(np.ones((4, 3), np.float32)))
+    branch = helper.make_graph([helper.make_node("Constant", [], ["b"],
+                                                 value=numpy_helper.from_array(np.ones(5, np.float32)))],
+                               "then", [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [5])])
+    g = helper.make_graph(
+        [w, helper.make_node("MatMul", ["x", "W"], ["y"]),
+         helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [5])],
+        [numpy_helper.from_array(np.ones(2, np.float32), "unused")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    spec, _ = read_model_spec(path)
+    assert spec.num_parameters == 2 + 12 + 5 + 5
