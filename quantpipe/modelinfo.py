@@ -97,8 +97,15 @@ class ModelPrecision:
     """'domain::op' -> count, for ops outside the standard ONNX / ONNX Runtime domains (e.g. `trt::`)."""
 
     @property
+    def integer_ops(self) -> dict[str, int]:
+        """ONNX Runtime's integer operators (QOperator format, dynamic quantization) by op type: not Q/DQ."""
+        return {op: sum(c.values()) for op, c in self.by_op.items() if op in INTEGER_OPS}
+
+    @property
     def kind(self) -> str:
-        """One word for the whole model: int8 (Q/DQ), fp16, fp32 or mixed."""
+        """One word for the whole model: int8 (Q/DQ), int8 (integer operators), fp16, fp32 or mixed."""
+        if self.integer_ops:
+            return "int8 (onnxruntime integer operators, not Q/DQ)"
         if self.qdq.quantize or self.qdq.dequantize:
             used = [p for p in _QUANTIZED if self.totals.get(p)]
             return f"{'/'.join(used) or 'int8'} (Q/DQ)"
@@ -115,10 +122,16 @@ def _elem_types(model: Any) -> dict[str, int]:
     return types
 
 
+INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                         "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool",
+                         "QLinearGlobalAveragePool", "QLinearConcat", "QGemm", "DynamicQuantizeMatMul"})
+"""ONNX Runtime's integer operators (standard and com.microsoft): a model quantized without Q/DQ pairs."""
+
+
 def qdq_role(node: Any) -> str | None:
     """'q' for a quantize node, 'dq' for a dequantize node (ONNX, ONNX Runtime's contrib and TensorRT's `trt::`
     custom Q/DQ ops such as TRT_INT4DequantizeLinear), else None."""
-    if node.domain not in _QDQ_DOMAINS:
+    if node.domain not in _QDQ_DOMAINS or node.op_type == "DynamicQuantizeLinear":  # ORT's dynamic quantization
         return None
     if node.op_type.endswith("DequantizeLinear"):
         return "dq"
@@ -284,6 +297,10 @@ def precision_lines(info: ModelPrecision) -> list[str]:
     """Q/DQ, scales, casts and quantpipe metadata of a `modelinfo.ModelPrecision`, one fact per line."""
     q = info.qdq
     lines = []
+    if info.integer_ops:
+        lines.append("onnxruntime integer operators (" + ", ".join(f"{op} {n}" for op, n in info.integer_ops.items())
+                     + "): quantized by onnxruntime's quantize_dynamic or QOperator format, for onnxruntime only; "
+                     "TensorRT does not run them. quantpipe quantizes FP32 models: pass the original FP32 export.")
     if q.quantize or q.dequantize:
         lines.append(f"Q/DQ: {q.quantize} QuantizeLinear, {q.dequantize} DequantizeLinear ({q.per_channel} per-channel, "
                      f"{q.per_tensor} per-tensor; {q.weight_dequantize} dequantize stored weights"
@@ -308,7 +325,7 @@ def precision_lines(info: ModelPrecision) -> list[str]:
         lines.append("custom-domain ops: " + ", ".join(f"{op} {n}" for op, n in info.custom_ops.items()))
     meta = ", ".join(f"{k} ({v})" for k, v in info.quantpipe_metadata.items())
     lines.append(f"quantpipe metadata: {meta}" if meta else "quantpipe metadata: none")
-    if q.quantize or q.dequantize:
+    if (q.quantize or q.dequantize) and not info.integer_ops:
         lines.extend(int8_run_lines())
     return lines
 

@@ -90,3 +90,25 @@ def test_mixed_model_and_integer_ops() -> None:
     info = describe_precision(model)
     assert info.by_op == {"Relu": {"fp32": 1, "fp16": 1}, "Shape": {"other": 1}}
     assert info.kind == "mixed fp16/fp32"
+
+
+def test_an_onnxruntime_dynamic_quantization_is_not_called_q_dq(tmp_path) -> None:  # noqa: ANN001
+    # quantize_dynamic writes DynamicQuantizeLinear + MatMulInteger: integer operators for onnxruntime, not Q/DQ, and
+    # not a model for TensorRT's explicit quantization.
+    from onnxruntime.quantization import quantize_dynamic
+
+    from quantpipe.modelinfo import precision_lines
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [w])
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.dyn.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
+    quantize_dynamic(str(src), str(dst))
+    info = describe_precision(onnx.load(dst))
+    assert info.kind == "int8 (onnxruntime integer operators, not Q/DQ)"
+    assert info.integer_ops == {"DynamicQuantizeLinear": 1, "MatMulInteger": 1}
+    lines = precision_lines(info)
+    assert info.qdq.quantize == 0 and any("quantize_dynamic" in line for line in lines)
+    assert not any("Made for TensorRT" in line for line in lines)
