@@ -203,6 +203,9 @@ class Collapse:
     fix: str
     fix_yaml: str
     """The pipeline.yaml lines that apply the fix (build.fallback with a budget)."""
+    severity: str = "collapsed"
+    """'collapsed' (below evaluate.collapse's min_* limits) or 'degraded' (below its warn_* limits: far from a
+    healthy INT8 model, not broken)."""
 
 
 @dataclasses.dataclass(frozen=True)

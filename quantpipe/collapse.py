@@ -32,15 +32,16 @@ def _sqnr(e: EvalResult) -> float | None:
     return float(v)
 
 
-def _problems(e: EvalResult, limits: CollapseConfig) -> list[str]:
+def _problems(e: EvalResult, sqnr_db: float, agreement: float, word: str) -> list[str]:
+    """What is below `sqnr_db` / `agreement`, each said with its limit ('collapse below 10 dB')."""
     out = []
     s = _sqnr(e)
-    if s is not None and s < limits.min_sqnr_db:
-        out.append(f"output SQNR {s:.2f} dB against FP32 (collapse below {limits.min_sqnr_db:g} dB)")
+    if s is not None and s < sqnr_db:
+        out.append(f"output SQNR {s:.2f} dB against FP32 ({word} below {sqnr_db:g} dB)")
     for m in AGREEMENT_METRICS:
         v = e.metrics.get(m)
-        if v is not None and float(v) < limits.min_agreement:
-            out.append(f"{m} {float(v):.3f} (collapse below {limits.min_agreement:g})")
+        if v is not None and float(v) < agreement:
+            out.append(f"{m} {float(v):.3f} ({word} below {agreement:g})")
     return out
 
 
@@ -69,24 +70,33 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
     yaml = "\n".join(lines)
     if results.fallback is not None:
         fb = results.fallback
-        state = "met" if fb.met else "NOT met"
-        fix = (f"the accuracy fallback ran (budget {fb.metric} {fb.target:g}: {state}, {len(fb.steps)} layer(s) kept "
-               f"in float); give it the task's metric and a larger max_layers in pipeline.yaml:")
+        if fb.met:  # met where it chose, not on the evaluation data: the choice did not carry over
+            fix = (f"the accuracy fallback met its budget ({fb.metric} {fb.target:g}, {len(fb.steps)} layer(s) kept "
+                   f"in float) on the {fb.chosen_on or 'selection'} data ({fb.chosen_samples} samples), which did not "
+                   f"carry over to the evaluation data: let it choose on more samples that look like them (a "
+                   f"data.validation split), with the task's metric and room in max_layers:")
+        else:
+            fix = (f"the accuracy fallback ran (budget {fb.metric} {fb.target:g}: NOT met, {len(fb.steps)} layer(s) "
+                   f"kept in float); give it the task's metric and a larger max_layers in pipeline.yaml:")
     else:
         fix = "keep the most sensitive layers in float with the accuracy fallback; paste into pipeline.yaml:"
     return fix, yaml
 
 
 def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse, ...]:
-    """Every INT8 variant that ran and whose output SQNR or task agreement is below the collapse limits."""
+    """Every INT8 variant that ran and whose output SQNR or task agreement is below the collapse limits
+    (severity 'collapsed'), or else below the warning limits ('degraded')."""
     int8 = {v.name for v in results.variants if v.precision == "int8" and v.skipped is None}
     found = []
     for e in results.evaluations:
         if e.variant not in int8 or e.skipped is not None:
             continue
-        problems = _problems(e, limits)
+        severity, problems = "collapsed", _problems(e, limits.min_sqnr_db, limits.min_agreement, "collapse")
+        if not problems:
+            severity, problems = "degraded", _problems(e, limits.warn_sqnr_db, limits.warn_agreement,
+                                                       "degraded")
         if problems:
             fix, yaml = _fix(results, e)
             found.append(Collapse(variant=e.variant, problems=tuple(problems), cause=_cause(results.sensitivity),
-                                  fix=fix, fix_yaml=yaml))
+                                  fix=fix, fix_yaml=yaml, severity=severity))
     return tuple(found)

@@ -117,7 +117,8 @@ def collapse_lines(results: Any) -> list[str]:
 
     lines = []
     for c in getattr(results, "collapse", ()):
-        lines.append(f"[bold red]INT8 COLLAPSED: {escape(c.variant)}[/bold red]: {escape('; '.join(c.problems))}.")
+        head = "[bold red]INT8 COLLAPSED" if c.severity == "collapsed" else "[bold yellow]INT8 DEGRADED"
+        lines.append(f"{head}: {escape(c.variant)}[/]: {escape('; '.join(c.problems))}.")
         lines.append(f"  likely cause: {escape(c.cause)}")
         lines.append(f"  fix: {escape(c.fix)}")
         lines += [f"    {escape(line)}" for line in c.fix_yaml.splitlines()]

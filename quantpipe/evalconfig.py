@@ -72,6 +72,10 @@ class CollapseConfig(StrictModel):
     min_sqnr_db: float = 10.0
     min_agreement: float = 0.5
     """For top1_agreement, line_agreement, map_iou and box_agreement."""
+    warn_sqnr_db: float = 20.0
+    """Above the collapse limits but below these, the variant is reported as degraded, first as well (a warning:
+    far from a healthy INT8 model, with the same cause and fix); 0 / 0.0 turn the warning off."""
+    warn_agreement: float = 0.95
 
 
 class LatencyConfig(StrictModel):

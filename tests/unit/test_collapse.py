@@ -67,3 +67,39 @@ def test_cli_summary_prints_it_first(tmp_path: Path) -> None:
     assert text.startswith("INT8 COLLAPSED: ort-int8: output SQNR 2.80 dB")
     assert "likely cause: the most sensitive layers" in text and "    metric: top1_agreement" in text
     assert collapse_lines(synthetic_results(tmp_path)) == []
+
+
+def test_a_degraded_int8_is_said_first_too_as_a_warning(tmp_path: Path) -> None:
+    # 10.8 dB and 0.656 agreement (a real orientation classifier): not a collapse, far from healthy; said, not hidden.
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": 10.77, "top1_agreement": 0.656})
+                  if e.variant == "ort-int8" else e for e in results.evaluations)
+    results = dataclasses.replace(results, evaluations=evals, fallback=None)
+    (c,) = find_collapse(results, CollapseConfig())
+    assert c.severity == "degraded"
+    assert c.problems == ("output SQNR 10.77 dB against FP32 (degraded below 20 dB)",
+                          "top1_agreement 0.656 (degraded below 0.95)")
+    assert "metric: top1_agreement" in c.fix_yaml
+    assert find_collapse(results, CollapseConfig(warn_sqnr_db=0, warn_agreement=0)) == ()  # warning turned off
+    results = dataclasses.replace(results, collapse=(c,))
+    written = write_report(tmp_path / "run", results)
+    text = written["summary"].read_text()
+    assert 0 <= text.find("INT8 DEGRADED: `ort-int8`") < text.find("| Variant")
+    assert "INT8 degraded: ort-int8" in written["html"].read_text()
+    console = Console(record=True, width=200)
+    for line in collapse_lines(results):
+        console.print(line)
+    assert console.export_text().startswith("INT8 DEGRADED: ort-int8: output SQNR 10.77 dB")
+
+
+def test_a_fallback_met_on_its_data_but_degraded_here_points_at_the_selection_data(tmp_path: Path) -> None:
+    from quantpipe.artifacts import FallbackReport
+
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "top1_agreement": 0.833})
+                  if e.variant == "ort-int8" else e for e in results.evaluations)
+    fb = FallbackReport(metric="top1_agreement", target=0.99, initial=0.89, final=1.0, met=True, num_quantizable=59,
+                        steps=(), chosen_on="calibration", chosen_samples=63)
+    (c,) = find_collapse(dataclasses.replace(results, evaluations=evals, fallback=fb), CollapseConfig())
+    assert c.severity == "degraded" and "met its budget" in c.fix and "on the calibration data (63 samples)" in c.fix
+    assert "data.validation" in c.fix and "max_layers: 6" in c.fix_yaml
