@@ -136,6 +136,10 @@ def _kept_fp32(m: Any, g: Graph, types: Mapping[str, int], options: Fp16Config) 
             reason = f"custom domain '{node.domain}' (FP16 support unknown)"
         elif any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             reason = "has a subgraph"
+        elif any(o in g.subgraph_refs for o in node.output):
+            # A subgraph (kept FP32 whole) reads this tensor by name from the outer scope: FP16 there would give
+            # it another type than it was written for (the checker refuses the model).
+            reason = "its output is read inside a subgraph, which stays FP32"
         elif node.op_type in _NORM_OPS and (big := _beyond_fp16(g, node.input[1:])):
             # A clamped running variance (Paddle exports hold ~1e8) would rescale every output of the channel.
             reason = f"its parameter '{big}' holds values beyond FP16's range"
@@ -330,7 +334,8 @@ def build_fp16_model(model: Any, options: Fp16Config = Fp16Config(), *,
     # Graph inputs: with keep_io_types they stay FP32 and readers get Casts; otherwise they become FP16.
     if not options.keep_io_types:
         for vi in graph.input:
-            if vi.type.tensor_type.elem_type == FLOAT and vi.name not in g.initializers:
+            if vi.type.tensor_type.elem_type == FLOAT and vi.name not in g.initializers \
+                    and vi.name not in g.subgraph_refs:
                 vi.type.tensor_type.elem_type = FLOAT16
                 rw.cur[vi.name] = FLOAT16
     num_fp16 = _retype_nodes(graph, fp32_nodes, init_fp16, rw)
@@ -347,6 +352,10 @@ def build_fp16_model(model: Any, options: Fp16Config = Fp16Config(), *,
         if overflow:
             warnings.append(f"{len(overflow)} activation(s) have a calibrated amax above 65504 and overflow in FP16, "
                             f"e.g. '{overflow[0][0]}' ({overflow[0][1]:.3g}): keep their producers in FP32")
+    whole = [k for k in kept if k.reason == "has a subgraph"]
+    if whole:
+        warnings.append(f"{len(whole)} node(s) with subgraphs (If / Loop / Scan, e.g. '{whole[0].name}') stay FP32 "
+                        f"with everything inside them: what those branches compute is not converted to FP16")
     if rw.out_of_range:
         first = rw.out_of_range[0]
         warnings.append(f"{len(rw.out_of_range)} constant(s) hold values beyond FP16's range, e.g. "

@@ -175,3 +175,30 @@ def test_batchnorm_with_a_variance_beyond_fp16_stays_fp32():
     (got,) = _run(m16, {"x": x})
     (ref,) = _run(model, {"x": x})
     assert np.allclose(got, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_a_tensor_an_if_branch_reads_stays_fp32_and_the_model_checks() -> None:
+    # silero-vad: an If branch reads an outer activation by name. The If stays FP32 whole, so that activation's
+    # producer does too (FP16 would hand the branch another type than it was written for: the checker refused it).
+    w4 = np.full((4, 4), 0.5, np.float32)
+    w = numpy_helper.from_array(w4, "W")
+    branch_out = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 4])
+    then_g = helper.make_graph([helper.make_node("Relu", ["h"], ["b"])], "then", [], [branch_out])
+    else_g = helper.make_graph([helper.make_node("Neg", ["h"], ["b"])], "else", [], [branch_out])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+         helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="if"),
+         helper.make_node("MatMul", ["y", "W"], ["z"], name="mm2")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    fp16, report = Q.build_fp16_model(model, Fp16Config(keep_io_types=False))
+    onnx.checker.check_model(fp16, full_check=True)
+    reasons = {k.name: k.reason for k in report.kept_fp32}
+    assert reasons == {"mm": "its output is read inside a subgraph, which stays FP32", "if": "has a subgraph"}
+    assert any("stay FP32 with everything inside them" in w for w in report.warnings)
+    sess = ort.InferenceSession(fp16.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(8, dtype=np.float16).reshape(2, 4)
+    (z,) = sess.run(None, {"x": x, "c": np.array(True)})
+    assert np.allclose(z.astype(np.float32), np.maximum(x.astype(np.float32) @ w4, 0) @ w4, rtol=1e-2)
