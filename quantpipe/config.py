@@ -250,6 +250,10 @@ class QuantizeConfig(_Model):
     """SmoothQuant strength for MatMul / Gemm inputs with outlier channels; null turns smoothing off."""
     smooth_min_spread: float = Field(default=4.0, gt=0.0)
     """Smooth an activation only when its largest channel range exceeds the median one by this factor."""
+    equalize_depthwise: bool = False
+    """Give each input channel of a depthwise Conv the tensor's largest range (x / s before the Q/DQ, filter c times
+    s_c: exact, and free with per-channel weights) where the channel ranges differ by smooth_min_spread or more.
+    Opt-in: a MobileNetV3 classifier 10.8 -> 21.8 dB, EfficientNet-Lite0 23.4 -> 22.7 dB (README)."""
     shift_nonnegative: bool = True
     """Quantize post-ReLU / ReLU6 activations around the middle of their range (exact bias folding; README)."""
     weight_rounding: Literal["nearest", "gptq"] = "nearest"

@@ -40,6 +40,7 @@ class QuantizeOptions:
     smooth_alpha: float | None = _DEFAULTS.smooth_alpha
     """SmoothQuant migration strength for MatMul / Gemm inputs with outlier channels (None or 0: off)."""
     smooth_min_spread: float = _DEFAULTS.smooth_min_spread
+    equalize_depthwise: bool = _DEFAULTS.equalize_depthwise
     """Smooth an activation only when its largest channel range exceeds the median one by this factor."""
     bias_correction: bool = _DEFAULTS.bias_correction
     """Fold the mean output error of the quantized weights (E[(Wq - W) x]) into the float bias."""
@@ -78,6 +79,7 @@ class QuantizeOptions:
             keep_float_ops=frozenset(section.keep_float_ops if section.keep_float_ops is not None else DEFAULT_FLOAT_OPS),
             keep_float_nodes=frozenset(section.keep_float_nodes), bias_correction=section.bias_correction,
             smooth_alpha=section.smooth_alpha or None, smooth_min_spread=section.smooth_min_spread,
+            equalize_depthwise=section.equalize_depthwise,
             weight_rounding=section.weight_rounding, shift_nonnegative=section.shift_nonnegative,
             split_activations=section.split_activations,
         )
