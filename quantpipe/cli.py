@@ -196,7 +196,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             log.warning("%s", w)
         return EXIT_OK
     # Flags left out keep QuantizeOptions' defaults, which are pipeline.yaml's (quantpipe.config).
-    chosen = {"weight_rounding": args.weight_rounding, "split_activations": args.split_activations}
+    chosen = {"weight_rounding": args.weight_rounding, "split_activations": args.split_activations,
+              "equalize_depthwise": args.equalize_depthwise}
     options = QuantizeOptions(per_channel=not args.per_tensor, shift_nonnegative=not args.no_shift,
                               **{k: v for k, v in chosen.items() if v is not None})
     if args.from_cache is not None:
@@ -401,6 +402,9 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
                         "build.quantize.weight_rounding's default")
     q.add_argument("--no-shift", action="store_true",
                    help="quantize post-ReLU activations symmetrically about 0 (default: around mid-range, see README)")
+    q.add_argument("--equalize-depthwise", action=argparse.BooleanOptionalAction, default=None,
+                   help="give every input channel of a depthwise Conv the tensor's largest range (exact; README); "
+                        "default: build.quantize.equalize_depthwise's default")
     q.add_argument("--split-activations", choices=["auto", "off"],
                    help="auto: an activation whose int8 rounding dominates the output error is quantized in pieces "
                         "where that measurably helps (README); default: build.quantize.split_activations' default")

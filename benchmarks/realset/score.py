@@ -41,6 +41,7 @@ VARIANTS = {  # name -> extra `quantpipe quantize` flags
     "best": ["--method", "best"],
     "auto": ["--method", "auto"],
     "best+gptq": ["--method", "best", "--weight-rounding", "gptq"],
+    "auto+eq": ["--method", "auto", "--equalize-depthwise"],
 }
 MODELS = ("ppocr_rec", "ppocr_det", "ppocr_cls")
 #: Variant "fp32+noise": FP32 itself on the eval inputs plus Gaussian noise of this many grey levels (of 255; the

@@ -129,6 +129,8 @@ def _equalize_depthwise(m: Any, g: Graph, opts: QuantizeOptions, stats: dict[str
         x, w = node.input[0], node.input[1]
         if g.is_constant(x) or not g.is_constant(w) or x in sentinels or x in new_nodes:
             continue
+        if opts.shift_nonnegative and _nonnegative_by_construction(g, x):
+            continue  # a Relu / Clip(>= 0) output: the non-negative shift serves it, and a Mul in front would not
         val = g.value(w)
         st = stats.get(x)
         if val is None or val.dtype != np.float32 or st is None or st.axis != 1:
@@ -162,3 +164,16 @@ def _equalize_depthwise(m: Any, g: Graph, opts: QuantizeOptions, stats: dict[str
         done.append(x)
     return done
 
+
+def _nonnegative_by_construction(g: Graph, x: str) -> bool:
+    """`x` is the output of a Relu, or of a Clip whose lower bound is a constant >= 0."""
+    p = g.producer.get(x)
+    if p is None or p.op_type not in ("Relu", "Clip"):
+        return False
+    if p.op_type == "Relu":
+        return True
+    lo = g.value(p.input[1]) if len(p.input) > 1 and p.input[1] else None
+    if lo is None:
+        lo_attr = attr(p, "min", None)
+        return lo_attr is not None and float(lo_attr) >= 0.0
+    return bool(np.all(np.asarray(lo) >= 0))
