@@ -40,8 +40,10 @@ class QuantizeOptions:
     smooth_alpha: float | None = _DEFAULTS.smooth_alpha
     """SmoothQuant migration strength for MatMul / Gemm inputs with outlier channels (None or 0: off)."""
     smooth_min_spread: float = _DEFAULTS.smooth_min_spread
-    equalize_depthwise: bool = _DEFAULTS.equalize_depthwise
     """Smooth an activation only when its largest channel range exceeds the median one by this factor."""
+    equalize_depthwise: bool = _DEFAULTS.equalize_depthwise
+    """Give each input channel of a depthwise Conv the tensor's largest range (`rewrites.smooth`); a Relu /
+    Clip(>= 0) output is left to the non-negative shift."""
     bias_correction: bool = _DEFAULTS.bias_correction
     """Fold the mean output error of the quantized weights (E[(Wq - W) x]) into the float bias."""
     shift_nonnegative: bool = _DEFAULTS.shift_nonnegative

@@ -10,6 +10,7 @@ import numpy as np
 
 from quantpipe.onnxgraph import Graph, Names, add_initializer, attr, drop_unused_initializers
 from quantpipe.quantize.options import QuantizeOptions
+from quantpipe.quantize.rewrites.patterns import clip_bounds
 from quantpipe.quantize.types import ChannelStats
 
 __all__ = ["smooth_inputs"]
@@ -129,7 +130,9 @@ def _equalize_depthwise(m: Any, g: Graph, opts: QuantizeOptions, stats: dict[str
         x, w = node.input[0], node.input[1]
         if g.is_constant(x) or not g.is_constant(w) or x in sentinels or x in new_nodes:
             continue
-        if opts.shift_nonnegative and _nonnegative_by_construction(g, x):
+        act = g.producer.get(x)
+        bounds = clip_bounds(g, act) if act is not None else None
+        if opts.shift_nonnegative and bounds is not None and bounds[0] >= 0:
             continue  # a Relu / Clip(>= 0) output: the non-negative shift serves it, and a Mul in front would not
         val = g.value(w)
         st = stats.get(x)
@@ -163,17 +166,3 @@ def _equalize_depthwise(m: Any, g: Graph, opts: QuantizeOptions, stats: dict[str
         amax[xs] = float(np.max(a / s))
         done.append(x)
     return done
-
-
-def _nonnegative_by_construction(g: Graph, x: str) -> bool:
-    """`x` is the output of a Relu, or of a Clip whose lower bound is a constant >= 0."""
-    p = g.producer.get(x)
-    if p is None or p.op_type not in ("Relu", "Clip"):
-        return False
-    if p.op_type == "Relu":
-        return True
-    lo = g.value(p.input[1]) if len(p.input) > 1 and p.input[1] else None
-    if lo is None:
-        lo_attr = attr(p, "min", None)
-        return lo_attr is not None and float(lo_attr) >= 0.0
-    return bool(np.all(np.asarray(lo) >= 0))
