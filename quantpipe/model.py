@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 from quantpipe.artifacts import ModelSpec, TensorInfo
 from quantpipe.errors import ModelError
-from quantpipe.onnxgraph import QUANTIZED_OPS, load_onnx, model_sha256, model_size_bytes
+from quantpipe.onnxgraph import QUANTIZED_OPS, load_onnx, model_sha256, model_size_bytes, node_subgraphs
 
 __all__ = ["load_model_spec", "read_model_spec", "tensor_info", "apply_input_overrides"]
 
@@ -145,5 +145,5 @@ def _parameter_count(graph: onnx.GraphProto) -> int:
     every weight in a Constant node), subgraphs (If, Loop, Scan branches) included."""
     tensors = [*graph.initializer, *(a.t for n in graph.node if n.op_type == "Constant"
                                      for a in n.attribute if a.name == "value" and a.HasField("t"))]
-    subgraphs = [g for n in graph.node for a in n.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))]
+    subgraphs = [g for n in graph.node for g in node_subgraphs(n)]
     return int(sum(int(np.prod(t.dims)) if t.dims else 1 for t in tensors)) + sum(map(_parameter_count, subgraphs))

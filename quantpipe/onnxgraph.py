@@ -32,7 +32,8 @@ from quantpipe.externaldata import (
 __all__ = [
     "FLOAT", "FLOAT16", "Graph", "LARGE_MODEL_BYTES", "Names", "QDQ_OPS", "QUANTIZED_OPS", "UNCACHED_EXTERNAL_BYTES",
     "add_initializer", "attr", "constant_node_value", "decomposed_layernorm_nodes", "drop_unused_initializers",
-    "expose_outputs", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy", "opset_of",
+    "expose_outputs", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy", "node_subgraphs",
+    "opset_of",
     "save_onnx", "subgraph_references", "topological_order",
 ]
 
@@ -263,20 +264,25 @@ def constant_node_value(node: Any, base_dir: str | os.PathLike[str] | None = Non
     return None
 
 
-def subgraph_references(graph: Any) -> set[str]:
-    """Names that nodes inside subgraphs (If / Loop / Scan bodies) read from the enclosing scopes."""
+def node_subgraphs(node: Any) -> list[Any]:
+    """The graphs a node holds in its attributes (an If's branches, a Loop's or Scan's body)."""
     from onnx import AttributeProto
 
+    out: list[Any] = []
+    for a in node.attribute:
+        out += [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else []
+    return out
+
+
+def subgraph_references(graph: Any) -> set[str]:
+    """Names that nodes inside subgraphs (If / Loop / Scan bodies) read from the enclosing scopes."""
     refs: set[str] = set()
 
     def visit(g: Any) -> None:
         for node in g.node:
-            for attr in node.attribute:
-                subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs) \
-                    if attr.type == AttributeProto.GRAPHS else []
-                for sub in subs:
-                    refs.update(n for sn in sub.node for n in sn.input if n)
-                    visit(sub)
+            for sub in node_subgraphs(node):
+                refs.update(n for sn in sub.node for n in sn.input if n)
+                visit(sub)
 
     visit(graph)
     return refs
@@ -393,14 +399,7 @@ def topological_order(nodes: Sequence[Any], graph: Any) -> list[Any]:
 
 
 def _node_subgraph_reads(node: Any) -> set[str]:
-    from onnx import AttributeProto
-
-    out: set[str] = set()
-    for a in node.attribute:
-        subs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else []
-        for s in subs:
-            out |= {i for n in s.node for i in n.input if i}
-    return out
+    return {i for s in node_subgraphs(node) for n in s.node for i in n.input if i}
 
 
 def expose_outputs(model: Any, names: Iterable[str], value_info: Mapping[str, Any] | None = None) -> Any:
