@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
-from quantpipe.onnxgraph import Graph
+from quantpipe.onnxgraph import QDQ_OPS, QUANTIZED_OPS, Graph
 from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 
 __all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "describe_precision", "int8_run_lines", "precision_lines",
@@ -122,10 +122,11 @@ def _elem_types(model: Any) -> dict[str, int]:
     return types
 
 
-INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-                         "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool",
-                         "QLinearGlobalAveragePool", "QLinearConcat", "QGemm", "DynamicQuantizeMatMul"})
-"""ONNX Runtime's integer operators (standard and com.microsoft): a model quantized without Q/DQ pairs."""
+INTEGER_OPS = (QUANTIZED_OPS - QDQ_OPS) | frozenset({
+    "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool",
+    "QLinearConcat", "QGemm", "DynamicQuantizeMatMul"})
+"""ONNX Runtime's integer operators (standard and com.microsoft): a model quantized without Q/DQ pairs. The ones
+quantpipe refuses as input (`onnxgraph.QUANTIZED_OPS` without Q/DQ) and the contrib ops beside them."""
 
 
 def qdq_role(node: Any) -> str | None:
