@@ -85,25 +85,30 @@ class Dataset:
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 
+    def _fixed(self) -> tuple[int, TensorInfo] | None:
+        """The smallest fixed leading dimension of the inputs and its input (a model exported with batch 1; an RNN
+        state [1, 1, H]), None when every input's leading dimension is dynamic."""
+        fixed = [(d, t) for t in self.inputs if t.shape and isinstance(d := t.shape[0], int) and d > 0]
+        return min(fixed, key=lambda f: f[0]) if fixed else None
+
     @property
     def max_batch(self) -> int | None:
-        """The most samples one run of the model takes: the smallest fixed leading dimension of its inputs (a model
-        exported with batch 1 takes one at a time; an RNN state [1, 1, H] as well), None when each is dynamic."""
-        fixed = [d for t in self.inputs if t.shape and isinstance(d := t.shape[0], int) and d > 0]
-        return min(fixed) if fixed else None
+        """The most samples one run of the model takes (None: any number)."""
+        fixed = self._fixed()
+        return None if fixed is None else fixed[0]
 
     def per_run(self, batch_size: int) -> int:
         """The samples per run for a requested `batch_size`: never more than the model takes (`max_batch`)."""
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
-        cap = self.max_batch
-        if cap is None or batch_size <= cap:
+        fixed = self._fixed()
+        if fixed is None or batch_size <= fixed[0]:
             return batch_size
+        cap, info = fixed
         if not self._told_cap:
             self._told_cap = True
-            fixed = next(t for t in self.inputs if t.shape and t.shape[0] == cap)
             log.info("model input '%s' has a fixed leading dimension (%s): %s data runs %d sample(s) at a time, "
-                     "not the batch size %d", fixed.name, list(fixed.shape), self.role, cap, batch_size)
+                     "not the batch size %d", info.name, list(info.shape), self.role, cap, batch_size)
         return cap
 
     @property
@@ -356,12 +361,12 @@ def open_dataset(
 
 def _fits_fixed_batch(where: str, ds: Dataset) -> Dataset:
     """Refuse a sample count a model with a fixed batch of k > 1 cannot be run on (its last run would be short)."""
-    k = ds.max_batch
-    if k is not None and k > 1 and ds.num_samples % k:
-        fixed = next(t for t in ds.inputs if t.shape and t.shape[0] == k)
+    fixed = ds._fixed()
+    if fixed is not None and fixed[0] > 1 and ds.num_samples % fixed[0]:
+        k, info = fixed
         raise DataError(
-            f"{where} holds {ds.num_samples} samples, but model input '{fixed.name}' takes exactly {k} per run "
-            f"(shape {list(fixed.shape)}), so the last run would hold {ds.num_samples % k}. Give a multiple of {k} "
+            f"{where} holds {ds.num_samples} samples, but model input '{info.name}' takes exactly {k} per run "
+            f"(shape {list(info.shape)}), so the last run would hold {ds.num_samples % k}. Give a multiple of {k} "
             f"samples (max_samples: {ds.num_samples - ds.num_samples % k}), or export the model with a dynamic "
             f"batch axis.")
     return ds
