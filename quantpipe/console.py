@@ -53,9 +53,7 @@ def _fmt(metric: str, v: float | None) -> str:
     if metric in ("top1", "top5", "top1_agreement", "top1_drop", "top5_drop", "line_agreement", "line_accuracy", "cer",
                   "label_cer"):
         return f"{100 * v:.2f}%"
-    if metric in ("map_iou", "box_agreement"):
-        return f"{v:.4f}"
-    if metric == "cosine":
+    if metric in ("cosine", "map_iou", "box_agreement"):
         return f"{v:.4f}"
     if metric == "sqnr_db":
         return f"{v:.1f}dB"

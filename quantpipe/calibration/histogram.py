@@ -177,8 +177,7 @@ class StreamingHistogram:
     def copy(self) -> StreamingHistogram:
         out = StreamingHistogram.__new__(StreamingHistogram)
         out.num_bins, out.fine_bins = self.num_bins, self.fine_bins
-        out._device_counts = None
-        out.counts = self.counts.copy()
+        out.counts = self.counts.copy()  # the setter leaves no device counts pending
         out.range_exp, out.absmax, out.num_values = self.range_exp, self.absmax, self.num_values
         return out
 
