@@ -45,8 +45,14 @@ def top1_agreement(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 def mean_cosine(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Mean over samples of the cosine similarity of the flattened outputs (1.0 when both are zero)."""
+    """Mean over samples of the cosine similarity of the flattened outputs (1.0 when both are zero).
+
+    An output of one value per sample (a score, a probability, a regression) has no direction of its own: the
+    cosine of two numbers is only their signs' agreement, 1.0 for any error that keeps the sign. There it is the
+    cosine of the samples' values taken as one vector."""
     p, r = _flat(pred), _flat(ref)
+    if p.shape[1] == 1:
+        p, r = p.T, r.T
     num = np.sum(p * r, axis=1)
     den = np.linalg.norm(p, axis=1) * np.linalg.norm(r, axis=1)
     cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(p == r, axis=1), 1.0, 0.0))

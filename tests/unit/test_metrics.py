@@ -36,6 +36,16 @@ def test_cosine_of_zero_vectors() -> None:
     assert M.mean_cosine(z, np.ones((2, 3))) == 0.0
 
 
+def test_cosine_of_one_value_per_sample_sees_errors_that_keep_the_sign() -> None:
+    ref = np.array([[0.9], [0.1], [0.5]])
+    out = np.array([[0.1], [0.9], [0.5]])  # every sign kept, two samples badly wrong
+    expected = float(ref[:, 0] @ out[:, 0] / (np.linalg.norm(ref) * np.linalg.norm(out)))
+    assert math.isclose(M.mean_cosine(out, ref), expected)
+    assert M.mean_cosine(out, ref) < 0.7
+    assert M.mean_cosine(ref.reshape(3), ref.reshape(3)) == 1.0  # [N] reads as [N, 1]
+    assert math.isclose(M.mean_cosine(out.reshape(3), ref.reshape(3)), expected)
+
+
 def test_squared_error_is_the_float64_expression_bit_for_bit_and_leaves_its_inputs() -> None:
     sums = M.SquaredSums()
     rng = np.random.default_rng(11)
