@@ -80,9 +80,9 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     assert np.all(np.abs(gq / scale[:, None]) <= 127 + 1e-9)  # the codes stay on the scale's int8 grid
 
 
-def _cnn_with_gemm() -> onnx.ModelProto:
-    w1 = RNG.normal(size=(8, 1, 3, 3)).astype(np.float32) * 4
-    w2 = RNG.normal(size=(8 * 16, 5)).astype(np.float32)
+def _cnn_with_gemm(rng: np.random.Generator = RNG) -> onnx.ModelProto:
+    w1 = rng.normal(size=(8, 1, 3, 3)).astype(np.float32) * 4
+    w2 = rng.normal(size=(8 * 16, 5)).astype(np.float32)
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="dw", group=8, pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["r"], name="relu"),
@@ -93,16 +93,19 @@ def _cnn_with_gemm() -> onnx.ModelProto:
                                numpy_helper.from_array(w2, "w2")], {"x": ["n", 8, 4, 4]}, {"y": ["n", 5]})
 
 
-def test_writer_uses_gptq_codes_and_they_beat_nearest_on_the_calibration_data(tmp_path):
+def _gptq_against_nearest(tmp_path, seed: int) -> tuple[float, float, onnx.ModelProto]:
+    """Output MSE on the calibration data of the GPTQ-rounded and the nearest-rounded model, and the GPTQ one, for
+    a model and data drawn from their own generator (the module's is drawn by whichever tests ran first)."""
     from quantpipe.data import open_dataset
     from quantpipe.model import tensor_info
 
-    model = _cnn_with_gemm()
+    rng = np.random.default_rng(seed)
+    model = _cnn_with_gemm(rng)
     # Smooth, offset inputs: neighbouring pixels correlate, as in images.
-    base = RNG.normal(size=(640, 8, 1, 1)) + 2.0
-    x = (base + 0.2 * RNG.normal(size=(640, 8, 4, 4))).astype(np.float32)
-    np.savez(tmp_path / "d.npz", x=x)
-    ds = open_dataset(tmp_path / "d.npz", [tensor_info(i) for i in model.graph.input])
+    base = rng.normal(size=(640, 8, 1, 1)) + 2.0
+    x = (base + 0.2 * rng.normal(size=(640, 8, 4, 4))).astype(np.float32)
+    np.savez(tmp_path / f"d{seed}.npz", x=x)
+    ds = open_dataset(tmp_path / f"d{seed}.npz", [tensor_info(i) for i in model.graph.input])
     amax = {"x": 6.0, "f": 60.0}
     opts = Q.with_calibration_data(model, Q.QuantizeOptions(weight_rounding="gptq", bias_correction=False, split_activations="off",
                                                                      smooth_alpha=None), ds,
@@ -115,9 +118,15 @@ def test_writer_uses_gptq_codes_and_they_beat_nearest_on_the_calibration_data(tm
     nq, rep_n = Q.build_qdq_model(model, amax, dataclasses.replace(opts, weight_rounding="nearest"))
     assert rep_n.gptq_rounded == ()
     ref = _run(model, {"x": x})
-    err_g = np.mean((_run(gq, {"x": x}) - ref) ** 2)
-    err_n = np.mean((_run(nq, {"x": x}) - ref) ** 2)
-    assert err_g < err_n
+    return float(np.mean((_run(gq, {"x": x}) - ref) ** 2)), float(np.mean((_run(nq, {"x": x}) - ref) ** 2)), gq
+
+
+def test_writer_uses_gptq_codes_and_they_beat_nearest_on_the_calibration_data(tmp_path):
+    # GPTQ minimises each layer's own output error, not the model's: it wins on the whole model's output as a rule,
+    # not on every draw (on 1 of these 8 it loses by 2 %).
+    runs = [_gptq_against_nearest(tmp_path, seed) for seed in range(8)]
+    assert sum(g < n for g, n, _ in runs) >= 6, [(g, n) for g, n, _ in runs]
+    gq = runs[0][2]
     onnx.checker.check_model(gq, full_check=True)
 
 
