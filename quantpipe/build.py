@@ -298,13 +298,13 @@ def _trt_profiles(cfg: PipelineConfig, li: LoadedInputs) -> dict[str, dict[str, 
     sizes = [min(b, cap) for b in (cfg.data.batch_size, *cfg.evaluate.latency.batch_sizes)]
     opt = min(max(cfg.evaluate.latency.batch_sizes), cap)
     first = li.calib.first_batch(1).feeds
-    axis = cfg.model.batch_axis
     out: dict[str, dict[str, list[int]]] = {}
     for info in li.inputs:
         spec = cfg.model.inputs.get(info.name)
         base = list(first[info.name].shape)
+        axis = first.axes.get(info.name, 0)
 
-        def with_batch(b: int, base: list[int] = base) -> list[int]:
+        def with_batch(b: int, base: list[int] = base, axis: int = axis) -> list[int]:
             shape = list(base)
             shape[axis] = b
             return shape

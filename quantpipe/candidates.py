@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.data import sample_count
 from quantpipe.errors import WorkerError
 from quantpipe.execution import Executor, Stashed, model_mb, plan_shards, unstash
 from quantpipe.quantize.build import build_qdq_model
@@ -94,7 +95,7 @@ def share_count(executor: Executor | None, candidates: int, feeds: Sequence[Mapp
     candidates, the candidates are cut into sample slices too (`split`)."""
     if candidates < 2:
         return 1
-    samples = sum(int(next(iter(f.values())).shape[0]) for f in feeds if f)
+    samples = sum(sample_count(f) for f in feeds if f)
     return plan_shards(executor, items=candidates * max(1, len(feeds)),
                        work_mb=candidates * samples * model_mb(model))
 

@@ -142,6 +142,9 @@ class InputSpec(_Model):
     """TensorRT optimization profile: smallest shape (defaults from `shape` and the batch sizes)."""
     opt_shape: list[int] | None = None
     max_shape: list[int] | None = None
+    batch_axis: int | None = Field(default=None, ge=0)
+    """The axis this input's samples are stacked on (default: model.batch_axis), e.g. 1 for an RNN state
+    [layers, N, hidden]."""
 
 
 class ModelConfig(_Model):
@@ -149,7 +152,8 @@ class ModelConfig(_Model):
     inputs: dict[str, InputSpec] = Field(default_factory=dict)
     output: str | None = None
     """The output compared against the reference and labels (default: the first graph output)."""
-    batch_axis: int = 0
+    batch_axis: int = Field(default=0, ge=0)
+    """The axis every input's samples are stacked on, unless model.inputs.<name>.batch_axis says otherwise."""
 
 
 class DataSource(_Model):

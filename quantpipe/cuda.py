@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from quantpipe.data import sample_count
 from quantpipe.deps import optional, require
 from quantpipe.errors import CalibrationError, MissingDependencyError
 
@@ -498,8 +499,7 @@ class DeviceBatcher:
     # -- internals ----------------------------------------------------------------------------------
 
     def _usable(self, feeds: Mapping[str, np.ndarray]) -> bool:
-        first = next(iter(feeds.values()))
-        if self._drop_last and int(first.shape[0]) != self._batch_size:
+        if self._drop_last and sample_count(feeds) != self._batch_size:
             self.skipped_partial += 1
             return False
         for name, want in self._shapes.items():

@@ -1,10 +1,13 @@
 """Calibration and evaluation data: a stacked .npz, or a folder of per-sample .npz files.
 
-A stacked .npz holds one array per model input, named as the input, samples stacked on axis 0
-(plus, for evaluation, a labels array). A folder holds one .npz per sample (arrays with or without
-the leading batch axis of 1); their shapes may differ along the model's dynamic axes, and samples
-whose shapes differ are batched apart (consecutive samples of one shape are stacked up to the batch
-size, so order is kept). Everything is validated against the model's inputs once, when opened.
+A stacked .npz holds one array per model input, named as the input, samples stacked on the input's
+batch axis (axis 0 unless `model.batch_axis` / `model.inputs.<name>.batch_axis` say otherwise, e.g. an
+RNN state [layers, N, hidden]), plus, for evaluation, a labels array. A folder holds one .npz per sample
+(arrays with or without the batch axis of 1); their shapes may differ along the model's dynamic axes,
+and samples whose shapes differ are batched apart (consecutive samples of one shape are stacked up to
+the batch size, so order is kept). Everything is validated against the model's inputs once, when opened.
+Inside, every input is held with its samples on axis 0; a batch is handed out in the model's layout
+(`Feeds`, which knows each input's batch axis).
 
 A large array stored uncompressed in a stacked .npz (`numpy.savez`) is not loaded whole: its rows are
 read from the file batch by batch, so memory holds one batch, not the data set (a compressed member,
@@ -24,26 +27,70 @@ from typing import Any
 import numpy as np
 
 from quantpipe.artifacts import TensorInfo
-from quantpipe.datafiles import NpyMember, check_array, lazy_members, load_npz, missing_msg, read_sample
+from quantpipe.datafiles import (
+    NpyMember,
+    batch_first,
+    check_array,
+    check_batch_axis,
+    lazy_members,
+    load_npz,
+    missing_msg,
+    read_sample,
+    samples_first,
+)
 from quantpipe.errors import DataError
 from quantpipe.fsutil import sha256_file
 
-__all__ = ["Batch", "Dataset", "open_dataset", "check_disjoint"]
+__all__ = ["Batch", "Dataset", "Feeds", "open_dataset", "check_disjoint", "sample_count", "sample_rows"]
 
 log = logging.getLogger(__name__)
 
 
+class Feeds(dict[str, np.ndarray]):
+    """A batch's model inputs by name, each in the model's layout; `axes` holds the batch axis of the inputs
+    batched on another axis than 0."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray] | None = None, axes: Mapping[str, int] | None = None) -> None:
+        super().__init__(arrays or {})
+        self.axes = {k: a for k, a in (axes or {}).items() if a}
+
+    @property
+    def size(self) -> int:
+        """The samples it holds."""
+        name, arr = next(iter(self.items()))
+        return int(arr.shape[self.axes.get(name, 0)])
+
+    def rows(self, start: int, stop: int) -> Feeds:
+        """Samples [start, stop) (clipped to the batch), each input sliced on its batch axis."""
+        out = {}
+        for k, v in self.items():
+            a = self.axes.get(k, 0)
+            out[k] = np.ascontiguousarray(v[(slice(None),) * a + (slice(start, stop),)]) if a else v[start:stop]
+        return Feeds(out, self.axes)
+
+
+def sample_count(feeds: Mapping[str, np.ndarray]) -> int:
+    """The samples a batch of model inputs holds (`Feeds.size`; a plain mapping: its first input's axis 0)."""
+    return feeds.size if isinstance(feeds, Feeds) else int(next(iter(feeds.values())).shape[0])
+
+
+def sample_rows(feeds: Mapping[str, np.ndarray], start: int, stop: int) -> Mapping[str, np.ndarray]:
+    """Samples [start, stop) of a batch of model inputs (`Feeds.rows`; a plain mapping: on axis 0)."""
+    return feeds.rows(start, stop) if isinstance(feeds, Feeds) else {k: v[start:stop] for k, v in feeds.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """One batch ready to feed: inputs by name, labels if any, and the sample indices it holds."""
+    """One batch ready to feed: inputs by name (in the model's layout), labels if any, and the sample indices it
+    holds."""
 
-    feeds: dict[str, np.ndarray]
+    feeds: Feeds
     labels: np.ndarray | None
     start: int
 
     @property
     def size(self) -> int:
-        return int(next(iter(self.feeds.values())).shape[0])
+        return self.feeds.size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +116,13 @@ class Dataset:
         samples: list[_Sample] | None,
         labels: np.ndarray | None,
         fingerprint: str,
+        batch_axes: Mapping[str, int] | None = None,
     ) -> None:
         self.path = path
         self.inputs = tuple(inputs)
+        self.batch_axes = {k: a for k, a in (batch_axes or {}).items() if a}
+        """Inputs batched on another axis than 0, and that axis."""
+        self._batch_first = tuple(batch_first(t, self.batch_axes.get(t.name, 0)) for t in self.inputs)
         self.labels_key = labels_key
         self.max_samples = max_samples
         self.role = role
@@ -86,9 +137,10 @@ class Dataset:
         return [t.name for t in self.inputs]
 
     def _fixed(self) -> tuple[int, TensorInfo] | None:
-        """The smallest fixed leading dimension of the inputs and its input (a model exported with batch 1; an RNN
-        state [1, 1, H]), None when every input's leading dimension is dynamic."""
-        fixed = [(d, t) for t in self.inputs if t.shape and isinstance(d := t.shape[0], int) and d > 0]
+        """The smallest fixed batch dimension of the inputs and its input (a model exported with batch 1; an RNN
+        state [1, 1, H]), None when every input's batch dimension is dynamic."""
+        fixed = [(d, t) for t, b in zip(self.inputs, self._batch_first, strict=True)
+                 if b.shape and isinstance(d := b.shape[0], int) and d > 0]
         return min(fixed, key=lambda f: f[0]) if fixed else None
 
     @property
@@ -107,7 +159,7 @@ class Dataset:
         cap, info = fixed
         if not self._told_cap:
             self._told_cap = True
-            log.info("model input '%s' has a fixed leading dimension (%s): %s data runs %d sample(s) at a time, "
+            log.info("model input '%s' has a fixed batch dimension (%s): %s data runs %d sample(s) at a time, "
                      "not the batch size %d", info.name, list(info.shape), self.role, cap, batch_size)
         return cap
 
@@ -160,7 +212,7 @@ class Dataset:
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
                 yield Batch(
-                    feeds={k: v[start:stop] for k, v in self._arrays.items()},
+                    feeds=self._feeds({k: v[start:stop] for k, v in self._arrays.items()}),
                     labels=None if self._labels is None else self._labels[start:stop],
                     start=start,
                 )
@@ -169,14 +221,19 @@ class Dataset:
         for start, stop in self.batch_bounds(batch_size):
             feeds = {name: [] for name in self.input_names}  # type: dict[str, list[np.ndarray]]
             for sample in self._samples[start:stop]:
-                arrays = read_sample(sample.path, self.inputs)
+                arrays = read_sample(sample.path, self._batch_first, self.batch_axes)
                 for name in self.input_names:
                     feeds[name].append(arrays[name])
             yield Batch(
-                feeds={k: np.concatenate(v, axis=0) for k, v in feeds.items()},
+                feeds=self._feeds({k: np.concatenate(v, axis=0) for k, v in feeds.items()}),
                 labels=None if self._labels is None else self._labels[start:stop],
                 start=start,
             )
+
+    def _feeds(self, rows: Mapping[str, np.ndarray]) -> Feeds:
+        """Inputs held samples-first, in the model's layout."""
+        return Feeds({k: np.ascontiguousarray(np.moveaxis(v, 0, a)) if (a := self.batch_axes.get(k, 0)) else v
+                      for k, v in rows.items()}, self.batch_axes)
 
     def batch_bounds(self, batch_size: int) -> list[tuple[int, int]]:
         """(start, stop) of every batch `batches(batch_size)` yields, in order, without reading any data.
@@ -215,7 +272,7 @@ class Dataset:
             self.path, self.inputs, labels_key=self.labels_key, max_samples=self.max_samples, role=self.role,
             arrays=arrays, samples=None if self._samples is None else self._samples[start:stop],
             labels=None if self._labels is None else self._labels[start:stop],
-            fingerprint=f"{self.fingerprint}|samples={start}:{stop}",
+            fingerprint=f"{self.fingerprint}|samples={start}:{stop}", batch_axes=self.batch_axes,
         )
 
     def first_batch(self, batch_size: int) -> Batch:
@@ -308,23 +365,29 @@ def open_dataset(
     max_samples: int | None = None,
     role: str = "calibration",
     sequence_labels: bool = False,
+    batch_axes: Mapping[str, int] | None = None,
 ) -> Dataset:
     """Open and validate a data source for a model with the given inputs.
 
     `sequence_labels`: the labels are rows [N, L] of class indices padded with -1 (CTC models; .npz files only).
+    `batch_axes`: the batch axis of each input whose samples are not stacked on axis 0 (ConfigError when the input
+    has no such axis).
 
     Raises DataError (exit 2) on a missing path, unreadable files, names/shapes/dtypes that do not
     fit the model, NaN/Inf values, mismatched sample counts, missing labels, or no samples at all.
     """
     path = Path(path)
     where = f"{role} data {path}"
+    axes = {t.name: a for t in inputs if (a := (batch_axes or {}).get(t.name, 0))}
+    for t in inputs:
+        check_batch_axis(t.name, t, axes.get(t.name, 0))
     if not path.exists():
         raise DataError(f"{where} does not exist. Check the path (relative paths resolve from pipeline.yaml's folder).")
     if path.is_dir():
         if sequence_labels and labels_key is not None:
             raise DataError(f"{where} is a folder of per-sample files, but label sequences (evaluate.task ctc) are "
                             f"read from one .npz: store the inputs and a labels array [N, L] padded with -1 there.")
-        return _open_folder(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role)
+        return _open_folder(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role, axes=axes)
     lazy = lazy_members(path)
     raw: dict[str, Any] = dict(load_npz(path, skip=set(lazy)))
     raw.update(lazy)
@@ -332,13 +395,16 @@ def open_dataset(
     for info in inputs:
         if info.name not in raw:
             raise DataError(missing_msg(where, info.name, raw.keys()))
-        arr = raw[info.name]
+        arr = samples_first(raw[info.name], axes.get(info.name, 0), len(info.shape))
         if max_samples is not None and arr.ndim > 0:  # a 0-d array is refused by check_array, by its rank
             arr = arr.head(max_samples) if isinstance(arr, NpyMember) else arr[:max_samples]
-        arrays[info.name] = check_array(where, info.name, arr, info, per_sample=False, check_finite=True)
+        arrays[info.name] = check_array(where, info.name, arr, batch_first(info, axes.get(info.name, 0)),
+                                        per_sample=False, check_finite=True)
     counts = {k: v.shape[0] for k, v in arrays.items()}
     if len(set(counts.values())) > 1:
-        raise DataError(f"{where}: inputs hold different numbers of samples {counts}. Every input array needs one row per sample.")
+        raise DataError(f"{where}: inputs hold different numbers of samples {counts}. Every input array needs one row per "
+                        f"sample; an input whose samples are stacked on another axis (an RNN state [layers, N, hidden]) "
+                        f"needs that axis in pipeline.yaml: model.inputs.<name>.batch_axis.")
     n = next(iter(counts.values())) if counts else 0
     if n == 0:
         raise DataError(f"{where} holds no samples. Calibration and evaluation need at least one.")
@@ -353,10 +419,15 @@ def open_dataset(
                                  n, max_samples, sequence_labels)
     digest = hashlib.sha256()
     digest.update(sha256_file(path).encode())
-    digest.update(f"|max={max_samples}|labels={labels_key}".encode())
+    digest.update(f"|max={max_samples}|labels={labels_key}{_axes_tag(axes)}".encode())
     return _fits_fixed_batch(where, Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role,
                                             arrays=arrays, samples=None, labels=labels,
-                                            fingerprint=digest.hexdigest()))
+                                            fingerprint=digest.hexdigest(), batch_axes=axes))
+
+
+def _axes_tag(axes: Mapping[str, int]) -> str:
+    """The batch axes in a data set's fingerprint (nothing when every input is batched on axis 0, as before)."""
+    return "".join(f"|axis:{k}={a}" for k, a in sorted(axes.items()))
 
 
 def _fits_fixed_batch(where: str, ds: Dataset) -> Dataset:
@@ -373,7 +444,8 @@ def _fits_fixed_batch(where: str, ds: Dataset) -> Dataset:
 
 
 def _open_folder(
-    path: Path, inputs: Sequence[TensorInfo], *, labels_key: str | None, max_samples: int | None, role: str
+    path: Path, inputs: Sequence[TensorInfo], *, labels_key: str | None, max_samples: int | None, role: str,
+    axes: Mapping[str, int],
 ) -> Dataset:
     where = f"{role} data folder {path}"
     files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
@@ -385,7 +457,7 @@ def _open_folder(
     labels: list[np.ndarray] = []
     digest = hashlib.sha256()
     for f in files:
-        arrays = read_sample(f, inputs)
+        arrays = read_sample(f, [batch_first(t, axes.get(t.name, 0)) for t in inputs], axes)
         samples.append(_Sample(f, tuple(arrays[i.name].shape for i in inputs)))
         digest.update(f"{f.name}:{sha256_file(f)}\n".encode())
         if labels_key is not None:
@@ -393,11 +465,11 @@ def _open_folder(
             if labels_key not in raw:
                 raise DataError(f"{f}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Every sample file needs its label.")
             labels.append(_one_label(f, labels_key, raw[labels_key]))
-    digest.update(f"|max={max_samples}|labels={labels_key}".encode())
+    digest.update(f"|max={max_samples}|labels={labels_key}{_axes_tag(axes)}".encode())
     checked = _checked_labels(where, labels_key, np.concatenate(labels), len(samples), None) if labels else None
     return _fits_fixed_batch(where, Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role,
                                             arrays=None, samples=samples, labels=checked,
-                                            fingerprint=digest.hexdigest()))
+                                            fingerprint=digest.hexdigest(), batch_axes=axes))
 
 
 def check_disjoint(a: Dataset, b: Dataset, limit: int = 4096) -> int:
@@ -410,8 +482,9 @@ def check_disjoint(a: Dataset, b: Dataset, limit: int = 4096) -> int:
         for batch in ds.batches(64):
             for i in range(batch.size):
                 h = hashlib.sha1()
+                row = batch.feeds.rows(i, i + 1)
                 for name in ds.input_names:
-                    h.update(np.ascontiguousarray(batch.feeds[name][i]).tobytes())
+                    h.update(np.ascontiguousarray(row[name]).tobytes())
                 out.add(h.digest())
             if len(out) >= limit:
                 break

@@ -8,17 +8,20 @@ per-sample file is read whole (`read_sample`). Every array is checked once again
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from quantpipe.artifacts import TensorInfo
-from quantpipe.errors import DataError
+from quantpipe.errors import ConfigError, DataError
 
-__all__ = ["LAZY_MIN_BYTES", "NpyMember", "check_array", "lazy_members", "load_npz", "missing_msg", "read_sample"]
+__all__ = ["LAZY_MIN_BYTES", "NpyMember", "batch_first", "check_array", "check_batch_axis", "lazy_members", "load_npz",
+           "missing_msg", "read_sample", "samples_first"]
 
 
 def _np_dtype(t: TensorInfo) -> np.dtype:
@@ -211,13 +214,42 @@ def _fmt_shape(shape: Sequence[int | str | None]) -> str:
     return "[" + ", ".join("?" if d is None or (isinstance(d, int) and d < 0) else str(d) for d in shape) + "]"
 
 
-def read_sample(path: Path, inputs: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
+def batch_first(info: TensorInfo, axis: int) -> TensorInfo:
+    """`info` with its batch axis `axis` moved first: how a data set holds the input inside."""
+    if not axis:
+        return info
+    shape = list(info.shape)
+    return dataclasses.replace(info, shape=(shape.pop(axis), *shape))
+
+
+def samples_first(arr: Any, axis: int, rank: int) -> Any:
+    """A data array in the model's layout with its samples moved from the batch axis `axis` to axis 0 (an array
+    read by rows is read whole for that); any other rank is left to `check_array` to refuse."""
+    if not axis or np.ndim(arr) != rank:
+        return arr
+    return np.moveaxis(arr[:] if isinstance(arr, NpyMember) else arr, axis, 0)
+
+
+def check_batch_axis(name: str, info: TensorInfo, axis: int) -> None:
+    """Refuse a batch axis the input does not have (ConfigError, exit 2)."""
+    if not 0 <= axis < max(len(info.shape), 1):
+        raise ConfigError(
+            f"pipeline.yaml gives model input '{name}' (shape {_fmt_shape(info.shape)}) batch axis {axis}, which it "
+            f"does not have. Set model.inputs.{name}.batch_axis (or model.batch_axis) to the axis its samples are "
+            f"stacked on, 0 to {max(len(info.shape) - 1, 0)}.")
+
+
+def read_sample(path: Path, inputs: Sequence[TensorInfo],
+                batch_axes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """One per-sample file's arrays, samples first: `inputs` as `batch_first` gives them, and the batch axis of
+    each input batched elsewhere than 0 (the file holds the model's layout, with or without that axis)."""
     raw = load_npz(path)
     out = {}
     for info in inputs:
         if info.name not in raw:
             raise DataError(missing_msg(str(path), info.name, raw.keys()))
-        out[info.name] = check_array(str(path), info.name, raw[info.name], info, per_sample=True, check_finite=True)
+        arr = samples_first(raw[info.name], (batch_axes or {}).get(info.name, 0), len(info.shape))
+        out[info.name] = check_array(str(path), info.name, arr, info, per_sample=True, check_finite=True)
         if out[info.name].shape[0] != 1:
             raise DataError(f"{path}: a per-sample file must hold one sample, but '{info.name}' has {out[info.name].shape[0]}.")
     return out

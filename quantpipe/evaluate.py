@@ -124,12 +124,9 @@ def accuracy_metrics(
 
 def latency_feeds(dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:
     """A batch of exactly `batch_size` real samples (the first ones, repeated if there are fewer)."""
-    first = dataset.first_batch(batch_size)
-    feeds = {}
-    for name, arr in first.feeds.items():
-        reps = -(-batch_size // arr.shape[0])
-        feeds[name] = np.ascontiguousarray(np.concatenate([arr] * reps, axis=0)[:batch_size])
-    return feeds
+    first = dataset.first_batch(batch_size).feeds
+    rows = np.arange(batch_size) % first.size
+    return {name: np.ascontiguousarray(np.take(arr, rows, axis=first.axes.get(name, 0))) for name, arr in first.items()}
 
 
 def latency_stats(t: Timings, batch_size: int, warmup: int) -> LatencyStats:

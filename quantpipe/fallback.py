@@ -30,6 +30,7 @@ from quantpipe import metrics as M
 from quantpipe.artifacts import FallbackReport, FallbackStep, LayerSensitivity
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared, share_count
 from quantpipe.config import FALLBACK_METRICS
+from quantpipe.data import sample_count
 from quantpipe.errors import ConfigError
 from quantpipe.execution import Executor
 from quantpipe.onnxgraph import save_onnx
@@ -338,7 +339,7 @@ def _ranking(ctx: Reference, amax: Mapping[str, float], quantized: Sequence[str]
         if n >= samples:
             break
         feeds.append(f)
-        n += next(iter(f.values())).shape[0]
+        n += sample_count(f)
     ref = ctx.ref[:n]
     scores = []
     share = CandidateShare(ctx.model, amax, ctx.options, tuple({"only_nodes": frozenset({name})} for name in quantized),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 from quantpipe.artifacts import ModelSpec, TensorInfo
 from quantpipe.config import PipelineConfig
@@ -12,7 +13,7 @@ from quantpipe.data import Dataset, check_disjoint, open_dataset
 from quantpipe.errors import DataError
 from quantpipe.model import apply_input_overrides, load_model_spec
 
-__all__ = ["LoadedInputs", "load_inputs"]
+__all__ = ["LoadedInputs", "batch_axes", "load_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,12 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     if output not in out_names:
         raise DataError(f"pipeline.yaml model.output is '{output}', but the model's outputs are {out_names}.")
     d = cfg.data
-    calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration")
+    axes = batch_axes(cfg, inputs)
+    calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
+                         batch_axes=axes)
     seq = cfg.evaluate.task == "ctc"
     ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples,
-                      role="evaluation", sequence_labels=seq)
+                      role="evaluation", sequence_labels=seq, batch_axes=axes)
     classes = _static_classes(spec, output) if cfg.evaluate.task == "classification" else None
     if classes is not None:
         ev.check_label_range(classes, output)  # else: evaluate checks once the first batch shows the class count
@@ -55,11 +58,21 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     val = None
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
-                           max_samples=d.validation.max_samples, role="validation", sequence_labels=seq)
+                           max_samples=d.validation.max_samples, role="validation", sequence_labels=seq,
+                           batch_axes=axes)
         if classes is not None:
             val.check_label_range(classes, output)
         _warn_overlap(val, ev)
     return LoadedInputs(spec, inputs, output, calib, ev, val)
+
+
+def batch_axes(cfg: PipelineConfig, inputs: Sequence[TensorInfo]) -> dict[str, int]:
+    """Each input's batch axis: `model.inputs.<name>.batch_axis`, else `model.batch_axis`."""
+    out = {}
+    for t in inputs:
+        spec = cfg.model.inputs.get(t.name)
+        out[t.name] = spec.batch_axis if spec is not None and spec.batch_axis is not None else cfg.model.batch_axis
+    return out
 
 
 def _warn_overlap(chooser: Dataset, ev: Dataset) -> None:

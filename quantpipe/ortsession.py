@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.data import sample_count, sample_rows
 from quantpipe.errors import BuildError
 from quantpipe.externaldata import external_folders, in_memory_bytes, strip_basepath, write_external
 from quantpipe.onnxgraph import LARGE_MODEL_BYTES
@@ -162,12 +163,10 @@ def fp32_batches(sess: Any, dataset: Any, *, batch_size: int, max_samples: int |
     names = [o.name for o in sess.get_outputs()]
     seen = 0
     for batch in dataset.batches(batch_size):
-        feeds = dict(batch.feeds)
-        if max_samples is not None:
-            feeds = {k: v[: max_samples - seen] for k, v in feeds.items()}
+        feeds = batch.feeds if max_samples is None else sample_rows(batch.feeds, 0, max_samples - seen)
         res = dict(zip(names, sess.run(None, feeds), strict=True))
         res.update(feeds)
-        n = next(iter(feeds.values())).shape[0]
+        n = sample_count(feeds)
         yield res, n
         seen += n
         if max_samples is not None and seen >= max_samples:

@@ -91,16 +91,16 @@ def first_samples(dataset: Any, batch_size: int, max_samples: int | None, *, nee
     labels: list[np.ndarray] = []
     seen = 0
     for batch in dataset.batches(batch_size):
-        f = dict(batch.feeds)
+        f = batch.feeds
         lab = batch.labels
         if max_samples is not None and seen + batch.size > max_samples:
             keep = max_samples - seen
-            f = {k: v[:keep] for k, v in f.items()}
+            f = f.rows(0, keep)
             lab = None if lab is None else lab[:keep]
         feeds.append(f)
         if lab is not None:
             labels.append(np.asarray(lab))
-        seen += next(iter(f.values())).shape[0]
+        seen += f.size
         if max_samples is not None and seen >= max_samples:
             break
     if not feeds:

@@ -516,7 +516,8 @@ def _data_pass(
             lo = 0
             while lo < batch.size:
                 hi = min(lo + per_run, batch.size)
-                feeds = {k: batch.feeds[k][lo:hi] for k in model_inputs}
+                run = batch.feeds.rows(lo, hi) if (lo, hi) != (0, batch.size) else batch.feeds
+                feeds = {k: run[k] for k in model_inputs}
                 start = batch.start + lo
                 t0 = time.perf_counter()
                 try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.data import sample_count, sample_rows
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs
 from quantpipe.int8 import INT8_MAX
@@ -141,7 +142,7 @@ def _alone_pass(job: _Alone, executor: Executor | None) -> dict[str, dict[str, A
     tensors are dealt into shares run on the executor's workers when that is work enough (the same numbers);
     every k-th tensor to a share, since an early tensor's part is most of the model and a late one's little."""
     n = len(job.tensors)
-    samples = sum(next(iter(f.values())).shape[0] for f in job.feeds)
+    samples = sum(sample_count(f) for f in job.feeds)
     shares = plan_shards(executor, items=n, work_mb=n * len(AUTO_CANDIDATES) * samples * model_mb(job.model))
     if executor is None or shares < 2:
         return alone_share(job)
@@ -202,7 +203,7 @@ def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]
     at = {o: k for k, o in enumerate(outputs)}
     sums = SquaredSums()
     signals = np.cumsum([output_signal(r, sums) for r in refs])
-    sizes = np.cumsum([next(iter(f.values())).shape[0] for f in feeds])
+    sizes = np.cumsum([sample_count(f) for f in feeds])
     out: dict[str, dict[str, Any]] = {}
     for t in group:
         cands = _candidates(job.tables, t)
@@ -301,10 +302,10 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     refs: list[list[np.ndarray]] = []
     count = 0
     for batch in calibration_data.batches(batch_size):
-        f = {k: v[: max_samples - count] for k, v in batch.feeds.items()}
+        f = sample_rows(batch.feeds, 0, max_samples - count)
         feeds.append(f)
         refs.append(ref_sess.run(outputs, f))
-        count += next(iter(f.values())).shape[0]
+        count += sample_count(f)
         if count >= max_samples:
             break
     sums = SquaredSums()

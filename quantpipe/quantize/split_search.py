@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.data import sample_count, sample_rows
 from quantpipe.execution import Executor, model_mb, run_jobs
 from quantpipe.int8 import INT8_MAX
 from quantpipe.metrics import SquaredSums
@@ -77,7 +78,7 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
     sums = SquaredSums()
     known: list[dict[str, np.ndarray]] = []  # per batch: every tensor a part may read
     for batch in calibration_data.batches(batch_size):
-        feeds = {k: v[: max_samples - s.count] for k, v in batch.feeds.items()}
+        feeds = sample_rows(batch.feeds, 0, max_samples - s.count)
         run = sess.run([*outputs, *exposed], feeds)
         ref = run[: len(outputs)]
         known.append({**dict(zip(outputs, ref, strict=True)), **dict(zip(exposed, run[len(outputs):], strict=True)),
@@ -86,7 +87,7 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
         s.feeds.append(feeds)
         s.refs.append(ref)
         s.signal += output_signal(ref, sums)
-        s.count += next(iter(feeds.values())).shape[0]
+        s.count += sample_count(feeds)
         if s.count >= max_samples:
             break
     del sess

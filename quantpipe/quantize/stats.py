@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.data import sample_rows
 from quantpipe.onnxgraph import Graph, attr, expose_outputs, load_onnx, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.placement import QUANTIZABLE_OPS
@@ -64,10 +65,8 @@ def collect_channel_stats(model: Any, dataset: Any, *, batch_size: int = 8, max_
     seen = 0
     sizer = _RunSizer(batch_size, max_run_bytes)
     for batch in dataset.batches(batch_size):
-        feeds = dict(batch.feeds)
-        if max_samples is not None:
-            feeds = {k: v[: max_samples - seen] for k, v in feeds.items()}
-        n = next(iter(feeds.values())).shape[0]
+        feeds = batch.feeds if max_samples is None else batch.feeds.rows(0, max_samples - seen)
+        n = feeds.size
         for name, (absmax, total, rows) in _batch_stats(sess, feeds, n, targets, sizer).items():
             cur = acc.get(name)
             if cur is None:
@@ -103,7 +102,7 @@ def _batch_stats(sess: Any, feeds: Mapping[str, np.ndarray], n: int, targets: Ma
     lo = 0
     while lo < n:
         hi = min(n, lo + sizer.per_run)
-        piece = {k: v[lo:hi] for k, v in feeds.items()}
+        piece = sample_rows(feeds, lo, hi)
         res = dict(zip(fetch, sess.run(fetch, piece), strict=True)) if fetch else {}
         sizer.measured(sum(int(getattr(a, "nbytes", 0)) for a in res.values()), hi - lo)
         res.update(piece)

@@ -68,7 +68,7 @@ def write_calibration_npz(ds: Dataset, path: Path, batch_size: int) -> int:
         for name, arr in batch.feeds.items():
             parts.setdefault(name, []).append(np.asarray(arr))
     try:
-        stacked = {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+        stacked = {k: np.concatenate(v, axis=ds.batch_axes.get(k, 0)) for k, v in parts.items()}
     except ValueError as err:
         raise DataError(
             f"ModelOpt needs calibration samples of one shape per input, and {ds.path} holds several ({err}). Give "

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.data import sample_count, sample_rows
 from quantpipe.onnxgraph import Graph, Names, add_initializer, attr, drop_unused_initializers
 
 __all__ = ["OutputHead", "apply_output_bias", "find_output_heads", "measure_output_bias"]
@@ -78,8 +79,8 @@ def measure_output_bias(fp32: Any, qdq: Any, heads: list[OutputHead], calibratio
     counts: dict[str, int] = {}
     seen = 0
     for batch in calibration_data.batches(batch_size):
-        feeds = {k: v[: max_samples - seen] for k, v in batch.feeds.items()}
-        seen += next(iter(feeds.values())).shape[0]
+        feeds = sample_rows(batch.feeds, 0, max_samples - seen)
+        seen += sample_count(feeds)
         for h, a, b in zip(heads, ref.run(names, feeds), q.run(names, feeds), strict=True):
             d = np.moveaxis(b.astype(np.float64) - a.astype(np.float64), h.axis, -1)
             d = d.reshape(-1, d.shape[-1])
