@@ -279,6 +279,7 @@ def _build_ort(
                     li.spec.path, amax, li.selection, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
                     options=options, task=TaskSpec.from_config(cfg.evaluate), executor=executor,
+                    output_axis=cfg.model.output_batch_axis,
                 )
             else:
                 rep = quantize_model(li.spec.path, amax, out, options)

@@ -65,6 +65,8 @@ class CandidateShare:
     output: str
     threads: int | None = None
     """onnxruntime intra-op threads (the worker's share of the cores); None: onnxruntime's default."""
+    output_axis: int = 0
+    """`output`'s batch axis (the outputs come back with it first)."""
 
     def build(self, changes: Changes) -> Any:
         return build_qdq_model(self.model, self.amax, dataclasses.replace(self.options, **dict(changes)))[0]
@@ -81,9 +83,11 @@ def run_share(share: CandidateShare) -> list[np.ndarray]:
         else:
             base = share.model if share.base == FP32_BASE else share.build(share.base)  # type: ignore[arg-type]
         if base is None:  # run_candidates runs a lone candidate whole; several need a base
-            outs += [run_candidates(m, [m], share.feeds, share.output, threads=share.threads)[0] for m in models]
+            outs += [run_candidates(m, [m], share.feeds, share.output, threads=share.threads,
+                                    output_axis=share.output_axis)[0] for m in models]
         else:
-            outs += run_candidates(base, models, share.feeds, share.output, threads=share.threads)
+            outs += run_candidates(base, models, share.feeds, share.output, threads=share.threads,
+                                   output_axis=share.output_axis)
     return outs
 
 
@@ -133,6 +137,7 @@ class ShareJob:
     changes: tuple[Changes, ...]
     batches: tuple[int, int]
     threads: int | None
+    output_axis: int
 
 
 def run_job(job: ShareJob) -> list[np.ndarray]:
@@ -141,7 +146,7 @@ def run_job(job: ShareJob) -> list[np.ndarray]:
     amax, options = unstash(job.recipe)
     lo, hi = job.batches
     share = CandidateShare(unstash(job.model), amax, options, job.changes, job.base, unstash(job.feeds)[lo:hi],
-                           job.output, threads=job.threads)
+                           job.output, threads=job.threads, output_axis=job.output_axis)
     return run_share(share)
 
 
@@ -158,7 +163,7 @@ def run_shared(executor: Executor | None, share: CandidateShare, *, shares: int 
     model, recipe, feeds = (executor.stash(v) for v in (share.model, (share.amax, share.options), tuple(share.feeds)))
     threads = executor.threads_per_worker
     jobs = [ShareJob(model, recipe, feeds, share.base, share.output, tuple(share.changes[c] for c in cands), span,
-                     threads) for cands, span in plan]
+                     threads, share.output_axis) for cands, span in plan]
     log.debug("%d candidate(s) x %d batch(es) in %d share(s) on %d %s worker(s)", n, len(share.feeds), len(jobs),
               executor.workers, executor.engine)
     return join(plan, executor.map(run_job, jobs), n)

@@ -152,6 +152,8 @@ class ModelConfig(_Model):
     inputs: dict[str, InputSpec] = Field(default_factory=dict)
     output: str | None = None
     """The output compared against the reference and labels (default: the first graph output)."""
+    output_batch_axis: int = Field(default=0, ge=0)
+    """The axis of `output` that holds the samples (1 for a time-major RNN output [T, N, C])."""
     batch_axis: int = Field(default=0, ge=0)
     """The axis every input's samples are stacked on, unless model.inputs.<name>.batch_axis says otherwise."""
 

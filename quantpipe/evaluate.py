@@ -32,21 +32,24 @@ ProgressFn = Callable[[int], None]
 
 def run_outputs(
     runner: Runner, dataset: Dataset, output: str, batch_size: int, on_batch: ProgressFn | None = None,
-    *, classify: bool = True,
+    *, classify: bool = True, output_axis: int = 0,
 ) -> np.ndarray:
-    """Run every evaluation batch; return the chosen output for all samples, stacked on axis 0."""
+    """Run every evaluation batch; return the chosen output for all samples, stacked on axis 0 (its batch axis
+    `output_axis` moved there: a time-major [T, N, C] output comes back [N, T, C])."""
     chunks: list[np.ndarray] = []
     for batch in dataset.batches(batch_size):
         outs = runner.infer(batch.feeds)
         if output not in outs:
             raise EvaluationError(f"variant {runner.name} has no output '{output}' (outputs: {sorted(outs)}).")
         chunk = np.asarray(outs[output], dtype=np.float32)
-        if chunk.ndim == 0 or chunk.shape[0] != batch.size:
+        if chunk.ndim <= output_axis or chunk.shape[output_axis] != batch.size:
             raise EvaluationError(
                 f"output '{output}' of variant {runner.name} has shape {list(chunk.shape)} for a batch of {batch.size} "
-                f"sample(s): its leading axis is not the batch, and quantpipe compares outputs sample by sample along "
-                f"the leading axis (an RNN's [T, N, C] does this). Set model.output to a batch-first output, or "
-                f"re-export the model with the output transposed to [N, ...].")
+                f"sample(s): its axis {output_axis} is not the batch, and quantpipe compares outputs sample by sample "
+                f"along that axis. Set model.output_batch_axis to the axis that holds the samples (1 for an RNN's "
+                f"time-major [T, N, C]), or model.output to another output.")
+        if output_axis:
+            chunk = np.ascontiguousarray(np.moveaxis(chunk, output_axis, 0))
         chunks.append(chunk)
         if classify and len(chunks) == 1 and _is_classifier(chunks[0]):
             # Where the model leaves the class count dynamic, the first batch tells it: check the labels
@@ -171,6 +174,7 @@ def evaluate_variant(
     task: TaskSpec = CLASSIFICATION,
     hooks: Sequence[str] = (),
     outputs: np.ndarray | None = None,
+    output_axis: int = 0,
 ) -> tuple[EvalResult, np.ndarray]:
     """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference).
 
@@ -179,7 +183,7 @@ def evaluate_variant(
     """
     classify = task.task == "classification"
     if outputs is None:
-        out = run_outputs(runner, dataset, output, batch_size, on_batch, classify=classify)
+        out = run_outputs(runner, dataset, output, batch_size, on_batch, classify=classify, output_axis=output_axis)
     else:
         out = outputs
         if classify and _is_classifier(out):
@@ -231,12 +235,13 @@ class OutputsJob:
     output: str
     batch_size: int
     threads: int | None
+    output_axis: int = 0
 
 
 def outputs_job(job: OutputsJob) -> np.ndarray:
     """Run in a worker: the variant's outputs on its shard, batched exactly as one process batches them."""
     with open_runner(job.variant, job.threads) as runner:
-        return run_outputs(runner, job.dataset, job.output, job.batch_size, classify=False)
+        return run_outputs(runner, job.dataset, job.output, job.batch_size, classify=False, output_axis=job.output_axis)
 
 
 def shardable(v: Variant, executor: Executor) -> bool:
@@ -254,6 +259,7 @@ def sharded_outputs(
     threads: int | None,
     on_samples: Callable[[int], None] | None = None,
     shards: int | None = None,
+    output_axis: int = 0,
 ) -> dict[str, np.ndarray]:
     """variant name -> its outputs on every sample of `dataset`, computed as variants x shards on the workers
     and concatenated in order: the same arrays as `run_outputs` in one process (the shards hold whole batches).
@@ -263,7 +269,7 @@ def sharded_outputs(
     """
     bounds = shard_bounds(dataset.batch_bounds(batch_size), shards or executor.workers)
     shards = [dataset.subset(lo, hi) for lo, hi in bounds]
-    jobs = [OutputsJob(v, shard, output, batch_size, threads) for v in variants for shard in shards]
+    jobs = [OutputsJob(v, shard, output, batch_size, threads, output_axis) for v in variants for shard in shards]
     log.info("evaluate: %d variant(s) x %d shard(s) on %d %s worker(s)", len(variants), len(shards),
              executor.workers, executor.engine)
     results = executor.map(outputs_job, jobs,

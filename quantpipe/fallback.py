@@ -117,7 +117,7 @@ class _Search:
             share = CandidateShare(ctx.model, self.amax, ctx.options,
                                    tuple({"keep_float_nodes": kept | keep} for keep in todo),
                                    None if base is None else {"keep_float_nodes": kept | base}, tuple(ctx.feeds),
-                                   ctx.output)
+                                   ctx.output, output_axis=ctx.output_axis)
             for keep, out in zip(todo, run_shared(self.executor, share, shares=shares), strict=True):
                 self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
             todo = []
@@ -125,7 +125,8 @@ class _Search:
             group = todo[at:at + CANDIDATES_PER_RUN]
             built = [self._build(keep) for keep in group]
             base_model = self._model(base) if base is not None and len(group) > 1 else None
-            outs = run_candidates(base_model, [m for m, _ in built], ctx.feeds, ctx.output)
+            outs = run_candidates(base_model, [m for m, _ in built], ctx.feeds, ctx.output,
+                                  output_axis=ctx.output_axis)
             for keep, (_, rep), out in zip(group, built, outs, strict=True):
                 self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
                 self.reports[keep] = rep
@@ -214,6 +215,7 @@ def accuracy_fallback(
     on_step: Callable[[str, float], None] | None = None,
     task: TaskSpec = CLASSIFICATION,
     executor: Executor | None = None,
+    output_axis: int = 0,
 ) -> tuple[QuantizeReport, FallbackReport]:
     """Keep the fewest, most sensitive layers in float until the accuracy budget holds.
 
@@ -237,13 +239,14 @@ def accuracy_fallback(
         ranking_samples: samples that rank the layers one at a time (when `sensitivity` is not given).
         on_step: progress callback (layer name, metric after keeping it); task: how the output is read.
         executor: the ranking's and each step's candidates run in shares on its workers (the same layers kept).
+        output_axis: `output`'s batch axis (1 for a time-major [T, N, C]).
 
     Returns: the final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
     """
     role = _check_arguments(metric, keep_in, dataset)
     ctx = prepare_reference(model_path, amax, dataset, output=output, batch_size=batch_size,
                             max_samples=max_samples, options=options, calibration_data=calibration_data,
-                            executor=executor)
+                            executor=executor, output_axis=output_axis)
     if metric == "top1_drop" and ctx.labels is None:
         raise ConfigError(
             f"the fallback metric top1_drop needs labels in the data it chooses on ({role or 'the given'} data "
@@ -343,7 +346,7 @@ def _ranking(ctx: Reference, amax: Mapping[str, float], quantized: Sequence[str]
     ref = ctx.ref[:n]
     scores = []
     share = CandidateShare(ctx.model, amax, ctx.options, tuple({"only_nodes": frozenset({name})} for name in quantized),
-                           FP32_BASE, tuple(feeds), ctx.output)
+                           FP32_BASE, tuple(feeds), ctx.output, output_axis=ctx.output_axis)
     for name, out in zip(quantized, run_shared(executor, share), strict=True):
         s = M.sqnr_db(out, ref)
         scores.append((s if not math.isnan(s) else -math.inf, name))

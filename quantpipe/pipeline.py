@@ -221,7 +221,8 @@ def stage_evaluate(
             with progress.task(f"evaluating {v.name}", li.eval.num_samples) as advance, \
                     open_runner(v, accuracy_threads(threads)) as runner:
                 outputs[v.name] = run_outputs(runner, li.eval, li.output, cfg.data.batch_size, advance,
-                                              classify=task.task == "classification")
+                                              classify=task.task == "classification",
+                                              output_axis=cfg.model.output_batch_axis)
         runner = open_runner(v, threads if n_lat else accuracy_threads(threads))
         what = f"measuring {v.name}" if v.name in outputs else f"evaluating {v.name}"
         with progress.task(what, None if v.name in outputs else li.eval.num_samples) as advance, runner:
@@ -230,7 +231,7 @@ def stage_evaluate(
                 reference=reference, ref_labelled=ref_labelled,
                 latency_batch_sizes=lat.batch_sizes if n_lat else (), warmup=lat.warmup, iterations=lat.iterations,
                 on_batch=advance, task=task, hooks=hooks if v.name != ref_name else (),  # the ref's: below, vs itself
-                outputs=outputs.get(v.name),
+                outputs=outputs.get(v.name), output_axis=cfg.model.output_batch_axis,
             )
         if v.name == ref_name:
             reference = out
@@ -266,7 +267,7 @@ def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Varia
                        total) as advance:
         return sharded_outputs(executor, chosen, li.eval, output=li.output, batch_size=cfg.data.batch_size,
                                threads=accuracy_threads(cfg.build.backends.onnxruntime.threads),
-                               on_samples=advance, shards=shards)
+                               on_samples=advance, shards=shards, output_axis=cfg.model.output_batch_axis)
 
 
 def stage_sensitivity(
@@ -295,7 +296,7 @@ def stage_sensitivity(
             li.spec.path, int8.artifact or "", amax, li.eval, output=li.output, max_samples=s.max_samples,
             one_at_a_time=s.one_at_a_time, batch_size=cfg.data.batch_size,
             options=options, calibration_data=li.calib, metric=s.metric, task=TaskSpec.from_config(cfg.evaluate),
-            executor=executor,
+            executor=executor, output_axis=cfg.model.output_batch_axis,
         )
     return tuple(rows)
 

@@ -118,6 +118,7 @@ def qdq_layer_sensitivity(
     metric: str = "sqnr_db",
     batch_size: int = 8,
     task: TaskSpec = CLASSIFICATION,
+    output_axis: int = 0,
 ) -> tuple[LayerSensitivity, ...]:
     """Per-layer sensitivity of `qdq_model` against the FP32 `model_path` on the first `max_samples` samples of
     `eval_dataset` (the module docstring says how); worst first."""
@@ -130,7 +131,7 @@ def qdq_layer_sensitivity(
         raise EvaluationError(f"output '{out}' is not an output of both {model_path} and {qdq_model}; the "
                               "per-layer sensitivity compares that output.")
     feeds, labels = first_samples(eval_dataset, batch_size, max_samples, needed_by="the per-layer sensitivity needs")
-    ref = run_output(ort_session(fp32), feeds, out)
+    ref = run_output(ort_session(fp32), feeds, out, output_axis)
     nodes = quantized_nodes(qdq)
     by_name = {n.name: n for n in qdq.graph.node}
     tensors = {n: by_name[n].output[0] for n in nodes if by_name[n].output}
@@ -138,7 +139,7 @@ def qdq_layer_sensitivity(
     node_db = {n: acc.get(tensors.get(n, ""), math.nan) for n in nodes}
     count = len(nodes) if one_at_a_time is True else int(one_at_a_time or 0)
     order = sorted(nodes, key=lambda n: (node_db[n] if not math.isnan(node_db[n]) else math.inf))[:max(0, count)]
-    measured, tie = _one_at_a_time(qdq, order, feeds, out, ref, labels, metric, task)
+    measured, tie = _one_at_a_time(qdq, order, feeds, out, ref, labels, metric, task, output_axis)
     rows = [LayerSensitivity(node=n, op_type=by_name[n].op_type, tensor=tensors.get(n, ""),
                              sqnr_db=finite_or_none(node_db[n]),
                              output_metric=finite_or_none(measured[n]) if n in measured else None,
@@ -166,7 +167,7 @@ def _accumulated(fp32: Any, qdq: Any, feeds: Sequence[Mapping[str, np.ndarray]],
 
 
 def _one_at_a_time(qdq: Any, nodes: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], output: str,
-                   ref: np.ndarray, labels: np.ndarray | None, metric: str, task: TaskSpec
+                   ref: np.ndarray, labels: np.ndarray | None, metric: str, task: TaskSpec, output_axis: int
                    ) -> tuple[dict[str, float], dict[str, float]]:
     """The output metric with only each node's pairs kept, and the output SQNR as tie-break for agreement counts."""
     measured: dict[str, float] = {}
@@ -174,7 +175,7 @@ def _one_at_a_time(qdq: Any, nodes: Sequence[str], feeds: Sequence[Mapping[str, 
     base = keep_only_pairs(qdq, ())
     for at in range(0, len(nodes), CANDIDATES_PER_RUN):
         group = nodes[at:at + CANDIDATES_PER_RUN]
-        outs = run_candidates(base, [keep_only_pairs(qdq, {n}) for n in group], feeds, output)
+        outs = run_candidates(base, [keep_only_pairs(qdq, {n}) for n in group], feeds, output, output_axis=output_axis)
         for n, o in zip(group, outs, strict=True):
             measured[n] = score(metric, o, ref, labels, task)
             tie[n] = sqnr_db(o, ref) if metric in COUNTED_SCORES else 0.0

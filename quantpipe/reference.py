@@ -24,7 +24,7 @@ from quantpipe.quantize.write import with_calibration_data
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, task_score
 
 __all__ = ["CANDIDATES_PER_RUN", "COUNTED_SCORES", "Reference", "first_samples", "prepare_reference", "run_candidates",
-           "run_output", "score"]
+           "run_output", "samples_first", "score"]
 
 #: Scores that count decisions (samples, lines, pixels, boxes): many layers score alike on them, so the searches
 #: order equal scores by output SQNR.
@@ -47,6 +47,8 @@ class Reference:
     ref: np.ndarray
     labels: np.ndarray | None
     output: str
+    output_axis: int = 0
+    """The batch axis of `output` as the model computes it; `ref` and every candidate's output have it first."""
 
 
 
@@ -61,6 +63,7 @@ def prepare_reference(
     options: QuantizeOptions,
     calibration_data: Any | None,
     executor: Executor | None = None,
+    output_axis: int = 0,
 ) -> Reference:
     """The FP32 model at the Q/DQ writer's opset, its `output` on the first `max_samples` samples of `dataset`,
     and `options` with what the calibration data decides (`with_calibration_data`; `executor`: its searches'
@@ -79,8 +82,8 @@ def prepare_reference(
     if out not in outputs:
         raise ConfigError(f"output '{out}' is not an output of {model_path} (outputs: {outputs}).")
     feeds, labels = first_samples(dataset, batch_size, max_samples, needed_by="sensitivity and fallback need")
-    ref = run_output(ort_session(model), feeds, out)
-    return Reference(model, amax, options, feeds, ref, labels, out)
+    ref = run_output(ort_session(model), feeds, out, output_axis)
+    return Reference(model, amax, options, feeds, ref, labels, out, output_axis)
 
 
 def first_samples(dataset: Any, batch_size: int, max_samples: int | None, *, needed_by: str
@@ -108,14 +111,21 @@ def first_samples(dataset: Any, batch_size: int, max_samples: int | None, *, nee
     return feeds, (np.concatenate(labels) if labels else None)
 
 
-def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str) -> np.ndarray:
-    """`output` of `sess` over every batch of `feeds`, concatenated."""
-    return np.concatenate([sess.run([output], dict(f))[0] for f in feeds], axis=0)
+def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str, axis: int = 0) -> np.ndarray:
+    """`output` of `sess` over every batch of `feeds`, concatenated on its batch axis `axis`, which comes first."""
+    return samples_first([sess.run([output], dict(f))[0] for f in feeds], axis)
+
+
+def samples_first(chunks: Sequence[np.ndarray], axis: int) -> np.ndarray:
+    """Batches of an output whose batch axis is `axis` (a time-major RNN's [T, N, C]: 1), joined, samples first."""
+    out = np.concatenate(chunks, axis=axis)
+    return np.ascontiguousarray(np.moveaxis(out, axis, 0)) if axis else out
 
 
 
 def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], output: str, *,
-                   max_part: float = 0.8, min_skipped: float = 1.5, threads: int | None = None) -> list[np.ndarray]:
+                   max_part: float = 0.8, min_skipped: float = 1.5, threads: int | None = None,
+                   output_axis: int = 0) -> list[np.ndarray]:
     """`output` of each candidate model over every batch of `feeds` (concatenated), as `run_output` of its own
     session gives it, computing only what differs from `base`.
 
@@ -140,14 +150,14 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
 
     models = [_proto(c) for c in candidates]
     if len(models) < 2 or _proto(base).ByteSize() >= LARGE_MODEL_BYTES:  # shape inference needs a < 2 GB proto
-        return [run_output(session(m), feeds, output) for m in models]
+        return [run_output(session(m), feeds, output, output_axis) for m in models]
     base = _proto(base)
     inputs = {i.name for i in base.graph.input}
     index, base_constants = NodeIndex(base), constant_tensors(base)  # once for all the candidates
     cuts = [cut_below(m, (), [output], nodes=changed_nodes(m, index), base=base, base_constants=base_constants)
             for m in models]
     if not any(set(c.feeds) - inputs for c in cuts):  # every part reaches up to the inputs: each runs whole
-        return [run_output(session(m), feeds, output) for m in models]
+        return [run_output(session(m), feeds, output, output_axis) for m in models]
     shapes = {v.name: v for v in onnx.shape_inference.infer_shapes(base).graph.value_info}
     # A part that is most of its model runs whole, and parts run at all only where what they skip together
     # outweighs the run of `base` that feeds them (estimated by multiply-adds).
@@ -161,7 +171,7 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
     outs: list[list[np.ndarray]] = [[] for _ in models]
     for k, m in enumerate(models):
         if k not in cut_at:
-            outs[k] = [run_output(session(m), feeds, output)]
+            outs[k] = [run_output(session(m), feeds, output, output_axis)]
     if cut_at:
         exposed = sorted({f for k in cut_at for f in cuts[k].feeds if f not in inputs} - {output})
         sess = session(expose_outputs(base, exposed, shapes))
@@ -177,7 +187,7 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
                 if k not in parts:
                     parts[k] = session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes))
                 outs[k].append(parts[k].run([output], {t: known[t] for t in cut.feeds})[0])
-    return [np.concatenate(o, axis=0) for o in outs]
+    return [o[0] if k not in cut_at else samples_first(o, output_axis) for k, o in enumerate(outs)]
 
 
 def _node_costs(model: Any, shapes: Mapping[str, Any]) -> dict[str, float]:

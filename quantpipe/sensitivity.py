@@ -60,6 +60,7 @@ def layer_sensitivity(
     calibration_data: Any | None = None,
     task: TaskSpec = CLASSIFICATION,
     executor: Executor | None = None,
+    output_axis: int = 0,
 ) -> tuple[LayerSensitivity, ...]:
     """Per-layer sensitivity of the INT8 Q/DQ model, worst first.
 
@@ -69,7 +70,8 @@ def layer_sensitivity(
             with the same options.
         amax: the calibrated amax the Q/DQ model was built from.
         eval_dataset: evaluation `Dataset`; the first `max_samples` samples are used.
-        output: the model output the one-layer-at-a-time metric scores (default: the first output).
+        output: the model output the one-layer-at-a-time metric scores (default: the first output);
+            output_axis: its batch axis.
         one_at_a_time: also measure the output with only one layer quantized: True for every layer, an int N
             for the N layers with the lowest local SQNR (each layer quantized alone, inputs from FP32; one
             instrumented run), False for none.
@@ -92,7 +94,7 @@ def layer_sensitivity(
     """
     ctx = prepare_reference(model_path, amax, eval_dataset, output=output, batch_size=batch_size,
                             max_samples=max_samples, options=options, calibration_data=calibration_data,
-                            executor=executor)
+                            executor=executor, output_axis=output_axis)
     built, report = build_qdq_model(ctx.model, amax, ctx.options)
     full, nodes = built, report.quantized_nodes
     if int8_model:
@@ -142,7 +144,7 @@ def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[An
     measured: dict[str, float] = {}
     tie: dict[str, float] = {}
     share = CandidateShare(ctx.model, amax, ctx.options, tuple({"only_nodes": frozenset({q.name})} for q in nodes),
-                           FP32_BASE, tuple(ctx.feeds), ctx.output)
+                           FP32_BASE, tuple(ctx.feeds), ctx.output, output_axis=ctx.output_axis)
     for q, out in zip(nodes, run_shared(executor, share), strict=True):
         measured[q.name] = score(metric, out, ctx.ref, ctx.labels, task)
         tie[q.name] = sqnr_db(out, ctx.ref) if metric in COUNTED_SCORES else 0.0

@@ -35,7 +35,8 @@ def with_modelopt_sensitivity(cfg: PipelineConfig, li: LoadedInputs, variants: S
                 rows = qdq_layer_sensitivity(li.spec.path, v.artifact, li.eval, output=li.output,
                                              max_samples=s.max_samples, one_at_a_time=s.one_at_a_time,
                                              metric=s.metric, batch_size=cfg.data.batch_size,
-                                             task=TaskSpec.from_config(cfg.evaluate))
+                                             task=TaskSpec.from_config(cfg.evaluate),
+                                             output_axis=cfg.model.output_batch_axis)
             log.info("%s: per-layer sensitivity of %d quantized nodes", v.name, len(rows))
             v = dataclasses.replace(v, details={**v.details, "sensitivity": [dataclasses.asdict(r) for r in rows]})
         out.append(v)
