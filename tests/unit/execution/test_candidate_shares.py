@@ -195,7 +195,7 @@ def test_a_share_job_pickles_small(slices_case):
         from quantpipe.candidates import ShareJob
 
         job = ShareJob(model, pool.stash((share.amax, share.options)), pool.stash(tuple(share.feeds)), share.base,
-                       share.output, share.changes[:1], (0, 2), 1)
+                       share.output, share.changes[:1], (0, 2), 1, 0)
         assert len(pickle.dumps(job)) < 4096 < model.size
 
 
