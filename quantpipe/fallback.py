@@ -204,18 +204,16 @@ def accuracy_fallback(
     max_layers: int | None = None,
     out_path: str | os.PathLike[str] | None = None,
     output: str | None = None,
+    output_axis: int = 0,
     batch_size: int = 8,
     max_samples: int | None = None,
     options: QuantizeOptions = QuantizeOptions(),
     calibration_data: Any | None = None,
     sensitivity: Sequence[LayerSensitivity] | None = None,
-    candidates_per_step: int = 12,
-    max_evaluations: int = 400,
-    ranking_samples: int = 32,
+    candidates_per_step: int = 12, max_evaluations: int = 400, ranking_samples: int = 32,
     on_step: Callable[[str, float], None] | None = None,
     task: TaskSpec = CLASSIFICATION,
     executor: Executor | None = None,
-    output_axis: int = 0,
 ) -> tuple[QuantizeReport, FallbackReport]:
     """Keep the fewest, most sensitive layers in float until the accuracy budget holds.
 
@@ -237,9 +235,8 @@ def accuracy_fallback(
             is tried before one is kept for its margin alone.
         max_evaluations: cap on model builds + evaluation runs (the search stops there and reports met=False).
         ranking_samples: samples that rank the layers one at a time (when `sensitivity` is not given).
-        on_step: progress callback (layer name, metric after keeping it); task: how the output is read.
-        executor: the ranking's and each step's candidates run in shares on its workers (the same layers kept).
-        output_axis: `output`'s batch axis (1 for a time-major [T, N, C]).
+        on_step: progress callback (layer name, metric after keeping it); task / output_axis: how the output is
+            read, its batch axis. executor: the ranking's and each step's candidates run on its workers.
 
     Returns: the final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
     """
