@@ -97,11 +97,13 @@ OnBatch = Callable[[int, int], None]
 
 
 def compute_tables(
-    stats: CollectedStats, methods: Sequence[str], *, percentile: float = DEFAULT_PERCENTILE
+    stats: CollectedStats, methods: Sequence[str], *, percentile: float = DEFAULT_PERCENTILE,
+    known: Mapping[str, Mapping[str, float]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """(method -> tensor -> amax, tensor -> method `best` chose) for every tensor of `stats`."""
-    base = [m for m in BASE_METHODS if m in methods or "best" in methods]
-    tables = compute_all(stats, base, percentile=percentile)
+    """(method -> tensor -> amax, tensor -> method `best` chose) for every tensor of `stats`; `known`: the
+    `_base_methods` tables of some of them, from `compute_all` (`methods.compute_all` says how they are taken)."""
+    base = _base_methods(methods)
+    tables = compute_all(stats, base, percentile=percentile, known=known)
     chosen: dict[str, str] = {}
     if "best" in methods:
         best: dict[str, float] = {}
@@ -109,6 +111,11 @@ def compute_tables(
             best[name], chosen[name] = best_amax(hist, candidates={m: tables[m][name] for m in base})
         tables["best"] = best
     return {m: tables[m] for m in methods}, chosen
+
+
+def _base_methods(methods: Sequence[str]) -> list[str]:
+    """The single methods whose tables `methods` need (`best` chooses among all of them)."""
+    return [m for m in BASE_METHODS if m in methods or "best" in methods]
 
 
 def _check_methods(methods: Sequence[str] | str, percentile: float) -> list[str]:
@@ -188,10 +195,11 @@ def calibrate(
     methods = _check_methods(methods, percentile)
     paths, hist_path = _paths(methods, out_dir, cache)
     model = Path(model_path)
+    weights: list[concurrent.futures.Future[dict[str, dict[str, float]]]] = []
     stats = _collect(model, dataset, executor, batch_size=batch_size, num_bins=num_bins, providers=providers,
-                     on_batch=on_batch, threads=threads)
+                     on_batch=on_batch, threads=threads, on_weights=_search_weights(methods, percentile, weights))
     t_search = time.perf_counter()
-    tables, chosen, npz, digest = _search(stats, methods, percentile, model, model_sha256)
+    tables, chosen, npz, digest = _search(stats, methods, percentile, model, model_sha256, weights)
     t_write = time.perf_counter()
     write_histograms(hist_path, npz)
     seconds = time.perf_counter() - t0
@@ -220,14 +228,29 @@ def calibrate(
     return summaries
 
 
+def _search_weights(methods: Sequence[str], percentile: float,
+                    into: list[concurrent.futures.Future[dict[str, dict[str, float]]]]
+                    ) -> Callable[[Mapping[str, Any]], None]:
+    """`collect_histograms`' `on_weights`: the weights' histograms are final before the data pass, so their
+    search (`compute_all`, the same function on the same histograms as after it) runs on a thread during it (on
+    a GPU the cores are idle then); its Future is appended to `into`."""
+    def start(hists: Mapping[str, Any]) -> None:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-search")
+        into.append(pool.submit(compute_all, dict(hists), _base_methods(methods), percentile=percentile))
+        pool.shutdown(wait=False)  # the submitted search still runs to its end
+    return start
+
+
 def _search(stats: CollectedStats, methods: Sequence[str], percentile: float, model: Path,
-            model_sha256: str | None) -> tuple[dict[str, dict[str, float]], dict[str, str], bytes, str]:
+            model_sha256: str | None, weights: Sequence[concurrent.futures.Future[dict[str, dict[str, float]]]] = (),
+            ) -> tuple[dict[str, dict[str, float]], dict[str, str], bytes, str]:
     """compute_tables, with histograms.npz's bytes encoded and the model hashed (if not given) on threads
     meanwhile (numpy and hashlib release the GIL); the file is written only once everything else succeeded."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         encoding = pool.submit(histograms_npz, stats.histograms, stats.kinds)
         hashing = pool.submit(lambda: model_sha256 or onnx_model_sha256(model))
-        tables, chosen = compute_tables(stats, methods, percentile=percentile)
+        known = weights[0].result() if weights else None  # `_search_weights`' tables
+        tables, chosen = compute_tables(stats, methods, percentile=percentile, known=known)
         return tables, chosen, encoding.result(), hashing.result()
 
 
@@ -244,7 +267,8 @@ def _parts(stats: CollectedStats, *, search: float, write: float, total: float) 
 
 
 def _collect(model: Path, dataset: Dataset, executor: Executor | None, *, batch_size: int, num_bins: int,
-             providers: Sequence[str], on_batch: OnBatch | None, threads: int | None) -> CollectedStats:
+             providers: Sequence[str], on_batch: OnBatch | None, threads: int | None,
+             on_weights: Callable[[Mapping[str, Any]], None] | None = None) -> CollectedStats:
     """One pass over the data: in this process, or sharded over the executor's workers when it has several
     and the data is work enough for more than one shard (`plan_shards`: batches, samples x model MB)."""
     stats = None
@@ -258,7 +282,7 @@ def _collect(model: Path, dataset: Dataset, executor: Executor | None, *, batch_
                                     providers=providers, on_batch=on_batch, shards=shards)
     if stats is None:
         stats = collect_histograms(model, dataset, batch_size=batch_size, num_bins=num_bins, providers=providers,
-                                   on_batch=on_batch, threads=threads)
+                                   on_batch=on_batch, threads=threads, on_weights=on_weights)
     if not stats.histograms:
         raise CalibrationError(f"{model} has no float tensors to calibrate (no float inputs, activations or weights).")
     return stats

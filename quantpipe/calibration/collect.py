@@ -251,6 +251,7 @@ def collect_histograms(
     threads: int | None = None,
     max_run_bytes: int | None = DEFAULT_MAX_RUN_BYTES,
     cuda_options: Mapping[str, str] | None = None,
+    on_weights: Callable[[Mapping[str, StreamingHistogram]], None] | None = None,
 ) -> CollectedStats:
     """Histogram |x| of every tensor that needs a scale over the whole dataset.
 
@@ -266,6 +267,8 @@ def collect_histograms(
         max_run_bytes: on the CPU, split batches so that one run's activations stay under this
             (None: never split). The histograms are the same either way; only memory changes.
         cuda_options: onnxruntime CUDA provider options (default: CUDA_CALIBRATION_OPTIONS, true FP32).
+        on_weights: called with the weights' histograms, final, before the data pass (a caller's search of
+            them can run meanwhile; they are the histograms the result holds).
 
     Raises:
         ModelError: the model cannot be read or run. DataError: the data does not fit the model.
@@ -274,7 +277,7 @@ def collect_histograms(
     t0 = time.perf_counter()
     partial = collect_partial(model, dataset, batch_size=batch_size, num_bins=num_bins, tensors=tensors,
                               providers=providers, on_batch=on_batch, threads=threads, max_run_bytes=max_run_bytes,
-                              cuda_options=cuda_options)
+                              cuda_options=cuda_options, on_weights=on_weights)
     return finish_stats(partial, time.perf_counter() - t0)
 
 
@@ -332,10 +335,12 @@ def collect_partial(
     max_run_bytes: int | None = DEFAULT_MAX_RUN_BYTES,
     cuda_options: Mapping[str, str] | None = None,
     weights: bool = True,
+    on_weights: Callable[[Mapping[str, StreamingHistogram]], None] | None = None,
 ) -> PartialStats:
     """`collect_histograms`' pass over `dataset` (a whole data set or one shard of it), before finishing.
 
-    `weights`: histogram the weights too (exactly one shard of a sharded pass does; the others leave them empty).
+    `weights`: histogram the weights too (exactly one shard of a sharded pass does; the others leave them empty);
+    `on_weights`: as `collect_histograms` says.
     """
     path = Path(model)
     proto = _load(path)
@@ -354,8 +359,10 @@ def collect_partial(
     # Weights first, from their stored values; the model proto is then dropped before the data pass.
     tw = time.perf_counter()
     if weights:
-        _weights_into(proto, path.parent,
-                      {n: h for n, h in hists.items() if kinds[n] == "weight" and isinstance(h, StreamingHistogram)})
+        weight_hists = {n: h for n, h in hists.items() if kinds[n] == "weight" and isinstance(h, StreamingHistogram)}
+        _weights_into(proto, path.parent, weight_hists)
+        if on_weights is not None and weight_hists:
+            on_weights(weight_hists)
     weight_seconds = time.perf_counter() - tw
     timing = Timing(histogram=weight_seconds, plan=plan_seconds, weights=weight_seconds)
     fetch = [n for n in plan.activations if n in kinds and n not in derived and n not in aliases]

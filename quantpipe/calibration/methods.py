@@ -329,17 +329,24 @@ def compute_amax(
     return best_amax(hist, percentile=percentile)[0]
 
 
+SEARCH_THREADS = 4
+"""The most threads `compute_all` searches tensors on (fewer where fewer cores are usable)."""
+
+
 def compute_all(
     stats: Any,
     methods: Iterable[str],
     *,
     percentile: float = DEFAULT_PERCENTILE,
     kinds: Iterable[str] | None = None,
+    known: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """method -> tensor -> amax for every histogram of `stats` (CollectedStats or name -> histogram).
 
     `kinds` restricts to tensors of those kinds (needs CollectedStats). `best` reuses the other
-    methods' results where they are also requested.
+    methods' results where they are also requested. `known`: method -> tensor -> amax this function already gave
+    for some of the histograms (the weights', searched during the data pass): taken, not searched again; the
+    result lists the tensors in `stats`' order either way.
     """
     methods = [check_method(m) for m in methods]
     hists: Mapping[str, StreamingHistogram] = getattr(stats, "histograms", stats)
@@ -347,20 +354,22 @@ def compute_all(
         wanted = set(kinds)
         hists = {n: h for n, h in hists.items() if stats.kinds[n] in wanted}
     out: dict[str, dict[str, float]] = {m: {} for m in methods}
-    names = list(hists)
+    done = {n for n in hists if known and all(n in known.get(m, {}) for m in methods)}
+    names = [n for n in hists if n not in done]
     # Equal binned histograms (a Reshape's and its input's, collect.py) give equal results: searched once.
     memo: dict[tuple[Any, ...], float] = {}
     # Tensors are independent and numpy releases the GIL in the search's array work: a few threads
     # (each tensor's result is the same whatever thread computes it).
-    threads = min(_cores(), 4, len(names))
+    threads = min(_cores(), SEARCH_THREADS, len(names))
     if threads > 1:
         with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
             results = list(pool.map(lambda n: _tensor_amax(hists[n], methods, percentile, memo), names))
     else:
         results = [_tensor_amax(hists[n], methods, percentile, memo) for n in names]
-    for name, amax in zip(names, results, strict=True):
+    found = dict(zip(names, results, strict=True))
+    for name in hists:
         for m in methods:
-            out[m][name] = amax[m]
+            out[m][name] = known[m][name] if name in done else found[name][m]  # type: ignore[index]
     return out
 
 
