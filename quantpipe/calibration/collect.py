@@ -38,7 +38,7 @@ from typing import Any, cast
 import numpy as np
 
 from quantpipe.calibration.device import DeviceOutputs
-from quantpipe.calibration.histogram import DEFAULT_NUM_BINS, SignedHistogram, StreamingHistogram
+from quantpipe.calibration.histogram import DEFAULT_NUM_BINS, SignedHistogram, StreamingHistogram, device_extremes
 from quantpipe.calibration.plan import TensorPlan, constant_value, is_constant, plan_tensors
 from quantpipe.data import Dataset
 from quantpipe.errors import CalibrationError, DataError, ModelError
@@ -192,24 +192,27 @@ class _Binner:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def _run(self, items: list[tuple[int, str, Any]]) -> list[tuple[int, str, str]]:
+    def _run(self, items: list[tuple[int, str, Any, tuple[float, float] | None]]) -> list[tuple[int, str, str]]:
         """Update each item's histogram; return the (position, name, reason) of those holding NaN/Inf."""
         bad = []
-        for pos, name, arr in items:
+        for pos, name, arr, extremes in items:
             try:
-                self.hists[name].update(arr)
+                self.hists[name].update(arr, extremes)
             except ValueError as err:
                 bad.append((pos, name, str(err)))
         return bad
 
     def add(self, arrays: Iterable[tuple[str, Any]], start: int) -> None:
         """Histogram one batch's arrays (given in graph order)."""
-        items = [(pos, n, a) for pos, (n, a) in enumerate(arrays) if n in self.hists]
+        named = [(pos, n, a) for pos, (n, a) in enumerate(arrays) if n in self.hists]
+        # Arrays on the GPU: every tensor's range read back in one copy, not one synchronisation per tensor.
+        extremes = device_extremes([a for _, _, a in named])
+        items = [(pos, n, a, e) for (pos, n, a), e in zip(named, extremes, strict=True)]
         if self.pool is None or len(items) < 2:
             bad = self._run(items)
         else:
             # Longest-first greedy split by size keeps the threads equally busy.
-            shares: list[list[tuple[int, str, Any]]] = [[] for _ in range(self.threads)]
+            shares: list[list[tuple[int, str, Any, tuple[float, float] | None]]] = [[] for _ in range(self.threads)]
             load = [0] * self.threads
             for item in sorted(items, key=lambda it: -int(getattr(it[2], "size", 0))):
                 i = load.index(min(load))

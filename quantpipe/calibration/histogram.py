@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,8 @@ import numpy as np
 from quantpipe.calibration import gpu_bins
 from quantpipe.config import CalibrationConfig
 
-__all__ = ["StreamingHistogram", "SignedHistogram", "BinnedHistogram", "DEFAULT_NUM_BINS", "DEFAULT_OVERSAMPLE"]
+__all__ = ["StreamingHistogram", "SignedHistogram", "BinnedHistogram", "DEFAULT_NUM_BINS", "DEFAULT_OVERSAMPLE",
+           "device_extremes"]
 
 DEFAULT_NUM_BINS: int = CalibrationConfig.model_fields["num_bins"].default
 """TensorRT's histogram size (2048 bins); pipeline.yaml's calibration.num_bins default."""
@@ -91,6 +93,20 @@ class BinnedHistogram:
 def _is_cupy(x: Any) -> bool:
     """A CuPy array (checked without importing CuPy)."""
     return not isinstance(x, np.ndarray) and type(x).__module__.split(".")[0] == "cupy"
+
+
+def device_extremes(arrays: Sequence[Any]) -> list[tuple[float, float] | None]:
+    """Each CuPy array's (max, min) in float32, all read back from the device in one copy: a batch's tensors then
+    cost one synchronisation, not one each (`update(x, extremes)`). None for a numpy or an empty array. A float16
+    or float64 array's extremes cast to float32 are those of its float32 cast (rounding keeps the order)."""
+    at = [k for k, a in enumerate(arrays) if _is_cupy(a) and a.size]
+    out: list[tuple[float, float] | None] = [None] * len(arrays)
+    if at:
+        cp = sys.modules["cupy"]
+        both = cp.stack([cp.stack([arrays[k].max(), arrays[k].min()]).astype(cp.float32) for k in at]).get()
+        for k, (hi, lo) in zip(at, both.tolist(), strict=True):
+            out[k] = (float(hi), float(lo))
+    return out
 
 
 def _flat_f32(x: Any) -> np.ndarray:
@@ -220,14 +236,15 @@ class StreamingHistogram:
 
     # ----------------------------------------------------------------------------------------- update
 
-    def update(self, x: Any) -> None:
-        """Add every element of `x` (numpy array, or CuPy array on the GPU path).
+    def update(self, x: Any, extremes: tuple[float, float] | None = None) -> None:
+        """Add every element of `x` (numpy array, or CuPy array on the GPU path). `extremes`: a CuPy array's
+        (max, min) as `device_extremes` read them, so that this update reads nothing back from the device.
 
         Raises:
             ValueError: `x` holds NaN or Inf (the caller names the tensor).
         """
         if _is_cupy(x):
-            self._update_generic(x, sys.modules["cupy"])
+            self._update_generic(x, sys.modules["cupy"], extremes)
             return
         flat = _flat_f32(x)
         if flat.size == 0:
@@ -264,14 +281,18 @@ class StreamingHistogram:
             np.copyto(out, np.ldexp(buf.astype(np.float64), pexp), casting="unsafe")
         return out
 
-    def _update_generic(self, x: Any, xp: Any) -> None:
+    def _update_generic(self, x: Any, xp: Any, extremes: tuple[float, float] | None = None) -> None:
         """The same arithmetic with any array module that has numpy's API (CuPy), whole tensor at once."""
         flat = x.reshape(-1)
         n = int(flat.size)
         if n == 0:
             return
         mag = xp.abs(flat if flat.dtype == xp.float32 else flat.astype(xp.float32))
-        m = float(mag.max())
+        if extremes is not None:  # max |x| of the same float32 values, without a read-back here
+            hi, lo = extremes
+            m = max(hi, -lo) if math.isfinite(hi) and math.isfinite(lo) else math.inf
+        else:
+            m = float(mag.max())
         if not math.isfinite(m):
             raise ValueError("NaN or Inf value")
         if m < _TINY:
@@ -447,10 +468,11 @@ class SignedHistogram:
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
-    def _fused(self, cp: Any, flat: Any) -> bool:
+    def _fused(self, cp: Any, flat: Any, extremes: tuple[float, float] | None = None) -> bool:
         """Both sides of the float32 CuPy array `flat` in one kernel (`gpu_bins.signed_bins`), the counts left on the
-        device, where every non-zero side is normal-scale; False (nothing done) for the plain path."""
-        hi, lo = (float(v) for v in cp.stack([flat.max(), flat.min()]).get())
+        device, where every non-zero side is normal-scale; False (nothing done) for the plain path. `extremes`:
+        `flat`'s (max, min) when the caller read them already (`device_extremes`)."""
+        hi, lo = extremes if extremes is not None else (float(v) for v in cp.stack([flat.max(), flat.min()]).get())
         if not (math.isfinite(hi) and math.isfinite(lo)):
             raise ValueError("NaN or Inf value")
         tops = (max(hi, 0.0), max(-lo, 0.0))
@@ -474,12 +496,13 @@ class SignedHistogram:
             side.num_values += n
         return True
 
-    def update(self, x: Any) -> None:
-        """Add every element of `x` (numpy; CuPy in one fused kernel, `gpu_bins`). ValueError on NaN/Inf."""
+    def update(self, x: Any, extremes: tuple[float, float] | None = None) -> None:
+        """Add every element of `x` (numpy; CuPy in one fused kernel, `gpu_bins`). ValueError on NaN/Inf.
+        `extremes`: as `StreamingHistogram.update` takes them."""
         if _is_cupy(x):
             xp = sys.modules["cupy"]
             flat = (x if x.dtype == xp.float32 else x.astype(xp.float32)).reshape(-1)
-            if GPU_KERNEL and flat.size and self._fused(xp, flat):
+            if GPU_KERNEL and flat.size and self._fused(xp, flat, extremes):
                 return
             # Split the sides on the bits (GPU arithmetic may flush subnormals), then bin each side.
             bits = flat.view(xp.uint32)

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantpipe.artifacts import TensorInfo
 from quantpipe.calibration import collect_histograms, compute_amax
-from quantpipe.calibration.histogram import SignedHistogram, StreamingHistogram
+from quantpipe.calibration.histogram import SignedHistogram, StreamingHistogram, device_extremes
 from quantpipe.data import open_dataset
 
 pytestmark = pytest.mark.gpu
@@ -54,13 +54,18 @@ def test_cupy_histograms_are_bit_identical_to_numpy(cupy: Any, kind: str, kernel
     x = x.astype(np.float16 if kind == "float16" else np.float32)
     parts = np.array_split(x, 7)
     cpu, gpu, scpu, sgpu = StreamingHistogram(), StreamingHistogram(), SignedHistogram(), SignedHistogram()
+    gpu_read, sgpu_read = StreamingHistogram(), SignedHistogram()  # the ranges read back by device_extremes
     for p in parts:
         cpu.update(p)
         gpu.update(cupy.asarray(p))
         scpu.update(p)
         sgpu.update(cupy.asarray(p))
-    assert gpu == cpu
+        (ext,) = device_extremes([cupy.asarray(p)])
+        gpu_read.update(cupy.asarray(p), ext)
+        sgpu_read.update(cupy.asarray(p), ext)
+    assert gpu == cpu == gpu_read
     assert sgpu.absolute() == scpu.absolute() == cpu and sgpu.relu() == scpu.relu()
+    assert sgpu_read.absolute() == cpu and sgpu_read.relu() == scpu.relu()
     for method in ("entropy", "minmax", "percentile", "mse"):
         assert compute_amax(gpu, method) == compute_amax(cpu, method)
     # Counts read, then more data: the device counts start again from zero.
@@ -71,10 +76,19 @@ def test_cupy_histograms_are_bit_identical_to_numpy(cupy: Any, kind: str, kernel
 
 
 def test_cupy_nan_is_refused(cupy: Any) -> None:
-    bad = cupy.asarray(np.array([1.0, np.nan, -2.0], dtype=np.float32))
-    for h in (StreamingHistogram(), SignedHistogram()):
-        with pytest.raises(ValueError, match="NaN or Inf"):
-            h.update(bad)
+    for value in (np.nan, np.inf, -np.inf):
+        bad = cupy.asarray(np.array([1.0, value, -2.0], dtype=np.float32))
+        (ext,) = device_extremes([bad])
+        for h in (StreamingHistogram(), SignedHistogram()):
+            for given in (None, ext):
+                with pytest.raises(ValueError, match="NaN or Inf"):
+                    h.update(bad, given)
+
+
+def test_device_extremes_read_every_range_in_one_copy(cupy: Any) -> None:
+    arrays = [cupy.asarray(np.array([3.0, -7.5, 1.0], np.float32)), np.ones(3, np.float32),
+              cupy.asarray(np.zeros(0, np.float32)), cupy.asarray(np.array([-0.5, 2.25], np.float16))]
+    assert device_extremes(arrays) == [(3.0, -7.5), None, None, (2.25, -0.5)]
 
 
 def test_cuda_execution_provider_gives_the_cpu_histograms(ort_cuda: None, tmp_path: Path) -> None:
