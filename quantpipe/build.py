@@ -261,7 +261,7 @@ def _build_ort(
     with progress.task("building ONNX Runtime variants", len(ort.precisions)) as advance:
         if "fp16" in ort.precisions:
             out = ws.models / "model.fp16.onnx"
-            write_fp16_model(li.spec.path, out, b.fp16)
+            write_fp16_model(li.spec.path, out, b.fp16, amax=amax)  # amax: which activations overflow FP16
             built["fp16"] = out
             advance(1)
         if "int8" in ort.precisions:

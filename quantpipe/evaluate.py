@@ -112,11 +112,11 @@ def accuracy_metrics(
         if "top1_agreement" in wanted and classify:
             res["top1_agreement"] = M.top1_agreement(out, ref)
         if "cosine" in wanted:
-            res["cosine"] = M.mean_cosine(out, ref)
+            res["cosine"] = _finite(M.mean_cosine(out, ref))
         if "sqnr_db" in wanted:
             res["sqnr_db"] = _finite(M.sqnr_db(out, ref))
         if "max_abs_error" in wanted:
-            res["max_abs_error"] = M.max_abs_error(out, ref)
+            res["max_abs_error"] = _finite(M.max_abs_error(out, ref))
     res.update(task_metrics(out, ref, labels, wanted, task))
     if ref_labelled and res.get("line_accuracy") is not None and "line_accuracy" in ref_labelled:
         res["line_accuracy_drop"] = ref_labelled["line_accuracy"] - float(res["line_accuracy"])  # type: ignore[arg-type]
@@ -188,6 +188,11 @@ def evaluate_variant(
         out = outputs
         if classify and _is_classifier(out):
             dataset.check_label_range(int(out.shape[1]), output)
+    bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+    if bad:
+        log.warning("%s: %d of %d output values are NaN or Inf, so its accuracy numbers are not comparable (an FP16 "
+                    "model: an activation or intermediate above 65504 overflows; the build's warnings name those "
+                    "whose calibrated range does).", runner.name, bad, out.size)
     values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks)
     lat = []
     for bs in latency_batch_sizes:

@@ -114,9 +114,11 @@ def _beyond_fp16(g: Graph, names: Iterable[str]) -> str | None:
     return None
 
 
-def _kept_fp32(m: Any, g: Graph, types: Mapping[str, int], options: Fp16Config) -> tuple[set[str], list[FloatNode]]:
-    """The nodes that stay FP32 (by op type, name, pattern, domain, subgraph, out-of-range parameters, and
-    float Constants an FP32 node reads), and the report's entries for those that touch float tensors."""
+def _kept_fp32(m: Any, g: Graph, types: Mapping[str, int], options: Fp16Config,
+               overflow: Mapping[str, float] | None = None) -> tuple[set[str], list[FloatNode]]:
+    """The nodes that stay FP32 (by op type, name, pattern, domain, subgraph, out-of-range parameters, a tensor
+    `overflow` names (calibrated |x| above 65504) read or written, and float Constants an FP32 node reads), and the
+    report's entries for those that touch float tensors."""
     import onnx
 
     keep_ops = frozenset(options.keep_fp32_ops if options.keep_fp32_ops is not None else DEFAULT_FP16_BLOCKLIST)
@@ -143,6 +145,9 @@ def _kept_fp32(m: Any, g: Graph, types: Mapping[str, int], options: Fp16Config) 
         elif node.op_type in _NORM_OPS and (big := _beyond_fp16(g, node.input[1:])):
             # A clamped running variance (Paddle exports hold ~1e8) would rescale every output of the channel.
             reason = f"its parameter '{big}' holds values beyond FP16's range"
+        elif overflow and (hot := next((t for t in [*node.output, *node.input] if t in overflow), None)):
+            # In FP16 that tensor is inf, and so is everything computed from it (an L2 norm's sum of squares).
+            reason = f"'{hot}' reaches {overflow[hot]:.3g} on the calibration data, beyond FP16's 65504"
         if reason:
             fp32_nodes.add(node.name)
             if any(types.get(t) == FLOAT for t in list(node.input) + list(node.output)):
@@ -325,7 +330,8 @@ def build_fp16_model(model: Any, options: Fp16Config = Fp16Config(), *,
     g = Graph(graph)
     rw = _Rewrite(graph, types)
     warnings: list[str] = []
-    fp32_nodes, kept = _kept_fp32(m, g, types, options)
+    overflow = {k: float(v) for k, v in (amax or {}).items() if np.isfinite(v) and abs(float(v)) > FP16_MAX}
+    fp32_nodes, kept = _kept_fp32(m, g, types, options, overflow)
     unknown = sorted({t for n in graph.node for t in list(n.input) + list(n.output) if t and t not in types})
     if unknown:
         warnings.append(f"type inference left {len(unknown)} tensor(s) untyped (e.g. '{unknown[0]}'); they are "
@@ -345,13 +351,10 @@ def build_fp16_model(model: Any, options: Fp16Config = Fp16Config(), *,
     # Inferred value_info of converted tensors would now state the wrong type; ORT re-infers it.
     del graph.value_info[:]
 
-    overflow: list[tuple[str, float]] = []
-    if amax:
-        overflow = sorted(((k, float(v)) for k, v in amax.items() if np.isfinite(v) and abs(float(v)) > FP16_MAX),
-                          key=lambda kv: -kv[1])
-        if overflow:
-            warnings.append(f"{len(overflow)} activation(s) have a calibrated amax above 65504 and overflow in FP16, "
-                            f"e.g. '{overflow[0][0]}' ({overflow[0][1]:.3g}): keep their producers in FP32")
+    if overflow:
+        top = max(overflow, key=lambda k: abs(overflow[k]))
+        warnings.append(f"{len(overflow)} activation(s) have a calibrated amax above 65504 and would overflow in "
+                        f"FP16, e.g. '{top}' ({overflow[top]:.3g}): the nodes that write or read them stay FP32")
     whole = [k for k in kept if k.reason == "has a subgraph"]
     if whole:
         warnings.append(f"{len(whole)} node(s) with subgraphs (If / Loop / Scan, e.g. '{whole[0].name}') stay FP32 "
@@ -362,7 +365,8 @@ def build_fp16_model(model: Any, options: Fp16Config = Fp16Config(), *,
                         f"'{first.tensor}' (max |x| {first.max_abs:.3g}): {first.action}")
     report = Fp16Report(
         model_path=None, output_path=None, io_kept_fp32=options.keep_io_types, num_fp16_nodes=num_fp16,
-        kept_fp32=tuple(kept), out_of_range=tuple(rw.out_of_range), activation_overflow=tuple(overflow),
+        kept_fp32=tuple(kept), out_of_range=tuple(rw.out_of_range),
+        activation_overflow=tuple(sorted(overflow.items(), key=lambda kv: -abs(kv[1]))),
         underflow_values=rw.underflow, num_casts=len(rw.casts), warnings=tuple(warnings),
     )
     return m, report

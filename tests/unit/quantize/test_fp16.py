@@ -202,3 +202,30 @@ def test_a_tensor_an_if_branch_reads_stays_fp32_and_the_model_checks() -> None:
     x = np.arange(8, dtype=np.float16).reshape(2, 4)
     (z,) = sess.run(None, {"x": x, "c": np.array(True)})
     assert np.allclose(z.astype(np.float32), np.maximum(x.astype(np.float32) @ w4, 0) @ w4, rtol=1e-2)
+
+
+def test_nodes_on_a_tensor_beyond_fp16_stay_fp32_when_the_calibrated_range_says_so():
+    # An L2 normalisation: the sum of squares reaches 1e8 on real data (magika's ReduceSumSquare: 6.9e12). In FP16 it
+    # is inf and the output collapses; with the calibrated amax the nodes that write or read it stay FP32.
+    scale = numpy_helper.from_array(np.array(100.0, np.float32), "k")
+    nodes = [helper.make_node("Mul", ["x", "k"], ["big"], name="mul"),
+             helper.make_node("ReduceSumSquare", ["big"], ["ss"], name="rss", axes=[1], keepdims=1),
+             helper.make_node("Sqrt", ["ss"], ["norm"], name="sqrt"),
+             helper.make_node("Div", ["big", "norm"], ["y"], name="div")]
+    g = helper.make_graph(nodes, "l2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [scale])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(3).uniform(10, 40, (4, 8)).astype(np.float32)
+    ref = _run(model, {"x": x})[0]
+    amax = {"x": 40.0, "big": 4000.0, "ss": 1.2e8, "norm": 1.1e4, "y": 1.0}
+    plain, _ = Q.build_fp16_model(model)
+    fitted, rep = Q.build_fp16_model(model, amax=amax)
+    # Without the range, the sum of squares is cast to FP16 for Sqrt: inf there (onnxruntime's CPU provider may
+    # run that Sqrt in FP32 behind the Cast's back; a GPU does not). With it, nothing casts it to FP16.
+    def casts_of(m, t):
+        return [n for n in m.graph.node if n.op_type == "Cast" and t in n.input
+                and helper.get_attribute_value(next(a for a in n.attribute if a.name == "to")) == TensorProto.FLOAT16]
+    assert casts_of(plain, "ss") and not casts_of(fitted, "ss")
+    np.testing.assert_allclose(_run(fitted, {"x": x})[0], ref, atol=2e-3)
+    assert {k.name for k in rep.kept_fp32} >= {"rss", "sqrt"}
+    assert rep.activation_overflow == (("ss", 1.2e8),)
