@@ -32,6 +32,7 @@ from quantpipe.datafiles import (
     batch_first,
     check_array,
     check_batch_axis,
+    is_npy,
     lazy_members,
     load_npz,
     missing_msg,
@@ -388,9 +389,7 @@ def open_dataset(
             raise DataError(f"{where} is a folder of per-sample files, but label sequences (evaluate.task ctc) are "
                             f"read from one .npz: store the inputs and a labels array [N, L] padded with -1 there.")
         return _open_folder(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role, axes=axes)
-    lazy = lazy_members(path)
-    raw: dict[str, Any] = dict(load_npz(path, skip=set(lazy)))
-    raw.update(lazy)
+    raw = _read_stacked(path, where, inputs)
     arrays: dict[str, np.ndarray] = {}
     for info in inputs:
         if info.name not in raw:
@@ -423,6 +422,24 @@ def open_dataset(
     return _fits_fixed_batch(where, Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role,
                                             arrays=arrays, samples=None, labels=labels,
                                             fingerprint=digest.hexdigest(), batch_axes=axes))
+
+
+def _read_stacked(path: Path, where: str, inputs: Sequence[TensorInfo]) -> dict[str, Any]:
+    """A stacked data file's arrays by name: an .npz's (large uncompressed members read by rows), or a .npy's one
+    array, which feeds a model of one input (memory-mapped, read batch by batch)."""
+    if not is_npy(path):
+        lazy = lazy_members(path)
+        raw: dict[str, Any] = dict(load_npz(path, skip=set(lazy)))
+        raw.update(lazy)
+        return raw
+    if len(inputs) != 1:
+        raise DataError(f"{where} is a .npy file, which holds one unnamed array, but the model has {len(inputs)} "
+                        f"inputs ({[t.name for t in inputs]}). Store them in one .npz, one array per input named as "
+                        f"the input: numpy.savez(path, {', '.join(f'{t.name}=...' for t in inputs)}).")
+    try:
+        return {inputs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
+    except (ValueError, OSError) as err:
+        raise DataError(f"{where} is not a readable .npy file ({err}). Write it with numpy.save.") from err
 
 
 def _axes_tag(axes: Mapping[str, int]) -> str:

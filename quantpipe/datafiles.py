@@ -20,8 +20,8 @@ import numpy as np
 from quantpipe.artifacts import TensorInfo
 from quantpipe.errors import ConfigError, DataError
 
-__all__ = ["LAZY_MIN_BYTES", "NpyMember", "batch_first", "check_array", "check_batch_axis", "lazy_members", "load_npz",
-           "missing_msg", "read_sample", "samples_first"]
+__all__ = ["LAZY_MIN_BYTES", "NpyMember", "batch_first", "check_array", "check_batch_axis", "is_npy", "lazy_members",
+           "load_npz", "missing_msg", "read_sample", "samples_first"]
 
 
 def _np_dtype(t: TensorInfo) -> np.dtype:
@@ -131,7 +131,19 @@ def lazy_members(path: Path) -> dict[str, NpyMember]:
     return out
 
 
+def is_npy(path: Path) -> bool:
+    """Whether `path` is a .npy file (one array; numpy's magic string), not an .npz archive."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(6) == b"\x93NUMPY"
+    except OSError:
+        return False
+
+
 def load_npz(path: Path, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    if is_npy(path):
+        raise DataError(f"data file {path} is a .npy file, which holds one unnamed array; quantpipe reads .npz "
+                        f"archives, one array per model input named as the input: numpy.savez(path, <input>=array).")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files if k not in skip}

@@ -94,3 +94,16 @@ def test_a_state_read_on_axis_0_is_refused_with_the_sample_counts(tmp_path: Path
     path, _, _ = _stacked(tmp_path)
     with pytest.raises(DataError, match="different numbers of samples"):
         open_dataset(path, INPUTS)
+
+
+def test_a_npy_file_feeds_a_model_of_one_input_and_is_refused_for_two(tmp_path: Path) -> None:
+    x = np.random.default_rng(2).standard_normal((5, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", x=x)
+    one = (TensorInfo("x", "float32", ("N", 3)),)
+    (a,) = open_dataset(tmp_path / "x.npy", one).batches(8)
+    (b,) = open_dataset(tmp_path / "x.npz", one).batches(8)
+    np.testing.assert_array_equal(a.feeds["x"], b.feeds["x"])
+    with pytest.raises(DataError, match=r"\.npy file, which holds one unnamed array, but the model has 2 inputs") as e:
+        open_dataset(tmp_path / "x.npy", INPUTS)
+    assert e.value.exit_code == 2
