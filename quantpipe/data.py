@@ -496,7 +496,7 @@ def check_disjoint(a: Dataset, b: Dataset, limit: int = 4096) -> int:
     """
     def keys(ds: Dataset) -> set[bytes]:
         out: set[bytes] = set()
-        for batch in ds.batches(64):
+        for batch in ds.batches(min(64, ds.max_batch or 64)):  # (a fixed batch: its size, said nothing about)
             for i in range(batch.size):
                 h = hashlib.sha1()
                 row = batch.feeds.rows(i, i + 1)

@@ -584,10 +584,13 @@ def _weights_into(model: Any, base_dir: Path, hists: Mapping[str, StreamingHisto
 
 
 def _update_weight(hist: StreamingHistogram, name: str, value: np.ndarray) -> None:
-    try:
-        hist.update(value)
-    except ValueError as err:
-        raise CalibrationError(f"weight '{name}' holds NaN or Inf ({err}); the model itself is broken.") from err
+    """A weight's histogram; none for a constant holding NaN or Inf, which models use on purpose (an open Clip
+    bound, `torch.clamp(min=...)`'s +inf; an attention mask's -inf): it is not a range to calibrate."""
+    value = np.asarray(value)
+    if value.size and np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+        log.info("weight '%s' holds NaN or Inf (an open Clip bound or a mask): it gets no histogram", name)
+        return
+    hist.update(value)
 
 
 def _feeds_desc(feeds: Mapping[str, np.ndarray]) -> str:
