@@ -18,7 +18,7 @@ from quantpipe import metrics as M
 from quantpipe.artifacts import EvalResult, LatencyStats, Variant
 from quantpipe.backends.base import Runner, Timings
 from quantpipe.data import Dataset
-from quantpipe.errors import EvaluationError
+from quantpipe.errors import DataError, EvaluationError
 from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
@@ -64,10 +64,11 @@ def stack_outputs(chunks: Sequence[np.ndarray], variant: str, output: str) -> np
     """The outputs of consecutive batches (or shards) stacked on axis 0; EvaluationError when their shapes differ."""
     shapes = {c.shape[1:] for c in chunks}
     if len(shapes) > 1:
-        raise EvaluationError(
-            f"output '{output}' of variant {variant} changes shape with the input ({sorted(shapes)}), so samples "
-            f"cannot be compared side by side. Set model.output in pipeline.yaml to an output of fixed size "
-            f"(e.g. a pooled embedding or the logits)."
+        raise DataError(
+            f"output '{output}' of variant {variant} changes shape with the input ({sorted(shapes)}): the evaluation "
+            f"samples differ in shape, and quantpipe compares a variant's outputs with FP32's as one array. Give "
+            f"data.evaluation samples of one shape (resize or pad them, as a detector's serving code does), or set "
+            f"model.output in pipeline.yaml to an output of fixed size (e.g. a pooled embedding or the logits)."
         )
     return np.concatenate(chunks, axis=0)
 

@@ -73,3 +73,12 @@ def test_an_output_whose_leading_axis_is_not_the_batch_is_refused_in_any_batchin
         # With its batch axis named, the same output is read samples first.
         out = run_outputs(_TimeFirst(), ds, "seq", batch_size, output_axis=1)  # type: ignore[arg-type]
         assert out.shape == (8, 7, 3)
+
+
+def test_outputs_that_change_shape_with_the_samples_are_bad_input_exit_2() -> None:
+    from quantpipe.errors import DataError
+    from quantpipe.evaluate import stack_outputs
+
+    with pytest.raises(DataError, match="evaluation samples differ in shape") as e:
+        stack_outputs([np.zeros((2, 3, 40, 60), np.float32), np.zeros((1, 3, 48, 64), np.float32)], "ort-int8", "map")
+    assert e.value.exit_code == 2
