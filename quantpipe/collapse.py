@@ -56,7 +56,12 @@ def _cause(sens: Sequence[LayerSensitivity]) -> str:
         else:
             sq = f"{r.sqnr_db:.1f} dB" if r.sqnr_db is not None else "n/a"
             shown.append(f"{r.node} ({r.op_type}; output SQNR {sq})")
-    return "the most sensitive layers (per-layer sensitivity, worst first): " + "; ".join(shown) + "."
+    said = "the most sensitive layers (per-layer sensitivity, worst first): " + "; ".join(shown) + "."
+    if any(r.op_type == "Conv" for r in sens[:_WORST_SHOWN]):
+        said += (" Where those are depthwise convolutions (MobileNet / PicoDet-style blocks), whose input channels "
+                 "span very different ranges under one scale, try build.quantize.equalize_depthwise: true first.")
+    return said + (" The ranges come from the calibration data: if it lacks what the model exists to see (the "
+                   "wake word, the rare class, the document), add such samples.")
 
 
 def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:

@@ -34,6 +34,8 @@ def test_collapse_names_problem_cause_and_fix(tmp_path: Path) -> None:
     assert c.problems == ("output SQNR 2.80 dB against FP32 (collapse below 10 dB)",
                           "top1_agreement 0.310 (collapse below 0.5)")
     assert c.cause.startswith("the most sensitive layers (per-layer sensitivity, worst first): /conv1/Conv (Conv;")
+    # Convolutions among the worst: the depthwise rewrite is named; and the calibration data's coverage, always.
+    assert "build.quantize.equalize_depthwise: true" in c.cause and "add such samples" in c.cause
     fix = yaml.safe_load(c.fix_yaml)
     assert fix == {"build": {"fallback": {"metric": "top1_agreement", "min": 0.99, "max_layers": 1}}}
     # limits come from the config: a looser SQNR limit leaves only the agreement
