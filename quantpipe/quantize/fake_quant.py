@@ -14,7 +14,7 @@ from quantpipe.onnxgraph import Graph, topological_order
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.downstream import cut_below
 
-__all__ = ["RoundedPart", "add_switched_rounding", "output_error", "output_signal", "reorder"]
+__all__ = ["RoundedPart", "add_switched_rounding", "output_error", "output_signal", "pooled", "reorder"]
 
 
 def add_switched_rounding(m: Any, g: Graph, t: str, switch: str, centre: str, step: str) -> None:
@@ -55,6 +55,12 @@ def output_signal(ref: Sequence[np.ndarray], sums: SquaredSums | None = None) ->
     """Squared sum of the float outputs (each in float64), the signal `output_error` is measured against."""
     sums = sums or SquaredSums()
     return sum(sums.signal(r) for r in ref if r.dtype.kind == "f")
+
+
+def pooled(outputs: Sequence[str]) -> str:
+    """What an output SQNR of `output_error` / `output_signal` covers, for a log line: nothing to say for one output;
+    for several, that they are pooled (the report judges model.output alone, which can be far worse)."""
+    return f" (all {len(outputs)} graph outputs pooled)" if len(outputs) > 1 else ""
 
 
 class RoundedPart:

@@ -20,7 +20,7 @@ from quantpipe.metrics import SquaredSums
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
-from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal
+from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal, pooled
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
 from quantpipe.quantize.rewrites.patterns import clip_bounds
@@ -333,7 +333,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
         model_db[name] = _db(signal, noise[name])
     winner = min(noise, key=lambda k: (noise[k], k != PER_TENSOR))
     secs = time.perf_counter() - t0
-    log.info("auto ranges: whole INT8 model output SQNR %s; kept %s (%.1f s)",
+    log.info("auto ranges: whole INT8 model output SQNR%s %s; kept %s (%.1f s)", pooled(outputs),
              ", ".join(f"{k} {v:.1f} dB" for k, v in model_db.items()), winner, secs)
     return RangeChoice(amax=dict(wholes[winner]), winner=winner, model_db=model_db, per_tensor=per_tensor,
                        samples=count, seconds=secs, channel_stats=opts.channel_stats)

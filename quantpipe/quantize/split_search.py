@@ -18,7 +18,7 @@ from quantpipe.metrics import SquaredSums
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
-from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal
+from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal, pooled
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.split import split_candidate
 
@@ -162,7 +162,7 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     chosen: dict[str, int] = {}
     current = model_noise(chosen)[0]
     db, noise = s.db, s.noise
-    log.info("INT8 model on %d calibration samples: %.1f dB output SQNR", s.count, db(current))
+    log.info("INT8 model on %d calibration samples: %.1f dB output SQNR%s", s.count, db(current), pooled(outputs))
     for t in sorted(cands, key=lambda x: -noise[x])[:max_tensors]:
         if db(noise[t]) >= max_sqnr_db or noise[t] < 0.1 * current:
             log.info("activation %s alone: %.1f dB output SQNR (%.0f%% of the model's noise): not split", t,
