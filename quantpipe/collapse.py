@@ -59,7 +59,8 @@ def _cause(sens: Sequence[LayerSensitivity]) -> str:
     said = "the most sensitive layers (per-layer sensitivity, worst first): " + "; ".join(shown) + "."
     if any(r.op_type == "Conv" for r in sens[:_WORST_SHOWN]):
         said += (" Where those are depthwise convolutions (MobileNet / PicoDet-style blocks), whose input channels "
-                 "span very different ranges under one scale, try build.quantize.equalize_depthwise: true first.")
+                 "span very different ranges under one scale, try build.quantize.equalize_depthwise: true first (its default, "
+                 "auto, applies it only where the calibration data's output noise says so).")
     return said + (" The ranges come from the calibration data: if it lacks what the model exists to see (the "
                    "wake word, the rare class, the document), add such samples.")
 

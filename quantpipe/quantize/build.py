@@ -99,7 +99,7 @@ def build_qdq_model(model: Any, amax: Mapping[str, float], options: QuantizeOpti
         raise BuildError(f"split_activations must be 'auto', 'off' or a mapping tensor -> pieces, "
                          f"not {options.split_activations!r}.")
     smoothed: list[str] = []
-    if stats and (options.smooth_alpha or options.equalize_depthwise):
+    if stats and (options.smooth_alpha or options.equalize_depthwise is True):
         smoothed = smooth_inputs(m, g, options, stats, amax_all, sentinel_tensors(g), per_channel)
         if smoothed:
             g = Graph(m.graph)

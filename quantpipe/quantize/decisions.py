@@ -52,6 +52,8 @@ def save_decisions(path: str | os.PathLike[str], options: QuantizeOptions) -> No
             {"key": k, "value": put(v)} for k, v in options.output_bias.items()],
         "output_bias_keep": sorted(options.output_bias_keep),
     }
+    if options.equalize_depthwise is True:  # (absent: False, the files written before it could be chosen)
+        header["equalize_depthwise"] = True
     buf = io.BytesIO()
     np.savez(buf, header=np.array(json.dumps(header)), **arrays)
     atomic_write_bytes(path, buf.getvalue())
@@ -79,6 +81,8 @@ def load_decisions(path: str | os.PathLike[str], options: QuantizeOptions) -> Qu
                                   c["fingerprint"]) for c in codes},
         output_bias=None if bias is None else {b["key"]: arrays[b["value"]] for b in bias},
         output_bias_keep=frozenset(header["output_bias_keep"]),
+        equalize_depthwise=header.get("equalize_depthwise",
+                                      False if options.equalize_depthwise == "auto" else options.equalize_depthwise),
     )
 
 

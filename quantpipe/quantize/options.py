@@ -41,7 +41,9 @@ class QuantizeOptions:
     """SmoothQuant migration strength for MatMul / Gemm inputs with outlier channels (None or 0: off)."""
     smooth_min_spread: float = _DEFAULTS.smooth_min_spread
     """Smooth an activation only when its largest channel range exceeds the median one by this factor."""
-    equalize_depthwise: bool = _DEFAULTS.equalize_depthwise
+    equalize_depthwise: bool | Literal["auto"] = _DEFAULTS.equalize_depthwise
+    """True / False; "auto" is decided on the calibration data (`with_calibration_data`), and builds as False until
+    then."""
     """Give each input channel of a depthwise Conv the tensor's largest range (`rewrites.smooth`); a Relu /
     Clip(>= 0) output is left to the non-negative shift."""
     bias_correction: bool = _DEFAULTS.bias_correction

@@ -48,7 +48,7 @@ def smooth_inputs(m: Any, g: Graph, opts: QuantizeOptions, stats: dict[str, Chan
     names = Names(m.graph)
     new_nodes: dict[str, Any] = {}
     smoothed: list[str] = []
-    if per_channel and opts.equalize_depthwise:
+    if per_channel and opts.equalize_depthwise is True:  # ("auto" undecided: not)
         smoothed += _equalize_depthwise(m, g, opts, stats, amax, sentinels, names, new_nodes)
     for x, consumers in (groups.items() if opts.smooth_alpha else ()):
         st = stats.get(x)

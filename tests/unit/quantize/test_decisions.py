@@ -27,6 +27,7 @@ def _filled() -> QuantizeOptions:
                                         np.float32(0.01), "def456")},
         output_bias={"head": RNG.standard_normal(10).astype(np.float32)},
         output_bias_keep=frozenset({"conv/1"}),
+        equalize_depthwise=True,
     )
 
 
@@ -46,8 +47,8 @@ def test_decisions_round_trip_exactly(tmp_path: Path) -> None:
     save_decisions(tmp_path / "d.npz", opts)
     back = load_decisions(tmp_path / "d.npz", QuantizeOptions())
     assert back is not None and _same(back, opts)
-    # Nothing decided (no statistics, 'off', no codes, no bias): the same back.
-    plain = QuantizeOptions(split_activations="off")
+    # Nothing decided (no statistics, 'off', no codes, no bias, not equalized): the same back.
+    plain = QuantizeOptions(split_activations="off", equalize_depthwise=False)
     save_decisions(tmp_path / "p.npz", plain)
     assert load_decisions(tmp_path / "p.npz", QuantizeOptions()) == plain
 

@@ -56,8 +56,12 @@ def test_equalizing_a_depthwise_input_gives_its_small_channels_the_resolution_of
     before, after = _per_channel_sqnr(_run(plain, x, True), ref), _per_channel_sqnr(_run(equal, x, True), ref)
     assert np.all(after[[1, 3]] > before[[1, 3]] + 20)  # the small channels: 20 dB and more
     assert np.all(after[[0, 2]] > before[[0, 2]] - 0.5)  # the large ones lose nothing
-    # Off by default, and a tensor whose channels are alike is left alone.
-    assert QuantizeOptions().equalize_depthwise is False
+    # Decided on the calibration data by default ("auto" builds as off until then), and a tensor whose channels
+    # are alike is left alone.
+    assert QuantizeOptions().equalize_depthwise == "auto"
+    undecided, _ = build_qdq_model(model, {"x": float(np.abs(x).max())}, dataclasses.replace(base,
+                                                                                           equalize_depthwise="auto"))
+    assert undecided.SerializeToString() == plain.SerializeToString()
     even = {"x": ChannelStats("x", 1, np.full(4, 3.0, np.float32), np.zeros(4, np.float32), 8)}
     _, rep = build_qdq_model(model, {"x": 3.0}, dataclasses.replace(base, channel_stats=even, equalize_depthwise=True))
     assert rep.smoothed_tensors == ()
@@ -76,3 +80,32 @@ def test_a_relu_output_is_left_to_the_non_negative_shift() -> None:
     assert rep.smoothed_tensors == ()
     _, rep = build_qdq_model(model, {"r": 16.0}, dataclasses.replace(opts, shift_nonnegative=False))
     assert rep.smoothed_tensors == ("r",)
+
+
+def test_auto_equalizes_where_the_calibration_data_says_it_lowers_the_output_noise(tmp_path) -> None:
+    from quantpipe.artifacts import TensorInfo
+    from quantpipe.data import open_dataset
+    from quantpipe.quantize.decisions import load_decisions, save_decisions
+    from quantpipe.quantize.write import with_calibration_data
+
+    rng = np.random.default_rng(2)
+    model = _depthwise()
+    amax = {"x": float(RANGES.max())}
+    info = (TensorInfo("x", "float32", ("n", 4, 6, 6)),)
+    opts = QuantizeOptions(bias_correction=True, smooth_alpha=None, shift_nonnegative=False, split_activations="off")
+    # Channels of very different ranges: equalizing wins on the calibration data.
+    np.savez(tmp_path / "spread.npz", x=(rng.uniform(-1, 1, (16, 4, 6, 6)) * RANGES[None, :, None, None]).astype(
+        np.float32))
+    chosen = with_calibration_data(model, opts, open_dataset(tmp_path / "spread.npz", info), amax=amax)
+    assert chosen.equalize_depthwise is True
+    # Channels alike: nothing to equalize, so nothing is measured and it stays off.
+    np.savez(tmp_path / "even.npz", x=rng.uniform(-3, 3, (16, 4, 6, 6)).astype(np.float32))
+    even = with_calibration_data(model, opts, open_dataset(tmp_path / "even.npz", info), amax={"x": 3.0})
+    assert even.equalize_depthwise is False
+    # The decision travels with the build's other decisions (the sensitivity stage reads them back).
+    save_decisions(tmp_path / "d.npz", chosen)
+    back = load_decisions(tmp_path / "d.npz", opts)
+    assert back is not None and back.equalize_depthwise is True
+    save_decisions(tmp_path / "e.npz", even)
+    back = load_decisions(tmp_path / "e.npz", opts)
+    assert back is not None and back.equalize_depthwise is False
