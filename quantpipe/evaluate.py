@@ -116,6 +116,7 @@ def accuracy_metrics(
             res["cosine"] = _finite(M.mean_cosine(out, ref))
         if "sqnr_db" in wanted:
             res["sqnr_db"] = _finite(M.sqnr_db(out, ref))
+            res.update(_hidden_channel(out, ref, res["sqnr_db"], task))
         if "max_abs_error" in wanted:
             res["max_abs_error"] = _finite(M.max_abs_error(out, ref))
     res.update(task_metrics(out, ref, labels, wanted, task))
@@ -124,6 +125,20 @@ def accuracy_metrics(
     if hooks:
         res.update(run_hooks(hooks, out, ref, labels))
     return res
+
+
+CHANNEL_GAP_DB = 10.0
+"""How far below the pooled output SQNR one channel must be to be recorded (`channel_sqnr_min_db`)."""
+
+
+def _hidden_channel(out: np.ndarray, ref: np.ndarray, pooled: float | None, task: TaskSpec) -> dict[str, float]:
+    """`channel_sqnr_min_db` (and its channel) where one channel of an [N, C, ...] output is CHANNEL_GAP_DB or more
+    below the pooled SQNR (a YOLO head's class rows under its box rows); nothing otherwise, nor for a CTC output,
+    whose axis 1 is time."""
+    worst = M.worst_channel_sqnr_db(out, ref) if pooled is not None and task.task != "ctc" else None
+    if worst is None or worst[1] > pooled - CHANNEL_GAP_DB:  # type: ignore[operator]
+        return {}
+    return {"channel_sqnr_min_db": worst[1], "channel_sqnr_min_index": float(worst[0])}
 
 
 def latency_feeds(dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:

@@ -14,7 +14,8 @@ from collections.abc import Sequence as Sequence_
 import numpy as np
 
 __all__ = [
-    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "sqnr_from_sums", "SquaredSums", "finite_or_none", "max_abs_error",
+    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "worst_channel_sqnr_db", "sqnr_from_sums",
+    "SquaredSums", "finite_or_none", "max_abs_error",
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
     "foreground", "mask_iou", "component_boxes", "box_iou", "matched_boxes", "box_agreement",
 ]
@@ -57,6 +58,23 @@ def mean_cosine(pred: np.ndarray, ref: np.ndarray) -> float:
     den = np.linalg.norm(p, axis=1) * np.linalg.norm(r, axis=1)
     cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.all(p == r, axis=1), 1.0, 0.0))
     return float(np.mean(cos))
+
+
+def worst_channel_sqnr_db(pred: np.ndarray, ref: np.ndarray) -> tuple[int, float] | None:
+    """(channel, SQNR dB) of the worst channel (axis 1) of an output [N, C, ...] with C >= 2 and at least one axis
+    after it (a detection head [N, 4 + classes, anchors], a segmentation map); None otherwise. Its channels can
+    differ in scale by orders of magnitude (a YOLO head's box coordinates and class scores), and the pooled SQNR
+    then only sees the large ones."""
+    if pred.ndim < 3 or pred.shape[1] < 2:
+        return None
+    axes = (0, *range(2, pred.ndim))
+    r = np.asarray(ref, dtype=np.float64)
+    signal = np.sum(r * r, axis=axes)
+    noise = np.sum((np.asarray(pred, dtype=np.float64) - r) ** 2, axis=axes)
+    with np.errstate(divide="ignore"):
+        db = np.where(signal > 0, 10 * np.log10(signal / np.maximum(noise, 1e-300)), np.inf)
+    c = int(np.argmin(db))
+    return (c, float(db[c])) if math.isfinite(float(db[c])) else None
 
 
 def sqnr_db(pred: np.ndarray, ref: np.ndarray) -> float:

@@ -105,3 +105,15 @@ def test_a_fallback_met_on_its_data_but_degraded_here_points_at_the_selection_da
     (c,) = find_collapse(dataclasses.replace(results, evaluations=evals, fallback=fb), CollapseConfig())
     assert c.severity == "degraded" and "met its budget" in c.fix and "on the calibration data (63 samples)" in c.fix
     assert "data.validation" in c.fix and "max_layers: 6" in c.fix_yaml
+
+
+def test_a_channel_hidden_under_the_pooled_sqnr_is_said(tmp_path: Path) -> None:
+    # nudenet's YOLOv8n: 30.7 dB pooled, its class-score rows at 10.7 dB under the box rows.
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": 30.7, "top1_agreement": 1.0,
+                                                  "channel_sqnr_min_db": 10.7, "channel_sqnr_min_index": 4.0})
+                  if e.variant == "ort-int8" else e for e in results.evaluations)
+    results = dataclasses.replace(results, evaluations=evals, fallback=None)
+    (c,) = find_collapse(results, CollapseConfig())
+    assert c.severity == "degraded"
+    assert c.problems[0].startswith("output channel 4 at 10.70 dB against FP32 (degraded below 20 dB), hidden")

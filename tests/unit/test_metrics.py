@@ -80,3 +80,24 @@ def test_squared_sums_reuse_one_buffer_and_give_the_plain_expressions_bits() -> 
     r = rng.normal(size=(6,)).astype(np.float32)
     assert sums.error(y, r) == float(np.sum((y.astype(np.float64) - r.astype(np.float64)) ** 2))
     assert sums.signal(np.float32(3.0)) == 9.0
+
+
+def test_the_worst_channel_of_a_head_is_seen_under_the_pooled_sqnr() -> None:
+    from quantpipe.evaluate import accuracy_metrics
+    from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
+
+    rng = np.random.default_rng(4)
+    ref = np.concatenate([rng.uniform(0, 320, (3, 4, 50)), rng.uniform(0, 1, (3, 6, 50))], axis=1)  # boxes, scores
+    out = ref.copy()
+    out[:, :4] += rng.normal(0, 0.3, (3, 4, 50))  # boxes: ~58 dB
+    out[:, 4:] += rng.normal(0, 0.1, (3, 6, 50))  # scores: ~15 dB, invisible in the pooled number
+    c, db = M.worst_channel_sqnr_db(out, ref)
+    assert c >= 4 and db < 20 < M.sqnr_db(out, ref) - 30
+    got = accuracy_metrics(out, ref, None, ["sqnr_db"])
+    assert got["channel_sqnr_min_db"] == db and got["channel_sqnr_min_index"] == c
+    # Channels alike, a classifier's [N, classes], a CTC output (axis 1 is time), an identical output: nothing.
+    even = ref[:, 4:] + rng.normal(0, 0.01, (3, 6, 50))
+    assert "channel_sqnr_min_db" not in accuracy_metrics(even, ref[:, 4:], None, ["sqnr_db"])
+    assert M.worst_channel_sqnr_db(out[:, :, 0], ref[:, :, 0]) is None
+    assert "channel_sqnr_min_db" not in accuracy_metrics(out, ref, None, ["sqnr_db"], task=TaskSpec(task="ctc"))
+    assert "channel_sqnr_min_db" not in accuracy_metrics(ref, ref, None, ["sqnr_db"], task=CLASSIFICATION)
