@@ -135,8 +135,10 @@ def _hidden_channel(out: np.ndarray, ref: np.ndarray, pooled: float | None, task
     """`channel_sqnr_min_db` (and its channel) where one channel of an [N, C, ...] output is CHANNEL_GAP_DB or more
     below the pooled SQNR (a YOLO head's class rows under its box rows); nothing otherwise, nor for a CTC output,
     whose axis 1 is time."""
-    worst = M.worst_channel_sqnr_db(out, ref) if pooled is not None and task.task != "ctc" else None
-    if worst is None or worst[1] > pooled - CHANNEL_GAP_DB:  # type: ignore[operator]
+    if pooled is None or task.task == "ctc":
+        return {}
+    worst = M.worst_channel_sqnr_db(out, ref)
+    if worst is None or worst[1] > pooled - CHANNEL_GAP_DB:
         return {}
     return {"channel_sqnr_min_db": worst[1], "channel_sqnr_min_index": float(worst[0])}
 

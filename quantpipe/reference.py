@@ -24,7 +24,7 @@ from quantpipe.quantize.write import with_calibration_data
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, task_score
 
 __all__ = ["CANDIDATES_PER_RUN", "COUNTED_SCORES", "Reference", "first_samples", "prepare_reference", "run_candidates",
-           "run_output", "samples_first", "score"]
+           "join_batches", "run_output", "score"]
 
 #: Scores that count decisions (samples, lines, pixels, boxes): many layers score alike on them, so the searches
 #: order equal scores by output SQNR.
@@ -113,10 +113,10 @@ def first_samples(dataset: Any, batch_size: int, max_samples: int | None, *, nee
 
 def run_output(sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], output: str, axis: int = 0) -> np.ndarray:
     """`output` of `sess` over every batch of `feeds`, concatenated on its batch axis `axis`, which comes first."""
-    return samples_first([sess.run([output], dict(f))[0] for f in feeds], axis)
+    return join_batches([sess.run([output], dict(f))[0] for f in feeds], axis)
 
 
-def samples_first(chunks: Sequence[np.ndarray], axis: int) -> np.ndarray:
+def join_batches(chunks: Sequence[np.ndarray], axis: int) -> np.ndarray:
     """Batches of an output whose batch axis is `axis` (a time-major RNN's [T, N, C]: 1), joined, samples first."""
     out = np.concatenate(chunks, axis=axis)
     return np.ascontiguousarray(np.moveaxis(out, axis, 0)) if axis else out
@@ -187,7 +187,7 @@ def run_candidates(base: Any, candidates: Sequence[Any], feeds: Sequence[Mapping
                 if k not in parts:
                     parts[k] = session(cut.model({t: known[t].dtype for t in cut.feeds}, shapes))
                 outs[k].append(parts[k].run([output], {t: known[t] for t in cut.feeds})[0])
-    return [o[0] if k not in cut_at else samples_first(o, output_axis) for k, o in enumerate(outs)]
+    return [o[0] if k not in cut_at else join_batches(o, output_axis) for k, o in enumerate(outs)]
 
 
 def _node_costs(model: Any, shapes: Mapping[str, Any]) -> dict[str, float]:

@@ -526,7 +526,7 @@ def _data_pass(
             lo = 0
             while lo < batch.size:
                 hi = min(lo + per_run, batch.size)
-                run = batch.feeds.rows(lo, hi) if (lo, hi) != (0, batch.size) else batch.feeds
+                run = batch.feeds.rows(lo, hi)
                 feeds = {k: run[k] for k in model_inputs}
                 start = batch.start + lo
                 t0 = time.perf_counter()

@@ -351,10 +351,10 @@ def build_fp16_model(model: Any, options: Fp16Config = Fp16Config(), *,
     # Inferred value_info of converted tensors would now state the wrong type; ORT re-infers it.
     del graph.value_info[:]
 
-    if overflow:
-        top = max(overflow, key=lambda k: abs(overflow[k]))
-        warnings.append(f"{len(overflow)} activation(s) have a calibrated amax above 65504 and would overflow in "
-                        f"FP16, e.g. '{top}' ({overflow[top]:.3g}): the nodes that write or read them stay FP32")
+    ranked = tuple(sorted(overflow.items(), key=lambda kv: -abs(kv[1])))  # the largest first
+    if ranked:
+        warnings.append(f"{len(ranked)} activation(s) have a calibrated amax above 65504 and would overflow in "
+                        f"FP16, e.g. '{ranked[0][0]}' ({ranked[0][1]:.3g}): the nodes that write or read them stay FP32")
     whole = [k for k in kept if k.reason == "has a subgraph"]
     if whole:
         warnings.append(f"{len(whole)} node(s) with subgraphs (If / Loop / Scan, e.g. '{whole[0].name}') stay FP32 "
@@ -366,7 +366,7 @@ def build_fp16_model(model: Any, options: Fp16Config = Fp16Config(), *,
     report = Fp16Report(
         model_path=None, output_path=None, io_kept_fp32=options.keep_io_types, num_fp16_nodes=num_fp16,
         kept_fp32=tuple(kept), out_of_range=tuple(rw.out_of_range),
-        activation_overflow=tuple(sorted(overflow.items(), key=lambda kv: -abs(kv[1]))),
+        activation_overflow=ranked,
         underflow_values=rw.underflow, num_casts=len(rw.casts), warnings=tuple(warnings),
     )
     return m, report

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -112,9 +111,8 @@ def choose_equalize(model: Any, amax: Mapping[str, float], options: QuantizeOpti
     output bias: what those decide comes after), each run on the first EQUALIZE_SAMPLES calibration samples; True
     when it lowers the output noise against FP32 (every float output pooled, as `auto`'s ranges judge). False
     without a difference to measure (no depthwise Conv it applies to)."""
-    from quantpipe.data import sample_count, sample_rows
-    from quantpipe.metrics import SquaredSums
-    from quantpipe.ortsession import ort_session
+    from quantpipe.metrics import SquaredSums, sqnr_from_sums
+    from quantpipe.ortsession import fp32_batches, ort_session
     from quantpipe.quantize.fake_quant import output_error, output_signal, pooled
 
     base = dataclasses.replace(options, split_activations="off", output_bias=None)
@@ -125,17 +123,14 @@ def choose_equalize(model: Any, amax: Mapping[str, float], options: QuantizeOpti
     outputs = [o.name for o in model.graph.output]
     ref, a, b = (ort_session(m, int8=k > 0, optimize=False) for k, m in enumerate((model, on, off)))
     sums, signal, noise, count = SquaredSums(), 0.0, [0.0, 0.0], 0
-    for batch in calibration_data.batches(batch_size):
-        f = sample_rows(batch.feeds, 0, EQUALIZE_SAMPLES - count)
-        r = ref.run(outputs, dict(f))
+    for res, n in fp32_batches(ref, calibration_data, batch_size=batch_size, max_samples=EQUALIZE_SAMPLES):
+        r, f = [res[o] for o in outputs], {k: res[k] for k in calibration_data.input_names}
         signal += output_signal(r, sums)
-        noise = [n + output_error(s.run(outputs, dict(f)), r, sums) for n, s in zip(noise, (a, b), strict=True)]
-        count += sample_count(f)
-        if count >= EQUALIZE_SAMPLES:
-            break
-    db = [10 * math.log10(signal / n) if n > 0 and signal > 0 else math.inf for n in noise]
+        noise = [e + output_error(s.run(outputs, f), r, sums) for e, s in zip(noise, (a, b), strict=True)]
+        count += n
     log.info("equalize_depthwise auto: INT8 output SQNR%s %.1f dB with, %.1f dB without (%d calibration samples): %s",
-             pooled(outputs), db[0], db[1], count, "equalized" if noise[0] < noise[1] else "not equalized")
+             pooled(outputs), sqnr_from_sums(signal, noise[0]), sqnr_from_sums(signal, noise[1]), count,
+             "equalized" if noise[0] < noise[1] else "not equalized")
     return noise[0] < noise[1]
 
 

@@ -158,7 +158,8 @@ def _highlights(results: RunResults, variants: pd.DataFrame, latency: pd.DataFra
             parts.append(f"top-1 {format_value('top1', v['top1'])}"
                          + (f" ({format_value('top1', 0.0 - drop, delta=True)} vs {results.reference})" if drop is not None else ""))
         else:
-            key = next((m for m in KEY_ACCURACY[1:-1] if _num(v[m]) is not None), None)
+            # the task's own accuracy (top-1 has its branch above; the cosine is no highlight)
+            key = next((m for m in KEY_ACCURACY if m not in ("top1", "cosine") and _num(v[m]) is not None), None)
             if key is not None:
                 parts.append(f"{_KEY_LABELS[key].removesuffix(' with the reference')} {format_value(key, v[key])}")
         lat = latency[(latency["variant"] == v["variant"]) & latency["speedup"].notna()]
