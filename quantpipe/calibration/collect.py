@@ -26,7 +26,6 @@ host; the exact integer binning (histogram.py) makes the histograms independent 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -37,8 +36,9 @@ from typing import Any, cast
 
 import numpy as np
 
+from quantpipe.calibration.binning import Binner
 from quantpipe.calibration.device import DeviceOutputs
-from quantpipe.calibration.histogram import DEFAULT_NUM_BINS, SignedHistogram, StreamingHistogram, device_extremes
+from quantpipe.calibration.histogram import DEFAULT_NUM_BINS, SignedHistogram, StreamingHistogram
 from quantpipe.calibration.plan import TensorPlan, constant_value, is_constant, plan_tensors
 from quantpipe.data import Dataset
 from quantpipe.errors import CalibrationError, DataError, ModelError
@@ -173,64 +173,6 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# ------------------------------------------------------------------------------------------ histogram
-
-
-class _Binner:
-    """Histograms one batch's tensors on a small thread pool (numpy releases the GIL in the hot ops).
-
-    Each tensor is updated by exactly one thread per batch and batches are processed in order, so the
-    result is the same as a single thread's (histogram counts do not depend on the order anyway).
-    """
-
-    def __init__(self, hists: Mapping[str, StreamingHistogram | SignedHistogram], threads: int) -> None:
-        self.hists = hists
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
-        self.threads = threads
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-
-    def _run(self, items: list[tuple[int, str, Any, tuple[float, float] | None]]) -> list[tuple[int, str, str]]:
-        """Update each item's histogram; return the (position, name, reason) of those holding NaN/Inf."""
-        bad = []
-        for pos, name, arr, extremes in items:
-            try:
-                self.hists[name].update(arr, extremes)
-            except ValueError as err:
-                bad.append((pos, name, str(err)))
-        return bad
-
-    def add(self, arrays: Iterable[tuple[str, Any]], start: int) -> None:
-        """Histogram one batch's arrays (given in graph order)."""
-        named = [(pos, n, a) for pos, (n, a) in enumerate(arrays) if n in self.hists]
-        # Arrays on the GPU: every tensor's range read back in one copy, not one synchronisation per tensor.
-        extremes = device_extremes([a for _, _, a in named])
-        items = [(pos, n, a, e) for (pos, n, a), e in zip(named, extremes, strict=True)]
-        if self.pool is None or len(items) < 2:
-            bad = self._run(items)
-        else:
-            # Longest-first greedy split by size keeps the threads equally busy.
-            shares: list[list[tuple[int, str, Any, tuple[float, float] | None]]] = [[] for _ in range(self.threads)]
-            load = [0] * self.threads
-            for item in sorted(items, key=lambda it: -int(getattr(it[2], "size", 0))):
-                i = load.index(min(load))
-                shares[i].append(item)
-                load[i] += int(getattr(item[2], "size", 0))
-            futures = [self.pool.submit(self._run, share) for share in shares if share]
-            bad = [b for f in futures for b in f.result()]
-        if bad:
-            # Name the first tensor in graph order: where the NaN/Inf appears, not everything downstream.
-            _, name, reason = min(bad)
-            others = sorted(b[1] for b in bad if b[1] != name)
-            raise CalibrationError(
-                f"tensor '{name}' holds NaN or Inf for the batch starting at sample {start} ({reason})"
-                + (f"; {len(others)} later tensor(s) of the batch too" if others else "")
-                + ". Check that sample's data, or whether the FP32 model overflows on it; calibration needs finite values."
-            )
-
-
 def _float_output(arr: Any) -> bool:
     dtype = getattr(arr, "dtype", None)
     if dtype is None:
@@ -275,7 +217,8 @@ def collect_histograms(
 
     Raises:
         ModelError: the model cannot be read or run. DataError: the data does not fit the model.
-        CalibrationError: a tensor holds NaN/Inf, or a requested tensor does not exist.
+        CalibrationError: a tensor holds NaN, or a requested tensor does not exist. (A tensor holding +-Inf, an
+            attention mask written with -inf, gets no histogram: it has no range to calibrate and stays in float.)
     """
     t0 = time.perf_counter()
     partial = collect_partial(model, dataset, batch_size=batch_size, num_bins=num_bins, tensors=tensors,
@@ -314,6 +257,8 @@ class PartialStats:
     timing: Timing
     aliases: dict[str, str] = dataclasses.field(default_factory=dict)
     """Output of a Reshape-like node -> the tensor whose values it holds (`same_value_sources`): not run nor binned."""
+    infinite: set[str] = dataclasses.field(default_factory=set)
+    """Binned tensors that held +-Inf: they get no histogram (nor do the Relu outputs and aliases read from them)."""
 
     def merge(self, other: PartialStats) -> PartialStats:
         """Both shards' histograms added (same model and tensors; ValueError otherwise)."""
@@ -322,7 +267,8 @@ class PartialStats:
             raise ValueError("cannot merge calibration shards of different models or tensor sets")
         hists = {n: h.merge(other.hists[n]) for n, h in self.hists.items()}  # type: ignore[arg-type]
         return PartialStats(self.kinds, self.derived, hists, self.num_samples + other.num_samples,
-                            self.num_batches + other.num_batches, self.timing.plus(other.timing), self.aliases)
+                            self.num_batches + other.num_batches, self.timing.plus(other.timing), self.aliases,
+                            self.infinite | other.infinite)
 
 
 def collect_partial(
@@ -370,6 +316,7 @@ def collect_partial(
     timing = Timing(histogram=weight_seconds, plan=plan_seconds, weights=weight_seconds)
     fetch = [n for n in plan.activations if n in kinds and n not in derived and n not in aliases]
     num_batches = 0
+    infinite: set[str] = set()
     if fetch or any(k == "input" for k in kinds.values()):
         nthreads = threads or _default_threads()
         ts = time.perf_counter()
@@ -379,14 +326,15 @@ def collect_partial(
         del proto
         num_batches = _data_pass(session, dataset, fetch, kinds, hists, model_inputs, timing,
                                  batch_size=batch_size, threads=nthreads, providers=providers, on_batch=on_batch,
-                                 max_run_bytes=max_run_bytes, sized_as={a: derived.get(s, s) for a, s in aliases.items()})
+                                 max_run_bytes=max_run_bytes, sized_as={a: derived.get(s, s) for a, s in aliases.items()},
+                                 infinite=infinite)
         del session
-    return PartialStats(kinds, derived, hists, dataset.num_samples, num_batches, timing, aliases)
+    return PartialStats(kinds, derived, hists, dataset.num_samples, num_batches, timing, aliases, infinite)
 
 
 def finish_stats(partial: PartialStats, seconds: float) -> CollectedStats:
     """The CollectedStats of a finished pass (merged shards or one whole pass) that took `seconds`."""
-    kept = _final_histograms(partial.kinds, partial.derived, partial.hists, partial.aliases)
+    kept = _final_histograms(partial.kinds, partial.derived, partial.hists, partial.aliases, partial.infinite)
     t = partial.timing
     return CollectedStats(
         histograms=kept,
@@ -460,13 +408,19 @@ def _model_inputs(proto: Any, dataset: Dataset) -> list[str]:
 
 def _final_histograms(
     kinds: Mapping[str, str], derived: Mapping[str, str], hists: Mapping[str, StreamingHistogram | SignedHistogram],
-    aliases: Mapping[str, str],
+    aliases: Mapping[str, str], infinite: Iterable[str] = (),
 ) -> dict[str, StreamingHistogram]:
     """The |x| histogram of every tensor (Relu outputs from their source, aliases copied from theirs), in graph
-    order, less those that saw no values."""
+    order, less those that saw no values and those that held +-Inf (with the Relu outputs and aliases of those)."""
+    dropped = set(infinite)
+    dropped |= {n for n, src in [*derived.items(), *aliases.items()] if src in dropped}
+    if dropped:
+        names = [n for n in kinds if n in dropped]
+        log.info("%d tensor(s) hold +-Inf (an additive attention mask written with -inf): no range to calibrate, "
+                 "they stay in float: %s", len(names), names[:8])
     final = cast(dict[str, StreamingHistogram], dict.fromkeys(kinds))  # every entry is set below, in this order
     for n in kinds:
-        if n in aliases:
+        if n in aliases or n in dropped:
             continue
         if n in derived:
             final[n] = cast(SignedHistogram, hists[derived[n]]).relu()
@@ -474,7 +428,10 @@ def _final_histograms(
             h = hists[n]
             final[n] = h.absolute() if isinstance(h, SignedHistogram) else h
     for n, src in aliases.items():  # sources are never aliases themselves
-        final[n] = final[src].copy()
+        if n not in dropped:
+            final[n] = final[src].copy()
+    for n in dropped:
+        del final[n]
     empty = [n for n, h in final.items() if h.num_values == 0 and kinds[n] != "weight"]
     if empty:
         log.info("%d tensor(s) received no float values at run time and are left out: %s", len(empty), empty[:8])
@@ -504,19 +461,20 @@ def _data_pass(
     on_batch: OnBatch | None,
     max_run_bytes: int | None,
     sized_as: Mapping[str, str],
+    infinite: set[str],
 ) -> int:
     """Run every batch and histogram its inputs and exposed outputs; return the number of runs.
 
     On the CPU a batch is split into runs whose activations stay under `max_run_bytes` (sized from the
     previous run): the histograms do not depend on how the data is batched, so memory can be bounded
-    whatever batch size the caller chose. The size counts the aliases (`same_value_sources`) as if they were
+    whatever batch size the caller chose. Tensors that held +-Inf are added to `infinite`. The size counts the aliases (`same_value_sources`) as if they were
     fetched, each as large as the tensor in `sized_as` (a fetched one or an input): the runs, and so the
     histograms of tensors that do not depend on the batch, are those of a pass that fetches them.
     """
     on_device = _CUDA_EP in providers and _CUDA_EP in session.get_providers()
     device = DeviceOutputs(session, fetch) if on_device and fetch else None
     wanted_inputs = [n for n in model_inputs if kinds.get(n) == "input"]
-    binner = _Binner(hists, threads)
+    binner = Binner(hists, threads, infinite)
     total = dataset.num_samples
     done = 0
     runs = 0

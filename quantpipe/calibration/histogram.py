@@ -43,7 +43,7 @@ from quantpipe.calibration import gpu_bins
 from quantpipe.config import CalibrationConfig
 
 __all__ = ["StreamingHistogram", "SignedHistogram", "BinnedHistogram", "DEFAULT_NUM_BINS", "DEFAULT_OVERSAMPLE",
-           "device_extremes"]
+           "InfiniteValues", "device_extremes"]
 
 DEFAULT_NUM_BINS: int = CalibrationConfig.model_fields["num_bins"].default
 """TensorRT's histogram size (2048 bins); pipeline.yaml's calibration.num_bins default."""
@@ -88,6 +88,19 @@ class BinnedHistogram:
         """Bins up to and including the last non-empty one (the one holding absmax)."""
         nz = np.flatnonzero(self.counts)
         return int(nz[-1]) + 1 if nz.size else 0
+
+
+class InfiniteValues(ValueError):
+    """The tensor holds +-Inf and no NaN: an additive attention mask written with -inf, not a range to calibrate
+    (the caller leaves the tensor without a histogram; NaN stays a plain ValueError)."""
+
+
+def _non_finite(hi: float, lo: float) -> ValueError:
+    """The error for extremes that are not both finite: NaN where either is NaN (max and min propagate it), else
+    InfiniteValues."""
+    if math.isnan(hi) or math.isnan(lo):
+        return ValueError("NaN value")
+    return InfiniteValues("Inf value")
 
 
 def _is_cupy(x: Any) -> bool:
@@ -241,7 +254,7 @@ class StreamingHistogram:
         (max, min) as `device_extremes` read them, so that this update reads nothing back from the device.
 
         Raises:
-            ValueError: `x` holds NaN or Inf (the caller names the tensor).
+            ValueError: `x` holds NaN (the caller names the tensor); InfiniteValues (a ValueError): Inf and no NaN.
         """
         if _is_cupy(x):
             self._update_generic(x, sys.modules["cupy"], extremes)
@@ -257,7 +270,7 @@ class StreamingHistogram:
             np.abs(chunk, out=buf)
             m = float(buf.max())
             if not math.isfinite(m):
-                raise ValueError("NaN or Inf value")
+                raise _non_finite(m, m)
             if m > self.absmax:
                 self.absmax = m
             if m == 0.0:
@@ -290,11 +303,13 @@ class StreamingHistogram:
         mag = xp.abs(flat if flat.dtype == xp.float32 else flat.astype(xp.float32))
         if extremes is not None:  # max |x| of the same float32 values, without a read-back here
             hi, lo = extremes
-            m = max(hi, -lo) if math.isfinite(hi) and math.isfinite(lo) else math.inf
+            if not (math.isfinite(hi) and math.isfinite(lo)):
+                raise _non_finite(hi, lo)
+            m = max(hi, -lo)
         else:
             m = float(mag.max())
-        if not math.isfinite(m):
-            raise ValueError("NaN or Inf value")
+            if not math.isfinite(m):
+                raise _non_finite(m, m)
         if m < _TINY:
             # GPU kernels may flush float32 subnormals to zero (in arithmetic and in casts): at this scale
             # decode |x| from its bits into float64, where the values are normal and the products exact.
@@ -474,7 +489,7 @@ class SignedHistogram:
         `flat`'s (max, min) when the caller read them already (`device_extremes`)."""
         hi, lo = extremes if extremes is not None else (float(v) for v in cp.stack([flat.max(), flat.min()]).get())
         if not (math.isfinite(hi) and math.isfinite(lo)):
-            raise ValueError("NaN or Inf value")
+            raise _non_finite(hi, lo)
         tops = (max(hi, 0.0), max(-lo, 0.0))
         if any(0.0 < t < _TINY for t in tops):
             return False  # subnormal scale: the plain path decodes the bits in float64
@@ -497,7 +512,8 @@ class SignedHistogram:
         return True
 
     def update(self, x: Any, extremes: tuple[float, float] | None = None) -> None:
-        """Add every element of `x` (numpy; CuPy in one fused kernel, `gpu_bins`). ValueError on NaN/Inf.
+        """Add every element of `x` (numpy; CuPy in one fused kernel, `gpu_bins`). ValueError on NaN,
+        InfiniteValues on Inf.
         `extremes`: as `StreamingHistogram.update` takes them."""
         if _is_cupy(x):
             xp = sys.modules["cupy"]
@@ -521,7 +537,7 @@ class SignedHistogram:
             k = chunk.size
             hi, lo = float(chunk.max()), float(chunk.min())
             if not (math.isfinite(hi) and math.isfinite(lo)):
-                raise ValueError("NaN or Inf value")
+                raise _non_finite(hi, lo)
             if lo >= 0.0 or hi <= 0.0:
                 # One-signed chunk: one side takes |x| (the plain path), the other k zeros.
                 side, other = (pos, neg) if lo >= 0.0 else (neg, pos)

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantpipe.artifacts import TensorInfo
 from quantpipe.calibration import collect_histograms, compute_amax
-from quantpipe.calibration.histogram import SignedHistogram, StreamingHistogram, device_extremes
+from quantpipe.calibration.histogram import InfiniteValues, SignedHistogram, StreamingHistogram, device_extremes
 from quantpipe.data import open_dataset
 
 pytestmark = pytest.mark.gpu
@@ -75,14 +75,16 @@ def test_cupy_histograms_are_bit_identical_to_numpy(cupy: Any, kind: str, kernel
     assert gpu == cpu
 
 
-def test_cupy_nan_is_refused(cupy: Any) -> None:
-    for value in (np.nan, np.inf, -np.inf):
-        bad = cupy.asarray(np.array([1.0, value, -2.0], dtype=np.float32))
+def test_cupy_nan_is_refused_and_inf_told_apart(cupy: Any) -> None:
+    for values, error in (([1.0, np.nan, -2.0], "NaN value"), ([1.0, np.inf, -2.0], "Inf value"),
+                          ([1.0, -np.inf, -2.0], "Inf value"), ([np.inf, np.nan, -np.inf], "NaN value")):
+        bad = cupy.asarray(np.array(values, dtype=np.float32))
         (ext,) = device_extremes([bad])
         for h in (StreamingHistogram(), SignedHistogram()):
             for given in (None, ext):
-                with pytest.raises(ValueError, match="NaN or Inf"):
+                with pytest.raises(ValueError, match=error) as err:
                     h.update(bad, given)
+                assert isinstance(err.value, InfiniteValues) == (error == "Inf value")
 
 
 def test_device_extremes_read_every_range_in_one_copy(cupy: Any) -> None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from quantpipe.calibration.histogram import SignedHistogram, StreamingHistogram
+from quantpipe.calibration.histogram import InfiniteValues, SignedHistogram, StreamingHistogram
 
 RNG = np.random.default_rng(1234)
 
@@ -91,10 +91,17 @@ def test_all_zero_and_constant_tensors() -> None:
     assert c.absmax == 0.75 and bc.counts.sum() == 100 and bc.counts[bc.used_bins - 1] == 100
 
 
-def test_nan_and_inf_are_rejected() -> None:
-    for bad in (np.nan, np.inf, -np.inf):
-        with pytest.raises(ValueError, match="NaN or Inf"):
-            StreamingHistogram().update(np.array([1.0, bad], np.float32))
+def test_nan_and_inf_are_rejected_apart() -> None:
+    """Inf alone is InfiniteValues (the collector leaves that tensor out: a -inf mask); NaN, alone or beside an Inf,
+    a plain ValueError (calibration stops)."""
+    for cls in (StreamingHistogram, SignedHistogram):
+        for bad in (np.inf, -np.inf):
+            with pytest.raises(InfiniteValues, match="Inf value"):
+                cls().update(np.array([1.0, bad, -2.0], np.float32))
+        for values in ([1.0, np.nan], [np.inf, np.nan, 1.0], [np.nan, -np.inf]):
+            with pytest.raises(ValueError, match="NaN value") as err:
+                cls().update(np.array(values, np.float32))
+            assert not isinstance(err.value, InfiniteValues)
 
 
 def test_subnormal_and_huge_values_are_binned_exactly() -> None:

@@ -15,11 +15,18 @@ def square(x: int) -> int:
     return x * x
 
 
-def slow_first(x: int) -> int:
-    """Item 0 finishes last, so results arrive out of order."""
-    if x == 0:
-        import time
+def slow_first(item: int | tuple[int, str]) -> int:
+    """Item 0 finishes last, so results arrive out of order. Given (x, folder), item 0 first waits until items 1-4
+    have each left a file in `folder` (a loaded machine can start a worker later than a fixed sleep)."""
+    import time
 
+    x, folder = item if isinstance(item, tuple) else (item, None)
+    if folder is not None and x != 0:
+        Path(folder, str(x)).touch()
+    if x == 0:
+        deadline = time.monotonic() + 60
+        while folder is not None and len(os.listdir(folder)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
         time.sleep(0.5)
     return x
 

@@ -31,9 +31,10 @@ def test_workers_1_is_in_process():
     assert isinstance(make_executor(ExecutionConfig(engine="ray", workers=2)), RayPool)  # nothing starts yet
 
 
-def test_results_come_back_in_order(pool):
+def test_results_come_back_in_order(pool, tmp_path):
     seen = []
-    assert pool.map(helpers.slow_first, list(range(5)), on_result=lambda i, r: seen.append(i)) == list(range(5))
+    items = [(i, str(tmp_path)) for i in range(5)]
+    assert pool.map(helpers.slow_first, items, on_result=lambda i, r: seen.append(i)) == list(range(5))
     assert sorted(seen) == list(range(5)) and seen[-1] == 0  # finished last, still first in the results
     assert pool.threads_per_worker >= 1
 
