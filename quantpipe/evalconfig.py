@@ -83,6 +83,9 @@ class LatencyConfig(StrictModel):
     warmup: int = Field(default=10, ge=0)
     iterations: int = Field(default=50, ge=1)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    max_seconds: float | None = Field(default=60.0, gt=0)
+    """Per variant and batch size: where one run is slow enough that warmup + iterations would pass this, fewer
+    runs are timed (at least 5) and the log says so; None: always the configured counts."""
 
     @field_validator("batch_sizes")
     @classmethod

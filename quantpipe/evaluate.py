@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -150,6 +150,34 @@ def latency_feeds(dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(np.take(arr, rows, axis=first.axes.get(name, 0))) for name, arr in first.items()}
 
 
+#: The fewest timed runs a latency budget (`evaluate.latency.max_seconds`) cuts a measurement to.
+MIN_LATENCY_ITERATIONS = 5
+
+
+def measure_latency(runner: Runner, feeds: Mapping[str, np.ndarray], batch_size: int, warmup: int, iterations: int,
+                    max_seconds: float | None) -> LatencyStats:
+    """Time `runner` on `feeds`: one untimed run first (one of the `warmup` runs) says how long a run takes; where
+    warmup + iterations of it would pass `max_seconds`, fewer runs are timed (at least MIN_LATENCY_ITERATIONS,
+    warm-up cut to a tenth of them) and the log says so, and any measurement of more than 30 s is announced with
+    its estimate first (a 144160-sample audio model at batch 32 on 2 cores: 11 s a run, 11 minutes as configured)."""
+    first = float(np.asarray(runner.measure(feeds, 0, 1).total, dtype=np.float64)[0]) / 1e3
+    runs = max(warmup, 1) + iterations
+    if max_seconds is not None and runs * first > max_seconds:
+        fit = max(MIN_LATENCY_ITERATIONS, int(max_seconds / first) if first > 0 else runs)
+        cut_warmup = min(warmup, max(1, fit // 10))
+        cut_iterations = max(MIN_LATENCY_ITERATIONS, fit - cut_warmup)
+        log.info("latency of %s at batch %d: one run takes %.1f s, so %d timed runs (+%d warm-up) instead of %d "
+                 "(+%d) keep it near evaluate.latency.max_seconds (%g s)", runner.name, batch_size, first,
+                 cut_iterations, cut_warmup, iterations, warmup, max_seconds)
+        warmup, iterations = cut_warmup, cut_iterations
+    more = max(warmup - 1, 0) + iterations
+    if more * first > 30.0:
+        log.info("latency of %s at batch %d: about %.0f s more (%d runs of %.1f s)", runner.name, batch_size,
+                 more * first, more, first)
+    # The first run was a warm-up run: the record says so even where none was asked for.
+    return latency_stats(runner.measure(feeds, max(warmup - 1, 0), iterations), batch_size, max(warmup, 1))
+
+
 def latency_stats(t: Timings, batch_size: int, warmup: int) -> LatencyStats:
     """Summarise per-iteration times: median / p90 / p99 and throughput at the median."""
     a = np.asarray(t.total, dtype=np.float64)
@@ -188,6 +216,7 @@ def evaluate_variant(
     latency_batch_sizes: Sequence[int] = (),
     warmup: int = 10,
     iterations: int = 50,
+    max_seconds: float | None = None,
     on_batch: ProgressFn | None = None,
     task: TaskSpec = CLASSIFICATION,
     hooks: Sequence[str] = (),
@@ -197,7 +226,7 @@ def evaluate_variant(
     """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference).
 
     `outputs`: the variant's outputs on `dataset` computed elsewhere (`sharded_outputs`); the runner then only
-    measures latency.
+    measures latency. `max_seconds`: each batch size's latency budget (`measure_latency`).
     """
     classify = task.task == "classification"
     if outputs is None:
@@ -219,7 +248,7 @@ def evaluate_variant(
                         "leading input dimension)", bs, runner.name, dataset.max_batch)
             continue
         feeds = latency_feeds(dataset, bs)
-        lat.append(latency_stats(runner.measure(feeds, warmup, iterations), bs, warmup))
+        lat.append(measure_latency(runner, feeds, bs, warmup, iterations, max_seconds))
     classes = int(out.shape[1]) if _is_classifier(out) and task.task == "classification" else None
     return EvalResult(variant=runner.name, num_samples=dataset.num_samples, metrics=values, latency=tuple(lat),
                       num_classes=classes), out

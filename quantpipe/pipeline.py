@@ -230,6 +230,7 @@ def stage_evaluate(
                 runner, li.eval, output=li.output, batch_size=cfg.data.batch_size, metrics=wanted,
                 reference=reference, ref_labelled=ref_labelled,
                 latency_batch_sizes=lat.batch_sizes if n_lat else (), warmup=lat.warmup, iterations=lat.iterations,
+                max_seconds=lat.max_seconds,
                 on_batch=advance, task=task, hooks=hooks if v.name != ref_name else (),  # the ref's: below, vs itself
                 outputs=outputs.get(v.name), output_axis=cfg.model.output_batch_axis,
             )

@@ -82,3 +82,41 @@ def test_outputs_that_change_shape_with_the_samples_are_bad_input_exit_2() -> No
     with pytest.raises(DataError, match="evaluation samples differ in shape") as e:
         stack_outputs([np.zeros((2, 3, 40, 60), np.float32), np.zeros((1, 3, 48, 64), np.float32)], "ort-int8", "map")
     assert e.value.exit_code == 2
+
+
+class _Clocked:
+    """A runner whose every run 'takes' `seconds` (no sleeping): what measure_latency asks of it is recorded."""
+
+    name = "ort-fp32"
+    device = "cpu"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, []
+
+    def measure(self, feeds, warmup, iterations):
+        from quantpipe.backends.base import Timings
+
+        self.calls.append((warmup, iterations))
+        return Timings(total=np.full(iterations, self.seconds * 1e3), timer="perf_counter")
+
+
+def test_latency_of_a_slow_model_is_cut_to_its_budget_and_said(caplog) -> None:
+    import logging
+
+    from quantpipe.evaluate import MIN_LATENCY_ITERATIONS, measure_latency
+
+    fast = _Clocked(0.01)
+    stats = measure_latency(fast, {}, 32, 10, 50, 60.0)
+    assert fast.calls == [(0, 1), (9, 50)] and (stats.warmup, stats.iterations) == (10, 50)  # the probe: a warm-up
+    slow = _Clocked(2.0)  # 60 runs would take 120 s
+    with caplog.at_level(logging.INFO, logger="quantpipe"):
+        stats = measure_latency(slow, {}, 32, 10, 50, 60.0)
+    assert slow.calls == [(0, 1), (2, 27)] and (stats.warmup, stats.iterations) == (3, 27)
+    assert "one run takes 2.0 s, so 27 timed runs (+3 warm-up) instead of 50 (+10)" in caplog.text
+    glacial = _Clocked(30.0)
+    stats = measure_latency(glacial, {}, 32, 10, 50, 60.0)
+    assert glacial.calls == [(0, 1), (0, MIN_LATENCY_ITERATIONS)] and stats.iterations == MIN_LATENCY_ITERATIONS
+    unbounded = _Clocked(2.0)
+    with caplog.at_level(logging.INFO, logger="quantpipe"):
+        measure_latency(unbounded, {}, 32, 0, 50, None)
+    assert unbounded.calls == [(0, 1), (0, 50)] and "about 100 s more (50 runs of 2.0 s)" in caplog.text
