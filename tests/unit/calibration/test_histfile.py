@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from quantpipe.calibration import compute_all, method_tables
 from quantpipe.calibration.histfile import FORMAT_VERSION, histograms_npz, load_histograms, save_histograms
 from quantpipe.calibration.histogram import StreamingHistogram
 from quantpipe.errors import CalibrationError
@@ -100,6 +101,9 @@ def test_a_format1_file_reads_the_same(tmp_path: Path) -> None:
     old, old_kinds = load_histograms(tmp_path / "calibration" / "histograms.npz")
     _assert_same(old, hists)
     assert old_kinds == kinds
+    # A workspace calibrated before format 2: its reuse (`calibration.use: auto` / `best`) reads the file as it is.
+    assert method_tables(tmp_path / "calibration", ["entropy", "minmax"], [], percentile=99.9) == compute_all(
+        hists, ["entropy", "minmax"], percentile=99.9)
     report_old, _ = report_histograms(tmp_path)
     save_histograms(tmp_path / "calibration" / "histograms.npz", hists, kinds)
     report_new, _ = report_histograms(tmp_path)
