@@ -88,10 +88,8 @@ def _columns(histograms: Mapping[str, StreamingHistogram], kinds: Mapping[str, s
     binned = [h.binned() for h in hists]
     fine = [_used_counts(h) for h in hists]
     itemsize = [np.dtype(_smallest_type(f)).itemsize for f in fine]
-    groups: dict[int, list[np.ndarray]] = {size: [] for size in _ITEMSIZES}
     start, filled = [], dict.fromkeys(_ITEMSIZES, 0)
     for f, size in zip(fine, itemsize, strict=True):
-        groups[size].append(f)
         start.append(filled[size])
         filled[size] += f.size
     counts = np.concatenate([b.counts for b in binned]) if binned else np.zeros(0, dtype=np.int64)
@@ -111,9 +109,10 @@ def _columns(histograms: Mapping[str, StreamingHistogram], kinds: Mapping[str, s
         "fine_start": np.asarray(start, dtype=np.int64),
         "fine_used": np.asarray([f.size for f in fine], dtype=np.int64),
     }
-    for size, dtype in _ITEMSIZES.items():
-        parts = [f.astype(dtype) for f in groups[size]]
-        arrays[f"fine_counts_{size}"] = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    stores = {size: np.empty(filled[size], dtype=dtype) for size, dtype in _ITEMSIZES.items()}
+    for f, size, at in zip(fine, itemsize, start, strict=True):
+        stores[size][at:at + f.size] = f  # cast in the copy: one pass over each tensor's counts
+    arrays.update((f"fine_counts_{size}", store) for size, store in stores.items())
     return arrays
 
 
