@@ -2,7 +2,7 @@
 
 `calibrate` is the stage (pipeline and `quantpipe calibrate`): one pass of ONNX Runtime over the data
 (collect.py), every method computed from the same histograms (methods.py), and per method a TensorRT
-cache plus its JSON sidecar, with one shared histograms.npz (cache.py). The scales are bit-identical
+cache plus its JSON sidecar, with one shared histograms.npz (histfile.py). The scales are bit-identical
 whatever the batch size (histogram.py explains why).
 
 Files in `out_dir` mode: `<method>.cache`, `<method>.json`, `histograms.npz`.
@@ -29,17 +29,15 @@ from quantpipe.calibration.cache import (
     LoadedCache,
     TrtCache,
     amax_to_scale,
-    histograms_npz,
     load_cache,
-    load_histograms,
     make_fingerprint,
     read_trt_cache,
     sidecar_path,
-    write_histograms,
     write_sidecar,
     write_trt_cache,
 )
 from quantpipe.calibration.collect import CollectedStats, collect_histograms
+from quantpipe.calibration.histfile import histograms_npz, load_histograms, write_histograms
 from quantpipe.calibration.histogram import DEFAULT_NUM_BINS, BinnedHistogram, StreamingHistogram
 from quantpipe.calibration.methods import (
     BASE_METHODS,

@@ -1,4 +1,4 @@
-"""TensorRT calibration caches, their JSON sidecars and the saved histograms; stale caches are refused.
+"""TensorRT calibration caches and their JSON sidecars; stale caches are refused (histograms.npz: histfile.py).
 
 The cache is TensorRT's own text format (NVIDIA/TensorRT samples/sampleINT8/README.md, "Calibration
 file"): a header `TRT-<version>-<algorithm>`, then one `tensor: <hex>` line per tensor, the hex being
@@ -21,23 +21,20 @@ Every file is written atomically; the sidecar, which holds the cache's sha256, i
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
 import re
 import struct
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quantpipe.calibration.histogram import StreamingHistogram
 from quantpipe.config import CalibrationConfig
 from quantpipe.errors import CalibrationError, StaleArtifactError
-from quantpipe.fsutil import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from quantpipe.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from quantpipe.int8 import INT8_MAX
 
 __all__ = [
@@ -60,10 +57,6 @@ __all__ = [
     "make_fingerprint",
     "write_sidecar",
     "load_cache",
-    "save_histograms",
-    "histograms_npz",
-    "write_histograms",
-    "load_histograms",
 ]
 
 DEFAULT_TRT_VERSION: str = CalibrationConfig.model_fields["trt_version"].default
@@ -397,89 +390,3 @@ def load_cache(cache_path: str | os.PathLike[str], expected_fingerprint: Mapping
     tensors = sidecar.get("tensors") or {}
     amax = {name: float(info["amax"]) for name, info in tensors.items() if isinstance(info, dict) and "amax" in info}
     return LoadedCache(cache=trt, amax=amax, sidecar=sidecar, cache_path=cache, json_path=json_path)
-
-
-# ---------------------------------------------------------------------------------------- histograms
-
-
-def save_histograms(
-    path: str | os.PathLike[str],
-    histograms: Mapping[str, StreamingHistogram],
-    kinds: Mapping[str, str],
-) -> Path:
-    """Write every histogram to one compressed .npz (`histograms_npz`), atomically."""
-    return write_histograms(path, histograms_npz(histograms, kinds))
-
-
-def write_histograms(path: str | os.PathLike[str], npz: bytes) -> Path:
-    """Write `histograms_npz`' bytes to `path`, atomically."""
-    dest = Path(path)
-    with atomic_path(dest, suffix=".npz") as tmp:
-        tmp.write_bytes(npz)
-    return dest
-
-
-def histograms_npz(histograms: Mapping[str, StreamingHistogram], kinds: Mapping[str, str]) -> bytes:
-    """Every histogram as the bytes of one compressed .npz.
-
-    Per tensor `<name>/counts` and `<name>/bin_width` (the binned histogram the methods and the report
-    use: bins start at 0), plus the exact streaming state (`fine_counts`, `range_exp`, `absmax`,
-    `num_values`, `kind`), so the histograms can be reloaded and methods recomputed bit for bit.
-    """
-    arrays: dict[str, np.ndarray] = {}
-    for name, h in histograms.items():
-        b = h.binned()
-        arrays[f"{name}/counts"] = b.counts
-        arrays[f"{name}/bin_width"] = np.asarray(b.bin_width, dtype=np.float64)
-        arrays[f"{name}/absmax"] = np.asarray(h.absmax, dtype=np.float64)
-        arrays[f"{name}/num_values"] = np.asarray(h.num_values, dtype=np.int64)
-        arrays[f"{name}/num_bins"] = np.asarray(h.num_bins, dtype=np.int64)
-        arrays[f"{name}/kind"] = np.asarray(kinds.get(name, "activation"))
-        if h.range_exp is not None:
-            arrays[f"{name}/range_exp"] = np.asarray(h.range_exp, dtype=np.int64)
-        # The exact state, trimmed after the last non-empty fine bin and in the smallest integer type that
-        # holds it (the file is written compressed; this keeps it small and quick to write).
-        nz = np.flatnonzero(h.counts)
-        fine = h.counts[: int(nz[-1]) + 1 if nz.size else 1]
-        peak = int(fine.max(initial=0))
-        dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.int64) if peak <= np.iinfo(t).max)
-        arrays[f"{name}/fine_counts"] = fine.astype(dtype)
-        arrays[f"{name}/fine_bins"] = np.asarray(h.fine_bins, dtype=np.int64)
-    # np.savez_compressed's zlib level 6 takes ~1 s for a ResNet's histograms; level 1 is several times
-    # faster and nearly as small (the counts are small integers).
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for key, arr in arrays.items():
-            with zf.open(key + ".npy", "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def load_histograms(path: str | os.PathLike[str]) -> tuple[dict[str, StreamingHistogram], dict[str, str]]:
-    """Read save_histograms' file back: (tensor -> histogram, tensor -> kind), in the saved order."""
-    p = Path(path)
-    try:
-        z = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise CalibrationError(f"calibration histograms {p} cannot be read ({err}); re-run calibration.") from err
-    hists: dict[str, StreamingHistogram] = {}
-    kinds: dict[str, str] = {}
-    with z:
-        keys = set(z.files)
-        for key in z.files:
-            if not key.endswith("/fine_counts"):
-                continue
-            name = key[: -len("/fine_counts")]
-            rexp = f"{name}/range_exp"
-            fine = np.zeros(int(z[f"{name}/fine_bins"]), dtype=np.int64)
-            stored = z[key]
-            fine[: stored.size] = stored
-            hists[name] = StreamingHistogram.from_state(
-                int(z[f"{name}/num_bins"]),
-                fine,
-                int(z[rexp]) if rexp in keys else None,
-                float(z[f"{name}/absmax"]),
-                int(z[f"{name}/num_values"]),
-            )
-            kinds[name] = str(z[f"{name}/kind"])
-    return hists, kinds

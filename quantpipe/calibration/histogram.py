@@ -423,7 +423,7 @@ class StreamingHistogram:
     def from_state(
         cls, num_bins: int, counts: np.ndarray, range_exp: int | None, absmax: float, num_values: int
     ) -> StreamingHistogram:
-        """Rebuild a histogram from its saved state (see cache.save_histograms)."""
+        """Rebuild a histogram from its saved state (see histfile.save_histograms)."""
         counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         if counts.size < 2 or counts.size & (counts.size - 1):
             raise ValueError(f"a histogram needs a power-of-two number of fine bins, got {counts.size}")

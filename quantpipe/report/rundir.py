@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -257,35 +258,59 @@ def load_histograms(run_dir: str | os.PathLike[str]) -> tuple[dict[str, TensorHi
 
 
 def _read_histograms(path: Path) -> dict[str, TensorHistogram]:
-    """Parse histograms.npz (quantpipe.calibration.cache.save_histograms), activations and inputs only.
-
-    Per tensor `<name>/counts` with its bins given by `<name>/edges`, or `<name>/bin_width` (bins from 0:
-    histograms of |x|; what calibration writes: the binned histogram its methods used), or
-    `<name>/range` ([lo, hi]). `<name>/kind` == "weight" entries are left out (weights are not
-    calibrated from data). Only these small arrays are read, not the exact streaming state.
-    """
-    out: dict[str, TensorHistogram] = {}
+    """Parse histograms.npz (quantpipe.calibration.histfile), activations and inputs only: the binned histograms,
+    not the exact streaming state. Kind "weight" is left out (weights are not calibrated from data)."""
     with np.load(path, allow_pickle=False) as npz:
-        keys = set(npz.files)
-        for key in npz.files:  # the saved order is graph order
-            if not key.endswith("/counts"):
-                continue
-            name = key[: -len("/counts")]
-            if f"{name}/kind" in keys and str(npz[f"{name}/kind"]) == "weight":
-                continue
-            counts = np.asarray(npz[key], dtype=np.float64).reshape(-1)
-            n = counts.size
-            if f"{name}/edges" in keys:
-                edges = np.asarray(npz[f"{name}/edges"], dtype=np.float64).reshape(-1)
-            elif f"{name}/bin_width" in keys:
-                edges = np.arange(n + 1, dtype=np.float64) * float(npz[f"{name}/bin_width"])
-            elif f"{name}/range" in keys:
-                lo, hi = (float(x) for x in np.asarray(npz[f"{name}/range"]).reshape(-1)[:2])
-                edges = np.linspace(lo, hi, n + 1)
-            else:
-                continue
-            if n and edges.shape == (n + 1,) and np.all(np.isfinite(edges)):
-                out[name] = TensorHistogram(name, counts, edges)
+        if "format_version" in npz.files:
+            return _read_columns(npz)
+        return _read_per_tensor(npz)
+
+
+def _read_columns(npz: Any) -> dict[str, TensorHistogram]:
+    """format_version 2: `names`, `kinds`, `num_bins`, `bin_width` per tensor; `counts`, every tensor's bins
+    one after the other."""
+    version = int(npz["format_version"])
+    if version != 2:
+        raise ValueError(f"histograms.npz format_version {version} is not one this quantpipe reads (2)")
+    names, kinds = npz["names"].tolist(), npz["kinds"].tolist()
+    num_bins, widths = npz["num_bins"].tolist(), npz["bin_width"].tolist()
+    counts = np.asarray(npz["counts"], dtype=np.float64)
+    if not len(names) == len(kinds) == len(num_bins) == len(widths) or counts.size != sum(num_bins):
+        raise ValueError("its per-tensor arrays do not agree in length")
+    out: dict[str, TensorHistogram] = {}
+    start = 0
+    for name, kind, n, width in zip(names, kinds, num_bins, widths, strict=True):
+        bins, start = counts[start:start + n], start + n
+        if kind != "weight" and n and math.isfinite(width):
+            out[name] = TensorHistogram(name, bins, np.arange(n + 1, dtype=np.float64) * width)
+    return out
+
+
+def _read_per_tensor(npz: Any) -> dict[str, TensorHistogram]:
+    """Format 1 (quantpipe before format_version 2) and other tools' files: per tensor `<name>/counts` with its
+    bins given by `<name>/edges`, or `<name>/bin_width` (bins from 0: histograms of |x|), or `<name>/range`
+    ([lo, hi]); `<name>/kind` == "weight" entries are left out."""
+    out: dict[str, TensorHistogram] = {}
+    keys = set(npz.files)
+    for key in npz.files:  # the saved order is graph order
+        if not key.endswith("/counts"):
+            continue
+        name = key[: -len("/counts")]
+        if f"{name}/kind" in keys and str(npz[f"{name}/kind"]) == "weight":
+            continue
+        counts = np.asarray(npz[key], dtype=np.float64).reshape(-1)
+        n = counts.size
+        if f"{name}/edges" in keys:
+            edges = np.asarray(npz[f"{name}/edges"], dtype=np.float64).reshape(-1)
+        elif f"{name}/bin_width" in keys:
+            edges = np.arange(n + 1, dtype=np.float64) * float(npz[f"{name}/bin_width"])
+        elif f"{name}/range" in keys:
+            lo, hi = (float(x) for x in np.asarray(npz[f"{name}/range"]).reshape(-1)[:2])
+            edges = np.linspace(lo, hi, n + 1)
+        else:
+            continue
+        if n and edges.shape == (n + 1,) and np.all(np.isfinite(edges)):
+            out[name] = TensorHistogram(name, counts, edges)
     return out
 
 

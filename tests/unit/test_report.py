@@ -372,14 +372,14 @@ def test_histograms_npz_layouts(tmp_path: Path) -> None:
 
 
 def test_histograms_written_by_calibration_are_read(tmp_path: Path) -> None:
-    cache = pytest.importorskip("quantpipe.calibration.cache", reason="the calibration cache module is not present")
+    histfile = pytest.importorskip("quantpipe.calibration.histfile", reason="the histograms file module is not present")
     from quantpipe.calibration.histogram import StreamingHistogram
     from quantpipe.report.rundir import load_histograms
 
     h = StreamingHistogram(2048)
     h.update(np.random.default_rng(0).standard_normal(5000).astype(np.float32))
     (tmp_path / "calibration").mkdir()
-    cache.save_histograms(tmp_path / "calibration" / "histograms.npz", {"x": h, "w": h}, {"x": "activation", "w": "weight"})
+    histfile.save_histograms(tmp_path / "calibration" / "histograms.npz", {"x": h, "w": h}, {"x": "activation", "w": "weight"})
     hists, reason = load_histograms(tmp_path)
     assert reason is None and list(hists) == ["x"]
     x = hists["x"]

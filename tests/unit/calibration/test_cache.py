@@ -22,7 +22,8 @@ from quantpipe.calibration import (
     sidecar_path,
     write_trt_cache,
 )
-from quantpipe.calibration.cache import decode_trt_version, encode_trt_version, save_histograms
+from quantpipe.calibration.cache import decode_trt_version, encode_trt_version
+from quantpipe.calibration.histfile import save_histograms
 from quantpipe.calibration.histogram import StreamingHistogram
 from quantpipe.data import open_dataset
 from quantpipe.errors import CalibrationError, ConfigError, StaleArtifactError
@@ -137,13 +138,14 @@ def test_calibrate_writes_caches_sidecars_and_histograms(tmp_path: Path) -> None
     minmax = read_trt_cache(summaries[1].cache_path)
     assert minmax.algorithm == "MinMaxCalibration"
     assert minmax.scales["x"] == float(np.float32(np.abs(np.load(tmp_path / "d.npz")["x"]).max() / 127))
-    # The saved histograms reload exactly and give the same amax (the report reads <name>/counts).
+    # The saved histograms reload exactly and give the same amax (the report reads counts and bin_width).
     hists, kinds = load_histograms(out / "histograms.npz")
     assert kinds["W"] == "weight" and set(hists) == {"x", "W", "h", "y"}
     assert select_amax(out, "entropy", summaries) == {k: v for k, v in side_amax(s.json_path).items() if k != "W"}
     assert set(select_amax(out, "best", summaries[:2])) == {"x", "h", "y"}
     with np.load(out / "histograms.npz") as z:
-        assert z["h/counts"].shape == (2048,) and float(z["h/bin_width"]) > 0
+        h = list(z["names"]).index("h")
+        assert z["counts"].shape == (4 * 2048,) and z["num_bins"][h] == 2048 and z["bin_width"][h] > 0
 
 
 def side_amax(json_path: str) -> dict[str, float]:
