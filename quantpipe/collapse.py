@@ -41,7 +41,8 @@ def _problems(e: EvalResult, sqnr_db: float, agreement: float, word: str) -> lis
     c = e.metrics.get("channel_sqnr_min_db")
     if c is not None and float(c) < sqnr_db:
         k = int(e.metrics.get("channel_sqnr_min_index") or 0)
-        out.append(f"output channel {k} at {float(c):.2f} dB against FP32 ({word} below {sqnr_db:g} dB), hidden in "
+        axis = int(e.metrics.get("channel_sqnr_min_axis") or 1)
+        out.append(f"output channel {k} (axis {axis}) at {float(c):.2f} dB against FP32 ({word} below {sqnr_db:g} dB), hidden in "
                    f"the pooled SQNR by larger channels (a detection head's boxes over its class scores)")
     for m in AGREEMENT_METRICS:
         v = e.metrics.get(m)

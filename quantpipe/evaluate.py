@@ -23,6 +23,7 @@ from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
 __all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner",
+           "with_sessions_checked", "ORT_OPTIMIZATION_KEY",
            "OutputsJob", "outputs_job", "sharded_outputs", "shardable", "stack_outputs"]
 
 log = logging.getLogger(__name__)
@@ -132,15 +133,16 @@ CHANNEL_GAP_DB = 10.0
 
 
 def _hidden_channel(out: np.ndarray, ref: np.ndarray, pooled: float | None, task: TaskSpec) -> dict[str, float]:
-    """`channel_sqnr_min_db` (and its channel) where one channel of an [N, C, ...] output is CHANNEL_GAP_DB or more
-    below the pooled SQNR (a YOLO head's class rows under its box rows); nothing otherwise, nor for a CTC output,
-    whose axis 1 is time."""
+    """`channel_sqnr_min_db` (its channel and that channel's axis, `metrics.channel_axis`) where one channel of an
+    output of rank 3 or more is CHANNEL_GAP_DB or more below the pooled SQNR (a YOLO head's class rows under its box
+    rows); nothing otherwise, nor for a CTC output, whose axis 1 is time."""
     if pooled is None or task.task == "ctc":
         return {}
     worst = M.worst_channel_sqnr_db(out, ref)
-    if worst is None or worst[1] > pooled - CHANNEL_GAP_DB:
+    if worst is None or worst[2] > pooled - CHANNEL_GAP_DB:
         return {}
-    return {"channel_sqnr_min_db": worst[1], "channel_sqnr_min_index": float(worst[0])}
+    return {"channel_sqnr_min_db": worst[2], "channel_sqnr_min_index": float(worst[1]),
+            "channel_sqnr_min_axis": float(worst[0])}
 
 
 def latency_feeds(dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:
@@ -267,12 +269,50 @@ def accuracy_threads(configured: int | None) -> int:
     return configured or 1
 
 
+#: Variant.details key of an onnxruntime variant run below onnxruntime's default optimization level.
+ORT_OPTIMIZATION_KEY = "onnxruntime_optimization"
+
+
+def with_sessions_checked(variants: Sequence[Variant]) -> list[Variant]:
+    """Each onnxruntime variant's session created first in a child process (all at once): where onnxruntime crashes
+    the process creating it (onnxruntime 1.32 segfaults in a graph optimizer on quantpipe's FP16 model of a
+    transformer), the variant runs at the highest optimization level that does not, which the log and its details
+    say; where every level crashes, it is skipped with the reason. A crash then costs that variant, not the run
+    and its report."""
+    import concurrent.futures
+
+    from quantpipe.backends.onnxruntime import survivable_optimization
+
+    ort = [v for v in variants if v.ran and v.backend in ("onnxruntime", "modelopt") and v.artifact]
+    if not ort:
+        return list(variants)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(ort)) as pool:
+        found = dict(zip([v.name for v in ort], pool.map(lambda v: survivable_optimization(
+            v.artifact, v.name, v.device), ort), strict=True))
+    out = []
+    for v in variants:
+        level, crash = found.get(v.name, ("all", None))
+        if crash is None:
+            out.append(v)
+        elif level is None:
+            log.error("onnxruntime crashes (%s) creating the session of %s at every optimization level: it is "
+                      "skipped (a gate rule on it fails). Try another onnxruntime version.", crash, v.name)
+            out.append(dataclasses.replace(v, skipped=f"onnxruntime crashes ({crash}) creating its session"))
+        else:
+            log.warning("onnxruntime crashes (%s) creating the session of %s at its default optimization level: it "
+                        "is evaluated at level '%s' (checked in a child process; its latency is that level's)",
+                        crash, v.name, level)
+            out.append(dataclasses.replace(v, details={**v.details, ORT_OPTIMIZATION_KEY: level}))
+    return out
+
+
 def open_runner(v: Variant, threads: int | None) -> Any:
     """The Runner of a built variant (not yet entered). `threads`: onnxruntime intra-op threads (None: its own)."""
     if v.backend in ("onnxruntime", "modelopt"):  # ModelOpt's variants are ONNX models, run like quantpipe's
         from quantpipe.backends.onnxruntime import OrtRunner
 
-        return OrtRunner(v.artifact or "", v.name, device=v.device, threads=threads)
+        return OrtRunner(v.artifact or "", v.name, device=v.device, threads=threads,
+                         optimization=v.details.get(ORT_OPTIMIZATION_KEY, "all"))
     from quantpipe.backends.tensorrt.runner import TensorRTRunner
 
     return TensorRTRunner(v.artifact or "", v.name, source_sha256=v.details.get("source_sha256"))

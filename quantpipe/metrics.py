@@ -14,7 +14,7 @@ from collections.abc import Sequence as Sequence_
 import numpy as np
 
 __all__ = [
-    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "worst_channel_sqnr_db", "sqnr_from_sums",
+    "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "worst_channel_sqnr_db", "channel_axis", "sqnr_from_sums",
     "SquaredSums", "finite_or_none", "max_abs_error",
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
     "foreground", "mask_iou", "component_boxes", "box_iou", "matched_boxes", "box_agreement",
@@ -60,21 +60,31 @@ def mean_cosine(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(cos))
 
 
-def worst_channel_sqnr_db(pred: np.ndarray, ref: np.ndarray) -> tuple[int, float] | None:
-    """(channel, SQNR dB) of the worst channel (axis 1) of an output [N, C, ...] with C >= 2 and at least one axis
-    after it (a detection head [N, 4 + classes, anchors], a segmentation map); None otherwise. Its channels can
-    differ in scale by orders of magnitude (a YOLO head's box coordinates and class scores), and the pooled SQNR
-    then only sees the large ones."""
-    if pred.ndim < 3 or pred.shape[1] < 2:
+def channel_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis of an output's channels (its classes, box coordinates, maps): of axis 1 and the last axis, the one
+    with fewer entries (ties: axis 1), for an output of rank 3 or more; None otherwise. A YOLO head [N, 4 + classes,
+    anchors] and a segmentation map [N, C, H, W] have them on axis 1; a PicoDet head [N, anchors, classes] and a
+    channels-last map on the last axis, where axis 1 would take every anchor for a channel."""
+    if len(shape) < 3:
         return None
-    axes = (0, *range(2, pred.ndim))
+    return 1 if shape[1] <= shape[-1] else len(shape) - 1
+
+
+def worst_channel_sqnr_db(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, float] | None:
+    """(axis, channel, SQNR dB) of the worst channel (`channel_axis`) of an output of rank 3 or more with at least 2
+    channels; None otherwise. Its channels can differ in scale by orders of magnitude (a YOLO head's box coordinates
+    and class scores), and the pooled SQNR then only sees the large ones."""
+    axis = channel_axis(pred.shape)
+    if axis is None or pred.shape[axis] < 2:
+        return None
+    axes = tuple(k for k in range(pred.ndim) if k != axis)
     r = np.asarray(ref, dtype=np.float64)
     signal = np.sum(r * r, axis=axes)
     noise = np.sum((np.asarray(pred, dtype=np.float64) - r) ** 2, axis=axes)
     with np.errstate(divide="ignore"):
         db = np.where(signal > 0, 10 * np.log10(signal / np.maximum(noise, 1e-300)), np.inf)
     c = int(np.argmin(db))
-    return (c, float(db[c])) if math.isfinite(float(db[c])) else None
+    return (axis, c, float(db[c])) if math.isfinite(float(db[c])) else None
 
 
 def sqnr_db(pred: np.ndarray, ref: np.ndarray) -> float:

@@ -436,6 +436,9 @@ def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress
     variants, fallback, int8_options = stage_build(cfg, ws, li, amax, summaries, progress, executor)
     if until == "build":
         return None, None
+    from quantpipe.evaluate import with_sessions_checked
+
+    variants = with_sessions_checked(variants)
     evals, ref = stage_evaluate(cfg, li, variants, progress, executor)
     sens = stage_sensitivity(cfg, li, amax, variants, progress, executor, int8_options)
     if cfg.build.backends.modelopt.enabled:  # ModelOpt's INT8 models, judged as written (details["sensitivity"])

@@ -7,6 +7,9 @@ waits for) and with inputs and outputs bound on the device through IOBinding (co
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +19,8 @@ import numpy as np
 from quantpipe.backends.base import Runner, Timings
 from quantpipe.errors import EvaluationError, MissingDependencyError
 
-__all__ = ["OrtRunner", "resolve_device", "providers_for", "cuda_available"]
+__all__ = ["OrtRunner", "resolve_device", "providers_for", "cuda_available", "OPTIMIZATION_LEVELS", "crash_opening",
+           "survivable_optimization"]
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +57,53 @@ def providers_for(device: str) -> list[str]:
     return [CUDA_EP, CPU_EP] if device == "cuda" else [CPU_EP]
 
 
-class OrtRunner(Runner):
-    """Runs an ONNX model with onnxruntime (CPU or CUDA execution provider)."""
+#: onnxruntime's graph optimization levels, highest (its default) first: where creating a variant's session crashes
+#: the process at one, the next is tried (`survivable_optimization`).
+OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
+_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+           "disabled": "ORT_DISABLE_ALL"}
+#: What the child process of `crash_opening` runs (argv: model, variant, device, level).
+CHILD_CODE = ("import sys\nfrom quantpipe.backends.onnxruntime import OrtRunner\n"
+              "OrtRunner(sys.argv[1], sys.argv[2], device=sys.argv[3], optimization=sys.argv[4]).__enter__()\n")
 
-    def __init__(self, model_path: str | Path, name: str, *, device: str = "cpu", threads: int | None = None) -> None:
+
+def crash_opening(model_path: str | Path, name: str, device: str, optimization: str = "all") -> str | None:
+    """Create the variant's session in a child process, as `OrtRunner` does: the name of the signal that killed it
+    when onnxruntime crashed the process (a segfault in a graph optimizer), else None (an exception there is left
+    for the run to raise and report)."""
+    proc = subprocess.run([sys.executable, "-c", CHILD_CODE, str(model_path), name, device, optimization],
+                          capture_output=True, check=False)
+    if proc.returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-proc.returncode).name
+    except ValueError:
+        return f"signal {-proc.returncode}"
+
+
+def survivable_optimization(model_path: str | Path, name: str, device: str) -> tuple[str | None, str | None]:
+    """(the highest optimization level at which creating the variant's session does not crash the process, or None
+    when every level does; the signal of the first crash, or None when the default level opened)."""
+    first = None
+    for level in OPTIMIZATION_LEVELS:
+        crash = crash_opening(model_path, name, device, level)
+        if crash is None:
+            return level, first
+        first = first or crash
+    return None, first
+
+
+class OrtRunner(Runner):
+    """Runs an ONNX model with onnxruntime (CPU or CUDA execution provider). `optimization`: onnxruntime's graph
+    optimization level (`OPTIMIZATION_LEVELS`; its default, "all", unless that crashes on the model)."""
+
+    def __init__(self, model_path: str | Path, name: str, *, device: str = "cpu", threads: int | None = None,
+                 optimization: str = "all") -> None:
         self.model_path = Path(model_path)
         self.name = name
         self.device = device
         self.threads = threads
+        self.optimization = optimization
         self._session: object | None = None
 
     def __enter__(self) -> OrtRunner:
@@ -76,6 +119,7 @@ class OrtRunner(Runner):
             opts.add_session_config_entry(key, value)
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self.optimization])
         try:
             self._session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers_for(self.device))
         except Exception as err:

@@ -116,4 +116,4 @@ def test_a_channel_hidden_under_the_pooled_sqnr_is_said(tmp_path: Path) -> None:
     results = dataclasses.replace(results, evaluations=evals, fallback=None)
     (c,) = find_collapse(results, CollapseConfig())
     assert c.severity == "degraded"
-    assert c.problems[0].startswith("output channel 4 at 10.70 dB against FP32 (degraded below 20 dB), hidden")
+    assert c.problems[0].startswith("output channel 4 (axis 1) at 10.70 dB against FP32 (degraded below 20 dB), hidden")

@@ -91,10 +91,18 @@ def test_the_worst_channel_of_a_head_is_seen_under_the_pooled_sqnr() -> None:
     out = ref.copy()
     out[:, :4] += rng.normal(0, 0.3, (3, 4, 50))  # boxes: ~58 dB
     out[:, 4:] += rng.normal(0, 0.1, (3, 6, 50))  # scores: ~15 dB, invisible in the pooled number
-    c, db = M.worst_channel_sqnr_db(out, ref)
-    assert c >= 4 and db < 20 < M.sqnr_db(out, ref) - 30
+    axis, c, db = M.worst_channel_sqnr_db(out, ref)
+    assert axis == 1 and c >= 4 and db < 20 < M.sqnr_db(out, ref) - 30
     got = accuracy_metrics(out, ref, None, ["sqnr_db"])
-    assert got["channel_sqnr_min_db"] == db and got["channel_sqnr_min_index"] == c
+    assert got["channel_sqnr_min_db"] == db and got["channel_sqnr_min_index"] == c and got["channel_sqnr_min_axis"] == 1
+    # The same head laid out [N, anchors, 4 + classes] (PicoDet's): channels on the last axis, not one per anchor.
+    last = M.worst_channel_sqnr_db(out.transpose(0, 2, 1), ref.transpose(0, 2, 1))
+    assert last == (2, c, db)
+    # One anchor of a [N, anchors, classes] head with tiny scores is no channel: its own SQNR says nothing.
+    tiny = rng.uniform(0, 1, (3, 500, 10))
+    tiny[:, 7] *= 1e-3
+    noisy = tiny + rng.normal(0, 1e-3, tiny.shape)
+    assert M.worst_channel_sqnr_db(noisy, tiny)[0] == 2
     # Channels alike, a classifier's [N, classes], a CTC output (axis 1 is time), an identical output: nothing.
     even = ref[:, 4:] + rng.normal(0, 0.01, (3, 6, 50))
     assert "channel_sqnr_min_db" not in accuracy_metrics(even, ref[:, 4:], None, ["sqnr_db"])
