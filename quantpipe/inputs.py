@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from quantpipe.artifacts import ModelSpec, TensorInfo
 from quantpipe.config import PipelineConfig
@@ -13,7 +14,7 @@ from quantpipe.data import Dataset, check_disjoint, open_dataset
 from quantpipe.errors import DataError
 from quantpipe.model import apply_input_overrides, load_model_spec
 
-__all__ = ["LoadedInputs", "batch_axes", "load_inputs"]
+__all__ = ["BATCH_CHECK_MAX_BYTES", "LoadedInputs", "batch_axes", "load_inputs", "one_sample_per_run"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     axes = batch_axes(cfg, inputs)
     calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
                          batch_axes=axes)
+    fixed = one_sample_per_run(cfg.model.path, spec, inputs, calib, axes)
+    if fixed != inputs:
+        inputs = fixed
+        calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
+                             batch_axes=axes)
     seq = cfg.evaluate.task == "ctc"
     ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples,
                       role="evaluation", sequence_labels=seq, batch_axes=axes)
@@ -92,3 +98,65 @@ def _static_classes(spec: ModelSpec, output: str) -> int | None:
         return None
     last = info.shape[-1]
     return last if isinstance(last, int) and last > 1 else None
+
+
+#: Models up to this size (file and external data) get `one_sample_per_run`'s check; above it, the check's
+#: onnxruntime session would cost seconds and memory before anything else runs.
+BATCH_CHECK_MAX_BYTES = 1 << 30
+
+
+def one_sample_per_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorInfo], data: Dataset,
+                       axes: Mapping[str, int] | None = None) -> tuple[TensorInfo, ...]:
+    """`inputs` with their batch dimension fixed to 1 where the model declares a dynamic batch but onnxruntime fails
+    on 2 samples at once and runs 1 (a node holds the exported batch: a torch export with dynamic_axes whose traced
+    Reshape shapes kept batch 1; torchvision's ViT, found probing, ran calibration and then died with "internal
+    error", exit 4). The data then runs one sample at a time, as for a batch-1 export, and the log says so.
+    `inputs` unchanged where any batch runs, a batch is fixed already, the data has one sample, the model is larger
+    than BATCH_CHECK_MAX_BYTES, or even one sample fails (the stage that runs it then says why)."""
+    inputs = tuple(inputs)
+    if data.max_batch is not None or data.num_samples < 2 or spec.size_bytes > BATCH_CHECK_MAX_BYTES:
+        return inputs
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # the failure at 2 samples is expected here: onnxruntime need not print it
+    try:
+        session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    except Exception:  # the stages that load it say why
+        return inputs
+
+    def failure(n: int) -> str | None:
+        try:
+            session.run(None, dict(data.first_batch(n).feeds))
+        except Exception as err:
+            return _gist(str(err))
+        return None
+
+    two = failure(2)
+    if two is None or failure(1) is not None:
+        return inputs
+    axes = axes or {}
+    fixed = tuple(_batch_of_one(t, axes.get(t.name, 0)) for t in inputs)
+    log.warning("%s declares a dynamic batch on input(s) %s, but onnxruntime fails on 2 samples at once (%s) and runs "
+                "1: a node holds the exported batch (typically a Reshape to a traced shape). quantpipe runs it one "
+                "sample at a time, as a batch-1 export (slower; latency at larger batch sizes is skipped); re-export "
+                "it with dynamic shapes to batch it.", Path(model).name,
+                [t.name for t, f in zip(inputs, fixed, strict=True) if t != f], two)
+    return fixed
+
+
+def _batch_of_one(t: TensorInfo, axis: int) -> TensorInfo:
+    """`t` with its dynamic batch dimension (at `axis`) set to 1."""
+    if axis >= len(t.shape) or (isinstance(t.shape[axis], int) and t.shape[axis] > 0):
+        return t
+    return dataclasses.replace(t, shape=(*t.shape[:axis], 1, *t.shape[axis + 1:]))
+
+
+def _gist(message: str) -> str:
+    """onnxruntime's failure in a few words: the op and its last sentence ("a Reshape node: Input shape:{2,8},
+    requested shape:{1,8}")."""
+    import re
+
+    op = re.search(r"running (\w+) node", message)
+    last = message.strip().rsplit(". ", 1)[-1][:200]
+    return f"a {op.group(1)} node: {last}" if op else last
