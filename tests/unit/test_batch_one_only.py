@@ -44,3 +44,28 @@ def test_a_batch_held_at_one_inside_the_graph_runs_one_sample_at_a_time(tmp_path
     # Before, calibration ran 12 samples at once there: "onnxruntime failed on the calibration batch", exit 4.
     assert main(["quantize", "--model", str(held), "--data", str(tmp_path / "d.npz"), "--out",
                  str(tmp_path / "o.onnx"), "--workers", "1", "-q"]) == 0
+
+
+def test_an_output_without_the_samples_on_its_batch_axis_is_refused_before_calibrating(tmp_path: Path) -> None:
+    """SSDlite's [K, 4] boxes (found probing) were refused only at evaluation, after 9 minutes, with exit 4."""
+    import pytest
+
+    from quantpipe.errors import DataError
+
+    shape = numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["boxes"]),
+                           helper.make_node("Transpose", ["x"], ["time_major"], perm=[1, 0])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["K", 4]),
+                           helper.make_tensor_value_info("time_major", TensorProto.FLOAT, [8, "N"])], [shape])
+    path = tmp_path / "det.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    np.savez(tmp_path / "d.npz", x=np.ones((5, 8), np.float32))
+    spec, _ = load_model_spec(path)
+    ds = open_dataset(tmp_path / "d.npz", spec.inputs)
+    with pytest.raises(DataError, match=r"model.output 'boxes' has shape \[4, 4\] for 2 sample\(s\): its axis 0 does "
+                                        r"not hold the samples.*point model.output at a raw head"):
+        one_sample_per_run(path, spec, spec.inputs, ds, output="boxes")
+    assert one_sample_per_run(path, spec, spec.inputs, ds, output="time_major", output_axis=1) == spec.inputs
+    with pytest.raises(DataError, match="time_major"):
+        one_sample_per_run(path, spec, spec.inputs, ds, output="time_major")
