@@ -204,8 +204,9 @@ class Collapse:
     fix_yaml: str
     """The pipeline.yaml lines that apply the fix (build.fallback with a budget)."""
     severity: str = "collapsed"
-    """'collapsed' (below evaluate.collapse's min_* limits) or 'degraded' (below its warn_* limits: far from a
-    healthy INT8 model, not broken)."""
+    """'collapsed' (below evaluate.collapse's min_* limits), 'degraded' (below its warn_* limits: far from a
+    healthy INT8 model, not broken) or 'unmeasured' (its judged output equals FP32's bit for bit: no INT8 layer on
+    its path, so its numbers say nothing about INT8)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from quantpipe.artifacts import Collapse, EvalResult, LayerSensitivity, RunResults
 from quantpipe.evalconfig import CollapseConfig
 
-__all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "find_collapse"]
+__all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "find_collapse"]
 
 AGREEMENT_METRICS = ("top1_agreement", "line_agreement", "map_iou", "box_agreement")
 """Task agreement with FP32 (fractions, 1 = identical decisions) judged against `min_agreement`."""
@@ -95,13 +95,40 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
     return fix, yaml
 
 
+#: Ops quantpipe never quantizes that can hold most of a model's weights.
+RECURRENT_OPS = ("GRU", "LSTM", "RNN")
+
+
+def _unmeasured(results: RunResults, e: EvalResult) -> Collapse:
+    """An INT8 variant whose judged output equals FP32's bit for bit: a gate on it would pass vacuously."""
+    recurrent = {op: n for op, n in results.model.op_counts.items() if op in RECURRENT_OPS and n}
+    held = (" (" + ", ".join(f"{n} {op}" for op, n in recurrent.items()) + " in this model, left in float)"
+            if recurrent else "")
+    others = [o.name for o in results.model.outputs]
+    yaml = ("model:\n  output: " + " | ".join(others)) if len(others) > 1 else ""
+    return Collapse(
+        variant=e.variant, severity="unmeasured",
+        problems=(f"its output equals FP32's bit for bit on all {e.num_samples} evaluation samples: no INT8 layer "
+                  f"lies on the path to model.output, so its accuracy numbers and any gate rule on them say nothing "
+                  f"about INT8",),
+        cause=f"the layers that compute model.output are ones quantpipe keeps in float{held}; the Q/DQ layers "
+              f"(build details: quantized nodes) only reach other outputs.",
+        fix="judge an output the INT8 layers reach (model.output in pipeline.yaml), or release this model knowing "
+            "its judged output is not quantized:" if yaml else "release this model knowing its output is not "
+            "quantized (recurrent layers and the ops quantpipe leaves in float are not).", fix_yaml=yaml)
+
+
 def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse, ...]:
     """Every INT8 variant that ran and whose output SQNR or task agreement is below the collapse limits
-    (severity 'collapsed'), or else below the warning limits ('degraded')."""
+    (severity 'collapsed'), or else below the warning limits ('degraded'); and one whose judged output equals FP32's
+    bit for bit ('unmeasured')."""
     int8 = {v.name for v in results.variants if v.precision == "int8" and v.skipped is None}
     found = []
     for e in results.evaluations:
         if e.variant not in int8 or e.skipped is not None:
+            continue
+        if _sqnr(e) == math.inf and e.num_samples > 0:
+            found.append(_unmeasured(results, e))
             continue
         severity, problems = "collapsed", _problems(e, limits.min_sqnr_db, limits.min_agreement, "collapse")
         if not problems:

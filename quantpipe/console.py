@@ -115,7 +115,8 @@ def collapse_lines(results: Any) -> list[str]:
 
     lines = []
     for c in getattr(results, "collapse", ()):
-        head = "[bold red]INT8 COLLAPSED" if c.severity == "collapsed" else "[bold yellow]INT8 DEGRADED"
+        head = {"collapsed": "[bold red]INT8 COLLAPSED", "degraded": "[bold yellow]INT8 DEGRADED"}.get(
+            c.severity, "[bold yellow]INT8 NOT MEASURED")
         lines.append(f"{head}: {escape(c.variant)}[/]: {escape('; '.join(c.problems))}.")
         lines.append(f"  likely cause: {escape(c.cause)}")
         lines.append(f"  fix: {escape(c.fix)}")

@@ -44,11 +44,12 @@ def run_outputs(
             raise EvaluationError(f"variant {runner.name} has no output '{output}' (outputs: {sorted(outs)}).")
         chunk = np.asarray(outs[output], dtype=np.float32)
         if chunk.ndim <= output_axis or chunk.shape[output_axis] != batch.size:
-            raise EvaluationError(
+            raise DataError(
                 f"output '{output}' of variant {runner.name} has shape {list(chunk.shape)} for a batch of {batch.size} "
                 f"sample(s): its axis {output_axis} is not the batch, and quantpipe compares outputs sample by sample "
                 f"along that axis. Set model.output_batch_axis to the axis that holds the samples (1 for an RNN's "
-                f"time-major [T, N, C]), or model.output to another output.")
+                f"time-major [T, N, C]), or model.output to another output (a detector's raw head before its "
+                f"NonMaxSuppression, whose [K, 4] boxes have no batch axis).")
         if output_axis:
             chunk = np.ascontiguousarray(np.moveaxis(chunk, output_axis, 0))
         chunks.append(chunk)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from quantpipe.artifacts import ModelSpec, TensorInfo
 from quantpipe.config import PipelineConfig
@@ -13,7 +17,7 @@ from quantpipe.data import Dataset, check_disjoint, open_dataset
 from quantpipe.errors import DataError
 from quantpipe.model import apply_input_overrides, load_model_spec
 
-__all__ = ["LoadedInputs", "batch_axes", "load_inputs"]
+__all__ = ["BATCH_CHECK_MAX_BYTES", "LoadedInputs", "batch_axes", "load_inputs", "one_sample_per_run"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,12 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     axes = batch_axes(cfg, inputs)
     calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
                          batch_axes=axes)
+    fixed = one_sample_per_run(cfg.model.path, spec, inputs, calib, axes, output=output,
+                               output_axis=cfg.model.output_batch_axis)
+    if fixed != inputs:
+        inputs = fixed
+        calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
+                             batch_axes=axes)
     seq = cfg.evaluate.task == "ctc"
     ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples,
                       role="evaluation", sequence_labels=seq, batch_axes=axes)
@@ -92,3 +102,94 @@ def _static_classes(spec: ModelSpec, output: str) -> int | None:
         return None
     last = info.shape[-1]
     return last if isinstance(last, int) and last > 1 else None
+
+
+#: Models up to this size (file and external data) get `one_sample_per_run`'s check; above it, the check's
+#: onnxruntime session would cost seconds and memory before anything else runs.
+BATCH_CHECK_MAX_BYTES = 1 << 30
+
+
+def one_sample_per_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorInfo], data: Dataset,
+                       axes: Mapping[str, int] | None = None, *, output: str | None = None,
+                       output_axis: int = 0) -> tuple[TensorInfo, ...]:
+    """One FP32 run of the first calibration samples before anything else runs (models up to BATCH_CHECK_MAX_BYTES;
+    where it cannot run, the stage that runs the model says why):
+
+    - `inputs` come back with their batch dimension fixed to 1 where the model declares a dynamic batch but
+      onnxruntime fails on 2 samples at once and runs 1 (a node holds the exported batch: a torch export whose traced
+      Reshape shapes kept batch 1; torchvision's ViT, found probing, ran calibration and then died with "internal
+      error", exit 4). The data then runs one sample at a time, as for a batch-1 export, and the log says so;
+    - `output` (model.output), when given, must hold the samples on `output_axis`: DataError (exit 2) otherwise, with
+      the fix (a detector whose graph ends in NonMaxSuppression returns [K, 4] boxes: SSDlite was refused only at
+      evaluation, after 9 minutes of calibration and build)."""
+    inputs = tuple(inputs)
+    if data.num_samples < 1 or spec.size_bytes > BATCH_CHECK_MAX_BYTES:
+        return inputs
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # a failure at 2 samples is expected here: onnxruntime need not print it
+    try:
+        session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    except Exception:
+        return inputs
+
+    def run(n: int) -> tuple[dict[str, Any] | None, str]:
+        try:
+            return dict(zip([o.name for o in session.get_outputs()], session.run(None, dict(data.first_batch(n).feeds)),
+                            strict=True)), ""
+        except Exception as err:
+            return None, _gist(str(err))
+
+    n = 2 if data.max_batch is None and data.num_samples >= 2 else 1
+    outs, why = run(n)
+    if outs is None and n == 2:
+        outs, _ = run(1)
+        if outs is not None:
+            n, inputs = 1, _batch_held_at_one(model, inputs, axes or {}, why)
+    if outs is not None and output is not None and output in outs:
+        _check_output_batch(spec, output, np.asarray(outs[output]), n, output_axis)
+    return inputs
+
+
+def _batch_held_at_one(model: str | Path, inputs: tuple[TensorInfo, ...], axes: Mapping[str, int],
+                       why: str) -> tuple[TensorInfo, ...]:
+    fixed = tuple(_batch_of_one(t, axes.get(t.name, 0)) for t in inputs)
+    log.warning("%s declares a dynamic batch on input(s) %s, but onnxruntime fails on 2 samples at once (%s) and runs "
+                "1: a node holds the exported batch (typically a Reshape to a traced shape). quantpipe runs it one "
+                "sample at a time, as a batch-1 export (slower; latency at larger batch sizes is skipped); re-export "
+                "it with dynamic shapes to batch it.", Path(model).name,
+                [t.name for t, f in zip(inputs, fixed, strict=True) if t != f], why)
+    return fixed
+
+
+def _check_output_batch(spec: ModelSpec, output: str, out: np.ndarray, n: int, axis: int) -> None:
+    """DataError where model.output does not hold the `n` samples it was run on along `axis`."""
+    if out.ndim > axis and out.shape[axis] == n:
+        return
+    post = [op for op in ("NonMaxSuppression", "TopK", "NonZero") if spec.op_counts.get(op)]
+    raise DataError(
+        f"model.output '{output}' has shape {list(out.shape)} for {n} sample(s): its axis {axis} does not hold the "
+        f"samples, and quantpipe compares outputs sample by sample (found on a first run of the calibration data, "
+        f"before calibrating). A detector whose graph ends in post-processing"
+        + (f" (this one has {', '.join(post)})" if post else " (NonMaxSuppression, TopK)")
+        + " returns [K, ...] boxes for one image: point model.output at a raw head before it (`quantpipe inspect` "
+        "lists the outputs), or export the model without the post-processing. An RNN's time-major [T, N, C] output: "
+        "set model.output_batch_axis: 1.")
+
+
+def _batch_of_one(t: TensorInfo, axis: int) -> TensorInfo:
+    """`t` with its dynamic batch dimension (at `axis`) set to 1."""
+    if axis >= len(t.shape) or (isinstance(t.shape[axis], int) and t.shape[axis] > 0):
+        return t
+    return dataclasses.replace(t, shape=(*t.shape[:axis], 1, *t.shape[axis + 1:]))
+
+
+def _gist(message: str) -> str:
+    """onnxruntime's failure in a few words: the op and its last sentence ("a Reshape node: Input shape:{2,8},
+    requested shape:{1,8}")."""
+    import re
+
+    op = re.search(r"running (\w+) node", message)
+    last = message.strip().rsplit(". ", 1)[-1][:200]
+    return f"a {op.group(1)} node: {last}" if op else last

@@ -63,11 +63,11 @@ class _TimeFirst:
 
 def test_an_output_whose_leading_axis_is_not_the_batch_is_refused_in_any_batching(tmp_path: Path) -> None:
     # Scored as rows it would compare timesteps, and a shard count would change the numbers: refused, saying why.
-    from quantpipe.errors import EvaluationError
+    from quantpipe.errors import DataError
 
     ds = open_dataset(_data(tmp_path, np.zeros(8, np.int64)), IMG, role="evaluation")
     for batch_size in (1, 4):
-        with pytest.raises(EvaluationError, match=r"shape \[7, \d, 3\] for a batch of \d sample\(s\): its axis 0 is "
+        with pytest.raises(DataError, match=r"shape \[7, \d, 3\] for a batch of \d sample\(s\): its axis 0 is "
                                                   r"not the batch.*Set model.output_batch_axis"):
             run_outputs(_TimeFirst(), ds, "seq", batch_size)  # type: ignore[arg-type]
         # With its batch axis named, the same output is read samples first.
