@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-EXAMPLE = ("examples/digits/digits_cnn.onnx", "calib_data/digits/calib.npz")
+from benchmarks.calibration_overhead import models  # noqa: E402  (the same models, from the open set's manifest)
 
 
 def format1_npz(histograms: Mapping[str, Any], kinds: Mapping[str, str]) -> bytes:
@@ -59,18 +59,6 @@ def format1_npz(histograms: Mapping[str, Any], kinds: Mapping[str, str]) -> byte
             with zf.open(key + ".npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
     return buffer.getvalue()
-
-
-def models(bench: Path | None, wanted: list[str]) -> dict[str, tuple[Path, Path]]:
-    found = {"digits": (ROOT / EXAMPLE[0], ROOT / EXAMPLE[1])}
-    if bench is not None:
-        manifest = json.loads((bench / "manifest.json").read_text(encoding="utf-8"))
-        for name, entry in manifest["models"].items():
-            found[name] = (bench / entry["model"]["path"], bench / entry["calib"]["path"])
-    missing = [m for m in wanted if m not in found]
-    if missing:
-        raise SystemExit(f"unknown model(s) {missing}: have {sorted(found)} (the open set's need --bench DIR).")
-    return {m: found[m] for m in wanted}
 
 
 def measure(name: str, model: Path, data: Path, repeats: int) -> dict[str, Any]:
