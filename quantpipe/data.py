@@ -32,6 +32,7 @@ from quantpipe.datafiles import (
     batch_first,
     check_array,
     check_batch_axis,
+    check_layout,
     is_npy,
     lazy_members,
     load_npz,
@@ -394,6 +395,7 @@ def open_dataset(
     for info in inputs:
         if info.name not in raw:
             raise DataError(missing_msg(where, info.name, raw.keys()))
+        check_layout(where, info.name, tuple(getattr(raw[info.name], "shape", ())), info, axes.get(info.name, 0))
         arr = samples_first(raw[info.name], axes.get(info.name, 0), len(info.shape))
         if max_samples is not None and arr.ndim > 0:  # a 0-d array is refused by check_array, by its rank
             arr = arr.head(max_samples) if isinstance(arr, NpyMember) else arr[:max_samples]

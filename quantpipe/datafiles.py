@@ -20,7 +20,8 @@ import numpy as np
 from quantpipe.artifacts import TensorInfo
 from quantpipe.errors import ConfigError, DataError
 
-__all__ = ["LAZY_MIN_BYTES", "NpyMember", "batch_first", "check_array", "check_batch_axis", "is_npy", "lazy_members",
+__all__ = ["LAZY_MIN_BYTES", "NpyMember", "batch_first", "check_array", "check_batch_axis", "check_layout", "is_npy",
+           "lazy_members",
            "load_npz", "missing_msg", "read_sample", "samples_first"]
 
 
@@ -232,6 +233,27 @@ def batch_first(info: TensorInfo, axis: int) -> TensorInfo:
         return info
     shape = list(info.shape)
     return dataclasses.replace(info, shape=(shape.pop(axis), *shape))
+
+
+def check_layout(where: str, name: str, shape: tuple[int, ...], info: TensorInfo, axis: int) -> None:
+    """An array stored in the model's layout with its samples on `axis` (not 0): DataError, in the file's and the
+    model's own shapes, where a fixed dimension does not fit (`check_array` would name the batch-first views, which
+    the user never wrote), saying when the file holds its samples first instead."""
+    if not axis or len(shape) != len(info.shape):
+        return
+    bad = [(k, got, dim) for k, (got, dim) in enumerate(zip(shape, info.shape, strict=True))
+           if k != axis and isinstance(dim, int) and dim > 0 and got != dim]
+    if not bad:
+        return
+    k, got, dim = bad[0]
+    moved = (*shape[1:axis + 1], shape[0], *shape[axis + 1:])
+    fits = all(m == d for m, d in zip(moved, info.shape, strict=True) if isinstance(d, int) and d > 0)
+    raise DataError(
+        f"{where}: array '{name}' has shape {list(shape)}; model input '{name}' is {_fmt_shape(info.shape)} with its "
+        f"samples on axis {axis} (its batch axis in pipeline.yaml), so the array's axis {k} must be {dim}, not {got}."
+        + (f" The array holds its samples on axis 0 instead: store it in the model's layout, "
+           f"np.moveaxis(arr, 0, {axis}) (shape {list(moved)})." if fits else
+           " Store the array in the model's layout, its samples on that axis."))
 
 
 def samples_first(arr: Any, axis: int, rank: int) -> Any:

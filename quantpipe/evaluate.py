@@ -22,7 +22,7 @@ from quantpipe.errors import DataError, EvaluationError
 from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
-__all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner",
+__all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner", "warn_if_constant",
            "with_sessions_checked", "ORT_OPTIMIZATION_KEY",
            "OutputsJob", "outputs_job", "sharded_outputs", "shardable", "stack_outputs"]
 
@@ -144,6 +144,18 @@ def _hidden_channel(out: np.ndarray, ref: np.ndarray, pooled: float | None, task
         return {}
     return {"channel_sqnr_min_db": worst[2], "channel_sqnr_min_index": float(worst[1]),
             "channel_sqnr_min_axis": float(worst[0])}
+
+
+def warn_if_constant(reference: np.ndarray, output: str) -> bool:
+    """Warn (and return True) where the FP32 reference output is the same for every evaluation sample: it does not
+    depend on the input there, so every variant's agreement and SQNR against it say little (SSDlite with an untrained
+    head scored 300 dB for every candidate, found probing)."""
+    if len(reference) < 2 or not np.array_equal(reference, np.broadcast_to(reference[:1], reference.shape)):
+        return False
+    log.warning("the FP32 reference's model.output '%s' is the same for all %d evaluation samples: it does not depend "
+                "on the input here (an untrained head? the wrong output?), so agreement and SQNR against it say little "
+                "about quantization. Judge an output that varies with the input.", output, len(reference))
+    return True
 
 
 def latency_feeds(dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:

@@ -134,6 +134,8 @@ class _Alone:
 #: keep the FP32 tensors those parts read, held for every search batch while they are measured, within
 #: `FRONTIER_BYTES` (measured on the first batch).
 TENSORS_PER_RUN = 16
+#: A pass that runs longer says how far it got about this often (ViT-S took 369 s without a word, found probing).
+PROGRESS_SECONDS = 30.0
 FRONTIER_BYTES = 256 << 20
 
 
@@ -163,10 +165,14 @@ def alone_share(job: _Alone) -> dict[str, dict[str, Any]]:
     total."""
     out: dict[str, dict[str, Any]] = {}
     pending = list(job.share)
+    t0 = said = time.perf_counter()
     while pending:
         found = _alone_group(job, pending[:TENSORS_PER_RUN])
         out.update(found)
         pending = pending[len(found):]
+        if pending and time.perf_counter() - said > PROGRESS_SECONDS:  # a long pass says where it is
+            said = time.perf_counter()
+            log.info("auto ranges: %d of %d activations measured (%.0f s)", len(out), len(job.share), said - t0)
     return out
 
 

@@ -107,3 +107,18 @@ def test_a_npy_file_feeds_a_model_of_one_input_and_is_refused_for_two(tmp_path: 
     with pytest.raises(DataError, match=r"\.npy file, which holds one unnamed array, but the model has 2 inputs") as e:
         open_dataset(tmp_path / "x.npy", INPUTS)
     assert e.value.exit_code == 2
+
+
+def test_data_stored_samples_first_for_a_time_major_input_is_refused_in_the_shapes_the_user_wrote(tmp_path) -> None:
+    # A GRU's x [T=10, N, F=8] with data saved batch-first [20, 10, 8] (found probing): the refusal named neither
+    # shape ("[10, 20, 8] but ... expects [N, 10, 8]"), both batch-first views of its own.
+    inputs = (TensorInfo("x", "float32", (10, "N", 8)),)
+    np.savez(tmp_path / "d.npz", x=np.zeros((20, 10, 8), np.float32))
+    with pytest.raises(DataError, match=r"array 'x' has shape \[20, 10, 8\]; model input 'x' is \[10, N, 8\] with its "
+                                        r"samples on axis 1 .* axis 0 must be 10, not 20\. .*np\.moveaxis\(arr, 0, 1\)"):
+        open_dataset(tmp_path / "d.npz", inputs, batch_axes={"x": 1})
+    np.savez(tmp_path / "e.npz", x=np.zeros((10, 20, 9), np.float32))  # wrong features: no moveaxis advice
+    with pytest.raises(DataError, match=r"axis 2 must be 8, not 9\. Store the array in the model's layout"):
+        open_dataset(tmp_path / "e.npz", inputs, batch_axes={"x": 1})
+    np.savez(tmp_path / "f.npz", x=np.zeros((10, 20, 8), np.float32))  # the model's layout: 20 samples
+    assert open_dataset(tmp_path / "f.npz", inputs, batch_axes={"x": 1}).num_samples == 20

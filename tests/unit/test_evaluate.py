@@ -120,3 +120,15 @@ def test_latency_of_a_slow_model_is_cut_to_its_budget_and_said(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="quantpipe"):
         measure_latency(unbounded, {}, 32, 0, 50, None)
     assert unbounded.calls == [(0, 1), (0, 50)] and "about 100 s more (50 runs of 2.0 s)" in caplog.text
+
+
+def test_a_reference_output_that_ignores_the_input_is_warned_about(caplog) -> None:
+    import logging
+
+    from quantpipe.evaluate import warn_if_constant
+
+    with caplog.at_level(logging.WARNING, logger="quantpipe"):
+        assert warn_if_constant(np.tile(np.arange(6, dtype=np.float32).reshape(1, 2, 3), (4, 1, 1)), "scores")
+        assert not warn_if_constant(np.arange(24, dtype=np.float32).reshape(4, 2, 3), "scores")
+        assert not warn_if_constant(np.zeros((1, 3), np.float32), "scores")  # one sample: nothing to compare
+    assert caplog.text.count("is the same for all 4 evaluation samples") == 1

@@ -204,3 +204,19 @@ def _run_all(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
+
+
+def test_a_long_alone_pass_says_how_far_it_got(tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    from quantpipe.quantize import range_search as RS
+
+    model, x = _model(), _x(16)
+    ds = _dataset(tmp_path, model, x)
+    monkeypatch.setattr(RS, "TENSORS_PER_RUN", 1)
+    monkeypatch.setattr(RS, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="quantpipe"):
+        tables = _tables()
+        tables["entropy"]["x"] = 20.0  # x's candidates differ too: two activations to measure
+        choose_ranges(model, tables, Q.QuantizeOptions(smooth_alpha=None, bias_correction=False), ds, batch_size=8)
+    assert "auto ranges: 1 of 2 activations measured" in caplog.text
