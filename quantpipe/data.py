@@ -205,6 +205,17 @@ class Dataset:
             return ()
         return tuple(name for name, arr in self._arrays.items() if isinstance(arr, NpyMember))
 
+    def head_feeds(self, batch_size: int, max_samples: int | None) -> Iterator[Mapping[str, np.ndarray]]:
+        """The inputs of the first `max_samples` samples (all of them when None), batch by batch (`batches`): what
+        the searches and the measurements on "the first N calibration samples" run on."""
+        seen = 0
+        for batch in self.batches(batch_size):
+            feeds = batch.feeds if max_samples is None else sample_rows(batch.feeds, 0, max_samples - seen)
+            yield feeds
+            seen += sample_count(feeds)
+            if max_samples is not None and seen >= max_samples:
+                return
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Yield batches in sample order; never more than `batch_size` samples (nor than the model takes:
         `per_run`), never mixed shapes."""

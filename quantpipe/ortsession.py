@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from quantpipe.data import sample_count, sample_rows
+from quantpipe.data import sample_count
 from quantpipe.errors import BuildError
 from quantpipe.externaldata import external_folders, in_memory_bytes, strip_basepath, write_external
 from quantpipe.onnxgraph import LARGE_MODEL_BYTES
@@ -161,13 +161,7 @@ def fp32_batches(sess: Any, dataset: Any, *, batch_size: int, max_samples: int |
     """Run `sess` over `dataset` batch by batch, stopping after `max_samples`: yields (every output by name,
     with the batch's inputs merged in; samples in the batch)."""
     names = [o.name for o in sess.get_outputs()]
-    seen = 0
-    for batch in dataset.batches(batch_size):
-        feeds = batch.feeds if max_samples is None else sample_rows(batch.feeds, 0, max_samples - seen)
+    for feeds in dataset.head_feeds(batch_size, max_samples):
         res = dict(zip(names, sess.run(None, feeds), strict=True))
         res.update(feeds)
-        n = sample_count(feeds)
-        yield res, n
-        seen += n
-        if max_samples is not None and seen >= max_samples:
-            return
+        yield res, sample_count(feeds)

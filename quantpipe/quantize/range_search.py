@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from quantpipe.data import sample_count, sample_rows
+from quantpipe.data import sample_count
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs
 from quantpipe.int8 import INT8_MAX
@@ -306,14 +306,10 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     ref_sess = ort_session(m0, optimize=False)
     feeds: list[dict[str, np.ndarray]] = []
     refs: list[list[np.ndarray]] = []
-    count = 0
-    for batch in calibration_data.batches(batch_size):
-        f = sample_rows(batch.feeds, 0, max_samples - count)
+    for f in calibration_data.head_feeds(batch_size, max_samples):
         feeds.append(f)
         refs.append(ref_sess.run(outputs, f))
-        count += sample_count(f)
-        if count >= max_samples:
-            break
+    count = sum(sample_count(f) for f in feeds)
     sums = SquaredSums()
     signal = sum(output_signal(r, sums) for r in refs)
     base = dict(tables.get("best", tables["mse"]))

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from quantpipe.data import sample_count, sample_rows
+from quantpipe.data import sample_count
 from quantpipe.execution import Executor, model_mb, run_jobs
 from quantpipe.int8 import INT8_MAX
 from quantpipe.metrics import SquaredSums
@@ -77,8 +77,7 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
     s = _Samples([], [], 0.0, dict.fromkeys(roundings, 0.0), 0)
     sums = SquaredSums()
     known: list[dict[str, np.ndarray]] = []  # per batch: every tensor a part may read
-    for batch in calibration_data.batches(batch_size):
-        feeds = sample_rows(batch.feeds, 0, max_samples - s.count)
+    for feeds in calibration_data.head_feeds(batch_size, max_samples):
         run = sess.run([*outputs, *exposed], feeds)
         ref = run[: len(outputs)]
         known.append({**dict(zip(outputs, ref, strict=True)), **dict(zip(exposed, run[len(outputs):], strict=True)),
@@ -88,8 +87,6 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
         s.refs.append(ref)
         s.signal += output_signal(ref, sums)
         s.count += sample_count(feeds)
-        if s.count >= max_samples:
-            break
     del sess
     if not known:
         return s

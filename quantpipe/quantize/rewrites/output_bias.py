@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from quantpipe.data import sample_count, sample_rows
 from quantpipe.onnxgraph import Graph, Names, add_initializer, attr, drop_unused_initializers
 
 __all__ = ["OutputHead", "apply_output_bias", "find_output_heads", "measure_output_bias"]
@@ -77,17 +76,12 @@ def measure_output_bias(fp32: Any, qdq: Any, heads: list[OutputHead], calibratio
     q = ort_session(expose_outputs(qdq, names), int8=True, optimize=False)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    seen = 0
-    for batch in calibration_data.batches(batch_size):
-        feeds = sample_rows(batch.feeds, 0, max_samples - seen)
-        seen += sample_count(feeds)
+    for feeds in calibration_data.head_feeds(batch_size, max_samples):
         for h, a, b in zip(heads, ref.run(names, feeds), q.run(names, feeds), strict=True):
             d = np.moveaxis(b.astype(np.float64) - a.astype(np.float64), h.axis, -1)
             d = d.reshape(-1, d.shape[-1])
             sums[h.node] = sums.get(h.node, 0.0) + d.sum(axis=0)
             counts[h.node] = counts.get(h.node, 0) + d.shape[0]
-        if seen >= max_samples:
-            break
     return {h.node: sums[h.node] / counts[h.node] for h in heads if counts.get(h.node)}
 
 
