@@ -13,6 +13,10 @@ from typing import Any
 __all__ = ["console", "RichProgress", "print_summary", "collapse_lines", "gate_line"]
 
 
+#: In a log (no terminal), a task that advances says how far it got about this often.
+LOG_PROGRESS_SECONDS = 30.0
+
+
 def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
@@ -26,6 +30,23 @@ class RichProgress:
         self.enabled = enabled
         self.err = console(stderr=True)
 
+    def _logged(self, description: str, total: int | None, start: float) -> Callable[[int], None]:
+        """A task's advance callback for a log: a line every LOG_PROGRESS_SECONDS with the count so far (a long
+        stage in CI said nothing until it ended: ViT-S's latency and sensitivity ran 170 s unannounced)."""
+        import time
+
+        done, said = [0], [start]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            now = time.perf_counter()
+            if now - said[0] >= LOG_PROGRESS_SECONDS:
+                said[0] = now
+                of = f" of {total}" if total else ""
+                self.err.print(f"[dim]…[/dim] {description}: {done[0]}{of} [dim]({now - start:.0f} s)[/dim]")
+
+        return advance
+
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         import time
@@ -36,8 +57,8 @@ class RichProgress:
         if not self.enabled:  # -q: warnings and results only
             yield lambda n: None
             return
-        if not self.err.is_terminal:  # a CI log: no bars, one line per finished task
-            yield lambda n: None
+        if not self.err.is_terminal:  # a CI log: no bars, one line per finished task, and a line on a long one
+            yield self._logged(description, total, start)
             self.err.print(f"[dim]•[/dim] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]

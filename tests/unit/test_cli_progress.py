@@ -17,3 +17,15 @@ def test_progress_in_a_log_prints_one_line_per_task(capsys) -> None:
         advance(200)
     err = capsys.readouterr().err
     assert err.count("calibrating on 200 samples") == 1
+
+
+def test_a_long_task_in_a_log_says_how_far_it_got(capsys, monkeypatch) -> None:
+    import quantpipe.console as C
+
+    monkeypatch.setattr(C, "LOG_PROGRESS_SECONDS", 0.0)
+    with RichProgress(enabled=True).task("per-layer sensitivity", 59) as advance:
+        advance(1)
+        advance(2)
+    err = capsys.readouterr().err
+    assert "per-layer sensitivity: 1 of 59" in err and "per-layer sensitivity: 3 of 59" in err
+    assert err.count("per-layer sensitivity") == 3  # two progress lines and the finished one
