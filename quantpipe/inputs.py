@@ -16,6 +16,7 @@ from quantpipe.config import PipelineConfig
 from quantpipe.data import Dataset, check_disjoint, open_dataset
 from quantpipe.errors import DataError
 from quantpipe.model import apply_input_overrides, load_model_spec
+from quantpipe.onnxgraph import tensor_outputs
 
 __all__ = ["BATCH_CHECK_MAX_BYTES", "LoadedInputs", "batch_axes", "load_inputs", "one_sample_per_run"]
 
@@ -42,12 +43,18 @@ class LoadedInputs:
 
 def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     """Load and check the model and the data sets (exit 2 on any mismatch)."""
-    spec, _ = load_model_spec(cfg.model.path)
+    spec, proto = load_model_spec(cfg.model.path)
     inputs = apply_input_overrides(spec.inputs, cfg.model.inputs)
     out_names = [o.name for o in spec.outputs]
     output = cfg.model.output or out_names[0]
     if output not in out_names:
         raise DataError(f"pipeline.yaml model.output is '{output}', but the model's outputs are {out_names}.")
+    tensors = tensor_outputs(proto)
+    if output not in tensors:
+        raise DataError(f"model.output '{output}' is a sequence or map, not a tensor (skl2onnx's ZipMap probabilities "
+                        f"are one), and quantpipe compares tensors. Set model.output in pipeline.yaml to one of "
+                        f"{tensors}, or convert with skl2onnx's options={{id(model): {{'zipmap': False}}}} to get the "
+                        f"probabilities as a tensor.")
     d = cfg.data
     axes = batch_axes(cfg, inputs)
     calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",

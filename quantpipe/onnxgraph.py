@@ -33,8 +33,7 @@ __all__ = [
     "FLOAT", "FLOAT16", "Graph", "LARGE_MODEL_BYTES", "Names", "QDQ_OPS", "QUANTIZED_OPS", "UNCACHED_EXTERNAL_BYTES",
     "add_initializer", "attr", "constant_node_value", "decomposed_layernorm_nodes", "drop_unused_initializers",
     "expose_outputs", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy", "node_subgraphs",
-    "opset_of",
-    "save_onnx", "subgraph_references", "topological_order",
+    "opset_of", "save_onnx", "subgraph_references", "tensor_outputs", "topological_order",
 ]
 
 #: The explicit-quantization pair: a model with them is a Q/DQ model.
@@ -439,3 +438,9 @@ def _elem_types(model: Any, names: Sequence[str]) -> dict[str, int]:
         if not known.get(v.name):
             known[v.name] = v.type.tensor_type.elem_type
     return known
+
+
+def tensor_outputs(model: Any) -> list[str]:
+    """The graph outputs that are tensors, in order: what the searches compare with FP32 (a sequence or map output,
+    skl2onnx's ZipMap probabilities, is not a tensor; onnxruntime returns it as Python lists of dicts)."""
+    return [o.name for o in model.graph.output if not o.type.HasField("sequence_type") and not o.type.HasField("map_type")]

@@ -29,7 +29,7 @@ import numpy as np
 from quantpipe.artifacts import LayerSensitivity
 from quantpipe.errors import EvaluationError
 from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
-from quantpipe.onnxgraph import Graph, attr, expose_outputs, load_onnx, name_nodes
+from quantpipe.onnxgraph import Graph, attr, expose_outputs, load_onnx, name_nodes, tensor_outputs
 from quantpipe.ortsession import ort_session
 from quantpipe.reference import CANDIDATES_PER_RUN, COUNTED_SCORES, first_samples, run_candidates, run_output, score
 from quantpipe.sensitivity import worst_first
@@ -125,7 +125,7 @@ def qdq_layer_sensitivity(
     fp32 = load_onnx(model_path)
     qdq = load_onnx(qdq_model)
     name_nodes(qdq.graph)
-    outputs = [o.name for o in fp32.graph.output]
+    outputs = tensor_outputs(fp32)
     out = output or outputs[0]
     if out not in outputs or out not in {o.name for o in qdq.graph.output}:
         raise EvaluationError(f"output '{out}' is not an output of both {model_path} and {qdq_model}; the "

@@ -15,7 +15,7 @@ from quantpipe import metrics as M
 from quantpipe.errors import ConfigError, EvaluationError
 from quantpipe.evalconfig import TASK_SCORES
 from quantpipe.execution import Executor
-from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes
+from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes, tensor_outputs
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import prepare_opset
 from quantpipe.quantize.downstream import NodeIndex, changed_nodes, constant_tensors, cut_below
@@ -77,7 +77,7 @@ def prepare_reference(
     if calibration_data is not None:
         options = with_calibration_data(model, options, calibration_data, batch_size=batch_size, amax=amax,
                                         executor=executor)
-    outputs = [o.name for o in model.graph.output]
+    outputs = tensor_outputs(model)
     out = output or outputs[0]
     if out not in outputs:
         raise ConfigError(f"output '{out}' is not an output of {model_path} (outputs: {outputs}).")

@@ -101,6 +101,13 @@ def cut_below(model: Any, changed: Iterable[str], outputs: Sequence[str] | None 
         for i in [*n.input, *sorted(_subgraph_reads([n]))]:
             if i in outside and i not in read:
                 read.append(i)
+    # A Constant node's output is copied in, not fed (alone: its other readers stay out): fed as a graph input, an
+    # index or axes tensor leaves onnxruntime's shape inference without its value (a legacy torch export's Resize
+    # sizes from Shape / Gather / Unsqueeze: "Number of elements of input 'sizes' (0)", found probing DeepLabV3).
+    held = {producer[i] for i in read if i in producer and g.node[producer[i]].op_type == "Constant"}
+    if held:
+        found = [g.node[k] for k in sorted(inside | held)]
+        read = [i for i in read if producer.get(i) not in held]
     wanted = [o.name for o in g.output] if outputs is None else list(outputs)
     return Cut(model, found, read, [o for o in wanted if o in produced])
 

@@ -17,7 +17,7 @@ from quantpipe.errors import BuildError
 from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs
 from quantpipe.int8 import INT8_MAX
 from quantpipe.metrics import SquaredSums
-from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
+from quantpipe.onnxgraph import Graph, expose_outputs, named_copy, tensor_outputs
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal, pooled
@@ -182,7 +182,7 @@ def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]
     reads it, and one part's session lives at a time."""
     model, feeds, refs = job.model, job.feeds, job.refs
     g = Graph(model.graph)
-    outputs = [o.name for o in model.graph.output]
+    outputs = tensor_outputs(model)
     inputs = {i.name for i in model.graph.input}
     parts = {t: RoundedPart(model, t, outputs, (f"__qp_rs_on_{t}", f"__qp_rs_c_{t}", f"__qp_rs_s_{t}"))
              for t in group}
@@ -302,7 +302,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     if opts.channel_stats is None and (opts.smooth_alpha or opts.bias_correction):
         opts = with_calibration_data(m0, dataclasses.replace(opts, weight_rounding="nearest"), calibration_data,
                                      batch_size=batch_size)
-    outputs = [o.name for o in m0.graph.output]
+    outputs = tensor_outputs(m0)
     ref_sess = ort_session(m0, optimize=False)
     feeds: list[dict[str, np.ndarray]] = []
     refs: list[list[np.ndarray]] = []

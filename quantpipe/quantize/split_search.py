@@ -15,7 +15,7 @@ from quantpipe.data import sample_count
 from quantpipe.execution import Executor, model_mb, run_jobs
 from quantpipe.int8 import INT8_MAX
 from quantpipe.metrics import SquaredSums
-from quantpipe.onnxgraph import Graph, expose_outputs, named_copy
+from quantpipe.onnxgraph import Graph, expose_outputs, named_copy, tensor_outputs
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal, pooled
@@ -147,7 +147,7 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
     if not roundings:
         return {}
     cands = list(roundings)
-    outputs = [o.name for o in m.graph.output]
+    outputs = tensor_outputs(m)
     s = _simulate(m, roundings, calibration_data, outputs, batch_size=batch_size, max_samples=max_samples)
     if s.signal <= 0.0:
         return {}

@@ -12,7 +12,7 @@ from typing import Any
 
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor
-from quantpipe.onnxgraph import load_onnx, named_copy
+from quantpipe.onnxgraph import load_onnx, named_copy, tensor_outputs
 from quantpipe.quantize.build import build_qdq_model, quantize_model
 from quantpipe.quantize.gptq import collect_weight_codes
 from quantpipe.quantize.options import QuantizeOptions
@@ -120,7 +120,7 @@ def choose_equalize(model: Any, amax: Mapping[str, float], options: QuantizeOpti
     off, _ = build_qdq_model(model, amax, dataclasses.replace(base, equalize_depthwise=False))
     if on.SerializeToString() == off.SerializeToString():
         return False
-    outputs = [o.name for o in model.graph.output]
+    outputs = tensor_outputs(model)
     ref, a, b = (ort_session(m, int8=k > 0, optimize=False) for k, m in enumerate((model, on, off)))
     sums, signal, noise, count = SquaredSums(), 0.0, [0.0, 0.0], 0
     for res, n in fp32_batches(ref, calibration_data, batch_size=batch_size, max_samples=EQUALIZE_SAMPLES):
