@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
 __all__ = [
+    "IDENTICAL_KEY",
     "RESULTS_SCHEMA_VERSION",
     "Precision",
     "TensorInfo",
@@ -131,6 +132,11 @@ class LatencyStats:
     """Median of the compute alone where the backend can time it apart from host<->device copies."""
     h2d_median_ms: float | None = None
     d2h_median_ms: float | None = None
+
+
+#: EvalResult.metrics key set (1.0) where a variant's float model.output equals the reference's bit for bit
+#: (`evaluate.evaluate_variant`, whatever metrics were asked for; `collapse` then says the INT8 one is not measured).
+IDENTICAL_KEY = "identical_to_fp32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from quantpipe.artifacts import Collapse, EvalResult, LayerSensitivity, RunResults
+from quantpipe.artifacts import IDENTICAL_KEY, Collapse, EvalResult, LayerSensitivity, RunResults
 from quantpipe.evalconfig import CollapseConfig
 
 __all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "find_collapse"]
@@ -101,6 +101,8 @@ RECURRENT_OPS = ("GRU", "LSTM", "RNN")
 
 def _unmeasured(results: RunResults, e: EvalResult) -> Collapse:
     """An INT8 variant whose judged output equals FP32's bit for bit: a gate on it would pass vacuously."""
+    variant = next((v for v in results.variants if v.name == e.variant), None)
+    quantized = (variant.details.get("quantize") or {}).get("quantized") if variant is not None else None
     recurrent = {op: n for op, n in results.model.op_counts.items() if op in RECURRENT_OPS and n}
     held = (" (" + ", ".join(f"{n} {op}" for op, n in recurrent.items()) + " in this model, left in float)"
             if recurrent else "")
@@ -111,8 +113,10 @@ def _unmeasured(results: RunResults, e: EvalResult) -> Collapse:
         problems=(f"its output equals FP32's bit for bit on all {e.num_samples} evaluation samples: no INT8 layer "
                   f"lies on the path to model.output, so its accuracy numbers and any gate rule on them say nothing "
                   f"about INT8",),
-        cause=f"the layers that compute model.output are ones quantpipe keeps in float{held}; the Q/DQ layers "
-              f"(build details: quantized nodes) only reach other outputs.",
+        cause=(f"nothing in this model was quantized (no Conv / ConvTranspose / Gemm / MatMul it quantizes{held})."
+               if quantized == 0 else
+               f"the layers that compute model.output are ones quantpipe keeps in float{held}; the Q/DQ layers "
+               f"(build details: quantized nodes) only reach other outputs."),
         fix="judge an output the INT8 layers reach (model.output in pipeline.yaml), or release this model knowing "
             "its judged output is not quantized:" if yaml else "release this model knowing its output is not "
             "quantized (recurrent layers and the ops quantpipe leaves in float are not).", fix_yaml=yaml)
@@ -127,7 +131,7 @@ def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse
     for e in results.evaluations:
         if e.variant not in int8 or e.skipped is not None:
             continue
-        if _sqnr(e) == math.inf and e.num_samples > 0:
+        if e.metrics.get(IDENTICAL_KEY) == 1.0:
             found.append(_unmeasured(results, e))
             continue
         severity, problems = "collapsed", _problems(e, limits.min_sqnr_db, limits.min_agreement, "collapse")

@@ -124,7 +124,7 @@ def test_an_int8_output_equal_to_fp32_is_said_not_measured(tmp_path: Path) -> No
     # one quantized Gemm feeds another output, so INT8 "scored" cosine 1.0 and no SQNR, said by nothing.
     results = synthetic_results(tmp_path)
     evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": None, "max_abs_error": 0.0,
-                                                  "top1_agreement": 1.0})
+                                                  "top1_agreement": 1.0, "identical_to_fp32": 1.0})
                   if e.variant == "ort-int8" else e for e in results.evaluations)
     model = dataclasses.replace(results.model, op_counts={**results.model.op_counts, "GRU": 2})
     results = dataclasses.replace(results, evaluations=evals, model=model)
@@ -140,3 +140,12 @@ def test_an_int8_output_equal_to_fp32_is_said_not_measured(tmp_path: Path) -> No
     for line in collapse_lines(results):
         console.print(line)
     assert "INT8 NOT MEASURED: ort-int8" in console.export_text()
+
+
+def test_an_identical_label_output_or_one_without_the_key_is_not_said_not_measured(tmp_path: Path) -> None:
+    # An int64 label output (ArgMax after INT8 layers) equals FP32's while its layers are quantized: evaluation sets
+    # identical_to_fp32 only for float outputs, and SQNR / max_abs_error alone no longer decide (found probing).
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": None, "max_abs_error": 0.0})
+                  if e.variant == "ort-int8" else e for e in results.evaluations)
+    assert find_collapse(dataclasses.replace(results, evaluations=evals), CollapseConfig()) == ()

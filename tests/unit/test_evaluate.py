@@ -132,3 +132,20 @@ def test_a_reference_output_that_ignores_the_input_is_warned_about(caplog) -> No
         assert not warn_if_constant(np.arange(24, dtype=np.float32).reshape(4, 2, 3), "scores")
         assert not warn_if_constant(np.zeros((1, 3), np.float32), "scores")  # one sample: nothing to compare
     assert caplog.text.count("is the same for all 4 evaluation samples") == 1
+
+
+def test_a_float_output_equal_to_the_reference_is_recorded_whatever_the_metrics(tmp_path: Path) -> None:
+    from quantpipe.artifacts import IDENTICAL_KEY
+
+    ds = open_dataset(_data(tmp_path, np.arange(8) % 3), IMG, labels_key="label", role="evaluation")
+    ref = np.concatenate([np.eye(4, 3, dtype=np.float32)] * 2)  # what _Classifier gives in batches of 4
+    same, _ = evaluate_variant(_Classifier(3), ds, output="logits", batch_size=4, metrics=["cosine"],  # type: ignore[arg-type]
+                               reference=ref, ref_labelled=None)
+    assert same.metrics[IDENTICAL_KEY] == 1.0 and "max_abs_error" not in same.metrics
+    moved, _ = evaluate_variant(_Classifier(3), ds, output="logits", batch_size=4, metrics=["cosine"],  # type: ignore[arg-type]
+                                reference=ref + np.float32(1e-3), ref_labelled=None)
+    assert IDENTICAL_KEY not in moved.metrics
+    labels, _ = evaluate_variant(_Classifier(3), ds, output="logits", batch_size=4, metrics=["cosine"],  # type: ignore[arg-type]
+                                 reference=np.arange(8, dtype=np.int64), ref_labelled=None,
+                                 outputs=np.arange(8, dtype=np.int64))
+    assert IDENTICAL_KEY not in labels.metrics  # an int64 label output: ArgMax hides the INT8 noise, not measured
