@@ -159,6 +159,17 @@ def load_npz(path: Path, skip: set[str] | frozenset[str] = frozenset()) -> dict[
         ) from err
 
 
+def _dtype_advice(got: np.dtype, want: np.dtype) -> str:
+    """How to fix data of another kind than the input: a float array for an integer input is usually data already
+    normalised for a model that normalises inside its graph (uint8 pixels in, the Cast / Sub / Div first), where a
+    cast would turn 0.0-1.0 values into 0 and 1 (found probing)."""
+    if got.kind == "f" and want.kind in "iu":
+        return (f"The model takes raw integers ({want.name}: for images, 0-255 pixels) and likely normalises them "
+                f"inside its graph: store the data as it was before your normalisation, as {want.name}, not a cast "
+                f"of normalised floats (arr.astype(np.{want.name}) would turn 0.0-1.0 values into 0 and 1).")
+    return f"Convert it, e.g. arr.astype(np.{want.name})."
+
+
 def check_array(
     where: str, name: str, arr: np.ndarray, info: TensorInfo, *, per_sample: bool, check_finite: bool
 ) -> np.ndarray:
@@ -195,10 +206,8 @@ def check_array(
         kinds = (arr.dtype.kind, want.kind)
         same_kind = kinds[0] == kinds[1] or set(kinds) <= {"i", "u"}
         if not same_kind:
-            raise DataError(
-                f"{where}: array '{name}' has dtype {arr.dtype} but model input '{name}' is {want}. "
-                f"Convert it, e.g. arr.astype(np.{want.name})."
-            )
+            raise DataError(f"{where}: array '{name}' has dtype {arr.dtype} but model input '{name}' is {want}. "
+                            + _dtype_advice(arr.dtype, want))
         arr = arr.astype(want)
     if check_finite and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))

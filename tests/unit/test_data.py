@@ -233,3 +233,13 @@ def test_a_scalar_model_input_is_refused_with_the_way_out(tmp_path: Path) -> Non
         p = _npz(tmp_path / "d.npz", x=np.zeros((4, 8), np.float32), sr=sr)
         with pytest.raises(DataError, match=r"'sr' is a scalar \(rank 0\).*replace the input by an initializer"):
             open_dataset(p, inputs)
+
+
+def test_normalised_floats_for_a_uint8_input_are_not_told_to_be_cast(tmp_path: Path) -> None:
+    # A model that normalises its uint8 pixels inside the graph (found probing): the old advice, astype(np.uint8),
+    # turned 0.0-1.0 data into 0 and 1 and quantize then passed.
+    np.savez(tmp_path / "d.npz", input=np.random.default_rng(0).uniform(0, 1, (3, 1, 4, 4)).astype(np.float32))
+    with pytest.raises(DataError, match=r"is uint8\. The model takes raw integers .* store the data as it was before "
+                                        r"your normalisation") as e:
+        open_dataset(tmp_path / "d.npz", (TensorInfo("input", "uint8", ("batch", 1, 4, 4)),))
+    assert "would turn 0.0-1.0 values into 0 and 1" in str(e.value)
