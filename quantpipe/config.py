@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from quantpipe.configbase import StrictModel, did_you_mean, format_validation_errors
 from quantpipe.errors import ConfigError
 from quantpipe.evalconfig import (
+    TASK_METRICS,
     TASK_SCORES,
     CollapseConfig,
     CtcConfig,
@@ -425,6 +426,7 @@ class PipelineConfig(_Model):
         hooks = self.evaluate.hooks()
         for i, rule in enumerate(self.gate.rules):
             if rule.metric in GATE_METRICS:
+                self._rule_measurable(i, rule.metric)
                 continue
             if not hooks:
                 raise ValueError(
@@ -436,6 +438,21 @@ class PipelineConfig(_Model):
             raise ValueError(f"build.fallback.metric {fb.metric} needs evaluate.task: {need} "  # type: ignore[union-attr]
                              f"(it is {self.evaluate.task}); set the task or choose another fallback metric")
         return self
+
+    def _rule_measurable(self, i: int, metric: str) -> None:
+        """A gate rule on a metric this pipeline cannot measure is refused at load (exit 2), not failed after the
+        whole run (exit 1; a `map_iou` rule on a classifier, found probing)."""
+        task = self.evaluate.task
+        need = TASK_OF_METRIC.get(metric)
+        if need is not None and need != task:
+            measured = [*TASK_METRICS[task], "cosine", "sqnr_db", "max_abs_error"]
+            raise ValueError(f"gate.rules[{i}].metric {metric} is measured only with evaluate.task: {need} (this "
+                             f"pipeline's task is {task}); set the task, or judge a metric it measures: "
+                             f"{', '.join(measured)}")
+        if metric in LABEL_METRICS and self.data.evaluation.labels is None:
+            raise ValueError(f"gate.rules[{i}].metric {metric} is measured against labels, and data.evaluation has "
+                             f"none: set data.evaluation.labels to the labels' array name, or judge agreement with "
+                             f"FP32 instead (top1_agreement, line_agreement, cosine, sqnr_db: no labels needed)")
 
     @model_validator(mode="after")
     def _rules_name_variants(self) -> PipelineConfig:
@@ -465,6 +482,13 @@ class PipelineConfig(_Model):
     def section_fingerprint(self, section: str) -> dict[str, Any]:
         """A section's settings as plain JSON (for stage fingerprints)."""
         return self.model_dump(mode="json", include={section})
+
+
+#: Gate metrics only one task measures, and the task.
+TASK_OF_METRIC: dict[str, str] = {
+    **{m: t for t, ms in TASK_METRICS.items() if t != "classification" for m in ms}, "line_accuracy_drop": "ctc"}
+#: Gate metrics measured against the evaluation data's labels.
+LABEL_METRICS = frozenset({"top1", "top5", "top1_drop", "top5_drop", "line_accuracy", "label_cer", "line_accuracy_drop"})
 
 
 def variant_name(backend: str, precision: str) -> str:

@@ -177,3 +177,17 @@ def test_unknown_key_named_like_a_pydantic_tag_is_reported() -> None:
 def test_unknown_key_that_looks_like_a_branch_tag_is_reported(key: str) -> None:
     with pytest.raises(ConfigError, match="unknown key"):
         parse_config({**MINIMAL, key: None})
+
+
+def test_a_gate_rule_on_a_metric_the_pipeline_cannot_measure_is_refused_at_load() -> None:
+    # Before: found only after the whole run, the gate failing with exit 1 (a map_iou rule on a classifier, probing).
+    with pytest.raises(ConfigError, match=r"gate.rules\[0\].metric map_iou is measured only with evaluate.task: dense "
+                                          r"\(this pipeline's task is classification\)"):
+        parse_config({**MINIMAL, "gate": {"rules": [{"variant": "ort-int8", "metric": "map_iou", "min": 0.9}]}})
+    unlabelled = {**MINIMAL, "data": {**MINIMAL["data"], "evaluation": {"path": "e.npz"}}}
+    with pytest.raises(ConfigError, match=r"gate.rules\[0\].metric top1 is measured against labels"):
+        parse_config({**unlabelled, "gate": {"rules": [{"variant": "ort-int8", "metric": "top1", "min": 0.9}]}})
+    ok = parse_config({**unlabelled, "evaluate": {"task": "dense"},
+                       "gate": {"rules": [{"variant": "ort-int8", "metric": "map_iou", "min": 0.9},
+                                          {"variant": "ort-int8", "metric": "top1_agreement", "min": 0.9}]}})
+    assert len(ok.gate.rules) == 2
