@@ -80,3 +80,16 @@ def digits_entropy(out: Path) -> tuple:
     evald = open_dataset(EXAMPLE_EVAL, spec.inputs, labels_key="label", role="evaluation")
     amax = select_amax(out, "entropy", calibrate(EXAMPLE_MODEL, calib, methods=["entropy"], out_dir=out))
     return calib, evald, amax
+
+
+def fail_or_linger(item: tuple[int, str]) -> int:
+    """Item 0 fails at once; the others write their pid into `folder` and sleep a minute."""
+    import time
+
+    x, folder = item
+    if x == 0:
+        time.sleep(0.5)
+        raise DataError("sample 0 is broken")
+    Path(folder, f"{x}.pid").write_text(str(os.getpid()), encoding="utf-8")
+    time.sleep(60)
+    return x
