@@ -149,12 +149,12 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 def _standalone_dataset(model: Path, data: Path, max_samples: int | None) -> tuple[Any, Any]:
     from quantpipe.data import open_dataset
-    from quantpipe.inputs import one_sample_per_run
+    from quantpipe.inputs import check_first_run
     from quantpipe.model import load_model_spec
 
     spec, _ = load_model_spec(model)
     ds = open_dataset(data, spec.inputs, max_samples=max_samples, role="calibration")
-    inputs = one_sample_per_run(model, spec, spec.inputs, ds)
+    inputs = check_first_run(model, spec, spec.inputs, ds)
     if inputs != spec.inputs:
         ds = open_dataset(data, inputs, max_samples=max_samples, role="calibration")
     return spec, ds

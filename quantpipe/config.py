@@ -33,6 +33,8 @@ __all__ = [
     "DEFAULT_FP16_BLOCKLIST",
     "CALIBRATION_METHODS",
     "GATE_METRICS",
+    "NEEDS_LABELS",
+    "TASK_OF_METRIC",
     "PRECISIONS",
     "BACKEND_SHORT",
     "InputSpec",
@@ -449,7 +451,7 @@ class PipelineConfig(_Model):
             raise ValueError(f"gate.rules[{i}].metric {metric} is measured only with evaluate.task: {need} (this "
                              f"pipeline's task is {task}); set the task, or judge a metric it measures: "
                              f"{', '.join(measured)}")
-        if metric in LABEL_METRICS and self.data.evaluation.labels is None:
+        if metric in NEEDS_LABELS and self.data.evaluation.labels is None:
             raise ValueError(f"gate.rules[{i}].metric {metric} is measured against labels, and data.evaluation has "
                              f"none: set data.evaluation.labels to the labels' array name, or judge agreement with "
                              f"FP32 instead (top1_agreement, line_agreement, cosine, sqnr_db: no labels needed)")
@@ -488,7 +490,7 @@ class PipelineConfig(_Model):
 TASK_OF_METRIC: dict[str, str] = {
     **{m: t for t, ms in TASK_METRICS.items() if t != "classification" for m in ms}, "line_accuracy_drop": "ctc"}
 #: Gate metrics measured against the evaluation data's labels.
-LABEL_METRICS = frozenset({"top1", "top5", "top1_drop", "top5_drop", "line_accuracy", "label_cer", "line_accuracy_drop"})
+NEEDS_LABELS = frozenset({"top1", "top5", "top1_drop", "top5_drop", "line_accuracy", "label_cer", "line_accuracy_drop"})
 
 
 def variant_name(backend: str, precision: str) -> str:

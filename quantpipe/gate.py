@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 
 from quantpipe.artifacts import EvalResult, GateDecision, LatencyStats, RuleOutcome, RunResults, Variant
-from quantpipe.config import GATE_METRICS, GateRule
+from quantpipe.config import GATE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateRule
 from quantpipe.configbase import did_you_mean
 from quantpipe.errors import ConfigError
 
@@ -161,12 +161,12 @@ def _accuracy(results: RunResults, name: str, e: EvalResult, metric: str) -> Obs
         return _missing(name, metric, f"{metric} needs {base} of both {name} and the reference {results.reference}, "
                         f"which this run did not measure (it needs labels: set data.evaluation.labels)")
     if metric not in e.metrics:
-        labels = " (it needs labels: set data.evaluation.labels)"
-        hint = {"top1": labels, "top5": labels, "line_accuracy": labels, "label_cer": labels,
-                "top1_agreement": " (it needs a classifier output shaped [N, classes])",
-                "line_agreement": " (it needs evaluate.task: ctc)", "cer": " (it needs evaluate.task: ctc)",
-                "map_iou": " (it needs evaluate.task: dense)", "box_agreement": " (it needs evaluate.task: dense)",
-                }.get(metric, "")
+        if metric in NEEDS_LABELS:
+            hint = " (it needs labels: set data.evaluation.labels)"
+        elif metric in TASK_OF_METRIC:
+            hint = f" (it needs evaluate.task: {TASK_OF_METRIC[metric]})"
+        else:
+            hint = " (it needs a classifier output shaped [N, classes])" if metric == "top1_agreement" else ""
         return _missing(name, metric, f"{metric} was not measured for {name}{hint}; it must also be in evaluate.metrics")
     value = e.metrics[metric]
     if value is None:

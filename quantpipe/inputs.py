@@ -18,7 +18,7 @@ from quantpipe.errors import DataError
 from quantpipe.model import apply_input_overrides, load_model_spec
 from quantpipe.onnxgraph import tensor_outputs
 
-__all__ = ["BATCH_CHECK_MAX_BYTES", "LoadedInputs", "batch_axes", "load_inputs", "one_sample_per_run"]
+__all__ = ["BATCH_CHECK_MAX_BYTES", "LoadedInputs", "batch_axes", "check_first_run", "load_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     axes = batch_axes(cfg, inputs)
     calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
                          batch_axes=axes)
-    fixed = one_sample_per_run(cfg.model.path, spec, inputs, calib, axes, output=output,
-                               output_axis=cfg.model.output_batch_axis)
+    fixed = check_first_run(cfg.model.path, spec, inputs, calib, axes, output=output,
+                            output_axis=cfg.model.output_batch_axis)
     if fixed != inputs:
         inputs = fixed
         calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
@@ -111,14 +111,14 @@ def _static_classes(spec: ModelSpec, output: str) -> int | None:
     return last if isinstance(last, int) and last > 1 else None
 
 
-#: Models up to this size (file and external data) get `one_sample_per_run`'s check; above it, the check's
+#: Models up to this size (file and external data) get `check_first_run`'s check; above it, the check's
 #: onnxruntime session would cost seconds and memory before anything else runs.
 BATCH_CHECK_MAX_BYTES = 1 << 30
 
 
-def one_sample_per_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorInfo], data: Dataset,
-                       axes: Mapping[str, int] | None = None, *, output: str | None = None,
-                       output_axis: int = 0) -> tuple[TensorInfo, ...]:
+def check_first_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorInfo], data: Dataset,
+                    axes: Mapping[str, int] | None = None, *, output: str | None = None,
+                    output_axis: int = 0) -> tuple[TensorInfo, ...]:
     """One FP32 run of the first calibration samples before anything else runs (models up to BATCH_CHECK_MAX_BYTES;
     where it cannot run, the stage that runs the model says why):
 

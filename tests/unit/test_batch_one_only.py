@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantpipe.cli import main
 from quantpipe.data import open_dataset
-from quantpipe.inputs import one_sample_per_run
+from quantpipe.inputs import check_first_run
 from quantpipe.model import load_model_spec
 
 
@@ -37,7 +37,7 @@ def test_a_batch_held_at_one_inside_the_graph_runs_one_sample_at_a_time(tmp_path
         spec, _ = load_model_spec(path)
         ds = open_dataset(tmp_path / "d.npz", spec.inputs)
         with caplog.at_level(logging.WARNING, logger="quantpipe"):
-            (x,) = one_sample_per_run(path, spec, spec.inputs, ds)
+            (x,) = check_first_run(path, spec, spec.inputs, ds)
         assert x.shape == (batch, 8)
     assert caplog.text.count("declares a dynamic batch") == 1
     assert "a Reshape node: Input shape:{2,8}, requested shape:{1,8}" in caplog.text
@@ -65,7 +65,7 @@ def test_an_output_without_the_samples_on_its_batch_axis_is_refused_before_calib
     ds = open_dataset(tmp_path / "d.npz", spec.inputs)
     with pytest.raises(DataError, match=r"model.output 'boxes' has shape \[4, 4\] for 2 sample\(s\): its axis 0 does "
                                         r"not hold the samples.*point model.output at a raw head"):
-        one_sample_per_run(path, spec, spec.inputs, ds, output="boxes")
-    assert one_sample_per_run(path, spec, spec.inputs, ds, output="time_major", output_axis=1) == spec.inputs
+        check_first_run(path, spec, spec.inputs, ds, output="boxes")
+    assert check_first_run(path, spec, spec.inputs, ds, output="time_major", output_axis=1) == spec.inputs
     with pytest.raises(DataError, match="time_major"):
-        one_sample_per_run(path, spec, spec.inputs, ds, output="time_major")
+        check_first_run(path, spec, spec.inputs, ds, output="time_major")
