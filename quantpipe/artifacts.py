@@ -199,7 +199,8 @@ class FallbackReport:
 
 @dataclasses.dataclass(frozen=True)
 class Collapse:
-    """An INT8 variant whose output or task metric is catastrophic (quantpipe.collapse): said first in reports."""
+    """An INT8 variant whose output or task metric is catastrophic, or an INT8 / FP16 one whose judged output is
+    FP32's (quantpipe.collapse): said first in reports."""
 
     variant: str
     problems: tuple[str, ...]
@@ -213,6 +214,8 @@ class Collapse:
     """'collapsed' (below evaluate.collapse's min_* limits), 'degraded' (below its warn_* limits: far from a
     healthy INT8 model, not broken) or 'unmeasured' (its judged output equals FP32's bit for bit: no INT8 layer on
     its path, so its numbers say nothing about INT8)."""
+    precision: str = "int8"
+    """The variant's precision: 'int8', or 'fp16' (only ever 'unmeasured': an FP16 model equal to FP32)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from quantpipe.artifacts import IDENTICAL_KEY, Collapse, EvalResult, LayerSensitivity, RunResults
 from quantpipe.evalconfig import CollapseConfig
 
-__all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "find_collapse"]
+__all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "SUBGRAPH_OPS", "find_collapse"]
 
 AGREEMENT_METRICS = ("top1_agreement", "line_agreement", "map_iou", "box_agreement")
 """Task agreement with FP32 (fractions, 1 = identical decisions) judged against `min_agreement`."""
@@ -122,14 +122,42 @@ def _unmeasured(results: RunResults, e: EvalResult) -> Collapse:
             "quantized (recurrent layers and the ops quantpipe leaves in float are not).", fix_yaml=yaml)
 
 
+#: Ops whose subgraphs the FP16 writer leaves in FP32 (with the nodes they read from the outer scope).
+SUBGRAPH_OPS = ("If", "Loop", "Scan")
+
+
+def _fp16_unmeasured(results: RunResults, e: EvalResult) -> Collapse:
+    """An FP16 variant whose judged output equals FP32's bit for bit: nothing on its path runs in FP16."""
+    held = {op: n for op, n in results.model.op_counts.items() if op in SUBGRAPH_OPS and n}
+    why = ("; ".join(f"{n} {op}" for op, n in held.items()) + " node(s) in this model: the FP16 writer keeps nodes "
+           "with subgraphs, and what they read, in FP32 (its warning in the build log names them)") if held else \
+        "every node that computes model.output stays FP32 (build.fp16's keep lists, or values beyond FP16's range: " \
+        "the build log names them)"
+    return Collapse(
+        variant=e.variant, severity="unmeasured", precision="fp16",
+        problems=(f"its output equals FP32's bit for bit on all {e.num_samples} evaluation samples: nothing on the "
+                  f"path to model.output runs in FP16, so its accuracy and latency numbers and any gate rule on "
+                  f"them say nothing about FP16",),
+        cause=why + ".",
+        fix="release the FP32 model for this path, or export the model without control flow around its layers "
+            "(e.g. torch.onnx.export of the traced module, not the scripted one) so they can run in FP16.",
+        fix_yaml="")
+
+
 def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse, ...]:
     """Every INT8 variant that ran and whose output SQNR or task agreement is below the collapse limits
-    (severity 'collapsed'), or else below the warning limits ('degraded'); and one whose judged output equals FP32's
-    bit for bit ('unmeasured')."""
+    (severity 'collapsed'), or else below the warning limits ('degraded'); and every INT8 or FP16 one whose judged
+    output equals FP32's bit for bit ('unmeasured')."""
     int8 = {v.name for v in results.variants if v.precision == "int8" and v.skipped is None}
+    fp16 = {v.name for v in results.variants if v.precision == "fp16" and v.skipped is None}
     found = []
     for e in results.evaluations:
-        if e.variant not in int8 or e.skipped is not None:
+        if e.skipped is not None:
+            continue
+        if e.variant in fp16 and e.metrics.get(IDENTICAL_KEY) == 1.0:
+            found.append(_fp16_unmeasured(results, e))
+            continue
+        if e.variant not in int8:
             continue
         if e.metrics.get(IDENTICAL_KEY) == 1.0:
             found.append(_unmeasured(results, e))

@@ -131,13 +131,14 @@ def print_summary(results: Any) -> None:
 
 
 def collapse_lines(results: Any) -> list[str]:
-    """Rich-markup lines for each collapsed INT8 variant (printed first): what, likely cause, the YAML to paste."""
+    """Rich-markup lines for each collapsed INT8 (or unmeasured FP16) variant (printed first): what, likely cause, the YAML to paste."""
     from rich.markup import escape
 
     lines = []
     for c in getattr(results, "collapse", ()):
-        head = {"collapsed": "[bold red]INT8 COLLAPSED", "degraded": "[bold yellow]INT8 DEGRADED"}.get(
-            c.severity, "[bold yellow]INT8 NOT MEASURED")
+        word = getattr(c, "precision", "int8").upper()
+        head = {"collapsed": f"[bold red]{word} COLLAPSED", "degraded": f"[bold yellow]{word} DEGRADED"}.get(
+            c.severity, f"[bold yellow]{word} NOT MEASURED")
         lines.append(f"{head}: {escape(c.variant)}[/]: {escape('; '.join(c.problems))}.")
         lines.append(f"  likely cause: {escape(c.cause)}")
         lines.append(f"  fix: {escape(c.fix)}")

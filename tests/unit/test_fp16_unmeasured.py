@@ -1,0 +1,68 @@
+"""An FP16 variant whose judged output equals FP32's bit for bit is said first, like INT8's: a model wrapped in
+control flow (found probing: every layer inside an `If`, which the FP16 writer keeps in FP32 whole) passed its FP16
+gate rules with cosine 1.0 and no SQNR, said by nothing but a build warning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from quantpipe.cli import main
+from quantpipe.collapse import find_collapse
+from quantpipe.config import CollapseConfig
+from quantpipe.report import write_report
+from tests.report_data import synthetic_results
+
+
+def _wrapped(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("MatMul", ["x", "W"], [f"y_{name}"])], name, [],
+                                 [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["N", 8])])
+
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True), "c")),
+         helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
+        "wrapped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W")])
+    path = tmp_path / "wrapped.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((16, 16)).astype(np.float32))
+    return path
+
+
+def test_an_fp16_model_equal_to_fp32_is_said_not_measured(tmp_path: Path) -> None:
+    _wrapped(tmp_path)
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\nname: wrapped\nmodel: {path: wrapped.onnx}\n"
+        "data: {calibration: {path: calib.npz}, evaluation: {path: eval.npz}}\n"
+        "build: {backends: {onnxruntime: {precisions: [fp32, fp16]}, tensorrt: {required: false}}}\n"
+        "evaluate: {latency: {enabled: false}, sensitivity: {enabled: false}}\n"
+        "report: {dir: reports}\n", encoding="utf-8")
+    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 0  # no gate rule fails: said, not refused
+    results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
+    (c,) = results["collapse"]
+    assert (c["variant"], c["severity"], c["precision"]) == ("ort-fp16", "unmeasured", "fp16")
+    assert "1 If node(s)" in c["cause"]
+    summary = (tmp_path / "reports" / "latest" / "summary.md").read_text()
+    assert 0 <= summary.find("FP16 NOT MEASURED: `ort-fp16`") < summary.find("| Variant")
+    assert "```yaml" not in summary  # no YAML fixes this
+
+
+def test_an_fp16_model_that_differs_is_not_flagged(tmp_path: Path) -> None:
+    results = synthetic_results(tmp_path)
+    assert find_collapse(results, CollapseConfig()) == ()
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "identical_to_fp32": 1.0})
+                  if e.variant == "ort-fp16" else e for e in results.evaluations)
+    (c,) = find_collapse(dataclasses.replace(results, evaluations=evals), CollapseConfig())
+    assert c.precision == "fp16" and "FP16" in c.problems[0]
+    written = write_report(tmp_path / "run", dataclasses.replace(results, evaluations=evals, collapse=(c,)))
+    assert "FP16 not measured: ort-fp16" in written["html"].read_text()
