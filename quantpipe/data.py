@@ -43,7 +43,7 @@ from quantpipe.datafiles import (
 from quantpipe.errors import DataError
 from quantpipe.fsutil import sha256_file
 
-__all__ = ["Batch", "Dataset", "Feeds", "open_dataset", "check_disjoint", "sample_count", "sample_rows"]
+__all__ = ["Batch", "Dataset", "Feeds", "open_dataset", "varying_output", "check_disjoint", "sample_count", "sample_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,23 @@ class Dataset:
     def first_batch(self, batch_size: int) -> Batch:
         """The first batch (for latency measurement and shape checks)."""
         return next(self.batches(batch_size))
+
+    def extreme_shapes(self) -> tuple[int, int] | None:
+        """The indices of a smallest and a largest sample by element count, when a folder's samples come in more
+        than one shape (None otherwise): what a check that the outputs keep one shape runs."""
+        if self._samples is None or len({s.shapes for s in self._samples}) < 2:
+            return None
+        sizes = [sum(int(np.prod(shape)) for shape in s.shapes) for s in self._samples]
+        return int(np.argmin(sizes)), int(np.argmax(sizes))
+
+
+def varying_output(output: str, shapes: Sequence[tuple[int, ...]], who: str, role: str = "evaluation") -> DataError:
+    """The error for an output whose shape follows its input's, which quantpipe cannot compare as one array."""
+    return DataError(
+        f"output '{output}' of {who} changes shape with the input ({sorted(set(shapes))}): the {role} "
+        f"samples differ in shape, and quantpipe compares a variant's outputs with FP32's as one array. Give "
+        f"data.{role} samples of one shape (resize or pad them, as a detector's serving code does), or set "
+        f"model.output in pipeline.yaml to an output of fixed size (e.g. a pooled embedding or the logits).")
 
 
 _EXACT_FLOAT_INT = 2.0**53

@@ -17,7 +17,7 @@ import numpy as np
 from quantpipe import metrics as M
 from quantpipe.artifacts import IDENTICAL_KEY, EvalResult, LatencyStats, Variant
 from quantpipe.backends.base import Runner, Timings
-from quantpipe.data import Dataset
+from quantpipe.data import Dataset, varying_output
 from quantpipe.errors import DataError, EvaluationError
 from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
@@ -66,12 +66,7 @@ def stack_outputs(chunks: Sequence[np.ndarray], variant: str, output: str) -> np
     """The outputs of consecutive batches (or shards) stacked on axis 0; EvaluationError when their shapes differ."""
     shapes = {c.shape[1:] for c in chunks}
     if len(shapes) > 1:
-        raise DataError(
-            f"output '{output}' of variant {variant} changes shape with the input ({sorted(shapes)}): the evaluation "
-            f"samples differ in shape, and quantpipe compares a variant's outputs with FP32's as one array. Give "
-            f"data.evaluation samples of one shape (resize or pad them, as a detector's serving code does), or set "
-            f"model.output in pipeline.yaml to an output of fixed size (e.g. a pooled embedding or the logits)."
-        )
+        raise varying_output(output, list(shapes), f"variant {variant}")
     return np.concatenate(chunks, axis=0)
 
 

@@ -13,12 +13,12 @@ import numpy as np
 
 from quantpipe.artifacts import ModelSpec, TensorInfo
 from quantpipe.config import PipelineConfig
-from quantpipe.data import Dataset, check_disjoint, open_dataset
+from quantpipe.data import Dataset, check_disjoint, open_dataset, varying_output
 from quantpipe.errors import DataError
 from quantpipe.model import apply_input_overrides, load_model_spec
 from quantpipe.onnxgraph import tensor_outputs
 
-__all__ = ["BATCH_CHECK_MAX_BYTES", "LoadedInputs", "batch_axes", "check_first_run", "load_inputs"]
+__all__ = ["BATCH_CHECK_MAX_BYTES", "LoadedInputs", "batch_axes", "check_first_run", "check_output_shape", "load_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     if classes is not None:
         ev.check_label_range(classes, output)  # else: evaluate checks once the first batch shows the class count
     _warn_overlap(calib, ev)
+    check_output_shape(cfg.model.path, spec, ev, output, cfg.model.output_batch_axis)
     val = None
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
@@ -80,6 +81,7 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
         if classes is not None:
             val.check_label_range(classes, output)
         _warn_overlap(val, ev)
+        check_output_shape(cfg.model.path, spec, val, output, cfg.model.output_batch_axis)
     return LoadedInputs(spec, inputs, output, calib, ev, val)
 
 
@@ -141,22 +143,46 @@ def check_first_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorI
     except Exception:
         return inputs
 
-    def run(n: int) -> tuple[dict[str, Any] | None, str]:
+    def run(n: int) -> tuple[dict[str, Any] | None, int, str]:
+        batch = data.first_batch(n)  # fewer than n where a folder's second sample has another shape
         try:
-            return dict(zip([o.name for o in session.get_outputs()], session.run(None, dict(data.first_batch(n).feeds)),
-                            strict=True)), ""
+            return dict(zip([o.name for o in session.get_outputs()], session.run(None, dict(batch.feeds)),
+                            strict=True)), batch.size, ""
         except Exception as err:
-            return None, _gist(str(err))
+            return None, batch.size, _gist(str(err))
 
-    n = 2 if data.max_batch is None and data.num_samples >= 2 else 1
-    outs, why = run(n)
+    outs, n, why = run(2 if data.max_batch is None and data.num_samples >= 2 else 1)
     if outs is None and n == 2:
-        outs, _ = run(1)
+        outs, n, _ = run(1)
         if outs is not None:
-            n, inputs = 1, _batch_held_at_one(model, inputs, axes or {}, why)
+            inputs = _batch_held_at_one(model, inputs, axes or {}, why)
     if outs is not None and output is not None and output in outs:
         _check_output_batch(spec, output, np.asarray(outs[output]), n, output_axis)
     return inputs
+
+
+def check_output_shape(model: str | Path, spec: ModelSpec, data: Dataset, output: str, output_axis: int = 0) -> None:
+    """DataError (exit 2) at load where `data` (a folder whose samples differ in shape) makes model.output change shape
+    with the input: its smallest and its largest sample run through FP32 once each. Evaluation compares outputs as
+    one array and refused such data only after calibration and the build (found probing: a segmentation model
+    evaluated on photos of two sizes)."""
+    pair = data.extreme_shapes()
+    if pair is None or spec.size_bytes > BATCH_CHECK_MAX_BYTES:
+        return
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        shapes = [np.asarray(session.run([output], dict(data.subset(i, i + 1).first_batch(1).feeds))[0]).shape
+                  for i in pair]
+    except Exception:  # the stage that runs the model says why
+        return
+    kept = [s[:output_axis] + s[output_axis + 1:] for s in shapes]
+    if kept[0] != kept[1]:
+        raise varying_output(output, kept, "the FP32 model (found on a first run of its smallest and largest "
+                             "sample, before calibrating)", data.role)
 
 
 def _batch_held_at_one(model: str | Path, inputs: tuple[TensorInfo, ...], axes: Mapping[str, int],
