@@ -136,7 +136,7 @@ def _ort_fingerprint(cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, floa
         fp["from_cache"] = str(cfg.calibration.from_cache)
     if b.fallback is not None and b.fallback.metric in TASK_SCORES:
         # How the output is decoded / thresholded decides what the fallback keeps in float.
-        fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense"}), sort_keys=True)
+        fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense", "segmentation"}), sort_keys=True)
     return fp
 
 

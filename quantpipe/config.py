@@ -25,6 +25,7 @@ from quantpipe.evalconfig import (
     DenseConfig,
     EvaluateConfig,
     LatencyConfig,
+    SegmentationConfig,
     SensitivityConfig,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "EvaluateConfig",
     "CtcConfig",
     "DenseConfig",
+    "SegmentationConfig",
     "CollapseConfig",
     "FALLBACK_METRICS",
     "GateRule",
@@ -111,6 +113,8 @@ GATE_METRICS: dict[str, str] = {
     "line_accuracy_drop": "CTC: reference line_accuracy minus this variant's (fraction; needs labels)",
     "map_iou": "dense: mean IoU of the thresholded output map with FP32's",
     "box_agreement": "dense: F1 of the thresholded map's connected-component boxes against FP32's (IoU >= box_iou)",
+    "pixel_agreement": "segmentation: fraction of pixels whose class (argmax) equals FP32's",
+    "miou": "segmentation: mean over classes of the IoU of the class maps with FP32's",
     "max_abs_error": "largest absolute difference from the FP32 reference",
     "latency_ms": "median latency per batch, ms (at `batch_size`, default the largest measured)",
     "latency_p99_ms": "p99 latency per batch, ms",
@@ -285,15 +289,18 @@ class Fp16Config(_Model):
     """Node names kept in FP32."""
 
 
-FALLBACK_METRICS = ("top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement")
+FALLBACK_METRICS = ("top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement",
+                    "pixel_agreement", "miou")
 """What the accuracy fallback can hold a budget on (all against FP32 but top1_drop, which needs labels)."""
 
 
 class FallbackConfig(_Model):
-    metric: Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement"]
-    """line_agreement needs evaluate.task ctc; map_iou and box_agreement need evaluate.task dense."""
+    metric: Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement",
+                    "pixel_agreement", "miou"]
+    """line_agreement needs evaluate.task ctc; map_iou and box_agreement need evaluate.task dense; pixel_agreement
+    and miou need evaluate.task segmentation."""
     min: float | None = None
-    """Lower bound for top1_agreement / cosine / line_agreement / map_iou / box_agreement."""
+    """Lower bound for every metric but top1_drop."""
     max: float | None = None
     """Upper bound for top1_drop."""
     keep_in: Literal["fp16", "fp32"] = "fp16"

@@ -20,20 +20,24 @@ __all__ = [
     "LatencyConfig",
     "SensitivityConfig",
     "EvaluateConfig",
+    "SegmentationConfig",
 ]
 
 BUILTIN_METRICS = ("top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
-                   "line_agreement", "cer", "line_accuracy", "label_cer", "map_iou", "box_agreement")
+                   "line_agreement", "cer", "line_accuracy", "label_cer", "map_iou", "box_agreement",
+                   "pixel_agreement", "miou")
 """Names `evaluate.metrics` accepts besides `module:function` hooks."""
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("top1", "top5", "top1_agreement"),
     "ctc": ("line_agreement", "cer", "line_accuracy", "label_cer"),
     "dense": ("map_iou", "box_agreement"),
+    "segmentation": ("pixel_agreement", "miou"),
 }
 """The task-specific metrics of each task (cosine, sqnr_db, max_abs_error apply to every task)."""
 
-TASK_SCORES: dict[str, str] = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense"}
+TASK_SCORES: dict[str, str] = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense",
+                               "pixel_agreement": "segmentation", "miou": "segmentation"}
 """The search metrics (fallback budget, sensitivity metric) that read the output as `evaluate.task` says, and the
 task each needs."""
 
@@ -61,6 +65,14 @@ class DenseConfig(StrictModel):
     """Two connected-component boxes match at this IoU or more (box_agreement)."""
 
 
+class SegmentationConfig(StrictModel):
+    """How a semantic segmentation output is read: one class per pixel."""
+
+    class_axis: int = 1
+    """The axis of the class scores: 1 for [N, C, H, W], -1 for channels-last [N, H, W, C]. An integer output
+    (a model that ends in ArgMax) is read as the class map itself."""
+
+
 class CollapseConfig(StrictModel):
     """When an INT8 variant counts as collapsed: the report then says so first, with cause and fix.
 
@@ -71,7 +83,7 @@ class CollapseConfig(StrictModel):
 
     min_sqnr_db: float = 10.0
     min_agreement: float = 0.5
-    """For top1_agreement, line_agreement, map_iou and box_agreement."""
+    """For top1_agreement, line_agreement, map_iou, box_agreement and pixel_agreement."""
     warn_sqnr_db: float = 20.0
     """Above the collapse limits but below these, the variant is reported as degraded, first as well (a warning:
     far from a healthy INT8 model, with the same cause and fix); 0 / 0.0 turn the warning off."""
@@ -101,19 +113,22 @@ class SensitivityConfig(StrictModel):
     max_samples: int = Field(default=64, ge=1)
     """Evaluation samples used for the per-layer analysis (it runs the model once per layer)."""
     one_at_a_time: bool = True
-    metric: Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement"] = "sqnr_db"
+    metric: Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement",
+                    "pixel_agreement", "miou"] = "sqnr_db"
     """The model-output metric of one layer quantized alone (task metrics: ties ordered by output SQNR)."""
 
 
 class EvaluateConfig(StrictModel):
-    task: Literal["classification", "ctc", "dense"] = "classification"
-    """What the output means: class scores [N, classes], CTC sequence scores [N, T, C], or dense maps."""
+    task: Literal["classification", "ctc", "dense", "segmentation"] = "classification"
+    """What the output means: class scores [N, classes], CTC sequence scores [N, T, C], dense maps (thresholded),
+    or a segmentation's class scores per pixel [N, C, H, W] (argmax)."""
     metrics: list[str] = Field(default_factory=lambda: ["top1", "top5", "top1_agreement", "cosine", "sqnr_db",
                                                         "max_abs_error"])
     """Built-in names (BUILTIN_METRICS; the default suits classification, and the task's own metrics are
     always added for ctc and dense) and `module:function` hooks returning {name: number}."""
     ctc: CtcConfig = Field(default_factory=CtcConfig)
     dense: DenseConfig = Field(default_factory=DenseConfig)
+    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)

@@ -44,7 +44,8 @@ __all__ = ["FallbackMetric", "accuracy_fallback"]
 
 log = logging.getLogger(__name__)
 
-FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement"]
+FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement",
+                         "pixel_agreement", "miou"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class _Eval:
     margin: float
     """Tie-break, higher is better. For top-1 metrics, how far the flipped samples are from agreeing again
     (sum of negative top-1 margins in units of the reference logit spread; 0 when all agree); otherwise `sqnr`
-    (cosine, and the task metrics line_agreement / map_iou / box_agreement: a step that flips no line, pixel or box
+    (cosine, and the task metrics line_agreement / map_iou / box_agreement / pixel_agreement / miou: a step that flips no line, pixel or box
     still counts by how much closer the whole output came)."""
 
 

@@ -46,7 +46,7 @@ __all__ = [
 
 ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
                     "line_agreement", "cer", "line_accuracy", "label_cer", "line_accuracy_drop", "map_iou",
-                    "box_agreement")
+                    "box_agreement", "pixel_agreement", "miou")
 """Metrics that come from EvalResult.metrics (batch-size independent)."""
 LATENCY_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")
 """Metrics read at one batch size."""
@@ -67,6 +67,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "line_accuracy_drop": False,
     "map_iou": True,
     "box_agreement": True,
+    "pixel_agreement": True,
+    "miou": True,
     "latency_ms": False,
     "latency_p99_ms": False,
     "throughput": True,
@@ -384,7 +386,7 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
         return f"{v * 100:+.2f} pt" if delta else f"{v * 100:.2f} pt"
     if metric == "cosine":
         return f"{v:+.2e}" if delta else f"{v:.6f}"
-    if metric in ("map_iou", "box_agreement"):
+    if metric in ("map_iou", "box_agreement", "pixel_agreement", "miou"):
         return f"{v:+.4f}" if delta else f"{v:.4f}"
     if metric == "sqnr_db":
         return f"{v:{'+' if delta else ''}.2f} dB"

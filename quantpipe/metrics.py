@@ -18,6 +18,7 @@ __all__ = [
     "SquaredSums", "finite_or_none", "max_abs_error",
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
     "foreground", "mask_iou", "component_boxes", "box_iou", "matched_boxes", "box_agreement",
+    "class_map", "pixel_agreement", "mean_iou",
 ]
 
 
@@ -316,3 +317,30 @@ def box_agreement(pred: np.ndarray, ref: np.ndarray, min_iou: float = 0.5) -> fl
         matches += matched_boxes(pb, rb, min_iou)
         total += len(pb) + len(rb)
     return 2.0 * matches / total if total else 1.0
+
+
+def class_map(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Each pixel's class: the argmax over `axis` of a score map [N, C, H, W] (or channels-last with axis -1); an
+    integer map (a model that ends in ArgMax) is its own class map."""
+    x = np.asarray(x)
+    return x if x.dtype.kind in "iu" else np.argmax(x, axis=axis)
+
+
+def pixel_agreement(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Fraction of pixels (over all samples) whose class equals the reference's."""
+    return float(np.mean(np.asarray(pred) == np.asarray(ref)))
+
+
+def mean_iou(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over the classes present in either map of the class's IoU, pooled over all samples (one confusion
+    matrix for the data set, as segmentation benchmarks count it); 1.0 when both are empty."""
+    p = np.asarray(pred, dtype=np.int64).ravel()
+    r = np.asarray(ref, dtype=np.int64).ravel()
+    if p.size == 0:
+        return 1.0
+    lo = int(min(p.min(), r.min()))
+    k = int(max(p.max(), r.max())) - lo + 1
+    both = np.bincount((p - lo)[p == r], minlength=k)
+    either = np.bincount(p - lo, minlength=k) + np.bincount(r - lo, minlength=k) - both
+    present = either > 0
+    return float(np.mean(both[present] / either[present]))

@@ -224,7 +224,7 @@ def _proto(model: Any) -> Any:
 def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
           task: TaskSpec = CLASSIFICATION) -> float:
     """Metric `name` of the output `out` against the FP32 `ref` (top1_drop: against `labels`; line_agreement and
-    map_iou / box_agreement read the output as `task` says)."""
+    map_iou / box_agreement / pixel_agreement / miou read the output as `task` says)."""
     if name in TASK_SCORES:
         return task_score(name, out, ref, task)
     if name == "sqnr_db":
@@ -239,6 +239,6 @@ def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None
                               "data.validation.labels); use top1_agreement or cosine without labels.")
         return M.topk_accuracy(ref, labels, 1) - M.topk_accuracy(out, labels, 1)
     raise ConfigError(f"unknown metric '{name}'; expected one of sqnr_db, cosine, top1_agreement, top1_drop, "
-                      "line_agreement, map_iou, box_agreement.")
+                      "line_agreement, map_iou, box_agreement, pixel_agreement, miou.")
 
 

@@ -42,7 +42,8 @@ __all__ = ["SensitivityMetric", "layer_sensitivity", "worst_first"]
 
 log = logging.getLogger(__name__)
 
-SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement"]
+SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement",
+                            "pixel_agreement", "miou"]
 
 
 def layer_sensitivity(

@@ -1,4 +1,4 @@
-"""Task metrics: what a sequence model (CTC) or a dense-map model is judged on, and user metric hooks.
+"""Task metrics: what a sequence model (CTC), a dense-map model or a segmentation is judged on, and user metric hooks.
 
 evaluate records them for every variant; the accuracy fallback and the per-layer sensitivity score one of them
 (`task_score`). The arithmetic lives in quantpipe.metrics; this module reads a model output the way its task
@@ -25,6 +25,7 @@ __all__ = ["CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hoo
 SEQUENCE_VS_REF = ("line_agreement", "cer")
 SEQUENCE_VS_LABELS = ("line_accuracy", "label_cer")
 DENSE = ("map_iou", "box_agreement")
+SEGMENTATION = ("pixel_agreement", "miou")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +38,12 @@ class TaskSpec:
     threshold: float = 0.5
     logits: bool = False
     box_iou: float = 0.5
+    class_axis: int = 1
 
     @classmethod
     def from_config(cls, ev: EvaluateConfig) -> TaskSpec:
         return cls(task=ev.task, blank=ev.ctc.blank, layout=ev.ctc.layout, threshold=ev.dense.threshold,
-                   logits=ev.dense.logits, box_iou=ev.dense.box_iou)
+                   logits=ev.dense.logits, box_iou=ev.dense.box_iou, class_axis=ev.segmentation.class_axis)
 
     def decode(self, out: np.ndarray) -> list[tuple[int, ...]]:
         """Greedy CTC decode; a clear EvaluationError when the output is not [N, T, C] / [N, C, T]."""
@@ -62,6 +64,20 @@ class TaskSpec:
                 f"evaluate.task is dense, but the output has shape {list(np.shape(out))}; a map needs [N, H, W] or "
                 f"[N, C, H, W]. Set model.output to the probability / logit map, or change evaluate.task.")
         return M.foreground(out, threshold=self.threshold, logits=self.logits)
+
+    def classes(self, out: np.ndarray) -> np.ndarray:
+        """The class map of a segmentation output: argmax over `class_axis` ([N, C, H, W] -> [N, H, W])."""
+        out = np.asarray(out)
+        if out.dtype.kind in "iu":
+            return out
+        if out.ndim < 3 or not -out.ndim <= self.class_axis < out.ndim or self.class_axis in (0, -out.ndim) \
+                or out.shape[self.class_axis] < 2:
+            raise EvaluationError(
+                f"evaluate.task is segmentation, but the output has shape {list(out.shape)}, which has no class axis "
+                f"{self.class_axis} of 2 or more classes beside the samples; it needs [N, C, H, W] class scores "
+                f"(evaluate.segmentation.class_axis: 1) or [N, H, W, C] (-1). A one-map foreground output: use "
+                f"evaluate.task: dense.")
+        return M.class_map(out, axis=self.class_axis)
 
 
 CLASSIFICATION = TaskSpec()
@@ -92,14 +108,22 @@ def task_metrics(out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | N
             res["map_iou"] = M.mask_iou(mine, theirs)
         if "box_agreement" in wanted:
             res["box_agreement"] = M.box_agreement(mine, theirs, spec.box_iou)
+    elif spec.task == "segmentation" and ref is not None:
+        mine, theirs = spec.classes(out), spec.classes(ref)
+        if "pixel_agreement" in wanted:
+            res["pixel_agreement"] = M.pixel_agreement(mine, theirs)
+        if "miou" in wanted:
+            res["miou"] = M.mean_iou(mine, theirs)
     return res
 
 
 def task_score(name: str, out: np.ndarray, ref: np.ndarray, spec: TaskSpec) -> float:
     """One task metric against the FP32 output (for the fallback's budget and the sensitivity ranking)."""
-    needs = "ctc" if name in SEQUENCE_VS_REF else "dense" if name in DENSE else None
+    needs = ("ctc" if name in SEQUENCE_VS_REF else "dense" if name in DENSE
+             else "segmentation" if name in SEGMENTATION else None)
     if needs is None or spec.task != needs:
-        raise ConfigError(f"the metric {name} needs evaluate.task: {needs or 'ctc or dense'} (it is {spec.task}); "
+        raise ConfigError(f"the metric {name} needs evaluate.task: {needs or 'ctc, dense or segmentation'} (it is "
+                          f"{spec.task}); "
                           f"set evaluate.task, or use sqnr_db, cosine or top1_agreement.")
     value = task_metrics(out, ref, None, (name,), spec)[name]
     return float("nan") if value is None else float(value)

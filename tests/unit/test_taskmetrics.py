@@ -131,3 +131,46 @@ def test_hook_errors_name_the_hook(hook_module: str, func: str, exc: type, patte
 def test_unimportable_hook_module() -> None:
     with pytest.raises(ConfigError, match="module no_such_pkg_qp.metrics cannot be imported"):
         run_hooks(["no_such_pkg_qp.metrics:f"], np.ones((1, 1)), None, None)
+
+
+def test_segmentation_reads_one_class_per_pixel_not_one_map_per_class() -> None:
+    # A 21-class logit map (DeepLabV3, found probing): `dense` thresholded each class's logits as a map of its own.
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 21, 8, 8)).astype(np.float32)
+    out = ref.copy()
+    ref_cls = ref.argmax(axis=1)
+    # Flip 8 pixels of sample 0 to another class; every logit of the other sample unchanged.
+    rows, cols = np.arange(8), np.arange(8)
+    moved = (ref_cls[0, rows, cols] + 1) % 21
+    out[0, moved, rows, cols] = ref[0].max(axis=0)[rows, cols] + 1.0
+    spec = TaskSpec(task="segmentation")
+    got = task_metrics(out, ref, None, ("pixel_agreement", "miou"), spec)
+    assert got["pixel_agreement"] == pytest.approx(1 - 8 / 128)
+    mine, theirs = out.argmax(axis=1), ref_cls
+    ious = [np.sum((mine == c) & (theirs == c)) / np.sum((mine == c) | (theirs == c))
+            for c in range(21) if np.any((mine == c) | (theirs == c))]
+    assert got["miou"] == pytest.approx(np.mean(ious)) and got["miou"] < 1.0
+    assert task_metrics(ref, ref, None, ("pixel_agreement", "miou"), spec) == {"pixel_agreement": 1.0, "miou": 1.0}
+    # Channels last, and a model that ends in ArgMax (an int64 class map) read as the classes themselves.
+    last = TaskSpec(task="segmentation", class_axis=-1)
+    assert task_metrics(np.moveaxis(out, 1, -1), np.moveaxis(ref, 1, -1), None, ("pixel_agreement",), last) == \
+        {"pixel_agreement": got["pixel_agreement"]}
+    assert task_metrics(mine, theirs, None, ("miou",), spec) == {"miou": got["miou"]}
+    assert task_score("pixel_agreement", out, ref, spec) == got["pixel_agreement"]
+    with pytest.raises(ConfigError, match="needs evaluate.task: segmentation"):
+        task_score("miou", out, ref, TaskSpec(task="dense"))
+
+
+def test_segmentation_on_a_one_map_output_is_a_clear_error() -> None:
+    with pytest.raises(EvaluationError, match="no class axis 1 of 2 or more classes.*evaluate.task: dense"):
+        TaskSpec(task="segmentation").classes(np.zeros((2, 1, 8, 8), np.float32))
+    with pytest.raises(EvaluationError, match="class axis"):
+        TaskSpec(task="segmentation").classes(np.zeros((2, 10), np.float32))
+
+
+def test_mean_iou_pools_one_confusion_over_all_samples() -> None:
+    pred = np.array([[0, 0, 1, 1], [2, 2, 2, 2]])
+    ref = np.array([[0, 1, 1, 1], [2, 2, 2, 0]])
+    # class 0: 1 both / 3 either; class 1: 2 / 3; class 2: 3 / 4
+    assert M.mean_iou(pred, ref) == pytest.approx((1 / 3 + 2 / 3 + 3 / 4) / 3)
+    assert M.pixel_agreement(pred, ref) == pytest.approx(6 / 8)

@@ -1,0 +1,57 @@
+"""`evaluate.task: segmentation` through a whole run: class maps compared with FP32's by pixel and by mean IoU, in
+results.json, the gate and the fallback's budget; a segmentation gate rule on a classifier is refused at load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from quantpipe.cli import main
+
+
+def _segmenter(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "W2"], ["logits"])],
+        "seg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5, 16, 16])],
+        [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W1"),
+         numpy_helper.from_array(rng.standard_normal((5, 8, 1, 1)).astype(np.float32), "W2")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "seg.onnx")
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((8, 3, 16, 16)).astype(np.float32))
+
+
+def _yaml(tmp_path: Path, task: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "version: 1\nname: seg\nmodel: {path: seg.onnx}\n"
+        "data: {calibration: {path: calib.npz}, evaluation: {path: eval.npz}}\n"
+        "build: {backends: {onnxruntime: {precisions: [fp32, int8]}, tensorrt: {required: false}},\n"
+        "        fallback: {metric: pixel_agreement, min: 0.9}}\n"
+        f"evaluate: {{task: {task}, latency: {{enabled: false}}, sensitivity: {{enabled: false}}}}\n"
+        "gate: {rules: [{variant: ort-int8, metric: pixel_agreement, min: 0.5}, "
+        "{variant: ort-int8, metric: miou, min: 0.3}]}\nreport: {dir: reports}\n", encoding="utf-8")
+    return path
+
+
+def test_a_segmentation_run_judges_class_maps(tmp_path: Path) -> None:
+    _segmenter(tmp_path)
+    assert main(["run", str(_yaml(tmp_path, "segmentation")), "-q", "--workers", "1"]) == 0
+    results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
+    (int8,) = [e for e in results["evaluations"] if e["variant"] == "ort-int8"]
+    assert 0.9 <= int8["metrics"]["pixel_agreement"] <= 1.0 and 0.0 < int8["metrics"]["miou"] <= 1.0
+    assert "top1_agreement" not in int8["metrics"]  # not read as 5 x 16 x 16 class scores per sample
+    assert results["fallback"]["metric"] == "pixel_agreement"
+    assert [o["metric"] for o in results["gate"]["outcomes"]] == ["pixel_agreement", "miou"]
+
+
+def test_a_segmentation_rule_on_a_classifier_is_refused_at_load(tmp_path: Path, capsys) -> None:
+    _segmenter(tmp_path)
+    assert main(["run", str(_yaml(tmp_path, "classification")), "-q"]) == 2
+    assert "segmentation" in capsys.readouterr().err
