@@ -42,6 +42,7 @@ VARIANTS = {  # name -> extra `quantpipe quantize` flags
     "auto": ["--method", "auto"],
     "best+gptq": ["--method", "best", "--weight-rounding", "gptq"],
     "auto+eq": ["--method", "auto", "--equalize-depthwise"],
+    "auto+gptq": ["--method", "auto", "--weight-rounding", "gptq"],
 }
 MODELS = ("ppocr_rec", "ppocr_det", "ppocr_cls")
 #: Variant "fp32+noise": FP32 itself on the eval inputs plus Gaussian noise of this many grey levels (of 255; the
