@@ -99,6 +99,21 @@ class NpyMember:
             bad += int(block.size - np.count_nonzero(np.isfinite(block)))
         return bad
 
+    def value_range(self, chunk_bytes: int = 1 << 24) -> tuple[int, int] | None:
+        """The smallest and largest value of an integer array as stored, read in chunks; None when empty."""
+        step = max(1, chunk_bytes // max(self.row_bytes, 1))
+        lo = hi = None
+        cast, self.cast_to = self.cast_to, None
+        try:
+            for start in range(0, self.rows, step):
+                block = self[start: min(start + step, self.rows)]
+                if block.size:
+                    lo = int(block.min()) if lo is None else min(lo, int(block.min()))
+                    hi = int(block.max()) if hi is None else max(hi, int(block.max()))
+        finally:
+            self.cast_to = cast
+        return None if lo is None else (lo, hi)  # type: ignore[return-value]
+
 
 def lazy_members(path: Path) -> dict[str, NpyMember]:
     """Members of a .npz that are stored uncompressed, C-ordered and large, opened for reading by rows."""
@@ -208,6 +223,8 @@ def check_array(
         if not same_kind:
             raise DataError(f"{where}: array '{name}' has dtype {arr.dtype} but model input '{name}' is {want}. "
                             + _dtype_advice(arr.dtype, want))
+        if want.kind in "iu" and arr.size and not np.can_cast(arr.dtype, want, "safe"):
+            _check_int_range(where, name, (int(arr.min()), int(arr.max())), arr.dtype, want)
         arr = arr.astype(want)
     if check_finite and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
@@ -223,6 +240,8 @@ def _check_lazy(where: str, name: str, arr: NpyMember, info: TensorInfo, *, chec
     probe = np.broadcast_to(np.zeros((), dtype=arr.dtype), arr.shape)  # shape and dtype checks read no data
     check_array(where, name, probe, info, per_sample=False, check_finite=False)
     want = _np_dtype(info)
+    if arr.dtype != want and want.kind in "iu" and not np.can_cast(arr.dtype, want, "safe"):
+        _check_int_range(where, name, arr.value_range(), arr.dtype, want)
     arr.cast_to = want if arr.dtype != want else None
     if check_finite and (bad := arr.count_nonfinite()):
         raise DataError(
@@ -230,6 +249,22 @@ def _check_lazy(where: str, name: str, arr: NpyMember, info: TensorInfo, *, chec
             f"finite inputs: clean or drop those samples."
         )
     return arr
+
+
+def _check_int_range(where: str, name: str, value_range: tuple[int, int] | None, have: np.dtype, want: np.dtype) -> None:
+    """DataError where integers of dtype `have` do not all fit the input's narrower dtype `want`: the cast
+    would wrap them around silently (uint8 200 -> int8 -56; an int64 id beyond 2**31 -> int32)."""
+    if value_range is None:
+        return
+    lo, hi = value_range
+    limits = np.iinfo(want)
+    if lo >= limits.min and hi <= limits.max:
+        return
+    raise DataError(
+        f"{where}: array '{name}' has dtype {have} with values {lo}..{hi}, but model input '{name}' is {want} "
+        f"({limits.min}..{limits.max}): casting would wrap the values outside that range around. Store values the "
+        f"model takes (token ids within its vocabulary, pixel codes in its range), or check that this array is "
+        f"the one meant for this input.")
 
 
 def _fmt_shape(shape: Sequence[int | str | None]) -> str:

@@ -243,3 +243,25 @@ def test_normalised_floats_for_a_uint8_input_are_not_told_to_be_cast(tmp_path: P
                                         r"your normalisation") as e:
         open_dataset(tmp_path / "d.npz", (TensorInfo("input", "uint8", ("batch", 1, 4, 4)),))
     assert "would turn 0.0-1.0 values into 0 and 1" in str(e.value)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_integers_that_do_not_fit_a_narrower_input_are_refused_not_wrapped(tmp_path: Path, lazy: bool) -> None:
+    # uint8 200 cast to an int8 input became -56, silently; int64 ids that fit an int32 input stay accepted.
+    rows = 40_000 if lazy else 4  # >= 1 MiB stored uncompressed: read by rows (NpyMember), checked in chunks
+    ids = np.zeros((rows, 8), np.int64)
+    ids[-1, -1] = 2**31 + 5
+    np.savez(tmp_path / "big.npz", ids=ids)
+    info = (TensorInfo("ids", "int32", ("batch", 8)),)
+    with pytest.raises(DataError, match=r"dtype int64 with values 0\.\.2147483653, but model input 'ids' is int32 "
+                                        r"\(-2147483648\.\.2147483647\): casting would wrap"):
+        open_dataset(tmp_path / "big.npz", info)
+    ids[-1, -1] = 2**31 - 1
+    np.savez(tmp_path / "fits.npz", ids=ids)
+    ds = open_dataset(tmp_path / "fits.npz", info)
+    last = list(ds.batches(rows))[-1].feeds["ids"]
+    assert last.dtype == np.int32 and int(last[-1, -1]) == 2**31 - 1
+    pixels = np.full((3, 1, 4, 4), 200, np.uint8)
+    np.savez(tmp_path / "px.npz", input=pixels)
+    with pytest.raises(DataError, match=r"dtype uint8 with values 200\.\.200, but model input 'input' is int8"):
+        open_dataset(tmp_path / "px.npz", (TensorInfo("input", "int8", ("batch", 1, 4, 4)),))
