@@ -182,6 +182,14 @@ def _dtype_advice(got: np.dtype, want: np.dtype) -> str:
         return (f"The model takes raw integers ({want.name}: for images, 0-255 pixels) and likely normalises them "
                 f"inside its graph: store the data as it was before your normalisation, as {want.name}, not a cast "
                 f"of normalised floats (arr.astype(np.{want.name}) would turn 0.0-1.0 values into 0 and 1).")
+    if got.kind in "iub" and want.kind == "f":
+        # Raw pixels (or token codes) for a float input: the model expects them preprocessed. A bare astype gives
+        # 0-255 floats to a model trained on [-1, 1]: calibration passes and the INT8 model reads nothing (a text
+        # recognizer calibrated so read 0 of 160 lines, found probing).
+        return (f"Integers for a float input are usually raw data (image pixels 0-255): apply the preprocessing the "
+                f"model was trained with, exactly as your serving code does (e.g. (pixels / 255 - mean) / std, "
+                f"resized and laid out as the model's input), and store that as {want.name}. A bare "
+                f"arr.astype(np.{want.name}) is right only if the model itself normalises its input.")
     return f"Convert it, e.g. arr.astype(np.{want.name})."
 
 

@@ -72,6 +72,7 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     if classes is not None:
         ev.check_label_range(classes, output)  # else: evaluate checks once the first batch shows the class count
     _warn_overlap(calib, ev)
+    _warn_ranges(calib, ev)
     check_output_shape(cfg.model.path, spec, ev, output, cfg.model.output_batch_axis)
     val = None
     if d.validation is not None:
@@ -92,6 +93,34 @@ def batch_axes(cfg: PipelineConfig, inputs: Sequence[TensorInfo]) -> dict[str, i
         spec = cfg.model.inputs.get(t.name)
         out[t.name] = spec.batch_axis if spec is not None and spec.batch_axis is not None else cfg.model.batch_axis
     return out
+
+
+#: Samples of each split whose float inputs' ranges `_warn_ranges` compares, and the ratio it warns at.
+RANGE_CHECK_SAMPLES = 64
+RANGE_CHECK_RATIO = 8.0
+
+
+def _input_ranges(data: Dataset, samples: int = RANGE_CHECK_SAMPLES) -> dict[str, float]:
+    """The largest |value| of each float input over the first `samples` samples."""
+    out: dict[str, float] = {}
+    for feeds in data.head_feeds(min(samples, 64), samples):
+        for k, v in feeds.items():
+            if np.issubdtype(np.asarray(v).dtype, np.floating) and np.size(v):
+                out[k] = max(out.get(k, 0.0), float(np.max(np.abs(v))))
+    return out
+
+
+def _warn_ranges(calib: Dataset, ev: Dataset) -> None:
+    """Warn when a float input spans very different ranges in the calibration and the evaluation data: one of them
+    was preprocessed differently (0-255 pixels against [-1, 1]), and scales calibrated on the one do not fit the
+    other (found probing: a recognizer calibrated on unnormalised pixels read 0 of 160 evaluation lines)."""
+    a, b = _input_ranges(calib), _input_ranges(ev)
+    for name in sorted(set(a) & set(b)):
+        lo, hi = sorted((a[name], b[name]))
+        if hi > 0 and (lo == 0 or hi / lo >= RANGE_CHECK_RATIO):
+            log.warning("input '%s' reaches |x| = %.4g in the calibration data but %.4g in the evaluation data (first "
+                        "%d samples of each): were both preprocessed the same way (scaled, normalised)? Scales "
+                        "calibrated on the one do not fit the other.", name, a[name], b[name], RANGE_CHECK_SAMPLES)
 
 
 def _warn_overlap(chooser: Dataset, ev: Dataset) -> None:
