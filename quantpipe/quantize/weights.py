@@ -74,7 +74,10 @@ def quantize_weight(w: np.ndarray, axis: int | None, override: Any | None) -> tu
             )
         amax = ov.reshape(amax.shape)
     # An all-zero channel quantizes to zeros whatever its scale; 1.0 keeps the scale positive (TensorRT needs it).
-    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    # So does a channel whose scale is not a normal float32: subnormal weights (PP-OCRv3 det ships dead channels at
+    # 2e-40, found probing) gave scales of exactly 0 and 0/0 codes; they are zeros at any precision that matters.
+    step = amax / INT8_MAX
+    scale = np.where(step >= np.finfo(np.float32).tiny, step, 1.0).astype(np.float32)
     bshape = [1] * w.ndim
     if axis is not None:
         bshape[axis] = -1

@@ -436,3 +436,21 @@ def test_collect_channel_stats_in_pieces_is_bit_identical_to_one_run_per_batch(t
     for name, st in whole.items():
         assert np.array_equal(pieces[name].mean, st.mean) and np.array_equal(pieces[name].absmax, st.absmax), name
         assert pieces[name].num_samples == st.num_samples == 37
+
+
+def test_subnormal_weights_get_a_positive_normal_scale_and_zero_codes() -> None:
+    # PP-OCRv3 det ships dead channels holding ~2e-40 (found probing): amax / 127 underflowed to a scale of exactly
+    # 0 (TensorRT refuses a non-positive scale) and 0 / 0 codes, with a numpy RuntimeWarning.
+    import warnings
+
+    from quantpipe.quantize.weights import quantize_weight
+
+    w = np.random.default_rng(0).normal(0, 0.3, (4, 1, 3, 3)).astype(np.float32)
+    w[2] = np.float32(2e-40)
+    w[3] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divide / cast warning
+        q, scale = quantize_weight(w, 0, None)
+    assert np.all(scale >= np.finfo(np.float32).tiny) and scale[2] == scale[3] == 1.0
+    assert not q[2].any() and not q[3].any()
+    np.testing.assert_allclose(scale[:2], np.abs(w[:2]).max(axis=(1, 2, 3)) / 127, rtol=1e-6)
