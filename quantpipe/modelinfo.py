@@ -313,7 +313,9 @@ def precision_lines(info: ModelPrecision) -> list[str]:
             lines.append(f"quantized layers ({len(info.quantized_layers)}): {names}" + (f" and {more} more" if more > 0 else ""))
         for what, rng in (("weight", q.weight_scales), ("activation", q.activation_scales)):
             if rng is not None:
-                lines.append(f"{what} scales: min {rng[0]:.4g}, max {rng[1]:.4g}")
+                lines.append(f"{what} scales: min {rng[0]:.4g}, max {rng[1]:.4g}"
+                             + (" (a scale of 0 or below: TensorRT refuses the model; onnxruntime divides by it)"
+                                if rng[0] <= 0 else ""))
         zero = (f"{q.nonzero_zero_points} Q/DQ node(s) with a non-zero zero point ({q.zero_point_min} .. {q.zero_point_max})"
                 if q.nonzero_zero_points else "all 0")
         lines.append(f"zero points: {'/'.join(q.zero_point_types) or 'none'}; {zero}")
