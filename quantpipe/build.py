@@ -277,7 +277,8 @@ def _build_ort(
                 target = fb.min if fb.metric != "top1_drop" else fb.max
                 rep, fallback = accuracy_fallback(
                     li.spec.path, amax, li.selection, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
-                    keep_in=fb.keep_in, max_layers=fb.max_layers, output=li.output, batch_size=cfg.data.batch_size,
+                    keep_in=fb.keep_in, max_layers=fb.max_layers, max_evaluations=fb.max_evaluations,
+                    output=li.output, batch_size=cfg.data.batch_size,
                     options=options, task=TaskSpec.from_config(cfg.evaluate), executor=executor,
                     output_axis=cfg.model.output_batch_axis,
                 )

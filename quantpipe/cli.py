@@ -226,6 +226,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Calibration samples `quantize`'s closing SQNR is measured on.
+OUTPUT_SQNR_SAMPLES = 64
+
+
 def _say_output_sqnr(spec: Any, out: Path, ds: Any, batch_size: int) -> None:
     """The written model's output SQNR on the first calibration samples, and a warning below evaluate.collapse's
     limits: nothing else judges a standalone `quantize`'s file (a recognizer whose INT8 model read 0.27 of its
@@ -236,14 +240,19 @@ def _say_output_sqnr(spec: Any, out: Path, ds: Any, batch_size: int) -> None:
 
     if spec.size_bytes > BATCH_CHECK_MAX_BYTES:
         return
-    sqnr, n = written_sqnr(spec.path, out, ds, batch_size=batch_size)
+    sqnr, n = written_sqnr(spec.path, out, ds, batch_size=batch_size, max_samples=OUTPUT_SQNR_SAMPLES)
     limits = CollapseConfig()
     said = f"INT8 output SQNR {sqnr:.1f} dB against FP32 on the first {n} calibration samples"
-    if sqnr < limits.warn_sqnr_db:
-        word = "COLLAPSED" if sqnr < limits.min_sqnr_db else "DEGRADED"
-        log.warning("%s: %s (a healthy INT8 model sits at 20-40 dB). Judge it with the task's own metric "
-                    "(`quantpipe run` with evaluate.task), and see README's 'Loud on collapse' for the causes and "
-                    "the fallback.", word, said)
+    if sqnr < limits.min_sqnr_db:
+        log.warning("%s: below %g dB, the INT8 output is far from FP32's. Judge the model with its task's own metric "
+                    "before shipping it (`quantpipe run` with evaluate.task), and see README's 'Loud on collapse' "
+                    "for the causes and the fallback.", said, limits.min_sqnr_db)
+    elif sqnr < limits.warn_sqnr_db:
+        # Output SQNR alone does not tell there: PP-OCRv3 recognizers at 15-17 dB read 0.39 to 0.98 of their lines
+        # as FP32 does, and a text detector at 16.8 dB matched every box (found probing).
+        log.warning("%s: below %g dB, output SQNR alone cannot tell a usable model from a broken one; judge it with "
+                    "its task's own metric (`quantpipe run` with evaluate.task: ctc / dense / segmentation / "
+                    "classification).", said, limits.warn_sqnr_db)
     else:
         console().print(said)
 

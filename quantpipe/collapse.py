@@ -88,8 +88,10 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
                    f"carry over to the evaluation data: let it choose on more samples that look like them (a "
                    f"data.validation split), with the task's metric and room in max_layers:")
         else:
-            fix = (f"the accuracy fallback ran (budget {fb.metric} {fb.target:g}: NOT met, {len(fb.steps)} layer(s) "
-                   f"kept in float); give it the task's metric and a larger max_layers in pipeline.yaml:")
+            fix = (f"the accuracy fallback ran (budget {fb.metric} {fb.target:g}: NOT met with {len(fb.steps)} "
+                   f"layer(s) kept in float, its best step): the budget may be out of INT8's reach on this data. "
+                   f"Loosen it, or let the fallback choose on data like the evaluation data (data.validation); "
+                   f"max_layers caps what a budget out of reach costs:")
     else:
         fix = "keep the most sensitive layers in float with the accuracy fallback; paste into pipeline.yaml:"
     return fix, yaml

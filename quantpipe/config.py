@@ -305,6 +305,8 @@ class FallbackConfig(_Model):
     """Upper bound for top1_drop."""
     keep_in: Literal["fp16", "fp32"] = "fp16"
     max_layers: int | None = Field(default=None, ge=1)
+    max_evaluations: int = Field(default=400, ge=1)
+    """Keep-sets built and measured at most; the search then stops and keeps its best step (budget NOT met)."""
 
     @model_validator(mode="after")
     def _bound(self) -> FallbackConfig:

@@ -63,6 +63,9 @@ class DenseConfig(StrictModel):
     """The output holds logits: a sigmoid is applied before the threshold (0.5 then means logit 0)."""
     box_iou: float = Field(default=0.5, gt=0.0, le=1.0)
     """Two connected-component boxes match at this IoU or more (box_agreement)."""
+    min_box_side: int = Field(default=3, ge=1)
+    """Components whose box is narrower or shorter than this many pixels are specks, not boxes (box_agreement;
+    DBNet's own post-processing drops boxes under 3 pixels a side)."""
 
 
 class SegmentationConfig(StrictModel):

@@ -40,7 +40,7 @@ from quantpipe.quantize.types import QuantizeReport
 from quantpipe.reference import CANDIDATES_PER_RUN, Reference, prepare_reference, run_candidates, score
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
-__all__ = ["FallbackMetric", "accuracy_fallback"]
+__all__ = ["FallbackMetric", "accuracy_fallback", "best_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,8 @@ def accuracy_fallback(
         except _BudgetExhausted:
             exhausted = True
             log.warning("fallback: stopped after %d evaluations (max_evaluations)", max_evaluations)
+    if not search.met(search.current):
+        _best_prefix(search)
     keep, current = search.keep, search.current
     steps = _steps(search, keep, ops, keep_in, initial)
     rep = _final_model(ctx, amax, search, keep, current, exhausted=exhausted, max_layers=max_layers,
@@ -273,6 +275,27 @@ def accuracy_fallback(
                               met=search.met(current), num_quantizable=first.num_quantizable, steps=steps,
                               chosen_on=role, chosen_samples=int(ctx.ref.shape[0]))
     return rep, fallback
+
+
+def best_prefix(ranks: Mapping[int, tuple[float, float]]) -> int:
+    """Of the step counts measured, the one whose keep-set ranks highest (`_Search.rank`: the budget metric, then
+    the margin); the fewest steps among equals."""
+    return max(ranks, key=lambda k: (ranks[k], -k))
+
+
+def _best_prefix(search: _Search) -> None:
+    """A search that did not meet its budget keeps the layers up to its best step (by `_Search.rank`; the fewest
+    among equals), not every step it took: a step kept for its margin alone can lower the metric, and a search that
+    stopped there reported less than it had reached (PP-OCRv3 rec, found probing: 0.875 -> 0.9375 on the fourth of
+    ten steps, 0.922 at the tenth)."""
+    seen = {k: search.cache[frozenset(search.keep[:k])] for k in range(len(search.keep) + 1)
+            if frozenset(search.keep[:k]) in search.cache}
+    k = best_prefix({n: search.rank(e) for n, e in seen.items()})
+    e = seen[k]
+    if k < len(search.keep):
+        log.info("fallback: budget not met; keeping the first %d of the %d layers it kept, where %s was best (%.4f; "
+                 "%.4f after all of them)", k, len(search.keep), search.metric, e.value, search.current.value)
+        search.keep, search.current = search.keep[:k], e
 
 
 def _check_arguments(metric: str, keep_in: str, dataset: Any) -> str | None:
@@ -319,7 +342,13 @@ def _final_model(ctx: Reference, amax: Mapping[str, float], search: _Search, kee
                         f"({why})")
     if out_path is not None:
         warnings += save_onnx(model, out_path, reference=ctx.model)
-    return dataclasses.replace(rep, model_path=os.fspath(model_path),
+    import onnx
+
+    from quantpipe.onnxgraph import opset_of
+
+    # The report's opset is the user's file's, not that of the copy the search upgraded (Q/DQ per channel needs 13).
+    before = min(rep.opset_before, opset_of(onnx.load(os.fspath(model_path), load_external_data=False)))
+    return dataclasses.replace(rep, model_path=os.fspath(model_path), opset_before=before,
                                output_path=os.fspath(out_path) if out_path is not None else None,
                                warnings=tuple(warnings))
 

@@ -302,9 +302,11 @@ def matched_boxes(pred: Sequence_[Box], ref: Sequence_[Box], min_iou: float = 0.
     return len(used_p)
 
 
-def box_agreement(pred: np.ndarray, ref: np.ndarray, min_iou: float = 0.5) -> float:
+def box_agreement(pred: np.ndarray, ref: np.ndarray, min_iou: float = 0.5, min_side: int = 1) -> float:
     """F1 of the connected-component boxes of boolean maps [N, ..., H, W] against the reference's, matched at
-    IoU >= min_iou, pooled over every sample and map: 2 * matches / (boxes + reference boxes); 1.0 with no boxes."""
+    IoU >= min_iou, pooled over every sample and map: 2 * matches / (boxes + reference boxes); 1.0 with no boxes.
+    Boxes narrower or shorter than `min_side` pixels are specks, not detections (DBNet's post-processing drops
+    boxes under 3 pixels a side), and are left out of both sides."""
     p = np.asarray(pred, dtype=bool)
     r = np.asarray(ref, dtype=bool)
     if p.ndim < 3:
@@ -313,7 +315,7 @@ def box_agreement(pred: np.ndarray, ref: np.ndarray, min_iou: float = 0.5) -> fl
     r = r.reshape(-1, *r.shape[-2:])
     matches = total = 0
     for pm, rm in zip(p, r, strict=True):
-        pb, rb = component_boxes(pm), component_boxes(rm)
+        pb, rb = ([b for b in component_boxes(m) if min(b[2] - b[0], b[3] - b[1]) + 1 >= min_side] for m in (pm, rm))
         matches += matched_boxes(pb, rb, min_iou)
         total += len(pb) + len(rb)
     return 2.0 * matches / total if total else 1.0

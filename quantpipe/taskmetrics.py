@@ -38,12 +38,14 @@ class TaskSpec:
     threshold: float = 0.5
     logits: bool = False
     box_iou: float = 0.5
+    min_box_side: int = 3
     class_axis: int = 1
 
     @classmethod
     def from_config(cls, ev: EvaluateConfig) -> TaskSpec:
         return cls(task=ev.task, blank=ev.ctc.blank, layout=ev.ctc.layout, threshold=ev.dense.threshold,
-                   logits=ev.dense.logits, box_iou=ev.dense.box_iou, class_axis=ev.segmentation.class_axis)
+                   logits=ev.dense.logits, box_iou=ev.dense.box_iou, min_box_side=ev.dense.min_box_side,
+                   class_axis=ev.segmentation.class_axis)
 
     def decode(self, out: np.ndarray) -> list[tuple[int, ...]]:
         """Greedy CTC decode; a clear EvaluationError when the output is not [N, T, C] / [N, C, T]."""
@@ -107,7 +109,7 @@ def task_metrics(out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | N
         if "map_iou" in wanted:
             res["map_iou"] = M.mask_iou(mine, theirs)
         if "box_agreement" in wanted:
-            res["box_agreement"] = M.box_agreement(mine, theirs, spec.box_iou)
+            res["box_agreement"] = M.box_agreement(mine, theirs, spec.box_iou, spec.min_box_side)
     elif spec.task == "segmentation" and ref is not None:
         mine, theirs = spec.classes(out), spec.classes(ref)
         if "pixel_agreement" in wanted:

@@ -179,6 +179,6 @@ def output_bias(model: Any, amax: Mapping[str, float], options: QuantizeOptions,
     (with_, without), count, where = _output_sqnr(model, (corrected, qdq), calibration_data, batch_size=batch_size,
                                                   max_samples=OUTPUT_BIAS_SAMPLES)
     keep = with_ > without
-    log.info("output bias correction at %s: INT8 output SQNR%s %.1f dB with, %.1f dB without (%d calibration "
+    log.info("output bias correction at %s: INT8 output SQNR%s %.2f dB with, %.2f dB without (%d calibration "
              "samples): %s", ", ".join(shifts), where, with_, without, count, "applied" if keep else "not applied")
     return shifts if keep else {}

@@ -131,9 +131,20 @@ def test_box_agreement_is_a_fallback_budget(calib_mlp, tmp_path):
     m.graph.output.append(helper.make_tensor_value_info("map", TensorProto.FLOAT, ["N", 1, "C"]))
     path = tmp_path / "map.onnx"
     onnx.save(m, path)
-    task = TaskSpec(task="dense", threshold=0.0)
+    task = TaskSpec(task="dense", threshold=0.0, min_box_side=1)  # a one-row map: every box is 1 pixel high
     _, fb = accuracy_fallback(path, amax, ds, metric="box_agreement", target=0.99, output="map",
                               out_path=tmp_path / "fb.onnx", batch_size=16, task=task)
     assert fb.metric == "box_agreement"
     assert fb.initial < 0.99 <= fb.final and fb.met
     assert "fc2" in [s.node for s in fb.steps]
+
+
+def test_a_budget_not_met_keeps_the_layers_up_to_its_best_step():
+    # PP-OCRv3 rec (found probing): 0.875 -> 0.891 -> 0.922 -> 0.9375 -> 0.922 ... 0.922 after ten steps kept for
+    # their margin; the model written had all ten layers in float and less than the fourth step had reached.
+    from quantpipe.fallback import best_prefix
+
+    walk = [0.875, 0.891, 0.922, 0.9375, 0.922, 0.922, 0.906, 0.922, 0.922, 0.922, 0.922]
+    assert best_prefix({k: (v, 0.0) for k, v in enumerate(walk)}) == 3
+    assert best_prefix({0: (0.9, -2.0), 1: (0.9, -1.0), 2: (0.9, -1.0)}) == 1  # the margin, then the fewest layers
+    assert best_prefix({0: (0.5, 0.0)}) == 0
