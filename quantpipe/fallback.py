@@ -265,8 +265,7 @@ def accuracy_fallback(
         except _BudgetExhausted:
             exhausted = True
             log.warning("fallback: stopped after %d evaluations (max_evaluations)", max_evaluations)
-    if not search.met(search.current):
-        _best_prefix(search)
+    _best_prefix(search)
     keep, current = search.keep, search.current
     steps = _steps(search, keep, ops, keep_in, initial)
     rep = _final_model(ctx, amax, search, keep, current, exhausted=exhausted, max_layers=max_layers,
@@ -288,6 +287,8 @@ def _best_prefix(search: _Search) -> None:
     among equals), not every step it took: a step kept for its margin alone can lower the metric, and a search that
     stopped there reported less than it had reached (PP-OCRv3 rec, found probing: 0.875 -> 0.9375 on the fourth of
     ten steps, 0.922 at the tenth)."""
+    if search.met(search.current):
+        return
     seen = {k: search.cache[frozenset(search.keep[:k])] for k in range(len(search.keep) + 1)
             if frozenset(search.keep[:k]) in search.cache}
     k = best_prefix({n: search.rank(e) for n, e in seen.items()})
