@@ -103,7 +103,7 @@ RANGE_CHECK_RATIO = 8.0
 def _input_ranges(data: Dataset, samples: int = RANGE_CHECK_SAMPLES) -> dict[str, float]:
     """The largest |value| of each float input over the first `samples` samples."""
     out: dict[str, float] = {}
-    for feeds in data.head_feeds(min(samples, 64), samples):
+    for feeds in data.head_feeds(8, samples):  # 8 at a time: a large input's 64 samples need not be held at once
         for k, v in feeds.items():
             if np.issubdtype(np.asarray(v).dtype, np.floating) and np.size(v):
                 out[k] = max(out.get(k, 0.0), float(np.max(np.abs(v))))

@@ -24,9 +24,9 @@ from quantpipe.quantize.types import QuantizeReport
 __all__ = ["written_sqnr", "choose_equalize", "output_bias", "with_calibration_data", "write_qdq_model"]
 
 EQUALIZE_SAMPLES = 32
-#: Calibration samples the output bias correction is measured and verified on.
-OUTPUT_BIAS_SAMPLES = 64
 """Calibration samples `choose_equalize` runs both INT8 models on (as `auto`'s range search)."""
+OUTPUT_BIAS_SAMPLES = 64
+"""Calibration samples the output bias correction is measured and verified on."""
 
 log = logging.getLogger(__name__)
 
