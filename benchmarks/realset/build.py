@@ -33,6 +33,10 @@ import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 WHEEL = "rapidocr_onnxruntime-1.4.4"
+#: More recognizers, fed the same preprocessed lines as ppocr_rec (rapidocr's arithmetic) with their own FP32
+#: references: name -> (wheel, path inside it). PP-OCRv3 rec collapsed under the output bias correction before it
+#: was verified (RESULTS.md, fifth contact).
+EXTRA_RECS = {"ppocr3_rec": ("rapidocr_onnxruntime-1.2.3", "rapidocr_onnxruntime/models/ch_PP-OCRv3_rec_infer.onnx")}
 MODELS = {  # name -> path inside the wheel
     "ppocr_rec": "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
     "ppocr_det": "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
@@ -243,10 +247,11 @@ def main():
     ap.add_argument("--wheels", required=True)
     args = ap.parse_args()
     wheel = os.path.join(args.wheels, WHEEL + "-py3-none-any.whl")
+    extra = {n: (os.path.join(args.wheels, w + "-py3-none-any.whl"), m) for n, (w, m) in EXTRA_RECS.items()}
     rng = np.random.default_rng(SEED)
     manifest = {"seed": SEED, "python": sys.version.split()[0], "platform": platform.platform(),
                 "tools": {t: metadata.version(t) for t in TOOLS},
-                "wheels": {os.path.basename(wheel): sha256(wheel)},
+                "wheels": {os.path.basename(w): sha256(w) for w in [wheel, *(w for w, _ in extra.values())]},
                 "fonts": {os.path.basename(f): sha256(f) for f in FONTS}, "models": {}}
 
     with zipfile.ZipFile(wheel) as zf:
@@ -254,6 +259,10 @@ def main():
             os.makedirs(os.path.join(args.out, name), exist_ok=True)
             with open(os.path.join(args.out, name, "model.onnx"), "wb") as f:
                 f.write(zf.read(member))
+    for name, (path, member) in extra.items():
+        os.makedirs(os.path.join(args.out, name), exist_ok=True)
+        with zipfile.ZipFile(path) as zf, open(os.path.join(args.out, name, "model.onnx"), "wb") as f:
+            f.write(zf.read(member))
 
     rec_path = os.path.join(args.out, "ppocr_rec", "model.onnx")
     rec_model, rec_desc = describe_model(rec_path)
@@ -287,6 +296,24 @@ def main():
         entry["splits"][split] = write("ppocr_rec", split, arrays, samples)
         entry["splits"][split]["fp32_exact_vs_rendered_text"] = float(np.mean([a == b for a, b in zip(fp32, truth, strict=True)]))
     manifest["models"]["ppocr_rec"] = entry
+
+    # ---- more recognizers: the same lines, their own dictionaries and FP32 references ----------------
+    for name, (path, member) in extra.items():
+        model_path = os.path.join(args.out, name, "model.onnx")
+        model, desc = describe_model(model_path)
+        chars = ["blank"] + {p.key: p.value for p in model.metadata_props}["character"].splitlines() + [" "]
+        entry = {"source": f"{os.path.basename(path)} {member}", **desc, "splits": {},
+                 "dictionary": f"model metadata 'character' ({len(chars) - 2} lines), as ppocr_rec's",
+                 "preprocessing": "ppocr_rec's inputs (the same lines, rapidocr TextRecognizer.resize_norm_img)",
+                 "metric": "as ppocr_rec"}
+        for split, ls in lines.items():
+            x = np.stack([rec_norm(cv2.cvtColor(s["rgb"], cv2.COLOR_RGB2BGR), REC_SHAPE) for s in ls])
+            fp32 = ctc_greedy(run_fp32(model_path, x), chars)
+            truth = [s["text"] for s in ls]
+            arrays = {"x": x, "text": np.array(truth), "fp32_text": np.array(fp32)}
+            entry["splits"][split] = write(name, split, arrays, [{"text": t} for t in truth])
+            entry["splits"][split]["fp32_exact_vs_rendered_text"] = float(np.mean([a == b for a, b in zip(fp32, truth, strict=True)]))
+        manifest["models"][name] = entry
 
     # ---- cls: text direction 0 / 180 -----------------------------------------------------------------
     cls_path = os.path.join(args.out, "ppocr_cls", "model.onnx")

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Builds the real-model OCR benchmark set (PP-OCRv4 rec + det, PP-OCR direction classifier) from nothing.
+# Builds the real-model OCR benchmark set (PP-OCRv4 rec + det, PP-OCR direction classifier, PP-OCRv3 rec) from nothing.
 #
 #   bash benchmarks/realset/build.sh [OUTDIR]     OUTDIR defaults to ./.realbench; created if missing
 #
 # 1. installs the Debian font packages the text is rendered in (root; skipped when already installed);
 # 2. creates a venv (QP_REALBENCH_VENV, default /tmp/qp-realbench-venv) with pinned tooling;
-# 3. pip-downloads the pinned rapidocr-onnxruntime wheel (it holds the three ONNX models and the dictionary);
+# 3. pip-downloads the pinned rapidocr-onnxruntime wheels (they hold the ONNX models and the dictionaries);
 # 4. runs build.py: renders text lines and pages, preprocesses them as rapidocr does, writes calib/eval npz
 #    files with FP32 references and OUTDIR/manifest.json.
 # Nothing is fetched from a model hub; quantpipe fetches nothing at run time.
@@ -22,6 +22,7 @@ FONT_PACKAGES=(fonts-dejavu-core fonts-liberation)
 TOOLING=(numpy==2.4.6 pillow==13.0.0 opencv-python-headless==5.1.0.95 onnx==1.23.2 onnxruntime==1.31.1)
 DATA_WHEELS=(
   rapidocr-onnxruntime==1.4.4   # PP-OCRv4 det/rec + ch_ppocr_mobile_v2.0 cls ONNX models, Apache-2.0
+  rapidocr-onnxruntime==1.2.3   # PP-OCRv3 rec (ppocr3_rec), Apache-2.0
 )
 
 # ---- 1. fonts from Debian ----------------------------------------------------------------------

@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from score import MODELS, charset_of, run, task_metrics  # noqa: E402
 
-METRIC = {"ppocr_cls": "top1_agreement", "ppocr_rec": "line_agreement", "ppocr_det": "map_iou"}
+METRIC = {"ppocr_cls": "top1_agreement", "ppocr_rec": "line_agreement", "ppocr3_rec": "line_agreement",
+          "ppocr_det": "map_iou"}
 
 
 def main() -> None:
@@ -51,9 +52,9 @@ def main() -> None:
     from quantpipe.taskmetrics import TaskSpec
 
     src = os.path.join(args.set, args.model, "model.onnx")
-    target = args.target if args.target is not None else (0.98 if args.model == "ppocr_rec" else 0.99)
-    task = {"ppocr_rec": TaskSpec(task="ctc", blank=0), "ppocr_det": TaskSpec(task="dense", threshold=0.3)}.get(
-        args.model, TaskSpec())
+    target = args.target if args.target is not None else (0.98 if args.model.endswith("_rec") else 0.99)
+    task = (TaskSpec(task="ctc", blank=0) if args.model.endswith("_rec")
+            else TaskSpec(task="dense", threshold=0.3) if args.model == "ppocr_det" else TaskSpec())
     spec, _ = load_model_spec(src)
     calib = open_dataset(os.path.join(args.set, args.model, "calib.npz"), spec.inputs, role="calibration")
     t0 = time.perf_counter()
@@ -69,7 +70,7 @@ def main() -> None:
     z = dict(np.load(os.path.join(args.set, args.model, "eval.npz")))
     ref = run(ort_session(onnx.load(src)), z["x"])
     got = run(ort_session(onnx.load(out), int8=True, optimize=False), z["x"])
-    m = task_metrics(args.model, ref, got, z, charset_of(src) if args.model == "ppocr_rec" else None)
+    m = task_metrics(args.model, ref, got, z, charset_of(src) if args.model.endswith("_rec") else None)
     m.pop("diffs", None)
     print(json.dumps({
         "model": args.model, "metric": fb.metric, "target": fb.target, "chosen_on": fb.chosen_on,

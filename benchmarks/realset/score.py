@@ -44,7 +44,7 @@ VARIANTS = {  # name -> extra `quantpipe quantize` flags
     "auto+eq": ["--method", "auto", "--equalize-depthwise"],
     "auto+gptq": ["--method", "auto", "--weight-rounding", "gptq"],
 }
-MODELS = ("ppocr_rec", "ppocr_det", "ppocr_cls")
+MODELS = ("ppocr_rec", "ppocr_det", "ppocr_cls", "ppocr3_rec")
 #: Variant "fp32+noise": FP32 itself on the eval inputs plus Gaussian noise of this many grey levels (of 255; the
 #: inputs are (p/255 - 0.5)/0.5), seed 0. Not a quantization: the metric's resolution, what an imperceptible
 #: change of the input already costs.
@@ -113,7 +113,7 @@ def decode(probs: np.ndarray, charset: list[str]) -> list[str]:
 
 def task_metrics(model: str, ref: np.ndarray, out: np.ndarray, z: dict, charset: list[str] | None) -> dict:
     m: dict = {"sqnr_db": M.sqnr_db(out, ref)}
-    if model == "ppocr_rec":
+    if model.endswith("_rec"):
         fp32, q = decode(ref, charset), decode(out, charset)
         m["exact"] = int(sum(a == b for a, b in zip(fp32, q, strict=True)))
         # the same lines with leading / trailing spaces ignored: blank vs space at a line's edges is where FP32
@@ -149,7 +149,7 @@ def score_variant(set_dir: str, out_dir: str, model: str, variant: str, threads:
     """Quantize one model with one variant (or score FP32 for variant 'fp32'); returns its metrics."""
     src = os.path.join(set_dir, model, "model.onnx")
     z = dict(np.load(os.path.join(set_dir, model, "eval.npz")))
-    charset = charset_of(src) if model == "ppocr_rec" else None
+    charset = charset_of(src) if model.endswith("_rec") else None
     ref = run(ort_session(onnx.load(src), threads=threads), z["x"])
     row: dict = {"model": model, "variant": variant}
     if variant == "fp32":
@@ -181,7 +181,7 @@ def fmt(row: dict) -> str:
     if "error" in row:
         return "failed"
     s = f"{row['sqnr_db']:.1f} dB" if np.isfinite(row["sqnr_db"]) else "exact"
-    if row["model"] == "ppocr_rec":
+    if row["model"].endswith("_rec"):
         return (f"{row['exact']}/{row['n']} ({row['exact_rate']:.3f}), edges stripped {row['exact_stripped']}, "
                 f"CER {row['cer']:.3f}, {s}")
     if row["model"] == "ppocr_det":
@@ -213,7 +213,7 @@ def main() -> None:
     manifest = verify(args.set)
     tasks = [(m, v) for m in args.models for v in ["fp32", *args.variants]]
     # The slow ones first (rec's best/gptq), so the pool finishes together.
-    tasks.sort(key=lambda t: (t[1] not in ("best+gptq", "best"), t[0] != "ppocr_rec"))
+    tasks.sort(key=lambda t: (t[1] not in ("best+gptq", "best"), not t[0].endswith("_rec")))
     t0 = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
