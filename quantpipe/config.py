@@ -60,6 +60,7 @@ __all__ = [
     "SegmentationConfig",
     "CollapseConfig",
     "FALLBACK_METRICS",
+    "LATENCY_RULE_METRICS",
     "GateRule",
     "GateConfig",
     "ReportConfig",
@@ -438,6 +439,7 @@ class PipelineConfig(_Model):
         for i, rule in enumerate(self.gate.rules):
             if rule.metric in GATE_METRICS:
                 self._rule_measurable(i, rule.metric)
+                self._rule_batch_measured(i, rule)
                 continue
             if not hooks:
                 raise ValueError(
@@ -464,6 +466,16 @@ class PipelineConfig(_Model):
             raise ValueError(f"gate.rules[{i}].metric {metric} is measured against labels, and data.evaluation has "
                              f"none: set data.evaluation.labels to the labels' array name, or judge agreement with "
                              f"FP32 instead (top1_agreement, line_agreement, cosine, sqnr_db: no labels needed)")
+
+    def _rule_batch_measured(self, i: int, rule: GateRule) -> None:
+        """A latency rule at a batch size evaluate.latency does not time is refused at load (exit 2), not failed
+        after the run (found probing)."""
+        lat = self.evaluate.latency
+        if rule.metric in LATENCY_RULE_METRICS and lat.enabled and rule.batch_size is not None \
+                and rule.batch_size not in lat.batch_sizes:
+            raise ValueError(f"gate.rules[{i}] judges {rule.metric} at batch size {rule.batch_size}, which "
+                             f"evaluate.latency.batch_sizes ({lat.batch_sizes}) does not time: add it there, or "
+                             f"judge one of those")
 
     @model_validator(mode="after")
     def _rules_name_variants(self) -> PipelineConfig:
@@ -495,6 +507,8 @@ class PipelineConfig(_Model):
         return self.model_dump(mode="json", include={section})
 
 
+#: Gate metrics read at one latency batch size (`GateRule.batch_size`).
+LATENCY_RULE_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")
 #: Gate metrics only one task measures, and the task.
 TASK_OF_METRIC: dict[str, str] = {
     **{m: t for t, ms in TASK_METRICS.items() if t != "classification" for m in ms}, "line_accuracy_drop": "ctc"}

@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 
 from quantpipe.artifacts import EvalResult, GateDecision, LatencyStats, RuleOutcome, RunResults, Variant
-from quantpipe.config import GATE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateRule
+from quantpipe.config import GATE_METRICS, LATENCY_RULE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateRule
 from quantpipe.configbase import did_you_mean
 from quantpipe.errors import ConfigError
 
@@ -48,7 +48,7 @@ ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", 
                     "line_agreement", "cer", "line_accuracy", "label_cer", "line_accuracy_drop", "map_iou",
                     "box_agreement", "pixel_agreement", "miou")
 """Metrics that come from EvalResult.metrics (batch-size independent)."""
-LATENCY_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")
+LATENCY_METRICS = LATENCY_RULE_METRICS
 """Metrics read at one batch size."""
 
 HIGHER_IS_BETTER: dict[str, bool] = {

@@ -514,6 +514,7 @@ def finish_run(
     results = with_baseline(dataclasses.replace(results, gate=decision, collapse=collapsed), baseline)
     if write:
         write_report(run_dir, results, formats=cfg.report.formats, baseline=baseline, notes=_section_notes(cfg),
+                     sensitivity_rows=cfg.evaluate.sensitivity.top,
                      shown_dir=shown_dir)
     return results, run_dir
 

@@ -58,7 +58,8 @@ _KEY_LABELS = {"top1": "top-1 accuracy", "line_accuracy": "exact-line accuracy",
                "cosine": "cosine"}
 _MAX_HISTOGRAMS = 6
 _TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
-_SENSITIVITY_ROWS = 12
+SENSITIVITY_ROWS = 12
+"""The sensitivity table's rows when the caller does not say (a pipeline says evaluate.sensitivity.top)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,10 +304,11 @@ def _display_path(path: str, run: Path) -> str:
 
 
 def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
-                  notes: Mapping[str, str] | None = None, draw: bool = True) -> dict[str, Any]:
+                  notes: Mapping[str, str] | None = None, draw: bool = True,
+                  sensitivity_rows: int = SENSITIVITY_ROWS) -> dict[str, Any]:
     """Everything the templates show. `notes` overrides the 'why is this section empty' texts
     (keys: sensitivity, fallback, histograms, latency, calibration); `draw=False` skips the plots
-    (report.md has none)."""
+    (report.md has none); `sensitivity_rows`: the sensitivity table's rows (evaluate.sensitivity.top)."""
     notes = dict(notes or {})
     run = Path(run_dir)
     summary = summary_context(results)
@@ -319,7 +321,7 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
     latency_svg, latency_reason = _latency_plot(results, variants, draw)
 
     sens_all = tables.sensitivity_frame(results)
-    sens = sens_all.head(_SENSITIVITY_ROWS)
+    sens = sens_all.head(sensitivity_rows)
     sens_reason = notes.get("sensitivity") or (
         "no per-layer sensitivity: no INT8 variant ran in this run" if not int8_ran else
         "no per-layer sensitivity: not computed in this run (set evaluate.sensitivity.enabled: true in pipeline.yaml)")
@@ -412,7 +414,7 @@ def _variant_sensitivity(results: RunResults) -> list[dict[str, Any]]:
     for v in results.variants:
         rows = (v.details or {}).get("sensitivity")
         if rows:
-            out.append({"variant": v.name, "rows": rows[:_SENSITIVITY_ROWS], "total": len(rows),
+            out.append({"variant": v.name, "rows": rows[:SENSITIVITY_ROWS], "total": len(rows),
                         "metric": rows[0].get("metric_name", "")})
     return out
 
@@ -516,6 +518,7 @@ def write_report(
     baseline: RunResults | None = None,
     notes: Mapping[str, str] | None = None,
     shown_dir: str | os.PathLike[str] | None = None,
+    sensitivity_rows: int = SENSITIVITY_ROWS,
 ) -> dict[str, Path]:
     """Write the report files of `results` into `run_dir`, each atomically; return {format: path}.
 
@@ -525,7 +528,7 @@ def write_report(
     shown). `notes` replaces the text of an empty section, e.g. {"sensitivity": "no sensitivity
     analysis: disabled in pipeline.yaml"} (keys: sensitivity, fallback, histograms, latency, calibration).
     `shown_dir`: the folder the report names as its own (the run's final place, when `run_dir` is where it
-    is staged before being committed).
+    is staged before being committed). `sensitivity_rows`: the sensitivity table's rows (evaluate.sensitivity.top).
     """
     started = time.perf_counter()
     run = Path(run_dir)
@@ -544,7 +547,7 @@ def write_report(
         written["csv"] = atomic_write_text(run / OUTPUT_FILES["csv"], tables.results_frame(results).to_csv(index=False))
     if "junit" in wanted:
         written["junit"] = atomic_write_text(run / OUTPUT_FILES["junit"], junit_xml(results))
-    context = build_context(run, results, notes=notes, draw="html" in wanted)
+    context = build_context(run, results, notes=notes, draw="html" in wanted, sensitivity_rows=sensitivity_rows)
     context["files"] = [OUTPUT_FILES[f] for f in FORMATS if f in wanted and f != "html"]
     context["run_dir"] = str(shown_dir if shown_dir is not None else run)
     if "md" in wanted:

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from quantpipe.artifacts import RunResults
-from quantpipe.gate import ACCURACY_METRICS, HIGHER_IS_BETTER, observe
+from quantpipe.gate import ACCURACY_METRICS, observe
 
 __all__ = [
     "VARIANT_COLUMNS",
@@ -96,16 +96,14 @@ def measured_accuracy_metrics(frame: pd.DataFrame) -> list[str]:
 
 
 def sensitivity_frame(results: RunResults, top: int | None = None) -> pd.DataFrame:
-    """Per-layer sensitivity, most costly layer first (by the output metric, then by layer SQNR)."""
+    """Per-layer sensitivity, most costly layer first, in the analysis's own order (`sensitivity.worst_first`: the
+    output metric, ties by the output SQNR with that layer alone, which results.json keeps and the terminal and the
+    collapse verdict name). The report re-sorted by the layer SQNR in the INT8 model, so its #2 could be results.json's
+    #11 (found probing)."""
     cols = ["node", "op_type", "tensor", "sqnr_db", "output_metric", "metric_name"]
     frame = pd.DataFrame([{c: getattr(r, c) for c in cols} for r in results.sensitivity], columns=cols)
     if frame.empty:
         return frame
-    metric = str(frame["metric_name"].iloc[0])
-    # For a higher-is-better output metric the worst layer has the lowest value; sort worst first.
-    worst_first = HIGHER_IS_BETTER.get(metric, True)
-    frame = frame.sort_values(["output_metric", "sqnr_db"], ascending=[worst_first, True], na_position="last",
-                              kind="stable").reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
     return frame.head(top) if top else frame
 

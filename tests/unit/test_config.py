@@ -191,3 +191,15 @@ def test_a_gate_rule_on_a_metric_the_pipeline_cannot_measure_is_refused_at_load(
                        "gate": {"rules": [{"variant": "ort-int8", "metric": "map_iou", "min": 0.9},
                                           {"variant": "ort-int8", "metric": "top1_agreement", "min": 0.9}]}})
     assert len(ok.gate.rules) == 2
+
+
+def test_a_latency_rule_at_a_batch_size_never_timed_is_refused_at_load() -> None:
+    # Before: the gate failed it after the whole run (found probing).
+    lat = {"latency": {"batch_sizes": [1, 8]}}
+    with pytest.raises(ConfigError, match=r"gate.rules\[0\] judges latency_ms at batch size 4, which "
+                                          r"evaluate.latency.batch_sizes \(\[1, 8\]\) does not time"):
+        parse_config({**MINIMAL, "evaluate": lat, "gate": {"rules": [
+            {"variant": "ort-int8", "metric": "latency_ms", "batch_size": 4, "max": 5.0}]}})
+    ok = parse_config({**MINIMAL, "evaluate": lat, "gate": {"rules": [
+        {"variant": "ort-int8", "metric": "latency_ms", "batch_size": 8, "max": 5.0}]}})
+    assert ok.gate.rules[0].batch_size == 8

@@ -130,14 +130,22 @@ def test_sensitivity_chart_draws_what_it_ranks_by(measured: bool) -> None:
     from quantpipe.artifacts import LayerSensitivity
     from quantpipe.gate import format_value
 
-    # Layer SQNR and the output metric disagree on the order: the chart must follow the ranking.
+    # Layer SQNR and the output metric disagree on the order: the chart must follow the ranking, which is the
+    # analysis's own (results.sensitivity, worst first): the report re-sorted by layer SQNR (found probing).
     rows = [("/a/Conv", 20.0, 0.999), ("/b/Conv", 35.0, 0.950), ("/c/Gemm", 30.0, 0.990)]
-    sens = tuple(LayerSensitivity(n, n.split("/")[-1], f"{n}_out", sq, m if measured else None, "top1_agreement")
-                 for n, sq, m in rows)
+    order = ["/b/Conv", "/c/Gemm", "/a/Conv"] if measured else ["/a/Conv", "/c/Gemm", "/b/Conv"]
+    by = {n: (sq, m) for n, sq, m in rows}
+    sens = tuple(LayerSensitivity(n, n.split("/")[-1], f"{n}_out", by[n][0], by[n][1] if measured else None,
+                                  "top1_agreement") for n in order)
     results = dataclasses.replace(synthetic_results(None), sensitivity=sens)
     ctx = build_context(Path("nowhere"), results)
-    order = ["/b/Conv", "/c/Gemm", "/a/Conv"] if measured else ["/a/Conv", "/c/Gemm", "/b/Conv"]
     assert [r["node"] for r in ctx["sensitivity"]["rows"]] == order
+    # A tie on the metric, broken by the analysis (output SQNR with that layer alone), stays as it broke it.
+    tied = (dataclasses.replace(sens[0], node="/t1/Conv", sqnr_db=40.0), dataclasses.replace(sens[0], node="/t2/Conv",
+                                                                                                sqnr_db=10.0))
+    rows_shown = build_context(Path("nowhere"), dataclasses.replace(results, sensitivity=tied + sens),
+                               sensitivity_rows=2)["sensitivity"]["rows"]
+    assert [r["node"] for r in rows_shown] == ["/t1/Conv", "/t2/Conv"]  # and evaluate.sensitivity.top rows
     texts = _svg_texts(ctx["sensitivity"]["svg"])
     # barh draws bottom-up: the tick labels and the value labels read in reverse rank order
     assert [t.split()[0] for t in texts if t.startswith("/")] == order[::-1]
