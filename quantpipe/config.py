@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from quantpipe.configbase import StrictModel, did_you_mean, format_validation_errors
 from quantpipe.errors import ConfigError
 from quantpipe.evalconfig import (
+    LATENCY_RULE_METRICS,
     TASK_METRICS,
     TASK_SCORES,
     CollapseConfig,
@@ -60,7 +61,6 @@ __all__ = [
     "SegmentationConfig",
     "CollapseConfig",
     "FALLBACK_METRICS",
-    "LATENCY_RULE_METRICS",
     "GateRule",
     "GateConfig",
     "ReportConfig",
@@ -438,8 +438,7 @@ class PipelineConfig(_Model):
         hooks = self.evaluate.hooks()
         for i, rule in enumerate(self.gate.rules):
             if rule.metric in GATE_METRICS:
-                self._rule_measurable(i, rule.metric)
-                self._rule_batch_measured(i, rule)
+                self._rule_measurable(i, rule)
                 continue
             if not hooks:
                 raise ValueError(
@@ -452,10 +451,15 @@ class PipelineConfig(_Model):
                              f"(it is {self.evaluate.task}); set the task or choose another fallback metric")
         return self
 
-    def _rule_measurable(self, i: int, metric: str) -> None:
-        """A gate rule on a metric this pipeline cannot measure is refused at load (exit 2), not failed after the
-        whole run (exit 1; a `map_iou` rule on a classifier, found probing)."""
-        task = self.evaluate.task
+    def _rule_measurable(self, i: int, rule: GateRule) -> None:
+        """A gate rule on a metric this pipeline cannot measure (or at a latency batch size it does not time) is
+        refused at load (exit 2), not failed after the whole run (exit 1; a `map_iou` rule on a classifier, found
+        probing)."""
+        metric, task, lat = rule.metric, self.evaluate.task, self.evaluate.latency
+        if metric in LATENCY_RULE_METRICS and lat.enabled and rule.batch_size not in (None, *lat.batch_sizes):
+            raise ValueError(f"gate.rules[{i}] judges {metric} at batch size {rule.batch_size}, which "
+                             f"evaluate.latency.batch_sizes ({lat.batch_sizes}) does not time: add it there, or "
+                             f"judge one of those")
         need = TASK_OF_METRIC.get(metric)
         if need is not None and need != task:
             measured = [*TASK_METRICS[task], "cosine", "sqnr_db", "max_abs_error"]
@@ -466,16 +470,6 @@ class PipelineConfig(_Model):
             raise ValueError(f"gate.rules[{i}].metric {metric} is measured against labels, and data.evaluation has "
                              f"none: set data.evaluation.labels to the labels' array name, or judge agreement with "
                              f"FP32 instead (top1_agreement, line_agreement, cosine, sqnr_db: no labels needed)")
-
-    def _rule_batch_measured(self, i: int, rule: GateRule) -> None:
-        """A latency rule at a batch size evaluate.latency does not time is refused at load (exit 2), not failed
-        after the run (found probing)."""
-        lat = self.evaluate.latency
-        if rule.metric in LATENCY_RULE_METRICS and lat.enabled and rule.batch_size is not None \
-                and rule.batch_size not in lat.batch_sizes:
-            raise ValueError(f"gate.rules[{i}] judges {rule.metric} at batch size {rule.batch_size}, which "
-                             f"evaluate.latency.batch_sizes ({lat.batch_sizes}) does not time: add it there, or "
-                             f"judge one of those")
 
     @model_validator(mode="after")
     def _rules_name_variants(self) -> PipelineConfig:
@@ -507,8 +501,6 @@ class PipelineConfig(_Model):
         return self.model_dump(mode="json", include={section})
 
 
-#: Gate metrics read at one latency batch size (`GateRule.batch_size`).
-LATENCY_RULE_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")
 #: Gate metrics only one task measures, and the task.
 TASK_OF_METRIC: dict[str, str] = {
     **{m: t for t, ms in TASK_METRICS.items() if t != "classification" for m in ms}, "line_accuracy_drop": "ctc"}

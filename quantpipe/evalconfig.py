@@ -21,6 +21,7 @@ __all__ = [
     "SensitivityConfig",
     "EvaluateConfig",
     "SegmentationConfig",
+    "LATENCY_RULE_METRICS",
 ]
 
 BUILTIN_METRICS = ("top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
@@ -35,6 +36,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "segmentation": ("pixel_agreement", "miou"),
 }
 """The task-specific metrics of each task (cosine, sqnr_db, max_abs_error apply to every task)."""
+
+LATENCY_RULE_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")
+"""Gate metrics read at one latency batch size (`GateRule.batch_size`)."""
 
 TASK_SCORES: dict[str, str] = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense",
                                "pixel_agreement": "segmentation", "miou": "segmentation"}

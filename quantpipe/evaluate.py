@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -180,12 +181,31 @@ def measure_latency(runner: Runner, feeds: Mapping[str, np.ndarray], batch_size:
                  "(+%d) keep it near evaluate.latency.max_seconds (%g s)", runner.name, batch_size, first,
                  cut_iterations, cut_warmup, iterations, warmup, max_seconds)
         warmup, iterations = cut_warmup, cut_iterations
+    _warn_if_busy()
     more = max(warmup - 1, 0) + iterations
     if more * first > 30.0:
         log.info("latency of %s at batch %d: about %.0f s more (%d runs of %.1f s)", runner.name, batch_size,
                  more * first, more, first)
     # The first run was a warm-up run: the record says so even where none was asked for.
     return latency_stats(runner.measure(feeds, max(warmup - 1, 0), iterations), batch_size, max(warmup, 1))
+
+
+#: The 1-minute load average, per core, above which latency is said to be measured on a busy machine.
+BUSY_LOAD_PER_CORE = 1.5
+_busy_said: set[bool] = set()
+
+
+def _warn_if_busy() -> None:
+    """Warn once per process when the machine is busy with other work as latency is measured: the variants are timed
+    one after another, so a neighbour's load lands on some of them (found probing: the same two models gave a
+    speedup of 1.27x in one run and 0.58x in the next on a shared 2-core host)."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > BUSY_LOAD_PER_CORE * cores and not _busy_said:
+        _busy_said.add(True)
+        log.warning("latency is being measured on a busy machine (1-minute load average %.1f on %d cores): its numbers, "
+                    "and latency or speedup gate rules, can move from run to run; gate on latency from an idle "
+                    "machine or a dedicated runner.", load, cores)
 
 
 def latency_stats(t: Timings, batch_size: int, warmup: int) -> LatencyStats:

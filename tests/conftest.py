@@ -15,6 +15,14 @@ EXAMPLE_CALIB = ROOT / "calib_data" / "digits" / "calib.npz"
 EXAMPLE_EVAL = ROOT / "calib_data" / "digits" / "eval.npz"
 
 
+@pytest.fixture(autouse=True)
+def _not_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The busy-machine latency warning depends on the host's load, not on the code under test: said already."""
+    import quantpipe.evaluate
+
+    monkeypatch.setattr(quantpipe.evaluate, "_busy_said", {True})
+
+
 def float_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], inputs: dict[str, list | None],
                 outputs: dict[str, list | None], *, opset: int = 17) -> onnx.ModelProto:
     """A checked (full_check) FP32 model of `nodes`: float inputs and outputs by name -> shape, IR version 8

@@ -122,6 +122,25 @@ def test_latency_of_a_slow_model_is_cut_to_its_budget_and_said(caplog) -> None:
     assert unbounded.calls == [(0, 1), (0, 50)] and "about 100 s more (50 runs of 2.0 s)" in caplog.text
 
 
+def test_latency_on_a_busy_machine_is_said_once(caplog, monkeypatch) -> None:
+    # The same two models gave a speedup of 1.27x in one run and 0.58x in the next on a shared host (found probing).
+    import logging
+
+    from quantpipe import evaluate
+
+    monkeypatch.setattr(evaluate, "_busy_said", set())
+    monkeypatch.setattr(evaluate.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(evaluate.os, "getloadavg", lambda: (2.5, 2.0, 2.0), raising=False)
+    with caplog.at_level(logging.WARNING, logger="quantpipe"):
+        evaluate.measure_latency(_Clocked(0.01), {}, 1, 1, 5, None)  # 1.25 per core: not busy
+    assert "busy machine" not in caplog.text
+    monkeypatch.setattr(evaluate.os, "getloadavg", lambda: (6.2, 5.0, 4.0), raising=False)
+    with caplog.at_level(logging.WARNING, logger="quantpipe"):
+        for _ in range(3):
+            evaluate.measure_latency(_Clocked(0.01), {}, 1, 1, 5, None)
+    assert caplog.text.count("latency is being measured on a busy machine (1-minute load average 6.2 on 2 cores)") == 1
+
+
 def test_a_reference_output_that_ignores_the_input_is_warned_about(caplog) -> None:
     import logging
 
