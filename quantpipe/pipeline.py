@@ -84,7 +84,10 @@ def stage_calibrate(
     fp = {
         "model_sha256": li.spec.sha256,
         "data": li.calib.fingerprint,
-        "calibration": json.dumps(cfg.section_fingerprint("calibration"), sort_keys=True),
+        # Every calibration setting but `use`, which picks among the tables afterwards (the build's fingerprint
+        # holds the scales it picked): changing it alone re-ran calibration (found probing).
+        "calibration": json.dumps({k: v for k, v in cfg.section_fingerprint("calibration")["calibration"].items()
+                                   if k != "use"}, sort_keys=True),
         "device": c.device,
         "quantpipe": __version__,
     }

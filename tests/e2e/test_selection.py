@@ -147,3 +147,21 @@ def test_validation_overlapping_evaluation_warns(tmp_path: Path, caplog: pytest.
     li = load_inputs(parse_config(cfg, base_dir=tmp_path))
     assert "30 evaluation sample(s) also appear in the validation data" in caplog.text
     assert li.selection is li.validation and li.validation is not None and li.validation.labels is not None
+
+
+def test_changing_calibration_use_alone_reuses_the_calibration(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`calibration.use` picks among the tables after calibration: changing it re-runs the build (other scales), not
+    the calibration (found probing: it re-ran calibration)."""
+    from quantpipe.pipeline import run_stages
+
+    cfg = _fast(tmp_path)
+    cfg["calibration"] = {"methods": ["minmax", "percentile"], "use": "minmax"}
+    del cfg["build"]["fallback"]
+    run_stages(parse_config(cfg, base_dir=tmp_path), run_id="first")
+    cfg["calibration"]["use"] = "percentile"
+    caplog.clear()
+    caplog.set_level("INFO", logger="quantpipe")
+    second, _ = run_stages(parse_config(cfg, base_dir=tmp_path), run_id="second")
+    assert "calibrate: inputs unchanged, reusing" in caplog.text
+    assert "build: re-running because scales changed" in caplog.text
+    assert second is not None
