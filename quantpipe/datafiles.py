@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,11 @@ class NpyMember:
         start, stop, step = key.indices(self.rows)
         if step != 1:
             raise IndexError("only contiguous row slices are supported")
+        arr = self._read(start, stop)
+        return arr.astype(self.cast_to) if self.cast_to is not None and self.cast_to != self.dtype else arr
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored (no cast)."""
         n = max(stop - start, 0)
         arr = np.empty((n, *self.full_shape[1:]), dtype=self.dtype)
         with open(self.path, "rb") as fh:
@@ -82,7 +87,13 @@ class NpyMember:
             got = fh.readinto(arr.data.cast("B"))
         if got != n * self.row_bytes:
             raise DataError(f"{self.path} ended early while reading rows {start}..{stop}; the file is truncated.")
-        return arr.astype(self.cast_to) if self.cast_to is not None and self.cast_to != self.dtype else arr
+        return arr
+
+    def _blocks(self, chunk_bytes: int) -> Iterator[np.ndarray]:
+        """The rows as stored, a chunk of about `chunk_bytes` at a time (memory: one chunk)."""
+        step = max(1, chunk_bytes // max(self.row_bytes, 1))
+        for start in range(0, self.rows, step):
+            yield self._read(start, min(start + step, self.rows))
 
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
         arr = self[0: self.rows]
@@ -92,27 +103,16 @@ class NpyMember:
         """NaN/Inf values, counted in chunks (memory: one chunk)."""
         if self.dtype.kind not in "fc":
             return 0
-        step = max(1, chunk_bytes // max(self.row_bytes, 1))
         bad = 0
-        for start in range(0, self.rows, step):
-            block = self[start: min(start + step, self.rows)]
+        for block in self._blocks(chunk_bytes):
+            block = block.astype(self.cast_to) if self.cast_to is not None else block  # as fed (float64 -> 32: inf)
             bad += int(block.size - np.count_nonzero(np.isfinite(block)))
         return bad
 
     def value_range(self, chunk_bytes: int = 1 << 24) -> tuple[int, int] | None:
         """The smallest and largest value of an integer array as stored, read in chunks; None when empty."""
-        step = max(1, chunk_bytes // max(self.row_bytes, 1))
-        lo = hi = None
-        cast, self.cast_to = self.cast_to, None
-        try:
-            for start in range(0, self.rows, step):
-                block = self[start: min(start + step, self.rows)]
-                if block.size:
-                    lo = int(block.min()) if lo is None else min(lo, int(block.min()))
-                    hi = int(block.max()) if hi is None else max(hi, int(block.max()))
-        finally:
-            self.cast_to = cast
-        return None if lo is None else (lo, hi)  # type: ignore[return-value]
+        ranges = [(int(b.min()), int(b.max())) for b in self._blocks(chunk_bytes) if b.size]
+        return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
 
 
 def lazy_members(path: Path) -> dict[str, NpyMember]:
@@ -205,34 +205,12 @@ def check_array(
             f"to graph.initializer, and the input removed from graph.input), then quantize that model.")
     if isinstance(arr, NpyMember):
         return _check_lazy(where, name, arr, info, check_finite=check_finite)
-    want = _np_dtype(info)
-    rank = len(info.shape)
-    if per_sample and arr.ndim == rank - 1:
+    if per_sample and arr.ndim == len(info.shape) - 1:
         arr = arr[None]
-    if arr.ndim != rank:
-        raise DataError(
-            f"{where}: array '{name}' has shape {list(arr.shape)} but model input '{name}' has rank {rank} "
-            f"(shape {_fmt_shape(info.shape)}). Store samples stacked on axis 0"
-            + (" (or one sample without the batch axis)." if per_sample else ".")
-        )
-    for axis, (got, dim) in enumerate(zip(arr.shape, info.shape, strict=True)):
-        if axis == 0:
-            continue
-        if isinstance(dim, int) and dim > 0 and got != dim:
-            raise DataError(
-                f"{where}: array '{name}' has shape {list(arr.shape)} but model input '{name}' expects "
-                f"{_fmt_shape(info.shape)} (axis {axis} must be {dim}). Resize or re-export the data to the model's input shape."
-            )
+    _check_header(where, name, arr.shape, arr.dtype, info, per_sample=per_sample)
+    want = _np_dtype(info)
     if arr.dtype != want:
-        # float64 -> float32 and int32 -> int64 are harmless; int -> float usually means
-        # unnormalised data (raw uint8 pixels), so it is refused rather than silently cast.
-        kinds = (arr.dtype.kind, want.kind)
-        same_kind = kinds[0] == kinds[1] or set(kinds) <= {"i", "u"}
-        if not same_kind:
-            raise DataError(f"{where}: array '{name}' has dtype {arr.dtype} but model input '{name}' is {want}. "
-                            + _dtype_advice(arr.dtype, want))
-        if want.kind in "iu" and arr.size and not np.can_cast(arr.dtype, want, "safe"):
-            _check_int_range(where, name, (int(arr.min()), int(arr.max())), arr.dtype, want)
+        _check_int_range(where, name, arr.dtype, want, lambda: (int(arr.min()), int(arr.max())) if arr.size else None)
         arr = arr.astype(want)
     if check_finite and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
@@ -243,13 +221,39 @@ def check_array(
     return arr
 
 
+def _check_header(where: str, name: str, shape: tuple[int, ...], dtype: np.dtype, info: TensorInfo, *,
+                  per_sample: bool) -> None:
+    """The checks an array's shape and dtype decide (no data read): its rank, its fixed dimensions, and a dtype of
+    another kind than the input's."""
+    rank = len(info.shape)
+    if len(shape) != rank:
+        raise DataError(
+            f"{where}: array '{name}' has shape {list(shape)} but model input '{name}' has rank {rank} "
+            f"(shape {_fmt_shape(info.shape)}). Store samples stacked on axis 0"
+            + (" (or one sample without the batch axis)." if per_sample else ".")
+        )
+    for axis, (got, dim) in enumerate(zip(shape, info.shape, strict=True)):
+        if axis == 0:
+            continue
+        if isinstance(dim, int) and dim > 0 and got != dim:
+            raise DataError(
+                f"{where}: array '{name}' has shape {list(shape)} but model input '{name}' expects "
+                f"{_fmt_shape(info.shape)} (axis {axis} must be {dim}). Resize or re-export the data to the model's input shape."
+            )
+    want = _np_dtype(info)
+    # float64 -> float32 and int32 -> int64 are harmless; int -> float usually means
+    # unnormalised data (raw uint8 pixels), so it is refused rather than silently cast.
+    kinds = (dtype.kind, want.kind)
+    if dtype != want and not (kinds[0] == kinds[1] or set(kinds) <= {"i", "u"}):
+        raise DataError(f"{where}: array '{name}' has dtype {dtype} but model input '{name}' is {want}. "
+                        + _dtype_advice(dtype, want))
+
+
 def _check_lazy(where: str, name: str, arr: NpyMember, info: TensorInfo, *, check_finite: bool) -> NpyMember:
     """check_array for an array read by rows: the same checks, from the header and a chunked scan."""
-    probe = np.broadcast_to(np.zeros((), dtype=arr.dtype), arr.shape)  # shape and dtype checks read no data
-    check_array(where, name, probe, info, per_sample=False, check_finite=False)
+    _check_header(where, name, arr.shape, arr.dtype, info, per_sample=False)
     want = _np_dtype(info)
-    if arr.dtype != want and want.kind in "iu" and not np.can_cast(arr.dtype, want, "safe"):
-        _check_int_range(where, name, arr.value_range(), arr.dtype, want)
+    _check_int_range(where, name, arr.dtype, want, arr.value_range)
     arr.cast_to = want if arr.dtype != want else None
     if check_finite and (bad := arr.count_nonfinite()):
         raise DataError(
@@ -259,12 +263,17 @@ def _check_lazy(where: str, name: str, arr: NpyMember, info: TensorInfo, *, chec
     return arr
 
 
-def _check_int_range(where: str, name: str, value_range: tuple[int, int] | None, have: np.dtype, want: np.dtype) -> None:
-    """DataError where integers of dtype `have` do not all fit the input's narrower dtype `want`: the cast
-    would wrap them around silently (uint8 200 -> int8 -56; an int64 id beyond 2**31 -> int32)."""
-    if value_range is None:
+def _check_int_range(where: str, name: str, have: np.dtype, want: np.dtype,
+                     value_range: Callable[[], tuple[int, int] | None]) -> None:
+    """DataError where integers of dtype `have` do not all fit the input's narrower integer dtype `want`: the cast
+    would wrap them around silently (uint8 200 -> int8 -56; an int64 id beyond 2**31 -> int32). `value_range`
+    (the data's smallest and largest value; None when empty) is read only where the cast can narrow."""
+    if want.kind not in "iu" or np.can_cast(have, want, "safe"):
         return
-    lo, hi = value_range
+    found = value_range()
+    if found is None:
+        return
+    lo, hi = found
     limits = np.iinfo(want)
     if lo >= limits.min and hi <= limits.max:
         return
