@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
@@ -61,6 +61,7 @@ __all__ = [
     "SegmentationConfig",
     "CollapseConfig",
     "FALLBACK_METRICS",
+    "FallbackMetric",
     "GateRule",
     "GateConfig",
     "ReportConfig",
@@ -290,14 +291,14 @@ class Fp16Config(_Model):
     """Node names kept in FP32."""
 
 
-FALLBACK_METRICS = ("top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement",
-                    "pixel_agreement", "miou")
+FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement",
+                         "pixel_agreement", "miou"]
+FALLBACK_METRICS: tuple[str, ...] = get_args(FallbackMetric)
 """What the accuracy fallback can hold a budget on (all against FP32 but top1_drop, which needs labels)."""
 
 
 class FallbackConfig(_Model):
-    metric: Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement",
-                    "pixel_agreement", "miou"]
+    metric: FallbackMetric
     """line_agreement needs evaluate.task ctc; map_iou and box_agreement need evaluate.task dense; pixel_agreement
     and miou need evaluate.task segmentation."""
     min: float | None = None

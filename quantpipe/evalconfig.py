@@ -22,6 +22,7 @@ __all__ = [
     "EvaluateConfig",
     "SegmentationConfig",
     "LATENCY_RULE_METRICS",
+    "SensitivityMetric",
 ]
 
 BUILTIN_METRICS = ("top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
@@ -36,6 +37,10 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "segmentation": ("pixel_agreement", "miou"),
 }
 """The task-specific metrics of each task (cosine, sqnr_db, max_abs_error apply to every task)."""
+
+SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement",
+                            "pixel_agreement", "miou"]
+"""What the per-layer sensitivity can rank layers by (the output with one layer quantized alone)."""
 
 LATENCY_RULE_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")
 """Gate metrics read at one latency batch size (`GateRule.batch_size`)."""
@@ -120,8 +125,7 @@ class SensitivityConfig(StrictModel):
     max_samples: int = Field(default=64, ge=1)
     """Evaluation samples used for the per-layer analysis (it runs the model once per layer)."""
     one_at_a_time: bool = True
-    metric: Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement",
-                    "pixel_agreement", "miou"] = "sqnr_db"
+    metric: SensitivityMetric = "sqnr_db"
     """The model-output metric of one layer quantized alone (task metrics: ties ordered by output SQNR)."""
 
 

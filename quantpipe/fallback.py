@@ -29,7 +29,7 @@ import numpy as np
 from quantpipe import metrics as M
 from quantpipe.artifacts import FallbackReport, FallbackStep, LayerSensitivity
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared, share_count
-from quantpipe.config import FALLBACK_METRICS
+from quantpipe.config import FALLBACK_METRICS, FallbackMetric
 from quantpipe.data import sample_count
 from quantpipe.errors import ConfigError
 from quantpipe.execution import Executor
@@ -44,8 +44,6 @@ __all__ = ["FallbackMetric", "accuracy_fallback", "best_prefix"]
 
 log = logging.getLogger(__name__)
 
-FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement",
-                         "pixel_agreement", "miou"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,13 +341,8 @@ def _final_model(ctx: Reference, amax: Mapping[str, float], search: _Search, kee
                         f"({why})")
     if out_path is not None:
         warnings += save_onnx(model, out_path, reference=ctx.model)
-    import onnx
-
-    from quantpipe.onnxgraph import opset_of
-
     # The report's opset is the user's file's, not that of the copy the search upgraded (Q/DQ per channel needs 13).
-    before = min(rep.opset_before, opset_of(onnx.load(os.fspath(model_path), load_external_data=False)))
-    return dataclasses.replace(rep, model_path=os.fspath(model_path), opset_before=before,
+    return dataclasses.replace(rep, model_path=os.fspath(model_path), opset_before=ctx.source_opset,
                                output_path=os.fspath(out_path) if out_path is not None else None,
                                warnings=tuple(warnings))
 

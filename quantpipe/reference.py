@@ -15,7 +15,7 @@ from quantpipe import metrics as M
 from quantpipe.errors import ConfigError, EvaluationError
 from quantpipe.evalconfig import TASK_SCORES
 from quantpipe.execution import Executor
-from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes, tensor_outputs
+from quantpipe.onnxgraph import LARGE_MODEL_BYTES, expose_outputs, load_onnx, name_nodes, opset_of, tensor_outputs
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import prepare_opset
 from quantpipe.quantize.downstream import NodeIndex, changed_nodes, constant_tensors, cut_below
@@ -47,6 +47,8 @@ class Reference:
     ref: np.ndarray
     labels: np.ndarray | None
     output: str
+    source_opset: int
+    """The opset of the file the model came from, before the upgrade to the writer's (what a report names)."""
     output_axis: int = 0
     """The batch axis of `output` as the model computes it; `ref` and every candidate's output have it first."""
 
@@ -69,6 +71,7 @@ def prepare_reference(
     and `options` with what the calibration data decides (`with_calibration_data`; `executor`: its searches'
     workers)."""
     model = load_onnx(model_path)
+    source_opset = opset_of(model)
     name_nodes(model.graph)
     # The reference graph is instrumented with the Q/DQ model's nodes (per-layer sensitivity): bring it to the
     # opset the quantizer writes (DequantizeLinear's `axis` needs 13), as build_qdq_model does.
@@ -83,7 +86,7 @@ def prepare_reference(
         raise ConfigError(f"output '{out}' is not an output of {model_path} (outputs: {outputs}).")
     feeds, labels = first_samples(dataset, batch_size, max_samples, needed_by="sensitivity and fallback need")
     ref = run_output(ort_session(model), feeds, out, output_axis)
-    return Reference(model, amax, options, feeds, ref, labels, out, output_axis)
+    return Reference(model, amax, options, feeds, ref, labels, out, source_opset, output_axis)
 
 
 def first_samples(dataset: Any, batch_size: int, max_samples: int | None, *, needed_by: str
@@ -238,7 +241,7 @@ def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None
             raise ConfigError("the metric top1_drop needs labels in the data it is measured on (for the fallback: "
                               "data.validation.labels); use top1_agreement or cosine without labels.")
         return M.topk_accuracy(ref, labels, 1) - M.topk_accuracy(out, labels, 1)
-    raise ConfigError(f"unknown metric '{name}'; expected one of sqnr_db, cosine, top1_agreement, top1_drop, "
-                      "line_agreement, map_iou, box_agreement, pixel_agreement, miou.")
+    raise ConfigError(f"unknown metric '{name}'; expected one of "
+                      f"{', '.join(['sqnr_db', 'cosine', 'top1_agreement', 'top1_drop', *TASK_SCORES])}.")
 
 

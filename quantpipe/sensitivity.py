@@ -21,13 +21,14 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from quantpipe.artifacts import LayerSensitivity
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared
 from quantpipe.errors import EvaluationError, WorkerError
+from quantpipe.evalconfig import SensitivityMetric
 from quantpipe.execution import Executor, Stashed, plan_shards, unstash
 from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
 from quantpipe.onnxgraph import expose_outputs, load_onnx
@@ -42,8 +43,6 @@ __all__ = ["SensitivityMetric", "layer_sensitivity", "worst_first"]
 
 log = logging.getLogger(__name__)
 
-SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement",
-                            "pixel_agreement", "miou"]
 
 
 def layer_sensitivity(
