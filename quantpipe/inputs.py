@@ -161,15 +161,8 @@ def check_first_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorI
       the fix (a detector whose graph ends in NonMaxSuppression returns [K, 4] boxes: SSDlite was refused only at
       evaluation, after 9 minutes of calibration and build)."""
     inputs = tuple(inputs)
-    if data.num_samples < 1 or spec.size_bytes > BATCH_CHECK_MAX_BYTES:
-        return inputs
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # a failure at 2 samples is expected here: onnxruntime need not print it
-    try:
-        session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-    except Exception:
+    session = _check_session(model, spec) if data.num_samples >= 1 else None
+    if session is None:
         return inputs
 
     def run(n: int) -> tuple[dict[str, Any] | None, int, str]:
@@ -196,14 +189,10 @@ def check_output_shape(model: str | Path, spec: ModelSpec, data: Dataset, output
     one array and refused such data only after calibration and the build (found probing: a segmentation model
     evaluated on photos of two sizes)."""
     pair = data.extreme_shapes()
-    if pair is None or spec.size_bytes > BATCH_CHECK_MAX_BYTES:
+    session = None if pair is None else _check_session(model, spec)
+    if pair is None or session is None:
         return
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
     try:
-        session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         shapes = [np.asarray(session.run([output], dict(data.subset(i, i + 1).first_batch(1).feeds))[0]).shape
                   for i in pair]
     except Exception:  # the stage that runs the model says why
@@ -212,6 +201,22 @@ def check_output_shape(model: str | Path, spec: ModelSpec, data: Dataset, output
     if kept[0] != kept[1]:
         raise varying_output(output, kept, "the FP32 model (found on a first run of its smallest and largest "
                              "sample, before calibrating)", data.role)
+
+
+def _check_session(model: str | Path, spec: ModelSpec) -> Any:
+    """The FP32 model's onnxruntime session for the checks at load, quiet (a failure there is expected: 2 samples on
+    a model that takes 1); None above BATCH_CHECK_MAX_BYTES, or where it cannot be created (the stage that runs the
+    model says why)."""
+    if spec.size_bytes > BATCH_CHECK_MAX_BYTES:
+        return None
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    except Exception:
+        return None
 
 
 def _batch_held_at_one(model: str | Path, inputs: tuple[TensorInfo, ...], axes: Mapping[str, int],

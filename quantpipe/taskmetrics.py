@@ -18,7 +18,7 @@ import numpy as np
 
 from quantpipe import metrics as M
 from quantpipe.errors import ConfigError, EvaluationError
-from quantpipe.evalconfig import BUILTIN_METRICS, EvaluateConfig
+from quantpipe.evalconfig import BUILTIN_METRICS, CtcConfig, DenseConfig, EvaluateConfig, SegmentationConfig
 
 __all__ = ["CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hook", "run_hooks"]
 
@@ -28,18 +28,24 @@ DENSE = ("map_iou", "box_agreement")
 SEGMENTATION = ("pixel_agreement", "miou")
 
 
+def _default(model: Any, field: str) -> Any:
+    """A config field's default: TaskSpec's defaults live in config alone."""
+    return model.model_fields[field].default
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """How an output is read: its task and that task's options (see config: evaluate.task, .ctc, .dense)."""
+    """How an output is read: its task and that task's options (see config: evaluate.task, .ctc, .dense,
+    .segmentation; the defaults are the config's own)."""
 
-    task: str = "classification"
-    blank: int = 0
-    layout: str = "NTC"
-    threshold: float = 0.5
-    logits: bool = False
-    box_iou: float = 0.5
-    min_box_side: int = 3
-    class_axis: int = 1
+    task: str = _default(EvaluateConfig, "task")
+    blank: int = _default(CtcConfig, "blank")
+    layout: str = _default(CtcConfig, "layout")
+    threshold: float = _default(DenseConfig, "threshold")
+    logits: bool = _default(DenseConfig, "logits")
+    box_iou: float = _default(DenseConfig, "box_iou")
+    min_box_side: int = _default(DenseConfig, "min_box_side")
+    class_axis: int = _default(SegmentationConfig, "class_axis")
 
     @classmethod
     def from_config(cls, ev: EvaluateConfig) -> TaskSpec:
