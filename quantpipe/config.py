@@ -29,6 +29,7 @@ from quantpipe.evalconfig import (
     SegmentationConfig,
     SensitivityConfig,
 )
+from quantpipe.gateconfig import GATE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateConfig, GateRule
 
 __all__ = [
     "DEFAULT_FLOAT_OPS",
@@ -100,30 +101,6 @@ CALIBRATION_METHODS = ("entropy", "minmax", "percentile", "mse")
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKEND_SHORT = {"onnxruntime": "ort", "tensorrt": "trt", "modelopt": "modelopt"}
 
-GATE_METRICS: dict[str, str] = {
-    "top1": "labelled top-1 accuracy (fraction)",
-    "top5": "labelled top-5 accuracy (fraction)",
-    "top1_drop": "reference top-1 minus this variant's top-1 (fraction; needs labels)",
-    "top5_drop": "reference top-5 minus this variant's top-5 (fraction; needs labels)",
-    "top1_agreement": "fraction of samples whose argmax matches the FP32 reference",
-    "cosine": "mean cosine similarity of the output with the FP32 reference",
-    "sqnr_db": "output SQNR against the FP32 reference, dB",
-    "line_agreement": "CTC: fraction of samples whose greedy-decoded sequence equals FP32's",
-    "cer": "CTC: character error rate of the decoded sequences against FP32's (edits / FP32's length)",
-    "line_accuracy": "CTC: fraction of samples decoded exactly as their label sequence (needs labels)",
-    "label_cer": "CTC: character error rate against the label sequences (needs labels)",
-    "line_accuracy_drop": "CTC: reference line_accuracy minus this variant's (fraction; needs labels)",
-    "map_iou": "dense: mean IoU of the thresholded output map with FP32's",
-    "box_agreement": "dense: F1 of the thresholded map's connected-component boxes against FP32's (IoU >= box_iou)",
-    "pixel_agreement": "segmentation: fraction of pixels whose class (argmax) equals FP32's",
-    "miou": "segmentation: mean over classes of the IoU of the class maps with FP32's",
-    "max_abs_error": "largest absolute difference from the FP32 reference",
-    "latency_ms": "median latency per batch, ms (at `batch_size`, default the largest measured)",
-    "latency_p99_ms": "p99 latency per batch, ms",
-    "throughput": "samples per second at the median latency",
-    "speedup": "latency of `vs` divided by this variant's latency (x)",
-    "size_mb": "model or engine file size, MB",
-}
 
 _KEY_HINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -326,56 +303,6 @@ class BuildConfig(_Model):
     fallback: FallbackConfig | None = None
 
 
-class GateRule(_Model):
-    """One release rule, e.g. {variant: ort-int8, metric: top1_drop, max: 0.01}.
-
-    `vs` names the variant a relative metric compares with (speedup; defaults to the FP32 reference).
-    `baseline: true` judges the change against the same variant in the baseline run instead:
-    observed = this run's value - baseline's value.
-    """
-
-    variant: str
-    metric: str
-    min: float | None = None
-    max: float | None = None
-    vs: str | None = None
-    batch_size: int | None = Field(default=None, ge=1)
-    baseline: bool = False
-    name: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> GateRule:
-        if self.metric not in GATE_METRICS and not re.match(r"^[A-Za-z_]\w*$", self.metric):
-            raise ValueError(f"unknown metric '{self.metric}'{did_you_mean(self.metric, GATE_METRICS)}; known: {', '.join(GATE_METRICS)}")
-        if self.min is None and self.max is None:
-            raise ValueError(f"rule for {self.variant} {self.metric} needs `min` or `max`")
-        if self.vs is not None and self.metric != "speedup":
-            raise ValueError("`vs` applies only to metric speedup")
-        return self
-
-    def describe(self) -> str:
-        """Human form, e.g. 'ort-int8 top1_drop <= 0.01'."""
-        if self.name:
-            return self.name
-        parts = [self.variant, self.metric]
-        if self.baseline:
-            parts.append("change vs baseline")
-        if self.vs:
-            parts.append(f"vs {self.vs}")
-        if self.batch_size:
-            parts.append(f"@bs{self.batch_size}")
-        bounds = []
-        if self.min is not None:
-            bounds.append(f">= {self.min:g}")
-        if self.max is not None:
-            bounds.append(f"<= {self.max:g}")
-        return " ".join(parts) + " " + " and ".join(bounds)
-
-
-class GateConfig(_Model):
-    rules: list[GateRule] = Field(default_factory=list)
-
-
 class ReportConfig(_Model):
     dir: ConfigPath = Path("reports")
     formats: list[Literal["md", "html", "json", "csv", "junit"]] = Field(default_factory=lambda: ["md", "html", "json", "csv", "junit"])
@@ -500,13 +427,6 @@ class PipelineConfig(_Model):
     def section_fingerprint(self, section: str) -> dict[str, Any]:
         """A section's settings as plain JSON (for stage fingerprints)."""
         return self.model_dump(mode="json", include={section})
-
-
-#: Gate metrics only one task measures, and the task.
-TASK_OF_METRIC: dict[str, str] = {
-    **{m: t for t, ms in TASK_METRICS.items() if t != "classification" for m in ms}, "line_accuracy_drop": "ctc"}
-#: Gate metrics measured against the evaluation data's labels.
-NEEDS_LABELS = frozenset({"top1", "top5", "top1_drop", "top5_drop", "line_accuracy", "label_cer", "line_accuracy_drop"})
 
 
 def variant_name(backend: str, precision: str) -> str:

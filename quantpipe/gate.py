@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 
 from quantpipe.artifacts import EvalResult, GateDecision, LatencyStats, RuleOutcome, RunResults, Variant
-from quantpipe.config import GATE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateRule
+from quantpipe.gateconfig import GATE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateRule
 from quantpipe.configbase import did_you_mean
 from quantpipe.errors import ConfigError
 from quantpipe.evalconfig import LATENCY_RULE_METRICS
