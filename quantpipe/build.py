@@ -136,7 +136,9 @@ def _ort_fingerprint(cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, floa
         fp["from_cache"] = str(cfg.calibration.from_cache)
     if b.fallback is not None and b.fallback.metric in TASK_SCORES:
         # How the output is decoded / thresholded decides what the fallback keeps in float.
-        fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include={"task", "ctc", "dense", "segmentation"}), sort_keys=True)
+        # (The detection section only where it is the task: the other tasks' fingerprints stay as they were.)
+        read = {"task", "ctc", "dense", "segmentation"} | ({"detection"} if cfg.evaluate.task == "detection" else set())
+        fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include=read), sort_keys=True)
     return fp
 
 

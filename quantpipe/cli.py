@@ -252,7 +252,7 @@ def _say_output_sqnr(spec: Any, out: Path, ds: Any, batch_size: int) -> None:
         # as FP32 does, and a text detector at 16.8 dB matched every box (found probing).
         log.warning("%s: below %g dB, output SQNR alone cannot tell a usable model from a broken one; judge it with "
                     "its task's own metric (`quantpipe run` with evaluate.task: ctc / dense / segmentation / "
-                    "classification).", said, limits.warn_sqnr_db)
+                    "detection / classification).", said, limits.warn_sqnr_db)
     else:
         console().print(said)
 

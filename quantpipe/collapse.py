@@ -15,11 +15,13 @@ from quantpipe.evalconfig import CollapseConfig
 
 __all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "SUBGRAPH_OPS", "find_collapse"]
 
-AGREEMENT_METRICS = ("top1_agreement", "line_agreement", "map_iou", "box_agreement", "pixel_agreement")
+AGREEMENT_METRICS = ("top1_agreement", "line_agreement", "map_iou", "box_agreement", "pixel_agreement",
+                     "detection_agreement")
 """Task agreement with FP32 (fractions, 1 = identical decisions) judged against `min_agreement`."""
 
 FALLBACK_BUDGETS: dict[str, float] = {"line_agreement": 0.98, "top1_agreement": 0.99, "box_agreement": 0.99,
-                                      "pixel_agreement": 0.99, "map_iou": 0.95, "cosine": 0.999}
+                                      "pixel_agreement": 0.99, "detection_agreement": 0.99, "map_iou": 0.95,
+                                      "cosine": 0.999}
 """The budget suggested for `build.fallback`, by the metric the task is judged on (first one measured wins)."""
 
 _WORST_SHOWN = 3

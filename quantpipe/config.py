@@ -269,7 +269,7 @@ class Fp16Config(_Model):
 
 
 FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement",
-                         "pixel_agreement", "miou"]
+                         "pixel_agreement", "miou", "detection_agreement"]
 FALLBACK_METRICS: tuple[str, ...] = get_args(FallbackMetric)
 """What the accuracy fallback can hold a budget on (all against FP32 but top1_drop, which needs labels)."""
 
@@ -277,7 +277,7 @@ FALLBACK_METRICS: tuple[str, ...] = get_args(FallbackMetric)
 class FallbackConfig(_Model):
     metric: FallbackMetric
     """line_agreement needs evaluate.task ctc; map_iou and box_agreement need evaluate.task dense; pixel_agreement
-    and miou need evaluate.task segmentation."""
+    and miou need evaluate.task segmentation; detection_agreement needs evaluate.task detection."""
     min: float | None = None
     """Lower bound for every metric but top1_drop."""
     max: float | None = None

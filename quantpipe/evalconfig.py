@@ -16,6 +16,7 @@ __all__ = [
     "HOOK_PATTERN",
     "CtcConfig",
     "DenseConfig",
+    "DetectionConfig",
     "CollapseConfig",
     "LatencyConfig",
     "SensitivityConfig",
@@ -27,7 +28,7 @@ __all__ = [
 
 BUILTIN_METRICS = ("top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
                    "line_agreement", "cer", "line_accuracy", "label_cer", "map_iou", "box_agreement",
-                   "pixel_agreement", "miou")
+                   "pixel_agreement", "miou", "detection_agreement")
 """Names `evaluate.metrics` accepts besides `module:function` hooks."""
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -35,18 +36,20 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "ctc": ("line_agreement", "cer", "line_accuracy", "label_cer"),
     "dense": ("map_iou", "box_agreement"),
     "segmentation": ("pixel_agreement", "miou"),
+    "detection": ("detection_agreement",),
 }
 """The task-specific metrics of each task (cosine, sqnr_db, max_abs_error apply to every task)."""
 
 SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement",
-                            "pixel_agreement", "miou"]
+                            "pixel_agreement", "miou", "detection_agreement"]
 """What the per-layer sensitivity can rank layers by (the output with one layer quantized alone)."""
 
 LATENCY_RULE_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")
 """Gate metrics read at one latency batch size (`GateRule.batch_size`)."""
 
 TASK_SCORES: dict[str, str] = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense",
-                               "pixel_agreement": "segmentation", "miou": "segmentation"}
+                               "pixel_agreement": "segmentation", "miou": "segmentation",
+                               "detection_agreement": "detection"}
 """The search metrics (fallback budget, sensitivity metric) that read the output as `evaluate.task` says, and the
 task each needs."""
 
@@ -85,6 +88,30 @@ class SegmentationConfig(StrictModel):
     (a model that ends in ArgMax) is read as the class map itself."""
 
 
+class DetectionConfig(StrictModel):
+    """How a detector's raw head is read into detections, as its own post-processing reads it: the best class's
+    score (times objectness) above a threshold, then non-maximum suppression class by class."""
+
+    layout: Literal["auto", "NCA", "NAC"] = "auto"
+    """`NCA`: [N, 4 + classes, anchors] (Ultralytics YOLOv8 / 11); `NAC`: [N, anchors, 4 + classes], or 5 + classes
+    with objectness (YOLOv5 / v7, YOLOX with its boxes decoded); `auto`: the shorter of axes 1 and 2 holds the box
+    and class columns."""
+    objectness: bool = False
+    """The column after the box holds objectness (YOLOv5 / v7 / YOLOX): a detection scores objectness x class."""
+    box_format: Literal["cxcywh", "xyxy"] = "cxcywh"
+    """The four box columns: centre and size, or two corners."""
+    logits: bool = False
+    """The scores are logits: a sigmoid is applied before the threshold."""
+    score_threshold: float = Field(default=0.25, ge=0.0)
+    """A detection scores above this (Ultralytics' default)."""
+    nms_iou: float = Field(default=0.45, gt=0.0, le=1.0)
+    """A box overlapping a higher-scored one of its class by more than this IoU is suppressed."""
+    max_detections: int = Field(default=300, ge=1)
+    """Detections per image kept at most, the highest scored."""
+    box_iou: float = Field(default=0.5, gt=0.0, le=1.0)
+    """A detection matches one of FP32's of the same class at this IoU or more (detection_agreement)."""
+
+
 class CollapseConfig(StrictModel):
     """When an INT8 variant counts as collapsed: the report then says so first, with cause and fix.
 
@@ -95,7 +122,7 @@ class CollapseConfig(StrictModel):
 
     min_sqnr_db: float = 10.0
     min_agreement: float = 0.5
-    """For top1_agreement, line_agreement, map_iou, box_agreement and pixel_agreement."""
+    """For top1_agreement, line_agreement, map_iou, box_agreement, pixel_agreement and detection_agreement."""
     warn_sqnr_db: float = 20.0
     """Above the collapse limits but below these, the variant is reported as degraded, first as well (a warning:
     far from a healthy INT8 model, with the same cause and fix); 0 / 0.0 turn the warning off."""
@@ -130,16 +157,17 @@ class SensitivityConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    task: Literal["classification", "ctc", "dense", "segmentation"] = "classification"
+    task: Literal["classification", "ctc", "dense", "segmentation", "detection"] = "classification"
     """What the output means: class scores [N, classes], CTC sequence scores [N, T, C], dense maps (thresholded),
-    or a segmentation's class scores per pixel [N, C, H, W] (argmax)."""
+    a segmentation's class scores per pixel [N, C, H, W] (argmax), or a detector's raw head (decoded, NMS)."""
     metrics: list[str] = Field(default_factory=lambda: ["top1", "top5", "top1_agreement", "cosine", "sqnr_db",
                                                         "max_abs_error"])
     """Built-in names (BUILTIN_METRICS; the default suits classification, and the task's own metrics are
-    always added for ctc and dense) and `module:function` hooks returning {name: number}."""
+    always added for every task but classification) and `module:function` hooks returning {name: number}."""
     ctc: CtcConfig = Field(default_factory=CtcConfig)
     dense: DenseConfig = Field(default_factory=DenseConfig)
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
@@ -158,7 +186,7 @@ class EvaluateConfig(StrictModel):
         return [m for m in self.metrics if ":" in m]
 
     def wanted(self) -> list[str]:
-        """Built-in metrics to record: those asked for plus, for ctc and dense, the task's own."""
+        """Built-in metrics to record: those asked for plus, for every task but classification, the task's own."""
         names = [m for m in self.metrics if ":" not in m]
         extra = [m for m in TASK_METRICS[self.task] if m not in names] if self.task != "classification" else []
         return names + extra

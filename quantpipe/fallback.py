@@ -55,8 +55,9 @@ class _Eval:
     margin: float
     """Tie-break, higher is better. For top-1 metrics, how far the flipped samples are from agreeing again
     (sum of negative top-1 margins in units of the reference logit spread; 0 when all agree); otherwise `sqnr`
-    (cosine, and the task metrics line_agreement / map_iou / box_agreement / pixel_agreement / miou: a step that flips no line, pixel or box
-    still counts by how much closer the whole output came)."""
+    (cosine, and the task metrics line_agreement, map_iou, box_agreement, pixel_agreement, miou,
+    detection_agreement: a step that flips no line, pixel, box or detection still counts by how much closer the
+    whole output came)."""
 
 
 def _measure(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
@@ -220,8 +221,8 @@ def accuracy_fallback(
         model_path / amax: the FP32 model; calibrated amax per tensor.
         dataset: the `Dataset` the layers are chosen and the budget measured on: calibration or validation data
             (labels for top1_drop), never the evaluation data (role "evaluation": ConfigError).
-        metric: top1_agreement, cosine, line_agreement (CTC `task`), map_iou / box_agreement (dense `task`):
-            >= target; top1_drop (labels): <= target; all against the FP32 model's `output`.
+        metric: top1_agreement, cosine, line_agreement (CTC `task`), map_iou / box_agreement (dense `task`),
+            pixel_agreement / miou (segmentation), detection_agreement (detection): >= target; top1_drop (labels): <= target; all against the FP32 model's `output`.
         target: the budget. max_layers: keep at most this many layers in float (None: no limit).
         keep_in: what a kept layer runs in on TensorRT (fp16 or fp32); in ONNX Runtime it computes in FP32.
         out_path: write the final Q/DQ model here (checked, atomically; None: only report); options /

@@ -25,10 +25,10 @@ import math
 from collections.abc import Sequence
 
 from quantpipe.artifacts import EvalResult, GateDecision, LatencyStats, RuleOutcome, RunResults, Variant
-from quantpipe.gateconfig import GATE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateRule
 from quantpipe.configbase import did_you_mean
 from quantpipe.errors import ConfigError
 from quantpipe.evalconfig import LATENCY_RULE_METRICS
+from quantpipe.gateconfig import GATE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateRule
 
 __all__ = [
     "ACCURACY_METRICS",
@@ -47,7 +47,7 @@ __all__ = [
 
 ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
                     "line_agreement", "cer", "line_accuracy", "label_cer", "line_accuracy_drop", "map_iou",
-                    "box_agreement", "pixel_agreement", "miou")
+                    "box_agreement", "pixel_agreement", "miou", "detection_agreement")
 """Metrics that come from EvalResult.metrics (batch-size independent)."""
 LATENCY_METRICS = LATENCY_RULE_METRICS
 """Metrics read at one batch size."""
@@ -70,6 +70,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "box_agreement": True,
     "pixel_agreement": True,
     "miou": True,
+    "detection_agreement": True,
     "latency_ms": False,
     "latency_p99_ms": False,
     "throughput": True,
@@ -387,7 +388,7 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
         return f"{v * 100:+.2f} pt" if delta else f"{v * 100:.2f} pt"
     if metric == "cosine":
         return f"{v:+.2e}" if delta else f"{v:.6f}"
-    if metric in ("map_iou", "box_agreement", "pixel_agreement", "miou"):
+    if metric in ("map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement"):
         return f"{v:+.4f}" if delta else f"{v:.4f}"
     if metric == "sqnr_db":
         return f"{v:{'+' if delta else ''}.2f} dB"

@@ -29,6 +29,7 @@ GATE_METRICS: dict[str, str] = {
     "box_agreement": "dense: F1 of the thresholded map's connected-component boxes against FP32's (IoU >= box_iou)",
     "pixel_agreement": "segmentation: fraction of pixels whose class (argmax) equals FP32's",
     "miou": "segmentation: mean over classes of the IoU of the class maps with FP32's",
+    "detection_agreement": "detection: F1 of the decoded detections against FP32's (same class, IoU >= box_iou)",
     "max_abs_error": "largest absolute difference from the FP32 reference",
     "latency_ms": "median latency per batch, ms (at `batch_size`, default the largest measured)",
     "latency_p99_ms": "p99 latency per batch, ms",

@@ -1,8 +1,9 @@
-"""Task metrics: what a sequence model (CTC), a dense-map model or a segmentation is judged on, and user metric hooks.
+"""Task metrics: what a sequence model (CTC), a dense-map model, a segmentation or a detector is judged on, and user
+metric hooks.
 
 evaluate records them for every variant; the accuracy fallback and the per-layer sensitivity score one of them
 (`task_score`). The arithmetic lives in quantpipe.metrics; this module reads a model output the way its task
-means it (decode, threshold) and names the numbers.
+means it (decode, threshold, NMS) and names the numbers; a detector's decoding lives in quantpipe.detection.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe import detection as D
 from quantpipe import metrics as M
 from quantpipe.errors import ConfigError, EvaluationError
-from quantpipe.evalconfig import BUILTIN_METRICS, CtcConfig, DenseConfig, EvaluateConfig, SegmentationConfig
+from quantpipe.evalconfig import (
+    BUILTIN_METRICS,
+    CtcConfig,
+    DenseConfig,
+    DetectionConfig,
+    EvaluateConfig,
+    SegmentationConfig,
+)
 
 __all__ = ["CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hook", "run_hooks"]
 
@@ -26,6 +35,7 @@ SEQUENCE_VS_REF = ("line_agreement", "cer")
 SEQUENCE_VS_LABELS = ("line_accuracy", "label_cer")
 DENSE = ("map_iou", "box_agreement")
 SEGMENTATION = ("pixel_agreement", "miou")
+DETECTION = ("detection_agreement",)
 
 
 def _default(model: Any, field: str) -> Any:
@@ -36,7 +46,7 @@ def _default(model: Any, field: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """How an output is read: its task and that task's options (see config: evaluate.task, .ctc, .dense,
-    .segmentation; the defaults are the config's own)."""
+    .segmentation, .detection as det_*; the defaults are the config's own)."""
 
     task: str = _default(EvaluateConfig, "task")
     blank: int = _default(CtcConfig, "blank")
@@ -46,12 +56,23 @@ class TaskSpec:
     box_iou: float = _default(DenseConfig, "box_iou")
     min_box_side: int = _default(DenseConfig, "min_box_side")
     class_axis: int = _default(SegmentationConfig, "class_axis")
+    det_layout: str = _default(DetectionConfig, "layout")
+    det_objectness: bool = _default(DetectionConfig, "objectness")
+    det_box_format: str = _default(DetectionConfig, "box_format")
+    det_logits: bool = _default(DetectionConfig, "logits")
+    det_score_threshold: float = _default(DetectionConfig, "score_threshold")
+    det_nms_iou: float = _default(DetectionConfig, "nms_iou")
+    det_max_detections: int = _default(DetectionConfig, "max_detections")
+    det_box_iou: float = _default(DetectionConfig, "box_iou")
 
     @classmethod
     def from_config(cls, ev: EvaluateConfig) -> TaskSpec:
+        d = ev.detection
         return cls(task=ev.task, blank=ev.ctc.blank, layout=ev.ctc.layout, threshold=ev.dense.threshold,
                    logits=ev.dense.logits, box_iou=ev.dense.box_iou, min_box_side=ev.dense.min_box_side,
-                   class_axis=ev.segmentation.class_axis)
+                   class_axis=ev.segmentation.class_axis, det_layout=d.layout, det_objectness=d.objectness,
+                   det_box_format=d.box_format, det_logits=d.logits, det_score_threshold=d.score_threshold,
+                   det_nms_iou=d.nms_iou, det_max_detections=d.max_detections, det_box_iou=d.box_iou)
 
     def decode(self, out: np.ndarray) -> list[tuple[int, ...]]:
         """Greedy CTC decode; a clear EvaluationError when the output is not [N, T, C] / [N, C, T]."""
@@ -86,6 +107,20 @@ class TaskSpec:
                 f"(evaluate.segmentation.class_axis: 1) or [N, H, W, C] (-1). A one-map foreground output: use "
                 f"evaluate.task: dense.")
         return M.class_map(out, axis=self.class_axis)
+
+    def detections(self, out: np.ndarray) -> list[D.Detections]:
+        """Each sample's detections from a detector's raw head (quantpipe.detection.decode)."""
+        try:
+            return D.decode(out, layout=self.det_layout, objectness=self.det_objectness,
+                            box_format=self.det_box_format, logits=self.det_logits,
+                            score_threshold=self.det_score_threshold, nms_iou=self.det_nms_iou,
+                            max_detections=self.det_max_detections)
+        except ValueError as err:
+            raise EvaluationError(
+                f"evaluate.task is detection, but model.output cannot be read as a detector's raw head: {err}. Point "
+                f"model.output at the head before any NMS ([N, 4 + classes, anchors] as YOLOv8 exports it, or "
+                f"[N, anchors, 5 + classes] with evaluate.detection.objectness: true as YOLOv5 / YOLOX do), or change "
+                f"evaluate.task.") from err
 
 
 CLASSIFICATION = TaskSpec()
@@ -122,15 +157,18 @@ def task_metrics(out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | N
             res["pixel_agreement"] = M.pixel_agreement(mine, theirs)
         if "miou" in wanted:
             res["miou"] = M.mean_iou(mine, theirs)
+    elif spec.task == "detection" and ref is not None and "detection_agreement" in wanted:
+        res["detection_agreement"] = D.detection_agreement(spec.detections(out), spec.detections(ref), spec.det_box_iou)
     return res
 
 
 def task_score(name: str, out: np.ndarray, ref: np.ndarray, spec: TaskSpec) -> float:
     """One task metric against the FP32 output (for the fallback's budget and the sensitivity ranking)."""
     needs = ("ctc" if name in SEQUENCE_VS_REF else "dense" if name in DENSE
-             else "segmentation" if name in SEGMENTATION else None)
+             else "segmentation" if name in SEGMENTATION else "detection" if name in DETECTION else None)
     if needs is None or spec.task != needs:
-        raise ConfigError(f"the metric {name} needs evaluate.task: {needs or 'ctc, dense or segmentation'} (it is "
+        raise ConfigError(f"the metric {name} needs evaluate.task: {needs or 'ctc, dense, segmentation or detection'} "
+                          f"(it is "
                           f"{spec.task}); "
                           f"set evaluate.task, or use sqnr_db, cosine or top1_agreement.")
     value = task_metrics(out, ref, None, (name,), spec)[name]

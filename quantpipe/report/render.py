@@ -42,12 +42,13 @@ METRIC_LABELS = {
     "speedup": "Speedup", "size_mb": "Size",
     "line_agreement": "Line agreement", "cer": "CER", "line_accuracy": "Line accuracy", "label_cer": "CER vs labels",
     "line_accuracy_drop": "Line accuracy drop", "map_iou": "Map IoU", "box_agreement": "Box agreement",
-    "pixel_agreement": "Pixel agreement", "miou": "Mean IoU",
+    "pixel_agreement": "Pixel agreement", "miou": "Mean IoU", "detection_agreement": "Detection agreement",
 }
 _TABLE_METRICS = ("top1", "top5", "top1_drop", "top1_agreement", "line_accuracy", "line_agreement", "cer", "label_cer",
-                  "map_iou", "box_agreement", "pixel_agreement", "miou", "cosine", "sqnr_db", "max_abs_error")
+                  "map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement", "cosine", "sqnr_db",
+                  "max_abs_error")
 KEY_ACCURACY = ("top1", "line_accuracy", "top1_agreement", "line_agreement", "box_agreement", "map_iou",
-                "pixel_agreement", "cosine")
+                "pixel_agreement", "detection_agreement", "cosine")
 """The accuracy a summary leads with, the first one measured: the task's own (against labels, else against the
 reference) before the output's cosine."""
 _KEY_LABELS = {"top1": "top-1 accuracy", "line_accuracy": "exact-line accuracy",
@@ -55,6 +56,7 @@ _KEY_LABELS = {"top1": "top-1 accuracy", "line_accuracy": "exact-line accuracy",
                "line_agreement": "exact-line agreement with the reference",
                "box_agreement": "box agreement with the reference", "map_iou": "map IoU with the reference",
                "pixel_agreement": "pixel agreement with the reference",
+               "detection_agreement": "detection agreement with the reference",
                "cosine": "cosine"}
 _MAX_HISTOGRAMS = 6
 _TAG_START = re.compile(r"<(?=[A-Za-z/!?])")

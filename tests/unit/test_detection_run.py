@@ -1,0 +1,76 @@
+"""`evaluate.task: detection` through a whole run: a YOLOv8-style head [N, 4 + classes, anchors] decoded into
+detections, compared with FP32's in results.json, the gate and the fallback's budget; a detection gate rule on a
+classifier is refused at load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from quantpipe.cli import main
+from quantpipe.detection import decode
+
+
+def _detector(tmp_path: Path) -> np.ndarray:
+    """x [N, 3, 16, 16] -> Conv -> Sigmoid -> [N, 7, 256] scaled to boxes (cx, cy in 0..16, w, h in 2..8) and 3 class
+    scores; returns the FP32 outputs on the evaluation data."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "W2"], ["m"], pads=[1, 1, 1, 1]), helper.make_node("Sigmoid", ["m"], ["s"]),
+         helper.make_node("Reshape", ["s", "shape"], ["flat"]), helper.make_node("Mul", ["flat", "scale"], ["sc"]),
+         helper.make_node("Add", ["sc", "offset"], ["head"])],
+        "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("head", TensorProto.FLOAT, ["N", 7, 256])],
+        [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W1"),
+         numpy_helper.from_array(0.5 * rng.standard_normal((7, 8, 3, 3)).astype(np.float32), "W2"),
+         numpy_helper.from_array(np.array([0, 7, 256], np.int64), "shape"),
+         numpy_helper.from_array(np.array([16, 16, 6, 6, 1, 1, 1], np.float32).reshape(1, 7, 1), "scale"),
+         numpy_helper.from_array(np.array([0, 0, 2, 2, 0, 0, 0], np.float32).reshape(1, 7, 1), "offset")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "det.onnx")
+    data = {name: rng.standard_normal((8, 3, 16, 16)).astype(np.float32) for name in ("calib", "eval")}
+    for name, x in data.items():
+        np.savez(tmp_path / f"{name}.npz", x=x)
+    sess = ort.InferenceSession(str(tmp_path / "det.onnx"), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": data["eval"]})[0]
+
+
+def _yaml(tmp_path: Path, task: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "version: 1\nname: det\nmodel: {path: det.onnx}\n"
+        "data: {calibration: {path: calib.npz}, evaluation: {path: eval.npz}}\n"
+        "build: {backends: {onnxruntime: {precisions: [fp32, int8]}, tensorrt: {required: false}},\n"
+        "        fallback: {metric: detection_agreement, min: 0.5}}\n"
+        f"evaluate: {{task: {task}, detection: {{score_threshold: 0.5}}, latency: {{enabled: false}}, "
+        "sensitivity: {enabled: false}}\n"
+        "gate: {rules: [{variant: ort-int8, metric: detection_agreement, min: 0.2}]}\nreport: {dir: reports}\n",
+        encoding="utf-8")
+    return path
+
+
+def test_a_detection_run_judges_decoded_detections(tmp_path: Path) -> None:
+    fp32 = _detector(tmp_path)
+    assert sum(len(d.scores) for d in decode(fp32, score_threshold=0.5)) >= 16  # FP32 detects: the metric has work
+    assert main(["run", str(_yaml(tmp_path, "detection")), "-q", "--workers", "1"]) == 0
+    results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
+    (fp32,) = [e for e in results["evaluations"] if e["variant"] == "ort-fp32"]
+    (int8,) = [e for e in results["evaluations"] if e["variant"] == "ort-int8"]
+    assert fp32["metrics"]["detection_agreement"] == 1.0
+    assert 0.2 <= int8["metrics"]["detection_agreement"] <= 1.0
+    assert "top1_agreement" not in int8["metrics"]
+    assert results["fallback"]["metric"] == "detection_agreement"
+    assert [o["metric"] for o in results["gate"]["outcomes"]] == ["detection_agreement"]
+    assert "Detection agreement" in (tmp_path / "reports" / "latest" / "report.md").read_text()
+
+
+def test_a_detection_rule_on_a_classifier_is_refused_at_load(tmp_path: Path, capsys) -> None:
+    _detector(tmp_path)
+    assert main(["run", str(_yaml(tmp_path, "classification")), "-q"]) == 2
+    assert "detection" in capsys.readouterr().err
