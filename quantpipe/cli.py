@@ -240,9 +240,9 @@ def _say_output_sqnr(spec: Any, out: Path, ds: Any, batch_size: int) -> None:
 
     if spec.size_bytes > BATCH_CHECK_MAX_BYTES:
         return
-    sqnr, n = written_sqnr(spec.path, out, ds, batch_size=batch_size, max_samples=OUTPUT_SQNR_SAMPLES)
+    sqnr, n, where = written_sqnr(spec.path, out, ds, batch_size=batch_size, max_samples=OUTPUT_SQNR_SAMPLES)
     limits = CollapseConfig()
-    said = f"INT8 output SQNR {sqnr:.1f} dB against FP32 on the first {n} calibration samples"
+    said = f"INT8 output SQNR{where} {sqnr:.1f} dB against FP32 on the first {n} calibration samples"
     if sqnr < limits.min_sqnr_db:
         log.warning("%s: below %g dB, the INT8 output is far from FP32's. Judge the model with its task's own metric "
                     "before shipping it (`quantpipe run` with evaluate.task), and see README's 'Loud on collapse' "

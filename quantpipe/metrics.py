@@ -120,22 +120,30 @@ class SquaredSums:
             self._buf = np.empty(n, dtype=np.float64)
         return self._buf[:n].reshape(shape)
 
-    def signal(self, x: np.ndarray) -> float:
-        """sum(x**2), with x taken in float64."""
+    def signal(self, x: np.ndarray, scale: np.ndarray | None = None) -> float:
+        """sum(x**2), with x taken in float64; with `scale` (broadcasting against x), sum((x * scale)**2)."""
         x = np.asarray(x)
         d = self._scratch(x.shape)
-        np.square(x, out=d, dtype=np.float64)
+        if scale is None:
+            np.square(x, out=d, dtype=np.float64)
+        else:
+            np.copyto(d, x, casting="unsafe")
+            np.multiply(d, scale, out=d)
+            np.square(d, out=d)
         return float(np.sum(d))
 
-    def error(self, y: np.ndarray, x: np.ndarray, offset: float = 0.0) -> float:
-        """sum((y + offset - x)**2), with y and x taken in float64 (x may broadcast against y). An offset of 0 is
-        not added (it could only turn a -0.0 into +0.0, which the square makes equal)."""
+    def error(self, y: np.ndarray, x: np.ndarray, offset: float = 0.0, scale: np.ndarray | None = None) -> float:
+        """sum((y + offset - x)**2), with y and x taken in float64 (x may broadcast against y); with `scale`
+        (broadcasting against y), sum(((y + offset - x) * scale)**2). An offset of 0 is not added (it could only
+        turn a -0.0 into +0.0, which the square makes equal)."""
         y = np.asarray(y)
         d = self._scratch(y.shape)
         np.copyto(d, y, casting="unsafe")
         if offset:
             d += offset
         np.subtract(d, x, out=d)
+        if scale is not None:
+            np.multiply(d, scale, out=d)
         np.square(d, out=d)
         return float(np.sum(d))
 

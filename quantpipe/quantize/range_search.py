@@ -20,7 +20,7 @@ from quantpipe.metrics import SquaredSums
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy, tensor_outputs
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
-from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal, pooled
+from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal, output_weights, pooled
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
 from quantpipe.quantize.rewrites.patterns import clip_bounds
@@ -127,6 +127,8 @@ class _Alone:
     options: QuantizeOptions
     feeds: list[dict[str, np.ndarray]]
     refs: list[list[np.ndarray]]
+    weights: list[np.ndarray | None]
+    """Per graph output (`fake_quant.output_weights`)."""
     threads: int | None = None
 
 
@@ -208,7 +210,7 @@ def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]
     last_reader = {f: t for t in group for f in parts[t].feeds}
     at = {o: k for k, o in enumerate(outputs)}
     sums = SquaredSums()
-    signals = np.cumsum([output_signal(r, sums) for r in refs])
+    signals = np.cumsum([output_signal(r, sums, job.weights) for r in refs])
     sizes = np.cumsum([sample_count(f) for f in feeds])
     out: dict[str, dict[str, Any]] = {}
     for t in group:
@@ -220,7 +222,8 @@ def _alone_group(job: _Alone, group: Sequence[str]) -> dict[str, dict[str, Any]]
             centre, step = (a / 2, a / (2 * INT8_MAX)) if shift else (0.0, a / INT8_MAX)
             res = part.run(known[i], 1.0, centre, step, job.threads) if part.outputs else []
             # Outputs t does not reach equal FP32's: they add 0.0, so only the reached ones are summed (in order).
-            return output_error(res, [refs[i][at[o]] for o in part.outputs], sums)
+            return output_error(res, [refs[i][at[o]] for o in part.outputs], sums,
+                                [job.weights[at[o]] for o in part.outputs])
 
         noise = {a: err(a, 0) for a in cands}
         done = dict.fromkeys(cands, 0)  # index of the last batch measured
@@ -261,6 +264,7 @@ class _Whole:
     feeds: list[dict[str, np.ndarray]]
     refs: list[list[np.ndarray]]
     outputs: list[str]
+    weights: list[np.ndarray | None]
     threads: int | None = None
 
 
@@ -268,7 +272,8 @@ def whole_noise(job: _Whole) -> float:
     """The output noise of the INT8 model built with `job.table` on the search samples (in a worker or here)."""
     run = ort_session(build_qdq_model(job.model, job.table, job.options)[0], optimize=False, threads=job.threads)
     sums = SquaredSums()
-    return sum(output_error(run.run(job.outputs, f), r, sums) for f, r in zip(job.feeds, job.refs, strict=True))
+    return sum(output_error(run.run(job.outputs, f), r, sums, job.weights)
+               for f, r in zip(job.feeds, job.refs, strict=True))
 
 
 def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options: QuantizeOptions,
@@ -311,11 +316,12 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
         refs.append(ref_sess.run(outputs, f))
     count = sum(sample_count(f) for f in feeds)
     sums = SquaredSums()
-    signal = sum(output_signal(r, sums) for r in refs)
+    weights = output_weights(refs[0]) if refs else []
+    signal = sum(output_signal(r, sums, weights) for r in refs)
     base = dict(tables.get("best", tables["mse"]))
     tensors = [t for t in _planned_tensors(m0, tables["minmax"], opts) if len(_candidates(tables, t)) > 1]
     log.info("auto ranges: %d activations with distinct candidates, %d samples", len(tensors), count)
-    per_tensor = (_alone_pass(_Alone(m0, tables, tuple(tensors), tuple(tensors), opts, feeds, refs), executor)
+    per_tensor = (_alone_pass(_Alone(m0, tables, tuple(tensors), tuple(tensors), opts, feeds, refs, weights), executor)
                   if tensors and signal > 0 else {})
     log.info("auto ranges: per-tensor pass done in %.1f s", time.perf_counter() - t0)
     choice = {**base, **{t: float(r["amax"]) for t, r in per_tensor.items()}}
@@ -327,7 +333,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     first: dict[tuple[tuple[str, float], ...], Mapping[str, float]] = {}
     for key, table in zip(keys, wholes.values(), strict=True):
         first.setdefault(key, table)
-    jobs = [_Whole(m0, table, opts, feeds, refs, outputs) for table in first.values()]
+    jobs = [_Whole(m0, table, opts, feeds, refs, outputs, weights) for table in first.values()]
     measured = dict(zip(first, run_jobs(executor, whole_noise, jobs, work_mb=len(jobs) * count * model_mb(m0)),
                         strict=True))
     for name, key in zip(wholes, keys, strict=True):
@@ -335,7 +341,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
         model_db[name] = _db(signal, noise[name])
     winner = min(noise, key=lambda k: (noise[k], k != PER_TENSOR))
     secs = time.perf_counter() - t0
-    log.info("auto ranges: whole INT8 model output SQNR%s %s; kept %s (%.1f s)", pooled(outputs),
+    log.info("auto ranges: whole INT8 model output SQNR%s %s; kept %s (%.1f s)", pooled(outputs, weights),
              ", ".join(f"{k} {v:.1f} dB" for k, v in model_db.items()), winner, secs)
     return RangeChoice(amax=dict(wholes[winner]), winner=winner, model_db=model_db, per_tensor=per_tensor,
                        samples=count, seconds=secs, channel_stats=opts.channel_stats)

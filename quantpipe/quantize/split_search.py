@@ -18,7 +18,7 @@ from quantpipe.metrics import SquaredSums
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy, tensor_outputs
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
-from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal, pooled
+from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal, output_weights, pooled
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.split import split_candidate
 
@@ -50,6 +50,8 @@ class _Samples:
     signal: float
     noise: dict[str, float]
     count: int
+    weights: list[np.ndarray | None]
+    """Per graph output, from the first batch (`fake_quant.output_weights`)."""
 
     def db(self, n: float) -> float:
         return 10 * math.log10(self.signal / n) if n > 0 else math.inf
@@ -74,7 +76,7 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
     inputs = {i.name for i in m.graph.input}
     exposed = sorted({f for p in parts.values() for f in p.feeds if f not in inputs} - set(outputs))
     sess = ort_session(expose_outputs(m, exposed), optimize=False)
-    s = _Samples([], [], 0.0, dict.fromkeys(roundings, 0.0), 0)
+    s = _Samples([], [], 0.0, dict.fromkeys(roundings, 0.0), 0, [])
     sums = SquaredSums()
     known: list[dict[str, np.ndarray]] = []  # per batch: every tensor a part may read
     for feeds in calibration_data.head_feeds(batch_size, max_samples):
@@ -85,7 +87,9 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
         del run  # `known` holds them: dropping one there frees it
         s.feeds.append(feeds)
         s.refs.append(ref)
-        s.signal += output_signal(ref, sums)
+        if not s.refs:
+            s.weights = output_weights(ref)
+        s.signal += output_signal(ref, sums, s.weights)
         s.count += sample_count(feeds)
     del sess
     if not known:
@@ -95,7 +99,7 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
         part = parts[t]
         for have, ref in zip(known, s.refs, strict=True):
             got = dict(zip(part.outputs, part.run(have, 1.0, centre, step), strict=True))
-            s.noise[t] += output_error([got.get(o, r) for o, r in zip(outputs, ref, strict=True)], ref, sums)
+            s.noise[t] += output_error([got.get(o, r) for o, r in zip(outputs, ref, strict=True)], ref, sums, s.weights)
         part.session = None
         for f in part.feeds:
             if last_reader[f] == t:
@@ -115,6 +119,7 @@ class _Trial:
     feeds: list[dict[str, np.ndarray]]
     refs: list[list[np.ndarray]]
     outputs: list[str]
+    weights: list[np.ndarray | None]
     threads: int | None = None
 
 
@@ -123,7 +128,8 @@ def trial_noise(trial: _Trial) -> float:
     q = build_qdq_model(trial.model, trial.amax, dataclasses.replace(trial.options, split_activations=trial.splits))[0]
     run = ort_session(q, optimize=False, threads=trial.threads)
     sums = SquaredSums()
-    return sum(output_error(run.run(trial.outputs, f), r, sums) for f, r in zip(trial.feeds, trial.refs, strict=True))
+    return sum(output_error(run.run(trial.outputs, f), r, sums, trial.weights)
+               for f, r in zip(trial.feeds, trial.refs, strict=True))
 
 
 def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
@@ -153,13 +159,14 @@ def choose_splits(model: Any, amax: Mapping[str, float], options: QuantizeOption
         return {}
 
     def model_noise(*trials: Mapping[str, int]) -> list[float]:
-        jobs = [_Trial(model, amax, options, dict(t), s.feeds, s.refs, outputs) for t in trials]
+        jobs = [_Trial(model, amax, options, dict(t), s.feeds, s.refs, outputs, s.weights) for t in trials]
         return run_jobs(executor, trial_noise, jobs, work_mb=len(jobs) * s.count * model_mb(model))
 
     chosen: dict[str, int] = {}
     current = model_noise(chosen)[0]
     db, noise = s.db, s.noise
-    log.info("INT8 model on %d calibration samples: %.1f dB output SQNR%s", s.count, db(current), pooled(outputs))
+    log.info("INT8 model on %d calibration samples: %.1f dB output SQNR%s", s.count, db(current),
+             pooled(outputs, s.weights))
     for t in sorted(cands, key=lambda x: -noise[x])[:max_tensors]:
         if db(noise[t]) >= max_sqnr_db or noise[t] < 0.1 * current:
             log.info("activation %s alone: %.1f dB output SQNR (%.0f%% of the model's noise): not split", t,

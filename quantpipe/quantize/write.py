@@ -126,12 +126,14 @@ def choose_equalize(model: Any, amax: Mapping[str, float], options: QuantizeOpti
 
 
 def written_sqnr(model_path: str | os.PathLike[str], int8_path: str | os.PathLike[str], calibration_data: Any, *,
-                 batch_size: int = 8, max_samples: int = EQUALIZE_SAMPLES) -> tuple[float, int]:
+                 batch_size: int = 8, max_samples: int = EQUALIZE_SAMPLES) -> tuple[float, int, str]:
     """The written INT8 model's output SQNR against FP32 on the first `max_samples` calibration samples (every float
-    output pooled), and the samples: what `quantpipe quantize` says last, since nothing else evaluates its file."""
-    (sqnr,), count, _ = _output_sqnr(load_onnx(model_path), (load_onnx(int8_path),), calibration_data,
-                                     batch_size=batch_size, max_samples=max_samples)
-    return sqnr, count
+    output pooled, each channel against its own signal where `fake_quant.output_weights` says so), the samples, and
+    what the SQNR covers (`fake_quant.pooled`): what `quantpipe quantize` says last, since nothing else evaluates
+    its file."""
+    (sqnr,), count, where = _output_sqnr(load_onnx(model_path), (load_onnx(int8_path),), calibration_data,
+                                         batch_size=batch_size, max_samples=max_samples)
+    return sqnr, count, where
 
 
 def _output_sqnr(model: Any, candidates: Sequence[Any], calibration_data: Any, *, batch_size: int,
@@ -140,18 +142,20 @@ def _output_sqnr(model: Any, candidates: Sequence[Any], calibration_data: Any, *
     (every float output pooled, as `auto`'s ranges judge; the Q/DQ arithmetic exact); the samples; which outputs."""
     from quantpipe.metrics import SquaredSums, sqnr_from_sums
     from quantpipe.ortsession import fp32_batches, ort_session
-    from quantpipe.quantize.fake_quant import output_error, output_signal, pooled
+    from quantpipe.quantize.fake_quant import output_error, output_signal, output_weights, pooled
 
     outputs = tensor_outputs(model)
     ref = ort_session(model, optimize=False)
     sessions = [ort_session(m, int8=True, optimize=False) for m in candidates]
     sums, signal, noise, count = SquaredSums(), 0.0, [0.0] * len(sessions), 0
+    weights: list[Any] | None = None
     for res, n in fp32_batches(ref, calibration_data, batch_size=batch_size, max_samples=max_samples):
         r, f = [res[o] for o in outputs], {k: res[k] for k in calibration_data.input_names}
-        signal += output_signal(r, sums)
-        noise = [e + output_error(s.run(outputs, f), r, sums) for e, s in zip(noise, sessions, strict=True)]
+        weights = output_weights(r) if weights is None else weights
+        signal += output_signal(r, sums, weights)
+        noise = [e + output_error(s.run(outputs, f), r, sums, weights) for e, s in zip(noise, sessions, strict=True)]
         count += n
-    return [sqnr_from_sums(signal, e) for e in noise], count, pooled(outputs)
+    return [sqnr_from_sums(signal, e) for e in noise], count, pooled(outputs, weights)
 
 
 def output_bias(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
