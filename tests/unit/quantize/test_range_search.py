@@ -102,7 +102,7 @@ def test_equal_candidates_are_measured_once_and_clear_losers_stop_early(tmp_path
     assert h["noise_db"]["percentile"] == h["noise_db"]["minmax"]
     assert h["method"] == "minmax" and h["amax"] == 40.0 and got.amax["h"] == 40.0
     # entropy's and mse's clips of the rare 40 lose on the first 8 samples already: not measured further.
-    assert h["pruned"] == {"entropy": 8, "mse": 8}
+    assert h["pruned"] == {"entropy": 8, "mse": 8, "between entropy and minmax": 8}  # sqrt(2 * 40): clips too
     # A close candidate is measured until it loses, and never pruned when it would win.
     tables["percentile"] = {"x": 40.0, "h": 42.0}  # no clip, a 5 % coarser step: close to minmax
     close = choose_ranges(model, tables, opts, ds, batch_size=8).per_tensor["h"]
@@ -111,6 +111,20 @@ def test_equal_candidates_are_measured_once_and_clear_losers_stop_early(tmp_path
     # The pruning is exact: with the close candidate's noise known in full (one batch), the same choice.
     whole = choose_ranges(model, tables, opts, ds, batch_size=32).per_tensor["h"]
     assert whole["method"] == close["method"] and whole["amax"] == close["amax"]
+
+
+def test_a_wide_gap_between_candidates_is_searched_at_its_midpoint(tmp_path) -> None:
+    # h's rare 40s need an amax of 40: entropy's 10 clips them, minmax's 160 rounds the bulk [-1, 1] to 0 / +-1.26.
+    model, x = _model(), _x(32)
+    ds = _dataset(tmp_path, model, x)
+    opts = Q.QuantizeOptions(smooth_alpha=None, bias_correction=False)
+    tables = {"entropy": {"x": 40.0, "h": 10.0}, "minmax": {"x": 40.0, "h": 160.0},
+              "percentile": {"x": 40.0, "h": 160.0}, "mse": {"x": 40.0, "h": 10.0}}
+    h = choose_ranges(model, tables, opts, ds, batch_size=8).per_tensor["h"]
+    assert h["method"] == "between entropy and minmax" and h["amax"] == 40.0  # sqrt(10 * 160)
+    assert h["noise_db"]["between entropy and minmax"] > max(h["noise_db"]["entropy"], h["noise_db"]["minmax"]) + 10
+    tables["minmax"] = tables["percentile"] = {"x": 40.0, "h": 19.0}  # 1.9x apart: no midpoint
+    assert set(choose_ranges(model, tables, opts, ds, batch_size=8).per_tensor["h"]["noise_db"]) == set(tables)
 
 
 def _branchy() -> onnx.ModelProto:
