@@ -377,6 +377,11 @@ class PipelineConfig(_Model):
         if need is not None and self.evaluate.task != need:
             raise ValueError(f"build.fallback.metric {fb.metric} needs evaluate.task: {need} "  # type: ignore[union-attr]
                              f"(it is {self.evaluate.task}); set the task or choose another fallback metric")
+        sens = self.evaluate.sensitivity
+        need = TASK_SCORES.get(sens.metric) if sens.enabled else None
+        if need is not None and self.evaluate.task != need:
+            raise ValueError(f"evaluate.sensitivity.metric {sens.metric} needs evaluate.task: {need} (it is "
+                             f"{self.evaluate.task}); set the task or rank layers by sqnr_db or cosine")
         return self
 
     def _rule_measurable(self, i: int, rule: GateRule) -> None:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Detections", "features_last", "decode", "nms", "iou_matrix", "matched_detections",
+__all__ = ["Detections", "features_last", "head_problem", "decode", "nms", "iou_matrix", "matched_detections",
            "detection_agreement"]
 
 MAX_CANDIDATES = 30000
@@ -40,6 +40,32 @@ def features_last(out: np.ndarray, layout: str = "auto") -> np.ndarray:
     if layout == "auto":
         layout = "NCA" if out.shape[1] < out.shape[2] else "NAC"
     return np.swapaxes(out, 1, 2) if layout == "NCA" else out
+
+
+def head_problem(out: np.ndarray, *, layout: str = "auto", objectness: bool = False, logits: bool = False) -> str | None:
+    """Why `out` (a batch of FP32 outputs) cannot be the head these settings describe, or None. Settings that do not
+    fit the head decode nonsense without an error (found probing: layout NAC on a YOLOv8 head read 2096 box values
+    as class scores; objectness on it left no detection on either side, and agreement 1.0 passed the gate)."""
+    try:
+        head = features_last(out, layout)
+    except ValueError as err:
+        return str(err)
+    anchors, cols = head.shape[1], head.shape[2]
+    if layout != "auto" and cols > anchors:
+        other = "NCA" if layout == "NAC" else "NAC"
+        return (f"layout {layout} reads the head {list(np.shape(out))} as {anchors} anchors of {cols} columns; a head "
+                f"has more anchors than box and class columns, so it looks like {other} (or leave layout: auto)")
+    first = 5 if objectness else 4
+    if cols <= first:
+        return (f"its {cols} columns per anchor hold no class scores after the {first} box"
+                f"{' and objectness' if objectness else ''} columns")
+    scores = head[..., 4:] if objectness else head[..., first:]
+    lo, hi = float(np.min(scores)), float(np.max(scores))
+    if not logits and (lo < -1e-3 or hi > 1.0 + 1e-3):
+        return (f"its score columns{' (objectness included)' if objectness else ''} hold {lo:.4g} to {hi:.4g}, not "
+                f"probabilities: set evaluate.detection.logits: true if they are logits; box columns read as scores "
+                f"mean a wrong layout or objectness")
+    return None
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

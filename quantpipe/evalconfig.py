@@ -102,8 +102,8 @@ class DetectionConfig(StrictModel):
     """The four box columns: centre and size, or two corners."""
     logits: bool = False
     """The scores are logits: a sigmoid is applied before the threshold."""
-    score_threshold: float = Field(default=0.25, ge=0.0)
-    """A detection scores above this (Ultralytics' default)."""
+    score_threshold: float = Field(default=0.25, ge=0.0, lt=1.0)
+    """A detection scores above this (Ultralytics' default); a probability, also with `logits` (after the sigmoid)."""
     nms_iou: float = Field(default=0.45, gt=0.0, le=1.0)
     """A box overlapping a higher-scored one of its class by more than this IoU is suppressed."""
     max_detections: int = Field(default=300, ge=1)

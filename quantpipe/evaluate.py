@@ -24,6 +24,7 @@ from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
 __all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner", "warn_if_constant",
+           "warn_if_no_detections",
            "with_sessions_checked", "ORT_OPTIMIZATION_KEY",
            "OutputsJob", "outputs_job", "sharded_outputs", "shardable", "stack_outputs"]
 
@@ -151,6 +152,27 @@ def warn_if_constant(reference: np.ndarray, output: str) -> bool:
     log.warning("the FP32 reference's model.output '%s' is the same for all %d evaluation samples: it does not depend "
                 "on the input here (an untrained head? the wrong output?), so agreement and SQNR against it say little "
                 "about quantization. Judge an output that varies with the input.", output, len(reference))
+    return True
+
+
+def warn_if_no_detections(reference: np.ndarray, task: TaskSpec) -> bool:
+    """Warn (and return True) where the FP32 reference detects nothing on any evaluation sample (evaluate.task:
+    detection): detection_agreement is then 1.0 for any variant that detects nothing either, and a gate on it passes
+    whatever INT8 did (found probing: a threshold of 1.5, or objectness read from a class row, scored 1.0)."""
+    if task.task != "detection" or len(reference) == 0:
+        return False
+    dets = task.detections(reference)
+    if any(len(d.scores) for d in dets):
+        if all(len(d.scores) >= task.det_max_detections for d in dets):
+            log.warning("FP32 detects evaluate.detection.max_detections (%d) on every evaluation sample: every anchor "
+                        "passes the score threshold %g. Are the scores probabilities read as logits (logits: true on a "
+                        "head that ends in a sigmoid)?", task.det_max_detections, task.det_score_threshold)
+            return True
+        return False
+    log.warning("FP32 detects nothing on the %d evaluation samples at evaluate.detection.score_threshold %g: "
+                "detection_agreement is 1.0 for any variant that detects nothing either, so it says nothing about "
+                "quantization here. Check score_threshold, objectness and layout against the model's own "
+                "post-processing, and that the samples hold what it detects.", len(reference), task.det_score_threshold)
     return True
 
 

@@ -74,6 +74,8 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     _warn_overlap(calib, ev)
     _warn_ranges(calib, ev)
     check_output_shape(cfg.model.path, spec, ev, output, cfg.model.output_batch_axis)
+    if cfg.evaluate.task == "detection":
+        _check_detection_head(cfg, spec, ev, output)
     val = None
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
@@ -201,6 +203,29 @@ def check_output_shape(model: str | Path, spec: ModelSpec, data: Dataset, output
     if kept[0] != kept[1]:
         raise varying_output(output, kept, "the FP32 model (found on a first run of its smallest and largest "
                              "sample, before calibrating)", data.role)
+
+
+def _check_detection_head(cfg: PipelineConfig, spec: ModelSpec, data: Dataset, output: str) -> None:
+    """ConfigError (exit 2) at load where evaluate.detection does not fit the FP32 head on the first evaluation
+    samples (`detection.head_problem`), not exit 4 after calibration and the build, nor a number that means nothing."""
+    from quantpipe.detection import head_problem
+    from quantpipe.errors import ConfigError
+
+    session = _check_session(cfg.model.path, spec)
+    if session is None:
+        return
+    try:
+        out = np.asarray(session.run([output], dict(data.first_batch(1).feeds))[0])
+    except Exception:  # the stage that runs the model says why
+        return
+    d = cfg.evaluate.detection
+    problem = head_problem(np.moveaxis(out, cfg.model.output_batch_axis, 0), layout=d.layout,
+                           objectness=d.objectness, logits=d.logits)
+    if problem is not None:
+        raise ConfigError(f"evaluate.task is detection, but model.output '{output}' (FP32, shape {list(out.shape)} on "
+                          f"the first evaluation samples) does not fit evaluate.detection: {problem}. Point model.output "
+                          f"at the detector's raw head before NMS, and set evaluate.detection (layout, objectness, "
+                          f"logits) as README's 'Task metrics' describes.")
 
 
 def _check_session(model: str | Path, spec: ModelSpec) -> Any:

@@ -201,7 +201,14 @@ def stage_evaluate(
     (evaluate.sharded_outputs, the same arrays as one process); metrics and latency then run here, one variant
     at a time, so latency is never measured beside other work.
     """
-    from quantpipe.evaluate import accuracy_threads, evaluate_variant, open_runner, run_outputs, warn_if_constant
+    from quantpipe.evaluate import (
+        accuracy_threads,
+        evaluate_variant,
+        open_runner,
+        run_outputs,
+        warn_if_constant,
+        warn_if_no_detections,
+    )
     from quantpipe.taskmetrics import TaskSpec
 
     ev = cfg.evaluate
@@ -239,7 +246,8 @@ def stage_evaluate(
             )
         if v.name == ref_name:
             reference = out
-            warn_if_constant(out, li.output)
+            if not warn_if_constant(out, li.output):
+                warn_if_no_detections(out, task)
             ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in ("top1", "top5", "line_accuracy") and val is not None}
             # The reference against itself: exact agreement by definition, recomputed for honesty.
             from quantpipe.evaluate import accuracy_metrics

@@ -114,3 +114,16 @@ def test_task_metrics_read_a_head_and_refuse_what_is_not_one() -> None:
 def test_a_box_of_no_area_matches_itself_only() -> None:
     flat = np.array([[0, 5, 10, 5], [0, 6, 10, 6]], float)
     assert D.iou_matrix(flat, flat).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_settings_that_do_not_fit_the_head_are_named() -> None:
+    rng = np.random.default_rng(5)
+    v8 = np.swapaxes(_head(rng, 2, 200, 3), 1, 2)  # [2, 7, 200]: NCA
+    assert D.head_problem(v8) is None and D.head_problem(v8, layout="NCA") is None
+    assert "looks like NCA" in D.head_problem(v8, layout="NAC")
+    boxes_as_scores = v8.copy()
+    boxes_as_scores[:, 4:] *= 300  # scores in pixels: not probabilities
+    assert "not probabilities" in D.head_problem(boxes_as_scores)
+    assert D.head_problem(boxes_as_scores, logits=True) is None
+    assert "no class scores" in D.head_problem(v8[:, :5], objectness=True)
+    assert "3 axes" in D.head_problem(v8[:, :, 0])

@@ -74,3 +74,40 @@ def test_a_detection_rule_on_a_classifier_is_refused_at_load(tmp_path: Path, cap
     _detector(tmp_path)
     assert main(["run", str(_yaml(tmp_path, "classification")), "-q"]) == 2
     assert "detection" in capsys.readouterr().err
+
+
+def test_detection_settings_that_do_not_fit_the_head_are_refused_at_load(tmp_path: Path, capsys) -> None:
+    _detector(tmp_path)
+    path = _yaml(tmp_path, "detection")
+    path.write_text(path.read_text().replace("detection: {score_threshold: 0.5}",
+                                             "detection: {score_threshold: 0.5, layout: NAC}"))
+    assert main(["run", str(path), "-q"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "looks like NCA" in err and "reports" not in {p.name for p in tmp_path.iterdir()}
+    path.write_text(path.read_text().replace("layout: NAC", "layout: auto").replace("score_threshold: 0.5",
+                                                                                    "score_threshold: 1.5"))
+    assert main(["run", str(path), "-q"]) == 2
+
+
+def test_a_reference_that_detects_nothing_is_warned_about(tmp_path: Path, caplog) -> None:
+    fp32 = _detector(tmp_path)
+    from quantpipe.evaluate import warn_if_no_detections
+    from quantpipe.taskmetrics import TaskSpec
+
+    assert not warn_if_no_detections(fp32, TaskSpec(task="detection", det_score_threshold=0.5))
+    quiet = fp32.copy()
+    quiet[:, 4:] = 0.1  # every score under the threshold
+    assert warn_if_no_detections(quiet, TaskSpec(task="detection", det_score_threshold=0.5))
+    assert "detects nothing" in caplog.text
+    assert warn_if_no_detections(fp32, TaskSpec(task="detection", det_score_threshold=0.0, det_max_detections=5))
+    assert "every anchor" in caplog.text
+
+
+def test_a_sensitivity_metric_of_another_task_is_refused_at_load(tmp_path: Path, capsys) -> None:
+    _detector(tmp_path)
+    path = tmp_path / "s.yaml"
+    path.write_text("version: 1\nmodel: {path: det.onnx}\ndata: {calibration: {path: calib.npz}, evaluation: "
+                    "{path: eval.npz}}\nevaluate: {sensitivity: {metric: detection_agreement}}\n", encoding="utf-8")
+    assert main(["run", str(path), "-q"]) == 2
+    assert "evaluate.sensitivity.metric detection_agreement needs evaluate.task: detection" in \
+        " ".join(capsys.readouterr().err.split())
