@@ -15,6 +15,21 @@ EXAMPLE_CALIB = ROOT / "calib_data" / "digits" / "calib.npz"
 EXAMPLE_EVAL = ROOT / "calib_data" / "digits" / "eval.npz"
 
 
+def task_pipeline(tmp_path: Path, name: str, evaluate: str, fallback: str, rules: str) -> Path:
+    """tmp_path/p.yaml: `name`.onnx with calib.npz / eval.npz beside it, ONNX Runtime FP32 and INT8 (TensorRT not
+    required), the fallback, the `evaluate` section's flow mapping body (latency and sensitivity off) and the gate
+    rules given, as the task metrics' whole-run tests write it."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"version: 1\nname: {name}\nmodel: {{path: {name}.onnx}}\n"
+        "data: {calibration: {path: calib.npz}, evaluation: {path: eval.npz}}\n"
+        "build: {backends: {onnxruntime: {precisions: [fp32, int8]}, tensorrt: {required: false}},\n"
+        f"        fallback: {fallback}}}\n"
+        f"evaluate: {{{evaluate}, latency: {{enabled: false}}, sensitivity: {{enabled: false}}}}\n"
+        f"gate: {{rules: {rules}}}\nreport: {{dir: reports}}\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _not_busy(monkeypatch: pytest.MonkeyPatch) -> None:
     """The busy-machine latency warning depends on the host's load, not on the code under test: said already."""

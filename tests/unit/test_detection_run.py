@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantpipe.cli import main
 from quantpipe.detection import decode
+from tests.conftest import task_pipeline
 
 
 def _detector(tmp_path: Path) -> np.ndarray:
@@ -42,17 +43,9 @@ def _detector(tmp_path: Path) -> np.ndarray:
 
 
 def _yaml(tmp_path: Path, task: str) -> Path:
-    path = tmp_path / "p.yaml"
-    path.write_text(
-        "version: 1\nname: det\nmodel: {path: det.onnx}\n"
-        "data: {calibration: {path: calib.npz}, evaluation: {path: eval.npz}}\n"
-        "build: {backends: {onnxruntime: {precisions: [fp32, int8]}, tensorrt: {required: false}},\n"
-        "        fallback: {metric: detection_agreement, min: 0.5}}\n"
-        f"evaluate: {{task: {task}, detection: {{score_threshold: 0.5}}, latency: {{enabled: false}}, "
-        "sensitivity: {enabled: false}}\n"
-        "gate: {rules: [{variant: ort-int8, metric: detection_agreement, min: 0.2}]}\nreport: {dir: reports}\n",
-        encoding="utf-8")
-    return path
+    return task_pipeline(tmp_path, "det", f"task: {task}, detection: {{score_threshold: 0.5}}",
+                         "{metric: detection_agreement, min: 0.5}",
+                         "[{variant: ort-int8, metric: detection_agreement, min: 0.2}]")
 
 
 def test_a_detection_run_judges_decoded_detections(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantpipe.cli import main
+from tests.conftest import task_pipeline
 
 
 def _segmenter(tmp_path: Path) -> None:
@@ -28,16 +29,9 @@ def _segmenter(tmp_path: Path) -> None:
 
 
 def _yaml(tmp_path: Path, task: str) -> Path:
-    path = tmp_path / "p.yaml"
-    path.write_text(
-        "version: 1\nname: seg\nmodel: {path: seg.onnx}\n"
-        "data: {calibration: {path: calib.npz}, evaluation: {path: eval.npz}}\n"
-        "build: {backends: {onnxruntime: {precisions: [fp32, int8]}, tensorrt: {required: false}},\n"
-        "        fallback: {metric: pixel_agreement, min: 0.9}}\n"
-        f"evaluate: {{task: {task}, latency: {{enabled: false}}, sensitivity: {{enabled: false}}}}\n"
-        "gate: {rules: [{variant: ort-int8, metric: pixel_agreement, min: 0.5}, "
-        "{variant: ort-int8, metric: miou, min: 0.3}]}\nreport: {dir: reports}\n", encoding="utf-8")
-    return path
+    return task_pipeline(tmp_path, "seg", f"task: {task}", "{metric: pixel_agreement, min: 0.9}",
+                         "[{variant: ort-int8, metric: pixel_agreement, min: 0.5}, "
+                         "{variant: ort-int8, metric: miou, min: 0.3}]")
 
 
 def test_a_segmentation_run_judges_class_maps(tmp_path: Path) -> None:
