@@ -207,7 +207,7 @@ def check_output_shape(model: str | Path, spec: ModelSpec, data: Dataset, output
 
 def _check_detection_head(cfg: PipelineConfig, spec: ModelSpec, data: Dataset, output: str) -> None:
     """ConfigError (exit 2) at load where evaluate.detection does not fit the FP32 head on the first evaluation
-    samples (`detection.head_problem`), not exit 4 after calibration and the build, nor a number that means nothing."""
+    sample (`detection.head_problem`), not exit 4 after calibration and the build, nor a number that means nothing."""
     from quantpipe.detection import head_problem
     from quantpipe.errors import ConfigError
 
@@ -223,7 +223,7 @@ def _check_detection_head(cfg: PipelineConfig, spec: ModelSpec, data: Dataset, o
                            objectness=d.objectness, logits=d.logits)
     if problem is not None:
         raise ConfigError(f"evaluate.task is detection, but model.output '{output}' (FP32, shape {list(out.shape)} on "
-                          f"the first evaluation samples) does not fit evaluate.detection: {problem}. Point model.output "
+                          f"the first evaluation sample) does not fit evaluate.detection: {problem}. Point model.output "
                           f"at the detector's raw head before NMS, and set evaluate.detection (layout, objectness, "
                           f"logits) as README's 'Task metrics' describes.")
 
