@@ -45,7 +45,6 @@ __all__ = ["FallbackMetric", "accuracy_fallback", "best_prefix"]
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class _Eval:
     value: float
@@ -221,8 +220,8 @@ def accuracy_fallback(
         model_path / amax: the FP32 model; calibrated amax per tensor.
         dataset: the `Dataset` the layers are chosen and the budget measured on: calibration or validation data
             (labels for top1_drop), never the evaluation data (role "evaluation": ConfigError).
-        metric: top1_agreement, cosine, line_agreement (CTC `task`), map_iou / box_agreement (dense `task`),
-            pixel_agreement / miou (segmentation), detection_agreement (detection): >= target; top1_drop (labels): <= target; all against the FP32 model's `output`.
+        metric: top1_agreement, cosine, line_agreement (`task` ctc), map_iou / box_agreement (dense), pixel_agreement
+            / miou (segmentation), detection_agreement (detection): >= target; top1_drop (labels): <= target; vs FP32.
         target: the budget. max_layers: keep at most this many layers in float (None: no limit).
         keep_in: what a kept layer runs in on TensorRT (fp16 or fp32); in ONNX Runtime it computes in FP32.
         out_path: write the final Q/DQ model here (checked, atomically; None: only report); options /

@@ -4,8 +4,9 @@ each other before anything runs."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,12 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
                         f"probabilities as a tensor.")
     d = cfg.data
     axes = batch_axes(cfg, inputs)
+    # One quiet FP32 session for every check at load, made when the first one needs it.
+    session = functools.cache(functools.partial(_check_session, cfg.model.path, spec))
     calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
                          batch_axes=axes)
     fixed = check_first_run(cfg.model.path, spec, inputs, calib, axes, output=output,
-                            output_axis=cfg.model.output_batch_axis)
+                            output_axis=cfg.model.output_batch_axis, session=session)
     if fixed != inputs:
         inputs = fixed
         calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
@@ -73,9 +76,9 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
         ev.check_label_range(classes, output)  # else: evaluate checks once the first batch shows the class count
     _warn_overlap(calib, ev)
     _warn_ranges(calib, ev)
-    check_output_shape(cfg.model.path, spec, ev, output, cfg.model.output_batch_axis)
+    check_output_shape(cfg.model.path, spec, ev, output, cfg.model.output_batch_axis, session=session)
     if cfg.evaluate.task == "detection":
-        _check_detection_head(cfg, spec, ev, output)
+        _check_detection_head(cfg, ev, output, session())
     val = None
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
@@ -84,7 +87,7 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
         if classes is not None:
             val.check_label_range(classes, output)
         _warn_overlap(val, ev)
-        check_output_shape(cfg.model.path, spec, val, output, cfg.model.output_batch_axis)
+        check_output_shape(cfg.model.path, spec, val, output, cfg.model.output_batch_axis, session=session)
     return LoadedInputs(spec, inputs, output, calib, ev, val)
 
 
@@ -151,7 +154,7 @@ BATCH_CHECK_MAX_BYTES = 1 << 30
 
 def check_first_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorInfo], data: Dataset,
                     axes: Mapping[str, int] | None = None, *, output: str | None = None,
-                    output_axis: int = 0) -> tuple[TensorInfo, ...]:
+                    output_axis: int = 0, session: Callable[[], Any] | None = None) -> tuple[TensorInfo, ...]:
     """One FP32 run of the first calibration samples before anything else runs (models up to BATCH_CHECK_MAX_BYTES;
     where it cannot run, the stage that runs the model says why):
 
@@ -161,16 +164,18 @@ def check_first_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorI
       error", exit 4). The data then runs one sample at a time, as for a batch-1 export, and the log says so;
     - `output` (model.output), when given, must hold the samples on `output_axis`: DataError (exit 2) otherwise, with
       the fix (a detector whose graph ends in NonMaxSuppression returns [K, 4] boxes: SSDlite was refused only at
-      evaluation, after 9 minutes of calibration and build)."""
+      evaluation, after 9 minutes of calibration and build).
+
+    `session`: gives the FP32 session to run (`_check_session`'s, made here when not given)."""
     inputs = tuple(inputs)
-    session = _check_session(model, spec) if data.num_samples >= 1 else None
-    if session is None:
+    sess = (session or functools.partial(_check_session, model, spec))() if data.num_samples >= 1 else None
+    if sess is None:
         return inputs
 
     def run(n: int) -> tuple[dict[str, Any] | None, int, str]:
         batch = data.first_batch(n)  # fewer than n where a folder's second sample has another shape
         try:
-            return dict(zip([o.name for o in session.get_outputs()], session.run(None, dict(batch.feeds)),
+            return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, dict(batch.feeds)),
                             strict=True)), batch.size, ""
         except Exception as err:
             return None, batch.size, _gist(str(err))
@@ -185,17 +190,18 @@ def check_first_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorI
     return inputs
 
 
-def check_output_shape(model: str | Path, spec: ModelSpec, data: Dataset, output: str, output_axis: int = 0) -> None:
+def check_output_shape(model: str | Path, spec: ModelSpec, data: Dataset, output: str, output_axis: int = 0, *,
+                       session: Callable[[], Any] | None = None) -> None:
     """DataError (exit 2) at load where `data` (a folder whose samples differ in shape) makes model.output change shape
     with the input: its smallest and its largest sample run through FP32 once each. Evaluation compares outputs as
     one array and refused such data only after calibration and the build (found probing: a segmentation model
-    evaluated on photos of two sizes)."""
+    evaluated on photos of two sizes). `session`: as for `check_first_run`."""
     pair = data.extreme_shapes()
-    session = None if pair is None else _check_session(model, spec)
-    if pair is None or session is None:
+    sess = None if pair is None else (session or functools.partial(_check_session, model, spec))()
+    if pair is None or sess is None:
         return
     try:
-        shapes = [np.asarray(session.run([output], dict(data.subset(i, i + 1).first_batch(1).feeds))[0]).shape
+        shapes = [np.asarray(sess.run([output], dict(data.subset(i, i + 1).first_batch(1).feeds))[0]).shape
                   for i in pair]
     except Exception:  # the stage that runs the model says why
         return
@@ -205,13 +211,13 @@ def check_output_shape(model: str | Path, spec: ModelSpec, data: Dataset, output
                              "sample, before calibrating)", data.role)
 
 
-def _check_detection_head(cfg: PipelineConfig, spec: ModelSpec, data: Dataset, output: str) -> None:
+def _check_detection_head(cfg: PipelineConfig, data: Dataset, output: str, session: Any) -> None:
     """ConfigError (exit 2) at load where evaluate.detection does not fit the FP32 head on the first evaluation
-    sample (`detection.head_problem`), not exit 4 after calibration and the build, nor a number that means nothing."""
+    sample (`detection.head_problem`), not exit 4 after calibration and the build, nor a number that means nothing.
+    `session`: the load checks' FP32 session (None: no check)."""
     from quantpipe.detection import head_problem
     from quantpipe.errors import ConfigError
 
-    session = _check_session(cfg.model.path, spec)
     if session is None:
         return
     try:
@@ -223,9 +229,9 @@ def _check_detection_head(cfg: PipelineConfig, spec: ModelSpec, data: Dataset, o
                            objectness=d.objectness, logits=d.logits)
     if problem is not None:
         raise ConfigError(f"evaluate.task is detection, but model.output '{output}' (FP32, shape {list(out.shape)} on "
-                          f"the first evaluation sample) does not fit evaluate.detection: {problem}. Point model.output "
-                          f"at the detector's raw head before NMS, and set evaluate.detection (layout, objectness, "
-                          f"logits) as README's 'Task metrics' describes.")
+                          f"the first evaluation sample) does not fit evaluate.detection: {problem}. Point "
+                          f"model.output at the detector's raw head before NMS, and set evaluate.detection (layout, "
+                          f"objectness, logits) as README's 'Task metrics' describes.")
 
 
 def _check_session(model: str | Path, spec: ModelSpec) -> Any:

@@ -44,7 +44,6 @@ __all__ = ["SensitivityMetric", "layer_sensitivity", "worst_first"]
 log = logging.getLogger(__name__)
 
 
-
 def layer_sensitivity(
     model_path: str | os.PathLike[str],
     int8_model: str | os.PathLike[str] | None,
