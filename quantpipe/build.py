@@ -24,7 +24,7 @@ from quantpipe.workspace import NullProgress, Progress, Workspace, relative_to, 
 if TYPE_CHECKING:
     from quantpipe.quantize.options import QuantizeOptions
 
-__all__ = ["model_files", "quantize_options", "sha256_of_mapping", "stage_build"]
+__all__ = ["calibration_skip_reason", "model_files", "quantize_options", "sha256_of_mapping", "stage_build"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,29 @@ def _size(path: Path) -> int:
 
 #: What the calibration data decided for the INT8 model (`quantize.decisions`), in the models folder.
 DECISIONS_FILE = "model.int8.decisions.npz"
+
+
+def calibration_skip_reason(cfg: PipelineConfig) -> str | None:
+    """Why this run needs no calibration, or None when a variant built here uses quantpipe's INT8 scales: ONNX
+    Runtime's INT8, ModelOpt's `int8-qpscales`, or TensorRT's INT8 where TensorRT can build it. A run without any
+    calibrated and searched every range for nothing (minutes on a large model: `auto` ranges); `quantpipe
+    calibrate` still writes the caches alone."""
+    b = cfg.build.backends
+    if b.onnxruntime.enabled and "int8" in b.onnxruntime.precisions:
+        return None
+    if b.modelopt.enabled and "int8-qpscales" in b.modelopt.variants:
+        return None
+    trt = b.tensorrt
+    if trt.enabled and "int8" in trt.precisions:
+        from quantpipe.backends.tensorrt.plan import variant_skip_reason
+
+        reason = variant_skip_reason("int8", int8_mode=trt.int8_mode)  # type: ignore[arg-type]
+        if reason is None:
+            return None
+        # Not the reason itself: the build stage says it, once (a test counts it).
+        return (f"{variant_name('tensorrt', 'int8')}, the only variant that would use its scales, cannot be built "
+                f"here (the build stage says why); `quantpipe calibrate` writes the TensorRT caches alone")
+    return "no variant of this pipeline is INT8 (build.backends.*.precisions)"
 
 
 class Built(NamedTuple):

@@ -29,7 +29,7 @@ from quantpipe.artifacts import (
     from_jsonable,
     to_jsonable,
 )
-from quantpipe.build import model_files, sha256_of_mapping, stage_build
+from quantpipe.build import calibration_skip_reason, model_files, sha256_of_mapping, stage_build
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError, OutputError, QuantpipeError, WriteError, os_error_message
 from quantpipe.execution import Executor
@@ -442,7 +442,10 @@ def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress
     fixed_id = run_id or cfg.report.run_id
     _check_outputs(cfg, ws, li, fixed_id if makes_run else None)
     run_id = fixed_id or new_run_id()
-    summaries, amax = stage_calibrate(cfg, ws, li, progress, executor)
+    skip = calibration_skip_reason(cfg) if until != "calibrate" else None
+    if skip is not None:
+        log.info("calibrate: skipped, %s", skip)
+    summaries, amax = stage_calibrate(cfg, ws, li, progress, executor) if skip is None else ([], {})
     if until == "calibrate":
         return None, None
     variants, fallback, int8_options = stage_build(cfg, ws, li, amax, summaries, progress, executor)

@@ -368,10 +368,20 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
         "histograms": {"svg": hist_svg, "how": hist_how, "reason": hist_reason, "count": len(hists),
                        "methods": sorted(thresholds)},
         "calibration": {"rows": [r for _, r in calib.iterrows()],
-                        "reason": notes.get("calibration") or "no calibration in this run (no INT8 variant was requested)"},
+                        "reason": notes.get("calibration") or _no_calibration(results)},
         "environment": tables.environment_rows(results.environment),
         "baseline_flagged": [d for d in (results.baseline or {}).get("deltas", []) if d["regressed"] or d["improved"]],
     }
+
+
+def _no_calibration(results: RunResults) -> str:
+    """Why a run holds no calibration: no INT8 variant asked for, or every one skipped (the pipeline then does
+    not calibrate for nothing)."""
+    skipped = [v for v in results.variants if v.precision == "int8" and v.skipped]
+    if not skipped:
+        return "no calibration in this run (no INT8 variant was requested)"
+    return ("no calibration in this run: no INT8 variant could be built here ("
+            + "; ".join(f"{v.name}: {v.skipped}" for v in skipped) + ")")
 
 
 def _judged_samples(results: RunResults) -> int | None:

@@ -343,3 +343,27 @@ def test_tensorrt_skip_is_said_once(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert err.count(reason) == (0 if quiet else 1)
     if not quiet:
         assert "trt-fp32, trt-fp16, trt-int8: skipped (" in err
+        # trt-int8 alone would have used the scales: calibration (and `auto`'s search) is not run for nothing
+        assert "calibrate: skipped, trt-int8, the only variant that would use its scales, cannot be built" in err
+    assert not list((tmp_path / "reports").glob(".work/*/calibration/*.cache"))
+    results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
+    assert results["calibration"] == []
+    report = " ".join((tmp_path / "reports" / "latest" / "report.md").read_text().split())
+    assert "no calibration in this run: no INT8 variant could be built here (trt-int8: tensorrt: not installed" in report
+
+
+def test_no_int8_variant_calibrates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """FP32 / FP16 only: calibration and the range search ran for nothing (seconds on the example, minutes on a
+    large model); `quantpipe calibrate pipeline.yaml` still calibrates."""
+    cfg = example_config(tmp_path)
+    cfg["build"]["backends"] = {"onnxruntime": {"precisions": ["fp32", "fp16"]}, "tensorrt": {"enabled": False}}
+    cfg["evaluate"]["sensitivity"] = {"enabled": False}
+    cfg["evaluate"]["latency"] = {"enabled": False}
+    cfg["gate"] = {"rules": [{"variant": "ort-fp16", "metric": "top1_agreement", "min": 0.99}]}
+    p = write_config(tmp_path, cfg)
+    assert main(["run", str(p)]) == 0
+    assert "calibrate: skipped, no variant of this pipeline is INT8" in " ".join(capsys.readouterr().err.split())
+    assert not list((tmp_path / "reports").glob(".work/*/calibration/*"))
+    assert "no INT8 variant was requested" in (tmp_path / "reports" / "latest" / "report.md").read_text()
+    assert main(["calibrate", str(p), "-q"]) == 0
+    assert list((tmp_path / "reports").glob(".work/*/calibration/entropy.cache"))
