@@ -361,7 +361,7 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
         "scatter": {"svg": scatter_svg, "caption": scatter_caption, "reason": scatter_reason},
         "latency_plot": latency_svg,
         "sensitivity": _sensitivity(sens, sens_all, sens_reason, draw),
-        "variant_sensitivity": _variant_sensitivity(results),
+        "variant_sensitivity": _variant_sensitivity(results, sensitivity_rows),
         "fallback": {"report": results.fallback, "rows": [r for _, r in fallback.iterrows()], "reason": fallback_reason,
                      "data": _fallback_data_line(results)},
         "int8_build": _int8_build_lines(results),
@@ -419,14 +419,14 @@ def _sensitivity(sens: pd.DataFrame, sens_all: pd.DataFrame, reason: str, draw: 
             "metric": metric, "ranked_by": ranked_by, "ranked_by_output": ranked_by_output}
 
 
-def _variant_sensitivity(results: RunResults) -> list[dict[str, Any]]:
+def _variant_sensitivity(results: RunResults, top: int) -> list[dict[str, Any]]:
     """Per-layer sensitivity of INT8 variants quantpipe did not write (ModelOpt's: `details["sensitivity"]`, worst
-    first), the first rows of each."""
+    first), the first `top` rows of each (evaluate.sensitivity.top, as the main table)."""
     out = []
     for v in results.variants:
         rows = (v.details or {}).get("sensitivity")
         if rows:
-            out.append({"variant": v.name, "rows": rows[:SENSITIVITY_ROWS], "total": len(rows),
+            out.append({"variant": v.name, "rows": rows[:top], "total": len(rows),
                         "metric": rows[0].get("metric_name", "")})
     return out
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from quantpipe.artifacts import RunResults
+from quantpipe.artifacts import RunResults, Variant
 from quantpipe.config import GateRule
 from quantpipe.errors import ConfigError, DataError
 from quantpipe.gate import evaluate_gate
@@ -146,6 +146,14 @@ def test_sensitivity_chart_draws_what_it_ranks_by(measured: bool) -> None:
     rows_shown = build_context(Path("nowhere"), dataclasses.replace(results, sensitivity=tied + sens),
                                sensitivity_rows=2)["sensitivity"]["rows"]
     assert [r["node"] for r in rows_shown] == ["/t1/Conv", "/t2/Conv"]  # and evaluate.sensitivity.top rows
+    # ModelOpt's tables (details["sensitivity"]) show as many rows as the main one: they showed 12 whatever was set
+    mo_rows = [{"node": f"/m{i}/Conv", "op_type": "Conv", "output_metric": 1.0, "metric_name": "top1_agreement"}
+               for i in range(15)]
+    mo = Variant("modelopt-int8", "modelopt", "int8", "cpu", "models/mo.onnx", details={"sensitivity": mo_rows})
+    with_mo = dataclasses.replace(results, variants=(*results.variants, mo))
+    for top in (3, 14):
+        shown = build_context(Path("nowhere"), with_mo, draw=False, sensitivity_rows=top)["variant_sensitivity"]
+        assert [(v["variant"], len(v["rows"]), v["total"]) for v in shown] == [("modelopt-int8", top, 15)]
     texts = _svg_texts(ctx["sensitivity"]["svg"])
     # barh draws bottom-up: the tick labels and the value labels read in reverse rank order
     assert [t.split()[0] for t in texts if t.startswith("/")] == order[::-1]
