@@ -166,6 +166,13 @@ class LayerSensitivity:
     output_metric: float | None
     """The model-output metric (e.g. cosine or top-1 agreement) when only this layer is quantized."""
     metric_name: str
+    output_sqnr_db: float | None = None
+    """The model output's SQNR with only this layer quantized, where it orders the layers an agreement count ties
+    (the metric is one); None otherwise."""
+    num_samples: int | None = None
+    """The evaluation samples the layer was measured on (None in results written before it was kept)."""
+    depthwise: bool = False
+    """A depthwise (grouped, one input channel per group) Conv: the collapse verdict's hint for those."""
 
 
 @dataclasses.dataclass(frozen=True)

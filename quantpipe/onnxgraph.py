@@ -31,7 +31,8 @@ from quantpipe.externaldata import (
 
 __all__ = [
     "FLOAT", "FLOAT16", "Graph", "LARGE_MODEL_BYTES", "Names", "QDQ_OPS", "QUANTIZED_OPS", "UNCACHED_EXTERNAL_BYTES",
-    "add_initializer", "attr", "constant_node_value", "decomposed_layernorm_nodes", "drop_unused_initializers",
+    "add_initializer", "attr", "constant_node_value", "decomposed_layernorm_nodes", "depthwise_convs",
+    "drop_unused_initializers",
     "expose_outputs", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy", "node_subgraphs",
     "opset_of", "save_onnx", "subgraph_references", "tensor_outputs", "topological_order",
 ]
@@ -295,6 +296,22 @@ def attr(node: Any, name: str, default: Any) -> Any:
             return helper.get_attribute_value(a)
     return default
 
+
+def depthwise_convs(model: Any) -> set[str]:
+    """The Convs of `model` with more than one group and one input channel per group (weight [C*k, 1, ...]): the
+    depthwise convolutions. A weight whose shape the graph does not say (a DequantizeLinear's output) counts by
+    its groups alone."""
+    dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            dims[n.output[0]] = tuple(n.attribute[0].t.dims)
+    out = set()
+    for n in model.graph.node:
+        if n.op_type == "Conv" and len(n.input) > 1 and int(attr(n, "group", 1)) > 1:
+            d = dims.get(n.input[1])
+            if d is None or (len(d) > 1 and d[1] == 1):
+                out.add(n.name)
+    return out
 
 
 def decomposed_layernorm_nodes(g: Graph) -> set[str]:

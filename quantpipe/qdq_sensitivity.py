@@ -29,10 +29,10 @@ import numpy as np
 from quantpipe.artifacts import LayerSensitivity
 from quantpipe.errors import EvaluationError
 from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
-from quantpipe.onnxgraph import Graph, attr, expose_outputs, load_onnx, name_nodes, tensor_outputs
+from quantpipe.onnxgraph import Graph, attr, depthwise_convs, expose_outputs, load_onnx, name_nodes, tensor_outputs
 from quantpipe.ortsession import ort_session
 from quantpipe.reference import CANDIDATES_PER_RUN, COUNTED_SCORES, first_samples, run_candidates, run_output, score
-from quantpipe.sensitivity import worst_first
+from quantpipe.sensitivity import tie_said, worst_first
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
 __all__ = ["keep_only_pairs", "qdq_layer_sensitivity", "quantized_nodes"]
@@ -140,10 +140,12 @@ def qdq_layer_sensitivity(
     count = len(nodes) if one_at_a_time is True else int(one_at_a_time or 0)
     order = sorted(nodes, key=lambda n: (node_db[n] if not math.isnan(node_db[n]) else math.inf))[:max(0, count)]
     measured, tie = _one_at_a_time(qdq, order, feeds, out, ref, labels, metric, task, output_axis)
+    depthwise = depthwise_convs(qdq)
     rows = [LayerSensitivity(node=n, op_type=by_name[n].op_type, tensor=tensors.get(n, ""),
                              sqnr_db=finite_or_none(node_db[n]),
                              output_metric=finite_or_none(measured[n]) if n in measured else None,
-                             metric_name=metric) for n in nodes]
+                             metric_name=metric, output_sqnr_db=tie_said(metric, tie.get(n)),
+                             num_samples=int(ref.shape[0]), depthwise=n in depthwise) for n in nodes]
     return worst_first(rows, measured, tie, node_db)
 
 

@@ -31,7 +31,7 @@ from quantpipe.errors import EvaluationError, WorkerError
 from quantpipe.evalconfig import SensitivityMetric
 from quantpipe.execution import Executor, Stashed, plan_shards, unstash
 from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
-from quantpipe.onnxgraph import expose_outputs, load_onnx
+from quantpipe.onnxgraph import depthwise_convs, expose_outputs, load_onnx
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
@@ -39,7 +39,7 @@ from quantpipe.quantize.rewrites.shift import tensor_offsets
 from quantpipe.reference import COUNTED_SCORES, Reference, prepare_reference, score
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
 
-__all__ = ["SensitivityMetric", "layer_sensitivity", "worst_first"]
+__all__ = ["SensitivityMetric", "layer_sensitivity", "tie_said", "worst_first"]
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,13 @@ def layer_sensitivity(
     order = sorted(nodes, key=lambda q: local.get(q.name, math.inf))
     measured, tie = _one_at_a_time(ctx, amax, order[:max(0, count)], metric, task, executor)
 
+    depthwise = depthwise_convs(ctx.model)
     rows = [
         LayerSensitivity(node=q.name, op_type=q.op_type, tensor=tensors.get(q.name, ""),
                          sqnr_db=finite_or_none(sqnr.get(tensors.get(q.name, ""), math.nan)),
                          output_metric=finite_or_none(measured[q.name]) if q.name in measured else None,
-                         metric_name=metric)
+                         metric_name=metric, output_sqnr_db=tie_said(metric, tie.get(q.name)),
+                         num_samples=int(ctx.ref.shape[0]), depthwise=q.name in depthwise)
         for q in nodes
     ]
     return worst_first(rows, measured, tie, local)
@@ -134,6 +136,12 @@ def worst_first(rows: Sequence[LayerSensitivity], measured: Mapping[str, float],
         return (1, o if not math.isnan(o) else math.inf, 0.0)
 
     return tuple(sorted(rows, key=key))
+
+
+def tie_said(metric: str, tie: float | None) -> float | None:
+    """The tie-break a row keeps (`LayerSensitivity.output_sqnr_db`): the output SQNR where it orders layers an
+    agreement count ties; None where the metric orders alone (the tie-break is then 0)."""
+    return finite_or_none(tie) if tie is not None and metric in COUNTED_SCORES else None
 
 
 def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[Any], metric: str,

@@ -415,8 +415,13 @@ def _sensitivity(sens: pd.DataFrame, sens_all: pd.DataFrame, reason: str, draw: 
     if not sens.empty:
         svg = plots.sensitivity_bars(sens, column="output_metric" if ranked_by_output else "sqnr_db", metric=unit,
                                      axis_label=axis) if draw else ""
+    samples = sens_all["num_samples"].dropna() if not sens_all.empty else sens_all
     return {"rows": [r for _, r in sens.iterrows()], "svg": svg, "reason": reason, "total": len(sens_all),
-            "metric": metric, "ranked_by": ranked_by, "ranked_by_output": ranked_by_output}
+            "metric": metric, "ranked_by": ranked_by, "ranked_by_output": ranked_by_output,
+            # the output SQNR that orders layers an agreement count ties, shown where it did (it was not: the order
+            # of tied rows looked arbitrary), and the samples the values are of
+            "tie_break": ranked_by_output and bool(sens_all["output_sqnr_db"].notna().any()),
+            "samples": int(samples.iloc[0]) if len(samples) else None}
 
 
 def _variant_sensitivity(results: RunResults, top: int) -> list[dict[str, Any]]:

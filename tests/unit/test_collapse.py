@@ -34,8 +34,15 @@ def test_collapse_names_problem_cause_and_fix(tmp_path: Path) -> None:
     assert c.problems == ("output SQNR 2.80 dB against FP32 (collapse below 10 dB)",
                           "top1_agreement 0.310 (collapse below 0.5)")
     assert c.cause.startswith("the most sensitive layers (per-layer sensitivity, worst first): /conv1/Conv (Conv;")
-    # Convolutions among the worst: the depthwise rewrite is named; and the calibration data's coverage, always.
-    assert "build.quantize.equalize_depthwise: true" in c.cause and "add such samples" in c.cause
+    # Dense convolutions among the worst: no depthwise rewrite is named (it was, for any Conv); the calibration
+    # data's coverage, always.
+    assert "equalize_depthwise" not in c.cause and "add such samples" in c.cause
+    # A depthwise one among the worst: it is named, with the rewrite.
+    results = _collapsed(tmp_path)
+    dw = (dataclasses.replace(results.sensitivity[0], depthwise=True), *results.sensitivity[1:])
+    (d,) = find_collapse(dataclasses.replace(results, sensitivity=dw), CollapseConfig())
+    assert (f"{dw[0].node} is a depthwise convolution (MobileNet / PicoDet-style blocks)" in d.cause
+            and "build.quantize.equalize_depthwise: true" in d.cause)
     fix = yaml.safe_load(c.fix_yaml)
     assert fix == {"build": {"fallback": {"metric": "top1_agreement", "min": 0.99, "max_layers": 1}}}
     # limits come from the config: a looser SQNR limit leaves only the agreement

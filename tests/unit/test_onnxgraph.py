@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quantpipe.onnxgraph import Graph, drop_unused_initializers
+from quantpipe.onnxgraph import Graph, depthwise_convs, drop_unused_initializers
 
 
 def test_drop_unused_initializers_removes_only_unread_tensors_and_keeps_the_order() -> None:
@@ -32,3 +32,22 @@ def test_drop_unused_initializers_removes_only_unread_tensors_and_keeps_the_orde
     assert model.SerializeToString() == expected.SerializeToString()  # the kept tensors' bytes, in order
     drop_unused_initializers(model.graph, Graph(model.graph))  # nothing left to drop
     assert model.SerializeToString() == expected.SerializeToString()
+
+
+def test_depthwise_convs_are_one_input_channel_per_group() -> None:
+    def w(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.zeros(shape, np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w_dw"], ["a"], name="dw", group=8),  # [8, 1, 3, 3], 8 groups
+        helper.make_node("Conv", ["a", "w_grouped"], ["b"], name="grouped", group=2),  # [8, 4, 3, 3]: 4 per group
+        helper.make_node("Conv", ["b", "w_dense"], ["c"], name="dense"),
+        helper.make_node("Constant", [], ["w_const"], value=w("v", (8, 1, 3, 3))),
+        helper.make_node("Conv", ["c", "w_const"], ["d"], name="dw_const", group=8),  # weight in a Constant node
+        helper.make_node("Conv", ["d", "w_unknown"], ["y"], name="dw_dq", group=8),  # shape unknown (a DQ's output)
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16]),
+                                           helper.make_tensor_value_info("w_unknown", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [w("w_dw", (8, 1, 3, 3)), w("w_grouped", (8, 4, 3, 3)), w("w_dense", (8, 8, 3, 3))])
+    assert depthwise_convs(helper.make_model(graph)) == {"dw", "dw_const", "dw_dq"}

@@ -18,7 +18,7 @@ from quantpipe.config import GateRule
 from quantpipe.errors import ConfigError, DataError
 from quantpipe.gate import evaluate_gate
 from quantpipe.report import load_results, publish_ci, resolve_latest, update_latest, write_report
-from quantpipe.report.render import build_context, render_html
+from quantpipe.report.render import build_context, render_html, render_markdown
 from quantpipe.report.rundir import write_complete
 from tests.report_data import synthetic_results, with_top1
 
@@ -123,6 +123,25 @@ def test_environment_rows_of_unknown_nested_keys() -> None:
 
 def _svg_texts(svg: str) -> list[str]:
     return [t.strip() for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg)]
+
+
+@pytest.mark.parametrize("tie_break", [True, False])
+def test_sensitivity_table_shows_what_orders_ties_and_its_samples(tie_break: bool) -> None:
+    from quantpipe.artifacts import LayerSensitivity
+
+    # Two layers tied on top-1 agreement, ordered by the output SQNR with that layer alone: the table shows it
+    # (the order looked arbitrary), the samples it measured on, and which Conv is depthwise.
+    sens = (LayerSensitivity("/dw/Conv", "Conv", "a", 20.0, 0.95, "top1_agreement", 11.5 if tie_break else None, 64,
+                             True),
+            LayerSensitivity("/pw/Conv", "Conv", "b", 30.0, 0.95, "top1_agreement", 17.25 if tie_break else None, 64))
+    ctx = build_context(Path("nowhere"), dataclasses.replace(synthetic_results(None), sensitivity=sens), draw=False)
+    for text in (" ".join(render_markdown(ctx).split()), " ".join(render_html(ctx).split())):
+        assert "on 64 evaluation samples" in text
+        assert ("Output SQNR, only this layer INT8 (orders ties)" in text) is tie_break
+        assert ("11.50 dB" in text and "17.25 dB" in text) is tie_break
+        assert text.count("Conv (depthwise)") == 1
+    md = render_markdown(ctx)
+    assert "| 1 | `/dw/Conv` | Conv (depthwise) | 95.00% |" + (" 11.50 dB |" if tie_break else "") + " 20.00 dB |" in md
 
 
 @pytest.mark.parametrize("measured", [True, False])

@@ -16,6 +16,15 @@ def test_sensitivity_ranks_the_damaged_layer_first(damaged_mlp):
     assert all(r.output_metric is not None and r.metric_name == "sqnr_db" for r in rows)
     assert [r.output_metric for r in rows] == sorted(r.output_metric for r in rows)
     assert rows[0].tensor == "h2" and rows[0].sqnr_db is not None and rows[0].sqnr_db < 20
+    # the samples it measured on; no tie-break kept where the metric orders alone; Gemms are not depthwise
+    assert {(r.num_samples, r.output_sqnr_db, r.depthwise) for r in rows} == {(48, None, False)}
+    # An agreement count ties layers; each row keeps the output SQNR that orders them: the same number the
+    # sqnr_db metric measures for that layer alone.
+    counted = layer_sensitivity(model_path, None, amax, ds, output="logits", batch_size=16, metric="top1_agreement")
+    by_sqnr = {r.node: r.output_metric for r in rows}
+    assert {r.node: r.output_sqnr_db for r in counted} == by_sqnr
+    ties = [(a, b) for a, b in zip(counted, counted[1:], strict=False) if a.output_metric == b.output_metric]
+    assert ties and all(a.output_sqnr_db <= b.output_sqnr_db for a, b in ties)
 
 
 def test_sensitivity_cap_and_written_model(damaged_mlp, tmp_path):
