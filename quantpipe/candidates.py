@@ -31,7 +31,7 @@ import numpy as np
 
 from quantpipe.data import sample_count
 from quantpipe.errors import WorkerError
-from quantpipe.execution import Executor, Stashed, model_mb, plan_shards, unstash
+from quantpipe.execution import Executor, Stashed, model_mb, plan_shards, share_threads, unstash
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.reference import CANDIDATES_PER_RUN, run_candidates
@@ -161,7 +161,7 @@ def run_shared(executor: Executor | None, share: CandidateShare, *, shares: int 
         return run_share(share)
     plan = split(n, len(share.feeds), shares)
     model, recipe, feeds = (executor.stash(v) for v in (share.model, (share.amax, share.options), tuple(share.feeds)))
-    threads = executor.threads_per_worker
+    threads = share_threads(executor, min(len(plan), executor.workers))
     jobs = [ShareJob(model, recipe, feeds, share.base, share.output, tuple(share.changes[c] for c in cands), span,
                      threads, share.output_axis) for cands, span in plan]
     log.debug("%d candidate(s) x %d batch(es) in %d share(s) on %d %s worker(s)", n, len(share.feeds), len(jobs),

@@ -29,7 +29,7 @@ from quantpipe.artifacts import LayerSensitivity
 from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared
 from quantpipe.errors import EvaluationError, WorkerError
 from quantpipe.evalconfig import SensitivityMetric
-from quantpipe.execution import Executor, Stashed, plan_shards, unstash
+from quantpipe.execution import Executor, Stashed, plan_shards, share_threads, unstash
 from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
 from quantpipe.onnxgraph import depthwise_convs, expose_outputs, load_onnx
 from quantpipe.ortsession import ort_session
@@ -245,8 +245,9 @@ def _local_and_accumulated(ctx: Reference, built: Any, full: Any, names: Sequenc
     else:
         h = [executor.stash(v) for v in (local, accumulated, tuple(ctx.feeds))]
         cuts = [round(batches * k / shares) for k in range(shares + 1)]
-        jobs = [_SqnrJob(h[0], h[1], h[2], batches=(lo, hi), threads=executor.threads_per_worker)
-                for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
+        spans = [(lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
+        threads = share_threads(executor, len(spans))
+        jobs = [_SqnrJob(h[0], h[1], h[2], batches=span, threads=threads) for span in spans]
         sums = executor.map(_sqnr_sums, jobs)
     per_batch = [b for part in sums for b in part]
     if len(per_batch) != batches:

@@ -27,7 +27,7 @@ from quantpipe.calibration.collect import (
 from quantpipe.calibration.histogram import DEFAULT_NUM_BINS
 from quantpipe.data import Dataset
 from quantpipe.errors import CalibrationError
-from quantpipe.execution import Executor, shard_bounds
+from quantpipe.execution import Executor, shard_bounds, share_threads
 
 __all__ = ["ShardJob", "collect_shard", "collect_sharded"]
 
@@ -81,7 +81,7 @@ def collect_sharded(
     """
     t0 = time.perf_counter()
     bounds = shard_bounds(dataset.batch_bounds(batch_size), shards or executor.workers)
-    threads = executor.threads_per_worker
+    threads = share_threads(executor, min(len(bounds), executor.workers))
     jobs = [
         ShardJob(str(model), dataset.subset(lo, hi), i == 0, batch_size, num_bins,
                  None if tensors is None else tuple(tensors), tuple(providers), threads, max_run_bytes,

@@ -31,6 +31,7 @@ from quantpipe.execution.base import (
     plan_shards,
     run_jobs,
     shard_bounds,
+    share_threads,
     usable_cores,
 )
 from quantpipe.execution.local import LocalPool
@@ -39,7 +40,7 @@ from quantpipe.execution.stash import Stashed, unstash
 
 __all__ = [
     "Executor", "InProcess", "LocalPool", "RayPool", "OnResult", "make_executor", "shard_bounds", "usable_cores",
-    "visible_gpus", "default_workers", "model_mb", "plan_shards", "run_jobs",
+    "visible_gpus", "default_workers", "model_mb", "plan_shards", "run_jobs", "share_threads",
     "Stashed", "unstash",
 ]
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from quantpipe.data import sample_count
 from quantpipe.errors import BuildError
-from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs
+from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs, share_threads
 from quantpipe.int8 import INT8_MAX
 from quantpipe.metrics import SquaredSums
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy, tensor_outputs
@@ -161,8 +161,8 @@ def _alone_pass(job: _Alone, executor: Executor | None) -> dict[str, dict[str, A
     shares = plan_shards(executor, items=n, work_mb=n * len(AUTO_CANDIDATES) * samples * model_mb(job.model))
     if executor is None or shares < 2:
         return alone_share(job)
-    jobs = [dataclasses.replace(job, share=job.tensors[k::shares], threads=executor.threads_per_worker)
-            for k in range(min(shares, n))]
+    threads = share_threads(executor, min(shares, n))
+    jobs = [dataclasses.replace(job, share=job.tensors[k::shares], threads=threads) for k in range(min(shares, n))]
     found = {t: rec for part in executor.map(alone_share, jobs) for t, rec in part.items()}
     return {t: found[t] for t in job.tensors}
 

@@ -11,7 +11,7 @@ import pytest
 
 from quantpipe.config import ExecutionConfig
 from quantpipe.errors import DataError, WorkerError
-from quantpipe.execution import InProcess, LocalPool, RayPool, make_executor
+from quantpipe.execution import InProcess, LocalPool, RayPool, make_executor, share_threads
 from tests.unit.execution import helpers
 
 
@@ -29,6 +29,24 @@ def test_workers_1_is_in_process():
     assert seen == [(0, 9), (1, 1), (2, 4)]
     assert isinstance(make_executor(ExecutionConfig(workers=3)), LocalPool)
     assert isinstance(make_executor(ExecutionConfig(engine="ray", workers=2)), RayPool)  # nothing starts yet
+
+
+def test_fewer_shares_than_workers_get_the_idle_workers_cores(monkeypatch):
+    """2 shares on 16 cores ran on one thread each while 14 cores idled (the sensitivity's SQNR runs of 63 images)."""
+    import quantpipe.execution.base as base
+    import quantpipe.execution.local as local
+
+    for mod in (base, local):
+        monkeypatch.setattr(mod, "usable_cores", lambda: 16)
+    pool = LocalPool(16)  # nothing starts until a map
+    assert pool.threads_per_worker == 1
+    assert [share_threads(pool, n) for n in (1, 2, 3, 8, 16, 40)] == [16, 8, 5, 2, 1, 1]
+    assert share_threads(InProcess(), 2) is None  # onnxruntime's default: every core
+    gpu = LocalPool(4, gpu_ids=("0", "1", "2", "3"))
+    assert share_threads(gpu, 1) == gpu.threads_per_worker  # a GPU worker's work is on its GPU
+    ray = RayPool(2, min_shard_mb=0)
+    monkeypatch.setattr(RayPool, "threads_per_worker", property(lambda self: 1))
+    assert share_threads(ray, 1) == 1  # a Ray task holds the CPUs it asked for
 
 
 def test_results_come_back_in_order(pool, tmp_path):
