@@ -19,7 +19,14 @@ from onnx import TensorProto, helper
 
 from quantpipe.artifacts import ModelSpec, TensorInfo
 from quantpipe.errors import ModelError
-from quantpipe.onnxgraph import QUANTIZED_OPS, load_onnx, model_sha256, model_size_bytes, node_subgraphs
+from quantpipe.onnxgraph import (
+    QUANTIZED_OPS,
+    load_onnx,
+    model_sha256,
+    model_size_bytes,
+    node_subgraphs,
+    weights_as_inputs,
+)
 
 __all__ = ["load_model_spec", "read_model_spec", "tensor_info", "apply_input_overrides"]
 
@@ -88,7 +95,11 @@ def read_model_spec(
     path = Path(path)
     # The graph only: weights in external files stay there (a > 2 GB model cannot be one protobuf), and the
     # checker reads the model by path, external data included.
-    model = load_onnx(path, external_data=False)
+    model = load_onnx(path, external_data=False, weights_listed=True)
+    listed = weights_as_inputs(model)
+    if listed:
+        log.info("%s lists %d weight(s) as graph inputs too (keep_initializers_as_inputs): quantpipe reads them as "
+                 "weights, as TensorRT does", path.name, len(listed))
     try:
         onnx.checker.check_model(os.fspath(path))
     except onnx.checker.ValidationError as err:

@@ -5,6 +5,7 @@ node naming, a read-only index of a graph (`Graph`), constants, attributes, fres
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,8 +35,10 @@ __all__ = [
     "add_initializer", "attr", "constant_node_value", "decomposed_layernorm_nodes", "depthwise_convs",
     "drop_unused_initializers",
     "expose_outputs", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy", "node_subgraphs",
-    "opset_of", "save_onnx", "subgraph_references", "tensor_outputs", "topological_order",
+    "opset_of", "save_onnx", "subgraph_references", "tensor_outputs", "topological_order", "weights_as_inputs",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The explicit-quantization pair: a model with them is a Q/DQ model.
 QDQ_OPS: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -50,13 +53,14 @@ LARGE_MODEL_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a marg
 UNCACHED_EXTERNAL_BYTES = 64 << 20
 
 
-def load_onnx(path: str | os.PathLike[str], *, external_data: bool = False) -> Any:
+def load_onnx(path: str | os.PathLike[str], *, external_data: bool = False, weights_listed: bool = False) -> Any:
     """Load an ONNX model, or raise ModelError saying what is wrong.
 
     With `external_data=False` tensors stored in external files stay references to them (the proto holds the
     graph only, whatever the model's size): for reading the graph, checking it (by path) and sessions that
     read the weights from the model's folder (`ortsession.ort_session(base_dir=...)`); `tensor_value` reads one
-    such tensor. Either way a missing or short external-data file is a ModelError naming it.
+    such tensor. Either way a missing or short external-data file is a ModelError naming it. Weights also listed
+    as graph inputs are read as weights (`weights_as_inputs`; `weights_listed=True` leaves that to the caller).
     """
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
@@ -74,6 +78,8 @@ def load_onnx(path: str | os.PathLike[str], *, external_data: bool = False) -> A
             f"`python -c \"import onnx; onnx.checker.check_model('{path}')\"`."
         ) from err
     check_external_data(model, path)
+    if not weights_listed:  # `weights_as_inputs`, unless the caller wants to say what it drops
+        weights_as_inputs(model)
     if not external_data:
         for t in external_tensors(model):  # each reference says which folder it is relative to (copies keep it)
             set_entry(t, BASEPATH, os.fspath(path.parent.resolve()))
@@ -84,6 +90,26 @@ def load_onnx(path: str | os.PathLike[str], *, external_data: bool = False) -> A
             raise ModelError(f"model {path}: its external data cannot be read ({type(err).__name__}: {err}). Keep the "
                              f"files its tensors name beside the model, unchanged since it was saved.") from err
     return model
+
+
+def weights_as_inputs(model: Any) -> list[str]:
+    """Drop from `model.graph.input` the inputs an initializer of the same name backs (in place); their names.
+
+    Exports made with `keep_initializers_as_inputs` (PyTorch before 1.4, many detectors still shipped, IR < 4 where
+    it was the rule) list every weight as a graph input too. The ONNX standard makes such an initializer a default
+    a caller may override, so quantpipe took each weight for a runtime input: a Conv reading one got no Q/DQ (no
+    calibrated range) and CenterFace's 60 Convs all stayed FP32 in a model called INT8 (found probing). No data
+    file feeds them and TensorRT's parser reads them as weights; quantpipe does the same (the IR version rises to
+    4, the first that lets an initializer be no input)."""
+    inits = {t.name for t in model.graph.initializer}
+    dropped = [i.name for i in model.graph.input if i.name in inits]
+    if dropped:
+        kept = [i for i in model.graph.input if i.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = max(int(model.ir_version), 4)
+        log.debug("%d weight(s) listed as graph inputs (keep_initializers_as_inputs) read as weights", len(dropped))
+    return dropped
 
 
 def model_sha256(path: str | os.PathLike[str]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from quantpipe.errors import BuildError, ModelError
 from quantpipe.externaldata import has_external_data
-from quantpipe.onnxgraph import QUANTIZED_OPS, Graph, load_onnx, name_nodes, opset_of, save_onnx
+from quantpipe.onnxgraph import QUANTIZED_OPS, Graph, load_onnx, name_nodes, named_copy, opset_of, save_onnx
 from quantpipe.quantize.emit import apply_plan
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import QUANTIZABLE_OPS, plan_qdq, sentinel_tensors
@@ -25,13 +25,25 @@ from quantpipe.quantize.rewrites.smooth import smooth_inputs
 from quantpipe.quantize.rewrites.split import split_activations
 from quantpipe.quantize.types import QuantizeReport
 
-__all__ = ["build_qdq_model", "prepare_opset", "quantize_model"]
+__all__ = ["build_qdq_model", "prepare_opset", "qdq_ready", "quantize_model"]
 
 log = logging.getLogger(__name__)
 
 
-def prepare_opset(model: Any, per_channel: bool) -> tuple[Any, int, bool, list[str]]:
-    """Bring the model to opset >= 13 where possible; returns (model, opset, per_channel, warnings)."""
+def qdq_ready(model: Any, per_channel: bool = True) -> Any:
+    """A copy of `model` as `build_qdq_model` sees it (nodes named, at the opset it writes: `prepare_opset`), for the
+    searches that simulate quantization on the FP32 graph: on an opset-9 model (CenterFace) `auto`'s rounded parts
+    held QuantizeLinear nodes opset 9 does not have, and `quantize` ended with exit 4 (found probing)."""
+    m = named_copy(model)
+    if opset_of(m) < 13:
+        m = prepare_opset(m, per_channel, quiet=True)[0]
+        name_nodes(m.graph)
+    return m
+
+
+def prepare_opset(model: Any, per_channel: bool, *, quiet: bool = False) -> tuple[Any, int, bool, list[str]]:
+    """Bring the model to opset >= 13 where possible; returns (model, opset, per_channel, warnings). `quiet`: the
+    upgrade is logged at debug level (a search's copy; the writer says it)."""
     import onnx
     from onnx import version_converter
 
@@ -43,7 +55,8 @@ def prepare_opset(model: Any, per_channel: bool) -> tuple[Any, int, bool, list[s
         converted = version_converter.convert_version(model, 13)
         if not has_external_data(converted):  # an in-memory proto cannot be checked with external references
             onnx.checker.check_model(converted)
-        log.info("upgraded the model from opset %d to 13 for per-channel DequantizeLinear", opset)
+        log.log(logging.DEBUG if quiet else logging.INFO, "upgraded the model from opset %d to 13 for per-channel "
+                "DequantizeLinear", opset)
         warnings.append(f"model upgraded from opset {opset} to 13 (per-channel DequantizeLinear needs opset 13)")
         return converted, 13, per_channel, warnings
     except Exception as err:  # the converter raises plain RuntimeError / ValidationError for unsupported ops

@@ -20,7 +20,7 @@ from quantpipe.int8 import INT8_MAX
 from quantpipe.metrics import SquaredSums
 from quantpipe.onnxgraph import Graph, expose_outputs, named_copy, tensor_outputs
 from quantpipe.ortsession import ort_session
-from quantpipe.quantize.build import build_qdq_model
+from quantpipe.quantize.build import build_qdq_model, qdq_ready
 from quantpipe.quantize.fake_quant import RoundedPart, output_error, output_signal, output_weights, pooled
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.placement import AMAX_LIMIT, plan_qdq
@@ -314,7 +314,7 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     if missing:
         raise BuildError(f"calibration.use: auto chooses among {', '.join(AUTO_CANDIDATES)}, but the tables of "
                          f"{', '.join(missing)} are missing; this is a quantpipe bug, please report it.")
-    m0 = named_copy(model)
+    m0 = qdq_ready(model, options.per_channel)
     opts = dataclasses.replace(options, split_activations="off")
     if opts.channel_stats is None and (opts.smooth_alpha or opts.bias_correction):
         opts = with_calibration_data(m0, dataclasses.replace(opts, weight_rounding="nearest"), calibration_data,

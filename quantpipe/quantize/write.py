@@ -12,8 +12,8 @@ from typing import Any
 
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor
-from quantpipe.onnxgraph import load_onnx, named_copy, tensor_outputs
-from quantpipe.quantize.build import build_qdq_model, quantize_model
+from quantpipe.onnxgraph import load_onnx, tensor_outputs
+from quantpipe.quantize.build import build_qdq_model, qdq_ready, quantize_model
 from quantpipe.quantize.gptq import collect_weight_codes
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.rewrites.output_bias import find_output_heads, measure_output_bias
@@ -78,7 +78,7 @@ def with_calibration_data(model: Any, options: QuantizeOptions, calibration_data
 
     def m() -> Any:  # the named copy, made once and only when something is measured (none when all is filled)
         if not copies:
-            copies.append(named_copy(model))
+            copies.append(qdq_ready(model, options.per_channel))
         return copies[0]
 
     if options.channel_stats is None and (options.smooth_alpha or options.bias_correction):

@@ -73,6 +73,41 @@ def test_quantize_says_the_written_models_output_sqnr_and_warns_when_it_collapse
     assert "Judge the model with its task's own metric" in err
 
 
+def test_quantize_an_old_export_with_weights_listed_as_inputs(tmp_path: Path, eval_images: np.ndarray) -> None:
+    """An opset-9 export with keep_initializers_as_inputs (CenterFace, found probing): `auto` ended in exit 4 (its
+    rounded parts held QuantizeLinear, which opset 9 lacks), and every weight listed as an input was taken for a
+    runtime input, so no Conv or Gemm got Q/DQ in a model called INT8. Now both are quantized as in a new export."""
+    from onnx import helper
+
+    old = onnx.load(EXAMPLE_MODEL)
+    old.opset_import[0].version = 9  # its Conv / Relu / MaxPool / Gemm / Add / Flatten read the same at opset 9
+    for n in old.graph.node:  # but for MaxPool's attributes of opset 10, at their defaults here
+        kept = [a for a in n.attribute if not (n.op_type == "MaxPool" and a.name in ("ceil_mode", "dilations"))]
+        del n.attribute[:]
+        n.attribute.extend(kept)
+    old.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                           for t in old.graph.initializer)
+    old.ir_version = 4
+    onnx.checker.check_model(old)
+    src = tmp_path / "old.onnx"
+    onnx.save(old, src)
+    outs = {}
+    for name, model in (("old", src), ("new", EXAMPLE_MODEL)):
+        outs[name] = tmp_path / f"{name}.int8.onnx"
+        assert main(["quantize", "--model", str(model), "--data", str(EXAMPLE_CALIB), "--out", str(outs[name]),
+                     "-q"]) == 0
+    weights = {}
+    for name, out in outs.items():
+        g = onnx.load(out).graph
+        inits = {t.name for t in g.initializer}
+        weights[name] = sum(1 for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                            and any(t.name == n.input[0] and t.data_type == onnx.TensorProto.INT8 for t in g.initializer))
+        assert not inits & {i.name for i in g.input}  # the weights are weights
+    assert weights["old"] == weights["new"] >= 4  # both Convs and both Gemms
+    agreement = np.mean(_top1(outs["old"], eval_images) == _top1(EXAMPLE_MODEL, eval_images))
+    assert agreement >= 0.98
+
+
 def test_quantize_fp16_needs_no_data(tmp_path: Path, eval_images: np.ndarray) -> None:
     out = tmp_path / "digits.fp16.onnx"
     assert main(["quantize", "--model", str(EXAMPLE_MODEL), "--fp16", "--out", str(out), "-q"]) == 0

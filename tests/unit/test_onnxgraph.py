@@ -51,3 +51,22 @@ def test_depthwise_convs_are_one_input_channel_per_group() -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [w("w_dw", (8, 1, 3, 3)), w("w_grouped", (8, 4, 3, 3)), w("w_dense", (8, 8, 3, 3))])
     assert depthwise_convs(helper.make_model(graph)) == {"dw", "dw_const", "dw_dq"}
+
+
+def test_weights_listed_as_inputs_are_read_as_weights(tmp_path) -> None:
+    from quantpipe.onnxgraph import load_onnx, weights_as_inputs
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 3  # IR < 4: every initializer must be an input; without them it needs IR 4
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_onnx(tmp_path / "m.onnx")
+    assert [i.name for i in loaded.graph.input] == ["x"] and loaded.ir_version == 4
+    onnx.checker.check_model(loaded)
+    assert weights_as_inputs(loaded) == []  # nothing left to drop
+    kept = load_onnx(tmp_path / "m.onnx", weights_listed=True)
+    assert [i.name for i in kept.graph.input] == ["x", "w"] and weights_as_inputs(kept) == ["w"]
