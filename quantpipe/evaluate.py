@@ -158,7 +158,10 @@ def warn_if_constant(reference: np.ndarray, output: str) -> bool:
 def warn_if_no_detections(reference: np.ndarray, task: TaskSpec) -> bool:
     """Warn (and return True) where the FP32 reference detects nothing on any evaluation sample (evaluate.task:
     detection): detection_agreement is then 1.0 for any variant that detects nothing either, and a gate on it passes
-    whatever INT8 did (found probing: a threshold of 1.5, or objectness read from a class row, scored 1.0)."""
+    whatever INT8 did (found probing: a threshold of 1.5, or objectness read from a class row, scored 1.0). The same
+    for a dense map without a box (`_warn_if_no_boxes`)."""
+    if task.task == "dense" and len(reference) and np.ndim(reference) >= 3:
+        return _warn_if_no_boxes(reference, task)
     if task.task != "detection" or len(reference) == 0:
         return False
     dets = task.detections(reference)
@@ -173,6 +176,22 @@ def warn_if_no_detections(reference: np.ndarray, task: TaskSpec) -> bool:
                 "detection_agreement is 1.0 for any variant that detects nothing either, so it says nothing about "
                 "quantization here. Check score_threshold, objectness and layout against the model's own "
                 "post-processing, and that the samples hold what it detects.", len(reference), task.det_score_threshold)
+    return True
+
+
+def _warn_if_no_boxes(reference: np.ndarray, task: TaskSpec) -> bool:
+    """evaluate.task: dense: warn (and return True) where FP32's thresholded map holds no box of min_box_side pixels a
+    side on any evaluation sample: box_agreement is then 1.0 for every variant (basic-pitch's note map, whose notes
+    are one pitch bin wide: 1.0 for INT8 at 0.86 note F1 and for an FP16 model that output NaN, found probing)."""
+    maps = np.asarray(task.mask(reference), dtype=bool)
+    maps = maps.reshape(-1, *maps.shape[-2:])
+    side = task.min_box_side
+    if any(min(b[2] - b[0], b[3] - b[1]) + 1 >= side for m in maps for b in M.component_boxes(m)):
+        return False
+    log.warning("FP32's map (evaluate.dense.threshold %g) holds no component of at least evaluate.dense.min_box_side "
+                "(%d) pixels a side on the %d evaluation samples: box_agreement is 1.0 for any variant, so it says "
+                "nothing about quantization here. Lower min_box_side (1 counts every component), check the threshold, "
+                "or judge map_iou.", task.threshold, side, len(reference))
     return True
 
 
@@ -290,8 +309,8 @@ def evaluate_variant(
     bad = int(out.size - np.count_nonzero(np.isfinite(out)))
     if bad:
         log.warning("%s: %d of %d output values are NaN or Inf, so its accuracy numbers are not comparable (an FP16 "
-                    "model: an activation or intermediate above 65504 overflows; the build's warnings name those "
-                    "whose calibrated range does).", runner.name, bad, out.size)
+                    "model: an activation or intermediate above 65504 overflows, or a constant under 6e-8 is 0 there; the "
+                    "build's warnings name those it found).", runner.name, bad, out.size)
     values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks)
     if (reference is not None and out.dtype.kind == "f" and out.shape == reference.shape
             and np.array_equal(out, reference)):

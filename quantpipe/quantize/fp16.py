@@ -114,6 +114,27 @@ def _beyond_fp16(g: Graph, names: Iterable[str]) -> str | None:
     return None
 
 
+#: FP16's smallest positive (subnormal) value: a nonzero constant below it is 0 in FP16.
+FP16_TINY = 2.0**-24
+#: The most elements a constant has to be taken for an epsilon (a weight with a few tiny values is no guard).
+EPSILON_SIZE = 16
+#: Readers whose result an epsilon guards: x + eps before a log, a division or a root.
+_GUARDED_OPS = frozenset({"Log", "Div", "Sqrt", "Reciprocal", "Pow"})
+
+
+def _epsilon(g: Graph, names: Iterable[str]) -> tuple[str, float] | None:
+    """The first small constant among `names` holding a nonzero value FP16 rounds to 0 (x + 1e-10 before a log:
+    in FP16 the log of 0, -inf, and NaN after it; basic-pitch's whole output was NaN, found probing), or None."""
+    for name in names:
+        v = g.value(name) if name and g.is_constant(name) else None
+        if v is None or v.dtype.kind != "f" or not 0 < v.size <= EPSILON_SIZE:
+            continue
+        tiny = np.isfinite(v) & (v != 0) & (np.abs(v) < FP16_TINY)
+        if np.any(tiny):
+            return name, float(np.max(np.abs(v[tiny])))
+    return None
+
+
 def _kept_fp32(m: Any, g: Graph, types: Mapping[str, int], options: Fp16Config,
                overflow: Mapping[str, float] | None = None) -> tuple[set[str], list[FloatNode]]:
     """The nodes that stay FP32 (by op type, name, pattern, domain, subgraph, out-of-range parameters, a tensor
@@ -148,6 +169,12 @@ def _kept_fp32(m: Any, g: Graph, types: Mapping[str, int], options: Fp16Config,
         elif overflow and (hot := next((t for t in [*node.output, *node.input] if t in overflow), None)):
             # In FP16 that tensor is inf, and so is everything computed from it (an L2 norm's sum of squares).
             reason = f"'{hot}' reaches {overflow[hot]:.3g} on the calibration data, beyond FP16's 65504"
+        elif eps := _epsilon(g, node.input):
+            reason = f"its constant '{eps[0]}' ({eps[1]:.3g}) is 0 in FP16, an epsilon that guards what reads it"
+        elif guard := next((p for t in node.input if node.op_type in _GUARDED_OPS
+                            and (p := g.producer.get(t)) is not None and _epsilon(g, p.input)), None):
+            # x + eps stays FP32; so must the log / division / root it guards: cast back to FP16 it would be x again.
+            reason = f"reads '{guard.output[0]}', which holds an epsilon FP16 rounds to 0"
         if reason:
             fp32_nodes.add(node.name)
             if any(types.get(t) == FLOAT for t in list(node.input) + list(node.output)):

@@ -177,6 +177,31 @@ def test_batchnorm_with_a_variance_beyond_fp16_stays_fp32():
     assert np.allclose(got, ref, rtol=1e-2, atol=1e-2)
 
 
+def test_an_epsilon_fp16_rounds_to_zero_keeps_what_it_guards_in_fp32():
+    """log(|x| + 1e-10): in FP16 the epsilon is 0, the log of a zero -inf, and what follows NaN (basic-pitch's whole
+    output, found probing). The Add holding it and the Log it guards stay FP32; the rest converts."""
+    nodes = [helper.make_node("Abs", ["x"], ["a"], name="abs"),
+             helper.make_node("Add", ["a", "eps"], ["b"], name="add_eps"),
+             helper.make_node("Log", ["b"], ["c"], name="log"),
+             helper.make_node("Mul", ["c", "half"], ["y"], name="scale")]
+    model = float_model(nodes, [_init("eps", np.array(1e-10, np.float32)), _init("half", np.array(0.5, np.float32))],
+                        {"x": [2, 8]}, {"y": [2, 8]})
+    m16, rep = Q.build_fp16_model(model)
+    kept = {k.name: k.reason for k in rep.kept_fp32}
+    assert set(kept) == {"add_eps", "log"} and "is 0 in FP16" in kept["add_eps"]
+    x = RNG.normal(size=(2, 8)).astype(np.float32)
+    x[0, :3] = 0.0
+    (got,) = _run(m16, {"x": x})
+    (ref,) = _run(model, {"x": x})
+    assert np.all(np.isfinite(got)) and np.allclose(got, ref, rtol=1e-2, atol=1e-2)
+    # a weight with a few tiny values is no epsilon: the Conv-like reader converts as before
+    w = np.full((16, 8), 0.1, np.float32)
+    w[0, 0] = 1e-12
+    mm = float_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [_init("w", w)], {"x": [2, 16]},
+                     {"y": [2, 8]})
+    assert not Q.build_fp16_model(mm)[1].kept_fp32
+
+
 def test_a_tensor_an_if_branch_reads_stays_fp32_and_the_model_checks() -> None:
     # silero-vad: an If branch reads an outer activation by name. The If stays FP32 whole, so that activation's
     # producer does too (FP16 would hand the branch another type than it was written for: the checker refused it).
