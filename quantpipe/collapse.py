@@ -48,7 +48,7 @@ def _problems(e: EvalResult, sqnr_db: float, agreement: float, word: str) -> lis
         k = int(e.metrics.get("channel_sqnr_min_index") or 0)
         axis = int(e.metrics.get("channel_sqnr_min_axis") or 1)
         out.append(f"output channel {k} (axis {axis}) at {float(c):.2f} dB against FP32 ({word} below {sqnr_db:g} dB), hidden in "
-                   f"the pooled SQNR by larger channels (a detection head's boxes over its class scores)")
+                   f"the pooled SQNR by larger channels (as a detection head's boxes hide its class scores)")
     for m in AGREEMENT_METRICS:
         v = e.metrics.get(m)
         if v is not None and float(v) < agreement:
@@ -78,8 +78,20 @@ def _cause(sens: Sequence[LayerSensitivity]) -> str:
                    "wake word, the rare class, the document), add such samples.")
 
 
+def _budget_metric(e: EvalResult) -> str:
+    """The fallback budget's metric: the first measured one the variant misses; one it already meets cannot drive
+    the fallback (a piano roll's box_agreement was 1.0 with no box on either side: the pasted fix kept nothing in
+    float and was pasted again, found probing)."""
+    measured = [m for m in FALLBACK_BUDGETS if e.metrics.get(m) is not None]
+    missed = [m for m in measured if float(e.metrics[m]) < FALLBACK_BUDGETS[m]]
+    return next(iter(missed or measured), "cosine")
+
+
 def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
-    metric = next((m for m in FALLBACK_BUDGETS if e.metrics.get(m) is not None), "cosine")
+    metric = _budget_metric(e)
+    fb = results.fallback
+    if fb is not None and fb.met and metric == fb.metric:  # it held that budget and the loss is still there
+        metric = "cosine"
     quantizable = (results.fallback.num_quantizable if results.fallback is not None
                    else len(results.sensitivity) or None)
     budget = max(1, math.ceil(0.1 * quantizable)) if quantizable else None
@@ -87,9 +99,13 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
     if budget is not None:
         lines.append(f"    max_layers: {budget}   # 10% of the {quantizable} quantized layers")
     yaml = "\n".join(lines)
-    if results.fallback is not None:
-        fb = results.fallback
-        if fb.met:  # met where it chose, not on the evaluation data: the choice did not carry over
+    if fb is not None:
+        held = e.metrics.get(fb.metric)
+        if fb.met and held is not None and float(held) >= fb.target:  # met on the evaluation data too
+            fix = (f"the accuracy fallback met its budget ({fb.metric} {fb.target:g}, {len(fb.steps)} layer(s) kept in "
+                   f"float) on the {fb.chosen_on or 'selection'} data and on the evaluation data ({float(held):.4g}): "
+                   f"{fb.metric} does not see this loss. Budget the fallback on a measure that does:")
+        elif fb.met:  # met where it chose, not on the evaluation data: the choice did not carry over
             fix = (f"the accuracy fallback met its budget ({fb.metric} {fb.target:g}, {len(fb.steps)} layer(s) kept "
                    f"in float) on the {fb.chosen_on or 'selection'} data ({fb.chosen_samples} samples), which did not "
                    f"carry over to the evaluation data: let it choose on more samples that look like them (a "

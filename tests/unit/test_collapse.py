@@ -114,6 +114,30 @@ def test_a_fallback_met_on_its_data_but_degraded_here_points_at_the_selection_da
     assert "data.validation" in c.fix and "max_layers: 6" in c.fix_yaml
 
 
+def test_a_budget_that_held_on_the_evaluation_data_is_not_pasted_again(tmp_path: Path) -> None:
+    # basic-pitch's note map (found probing): box_agreement 1.0 with no box on either side, map IoU 0.66; the fix
+    # pasted a box_agreement budget, the fallback met it with nothing in float, and the same fix came back, saying
+    # the choice "did not carry over" where the evaluation data held it too.
+    from quantpipe.artifacts import FallbackReport
+
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={"box_agreement": 1.0, "map_iou": 0.658, "sqnr_db": 10.8,
+                                                  "cosine": 0.9527}) if e.variant == "ort-int8" else e
+                  for e in results.evaluations)
+    results = dataclasses.replace(results, evaluations=evals, fallback=None)
+    (c,) = find_collapse(results, CollapseConfig())
+    assert "metric: map_iou" in c.fix_yaml  # the measure it misses, not the first one measured
+    fb = FallbackReport(metric="box_agreement", target=0.99, initial=1.0, final=1.0, met=True, num_quantizable=40,
+                        steps=(), chosen_on="calibration", chosen_samples=64)
+    (d,) = find_collapse(dataclasses.replace(results, fallback=fb), CollapseConfig())
+    assert "on the evaluation data (1): box_agreement does not see this loss" in d.fix
+    assert "did not carry over" not in d.fix and "metric: map_iou" in d.fix_yaml
+    quiet = tuple(dataclasses.replace(e, metrics={**e.metrics, "map_iou": 0.99, "cosine": 0.9995})
+                  if e.variant == "ort-int8" else e for e in evals)  # only the SQNR is low: not box_agreement again
+    (q,) = find_collapse(dataclasses.replace(results, evaluations=quiet, fallback=fb), CollapseConfig())
+    assert "metric: cosine" in q.fix_yaml
+
+
 def test_a_channel_hidden_under_the_pooled_sqnr_is_said(tmp_path: Path) -> None:
     # nudenet's YOLOv8n: 30.7 dB pooled, its class-score rows at 10.7 dB under the box rows.
     results = synthetic_results(tmp_path)

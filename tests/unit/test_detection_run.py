@@ -104,3 +104,18 @@ def test_a_sensitivity_metric_of_another_task_is_refused_at_load(tmp_path: Path,
     assert main(["run", str(path), "-q"]) == 2
     assert "evaluate.sensitivity.metric detection_agreement needs evaluate.task: detection" in \
         " ".join(capsys.readouterr().err.split())
+
+
+def test_a_dense_map_without_a_box_is_warned_about(caplog) -> None:
+    # basic-pitch's note map: one pitch bin wide notes, no component min_box_side (3) pixels a side, so box_agreement
+    # scored 1.0 for INT8 and for an FP16 model whose output was NaN (found probing).
+    from quantpipe.evaluate import warn_if_no_detections
+    from quantpipe.taskmetrics import TaskSpec
+
+    notes = np.zeros((4, 1, 32, 88), np.float32)
+    notes[:, 0, 5:20, 40] = 0.9  # a note: 15 frames long, one pitch bin wide
+    assert warn_if_no_detections(notes, TaskSpec(task="dense", threshold=0.3))
+    assert "holds no component of at least evaluate.dense.min_box_side (3) pixels a side" in caplog.text
+    assert not warn_if_no_detections(notes, TaskSpec(task="dense", threshold=0.3, min_box_side=1))
+    notes[:, 0, 5:20, 40:43] = 0.9  # three bins wide: a box
+    assert not warn_if_no_detections(notes, TaskSpec(task="dense", threshold=0.3))
