@@ -125,6 +125,21 @@ def _svg_texts(svg: str) -> list[str]:
     return [t.strip() for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg)]
 
 
+def test_int8_build_line_counts_the_layers_left_in_float() -> None:
+    # "110 of 110 quantizable nodes got Q/DQ" above "Left in float: two Gemms" (found probing a CRNN): the writer's
+    # float nodes were not among the "quantizable"; the line says both counts.
+    quantize = {"quantized": 110, "num_quantizable": 110, "per_channel": True, "opset_before": 17, "opset_after": 17,
+                "kept_float": [{"node": f"/lstm_{d}/cell/Gemm", "op_type": "Gemm", "reason": "no calibration amax"}
+                               for d in ("fwd", "bwd")], "kept_float_count": 2, "shifted": 0, "bias_corrected": 0,
+                "smoothed": 0, "gptq_rounded": 0, "warnings": []}
+    results = synthetic_results(None)
+    variants = tuple(dataclasses.replace(v, details={"quantize": quantize}) if v.name == "ort-int8" else v
+                     for v in results.variants)
+    lines = build_context(Path("nowhere"), dataclasses.replace(results, variants=variants), draw=False)["int8_build"]
+    assert lines[0].startswith("110 node(s) got Q/DQ, 2 Conv / Gemm / MatMul node(s) stayed in float (below) (weights")
+    assert lines[1].startswith("Left in float: /lstm_fwd/cell/Gemm (no calibration amax), /lstm_bwd/cell/Gemm")
+
+
 @pytest.mark.parametrize("tie_break", [True, False])
 def test_sensitivity_table_shows_what_orders_ties_and_its_samples(tie_break: bool) -> None:
     from quantpipe.artifacts import LayerSensitivity
