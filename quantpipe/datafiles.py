@@ -20,9 +20,14 @@ import numpy as np
 from quantpipe.artifacts import TensorInfo
 from quantpipe.errors import ConfigError, DataError
 
-__all__ = ["LAZY_MIN_BYTES", "NpyMember", "batch_first", "check_array", "check_batch_axis", "check_layout", "is_npy",
-           "lazy_members",
-           "load_npz", "missing_msg", "read_sample", "samples_first"]
+__all__ = ["DYNAMIC_AXES_HINT", "LAZY_MIN_BYTES", "NpyMember", "batch_first", "check_array", "check_batch_axis",
+           "check_layout", "is_npy", "lazy_members", "load_npz", "missing_msg", "read_sample", "samples_first"]
+
+
+#: How to give a model whose declared input size is a placeholder free axes (its error messages say it).
+DYNAMIC_AXES_HINT = ("If the declared size is a placeholder (a fully convolutional network runs any size), give the "
+                     "model dynamic axes: export it again with torch.onnx.export(..., dynamic_axes=...), or name its "
+                     "input and output dims instead of fixing them (README: fixed input sizes, five lines of onnx).")
 
 
 def _np_dtype(t: TensorInfo) -> np.dtype:
@@ -238,7 +243,8 @@ def _check_header(where: str, name: str, shape: tuple[int, ...], dtype: np.dtype
         if isinstance(dim, int) and dim > 0 and got != dim:
             raise DataError(
                 f"{where}: array '{name}' has shape {list(shape)} but model input '{name}' expects "
-                f"{_fmt_shape(info.shape)} (axis {axis} must be {dim}). Resize or re-export the data to the model's input shape."
+                f"{_fmt_shape(info.shape)} (axis {axis} must be {dim}). Resize or re-export the data to the model's input shape. "
+                + DYNAMIC_AXES_HINT
             )
     want = _np_dtype(info)
     # float64 -> float32 and int32 -> int64 are harmless; int -> float usually means

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from quantpipe.artifacts import ModelSpec, TensorInfo
+from quantpipe.datafiles import DYNAMIC_AXES_HINT
 from quantpipe.errors import ModelError
 from quantpipe.onnxgraph import (
     QUANTIZED_OPS,
@@ -147,8 +148,29 @@ def apply_input_overrides(inputs: tuple[TensorInfo, ...], overrides: Mapping[str
         spec = overrides.get(t.name)
         shape = getattr(spec, "shape", None)
         dtype = getattr(spec, "dtype", None)
+        if shape is not None:
+            _check_override(t, list(shape))
         out.append(TensorInfo(t.name, dtype or t.dtype, tuple(shape) if shape is not None else t.shape))
     return tuple(out)
+
+
+def _check_override(t: TensorInfo, shape: list[int | str]) -> None:
+    """model.inputs.<name>.shape describes the data (its checks, TensorRT's profiles); it does not change the model,
+    which onnxruntime runs as declared. A size the model fixes, overridden with another (or a free axis), failed in
+    calibration with exit 4 (CenterFace declares [10, 3, 32, 32] and runs any size, found probing): refused here."""
+    if t.shape is None or len(shape) != len(t.shape):
+        return
+    for axis, (want, dim) in enumerate(zip(shape, t.shape, strict=True)):
+        if axis and isinstance(dim, int) and dim > 0 and want != dim:
+            raise ModelError(
+                f"pipeline.yaml model.inputs.{t.name}.shape is {shape}, but the model fixes axis {axis} of input "
+                f"'{t.name}' at {dim} ({_shape_text(t.shape)}): the override describes the data and TensorRT's "
+                f"profiles, it does not change the model, and ONNX Runtime runs the model as declared. "
+                + DYNAMIC_AXES_HINT)
+
+
+def _shape_text(shape: tuple[int | str | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def _parameter_count(graph: onnx.GraphProto) -> int:

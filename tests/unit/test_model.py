@@ -81,3 +81,19 @@ def test_parameters_count_constant_nodes_and_subgraphs(tmp_path: Path) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     spec, _ = read_model_spec(path)
     assert spec.num_parameters == 2 + 12 + 5 + 5
+
+
+def test_an_input_shape_override_may_not_change_a_size_the_model_fixes() -> None:
+    """CenterFace declares [10, 3, 32, 32] and runs any size: `model.inputs.input.shape: [-1, 3, -1, -1]` was
+    accepted and calibration then failed in onnxruntime with exit 4 (found probing). Refused at load, with the fix."""
+    from quantpipe.artifacts import TensorInfo
+    from quantpipe.config import InputSpec
+    from quantpipe.model import apply_input_overrides
+
+    fixed = (TensorInfo("input.1", "float32", (10, 3, 32, 32)),)
+    with pytest.raises(ModelError, match=r"fixes axis 2 of input 'input.1' at 32 \(\[10, 3, 32, 32\]\).*dynamic axes"):
+        apply_input_overrides(fixed, {"input.1": InputSpec(shape=[-1, 3, -1, -1])})
+    # the batch axis and the sizes the model leaves free may be said; the same sizes too
+    free = (TensorInfo("x", "float32", ("N", 3, "H", "W")),)
+    assert apply_input_overrides(free, {"x": InputSpec(shape=[-1, 3, 224, 224])})[0].shape == (-1, 3, 224, 224)
+    assert apply_input_overrides(fixed, {"input.1": InputSpec(shape=[-1, 3, 32, 32])})[0].shape == (-1, 3, 32, 32)
