@@ -6,6 +6,7 @@ The CLI (quantpipe/cli.py) draws through these; nothing else prints.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,18 @@ __all__ = ["console", "RichProgress", "print_summary", "collapse_lines", "gate_l
 LOG_PROGRESS_SECONDS = 30.0
 
 
+#: The width a log (no terminal, no COLUMNS) is drawn at: rich's 80 columns cut the variants table's names to
+#: "ort-fp…" in a CI log, FP32 and FP16 alike (found probing).
+LOG_WIDTH = 160
+
+
 def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    c = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c = Console(stderr=stderr, highlight=False, soft_wrap=False, width=LOG_WIDTH)
+    return c
 
 
 class RichProgress:

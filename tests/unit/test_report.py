@@ -456,3 +456,18 @@ def test_a_ctc_run_leads_with_its_line_metrics(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "line agree" in out and "87.50%" in out and "1.37%" in out
     assert "agree " not in out.replace("line agree", "")  # no empty top-1 agreement column
+
+
+def test_the_terminal_table_is_not_cut_to_80_columns_in_a_log(capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CI log (no terminal): rich drew 80 columns, and every variant name read "ort-fp…" (found probing).
+    from quantpipe.console import print_summary
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    base = synthetic_results(None)
+    wide = {"line_agreement": 0.955, "cer": 0.0100, "line_accuracy": 0.365, "label_cer": 0.2417, "cosine": 0.9997,
+            "sqnr_db": 32.77, "max_abs_error": 3.85}
+    evals = tuple(dataclasses.replace(e, metrics=wide) if not e.skipped else e for e in base.evaluations)
+    print_summary(dataclasses.replace(base, evaluations=evals))
+    out = capsys.readouterr().out
+    assert "ort-fp32" in out and "ort-fp16" in out and "ort-int8" in out and "…" not in out.split("PASS")[0]
