@@ -105,7 +105,7 @@ def test_missing_or_truncated_data_file_is_a_model_error(chain: Path, capsys) ->
         load_model_spec(chain)
     # Through the CLI: exit 2 with the one-paragraph message, no traceback.
     code = main(["calibrate", str(chain.parent / "pipeline.yaml"), "-q"])
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # as wrapped at the console's width
     assert code == EXIT_BAD_INPUT
     assert "which is missing" in err and "Traceback" not in err
     assert main(["inspect", str(chain)]) == EXIT_BAD_INPUT
