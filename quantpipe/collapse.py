@@ -70,10 +70,10 @@ def _cause(sens: Sequence[LayerSensitivity]) -> str:
     said = "the most sensitive layers (per-layer sensitivity, worst first): " + "; ".join(shown) + "."
     depthwise = [r.node for r in sens[:_WORST_SHOWN] if r.depthwise]
     if depthwise:  # it fired for any Conv (found probing a detector whose worst layers were dense 3x3 Convs)
-        said += (f" {', '.join(depthwise)} {'is a depthwise convolution' if len(depthwise) == 1 else 'are depthwise convolutions'}"
-                 " (MobileNet / PicoDet-style blocks), whose input channels span very different ranges under one "
-                 "scale: try build.quantize.equalize_depthwise: true first (its default, auto, applies it only where "
-                 "the calibration data's output noise says so).")
+        what = "is a depthwise convolution" if len(depthwise) == 1 else "are depthwise convolutions"
+        said += (f" {', '.join(depthwise)} {what} (MobileNet / PicoDet-style blocks), whose input channels span "
+                 "very different ranges under one scale: try build.quantize.equalize_depthwise: true first (its "
+                 "default, auto, applies it only where the calibration data's output noise says so).")
     return said + (" The ranges come from the calibration data: if it lacks what the model exists to see (the "
                    "wake word, the rare class, the document), add such samples.")
 

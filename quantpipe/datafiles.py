@@ -243,8 +243,8 @@ def _check_header(where: str, name: str, shape: tuple[int, ...], dtype: np.dtype
         if isinstance(dim, int) and dim > 0 and got != dim:
             raise DataError(
                 f"{where}: array '{name}' has shape {list(shape)} but model input '{name}' expects "
-                f"{_fmt_shape(info.shape)} (axis {axis} must be {dim}). Resize or re-export the data to the model's input shape. "
-                + DYNAMIC_AXES_HINT
+                f"{_fmt_shape(info.shape)} (axis {axis} must be {dim}). Resize or re-export the data to the model's "
+                f"input shape. " + DYNAMIC_AXES_HINT
             )
     want = _np_dtype(info)
     # float64 -> float32 and int32 -> int64 are harmless; int -> float usually means

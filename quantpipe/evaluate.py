@@ -309,8 +309,8 @@ def evaluate_variant(
     bad = int(out.size - np.count_nonzero(np.isfinite(out)))
     if bad:
         log.warning("%s: %d of %d output values are NaN or Inf, so its accuracy numbers are not comparable (an FP16 "
-                    "model: an activation or intermediate above 65504 overflows, or a constant under 6e-8 is 0 there; the "
-                    "build's warnings name those it found).", runner.name, bad, out.size)
+                    "model: an activation or intermediate above 65504 overflows, or a constant under 6e-8 is 0 there; "
+                    "the build's warnings name those it found).", runner.name, bad, out.size)
     values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks)
     if (reference is not None and out.dtype.kind == "f" and out.shape == reference.shape
             and np.array_equal(out, reference)):
