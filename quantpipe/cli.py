@@ -196,7 +196,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         load_model_spec(args.model)
         rep = write_fp16_model(args.model, args.out)
-        console().print(f"wrote {args.out}")
+        kept = getattr(rep, "kept_fp32", ()) or ()
+        console().print(f"wrote {args.out} ({rep.num_fp16_nodes} nodes in FP16, {len(kept)} kept in FP32"
+                        + (": " + "; ".join(f"{k.name} ({k.reason})" for k in kept[:5])
+                           + (f" and {len(kept) - 5} more" if len(kept) > 5 else "") if kept else "") + ")")
         for w in getattr(rep, "warnings", ()) or ():
             log.warning("%s", w)
         return EXIT_OK

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -134,9 +135,11 @@ def test_quantize_an_old_export_with_weights_listed_as_inputs(tmp_path: Path, ev
     assert agreement >= 0.98
 
 
-def test_quantize_fp16_needs_no_data(tmp_path: Path, eval_images: np.ndarray) -> None:
+def test_quantize_fp16_needs_no_data(tmp_path: Path, eval_images: np.ndarray, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "digits.fp16.onnx"
     assert main(["quantize", "--model", str(EXAMPLE_MODEL), "--fp16", "--out", str(out), "-q"]) == 0
+    # what it kept in FP32 is said (it said only "wrote ...", found probing)
+    assert re.search(r"wrote \S+digits\.fp16\.onnx \(\d+ nodes in FP16, \d+ kept in FP32", capsys.readouterr().out)
     assert np.mean(_top1(out, eval_images) == _top1(EXAMPLE_MODEL, eval_images)) >= 0.99
 
 
