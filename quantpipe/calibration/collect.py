@@ -496,9 +496,13 @@ def _data_pass(
                     else:
                         outs = []
                 except Exception as err:
+                    several = any(v.shape and v.shape[0] > 1 for v in feeds.values())
                     raise CalibrationError(
                         f"onnxruntime failed on the calibration batch starting at sample {start} "
                         f"({_feeds_desc(feeds)}): {err}"
+                        + (". If the model runs one sample at a time (a Reshape holding the exported batch), set "
+                           "data.batch_size: 1 (--batch-size 1), or re-export it with a dynamic batch" if several
+                           else "")
                     ) from err
                 t1 = time.perf_counter()
                 arrays = [(n, feeds[n]) for n in wanted_inputs] + [(n, a) for n, a in outs if _float_output(a)]

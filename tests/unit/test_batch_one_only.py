@@ -69,3 +69,28 @@ def test_an_output_without_the_samples_on_its_batch_axis_is_refused_before_calib
     assert check_first_run(path, spec, spec.inputs, ds, output="time_major", output_axis=1) == spec.inputs
     with pytest.raises(DataError, match="time_major"):
         check_first_run(path, spec, spec.inputs, ds, output="time_major")
+
+
+def test_a_batch_held_at_one_is_found_in_a_folder_whose_first_samples_differ_in_length(tmp_path: Path) -> None:
+    """A Khmer word segmenter (found probing): runs of text of many lengths, its Reshape holding batch 1. The check
+    ran only on the first two samples, which differ in length, so it ran one; calibration then batched three runs of
+    one length and died (exit 4). The first sample twice finds it."""
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),
+             helper.make_node("Reshape", ["s", "shape"], ["r"]), helper.make_node("Mul", ["r", "two"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axes"),
+             numpy_helper.from_array(np.array([1, 1], np.int64), "shape"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "L"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits)
+    model = tmp_path / "seg.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, n in enumerate([5, 7, 6, 6, 6, 9, 4, 4]):
+        np.savez(folder / f"{i:02d}.npz", x=rng.standard_normal((1, n)).astype(np.float32))
+    spec, _ = load_model_spec(model)
+    (x,) = check_first_run(model, spec, spec.inputs, open_dataset(folder, spec.inputs))
+    assert x.shape == (1, "L")
+    assert main(["quantize", "--model", str(model), "--data", str(folder), "--out", str(tmp_path / "o.onnx"),
+                 "--method", "minmax", "--workers", "1", "-q"]) == 0
