@@ -50,6 +50,12 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     output = cfg.model.output or out_names[0]
     if output not in out_names:
         raise DataError(f"pipeline.yaml model.output is '{output}', but the model's outputs are {out_names}.")
+    if cfg.model.output is None and len(out_names) > 1:
+        # MTCNN's O-Net (found probing): its first output is [N, 4] box offsets, judged as class scores ("top-1
+        # agreement 97.69 %" of an argmax over offsets), and nothing said the other two outputs were not judged.
+        log.warning("the model has %d outputs (%s) and pipeline.yaml sets no model.output: the run judges the first, "
+                    "'%s', alone (accuracy, the gate, sensitivity, fallback). Set model.output to the one the task "
+                    "reads.", len(out_names), ", ".join(out_names), output)
     tensors = tensor_outputs(proto)
     if output not in tensors:
         raise DataError(f"model.output '{output}' is a sequence or map, not a tensor (skl2onnx's ZipMap probabilities "

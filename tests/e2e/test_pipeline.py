@@ -246,6 +246,31 @@ def test_overlapping_splits_warn(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert "20 evaluation sample(s) also appear in the calibration data" in caplog.text
 
 
+def test_a_model_of_several_outputs_without_model_output_is_warned_about(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    # MTCNN's O-Net (found probing): its first output, box offsets, was judged as class scores, and nothing said the
+    # other outputs were not judged.
+    import onnx
+
+    from quantpipe.config import parse_config
+    from quantpipe.inputs import load_inputs
+
+    m = onnx.load(EXAMPLE_MODEL)
+    hidden = next(n.output[0] for n in m.graph.node if n.op_type == "Relu")
+    m.graph.output.insert(0, onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, ["N", None, None, None]))
+    onnx.save(m, tmp_path / "two.onnx")
+    cfg = example_config(tmp_path)
+    cfg["model"] = {"path": str(tmp_path / "two.onnx")}
+    caplog.set_level("WARNING", logger="quantpipe")
+    li = load_inputs(parse_config(cfg, base_dir=tmp_path))
+    assert li.output == hidden
+    assert f"the model has 2 outputs ({hidden}, logits) and pipeline.yaml sets no model.output" in caplog.text
+    caplog.clear()
+    cfg["model"]["output"] = "logits"
+    load_inputs(parse_config(cfg, base_dir=tmp_path))
+    assert "sets no model.output" not in caplog.text
+
+
 def test_calibration_data_preprocessed_otherwise_than_evaluation_data_warns(tmp_path: Path,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     # Unnormalised pixels for calibration (found probing: a recognizer calibrated on 0-255 floats read 0 of 160
