@@ -269,6 +269,8 @@ class RunResults:
     """Set by report --baseline: the baseline run id and per-variant deltas."""
     collapse: tuple[Collapse, ...] = ()
     """INT8 variants that collapsed (judged with the gate, by evaluate.collapse's limits)."""
+    warnings: tuple[str, ...] = ()
+    """What the log said at WARNING level while the run measured (`runlog.warnings_said`), for the report."""
 
 
 def to_jsonable(obj: Any) -> Any:

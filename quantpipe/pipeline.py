@@ -413,10 +413,13 @@ def run_stages(
     Returns the results (None before evaluate) and the run directory (None before evaluate).
     The gate's verdict is in results.gate; the caller maps it to an exit code.
     """
+    from quantpipe.runlog import warnings_said
+
     executor = execution_for(cfg)
     try:
-        return _run_stages(cfg, executor, until=until, progress=progress or NullProgress(), run_id=run_id,
-                           baseline_dir=baseline_dir)
+        with warnings_said() as said:
+            return _run_stages(cfg, executor, until=until, progress=progress or NullProgress(), run_id=run_id,
+                               baseline_dir=baseline_dir, said=said)
     finally:
         executor.close()
 
@@ -434,7 +437,7 @@ def execution_for(cfg: PipelineConfig) -> Executor:
 
 
 def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress: Progress, run_id: str | None,
-                baseline_dir: Path | None) -> tuple[RunResults | None, Path | None]:
+                baseline_dir: Path | None, said: list[str]) -> tuple[RunResults | None, Path | None]:
     ws = Workspace.for_config(cfg)
     li = load_inputs(cfg)
     _preflight(cfg)
@@ -469,7 +472,8 @@ def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress
                              RunResults(schema_version=RESULTS_SCHEMA_VERSION, run_id=run_id, created="", tool_version=__version__,
                                         config_path=str(cfg.source) if cfg.source else None, model=li.spec,
                                         environment={}, calibration=tuple(summaries), variants=tuple(variants),
-                                        evaluations=tuple(evals), reference=ref, sensitivity=sens, fallback=fallback))
+                                        evaluations=tuple(evals), reference=ref, sensitivity=sens, fallback=fallback,
+                                        warnings=tuple(said)))
         if until != "evaluate":
             results, _ = finish_run(cfg, results, staging, baseline_dir=baseline_dir, shown_dir=run_dir)
         commit_run(staging, run_dir, stage="evaluate" if until == "evaluate" else "report")

@@ -26,6 +26,7 @@ from quantpipe.report import plots, tables
 from quantpipe.report.compare import with_baseline
 from quantpipe.report.junit import junit_xml
 from quantpipe.report.rundir import TensorHistogram, load_histograms, load_thresholds
+from quantpipe.runlog import MAX_WARNINGS
 
 __all__ = ["FORMATS", "OUTPUT_FILES", "METRIC_LABELS", "build_context", "render_html", "render_markdown",
            "render_summary", "summary_context", "write_report"]
@@ -511,6 +512,8 @@ def summary_context(results: RunResults) -> dict[str, Any]:
         "baseline": baseline,
         "baseline_regressions": list(baseline.get("regressions", [])) if baseline else [],
         "files": [],
+        "warnings": list(results.warnings[:MAX_WARNINGS]),
+        "warnings_more": max(0, len(results.warnings) - MAX_WARNINGS),
     }
 
 

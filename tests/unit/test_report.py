@@ -125,6 +125,32 @@ def _svg_texts(svg: str) -> list[str]:
     return [t.strip() for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg)]
 
 
+def test_the_runs_warnings_reach_the_report_and_the_summary(tmp_path: Path) -> None:
+    # basic-pitch (found probing): FP32's note map held no box of min_box_side, so box_agreement was 1.0 for every
+    # variant; the log said so, and summary.md showed 1.0000 as the headline with no word of it.
+    import logging
+
+    from quantpipe.runlog import MAX_WARNINGS, warnings_said
+
+    with warnings_said() as said:
+        log = logging.getLogger("quantpipe.evaluate")
+        log.warning("FP32's map holds no component of at least\n evaluate.dense.min_box_side (3) pixels a side")
+        log.warning("FP32's map holds no component of at least evaluate.dense.min_box_side (3) pixels a side")
+        logging.getLogger("quantpipe.calibrate").info("not a warning")
+        logging.getLogger("elsewhere").warning("not quantpipe's")
+    logging.getLogger("quantpipe").warning("after the run")
+    assert said == ["FP32's map holds no component of at least evaluate.dense.min_box_side (3) pixels a side"]
+    many = tuple(f"warning {i}" for i in range(MAX_WARNINGS + 3))
+    written = write_report(tmp_path / "run", dataclasses.replace(synthetic_results(tmp_path), warnings=(*said, *many)))
+    for fmt in ("md", "summary", "html"):
+        text = " ".join(written[fmt].read_text().split())
+        assert "The run's warnings" in text and "min_box_side (3) pixels a side" in text, fmt
+        assert "and 4 more in the log" in text and "warning 18" in text and "warning 19" not in text, fmt
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["warnings"][0].startswith("FP32's map")
+    quiet = write_report(tmp_path / "quiet", synthetic_results(tmp_path))
+    assert "The run's warnings" not in quiet["md"].read_text()
+
+
 def test_int8_build_line_counts_the_layers_left_in_float() -> None:
     # "110 of 110 quantizable nodes got Q/DQ" above "Left in float: two Gemms" (found probing a CRNN): the writer's
     # float nodes were not among the "quantizable"; the line says both counts.
