@@ -181,12 +181,12 @@ def check_first_run(model: str | Path, spec: ModelSpec, inputs: Sequence[TensorI
     def run(n: int) -> tuple[dict[str, Any] | None, int, str]:
         batch = data.first_batch(n)
         feeds, size = dict(batch.feeds), batch.size
-        if size < n:  # a folder whose second sample has another shape: the first one twice (a Khmer segmenter's
-            # runs of text differ in length; its Reshape held batch 1, and calibration died on the first batch of 3
-            # runs of one length, exit 4: found probing)
-            feeds = {k: np.concatenate([v] * n, axis=batch.feeds.axes.get(k, 0)) for k, v in feeds.items()}
-            size = n
         try:
+            if size < n:  # a folder whose second sample has another shape: the first one twice (a Khmer segmenter's
+                # runs of text differ in length; its Reshape held batch 1, and calibration died on the first batch of
+                # 3 runs of one length, exit 4: found probing)
+                feeds = {k: np.concatenate([v] * n, axis=batch.feeds.axes.get(k, 0)) for k, v in feeds.items()}
+                size = n
             return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True)), size, ""
         except Exception as err:
             return None, size, _gist(str(err))
