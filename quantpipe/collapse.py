@@ -13,11 +13,14 @@ from collections.abc import Sequence
 from quantpipe.artifacts import IDENTICAL_KEY, Collapse, EvalResult, LayerSensitivity, RunResults
 from quantpipe.evalconfig import CollapseConfig
 
-__all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "SUBGRAPH_OPS", "find_collapse"]
+__all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "SUBGRAPH_OPS", "TASK_JUDGED", "find_collapse"]
 
 AGREEMENT_METRICS = ("top1_agreement", "line_agreement", "map_iou", "box_agreement", "pixel_agreement",
                      "detection_agreement")
 """Task agreement with FP32 (fractions, 1 = identical decisions) judged against `min_agreement`."""
+
+TASK_JUDGED = ("line_agreement", "map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement")
+"""Task metrics that read a map or sequence output: where one is measured, a channel's SQNR is no collapse."""
 
 FALLBACK_BUDGETS: dict[str, float] = {"line_agreement": 0.98, "top1_agreement": 0.99, "box_agreement": 0.99,
                                       "pixel_agreement": 0.99, "detection_agreement": 0.99, "map_iou": 0.95,
@@ -41,10 +44,11 @@ def _problems(e: EvalResult, sqnr_db: float, agreement: float, word: str) -> lis
     if s is not None and s < sqnr_db:
         out.append(f"output SQNR {s:.2f} dB against FP32 ({word} below {sqnr_db:g} dB)")
     c = e.metrics.get("channel_sqnr_min_db")
-    # Where detection_agreement reads the head, its decoded detections judge the class rows, not their SQNR over
-    # every anchor (YOLOv8n at 0.947 of FP32's detections had a class row at 6.3 dB, mostly anchors far under any
-    # threshold: it was called COLLAPSED, found probing).
-    if c is not None and float(c) < sqnr_db and e.metrics.get("detection_agreement") is None:
+    # Where a task metric reads the output, its decisions judge the channels, not their SQNR: YOLOv8n at 0.947 of
+    # FP32's detections had a class row at 6.3 dB, mostly anchors far under any threshold; SLANet's table tokens
+    # (segmentation, 0.958 of its structures as FP32) one at -0.56 dB that never wins; both were called COLLAPSED
+    # (found probing).
+    if c is not None and float(c) < sqnr_db and not any(e.metrics.get(m) is not None for m in TASK_JUDGED):
         k = int(e.metrics.get("channel_sqnr_min_index") or 0)
         axis = int(e.metrics.get("channel_sqnr_min_axis") or 1)
         out.append(f"output channel {k} (axis {axis}) at {float(c):.2f} dB against FP32 ({word} below {sqnr_db:g} dB), hidden in "
