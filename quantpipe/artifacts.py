@@ -173,6 +173,9 @@ class LayerSensitivity:
     """The evaluation samples the layer was measured on (None in results written before it was kept)."""
     depthwise: bool = False
     """A depthwise (grouped, one input channel per group) Conv: the collapse verdict's hint for those."""
+    reaches_output: bool = True
+    """False for a layer whose result never reaches the judged output (another head's): not measured one at a
+    time, since nothing the run judges can see it (MTCNN's box head ranked harmless at "136 dB", found probing)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from quantpipe.config import FALLBACK_METRICS, FallbackMetric
 from quantpipe.data import sample_count
 from quantpipe.errors import ConfigError
 from quantpipe.execution import Executor
-from quantpipe.onnxgraph import save_onnx
+from quantpipe.onnxgraph import reaching, save_onnx
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.types import QuantizeReport
@@ -353,9 +353,12 @@ class _BudgetExhausted(Exception):
 
 def _ranking(ctx: Reference, amax: Mapping[str, float], quantized: Sequence[str],
              sensitivity: Sequence[LayerSensitivity] | None, samples: int, executor: Executor | None) -> list[str]:
-    """Layer names, most sensitive first: the given ranking, or one-layer-at-a-time output SQNR."""
+    """Layer names, most sensitive first: the given ranking, or one-layer-at-a-time output SQNR; only layers whose
+    results reach the judged output (another head's layers cannot move the budget)."""
+    on_path = reaching(ctx.model, [ctx.output])
+    quantized = [q for q in quantized if q in on_path]
     if sensitivity:
-        names = [s.node for s in sensitivity]
+        names = [s.node for s in sensitivity if s.node in on_path]
         return names + [q for q in quantized if q not in set(names)]
     # A subset is enough to order the layers; the budget itself is always judged on every sample.
     feeds, n = [], 0

@@ -35,7 +35,8 @@ __all__ = [
     "add_initializer", "attr", "constant_node_value", "decomposed_layernorm_nodes", "depthwise_convs",
     "drop_unused_initializers",
     "expose_outputs", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy", "node_subgraphs",
-    "opset_of", "save_onnx", "subgraph_references", "tensor_outputs", "topological_order", "weights_as_inputs",
+    "opset_of", "reaching", "save_onnx", "subgraph_references", "tensor_outputs", "topological_order",
+    "weights_as_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,20 @@ def attr(node: Any, name: str, default: Any) -> Any:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+def reaching(model: Any, outputs: Iterable[str]) -> set[str]:
+    """The names of the nodes whose results reach any of `outputs` (tensor names) through the graph."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    seen: set[str] = set()
+    todo = [producer[t] for t in outputs if t in producer]
+    while todo:
+        n = todo.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        todo.extend(producer[t] for t in [*n.input, *_node_subgraph_reads(n)] if t in producer)
+    return seen
 
 
 def depthwise_convs(model: Any) -> set[str]:

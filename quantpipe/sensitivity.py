@@ -31,7 +31,7 @@ from quantpipe.errors import EvaluationError, WorkerError
 from quantpipe.evalconfig import SensitivityMetric
 from quantpipe.execution import Executor, Stashed, plan_shards, share_threads, unstash
 from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
-from quantpipe.onnxgraph import depthwise_convs, expose_outputs, load_onnx
+from quantpipe.onnxgraph import depthwise_convs, expose_outputs, load_onnx, reaching
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
@@ -107,8 +107,9 @@ def layer_sensitivity(
     local, sqnr = _local_and_accumulated(ctx, built, full, [q.name for q in nodes], sorted(set(tensors.values())),
                                          executor)
 
+    on_path = _on_path(ctx, nodes)
     count = len(nodes) if one_at_a_time is True else int(one_at_a_time or 0)
-    order = sorted(nodes, key=lambda q: local.get(q.name, math.inf))
+    order = sorted((q for q in nodes if q.name in on_path), key=lambda q: local.get(q.name, math.inf))
     measured, tie = _one_at_a_time(ctx, amax, order[:max(0, count)], metric, task, executor)
 
     depthwise = depthwise_convs(ctx.model)
@@ -117,7 +118,8 @@ def layer_sensitivity(
                          sqnr_db=finite_or_none(sqnr.get(tensors.get(q.name, ""), math.nan)),
                          output_metric=finite_or_none(measured[q.name]) if q.name in measured else None,
                          metric_name=metric, output_sqnr_db=tie_said(metric, tie.get(q.name)),
-                         num_samples=int(ctx.ref.shape[0]), depthwise=q.name in depthwise)
+                         num_samples=int(ctx.ref.shape[0]), depthwise=q.name in depthwise,
+                         reaches_output=q.name in on_path)
         for q in nodes
     ]
     return worst_first(rows, measured, tie, local)
@@ -136,6 +138,16 @@ def worst_first(rows: Sequence[LayerSensitivity], measured: Mapping[str, float],
         return (1, o if not math.isnan(o) else math.inf, 0.0)
 
     return tuple(sorted(rows, key=key))
+
+
+def _on_path(ctx: Reference, nodes: Sequence[Any]) -> set[str]:
+    """The nodes whose results reach the judged output; the others are said (another head's layers)."""
+    on_path = reaching(ctx.model, [ctx.output])
+    off = [q.name for q in nodes if q.name not in on_path]
+    if off:
+        log.info("sensitivity: %d quantized layer(s) do not reach model.output '%s' (e.g. %s): not measured one at a "
+                 "time", len(off), ctx.output, off[0])
+    return on_path
 
 
 def tie_said(metric: str, tie: float | None) -> float | None:

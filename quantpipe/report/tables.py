@@ -101,7 +101,7 @@ def sensitivity_frame(results: RunResults, top: int | None = None) -> pd.DataFra
     collapse verdict name). The report re-sorted by the layer SQNR in the INT8 model, so its #2 could be results.json's
     #11 (found probing)."""
     cols = ["node", "op_type", "tensor", "sqnr_db", "output_metric", "metric_name", "output_sqnr_db", "num_samples",
-            "depthwise"]
+            "depthwise", "reaches_output"]
     frame = pd.DataFrame([{c: getattr(r, c) for c in cols} for r in results.sensitivity], columns=cols)
     if frame.empty:
         return frame

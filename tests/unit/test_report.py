@@ -174,13 +174,15 @@ def test_sensitivity_table_shows_what_orders_ties_and_its_samples(tie_break: boo
     # (the order looked arbitrary), the samples it measured on, and which Conv is depthwise.
     sens = (LayerSensitivity("/dw/Conv", "Conv", "a", 20.0, 0.95, "top1_agreement", 11.5 if tie_break else None, 64,
                              True),
-            LayerSensitivity("/pw/Conv", "Conv", "b", 30.0, 0.95, "top1_agreement", 17.25 if tie_break else None, 64))
+            LayerSensitivity("/pw/Conv", "Conv", "b", 30.0, 0.95, "top1_agreement", 17.25 if tie_break else None, 64),
+            LayerSensitivity("/box/Gemm", "Gemm", "c", 25.0, None, "top1_agreement", None, 64, reaches_output=False))
     ctx = build_context(Path("nowhere"), dataclasses.replace(synthetic_results(None), sensitivity=sens), draw=False)
     for text in (" ".join(render_markdown(ctx).split()), " ".join(render_html(ctx).split())):
         assert "on 64 evaluation samples" in text
         assert ("Output SQNR, only this layer INT8 (orders ties)" in text) is tie_break
         assert ("11.50 dB" in text and "17.25 dB" in text) is tie_break
         assert text.count("Conv (depthwise)") == 1
+        assert "/box/Gemm (not on model.output's path: not judged)" in text.replace("`", "")
     md = render_markdown(ctx)
     assert "| 1 | `/dw/Conv` | Conv (depthwise) | 95.00% |" + (" 11.50 dB |" if tie_break else "") + " 20.00 dB |" in md
 

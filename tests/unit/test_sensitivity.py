@@ -95,3 +95,37 @@ def test_accumulated_sqnr_is_the_two_models_run_apart(damaged_mlp):
             sig[t] += float(np.sum(x64**2))
             noise[t] += float(np.sum((np.asarray(y, dtype=np.float64) - x64) ** 2))
     assert {r.tensor: r.sqnr_db for r in rows} == {t: 10.0 * np.log10(sig[t] / noise[t]) for t in tensors}
+
+
+def test_a_layer_off_the_judged_outputs_path_is_said_not_measured(tmp_path):
+    """MTCNN's O-Net (found probing): the other two heads' layers ranked last at "136 dB" when quantized alone, as if
+    harmless, where nothing the run judged could see them. They are said off model.output's path, not measured one
+    at a time, and never kept in float by the fallback (they cannot move its budget)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantpipe.data import open_dataset
+    from quantpipe.fallback import accuracy_fallback
+    from quantpipe.model import tensor_info
+
+    rng = np.random.default_rng(3)
+    w = {k: numpy_helper.from_array(rng.normal(size=s).astype(np.float32), k)
+         for k, s in (("w1", (8, 16)), ("wa", (16, 4)), ("wb", (16, 3)))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "wa"], ["a"], name="head_a"),
+             helper.make_node("MatMul", ["r", "wb"], ["b"], name="head_b")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3])], list(w.values()))
+    model = onnx.helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / "two_heads.onnx"
+    onnx.save(model, path)
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    ds = open_dataset(tmp_path / "d.npz", [tensor_info(i) for i in model.graph.input])
+    amax = {"x": float(np.abs(x).max()), "r": 0.2}  # a clipped range on the heads' shared input
+    rows = {r.node: r for r in layer_sensitivity(path, None, amax, ds, output="a", batch_size=16)}
+    assert rows["head_b"].reaches_output is False and rows["head_b"].output_metric is None
+    assert rows["head_a"].reaches_output and rows["head_a"].output_metric is not None
+    _, fb = accuracy_fallback(path, amax, ds, metric="cosine", target=0.999999, output="a", batch_size=16)
+    assert "head_b" not in {s.node for s in fb.steps}
