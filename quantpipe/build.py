@@ -314,6 +314,7 @@ def _build_ort(
             else:
                 rep = quantize_model(li.spec.path, amax, out, options)
             int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples,
+                          "equalized_depthwise": options.equalize_depthwise is True,
                           **_auto_ranges(cfg, ws), **_from_cache(cfg, ws)}
             built["int8"] = out
             advance(1)

@@ -60,7 +60,7 @@ def _problems(e: EvalResult, sqnr_db: float, agreement: float, word: str) -> lis
     return out
 
 
-def _cause(sens: Sequence[LayerSensitivity]) -> str:
+def _cause(sens: Sequence[LayerSensitivity], equalized: bool = False) -> str:
     if not sens:
         return ("per-layer sensitivity did not run, so the layers to blame are unknown: set "
                 "evaluate.sensitivity.enabled: true to name them.")
@@ -73,7 +73,9 @@ def _cause(sens: Sequence[LayerSensitivity]) -> str:
             shown.append(f"{r.node} ({r.op_type}; output SQNR {sq})")
     said = "the most sensitive layers (per-layer sensitivity, worst first): " + "; ".join(shown) + "."
     depthwise = [r.node for r in sens[:_WORST_SHOWN] if r.depthwise]
-    if depthwise:  # it fired for any Conv (found probing a detector whose worst layers were dense 3x3 Convs)
+    # it fired for any Conv (found probing a detector whose worst layers were dense 3x3 Convs), and where the build
+    # had equalized them already (SLANet, found probing)
+    if depthwise and not equalized:
         what = "is a depthwise convolution" if len(depthwise) == 1 else "are depthwise convolutions"
         said += (f" {', '.join(depthwise)} {what} (MobileNet / PicoDet-style blocks), whose input channels span "
                  "very different ranges under one scale: try build.quantize.equalize_depthwise: true first (its "
@@ -197,6 +199,9 @@ def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse
                                                        "degraded")
         if problems:
             fix, yaml = _fix(results, e)
-            found.append(Collapse(variant=e.variant, problems=tuple(problems), cause=_cause(results.sensitivity),
+            variant = next((v for v in results.variants if v.name == e.variant), None)
+            built = ((variant.details or {}).get("quantize") or {}) if variant is not None else {}
+            found.append(Collapse(variant=e.variant, problems=tuple(problems),
+                                  cause=_cause(results.sensitivity, bool(built.get("equalized_depthwise"))),
                                   fix=fix, fix_yaml=yaml, severity=severity))
     return tuple(found)

@@ -472,7 +472,9 @@ def _int8_build_lines(results: RunResults) -> list[str]:
     if b["bias_corrected"]:
         lines.append(f"{b['bias_corrected']} bias(es) corrected for the mean error of the quantized weights.")
     if b["smoothed"]:
-        lines.append(f"{b['smoothed']} activation(s) smoothed: outlier channels moved into the weights (SmoothQuant).")
+        lines.append(f"{b['smoothed']} activation(s) smoothed: outlier channels moved into the weights ("
+                     + ("SmoothQuant, and the depthwise Convs' inputs equalized: build.quantize.equalize_depthwise)."
+                        if b.get("equalized_depthwise") else "SmoothQuant)."))
     if b["gptq_rounded"]:
         lines.append(f"{b['gptq_rounded']} weight(s) rounded by GPTQ against the calibration inputs.")
     if b.get("calibration_samples") is not None:

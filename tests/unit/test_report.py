@@ -164,6 +164,10 @@ def test_int8_build_line_counts_the_layers_left_in_float() -> None:
     lines = build_context(Path("nowhere"), dataclasses.replace(results, variants=variants), draw=False)["int8_build"]
     assert lines[0].startswith("110 node(s) got Q/DQ, 2 Conv / Gemm / MatMul node(s) stayed in float (below) (weights")
     assert lines[1].startswith("Left in float: /lstm_fwd/cell/Gemm (no calibration amax), /lstm_bwd/cell/Gemm")
+    # equalized depthwise inputs were counted as SmoothQuant's alone (SLANet, found probing)
+    quantize.update(smoothed=3, equalized_depthwise=True)
+    lines = build_context(Path("nowhere"), dataclasses.replace(results, variants=variants), draw=False)["int8_build"]
+    assert any("3 activation(s) smoothed" in ln and "depthwise Convs' inputs equalized" in ln for ln in lines)
 
 
 @pytest.mark.parametrize("tie_break", [True, False])
