@@ -17,7 +17,7 @@ __all__ = [
     "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "worst_channel_sqnr_db", "channel_axis", "sqnr_from_sums",
     "SquaredSums", "finite_or_none", "max_abs_error",
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
-    "foreground", "mask_iou", "component_boxes", "box_iou", "matched_boxes", "box_agreement",
+    "foreground", "mask_iou", "component_boxes", "detection_boxes", "box_iou", "matched_boxes", "box_agreement",
     "class_map", "pixel_agreement", "mean_iou",
 ]
 
@@ -310,6 +310,12 @@ def matched_boxes(pred: Sequence_[Box], ref: Sequence_[Box], min_iou: float = 0.
     return len(used_p)
 
 
+def detection_boxes(mask: np.ndarray, min_side: int = 1) -> list[Box]:
+    """`component_boxes` of a 2-D boolean map at least `min_side` pixels a side: narrower or shorter ones are specks,
+    not detections (DBNet's post-processing drops boxes under 3 pixels a side)."""
+    return [b for b in component_boxes(mask) if min(b[2] - b[0], b[3] - b[1]) + 1 >= min_side]
+
+
 def box_agreement(pred: np.ndarray, ref: np.ndarray, min_iou: float = 0.5, min_side: int = 1) -> float:
     """F1 of the connected-component boxes of boolean maps [N, ..., H, W] against the reference's, matched at
     IoU >= min_iou, pooled over every sample and map: 2 * matches / (boxes + reference boxes); 1.0 with no boxes.
@@ -323,7 +329,7 @@ def box_agreement(pred: np.ndarray, ref: np.ndarray, min_iou: float = 0.5, min_s
     r = r.reshape(-1, *r.shape[-2:])
     matches = total = 0
     for pm, rm in zip(p, r, strict=True):
-        pb, rb = ([b for b in component_boxes(m) if min(b[2] - b[0], b[3] - b[1]) + 1 >= min_side] for m in (pm, rm))
+        pb, rb = (detection_boxes(m, min_side) for m in (pm, rm))
         matches += matched_boxes(pb, rb, min_iou)
         total += len(pb) + len(rb)
     return 2.0 * matches / total if total else 1.0

@@ -252,6 +252,19 @@ class Graph:
     def is_constant(self, name: str) -> bool:
         return name in self.initializers or name in self.constant_nodes
 
+    def elements(self, name: str) -> int | None:
+        """The element count of the constant `name` from its dims, without reading its value; None if no constant."""
+        if name in self.initializers:
+            return int(np.prod(self.initializers[name].dims, dtype=np.int64))
+        node = self.constant_nodes.get(name)
+        if node is None:
+            return None
+        t = next((a.t for a in node.attribute if a.name == "value"), None)
+        if t is not None:
+            return int(np.prod(t.dims, dtype=np.int64))
+        v = self.value(name)  # value_float(s) / value_int(s) / sparse: small, or read as `value` reads it
+        return None if v is None else int(v.size)
+
     def remember(self, name: str, value: np.ndarray) -> None:
         """Index a constant added to the graph after this index was built (a rewrite that reads it back)."""
         self._cache[name] = value

@@ -126,7 +126,8 @@ def _epsilon(g: Graph, names: Iterable[str]) -> tuple[str, float] | None:
     """The first small constant among `names` holding a nonzero value FP16 rounds to 0 (x + 1e-10 before a log:
     in FP16 the log of 0, -inf, and NaN after it; basic-pitch's whole output was NaN, found probing), or None."""
     for name in names:
-        v = g.value(name) if name and g.is_constant(name) else None
+        n = g.elements(name) if name else None  # from the dims: a weight is not read to be ruled out
+        v = g.value(name) if n is not None and 0 < n <= EPSILON_SIZE else None
         if v is None or v.dtype.kind != "f" or not 0 < v.size <= EPSILON_SIZE:
             continue
         tiny = np.isfinite(v) & (v != 0) & (np.abs(v) < FP16_TINY)

@@ -157,15 +157,15 @@ def _output_sqnr(model: Any, candidates: Sequence[Any], calibration_data: Any, *
         r, f = [res[o] for o in outputs], {k: res[k] for k in calibration_data.input_names}
         weights = output_weights(r) if weights is None else weights
         signal += output_signal(r, sums, weights)
-        floats = [(o, x) for o, x in zip(outputs, r, strict=True) if x.dtype.kind == "f"]
-        for o, x in floats if len(floats) > 1 else ():
-            each_signal[o] = each_signal.get(o, 0.0) + sums.signal(x)
+        floats = [i for i, x in enumerate(r) if x.dtype.kind == "f"]
+        each_of = floats if len(floats) > 1 else []  # one float output: the pooled SQNR is its own
+        for i in each_of:
+            each_signal[outputs[i]] = each_signal.get(outputs[i], 0.0) + sums.signal(r[i])
         for k, s in enumerate(sessions):
             got = s.run(outputs, f)
             noise[k] += output_error(got, r, sums, weights)
-            for (o, x), g in zip(floats, (g for g, x in zip(got, r, strict=True) if x.dtype.kind == "f"),
-                                 strict=True) if len(floats) > 1 else ():
-                each_noise[k][o] = each_noise[k].get(o, 0.0) + sums.error(g, x)
+            for i in each_of:
+                each_noise[k][outputs[i]] = each_noise[k].get(outputs[i], 0.0) + sums.error(got[i], r[i])
         count += n
     each = [{o: sqnr_from_sums(each_signal[o], e) for o, e in per.items()} for per in each_noise]
     return [sqnr_from_sums(signal, e) for e in noise], count, pooled(outputs, weights), each
