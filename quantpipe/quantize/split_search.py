@@ -85,10 +85,10 @@ def _simulate(m: Any, roundings: Mapping[str, tuple[float, float]], calibration_
         known.append({**dict(zip(outputs, ref, strict=True)), **dict(zip(exposed, run[len(outputs):], strict=True)),
                       **feeds})
         del run  # `known` holds them: dropping one there frees it
-        s.feeds.append(feeds)
-        s.refs.append(ref)
         if not s.refs:
             s.weights = output_weights(ref)
+        s.feeds.append(feeds)
+        s.refs.append(ref)
         s.signal += output_signal(ref, sums, s.weights)
         s.count += sample_count(feeds)
     del sess

@@ -116,6 +116,21 @@ def test_choose_splits_picks_only_the_dominant_activation(tmp_path) -> None:
     assert Q.choose_splits(model, _amax(model, x), Q.QuantizeOptions(), ds, batch_size=8, max_sqnr_db=10.0) == {}
 
 
+def test_choose_splits_judges_each_channel_against_its_own_signal(tmp_path, caplog) -> None:
+    """An output whose channels differ in scale by 1000x: the search weighs each channel by its own signal, as
+    `auto`'s ranges and the closing SQNR do (the weights were computed after the first batch was stored, so never)."""
+    model, x = _model(), _x(32)
+    w3 = next(t for t in model.graph.initializer if t.name == "w3")
+    w = numpy_helper.to_array(w3).copy()
+    w[1] *= 1e-3
+    w3.CopyFrom(_f32("w3", w))
+    np.savez(tmp_path / "c.npz", x=x)
+    ds = open_dataset(tmp_path / "c.npz", [tensor_info(i) for i in model.graph.input], role="calibration")
+    with caplog.at_level("INFO", logger="quantpipe"):
+        Q.choose_splits(model, _amax(model, x), Q.QuantizeOptions(), ds, batch_size=8)
+    assert "each channel of y against its own signal" in caplog.text
+
+
 def test_split_is_skipped_where_a_reader_stays_float() -> None:
     model, x = _model(), _x(8)
     q, rep = Q.build_qdq_model(model, _amax(model, x), Q.QuantizeOptions(
