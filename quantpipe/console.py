@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["console", "RichProgress", "print_summary", "collapse_lines", "gate_line"]
+__all__ = ["console", "RichProgress", "print_summary", "collapse_lines", "gate_line", "remaining_text"]
 
 
 #: In a log (no terminal), a task that advances says how far it got about this often.
@@ -52,7 +52,8 @@ class RichProgress:
             if now - said[0] >= LOG_PROGRESS_SECONDS:
                 said[0] = now
                 of = f" of {total}" if total else ""
-                self.err.print(f"[dim]…[/dim] {description}: {done[0]}{of} [dim]({now - start:.0f} s)[/dim]")
+                left = f", {remaining_text(done[0], total, now - start)}" if total else ""
+                self.err.print(f"[dim]…[/dim] {description}: {done[0]}{of} [dim]({now - start:.0f} s{left})[/dim]")
 
         return advance
 
@@ -60,7 +61,15 @@ class RichProgress:
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         import time
 
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         start = time.perf_counter()
         if not self.enabled:  # -q: warnings and results only
@@ -71,10 +80,22 @@ class RichProgress:
             self.err.print(f"[dim]•[/dim] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        if total:  # a count that is known also says about how long is left
+            columns.append(TimeRemainingColumn())
         with Progress(*columns, console=self.err, transient=True) as bar:
             tid = bar.add_task(description, total=total)
             yield lambda n: bar.advance(tid, n)
         self.err.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+
+
+def remaining_text(done: int, total: int, elapsed: float) -> str:
+    """'about N s left' (or min) at the mean rate so far, for a log line of a long count; 'no estimate yet' before
+    the first item is done. Items can differ in cost (an early layer's part is most of the model), so it is said
+    as an estimate."""
+    if done <= 0:
+        return "no estimate yet"
+    left = elapsed / done * max(total - done, 0)
+    return f"about {left / 60:.0f} min left" if left >= 120 else f"about {left:.0f} s left"
 
 
 def _fmt(metric: str, v: float | None) -> str:

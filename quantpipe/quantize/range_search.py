@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpipe.console import remaining_text
 from quantpipe.data import sample_count
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs, share_threads
@@ -185,7 +186,8 @@ def alone_share(job: _Alone) -> dict[str, dict[str, Any]]:
         pending = pending[len(found):]
         if pending and time.perf_counter() - said > PROGRESS_SECONDS:  # a long pass says where it is
             said = time.perf_counter()
-            log.info("auto ranges: %d of %d activations measured (%.0f s)", len(out), len(job.share), said - t0)
+            log.info("auto ranges: %d of %d activations measured (%.0f s, %s)", len(out), len(job.share), said - t0,
+                     remaining_text(len(out), len(job.share), said - t0))
     return out
 
 

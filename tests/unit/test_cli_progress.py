@@ -29,3 +29,13 @@ def test_a_long_task_in_a_log_says_how_far_it_got(capsys, monkeypatch) -> None:
     err = capsys.readouterr().err
     assert "per-layer sensitivity: 1 of 59" in err and "per-layer sensitivity: 3 of 59" in err
     assert err.count("per-layer sensitivity") == 3  # two progress lines and the finished one
+    assert "left)" in err  # a known count also says about how long is left
+
+
+def test_remaining_text_is_the_mean_rate_so_far() -> None:
+    from quantpipe.console import remaining_text
+
+    assert remaining_text(0, 10, 5.0) == "no estimate yet"
+    assert remaining_text(2, 10, 10.0) == "about 40 s left"  # 5 s each, 8 to go
+    assert remaining_text(1, 30, 60.0) == "about 29 min left"
+    assert remaining_text(10, 10, 10.0) == "about 0 s left"

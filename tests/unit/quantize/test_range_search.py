@@ -234,3 +234,4 @@ def test_a_long_alone_pass_says_how_far_it_got(tmp_path, monkeypatch, caplog) ->
         tables["entropy"]["x"] = 20.0  # x's candidates differ too: two activations to measure
         choose_ranges(model, tables, Q.QuantizeOptions(smooth_alpha=None, bias_correction=False), ds, batch_size=8)
     assert "auto ranges: 1 of 2 activations measured" in caplog.text
+    assert "s left)" in caplog.text  # and about how long the rest takes
