@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 
 __all__ = [
     "IDENTICAL_KEY",
+    "ORT_OPTIMIZATION_KEY",
     "RESULTS_SCHEMA_VERSION",
     "Precision",
     "TensorInfo",
@@ -137,6 +138,10 @@ class LatencyStats:
 #: EvalResult.metrics key set (1.0) where a variant's float model.output equals the reference's bit for bit
 #: (`evaluate.evaluate_variant`, whatever metrics were asked for; `collapse` then says the INT8 one is not measured).
 IDENTICAL_KEY = "identical_to_fp32"
+
+#: Variant.details key of an onnxruntime variant run below onnxruntime's default optimization level (its session
+#: crashed onnxruntime at the default; `evaluate.with_sessions_checked`).
+ORT_OPTIMIZATION_KEY = "onnxruntime_optimization"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from quantpipe import metrics as M
-from quantpipe.artifacts import IDENTICAL_KEY, EvalResult, LatencyStats, Variant
+from quantpipe.artifacts import IDENTICAL_KEY, ORT_OPTIMIZATION_KEY, EvalResult, LatencyStats, Variant
 from quantpipe.backends.base import Runner, Timings
 from quantpipe.data import Dataset, varying_output
 from quantpipe.errors import DataError, EvaluationError
@@ -340,9 +340,6 @@ def accuracy_threads(configured: int | None) -> int:
     `configured` (None: onnxruntime's default, every core), as a deployment runs."""
     return configured or 1
 
-
-#: Variant.details key of an onnxruntime variant run below onnxruntime's default optimization level.
-ORT_OPTIMIZATION_KEY = "onnxruntime_optimization"
 
 
 def with_sessions_checked(variants: Sequence[Variant]) -> list[Variant]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from quantpipe.artifacts import RunResults, to_jsonable
+from quantpipe.artifacts import ORT_OPTIMIZATION_KEY, RunResults, to_jsonable
 from quantpipe.fsutil import atomic_write_json, atomic_write_text
 from quantpipe.gate import HIGHER_IS_BETTER, format_value, observe
 from quantpipe.report import plots, tables
@@ -173,8 +173,10 @@ def _highlights(results: RunResults, variants: pd.DataFrame, latency: pd.DataFra
         if len(lat):
             row = lat.iloc[-1]
             speed, bs = float(row["speedup"]), int(row["batch_size"])
-            parts.append(f"{speed:.2f}x faster than {results.reference} at batch size {bs}" if speed >= 1 else
-                         f"{1 / speed:.2f}x slower than {results.reference} at batch size {bs}")
+            parts.append((f"{speed:.2f}x faster than {results.reference} at batch size {bs}" if speed >= 1 else
+                          f"{1 / speed:.2f}x slower than {results.reference} at batch size {bs}")
+                         + (f" (at onnxruntime's optimization level '{lvl}')" if (lvl := _levels(results).get(
+                             v["variant"])) else ""))
         size = _num(v["size_mb"])
         if size and ref_size:
             parts.append(f"{ref_size / size:.1f}x smaller" if size < ref_size else f"{size / ref_size:.1f}x the size")
@@ -222,8 +224,14 @@ def _key_rows(results: RunResults, variants: pd.DataFrame) -> list[dict[str, Any
     return rows
 
 
-def _latency_rows(latency: pd.DataFrame, order: Sequence[str],
-                  deltas: Mapping[tuple[str, str, int | None], Any]) -> list[dict[str, Any]]:
+def _levels(results: RunResults) -> dict[str, str]:
+    """The variants timed below onnxruntime's default optimization level (the default crashed onnxruntime), and at
+    which: their latency is that level's, not comparable one for one (found probing khmersm's FP16)."""
+    return {v.name: str(v.details[ORT_OPTIMIZATION_KEY]) for v in results.variants if ORT_OPTIMIZATION_KEY in v.details}
+
+
+def _latency_rows(latency: pd.DataFrame, order: Sequence[str], deltas: Mapping[tuple[str, str, int | None], Any],
+                  levels: Mapping[str, str]) -> list[dict[str, Any]]:
     rank = {n: i for i, n in enumerate(order)}
     frame = latency.assign(_rank=latency["variant"].map(rank)).sort_values(["batch_size", "_rank"], kind="stable")
     rows = []
@@ -232,7 +240,8 @@ def _latency_rows(latency: pd.DataFrame, order: Sequence[str],
         bs = int(r["batch_size"])
         name = r["variant"]
         rows.append({
-            "batch_size": bs, "first_of_batch": bs != previous_bs, "variant": name,
+            "batch_size": bs, "first_of_batch": bs != previous_bs,
+            "variant": f"{name} (optimization level '{levels[name]}')" if name in levels else name,
             "cells": [
                 _cell("latency_ms", r["latency_median_ms"], deltas.get((name, "latency_ms", bs))),
                 Cell(format_value("latency_ms", r["latency_p90_ms"]), num=True),
@@ -357,7 +366,7 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
                                  for t in model.outputs),
             "ops": ", ".join(f"{op} x{n}" for op, n in sorted(model.op_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         },
-        "latency_rows": _latency_rows(latency, order, deltas) if not latency.empty else [],
+        "latency_rows": _latency_rows(latency, order, deltas, _levels(results)) if not latency.empty else [],
         "latency_reason": notes.get("latency") or latency_reason,
         "scatter": {"svg": scatter_svg, "caption": scatter_caption, "reason": scatter_reason},
         "latency_plot": latency_svg,

@@ -151,6 +151,20 @@ def test_the_runs_warnings_reach_the_report_and_the_summary(tmp_path: Path) -> N
     assert "The run's warnings" not in quiet["md"].read_text()
 
 
+def test_latency_says_which_variant_ran_below_the_default_optimization_level(tmp_path: Path) -> None:
+    # khmersm's FP16 crashed onnxruntime at level 'all' and was timed at 'extended': the latency table and the
+    # highlights compared it with FP32 at 'all' without a word (found probing).
+    from quantpipe.artifacts import ORT_OPTIMIZATION_KEY
+
+    results = synthetic_results(None)
+    variants = tuple(dataclasses.replace(v, details={ORT_OPTIMIZATION_KEY: "extended"}) if v.name == "ort-fp16" else v
+                     for v in results.variants)
+    md = write_report(tmp_path, dataclasses.replace(results, variants=variants))["md"].read_text()
+    assert "| ort-fp16 (optimization level 'extended') |" in md
+    assert "at batch size 32 (at onnxruntime's optimization level 'extended')" in md
+    assert "ort-int8 (optimization level" not in md
+
+
 def test_int8_build_line_counts_the_layers_left_in_float() -> None:
     # "110 of 110 quantizable nodes got Q/DQ" above "Left in float: two Gemms" (found probing a CRNN): the writer's
     # float nodes were not among the "quantizable"; the line says both counts.
