@@ -129,6 +129,9 @@ def print_summary(results: Any) -> None:
     if measured & set(task_cols):
         cols = {**{m: h for m, h in cols.items() if m in measured and m != "sqnr_db"},
                 **{m: h for m, h in task_cols.items() if m in measured}, "sqnr_db": "SQNR"}
+    from quantpipe.gate import hook_metrics
+
+    cols.update({m: m for m in hook_metrics(results) if m in measured})  # what evaluate.metrics hooks returned
     table.add_column("variant", no_wrap=True)
     table.add_column("dev", no_wrap=True)
     for head in cols.values():

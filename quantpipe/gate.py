@@ -39,6 +39,8 @@ __all__ = [
     "judge_rule",
     "evaluate_gate",
     "check_rule_metrics",
+    "hook_metrics",
+    "hook_higher_is_better",
     "format_value",
     "format_bounds",
     "REFERENCE_MIN_SAMPLES",
@@ -332,6 +334,24 @@ def judge_rule(results: RunResults, rule: GateRule, baseline: RunResults | None 
 def _hook_metrics(results: RunResults) -> set[str]:
     """Metric names this run recorded beyond the built-in ones (returned by evaluate.metrics hooks)."""
     return {k for e in results.evaluations for k in e.metrics if k not in GATE_METRICS}
+
+
+CHANNEL_METRICS = ("channel_sqnr_min_db", "channel_sqnr_min_index", "channel_sqnr_min_axis")
+"""What quantpipe records beside its metrics where one output channel hides under the pooled SQNR (README)."""
+
+
+def hook_metrics(results: RunResults) -> list[str]:
+    """The names evaluate.metrics hooks returned in this run, sorted: the report's tables, results.csv, the terminal
+    and the baseline comparison show them beside the built-in metrics."""
+    return sorted(_hook_metrics(results) - set(CHANNEL_METRICS))
+
+
+def hook_higher_is_better(results: RunResults, metric: str) -> bool | None:
+    """Which way a hook's metric improves, as this run's gate rules bound it (only `min`: higher; only `max`: lower);
+    None when no rule says (a hook's median error and its agreement read in opposite ways)."""
+    bounds = {part.split(" ")[0] for o in (results.gate.outcomes if results.gate else ()) if o.metric == metric
+              for part in o.allowed.split(" and ")}
+    return True if bounds == {">="} else False if bounds == {"<="} else None
 
 
 def check_rule_metrics(results: RunResults, rules: Sequence[GateRule]) -> None:

@@ -13,7 +13,14 @@ import math
 from typing import Any
 
 from quantpipe.artifacts import RunResults
-from quantpipe.gate import ACCURACY_METRICS, HIGHER_IS_BETTER, format_value, observe
+from quantpipe.gate import (
+    ACCURACY_METRICS,
+    HIGHER_IS_BETTER,
+    format_value,
+    hook_higher_is_better,
+    hook_metrics,
+    observe,
+)
 
 __all__ = ["TOLERANCES", "RELATIVE_METRICS", "compare_runs", "is_regression", "with_baseline"]
 
@@ -38,16 +45,18 @@ RELATIVE_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "size_mb", "ma
 _COMPARED_LATENCY = ("latency_ms", "latency_p99_ms", "throughput")
 
 
-def is_regression(metric: str, old: float, new: float) -> bool:
-    """True when `new` is worse than `old` by more than the metric's tolerance."""
-    worse = (old - new) if HIGHER_IS_BETTER[metric] else (new - old)
+def is_regression(metric: str, old: float, new: float, higher_is_better: bool | None = None) -> bool:
+    """True when `new` is worse than `old` by more than the metric's tolerance (`higher_is_better`: a hook metric's
+    direction; None for a built-in metric, whose direction is known)."""
+    up = HIGHER_IS_BETTER[metric] if higher_is_better is None else higher_is_better
+    worse = (old - new) if up else (new - old)
     kind, tol = TOLERANCES.get(metric, ("rel", 0.0))
     limit = tol if kind == "abs" else tol * abs(old)
     return worse > limit + 1e-12
 
 
-def _improvement(metric: str, old: float, new: float) -> bool:
-    return is_regression(metric, new, old)
+def _improvement(metric: str, old: float, new: float, higher_is_better: bool | None = None) -> bool:
+    return is_regression(metric, new, old, higher_is_better)
 
 
 def _machine(results: RunResults) -> str:
@@ -76,7 +85,7 @@ def compare_runs(results: RunResults, baseline: RunResults) -> dict[str, Any]:
                            & {s.batch_size for s in (old_e.latency if old_e else ())})
         # Drops are differences of two compared top-1 values: flagging them too would report one change twice.
         keys: list[tuple[str, int | None]] = [(m, None) for m in ACCURACY_METRICS if not m.endswith("_drop")]
-        keys += [("size_mb", None)]
+        keys += [(m, None) for m in hook_metrics(results)] + [("size_mb", None)]
         keys += [(m, bs) for bs in common_bs for m in _COMPARED_LATENCY]
         for metric, bs in keys:
             now = observe(results, v.name, metric, batch_size=bs)
@@ -85,7 +94,10 @@ def compare_runs(results: RunResults, baseline: RunResults) -> dict[str, Any]:
                 continue
             delta = now.value - old.value
             rel = delta / abs(old.value) if old.value else None
-            regressed = is_regression(metric, old.value, now.value)
+            # A hook's metric is judged the way this run's gate rules bound it; one no rule bounds only shows its change.
+            up = hook_higher_is_better(results, metric) if metric not in HIGHER_IS_BETTER else None
+            known = metric in HIGHER_IS_BETTER or up is not None
+            regressed = known and is_regression(metric, old.value, now.value, up)
             at = f" @bs{bs}" if bs is not None else ""
             change = format_value(metric, delta, delta=True) if metric not in RELATIVE_METRICS or rel is None else f"{rel:+.1%}"
             deltas.append({
@@ -97,7 +109,7 @@ def compare_runs(results: RunResults, baseline: RunResults) -> dict[str, Any]:
                 "delta": delta,
                 "relative": rel,
                 "regressed": regressed,
-                "improved": _improvement(metric, old.value, now.value),
+                "improved": known and _improvement(metric, old.value, now.value, up),
                 "text": (f"{v.name} {metric}{at}: {format_value(metric, old.value)} -> {format_value(metric, now.value)} "
                          f"({change})"),
                 "change": change,

@@ -21,7 +21,7 @@ import pandas as pd
 
 from quantpipe.artifacts import ORT_OPTIMIZATION_KEY, RunResults, to_jsonable
 from quantpipe.fsutil import atomic_write_json, atomic_write_text
-from quantpipe.gate import HIGHER_IS_BETTER, format_value, observe
+from quantpipe.gate import ACCURACY_METRICS, HIGHER_IS_BETTER, format_value, hook_metrics, observe
 from quantpipe.report import plots, tables
 from quantpipe.report.compare import with_baseline
 from quantpipe.report.junit import junit_xml
@@ -502,7 +502,7 @@ def summary_context(results: RunResults) -> dict[str, Any]:
     variants = tables.variants_frame(results)
     latency = tables.latency_frame(results)
     measured = tables.measured_accuracy_metrics(variants)
-    metrics = [m for m in _TABLE_METRICS if m in measured]
+    metrics = [m for m in _TABLE_METRICS if m in measured] + [m for m in measured if m not in ACCURACY_METRICS]  # hooks'
     baseline = results.baseline
     return {
         "results": results,
@@ -514,7 +514,7 @@ def summary_context(results: RunResults) -> dict[str, Any]:
         "verdict": _verdict(results),
         "collapse": list(results.collapse),
         "highlights": _highlights(results, variants, latency),
-        "metric_labels": METRIC_LABELS,
+        "metric_labels": {**{m: m for m in hook_metrics(results)}, **METRIC_LABELS},
         "metrics": metrics,
         "variant_rows": _variant_rows(results, variants, metrics, _deltas(baseline)),
         "skipped": [(r["variant"], r["skipped_reason"]) for _, r in variants.iterrows() if r["status"] == "skipped"],

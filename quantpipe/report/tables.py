@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from quantpipe.artifacts import RunResults
-from quantpipe.gate import ACCURACY_METRICS, observe
+from quantpipe.gate import ACCURACY_METRICS, hook_metrics, observe
 
 __all__ = [
     "VARIANT_COLUMNS",
@@ -45,7 +45,9 @@ def _value(results: RunResults, variant: str, metric: str, **kw: Any) -> float |
 
 
 def variants_frame(results: RunResults) -> pd.DataFrame:
-    """One row per variant: what it is, whether it ran (and why not), size and accuracy metrics."""
+    """One row per variant: what it is, whether it ran (and why not), size and accuracy metrics, then the metrics
+    evaluate.metrics hooks returned (`gate.hook_metrics`)."""
+    hooks = hook_metrics(results)
     rows = []
     for v in results.variants:
         e = next((x for x in results.evaluations if x.variant == v.name), None)
@@ -58,10 +60,10 @@ def variants_frame(results: RunResults) -> pd.DataFrame:
             "skipped_reason": reason,
             "size_mb": v.size_bytes / 1e6 if v.size_bytes is not None else None,
         }
-        for m in ACCURACY_METRICS:
+        for m in (*ACCURACY_METRICS, *hooks):
             row[m] = None if reason else _value(results, v.name, m)
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(VARIANT_COLUMNS))
+    return pd.DataFrame(rows, columns=[*VARIANT_COLUMNS, *hooks])
 
 
 def latency_frame(results: RunResults) -> pd.DataFrame:
@@ -92,7 +94,9 @@ def results_frame(results: RunResults) -> pd.DataFrame:
 
 def measured_accuracy_metrics(frame: pd.DataFrame) -> list[str]:
     """The accuracy metrics at least one variant has (columns worth showing)."""
-    return [m for m in ACCURACY_METRICS if m in frame and frame[m].notna().any()]
+    extra = [c for c in frame.columns if c not in VARIANT_COLUMNS and c not in LATENCY_COLUMNS and c not in
+             ("run_id", "reference")]  # a hook's
+    return [m for m in (*ACCURACY_METRICS, *extra) if m in frame and frame[m].notna().any()]
 
 
 def sensitivity_frame(results: RunResults, top: int | None = None) -> pd.DataFrame:

@@ -165,6 +165,37 @@ def test_latency_says_which_variant_ran_below_the_default_optimization_level(tmp
     assert "ort-int8 (optimization level" not in md
 
 
+def _hooked(results: RunResults, agree: float, cents: float) -> RunResults:
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "pitch_agree_50c": 1.0 if e.variant == "ort-fp32" else agree,
+                                                  "pitch_median_cents": 0.0 if e.variant == "ort-fp32" else cents})
+                  for e in results.evaluations if e.skipped is None)
+    return dataclasses.replace(results, evaluations=evals + tuple(e for e in results.evaluations if e.skipped))
+
+
+def test_hook_metrics_show_in_every_table_and_the_baseline_comparison(tmp_path: Path) -> None:
+    # A pitch tracker's hook metrics reached only the gate rows: no table, no results.csv column, and the baseline
+    # listed 11 regressions but not the median error going from 0.23 to 3.15 cents (twelfth contact).
+    from quantpipe.gate import hook_metrics
+    from quantpipe.report.compare import compare_runs
+
+    base = _hooked(synthetic_results(None), 1.0, 0.23)
+    now = _hooked(synthetic_results(None, run_id="20250102T120000Z"), 0.95, 3.15)
+    now = dataclasses.replace(now, gate=evaluate_gate(now, [GateRule(variant="ort-int8", metric="pitch_agree_50c",
+                                                                     min=0.9)]))
+    assert hook_metrics(now) == ["pitch_agree_50c", "pitch_median_cents"]
+    files = write_report(tmp_path, now)
+    md, csv = files["md"].read_text(), pd.read_csv(files["csv"])
+    assert "| pitch_agree_50c | pitch_median_cents |" in md  # the variants table's header
+    assert {"pitch_agree_50c", "pitch_median_cents"} <= set(csv.columns)
+    assert "pitch_median_cents" in files["html"].read_text()
+    deltas = {(d["variant"], d["metric"]): d for d in compare_runs(now, base)["deltas"]}
+    # Bounded from below by a gate rule: higher is better, so 1.0 -> 0.95 is a regression.
+    assert deltas[("ort-int8", "pitch_agree_50c")]["regressed"]
+    # No rule says which way the median error reads: its change is shown, judged neither way.
+    cents = deltas[("ort-int8", "pitch_median_cents")]
+    assert cents["delta"] == pytest.approx(2.92) and not cents["regressed"] and not cents["improved"]
+
+
 def test_int8_build_line_counts_the_layers_left_in_float() -> None:
     # "110 of 110 quantizable nodes got Q/DQ" above "Left in float: two Gemms" (found probing a CRNN): the writer's
     # float nodes were not among the "quantizable"; the line says both counts.
