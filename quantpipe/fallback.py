@@ -243,11 +243,7 @@ def accuracy_fallback(
     ctx = prepare_reference(model_path, amax, dataset, output=output, batch_size=batch_size,
                             max_samples=max_samples, options=options, calibration_data=calibration_data,
                             executor=executor, output_axis=output_axis)
-    if metric == "top1_drop" and ctx.labels is None:
-        raise ConfigError(
-            f"the fallback metric top1_drop needs labels in the data it chooses on ({role or 'the given'} data "
-            f"{getattr(dataset, 'path', '')}); add a labelled validation split (data.validation with labels), or "
-            "use top1_agreement or cosine, which need no labels.")
+    _check_labels(metric, ctx, role, dataset)
     search = _Search(ctx, amax, metric, target, max_evaluations, task, executor)
     initial = search.current
     first = search.reports[frozenset()]
@@ -271,7 +267,25 @@ def accuracy_fallback(
     fallback = FallbackReport(metric=metric, target=float(target), initial=initial.value, final=current.value,
                               met=search.met(current), num_quantizable=first.num_quantizable, steps=steps,
                               chosen_on=role, chosen_samples=int(ctx.ref.shape[0]))
+    if not fallback.met:
+        _say_unmet(rep, role)
     return rep, fallback
+
+
+def _check_labels(metric: str, ctx: Reference, role: str | None, dataset: Any) -> None:
+    if metric == "top1_drop" and ctx.labels is None:
+        raise ConfigError(
+            f"the fallback metric top1_drop needs labels in the data it chooses on ({role or 'the given'} data "
+            f"{getattr(dataset, 'path', '')}); add a labelled validation split (data.validation with labels), or "
+            "use top1_agreement or cosine, which need no labels.")
+
+
+def _say_unmet(rep: QuantizeReport, role: str | None) -> None:
+    """A budget not met, at WARNING level: the CLI, the log and the report's warnings say it, not only the fallback's
+    section deep in report.md under a passing gate (found probing a pitch tracker)."""
+    log.warning("the accuracy fallback did not meet its budget on the %s data: %s. Raise build.fallback.max_layers "
+                "(or max_evaluations), or loosen the budget.", role or "selection",
+                next(w for w in rep.warnings if "NOT met" in w))
 
 
 def best_prefix(ranks: Mapping[int, tuple[float, float]]) -> int:
