@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from quantpipe.artifacts import IDENTICAL_KEY, Collapse, EvalResult, LayerSensitivity, RunResults
 from quantpipe.evalconfig import CollapseConfig
+from quantpipe.gate import hook_metrics
 
 __all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "SUBGRAPH_OPS", "TASK_JUDGED", "find_collapse"]
 
@@ -175,6 +176,19 @@ def _fp16_unmeasured(results: RunResults, e: EvalResult) -> Collapse:
         fix_yaml="")
 
 
+def _own_metrics_held(results: RunResults, variant: str) -> list[str]:
+    """Where the gate judged this variant by metrics of the user's own hooks and every such rule passed, a line
+    saying so beside the verdict: the limits above read quantpipe's metrics (a pitch tracker whose 360 bins spread one
+    pitch over neighbours: top-1 agreement 0.688, every frame within 50 cents; found probing)."""
+    own = set(hook_metrics(results))
+    rules = [o for o in (results.gate.outcomes if results.gate else ()) if o.variant == variant and o.metric in own]
+    if not rules or not all(o.passed for o in rules):
+        return []
+    held = ", ".join(f"{o.metric} {o.observed:.4g} ({o.allowed})" for o in rules if o.observed is not None)
+    return [f"the gate's rules on your own metrics held ({held}): where the metrics above do not measure what this "
+            f"output means, judge by yours and lower evaluate.collapse.warn_agreement / warn_sqnr_db"]
+
+
 def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse, ...]:
     """Every INT8 variant that ran and whose output SQNR or task agreement is below the collapse limits
     (severity 'collapsed'), or else below the warning limits ('degraded'); and every INT8 or FP16 one whose judged
@@ -198,6 +212,7 @@ def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse
             severity, problems = "degraded", _problems(e, limits.warn_sqnr_db, limits.warn_agreement,
                                                        "degraded")
         if problems:
+            problems += _own_metrics_held(results, e.variant)
             fix, yaml = _fix(results, e)
             variant = next((v for v in results.variants if v.name == e.variant), None)
             built = ((variant.details or {}).get("quantize") or {}) if variant is not None else {}

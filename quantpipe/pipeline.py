@@ -528,7 +528,7 @@ def finish_run(
     baseline_dir = baseline_dir or cfg.report.baseline
     baseline = load_results(baseline_dir) if baseline_dir else None
     decision = evaluate_gate(results, cfg.gate.rules, baseline)
-    collapsed = find_collapse(results, cfg.evaluate.collapse)
+    collapsed = find_collapse(dataclasses.replace(results, gate=decision), cfg.evaluate.collapse)
     results = with_baseline(dataclasses.replace(results, gate=decision, collapse=collapsed), baseline)
     if write:
         write_report(run_dir, results, formats=cfg.report.formats, baseline=baseline, notes=_section_notes(cfg),

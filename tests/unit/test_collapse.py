@@ -194,3 +194,23 @@ def test_an_identical_label_output_or_one_without_the_key_is_not_said_not_measur
     evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": None, "max_abs_error": 0.0})
                   if e.variant == "ort-int8" else e for e in results.evaluations)
     assert find_collapse(dataclasses.replace(results, evaluations=evals), CollapseConfig()) == ()
+
+
+def test_a_verdict_says_when_the_gates_rules_on_the_users_own_metrics_held(tmp_path: Path) -> None:
+    # A pitch tracker (360 bins, one pitch spread over neighbours): top-1 agreement 0.688 called DEGRADED while the
+    # user's hook, every frame within 50 cents of FP32, held; the verdict said nothing of it (found probing).
+    from quantpipe.config import GateRule
+    from quantpipe.gate import evaluate_gate
+
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": 11.8, "top1_agreement": 0.688,
+                                                  "pitch_agree_50c": 1.0}) for e in results.evaluations)
+    results = dataclasses.replace(results, evaluations=evals, fallback=None)
+    for bound, said in ((0.98, True), (1.01, False)):
+        gate = evaluate_gate(results, [GateRule(variant="ort-int8", metric="pitch_agree_50c", min=bound)])
+        (c,) = find_collapse(dataclasses.replace(results, gate=gate), CollapseConfig())
+        assert c.severity == "degraded"
+        assert any(p.startswith("the gate's rules on your own metrics held (pitch_agree_50c 1 (>= 0.98))")
+                   for p in c.problems) is said
+    (c,) = find_collapse(results, CollapseConfig())  # no gate rule on it: nothing to say
+    assert not any("your own metrics" in p for p in c.problems)
