@@ -24,7 +24,7 @@ from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
 __all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner", "warn_if_constant",
-           "warn_if_no_detections",
+           "warn_if_no_detections", "warn_if_cosine_blind", "warn_about_reference",
            "with_sessions_checked", "ORT_OPTIMIZATION_KEY",
            "OutputsJob", "outputs_job", "sharded_outputs", "shardable", "stack_outputs"]
 
@@ -153,6 +153,27 @@ def warn_if_constant(reference: np.ndarray, output: str) -> bool:
                 "on the input here (an untrained head? the wrong output?), so agreement and SQNR against it say little "
                 "about quantization. Judge an output that varies with the input.", output, len(reference))
     return True
+
+
+def warn_if_cosine_blind(reference: np.ndarray, output: str, rules: Sequence[Any]) -> bool:
+    """Warn (and return True) where a gate rule judges `cosine` on an output of one value per sample: there it is
+    the cosine of all samples' values as one vector, blind to an error that scales them all (a pitch tracker's
+    octave, x2, and semitone, x1.0595, both score 1.0: found probing)."""
+    gated = sorted({r.variant for r in rules if r.metric == "cosine"})
+    if not gated or reference.ndim < 1 or reference.size != len(reference):
+        return False
+    log.warning("gate rule(s) on cosine (%s) judge model.output '%s', one value per sample: its cosine is that of all "
+                "samples' values as one vector, and scaling them all (a unit, an octave) keeps it at 1.0. Gate on "
+                "sqnr_db or max_abs_error there, or on a hook metric of the task.", ", ".join(gated), output)
+    return True
+
+
+def warn_about_reference(reference: np.ndarray, output: str, task: TaskSpec, rules: Sequence[Any]) -> None:
+    """What the FP32 reference says about the metrics asked of it: `warn_if_constant`, else `warn_if_no_detections`;
+    `warn_if_cosine_blind`."""
+    if not warn_if_constant(reference, output):
+        warn_if_no_detections(reference, task)
+    warn_if_cosine_blind(reference, output, rules)
 
 
 def warn_if_no_detections(reference: np.ndarray, task: TaskSpec) -> bool:

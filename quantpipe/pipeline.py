@@ -206,8 +206,7 @@ def stage_evaluate(
         evaluate_variant,
         open_runner,
         run_outputs,
-        warn_if_constant,
-        warn_if_no_detections,
+        warn_about_reference,
     )
     from quantpipe.taskmetrics import TaskSpec
 
@@ -246,8 +245,7 @@ def stage_evaluate(
             )
         if v.name == ref_name:
             reference = out
-            if not warn_if_constant(out, li.output):
-                warn_if_no_detections(out, task)
+            warn_about_reference(out, li.output, task, cfg.gate.rules)
             ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in ("top1", "top5", "line_accuracy") and val is not None}
             # The reference against itself: exact agreement by definition, recomputed for honesty.
             from quantpipe.evaluate import accuracy_metrics

@@ -168,3 +168,21 @@ def test_a_float_output_equal_to_the_reference_is_recorded_whatever_the_metrics(
                                  reference=np.arange(8, dtype=np.int64), ref_labelled=None,
                                  outputs=np.arange(8, dtype=np.int64))
     assert IDENTICAL_KEY not in labels.metrics  # an int64 label output: ArgMax hides the INT8 noise, not measured
+
+
+def test_a_cosine_rule_on_one_value_per_sample_is_warned_about(caplog) -> None:
+    # A pitch tracker's Hz output: an octave (x2) and a semitone (x1.0595) both keep the cosine at 1.0 (found probing).
+    import logging
+
+    from quantpipe.config import GateRule
+    from quantpipe.evaluate import warn_if_cosine_blind
+    from quantpipe.metrics import mean_cosine
+
+    hz = np.linspace(100.0, 400.0, 8, dtype=np.float32).reshape(8, 1)
+    assert mean_cosine(hz * 2, hz) == pytest.approx(1.0)
+    rule = GateRule(variant="ort-int8", metric="cosine", min=0.99)
+    with caplog.at_level(logging.WARNING, logger="quantpipe"):
+        assert warn_if_cosine_blind(hz, "f0", [rule]) and warn_if_cosine_blind(hz.ravel(), "f0", [rule])
+        assert not warn_if_cosine_blind(hz, "f0", [GateRule(variant="ort-int8", metric="sqnr_db", min=30)])
+        assert not warn_if_cosine_blind(np.tile(hz, (1, 3)), "f0", [rule])  # a vector per sample has a direction
+    assert caplog.text.count("gate rule(s) on cosine (ort-int8) judge model.output 'f0', one value per sample") == 2
