@@ -197,7 +197,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         load_model_spec(args.model)
         rep = write_fp16_model(args.model, args.out)
         kept = getattr(rep, "kept_fp32", ()) or ()
-        console().print(f"wrote {args.out} ({rep.num_fp16_nodes} nodes in FP16, {len(kept)} kept in FP32"
+        from quantpipe.model import read_model_spec
+        from quantpipe.modelinfo import describe_precision
+
+        # Counted as `inspect` counts them (compute nodes; the writer's own count takes Constants, Casts and shape ops).
+        totals = describe_precision(read_model_spec(args.out)[1]).totals
+        console().print(f"wrote {args.out} (compute nodes: {', '.join(f'{n} {p}' for p, n in totals.items())}; "
+                        f"{len(kept)} kept in FP32"
                         + (": " + "; ".join(f"{k.name} ({k.reason})" for k in kept[:5])
                            + (f" and {len(kept) - 5} more" if len(kept) > 5 else "") if kept else "") + ")")
         for w in getattr(rep, "warnings", ()) or ():

@@ -303,8 +303,9 @@ def precision_lines(info: ModelPrecision) -> list[str]:
                      + "): quantized by onnxruntime's quantize_dynamic or QOperator format, for onnxruntime only; "
                      "TensorRT does not run them. quantpipe quantizes FP32 models: pass the original FP32 export.")
     if q.quantize or q.dequantize:
-        lines.append(f"Q/DQ: {q.quantize} QuantizeLinear, {q.dequantize} DequantizeLinear ({q.per_channel} per-channel, "
-                     f"{q.per_tensor} per-tensor; {q.weight_dequantize} dequantize stored weights"
+        lines.append(f"Q/DQ: {q.quantize} QuantizeLinear, {q.dequantize} DequantizeLinear (of these "
+                     f"{q.quantize + q.dequantize}, {q.per_channel} per-channel and {q.per_tensor} per-tensor; "
+                     f"{q.weight_dequantize} DequantizeLinear of stored weights"
                      + (f"; {q.weight_quantize} quantize float weights (Q -> DQ pairs)" if q.weight_quantize else "")
                      + f") to {'/'.join(q.quantized_types) or '?'} with {'/'.join(q.scale_types) or '?'} scales")
         if info.quantized_layers:
