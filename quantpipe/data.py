@@ -306,8 +306,10 @@ def varying_output(output: str, shapes: Sequence[tuple[int, ...]], who: str, rol
     return DataError(
         f"output '{output}' of {who} changes shape with the input ({sorted(set(shapes))}): the {role} "
         f"samples differ in shape, and quantpipe compares a variant's outputs with FP32's as one array. Give "
-        f"data.{role} samples of one shape (resize or pad them, as a detector's serving code does), or set "
-        f"model.output in pipeline.yaml to an output of fixed size (e.g. a pooled embedding or the logits).")
+        f"data.{role} samples of one shape (resize or pad them, as a detector's serving code does; a per-token "
+        f"output of padded sequences: also set evaluate.valid_mask to the attention mask, so padding is not "
+        f"scored), or set model.output in pipeline.yaml to an output of fixed size (e.g. a pooled embedding or the "
+        f"logits).")
 
 
 _EXACT_FLOAT_INT = 2.0**53

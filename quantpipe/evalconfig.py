@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from quantpipe.configbase import StrictModel, did_you_mean
 
@@ -171,6 +171,18 @@ class EvaluateConfig(StrictModel):
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+    valid_mask: str | None = None
+    """A model input, nonzero where a position of model.output counts: an attention mask [N, T] over padded
+    sequences whose output is [N, T, ...]. The metrics, the gate, the sensitivity and the fallback then read those
+    positions alone (padding nobody reads counted in every number: found probing). Not with task ctc (its time
+    steps are not the input's positions) or detection."""
+
+    @model_validator(mode="after")
+    def _mask_fits_the_task(self) -> EvaluateConfig:
+        if self.valid_mask is not None and self.task in ("ctc", "detection"):
+            raise ValueError(f"valid_mask reads the output's positions [N, T, ...]; with task {self.task} they are "
+                             f"not the input's positions: leave valid_mask out, or score with a hook")
+        return self
 
     @field_validator("metrics")
     @classmethod

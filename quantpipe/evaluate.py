@@ -89,12 +89,16 @@ def accuracy_metrics(
     ref_labelled: dict[str, float] | None = None,
     task: TaskSpec = CLASSIFICATION,
     hooks: Sequence[str] = (),
+    valid: np.ndarray | None = None,
 ) -> dict[str, float | None]:
     """Accuracy against labels and agreement with the reference, for the metrics asked for.
 
     `ref_labelled` holds the reference's own labelled metrics (top1, top5, line_accuracy) so drops can be
     recorded beside them. `task` says how to read a CTC or dense output; `hooks` are `module:function` metrics.
+    `valid`: the positions that count (evaluate.valid_mask, `TaskSpec.judged`); the hooks read whole outputs.
     """
+    whole = (out, ref, labels)
+    out, ref, labels = task.judged_all(out, ref, labels, valid)
     res: dict[str, float | None] = {}
     classify = _is_classifier(out) and task.task == "classification"
     if labels is not None and classify and out.shape[0] == labels.shape[0]:
@@ -122,7 +126,7 @@ def accuracy_metrics(
     if ref_labelled and res.get("line_accuracy") is not None and "line_accuracy" in ref_labelled:
         res["line_accuracy_drop"] = ref_labelled["line_accuracy"] - float(res["line_accuracy"])  # type: ignore[arg-type]
     if hooks:
-        res.update(run_hooks(hooks, out, ref, labels))
+        res.update(run_hooks(hooks, *whole))
     return res
 
 
@@ -314,11 +318,13 @@ def evaluate_variant(
     hooks: Sequence[str] = (),
     outputs: np.ndarray | None = None,
     output_axis: int = 0,
+    valid: np.ndarray | None = None,
 ) -> tuple[EvalResult, np.ndarray]:
     """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference).
 
     `outputs`: the variant's outputs on `dataset` computed elsewhere (`sharded_outputs`); the runner then only
-    measures latency. `max_seconds`: each batch size's latency budget (`measure_latency`).
+    measures latency. `max_seconds`: each batch size's latency budget (`measure_latency`). `valid`: the positions
+    that count (evaluate.valid_mask).
     """
     classify = task.task == "classification"
     if outputs is None:
@@ -332,7 +338,7 @@ def evaluate_variant(
         log.warning("%s: %d of %d output values are NaN or Inf, so its accuracy numbers are not comparable (an FP16 "
                     "model: an activation or intermediate above 65504 overflows, or a constant under 6e-8 is 0 there; "
                     "the build's warnings name those it found).", runner.name, bad, out.size)
-    values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks)
+    values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks, valid)
     if (reference is not None and out.dtype.kind == "f" and out.shape == reference.shape
             and np.array_equal(out, reference)):
         values = {**values, IDENTICAL_KEY: 1.0}  # whatever metrics were asked for: `collapse` says it

@@ -60,7 +60,9 @@ class _Eval:
 
 
 def _measure(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
-             task: TaskSpec = CLASSIFICATION) -> _Eval:
+             task: TaskSpec = CLASSIFICATION, valid: np.ndarray | None = None) -> _Eval:
+    out, ref_, labels = task.judged_all(out, ref, labels, valid)  # evaluate.valid_mask: the positions that count
+    ref = ref if ref_ is None else ref_
     s = M.sqnr_db(out, ref)
     s = s if not math.isnan(s) else -math.inf
     margin = s
@@ -84,6 +86,7 @@ class _Search:
         self.executor = executor
         self.max_evaluations = max_evaluations
         self.lower_is_better = metric == "top1_drop"
+        self.valid = task.valid_of(ctx.feeds)
         self.cache: dict[frozenset[str], _Eval] = {}
         self.reports: dict[frozenset[str], QuantizeReport] = {}
         self.models: dict[frozenset[str], Any] = {}
@@ -118,7 +121,7 @@ class _Search:
                                    None if base is None else {"keep_float_nodes": kept | base}, tuple(ctx.feeds),
                                    ctx.output, output_axis=ctx.output_axis)
             for keep, out in zip(todo, run_shared(self.executor, share, shares=shares), strict=True):
-                self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
+                self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task, self.valid)
             todo = []
         for at in range(0, len(todo), CANDIDATES_PER_RUN):
             group = todo[at:at + CANDIDATES_PER_RUN]
@@ -127,7 +130,7 @@ class _Search:
             outs = run_candidates(base_model, [m for m, _ in built], ctx.feeds, ctx.output,
                                   output_axis=ctx.output_axis)
             for keep, (_, rep), out in zip(group, built, outs, strict=True):
-                self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task)
+                self.cache[keep] = _measure(self.metric, out, ctx.ref, ctx.labels, self.task, self.valid)
                 self.reports[keep] = rep
             self.models = {keep: m for keep, (m, _) in zip(group, built, strict=True)}  # the next base is among them
         if exhausted:
@@ -252,7 +255,7 @@ def accuracy_fallback(
     if not search.met(initial):
         try:
             ranking = _ranking(ctx, amax, [q.name for q in first.quantized_nodes], sensitivity, ranking_samples,
-                               executor)
+                               executor, task)
             remaining = [n for n in ranking if n in ops]
             _greedy(search, remaining, ops, candidates_per_step=candidates_per_step,
                     limit=max_layers if max_layers is not None else len(remaining), on_step=on_step)
@@ -366,7 +369,8 @@ class _BudgetExhausted(Exception):
 
 
 def _ranking(ctx: Reference, amax: Mapping[str, float], quantized: Sequence[str],
-             sensitivity: Sequence[LayerSensitivity] | None, samples: int, executor: Executor | None) -> list[str]:
+             sensitivity: Sequence[LayerSensitivity] | None, samples: int, executor: Executor | None,
+             task: TaskSpec = CLASSIFICATION) -> list[str]:
     """Layer names, most sensitive first: the given ranking, or one-layer-at-a-time output SQNR; only layers whose
     results reach the judged output (another head's layers cannot move the budget)."""
     on_path = reaching(ctx.model, [ctx.output])
@@ -385,7 +389,8 @@ def _ranking(ctx: Reference, amax: Mapping[str, float], quantized: Sequence[str]
     scores = []
     share = CandidateShare(ctx.model, amax, ctx.options, tuple({"only_nodes": frozenset({name})} for name in quantized),
                            FP32_BASE, tuple(feeds), ctx.output, output_axis=ctx.output_axis)
+    valid = task.valid_of(feeds)  # evaluate.valid_mask: the positions that count
     for name, out in zip(quantized, run_shared(executor, share), strict=True):
-        s = M.sqnr_db(out, ref)
+        s = score("sqnr_db", out, ref, None, task, valid)
         scores.append((s if not math.isnan(s) else -math.inf, name))
     return [n for _, n in sorted(scores)]

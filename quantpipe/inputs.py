@@ -85,6 +85,8 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     check_output_shape(cfg.model.path, spec, ev, output, cfg.model.output_batch_axis, session=session)
     if cfg.evaluate.task == "detection":
         _check_detection_head(cfg, ev, output, session())
+    if cfg.evaluate.valid_mask is not None:
+        _check_valid_mask(cfg, inputs, ev, output, session())
     val = None
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
@@ -243,6 +245,31 @@ def _check_detection_head(cfg: PipelineConfig, data: Dataset, output: str, sessi
                           f"the first evaluation sample) does not fit evaluate.detection: {problem}. Point "
                           f"model.output at the detector's raw head before NMS, and set evaluate.detection (layout, "
                           f"objectness, logits) as README's 'Task metrics' describes.")
+
+
+def _check_valid_mask(cfg: PipelineConfig, inputs: Sequence[TensorInfo], data: Dataset, output: str,
+                      session: Any) -> None:
+    """ConfigError (exit 2) at load where evaluate.valid_mask is no model input, or does not mark model.output's
+    first two axes [N, T] on the first evaluation sample (`session`: None skips that check)."""
+    from quantpipe.errors import ConfigError
+
+    name = cfg.evaluate.valid_mask
+    if name not in [t.name for t in inputs]:
+        raise ConfigError(f"evaluate.valid_mask is '{name}', which is not an input of {cfg.model.path} (inputs: "
+                          f"{[t.name for t in inputs]}). Name the input that is nonzero where model.output's positions "
+                          f"count (an attention mask), or leave valid_mask out.")
+    if session is None or cfg.model.output_batch_axis != 0:
+        return
+    feeds = dict(data.first_batch(1).feeds)
+    try:
+        out = np.asarray(session.run([output], feeds)[0])
+    except Exception:  # the stage that runs the model says why
+        return
+    mask = np.asarray(feeds[name])
+    if mask.ndim != 2 or out.shape[:2] != mask.shape:
+        raise ConfigError(f"evaluate.valid_mask '{name}' has shape {list(mask.shape)} on the first evaluation sample, "
+                          f"but model.output '{output}' has {list(out.shape)}: the mask must be [N, T] over an output "
+                          f"[N, T, ...]. Name the input that marks the output's positions, or leave valid_mask out.")
 
 
 def _check_session(model: str | Path, spec: ModelSpec) -> Any:

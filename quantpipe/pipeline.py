@@ -223,6 +223,7 @@ def stage_evaluate(
     order = sorted(ran, key=lambda v: v.name != ref_name)
     threads = cfg.build.backends.onnxruntime.threads
     outputs = _sharded_outputs(cfg, li, order, progress, executor)
+    valid = task.valid_of(b.feeds for b in li.eval.batches(cfg.data.batch_size)) if task.valid_mask else None
     for v in order:
         n_lat = len(lat.batch_sizes) if lat.enabled else 0
         if v.name not in outputs and n_lat and accuracy_threads(threads) != threads and v.device == "cpu":
@@ -241,7 +242,7 @@ def stage_evaluate(
                 latency_batch_sizes=lat.batch_sizes if n_lat else (), warmup=lat.warmup, iterations=lat.iterations,
                 max_seconds=lat.max_seconds,
                 on_batch=advance, task=task, hooks=hooks if v.name != ref_name else (),  # the ref's: below, vs itself
-                outputs=outputs.get(v.name), output_axis=cfg.model.output_batch_axis,
+                outputs=outputs.get(v.name), output_axis=cfg.model.output_batch_axis, valid=valid,
             )
         if v.name == ref_name:
             reference = out
@@ -250,7 +251,7 @@ def stage_evaluate(
             # The reference against itself: exact agreement by definition, recomputed for honesty.
             from quantpipe.evaluate import accuracy_metrics
 
-            res = dataclasses.replace(res, metrics={**res.metrics, **accuracy_metrics(out, out, li.eval.labels, wanted, ref_labelled, task, hooks)})
+            res = dataclasses.replace(res, metrics={**res.metrics, **accuracy_metrics(out, out, li.eval.labels, wanted, ref_labelled, task, hooks, valid)})
         results.append(res)
     for v in variants:
         if not v.ran:

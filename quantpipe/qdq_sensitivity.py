@@ -28,7 +28,7 @@ import numpy as np
 
 from quantpipe.artifacts import LayerSensitivity
 from quantpipe.errors import EvaluationError
-from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
+from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_from_sums
 from quantpipe.onnxgraph import Graph, attr, depthwise_convs, expose_outputs, load_onnx, name_nodes, tensor_outputs
 from quantpipe.ortsession import ort_session
 from quantpipe.reference import CANDIDATES_PER_RUN, COUNTED_SCORES, first_samples, run_candidates, run_output, score
@@ -175,10 +175,11 @@ def _one_at_a_time(qdq: Any, nodes: Sequence[str], feeds: Sequence[Mapping[str, 
     measured: dict[str, float] = {}
     tie: dict[str, float] = {}
     base = keep_only_pairs(qdq, ())
+    valid = task.valid_of(feeds)  # evaluate.valid_mask: the positions that count
     for at in range(0, len(nodes), CANDIDATES_PER_RUN):
         group = nodes[at:at + CANDIDATES_PER_RUN]
         outs = run_candidates(base, [keep_only_pairs(qdq, {n}) for n in group], feeds, output, output_axis=output_axis)
         for n, o in zip(group, outs, strict=True):
-            measured[n] = score(metric, o, ref, labels, task)
-            tie[n] = sqnr_db(o, ref) if metric in COUNTED_SCORES else 0.0
+            measured[n] = score(metric, o, ref, labels, task, valid)
+            tie[n] = score("sqnr_db", o, ref, None, task, valid) if metric in COUNTED_SCORES else 0.0
     return measured, tie

@@ -225,9 +225,12 @@ def _proto(model: Any) -> Any:
 
 
 def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
-          task: TaskSpec = CLASSIFICATION) -> float:
+          task: TaskSpec = CLASSIFICATION, valid: np.ndarray | None = None) -> float:
     """Metric `name` of the output `out` against the FP32 `ref` (top1_drop: against `labels`; line_agreement and
-    map_iou / box_agreement / pixel_agreement / miou / detection_agreement read the output as `task` says)."""
+    map_iou / box_agreement / pixel_agreement / miou / detection_agreement read the output as `task` says), at the
+    positions `valid` marks (`TaskSpec.judged`; None: all)."""
+    out, ref_, labels = task.judged_all(out, ref, labels, valid)
+    ref = ref if ref_ is None else ref_
     if name in TASK_SCORES:
         return task_score(name, out, ref, task)
     if name == "sqnr_db":

@@ -30,7 +30,7 @@ from quantpipe.candidates import FP32_BASE, CandidateShare, run_shared
 from quantpipe.errors import EvaluationError, WorkerError
 from quantpipe.evalconfig import SensitivityMetric
 from quantpipe.execution import Executor, Stashed, plan_shards, share_threads, unstash
-from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_db, sqnr_from_sums
+from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_from_sums
 from quantpipe.onnxgraph import depthwise_convs, expose_outputs, load_onnx, reaching
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
@@ -164,9 +164,10 @@ def _one_at_a_time(ctx: Reference, amax: Mapping[str, float], nodes: Sequence[An
     tie: dict[str, float] = {}
     share = CandidateShare(ctx.model, amax, ctx.options, tuple({"only_nodes": frozenset({q.name})} for q in nodes),
                            FP32_BASE, tuple(ctx.feeds), ctx.output, output_axis=ctx.output_axis)
+    valid = task.valid_of(ctx.feeds)  # evaluate.valid_mask: the positions that count
     for q, out in zip(nodes, run_shared(executor, share), strict=True):
-        measured[q.name] = score(metric, out, ctx.ref, ctx.labels, task)
-        tie[q.name] = sqnr_db(out, ctx.ref) if metric in COUNTED_SCORES else 0.0
+        measured[q.name] = score(metric, out, ctx.ref, ctx.labels, task, valid)
+        tie[q.name] = score("sqnr_db", out, ctx.ref, None, task, valid) if metric in COUNTED_SCORES else 0.0
         log.debug("sensitivity %s (%s): %s = %.4g", q.name, q.op_type, metric, measured[q.name])
     return measured, tie
 

@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,8 @@ class TaskSpec:
     det_nms_iou: float = _default(DetectionConfig, "nms_iou")
     det_max_detections: int = _default(DetectionConfig, "max_detections")
     det_box_iou: float = _default(DetectionConfig, "box_iou")
+    valid_mask: str | None = None
+    """The input whose nonzero positions of the output count (evaluate.valid_mask); None: every position."""
 
     @classmethod
     def from_config(cls, ev: EvaluateConfig) -> TaskSpec:
@@ -72,7 +74,37 @@ class TaskSpec:
                    logits=ev.dense.logits, box_iou=ev.dense.box_iou, min_box_side=ev.dense.min_box_side,
                    class_axis=ev.segmentation.class_axis, det_layout=d.layout, det_objectness=d.objectness,
                    det_box_format=d.box_format, det_logits=d.logits, det_score_threshold=d.score_threshold,
-                   det_nms_iou=d.nms_iou, det_max_detections=d.max_detections, det_box_iou=d.box_iou)
+                   det_nms_iou=d.nms_iou, det_max_detections=d.max_detections, det_box_iou=d.box_iou,
+                   valid_mask=ev.valid_mask)
+
+    def valid_of(self, feeds: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray | None:
+        """The positions that count over these batches' samples (`valid_mask`'s input, as bool, batches joined); None
+        without `valid_mask`."""
+        if self.valid_mask is None:
+            return None
+        return np.concatenate([np.asarray(f[self.valid_mask]) != 0 for f in feeds])
+
+    def judged(self, x: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+        """`x` [N, T, ...] at the positions `valid` [N, T] marks: [K, ...] (each position a sample), or [1, K, ...]
+        for a dense or segmentation output (a map's axes kept); `x` itself where `valid` is None."""
+        if valid is None:
+            return x
+        if np.shape(x)[:2] != valid.shape:
+            raise EvaluationError(
+                f"evaluate.valid_mask '{self.valid_mask}' has shape {list(valid.shape)}, but model.output has "
+                f"{list(np.shape(x))}: its first two axes must be the mask's [N, T]. Point valid_mask at the input "
+                f"that marks the output's positions, or leave it out.")
+        kept = np.asarray(x)[valid]
+        return kept[None] if self.task in ("dense", "segmentation") else kept
+
+    def judged_all(self, out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | None, valid: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """`judged` of an output, its reference and per-position labels ([N, T]; per-sample labels stay whole)."""
+        if valid is None:
+            return out, ref, labels
+        per_position = labels is not None and np.shape(labels)[:2] == valid.shape
+        return (self.judged(out, valid), None if ref is None else self.judged(ref, valid),
+                self.judged(labels, valid) if per_position else labels)  # type: ignore[arg-type]
 
     def decode(self, out: np.ndarray) -> list[tuple[int, ...]]:
         """Greedy CTC decode; a clear EvaluationError when the output is not [N, T, C] / [N, C, T]."""

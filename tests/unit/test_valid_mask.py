@@ -1,0 +1,88 @@
+"""`evaluate.valid_mask`: padded sequences scored on their real positions alone, in results.json, the gate and the
+fallback; refused at load where it cannot apply."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantpipe.cli import main
+from quantpipe.metrics import sqnr_db
+from quantpipe.taskmetrics import TaskSpec
+from tests.conftest import task_pipeline
+
+N, T = 16, 12
+
+
+def _tagger(tmp_path: Path) -> None:
+    """x [N, T, 4] -> MatMul -> Relu -> MatMul -> scores [N, T, 3] (a token tagger); `mask` [N, T] marks the real
+    tokens. Padding holds large junk, as a padded batch can, that nobody reads."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["scores"])],
+        "tagger", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 4]),
+                   helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", "T"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", "T", 3])],
+        [numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), "W1"),
+         numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "W2")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "tag.onnx")
+    for name in ("calib", "eval"):
+        lengths = rng.integers(3, T + 1, size=N)
+        mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.float32)
+        x = np.where(mask[..., None] > 0, rng.standard_normal((N, T, 4)), 30 * rng.standard_normal((N, T, 4)))
+        np.savez(tmp_path / f"{name}.npz", x=x.astype(np.float32), mask=mask)
+
+
+def _yaml(tmp_path: Path, extra: str) -> Path:
+    return task_pipeline(tmp_path, "tag", f"task: segmentation, segmentation: {{class_axis: -1}}{extra}",
+                         "{metric: pixel_agreement, min: 0.5}",
+                         "[{variant: ort-int8, metric: pixel_agreement, min: 0.5}]")
+
+
+def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the Q/DQ arithmetic exact
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(["scores"], feeds)[0]
+
+
+def test_a_masked_run_scores_the_real_positions_alone(tmp_path: Path) -> None:
+    _tagger(tmp_path)
+    assert main(["run", str(_yaml(tmp_path, ", valid_mask: mask")), "-q", "--workers", "1"]) == 0
+    run = tmp_path / "reports" / "latest"
+    results = json.loads((run / "results.json").read_text())
+    (int8,) = [e["metrics"] for e in results["evaluations"] if e["variant"] == "ort-int8"]
+    data = dict(np.load(tmp_path / "eval.npz"))
+    valid = data["mask"] > 0
+    fp32, q = _run(tmp_path / "tag.onnx", data), _run(run / "models" / "model.int8.onnx", data)
+    # Every number on the real tokens only, as one computes them by hand.
+    assert int8["sqnr_db"] == pytest.approx(sqnr_db(q[valid], fp32[valid]), rel=1e-6)
+    assert int8["pixel_agreement"] == pytest.approx(np.mean(q[valid].argmax(-1) == fp32[valid].argmax(-1)))
+    assert int8["sqnr_db"] != pytest.approx(sqnr_db(q, fp32), rel=1e-3)  # the padding would have moved it
+    assert results["fallback"]["metric"] == "pixel_agreement"
+    assert TaskSpec(task="segmentation", valid_mask="mask").judged(q, valid).shape == (1, int(valid.sum()), 3)
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    (", valid_mask: lengths", "evaluate.valid_mask is 'lengths', which is not an input"),
+    (", valid_mask: x", "evaluate.valid_mask 'x' has shape [1, 12, 4]"),
+])
+def test_a_mask_that_cannot_apply_is_refused_at_load(tmp_path: Path, capsys, extra: str, said: str) -> None:
+    _tagger(tmp_path)
+    assert main(["run", str(_yaml(tmp_path, extra)), "-q", "--workers", "1"]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_a_mask_over_ctc_or_detection_outputs_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from quantpipe.evalconfig import EvaluateConfig
+
+    with pytest.raises(ValidationError, match="valid_mask reads the output's positions"):
+        EvaluateConfig(task="ctc", valid_mask="mask")
