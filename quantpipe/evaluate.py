@@ -24,7 +24,7 @@ from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
 __all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner", "warn_if_constant",
-           "warn_if_no_detections", "warn_if_cosine_blind", "warn_about_reference",
+           "warn_if_no_detections", "warn_if_cosine_blind", "warn_about_reference", "warn_if_labels_unread",
            "with_sessions_checked", "ORT_OPTIMIZATION_KEY",
            "OutputsJob", "outputs_job", "sharded_outputs", "shardable", "stack_outputs"]
 
@@ -172,12 +172,27 @@ def warn_if_cosine_blind(reference: np.ndarray, output: str, rules: Sequence[Any
     return True
 
 
-def warn_about_reference(reference: np.ndarray, output: str, task: TaskSpec, rules: Sequence[Any]) -> None:
+def warn_if_labels_unread(reference: np.ndarray, output: str, task: TaskSpec, labels: np.ndarray | None) -> bool:
+    """Warn (and return True) where data.evaluation has labels that nothing reads: a classification output that is
+    not class scores [N, classes] of 2 or more (a single sigmoid per sample showed top-1 as '—' without a word:
+    found probing)."""
+    if labels is None or task.task != "classification" or _is_classifier(reference):
+        return False
+    log.warning("data.evaluation has labels, but model.output '%s' has shape %s, not class scores [N, classes] of 2 "
+                "classes or more: top1 / top5 and their drops are not measured. A single score per sample: judge it "
+                "with a hook metric (e.g. accuracy at your threshold); a map or sequence: set evaluate.task.", output,
+                list(reference.shape))
+    return True
+
+
+def warn_about_reference(reference: np.ndarray, output: str, task: TaskSpec, rules: Sequence[Any],
+                         labels: np.ndarray | None = None) -> None:
     """What the FP32 reference says about the metrics asked of it: `warn_if_constant`, else `warn_if_no_detections`;
-    `warn_if_cosine_blind`."""
+    `warn_if_cosine_blind`; `warn_if_labels_unread`."""
     if not warn_if_constant(reference, output):
         warn_if_no_detections(reference, task)
     warn_if_cosine_blind(reference, output, rules)
+    warn_if_labels_unread(reference, output, task, labels)
 
 
 def warn_if_no_detections(reference: np.ndarray, task: TaskSpec) -> bool:

@@ -276,6 +276,13 @@ def accuracy_fallback(
 
 
 def _check_labels(metric: str, ctx: Reference, role: str | None, dataset: Any) -> None:
+    """ConfigError where the budget metric cannot be read from this output or data."""
+    if metric in ("top1_agreement", "top1_drop") and ctx.ref.size <= len(ctx.ref):
+        # An argmax over one column is always 0: 'met, 0 of 26 layers kept' on a per-character sigmoid (found probing).
+        raise ConfigError(
+            f"the fallback metric {metric} needs class scores of 2 classes or more per sample, but model.output "
+            f"'{ctx.output}' has shape {list(ctx.ref.shape)} on the {role or 'given'} data. Use a metric of its task "
+            f"(evaluate.task and its metrics), or cosine.")
     if metric == "top1_drop" and ctx.labels is None:
         raise ConfigError(
             f"the fallback metric top1_drop needs labels in the data it chooses on ({role or 'the given'} data "

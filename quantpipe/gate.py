@@ -172,8 +172,12 @@ def _accuracy(results: RunResults, name: str, e: EvalResult, metric: str) -> Obs
         elif metric in TASK_OF_METRIC:
             hint = f" (it needs evaluate.task: {TASK_OF_METRIC[metric]})"
         else:
-            hint = " (it needs a classifier output shaped [N, classes])" if metric == "top1_agreement" else ""
-        return _missing(name, metric, f"{metric} was not measured for {name}{hint}; it must also be in evaluate.metrics")
+            hint = (" (it needs class scores shaped [N, classes] of 2 classes or more; for one value per sample gate "
+                    "on sqnr_db, max_abs_error or a hook metric)") if metric == "top1_agreement" else ""
+        # Where the hint says why, the metric may well be in evaluate.metrics already (found probing: "it must also
+        # be in evaluate.metrics" beside a config that listed it).
+        return _missing(name, metric, f"{metric} was not measured for {name}"
+                        + (hint if hint else "; it must be in evaluate.metrics"))
     value = e.metrics[metric]
     if value is None:
         # evaluate stores non-finite numbers as null; SQNR is +inf exactly when the outputs are identical.

@@ -85,6 +85,8 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     check_output_shape(cfg.model.path, spec, ev, output, cfg.model.output_batch_axis, session=session)
     if cfg.evaluate.task == "detection":
         _check_detection_head(cfg, ev, output, session())
+    elif cfg.evaluate.task != "classification":
+        _check_task_output(cfg, ev, output, session())
     if cfg.evaluate.valid_mask is not None:
         _check_valid_mask(cfg, inputs, ev, output, session())
     val = None
@@ -247,6 +249,28 @@ def _check_detection_head(cfg: PipelineConfig, data: Dataset, output: str, sessi
                           f"objectness, logits) as README's 'Task metrics' describes.")
 
 
+def _check_task_output(cfg: PipelineConfig, data: Dataset, output: str, session: Any) -> None:
+    """ConfigError (exit 2) at load where evaluate.task cannot read model.output on the first evaluation sample (a
+    CTC decode, a dense map, a segmentation's classes), not exit 4 after calibration, the build and the FP32
+    evaluation (found probing: task dense on a [N, L] output). `session`: None skips it."""
+    from quantpipe.errors import ConfigError, EvaluationError
+    from quantpipe.taskmetrics import TaskSpec
+
+    if session is None:
+        return
+    try:
+        out = np.moveaxis(np.asarray(session.run([output], dict(data.first_batch(1).feeds))[0]),
+                          cfg.model.output_batch_axis, 0)
+    except Exception:  # the stage that runs the model says why
+        return
+    task = TaskSpec.from_config(cfg.evaluate)
+    read = {"ctc": task.decode, "dense": task.mask, "segmentation": task.classes}[task.task]
+    try:
+        read(out)
+    except EvaluationError as err:
+        raise ConfigError(f"{err} (found at load, on the first evaluation sample)") from err
+
+
 def _check_valid_mask(cfg: PipelineConfig, inputs: Sequence[TensorInfo], data: Dataset, output: str,
                       session: Any) -> None:
     """ConfigError (exit 2) at load where evaluate.valid_mask is no model input, or does not mark model.output's
@@ -311,7 +335,8 @@ def _check_output_batch(spec: ModelSpec, output: str, out: np.ndarray, n: int, a
         + (f" (this one has {', '.join(post)})" if post else " (NonMaxSuppression, TopK)")
         + " returns [K, ...] boxes for one image: point model.output at a raw head before it (`quantpipe inspect` "
         "lists the outputs), or export the model without the post-processing. An RNN's time-major [T, N, C] output: "
-        "set model.output_batch_axis: 1.")
+        "set model.output_batch_axis: 1. A batch-1 export whose output has no batch axis ([T] per input): add one "
+        "(an Unsqueeze at the output) or re-export with it.")
 
 
 def _batch_of_one(t: TensorInfo, axis: int) -> TensorInfo:

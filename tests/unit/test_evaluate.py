@@ -186,3 +186,19 @@ def test_a_cosine_rule_on_one_value_per_sample_is_warned_about(caplog) -> None:
         assert not warn_if_cosine_blind(hz, "f0", [GateRule(variant="ort-int8", metric="sqnr_db", min=30)])
         assert not warn_if_cosine_blind(np.tile(hz, (1, 3)), "f0", [rule])  # a vector per sample has a direction
     assert caplog.text.count("gate rule(s) on cosine (ort-int8) judge model.output 'f0', one value per sample") == 2
+
+
+def test_labels_nothing_reads_are_warned_about(caplog) -> None:
+    # A per-character sigmoid [N, 1] with labels: top-1 showed '—' and nothing said the labels went unused.
+    import logging
+
+    from quantpipe.evaluate import warn_if_labels_unread
+    from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
+
+    labels = np.zeros(8, np.int64)
+    with caplog.at_level(logging.WARNING, logger="quantpipe"):
+        assert warn_if_labels_unread(np.zeros((8, 1), np.float32), "p", CLASSIFICATION, labels)
+        assert not warn_if_labels_unread(np.zeros((8, 3), np.float32), "p", CLASSIFICATION, labels)
+        assert not warn_if_labels_unread(np.zeros((8, 1), np.float32), "p", CLASSIFICATION, None)
+        assert not warn_if_labels_unread(np.zeros((8, 4, 4), np.float32), "p", TaskSpec(task="dense"), labels)
+    assert caplog.text.count("data.evaluation has labels, but model.output 'p' has shape [8, 1]") == 1

@@ -153,3 +153,25 @@ def test_a_budget_not_met_keeps_the_layers_up_to_its_best_step():
     assert best_prefix({k: (v, 0.0) for k, v in enumerate(walk)}) == 3
     assert best_prefix({0: (0.9, -2.0), 1: (0.9, -1.0), 2: (0.9, -1.0)}) == 1  # the margin, then the fewest layers
     assert best_prefix({0: (0.5, 0.0)}) == 0
+
+
+def test_a_top1_budget_on_one_value_per_sample_is_refused(tmp_path):
+    # An argmax over one column is always 0: "met, 0 of 26 layers kept" on a per-character sigmoid (found probing).
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from quantpipe.data import open_dataset
+    from quantpipe.errors import ConfigError
+    from quantpipe.model import tensor_info
+    from tests.conftest import float_model
+
+    rng = np.random.default_rng(0)
+    model = float_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                        [numpy_helper.from_array(rng.normal(size=(4, 1)).astype(np.float32), "w")],
+                        {"x": ["n", 4]}, {"y": ["n", 1]})
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 4)).astype(np.float32))
+    ds = open_dataset(tmp_path / "c.npz", [tensor_info(i) for i in model.graph.input], role="calibration")
+    with pytest.raises(ConfigError, match=r"top1_agreement needs class scores of 2 classes or more.*\[16, 1\]"):
+        accuracy_fallback(path, {"x": 3.0, "y": 3.0}, ds, metric="top1_agreement", target=0.99, output="y")

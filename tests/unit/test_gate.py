@@ -304,3 +304,17 @@ def test_results_json_without_num_classes_still_loads(results: RunResults) -> No
     for e in data["evaluations"]:
         e.pop("num_classes", None)
     assert evaluate_gate(from_jsonable(RunResults, data), []).passed
+
+
+def test_an_unmeasured_metric_says_why_without_contradicting_the_config(results: RunResults) -> None:
+    # "it must also be in evaluate.metrics" beside a config that listed top1_agreement, on a one-column output.
+    evals = tuple(dataclasses.replace(e, metrics={k: v for k, v in e.metrics.items() if k != "top1_agreement"})
+                  for e in results.evaluations)
+    o = observe(dataclasses.replace(results, evaluations=evals), "ort-int8", "top1_agreement")
+    assert o.value is None and "class scores" in o.reason and "must be in evaluate.metrics" not in o.reason
+    o = observe(dataclasses.replace(results, evaluations=evals), "ort-int8", "cosine")
+    assert o.value is not None
+    stripped = tuple(dataclasses.replace(e, metrics={k: v for k, v in e.metrics.items() if k != "cosine"})
+                     for e in results.evaluations)
+    o = observe(dataclasses.replace(results, evaluations=stripped), "ort-int8", "cosine")
+    assert o.reason.endswith("cosine was not measured for ort-int8; it must be in evaluate.metrics")

@@ -49,3 +49,18 @@ def test_a_segmentation_rule_on_a_classifier_is_refused_at_load(tmp_path: Path, 
     _segmenter(tmp_path)
     assert main(["run", str(_yaml(tmp_path, "classification")), "-q"]) == 2
     assert "segmentation" in capsys.readouterr().err
+
+
+def test_a_task_that_cannot_read_the_output_is_refused_at_load(tmp_path: Path, capsys) -> None:
+    # task dense on a [N, L] output ended in exit 4 after calibration, the build and the FP32 evaluation (probing).
+    from tests.conftest import make_mlp
+
+    make_mlp(tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((8, 8)).astype(np.float32))
+    path = task_pipeline(tmp_path, "mlp", "task: dense", "null", "[]")
+    assert main(["run", str(path), "-q", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate.task is dense, but the output has shape [1, 4]" in err and "found at load" in err
+    assert not (tmp_path / "reports" / ".work").exists() or not any((tmp_path / "reports" / ".work").rglob("*.cache"))
