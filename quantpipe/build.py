@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from quantpipe import __version__
 from quantpipe.artifacts import CalibrationSummary, FallbackReport, Variant, from_jsonable, to_jsonable
-from quantpipe.config import PipelineConfig, variant_name
+from quantpipe.config import FALLBACK_METRICS, PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError
 from quantpipe.evalconfig import TASK_SCORES
 from quantpipe.execution import Executor
@@ -162,6 +162,12 @@ def _ort_fingerprint(cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, floa
         # (The detection section only where it is the task: the other tasks' fingerprints stay as they were.)
         read = {"task", "ctc", "dense", "segmentation"} | ({"detection"} if cfg.evaluate.task == "detection" else set())
         fp["task"] = json.dumps(cfg.evaluate.model_dump(mode="json", include=read), sort_keys=True)
+    if b.fallback is not None and cfg.evaluate.valid_mask is not None:  # which positions its budget reads
+        fp["valid_mask"] = cfg.evaluate.valid_mask
+    if b.fallback is not None and b.fallback.metric not in FALLBACK_METRICS:  # a hook's metric: its code decides
+        from quantpipe.taskmetrics import hooks_sha256
+
+        fp["hooks"] = hooks_sha256(cfg.evaluate.hooks())
     return fp
 
 
@@ -303,13 +309,13 @@ def _build_ort(
                 from quantpipe.taskmetrics import TaskSpec
 
                 fb = b.fallback
-                target = fb.min if fb.metric != "top1_drop" else fb.max
+                target = fb.min if fb.min is not None else fb.max  # a hook's metric bounded by max: lower is better
                 rep, fallback = accuracy_fallback(
                     li.spec.path, amax, li.selection, out_path=out, metric=fb.metric, target=float(target),  # type: ignore[arg-type]
                     keep_in=fb.keep_in, max_layers=fb.max_layers, max_evaluations=fb.max_evaluations,
                     output=li.output, batch_size=cfg.data.batch_size,
                     options=options, task=TaskSpec.from_config(cfg.evaluate), executor=executor,
-                    output_axis=cfg.model.output_batch_axis,
+                    output_axis=cfg.model.output_batch_axis, lower_is_better=fb.min is None,
                 )
             else:
                 rep = quantize_model(li.spec.path, amax, out, options)

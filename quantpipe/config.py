@@ -275,13 +275,14 @@ FALLBACK_METRICS: tuple[str, ...] = get_args(FallbackMetric)
 
 
 class FallbackConfig(_Model):
-    metric: FallbackMetric
-    """line_agreement needs evaluate.task ctc; map_iou and box_agreement need evaluate.task dense; pixel_agreement
-    and miou need evaluate.task segmentation; detection_agreement needs evaluate.task detection."""
+    metric: str
+    """A built-in metric (FALLBACK_METRICS): line_agreement needs evaluate.task ctc; map_iou and box_agreement need
+    evaluate.task dense; pixel_agreement and miou need evaluate.task segmentation; detection_agreement needs
+    evaluate.task detection. Or a name an evaluate.metrics hook returns (the task's own metric)."""
     min: float | None = None
-    """Lower bound for every metric but top1_drop."""
+    """Lower bound for every built-in metric but top1_drop; for a hook's, higher is better."""
     max: float | None = None
-    """Upper bound for top1_drop."""
+    """Upper bound for top1_drop; for a hook's, lower is better."""
     keep_in: Literal["fp16", "fp32"] = "fp16"
     max_layers: int | None = Field(default=None, ge=1)
     max_evaluations: int = Field(default=400, ge=1)
@@ -289,6 +290,15 @@ class FallbackConfig(_Model):
 
     @model_validator(mode="after")
     def _bound(self) -> FallbackConfig:
+        if self.metric not in FALLBACK_METRICS:
+            if not re.match(r"^[A-Za-z_]\w*$", self.metric):
+                raise ValueError(f"build.fallback.metric: unknown metric '{self.metric}'"
+                                 f"{did_you_mean(self.metric, FALLBACK_METRICS)}; known: "
+                                 f"{', '.join(FALLBACK_METRICS)}, or a name an evaluate.metrics hook returns")
+            if (self.min is None) == (self.max is None):
+                raise ValueError(f"build.fallback on the hook metric {self.metric} needs `min` (higher is better) or "
+                                 f"`max` (lower is better), one of the two")
+            return self
         if self.metric == "top1_drop" and self.max is None:
             raise ValueError("build.fallback with metric top1_drop needs `max` (e.g. max: 0.01)")
         if self.metric != "top1_drop" and self.min is None:
@@ -373,6 +383,11 @@ class PipelineConfig(_Model):
                     f"gate.rules[{i}].metric: unknown metric '{rule.metric}'{did_you_mean(rule.metric, GATE_METRICS)}; "
                     f"known: {', '.join(GATE_METRICS)} (or a name returned by a hook in evaluate.metrics)")
         fb = self.build.fallback
+        if fb is not None and fb.metric not in FALLBACK_METRICS and not hooks:
+            raise ValueError(f"build.fallback.metric '{fb.metric}'{did_you_mean(fb.metric, FALLBACK_METRICS)} is no "
+                             f"built-in metric, and evaluate.metrics names "
+                             f"no hook that could return it; add the hook (package.module:function), or use one of "
+                             f"{', '.join(FALLBACK_METRICS)}")
         need = TASK_SCORES.get(fb.metric) if fb is not None else None
         if need is not None and self.evaluate.task != need:
             raise ValueError(f"build.fallback.metric {fb.metric} needs evaluate.task: {need} "  # type: ignore[union-attr]

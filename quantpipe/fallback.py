@@ -81,11 +81,12 @@ class _Search:
     """The fallback's evaluations: each keep-set built and judged once (cached), up to `max_evaluations`."""
 
     def __init__(self, ctx: Reference, amax: Mapping[str, float], metric: str, target: float,
-                 max_evaluations: int, task: TaskSpec = CLASSIFICATION, executor: Executor | None = None) -> None:
+                 max_evaluations: int, task: TaskSpec = CLASSIFICATION, executor: Executor | None = None,
+                 lower_is_better: bool | None = None) -> None:
         self.ctx, self.amax, self.metric, self.target, self.task = ctx, amax, metric, target, task
         self.executor = executor
         self.max_evaluations = max_evaluations
-        self.lower_is_better = metric == "top1_drop"
+        self.lower_is_better = metric == "top1_drop" if lower_is_better is None else lower_is_better
         self.valid = task.valid_of(ctx.feeds)
         self.cache: dict[frozenset[str], _Eval] = {}
         self.reports: dict[frozenset[str], QuantizeReport] = {}
@@ -216,6 +217,7 @@ def accuracy_fallback(
     on_step: Callable[[str, float], None] | None = None,
     task: TaskSpec = CLASSIFICATION,
     executor: Executor | None = None,
+    lower_is_better: bool | None = None,
 ) -> tuple[QuantizeReport, FallbackReport]:
     """Keep the fewest, most sensitive layers in float until the accuracy budget holds.
 
@@ -224,7 +226,8 @@ def accuracy_fallback(
         dataset: the `Dataset` the layers are chosen and the budget measured on: calibration or validation data
             (labels for top1_drop), never the evaluation data (role "evaluation": ConfigError).
         metric: top1_agreement, cosine, line_agreement (`task` ctc), map_iou / box_agreement (dense), pixel_agreement
-            / miou (segmentation), detection_agreement (detection): >= target; top1_drop (labels): <= target; vs FP32.
+            / miou (segmentation), detection_agreement (detection): >= target; top1_drop (labels): <= target; vs FP32;
+            or a name one of `task.hooks` returns (`lower_is_better`: which way it reads; default higher).
         target: the budget. max_layers: keep at most this many layers in float (None: no limit).
         keep_in: what a kept layer runs in on TensorRT (fp16 or fp32); in ONNX Runtime it computes in FP32.
         out_path: write the final Q/DQ model here (checked, atomically; None: only report); options /
@@ -242,12 +245,12 @@ def accuracy_fallback(
 
     Returns: the final model's QuantizeReport and the FallbackReport (met=False when the budget was not reached).
     """
-    role = _check_arguments(metric, keep_in, dataset)
+    role = _check_arguments(metric, keep_in, dataset, task)
     ctx = prepare_reference(model_path, amax, dataset, output=output, batch_size=batch_size,
                             max_samples=max_samples, options=options, calibration_data=calibration_data,
                             executor=executor, output_axis=output_axis)
     _check_labels(metric, ctx, role, dataset)
-    search = _Search(ctx, amax, metric, target, max_evaluations, task, executor)
+    search = _Search(ctx, amax, metric, target, max_evaluations, task, executor, lower_is_better)
     initial = search.current
     first = search.reports[frozenset()]
     ops = {q.name: q.op_type for q in first.quantized_nodes}
@@ -321,10 +324,12 @@ def _best_prefix(search: _Search) -> None:
         search.keep, search.current = search.keep[:k], e
 
 
-def _check_arguments(metric: str, keep_in: str, dataset: Any) -> str | None:
-    """Refuse an unknown metric or keep_in, and the evaluation data; return the dataset's role."""
-    if metric not in FALLBACK_METRICS:
-        raise ConfigError(f"fallback metric must be one of {', '.join(FALLBACK_METRICS)}, not '{metric}'.")
+def _check_arguments(metric: str, keep_in: str, dataset: Any, task: TaskSpec) -> str | None:
+    """Refuse an unknown metric (not built in, and no hook to return it) or keep_in, and the evaluation data; return
+    the dataset's role."""
+    if metric not in FALLBACK_METRICS and not task.hooks:
+        raise ConfigError(f"fallback metric must be one of {', '.join(FALLBACK_METRICS)} or a hook's (evaluate.metrics),"
+                          f" not '{metric}'.")
     if keep_in not in ("fp16", "fp32"):
         raise ConfigError(f"fallback keep_in must be fp16 or fp32, not '{keep_in}'.")
     role = getattr(dataset, "role", None)

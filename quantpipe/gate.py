@@ -24,7 +24,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from quantpipe.artifacts import EvalResult, GateDecision, LatencyStats, RuleOutcome, RunResults, Variant
+from quantpipe.artifacts import IDENTICAL_KEY, EvalResult, GateDecision, LatencyStats, RuleOutcome, RunResults, Variant
 from quantpipe.configbase import did_you_mean
 from quantpipe.errors import ConfigError
 from quantpipe.evalconfig import LATENCY_RULE_METRICS
@@ -347,7 +347,7 @@ CHANNEL_METRICS = ("channel_sqnr_min_db", "channel_sqnr_min_index", "channel_sqn
 def hook_metrics(results: RunResults) -> list[str]:
     """The names evaluate.metrics hooks returned in this run, sorted: the report's tables, results.csv, the terminal
     and the baseline comparison show them beside the built-in metrics."""
-    return sorted(_hook_metrics(results) - set(CHANNEL_METRICS))
+    return sorted(_hook_metrics(results) - {*CHANNEL_METRICS, IDENTICAL_KEY})
 
 
 def hook_higher_is_better(results: RunResults, metric: str) -> bool | None:

@@ -229,6 +229,8 @@ def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None
     """Metric `name` of the output `out` against the FP32 `ref` (top1_drop: against `labels`; line_agreement and
     map_iou / box_agreement / pixel_agreement / miou / detection_agreement read the output as `task` says), at the
     positions `valid` marks (`TaskSpec.judged`; None: all)."""
+    if task.hooks and name not in (*TASK_SCORES, "sqnr_db", "cosine", "top1_agreement", "top1_drop"):
+        return task.hook_score(name, out, ref, labels)  # a hook's metric, on the whole outputs as evaluate gives them
     out, ref_, labels = task.judged_all(out, ref, labels, valid)
     ref = ref if ref_ is None else ref_
     if name in TASK_SCORES:

@@ -9,9 +9,12 @@ means it (decode, threshold, NMS) and names the numbers; a detector's decoding l
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +22,7 @@ import numpy as np
 
 from quantpipe import detection as D
 from quantpipe import metrics as M
+from quantpipe.configbase import did_you_mean
 from quantpipe.errors import ConfigError, EvaluationError
 from quantpipe.evalconfig import (
     BUILTIN_METRICS,
@@ -29,7 +33,7 @@ from quantpipe.evalconfig import (
     SegmentationConfig,
 )
 
-__all__ = ["CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hook", "run_hooks"]
+__all__ = ["CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hook", "run_hooks", "hooks_sha256"]
 
 SEQUENCE_VS_REF = ("line_agreement", "cer")
 SEQUENCE_VS_LABELS = ("line_accuracy", "label_cer")
@@ -66,6 +70,8 @@ class TaskSpec:
     det_box_iou: float = _default(DetectionConfig, "box_iou")
     valid_mask: str | None = None
     """The input whose nonzero positions of the output count (evaluate.valid_mask); None: every position."""
+    hooks: tuple[str, ...] = ()
+    """evaluate.metrics' `module:function` hooks: a metric one of them returns can hold the fallback's budget."""
 
     @classmethod
     def from_config(cls, ev: EvaluateConfig) -> TaskSpec:
@@ -75,7 +81,18 @@ class TaskSpec:
                    class_axis=ev.segmentation.class_axis, det_layout=d.layout, det_objectness=d.objectness,
                    det_box_format=d.box_format, det_logits=d.logits, det_score_threshold=d.score_threshold,
                    det_nms_iou=d.nms_iou, det_max_detections=d.max_detections, det_box_iou=d.box_iou,
-                   valid_mask=ev.valid_mask)
+                   valid_mask=ev.valid_mask, hooks=tuple(ev.hooks()))
+
+    def hook_score(self, name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
+        """The metric `name` as `hooks` return it on these outputs (whole, as evaluate gives them); ConfigError
+        where none returns it or it is no finite number."""
+        got = run_hooks(self.hooks, out, ref, labels)
+        if name not in got:
+            raise ConfigError(f"build.fallback.metric '{name}' was not returned by the evaluate.metrics hooks "
+                              f"({', '.join(self.hooks) or 'none'}; they returned: {', '.join(sorted(got)) or 'nothing'})"
+                              f"{did_you_mean(name, sorted(got))}; name a metric they return.")
+        value = got[name]
+        return float(value) if value is not None else math.nan
 
     def valid_of(self, feeds: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray | None:
         """The positions that count over these batches' samples (`valid_mask`'s input, as bool, batches joined); None
@@ -208,6 +225,21 @@ def task_score(name: str, out: np.ndarray, ref: np.ndarray, spec: TaskSpec) -> f
 
 
 MetricHook = Callable[[np.ndarray, "np.ndarray | None", "np.ndarray | None"], Mapping[str, float]]
+
+
+def hooks_sha256(hooks: Sequence[str]) -> str:
+    """One sha256 over each hook's name and its module's source file (what a fallback chosen by a hook's metric
+    depends on: a cached build is reused only while they are the same)."""
+    h = hashlib.sha256()
+    for spec in hooks:
+        load_hook(spec)  # a ConfigError naming the hook where it cannot be imported
+        module = sys.modules[spec.partition(":")[0]]
+        h.update(spec.encode() + b"\0")
+        path = getattr(module, "__file__", None)
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
 
 
 def load_hook(spec: str) -> MetricHook:

@@ -183,6 +183,10 @@ def test_hook_metrics_show_in_every_table_and_the_baseline_comparison(tmp_path: 
     now = dataclasses.replace(now, gate=evaluate_gate(now, [GateRule(variant="ort-int8", metric="pitch_agree_50c",
                                                                      min=0.9)]))
     assert hook_metrics(now) == ["pitch_agree_50c", "pitch_median_cents"]
+    # quantpipe's own extra keys are no hook's
+    marked = dataclasses.replace(now, evaluations=tuple(dataclasses.replace(e, metrics={
+        **e.metrics, "identical_to_fp32": 1.0, "channel_sqnr_min_db": 3.0}) for e in now.evaluations))
+    assert hook_metrics(marked) == ["pitch_agree_50c", "pitch_median_cents"]
     files = write_report(tmp_path, now)
     md, csv = files["md"].read_text(), pd.read_csv(files["csv"])
     assert "| pitch_agree_50c | pitch_median_cents |" in md  # the variants table's header
