@@ -251,7 +251,10 @@ def _say_output_sqnr(spec: Any, out: Path, ds: Any, batch_size: int) -> None:
         return
     sqnr, n, where, each = written_sqnr(spec.path, out, ds, batch_size=batch_size, max_samples=OUTPUT_SQNR_SAMPLES)
     limits = CollapseConfig()
-    said = f"INT8 output SQNR{where} {sqnr:.1f} dB against FP32 on the first {n} calibration samples"
+    # The first in file order: per-character samples sorted by sentence are one sentence's (found probing).
+    said = (f"INT8 output SQNR{where} {sqnr:.1f} dB against FP32 on the first {n}"
+            + (f" of {ds.num_samples} calibration samples (in file order)" if n < ds.num_samples else
+               " calibration samples"))
     if each:
         said += " (each output: " + ", ".join(f"{o} {v:.1f} dB" for o, v in each.items()) + ")"
         worst = min(each, key=lambda o: each[o])

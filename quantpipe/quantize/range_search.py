@@ -334,7 +334,9 @@ def choose_ranges(model: Any, tables: Mapping[str, Mapping[str, float]], options
     signal = sum(output_signal(r, sums, weights) for r in refs)
     base = dict(tables.get("best", tables["mse"]))
     tensors = [t for t in _planned_tensors(m0, tables["minmax"], opts) if len(_candidates(tables, t)) > 1]
-    log.info("auto ranges: %d activations with distinct candidates, %d samples", len(tensors), count)
+    total = getattr(calibration_data, "num_samples", count)
+    log.info("auto ranges: %d activations with distinct candidates, on the first %d of %d calibration samples%s",
+             len(tensors), count, total, ", in file order" if count < total else "")
     per_tensor = (_alone_pass(_Alone(m0, tables, tuple(tensors), tuple(tensors), opts, feeds, refs, weights), executor)
                   if tensors and signal > 0 else {})
     log.info("auto ranges: per-tensor pass done in %.1f s", time.perf_counter() - t0)
