@@ -240,6 +240,17 @@ def _int8_build_summary(rep: Any) -> dict[str, Any]:
     }
 
 
+def _outputs_reached(path: Any, quantized: set[str]) -> list[str]:
+    """The graph outputs of the written INT8 model that a quantized node reaches (what an INT8 variant whose judged
+    output is FP32's can be judged on instead; its graph alone is read, not its weights)."""
+    import onnx
+
+    from quantpipe.onnxgraph import reaching
+
+    m = onnx.load(str(path), load_external_data=False)
+    return [o.name for o in m.graph.output if reaching(m, [o.name]) & quantized]
+
+
 def _auto_ranges(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     """`calibration.use: auto`'s summary (which method each tensor got and why) from the calibration stage."""
     import json
@@ -321,6 +332,7 @@ def _build_ort(
                 rep = quantize_model(li.spec.path, amax, out, options)
             int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples,
                           "equalized_depthwise": options.equalize_depthwise is True,
+                          "outputs_reached": _outputs_reached(out, {q.name for q in rep.quantized_nodes}),
                           **_auto_ranges(cfg, ws), **_from_cache(cfg, ws)}
             built["int8"] = out
             advance(1)

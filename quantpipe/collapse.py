@@ -138,8 +138,12 @@ def _unmeasured(results: RunResults, e: EvalResult) -> Collapse:
     recurrent = {op: n for op, n in results.model.op_counts.items() if op in RECURRENT_OPS and n}
     held = (" (" + ", ".join(f"{n} {op}" for op, n in recurrent.items()) + " in this model, left in float)"
             if recurrent else "")
-    others = [o.name for o in results.model.outputs]
-    yaml = ("model:\n  output: " + " | ".join(others)) if len(others) > 1 else ""
+    reached = ((variant.details.get("quantize") or {}).get("outputs_reached") if variant is not None else None)
+    # The float outputs an INT8 layer reaches (the build records them), not every output: the judged one and a bool
+    # pass-through were offered before (found probing a GRU encoder).
+    others = [o.name for o in results.model.outputs if reached is None or
+              (o.name in reached and o.dtype.startswith(("float", "bfloat")))]
+    yaml = ("model:\n  output: " + " | ".join(others)) if (len(others) > 1 if reached is None else others) else ""
     return Collapse(
         variant=e.variant, severity="unmeasured",
         problems=(f"its output equals FP32's bit for bit on all {e.num_samples} evaluation samples: no INT8 layer "

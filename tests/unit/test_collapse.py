@@ -214,3 +214,25 @@ def test_a_verdict_says_when_the_gates_rules_on_the_users_own_metrics_held(tmp_p
                    for p in c.problems) is said
     (c,) = find_collapse(results, CollapseConfig())  # no gate rule on it: nothing to say
     assert not any("your own metrics" in p for p in c.problems)
+
+
+def test_not_measured_offers_only_the_float_outputs_an_int8_layer_reaches(tmp_path: Path) -> None:
+    # A GRU encoder (found probing): the advice listed memory_out | src_mask_out | hidden_out, the judged output and
+    # a bool pass-through among them; only hidden_out is reached by INT8.
+    from quantpipe.artifacts import TensorInfo
+
+    results = synthetic_results(tmp_path)
+    outs = (TensorInfo("memory_out", "float32", ("N", 8, 16)), TensorInfo("src_mask_out", "bool", ("N", 8)),
+            TensorInfo("hidden_out", "float32", ("N", 16)))
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "identical_to_fp32": 1.0})
+                  if e.variant == "ort-int8" else e for e in results.evaluations)
+    variants = tuple(dataclasses.replace(v, details={"quantize": {"quantized": 1, "outputs_reached": [
+        "src_mask_out", "hidden_out"]}}) if v.name == "ort-int8" else v for v in results.variants)
+    results = dataclasses.replace(results, evaluations=evals, variants=variants,
+                                  model=dataclasses.replace(results.model, outputs=outs))
+    (c,) = find_collapse(results, CollapseConfig())
+    assert c.severity == "unmeasured" and c.fix_yaml == "model:\n  output: hidden_out"
+    none = tuple(dataclasses.replace(v, details={"quantize": {"quantized": 1, "outputs_reached": []}})
+                 if v.name == "ort-int8" else v for v in variants)
+    (c,) = find_collapse(dataclasses.replace(results, variants=none), CollapseConfig())
+    assert c.fix_yaml == "" and c.fix.startswith("release this model knowing")
