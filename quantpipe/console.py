@@ -131,15 +131,16 @@ def print_summary(results: Any) -> None:
                 **{m: h for m, h in task_cols.items() if m in measured}, "sqnr_db": "SQNR"}
     from quantpipe.gate import hook_metrics
 
-    cols.update({m: m for m in hook_metrics(results) if m in measured})  # what evaluate.metrics hooks returned
+    own = [m for m in hook_metrics(results) if m in measured]  # what evaluate.metrics hooks returned
+    cols.update({m: m for m in own})
     table.add_column("variant", no_wrap=True)
     table.add_column("dev", no_wrap=True)
     for head in cols.values():
-        table.add_column(head, justify="right", no_wrap=True)
+        table.add_column(head, justify="right", no_wrap=head not in own)  # a hook's long name wraps, not the numbers
     bs_all = sorted({lat.batch_size for e in results.evaluations for lat in e.latency})
     for bs in bs_all:
         table.add_column(f"ms@{bs}", justify="right", no_wrap=True)
-    table.add_column("MB", justify="right", no_wrap=True)
+    table.add_column("MB", justify="right", no_wrap=True, min_width=6)
     variants = {v.name: v for v in results.variants}
     skipped: dict[str, list[str]] = {}
     for e in results.evaluations:
