@@ -210,6 +210,8 @@ class FallbackReport:
     evaluation data the gate judges); None in results written before it was recorded."""
     chosen_samples: int | None = None
     """How many samples of `chosen_on` the budget was measured on."""
+    lower_is_better: bool = False
+    """The budget is an upper bound (`max`): top1_drop, or a hook's metric bounded by `max`."""
 
 
 @dataclasses.dataclass(frozen=True)

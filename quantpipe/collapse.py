@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from quantpipe.artifacts import IDENTICAL_KEY, Collapse, EvalResult, LayerSensitivity, RunResults
+from quantpipe.artifacts import IDENTICAL_KEY, Collapse, EvalResult, FallbackReport, LayerSensitivity, RunResults
 from quantpipe.evalconfig import CollapseConfig
 from quantpipe.gate import hook_metrics
 
@@ -108,7 +108,13 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
     yaml = "\n".join(lines)
     if fb is not None:
         held = e.metrics.get(fb.metric)
-        if fb.met and held is not None and float(held) >= fb.target:  # met on the evaluation data too
+        here = held is not None and (float(held) <= fb.target if fb.lower_is_better else float(held) >= fb.target)
+        if fb.met and here and fb.metric not in FALLBACK_BUDGETS:  # the user's own metric held, here too
+            fix = (f"the accuracy fallback met its budget on your own metric {fb.metric} ({fb.target:g}, "
+                   f"{len(fb.steps)} layer(s) kept in float) on the {fb.chosen_on or 'selection'} data and here "
+                   f"({float(held):.4g}): where {fb.metric} is what this output means, nothing is to mend (lower "
+                   f"evaluate.collapse's limits); where it is not, budget the fallback on a measure that sees the loss:")
+        elif fb.met and here:  # met on the evaluation data too
             fix = (f"the accuracy fallback met its budget ({fb.metric} {fb.target:g}, {len(fb.steps)} layer(s) kept in "
                    f"float) on the {fb.chosen_on or 'selection'} data and on the evaluation data ({float(held):.4g}): "
                    f"{fb.metric} does not see this loss. Budget the fallback on a measure that does:")
@@ -138,6 +144,8 @@ def _unmeasured(results: RunResults, e: EvalResult) -> Collapse:
     recurrent = {op: n for op, n in results.model.op_counts.items() if op in RECURRENT_OPS and n}
     held = (" (" + ", ".join(f"{n} {op}" for op, n in recurrent.items()) + " in this model, left in float)"
             if recurrent else "")
+    if quantized == 0 and results.fallback is not None and results.fallback.steps:
+        return _kept_everything(e, results.fallback)
     reached = ((variant.details.get("quantize") or {}).get("outputs_reached") if variant is not None else None)
     # The float outputs an INT8 layer reaches (the build records them), not every output: the judged one and a bool
     # pass-through were offered before (found probing a GRU encoder).
@@ -156,6 +164,18 @@ def _unmeasured(results: RunResults, e: EvalResult) -> Collapse:
         fix="judge an output the INT8 layers reach (model.output in pipeline.yaml), or release this model knowing "
             "its judged output is not quantized:" if yaml else "release this model knowing its output is not "
             "quantized (recurrent layers and the ops quantpipe leaves in float are not).", fix_yaml=yaml)
+
+
+def _kept_everything(e: EvalResult, fb: FallbackReport) -> Collapse:
+    """An INT8 variant the accuracy fallback left without a quantized layer: FP32 under another name (a budget only
+    FP32 meets; found probing: 5 of 5 layers kept, then "nothing in this model was quantized")."""
+    return Collapse(
+        variant=e.variant, severity="unmeasured",
+        problems=(f"its output equals FP32's bit for bit on all {e.num_samples} evaluation samples: the accuracy "
+                  f"fallback kept every quantized layer in float ({len(fb.steps)} of {fb.num_quantizable})",),
+        cause=f"its budget ({fb.metric} {fb.target:g} on the {fb.chosen_on or 'selection'} data) is one only FP32 met.",
+        fix="loosen the budget, or cap build.fallback.max_layers: on a few dozen samples an agreement of 0.999 asks for "
+            "outputs identical to FP32's.", fix_yaml="")
 
 
 #: Ops whose subgraphs the FP16 writer leaves in FP32 (with the nodes they read from the outer scope).

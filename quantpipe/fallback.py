@@ -272,9 +272,9 @@ def accuracy_fallback(
                        model_path=model_path, out_path=out_path)
     fallback = FallbackReport(metric=metric, target=float(target), initial=initial.value, final=current.value,
                               met=search.met(current), num_quantizable=first.num_quantizable, steps=steps,
-                              chosen_on=role, chosen_samples=int(ctx.ref.shape[0]))
-    if not fallback.met:
-        _say_unmet(rep, role)
+                              chosen_on=role, chosen_samples=int(ctx.ref.shape[0]),
+                              lower_is_better=search.lower_is_better)
+    _say_unmet(fallback, rep, role)
     return rep, fallback
 
 
@@ -293,9 +293,11 @@ def _check_labels(metric: str, ctx: Reference, role: str | None, dataset: Any) -
             "use top1_agreement or cosine, which need no labels.")
 
 
-def _say_unmet(rep: QuantizeReport, role: str | None) -> None:
+def _say_unmet(fallback: FallbackReport, rep: QuantizeReport, role: str | None) -> None:
     """A budget not met, at WARNING level: the CLI, the log and the report's warnings say it, not only the fallback's
     section deep in report.md under a passing gate (found probing a pitch tracker)."""
+    if fallback.met:
+        return
     log.warning("the accuracy fallback did not meet its budget on the %s data: %s. Raise build.fallback.max_layers "
                 "(or max_evaluations), or loosen the budget.", role or "selection",
                 next(w for w in rep.warnings if "NOT met" in w))

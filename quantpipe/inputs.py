@@ -98,7 +98,24 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
             val.check_label_range(classes, output)
         _warn_overlap(val, ev)
         check_output_shape(cfg.model.path, spec, val, output, cfg.model.output_batch_axis, session=session)
+    elif cfg.build.fallback is not None:
+        _check_fallback_shapes(cfg, spec, calib, output, session)
     return LoadedInputs(spec, inputs, output, calib, ev, val)
+
+
+def _check_fallback_shapes(cfg: PipelineConfig, spec: ModelSpec, calib: Dataset, output: str, session: Any) -> None:
+    """DataError (exit 2) at load where the fallback would choose on calibration samples whose outputs differ in
+    shape: it compares them as one array (found probing: exit 4 in the middle of the build on a folder of
+    variable-length samples, which calibration itself takes)."""
+    try:
+        check_output_shape(cfg.model.path, spec, calib, output, cfg.model.output_batch_axis, session=session)
+    except DataError as err:
+        raise DataError(f"build.fallback chooses on the calibration data and compares the model's outputs there as one "
+                        f"array, but model.output '{output}' changes shape with the calibration samples (its smallest and largest "
+                        f"sample, run once at load, give outputs of two shapes). Give "
+                        f"the fallback samples of one shape as data.validation (padded; for a per-token output with "
+                        f"evaluate.valid_mask), or leave build.fallback out: calibration itself takes samples of any "
+                        f"shape.") from err
 
 
 def batch_axes(cfg: PipelineConfig, inputs: Sequence[TensorInfo]) -> dict[str, int]:

@@ -236,3 +236,37 @@ def test_not_measured_offers_only_the_float_outputs_an_int8_layer_reaches(tmp_pa
                  if v.name == "ort-int8" else v for v in variants)
     (c,) = find_collapse(dataclasses.replace(results, variants=none), CollapseConfig())
     assert c.fix_yaml == "" and c.fix.startswith("release this model knowing")
+
+
+def test_a_fallback_that_kept_every_layer_is_said_so(tmp_path: Path) -> None:
+    # 5 of 5 layers kept for a budget only FP32 met, then "nothing in this model was quantized" (found probing).
+    from quantpipe.artifacts import FallbackReport, FallbackStep
+
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "identical_to_fp32": 1.0})
+                  if e.variant == "ort-int8" else e for e in results.evaluations)
+    variants = tuple(dataclasses.replace(v, details={"quantize": {"quantized": 0}}) if v.name == "ort-int8" else v
+                     for v in results.variants)
+    steps = tuple(FallbackStep(node=f"n{i}", op_type="Conv", kept_in="fp16", metric_before=0.99, metric_after=1.0)
+                  for i in range(5))
+    fb = FallbackReport(metric="boundary_f1", target=0.999, initial=0.99, final=1.0, met=True, num_quantizable=5,
+                        steps=steps, chosen_on="calibration", chosen_samples=48)
+    (c,) = find_collapse(dataclasses.replace(results, evaluations=evals, variants=variants, fallback=fb),
+                         CollapseConfig())
+    assert c.severity == "unmeasured" and "kept every quantized layer in float (5 of 5)" in c.problems[0]
+    assert "only FP32 met" in c.cause and c.fix.startswith("loosen the budget") and c.fix_yaml == ""
+
+
+def test_a_fallback_on_the_users_own_metric_that_held_is_not_called_blind(tmp_path: Path) -> None:
+    from quantpipe.artifacts import FallbackReport
+
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": 11.8, "top1_agreement": 0.688,
+                                                  "pitch_median_cents": 0.3}) for e in results.evaluations)
+    fb = FallbackReport(metric="pitch_median_cents", target=1.0, initial=3.1, final=0.2, met=True, num_quantizable=7,
+                        steps=(), chosen_on="calibration", chosen_samples=64, lower_is_better=True)
+    results = dataclasses.replace(results, evaluations=evals, fallback=fb)
+    (c,) = find_collapse(results, CollapseConfig())
+    assert "met its budget on your own metric pitch_median_cents" in c.fix and "does not see" not in c.fix
+    md = write_report(tmp_path / "run", dataclasses.replace(results, collapse=(c,)))["md"].read_text()
+    assert "pitch_median_cents <= 1" in md  # an upper bound is said as one

@@ -86,3 +86,20 @@ def test_a_mask_over_ctc_or_detection_outputs_is_refused() -> None:
 
     with pytest.raises(ValidationError, match="valid_mask reads the output's positions"):
         EvaluateConfig(task="ctc", valid_mask="mask")
+
+
+def test_a_fallback_on_calibration_samples_of_several_lengths_is_refused_at_load(tmp_path: Path, capsys) -> None:
+    # A folder of variable-length samples calibrates fine, but the fallback compares outputs as one array: it ended
+    # in exit 4 in the middle of the build (found probing). Refused at load, with the way out (data.validation).
+    _tagger(tmp_path)
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i, t in enumerate((5, 9, 7)):
+        np.savez(folder / f"s{i}.npz", x=rng.standard_normal((1, t, 4)).astype(np.float32),
+                 mask=np.ones((1, t), np.float32))
+    path = _yaml(tmp_path, ", valid_mask: mask")
+    path.write_text(path.read_text().replace("calibration: {path: calib.npz}", "calibration: {path: calib}"))
+    assert main(["run", str(path), "-q", "--workers", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "build.fallback chooses on the calibration data" in err and "data.validation" in err
