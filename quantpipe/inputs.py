@@ -100,7 +100,26 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
         check_output_shape(cfg.model.path, spec, val, output, cfg.model.output_batch_axis, session=session)
     elif cfg.build.fallback is not None:
         _check_fallback_shapes(cfg, spec, calib, output, session)
+    if cfg.build.fallback is not None and cfg.build.fallback.metric in ("top1_agreement", "top1_drop"):
+        _check_top1_budget(cfg, calib, output, session())
     return LoadedInputs(spec, inputs, output, calib, ev, val)
+
+
+def _check_top1_budget(cfg: PipelineConfig, calib: Dataset, output: str, session: Any) -> None:
+    """ConfigError (exit 2) at load where a top-1 fallback budget would read one value per sample: an argmax over one
+    column is always 0 (found probing: 'met, 0 of 26 layers kept'; `fallback` refuses it too, after calibration)."""
+    from quantpipe.errors import ConfigError
+
+    if session is None:
+        return
+    try:
+        out = np.asarray(session.run([output], dict(calib.first_batch(1).feeds))[0])
+    except Exception:  # the stage that runs the model says why
+        return
+    if out.size <= 1:
+        raise ConfigError(f"build.fallback.metric is {cfg.build.fallback.metric}, which needs class scores of 2 classes "  # type: ignore[union-attr]
+                          f"or more per sample, but model.output '{output}' has shape {list(out.shape)} for one sample. "
+                          f"Use a metric of its task (evaluate.task and its metrics, or a hook's), or cosine.")
 
 
 def _check_fallback_shapes(cfg: PipelineConfig, spec: ModelSpec, calib: Dataset, output: str, session: Any) -> None:

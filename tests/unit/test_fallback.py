@@ -175,3 +175,24 @@ def test_a_top1_budget_on_one_value_per_sample_is_refused(tmp_path):
     ds = open_dataset(tmp_path / "c.npz", [tensor_info(i) for i in model.graph.input], role="calibration")
     with pytest.raises(ConfigError, match=r"top1_agreement needs class scores of 2 classes or more.*\[16, 1\]"):
         accuracy_fallback(path, {"x": 3.0, "y": 3.0}, ds, metric="top1_agreement", target=0.99, output="y")
+
+
+def test_a_top1_budget_on_one_value_per_sample_is_refused_at_load(tmp_path, capsys):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from quantpipe.cli import main
+    from tests.conftest import float_model, task_pipeline
+
+    rng = np.random.default_rng(0)
+    model = float_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                        [numpy_helper.from_array(rng.normal(size=(4, 1)).astype(np.float32), "w")],
+                        {"x": ["n", 4]}, {"y": ["n", 1]})
+    (tmp_path / "one.onnx").write_bytes(model.SerializeToString())
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.normal(size=(16, 4)).astype(np.float32))
+    path = task_pipeline(tmp_path, "one", "metrics: [sqnr_db]", "{metric: top1_agreement, min: 0.99}", "[]")
+    assert main(["run", str(path), "-q", "--workers", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "build.fallback.metric is top1_agreement, which needs class scores" in err
+    assert not (tmp_path / "reports" / ".work").exists() or not list((tmp_path / "reports" / ".work").rglob("*.cache"))
