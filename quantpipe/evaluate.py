@@ -176,7 +176,7 @@ def warn_if_labels_unread(reference: np.ndarray, output: str, task: TaskSpec, la
     """Warn (and return True) where data.evaluation has labels that nothing reads: a classification output that is
     not class scores [N, classes] of 2 or more (a single sigmoid per sample showed top-1 as '—' without a word:
     found probing)."""
-    if labels is None or task.task != "classification" or _is_classifier(reference):
+    if labels is None or task.task != "classification" or task.valid_mask or _is_classifier(reference):
         return False
     log.warning("data.evaluation has labels, but model.output '%s' has shape %s, not class scores [N, classes] of 2 "
                 "classes or more: top1 / top5 and their drops are not measured. A single score per sample: judge it "
@@ -381,7 +381,6 @@ def accuracy_threads(configured: int | None) -> int:
     with any number of workers on any machine (the workers give the parallelism). Latency is measured with
     `configured` (None: onnxruntime's default, every core), as a deployment runs."""
     return configured or 1
-
 
 
 def with_sessions_checked(variants: Sequence[Variant]) -> list[Variant]:
