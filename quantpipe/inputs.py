@@ -110,13 +110,8 @@ def _check_top1_budget(cfg: PipelineConfig, calib: Dataset, output: str, session
     column is always 0 (found probing: 'met, 0 of 26 layers kept'; `fallback` refuses it too, after calibration)."""
     from quantpipe.errors import ConfigError
 
-    if session is None:
-        return
-    try:
-        out = np.asarray(session.run([output], dict(calib.first_batch(1).feeds))[0])
-    except Exception:  # the stage that runs the model says why
-        return
-    if out.size <= 1:
+    out = _first_output(session, calib, output)
+    if out is not None and out.size <= 1:
         raise ConfigError(f"build.fallback.metric is {cfg.build.fallback.metric}, which needs class scores of 2 classes "  # type: ignore[union-attr]
                           f"or more per sample, but model.output '{output}' has shape {list(out.shape)} for one sample. "
                           f"Use a metric of its task (evaluate.task and its metrics, or a hook's), or cosine.")
@@ -269,11 +264,8 @@ def _check_detection_head(cfg: PipelineConfig, data: Dataset, output: str, sessi
     from quantpipe.detection import head_problem
     from quantpipe.errors import ConfigError
 
-    if session is None:
-        return
-    try:
-        out = np.asarray(session.run([output], dict(data.first_batch(1).feeds))[0])
-    except Exception:  # the stage that runs the model says why
+    out = _first_output(session, data, output)
+    if out is None:
         return
     d = cfg.evaluate.detection
     problem = head_problem(np.moveaxis(out, cfg.model.output_batch_axis, 0), layout=d.layout,
@@ -292,13 +284,10 @@ def _check_task_output(cfg: PipelineConfig, data: Dataset, output: str, session:
     from quantpipe.errors import ConfigError, EvaluationError
     from quantpipe.taskmetrics import TaskSpec
 
-    if session is None:
+    out = _first_output(session, data, output)
+    if out is None:
         return
-    try:
-        out = np.moveaxis(np.asarray(session.run([output], dict(data.first_batch(1).feeds))[0]),
-                          cfg.model.output_batch_axis, 0)
-    except Exception:  # the stage that runs the model says why
-        return
+    out = np.moveaxis(out, cfg.model.output_batch_axis, 0)
     task = TaskSpec.from_config(cfg.evaluate)
     read = {"ctc": task.decode, "dense": task.mask, "segmentation": task.classes}[task.task]
     try:
@@ -318,18 +307,25 @@ def _check_valid_mask(cfg: PipelineConfig, inputs: Sequence[TensorInfo], data: D
         raise ConfigError(f"evaluate.valid_mask is '{name}', which is not an input of {cfg.model.path} (inputs: "
                           f"{[t.name for t in inputs]}). Name the input that is nonzero where model.output's positions "
                           f"count (an attention mask), or leave valid_mask out.")
-    if session is None or cfg.model.output_batch_axis != 0:
+    out = _first_output(session, data, output) if cfg.model.output_batch_axis == 0 else None
+    if out is None:
         return
-    feeds = dict(data.first_batch(1).feeds)
-    try:
-        out = np.asarray(session.run([output], feeds)[0])
-    except Exception:  # the stage that runs the model says why
-        return
-    mask = np.asarray(feeds[name])
+    mask = np.asarray(data.first_batch(1).feeds[name])
     if mask.ndim != 2 or out.shape[:2] != mask.shape:
         raise ConfigError(f"evaluate.valid_mask '{name}' has shape {list(mask.shape)} on the first evaluation sample, "
                           f"but model.output '{output}' has {list(out.shape)}: the mask must be [N, T] over an output "
                           f"[N, T, ...]. Name the input that marks the output's positions, or leave valid_mask out.")
+
+
+def _first_output(session: Any, data: Dataset, output: str) -> np.ndarray | None:
+    """model.output of FP32 on the first sample of `data`, for a check at load; None without a session or where the
+    run fails (the stage that runs the model says why)."""
+    if session is None:
+        return None
+    try:
+        return np.asarray(session.run([output], dict(data.first_batch(1).feeds))[0])
+    except Exception:
+        return None
 
 
 def _check_session(model: str | Path, spec: ModelSpec) -> Any:
