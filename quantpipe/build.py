@@ -156,7 +156,7 @@ def _ort_fingerprint(cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, floa
         "quantpipe": __version__,
     }
     if cfg.calibration.from_cache is not None:  # the cache's scales are kept exact: see quantize_options
-        fp["from_cache"] = str(cfg.calibration.from_cache)
+        fp["from_cache"] = sha256_file(cfg.calibration.from_cache)  # its content: a moved project reuses its build
     if b.fallback is not None and b.fallback.metric in TASK_SCORES:
         # How the output is decoded / thresholded decides what the fallback keeps in float.
         # (The detection section only where it is the task: the other tasks' fingerprints stay as they were.)
@@ -392,7 +392,7 @@ def _build_trt(
             todo.append((precision, name))
             continue
         if trt.required:
-            require_tensorrt()  # raises MissingDependencyError (exit 3) with the pip command
+            require_tensorrt("build.backends.tensorrt.required")  # MissingDependencyError (exit 3)
             raise MissingDependencyError(
                 f"build.backends.tensorrt.required is true, but {name} cannot be built here: {reason}. "
                 f"Run on a machine with an NVIDIA GPU and TensorRT (pip install 'quantpipe[tensorrt]'), "

@@ -1,7 +1,7 @@
 """Command line: `quantpipe run|calibrate|quantize|build|evaluate|report|gate|inspect|doctor|setup`.
 
 The only place that configures logging, draws progress, and maps errors to exit codes:
-0 pass, 1 gate failed, 2 bad input, 3 missing dependency, 4 a stage failed, 130 interrupted.
+0 pass, 1 gate failed, 2 bad input, 3 missing dependency, 4 a stage failed, 130 interrupted (SIGINT or SIGTERM).
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def _resolve_run_dir(cfg: Any, run: Path | None) -> Path:
     from quantpipe.report import resolve_latest
 
-    if run is not None:
-        return run
+    if run is not None:  # `--run reports/latest` where `latest` is a stale folder: what latest.txt names
+        return (resolve_latest(run.parent) or run) if run.name == "latest" and not run.is_symlink() else run
     latest = resolve_latest(Path(cfg.report.dir))
     if latest is not None:
         return latest
@@ -529,11 +529,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a CI job cancelled or timed out) cleans up as Ctrl-C does
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    import signal
+    import threading
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
+    # SIGTERM killed the run where it stood: a .partial folder left, the workers orphaned (found probing).
+    previous = (signal.signal(signal.SIGTERM, _terminated)
+                if threading.current_thread() is threading.main_thread() else None)
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     err = console(stderr=True)
     try:
         return int(args.func(args))

@@ -33,7 +33,7 @@ from quantpipe.build import calibration_skip_reason, model_files, sha256_of_mapp
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError, OutputError, QuantpipeError, WriteError, os_error_message
 from quantpipe.execution import Executor
-from quantpipe.fsutil import atomic_copy, atomic_write_json, writable_reason
+from quantpipe.fsutil import atomic_copy, atomic_write_json, sha256_file, writable_reason
 from quantpipe.inputs import LoadedInputs, load_inputs
 from quantpipe.report.rundir import (
     commit_run,
@@ -86,8 +86,9 @@ def stage_calibrate(
         "data": li.calib.fingerprint,
         # Every calibration setting but `use`, which picks among the tables afterwards (the build's fingerprint
         # holds the scales it picked): changing it alone re-ran calibration (found probing).
-        "calibration": json.dumps({k: v for k, v in cfg.section_fingerprint("calibration")["calibration"].items()
-                                   if k != "use"}, sort_keys=True),
+        "calibration": json.dumps({k: _cache_content(v) if k == "from_cache" else v for k, v in
+                                   cfg.section_fingerprint("calibration")["calibration"].items() if k != "use"},
+                                  sort_keys=True),
         "device": c.device,
         "quantpipe": __version__,
     }
@@ -130,6 +131,12 @@ def stage_calibrate(
         return summaries, _auto_amax(cfg, ws, li, summaries, fp, executor)
     amax = select_amax(ws.calibration, c.use, summaries)
     return summaries, amax
+
+
+def _cache_content(path: str | None) -> str | None:
+    """calibration.from_cache as its content's sha256, not its absolute path: a moved project reuses its calibration
+    (found probing: "re-running because calibration changed" after a copy)."""
+    return None if path is None else "sha256:" + sha256_file(path)
 
 
 AUTO_RANGES_FILE = "auto_ranges.json"
@@ -341,7 +348,7 @@ def _preflight(cfg: PipelineConfig) -> None:
     from quantpipe.backends.tensorrt.plan import variant_skip_reason
     from quantpipe.backends.tensorrt.version import require_tensorrt
 
-    require_tensorrt()
+    require_tensorrt("build.backends.tensorrt.required")
     for precision in trt.precisions:
         reason = variant_skip_reason(precision, int8_mode=trt.int8_mode)
         if reason is not None:
@@ -525,7 +532,7 @@ def finish_run(
     from quantpipe.report import load_results, with_baseline, write_report
 
     baseline_dir = baseline_dir or cfg.report.baseline
-    baseline = load_results(baseline_dir) if baseline_dir else None
+    baseline = load_results(require_complete(baseline_dir)) if baseline_dir else None  # a half run is no baseline
     decision = evaluate_gate(results, cfg.gate.rules, baseline)
     collapsed = find_collapse(dataclasses.replace(results, gate=decision), cfg.evaluate.collapse)
     results = with_baseline(dataclasses.replace(results, gate=decision, collapse=collapsed), baseline)

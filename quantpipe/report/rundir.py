@@ -192,6 +192,10 @@ def update_latest(report_root: str | os.PathLike[str], run_dir: str | os.PathLik
         tmp.unlink()
     try:
         if link.exists() and not link.is_symlink():
+            # A copy that followed the links (cp -rL, an archive) made `latest` a folder of an older run: say it, and
+            # `resolve_latest` reads latest.txt before it (found probing: `gate` judged the old run, exit 0).
+            log.warning("%s is a folder, not a link (a copy that followed links?): it holds an older run; %s.txt "
+                        "points at this one. Remove the folder, so that `latest` can be a link again.", link, LATEST)
             raise OSError(f"{link} exists and is not a symlink")
         os.symlink(target, tmp, target_is_directory=True)
         os.replace(tmp, link)  # rename over the old link: readers see the old or the new run, never none
@@ -209,9 +213,9 @@ def resolve_latest(report_root: str | os.PathLike[str]) -> Path | None:
     """The newest run directory under `report_root` (via `latest` or `latest.txt`), or None."""
     root = Path(report_root)
     link = root / LATEST
-    if link.exists():
-        return link.resolve()
     txt = root / f"{LATEST}.txt"
+    if link.exists() and (link.is_symlink() or not txt.is_file()):  # a `latest` folder beside latest.txt is stale
+        return link.resolve()
     if txt.is_file():
         run = root / txt.read_text(encoding="utf-8").strip()
         return run if run.is_dir() else None

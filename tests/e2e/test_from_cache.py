@@ -39,7 +39,7 @@ def legacy_cache(tmp: Path, drop: str | None) -> tuple[Path, dict[str, float]]:
     return path, scales
 
 
-def test_pipeline_int8_variant_takes_the_cache_scales(tmp_path: Path) -> None:
+def test_pipeline_int8_variant_takes_the_cache_scales(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     needed = tensors_to_quantize(onnx.load(EXAMPLE_MODEL))
     dropped = needed[1]
     cache, scales = legacy_cache(tmp_path, dropped)
@@ -64,6 +64,15 @@ def test_pipeline_int8_variant_takes_the_cache_scales(tmp_path: Path) -> None:
     assert record["calibrated"] == [dropped] and record["method"] == "entropy"
     assert record["ignored"] == ["(Unnamed Layer* 7) [Shuffle]_output"]
     assert record["disabled"] and record["left_float"] == []
+    # The same cache at another path (a moved project) is the same calibration and build: reused, not re-run (the
+    # fingerprints held its absolute path; found probing). Changed content is not.
+    moved = tmp_path / "elsewhere" / cache.name
+    moved.parent.mkdir()
+    cache.rename(moved)
+    cfg["calibration"]["from_cache"] = str(moved)
+    assert main(["build", str(write_config(tmp_path, cfg))]) == 0
+    text = " ".join(capsys.readouterr().err.split())
+    assert "calibrate: inputs unchanged" in text and "build: inputs unchanged" in text, text
 
 
 def test_a_missing_from_cache_file_is_a_config_error(tmp_path: Path) -> None:

@@ -146,6 +146,9 @@ def test_tensorrt_required_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert code == 3
     assert "pip install" in err and "tensorrt" in err
+    # where it was required and the way out, not only the pip line (found probing)
+    err = " ".join(err.split())
+    assert "build.backends.tensorrt.required is true" in err and "required: false" in err
 
 
 # --------------------------------------------------------------------------- bad input -> exit 2

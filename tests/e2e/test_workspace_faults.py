@@ -269,3 +269,45 @@ def test_interrupted_report_rewrite_is_refused_by_gate_until_finished(
     monkeypatch.setattr(render, "render_html", real)
     assert _run_cli(["report", cfg, "--run", run], capsys)[0] == 0
     assert _run_cli(["gate", cfg, "--run", run], capsys)[0] == 0
+
+
+# --------------------------------------------------------------------------- a release engineer's CI day (probing)
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(project: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    # What a cancelled or timed-out CI job sends: it killed the run where it stood, a .partial folder left behind.
+    import signal
+
+    def terminated(*args: object, **kwargs: object) -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return ""
+
+    monkeypatch.setattr("quantpipe.report.render.render_html", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = _run_cli(["run", str(project / "pipeline.yaml"), "--run-id", "second"], capsys)
+    assert code == 130 and "interrupted" in err, err
+    assert sorted(p.name for p in (project / "reports").iterdir()) == [".work", "first", "latest"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the CLI's only while it runs
+
+
+def test_a_baseline_must_be_a_complete_run(project: Path, capsys: pytest.CaptureFixture) -> None:
+    half = project / "reports/half"
+    shutil.copytree(project / "reports/first", half)
+    (half / "complete.json").unlink()
+    code, _, err = _run_cli(["gate", str(project / "pipeline.yaml"), "--baseline", str(half)], capsys)
+    assert code == 2 and "not a complete run" in err, err
+
+
+def test_a_latest_folder_left_by_a_copy_is_not_judged(project: Path, capsys: pytest.CaptureFixture) -> None:
+    # cp -rL made `latest` a folder holding an older run: `gate` judged it with exit 0 (found probing).
+    latest = project / "reports/latest"
+    latest.unlink()
+    shutil.copytree(project / "reports/first", latest)
+    code, _, err = _run_cli(["run", str(project / "pipeline.yaml"), "--run-id", "second"], capsys)
+    assert code == 0 and "is a folder, not a link" in err, err
+    assert (project / "reports/latest.txt").read_text().strip() == "second"
+    for argv in (["gate", str(project / "pipeline.yaml")],
+                 ["gate", str(project / "pipeline.yaml"), "--run", str(latest)]):
+        code, out, err = _run_cli([*argv, "-v"], capsys)
+        assert code == 0 and "second" in out + err and "/first" not in out + err, (argv, out, err)

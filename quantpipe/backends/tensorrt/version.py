@@ -89,11 +89,17 @@ def tensorrt_status() -> tuple[bool, str | None, str | None]:
         return False, None, f"tensorrt: probing failed ({type(err).__name__}: {err})"
 
 
-def require_tensorrt() -> TrtApi:
-    """The installed TensorRT's API level, or MissingDependencyError (exit 3) saying why and how to fix it."""
+def require_tensorrt(required_by: str | None = None) -> TrtApi:
+    """The installed TensorRT's API level, or MissingDependencyError (exit 3) saying why and how to fix it;
+    `required_by`: the setting that asked for it, said first with the way out (found probing: the exit-3 message
+    named neither where TensorRT was required nor the alternative)."""
     available, version, reason = tensorrt_status()
     if not available or version is None:
-        raise MissingDependencyError(reason or "tensorrt: not available")
+        why = reason or "tensorrt: not available"
+        if required_by:
+            why = (f"{required_by} is true, but TensorRT is missing here ({why}). Run on a machine with an NVIDIA GPU "
+                   f"and TensorRT, or set {required_by}: false to report the TensorRT variants as skipped.")
+        raise MissingDependencyError(why)
     return api_for_version(version)
 
 
