@@ -192,6 +192,8 @@ class FallbackStep:
     kept_in: str
     metric_before: float
     metric_after: float
+    same_step: bool = False
+    """Kept in the step of the layer above (the linear front end, kept whole); its before / after are that step's."""
 
 
 @dataclasses.dataclass(frozen=True)

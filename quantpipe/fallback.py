@@ -33,7 +33,7 @@ from quantpipe.config import FALLBACK_METRICS, FallbackMetric
 from quantpipe.data import sample_count
 from quantpipe.errors import ConfigError
 from quantpipe.execution import Executor
-from quantpipe.onnxgraph import reaching, save_onnx
+from quantpipe.onnxgraph import linear_front_end, reaching, save_onnx
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.types import QuantizeReport
@@ -93,6 +93,8 @@ class _Search:
         self.models: dict[frozenset[str], Any] = {}
         self.current = self.evaluate(frozenset())
         self.keep: list[str] = []
+        self.unit_of: dict[str, int] = {}
+        """Layers kept in one step together (the linear front end): name -> that step's end in `keep`."""
 
     def evaluate(self, keep: frozenset[str], *, force: bool = False) -> _Eval:
         return self.evaluate_many([keep], force=force)[0]
@@ -157,10 +159,13 @@ class _Search:
 
 
 def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, limit: int,
-            candidates_per_step: int, on_step: Callable[[str, float], None] | None) -> None:
+            candidates_per_step: int, on_step: Callable[[str, float], None] | None, front: Sequence[str] = ()) -> None:
     """Keep the layer that helps most, one at a time, until the budget holds; then drop the kept layers it no
-    longer needs. Progress lives in `search.keep` / `search.current`, so a search stopped by `_BudgetExhausted`
-    reports what it had reached."""
+    longer needs. Where no single layer meets the budget, the linear front end (`front`: 2 or more quantized layers
+    the input reaches through linear ops, `onnxgraph.linear_front_end`) is tried whole and kept in one step when that
+    meets it: a filter bank that INT8 breaks only together (basic-pitch's 26 CQT Convs) is out of reach one layer at a
+    time. Progress lives in `search.keep` / `search.current`, so a search stopped by `_BudgetExhausted` reports what
+    it had reached."""
     while not search.met(search.current) and remaining and len(search.keep) < limit:
         keep = search.keep
         first = remaining[:max(1, candidates_per_step)]
@@ -175,12 +180,20 @@ def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, li
             trials += zip(search.evaluate_many([frozenset(keep + [c]) for c in rest], base=frozenset(keep)), rest,
                           strict=True)
             best, choice = max(trials, key=lambda t: search.rank(t[0]))
-        search.keep.append(choice)
-        remaining.remove(choice)
+        unit, best = _front_end_step(search, front, remaining, limit, (choice,), best)
+        search.keep.extend(unit)
+        for c in unit:
+            remaining.remove(c)
         search.current = best
-        log.info("fallback: keeping %s (%s) in float -> %s = %.4f", choice, ops[choice], search.metric, best.value)
+        if len(unit) > 1:
+            search.unit_of.update(dict.fromkeys(unit, len(search.keep)))
+            log.info("fallback: no single layer meets the budget; keeping the linear front end in float (%d layers: "
+                     "%s) -> %s = %.4f", len(unit), ", ".join(unit[:3]) + (", ..." if len(unit) > 3 else ""),
+                     search.metric, best.value)
+        else:
+            log.info("fallback: keeping %s (%s) in float -> %s = %.4f", choice, ops[choice], search.metric, best.value)
         if on_step is not None:
-            on_step(choice, best.value)
+            on_step(unit[0] if len(unit) == 1 else f"the linear front end ({len(unit)} layers)", best.value)
     if search.met(search.current):
         # Drop layers the budget no longer needs (a later choice can make an earlier one redundant).
         keep = list(search.keep)
@@ -194,6 +207,22 @@ def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, li
             if search.met(search.evaluate(frozenset(trial))):
                 search.keep = trial
         search.current = search.evaluate(frozenset(search.keep))
+
+
+def _front(ctx: Reference, remaining: Sequence[str]) -> list[str]:
+    """The quantized layers of the model's linear front end (`onnxgraph.linear_front_end`), in ranking order."""
+    front = linear_front_end(ctx.model)
+    return [n for n in remaining if n in front]
+
+
+def _front_end_step(search: _Search, front: Sequence[str], remaining: Sequence[str], limit: int,
+                    unit: tuple[str, ...], best: _Eval) -> tuple[tuple[str, ...], _Eval]:
+    """The step `_greedy` takes: `unit` (the best single layer, `best` with it), or the whole linear front end where
+    that meets the budget and the single layer does not (all of it still quantized, within `limit`)."""
+    if len(front) < 2 or search.met(best) or not set(front) <= set(remaining) or len(search.keep) + len(front) > limit:
+        return unit, best
+    whole = search.evaluate_many([frozenset([*search.keep, *front])], base=frozenset(search.keep))[0]
+    return (tuple(front), whole) if search.met(whole) else (unit, best)
 
 
 def accuracy_fallback(
@@ -260,8 +289,8 @@ def accuracy_fallback(
             ranking = _ranking(ctx, amax, [q.name for q in first.quantized_nodes], sensitivity, ranking_samples,
                                executor, task)
             remaining = [n for n in ranking if n in ops]
-            _greedy(search, remaining, ops, candidates_per_step=candidates_per_step,
-                    limit=max_layers if max_layers is not None else len(remaining), on_step=on_step)
+            _greedy(search, remaining, ops, candidates_per_step=candidates_per_step, on_step=on_step,
+                    limit=max_layers if max_layers is not None else len(remaining), front=_front(ctx, remaining))
         except _BudgetExhausted:
             exhausted = True
             log.warning("fallback: stopped after %d evaluations (max_evaluations)", max_evaluations)
@@ -347,12 +376,15 @@ def _steps(search: _Search, keep: Sequence[str], ops: Mapping[str, str], keep_in
            initial: _Eval) -> tuple[FallbackStep, ...]:
     """The metric before and after each kept layer, in the order they were kept (for the report)."""
     steps: list[FallbackStep] = []
-    before = initial
-    for i, name in enumerate(keep):
-        after = search.evaluate(frozenset(keep[: i + 1]), force=True)  # at most len(keep) more runs
-        steps.append(FallbackStep(node=name, op_type=ops[name], kept_in=keep_in, metric_before=before.value,
-                                  metric_after=after.value))
-        before = after
+    before, i = initial, 0
+    while i < len(keep):
+        j, unit = i + 1, search.unit_of.get(keep[i])
+        while unit is not None and j < len(keep) and search.unit_of.get(keep[j]) == unit:
+            j += 1  # the layers kept in one step together (the linear front end) are one step here too
+        after = search.evaluate(frozenset(keep[:j]), force=True)  # at most len(keep) more runs
+        steps += [FallbackStep(node=name, op_type=ops[name], kept_in=keep_in, metric_before=(after if k else before).value,
+                               metric_after=after.value, same_step=k > 0) for k, name in enumerate(keep[i:j])]
+        before, i = after, j
     return tuple(steps)
 
 

@@ -34,7 +34,8 @@ __all__ = [
     "FLOAT", "FLOAT16", "Graph", "LARGE_MODEL_BYTES", "Names", "QDQ_OPS", "QUANTIZED_OPS", "UNCACHED_EXTERNAL_BYTES",
     "add_initializer", "attr", "constant_node_value", "decomposed_layernorm_nodes", "depthwise_convs",
     "drop_unused_initializers",
-    "expose_outputs", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy", "node_subgraphs",
+    "expose_outputs", "linear_front_end", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy",
+    "node_subgraphs",
     "opset_of", "reaching", "save_onnx", "subgraph_references", "tensor_outputs", "topological_order",
     "weights_as_inputs",
 ]
@@ -335,6 +336,43 @@ def attr(node: Any, name: str, default: Any) -> Any:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+#: Ops whose output is linear in their inputs (a product or quotient only by a constant: `linear_front_end`).
+LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Neg", "Reshape",
+                        "Transpose", "Pad", "Slice", "Concat", "Split", "Squeeze", "Unsqueeze", "Flatten", "Expand",
+                        "Identity", "AveragePool"})
+
+
+def linear_front_end(model: Any) -> set[str]:
+    """The nodes the graph's inputs reach through linear ops alone (LINEAR_OPS; Mul, Div, MatMul and Gemm only where
+    their other operands are constants): a filter bank or transform in the graph before its first nonlinearity.
+    basic-pitch's CQT is 26 Convs there, which INT8 breaks only together (found probing); an image model's is its stem
+    Conv, before the activation."""
+    static = {i.name for i in model.graph.initializer}  # constants, and what shapes and constants alone compute
+    for n in model.graph.node:  # in graph order, which ONNX keeps topological
+        if n.op_type in ("Constant", "Shape", "Size") or (n.input and all(not t or t in static for t in n.input)):
+            static.update(o for o in n.output if o)
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    linear = {i.name for i in model.graph.input} - static
+    seen: set[str] = set()
+    todo = list(linear)
+    while todo:
+        for n in consumers.get(todo.pop(), ()):
+            ins = [t for t in n.input if t]
+            scaled = n.op_type in ("Mul", "Div", "MatMul", "Gemm")
+            # Every operand linear or constant (a SiLU's x * sigmoid(x) is not), and a product of one linear factor.
+            if n.name in seen or n.op_type not in LINEAR_OPS or not all(t in linear or t in static for t in ins) \
+                    or (scaled and sum(t in linear for t in ins) > 1):
+                continue
+            seen.add(n.name)
+            fresh = [o for o in n.output if o and o not in linear]
+            linear.update(fresh)
+            todo.extend(fresh)
+    return seen
 
 
 def reaching(model: Any, outputs: Iterable[str]) -> set[str]:

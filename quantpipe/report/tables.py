@@ -115,12 +115,16 @@ def sensitivity_frame(results: RunResults, top: int | None = None) -> pd.DataFra
 
 def fallback_frame(results: RunResults) -> pd.DataFrame:
     """The layers the accuracy-driven fallback kept in float, in the order it chose them."""
-    cols = ["step", "node", "op_type", "kept_in", "metric_before", "metric_after", "gain"]
+    cols = ["step", "node", "op_type", "kept_in", "metric_before", "metric_after", "gain", "same_step"]
     fb = results.fallback
     if fb is None:
         return pd.DataFrame(columns=cols)
-    rows = [{"step": i, "node": s.node, "op_type": s.op_type, "kept_in": s.kept_in, "metric_before": s.metric_before,
-             "metric_after": s.metric_after, "gain": s.metric_after - s.metric_before} for i, s in enumerate(fb.steps, 1)]
+    rows, i = [], 0
+    for s in fb.steps:  # the layers kept in one step together (the linear front end) share its number
+        i += 0 if s.same_step else 1
+        rows.append({"step": i, "node": s.node, "op_type": s.op_type, "kept_in": s.kept_in,
+                     "metric_before": s.metric_before, "metric_after": s.metric_after,
+                     "gain": s.metric_after - s.metric_before, "same_step": s.same_step})
     return pd.DataFrame(rows, columns=cols)
 
 

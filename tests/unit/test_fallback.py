@@ -196,3 +196,48 @@ def test_a_top1_budget_on_one_value_per_sample_is_refused_at_load(tmp_path, caps
     err = " ".join(capsys.readouterr().err.split())
     assert "build.fallback.metric is top1_agreement, which needs class scores" in err
     assert not (tmp_path / "reports" / ".work").exists() or not list((tmp_path / "reports" / ".work").rglob("*.cache"))
+
+
+def _front_model(tmp_path):
+    """x -> fa -> fb (linear: the front end) -> Relu -> fc; the front end's two inputs get badly clipped ranges, so
+    INT8 breaks it unless both stay in float (basic-pitch's CQT Convs, in small)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from quantpipe.onnxgraph import expose_outputs
+    from tests.conftest import float_model
+
+    rng = np.random.default_rng(5)
+    w = {k: numpy_helper.from_array(rng.normal(size=s).astype(np.float32), k)
+         for k, s in (("wa", (8, 8)), ("wb", (8, 8)), ("wc", (8, 4)))}
+    model = float_model([helper.make_node("MatMul", ["x", "wa"], ["a"], name="fa"),
+                         helper.make_node("MatMul", ["a", "wb"], ["b"], name="fb"),
+                         helper.make_node("Relu", ["b"], ["r"], name="relu"),
+                         helper.make_node("MatMul", ["r", "wc"], ["y"], name="fc")],
+                        list(w.values()), {"x": ["n", 8]}, {"y": ["n", 4]})
+    path = tmp_path / "front.onnx"
+    path.write_bytes(model.SerializeToString())
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    a, r = ort.InferenceSession(expose_outputs(model, ["a", "r"]).SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(["a", "r"], {"x": x})
+    amax = {"x": 0.05 * float(np.abs(x).max()), "a": 0.05 * float(np.abs(a).max()), "r": float(r.max())}
+    ds = open_dataset(tmp_path / "c.npz", [tensor_info(i) for i in model.graph.input], role="calibration")
+    return path, ds, amax
+
+
+def test_a_linear_front_end_broken_only_together_is_kept_in_one_step(tmp_path, caplog):
+    from quantpipe.onnxgraph import linear_front_end
+
+    path, ds, amax = _front_model(tmp_path)
+    assert linear_front_end(onnx.load(path)) == {"fa", "fb"}
+    with caplog.at_level("INFO", logger="quantpipe"):
+        _, fb = accuracy_fallback(path, amax, ds, metric="cosine", target=0.999, output="y", batch_size=16)
+    assert fb.met and sorted(s.node for s in fb.steps) == ["fa", "fb"]
+    assert [s.same_step for s in fb.steps] == [False, True]
+    assert fb.steps[1].metric_before == fb.steps[1].metric_after == fb.steps[0].metric_after == fb.final
+    assert "keeping the linear front end in float (2 layers" in caplog.text
+    # Where it does not fit max_layers, the layers are tried one at a time, as before.
+    _, fb = accuracy_fallback(path, amax, ds, metric="cosine", target=0.999, output="y", batch_size=16, max_layers=1)
+    assert not fb.met and len(fb.steps) == 1 and not fb.steps[0].same_step

@@ -552,3 +552,16 @@ def test_the_terminal_table_is_not_cut_to_80_columns_in_a_log(capsys: pytest.Cap
     print_summary(dataclasses.replace(base, evaluations=evals))
     out = capsys.readouterr().out
     assert "ort-fp32" in out and "ort-fp16" in out and "ort-int8" in out and "…" not in out.split("PASS")[0]
+
+
+def test_the_front_end_kept_in_one_step_shares_its_step_row(tmp_path: Path) -> None:
+    from quantpipe.artifacts import FallbackReport, FallbackStep
+
+    steps = (FallbackStep("cqt_re", "Conv", "fp16", 0.66, 0.99), FallbackStep("cqt_im", "Conv", "fp16", 0.99, 0.99, True),
+             FallbackStep("head", "Conv", "fp16", 0.99, 0.995))
+    fb = FallbackReport(metric="map_iou", target=0.99, initial=0.66, final=0.995, met=True, num_quantizable=32,
+                        steps=steps, chosen_on="calibration", chosen_samples=64)
+    results = dataclasses.replace(synthetic_results(None), fallback=fb)
+    md = write_report(tmp_path, results)["md"].read_text()
+    assert "| 1 | `cqt_im` | Conv | fp16 | (same step: the linear front end) | |" in md
+    assert "| 2 | `head` | Conv | fp16 |" in md
