@@ -188,10 +188,10 @@ def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, li
         if len(unit) > 1:
             search.unit_of.update(dict.fromkeys(unit, len(search.keep)))
             log.info("fallback: no single layer meets the budget; keeping the linear front end in float (%d layers: "
-                     "%s) -> %s = %.4f", len(unit), ", ".join(unit[:3]) + (", ..." if len(unit) > 3 else ""),
+                     "%s) -> %s = %.6g", len(unit), ", ".join(unit[:3]) + (", ..." if len(unit) > 3 else ""),
                      search.metric, best.value)
         else:
-            log.info("fallback: keeping %s (%s) in float -> %s = %.4f", choice, ops[choice], search.metric, best.value)
+            log.info("fallback: keeping %s (%s) in float -> %s = %.6g", choice, ops[choice], search.metric, best.value)
         if on_step is not None:
             on_step(unit[0] if len(unit) == 1 else f"the linear front end ({len(unit)} layers)", best.value)
     if search.met(search.current):
@@ -400,7 +400,7 @@ def _final_model(ctx: Reference, amax: Mapping[str, float], search: _Search, kee
             f"max_layers={max_layers} reached" if max_layers is not None and len(keep) >= max_layers
             else "every quantized layer was tried")
         warnings.append(f"accuracy budget {search.metric} {'<=' if search.lower_is_better else '>='} "
-                        f"{search.target} NOT met: {current.value:.4f} after keeping {len(keep)} layer(s) in float "
+                        f"{search.target} NOT met: {current.value:.8g} after keeping {len(keep)} layer(s) in float "
                         f"({why})")
     if out_path is not None:
         warnings += save_onnx(model, out_path, reference=ctx.model)

@@ -254,6 +254,9 @@ def test_a_fallback_that_kept_every_layer_is_said_so(tmp_path: Path) -> None:
     (c,) = find_collapse(dataclasses.replace(results, evaluations=evals, variants=variants, fallback=fb),
                          CollapseConfig())
     assert c.severity == "unmeasured" and "kept every quantized layer in float (5 of 5)" in c.problems[0]
+    # the same where a leftover op moves the output off FP32's bits (found probing): no INT8 layer is no INT8
+    (c,) = find_collapse(dataclasses.replace(results, variants=variants, fallback=fb), CollapseConfig())
+    assert c.severity == "unmeasured" and "only FP32 met" in c.cause
     assert "only FP32 met" in c.cause and c.fix.startswith("loosen the budget") and c.fix_yaml == ""
 
 
