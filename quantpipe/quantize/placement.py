@@ -37,6 +37,9 @@ TAINT_STOPS = frozenset({
     "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero",
 })
 
+#: Why a node asked to stay in float (options.keep_float_nodes: the config's list, or the accuracy fallback's) did.
+KEPT_AS_ASKED = "kept in float as asked (keep_float_nodes, or the accuracy fallback)"
+
 
 def sentinel_tensors(g: Graph) -> dict[str, str]:
     """Tensors carrying sentinel values (masks of -3.4e38 ...): name -> the constant they come from.
@@ -159,7 +162,7 @@ def plan_qdq(g: Graph, amax: Mapping[str, float], opts: QuantizeOptions, per_cha
             continue
         plan.eligible += 1
         if node.name in opts.keep_float_nodes:
-            plan.floats.append(FloatNode(node.name, op, "kept in float on request"))
+            plan.floats.append(FloatNode(node.name, op, KEPT_AS_ASKED))
             continue
         if opts.only_nodes is not None and node.name not in opts.only_nodes:
             continue
@@ -212,7 +215,7 @@ def _plan_residual_adds(g: Graph, plan: Plan, opts: QuantizeOptions, act_amax: A
             continue
         plan.eligible += 1
         if node.name in opts.keep_float_nodes:
-            plan.floats.append(FloatNode(node.name, "Add", "kept in float on request"))
+            plan.floats.append(FloatNode(node.name, "Add", KEPT_AS_ASKED))
             continue
         if opts.only_nodes is not None and node.name not in opts.only_nodes:
             continue

@@ -565,3 +565,15 @@ def test_the_front_end_kept_in_one_step_shares_its_step_row(tmp_path: Path) -> N
     md = write_report(tmp_path, results)["md"].read_text()
     assert "| 1 | `cqt_im` | Conv | fp16 | (same step: the linear front end) | |" in md
     assert "| 2 | `head` | Conv | fp16 |" in md
+
+
+def test_an_empty_sensitivity_says_why_when_nothing_was_quantized(tmp_path: Path) -> None:
+    # It said "set evaluate.sensitivity.enabled: true" where it was on and the fallback had kept every layer (probing).
+    results = synthetic_results(None)
+    quantize = {"quantized": 0, "num_quantizable": 3, "per_channel": True, "opset_before": 17, "opset_after": 17,
+                "kept_float": [], "kept_float_count": 3, "shifted": 0, "bias_corrected": 0, "smoothed": 0,
+                "gptq_rounded": 0, "warnings": []}
+    variants = tuple(dataclasses.replace(v, details={"quantize": quantize}) if v.name == "ort-int8" else v
+                     for v in results.variants)
+    md = write_report(tmp_path, dataclasses.replace(results, variants=variants, sensitivity=()))["md"].read_text()
+    assert "the INT8 model holds no quantized layer to measure" in md and "enabled: true" not in md
