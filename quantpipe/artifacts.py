@@ -283,6 +283,9 @@ class RunResults:
     """INT8 variants that collapsed (judged with the gate, by evaluate.collapse's limits)."""
     warnings: tuple[str, ...] = ()
     """What the log said at WARNING level while the run measured (`runlog.warnings_said`), for the report."""
+    evaluation_data: str | None = None
+    """The evaluation data's fingerprint (its content): a baseline judged on other data is no like-for-like
+    comparison, and the comparison says so (None in results written before it was recorded)."""
 
 
 def to_jsonable(obj: Any) -> Any:

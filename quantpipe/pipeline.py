@@ -479,7 +479,7 @@ def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress
                                         config_path=str(cfg.source) if cfg.source else None, model=li.spec,
                                         environment={}, calibration=tuple(summaries), variants=tuple(variants),
                                         evaluations=tuple(evals), reference=ref, sensitivity=sens, fallback=fallback,
-                                        warnings=tuple(said)))
+                                        warnings=tuple(said), evaluation_data=li.eval.fingerprint))
         if until != "evaluate":
             results, _ = finish_run(cfg, results, staging, baseline_dir=baseline_dir, shown_dir=run_dir)
         commit_run(staging, run_dir, stage="evaluate" if until == "evaluate" else "report")

@@ -9,6 +9,7 @@ a release.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -23,6 +24,8 @@ from quantpipe.gate import (
 )
 
 __all__ = ["TOLERANCES", "RELATIVE_METRICS", "compare_runs", "is_regression", "with_baseline"]
+
+log = logging.getLogger(__name__)
 
 TOLERANCES: dict[str, tuple[str, float]] = {
     "top1": ("abs", 0.001),
@@ -64,6 +67,19 @@ def _machine(results: RunResults) -> str:
     gpu = env.get("gpu") or {}
     gpus = ",".join(g.get("name", "") for g in gpu.get("gpus", [])) if isinstance(gpu, dict) else ""
     return f"{env.get('processor', '')}|{env.get('cpu_count', '')}|{gpus}"
+
+
+def _same_data(results: RunResults, baseline: RunResults) -> bool | None:
+    """Whether both runs were judged on the same evaluation data (None where either did not record it). A baseline
+    of other data (another model's run, a changed evaluation set) was compared without a word (found probing)."""
+    if results.evaluation_data is None or baseline.evaluation_data is None:
+        return None
+    same = results.evaluation_data == baseline.evaluation_data
+    if not same:
+        log.warning("the baseline run %s was judged on other evaluation data than run %s: its changes compare data, "
+                    "not models (and baseline gate rules with them). Compare with a run on this evaluation data.",
+                    baseline.run_id, results.run_id)
+    return same
 
 
 def compare_runs(results: RunResults, baseline: RunResults) -> dict[str, Any]:
@@ -118,6 +134,7 @@ def compare_runs(results: RunResults, baseline: RunResults) -> dict[str, Any]:
         "run_id": baseline.run_id,
         "created": baseline.created,
         "same_machine": _machine(results) == _machine(baseline),
+        "same_data": _same_data(results, baseline),
         "tolerances": {m: {"kind": k, "value": t} for m, (k, t) in TOLERANCES.items()},
         "deltas": deltas,
         "regressions": [d["text"] for d in deltas if d["regressed"]],

@@ -62,6 +62,7 @@ def test_example_int8_accuracy(example_run: tuple[int, Path, Path]) -> None:
     _, run_dir, _ = example_run
     res = json.loads((run_dir / "results.json").read_text())
     assert res["schema_version"] == 1
+    assert res["evaluation_data"]  # what a baseline comparison checks it shares (its content's fingerprint)
     ev = {e["variant"]: e for e in res["evaluations"]}
     fp32, int8, fp16 = ev["ort-fp32"]["metrics"], ev["ort-int8"]["metrics"], ev["ort-fp16"]["metrics"]
     assert fp32["top1"] >= 0.97

@@ -577,3 +577,20 @@ def test_an_empty_sensitivity_says_why_when_nothing_was_quantized(tmp_path: Path
                      for v in results.variants)
     md = write_report(tmp_path, dataclasses.replace(results, variants=variants, sensitivity=()))["md"].read_text()
     assert "the INT8 model holds no quantized layer to measure" in md and "enabled: true" not in md
+
+
+def test_a_baseline_judged_on_other_data_is_said_so(tmp_path: Path, caplog) -> None:
+    # Another model's run as --baseline was compared without a word; results.json now records its evaluation data.
+    from quantpipe.report.compare import compare_runs
+
+    now = dataclasses.replace(synthetic_results(None, run_id="20250102T120000Z"), evaluation_data="sha256:aaa")
+    same = dataclasses.replace(synthetic_results(None), evaluation_data="sha256:aaa")
+    other = dataclasses.replace(same, evaluation_data="sha256:bbb")
+    assert compare_runs(now, same)["same_data"] is True
+    assert compare_runs(now, synthetic_results(None))["same_data"] is None  # not recorded: nothing to say
+    with caplog.at_level("WARNING", logger="quantpipe"):
+        assert compare_runs(now, other)["same_data"] is False
+    assert "was judged on other evaluation data" in caplog.text
+    files = write_report(tmp_path, now, baseline=other)
+    for name in ("md", "summary"):
+        assert "was judged on other evaluation data" in files[name].read_text(), name
