@@ -41,6 +41,7 @@ from quantpipe.report.rundir import (
     require_complete,
     staging_dir,
     update_latest,
+    warn_if_other_pipeline,
     write_complete,
 )
 from quantpipe.workspace import (
@@ -548,7 +549,8 @@ def judge_run(cfg: PipelineConfig, run_dir: Path, *, baseline_dir: Path | None =
     from quantpipe.report import load_results
 
     run = require_complete(run_dir)
-    results, _ = finish_run(cfg, load_results(run), run, baseline_dir=baseline_dir, write=False)
+    warn_if_other_pipeline(results := load_results(run), cfg.source)
+    results, _ = finish_run(cfg, results, run, baseline_dir=baseline_dir, write=False)
     return results
 
 

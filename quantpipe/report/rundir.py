@@ -41,6 +41,7 @@ __all__ = [
     "load_results",
     "update_latest",
     "resolve_latest",
+    "warn_if_other_pipeline",
     "load_histograms",
     "load_thresholds",
 ]
@@ -207,6 +208,19 @@ def update_latest(report_root: str | os.PathLike[str], run_dir: str | os.PathLik
     with contextlib.suppress(FileNotFoundError):
         (root / f"{LATEST}.txt").unlink()  # a stale pointer from a machine without symlinks
     return link
+
+
+def warn_if_other_pipeline(results: RunResults, config: str | os.PathLike[str] | None) -> bool:
+    """Warn (and return True) where the run being judged was made by a pipeline file of another name than the one
+    judging it: two pipelines sharing one report.dir share `latest`, and one's rules judged the other's run with exit 0
+    (found probing). A moved project keeps its file names, so it is not warned about."""
+    made_by = Path(results.config_path).name if results.config_path else None
+    if made_by is None or config is None or Path(config).name == made_by:
+        return False
+    log.warning("run %s was made by %s, and is judged here with %s's rules (two pipelines sharing one report.dir "
+                "share `latest`): pass --run with the run to judge, or give each pipeline its own report.dir.",
+                results.run_id, made_by, Path(config).name)
+    return True
 
 
 def resolve_latest(report_root: str | os.PathLike[str]) -> Path | None:

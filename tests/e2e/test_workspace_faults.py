@@ -311,3 +311,14 @@ def test_a_latest_folder_left_by_a_copy_is_not_judged(project: Path, capsys: pyt
                  ["gate", str(project / "pipeline.yaml"), "--run", str(latest)]):
         code, out, err = _run_cli([*argv, "-v"], capsys)
         assert code == 0 and "second" in out + err and "/first" not in out + err, (argv, out, err)
+
+
+def test_a_run_of_another_pipeline_judged_here_is_warned_about(project: Path, capsys: pytest.CaptureFixture) -> None:
+    # Two pipelines sharing one report.dir share `latest`: one's rules judged the other's run, exit 0 (found probing).
+    other = project / "regress.yaml"
+    other.write_text((project / "pipeline.yaml").read_text())
+    assert _run_cli(["run", str(other), "--run-id", "second", "-q"], capsys)[0] == 0
+    code, _, err = _run_cli(["gate", str(project / "pipeline.yaml")], capsys)
+    assert code == 0 and "run second was made by regress.yaml, and is judged here with pipeline.yaml's rules" in err
+    code, _, err = _run_cli(["gate", str(other)], capsys)
+    assert code == 0 and "was made by" not in err
