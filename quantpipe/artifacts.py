@@ -110,6 +110,11 @@ class Variant:
     def ran(self) -> bool:
         return self.skipped is None
 
+    def quantize_detail(self, key: str) -> Any:
+        """What the Q/DQ writer recorded for this variant under `key` (details["quantize"]); None where not recorded
+        (another backend, or results written before the key existed)."""
+        return ((self.details or {}).get("quantize") or {}).get(key)
+
 
 @dataclasses.dataclass(frozen=True)
 class LatencyStats:

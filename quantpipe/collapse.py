@@ -10,7 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from quantpipe.artifacts import IDENTICAL_KEY, Collapse, EvalResult, FallbackReport, LayerSensitivity, RunResults
+from quantpipe.artifacts import (
+    IDENTICAL_KEY,
+    Collapse,
+    EvalResult,
+    FallbackReport,
+    LayerSensitivity,
+    RunResults,
+    Variant,
+)
 from quantpipe.evalconfig import CollapseConfig
 from quantpipe.gate import hook_metrics
 
@@ -137,16 +145,16 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
 RECURRENT_OPS = ("GRU", "LSTM", "RNN")
 
 
-def _unmeasured(results: RunResults, e: EvalResult) -> Collapse:
-    """An INT8 variant whose judged output equals FP32's bit for bit: a gate on it would pass vacuously."""
-    variant = next((v for v in results.variants if v.name == e.variant), None)
-    quantized = (variant.details.get("quantize") or {}).get("quantized") if variant is not None else None
+def _unmeasured(results: RunResults, e: EvalResult, variant: Variant) -> Collapse:
+    """An INT8 variant whose judged output equals FP32's bit for bit, or that holds no quantized layer: a gate on it
+    would pass vacuously."""
+    quantized = variant.quantize_detail("quantized")
     recurrent = {op: n for op, n in results.model.op_counts.items() if op in RECURRENT_OPS and n}
     held = (" (" + ", ".join(f"{n} {op}" for op, n in recurrent.items()) + " in this model, left in float)"
             if recurrent else "")
     if quantized == 0 and results.fallback is not None and results.fallback.steps:
         return _kept_everything(e, results.fallback)
-    reached = ((variant.details.get("quantize") or {}).get("outputs_reached") if variant is not None else None)
+    reached = variant.quantize_detail("outputs_reached")
     # The float outputs an INT8 layer reaches (the build records them), not every output: the judged one and a bool
     # pass-through were offered before (found probing a GRU encoder).
     others = [o.name for o in results.model.outputs if reached is None or
@@ -164,12 +172,6 @@ def _unmeasured(results: RunResults, e: EvalResult) -> Collapse:
         fix="judge an output the INT8 layers reach (model.output in pipeline.yaml), or release this model knowing "
             "its judged output is not quantized:" if yaml else "release this model knowing its output is not "
             "quantized (recurrent layers and the ops quantpipe leaves in float are not).", fix_yaml=yaml)
-
-
-def _nothing_quantized(results: RunResults, variant: str) -> bool:
-    """The build of `variant` recorded no quantized layer (an ONNX Runtime INT8 model; nothing recorded: False)."""
-    v = next((x for x in results.variants if x.name == variant), None)
-    return v is not None and ((v.details or {}).get("quantize") or {}).get("quantized") == 0
 
 
 def _kept_everything(e: EvalResult, fb: FallbackReport) -> Collapse:
@@ -223,6 +225,7 @@ def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse
     """Every INT8 variant that ran and whose output SQNR or task agreement is below the collapse limits
     (severity 'collapsed'), or else below the warning limits ('degraded'); and every INT8 or FP16 one whose judged
     output equals FP32's bit for bit ('unmeasured')."""
+    variants = {v.name: v for v in results.variants}
     int8 = {v.name for v in results.variants if v.precision == "int8" and v.skipped is None}
     fp16 = {v.name for v in results.variants if v.precision == "fp16" and v.skipped is None}
     found = []
@@ -234,9 +237,10 @@ def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse
             continue
         if e.variant not in int8:
             continue
-        if e.metrics.get(IDENTICAL_KEY) == 1.0 or _nothing_quantized(results, e.variant):
+        variant = variants[e.variant]
+        if e.metrics.get(IDENTICAL_KEY) == 1.0 or variant.quantize_detail("quantized") == 0:
             # No quantized layer left is FP32 too, even where a leftover Mul moves its output by 6e-8 (found probing).
-            found.append(_unmeasured(results, e))
+            found.append(_unmeasured(results, e, variant))
             continue
         severity, problems = "collapsed", _problems(e, limits.min_sqnr_db, limits.min_agreement, "collapse")
         if not problems:
@@ -245,9 +249,7 @@ def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse
         if problems:
             problems += _own_metrics_held(results, e.variant)
             fix, yaml = _fix(results, e)
-            variant = next((v for v in results.variants if v.name == e.variant), None)
-            built = ((variant.details or {}).get("quantize") or {}) if variant is not None else {}
             found.append(Collapse(variant=e.variant, problems=tuple(problems),
-                                  cause=_cause(results.sensitivity, bool(built.get("equalized_depthwise"))),
+                                  cause=_cause(results.sensitivity, bool(variant.quantize_detail("equalized_depthwise"))),
                                   fix=fix, fix_yaml=yaml, severity=severity))
     return tuple(found)

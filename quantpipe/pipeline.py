@@ -307,7 +307,7 @@ def stage_sensitivity(
     from quantpipe.taskmetrics import TaskSpec
 
     options = int8_options or quantize_options(cfg)
-    built = ((int8.details or {}).get("quantize") or {}).get("split")
+    built = int8.quantize_detail("split")
     if options.split_activations == "auto" and built is not None:
         # What the build stage chose: the same model, without choosing again.
         options = dataclasses.replace(options, split_activations={x["tensor"]: x["pieces"] for x in built})

@@ -224,10 +224,6 @@ def _key_rows(results: RunResults, variants: pd.DataFrame) -> list[dict[str, Any
     return rows
 
 
-def _nothing_quantized(results: RunResults) -> bool:
-    return any(((v.details or {}).get("quantize") or {}).get("quantized") == 0 for v in results.variants)
-
-
 def _levels(results: RunResults) -> dict[str, str]:
     """The variants timed below onnxruntime's default optimization level (the default crashed onnxruntime), and at
     which: their latency is that level's, not comparable one for one (found probing khmersm's FP16)."""
@@ -340,8 +336,8 @@ def build_context(run_dir: str | os.PathLike[str], results: RunResults, *,
     sens = sens_all.head(sensitivity_rows)
     sens_reason = notes.get("sensitivity") or (
         "no per-layer sensitivity: no INT8 variant ran in this run" if not int8_ran else
-        "no per-layer sensitivity: the INT8 model holds no quantized layer to measure" if _nothing_quantized(results)
-        else "no per-layer sensitivity: not computed in this run (evaluate.sensitivity.enabled turns it on)")
+        "no per-layer sensitivity: the INT8 model holds no quantized layer to measure"
+        if any(v.quantize_detail("quantized") == 0 for v in results.variants) else "no per-layer sensitivity: not computed in this run (evaluate.sensitivity.enabled turns it on)")
     fallback = tables.fallback_frame(results)
     fallback_reason = notes.get("fallback") or (
         "no accuracy-driven fallback: build.fallback is not set in pipeline.yaml, so every quantizable layer stayed INT8")
