@@ -83,12 +83,14 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     _warn_overlap(calib, ev)
     _warn_ranges(calib, ev)
     check_output_shape(cfg.model.path, spec, ev, output, cfg.model.output_batch_axis, session=session)
+    # FP32's output on the first evaluation sample, run once for the checks that read it.
+    first = functools.cache(lambda: _first_output(session(), ev, output))
     if cfg.evaluate.task == "detection":
-        _check_detection_head(cfg, ev, output, session())
+        _check_detection_head(cfg, output, first())
     elif cfg.evaluate.task != "classification":
-        _check_task_output(cfg, ev, output, session())
+        _check_task_output(cfg, first())
     if cfg.evaluate.valid_mask is not None:
-        _check_valid_mask(cfg, inputs, ev, output, session())
+        _check_valid_mask(cfg, inputs, ev, output, first())
     val = None
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
@@ -257,14 +259,13 @@ def check_output_shape(model: str | Path, spec: ModelSpec, data: Dataset, output
                              "sample, before calibrating)", data.role)
 
 
-def _check_detection_head(cfg: PipelineConfig, data: Dataset, output: str, session: Any) -> None:
+def _check_detection_head(cfg: PipelineConfig, output: str, out: np.ndarray | None) -> None:
     """ConfigError (exit 2) at load where evaluate.detection does not fit the FP32 head on the first evaluation
     sample (`detection.head_problem`), not exit 4 after calibration and the build, nor a number that means nothing.
-    `session`: the load checks' FP32 session (None: no check)."""
+    `out`: model.output on that sample (`_first_output`; None: no check)."""
     from quantpipe.detection import head_problem
     from quantpipe.errors import ConfigError
 
-    out = _first_output(session, data, output)
     if out is None:
         return
     d = cfg.evaluate.detection
@@ -277,14 +278,13 @@ def _check_detection_head(cfg: PipelineConfig, data: Dataset, output: str, sessi
                           f"objectness, logits) as README's 'Task metrics' describes.")
 
 
-def _check_task_output(cfg: PipelineConfig, data: Dataset, output: str, session: Any) -> None:
+def _check_task_output(cfg: PipelineConfig, out: np.ndarray | None) -> None:
     """ConfigError (exit 2) at load where evaluate.task cannot read model.output on the first evaluation sample (a
     CTC decode, a dense map, a segmentation's classes), not exit 4 after calibration, the build and the FP32
-    evaluation (found probing: task dense on a [N, L] output). `session`: None skips it."""
+    evaluation (found probing: task dense on a [N, L] output). `out`: model.output there (None skips it)."""
     from quantpipe.errors import ConfigError, EvaluationError
     from quantpipe.taskmetrics import TaskSpec
 
-    out = _first_output(session, data, output)
     if out is None:
         return
     out = np.moveaxis(out, cfg.model.output_batch_axis, 0)
@@ -297,9 +297,9 @@ def _check_task_output(cfg: PipelineConfig, data: Dataset, output: str, session:
 
 
 def _check_valid_mask(cfg: PipelineConfig, inputs: Sequence[TensorInfo], data: Dataset, output: str,
-                      session: Any) -> None:
+                      out: np.ndarray | None) -> None:
     """ConfigError (exit 2) at load where evaluate.valid_mask is no model input, or does not mark model.output's
-    first two axes [N, T] on the first evaluation sample (`session`: None skips that check)."""
+    first two axes [N, T] on the first evaluation sample (`out`: model.output there; None skips that check)."""
     from quantpipe.errors import ConfigError
 
     name = cfg.evaluate.valid_mask
@@ -307,8 +307,7 @@ def _check_valid_mask(cfg: PipelineConfig, inputs: Sequence[TensorInfo], data: D
         raise ConfigError(f"evaluate.valid_mask is '{name}', which is not an input of {cfg.model.path} (inputs: "
                           f"{[t.name for t in inputs]}). Name the input that is nonzero where model.output's positions "
                           f"count (an attention mask), or leave valid_mask out.")
-    out = _first_output(session, data, output) if cfg.model.output_batch_axis == 0 else None
-    if out is None:
+    if out is None or cfg.model.output_batch_axis != 0:
         return
     mask = np.asarray(data.first_batch(1).feeds[name])
     if mask.ndim != 2 or out.shape[:2] != mask.shape:
