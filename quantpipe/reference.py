@@ -224,12 +224,16 @@ def _proto(model: Any) -> Any:
     return model
 
 
+#: The metrics `score` computes itself; any other name is a hook's (`TaskSpec.hooks`).
+SCORES = ("sqnr_db", "cosine", "top1_agreement", "top1_drop", *TASK_SCORES)
+
+
 def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
           task: TaskSpec = CLASSIFICATION, valid: np.ndarray | None = None) -> float:
     """Metric `name` of the output `out` against the FP32 `ref` (top1_drop: against `labels`; line_agreement and
     map_iou / box_agreement / pixel_agreement / miou / detection_agreement read the output as `task` says), at the
     positions `valid` marks (`TaskSpec.judged`; None: all)."""
-    if task.hooks and name not in (*TASK_SCORES, "sqnr_db", "cosine", "top1_agreement", "top1_drop"):
+    if task.hooks and name not in SCORES:
         return task.hook_score(name, out, ref, labels)  # a hook's metric, on the whole outputs as evaluate gives them
     out, ref_, labels = task.judged_all(out, ref, labels, valid)
     ref = ref if ref_ is None else ref_
@@ -246,7 +250,6 @@ def score(name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None
             raise ConfigError("the metric top1_drop needs labels in the data it is measured on (for the fallback: "
                               "data.validation.labels); use top1_agreement or cosine without labels.")
         return M.topk_accuracy(ref, labels, 1) - M.topk_accuracy(out, labels, 1)
-    raise ConfigError(f"unknown metric '{name}'; expected one of "
-                      f"{', '.join(['sqnr_db', 'cosine', 'top1_agreement', 'top1_drop', *TASK_SCORES])}.")
+    raise ConfigError(f"unknown metric '{name}'; expected one of {', '.join(SCORES)}.")
 
 

@@ -32,6 +32,7 @@ from quantpipe.evalconfig import (
     EvaluateConfig,
     SegmentationConfig,
 )
+from quantpipe.fsutil import sha256_file
 
 __all__ = ["CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hook", "run_hooks", "hooks_sha256"]
 
@@ -237,8 +238,7 @@ def hooks_sha256(hooks: Sequence[str]) -> str:
         h.update(spec.encode() + b"\0")
         path = getattr(module, "__file__", None)
         if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
+            h.update(sha256_file(path).encode())
     return h.hexdigest()
 
 
