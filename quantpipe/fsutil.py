@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "owner_tag",
+    "remove_orphans",
     "sha256_file",
     "sha256_bytes",
     "writable_reason",
@@ -38,7 +41,7 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f"{suffix}.tmp", dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.{owner_tag()}.", suffix=f"{suffix}.tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates 0600; artifacts get the permissions a plain open() would give them.
@@ -52,6 +55,51 @@ def atomic_path(dest: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def owner_tag() -> str:
+    """`<host>.<pid>` of this process: temporary files and folders carry it in their names, so that one left by a
+    process killed outright (SIGKILL, the out-of-memory killer, a power cut) can be told from one still being
+    written (remove_orphans)."""
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname()) or "host"
+    return f"{host}.{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: asks whether the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_orphans(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries in `folder` (hidden `*.tmp` files, `*.partial` folders named with owner_tag) whose
+    writer ran on this host and is gone: what a run killed outright left behind. Returns what was removed.
+
+    Temporaries of a live process (this one, a run beside it) and of other hosts (a shared file system) are left;
+    on Windows nothing is removed (there is no portable way to ask whether a process exists)."""
+    root = Path(folder)
+    if os.name != "posix" or not root.is_dir():
+        return []
+    mark = f".{owner_tag().rsplit('.', 1)[0]}."
+    removed = []
+    for entry in root.iterdir():
+        name = entry.name
+        if not name.startswith(".") or not name.endswith((".tmp", ".partial")) or mark not in name:
+            continue
+        pid = name[name.rindex(mark) + len(mark):].split(".", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):  # another run may be sweeping it at the same moment
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+    return removed
 
 
 def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> Path:

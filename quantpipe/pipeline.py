@@ -37,6 +37,7 @@ from quantpipe.fsutil import atomic_copy, atomic_write_json, sha256_file, writab
 from quantpipe.inputs import LoadedInputs, load_inputs
 from quantpipe.report.rundir import (
     commit_run,
+    from_run,
     mark_rewriting,
     require_complete,
     staging_dir,
@@ -327,11 +328,9 @@ def stage_sensitivity(
 def _publish(src: Path, dest_dir: Path) -> str:
     """Copy a workspace artifact into the staged run; return its path relative to the run folder.
 
-    A copy, not a hard link (what this did before): a link shares the inode, so rewriting the
-    workspace file in place changed every earlier run's published copy. A reflink would be as cheap
-    but exists only on some file systems; read-only bits do not stop root or an editor. The copy costs
-    disk for large engines; a published run that cannot change under the reader is worth it.
-    """
+    A copy, not a hard link: a link shares the inode, so rewriting the workspace file in place changed every
+    earlier run's published copy (a reflink exists only on some file systems). A run that cannot change under
+    its reader is worth the disk."""
     atomic_copy(src, dest_dir / src.name)
     return f"{dest_dir.name}/{src.name}"
 
@@ -408,18 +407,13 @@ def _check_outputs(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, run_id:
 
 
 def run_stages(
-    cfg: PipelineConfig,
-    *,
-    until: str = "gate",
-    progress: Progress | None = None,
-    run_id: str | None = None,
+    cfg: PipelineConfig, *, until: str = "gate", progress: Progress | None = None, run_id: str | None = None,
     baseline_dir: Path | None = None,
 ) -> tuple[RunResults | None, Path | None]:
     """Run the pipeline up to and including `until` (calibrate|build|evaluate|report|gate).
 
-    Returns the results (None before evaluate) and the run directory (None before evaluate).
-    The gate's verdict is in results.gate; the caller maps it to an exit code.
-    """
+    Returns the results and the run directory (both None before evaluate). The gate's verdict is in
+    results.gate; the caller maps it to an exit code."""
     from quantpipe.runlog import warnings_said
 
     executor = execution_for(cfg)
@@ -446,6 +440,7 @@ def execution_for(cfg: PipelineConfig) -> Executor:
 def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress: Progress, run_id: str | None,
                 baseline_dir: Path | None, said: list[str]) -> tuple[RunResults | None, Path | None]:
     ws = Workspace.for_config(cfg)
+    ws.remove_orphans(cfg.report.dir)
     li = load_inputs(cfg)
     _preflight(cfg)
     makes_run = until not in ("calibrate", "build")
@@ -506,18 +501,21 @@ def _stage_run(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, staging: Pa
                                      json_path=_publish(Path(s.json_path), calib)) for s in results.calibration]
     if (ws.calibration / "histograms.npz").exists():
         _publish(ws.calibration / "histograms.npz", calib)
-    variants = []
+    variants, run_dir = [], staging.parent / run_id
     for v in results.variants:
         if v.ran and v.artifact and Path(v.artifact).resolve() != Path(li.spec.path).resolve():
             src = Path(v.artifact)
             for extra in model_files(src.parent, src.name)[1:]:  # external data beside a large model
                 _publish(src.parent / extra, staging / "models")
             v = dataclasses.replace(v, artifact=_publish(src, staging / "models"))
+        elif v.artifact:  # the user's model: where it is from the run folder, so that a moved project still reads
+            v = dataclasses.replace(v, artifact=from_run(v.artifact, run_dir))
         variants.append(v)
     results = dataclasses.replace(
         results, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), environment=probe_env(),
         calibration=tuple(summaries), variants=tuple(variants),
-    )
+        model=dataclasses.replace(results.model, path=from_run(results.model.path, run_dir)),
+        config_path=from_run(results.config_path, run_dir) if results.config_path else None)
     atomic_write_json(staging / "results.json", to_jsonable(results))
     return results
 

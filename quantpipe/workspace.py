@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from quantpipe.config import PipelineConfig
-from quantpipe.fsutil import atomic_write_json, sha256_file
+from quantpipe.fsutil import atomic_write_json, remove_orphans, sha256_file
 
 __all__ = ["NullProgress", "Progress", "Workspace", "advance_to", "new_run_id", "relative_to", "reusable", "write_manifest"]
 
@@ -74,6 +74,15 @@ class Workspace:
     @classmethod
     def for_config(cls, cfg: PipelineConfig) -> Workspace:
         return cls(Path(cfg.report.dir) / ".work" / cfg.name)
+
+    def remove_orphans(self, report_dir: str | Path) -> list[Path]:
+        """Remove what runs killed outright (SIGKILL, the out-of-memory killer) left in `report_dir` and here: their
+        staging folders and temporary files, which they could not clean up themselves (fsutil.remove_orphans)."""
+        gone = [p for folder in (Path(report_dir), self.calibration, self.models) for p in remove_orphans(folder)]
+        if gone:
+            log.info("removed %d temporary file(s) or folder(s) left by runs killed outright: %s", len(gone),
+                     ", ".join(str(p) for p in gone))
+        return gone
 
 
 # --------------------------------------------------------------------------- fingerprints

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from quantpipe.artifacts import RunResults
+from quantpipe.report.rundir import in_run
 
 __all__ = ["step_summary", "github_annotations", "publish_ci"]
 
@@ -37,21 +38,24 @@ def step_summary(results: RunResults, run_dir: str | os.PathLike[str] | None = N
     return render_summary(context)
 
 
-def _config_file(results: RunResults, env: Mapping[str, str]) -> str | None:
-    """pipeline.yaml relative to the checkout, so GitHub attaches the annotation to that file."""
+def _config_file(results: RunResults, env: Mapping[str, str], run_dir: str | os.PathLike[str] | None) -> str | None:
+    """pipeline.yaml relative to the checkout, so GitHub attaches the annotation to that file (results.json records
+    it relative to the run folder)."""
     if not results.config_path:
         return None
     workspace = Path(env.get("GITHUB_WORKSPACE") or os.getcwd())
+    config = in_run(results.config_path, run_dir) if run_dir is not None else Path(results.config_path)
     try:
-        return Path(results.config_path).resolve().relative_to(workspace.resolve()).as_posix()
+        return config.resolve().relative_to(workspace.resolve()).as_posix()
     except ValueError:
         return None
 
 
-def github_annotations(results: RunResults, env: Mapping[str, str] | None = None) -> list[str]:
+def github_annotations(results: RunResults, env: Mapping[str, str] | None = None,
+                       run_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """`::error::` per failed rule, `::warning::` per skipped variant and baseline regression, `::notice::` on pass."""
     env = os.environ if env is None else env
-    where = _config_file(results, env)
+    where = _config_file(results, env, run_dir)
     file_prop = f"file={_escape_property(where)}," if where else ""
     lines = []
     if results.gate is not None:
@@ -91,4 +95,4 @@ def publish_ci(results: RunResults, run_dir: str | os.PathLike[str] | None = Non
             log.warning("cannot append the job summary to %s: %s", summary_file, err)
     if env.get("GITHUB_ACTIONS") != "true":
         return []
-    return github_annotations(results, env)
+    return github_annotations(results, env, run_dir)

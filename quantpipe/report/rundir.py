@@ -26,7 +26,7 @@ import numpy as np
 
 from quantpipe.artifacts import RESULTS_SCHEMA_VERSION, RunResults, from_jsonable
 from quantpipe.errors import DataError, WriteError
-from quantpipe.fsutil import atomic_write_json, atomic_write_text
+from quantpipe.fsutil import atomic_write_json, atomic_write_text, owner_tag
 
 __all__ = [
     "COMPLETE_FILE",
@@ -36,6 +36,8 @@ __all__ = [
     "mark_rewriting",
     "require_complete",
     "staging_dir",
+    "from_run",
+    "in_run",
     "write_complete",
     "TensorHistogram",
     "load_results",
@@ -105,8 +107,25 @@ def load_results(run_dir: str | os.PathLike[str]) -> RunResults:
 
 def staging_dir(report_root: str | os.PathLike[str], run_id: str) -> Path:
     """Where a run is written before it is committed: hidden, beside its final place (same file system,
-    so the commit is one rename), and per process (two runs never share one)."""
-    return Path(report_root) / f".{run_id}.{os.getpid()}.partial"
+    so the commit is one rename), and per process (two runs never share one; one left by a run killed outright is
+    removed by the next run, fsutil.remove_orphans)."""
+    return Path(report_root) / f".{run_id}.{owner_tag()}.partial"
+
+
+def from_run(path: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> str:
+    """`path` as results.json records it: relative to the run folder (`../../model.onnx` for a file outside it), so
+    a project moved or copied whole still finds its files; absolute only where no relative path exists (another
+    drive)."""
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def in_run(recorded: str, run_dir: str | os.PathLike[str]) -> Path:
+    """Where a path results.json records is: relative ones from the run folder (from_run), absolute ones as written
+    (older runs recorded the model and the pipeline file so)."""
+    return Path(recorded) if Path(recorded).is_absolute() else Path(run_dir) / recorded
 
 
 def write_complete(run_dir: str | os.PathLike[str], stage: str, *, state: str = "complete") -> Path:
@@ -188,7 +207,7 @@ def update_latest(report_root: str | os.PathLike[str], run_dir: str | os.PathLik
     root.mkdir(parents=True, exist_ok=True)
     target = os.path.relpath(run.resolve(), root.resolve())
     link = root / LATEST
-    tmp = root / f".{LATEST}.{os.getpid()}.tmp"
+    tmp = root / f".{LATEST}.{owner_tag()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:

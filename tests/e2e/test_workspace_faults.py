@@ -123,6 +123,47 @@ def test_moved_project_reuses_its_workspace(project: Path, capsys: pytest.Captur
     assert "calibrate: inputs unchanged" in err and "build: inputs unchanged" in err
     assert _files_mentioning(moved / "reports/after-move", str(project)) == []
     assert _files_mentioning(moved / WORK, str(project)) == []
+    assert _files_mentioning(moved / "reports/first", str(moved.parent)) == []  # results.json: paths from the run
+
+
+def test_a_moved_run_is_judged_with_its_own_pipeline_file(project: Path, capsys: pytest.CaptureFixture) -> None:
+    results = json.loads((project / "reports/first/results.json").read_text())
+    assert results["config_path"] == "../../pipeline.yaml"
+    assert results["model"]["path"] == "../../model/digits_cnn.onnx"
+    assert results["variants"][0]["artifact"] == "../../model/digits_cnn.onnx"  # the FP32 variant: the user's file
+    moved = project.parent / "moved"
+    project.rename(moved)
+    env = {"GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(moved)}
+    from quantpipe.report import load_results, publish_ci
+
+    lines = publish_ci(load_results(moved / "reports/first"), moved / "reports/first", env=env)
+    assert lines and lines[0].startswith("::notice"), lines
+
+
+def test_what_a_run_killed_outright_left_is_removed_by_the_next(project: Path, capsys: pytest.CaptureFixture) -> None:
+    # SIGKILL (the out-of-memory killer, `kill -9`) leaves its staging folder and temporary files: no handler runs.
+    import subprocess
+    import sys
+
+    from quantpipe.fsutil import owner_tag
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    host = owner_tag().rsplit(".", 1)[0]
+    staged = project / "reports" / f".killed.{host}.{gone}.partial"
+    (staged / "models").mkdir(parents=True)
+    (staged / "models/model.int8.onnx").write_bytes(b"half a model")
+    half = project / WORK / "models" / f".model.int8.onnx.{host}.{gone}.x1y2.onnx.tmp"
+    half.write_bytes(b"half a model")
+    live = project / "reports" / f".beside.{owner_tag()}.partial"  # a run of this process: still being written
+    other = project / "reports" / f".elsewhere.other-host.{gone}.partial"  # a run on another machine sharing the disk
+    live.mkdir()
+    other.mkdir()
+    code, _, err = _run_cli(["run", str(project / "pipeline.yaml"), "--run-id", "second", "-v"], capsys)
+    assert code == 0, err
+    assert not staged.exists() and not half.exists()
+    assert live.is_dir() and other.is_dir()
+    assert "removed 2 temporary file(s) or folder(s) left by runs killed outright" in err, err
 
 
 def test_copied_project_never_reads_the_original(finished: Path, project: Path, capsys: pytest.CaptureFixture) -> None:

@@ -463,6 +463,14 @@ def test_publish_ci_on_github(tmp_path: Path) -> None:
     assert len(warnings) == 1 and "trt-fp32%2C trt-fp16%2C trt-int8 skipped::tensorrt: not installed" in warnings[0]
 
 
+def test_publish_ci_finds_the_pipeline_file_from_the_run_folder(tmp_path: Path) -> None:
+    # results.json records the pipeline file relative to the run folder, so a moved checkout still annotates it.
+    env = {"GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(tmp_path / "checkout")}
+    results = dataclasses.replace(judged(None), config_path="../../ci/pipeline.yaml")
+    lines = publish_ci(results, tmp_path / "checkout/reports/run", env=env)
+    assert lines[0].startswith("::error file=ci/pipeline.yaml,title="), lines[0]
+
+
 def test_publish_ci_notice_when_the_gate_passes(tmp_path: Path) -> None:
     results = synthetic_results()
     ok = dataclasses.replace(results, gate=evaluate_gate(results, [GateRule(variant="ort-int8", metric="top1", min=0.9)]))
