@@ -322,9 +322,10 @@ def _label_msg(where: str, key: str, bad: np.ndarray, what: str, fix: str) -> st
             f"Labels are one integer class index per sample.")
 
 
-def _label_column(where: str, key: str, raw: Any, sequence: bool = False) -> np.ndarray:
+def _label_column(where: str, key: str, raw: Any, sequence: bool = False, positions: bool = False) -> np.ndarray:
     """The labels as one value per sample: shape [N] or [N, 1]; anything else (a scalar, one-hot rows) is refused.
-    With `sequence` (CTC models): rows [N, L] of class indices padded with -1."""
+    With `sequence` (CTC models): rows [N, L] of class indices padded with -1; with `positions`: rows [N, T] are
+    per-position labels too."""
     arr = np.asarray(raw)
     if sequence:
         if arr.ndim == 2:
@@ -333,7 +334,10 @@ def _label_column(where: str, key: str, raw: Any, sequence: bool = False) -> np.
                         f"label sequences: shape [N, L], class indices padded with -1 (e.g. [[3, 1, 4, -1], ...]).")
     if arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1):
         return arr.reshape(-1)
-    hint = " One-hot or score rows: store labels.argmax(axis=1)." if arr.ndim == 2 else ""
+    if positions and arr.ndim == 2:
+        return arr
+    hint = (" One-hot or score rows: store labels.argmax(axis=1); a label per token of a per-token output: set "
+            "evaluate.valid_mask (its positions are scored)." if arr.ndim == 2 else "")
     raise DataError(
         f"{where}: labels array '{key}' has shape {list(arr.shape)}, but labels need one value per sample, shape [N] "
         f"or [N, 1].{hint} Store one integer class index per sample."
@@ -346,14 +350,16 @@ def _one_label(path: Path, key: str, raw: Any) -> np.ndarray:
     if arr.size != 1:
         raise DataError(
             f"{path}: labels array '{key}' holds {arr.size} values, but a per-sample file needs exactly one label "
-            f"(its integer class index)."
+            f"(its integer class index); labels per position (evaluate.valid_mask) are read from one .npz of padded "
+            f"samples, as rows [N, T]."
         )
     return arr
 
 
 def _checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_samples: int | None,
-                    sequence: bool = False) -> np.ndarray:
-    """Labels validated as data: one per sample, integer class indices (exactly integral floats converted), >= 0.
+                    sequence: bool = False, *, positions: bool = False) -> np.ndarray:
+    """Labels validated as data: one per sample, integer class indices (exactly integral floats converted), >= 0;
+    `positions` (rows [N, T], a label per position): negative where a position is not scored.
 
     The upper bound needs the model output's class count: `Dataset.check_label_range`.
     """
@@ -383,7 +389,7 @@ def _checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_sample
             f"Store them as integers, e.g. np.savez(..., {key}=labels.astype(np.int64))."
         )
     negative = labels < (-1 if sequence else 0)  # -1 pads a label sequence
-    if np.any(negative):
+    if np.any(negative) and not positions:  # per-position labels: negative where a position is not scored
         raise DataError(_label_msg(where, key, labels[negative], "class indices cannot be negative",
                                    "Drop unlabelled samples (e.g. -1 for 'unknown') or map them to a class"))
     return labels
@@ -398,10 +404,13 @@ def open_dataset(
     role: str = "calibration",
     sequence_labels: bool = False,
     batch_axes: Mapping[str, int] | None = None,
+    position_labels: bool = False,
 ) -> Dataset:
     """Open and validate a data source for a model with the given inputs.
 
     `sequence_labels`: the labels are rows [N, L] of class indices padded with -1 (CTC models; .npz files only).
+    `position_labels`: the labels may be rows [N, T], a class per position of a per-token output (evaluate.valid_mask),
+    negative where a position is not scored (-100, as Hugging Face writes them; .npz files only).
     `batch_axes`: the batch axis of each input whose samples are not stacked on axis 0 (ConfigError when the input
     has no such axis).
 
@@ -446,8 +455,9 @@ def open_dataset(
                 f"{where}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Set data.evaluation.labels "
                 f"to the name of the labels array, or remove it to evaluate without labels."
             )
-        labels = _checked_labels(where, labels_key, _label_column(where, labels_key, raw[labels_key], sequence_labels),
-                                 n, max_samples, sequence_labels)
+        column = _label_column(where, labels_key, raw[labels_key], sequence_labels, position_labels)
+        labels = _checked_labels(where, labels_key, column, n, max_samples, sequence_labels,
+                                 positions=column.ndim == 2 and not sequence_labels)
     digest = hashlib.sha256()
     digest.update(sha256_file(path).encode())
     digest.update(f"|max={max_samples}|labels={labels_key}{_axes_tag(axes)}".encode())

@@ -175,8 +175,17 @@ def warn_if_cosine_blind(reference: np.ndarray, output: str, rules: Sequence[Any
 def warn_if_labels_unread(reference: np.ndarray, output: str, task: TaskSpec, labels: np.ndarray | None) -> bool:
     """Warn (and return True) where data.evaluation has labels that nothing reads: a classification output that is
     not class scores [N, classes] of 2 or more (a single sigmoid per sample showed top-1 as '—' without a word:
-    found probing)."""
-    if labels is None or task.task != "classification" or task.valid_mask or _is_classifier(reference):
+    found probing); or labels one per sample where evaluate.valid_mask scores each position of a per-token output."""
+    if labels is None or task.task != "classification":
+        return False
+    if task.valid_mask:
+        if labels.ndim == 2 or np.ndim(reference) < 3:
+            return False
+        log.warning("data.evaluation has one label per sample, but evaluate.valid_mask scores each position of "
+                    "model.output '%s' %s: top1 / top5 read a label per position, rows [N, T] (-100 where a position "
+                    "is not scored), and are not measured.", output, list(reference.shape))
+        return True
+    if _is_classifier(reference):
         return False
     log.warning("data.evaluation has labels, but model.output '%s' has shape %s, not class scores [N, classes] of 2 "
                 "classes or more: top1 / top5 and their drops are not measured. A single score per sample: judge it "

@@ -116,6 +116,11 @@ class Observation:
         return (" " + " ".join(parts)) if parts else ""
 
 
+_LABELS_HINT = (" (it needs labels that fit model.output: data.evaluation.labels, one per sample of class scores "
+                "[N, classes], or one per position [N, T] with evaluate.valid_mask; the log says why labels given were "
+                "not read)")
+
+
 def _missing(variant: str, metric: str, reason: str, *, batch_size: int | None = None, vs: str | None = None) -> Observation:
     return Observation(variant, metric, None, reason, batch_size, vs)
 
@@ -165,10 +170,10 @@ def _accuracy(results: RunResults, name: str, e: EvalResult, metric: str) -> Obs
         if stored is not None:
             return Observation(name, metric, float(stored))
         return _missing(name, metric, f"{metric} needs {base} of both {name} and the reference {results.reference}, "
-                        f"which this run did not measure (it needs labels: set data.evaluation.labels)")
+                        f"which this run did not measure{_LABELS_HINT}")
     if metric not in e.metrics:
         if metric in NEEDS_LABELS:
-            hint = " (it needs labels: set data.evaluation.labels)"
+            hint = _LABELS_HINT
         elif metric in TASK_OF_METRIC:
             hint = f" (it needs evaluate.task: {TASK_OF_METRIC[metric]})"
         else:

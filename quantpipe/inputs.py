@@ -75,8 +75,9 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
         calib = open_dataset(d.calibration.path, inputs, max_samples=d.calibration.max_samples, role="calibration",
                              batch_axes=axes)
     seq = cfg.evaluate.task == "ctc"
+    per_position = cfg.evaluate.valid_mask is not None and cfg.evaluate.task == "classification"
     ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples,
-                      role="evaluation", sequence_labels=seq, batch_axes=axes)
+                      role="evaluation", sequence_labels=seq, batch_axes=axes, position_labels=per_position)
     classes = _static_classes(spec, output) if cfg.evaluate.task == "classification" else None
     if classes is not None:
         ev.check_label_range(classes, output)  # else: evaluate checks once the first batch shows the class count
@@ -91,13 +92,16 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
         _check_task_output(cfg, first())
     if cfg.evaluate.valid_mask is not None:
         _check_valid_mask(cfg, inputs, ev, output, first())
+        _check_position_labels(cfg, ev, output, first())
     val = None
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
                            max_samples=d.validation.max_samples, role="validation", sequence_labels=seq,
-                           batch_axes=axes)
+                           batch_axes=axes, position_labels=per_position)
         if classes is not None:
             val.check_label_range(classes, output)
+        if per_position:
+            _check_position_labels(cfg, val, output, first())
         _warn_overlap(val, ev)
         check_output_shape(cfg.model.path, spec, val, output, cfg.model.output_batch_axis, session=session)
     elif cfg.build.fallback is not None:
@@ -294,6 +298,20 @@ def _check_task_output(cfg: PipelineConfig, out: np.ndarray | None) -> None:
         read(out)
     except EvaluationError as err:
         raise ConfigError(f"{err} (found at load, on the first evaluation sample)") from err
+
+
+def _check_position_labels(cfg: PipelineConfig, data: Dataset, output: str, out: np.ndarray | None) -> None:
+    """DataError (exit 2) at load where labels per position [N, T] do not fit model.output [N, T, classes] on the
+    first evaluation sample (`out`; None skips the check), or index a class it does not have."""
+    labels = data.labels
+    if labels is None or labels.ndim != 2 or out is None or cfg.model.output_batch_axis != 0:
+        return
+    if out.ndim != 3 or labels.shape[1] != out.shape[1]:
+        raise DataError(f"{data.role} data {data.path}: labels array '{data.labels_key}' has shape {list(labels.shape)}, "
+                        f"a label per position, but model.output '{output}' has {list(out.shape)} for one sample: "
+                        f"per-position labels score an output [N, T, classes] at its T positions. Give each sample a row "
+                        f"of T labels (-100 where a position is not scored), or one label per sample.")
+    data.check_label_range(int(out.shape[2]), output)
 
 
 def _check_valid_mask(cfg: PipelineConfig, inputs: Sequence[TensorInfo], data: Dataset, output: str,

@@ -28,11 +28,17 @@ def _flat(x: np.ndarray) -> np.ndarray:
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Fraction of samples whose label is among the k largest logits (ties broken by index)."""
+    """Fraction of samples whose label is among the k largest logits (ties broken by index). A negative label is not
+    scored (a per-token label of a position nobody labels: -100, as Hugging Face writes it); NaN when none is."""
     logits = np.asarray(logits)
     labels = np.asarray(labels).reshape(-1)
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"{logits.shape[0]} predictions but {labels.shape[0]} labels")
+    scored = labels >= 0
+    if not scored.all():
+        logits, labels = logits[scored], labels[scored]
+        if not labels.size:
+            return math.nan
     scores = logits.reshape(logits.shape[0], -1)
     k = min(k, scores.shape[1])
     topk = np.argsort(-scores, axis=1, kind="stable")[:, :k]

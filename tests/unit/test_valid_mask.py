@@ -103,3 +103,70 @@ def test_a_fallback_on_calibration_samples_of_several_lengths_is_refused_at_load
     assert main(["run", str(path), "-q", "--workers", "1"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "build.fallback chooses on the calibration data" in err and "data.validation" in err
+
+
+def _labelled(tmp_path: Path, labels_of: str = "fp32") -> dict[str, np.ndarray]:
+    """eval.npz with `tag` labels [N, T]: FP32's class on the real tokens, a third of them flipped (so that top-1
+    is no agreement in disguise), -100 on the padding and on every fifth real token (not scored)."""
+    data = dict(np.load(tmp_path / "eval.npz"))
+    fp32 = _run(tmp_path / "tag.onnx", {k: data[k] for k in ("x", "mask")}).argmax(-1)
+    rng = np.random.default_rng(1)
+    tag = np.where(rng.random(fp32.shape) < 1 / 3, (fp32 + 1) % 3, fp32)
+    tag[(data["mask"] == 0) | (np.arange(T)[None, :] % 5 == 4)] = -100
+    data["tag"] = tag.astype(np.int64) if labels_of == "fp32" else tag[:, :T - 1]
+    np.savez(tmp_path / "eval.npz", **data)
+    return data
+
+
+def _tag_yaml(tmp_path: Path, labels: str, mask: str = ", valid_mask: mask") -> Path:
+    path = task_pipeline(tmp_path, "tag", f"metrics: [top1, top1_agreement, sqnr_db]{mask}", "null",
+                         "[{variant: ort-fp32, metric: top1, min: 0.0}]")
+    text = path.read_text().replace("evaluation: {path: eval.npz}", f"evaluation: {{path: eval.npz, labels: {labels}}}")
+    path.write_text(text.replace("        fallback: null}", "        }"))
+    return path
+
+
+def test_labels_per_token_are_scored_on_the_labelled_real_positions(tmp_path: Path, capsys) -> None:
+    _tagger(tmp_path)
+    data = _labelled(tmp_path)
+    assert main(["run", str(_tag_yaml(tmp_path, "tag")), "-q", "--workers", "1"]) == 0, capsys.readouterr().err
+    run = tmp_path / "reports" / "latest"
+    results = json.loads((run / "results.json").read_text())
+    metrics = {e["variant"]: e["metrics"] for e in results["evaluations"]}
+    scored = (data["mask"] > 0) & (data["tag"] >= 0)
+    for variant, model in (("ort-fp32", tmp_path / "tag.onnx"), ("ort-int8", run / "models" / "model.int8.onnx")):
+        pred = _run(model, {k: data[k] for k in ("x", "mask")}).argmax(-1)
+        assert metrics[variant]["top1"] == pytest.approx(np.mean(pred[scored] == data["tag"][scored]))
+    assert 0.5 < metrics["ort-fp32"]["top1"] < 0.8  # a third flipped: not agreement with FP32 in disguise
+    assert "-100" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("labels_of", "mask", "said"), [
+    ("short", ", valid_mask: mask", "labels array 'tag' has shape [16, 11], a label per position, but model.output"),
+    ("fp32", "", "set evaluate.valid_mask (its positions are scored)"),
+])
+def test_labels_per_token_that_cannot_apply_are_refused_at_load(tmp_path: Path, capsys, labels_of: str, mask: str,
+                                                                 said: str) -> None:
+    _tagger(tmp_path)
+    _labelled(tmp_path, labels_of)
+    assert main(["run", str(_tag_yaml(tmp_path, "tag", mask)), "-q", "--workers", "1"]) == 2
+    assert said in " ".join(capsys.readouterr().err.split())
+
+
+def test_labels_per_token_out_of_the_class_range_are_refused(tmp_path: Path, capsys) -> None:
+    _tagger(tmp_path)
+    data = _labelled(tmp_path)
+    data["tag"][0, 0] = 7
+    np.savez(tmp_path / "eval.npz", **data)
+    assert main(["run", str(_tag_yaml(tmp_path, "tag")), "-q", "--workers", "1"]) == 2
+    assert "class indices must be in [0, 3)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_labels_one_per_sample_beside_a_mask_are_said_unread(tmp_path: Path, capsys) -> None:
+    _tagger(tmp_path)
+    data = dict(np.load(tmp_path / "eval.npz"))
+    np.savez(tmp_path / "eval.npz", **data, cls=np.arange(N) % 3)
+    assert main(["run", str(_tag_yaml(tmp_path, "cls")), "-q", "--workers", "1"]) == 1  # the top1 rule: unmeasured
+    out = capsys.readouterr()
+    assert "one label per sample, but evaluate.valid_mask scores each position" in " ".join(out.err.split())
+    assert "one per position [N, T] with evaluate.valid_mask" in " ".join(out.out.split())
