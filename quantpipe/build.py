@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from quantpipe import __version__
-from quantpipe.artifacts import CalibrationSummary, FallbackReport, Variant, from_jsonable, to_jsonable
+from quantpipe.artifacts import CalibrationSummary, FallbackReport, Precision, Variant, from_jsonable, to_jsonable
 from quantpipe.config import FALLBACK_METRICS, PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError
 from quantpipe.evalconfig import TASK_SCORES
@@ -53,7 +53,7 @@ def calibration_skip_reason(cfg: PipelineConfig) -> str | None:
     if trt.enabled and "int8" in trt.precisions:
         from quantpipe.backends.tensorrt.plan import variant_skip_reason
 
-        reason = variant_skip_reason("int8", int8_mode=trt.int8_mode)  # type: ignore[arg-type]
+        reason = variant_skip_reason("int8", int8_mode=trt.int8_mode)
         if reason is None:
             return None
         # Not the reason itself: the build stage says it, once (a test counts it).
@@ -127,7 +127,7 @@ def stage_build(
             if precision in ort.precisions:
                 path = built[precision]
                 details = {"quantize": int8_build} if precision == "int8" and int8_build else {}
-                variants.append(Variant(variant_name("onnxruntime", precision), "onnxruntime", precision, device,  # type: ignore[arg-type]
+                variants.append(Variant(variant_name("onnxruntime", precision), "onnxruntime", precision, device,
                                         artifact=str(path), size_bytes=_size(path), details=details))
     trt = b.backends.tensorrt
     if trt.enabled:
@@ -384,10 +384,10 @@ def _build_trt(
 
     trt = cfg.build.backends.tensorrt
     variants: list[Variant] = []
-    todo: list[tuple[str, str]] = []
+    todo: list[tuple[Precision, str]] = []
     for precision in (p for p in ("fp32", "fp16", "int8") if p in trt.precisions):
         name = variant_name("tensorrt", precision)
-        reason = variant_skip_reason(precision, int8_mode=trt.int8_mode)  # type: ignore[arg-type]
+        reason = variant_skip_reason(precision, int8_mode=trt.int8_mode)
         if reason is None:
             todo.append((precision, name))
             continue
@@ -398,7 +398,7 @@ def _build_trt(
                 f"Run on a machine with an NVIDIA GPU and TensorRT (pip install 'quantpipe[tensorrt]'), "
                 f"or set required: false to report TensorRT variants as skipped."
             )
-        variants.append(Variant(name, "tensorrt", precision, "cuda", skipped=reason))  # type: ignore[arg-type]
+        variants.append(Variant(name, "tensorrt", precision, "cuda", skipped=reason))
     _log_skipped(variants)
     if not todo:
         return variants
@@ -418,7 +418,7 @@ def _build_trt(
         best_cache = write_trt_cache(out_dir / "best.cache", amax, method="best", trt_version=cfg.calibration.trt_version)
     with progress.task("building TensorRT engines", len(todo)) as advance:
         for precision, name in todo:
-            plan = plan_build(precision, api, trt.int8_mode)  # type: ignore[arg-type]
+            plan = plan_build(precision, api, trt.int8_mode)
             source = _onnx_for(plan.source, cfg, ws, li, onnx_models, amax)
             calibration = None
             if plan.calibrator and best_cache is not None:
@@ -430,11 +430,11 @@ def _build_trt(
                     batch_size=cfg.data.batch_size, fingerprint=dict(summary.fingerprint),
                 )
             info = build_engine(
-                source, out_dir / f"model.{precision}.engine", precision=precision, calibration=calibration,  # type: ignore[arg-type]
+                source, out_dir / f"model.{precision}.engine", precision=precision, calibration=calibration,
                 profiles=profiles, workspace_mib=trt.workspace_mib, timing_cache=timing_cache,
                 source_sha256=sha256_file(source), int8_mode=trt.int8_mode,
             )
-            variants.append(Variant(name, "tensorrt", precision, "cuda", artifact=info.path,  # type: ignore[arg-type]
+            variants.append(Variant(name, "tensorrt", precision, "cuda", artifact=info.path,
                                     size_bytes=info.size_bytes, details=to_jsonable(info)))
             advance(1)
     order = {n: i for i, n in enumerate(variant_name("tensorrt", p) for p in ("fp32", "fp16", "int8"))}
