@@ -98,7 +98,7 @@ DEFAULT_FP16_BLOCKLIST: frozenset[str] = frozenset({
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile", "mse")
 """Methods a cache can be written for; `best` is also accepted for `calibration.use`."""
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS: tuple[Literal["fp32", "fp16", "int8"], ...] = ("fp32", "fp16", "int8")
 BACKEND_SHORT = {"onnxruntime": "ort", "tensorrt": "trt", "modelopt": "modelopt"}
 
 
@@ -161,8 +161,13 @@ class DataConfig(_Model):
     """Batch size for calibration and accuracy evaluation (results do not depend on it)."""
 
 
+# Typed defaults: Field's default_factory (a union of two callable types) gives a lambda no type context, so a
+# list literal in one is list[str]; list() of a typed tuple is the field's own list type.
+_DEFAULT_METHODS: tuple[Literal["entropy", "minmax", "percentile", "mse"], ...] = ("entropy", "minmax")
+
+
 class CalibrationConfig(_Model):
-    methods: list[Literal["entropy", "minmax", "percentile", "mse"]] = Field(default_factory=lambda: ["entropy", "minmax"])
+    methods: list[Literal["entropy", "minmax", "percentile", "mse"]] = Field(default_factory=lambda: list(_DEFAULT_METHODS))
     use: Literal["auto", "entropy", "minmax", "percentile", "mse", "best"] = "auto"
     """Which scales build the INT8 variants. `auto`: per tensor, the candidate (entropy, minmax, percentile,
     mse; computed from the histograms whatever `methods` holds) with the least measured effect on the model
@@ -187,7 +192,7 @@ class CalibrationConfig(_Model):
 
 class OrtBackendConfig(_Model):
     enabled: bool = True
-    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: list(PRECISIONS))
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     """`auto` uses the CUDA execution provider when onnxruntime-gpu sees a GPU, else CPU."""
     threads: int | None = Field(default=None, ge=1)
@@ -195,7 +200,7 @@ class OrtBackendConfig(_Model):
 
 class TrtBackendConfig(_Model):
     enabled: bool = True
-    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: list(PRECISIONS))
     required: bool = False
     """When true, a machine without TensorRT or a GPU fails the run with exit code 3 instead of skipping."""
     int8_mode: Literal["auto", "qdq", "calibrator"] = "auto"
@@ -205,7 +210,7 @@ class TrtBackendConfig(_Model):
     timing_cache: ConfigPath | None = None
 
 
-MODELOPT_VARIANTS = ("int8", "int8-qpscales", "fp16")
+MODELOPT_VARIANTS: tuple[Literal["int8", "int8-qpscales", "fp16"], ...] = ("int8", "int8-qpscales", "fp16")
 """NVIDIA ModelOpt's variants: its own INT8 calibration, quantpipe's scales through its Q/DQ placement, AutoCast FP16."""
 
 
@@ -313,9 +318,12 @@ class BuildConfig(_Model):
     fallback: FallbackConfig | None = None
 
 
+_REPORT_FORMATS: tuple[Literal["md", "html", "json", "csv", "junit"], ...] = ("md", "html", "json", "csv", "junit")
+
+
 class ReportConfig(_Model):
     dir: ConfigPath = Path("reports")
-    formats: list[Literal["md", "html", "json", "csv", "junit"]] = Field(default_factory=lambda: ["md", "html", "json", "csv", "junit"])
+    formats: list[Literal["md", "html", "json", "csv", "junit"]] = Field(default_factory=lambda: list(_REPORT_FORMATS))
     baseline: ConfigPath | None = None
     """A previous run directory (reports/<run-id>) to compare with."""
     run_id: str | None = None
