@@ -97,8 +97,8 @@ def _budget_metric(e: EvalResult) -> str:
     """The fallback budget's metric: the first measured one the variant misses; one it already meets cannot drive
     the fallback (a piano roll's box_agreement was 1.0 with no box on either side: the pasted fix kept nothing in
     float and was pasted again, found probing)."""
-    measured = [m for m in FALLBACK_BUDGETS if e.metrics.get(m) is not None]
-    missed = [m for m in measured if float(e.metrics[m]) < FALLBACK_BUDGETS[m]]
+    measured = {m: v for m in FALLBACK_BUDGETS if (v := e.metrics.get(m)) is not None}
+    missed = [m for m, v in measured.items() if float(v) < FALLBACK_BUDGETS[m]]
     return next(iter(missed or measured), "cosine")
 
 
@@ -118,11 +118,13 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
         held = e.metrics.get(fb.metric)
         here = held is not None and (float(held) <= fb.target if fb.lower_is_better else float(held) >= fb.target)
         if fb.met and here and fb.metric not in FALLBACK_BUDGETS:  # the user's own metric held, here too
+            assert held is not None  # `here` implies it
             fix = (f"the accuracy fallback met its budget on your own metric {fb.metric} ({fb.target:g}, "
                    f"{len(fb.steps)} layer(s) kept in float) on the {fb.chosen_on or 'selection'} data and here "
                    f"({float(held):.4g}): where {fb.metric} is what this output means, nothing is to mend (lower "
                    f"evaluate.collapse's limits); where it is not, budget the fallback on a measure that sees the loss:")
         elif fb.met and here:  # met on the evaluation data too
+            assert held is not None  # `here` implies it
             fix = (f"the accuracy fallback met its budget ({fb.metric} {fb.target:g}, {len(fb.steps)} layer(s) kept in "
                    f"float) on the {fb.chosen_on or 'selection'} data and on the evaluation data ({float(held):.4g}): "
                    f"{fb.metric} does not see this loss. Budget the fallback on a measure that does:")
