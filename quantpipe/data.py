@@ -525,7 +525,8 @@ def _open_folder(
                 raise DataError(f"{f}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Every sample file needs its label.")
             labels.append(_one_label(f, labels_key, raw[labels_key]))
     digest.update(f"|max={max_samples}|labels={labels_key}{_axes_tag(axes)}".encode())
-    checked = _checked_labels(where, labels_key, np.concatenate(labels), len(samples), None) if labels else None
+    checked = (_checked_labels(where, labels_key, np.concatenate(labels), len(samples), None)
+               if labels_key is not None and labels else None)  # labels are read only with a key
     return _fits_fixed_batch(where, Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role,
                                             arrays=None, samples=samples, labels=checked,
                                             fingerprint=digest.hexdigest(), batch_axes=axes))
