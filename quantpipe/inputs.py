@@ -390,7 +390,10 @@ def _check_output_batch(spec: ModelSpec, output: str, out: np.ndarray, n: int, a
 
 def _batch_of_one(t: TensorInfo, axis: int) -> TensorInfo:
     """`t` with its dynamic batch dimension (at `axis`) set to 1."""
-    if axis >= len(t.shape) or (isinstance(t.shape[axis], int) and t.shape[axis] > 0):
+    if axis >= len(t.shape):
+        return t
+    dim = t.shape[axis]
+    if isinstance(dim, int) and dim > 0:
         return t
     return dataclasses.replace(t, shape=(*t.shape[:axis], 1, *t.shape[axis + 1:]))
 
