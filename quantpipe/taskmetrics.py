@@ -254,7 +254,7 @@ def load_hook(spec: str) -> MetricHook:
     if not callable(func):
         raise ConfigError(f"evaluate.metrics hook '{spec}': {module_name} has no function {func_name}. "
                           f"Write it as package.module:function, the function taking (outputs, reference, labels).")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def run_hooks(hooks: Sequence[str], out: np.ndarray, ref: np.ndarray | None,

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,7 +131,7 @@ class OrtRunner(Runner):
         self._session = None
 
     @property
-    def session(self):  # type: ignore[no-untyped-def]
+    def session(self) -> Any:  # an onnxruntime.InferenceSession (onnxruntime is imported when a runner opens)
         if self._session is None:
             raise RuntimeError(f"runner {self.name} is not open; use it as a context manager")
         return self._session
