@@ -42,7 +42,7 @@ __all__ = ["FORMAT_VERSION", "histograms_npz", "load_histograms", "save_histogra
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-_ITEMSIZES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
+_ITEMSIZES: dict[int, type[np.integer[Any]]] = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
 
 
 def save_histograms(
