@@ -321,7 +321,8 @@ class StreamingHistogram:
             self.counts[0] += n
         else:
             pexp = self._hold(m)
-            if (GPU_KERNEL and xp is sys.modules.get("cupy") and mag.dtype == xp.float32
+            # (`xp is ...` last: mypy narrows xp to the module lookup's `ModuleType | None` after it)
+            if (GPU_KERNEL and mag.dtype == xp.float32 and xp is sys.modules.get("cupy")
                     and _F32_MIN_EXP <= pexp <= _F32_MAX_EXP):
                 # One fused kernel, the counts left on the device (gpu_bins): the same bins as below.
                 gpu_bins.abs_bins(xp, mag, math.ldexp(1.0, pexp), self._pending(xp))
