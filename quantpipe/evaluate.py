@@ -479,15 +479,15 @@ def sharded_outputs(
     `shards`: how many to cut the data into (default: one per worker).
     """
     bounds = shard_bounds(dataset.batch_bounds(batch_size), shards or executor.workers)
-    shards = [dataset.subset(lo, hi) for lo, hi in bounds]
-    jobs = [OutputsJob(v, shard, output, batch_size, threads, output_axis) for v in variants for shard in shards]
-    log.info("evaluate: %d variant(s) x %d shard(s) on %d %s worker(s)", len(variants), len(shards),
+    shard_sets = [dataset.subset(lo, hi) for lo, hi in bounds]
+    jobs = [OutputsJob(v, shard, output, batch_size, threads, output_axis) for v in variants for shard in shard_sets]
+    log.info("evaluate: %d variant(s) x %d shard(s) on %d %s worker(s)", len(variants), len(shard_sets),
              executor.workers, executor.engine)
     results = executor.map(outputs_job, jobs,
                            on_result=None if on_samples is None else lambda i, out: on_samples(int(out.shape[0])))
     outs = {}
     for k, v in enumerate(variants):
-        out = stack_outputs(results[k * len(shards):(k + 1) * len(shards)], v.name, output)
+        out = stack_outputs(results[k * len(shard_sets):(k + 1) * len(shard_sets)], v.name, output)
         if out.shape[0] != dataset.num_samples:  # never numbers from a partial shard set
             raise EvaluationError(f"variant {v.name}: the shards returned {out.shape[0]} of {dataset.num_samples} "
                                   f"outputs; no metric is computed from part of the data.")
