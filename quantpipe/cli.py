@@ -195,8 +195,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from quantpipe.model import load_model_spec
 
         load_model_spec(args.model)
-        rep = write_fp16_model(args.model, args.out)
-        kept = getattr(rep, "kept_fp32", ()) or ()
+        fp16_rep = write_fp16_model(args.model, args.out)
+        kept = getattr(fp16_rep, "kept_fp32", ()) or ()
         from quantpipe.model import read_model_spec
         from quantpipe.modelinfo import describe_precision
 
@@ -206,7 +206,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                         f"{len(kept)} kept in FP32"
                         + (": " + "; ".join(f"{k.name} ({k.reason})" for k in kept[:5])
                            + (f" and {len(kept) - 5} more" if len(kept) > 5 else "") if kept else "") + ")")
-        for w in getattr(rep, "warnings", ()) or ():
+        for w in getattr(fp16_rep, "warnings", ()) or ():
             log.warning("%s", w)
         return EXIT_OK
     # Flags left out keep QuantizeOptions' defaults, which are pipeline.yaml's (quantpipe.config).
