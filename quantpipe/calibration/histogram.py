@@ -561,10 +561,12 @@ class SignedHistogram:
             else:
                 # Each side needs its own power of two. With s_n < s_p, x * s_p is the larger product for
                 # x > 0 and x * s_n the larger (less negative) for x < 0: one maximum picks the right
-                # one for every element (minimum when s_n > s_p). Both products are exact.
+                # one for every element (minimum when s_n > s_p). The product picked is exact; the other may
+                # overflow to +-Inf (the other side's far larger range), which the maximum / minimum drops.
                 second = scratch.f32b[:k]
-                np.multiply(chunk, np.float32(math.ldexp(1.0, pp)), out=buf)
-                np.multiply(chunk, np.float32(math.ldexp(1.0, pn)), out=second)
+                with np.errstate(over="ignore"):
+                    np.multiply(chunk, np.float32(math.ldexp(1.0, pp)), out=buf)
+                    np.multiply(chunk, np.float32(math.ldexp(1.0, pn)), out=second)
                 (np.maximum if pn < pp else np.minimum)(buf, second, out=buf)
                 np.copyto(idx, buf, casting="unsafe")
             np.add(idx, fine, out=idx)
