@@ -90,6 +90,8 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
         _check_detection_head(cfg, output, first())
     elif cfg.evaluate.task != "classification":
         _check_task_output(cfg, first())
+    else:
+        _check_top1_rules(cfg, output, first())
     if cfg.evaluate.valid_mask is not None:
         _check_valid_mask(cfg, inputs, ev, output, first())
         _check_position_labels(cfg, ev, output, first())
@@ -121,6 +123,23 @@ def _check_top1_budget(cfg: PipelineConfig, calib: Dataset, output: str, session
         raise ConfigError(f"build.fallback.metric is {cfg.build.fallback.metric}, which needs class scores of 2 classes "  # type: ignore[union-attr]
                           f"or more per sample, but model.output '{output}' has shape {list(out.shape)} for one sample. "
                           f"Use a metric of its task (evaluate.task and its metrics, or a hook's), or cosine.")
+
+
+#: Gate metrics read from class scores [N, classes] of 2 classes or more (or per position, with valid_mask).
+_CLASS_SCORE_METRICS = frozenset({"top1", "top5", "top1_agreement", "top1_drop", "top5_drop"})
+
+
+def _check_top1_rules(cfg: PipelineConfig, output: str, out: np.ndarray | None) -> None:
+    """ConfigError (exit 2) at load where a gate rule reads top-1 / top-5 from an output of one value per sample:
+    it could never be measured, and said so only after calibration, build and evaluation (found probing)."""
+    from quantpipe.errors import ConfigError
+
+    rules = [f"{r.variant} {r.metric}" for r in cfg.gate.rules if r.metric in _CLASS_SCORE_METRICS]
+    if not rules or out is None or out.size > 1 or cfg.evaluate.valid_mask is not None:
+        return
+    raise ConfigError(f"gate rule(s) {', '.join(rules)} read class scores, but model.output '{output}' has shape "
+                      f"{list(out.shape)} for one sample: one value, which top-1 cannot be read from. Gate it on "
+                      f"sqnr_db or max_abs_error, or on a hook metric of its task (a threshold's accuracy).")
 
 
 def _check_fallback_shapes(cfg: PipelineConfig, spec: ModelSpec, calib: Dataset, output: str, session: Any) -> None:

@@ -202,3 +202,21 @@ def test_labels_nothing_reads_are_warned_about(caplog) -> None:
         assert not warn_if_labels_unread(np.zeros((8, 1), np.float32), "p", CLASSIFICATION, None)
         assert not warn_if_labels_unread(np.zeros((8, 4, 4), np.float32), "p", TaskSpec(task="dense"), labels)
     assert caplog.text.count("data.evaluation has labels, but model.output 'p' has shape [8, 1]") == 1
+
+
+def test_an_output_around_an_offset_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    # A quality score (MOS about 3, spread 0.3): SQNR counts the 3 as signal; class logits vary around their mean.
+    from quantpipe.evaluate import warn_if_offset_dominates
+    from quantpipe.metrics import sqnr_db
+    from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec
+
+    rng = np.random.default_rng(0)
+    mos = 3.0 + 0.3 * rng.standard_normal((64, 3))
+    with caplog.at_level("WARNING"):
+        assert warn_if_offset_dominates(mos, "mos", CLASSIFICATION)
+    noisy = mos + 0.15 * rng.standard_normal(mos.shape)  # half the spread: an error anyone would call large
+    assert sqnr_db(noisy, mos) > 25  # what the plain SQNR says
+    assert "read 20.5 dB above the error measured against the outputs' own variation" in caplog.text
+    assert not warn_if_offset_dominates(rng.standard_normal((64, 10)) * 4, "logits", CLASSIFICATION)
+    assert not warn_if_offset_dominates(np.full((64, 3), 3.0), "constant", CLASSIFICATION)  # said as constant
+    assert not warn_if_offset_dominates(mos, "mos", TaskSpec(task="dense"))  # a task metric reads it
