@@ -226,11 +226,20 @@ def sha256_of_mapping(m: dict[str, float]) -> str:
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _int8_build_summary(rep: Any) -> dict[str, Any]:
-    """What the Q/DQ writer did, for the report: counts, and the names where they are few enough to read."""
+def _int8_build_summary(rep: Any, asked: frozenset[str]) -> dict[str, Any]:
+    """What the Q/DQ writer did, for the report: counts, and the names where they are few enough to read. A layer
+    kept in float on request is said kept by `build.quantize.keep_float_nodes` (`asked`) or by the fallback."""
+    from quantpipe.quantize.placement import KEPT_AS_ASKED
+
+    def reason(f: Any) -> str:
+        if f.reason != KEPT_AS_ASKED:
+            return str(f.reason)
+        return ("kept in float as asked (build.quantize.keep_float_nodes)" if f.name in asked
+                else "kept in float by the accuracy fallback")
+
     return {
         "quantized": len(rep.quantized_nodes), "num_quantizable": rep.num_quantizable,
-        "kept_float": [{"node": f.name, "op_type": f.op_type, "reason": f.reason} for f in rep.kept_float
+        "kept_float": [{"node": f.name, "op_type": f.op_type, "reason": reason(f)} for f in rep.kept_float
                        if f.op_type in _COMPUTE_OPS][:20],
         "kept_float_count": sum(1 for f in rep.kept_float if f.op_type in _COMPUTE_OPS),
         "per_channel": rep.per_channel, "opset_before": rep.opset_before, "opset_after": rep.opset_after,
@@ -240,15 +249,21 @@ def _int8_build_summary(rep: Any) -> dict[str, Any]:
     }
 
 
-def _outputs_reached(path: Any, quantized: set[str]) -> list[str]:
-    """The graph outputs of the written INT8 model that a quantized node reaches (what an INT8 variant whose judged
-    output is FP32's can be judged on instead; its graph alone is read, not its weights)."""
+def _written_graph(path: Any, quantized: set[str]) -> dict[str, Any]:
+    """From the written INT8 model's graph (not its weights): `outputs_reached`, the graph outputs a quantized node
+    reaches (what an INT8 variant whose judged output is FP32's can be judged on instead), and `weights`, the share
+    of its weight values stored in int8 (warned about where it is under half)."""
     import onnx
 
+    from quantpipe.modelinfo import mostly_float_warning, weight_share
     from quantpipe.onnxgraph import reaching
 
     m = onnx.load(str(path), load_external_data=False)
-    return [o.name for o in m.graph.output if reaching(m, [o.name]) & quantized]
+    share = weight_share(m)
+    if (warning := mostly_float_warning(share, Path(path).name)) is not None:
+        log.warning("%s", warning)
+    return {"outputs_reached": [o.name for o in m.graph.output if reaching(m, [o.name]) & quantized],
+            "weights": {"int8": share.quantized, "float": share.in_float, "float_by_op": dict(share.float_by_op)}}
 
 
 def _auto_ranges(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
@@ -330,9 +345,9 @@ def _build_ort(
                 )
             else:
                 rep = quantize_model(li.spec.path, amax, out, options)
-            int8_build = {**_int8_build_summary(rep), "calibration_samples": li.calib.num_samples,
+            int8_build = {**_int8_build_summary(rep, frozenset(b.quantize.keep_float_nodes)), "calibration_samples": li.calib.num_samples,
                           "equalized_depthwise": options.equalize_depthwise is True,
-                          "outputs_reached": _outputs_reached(out, {q.name for q in rep.quantized_nodes}),
+                          **_written_graph(out, {q.name for q in rep.quantized_nodes}),
                           **_auto_ranges(cfg, ws), **_from_cache(cfg, ws)}
             built["int8"] = out
             advance(1)

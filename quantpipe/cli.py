@@ -230,7 +230,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             rep = write_qdq_model(spec.path, amax, args.out, options, calibration_data=ds,
                                   batch_size=args.batch_size, executor=executor)
     # Its warnings were logged as the model was written (quantize_model): said once.
-    console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized)")
+    import onnx
+
+    from quantpipe.modelinfo import mostly_float_warning, weight_share
+
+    share = weight_share(onnx.load(str(args.out), load_external_data=False))
+    console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized"
+                    + (f", {100 * share.fraction:.0f} % of the weight values" if share.fraction is not None else "") + ")")
+    if (warning := mostly_float_warning(share, Path(args.out).name)) is not None:
+        log.warning("%s", warning)
     _say_output_sqnr(spec, args.out, ds, args.batch_size)
     return EXIT_OK
 

@@ -177,6 +177,8 @@ def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, li
             # samples sit on a near-tie that no single top layer flips). Keeping one only for its
             # margin tends to stack several layers that never flip it; look at every layer first.
             rest = remaining[candidates_per_step:]
+            log.info("fallback: none of the %d most sensitive layers moves %s; trying the other %d one by one",
+                     candidates_per_step, search.metric, len(rest))
             trials += zip(search.evaluate_many([frozenset(keep + [c]) for c in rest], base=frozenset(keep)), rest,
                           strict=True)
             best, choice = max(trials, key=lambda t: search.rank(t[0]))
@@ -235,12 +237,8 @@ def accuracy_fallback(
     keep_in: Literal["fp16", "fp32"] = "fp16",
     max_layers: int | None = None,
     out_path: str | os.PathLike[str] | None = None,
-    output: str | None = None,
-    output_axis: int = 0,
-    batch_size: int = 8,
-    max_samples: int | None = None,
-    options: QuantizeOptions = QuantizeOptions(),
-    calibration_data: Any | None = None,
+    output: str | None = None, output_axis: int = 0, batch_size: int = 8, max_samples: int | None = None,
+    options: QuantizeOptions = QuantizeOptions(), calibration_data: Any | None = None,
     sensitivity: Sequence[LayerSensitivity] | None = None,
     candidates_per_step: int = 12, max_evaluations: int = 400, ranking_samples: int = 32,
     on_step: Callable[[str, float], None] | None = None,
@@ -284,6 +282,9 @@ def accuracy_fallback(
     first = search.reports[frozenset()]
     ops = {q.name: q.op_type for q in first.quantized_nodes}
     exhausted = False
+    log.info("fallback: the INT8 model reads %s = %.6g on %d %s sample(s) (budget %s %.6g)%s", metric, initial.value,
+             int(ctx.ref.shape[0]), role or "given", "<=" if search.lower_is_better else ">=", target,
+             "" if search.met(initial) else f"; ranking its {len(ops)} quantized layers one at a time")
     if not search.met(initial):
         try:
             ranking = _ranking(ctx, amax, [q.name for q in first.quantized_nodes], sensitivity, ranking_samples,

@@ -33,8 +33,8 @@ from onnx import TensorProto
 from quantpipe.onnxgraph import QDQ_OPS, QUANTIZED_OPS, Graph
 from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 
-__all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "describe_precision", "int8_run_lines", "precision_lines",
-           "qdq_role"]
+__all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "WeightShare", "describe_precision", "int8_run_lines",
+           "precision_lines", "qdq_role", "weight_share", "weight_share_line", "mostly_float_warning"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4", "other")
 """The columns of `ModelPrecision.by_op`, in display order."""
@@ -78,6 +78,24 @@ class QdqSummary:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightShare:
+    """A model's weight values (stored tensors of 2 axes or more that a node computes with: a lookup table only
+    Gather reads, an embedding, is left out) stored quantized and in float."""
+
+    quantized: int
+    """Values stored in an integer type behind a DequantizeLinear, or in float behind a QuantizeLinear."""
+    in_float: int
+    float_by_op: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """The float values by the op type that reads them (LSTM, Conv ...), the largest first."""
+
+    @property
+    def fraction(self) -> float | None:
+        """The quantized share of the weight values; None for a model without weights."""
+        total = self.quantized + self.in_float
+        return self.quantized / total if total else None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelPrecision:
     """How a model computes: nodes per precision, per op type; Q/DQ and casts; quantpipe's metadata."""
 
@@ -95,6 +113,7 @@ class ModelPrecision:
     """Compute nodes in a quantized precision (int8, fp8, int4), by name, in graph order."""
     custom_ops: Mapping[str, int] = dataclasses.field(default_factory=dict)
     """'domain::op' -> count, for ops outside the standard ONNX / ONNX Runtime domains (e.g. `trt::`)."""
+    weights: WeightShare | None = None
 
     @property
     def integer_ops(self) -> dict[str, int]:
@@ -291,7 +310,62 @@ def describe_precision(model: Any) -> ModelPrecision:
         qdq=_qdq_summary(model, g, const_types),
         casts_to_fp16=casts["fp16"], casts_to_fp32=casts["fp32"], casts_other=casts["other"],
         quantpipe_metadata=_metadata(model), quantized_layers=tuple(layers), custom_ops=dict(custom),
+        weights=weight_share(model),
     )
+
+
+def weight_share(model: Any) -> WeightShare:
+    """How many of `model`'s weight values are stored quantized (WeightShare), read from the graph and the tensors'
+    dims alone (external data is not read). Only the main graph's weights count."""
+    readers: dict[str, list[Any]] = collections.defaultdict(list)
+    for n in model.graph.node:
+        for name in n.input:
+            readers[name].append(n)
+    stored = [(t.name, t.dims, t.data_type) for t in model.graph.initializer]
+    stored += [(n.output[0], a.t.dims, a.t.data_type) for n in model.graph.node if n.op_type == "Constant" and n.output
+               for a in n.attribute if a.name == "value" and a.t.dims]
+    quantized, floats = 0, collections.Counter[str]()
+    for name, dims, dtype in stored:
+        users = readers.get(name, [])
+        if len(dims) < 2 or not users or all(u.op_type == "Gather" for u in users):
+            continue
+        size = int(np.prod(dims, dtype=np.int64))
+        roles = {qdq_role(u) for u in users}
+        if "q" in roles or ("dq" in roles and dtype not in _FLOAT_TYPES):  # float behind a Q, int8 behind a DQ
+            quantized += size
+        elif dtype in _FLOAT_TYPES:
+            floats[users[0].op_type] += size
+    return WeightShare(quantized, sum(floats.values()), dict(floats.most_common()))
+
+
+def weight_share_line(share: WeightShare) -> str | None:
+    """'int8 weights: 95 % of 2.1M values; float: LSTM 1.9M, ...' (None for a model without weights)."""
+    if share.fraction is None:
+        return None
+    floats = ", ".join(f"{op} {_count(n)}" for op, n in list(share.float_by_op.items())[:4])
+    return (f"weights stored quantized: {100 * share.fraction:.0f} % of {_count(share.quantized + share.in_float)} values"
+            + (f"; in float: {floats}" if floats else ""))
+
+
+_RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def mostly_float_warning(share: WeightShare, model: str) -> str | None:
+    """What to say where under half of an INT8 model's weight values are stored quantized (an LSTM's weights stay in
+    float: found probing, where the report said only '1 node(s) got Q/DQ'); None otherwise."""
+    if share.fraction is None or share.fraction >= 0.5:
+        return None
+    floats = ", ".join(f"{op} {_count(n)}" for op, n in list(share.float_by_op.items())[:4])
+    recurrent = [op for op in share.float_by_op if op in _RECURRENT]
+    return (f"INT8 model {model}: only {100 * share.fraction:.0f} % of its {_count(share.quantized + share.in_float)} weight "
+            f"values are stored in int8; in float: {floats}"
+            + (f" ({'/'.join(recurrent)} weights: quantpipe quantizes the weights of Conv, ConvTranspose, Gemm and "
+               f"MatMul, not recurrent layers)" if recurrent else "")
+            + ". The INT8 variant computes mostly in float: expect little gain in size or speed.")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 def precision_lines(info: ModelPrecision) -> list[str]:
@@ -325,6 +399,8 @@ def precision_lines(info: ModelPrecision) -> list[str]:
     casts = [f"{n} to {p}" for p, n in (("fp16", info.casts_to_fp16), ("fp32", info.casts_to_fp32),
                                         ("another type", info.casts_other)) if n]
     lines.append(f"casts: {', '.join(casts) if casts else 'none'}")
+    if (q.quantize or q.dequantize) and info.weights is not None and (line := weight_share_line(info.weights)):
+        lines.append(line)
     if info.custom_ops:
         lines.append("custom-domain ops: " + ", ".join(f"{op} {n}" for op, n in info.custom_ops.items()))
     meta = ", ".join(f"{k} ({v})" for k, v in info.quantpipe_metadata.items())

@@ -455,11 +455,12 @@ def _int8_build_lines(results: RunResults) -> list[str]:
         return []
     # "110 of 110 quantizable nodes" read wrong beside two Gemms left in float (found probing): those the writer
     # could not quantize were not counted among the quantizable; say both counts.
-    floats = b.get("kept_float_count", len(b["kept_float"]))
+    floats, w = b.get("kept_float_count", len(b["kept_float"])), b.get("weights") or {}
+    share = f"; {100 * w['int8'] / total:.0f} % of the weight values in int8" if (total := w.get("int8", 0) + w.get("float", 0)) else ""
     lines = [f"{b['quantized']} node(s) got Q/DQ" + (f", {floats} Conv / Gemm / MatMul node(s) stayed in float (below)"
                                                     if floats else "")
              + f" (weights symmetric int8 {'per output channel' if b['per_channel'] else 'per tensor'}, activations "
-             f"per tensor)"
+             f"per tensor){share}"
              + (f"; the model was upgraded from opset {b['opset_before']} to {b['opset_after']}"
                 if b["opset_before"] != b["opset_after"] else "") + "."]
     if b["kept_float"]:

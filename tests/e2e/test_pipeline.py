@@ -101,7 +101,9 @@ def test_report_says_how_the_int8_model_was_built(example_run: tuple[int, Path, 
     assert len(shifted_clips) == build["shifted"]  # each shifted activation's Relu became Clip(-c, ...)
     md = (run_dir / "report.md").read_text()
     assert "How the INT8 model was built" in md
-    assert f"{build['quantized']} node(s) got Q/DQ (weights" in md  # the example leaves no Conv / Gemm in float
+    # the example leaves no Conv / Gemm in float: every weight value of the model is stored in int8
+    assert build["weights"] == {"int8": 34832, "float": 0, "float_by_op": {}}
+    assert f"{build['quantized']} node(s) got Q/DQ (weights" in md and "per tensor); 100 % of the weight values in int8" in md
     assert "non-negative activation(s) quantized around the middle of their range" in md
     assert "How the INT8 model was built" in (run_dir / "report.html").read_text()
 

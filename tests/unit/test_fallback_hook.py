@@ -46,6 +46,10 @@ def test_a_hook_metric_holds_the_fallbacks_budget(tmp_path: Path, monkeypatch: p
     better = (lambda a, b: a >= b) if metric == "pix_agree" else (lambda a, b: a <= b)
     assert all(better(s["metric_after"], s["metric_before"]) for s in fb["steps"])
     assert len(importlib.import_module("seghook").CALLS) > 3  # the fallback ran the hook on its candidates
+    (int8,) = [v for v in results["variants"] if v["name"] == "ort-int8"]
+    kept = {k["node"]: k["reason"] for k in int8["details"]["quantize"]["kept_float"]}
+    assert {s["node"] for s in fb["steps"]} <= set(kept)  # the report says who kept them
+    assert all(kept[s["node"]] == "kept in float by the accuracy fallback" for s in fb["steps"])
 
 
 def test_a_hook_metric_needs_one_bound_and_a_hook(tmp_path: Path, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -112,3 +113,35 @@ def test_an_onnxruntime_dynamic_quantization_is_not_called_q_dq(tmp_path) -> Non
     lines = precision_lines(info)
     assert info.qdq.quantize == 0 and any("quantize_dynamic" in line for line in lines)
     assert not any("Made for TensorRT" in line for line in lines)
+
+
+def test_weight_share_counts_stored_weights_by_how_they_are_read() -> None:
+    # An int8 MatMul weight behind a DQ (8 values), a float one behind a Q -> DQ pair (ModelOpt's layout, 6), an LSTM's
+    # float W and R (4 * 3 * 2 + 4 * 3 * 3 = 60), an embedding only Gather reads (left out), a 1-D bias (left out).
+    from quantpipe.modelinfo import mostly_float_warning, weight_share, weight_share_line
+
+    inits = [numpy_helper.from_array(np.ones((4, 2), np.int8), "w_q"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.ones((2, 3), np.float32), "w_f"),
+             numpy_helper.from_array(np.ones((1, 12, 2), np.float32), "W"),
+             numpy_helper.from_array(np.ones((1, 12, 3), np.float32), "R"),
+             numpy_helper.from_array(np.ones((100, 4), np.float32), "emb"),
+             numpy_helper.from_array(np.ones(3, np.float32), "b")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]),
+             helper.make_node("DequantizeLinear", ["w_q", "s"], ["wd"]),
+             helper.make_node("MatMul", ["e", "wd"], ["h"]),
+             helper.make_node("QuantizeLinear", ["w_f", "s"], ["wfq"]),
+             helper.make_node("DequantizeLinear", ["wfq", "s"], ["wfd"]),
+             helper.make_node("MatMul", ["h", "wfd"], ["h2"]),
+             helper.make_node("Add", ["h2", "b"], ["h3"]),
+             helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5]),
+                                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 2])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("h3", "y")], inits)
+    share = weight_share(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert (share.quantized, share.in_float, dict(share.float_by_op)) == (14, 60, {"LSTM": 60})
+    assert share.fraction == 14 / 74
+    assert weight_share_line(share) == "weights stored quantized: 19 % of 74 values; in float: LSTM 60"
+    said = mostly_float_warning(share, "m.int8.onnx")
+    assert said is not None and "only 19 % of its 74 weight values" in said and "not recurrent layers" in said
+    assert mostly_float_warning(dataclasses.replace(share, in_float=10, float_by_op={"LSTM": 10}), "m") is None
