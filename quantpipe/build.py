@@ -19,7 +19,7 @@ from quantpipe.externaldata import external_data_files
 from quantpipe.fsutil import sha256_file
 from quantpipe.inputs import LoadedInputs
 from quantpipe.onnxgraph import load_onnx, model_size_bytes
-from quantpipe.workspace import NullProgress, Progress, Workspace, relative_to, reusable, write_manifest
+from quantpipe.workspace import NullProgress, Progress, Workspace, earlier_file, relative_to, reusable, write_manifest
 
 if TYPE_CHECKING:
     from quantpipe.quantize.options import QuantizeOptions
@@ -99,7 +99,9 @@ def stage_build(
         fp = _ort_fingerprint(cfg, li, amax)
         manifest = reusable(ws.models, fp, "build")
         if manifest is None:
-            built, fallback, int8_build, int8_options = _build_ort(cfg, ws, li, amax, progress, executor)
+            decided = _decisions_fingerprint(cfg, li, amax)
+            built, fallback, int8_build, int8_options = _build_ort(cfg, ws, li, amax, progress, executor,
+                                                                   _earlier_decisions(cfg, ws, decided))
             # Only what the build wrote, relative to the stage folder (the FP32 model is the user's, found
             # through pipeline.yaml each run): a moved or copied project reads its own files.
             paths = {k: relative_to(v, ws.models) for k, v in built.items() if k != "fp32"}
@@ -113,7 +115,7 @@ def stage_build(
                 files.append(decisions)
             write_manifest(ws.models, fp, files,
                            {"paths": paths, "fallback": to_jsonable(fallback) if fallback else None,
-                            "int8_build": int8_build, "decisions": decisions})
+                            "int8_build": int8_build, "decisions": decisions, "decisions_fingerprint": decided})
         else:
             built = {"fp32": Path(li.spec.path), **{k: ws.models / v for k, v in manifest["payload"]["paths"].items()}}
             fb = manifest["payload"].get("fallback")
@@ -169,6 +171,31 @@ def _ort_fingerprint(cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, floa
 
         fp["hooks"] = hooks_sha256(cfg.evaluate.hooks())
     return fp
+
+
+def _decisions_fingerprint(cfg: PipelineConfig, li: LoadedInputs, amax: dict[str, float]) -> dict[str, str]:
+    """What the calibration data's decisions for the INT8 model (`with_calibration_data`: statistics, split and
+    equalization choices, GPTQ codes, the output bias) depend on: not the fallback, nor the other variants."""
+    return {"model_sha256": li.spec.sha256, "scales": sha256_of_mapping(amax), "calib_data": li.calib.fingerprint,
+            "quantize": json.dumps(cfg.build.quantize.model_dump(mode="json"), sort_keys=True),
+            "batch_size": str(cfg.data.batch_size), "from_cache": str(cfg.calibration.from_cache is not None),
+            "quantpipe": __version__}
+
+
+def _earlier_decisions(cfg: PipelineConfig, ws: Workspace, decided: dict[str, str]) -> QuantizeOptions | None:
+    """The last build's decisions where only what they do not depend on changed (a new fallback budget re-ran the
+    split choice and the output bias for nothing, ~250 s on a speech-quality model: found probing); verified by
+    their sha256, else None."""
+    from quantpipe.quantize.decisions import load_decisions
+
+    path = earlier_file(ws.models, "decisions", decided)
+    if path is None:
+        return None
+    options = load_decisions(path, quantize_options(cfg))
+    if options is not None:
+        log.info("build: the calibration data's decisions (statistics, splits, output bias) are those of the last "
+                 "build, reused (%s verified): only what they do not depend on changed", path.name)
+    return options
 
 
 def _build_trt_modelopt(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, mo_variants: list[Variant],
@@ -307,9 +334,10 @@ def _from_cache(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
 
 def _build_ort(
     cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, amax: dict[str, float], progress: Progress,
-    executor: Executor | None = None,
+    executor: Executor | None = None, decided: QuantizeOptions | None = None,
 ) -> tuple[dict[str, Path], FallbackReport | None, dict[str, Any] | None, QuantizeOptions | None]:
-    """The ONNX Runtime variants' models, the fallback's report, the INT8 build's summary and its filled options."""
+    """The ONNX Runtime variants' models, the fallback's report, the INT8 build's summary and its filled options
+    (`decided`: the calibration data's decisions of the last build, when they still hold)."""
     from quantpipe.quantize import quantize_model, with_calibration_data, write_fp16_model
 
     b = cfg.build
@@ -328,8 +356,8 @@ def _build_ort(
         if "int8" in ort.precisions:
             out = ws.models / "model.int8.onnx"
             # What the calibration data decides, once: the writer or the fallback, then the sensitivity stage.
-            options = with_calibration_data(load_onnx(li.spec.path), quantize_options(cfg), li.calib,
-                                            batch_size=cfg.data.batch_size, amax=amax, executor=executor)
+            options = decided or with_calibration_data(load_onnx(li.spec.path), quantize_options(cfg), li.calib,
+                                                       batch_size=cfg.data.batch_size, amax=amax, executor=executor)
             if b.fallback is not None:
                 from quantpipe.fallback import accuracy_fallback
                 from quantpipe.taskmetrics import TaskSpec

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from quantpipe.config import PipelineConfig
 from quantpipe.fsutil import atomic_write_json, remove_orphans, sha256_file
 
-__all__ = ["NullProgress", "Progress", "Workspace", "advance_to", "new_run_id", "relative_to", "reusable", "write_manifest"]
+__all__ = ["NullProgress", "Progress", "Workspace", "advance_to", "earlier_file", "new_run_id", "relative_to", "reusable",
+           "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,23 @@ def reusable(folder: Path, fingerprint: dict[str, Any], stage: str) -> dict[str,
             return None
     log.info("%s: inputs unchanged, reusing %s (%d file(s) verified)", stage, folder, len(files))
     return manifest
+
+
+def earlier_file(folder: Path, key: str, fingerprint: dict[str, Any]) -> Path | None:
+    """A file the stage's last run wrote, for work that depends on less than the whole stage: the one its manifest's
+    payload names under `key`, when the payload's `<key>_fingerprint` equals `fingerprint` and the file is still byte
+    for byte what was written (sha256 in the manifest); else None."""
+    try:
+        manifest = json.loads(_stage_manifest(folder).read_text())
+        payload, files = manifest["payload"], _manifest_files(manifest)
+        name = payload[key]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(name, str) or isinstance(files, str) or name not in files:
+        return None
+    if payload.get(f"{key}_fingerprint") != fingerprint or not (folder / name).is_file():
+        return None
+    return folder / name if sha256_file(folder / name) == files[name] else None
 
 
 def write_manifest(folder: Path, fingerprint: dict[str, Any], files: list[str], payload: Any) -> None:

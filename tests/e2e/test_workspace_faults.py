@@ -363,3 +363,36 @@ def test_a_run_of_another_pipeline_judged_here_is_warned_about(project: Path, ca
     assert code == 0 and "run second was made by regress.yaml, and is judged here with pipeline.yaml's rules" in err
     code, _, err = _run_cli(["gate", str(other)], capsys)
     assert code == 0 and "was made by" not in err
+
+
+def test_a_new_fallback_budget_reuses_the_calibration_datas_decisions(project: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    # Only build.fallback changed: the statistics, splits and output bias of the last build still hold (a new budget
+    # re-ran them for ~250 s on a speech-quality model, found probing). The model must be the one a fresh build makes.
+    def with_fallback(root: Path, max_layers: int) -> Path:
+        cfg = yaml.safe_load((root / "pipeline.yaml").read_text())
+        cfg["build"]["fallback"] = {"metric": "cosine", "min": 0.99999999, "max_layers": max_layers}
+        (root / "pipeline.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return root / "pipeline.yaml"
+
+    code, _, err = _run_cli(["run", str(with_fallback(project, 1)), "--run-id", "one", "-v"], capsys)
+    assert code in (0, 1) and "are those of the last build, reused" in err, err  # `first` was built without a fallback
+    code, _, err = _run_cli(["run", str(with_fallback(project, 2)), "--run-id", "two", "-v"], capsys)
+    assert code in (0, 1) and "build: re-running because build changed" in err, err
+    assert "build: the calibration data's decisions (statistics, splits, output bias) are those of the last build, reused" in err
+    fresh = tmp_path / "fresh"
+    shutil.copytree(project, fresh, symlinks=True, ignore=shutil.ignore_patterns("reports"))
+    code, _, err = _run_cli(["run", str(with_fallback(fresh, 2)), "--run-id", "two", "-v"], capsys)
+    assert code in (0, 1) and "are those of the last build" not in err
+    for name in ("models/model.int8.onnx", "results.json"):
+        reused, made = (root / "reports/two" / name for root in (project, fresh))
+        if name == "models/model.int8.onnx":
+            assert reused.read_bytes() == made.read_bytes()
+        else:
+            assert (json.loads(reused.read_text())["fallback"] == json.loads(made.read_text())["fallback"])
+    with_fallback(project, 2)
+    cfg = yaml.safe_load((project / "pipeline.yaml").read_text())
+    cfg["build"]["quantize"]["shift_nonnegative"] = False  # what the decisions depend on: measured again
+    (project / "pipeline.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    code, _, err = _run_cli(["run", str(project / "pipeline.yaml"), "--run-id", "three", "-v"], capsys)
+    assert code in (0, 1) and "are those of the last build" not in err, err

@@ -65,3 +65,16 @@ def test_advance_to_turns_samples_so_far_into_increments() -> None:
     for done in (32, 64, 63 + 32, 100):
         on_batch(done, 100)
     assert steps == [32, 32, 31, 5] and sum(steps) == 100
+
+
+def test_an_earlier_file_is_handed_over_only_when_its_fingerprint_and_bytes_hold(tmp_path: Path) -> None:
+    from quantpipe.workspace import earlier_file, write_manifest
+
+    (tmp_path / "d.npz").write_bytes(b"decisions")
+    write_manifest(tmp_path, {"all": "1"}, ["d.npz"], {"decisions": "d.npz", "decisions_fingerprint": {"a": "1"}})
+    assert earlier_file(tmp_path, "decisions", {"a": "1"}) == tmp_path / "d.npz"
+    assert earlier_file(tmp_path, "decisions", {"a": "2"}) is None  # what it depends on changed
+    assert earlier_file(tmp_path, "other", {"a": "1"}) is None
+    (tmp_path / "d.npz").write_bytes(b"tampered")
+    assert earlier_file(tmp_path, "decisions", {"a": "1"}) is None  # not what was written
+    assert earlier_file(tmp_path / "none", "decisions", {"a": "1"}) is None
