@@ -276,7 +276,7 @@ def _int8_build_summary(rep: Any, asked: frozenset[str]) -> dict[str, Any]:
     }
 
 
-def _written_graph(path: Any, quantized: set[str]) -> dict[str, Any]:
+def _written_graph(path: Any, quantized: set[str], kept: int = 0) -> dict[str, Any]:
     """From the written INT8 model's graph (not its weights): `outputs_reached`, the graph outputs a quantized node
     reaches (what an INT8 variant whose judged output is FP32's can be judged on instead), and `weights`, the share
     of its weight values stored in int8 (warned about where it is under half)."""
@@ -287,7 +287,7 @@ def _written_graph(path: Any, quantized: set[str]) -> dict[str, Any]:
 
     m = onnx.load(str(path), load_external_data=False)
     share = weight_share(m)
-    if (warning := mostly_float_warning(share, Path(path).name)) is not None:
+    if (warning := mostly_float_warning(share, Path(path).name, kept)) is not None:
         log.warning("%s", warning)
     return {"outputs_reached": [o.name for o in m.graph.output if reaching(m, [o.name]) & quantized],
             "weights": {"int8": share.quantized, "float": share.in_float, "float_by_op": dict(share.float_by_op)}}
@@ -375,7 +375,8 @@ def _build_ort(
                 rep = quantize_model(li.spec.path, amax, out, options)
             int8_build = {**_int8_build_summary(rep, frozenset(b.quantize.keep_float_nodes)), "calibration_samples": li.calib.num_samples,
                           "equalized_depthwise": options.equalize_depthwise is True,
-                          **_written_graph(out, {q.name for q in rep.quantized_nodes}),
+                          **_written_graph(out, {q.name for q in rep.quantized_nodes},
+                                           len(fallback.steps) if fallback is not None else 0),
                           **_auto_ranges(cfg, ws), **_from_cache(cfg, ws)}
             built["int8"] = out
             advance(1)

@@ -235,7 +235,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quantpipe.modelinfo import mostly_float_warning, weight_share
 
     share = weight_share(onnx.load(str(args.out), load_external_data=False))
-    console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} nodes quantized"
+    console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} node(s) quantized"
                     + (f", {100 * share.fraction:.0f} % of the weight values" if share.fraction is not None else "") + ")")
     if (warning := mostly_float_warning(share, Path(args.out).name)) is not None:
         log.warning("%s", warning)

@@ -319,7 +319,7 @@ _EXACT_FLOAT_INT = 2.0**53
 def _label_msg(where: str, key: str, bad: np.ndarray, what: str, fix: str) -> str:
     shown = ", ".join(repr(v.item()) for v in np.unique(bad.reshape(-1))[:5])
     return (f"{where}: labels array '{key}' holds {bad.size} invalid label(s) (e.g. {shown}); {what}. {fix}. "
-            f"Labels are one integer class index per sample.")
+            f"Labels are integer class indices: one per sample, or one per position with evaluate.valid_mask.")
 
 
 def _label_column(where: str, key: str, raw: Any, sequence: bool = False, positions: bool = False) -> np.ndarray:

@@ -135,11 +135,13 @@ def _check_top1_rules(cfg: PipelineConfig, output: str, out: np.ndarray | None) 
     from quantpipe.errors import ConfigError
 
     rules = [f"{r.variant} {r.metric}" for r in cfg.gate.rules if r.metric in _CLASS_SCORE_METRICS]
-    if not rules or out is None or out.size > 1 or cfg.evaluate.valid_mask is not None:
+    masked = cfg.evaluate.valid_mask is not None  # each position is scored: its values are out[0, t, ...]
+    if not rules or out is None or (out[0, 0].size if masked and out.ndim >= 2 else out.size) > 1:
         return
     raise ConfigError(f"gate rule(s) {', '.join(rules)} read class scores, but model.output '{output}' has shape "
-                      f"{list(out.shape)} for one sample: one value, which top-1 cannot be read from. Gate it on "
-                      f"sqnr_db or max_abs_error, or on a hook metric of its task (a threshold's accuracy).")
+                      f"{list(out.shape)} for one sample: one value per {'position' if masked else 'sample'}, which "
+                      f"top-1 cannot be read from. Gate it on sqnr_db or max_abs_error, or on a hook metric of its task "
+                      f"(a threshold's accuracy).")
 
 
 def _check_fallback_shapes(cfg: PipelineConfig, spec: ModelSpec, calib: Dataset, output: str, session: Any) -> None:

@@ -350,9 +350,10 @@ def weight_share_line(share: WeightShare) -> str | None:
 _RECURRENT = ("LSTM", "GRU", "RNN")
 
 
-def mostly_float_warning(share: WeightShare, model: str) -> str | None:
+def mostly_float_warning(share: WeightShare, model: str, kept: int = 0) -> str | None:
     """What to say where under half of an INT8 model's weight values are stored quantized (an LSTM's weights stay in
-    float: found probing, where the report said only '1 node(s) got Q/DQ'); None otherwise."""
+    float: found probing, where the report said only '1 node(s) got Q/DQ'); None otherwise. `kept`: the layers the
+    accuracy fallback kept in float, said as a cause."""
     if share.fraction is None or share.fraction >= 0.5:
         return None
     floats = ", ".join(f"{op} {_count(n)}" for op, n in list(share.float_by_op.items())[:4])
@@ -361,6 +362,7 @@ def mostly_float_warning(share: WeightShare, model: str) -> str | None:
             f"values are stored in int8; in float: {floats}"
             + (f" ({'/'.join(recurrent)} weights: quantpipe quantizes the weights of Conv, ConvTranspose, Gemm and "
                f"MatMul, not recurrent layers)" if recurrent else "")
+            + (f"; the accuracy fallback kept {kept} layer(s) in float" if kept else "")
             + ". The INT8 variant computes mostly in float: expect little gain in size or speed.")
 
 

@@ -145,3 +145,4 @@ def test_weight_share_counts_stored_weights_by_how_they_are_read() -> None:
     said = mostly_float_warning(share, "m.int8.onnx")
     assert said is not None and "only 19 % of its 74 weight values" in said and "not recurrent layers" in said
     assert mostly_float_warning(dataclasses.replace(share, in_float=10, float_by_op={"LSTM": 10}), "m") is None
+    assert "; the accuracy fallback kept 3 layer(s) in float." in str(mostly_float_warning(share, "m", kept=3))

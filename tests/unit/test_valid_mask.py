@@ -20,18 +20,19 @@ from tests.conftest import task_pipeline
 N, T = 16, 12
 
 
-def _tagger(tmp_path: Path) -> None:
-    """x [N, T, 4] -> MatMul -> Relu -> MatMul -> scores [N, T, 3] (a token tagger); `mask` [N, T] marks the real
-    tokens. Padding holds large junk, as a padded batch can, that nobody reads."""
+def _tagger(tmp_path: Path, classes: int = 3) -> None:
+    """x [N, T, 4] -> MatMul -> Relu -> MatMul -> scores [N, T, 3] (a token tagger; `classes` other than 3: a score
+    per position); `mask` [N, T] marks the real tokens. Padding holds large junk, as a padded batch can, that nobody
+    reads."""
     rng = np.random.default_rng(0)
     g = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
          helper.make_node("MatMul", ["r", "W2"], ["scores"])],
         "tagger", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 4]),
                    helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", "T"])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", "T", 3])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", "T", classes])],
         [numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), "W1"),
-         numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "W2")])
+         numpy_helper.from_array(rng.standard_normal((16, classes)).astype(np.float32), "W2")])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "tag.onnx")
     for name in ("calib", "eval"):
         lengths = rng.integers(3, T + 1, size=N)
@@ -170,3 +171,13 @@ def test_labels_one_per_sample_beside_a_mask_are_said_unread(tmp_path: Path, cap
     out = capsys.readouterr()
     assert "one label per sample, but evaluate.valid_mask scores each position" in " ".join(out.err.split())
     assert "one per position [N, T] with evaluate.valid_mask" in " ".join(out.out.split())
+
+
+def test_a_top1_rule_on_one_score_per_position_is_refused_at_load(tmp_path: Path, capsys) -> None:
+    _tagger(tmp_path, classes=1)
+    path = task_pipeline(tmp_path, "tag", "metrics: [top1_agreement, sqnr_db], valid_mask: mask", "null",
+                         "[{variant: ort-int8, metric: top1_agreement, min: 0.9}]")
+    path.write_text(path.read_text().replace("        fallback: null}", "        }"))
+    assert main(["run", str(path), "-q", "--workers", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has shape [1, 12, 1] for one sample: one value per position, which top-1 cannot be read from" in err
