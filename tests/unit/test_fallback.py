@@ -177,7 +177,13 @@ def test_a_top1_budget_on_one_value_per_sample_is_refused(tmp_path):
         accuracy_fallback(path, {"x": 3.0, "y": 3.0}, ds, metric="top1_agreement", target=0.99, output="y")
 
 
-def test_a_top1_budget_on_one_value_per_sample_is_refused_at_load(tmp_path, capsys):
+@pytest.mark.parametrize(("fallback", "rules", "said"), [
+    ("{metric: top1_agreement, min: 0.99}", "[]", "build.fallback.metric is top1_agreement, which needs class scores"),
+    # A gate rule could never be measured, and said so only after the whole run (found probing, a speech-quality score).
+    ("null", "[{variant: ort-int8, metric: top1_agreement, min: 0.9}, {variant: ort-int8, metric: sqnr_db, min: 20}]",
+     "gate rule(s) ort-int8 top1_agreement read class scores, but model.output 'y' has shape [1, 1]"),
+])
+def test_top1_on_one_value_per_sample_is_refused_at_load(tmp_path, capsys, fallback, rules, said):
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -191,10 +197,9 @@ def test_a_top1_budget_on_one_value_per_sample_is_refused_at_load(tmp_path, caps
     (tmp_path / "one.onnx").write_bytes(model.SerializeToString())
     for name in ("calib", "eval"):
         np.savez(tmp_path / f"{name}.npz", x=rng.normal(size=(16, 4)).astype(np.float32))
-    path = task_pipeline(tmp_path, "one", "metrics: [sqnr_db]", "{metric: top1_agreement, min: 0.99}", "[]")
+    path = task_pipeline(tmp_path, "one", "metrics: [sqnr_db]", fallback, rules)
     assert main(["run", str(path), "-q", "--workers", "1"]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "build.fallback.metric is top1_agreement, which needs class scores" in err
+    assert said in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "reports" / ".work").exists() or not list((tmp_path / "reports" / ".work").rglob("*.cache"))
 
 
@@ -241,26 +246,3 @@ def test_a_linear_front_end_broken_only_together_is_kept_in_one_step(tmp_path, c
     # Where it does not fit max_layers, the layers are tried one at a time, as before.
     _, fb = accuracy_fallback(path, amax, ds, metric="cosine", target=0.999, output="y", batch_size=16, max_layers=1)
     assert not fb.met and len(fb.steps) == 1 and not fb.steps[0].same_step
-
-
-def test_a_top1_gate_rule_on_one_value_per_sample_is_refused_at_load(tmp_path, capsys):
-    # It could never be measured, and said so only after the whole run (found probing, a speech-quality score).
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    from quantpipe.cli import main
-    from tests.conftest import float_model, task_pipeline
-
-    rng = np.random.default_rng(0)
-    model = float_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
-                        [numpy_helper.from_array(rng.normal(size=(4, 1)).astype(np.float32), "w")],
-                        {"x": ["n", 4]}, {"y": ["n", 1]})
-    (tmp_path / "one.onnx").write_bytes(model.SerializeToString())
-    for name in ("calib", "eval"):
-        np.savez(tmp_path / f"{name}.npz", x=rng.normal(size=(16, 4)).astype(np.float32))
-    path = task_pipeline(tmp_path, "one", "metrics: [sqnr_db]", "null",
-                         "[{variant: ort-int8, metric: top1_agreement, min: 0.9}, {variant: ort-int8, metric: sqnr_db, min: 20}]")
-    assert main(["run", str(path), "-q", "--workers", "1"]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "gate rule(s) ort-int8 top1_agreement read class scores, but model.output 'y' has shape [1, 1]" in err
-    assert not (tmp_path / "reports" / ".work").exists() or not list((tmp_path / "reports" / ".work").rglob("*.cache"))
