@@ -218,14 +218,15 @@ def warn_if_labels_unread(reference: np.ndarray, output: str, task: TaskSpec, la
 
 
 def warn_about_reference(reference: np.ndarray, output: str, task: TaskSpec, rules: Sequence[Any],
-                         labels: np.ndarray | None = None) -> None:
+                         labels: np.ndarray | None = None, valid: np.ndarray | None = None) -> None:
     """What the FP32 reference says about the metrics asked of it: `warn_if_constant`, else `warn_if_no_detections`;
-    `warn_if_cosine_blind`; `warn_if_labels_unread`; `warn_if_offset_dominates`."""
+    `warn_if_cosine_blind`; `warn_if_labels_unread`; `warn_if_offset_dominates` (on the positions `valid` marks, as
+    the metrics read them)."""
     if not warn_if_constant(reference, output):
         warn_if_no_detections(reference, task)
     warn_if_cosine_blind(reference, output, rules)
     warn_if_labels_unread(reference, output, task, labels)
-    warn_if_offset_dominates(reference, output, task)
+    warn_if_offset_dominates(task.judged(reference, valid), output, task)
 
 
 def warn_if_no_detections(reference: np.ndarray, task: TaskSpec) -> bool:

@@ -220,3 +220,22 @@ def test_an_output_around_an_offset_is_warned_about(caplog: pytest.LogCaptureFix
     assert not warn_if_offset_dominates(rng.standard_normal((64, 10)) * 4, "logits", CLASSIFICATION)
     assert not warn_if_offset_dominates(np.full((64, 3), 3.0), "constant", CLASSIFICATION)  # said as constant
     assert not warn_if_offset_dominates(mos, "mos", TaskSpec(task="dense"))  # a task metric reads it
+
+
+def test_the_offset_is_read_on_the_real_positions_where_a_mask_is_set(caplog: pytest.LogCaptureFixture) -> None:
+    # A score per token (about 5, spread 0.3) padded with zeros: the padding hid the offset (found checking the fix).
+    from quantpipe.evaluate import warn_about_reference
+    from quantpipe.taskmetrics import TaskSpec
+
+    rng = np.random.default_rng(1)
+    valid = np.arange(8)[None, :] < rng.integers(2, 9, size=(64, 1))
+    scores = np.where(valid, 5.0 + 0.3 * rng.standard_normal((64, 8)), 0.0)[..., None]
+    real = scores[valid].astype(np.float64)
+    expected = 10 * np.log10(np.sum(real ** 2) / np.sum((real - real.mean()) ** 2))
+    with caplog.at_level("WARNING"):
+        warn_about_reference(scores, "s", TaskSpec(task="classification", valid_mask="m"), [], None, valid)
+    assert f"read {expected:.1f} dB above the error" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_about_reference(scores, "s", TaskSpec(task="classification"), [], None, None)
+    assert "varies little around its mean" not in caplog.text  # over every position, the zeros hide it
