@@ -21,6 +21,7 @@ from quantpipe.artifacts import (
 )
 from quantpipe.evalconfig import CollapseConfig
 from quantpipe.gate import hook_metrics
+from quantpipe.onnxgraph import RECURRENT_OPS
 
 __all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "SUBGRAPH_OPS", "TASK_JUDGED", "find_collapse"]
 
@@ -144,7 +145,6 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
 
 
 #: Ops quantpipe never quantizes that can hold most of a model's weights.
-RECURRENT_OPS = ("GRU", "LSTM", "RNN")
 
 
 def _unmeasured(results: RunResults, e: EvalResult, variant: Variant) -> Collapse:

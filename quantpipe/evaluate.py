@@ -185,13 +185,13 @@ def warn_if_offset_dominates(reference: np.ndarray, output: str, task: TaskSpec)
     if task.task != "classification" or ref is None or len(ref) < 2 or ref.shape[1] > 64:
         return False
     total, spread = float(np.sum(ref * ref)), float(np.sum((ref - ref.mean(axis=0)) ** 2))
-    if spread <= 0 or total <= 0 or 10 * np.log10(total / spread) < OFFSET_WARN_DB:
+    offset_db = 10 * math.log10(total / spread) if spread > 0 and total > 0 else -math.inf
+    if offset_db < OFFSET_WARN_DB:
         return False
     log.warning("model.output '%s' varies little around its mean over the evaluation samples (mean %.4g, spread %.4g): "
                 "sqnr_db and cosine count that offset as signal and read %.1f dB above the error measured against the "
                 "outputs' own variation. For a score or an estimate, judge INT8 with max_abs_error or a hook metric in "
-                "the output's units.", output, float(ref.mean()), float(np.sqrt(spread / ref.size)),
-                10 * np.log10(total / spread))
+                "the output's units.", output, float(ref.mean()), float(np.sqrt(spread / ref.size)), offset_db)
     return True
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
-from quantpipe.onnxgraph import QDQ_OPS, QUANTIZED_OPS, Graph
+from quantpipe.onnxgraph import QDQ_OPS, QUANTIZED_OPS, RECURRENT_OPS, Graph
 from quantpipe.ortsession import ORT_INT8_SESSION_CONFIG
 
 __all__ = ["PRECISIONS", "QdqSummary", "ModelPrecision", "WeightShare", "describe_precision", "int8_run_lines",
@@ -347,9 +347,6 @@ def weight_share_line(share: WeightShare) -> str | None:
             + (f"; in float: {floats}" if floats else ""))
 
 
-_RECURRENT = ("LSTM", "GRU", "RNN")
-
-
 def mostly_float_warning(share: WeightShare, model: str, kept: int = 0) -> str | None:
     """What to say where under half of an INT8 model's weight values are stored quantized (an LSTM's weights stay in
     float: found probing, where the report said only '1 node(s) got Q/DQ'); None otherwise. `kept`: the layers the
@@ -357,7 +354,7 @@ def mostly_float_warning(share: WeightShare, model: str, kept: int = 0) -> str |
     if share.fraction is None or share.fraction >= 0.5:
         return None
     floats = ", ".join(f"{op} {_count(n)}" for op, n in list(share.float_by_op.items())[:4])
-    recurrent = [op for op in share.float_by_op if op in _RECURRENT]
+    recurrent = [op for op in share.float_by_op if op in RECURRENT_OPS]
     return (f"INT8 model {model}: only {100 * share.fraction:.0f} % of its {_count(share.quantized + share.in_float)} weight "
             f"values are stored in int8; in float: {floats}"
             + (f" ({'/'.join(recurrent)} weights: quantpipe quantizes the weights of Conv, ConvTranspose, Gemm and "

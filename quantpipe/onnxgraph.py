@@ -31,7 +31,8 @@ from quantpipe.externaldata import (
 )
 
 __all__ = [
-    "FLOAT", "FLOAT16", "Graph", "LARGE_MODEL_BYTES", "Names", "QDQ_OPS", "QUANTIZED_OPS", "UNCACHED_EXTERNAL_BYTES",
+    "FLOAT", "FLOAT16", "Graph", "LARGE_MODEL_BYTES", "Names", "QDQ_OPS", "QUANTIZED_OPS", "RECURRENT_OPS",
+    "UNCACHED_EXTERNAL_BYTES",
     "add_initializer", "attr", "constant_node_value", "decomposed_layernorm_nodes", "depthwise_convs",
     "drop_unused_initializers",
     "expose_outputs", "linear_front_end", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy",
@@ -337,6 +338,9 @@ def attr(node: Any, name: str, default: Any) -> Any:
             return helper.get_attribute_value(a)
     return default
 
+
+#: Recurrent layers: quantpipe quantizes none of them (their weights stay float).
+RECURRENT_OPS = ("GRU", "LSTM", "RNN")
 
 #: Ops whose output is linear in their inputs (a product or quotient only by a constant: `linear_front_end`).
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Neg", "Reshape",
