@@ -29,7 +29,14 @@ from quantpipe.evalconfig import (
     SegmentationConfig,
     SensitivityConfig,
 )
-from quantpipe.gateconfig import GATE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateConfig, GateRule
+from quantpipe.gateconfig import (
+    CLASS_SCORE_METRICS,
+    GATE_METRICS,
+    NEEDS_LABELS,
+    TASK_OF_METRIC,
+    GateConfig,
+    GateRule,
+)
 
 __all__ = [
     "DEFAULT_FLOAT_OPS",
@@ -274,20 +281,23 @@ class Fp16Config(_Model):
 
 
 FallbackMetric = Literal["top1_agreement", "cosine", "top1_drop", "line_agreement", "map_iou", "box_agreement",
-                         "pixel_agreement", "miou", "detection_agreement"]
+                         "pixel_agreement", "miou", "detection_agreement", "mae", "centered_sqnr_db"]
 FALLBACK_METRICS: tuple[str, ...] = get_args(FallbackMetric)
 """What the accuracy fallback can hold a budget on (all against FP32 but top1_drop, which needs labels)."""
+FALLBACK_UPPER_BOUNDED = ("top1_drop", "mae")
+"""The built-in fallback metrics where lower is better: their budget is `max`."""
 
 
 class FallbackConfig(_Model):
     metric: str
     """A built-in metric (FALLBACK_METRICS): line_agreement needs evaluate.task ctc; map_iou and box_agreement need
     evaluate.task dense; pixel_agreement and miou need evaluate.task segmentation; detection_agreement needs
-    evaluate.task detection. Or a name an evaluate.metrics hook returns (the task's own metric)."""
+    evaluate.task detection; mae and centered_sqnr_db need evaluate.task regression. Or a name an evaluate.metrics
+    hook returns (the task's own metric)."""
     min: float | None = None
-    """Lower bound for every built-in metric but top1_drop; for a hook's, higher is better."""
+    """Lower bound for every built-in metric but top1_drop and mae; for a hook's, higher is better."""
     max: float | None = None
-    """Upper bound for top1_drop; for a hook's, lower is better."""
+    """Upper bound for top1_drop and mae (in the output's units); for a hook's, lower is better."""
     keep_in: Literal["fp16", "fp32"] = "fp16"
     max_layers: int | None = Field(default=None, ge=1)
     max_evaluations: int = Field(default=400, ge=1)
@@ -304,10 +314,12 @@ class FallbackConfig(_Model):
                 raise ValueError(f"build.fallback on the hook metric {self.metric} needs `min` (higher is better) or "
                                  f"`max` (lower is better), one of the two")
             return self
-        if self.metric == "top1_drop" and self.max is None:
-            raise ValueError("build.fallback with metric top1_drop needs `max` (e.g. max: 0.01)")
-        if self.metric != "top1_drop" and self.min is None:
-            raise ValueError(f"build.fallback with metric {self.metric} needs `min` (e.g. min: 0.99)")
+        if self.metric in FALLBACK_UPPER_BOUNDED and (self.max is None or self.min is not None):
+            raise ValueError(f"build.fallback with metric {self.metric} needs `max` alone, lower is better (e.g. "
+                             f"max: 0.01{' in the output units' if self.metric == 'mae' else ''})")
+        if self.metric not in FALLBACK_UPPER_BOUNDED and (self.min is None or self.max is not None):
+            raise ValueError(f"build.fallback with metric {self.metric} needs `min` alone, higher is better (e.g. "
+                             f"min: {30 if self.metric == 'centered_sqnr_db' else 0.99})")
         return self
 
 
@@ -416,7 +428,7 @@ class PipelineConfig(_Model):
             raise ValueError(f"gate.rules[{i}] judges {metric} at batch size {rule.batch_size}, which "
                              f"evaluate.latency.batch_sizes ({lat.batch_sizes}) does not time: add it there, or "
                              f"judge one of those")
-        need = TASK_OF_METRIC.get(metric)
+        need = TASK_OF_METRIC.get(metric) or ("classification" if metric in CLASS_SCORE_METRICS else None)
         if need is not None and need != task:
             measured = [*TASK_METRICS[task], "cosine", "sqnr_db", "max_abs_error"]
             raise ValueError(f"gate.rules[{i}].metric {metric} is measured only with evaluate.task: {need} (this "

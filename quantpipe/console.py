@@ -104,9 +104,10 @@ def _fmt(metric: str, v: float | None) -> str:
     if metric in ("top1", "top5", "top1_agreement", "top1_drop", "top5_drop", "line_agreement", "line_accuracy", "cer",
                   "label_cer"):
         return f"{100 * v:.2f}%"
-    if metric in ("cosine", "map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement"):
+    if metric in ("cosine", "map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement",
+                  "rank_correlation"):
         return f"{v:.4f}"
-    if metric == "sqnr_db":
+    if metric in ("sqnr_db", "centered_sqnr_db"):
         return f"{v:.1f}dB"
     return f"{v:.4g}"
 
@@ -124,7 +125,8 @@ def print_summary(results: Any) -> None:
     # The task's own metrics (CTC lines, dense maps) where measured; top-1 columns only where a variant has them.
     task_cols = {"line_accuracy": "line acc", "line_agreement": "line agree", "cer": "CER", "map_iou": "IoU",
                  "box_agreement": "box agree", "pixel_agreement": "pixel agree", "miou": "mIoU",
-                 "detection_agreement": "det agree"}
+                 "detection_agreement": "det agree", "mae": "MAE", "centered_sqnr_db": "SQNR vs spread",
+                 "rank_correlation": "rank corr"}
     measured = {m for e in results.evaluations if not e.skipped for m, val in e.metrics.items() if val is not None}
     if measured & set(task_cols):
         cols = {**{m: h for m, h in cols.items() if m in measured and m != "sqnr_db"},

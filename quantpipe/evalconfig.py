@@ -28,7 +28,7 @@ __all__ = [
 
 BUILTIN_METRICS = ("top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
                    "line_agreement", "cer", "line_accuracy", "label_cer", "map_iou", "box_agreement",
-                   "pixel_agreement", "miou", "detection_agreement")
+                   "pixel_agreement", "miou", "detection_agreement", "mae", "centered_sqnr_db", "rank_correlation")
 """Names `evaluate.metrics` accepts besides `module:function` hooks."""
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -37,6 +37,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "dense": ("map_iou", "box_agreement"),
     "segmentation": ("pixel_agreement", "miou"),
     "detection": ("detection_agreement",),
+    "regression": ("mae", "centered_sqnr_db", "rank_correlation"),
 }
 """The task-specific metrics of each task (cosine, sqnr_db, max_abs_error apply to every task)."""
 
@@ -49,7 +50,7 @@ LATENCY_RULE_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")
 
 TASK_SCORES: dict[str, str] = {"line_agreement": "ctc", "map_iou": "dense", "box_agreement": "dense",
                                "pixel_agreement": "segmentation", "miou": "segmentation",
-                               "detection_agreement": "detection"}
+                               "detection_agreement": "detection", "mae": "regression", "centered_sqnr_db": "regression"}
 """The search metrics (fallback budget, sensitivity metric) that read the output as `evaluate.task` says, and the
 task each needs."""
 
@@ -125,7 +126,8 @@ class CollapseConfig(StrictModel):
     """For top1_agreement, line_agreement, map_iou, box_agreement, pixel_agreement and detection_agreement."""
     warn_sqnr_db: float = 20.0
     """Above the collapse limits but below these, the variant is reported as degraded, first as well (a warning:
-    far from a healthy INT8 model, with the same cause and fix); 0 / 0.0 turn the warning off."""
+    far from a healthy INT8 model, with the same cause and fix); 0 / 0.0 turn the warning off. With task regression
+    both SQNR limits judge `centered_sqnr_db`, the error against the output's variation over the samples."""
     warn_agreement: float = 0.95
 
 
@@ -157,9 +159,11 @@ class SensitivityConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    task: Literal["classification", "ctc", "dense", "segmentation", "detection"] = "classification"
+    task: Literal["classification", "ctc", "dense", "segmentation", "detection", "regression"] = "classification"
     """What the output means: class scores [N, classes], CTC sequence scores [N, T, C], dense maps (thresholded),
-    a segmentation's class scores per pixel [N, C, H, W] (argmax), or a detector's raw head (decoded, NMS)."""
+    a segmentation's class scores per pixel [N, C, H, W] (argmax), a detector's raw head (decoded, NMS), or values
+    read as numbers (regression: a score, an estimate, coordinates; judged in their units and against their
+    variation over the samples, not against an offset they sit around)."""
     metrics: list[str] = Field(default_factory=lambda: ["top1", "top5", "top1_agreement", "cosine", "sqnr_db",
                                                         "max_abs_error"])
     """Built-in names (BUILTIN_METRICS; the default suits classification, and the task's own metrics are

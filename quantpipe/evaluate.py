@@ -190,8 +190,8 @@ def warn_if_offset_dominates(reference: np.ndarray, output: str, task: TaskSpec)
         return False
     log.warning("model.output '%s' varies little around its mean over the evaluation samples (mean %.4g, spread %.4g): "
                 "sqnr_db and cosine count that offset as signal and read %.1f dB above the error measured against the "
-                "outputs' own variation. For a score or an estimate, judge INT8 with max_abs_error or a hook metric in "
-                "the output's units.", output, float(ref.mean()), float(np.sqrt(spread / ref.size)), offset_db)
+                "outputs' own variation. For a score or an estimate, set evaluate.task: regression (mae in the output's "
+                "units, centered_sqnr_db against that variation, rank_correlation), or judge with a hook metric.", output, float(ref.mean()), float(np.sqrt(spread / ref.size)), offset_db)
     return True
 
 

@@ -49,7 +49,8 @@ __all__ = [
 
 ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
                     "line_agreement", "cer", "line_accuracy", "label_cer", "line_accuracy_drop", "map_iou",
-                    "box_agreement", "pixel_agreement", "miou", "detection_agreement")
+                    "box_agreement", "pixel_agreement", "miou", "detection_agreement", "mae", "centered_sqnr_db",
+                    "rank_correlation")
 """Metrics that come from EvalResult.metrics (batch-size independent)."""
 LATENCY_METRICS = LATENCY_RULE_METRICS
 """Metrics read at one batch size."""
@@ -73,6 +74,9 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "pixel_agreement": True,
     "miou": True,
     "detection_agreement": True,
+    "mae": False,
+    "centered_sqnr_db": True,
+    "rank_correlation": True,
     "latency_ms": False,
     "latency_p99_ms": False,
     "throughput": True,
@@ -177,8 +181,8 @@ def _accuracy(results: RunResults, name: str, e: EvalResult, metric: str) -> Obs
         elif metric in TASK_OF_METRIC:
             hint = f" (it needs evaluate.task: {TASK_OF_METRIC[metric]})"
         else:
-            hint = (" (it needs class scores shaped [N, classes] of 2 classes or more; for one value per sample gate "
-                    "on sqnr_db, max_abs_error or a hook metric)") if metric == "top1_agreement" else ""
+            hint = (" (it needs class scores shaped [N, classes] of 2 classes or more; for a score or an estimate set "
+                    "evaluate.task: regression and gate on mae or centered_sqnr_db)") if metric == "top1_agreement" else ""
         # Where the hint says why, the metric may well be in evaluate.metrics already (found probing: "it must also
         # be in evaluate.metrics" beside a config that listed it).
         return _missing(name, metric, f"{metric} was not measured for {name}"
@@ -409,7 +413,7 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
         return "n/a"
     v = float(v) + 0.0  # -0.0 -> 0.0: a zero change must not print as "-0.00"
     if math.isinf(v):
-        return ("+" if v > 0 else "-") + "inf" + (" dB" if metric == "sqnr_db" else "")
+        return ("+" if v > 0 else "-") + "inf" + (" dB" if metric in ("sqnr_db", "centered_sqnr_db") else "")
     sign = "+" if delta and v > 0 else ""
     if metric in _PERCENT:
         return f"{v * 100:+.2f} pt" if delta else f"{v * 100:.2f}%"
@@ -417,11 +421,11 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
         return f"{v * 100:+.2f} pt" if delta else f"{v * 100:.2f} pt"
     if metric == "cosine":
         return f"{v:+.2e}" if delta else f"{v:.6f}"
-    if metric in ("map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement"):
+    if metric in ("map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement", "rank_correlation"):
         return f"{v:+.4f}" if delta else f"{v:.4f}"
-    if metric == "sqnr_db":
+    if metric in ("sqnr_db", "centered_sqnr_db"):
         return f"{v:{'+' if delta else ''}.2f} dB"
-    if metric == "max_abs_error":
+    if metric in ("max_abs_error", "mae"):
         return f"{v:+.3g}" if delta else f"{v:.4g}"
     if metric in ("latency_ms", "latency_p99_ms"):
         return f"{sign}{_fixed(v)} ms"

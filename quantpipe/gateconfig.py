@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from quantpipe.configbase import StrictModel, did_you_mean
 from quantpipe.evalconfig import TASK_METRICS
 
-__all__ = ["GATE_METRICS", "NEEDS_LABELS", "TASK_OF_METRIC", "GateRule", "GateConfig"]
+__all__ = ["GATE_METRICS", "NEEDS_LABELS", "TASK_OF_METRIC", "CLASS_SCORE_METRICS", "GateRule", "GateConfig"]
 
 GATE_METRICS: dict[str, str] = {
     "top1": "labelled top-1 accuracy (fraction)",
@@ -30,6 +30,9 @@ GATE_METRICS: dict[str, str] = {
     "pixel_agreement": "segmentation: fraction of pixels whose class (argmax) equals FP32's",
     "miou": "segmentation: mean over classes of the IoU of the class maps with FP32's",
     "detection_agreement": "detection: F1 of the decoded detections against FP32's (same class, IoU >= box_iou)",
+    "mae": "regression: mean absolute difference from FP32's output, in the output's units",
+    "centered_sqnr_db": "regression: SQNR against FP32's variation over the samples (its mean taken out), dB",
+    "rank_correlation": "regression: Spearman correlation with FP32 over the samples, mean over the output's values",
     "max_abs_error": "largest absolute difference from the FP32 reference",
     "latency_ms": "median latency per batch, ms (at `batch_size`, default the largest measured)",
     "latency_p99_ms": "p99 latency per batch, ms",
@@ -41,6 +44,9 @@ GATE_METRICS: dict[str, str] = {
 #: Gate metrics only one task measures, and the task.
 TASK_OF_METRIC: dict[str, str] = {
     **{m: t for t, ms in TASK_METRICS.items() if t != "classification" for m in ms}, "line_accuracy_drop": "ctc"}
+#: Gate metrics read from class scores [N, classes] of 2 classes or more (or per position, with valid_mask): measured
+#: with evaluate.task classification alone.
+CLASS_SCORE_METRICS = frozenset({"top1", "top5", "top1_agreement", "top1_drop", "top5_drop"})
 #: Gate metrics measured against the evaluation data's labels.
 NEEDS_LABELS = frozenset({"top1", "top5", "top1_drop", "top5_drop", "line_accuracy", "label_cer", "line_accuracy_drop"})
 

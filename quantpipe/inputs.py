@@ -16,6 +16,7 @@ from quantpipe.artifacts import ModelSpec, TensorInfo
 from quantpipe.config import PipelineConfig
 from quantpipe.data import Dataset, check_disjoint, open_dataset, varying_output
 from quantpipe.errors import DataError
+from quantpipe.gateconfig import CLASS_SCORE_METRICS
 from quantpipe.model import apply_input_overrides, load_model_spec
 from quantpipe.onnxgraph import tensor_outputs
 
@@ -125,23 +126,21 @@ def _check_top1_budget(cfg: PipelineConfig, calib: Dataset, output: str, session
                           f"Use a metric of its task (evaluate.task and its metrics, or a hook's), or cosine.")
 
 
-#: Gate metrics read from class scores [N, classes] of 2 classes or more (or per position, with valid_mask).
-_CLASS_SCORE_METRICS = frozenset({"top1", "top5", "top1_agreement", "top1_drop", "top5_drop"})
-
 
 def _check_top1_rules(cfg: PipelineConfig, output: str, out: np.ndarray | None) -> None:
     """ConfigError (exit 2) at load where a gate rule reads top-1 / top-5 from an output of one value per sample:
     it could never be measured, and said so only after calibration, build and evaluation (found probing)."""
     from quantpipe.errors import ConfigError
 
-    rules = [f"{r.variant} {r.metric}" for r in cfg.gate.rules if r.metric in _CLASS_SCORE_METRICS]
+    rules = [f"{r.variant} {r.metric}" for r in cfg.gate.rules if r.metric in CLASS_SCORE_METRICS]
     masked = cfg.evaluate.valid_mask is not None  # each position is scored: its values are out[0, t, ...]
     if not rules or out is None or (out[0, 0].size if masked and out.ndim >= 2 else out.size) > 1:
         return
     raise ConfigError(f"gate rule(s) {', '.join(rules)} read class scores, but model.output '{output}' has shape "
                       f"{list(out.shape)} for one sample: one value per {'position' if masked else 'sample'}, which "
-                      f"top-1 cannot be read from. Gate it on sqnr_db or max_abs_error, or on a hook metric of its task "
-                      f"(a threshold's accuracy).")
+                      f"top-1 cannot be read from. For a score or an estimate set evaluate.task: regression and gate on mae "
+                      f"(in the output's units) or centered_sqnr_db; or gate on a hook metric of its task (a threshold's "
+                      f"accuracy).")
 
 
 def _check_fallback_shapes(cfg: PipelineConfig, spec: ModelSpec, calib: Dataset, output: str, session: Any) -> None:
@@ -310,11 +309,11 @@ def _check_task_output(cfg: PipelineConfig, out: np.ndarray | None) -> None:
     from quantpipe.errors import ConfigError, EvaluationError
     from quantpipe.taskmetrics import TaskSpec
 
-    if out is None:
+    task = TaskSpec.from_config(cfg.evaluate)
+    read = {"ctc": task.decode, "dense": task.mask, "segmentation": task.classes}.get(task.task)
+    if out is None or read is None:  # a regression reads any output as its numbers
         return
     out = np.moveaxis(out, cfg.model.output_batch_axis, 0)
-    task = TaskSpec.from_config(cfg.evaluate)
-    read = {"ctc": task.decode, "dense": task.mask, "segmentation": task.classes}[task.task]
     try:
         read(out)
     except EvaluationError as err:

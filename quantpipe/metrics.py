@@ -3,7 +3,8 @@
 Shared by evaluate (variants vs the FP32 reference) and the sensitivity / fallback analysis.
 Every scoring function takes arrays of shape [N, ...] and returns a Python float. Besides classification:
 sequence models read by greedy CTC decoding (exact-match rate, character error rate) and dense maps read by
-thresholding (IoU of the maps, agreement of their connected-component boxes).
+thresholding (IoU of the maps, agreement of their connected-component boxes); regression outputs (scores,
+estimates, coordinates) in their own units (mean absolute error, SQNR against their variation, rank correlation).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
     "foreground", "mask_iou", "component_boxes", "detection_boxes", "box_iou", "matched_boxes", "box_agreement",
     "class_map", "pixel_agreement", "mean_iou",
+    "mean_abs_error", "centered_sqnr_db", "rank_correlation",
 ]
 
 
@@ -366,3 +368,39 @@ def mean_iou(pred: np.ndarray, ref: np.ndarray) -> float:
     either = np.bincount(p - lo, minlength=k) + np.bincount(r - lo, minlength=k) - both
     present = either > 0
     return float(np.mean(both[present] / either[present]))
+
+
+# --------------------------------------------------------------------------- regression (scores, estimates)
+
+
+def mean_abs_error(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Mean absolute difference from `ref` over every value, in the output's own units (a MOS, pixels, Hz)."""
+    return float(np.mean(np.abs(_flat(pred) - _flat(ref))))
+
+
+def centered_sqnr_db(pred: np.ndarray, ref: np.ndarray) -> float:
+    """SQNR against what the reference varies by: 10*log10(sum (ref - mean)^2 / sum (pred - ref)^2), each value's mean
+    over the samples (axis 0) taken out of the signal alone. An output around an offset (a quality score of 2.3-3.3)
+    reads its error against the differences the model makes, not against the offset; inf when identical, -inf when
+    the reference does not vary."""
+    p, r = _flat(pred), _flat(ref)
+    return sqnr_from_sums(float(np.sum((r - r.mean(axis=0)) ** 2)), float(np.sum((p - r) ** 2)))
+
+
+def rank_correlation(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Spearman's rank correlation with `ref` over the samples, per output value, averaged over the values the
+    reference varies in (ties share their mean rank; a value `pred` holds constant where `ref` varies counts 0):
+    whether the variant orders the samples as FP32 does. NaN with fewer than 3 samples or no varying value."""
+    import pandas as pd
+
+    p, r = _flat(pred), _flat(ref)
+    varies = np.ptp(r, axis=0) > 0
+    if len(r) < 3 or not varies.any():
+        return math.nan
+    rp = pd.DataFrame(p[:, varies]).rank().to_numpy()
+    rr = pd.DataFrame(r[:, varies]).rank().to_numpy()
+    rp, rr = rp - rp.mean(axis=0), rr - rr.mean(axis=0)
+    norm = np.sqrt(np.sum(rp * rp, axis=0) * np.sum(rr * rr, axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(norm > 0, np.sum(rp * rr, axis=0) / np.where(norm > 0, norm, 1.0), 0.0)
+    return float(np.mean(rho))

@@ -1,5 +1,5 @@
-"""Task metrics: what a sequence model (CTC), a dense-map model, a segmentation or a detector is judged on, and user
-metric hooks.
+"""Task metrics: what a sequence model (CTC), a dense-map model, a segmentation, a detector or a regression is judged
+on, and user metric hooks.
 
 evaluate records them for every variant; the accuracy fallback and the per-layer sensitivity score one of them
 (`task_score`). The arithmetic lives in quantpipe.metrics; this module reads a model output the way its task
@@ -41,6 +41,9 @@ SEQUENCE_VS_LABELS = ("line_accuracy", "label_cer")
 DENSE = ("map_iou", "box_agreement")
 SEGMENTATION = ("pixel_agreement", "miou")
 DETECTION = ("detection_agreement",)
+REGRESSION_FNS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "mae": M.mean_abs_error, "centered_sqnr_db": M.centered_sqnr_db, "rank_correlation": M.rank_correlation}
+REGRESSION = tuple(REGRESSION_FNS)
 
 
 def _default(model: Any, field: str) -> Any:
@@ -209,18 +212,27 @@ def task_metrics(out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | N
             res["miou"] = M.mean_iou(mine, theirs)
     elif spec.task == "detection" and ref is not None and "detection_agreement" in wanted:
         res["detection_agreement"] = D.detection_agreement(spec.detections(out), spec.detections(ref), spec.det_box_iou)
+    elif spec.task == "regression" and ref is not None:
+        for name in REGRESSION:
+            if name in wanted:
+                value = REGRESSION_FNS[name](out, ref)
+                res[name] = value if math.isfinite(value) else None
     return res
 
 
 def task_score(name: str, out: np.ndarray, ref: np.ndarray, spec: TaskSpec) -> float:
     """One task metric against the FP32 output (for the fallback's budget and the sensitivity ranking)."""
     needs = ("ctc" if name in SEQUENCE_VS_REF else "dense" if name in DENSE
-             else "segmentation" if name in SEGMENTATION else "detection" if name in DETECTION else None)
+             else "segmentation" if name in SEGMENTATION else "detection" if name in DETECTION
+             else "regression" if name in REGRESSION else None)
     if needs is None or spec.task != needs:
-        raise ConfigError(f"the metric {name} needs evaluate.task: {needs or 'ctc, dense, segmentation or detection'} "
+        raise ConfigError(f"the metric {name} needs evaluate.task: "
+                          f"{needs or 'ctc, dense, segmentation, detection or regression'} "
                           f"(it is "
                           f"{spec.task}); "
                           f"set evaluate.task, or use sqnr_db, cosine or top1_agreement.")
+    if needs == "regression":
+        return REGRESSION_FNS[name](out, ref)  # inf for identical outputs, as sqnr_db
     value = task_metrics(out, ref, None, (name,), spec)[name]
     return float("nan") if value is None else float(value)
 

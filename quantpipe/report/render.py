@@ -44,12 +44,13 @@ METRIC_LABELS = {
     "line_agreement": "Line agreement", "cer": "CER", "line_accuracy": "Line accuracy", "label_cer": "CER vs labels",
     "line_accuracy_drop": "Line accuracy drop", "map_iou": "Map IoU", "box_agreement": "Box agreement",
     "pixel_agreement": "Pixel agreement", "miou": "Mean IoU", "detection_agreement": "Detection agreement",
+    "mae": "Mean abs error", "centered_sqnr_db": "SQNR vs spread", "rank_correlation": "Rank correlation",
 }
 _TABLE_METRICS = ("top1", "top5", "top1_drop", "top1_agreement", "line_accuracy", "line_agreement", "cer", "label_cer",
-                  "map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement", "cosine", "sqnr_db",
-                  "max_abs_error")
+                  "map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement", "mae",
+                  "centered_sqnr_db", "rank_correlation", "cosine", "sqnr_db", "max_abs_error")
 KEY_ACCURACY = ("top1", "line_accuracy", "top1_agreement", "line_agreement", "box_agreement", "map_iou",
-                "pixel_agreement", "detection_agreement", "cosine")
+                "pixel_agreement", "detection_agreement", "centered_sqnr_db", "cosine")
 """The accuracy a summary leads with, the first one measured: the task's own (against labels, else against the
 reference) before the output's cosine."""
 _KEY_LABELS = {"top1": "top-1 accuracy", "line_accuracy": "exact-line accuracy",
@@ -58,6 +59,7 @@ _KEY_LABELS = {"top1": "top-1 accuracy", "line_accuracy": "exact-line accuracy",
                "box_agreement": "box agreement with the reference", "map_iou": "map IoU with the reference",
                "pixel_agreement": "pixel agreement with the reference",
                "detection_agreement": "detection agreement with the reference",
+               "centered_sqnr_db": "SQNR against the reference's spread",
                "cosine": "cosine"}
 _MAX_HISTOGRAMS = 6
 _TAG_START = re.compile(r"<(?=[A-Za-z/!?])")

@@ -189,8 +189,14 @@ def test_a_gate_rule_on_a_metric_the_pipeline_cannot_measure_is_refused_at_load(
         parse_config({**unlabelled, "gate": {"rules": [{"variant": "ort-int8", "metric": "top1", "min": 0.9}]}})
     ok = parse_config({**unlabelled, "evaluate": {"task": "dense"},
                        "gate": {"rules": [{"variant": "ort-int8", "metric": "map_iou", "min": 0.9},
-                                          {"variant": "ort-int8", "metric": "top1_agreement", "min": 0.9}]}})
+                                          {"variant": "ort-int8", "metric": "cosine", "min": 0.9}]}})
     assert len(ok.gate.rules) == 2
+    # top-1 is read from class scores under task classification alone: under another it was never measured, and the
+    # gate failed the rule after the whole run
+    with pytest.raises(ConfigError, match=r"top1_agreement is measured only with evaluate.task: classification \(this "
+                                          r"pipeline's task is dense\)"):
+        parse_config({**unlabelled, "evaluate": {"task": "dense"},
+                      "gate": {"rules": [{"variant": "ort-int8", "metric": "top1_agreement", "min": 0.9}]}})
 
 
 def test_a_latency_rule_at_a_batch_size_never_timed_is_refused_at_load() -> None:

@@ -217,9 +217,11 @@ def test_an_output_around_an_offset_is_warned_about(caplog: pytest.LogCaptureFix
     noisy = mos + 0.15 * rng.standard_normal(mos.shape)  # half the spread: an error anyone would call large
     assert sqnr_db(noisy, mos) > 25  # what the plain SQNR says
     assert "read 20.5 dB above the error measured against the outputs' own variation" in caplog.text
+    assert "set evaluate.task: regression" in caplog.text  # whose centered_sqnr_db measures against that variation
     assert not warn_if_offset_dominates(rng.standard_normal((64, 10)) * 4, "logits", CLASSIFICATION)
     assert not warn_if_offset_dominates(np.full((64, 3), 3.0), "constant", CLASSIFICATION)  # said as constant
     assert not warn_if_offset_dominates(mos, "mos", TaskSpec(task="dense"))  # a task metric reads it
+    assert not warn_if_offset_dominates(mos, "mos", TaskSpec(task="regression"))
 
 
 def test_the_offset_is_read_on_the_real_positions_where_a_mask_is_set(caplog: pytest.LogCaptureFixture) -> None:

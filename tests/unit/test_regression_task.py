@@ -1,0 +1,125 @@
+"""`evaluate.task: regression`: an output read as numbers (a score, an estimate, coordinates) is judged in its own
+units, against its variation over the samples and by the order it puts the samples in; an offset it sits around is
+no signal (a speech-quality model's MOS read 24.6 dB and cosine 0.9994 for an error that flipped 3 of 64 accept
+decisions; found probing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from quantpipe import metrics as M
+from quantpipe.cli import main
+from quantpipe.collapse import find_collapse
+from quantpipe.config import CollapseConfig, FallbackConfig
+from tests.conftest import float_model, task_pipeline
+from tests.report_data import synthetic_results
+
+
+def test_mean_abs_error_is_in_the_outputs_units() -> None:
+    ref = np.array([[2.5], [3.0], [3.5]])
+    assert M.mean_abs_error(ref + [[0.1], [-0.2], [0.0]], ref) == pytest.approx(0.1)
+
+
+def test_centered_sqnr_ignores_the_offset_the_plain_one_counts() -> None:
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal((64, 2))
+    err = 0.1 * rng.standard_normal((64, 2))
+    # against the variation: 10 log10(sum (ref - mean)^2 / sum err^2), whatever offset is added
+    want = 10 * math.log10(np.sum((spread - spread.mean(axis=0)) ** 2) / np.sum(err**2))
+    for offset in (0.0, 3.0, 100.0):
+        assert M.centered_sqnr_db(spread + offset + err, spread + offset) == pytest.approx(want)
+    assert M.sqnr_db(spread + 100 + err, spread + 100) > want + 30  # the plain one reads the offset as signal
+    assert M.centered_sqnr_db(spread, spread) == math.inf
+    assert M.centered_sqnr_db(np.ones((4, 1)), np.full((4, 1), 2.0)) == -math.inf  # a reference that never varies
+
+
+def test_rank_correlation_is_spearmans() -> None:
+    ref = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    pred = np.array([1.0, 3.0, 2.0, 4.0, 5.0])  # one swap: d = (0, 1, -1, 0, 0)
+    assert M.rank_correlation(pred, ref) == pytest.approx(1 - 6 * 2 / (5 * (25 - 1)))
+    assert M.rank_correlation(ref * 7 - 3, ref) == pytest.approx(1.0)  # any increasing map keeps the order
+    assert M.rank_correlation(-ref, ref) == pytest.approx(-1.0)
+    # ties share their mean rank: pred ranks (1.5, 1.5, 3, 4), ref (1, 2, 3, 4)
+    r = np.array([1.5, 1.5, 3, 4]) - 2.5
+    f = np.array([1.0, 2, 3, 4]) - 2.5
+    assert M.rank_correlation(np.array([0.0, 0, 1, 2]), np.array([0.0, 1, 2, 3])) == pytest.approx(
+        float(r @ f / math.sqrt((r @ r) * (f @ f))))
+    # per value, over the values FP32 varies in; a value INT8 holds constant counts 0
+    two = np.stack([ref, np.full(5, 2.0), ref], axis=1)
+    got = np.stack([pred, np.full(5, 9.0), np.zeros(5)], axis=1)
+    assert M.rank_correlation(got, two) == pytest.approx((1 - 6 * 2 / 120 + 0.0) / 2)
+    assert math.isnan(M.rank_correlation(ref[:2], ref[:2]))
+
+
+def _regressor(tmp_path: Path, offset: float = 3.0) -> None:
+    """x [N, 8] -> a score around `offset` [N, 1] (a MOS-like estimate) through a hidden ReLU layer."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 16)).astype(np.float32)
+    w2 = (0.05 * rng.standard_normal((16, 1))).astype(np.float32)
+    model = float_model(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["m"]), helper.make_node("Add", ["m", "B"], ["score"])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+         numpy_helper.from_array(np.array([offset], np.float32), "B")],
+        {"x": ["N", 8]}, {"score": ["N", 1]})
+    import onnx
+
+    onnx.save(model, tmp_path / "reg.onnx")
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((48, 8)).astype(np.float32))
+
+
+def test_a_regression_run_judges_the_score_in_its_units(tmp_path: Path) -> None:
+    _regressor(tmp_path)
+    path = task_pipeline(tmp_path, "reg", "task: regression", "{metric: mae, max: 0.5}",
+                         "[{variant: ort-int8, metric: mae, max: 0.5}, "
+                         "{variant: ort-int8, metric: centered_sqnr_db, min: 5}]")
+    assert main(["run", str(path), "-q", "--workers", "1"]) == 0
+    results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
+    (int8,) = [e for e in results["evaluations"] if e["variant"] == "ort-int8"]
+    m = int8["metrics"]
+    assert 0 < m["mae"] < 0.5 and -1 <= m["rank_correlation"] <= 1
+    assert m["sqnr_db"] > m["centered_sqnr_db"] + 10  # the offset of 3 is no signal to the centered one
+    assert "top1_agreement" not in m
+    assert results["fallback"]["metric"] == "mae" and results["fallback"]["lower_is_better"] is True
+    assert [o["metric"] for o in results["gate"]["outcomes"]] == ["mae", "centered_sqnr_db"]
+
+
+def test_a_top1_rule_on_a_regression_is_refused_at_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _regressor(tmp_path)
+    path = task_pipeline(tmp_path, "reg", "task: regression", "null",
+                         "[{variant: ort-int8, metric: top1_agreement, min: 0.99}]")
+    assert main(["run", str(path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "top1_agreement is measured only with evaluate.task: classification" in err and "mae" in err
+
+
+@pytest.mark.parametrize(("bound", "ok"), [({"metric": "mae", "max": 0.1}, True), ({"metric": "mae", "min": 0.1}, False),
+                                            ({"metric": "mae", "min": 0.0, "max": 0.1}, False),
+                                            ({"metric": "centered_sqnr_db", "min": 30}, True),
+                                            ({"metric": "top1_agreement", "min": 0.99, "max": 1.0}, False)])
+def test_a_fallback_budget_bounds_its_metric_the_way_it_reads(bound: dict, ok: bool) -> None:
+    if ok:
+        FallbackConfig(**bound)
+    else:
+        with pytest.raises(ValueError, match="alone"):
+            FallbackConfig(**bound)
+
+
+def test_the_collapse_limits_judge_a_regression_against_its_variation(tmp_path: Path) -> None:
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={"sqnr_db": 24.6, "cosine": 0.9994, "mae": 0.08,
+                                                  "centered_sqnr_db": 12.5, "rank_correlation": 0.97})
+                  if e.variant == "ort-int8" else e for e in results.evaluations)
+    results = dataclasses.replace(results, evaluations=evals, fallback=None)
+    (c,) = find_collapse(results, CollapseConfig())
+    assert c.severity == "degraded"
+    assert c.problems[0] == "output SQNR 12.50 dB against FP32's variation over the samples (degraded below 20 dB)"
+    assert "metric: centered_sqnr_db" in c.fix_yaml and "min: 30" in c.fix_yaml
