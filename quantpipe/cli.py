@@ -230,58 +230,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             rep = write_qdq_model(spec.path, amax, args.out, options, calibration_data=ds,
                                   batch_size=args.batch_size, executor=executor)
     # Its warnings were logged as the model was written (quantize_model): said once.
-    import onnx
+    from quantpipe.written_check import say_written
 
-    from quantpipe.modelinfo import mostly_float_warning, weight_share
-
-    share = weight_share(onnx.load(str(args.out), load_external_data=False))
-    console().print(f"wrote {args.out} ({len(getattr(rep, 'quantized_nodes', ()) or ())} node(s) quantized"
-                    + (f", {100 * share.fraction:.0f} % of the weight values" if share.fraction is not None else "") + ")")
-    if (warning := mostly_float_warning(share, Path(args.out).name)) is not None:
-        log.warning("%s", warning)
-    _say_output_sqnr(spec, args.out, ds, args.batch_size)
+    say_written(spec, Path(args.out), rep, ds, args.batch_size)
     return EXIT_OK
-
-
-#: Calibration samples `quantize`'s closing SQNR is measured on.
-OUTPUT_SQNR_SAMPLES = 64
-
-
-def _say_output_sqnr(spec: Any, out: Path, ds: Any, batch_size: int) -> None:
-    """The written model's output SQNR on the first calibration samples, and a warning below evaluate.collapse's
-    limits: nothing else judges a standalone `quantize`'s file (a recognizer whose INT8 model read 0.27 of its
-    lines as FP32 did was written with exit 0 and no word, found probing)."""
-    from quantpipe.evalconfig import CollapseConfig
-    from quantpipe.inputs import BATCH_CHECK_MAX_BYTES
-    from quantpipe.quantize.write import written_sqnr
-
-    if spec.size_bytes > BATCH_CHECK_MAX_BYTES:
-        return
-    sqnr, n, where, each = written_sqnr(spec.path, out, ds, batch_size=batch_size, max_samples=OUTPUT_SQNR_SAMPLES)
-    limits = CollapseConfig()
-    # The first in file order: per-character samples sorted by sentence are one sentence's (found probing).
-    said = (f"INT8 output SQNR{where} {sqnr:.1f} dB against FP32 on the first {n}"
-            + (f" of {ds.num_samples} calibration samples (in file order)" if n < ds.num_samples else
-               " calibration samples"))
-    if each:
-        said += " (each output: " + ", ".join(f"{o} {v:.1f} dB" for o, v in each.items()) + ")"
-        worst = min(each, key=lambda o: each[o])
-        # The pooled SQNR is the largest output's: CenterFace's 26.4 dB hid its heatmap at 14.9 dB (found probing).
-        sqnr = min(sqnr, each[worst])
-        if each[worst] < limits.warn_sqnr_db:
-            said += f"; output {worst} is the lowest"
-    if sqnr < limits.min_sqnr_db:
-        log.warning("%s: below %g dB, the INT8 output is far from FP32's. Judge the model with its task's own metric "
-                    "before shipping it (`quantpipe run` with evaluate.task), and see README's 'Loud on collapse' "
-                    "for the causes and the fallback.", said, limits.min_sqnr_db)
-    elif sqnr < limits.warn_sqnr_db:
-        # Output SQNR alone does not tell there: PP-OCRv3 recognizers at 15-17 dB read 0.39 to 0.98 of their lines
-        # as FP32 does, and a text detector at 16.8 dB matched every box (found probing).
-        log.warning("%s: below %g dB, output SQNR alone cannot tell a usable model from a broken one; judge it with "
-                    "its task's own metric (`quantpipe run` with evaluate.task: ctc / dense / segmentation / "
-                    "detection / classification).", said, limits.warn_sqnr_db)
-    else:
-        console().print(said)
 
 
 def _quantize_from_cache(args: argparse.Namespace, options: Any) -> int:

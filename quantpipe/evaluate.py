@@ -173,8 +173,6 @@ def warn_if_cosine_blind(reference: np.ndarray, output: str, rules: Sequence[Any
     return True
 
 
-#: An output whose mean over the samples holds this much more power than its variation around it (dB) is warned about.
-OFFSET_WARN_DB = 10.0
 
 
 def warn_if_offset_dominates(reference: np.ndarray, output: str, task: TaskSpec) -> bool:
@@ -182,16 +180,17 @@ def warn_if_offset_dominates(reference: np.ndarray, output: str, task: TaskSpec)
     offset that holds most of their power: sqnr_db and cosine count the offset as signal (a speech-quality model's
     MOS, 2.3-3.3: 24.6 dB and cosine 0.9994 for an error of 0.08 MOS that flipped 3 of 64 decisions; found probing)."""
     ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1) if np.ndim(reference) else None
-    if task.task != "classification" or ref is None or len(ref) < 2 or ref.shape[1] > 64:
+    if task.task != "classification" or ref is None or len(ref) < 2 or ref.shape[1] > M.OFFSET_MAX_VALUES:
         return False
-    total, spread = float(np.sum(ref * ref)), float(np.sum((ref - ref.mean(axis=0)) ** 2))
-    offset_db = 10 * math.log10(total / spread) if spread > 0 and total > 0 else -math.inf
-    if offset_db < OFFSET_WARN_DB:
+    offset_db = M.offset_db(ref)
+    if not M.OFFSET_WARN_DB <= offset_db < math.inf:  # inf: constant, said by warn_if_constant
         return False
+    spread = float(np.sum((ref - ref.mean(axis=0)) ** 2))
     log.warning("model.output '%s' varies little around its mean over the evaluation samples (mean %.4g, spread %.4g): "
                 "sqnr_db and cosine count that offset as signal and read %.1f dB above the error measured against the "
                 "outputs' own variation. For a score or an estimate, set evaluate.task: regression (mae in the output's "
-                "units, centered_sqnr_db against that variation, rank_correlation), or judge with a hook metric.", output, float(ref.mean()), float(np.sqrt(spread / ref.size)), offset_db)
+                "units, centered_sqnr_db against that variation, rank_correlation), or judge with a hook metric.",
+                output, float(ref.mean()), float(np.sqrt(spread / ref.size)), offset_db)
     return True
 
 

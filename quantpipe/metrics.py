@@ -20,7 +20,7 @@ __all__ = [
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
     "foreground", "mask_iou", "component_boxes", "detection_boxes", "box_iou", "matched_boxes", "box_agreement",
     "class_map", "pixel_agreement", "mean_iou",
-    "mean_abs_error", "centered_sqnr_db", "rank_correlation",
+    "mean_abs_error", "centered_sqnr_db", "rank_correlation", "offset_db", "OFFSET_WARN_DB", "OFFSET_MAX_VALUES",
 ]
 
 
@@ -385,6 +385,20 @@ def centered_sqnr_db(pred: np.ndarray, ref: np.ndarray) -> float:
     the reference does not vary."""
     p, r = _flat(pred), _flat(ref)
     return sqnr_from_sums(float(np.sum((r - r.mean(axis=0)) ** 2)), float(np.sum((p - r) ** 2)))
+
+
+#: An output whose mean over the samples holds this much more power than its variation around it (dB) is said so
+#: (evaluate's warning, `quantpipe quantize`'s closing line) ...
+OFFSET_WARN_DB = 10.0
+#: ... where it has at most this many values per sample (a score, an estimate; not class logits or a map).
+OFFSET_MAX_VALUES = 64
+
+
+def offset_db(ref: np.ndarray) -> float:
+    """How much more power an output holds than its variation over the samples (axis 0), in dB: 10*log10(sum ref^2 /
+    sum (ref - mean)^2), what `sqnr_db` reads above `centered_sqnr_db` for any error; inf where it never varies."""
+    r = _flat(ref)
+    return sqnr_from_sums(float(np.sum(r * r)), float(np.sum((r - r.mean(axis=0)) ** 2)))
 
 
 def rank_correlation(pred: np.ndarray, ref: np.ndarray) -> float:

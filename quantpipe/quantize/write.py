@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor
 from quantpipe.onnxgraph import load_onnx, tensor_outputs
@@ -118,31 +120,35 @@ def choose_equalize(model: Any, amax: Mapping[str, float], options: QuantizeOpti
     off, _ = build_qdq_model(model, amax, dataclasses.replace(base, equalize_depthwise=False))
     if on.SerializeToString() == off.SerializeToString():
         return False
-    (with_, without), count, where, _ = _output_sqnr(model, (on, off), calibration_data, batch_size=batch_size,
-                                                  max_samples=EQUALIZE_SAMPLES)
+    (with_, without), count, where, *_ = _output_sqnr(model, (on, off), calibration_data, batch_size=batch_size,
+                                                   max_samples=EQUALIZE_SAMPLES)
     log.info("equalize_depthwise auto: INT8 output SQNR%s %.1f dB with, %.1f dB without (%d calibration samples): %s",
              where, with_, without, count, "equalized" if with_ > without else "not equalized")
     return with_ > without
 
 
 def written_sqnr(model_path: str | os.PathLike[str], int8_path: str | os.PathLike[str], calibration_data: Any, *,
-                 batch_size: int = 8, max_samples: int = EQUALIZE_SAMPLES) -> tuple[float, int, str, dict[str, float]]:
+                 batch_size: int = 8, max_samples: int = EQUALIZE_SAMPLES
+                 ) -> tuple[float, int, str, dict[str, float], dict[str, float]]:
     """The written INT8 model's output SQNR against FP32 on the first `max_samples` calibration samples (every float
     output pooled, each channel against its own signal where `fake_quant.output_weights` says so), the samples, and
     what the SQNR covers (`fake_quant.pooled`): what `quantpipe quantize` says last, since nothing else evaluates
-    its file. Last, each float output's own SQNR where there are several: pooled, CenterFace's 26.4 dB hid its
-    heatmap at 14.9 dB (found probing)."""
-    (sqnr,), count, where, (each,) = _output_sqnr(load_onnx(model_path), (load_onnx(int8_path),), calibration_data,
-                                                  batch_size=batch_size, max_samples=max_samples)
-    return sqnr, count, where, each
+    its file. Then each float output's own SQNR where there are several: pooled, CenterFace's 26.4 dB hid its
+    heatmap at 14.9 dB (found probing). Last, `metrics.offset_db` of each float output of at most OFFSET_MAX_VALUES
+    values per sample, read as one scale (a score around an offset: its SQNR reads that much high)."""
+    (sqnr,), count, where, (each,), offsets = _output_sqnr(load_onnx(model_path), (load_onnx(int8_path),),
+                                                           calibration_data, batch_size=batch_size,
+                                                           max_samples=max_samples)
+    return sqnr, count, where, each, offsets
 
 
 def _output_sqnr(model: Any, candidates: Sequence[Any], calibration_data: Any, *, batch_size: int,
-                 max_samples: int) -> tuple[list[float], int, str, list[dict[str, float]]]:
+                 max_samples: int) -> tuple[list[float], int, str, list[dict[str, float]], dict[str, float]]:
     """Each INT8 candidate's output SQNR against the FP32 `model` on the first `max_samples` calibration samples
     (every float output pooled, as `auto`'s ranges judge; the Q/DQ arithmetic exact); the samples; which outputs;
-    and, with several float outputs, each one's own SQNR per candidate (empty with one)."""
-    from quantpipe.metrics import SquaredSums, sqnr_from_sums
+    with several float outputs, each one's own SQNR per candidate (empty with one); and the FP32 outputs' offsets
+    (`written_sqnr`)."""
+    from quantpipe.metrics import OFFSET_MAX_VALUES, SquaredSums, offset_db, sqnr_from_sums
     from quantpipe.ortsession import fp32_batches, ort_session
     from quantpipe.quantize.fake_quant import output_error, output_signal, output_weights, pooled
 
@@ -153,9 +159,13 @@ def _output_sqnr(model: Any, candidates: Sequence[Any], calibration_data: Any, *
     weights: list[Any] | None = None
     each_signal: dict[str, float] = {}
     each_noise: list[dict[str, float]] = [{} for _ in sessions]
+    small: dict[str, list[np.ndarray]] = {}
     for res, n in fp32_batches(ref, calibration_data, batch_size=batch_size, max_samples=max_samples):
         r, f = [res[o] for o in outputs], {k: res[k] for k in calibration_data.input_names}
         weights = output_weights(r) if weights is None else weights
+        for o, x, w in zip(outputs, r, weights, strict=True):
+            if x.dtype.kind == "f" and w is None and 0 < x.size <= OFFSET_MAX_VALUES * max(len(x), 1):
+                small.setdefault(o, []).append(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
         signal += output_signal(r, sums, weights)
         floats = [i for i, x in enumerate(r) if x.dtype.kind == "f"]
         each_of = floats if len(floats) > 1 else []  # one float output: the pooled SQNR is its own
@@ -168,7 +178,8 @@ def _output_sqnr(model: Any, candidates: Sequence[Any], calibration_data: Any, *
                 each_noise[k][outputs[i]] = each_noise[k].get(outputs[i], 0.0) + sums.error(got[i], r[i])
         count += n
     each = [{o: sqnr_from_sums(each_signal[o], e) for o, e in per.items()} for per in each_noise]
-    return [sqnr_from_sums(signal, e) for e in noise], count, pooled(outputs, weights), each
+    offsets = {o: offset_db(np.concatenate(xs)) for o, xs in small.items() if sum(map(len, xs)) >= 2}
+    return [sqnr_from_sums(signal, e) for e in noise], count, pooled(outputs, weights), each, offsets
 
 
 def output_bias(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
@@ -193,8 +204,8 @@ def output_bias(model: Any, amax: Mapping[str, float], options: QuantizeOptions,
         return {}
     corrected, _ = build_qdq_model(model, amax, dataclasses.replace(
         options, output_bias=shifts, output_bias_keep=options.keep_float_nodes))
-    (with_, without), count, where, _ = _output_sqnr(model, (corrected, qdq), calibration_data, batch_size=batch_size,
-                                                  max_samples=OUTPUT_BIAS_SAMPLES)
+    (with_, without), count, where, *_ = _output_sqnr(model, (corrected, qdq), calibration_data,
+                                                   batch_size=batch_size, max_samples=OUTPUT_BIAS_SAMPLES)
     keep = with_ > without
     log.info("output bias correction at %s: INT8 output SQNR%s %.2f dB with, %.2f dB without (%d calibration "
              "samples): %s", ", ".join(shifts), where, with_, without, count, "applied" if keep else "not applied")
