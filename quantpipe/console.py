@@ -126,7 +126,7 @@ def print_summary(results: Any) -> None:
     task_cols = {"line_accuracy": "line acc", "line_agreement": "line agree", "cer": "CER", "map_iou": "IoU",
                  "box_agreement": "box agree", "pixel_agreement": "pixel agree", "miou": "mIoU",
                  "detection_agreement": "det agree", "mae": "MAE", "centered_sqnr_db": "SQNR vs spread",
-                 "rank_correlation": "rank corr"}
+                 "rank_correlation": "rank corr", "label_mae": "MAE vs labels"}
     measured = {m for e in results.evaluations if not e.skipped for m, val in e.metrics.items() if val is not None}
     if measured & set(task_cols):
         cols = {**{m: h for m, h in cols.items() if m in measured and m != "sqnr_db"},

@@ -42,6 +42,7 @@ from quantpipe.datafiles import (
 )
 from quantpipe.errors import DataError
 from quantpipe.fsutil import sha256_file
+from quantpipe.labels import checked_labels, label_column, label_message, one_label, value_labels, value_rows
 
 __all__ = ["Batch", "Dataset", "Feeds", "open_dataset", "varying_output", "check_disjoint", "sample_count", "sample_rows"]
 
@@ -183,7 +184,7 @@ class Dataset:
             return
         bad = self._labels >= classes
         if np.any(bad):
-            raise DataError(_label_msg(
+            raise DataError(label_message(
                 f"{self.role} data {self.path}", self.labels_key or "labels", self._labels[bad],
                 f"class indices must be in [0, {classes}): output '{output}' has {classes} classes",
                 f"Store each sample's class index in 0..{classes - 1}, or set model.output to the output these "
@@ -312,89 +313,6 @@ def varying_output(output: str, shapes: Sequence[tuple[int, ...]], who: str, rol
         f"logits).")
 
 
-_EXACT_FLOAT_INT = 2.0**53
-"""Floats are exact integers only up to 2**53; larger "class indices" cannot be told apart."""
-
-
-def _label_msg(where: str, key: str, bad: np.ndarray, what: str, fix: str) -> str:
-    shown = ", ".join(repr(v.item()) for v in np.unique(bad.reshape(-1))[:5])
-    return (f"{where}: labels array '{key}' holds {bad.size} invalid label(s) (e.g. {shown}); {what}. {fix}. "
-            f"Labels are integer class indices: one per sample, or one per position with evaluate.valid_mask.")
-
-
-def _label_column(where: str, key: str, raw: Any, sequence: bool = False, positions: bool = False) -> np.ndarray:
-    """The labels as one value per sample: shape [N] or [N, 1]; anything else (a scalar, one-hot rows) is refused.
-    With `sequence` (CTC models): rows [N, L] of class indices padded with -1; with `positions`: rows [N, T] are
-    per-position labels too."""
-    arr = np.asarray(raw)
-    if sequence:
-        if arr.ndim == 2:
-            return arr
-        raise DataError(f"{where}: labels array '{key}' has shape {list(arr.shape)}, but evaluate.task ctc reads "
-                        f"label sequences: shape [N, L], class indices padded with -1 (e.g. [[3, 1, 4, -1], ...]).")
-    if arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1):
-        return arr.reshape(-1)
-    if positions and arr.ndim == 2:
-        return arr
-    hint = (" One-hot or score rows: store labels.argmax(axis=1); a label per token of a per-token output: set "
-            "evaluate.valid_mask (its positions are scored)." if arr.ndim == 2 else "")
-    raise DataError(
-        f"{where}: labels array '{key}' has shape {list(arr.shape)}, but labels need one value per sample, shape [N] "
-        f"or [N, 1].{hint} Store one integer class index per sample."
-    )
-
-
-def _one_label(path: Path, key: str, raw: Any) -> np.ndarray:
-    """The label of one per-sample file: exactly one value."""
-    arr = np.asarray(raw).reshape(-1)
-    if arr.size != 1:
-        raise DataError(
-            f"{path}: labels array '{key}' holds {arr.size} values, but a per-sample file needs exactly one label "
-            f"(its integer class index); labels per position (evaluate.valid_mask) are read from one .npz of padded "
-            f"samples, as rows [N, T]."
-        )
-    return arr
-
-
-def _checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_samples: int | None,
-                    sequence: bool = False, *, positions: bool = False) -> np.ndarray:
-    """Labels validated as data: one per sample, integer class indices (exactly integral floats converted), >= 0;
-    `positions` (rows [N, T], a label per position): negative where a position is not scored.
-
-    The upper bound needs the model output's class count: `Dataset.check_label_range`.
-    """
-    if max_samples is not None:
-        labels = labels[:max_samples]
-    if labels.shape[0] != n:
-        raise DataError(f"{where}: labels array '{key}' holds {labels.shape[0]} labels for {n} samples. "
-                        f"Give one label per sample, in the order of the samples.")
-    kind = labels.dtype.kind
-    if kind == "f":
-        wide = labels.astype(np.float64)  # float16 cannot even hold the 2**53 bound
-        integral = np.isfinite(wide) & (np.abs(wide) <= _EXACT_FLOAT_INT)
-        integral &= np.where(integral, wide, 0.0) == np.round(np.where(integral, wide, 0.0))
-        if not np.all(integral):
-            raise DataError(_label_msg(where, key, labels[~integral], f"labels are {labels.dtype} and these are not "
-                                       f"whole numbers", f"Store the class index per sample as integers, e.g. "
-                                       f"np.savez(..., {key}=labels.astype(np.int64))"))
-        log.info("%s: labels array '%s' is %s holding whole numbers; converted to int64 class indices.",
-                 where, key, labels.dtype)
-        labels = labels.astype(np.int64)
-    elif kind == "b":
-        log.info("%s: labels array '%s' is boolean; read as class indices 0 and 1.", where, key)
-        labels = labels.astype(np.int64)
-    elif kind not in "iu":
-        raise DataError(
-            f"{where}: labels array '{key}' has dtype {labels.dtype}, but labels are integer class indices. "
-            f"Store them as integers, e.g. np.savez(..., {key}=labels.astype(np.int64))."
-        )
-    negative = labels < (-1 if sequence else 0)  # -1 pads a label sequence
-    if np.any(negative) and not positions:  # per-position labels: negative where a position is not scored
-        raise DataError(_label_msg(where, key, labels[negative], "class indices cannot be negative",
-                                   "Drop unlabelled samples (e.g. -1 for 'unknown') or map them to a class"))
-    return labels
-
-
 def open_dataset(
     path: str | Path,
     inputs: Sequence[TensorInfo],
@@ -405,12 +323,14 @@ def open_dataset(
     sequence_labels: bool = False,
     batch_axes: Mapping[str, int] | None = None,
     position_labels: bool = False,
+    target_labels: bool = False,
 ) -> Dataset:
     """Open and validate a data source for a model with the given inputs.
 
     `sequence_labels`: the labels are rows [N, L] of class indices padded with -1 (CTC models; .npz files only).
     `position_labels`: the labels may be rows [N, T], a class per position of a per-token output (evaluate.valid_mask),
     negative where a position is not scored (-100, as Hugging Face writes them; .npz files only).
+    `target_labels`: the labels are each sample's target values (evaluate.task regression; `labels.value_labels`).
     `batch_axes`: the batch axis of each input whose samples are not stacked on axis 0 (ConfigError when the input
     has no such axis).
 
@@ -428,7 +348,8 @@ def open_dataset(
         if sequence_labels and labels_key is not None:
             raise DataError(f"{where} is a folder of per-sample files, but label sequences (evaluate.task ctc) are "
                             f"read from one .npz: store the inputs and a labels array [N, L] padded with -1 there.")
-        return _open_folder(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role, axes=axes)
+        return _open_folder(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role, axes=axes,
+                            targets=target_labels)
     raw = _read_stacked(path, where, inputs)
     arrays: dict[str, np.ndarray] = {}
     for info in inputs:
@@ -455,9 +376,12 @@ def open_dataset(
                 f"{where}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Set data.evaluation.labels "
                 f"to the name of the labels array, or remove it to evaluate without labels."
             )
-        column = _label_column(where, labels_key, raw[labels_key], sequence_labels, position_labels)
-        labels = _checked_labels(where, labels_key, column, n, max_samples, sequence_labels,
-                                 positions=column.ndim == 2 and not sequence_labels)
+        if target_labels:
+            labels = value_labels(where, labels_key, raw[labels_key], n, max_samples)
+        else:
+            column = label_column(where, labels_key, raw[labels_key], sequence_labels, position_labels)
+            labels = checked_labels(where, labels_key, column, n, max_samples, sequence_labels,
+                                    positions=column.ndim == 2 and not sequence_labels)
     digest = hashlib.sha256()
     digest.update(sha256_file(path).encode())
     digest.update(f"|max={max_samples}|labels={labels_key}{_axes_tag(axes)}".encode())
@@ -504,7 +428,7 @@ def _fits_fixed_batch(where: str, ds: Dataset) -> Dataset:
 
 def _open_folder(
     path: Path, inputs: Sequence[TensorInfo], *, labels_key: str | None, max_samples: int | None, role: str,
-    axes: Mapping[str, int],
+    axes: Mapping[str, int], targets: bool = False,
 ) -> Dataset:
     where = f"{role} data folder {path}"
     files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
@@ -523,10 +447,12 @@ def _open_folder(
             raw = load_npz(f)
             if labels_key not in raw:
                 raise DataError(f"{f}: no labels array '{labels_key}' (arrays present: {sorted(raw)}). Every sample file needs its label.")
-            labels.append(_one_label(f, labels_key, raw[labels_key]))
+            labels.append(np.asarray(raw[labels_key]) if targets else one_label(f, labels_key, raw[labels_key]))
     digest.update(f"|max={max_samples}|labels={labels_key}{_axes_tag(axes)}".encode())
-    checked = (_checked_labels(where, labels_key, np.concatenate(labels), len(samples), None)
-               if labels_key is not None and labels else None)  # labels are read only with a key
+    checked = None  # labels are read only with a key
+    if labels_key is not None and labels:
+        checked = (value_rows(where, labels_key, labels, len(samples)) if targets else
+                   checked_labels(where, labels_key, np.concatenate(labels), len(samples), None))
     return _fits_fixed_batch(where, Dataset(path, inputs, labels_key=labels_key, max_samples=max_samples, role=role,
                                             arrays=None, samples=samples, labels=checked,
                                             fingerprint=digest.hexdigest(), batch_axes=axes))

@@ -28,7 +28,8 @@ __all__ = [
 
 BUILTIN_METRICS = ("top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
                    "line_agreement", "cer", "line_accuracy", "label_cer", "map_iou", "box_agreement",
-                   "pixel_agreement", "miou", "detection_agreement", "mae", "centered_sqnr_db", "rank_correlation")
+                   "pixel_agreement", "miou", "detection_agreement", "mae", "centered_sqnr_db", "rank_correlation",
+                   "label_mae")
 """Names `evaluate.metrics` accepts besides `module:function` hooks."""
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -37,7 +38,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "dense": ("map_iou", "box_agreement"),
     "segmentation": ("pixel_agreement", "miou"),
     "detection": ("detection_agreement",),
-    "regression": ("mae", "centered_sqnr_db", "rank_correlation"),
+    "regression": ("mae", "centered_sqnr_db", "rank_correlation", "label_mae"),
 }
 """The task-specific metrics of each task (cosine, sqnr_db, max_abs_error apply to every task)."""
 

@@ -23,7 +23,7 @@ from quantpipe.errors import DataError, EvaluationError
 from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
-__all__ = ["run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner", "warn_if_constant",
+__all__ = ["LABELLED", "run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner", "warn_if_constant",
            "warn_if_no_detections", "warn_if_cosine_blind", "warn_about_reference", "warn_if_labels_unread",
            "warn_if_offset_dominates",
            "with_sessions_checked", "ORT_OPTIMIZATION_KEY",
@@ -94,7 +94,7 @@ def accuracy_metrics(
 ) -> dict[str, float | None]:
     """Accuracy against labels and agreement with the reference, for the metrics asked for.
 
-    `ref_labelled` holds the reference's own labelled metrics (top1, top5, line_accuracy) so drops can be
+    `ref_labelled` holds the reference's own labelled metrics (LABELLED) so drops can be
     recorded beside them. `task` says how to read a CTC or dense output; `hooks` are `module:function` metrics.
     `valid`: the positions that count (evaluate.valid_mask, `TaskSpec.judged`); the hooks read whole outputs.
     """
@@ -126,10 +126,15 @@ def accuracy_metrics(
     res.update(task_metrics(out, ref, labels, wanted, task))
     if ref_labelled and res.get("line_accuracy") is not None and "line_accuracy" in ref_labelled:
         res["line_accuracy_drop"] = ref_labelled["line_accuracy"] - float(res["line_accuracy"])  # type: ignore[arg-type]
+    if ref_labelled and res.get("label_mae") is not None and "label_mae" in ref_labelled:
+        res["label_mae_increase"] = float(res["label_mae"]) - ref_labelled["label_mae"]  # type: ignore[arg-type]
     if hooks:
         res.update(run_hooks(hooks, *whole))
     return res
 
+
+LABELLED = ("top1", "top5", "line_accuracy", "label_mae")
+"""The metrics against labels whose change from the reference's is recorded too (`*_drop`, `label_mae_increase`)."""
 
 CHANNEL_GAP_DB = 10.0
 """How far below the pooled output SQNR one channel must be to be recorded (`channel_sqnr_min_db`)."""

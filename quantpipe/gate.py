@@ -50,7 +50,7 @@ __all__ = [
 ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
                     "line_agreement", "cer", "line_accuracy", "label_cer", "line_accuracy_drop", "map_iou",
                     "box_agreement", "pixel_agreement", "miou", "detection_agreement", "mae", "centered_sqnr_db",
-                    "rank_correlation")
+                    "rank_correlation", "label_mae", "label_mae_increase")
 """Metrics that come from EvalResult.metrics (batch-size independent)."""
 LATENCY_METRICS = LATENCY_RULE_METRICS
 """Metrics read at one batch size."""
@@ -77,6 +77,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "mae": False,
     "centered_sqnr_db": True,
     "rank_correlation": True,
+    "label_mae": False,
+    "label_mae_increase": False,
     "latency_ms": False,
     "latency_p99_ms": False,
     "throughput": True,
@@ -176,7 +178,10 @@ def _accuracy(results: RunResults, name: str, e: EvalResult, metric: str) -> Obs
         return _missing(name, metric, f"{metric} needs {base} of both {name} and the reference {results.reference}, "
                         f"which this run did not measure{_LABELS_HINT}")
     if metric not in e.metrics:
-        if metric in NEEDS_LABELS:
+        if metric in ("label_mae", "label_mae_increase"):
+            hint = (" (it needs evaluate.task: regression and data.evaluation.labels holding each sample's target "
+                    "values)")
+        elif metric in NEEDS_LABELS:
             hint = _LABELS_HINT
         elif metric in TASK_OF_METRIC:
             hint = f" (it needs evaluate.task: {TASK_OF_METRIC[metric]})"
@@ -425,7 +430,7 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
         return f"{v:+.4f}" if delta else f"{v:.4f}"
     if metric in ("sqnr_db", "centered_sqnr_db"):
         return f"{v:{'+' if delta else ''}.2f} dB"
-    if metric in ("max_abs_error", "mae"):
+    if metric in ("max_abs_error", "mae", "label_mae", "label_mae_increase"):
         return f"{v:+.3g}" if delta else f"{v:.4g}"
     if metric in ("latency_ms", "latency_p99_ms"):
         return f"{sign}{_fixed(v)} ms"

@@ -33,6 +33,8 @@ GATE_METRICS: dict[str, str] = {
     "mae": "regression: mean absolute difference from FP32's output, in the output's units",
     "centered_sqnr_db": "regression: SQNR against FP32's variation over the samples (its mean taken out), dB",
     "rank_correlation": "regression: Spearman correlation with FP32 over the samples, mean over the output's values",
+    "label_mae": "regression: mean absolute difference from the labels' target values (needs labels)",
+    "label_mae_increase": "regression: this variant's label_mae minus the reference's (needs labels)",
     "max_abs_error": "largest absolute difference from the FP32 reference",
     "latency_ms": "median latency per batch, ms (at `batch_size`, default the largest measured)",
     "latency_p99_ms": "p99 latency per batch, ms",
@@ -43,12 +45,14 @@ GATE_METRICS: dict[str, str] = {
 
 #: Gate metrics only one task measures, and the task.
 TASK_OF_METRIC: dict[str, str] = {
-    **{m: t for t, ms in TASK_METRICS.items() if t != "classification" for m in ms}, "line_accuracy_drop": "ctc"}
+    **{m: t for t, ms in TASK_METRICS.items() if t != "classification" for m in ms}, "line_accuracy_drop": "ctc",
+    "label_mae_increase": "regression"}
 #: Gate metrics read from class scores [N, classes] of 2 classes or more (or per position, with valid_mask): measured
 #: with evaluate.task classification alone.
 CLASS_SCORE_METRICS = frozenset({"top1", "top5", "top1_agreement", "top1_drop", "top5_drop"})
 #: Gate metrics measured against the evaluation data's labels.
-NEEDS_LABELS = frozenset({"top1", "top5", "top1_drop", "top5_drop", "line_accuracy", "label_cer", "line_accuracy_drop"})
+NEEDS_LABELS = frozenset({"top1", "top5", "top1_drop", "top5_drop", "line_accuracy", "label_cer", "line_accuracy_drop",
+                          "label_mae", "label_mae_increase"})
 
 
 class GateRule(StrictModel):

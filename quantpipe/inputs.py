@@ -77,8 +77,10 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
                              batch_axes=axes)
     seq = cfg.evaluate.task == "ctc"
     per_position = cfg.evaluate.valid_mask is not None and cfg.evaluate.task == "classification"
+    targets = cfg.evaluate.task == "regression"
     ev = open_dataset(d.evaluation.path, inputs, labels_key=d.evaluation.labels, max_samples=d.evaluation.max_samples,
-                      role="evaluation", sequence_labels=seq, batch_axes=axes, position_labels=per_position)
+                      role="evaluation", sequence_labels=seq, batch_axes=axes, position_labels=per_position,
+                      target_labels=targets)
     classes = _static_classes(spec, output) if cfg.evaluate.task == "classification" else None
     if classes is not None:
         ev.check_label_range(classes, output)  # else: evaluate checks once the first batch shows the class count
@@ -91,6 +93,7 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
         _check_detection_head(cfg, output, first())
     elif cfg.evaluate.task != "classification":
         _check_task_output(cfg, first())
+        _check_target_labels(cfg, ev, output, first())
     else:
         _check_top1_rules(cfg, output, first())
     if cfg.evaluate.valid_mask is not None:
@@ -100,7 +103,7 @@ def load_inputs(cfg: PipelineConfig) -> LoadedInputs:
     if d.validation is not None:
         val = open_dataset(d.validation.path, inputs, labels_key=d.validation.labels,
                            max_samples=d.validation.max_samples, role="validation", sequence_labels=seq,
-                           batch_axes=axes, position_labels=per_position)
+                           batch_axes=axes, position_labels=per_position, target_labels=targets)
         if classes is not None:
             val.check_label_range(classes, output)
         if per_position:
@@ -318,6 +321,21 @@ def _check_task_output(cfg: PipelineConfig, out: np.ndarray | None) -> None:
         read(out)
     except EvaluationError as err:
         raise ConfigError(f"{err} (found at load, on the first evaluation sample)") from err
+
+
+def _check_target_labels(cfg: PipelineConfig, data: Dataset, output: str, out: np.ndarray | None) -> None:
+    """DataError (exit 2) at load where evaluate.task regression's labels do not hold as many target values per
+    sample as model.output holds on the first evaluation sample (`out`; None skips it)."""
+    labels = data.labels
+    if cfg.evaluate.task != "regression" or labels is None or out is None or cfg.evaluate.valid_mask is not None:
+        return
+    values = int(np.size(out) // max(np.shape(out)[cfg.model.output_batch_axis], 1))
+    if labels.shape[1] != values:
+        raise DataError(f"{data.role} data {data.path}: labels array '{data.labels_key}' holds {labels.shape[1]} "
+                        f"target value(s) per sample, but model.output '{output}' holds {values} "
+                        f"({list(np.shape(out))} for one sample); regression labels are compared value by value. "
+                        f"Store each sample's targets in the output's order, or point model.output at the output "
+                        f"they are the targets of.")
 
 
 def _check_position_labels(cfg: PipelineConfig, data: Dataset, output: str, out: np.ndarray | None) -> None:

@@ -211,6 +211,7 @@ def stage_evaluate(
     at a time, so latency is never measured beside other work.
     """
     from quantpipe.evaluate import (
+        LABELLED,
         accuracy_threads,
         evaluate_variant,
         open_runner,
@@ -256,7 +257,7 @@ def stage_evaluate(
         if v.name == ref_name:
             reference = out
             warn_about_reference(out, li.output, task, cfg.gate.rules, li.eval.labels, valid)
-            ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in ("top1", "top5", "line_accuracy") and val is not None}
+            ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in LABELLED and val is not None}
             # The reference against itself: exact agreement by definition, recomputed for honesty.
             from quantpipe.evaluate import accuracy_metrics
 

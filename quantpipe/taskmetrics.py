@@ -212,11 +212,11 @@ def task_metrics(out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | N
             res["miou"] = M.mean_iou(mine, theirs)
     elif spec.task == "detection" and ref is not None and "detection_agreement" in wanted:
         res["detection_agreement"] = D.detection_agreement(spec.detections(out), spec.detections(ref), spec.det_box_iou)
-    elif spec.task == "regression" and ref is not None:
-        for name in REGRESSION:
-            if name in wanted:
-                value = REGRESSION_FNS[name](out, ref)
-                res[name] = value if math.isfinite(value) else None
+    elif spec.task == "regression":
+        if ref is not None:
+            res.update({n: M.finite_or_none(REGRESSION_FNS[n](out, ref)) for n in REGRESSION if n in wanted})
+        if labels is not None and "label_mae" in wanted and np.size(labels) == np.size(out):
+            res["label_mae"] = M.mean_abs_error(np.reshape(out, np.shape(labels)), labels)
     return res
 
 

@@ -45,9 +45,10 @@ METRIC_LABELS = {
     "line_accuracy_drop": "Line accuracy drop", "map_iou": "Map IoU", "box_agreement": "Box agreement",
     "pixel_agreement": "Pixel agreement", "miou": "Mean IoU", "detection_agreement": "Detection agreement",
     "mae": "Mean abs error", "centered_sqnr_db": "SQNR vs spread", "rank_correlation": "Rank correlation",
+    "label_mae": "MAE vs labels", "label_mae_increase": "MAE vs labels increase",
 }
 _TABLE_METRICS = ("top1", "top5", "top1_drop", "top1_agreement", "line_accuracy", "line_agreement", "cer", "label_cer",
-                  "map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement", "mae",
+                  "map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement", "label_mae", "mae",
                   "centered_sqnr_db", "rank_correlation", "cosine", "sqnr_db", "max_abs_error")
 KEY_ACCURACY = ("top1", "line_accuracy", "top1_agreement", "line_agreement", "box_agreement", "map_iou",
                 "pixel_agreement", "detection_agreement", "centered_sqnr_db", "cosine")

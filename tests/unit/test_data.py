@@ -139,7 +139,7 @@ def test_bad_labels_are_data_errors(tmp_path: Path, labels: np.ndarray, pattern:
 
 
 def test_integral_float_and_bool_labels_are_converted_with_a_note(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="quantpipe.data")
+    caplog.set_level("INFO", logger="quantpipe.labels")
     ds = open_dataset(_labelled(tmp_path, np.arange(6, dtype=np.float32)), IMG, labels_key="label")
     assert ds.labels is not None and ds.labels.dtype == np.int64 and list(ds.labels) == list(range(6))
     assert "converted to int64" in caplog.text

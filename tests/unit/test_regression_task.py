@@ -150,3 +150,60 @@ def test_quantize_says_a_score_around_an_offset_against_its_variation(tmp_path: 
     assert float(got[1]) == pytest.approx(M.sqnr_db(int8, ref), abs=0.051)
     assert float(got[2]) == pytest.approx(M.centered_sqnr_db(int8, ref), abs=0.051)
     assert float(got[3]) == pytest.approx(M.offset_db(ref), abs=0.051) and float(got[3]) > 10
+
+
+def _fp32(tmp_path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "reg.onnx"), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0].astype(np.float64)
+
+
+def _targets(tmp_path: Path, noise: float = 0.1) -> None:
+    """eval.npz again, with labels: FP32's score plus noise, as ground truth a regressor misses by a little."""
+    x = np.load(tmp_path / "eval.npz")["x"]
+    y = _fp32(tmp_path, x) + noise * np.random.default_rng(1).standard_normal((len(x), 1))
+    np.savez(tmp_path / "eval.npz", x=x, mos=y.astype(np.float32))
+
+
+def test_regression_labels_are_target_values_judged_in_their_units(tmp_path: Path) -> None:
+    _regressor(tmp_path)
+    _targets(tmp_path)
+    path = task_pipeline(tmp_path, "reg", "task: regression", "null",
+                         "[{variant: ort-int8, metric: label_mae_increase, max: 0.05}]")
+    path.write_text(path.read_text().replace("evaluation: {path: eval.npz}", "evaluation: {path: eval.npz, labels: mos}"))
+    assert main(["run", str(path), "-q", "--workers", "1"]) == 0
+    results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
+    got = {e["variant"]: e["metrics"] for e in results["evaluations"] if e["metrics"]}
+    data = np.load(tmp_path / "eval.npz")
+    fp32 = got["ort-fp32"]["label_mae"]
+    assert fp32 == pytest.approx(float(np.mean(np.abs(_fp32(tmp_path, data["x"]) - data["mos"]))), rel=1e-5)
+    assert got["ort-int8"]["label_mae_increase"] == pytest.approx(got["ort-int8"]["label_mae"] - fp32)
+    assert [o["metric"] for o in results["gate"]["outcomes"]] == ["label_mae_increase"]
+
+
+@pytest.mark.parametrize(("labels", "said"), [
+    (np.zeros((48, 2), np.float32), "holds 2 target value(s) per sample, but model.output 'score' holds 1"),
+    (np.full((48, 1), np.nan, np.float32), "NaN or infinite values in 48 sample(s)"),
+    (np.array(["a"] * 48), "regression labels are numbers")])
+def test_regression_labels_that_do_not_fit_are_refused_at_load(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               labels: np.ndarray, said: str) -> None:
+    _regressor(tmp_path)
+    np.savez(tmp_path / "eval.npz", x=np.load(tmp_path / "eval.npz")["x"], mos=labels)
+    path = task_pipeline(tmp_path, "reg", "task: regression", "null", "[]")
+    path.write_text(path.read_text().replace("evaluation: {path: eval.npz}", "evaluation: {path: eval.npz, labels: mos}"))
+    assert main(["run", str(path), "-q"]) == 2
+    assert said in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_folder_of_samples_holds_each_ones_target_values(tmp_path: Path) -> None:
+    from quantpipe.artifacts import TensorInfo
+    from quantpipe.data import open_dataset
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    for i in range(3):
+        np.savez(folder / f"{i}.npz", x=np.zeros((1, 8), np.float32), y=np.array([[0.5 * i, 2.0]]))
+    ds = open_dataset(folder, [TensorInfo("x", "float32", ["N", 8])], labels_key="y", role="evaluation",
+                      target_labels=True)
+    np.testing.assert_array_equal(ds.labels, [[0.0, 2.0], [0.5, 2.0], [1.0, 2.0]])
