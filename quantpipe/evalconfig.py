@@ -43,7 +43,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 """The task-specific metrics of each task (cosine, sqnr_db, max_abs_error apply to every task)."""
 
 SensitivityMetric = Literal["sqnr_db", "cosine", "top1_agreement", "line_agreement", "map_iou", "box_agreement",
-                            "pixel_agreement", "miou", "detection_agreement"]
+                            "pixel_agreement", "miou", "detection_agreement", "centered_sqnr_db"]
 """What the per-layer sensitivity can rank layers by (the output with one layer quantized alone)."""
 
 LATENCY_RULE_METRICS = ("latency_ms", "latency_p99_ms", "throughput", "speedup")

@@ -207,3 +207,20 @@ def test_a_folder_of_samples_holds_each_ones_target_values(tmp_path: Path) -> No
     ds = open_dataset(folder, [TensorInfo("x", "float32", ["N", 8])], labels_key="y", role="evaluation",
                       target_labels=True)
     np.testing.assert_array_equal(ds.labels, [[0.0, 2.0], [0.5, 2.0], [1.0, 2.0]])
+
+
+def test_the_sensitivity_reads_a_regression_against_its_variation(tmp_path: Path) -> None:
+    # sqnr_db and centered_sqnr_db share their noise: the same order, every row lower by the offset's dB.
+    _regressor(tmp_path)
+    rows = {}
+    for metric in ("sqnr_db", "centered_sqnr_db"):
+        path = task_pipeline(tmp_path, "reg", "task: regression", "null", "[]")
+        path.write_text(path.read_text().replace("sensitivity: {enabled: false}",
+                                                 f"sensitivity: {{enabled: true, metric: {metric}}}"))
+        assert main(["run", str(path), "-q", "--workers", "1"]) == 0
+        results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
+        rows[metric] = [(r["node"], r["output_metric"]) for r in results["sensitivity"]]
+    assert len(rows["sqnr_db"]) == 2 and [n for n, _ in rows["sqnr_db"]] == [n for n, _ in rows["centered_sqnr_db"]]
+    offset = M.offset_db(_fp32(tmp_path, np.load(tmp_path / "eval.npz")["x"]))
+    for (_, plain), (_, centered) in zip(rows["sqnr_db"], rows["centered_sqnr_db"], strict=True):
+        assert plain - centered == pytest.approx(offset, abs=1e-3)
