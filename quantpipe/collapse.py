@@ -75,6 +75,21 @@ def _problems(e: EvalResult, sqnr_db: float, agreement: float, word: str) -> lis
     return out
 
 
+#: A layer's name in the verdict is cut to about this many characters (the sensitivity table has it whole).
+_NAME_CHARS = 60
+
+
+def _short(name: str) -> str:
+    """A node name as the verdict says it: converters join every fused op's name with ';' (tf2onnx), which filled six
+    lines of a verdict for three layers (found probing); the first of them, and the middle of one too long, are cut."""
+    first, sep, _ = name.partition(";")
+    cut = first + ("…" if sep else "")
+    if len(cut) > _NAME_CHARS:
+        half = (_NAME_CHARS - 1) // 2
+        cut = cut[:half] + "…" + cut[-half:]
+    return cut
+
+
 def _cause(sens: Sequence[LayerSensitivity], equalized: bool = False) -> str:
     if not sens:
         return ("per-layer sensitivity did not run, so the layers to blame are unknown: set "
@@ -82,12 +97,12 @@ def _cause(sens: Sequence[LayerSensitivity], equalized: bool = False) -> str:
     shown = []
     for r in sens[:_WORST_SHOWN]:
         if r.output_metric is not None:
-            shown.append(f"{r.node} ({r.op_type}; {r.metric_name} {r.output_metric:.4g} when quantized alone)")
+            shown.append(f"{_short(r.node)} ({r.op_type}; {r.metric_name} {r.output_metric:.4g} when quantized alone)")
         else:
             sq = f"{r.sqnr_db:.1f} dB" if r.sqnr_db is not None else "n/a"
-            shown.append(f"{r.node} ({r.op_type}; output SQNR {sq})")
+            shown.append(f"{_short(r.node)} ({r.op_type}; output SQNR {sq})")
     said = "the most sensitive layers (per-layer sensitivity, worst first): " + "; ".join(shown) + "."
-    depthwise = [r.node for r in sens[:_WORST_SHOWN] if r.depthwise]
+    depthwise = [_short(r.node) for r in sens[:_WORST_SHOWN] if r.depthwise]
     # it fired for any Conv (found probing a detector whose worst layers were dense 3x3 Convs), and where the build
     # had equalized them already (SLANet, found probing)
     if depthwise and not equalized:

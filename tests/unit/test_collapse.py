@@ -273,3 +273,15 @@ def test_a_fallback_on_the_users_own_metric_that_held_is_not_called_blind(tmp_pa
     assert "met its budget on your own metric pitch_median_cents" in c.fix and "does not see" not in c.fix
     md = write_report(tmp_path / "run", dataclasses.replace(results, collapse=(c,)))["md"].read_text()
     assert "pitch_median_cents <= 1" in md  # an upper bound is said as one
+
+
+def test_the_verdict_cuts_a_converters_joined_node_names(tmp_path: Path) -> None:
+    # tf2onnx joins every fused op's name with ';': three layers filled six lines of a verdict (found probing).
+    results = _collapsed(tmp_path)
+    joined = "model/conv2d_5/Conv2D;model/batch_normalization_5/FusedBatchNormV3;model/conv2d_5/BiasAdd/ReadVariableOp"
+    sens = (dataclasses.replace(results.sensitivity[0], node=joined), *results.sensitivity[1:])
+    (c,) = find_collapse(dataclasses.replace(results, sensitivity=sens), CollapseConfig())
+    assert "model/conv2d_5/Conv2D… (" in c.cause and "FusedBatchNormV3" not in c.cause
+    sens = (dataclasses.replace(results.sensitivity[0], node="x" * 200), *results.sensitivity[1:])
+    (c,) = find_collapse(dataclasses.replace(results, sensitivity=sens), CollapseConfig())
+    assert "x" * 29 + "…" + "x" * 29 + " (" in c.cause and "x" * 30 not in c.cause
