@@ -80,6 +80,10 @@ class DenseConfig(StrictModel):
     min_box_side: int = Field(default=3, ge=1)
     """Components whose box is narrower or shorter than this many pixels are specks, not boxes (box_agreement;
     DBNet's own post-processing drops boxes under 3 pixels a side)."""
+    channels: Literal["auto", "first", "last"] = "auto"
+    """Where a map output of rank 4 holds its channels: `first` [N, C, H, W] (PyTorch), `last` [N, H, W, C]
+    (TensorFlow / TFLite exports); `auto`: last where the last axis is 1 (a map one pixel wide is none: a selfie
+    segmenter's [N, 256, 256, 1] was read as 256 maps of 256 x 1, found probing), else first."""
 
 
 class SegmentationConfig(StrictModel):

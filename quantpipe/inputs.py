@@ -321,6 +321,15 @@ def _check_task_output(cfg: PipelineConfig, out: np.ndarray | None) -> None:
         read(out)
     except EvaluationError as err:
         raise ConfigError(f"{err} (found at load, on the first evaluation sample)") from err
+    if task.task == "dense" and min(task.maps(out).shape[-2:]) <= THIN_MAP:
+        log.warning("evaluate.task dense reads model.output %s as maps of %s pixels (evaluate.dense.channels: %s): "
+                    "map_iou and box_agreement judge such strips poorly. A channels-last map [N, H, W, C]: set "
+                    "evaluate.dense.channels: last.", list(out.shape), " x ".join(map(str, task.maps(out).shape[-2:])),
+                    task.channels)
+
+
+#: A dense map this many pixels wide or tall, or fewer, is warned about at load (read along the wrong axes?).
+THIN_MAP = 4
 
 
 def _check_target_labels(cfg: PipelineConfig, data: Dataset, output: str, out: np.ndarray | None) -> None:

@@ -63,6 +63,7 @@ class TaskSpec:
     logits: bool = _default(DenseConfig, "logits")
     box_iou: float = _default(DenseConfig, "box_iou")
     min_box_side: int = _default(DenseConfig, "min_box_side")
+    channels: str = _default(DenseConfig, "channels")
     class_axis: int = _default(SegmentationConfig, "class_axis")
     det_layout: str = _default(DetectionConfig, "layout")
     det_objectness: bool = _default(DetectionConfig, "objectness")
@@ -82,6 +83,7 @@ class TaskSpec:
         d = ev.detection
         return cls(task=ev.task, blank=ev.ctc.blank, layout=ev.ctc.layout, threshold=ev.dense.threshold,
                    logits=ev.dense.logits, box_iou=ev.dense.box_iou, min_box_side=ev.dense.min_box_side,
+                   channels=ev.dense.channels,
                    class_axis=ev.segmentation.class_axis, det_layout=d.layout, det_objectness=d.objectness,
                    det_box_format=d.box_format, det_logits=d.logits, det_score_threshold=d.score_threshold,
                    det_nms_iou=d.nms_iou, det_max_detections=d.max_detections, det_box_iou=d.box_iou,
@@ -140,12 +142,19 @@ class TaskSpec:
         return M.ctc_greedy_decode(out, blank=self.blank, layout=self.layout)
 
     def mask(self, out: np.ndarray) -> np.ndarray:
-        """The thresholded foreground of a dense output."""
+        """The thresholded foreground of a dense output, as maps [N, H, W] or [N, C, H, W] (`maps`)."""
+        return M.foreground(self.maps(out), threshold=self.threshold, logits=self.logits)
+
+    def maps(self, out: np.ndarray) -> np.ndarray:
+        """A dense output with its channels (rank 4) on axis 1, as `channels` says; a clear EvaluationError when it
+        is no map."""
         if np.ndim(out) < 3:
             raise EvaluationError(
                 f"evaluate.task is dense, but the output has shape {list(np.shape(out))}; a map needs [N, H, W] or "
                 f"[N, C, H, W]. Set model.output to the probability / logit map, or change evaluate.task.")
-        return M.foreground(out, threshold=self.threshold, logits=self.logits)
+        last = np.ndim(out) == 4 and (self.channels == "last" or (self.channels == "auto" and np.shape(out)[-1] == 1
+                                                                   and np.shape(out)[1] != 1))
+        return np.moveaxis(out, -1, 1) if last else out
 
     def classes(self, out: np.ndarray) -> np.ndarray:
         """The class map of a segmentation output: argmax over `class_axis` ([N, C, H, W] -> [N, H, W])."""

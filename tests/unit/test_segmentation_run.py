@@ -64,3 +64,22 @@ def test_a_task_that_cannot_read_the_output_is_refused_at_load(tmp_path: Path, c
     err = capsys.readouterr().err
     assert "evaluate.task is dense, but the output has shape [1, 4]" in err and "found at load" in err
     assert not (tmp_path / "reports" / ".work").exists() or not any((tmp_path / "reports" / ".work").rglob("*.cache"))
+
+
+def test_a_channels_last_map_read_channels_first_is_warned_about_at_load(tmp_path: Path, capsys) -> None:
+    # [N, 16, 16, 3] read as [N, C, H, W] is 16 maps of 16 x 3 pixels (found probing a TFLite export's map).
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Sigmoid", ["h"], ["s"]),
+         helper.make_node("Transpose", ["s"], ["maps"], perm=[0, 2, 3, 1])],
+        "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("maps", TensorProto.FLOAT, ["N", 16, 16, 3])],
+        [numpy_helper.from_array(rng.standard_normal((3, 3, 3, 3)).astype(np.float32), "W1")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "nhwc.onnx")
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((8, 3, 16, 16)).astype(np.float32))
+    for channels, warned in (("auto", True), ("last", False)):
+        path = task_pipeline(tmp_path, "nhwc", f"task: dense, dense: {{channels: {channels}}}", "null", "[]")
+        assert main(["run", str(path), "-q", "--workers", "1"]) == 0
+        err = " ".join(capsys.readouterr().err.split())
+        assert ("as maps of 16 x 3 pixels" in err and "evaluate.dense.channels: last" in err) is warned

@@ -188,3 +188,24 @@ def test_box_agreement_leaves_specks_out():
     assert M.box_agreement(out, ref, min_side=3) == 1.0
     spec = TaskSpec(task="dense", min_box_side=3)
     assert task_score("box_agreement", out.astype(np.float32), ref.astype(np.float32), spec) == 1.0
+
+
+def test_a_channels_last_map_is_read_as_one_map_per_sample() -> None:
+    # A selfie segmenter's [N, 256, 256, 1] was read as 256 maps of 256 x 1: box agreement 1.0 where the maps' boxes
+    # agree 0.43, and a false "no component" warning (found probing).
+    rng = np.random.default_rng(0)
+    ref = np.zeros((3, 16, 16, 1))
+    ref[:, 4:12, 4:12] = 0.9
+    out = ref.copy()
+    out[0, 4:12, 4:9] = 0.1  # the first sample's blob shrinks to 8 x 3: its box no longer matches
+    out += 0.01 * rng.random(out.shape)
+    dense = TaskSpec(task="dense")
+    assert dense.mask(ref).shape == (3, 1, 16, 16)
+    got = task_metrics(out, ref, None, ("box_agreement", "map_iou"), dense)
+    want = M.box_agreement(out[..., 0] > 0.5, ref[..., 0] > 0.5, 0.5, dense.min_box_side)
+    assert got["box_agreement"] == pytest.approx(want) and want == pytest.approx(2 * 2 / 6)
+    assert got["map_iou"] == pytest.approx(M.mask_iou(out[..., 0] > 0.5, ref[..., 0] > 0.5))
+    # said explicitly, either way; channels first keeps [N, C, H, W] as it is
+    assert TaskSpec(task="dense", channels="last").mask(np.zeros((2, 8, 8, 3))).shape == (2, 3, 8, 8)
+    assert TaskSpec(task="dense", channels="first").mask(ref).shape == ref.shape
+    assert TaskSpec(task="dense").mask(np.zeros((2, 1, 8, 1))).shape == (2, 1, 8, 1)  # one map, [N, 1, H, W]
