@@ -181,21 +181,22 @@ def warn_if_cosine_blind(reference: np.ndarray, output: str, rules: Sequence[Any
 
 
 def warn_if_offset_dominates(reference: np.ndarray, output: str, task: TaskSpec) -> bool:
-    """Warn (and return True) where a few values per sample (at most 64: a score, a quality estimate) sit around an
-    offset that holds most of their power: sqnr_db and cosine count the offset as signal (a speech-quality model's
-    MOS, 2.3-3.3: 24.6 dB and cosine 0.9994 for an error of 0.08 MOS that flipped 3 of 64 decisions; found probing)."""
-    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1) if np.ndim(reference) else None
-    if task.task != "classification" or ref is None or len(ref) < 2 or ref.shape[1] > M.OFFSET_MAX_VALUES:
+    """Warn (and return True) where an output read as class scores sits around an offset that holds most of its
+    power: sqnr_db and cosine count the offset as signal (a speech-quality model's MOS, 2.3-3.3: 24.6 dB and cosine
+    0.9994 for an error of 0.08 MOS that flipped 3 of 64 decisions; face landmarks 45.3 dB, 29.7 around their mean
+    position; found probing). Class scores, embeddings and maps sit at 0.5-4.7 dB (`metrics.OFFSET_WARN_DB`)."""
+    if task.task != "classification" or np.ndim(reference) == 0 or len(reference) < 2:
         return False
-    offset_db = M.offset_db(ref)
+    sums = M.OffsetSums.of(reference)
+    offset_db = sums.db()
     if not M.OFFSET_WARN_DB <= offset_db < math.inf:  # inf: constant, said by warn_if_constant
         return False
-    spread = float(np.sum((ref - ref.mean(axis=0)) ** 2))
     log.warning("model.output '%s' varies little around its mean over the evaluation samples (mean %.4g, spread %.4g): "
                 "sqnr_db and cosine count that offset as signal and read %.1f dB above the error measured against the "
-                "outputs' own variation. For a score or an estimate, set evaluate.task: regression (mae in the output's "
-                "units, centered_sqnr_db against that variation, rank_correlation), or judge with a hook metric.",
-                output, float(ref.mean()), float(np.sqrt(spread / ref.size)), offset_db)
+                "outputs' own variation. For a score, an estimate or coordinates, set evaluate.task: regression (mae in "
+                "the output's units, centered_sqnr_db against that variation, rank_correlation); for a detector's raw "
+                "head, evaluate.task: detection; or judge with a hook metric.",
+                output, sums.mean(), math.sqrt(sums.spread() / np.size(reference)), offset_db)
     return True
 
 

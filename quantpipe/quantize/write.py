@@ -134,8 +134,8 @@ def written_sqnr(model_path: str | os.PathLike[str], int8_path: str | os.PathLik
     output pooled, each channel against its own signal where `fake_quant.output_weights` says so), the samples, and
     what the SQNR covers (`fake_quant.pooled`): what `quantpipe quantize` says last, since nothing else evaluates
     its file. Then each float output's own SQNR where there are several: pooled, CenterFace's 26.4 dB hid its
-    heatmap at 14.9 dB (found probing). Last, `metrics.offset_db` of each float output of at most OFFSET_MAX_VALUES
-    values per sample, read as one scale (a score around an offset: its SQNR reads that much high)."""
+    heatmap at 14.9 dB (found probing). Last, `metrics.offset_db` of each float output read as one scale (a score or
+    coordinates around an offset: its SQNR reads that much high)."""
     (sqnr,), count, where, (each,), offsets = _output_sqnr(load_onnx(model_path), (load_onnx(int8_path),),
                                                            calibration_data, batch_size=batch_size,
                                                            max_samples=max_samples)
@@ -148,7 +148,7 @@ def _output_sqnr(model: Any, candidates: Sequence[Any], calibration_data: Any, *
     (every float output pooled, as `auto`'s ranges judge; the Q/DQ arithmetic exact); the samples; which outputs;
     with several float outputs, each one's own SQNR per candidate (empty with one); and the FP32 outputs' offsets
     (`written_sqnr`)."""
-    from quantpipe.metrics import OFFSET_MAX_VALUES, SquaredSums, offset_db, sqnr_from_sums
+    from quantpipe.metrics import OffsetSums, SquaredSums, sqnr_from_sums
     from quantpipe.ortsession import fp32_batches, ort_session
     from quantpipe.quantize.fake_quant import output_error, output_signal, output_weights, pooled
 
@@ -159,13 +159,13 @@ def _output_sqnr(model: Any, candidates: Sequence[Any], calibration_data: Any, *
     weights: list[Any] | None = None
     each_signal: dict[str, float] = {}
     each_noise: list[dict[str, float]] = [{} for _ in sessions]
-    small: dict[str, list[np.ndarray]] = {}
+    offsets: dict[str, OffsetSums] = {}
     for res, n in fp32_batches(ref, calibration_data, batch_size=batch_size, max_samples=max_samples):
         r, f = [res[o] for o in outputs], {k: res[k] for k in calibration_data.input_names}
         weights = output_weights(r) if weights is None else weights
         for o, x, w in zip(outputs, r, weights, strict=True):
-            if x.dtype.kind == "f" and w is None and 0 < x.size <= OFFSET_MAX_VALUES * max(len(x), 1):
-                small.setdefault(o, []).append(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
+            if x.dtype.kind == "f" and w is None and np.ndim(x) > 0:
+                offsets.setdefault(o, OffsetSums()).add(x)
         signal += output_signal(r, sums, weights)
         floats = [i for i, x in enumerate(r) if x.dtype.kind == "f"]
         each_of = floats if len(floats) > 1 else []  # one float output: the pooled SQNR is its own
@@ -178,8 +178,8 @@ def _output_sqnr(model: Any, candidates: Sequence[Any], calibration_data: Any, *
                 each_noise[k][outputs[i]] = each_noise[k].get(outputs[i], 0.0) + sums.error(got[i], r[i])
         count += n
     each = [{o: sqnr_from_sums(each_signal[o], e) for o, e in per.items()} for per in each_noise]
-    offsets = {o: offset_db(np.concatenate(xs)) for o, xs in small.items() if sum(map(len, xs)) >= 2}
-    return [sqnr_from_sums(signal, e) for e in noise], count, pooled(outputs, weights), each, offsets
+    return ([sqnr_from_sums(signal, e) for e in noise], count, pooled(outputs, weights), each,
+            {o: s.db() for o, s in offsets.items() if s.count >= 2})
 
 
 def output_bias(model: Any, amax: Mapping[str, float], options: QuantizeOptions, calibration_data: Any, *,
