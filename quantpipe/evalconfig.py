@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 BUILTIN_METRICS = ("top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
-                   "line_agreement", "cer", "line_accuracy", "label_cer", "map_iou", "box_agreement",
+                   "line_agreement", "cer", "line_accuracy", "label_cer", "map_iou", "map_iou_min", "box_agreement",
                    "pixel_agreement", "miou", "detection_agreement", "mae", "centered_sqnr_db", "rank_correlation",
                    "label_mae")
 """Names `evaluate.metrics` accepts besides `module:function` hooks."""
@@ -35,7 +35,7 @@ BUILTIN_METRICS = ("top1", "top5", "top1_agreement", "cosine", "sqnr_db", "max_a
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("top1", "top5", "top1_agreement"),
     "ctc": ("line_agreement", "cer", "line_accuracy", "label_cer"),
-    "dense": ("map_iou", "box_agreement"),
+    "dense": ("map_iou", "map_iou_min", "box_agreement"),
     "segmentation": ("pixel_agreement", "miou"),
     "detection": ("detection_agreement",),
     "regression": ("mae", "centered_sqnr_db", "rank_correlation", "label_mae"),

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
-                    "line_agreement", "cer", "line_accuracy", "label_cer", "line_accuracy_drop", "map_iou",
+                    "line_agreement", "cer", "line_accuracy", "label_cer", "line_accuracy_drop", "map_iou", "map_iou_min",
                     "box_agreement", "pixel_agreement", "miou", "detection_agreement", "mae", "centered_sqnr_db",
                     "rank_correlation", "label_mae", "label_mae_increase")
 """Metrics that come from EvalResult.metrics (batch-size independent)."""
@@ -70,6 +70,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "label_cer": False,
     "line_accuracy_drop": False,
     "map_iou": True,
+    "map_iou_min": True,
     "box_agreement": True,
     "pixel_agreement": True,
     "miou": True,
@@ -426,7 +427,8 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
         return f"{v * 100:+.2f} pt" if delta else f"{v * 100:.2f} pt"
     if metric == "cosine":
         return f"{v:+.2e}" if delta else f"{v:.6f}"
-    if metric in ("map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement", "rank_correlation"):
+    if metric in ("map_iou", "map_iou_min", "box_agreement", "pixel_agreement", "miou", "detection_agreement",
+                  "rank_correlation"):
         return f"{v:+.4f}" if delta else f"{v:.4f}"
     if metric in ("sqnr_db", "centered_sqnr_db"):
         return f"{v:{'+' if delta else ''}.2f} dB"

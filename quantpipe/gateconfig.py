@@ -26,6 +26,7 @@ GATE_METRICS: dict[str, str] = {
     "label_cer": "CTC: character error rate against the label sequences (needs labels)",
     "line_accuracy_drop": "CTC: reference line_accuracy minus this variant's (fraction; needs labels)",
     "map_iou": "dense: mean IoU of the thresholded output map with FP32's",
+    "map_iou_min": "dense: the lowest sample's IoU of the thresholded map with FP32's (a map lost on one sample: 0)",
     "box_agreement": "dense: F1 of the thresholded map's connected-component boxes against FP32's (IoU >= box_iou)",
     "pixel_agreement": "segmentation: fraction of pixels whose class (argmax) equals FP32's",
     "miou": "segmentation: mean over classes of the IoU of the class maps with FP32's",

@@ -18,7 +18,7 @@ __all__ = [
     "topk_accuracy", "top1_agreement", "mean_cosine", "sqnr_db", "worst_channel_sqnr_db", "channel_axis", "sqnr_from_sums",
     "SquaredSums", "finite_or_none", "max_abs_error",
     "ctc_greedy_decode", "label_sequences", "edit_distance", "exact_match_rate", "character_error_rate",
-    "foreground", "mask_iou", "component_boxes", "detection_boxes", "box_iou", "matched_boxes", "box_agreement",
+    "foreground", "mask_iou", "mask_ious", "component_boxes", "detection_boxes", "box_iou", "matched_boxes", "box_agreement",
     "class_map", "pixel_agreement", "mean_iou",
     "mean_abs_error", "centered_sqnr_db", "rank_correlation", "offset_db", "OffsetSums", "OFFSET_WARN_DB",
 ]
@@ -239,11 +239,16 @@ def foreground(x: np.ndarray, *, threshold: float = 0.5, logits: bool = False) -
 
 def mask_iou(pred: np.ndarray, ref: np.ndarray) -> float:
     """Mean over samples of |pred AND ref| / |pred OR ref| of boolean maps [N, ...]; 1.0 when both are empty."""
+    return float(np.mean(mask_ious(pred, ref)))
+
+
+def mask_ious(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Each sample's |pred AND ref| / |pred OR ref| of boolean maps [N, ...]; 1.0 where both are empty."""
     p = np.asarray(pred, dtype=bool).reshape(pred.shape[0], -1)
     r = np.asarray(ref, dtype=bool).reshape(ref.shape[0], -1)
     inter = np.sum(p & r, axis=1)
     union = np.sum(p | r, axis=1)
-    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 Box = tuple[int, int, int, int]

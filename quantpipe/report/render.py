@@ -25,6 +25,7 @@ from quantpipe.gate import ACCURACY_METRICS, HIGHER_IS_BETTER, format_value, hoo
 from quantpipe.report import plots, tables
 from quantpipe.report.compare import with_baseline
 from quantpipe.report.junit import junit_xml
+from quantpipe.report.metric_names import KEY_ACCURACY, KEY_LABELS, METRIC_LABELS, TABLE_METRICS
 from quantpipe.report.rundir import TensorHistogram, load_histograms, load_thresholds
 from quantpipe.runlog import MAX_WARNINGS
 
@@ -36,32 +37,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("md", "html", "json", "csv", "junit")
 OUTPUT_FILES = {"md": "report.md", "html": "report.html", "json": "results.json", "csv": "results.csv",
                 "junit": "junit.xml", "summary": "summary.md"}
-METRIC_LABELS = {
-    "top1": "Top-1", "top5": "Top-5", "top1_drop": "Top-1 drop", "top5_drop": "Top-5 drop",
-    "top1_agreement": "Top-1 agreement", "cosine": "Cosine", "sqnr_db": "SQNR", "max_abs_error": "Max abs error",
-    "latency_ms": "Median latency", "latency_p99_ms": "p99 latency", "throughput": "Throughput",
-    "speedup": "Speedup", "size_mb": "Size",
-    "line_agreement": "Line agreement", "cer": "CER", "line_accuracy": "Line accuracy", "label_cer": "CER vs labels",
-    "line_accuracy_drop": "Line accuracy drop", "map_iou": "Map IoU", "box_agreement": "Box agreement",
-    "pixel_agreement": "Pixel agreement", "miou": "Mean IoU", "detection_agreement": "Detection agreement",
-    "mae": "Mean abs error", "centered_sqnr_db": "SQNR vs spread", "rank_correlation": "Rank correlation",
-    "label_mae": "MAE vs labels", "label_mae_increase": "MAE vs labels increase",
-}
-_TABLE_METRICS = ("top1", "top5", "top1_drop", "top1_agreement", "line_accuracy", "line_agreement", "cer", "label_cer",
-                  "map_iou", "box_agreement", "pixel_agreement", "miou", "detection_agreement", "label_mae", "mae",
-                  "centered_sqnr_db", "rank_correlation", "cosine", "sqnr_db", "max_abs_error")
-KEY_ACCURACY = ("top1", "line_accuracy", "top1_agreement", "line_agreement", "box_agreement", "map_iou",
-                "pixel_agreement", "detection_agreement", "centered_sqnr_db", "cosine")
-"""The accuracy a summary leads with, the first one measured: the task's own (against labels, else against the
-reference) before the output's cosine."""
-_KEY_LABELS = {"top1": "top-1 accuracy", "line_accuracy": "exact-line accuracy",
-               "top1_agreement": "top-1 agreement with the reference",
-               "line_agreement": "exact-line agreement with the reference",
-               "box_agreement": "box agreement with the reference", "map_iou": "map IoU with the reference",
-               "pixel_agreement": "pixel agreement with the reference",
-               "detection_agreement": "detection agreement with the reference",
-               "centered_sqnr_db": "SQNR against the reference's spread",
-               "cosine": "cosine"}
 _MAX_HISTOGRAMS = 6
 _TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
 SENSITIVITY_ROWS = 12
@@ -171,7 +146,7 @@ def _highlights(results: RunResults, variants: pd.DataFrame, latency: pd.DataFra
             # the task's own accuracy (top-1 has its branch above; the cosine is no highlight)
             key = next((m for m in KEY_ACCURACY if m not in ("top1", "cosine") and _num(v[m]) is not None), None)
             if key is not None:
-                parts.append(f"{_KEY_LABELS[key].removesuffix(' with the reference')} {format_value(key, v[key])}")
+                parts.append(f"{KEY_LABELS[key].removesuffix(' with the reference')} {format_value(key, v[key])}")
         lat = latency[(latency["variant"] == v["variant"]) & latency["speedup"].notna()]
         if len(lat):
             row = lat.iloc[-1]
@@ -274,7 +249,7 @@ def _scatter(results: RunResults, variants: pd.DataFrame, latency: pd.DataFrame,
     points = points[points[metric].notna()]
     if points.empty:
         return None, "", f"no variant has both {metric} and latency at batch size {bs}"
-    label = _KEY_LABELS[metric]
+    label = KEY_LABELS[metric]
     svg = plots.accuracy_vs_latency(points, accuracy=metric, batch_size=bs, accuracy_label=label) if draw else ""
     return svg, f"{label.capitalize()} against median latency at batch size {bs}. Up and to the left is better.", ""
 
@@ -507,7 +482,7 @@ def summary_context(results: RunResults) -> dict[str, Any]:
     variants = tables.variants_frame(results)
     latency = tables.latency_frame(results)
     measured = tables.measured_accuracy_metrics(variants)
-    metrics = [m for m in _TABLE_METRICS if m in measured] + [m for m in measured if m not in ACCURACY_METRICS]  # hooks'
+    metrics = [m for m in TABLE_METRICS if m in measured] + [m for m in measured if m not in ACCURACY_METRICS]  # hooks'
     baseline = results.baseline
     return {
         "results": results,

@@ -44,6 +44,7 @@ def test_accuracy_metrics_are_read_from_the_evaluation(results: RunResults, metr
 
 
 _TASK_ONLY = {"line_agreement": 0.75, "cer": 0.04, "line_accuracy": 0.7, "label_cer": 0.05, "map_iou": 0.91,
+              "map_iou_min": 0.42,
               "box_agreement": 0.88, "pixel_agreement": 0.97, "miou": 0.9, "detection_agreement": 0.93,
               "mae": 0.012, "centered_sqnr_db": 27.5, "rank_correlation": 0.996, "label_mae": 0.31}
 """Metrics of evaluate.task ctc / dense / segmentation / detection / regression (with the values a CTC / dense run would record for ort-int8)."""
