@@ -266,3 +266,12 @@ def test_a_fallback_int8_larger_than_fp16_is_said(tmp_path: Path, capsys: pytest
     sizes = {v["precision"]: v["size_bytes"] for v in results["variants"] if v["backend"] == "onnxruntime"}
     assert results["fallback"]["steps"] and sizes["int8"] > sizes["fp16"]
     assert "kept in float by the accuracy fallback, is" in err and "larger than the FP16 model" in err
+
+
+def test_a_regression_ranks_its_layers_against_the_variation_unless_told() -> None:
+    from quantpipe.evalconfig import EvaluateConfig
+
+    assert EvaluateConfig(task="regression").sensitivity.metric == "centered_sqnr_db"
+    assert EvaluateConfig(task="regression", sensitivity={"top": 3}).sensitivity.metric == "centered_sqnr_db"
+    assert EvaluateConfig(task="regression", sensitivity={"metric": "sqnr_db"}).sensitivity.metric == "sqnr_db"
+    assert EvaluateConfig().sensitivity.metric == "sqnr_db"
