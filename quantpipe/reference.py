@@ -27,8 +27,8 @@ __all__ = ["CANDIDATES_PER_RUN", "COUNTED_SCORES", "Reference", "first_samples",
            "join_batches", "run_output", "score"]
 
 #: Scores that count decisions (samples, lines, pixels, boxes): many layers score alike on them, so the searches
-#: order equal scores by output SQNR.
-COUNTED_SCORES = ("top1_agreement", *TASK_SCORES)
+#: order equal scores by output SQNR. A regression's scores are continuous: no tie to order.
+COUNTED_SCORES = ("top1_agreement", *(m for m, task in TASK_SCORES.items() if task != "regression"))
 
 
 #: How many candidates `run_candidates` is given at once by the searches: their models and sessions are held

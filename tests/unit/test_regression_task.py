@@ -220,6 +220,7 @@ def test_the_sensitivity_reads_a_regression_against_its_variation(tmp_path: Path
         assert main(["run", str(path), "-q", "--workers", "1"]) == 0
         results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
         rows[metric] = [(r["node"], r["output_metric"]) for r in results["sensitivity"]]
+        assert all(r["output_sqnr_db"] is None for r in results["sensitivity"])  # continuous: no tie-break column
     assert len(rows["sqnr_db"]) == 2 and [n for n, _ in rows["sqnr_db"]] == [n for n, _ in rows["centered_sqnr_db"]]
     offset = M.offset_db(_fp32(tmp_path, np.load(tmp_path / "eval.npz")["x"]))
     for (_, plain), (_, centered) in zip(rows["sqnr_db"], rows["centered_sqnr_db"], strict=True):
