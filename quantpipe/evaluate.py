@@ -195,7 +195,8 @@ def warn_if_offset_dominates(reference: np.ndarray, output: str, task: TaskSpec)
                 "sqnr_db and cosine count that offset as signal and read %.1f dB above the error measured against the "
                 "outputs' own variation. For a score, an estimate or coordinates, set evaluate.task: regression (mae in "
                 "the output's units, centered_sqnr_db against that variation, rank_correlation); for a detector's raw "
-                "head, evaluate.task: detection; or judge with a hook metric.",
+                "head, evaluate.task: detection; or judge with a hook metric. (Class probabilities where one class "
+                "dominates the samples sit there too: judge those by top1_agreement.)",
                 output, sums.mean(), math.sqrt(sums.spread() / np.size(reference)), offset_db)
     return True
 

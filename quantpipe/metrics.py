@@ -394,8 +394,9 @@ def centered_sqnr_db(pred: np.ndarray, ref: np.ndarray) -> float:
 
 #: An output whose mean over the samples holds this much more power than its variation around it (dB) is said so
 #: (evaluate's warning, `quantpipe quantize`'s closing line). Class scores, embeddings and maps sit at 0.5-4.7 dB on
-#: the open and real sets; a detector's raw head 18.9, face landmarks 15.6, a quality score 12-17.
-OFFSET_WARN_DB = 10.0
+#: the example and the open and real sets; a detector's raw head 18.9, face landmarks 15.6, pose landmarks 9.3-9.6
+#: (16.1 dB against FP32, 6.8 around their mean: collapsed), a quality score 12-17.
+OFFSET_WARN_DB = 6.0
 
 
 class OffsetSums:

@@ -240,4 +240,6 @@ def test_the_offset_is_read_on_the_real_positions_where_a_mask_is_set(caplog: py
     caplog.clear()
     with caplog.at_level("WARNING"):
         warn_about_reference(scores, "s", TaskSpec(task="classification"), [], None, None)
-    assert "varies little around its mean" not in caplog.text  # over every position, the zeros hide it
+    padded = scores.reshape(64, -1).astype(np.float64)  # over every position, the zeros hide most of it
+    hidden = 10 * np.log10(np.sum(padded ** 2) / np.sum((padded - padded.mean(axis=0)) ** 2))
+    assert hidden < expected - 5 and f"read {hidden:.1f} dB above the error" in caplog.text
