@@ -129,7 +129,6 @@ def _check_top1_budget(cfg: PipelineConfig, calib: Dataset, output: str, session
                           f"Use a metric of its task (evaluate.task and its metrics, or a hook's), or cosine.")
 
 
-
 def _check_top1_rules(cfg: PipelineConfig, output: str, out: np.ndarray | None) -> None:
     """ConfigError (exit 2) at load where a gate rule reads top-1 / top-5 from an output of one value per sample:
     it could never be measured, and said so only after calibration, build and evaluation (found probing)."""

@@ -62,7 +62,7 @@ def one_label(path: Path, key: str, raw: Any) -> np.ndarray:
 
 
 def checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_samples: int | None,
-                    sequence: bool = False, *, positions: bool = False) -> np.ndarray:
+                   sequence: bool = False, *, positions: bool = False) -> np.ndarray:
     """Labels validated as data: one per sample, integer class indices (exactly integral floats converted), >= 0;
     `positions` (rows [N, T], a label per position): negative where a position is not scored.
 
@@ -79,9 +79,9 @@ def checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_samples
         integral = np.isfinite(wide) & (np.abs(wide) <= EXACT_FLOAT_INT)
         integral &= np.where(integral, wide, 0.0) == np.round(np.where(integral, wide, 0.0))
         if not np.all(integral):
-            raise DataError(label_message(where, key, labels[~integral], f"labels are {labels.dtype} and these are not "
-                                       f"whole numbers", f"Store the class index per sample as integers, e.g. "
-                                       f"np.savez(..., {key}=labels.astype(np.int64))"))
+            raise DataError(label_message(where, key, labels[~integral], f"labels are {labels.dtype} and these are "
+                                          f"not whole numbers", f"Store the class index per sample as integers, e.g. "
+                                          f"np.savez(..., {key}=labels.astype(np.int64))"))
         log.info("%s: labels array '%s' is %s holding whole numbers; converted to int64 class indices.",
                  where, key, labels.dtype)
         labels = labels.astype(np.int64)
@@ -96,7 +96,7 @@ def checked_labels(where: str, key: str, labels: np.ndarray, n: int, max_samples
     negative = labels < (-1 if sequence else 0)  # -1 pads a label sequence
     if np.any(negative) and not positions:  # per-position labels: negative where a position is not scored
         raise DataError(label_message(where, key, labels[negative], "class indices cannot be negative",
-                                   "Drop unlabelled samples (e.g. -1 for 'unknown') or map them to a class"))
+                                      "Drop unlabelled samples (e.g. -1 for 'unknown') or map them to a class"))
     return labels
 
 

@@ -447,7 +447,7 @@ def _run_stages(cfg: PipelineConfig, executor: Executor, *, until: str, progress
     makes_run = until not in ("calibrate", "build")
     fixed_id = run_id or cfg.report.run_id
     _check_outputs(cfg, ws, li, fixed_id if makes_run else None)
-    run_id = fixed_id or new_run_id()
+    run_id = fixed_id or new_run_id(cfg.report.dir)
     skip = calibration_skip_reason(cfg) if until != "calibrate" else None
     if skip is not None:
         log.info("calibrate: skipped, %s", skip)

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -53,9 +54,16 @@ def advance_to(advance: Callable[[int], None]) -> Callable[[int, int], None]:
     return on_batch
 
 
-def new_run_id() -> str:
-    """A sortable UTC timestamp, e.g. 20261121-142501."""
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+def new_run_id(report_dir: str | os.PathLike[str] | None = None, now: _dt.datetime | None = None) -> str:
+    """A sortable UTC timestamp, e.g. 20261121-142501; where `report_dir` already holds a run of that second, the
+    timestamp with -2, -3, ... (a second run started within the same second failed after all its work: found
+    testing two runs of a small model back to back)."""
+    stamp = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    run_id, k = stamp, 1
+    while report_dir is not None and (Path(report_dir) / run_id).exists():
+        k += 1
+        run_id = f"{stamp}-{k}"
+    return run_id
 
 
 @dataclasses.dataclass(frozen=True)

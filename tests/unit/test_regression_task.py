@@ -217,8 +217,8 @@ def test_the_sensitivity_reads_a_regression_against_its_variation(tmp_path: Path
         path = task_pipeline(tmp_path, "reg", "task: regression", "null", "[]")
         path.write_text(path.read_text().replace("sensitivity: {enabled: false}",
                                                  f"sensitivity: {{enabled: true, metric: {metric}}}"))
-        assert main(["run", str(path), "-q", "--workers", "1"]) == 0
-        results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
+        assert main(["run", str(path), "-q", "--workers", "1", "--run-id", metric]) == 0  # two runs in a second
+        results = json.loads((tmp_path / "reports" / metric / "results.json").read_text())
         rows[metric] = [(r["node"], r["output_metric"]) for r in results["sensitivity"]]
         assert all(r["output_sqnr_db"] is None for r in results["sensitivity"])  # continuous: no tie-break column
     assert len(rows["sqnr_db"]) == 2 and [n for n, _ in rows["sqnr_db"]] == [n for n, _ in rows["centered_sqnr_db"]]

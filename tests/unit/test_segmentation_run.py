@@ -80,6 +80,6 @@ def test_a_channels_last_map_read_channels_first_is_warned_about_at_load(tmp_pat
         np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((8, 3, 16, 16)).astype(np.float32))
     for channels, warned in (("auto", True), ("last", False)):
         path = task_pipeline(tmp_path, "nhwc", f"task: dense, dense: {{channels: {channels}}}", "null", "[]")
-        assert main(["run", str(path), "-q", "--workers", "1"]) == 0
+        assert main(["run", str(path), "-q", "--workers", "1", "--run-id", channels]) == 0  # two runs in a second
         err = " ".join(capsys.readouterr().err.split())
         assert ("as maps of 16 x 3 pixels" in err and "evaluate.dense.channels: last" in err) is warned

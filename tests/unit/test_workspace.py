@@ -78,3 +78,19 @@ def test_an_earlier_file_is_handed_over_only_when_its_fingerprint_and_bytes_hold
     (tmp_path / "d.npz").write_bytes(b"tampered")
     assert earlier_file(tmp_path, "decisions", {"a": "1"}) is None  # not what was written
     assert earlier_file(tmp_path / "none", "decisions", {"a": "1"}) is None
+
+
+def test_a_run_started_in_the_second_of_another_gets_its_own_folder(tmp_path: Path) -> None:
+    # Two runs of a small model in one second: the second failed after all its work ("run folder ... appeared").
+    import datetime as dt
+
+    from quantpipe.workspace import new_run_id
+
+    now = dt.datetime(2026, 12, 7, 21, 31, 12, tzinfo=dt.timezone.utc)
+    assert new_run_id(tmp_path, now) == "20261207-213112"
+    (tmp_path / "20261207-213112").mkdir()
+    assert new_run_id(tmp_path, now) == "20261207-213112-2"
+    (tmp_path / "20261207-213112-2").mkdir()
+    assert new_run_id(tmp_path, now) == "20261207-213112-3"
+    assert sorted(["20261207-213113", "20261207-213112-2", "20261207-213112"]) == [
+        "20261207-213112", "20261207-213112-2", "20261207-213113"]  # still in time order
