@@ -123,7 +123,8 @@ def print_summary(results: Any) -> None:
     table = Table(title=f"quantpipe · {Path(results.model.path).name} · run {results.run_id}", title_justify="left")
     cols = {"top1": "top1", "top1_agreement": "agree", "cosine": "cosine", "sqnr_db": "SQNR"}
     # The task's own metrics (CTC lines, dense maps) where measured; top-1 columns only where a variant has them.
-    task_cols = {"line_accuracy": "line acc", "line_agreement": "line agree", "cer": "CER", "map_iou": "IoU", "map_iou_min": "IoU min",
+    task_cols = {"line_accuracy": "line acc", "line_agreement": "line agree", "cer": "CER", "map_iou": "IoU",
+                 "map_iou_min": "IoU min",
                  "box_agreement": "box agree", "pixel_agreement": "pixel agree", "miou": "mIoU",
                  "detection_agreement": "det agree", "mae": "MAE", "centered_sqnr_db": "SQNR vs spread",
                  "rank_correlation": "rank corr", "label_mae": "MAE vs labels"}

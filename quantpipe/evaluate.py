@@ -23,7 +23,8 @@ from quantpipe.errors import DataError, EvaluationError
 from quantpipe.execution import Executor, shard_bounds
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
-__all__ = ["LABELLED", "run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant", "open_runner", "warn_if_constant",
+__all__ = ["LABELLED", "run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant",
+           "open_runner", "warn_if_constant",
            "warn_if_no_detections", "warn_if_cosine_blind", "warn_about_reference", "warn_if_labels_unread",
            "warn_if_offset_dominates",
            "with_sessions_checked", "ORT_OPTIMIZATION_KEY",
@@ -176,8 +177,6 @@ def warn_if_cosine_blind(reference: np.ndarray, output: str, rules: Sequence[Any
                 "samples' values as one vector, and scaling them all (a unit, an octave) keeps it at 1.0. Gate on "
                 "sqnr_db or max_abs_error there, or on a hook metric of the task.", ", ".join(gated), output)
     return True
-
-
 
 
 def warn_if_offset_dominates(reference: np.ndarray, output: str, task: TaskSpec) -> bool:
