@@ -150,6 +150,8 @@ class _Alone:
 TENSORS_PER_RUN = 16
 #: A pass that runs longer says how far it got about this often (ViT-S took 369 s without a word, found probing).
 PROGRESS_SECONDS = 30.0
+#: ... and, once, how to skip it where this much of the pass is estimated left.
+LONG_PASS_SECONDS = 300.0
 FRONTIER_BYTES = 256 << 20
 
 
@@ -180,14 +182,22 @@ def alone_share(job: _Alone) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     pending = list(job.share)
     t0 = said = time.perf_counter()
+    hinted = False
     while pending:
         found = _alone_group(job, pending[:TENSORS_PER_RUN])
         out.update(found)
         pending = pending[len(found):]
         if pending and time.perf_counter() - said > PROGRESS_SECONDS:  # a long pass says where it is
             said = time.perf_counter()
-            log.info("auto ranges: %d of %d activations measured (%.0f s, %s)", len(out), len(job.share), said - t0,
-                     remaining_text(len(out), len(job.share), said - t0))
+            left = (said - t0) / max(len(out), 1) * len(pending)
+            # Once, where the pass has long to go: the way to a model in minutes (DNSMOS spent 12 of its 27 min here
+            # for no gain on its task, found probing).
+            hint = "" if hinted or left < LONG_PASS_SECONDS else (
+                "; `calibration.use: best` (quantize --method best) takes one method for the whole model without "
+                "this pass")
+            hinted = hinted or bool(hint)
+            log.info("auto ranges: %d of %d activations measured (%.0f s, %s)%s", len(out), len(job.share),
+                     said - t0, remaining_text(len(out), len(job.share), said - t0), hint)
     return out
 
 

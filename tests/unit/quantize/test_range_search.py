@@ -235,3 +235,9 @@ def test_a_long_alone_pass_says_how_far_it_got(tmp_path, monkeypatch, caplog) ->
         choose_ranges(model, tables, Q.QuantizeOptions(smooth_alpha=None, bias_correction=False), ds, batch_size=8)
     assert "auto ranges: 1 of 2 activations measured" in caplog.text
     assert "s left)" in caplog.text  # and about how long the rest takes
+    assert "calibration.use: best" not in caplog.text  # a short pass: no way round it to offer
+    caplog.clear()
+    monkeypatch.setattr(RS, "LONG_PASS_SECONDS", 0.0)  # a pass with minutes to go says, once, how to skip it
+    with caplog.at_level(logging.INFO, logger="quantpipe"):
+        choose_ranges(model, tables, Q.QuantizeOptions(smooth_alpha=None, bias_correction=False), ds, batch_size=8)
+    assert caplog.text.count("`calibration.use: best` (quantize --method best) takes one method") == 1
