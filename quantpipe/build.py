@@ -387,7 +387,8 @@ def _build_ort(
                 )
             else:
                 rep = quantize_model(li.spec.path, amax, out, options)
-            int8_build = {**_int8_build_summary(rep, frozenset(b.quantize.keep_float_nodes)), "calibration_samples": li.calib.num_samples,
+            int8_build = {**_int8_build_summary(rep, frozenset(b.quantize.keep_float_nodes)),
+                          "calibration_samples": li.calib.num_samples,
                           "equalized_depthwise": options.equalize_depthwise is True,
                           **_written_graph(out, {q.name for q in rep.quantized_nodes},
                                            len(fallback.steps) if fallback is not None else 0),

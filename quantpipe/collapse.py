@@ -164,9 +164,6 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
     return fix, yaml
 
 
-#: Ops quantpipe never quantizes that can hold most of a model's weights.
-
-
 def _unmeasured(results: RunResults, e: EvalResult, variant: Variant) -> Collapse:
     """An INT8 variant whose judged output equals FP32's bit for bit, or that holds no quantized layer: a gate on it
     would pass vacuously."""

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["console", "RichProgress", "print_summary", "collapse_lines", "gate_line", "remaining_text"]
+__all__ = ["console", "RichProgress", "print_summary", "collapse_lines", "gate_line", "remaining_seconds",
+           "remaining_text"]
 
 
 #: In a log (no terminal), a task that advances says how far it got about this often.
@@ -88,13 +89,18 @@ class RichProgress:
         self.err.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
 
 
+def remaining_seconds(done: int, total: int, elapsed: float) -> float | None:
+    """The seconds a long count has left at the mean rate so far; None before the first item is done."""
+    return elapsed / done * max(total - done, 0) if done > 0 else None
+
+
 def remaining_text(done: int, total: int, elapsed: float) -> str:
     """'about N s left' (or min) at the mean rate so far, for a log line of a long count; 'no estimate yet' before
     the first item is done. Items can differ in cost (an early layer's part is most of the model), so it is said
     as an estimate."""
-    if done <= 0:
+    left = remaining_seconds(done, total, elapsed)
+    if left is None:
         return "no estimate yet"
-    left = elapsed / done * max(total - done, 0)
     return f"about {left / 60:.0f} min left" if left >= 120 else f"about {left:.0f} s left"
 
 

@@ -140,9 +140,9 @@ def _check_top1_rules(cfg: PipelineConfig, output: str, out: np.ndarray | None) 
         return
     raise ConfigError(f"gate rule(s) {', '.join(rules)} read class scores, but model.output '{output}' has shape "
                       f"{list(out.shape)} for one sample: one value per {'position' if masked else 'sample'}, which "
-                      f"top-1 cannot be read from. For a score or an estimate set evaluate.task: regression and gate on mae "
-                      f"(in the output's units) or centered_sqnr_db; or gate on a hook metric of its task (a threshold's "
-                      f"accuracy).")
+                      f"top-1 cannot be read from. For a score or an estimate set evaluate.task: regression and gate "
+                      f"on mae (in the output's units) or centered_sqnr_db; or gate on a hook metric of its task (a "
+                      f"threshold's accuracy).")
 
 
 def _check_fallback_shapes(cfg: PipelineConfig, spec: ModelSpec, calib: Dataset, output: str, session: Any) -> None:
@@ -320,11 +320,11 @@ def _check_task_output(cfg: PipelineConfig, out: np.ndarray | None) -> None:
         read(out)
     except EvaluationError as err:
         raise ConfigError(f"{err} (found at load, on the first evaluation sample)") from err
-    if task.task == "dense" and min(task.maps(out).shape[-2:]) <= THIN_MAP:
+    side = task.maps(out).shape[-2:] if task.task == "dense" else ()
+    if side and min(side) <= THIN_MAP:
         log.warning("evaluate.task dense reads model.output %s as maps of %s pixels (evaluate.dense.channels: %s): "
                     "map_iou and box_agreement judge such strips poorly. A channels-last map [N, H, W, C]: set "
-                    "evaluate.dense.channels: last.", list(out.shape), " x ".join(map(str, task.maps(out).shape[-2:])),
-                    task.channels)
+                    "evaluate.dense.channels: last.", list(out.shape), " x ".join(map(str, side)), task.channels)
 
 
 #: A dense map this many pixels wide or tall, or fewer, is warned about at load (read along the wrong axes?).

@@ -342,7 +342,7 @@ def weight_share_line(share: WeightShare) -> str | None:
     """'int8 weights: 95 % of 2.1M values; float: LSTM 1.9M, ...' (None for a model without weights)."""
     if share.fraction is None:
         return None
-    floats = ", ".join(f"{op} {_count(n)}" for op, n in list(share.float_by_op.items())[:4])
+    floats = _float_ops(share)
     return (f"weights stored quantized: {100 * share.fraction:.0f} % of {_count(share.quantized + share.in_float)} values"
             + (f"; in float: {floats}" if floats else ""))
 
@@ -353,7 +353,7 @@ def mostly_float_warning(share: WeightShare, model: str, kept: int = 0) -> str |
     accuracy fallback kept in float, said as a cause."""
     if share.fraction is None or share.fraction >= 0.5:
         return None
-    floats = ", ".join(f"{op} {_count(n)}" for op, n in list(share.float_by_op.items())[:4])
+    floats = _float_ops(share)
     recurrent = [op for op in share.float_by_op if op in RECURRENT_OPS]
     return (f"INT8 model {model}: only {100 * share.fraction:.0f} % of its {_count(share.quantized + share.in_float)} weight "
             f"values are stored in int8; in float: {floats}"
@@ -361,6 +361,11 @@ def mostly_float_warning(share: WeightShare, model: str, kept: int = 0) -> str |
                f"MatMul, not recurrent layers)" if recurrent else "")
             + (f"; the accuracy fallback kept {kept} layer(s) in float" if kept else "")
             + ". The INT8 variant computes mostly in float: expect little gain in size or speed.")
+
+
+def _float_ops(share: WeightShare) -> str:
+    """'LSTM 1.4M, Conv 18.6k': the four op types holding the most float weight values."""
+    return ", ".join(f"{op} {_count(n)}" for op, n in list(share.float_by_op.items())[:4])
 
 
 def _count(n: int) -> str:

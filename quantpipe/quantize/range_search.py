@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from quantpipe.console import remaining_text
+from quantpipe.console import remaining_seconds, remaining_text
 from quantpipe.data import sample_count
 from quantpipe.errors import BuildError
 from quantpipe.execution import Executor, model_mb, plan_shards, run_jobs, share_threads
@@ -189,10 +189,10 @@ def alone_share(job: _Alone) -> dict[str, dict[str, Any]]:
         pending = pending[len(found):]
         if pending and time.perf_counter() - said > PROGRESS_SECONDS:  # a long pass says where it is
             said = time.perf_counter()
-            left = (said - t0) / max(len(out), 1) * len(pending)
+            left = remaining_seconds(len(out), len(job.share), said - t0)  # `out` holds one group at least
             # Once, where the pass has long to go: the way to a model in minutes (DNSMOS spent 12 of its 27 min here
             # for no gain on its task, found probing).
-            hint = "" if hinted or left < LONG_PASS_SECONDS else (
+            hint = "" if hinted or left is None or left < LONG_PASS_SECONDS else (
                 "; `calibration.use: best` (quantize --method best) takes one method for the whole model without "
                 "this pass")
             hinted = hinted or bool(hint)
