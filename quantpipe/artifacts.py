@@ -162,6 +162,11 @@ class EvalResult:
     skipped: str | None = None
     num_classes: int | None = None
     """Classes of a classifier output [N, classes] (what chance-level accuracy is 1 over); None otherwise."""
+    other_outputs: Mapping[str, Mapping[str, float | None]] = dataclasses.field(default_factory=dict)
+    """The model's outputs besides model.output, each against the reference's (`quantpipe.other_outputs`): sqnr_db,
+    centered_sqnr_db and max_abs_error for numbers, identical (fraction of samples) for integers and booleans."""
+    other_outputs_skipped: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Other outputs not compared, and why (no batch axis, too large, not a tensor)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from quantpipe.artifacts import (
 from quantpipe.evalconfig import CollapseConfig
 from quantpipe.gate import hook_metrics
 from quantpipe.onnxgraph import RECURRENT_OPS
+from quantpipe.other_outputs import OTHER_KEY, worst_db
 
 __all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "SUBGRAPH_OPS", "TASK_JUDGED", "find_collapse"]
 
@@ -72,6 +73,17 @@ def _problems(e: EvalResult, sqnr_db: float, agreement: float, word: str) -> lis
         v = e.metrics.get(m)
         if v is not None and float(v) < agreement:
             out.append(f"{m} {float(v):.3f} ({word} below {agreement:g})")
+    worst = worst_db(e.other_outputs)
+    if worst is not None and worst[1] < sqnr_db:
+        # A model's other heads break unjudged: a pose model's flags flipped on 15 of 120 samples (found probing).
+        out.append(f"output '{_short(worst[0])}', which the run does not judge (model.output is another), at "
+                   f"{worst[1]:.2f} dB against FP32 ({word} below {sqnr_db:g} dB): judge it with model.output, "
+                   f"or gate {OTHER_KEY}; an output nobody reads can be left out of the model's outputs")
+    for name, found in e.other_outputs.items():
+        same = found.get("identical")
+        if same is not None and same < agreement:
+            out.append(f"output '{_short(name)}', which the run does not judge, reads as FP32's on {same:.3f} of the "
+                       f"samples ({word} below {agreement:g})")
     return out
 
 

@@ -21,6 +21,14 @@ from quantpipe.backends.base import Runner, Timings
 from quantpipe.data import Dataset, varying_output
 from quantpipe.errors import DataError, EvaluationError
 from quantpipe.execution import Executor, shard_bounds
+from quantpipe.other_outputs import (
+    OTHER_KEY,
+    OtherArrays,
+    OtherCollector,
+    all_identical,
+    compare_others,
+    worst_db,
+)
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
 
 __all__ = ["LABELLED", "run_outputs", "accuracy_metrics", "latency_stats", "latency_feeds", "evaluate_variant",
@@ -28,22 +36,32 @@ __all__ = ["LABELLED", "run_outputs", "accuracy_metrics", "latency_stats", "late
            "warn_if_no_detections", "warn_if_cosine_blind", "warn_about_reference", "warn_if_labels_unread",
            "warn_if_offset_dominates",
            "with_sessions_checked", "ORT_OPTIMIZATION_KEY",
-           "OutputsJob", "outputs_job", "sharded_outputs", "shardable", "stack_outputs"]
+           "OutputsJob", "VariantOutputs", "outputs_job", "sharded_outputs", "shardable", "stack_outputs"]
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class VariantOutputs:
+    """A variant's outputs on the evaluation samples: the judged one (model.output) and the others."""
+
+    judged: np.ndarray
+    others: OtherArrays = dataclasses.field(default_factory=OtherArrays)
+
+
 def run_outputs(
     runner: Runner, dataset: Dataset, output: str, batch_size: int, on_batch: ProgressFn | None = None,
-    *, classify: bool = True, output_axis: int = 0,
+    *, classify: bool = True, output_axis: int = 0, others: OtherCollector | None = None,
 ) -> np.ndarray:
     """Run every evaluation batch; return the chosen output for all samples, stacked on axis 0 (its batch axis
-    `output_axis` moved there: a time-major [T, N, C] output comes back [N, T, C])."""
+    `output_axis` moved there: a time-major [T, N, C] output comes back [N, T, C]). `others` collects the rest."""
     chunks: list[np.ndarray] = []
     for batch in dataset.batches(batch_size):
         outs = runner.infer(batch.feeds)
+        if others is not None:
+            others.add(outs, batch.size)
         if output not in outs:
             raise EvaluationError(f"variant {runner.name} has no output '{output}' (outputs: {sorted(outs)}).")
         chunk = np.asarray(outs[output], dtype=np.float32)
@@ -370,21 +388,26 @@ def evaluate_variant(
     on_batch: ProgressFn | None = None,
     task: TaskSpec = CLASSIFICATION,
     hooks: Sequence[str] = (),
-    outputs: np.ndarray | None = None,
+    outputs: VariantOutputs | None = None,
     output_axis: int = 0,
     valid: np.ndarray | None = None,
-) -> tuple[EvalResult, np.ndarray]:
+    reference_others: OtherArrays | None = None,
+) -> tuple[EvalResult, VariantOutputs]:
     """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference).
 
     `outputs`: the variant's outputs on `dataset` computed elsewhere (`sharded_outputs`); the runner then only
     measures latency. `max_seconds`: each batch size's latency budget (`measure_latency`). `valid`: the positions
-    that count (evaluate.valid_mask).
+    that count (evaluate.valid_mask). `reference_others`: the reference's other outputs (`other_outputs`), which
+    this variant's are compared with.
     """
     classify = task.task == "classification"
     if outputs is None:
-        out = run_outputs(runner, dataset, output, batch_size, on_batch, classify=classify, output_axis=output_axis)
+        collector = OtherCollector(output, output_axis)
+        out = run_outputs(runner, dataset, output, batch_size, on_batch, classify=classify, output_axis=output_axis,
+                          others=collector)
+        outputs = VariantOutputs(out, collector.result())
     else:
-        out = outputs
+        out = outputs.judged
         if classify and _is_classifier(out):
             dataset.check_label_range(int(out.shape[1]), output)
     bad = int(out.size - np.count_nonzero(np.isfinite(out)))
@@ -396,6 +419,10 @@ def evaluate_variant(
     if (reference is not None and out.dtype.kind == "f" and out.shape == reference.shape
             and np.array_equal(out, reference)):
         values = {**values, IDENTICAL_KEY: 1.0}  # whatever metrics were asked for: `collapse` says it
+    others = compare_others(outputs.others, reference_others) if reference_others is not None else {}
+    worst = worst_db(others)
+    if worst is not None or all_identical(others):
+        values = {**values, OTHER_KEY: M.finite_or_none(worst[1]) if worst is not None else None}
     lat = []
     for bs in latency_batch_sizes:
         if dataset.max_batch is not None and bs > dataset.max_batch:
@@ -406,7 +433,7 @@ def evaluate_variant(
         lat.append(measure_latency(runner, feeds, bs, warmup, iterations, max_seconds))
     classes = int(out.shape[1]) if _is_classifier(out) and task.task == "classification" else None
     return EvalResult(variant=runner.name, num_samples=dataset.num_samples, metrics=values, latency=tuple(lat),
-                      num_classes=classes), out
+                      num_classes=classes, other_outputs=others, other_outputs_skipped=outputs.others.skipped), outputs
 
 
 # --------------------------------------------------------------------------------------------- sharded
@@ -479,10 +506,13 @@ class OutputsJob:
     output_axis: int = 0
 
 
-def outputs_job(job: OutputsJob) -> np.ndarray:
+def outputs_job(job: OutputsJob) -> VariantOutputs:
     """Run in a worker: the variant's outputs on its shard, batched exactly as one process batches them."""
+    collector = OtherCollector(job.output, job.output_axis)
     with open_runner(job.variant, job.threads) as runner:
-        return run_outputs(runner, job.dataset, job.output, job.batch_size, classify=False, output_axis=job.output_axis)
+        out = run_outputs(runner, job.dataset, job.output, job.batch_size, classify=False, output_axis=job.output_axis,
+                          others=collector)
+    return VariantOutputs(out, collector.result())
 
 
 def shardable(v: Variant, executor: Executor) -> bool:
@@ -501,7 +531,7 @@ def sharded_outputs(
     on_samples: Callable[[int], None] | None = None,
     shards: int | None = None,
     output_axis: int = 0,
-) -> dict[str, np.ndarray]:
+) -> dict[str, VariantOutputs]:
     """variant name -> its outputs on every sample of `dataset`, computed as variants x shards on the workers
     and concatenated in order: the same arrays as `run_outputs` in one process (the shards hold whole batches).
 
@@ -514,12 +544,13 @@ def sharded_outputs(
     log.info("evaluate: %d variant(s) x %d shard(s) on %d %s worker(s)", len(variants), len(shard_sets),
              executor.workers, executor.engine)
     results = executor.map(outputs_job, jobs,
-                           on_result=None if on_samples is None else lambda i, out: on_samples(int(out.shape[0])))
+                           on_result=None if on_samples is None else lambda i, out: on_samples(int(out.judged.shape[0])))
     outs = {}
     for k, v in enumerate(variants):
-        out = stack_outputs(results[k * len(shard_sets):(k + 1) * len(shard_sets)], v.name, output)
+        parts = results[k * len(shard_sets):(k + 1) * len(shard_sets)]
+        out = stack_outputs([p.judged for p in parts], v.name, output)
         if out.shape[0] != dataset.num_samples:  # never numbers from a partial shard set
             raise EvaluationError(f"variant {v.name}: the shards returned {out.shape[0]} of {dataset.num_samples} "
                                   f"outputs; no metric is computed from part of the data.")
-        outs[v.name] = out
+        outs[v.name] = VariantOutputs(out, OtherArrays.concat([p.others for p in parts]))
     return outs

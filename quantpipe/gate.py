@@ -29,6 +29,7 @@ from quantpipe.configbase import did_you_mean
 from quantpipe.errors import ConfigError
 from quantpipe.evalconfig import LATENCY_RULE_METRICS
 from quantpipe.gateconfig import GATE_METRICS, NEEDS_LABELS, TASK_OF_METRIC, GateRule
+from quantpipe.other_outputs import OTHER_KEY, all_identical
 
 __all__ = [
     "ACCURACY_METRICS",
@@ -50,7 +51,7 @@ __all__ = [
 ACCURACY_METRICS = ("top1", "top5", "top1_drop", "top5_drop", "top1_agreement", "cosine", "sqnr_db", "max_abs_error",
                     "line_agreement", "cer", "line_accuracy", "label_cer", "line_accuracy_drop", "map_iou", "map_iou_min",
                     "box_agreement", "pixel_agreement", "miou", "detection_agreement", "mae", "centered_sqnr_db",
-                    "rank_correlation", "label_mae", "label_mae_increase")
+                    "rank_correlation", "label_mae", "label_mae_increase", OTHER_KEY)
 """Metrics that come from EvalResult.metrics (batch-size independent)."""
 LATENCY_METRICS = LATENCY_RULE_METRICS
 """Metrics read at one batch size."""
@@ -77,6 +78,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "detection_agreement": True,
     "mae": False,
     "centered_sqnr_db": True,
+    OTHER_KEY: True,
     "rank_correlation": True,
     "label_mae": False,
     "label_mae_increase": False,
@@ -97,6 +99,7 @@ fewer, even a fair model can score below chance by luck (a 70% binary classifier
 
 _PERCENT = {"top1", "top5", "top1_agreement", "line_agreement", "line_accuracy", "cer", "label_cer"}
 _POINTS = {"top1_drop", "top5_drop", "line_accuracy_drop"}
+_DB = {"sqnr_db", "centered_sqnr_db", OTHER_KEY}
 _BOUND_SLACK = 1e-9
 """Relative slack on bounds: 0.98 - 0.97 is 0.010000000000000009 in floats and must pass `max: 0.01`."""
 
@@ -186,6 +189,10 @@ def _accuracy(results: RunResults, name: str, e: EvalResult, metric: str) -> Obs
             hint = _LABELS_HINT
         elif metric in TASK_OF_METRIC:
             hint = f" (it needs evaluate.task: {TASK_OF_METRIC[metric]})"
+        elif metric == OTHER_KEY:
+            hint = (" (it needs numeric outputs besides model.output with an axis of the batch's size: "
+                    + (f"{', '.join(e.other_outputs_skipped)} were not compared, the log says why)"
+                       if e.other_outputs_skipped else "this model has none)"))
         else:
             hint = (" (it needs class scores shaped [N, classes] of 2 classes or more; for a score or an estimate set "
                     "evaluate.task: regression and gate on mae or centered_sqnr_db)") if metric == "top1_agreement" else ""
@@ -196,7 +203,8 @@ def _accuracy(results: RunResults, name: str, e: EvalResult, metric: str) -> Obs
     value = e.metrics[metric]
     if value is None:
         # evaluate stores non-finite numbers as null; SQNR is +inf exactly when the outputs are identical.
-        if metric == "sqnr_db" and e.metrics.get("max_abs_error") == 0.0:
+        if (metric == "sqnr_db" and e.metrics.get("max_abs_error") == 0.0) or (
+                metric == OTHER_KEY and all_identical(e.other_outputs)):
             return Observation(name, metric, math.inf)
         return _missing(name, metric, f"{metric} of {name} is not a finite number in this run")
     return Observation(name, metric, float(value))
@@ -419,7 +427,7 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
         return "n/a"
     v = float(v) + 0.0  # -0.0 -> 0.0: a zero change must not print as "-0.00"
     if math.isinf(v):
-        return ("+" if v > 0 else "-") + "inf" + (" dB" if metric in ("sqnr_db", "centered_sqnr_db") else "")
+        return ("+" if v > 0 else "-") + "inf" + (" dB" if metric in _DB else "")
     sign = "+" if delta and v > 0 else ""
     if metric in _PERCENT:
         return f"{v * 100:+.2f} pt" if delta else f"{v * 100:.2f}%"
@@ -430,7 +438,7 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
     if metric in ("map_iou", "map_iou_min", "box_agreement", "pixel_agreement", "miou", "detection_agreement",
                   "rank_correlation"):
         return f"{v:+.4f}" if delta else f"{v:.4f}"
-    if metric in ("sqnr_db", "centered_sqnr_db"):
+    if metric in _DB:
         return f"{v:{'+' if delta else ''}.2f} dB"
     if metric in ("max_abs_error", "mae", "label_mae", "label_mae_increase"):
         return f"{v:+.3g}" if delta else f"{v:.4g}"
@@ -445,7 +453,7 @@ def format_value(metric: str, v: float | None, *, delta: bool = False) -> str:
     return f"{sign}{v:.4g}"
 
 
-_BOUND_UNITS = {"sqnr_db": " dB", "latency_ms": " ms", "latency_p99_ms": " ms", "throughput": "/s", "speedup": "x",
+_BOUND_UNITS = {"sqnr_db": " dB", OTHER_KEY: " dB", "latency_ms": " ms", "latency_p99_ms": " ms", "throughput": "/s", "speedup": "x",
                 "size_mb": " MB"}
 
 

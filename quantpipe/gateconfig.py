@@ -37,6 +37,8 @@ GATE_METRICS: dict[str, str] = {
     "label_mae": "regression: mean absolute difference from the labels' target values (needs labels)",
     "label_mae_increase": "regression: this variant's label_mae minus the reference's (needs labels)",
     "max_abs_error": "largest absolute difference from the FP32 reference",
+    "other_outputs_sqnr_db": "the lowest SQNR of the model's outputs besides model.output against FP32's (against "
+                             "FP32's variation over the samples where it varies), dB",
     "latency_ms": "median latency per batch, ms (at `batch_size`, default the largest measured)",
     "latency_p99_ms": "p99 latency per batch, ms",
     "throughput": "samples per second at the median latency",

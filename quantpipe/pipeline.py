@@ -16,13 +16,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from quantpipe import __version__
 from quantpipe.artifacts import (
     RESULTS_SCHEMA_VERSION,
     CalibrationSummary,
-    EvalResult,
     LayerSensitivity,
     RunResults,
     Variant,
@@ -32,6 +29,7 @@ from quantpipe.artifacts import (
 from quantpipe.build import calibration_skip_reason, model_files, sha256_of_mapping, stage_build
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.errors import MissingDependencyError, OutputError, QuantpipeError, WriteError, os_error_message
+from quantpipe.evaluate_stage import stage_evaluate
 from quantpipe.execution import Executor
 from quantpipe.fsutil import atomic_copy, atomic_write_json, sha256_file, writable_reason
 from quantpipe.inputs import LoadedInputs, load_inputs
@@ -67,7 +65,6 @@ __all__ = [
     "run_stages",
     "space_needed",
     "stage_calibrate",
-    "stage_evaluate",
     "stage_sensitivity",
     "execution_for",
 ]
@@ -198,98 +195,6 @@ def _auto_amax(cfg: PipelineConfig, ws: Workspace, li: LoadedInputs, summaries: 
     atomic_write_json(path, {"fingerprint": fp, "amax": choice.amax, "amax_sha256": sha256_of_mapping(choice.amax),
                              "summary": choice.summary(), "per_tensor": choice.per_tensor})
     return choice.amax
-
-
-def stage_evaluate(
-    cfg: PipelineConfig, li: LoadedInputs, variants: list[Variant], progress: Progress,
-    executor: Executor | None = None,
-) -> tuple[list[EvalResult], str]:
-    """Evaluate every variant that was built; the FP32 ONNX Runtime variant is the reference.
-
-    With an executor of several workers, the variants' outputs are computed first as variants x shards
-    (evaluate.sharded_outputs, the same arrays as one process); metrics and latency then run here, one variant
-    at a time, so latency is never measured beside other work.
-    """
-    from quantpipe.evaluate import (
-        LABELLED,
-        accuracy_threads,
-        evaluate_variant,
-        open_runner,
-        run_outputs,
-        warn_about_reference,
-    )
-    from quantpipe.taskmetrics import TaskSpec
-
-    ev = cfg.evaluate
-    task, hooks, wanted = TaskSpec.from_config(ev), ev.hooks(), ev.wanted()
-    lat = ev.latency
-    ran = [v for v in variants if v.ran]
-    ref_name = variant_name("onnxruntime", "fp32")
-    results: list[EvalResult] = []
-    reference: np.ndarray | None = None
-    ref_labelled: dict[str, float] | None = None
-    if not any(v.name == ref_name for v in ran):
-        log.warning("no %s variant: agreement metrics need the FP32 reference; enable onnxruntime fp32", ref_name)
-    order = sorted(ran, key=lambda v: v.name != ref_name)
-    threads = cfg.build.backends.onnxruntime.threads
-    outputs = _sharded_outputs(cfg, li, order, progress, executor)
-    valid = task.valid_of(b.feeds for b in li.eval.batches(cfg.data.batch_size)) if task.valid_mask else None
-    for v in order:
-        n_lat = len(lat.batch_sizes) if lat.enabled else 0
-        if v.name not in outputs and n_lat and accuracy_threads(threads) != threads and v.device == "cpu":
-            # The scored outputs on one fixed thread count (evaluate.accuracy_threads), latency on `threads`.
-            with progress.task(f"evaluating {v.name}", li.eval.num_samples) as advance, \
-                    open_runner(v, accuracy_threads(threads)) as runner:
-                outputs[v.name] = run_outputs(runner, li.eval, li.output, cfg.data.batch_size, advance,
-                                              classify=task.task == "classification",
-                                              output_axis=cfg.model.output_batch_axis)
-        runner = open_runner(v, threads if n_lat else accuracy_threads(threads))
-        what = f"measuring {v.name}" if v.name in outputs else f"evaluating {v.name}"
-        with progress.task(what, None if v.name in outputs else li.eval.num_samples) as advance, runner:
-            res, out = evaluate_variant(
-                runner, li.eval, output=li.output, batch_size=cfg.data.batch_size, metrics=wanted,
-                reference=reference, ref_labelled=ref_labelled,
-                latency_batch_sizes=lat.batch_sizes if n_lat else (), warmup=lat.warmup, iterations=lat.iterations,
-                max_seconds=lat.max_seconds,
-                on_batch=advance, task=task, hooks=hooks if v.name != ref_name else (),  # the ref's: below, vs itself
-                outputs=outputs.get(v.name), output_axis=cfg.model.output_batch_axis, valid=valid,
-            )
-        if v.name == ref_name:
-            reference = out
-            warn_about_reference(out, li.output, task, cfg.gate.rules, li.eval.labels, valid)
-            ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in LABELLED and val is not None}
-            # The reference against itself: exact agreement by definition, recomputed for honesty.
-            from quantpipe.evaluate import accuracy_metrics
-
-            res = dataclasses.replace(res, metrics={**res.metrics, **accuracy_metrics(out, out, li.eval.labels, wanted, ref_labelled, task, hooks, valid)})
-        results.append(res)
-    for v in variants:
-        if not v.ran:
-            results.append(EvalResult(variant=v.name, num_samples=0, metrics={}, skipped=v.skipped))
-    by_name = {r.variant: r for r in results}
-    return [by_name[v.name] for v in variants if v.name in by_name], ref_name
-
-
-def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Variant], progress: Progress,
-                     executor: Executor | None) -> dict[str, np.ndarray]:
-    """The outputs of the variants the executor's workers can run, as variants x shards (empty: one worker)."""
-    from quantpipe.evaluate import accuracy_threads, shardable, sharded_outputs
-    from quantpipe.execution import model_mb, plan_shards
-
-    if executor is None or executor.workers < 2:
-        return {}
-    chosen = [v for v in variants if shardable(v, executor)]
-    # Small work stays in this process (no pool): samples x the variants' model MB must fill two shards.
-    work = li.eval.num_samples * sum(model_mb(v.artifact) for v in chosen if v.artifact and Path(v.artifact).is_file())
-    shards = plan_shards(executor, items=len(li.eval.batch_bounds(cfg.data.batch_size)), work_mb=work)
-    if not chosen or shards < 2:
-        return {}
-    total = len(chosen) * li.eval.num_samples
-    with progress.task(f"evaluating {len(chosen)} variant(s) on {executor.workers} {executor.engine} workers",
-                       total) as advance:
-        return sharded_outputs(executor, chosen, li.eval, output=li.output, batch_size=cfg.data.batch_size,
-                               threads=accuracy_threads(cfg.build.backends.onnxruntime.threads),
-                               on_samples=advance, shards=shards, output_axis=cfg.model.output_batch_axis)
 
 
 def stage_sensitivity(

@@ -16,10 +16,12 @@ METRIC_LABELS = {
     "detection_agreement": "Detection agreement",
     "mae": "Mean abs error", "centered_sqnr_db": "SQNR vs spread", "rank_correlation": "Rank correlation",
     "label_mae": "MAE vs labels", "label_mae_increase": "MAE vs labels increase",
+    "other_outputs_sqnr_db": "Other outputs' SQNR, worst",
 }
 TABLE_METRICS = ("top1", "top5", "top1_drop", "top1_agreement", "line_accuracy", "line_agreement", "cer", "label_cer",
                  "map_iou", "map_iou_min", "box_agreement", "pixel_agreement", "miou", "detection_agreement",
-                 "label_mae", "mae", "centered_sqnr_db", "rank_correlation", "cosine", "sqnr_db", "max_abs_error")
+                 "label_mae", "mae", "centered_sqnr_db", "rank_correlation", "cosine", "sqnr_db", "max_abs_error",
+                 "other_outputs_sqnr_db")
 """The accuracy columns of the variants' table, in order (measured ones only; hooks' metrics after them)."""
 KEY_ACCURACY = ("top1", "line_accuracy", "top1_agreement", "line_agreement", "box_agreement", "map_iou",
                 "pixel_agreement", "detection_agreement", "centered_sqnr_db", "cosine")

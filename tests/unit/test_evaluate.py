@@ -10,7 +10,7 @@ import pytest
 from quantpipe.artifacts import TensorInfo
 from quantpipe.data import open_dataset
 from quantpipe.errors import DataError
-from quantpipe.evaluate import evaluate_variant, run_outputs
+from quantpipe.evaluate import VariantOutputs, evaluate_variant, run_outputs
 
 IMG = (TensorInfo("input", "float32", ("batch", 2)),)
 
@@ -166,7 +166,7 @@ def test_a_float_output_equal_to_the_reference_is_recorded_whatever_the_metrics(
     assert IDENTICAL_KEY not in moved.metrics
     labels, _ = evaluate_variant(_Classifier(3), ds, output="logits", batch_size=4, metrics=["cosine"],  # type: ignore[arg-type]
                                  reference=np.arange(8, dtype=np.int64), ref_labelled=None,
-                                 outputs=np.arange(8, dtype=np.int64))
+                                 outputs=VariantOutputs(np.arange(8, dtype=np.int64)))
     assert IDENTICAL_KEY not in labels.metrics  # an int64 label output: ArgMax hides the INT8 noise, not measured
 
 

@@ -52,7 +52,7 @@ _TASK_ONLY = {"line_agreement": 0.75, "cer": 0.04, "line_accuracy": 0.7, "label_
 
 def test_every_gate_metric_is_observable(results: RunResults) -> None:
     for metric in GATE_METRICS:
-        if metric in _TASK_ONLY or metric in ("line_accuracy_drop", "label_mae_increase"):
+        if metric in _TASK_ONLY or metric in ("line_accuracy_drop", "label_mae_increase", "other_outputs_sqnr_db"):
             continue
         obs = observe(results, "ort-int8", metric)
         assert obs.value is not None and math.isfinite(obs.value), (metric, obs.reason)

@@ -87,8 +87,8 @@ def test_sharded_outputs_equal_one_process(engine, eval_case, request):
         executor.close()
     assert sum(seen) == len(variants) * ds.num_samples  # progress: every sample of every variant, once
     for v in variants:
-        assert outs[v.name].shape == expected[v.name].shape
-        np.testing.assert_array_equal(outs[v.name], expected[v.name])
+        assert outs[v.name].judged.shape == expected[v.name].shape
+        np.testing.assert_array_equal(outs[v.name].judged, expected[v.name])
 
 
 def _pipeline_run(tmp: Path, execution: dict):

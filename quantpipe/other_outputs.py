@@ -1,0 +1,179 @@
+"""The model's outputs besides `model.output`: collected in the same evaluation pass and compared with FP32's.
+
+The run judges one output (accuracy, the gate, sensitivity, fallback). A model with several (a face landmarker's
+presence flag beside its landmarks, a pose model's five heads, an RNN's next state) can break in one the run does not
+judge: the pose model's flags flipped on 15 of 120 samples while its landmarks were the judged output (found probing).
+Every other output with a batch axis is therefore kept from the evaluation pass that computes the judged one (no
+second pass) and compared with the reference's: SQNR against FP32 and against FP32's variation over the samples for
+numbers, the fraction of samples read identically for integers and booleans. `other_outputs_sqnr_db`, the lowest,
+is a gate metric; the collapse verdict reads it with its SQNR limits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from quantpipe.metrics import centered_sqnr_db, finite_or_none, sqnr_db
+
+__all__ = ["MAX_MB", "OTHER_KEY", "OtherArrays", "OtherCollector", "compare_others", "all_identical", "log_others", "worst_db"]
+
+log = logging.getLogger(__name__)
+
+MAX_MB = 256
+"""Other outputs are kept up to this many MB over the evaluation samples (per variant); the rest are not compared."""
+
+OTHER_KEY = "other_outputs_sqnr_db"
+"""EvalResult.metrics key: the lowest SQNR (dB) of the other outputs against FP32 (`worst_db`)."""
+
+_TOO_LARGE = f"more than {MAX_MB} MB over the evaluation samples: not compared"
+_NO_BATCH = "no axis of the batch's size: not compared"
+_NOT_TENSOR = "not a numeric tensor (a sequence or map): not compared"
+_VARIES = "its shape differs between batches: not compared"
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherArrays:
+    """A variant's other outputs over its samples (batch axis first) and why any were left out."""
+
+    arrays: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    skipped: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def concat(parts: Sequence[OtherArrays]) -> OtherArrays:
+        """Consecutive shards' arrays joined in order: what one process collects over all of them."""
+        skipped: dict[str, str] = {}
+        for p in parts:
+            skipped.update(p.skipped)
+        names = [n for n in (parts[0].arrays if parts else {}) if n not in skipped]
+        arrays: dict[str, np.ndarray] = {}
+        for n in names:
+            chunks = [p.arrays.get(n) for p in parts]
+            if any(c is None for c in chunks):
+                skipped[n] = _NO_BATCH
+                continue
+            try:
+                arrays[n] = np.concatenate(chunks, axis=0)  # type: ignore[arg-type]
+            except ValueError:
+                skipped[n] = _VARIES
+        arrays, skipped = _capped(arrays, skipped)
+        return OtherArrays(arrays, dict(sorted(skipped.items())))
+
+
+def _capped(arrays: dict[str, np.ndarray], skipped: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """`arrays` in order, each kept while those kept stay within MAX_MB together; the others go to `skipped`. A
+    function of the whole arrays alone, so one pass and joined shards leave out the same outputs."""
+    kept, total = {}, 0
+    for n, a in arrays.items():
+        if total + a.nbytes > MAX_MB * 2**20:
+            skipped[n] = _TOO_LARGE
+        else:
+            kept[n] = a
+            total += a.nbytes
+    return kept, skipped
+
+
+def _batch_axis(shape: tuple[int, ...], size: int, preferred: int) -> int | None:
+    """The axis that holds the batch's samples: `preferred` (model.output_batch_axis) where it has the batch's size,
+    else the first axis that has it (an LSTM's state [layers, N, hidden]); None where none has."""
+    if len(shape) > preferred and shape[preferred] == size:
+        return preferred
+    return next((i for i, s in enumerate(shape) if s == size), None)
+
+
+class OtherCollector:
+    """Collects, batch by batch, every output but `judged` (run_outputs' `others`)."""
+
+    def __init__(self, judged: str, preferred_axis: int = 0) -> None:
+        self.judged, self.axis = judged, preferred_axis
+        self.chunks: dict[str, list[np.ndarray]] = {}
+        self.skipped: dict[str, str] = {}
+        self.bytes: dict[str, int] = {}
+
+    def add(self, outs: Mapping[str, Any], batch_size: int) -> None:
+        for name, value in outs.items():
+            if name == self.judged or name in self.skipped:
+                continue
+            arr = np.asarray(value) if not isinstance(value, list | dict) else None
+            if arr is None or arr.dtype.kind not in "fiub":
+                self.skipped[name] = _NOT_TENSOR
+                continue
+            ax = _batch_axis(arr.shape, batch_size, self.axis)
+            if ax is None:
+                self.skipped[name] = _NO_BATCH
+                continue
+            self.bytes[name] = self.bytes.get(name, 0) + arr.nbytes
+            if self.bytes[name] > MAX_MB * 2**20:  # over the limit alone: `_capped` would leave it out anyway
+                self.skipped[name] = _TOO_LARGE
+                self.chunks.pop(name, None)
+                continue
+            self.chunks.setdefault(name, []).append(np.ascontiguousarray(np.moveaxis(arr, ax, 0)) if ax else arr)
+
+    def result(self) -> OtherArrays:
+        arrays, skipped = {}, dict(self.skipped)
+        for name, chunks in self.chunks.items():
+            if name in skipped:
+                continue
+            try:
+                arrays[name] = np.concatenate(chunks, axis=0)
+            except ValueError:
+                skipped[name] = _VARIES
+        arrays, skipped = _capped(arrays, skipped)
+        return OtherArrays(arrays, dict(sorted(skipped.items())))
+
+
+def compare_others(out: OtherArrays, ref: OtherArrays) -> dict[str, dict[str, float | None]]:
+    """Each output both sides hold, against the reference's: `sqnr_db` and `centered_sqnr_db` for numbers (None
+    where identical or where the reference does not vary), `identical` (fraction of samples read the same) for
+    integers and booleans."""
+    found: dict[str, dict[str, float | None]] = {}
+    for name, r in ref.arrays.items():
+        o = out.arrays.get(name)
+        if o is None or o.shape != r.shape:
+            continue
+        if r.dtype.kind == "f":
+            o32, r32 = o.astype(np.float32), r.astype(np.float32)
+            found[name] = {"sqnr_db": finite_or_none(sqnr_db(o32, r32)),
+                           "centered_sqnr_db": finite_or_none(centered_sqnr_db(o32, r32)),
+                           "max_abs_error": float(np.max(np.abs(o32 - r32))) if r.size else 0.0}
+        else:
+            same = np.all((o == r).reshape(len(r), -1), axis=1) if len(r) else np.ones(0, bool)
+            found[name] = {"identical": float(same.mean()) if len(same) else 1.0}
+    return found
+
+
+def worst_db(found: Mapping[str, Mapping[str, float | None]]) -> tuple[str, float] | None:
+    """The numeric other output with the lowest SQNR and that SQNR: against FP32's variation over the samples where
+    the reference varies (a flag's logit around an offset), else against FP32; -inf where the reference is all zeros
+    and the output is not. None where there is no numeric one or every one equals FP32's."""
+    worst: tuple[str, float] | None = None
+    for name, m in found.items():
+        err = m.get("max_abs_error")
+        if err is None or err == 0.0:
+            continue
+        v = m.get("centered_sqnr_db")
+        v = m.get("sqnr_db") if v is None else v
+        v = -math.inf if v is None else float(v)
+        if worst is None or v < worst[1]:
+            worst = (name, v)
+    return worst
+
+
+def all_identical(found: Mapping[str, Mapping[str, float | None]]) -> bool:
+    """Whether every numeric other output equals FP32's (its SQNR is +inf, recorded as null)."""
+    errs = [m["max_abs_error"] for m in found.values() if "max_abs_error" in m]
+    return bool(errs) and all(e == 0.0 for e in errs)
+
+
+def log_others(ref: OtherArrays, judged: str) -> None:
+    """Say which of the reference's other outputs every variant is compared on, and which not and why."""
+    if ref.arrays:
+        log.info("outputs besides model.output '%s' compared with FP32's (other_outputs_sqnr_db, the collapse verdict): "
+                 "%s", judged, ", ".join(ref.arrays))
+    for name, why in ref.skipped.items():
+        log.info("output '%s' (besides model.output '%s'): %s", name, judged, why)
