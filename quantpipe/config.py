@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from quantpipe.configbase import StrictModel, did_you_mean, format_validation_errors
 from quantpipe.errors import ConfigError
 from quantpipe.evalconfig import (
+    BUILTIN_METRICS,
     LATENCY_RULE_METRICS,
     TASK_METRICS,
     TASK_SCORES,
@@ -125,6 +126,10 @@ ConfigPath = Annotated[Path, BeforeValidator(_path_text)]
 
 _Model = StrictModel
 
+
+#: Gate metrics computed from another one evaluate.metrics must hold.
+_MEASURED_FROM = {"top1_drop": "top1", "top5_drop": "top5", "line_accuracy_drop": "line_accuracy",
+                  "label_mae_increase": "label_mae"}
 
 class InputSpec(_Model):
     """Shape of one model input; -1 (or a name) marks a dynamic axis. Optional: read from the model."""
@@ -434,6 +439,12 @@ class PipelineConfig(_Model):
             raise ValueError(f"gate.rules[{i}].metric {metric} is measured only with evaluate.task: {need} (this "
                              f"pipeline's task is {task}); set the task, or judge a metric it measures: "
                              f"{', '.join(measured)}")
+        base = _MEASURED_FROM.get(metric, metric)
+        if base in BUILTIN_METRICS and base not in self.evaluate.wanted():
+            # A list of hooks alone in evaluate.metrics dropped the default cosine its rule read: the rule failed
+            # after the whole run (found probing).
+            raise ValueError(f"gate.rules[{i}].metric {metric} is not measured: evaluate.metrics is "
+                             f"[{', '.join(self.evaluate.metrics)}], which replaces the default list. Add {base} to it")
         if metric in NEEDS_LABELS and self.data.evaluation.labels is None:
             raise ValueError(f"gate.rules[{i}].metric {metric} is measured against labels, and data.evaluation has "
                              f"none: set data.evaluation.labels to the labels' array name, or judge agreement with "

@@ -209,3 +209,19 @@ def test_a_latency_rule_at_a_batch_size_never_timed_is_refused_at_load() -> None
     ok = parse_config({**MINIMAL, "evaluate": lat, "gate": {"rules": [
         {"variant": "ort-int8", "metric": "latency_ms", "batch_size": 8, "max": 5.0}]}})
     assert ok.gate.rules[0].batch_size == 8
+
+
+def test_a_gate_rule_on_a_metric_evaluate_metrics_leaves_out_is_refused_at_load() -> None:
+    # A list of hooks alone in evaluate.metrics replaced the default one, and a cosine rule failed after the whole run
+    # (exit 1, "cosine was not measured"; found probing a wake-word model).
+    hooks_only = {**MINIMAL, "evaluate": {"metrics": ["mypkg.metrics:wake"]}}
+    with pytest.raises(ConfigError, match=r"gate.rules\[0\].metric cosine is not measured: evaluate.metrics is "
+                                          r"\[mypkg.metrics:wake\], which replaces the default list. Add cosine to it"):
+        parse_config({**hooks_only, "gate": {"rules": [{"variant": "ort-int8", "metric": "cosine", "min": 0.99}]}})
+    with pytest.raises(ConfigError, match=r"metric top1_drop is not measured: .* Add top1 to it"):
+        parse_config({**hooks_only, "gate": {"rules": [{"variant": "ort-int8", "metric": "top1_drop", "max": 0.01}]}})
+    ok = parse_config({**hooks_only, "evaluate": {"metrics": ["mypkg.metrics:wake", "cosine"]},
+                       "gate": {"rules": [{"variant": "ort-int8", "metric": "cosine", "min": 0.99},
+                                          {"variant": "ort-int8", "metric": "wake", "min": 0.99},
+                                          {"variant": "ort-int8", "metric": "other_outputs_sqnr_db", "min": 20}]}})
+    assert len(ok.gate.rules) == 3

@@ -197,7 +197,7 @@ def test_top1_on_one_value_per_sample_is_refused_at_load(tmp_path, capsys, fallb
     (tmp_path / "one.onnx").write_bytes(model.SerializeToString())
     for name in ("calib", "eval"):
         np.savez(tmp_path / f"{name}.npz", x=rng.normal(size=(16, 4)).astype(np.float32))
-    path = task_pipeline(tmp_path, "one", "metrics: [sqnr_db]", fallback, rules)
+    path = task_pipeline(tmp_path, "one", "metrics: [sqnr_db, top1_agreement]", fallback, rules)
     assert main(["run", str(path), "-q", "--workers", "1"]) == 2
     assert said in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "reports" / ".work").exists() or not list((tmp_path / "reports" / ".work").rglob("*.cache"))
