@@ -221,3 +221,25 @@ def test_workers_collect_the_other_outputs_one_process_does(tmp_path: Path) -> N
     np.testing.assert_array_equal(got.judged, judged)
     assert list(got.others.arrays) == ["flag"] and got.others.skipped == {}
     np.testing.assert_array_equal(got.others.arrays["flag"], one.result().arrays["flag"])
+
+
+def test_a_state_fed_back_is_said_to_be_measured_open_loop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from quantpipe.inputs import state_pairs, warn_if_fed_back
+    from quantpipe.model import load_model_spec
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["input", "W"], ["output"]), helper.make_node("Tanh", ["state"], ["stateN"]),
+             helper.make_node("ReduceMean", ["h0"], ["hn"], axes=[2], keepdims=1)]
+    # silero VAD declares stateN with unnamed dimensions: rank, type and name pair it with state
+    model = float_model(nodes, [w], {"input": ["N", 4], "state": [2, "N", 8], "h0": [1, "N", 3]},
+                        {"output": ["N", 4], "stateN": [None, None, None], "hn": [1, "N", 1]})
+    onnx.save(model, tmp_path / "s.onnx")
+    spec, _ = load_model_spec(tmp_path / "s.onnx")
+    assert state_pairs(spec) == [("state", "stateN")]  # not input -> output; not h0 -> hn, whose fixed 3 != 1
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_fed_back(spec)
+    assert "input 'state' and output 'stateN' look like a state the deployed model feeds back" in caplog.text
+    assert "open loop" in caplog.text and "other_outputs_sqnr_db" in caplog.text
