@@ -65,6 +65,9 @@ class ModelSpec:
     op_counts: Mapping[str, int]
     num_parameters: int
     size_bytes: int
+    subgraph_op_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Nodes inside If / Loop / Scan subgraphs (every branch and body, nested ones too), by op type: quantpipe leaves
+    them in float."""
 
 
 @dataclasses.dataclass(frozen=True)

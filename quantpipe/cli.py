@@ -296,6 +296,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from quantpipe.model import read_model_spec
     from quantpipe.modelinfo import PRECISIONS, describe_precision, precision_lines
+    from quantpipe.onnxgraph import RECURRENT_OPS
 
     spec, proto = read_model_spec(args.model)
     info = describe_precision(proto)
@@ -319,6 +320,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for op in (op for op in spec.op_counts if op not in info.by_op):  # Q/DQ, Cast: they convert, not compute
         ops.add_row(f"[dim]{op}[/dim]", str(spec.op_counts[op]), *["[dim]converts[/dim]", *[""] * (len(columns) - 1)][:len(columns)])
     out.print(ops)
+    inside = [(op, n) for op, n in spec.subgraph_op_counts.items() if op not in ("Constant", "Identity")]
+    if inside:
+        holders = ", ".join(f"{n} {op}" for op, n in spec.op_counts.items() if op in ("If", "Loop", "Scan"))
+        inside.sort(key=lambda kv: kv[0] not in ("Conv", "ConvTranspose", "Gemm", "MatMul", *RECURRENT_OPS))
+        out.print(escape(f"inside the subgraphs of {holders or 'its nodes'} (every branch and body; not in the table "
+                         f"above, and left in float by quantpipe): " + ", ".join(f"{op} {n}" for op, n in inside[:12])
+                         + (", ..." if len(inside) > 12 else "")))
     for line in precision_lines(info):
         out.print(escape(line))
     return EXIT_OK

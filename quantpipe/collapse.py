@@ -196,13 +196,29 @@ def _unmeasured(results: RunResults, e: EvalResult, variant: Variant) -> Collaps
         problems=((f"its output equals FP32's bit for bit on all {e.num_samples} evaluation samples: no INT8 layer "
                    f"lies on the path to model.output" if e.metrics.get(IDENTICAL_KEY) == 1.0 else
                    "it holds no INT8 layer") + ", so its accuracy numbers and any gate rule on them say nothing about INT8",),
-        cause=(f"nothing in this model was quantized (no Conv / ConvTranspose / Gemm / MatMul it quantizes{held})."
-               if quantized == 0 else
+        cause=(_nothing_quantized(results, held) if quantized == 0 else
                f"the layers that compute model.output are ones quantpipe keeps in float{held}; the Q/DQ layers "
                f"(build details: quantized nodes) only reach other outputs."),
         fix="judge an output the INT8 layers reach (model.output in pipeline.yaml), or release this model knowing "
             "its judged output is not quantized:" if yaml else "release this model knowing its output is not "
             "quantized (recurrent layers and the ops quantpipe leaves in float are not).", fix_yaml=yaml)
+
+
+def _nothing_quantized(results: RunResults, held: str) -> str:
+    """Why no layer was quantized: none of the ops quantpipe quantizes, or those there sit inside subgraphs (silero
+    VAD's 6 Conv and its LSTM inside an If on the sample rate: "no Conv ... it quantizes" named no cause; found
+    probing)."""
+    inside = {op: n for op, n in results.model.subgraph_op_counts.items() if op in _COMPUTE_OPS + RECURRENT_OPS}
+    if not inside:
+        return f"nothing in this model was quantized (no Conv / ConvTranspose / Gemm / MatMul it quantizes{held})."
+    holders = ", ".join(f"{n} {op}" for op, n in results.model.op_counts.items() if op in SUBGRAPH_OPS)
+    return (f"nothing in this model was quantized: its {', '.join(f'{n} {op}' for op, n in inside.items())} sit inside "
+            f"the branches or bodies of {holders or 'its subgraph'} node(s), which quantpipe leaves in float. Where the "
+            f"branch the model takes is fixed (an If on a sample rate or a mode you always set), put that branch's "
+            f"nodes in the main graph and run again.")
+
+
+_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _kept_everything(e: EvalResult, fb: FallbackReport) -> Collapse:

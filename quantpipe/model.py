@@ -124,9 +124,10 @@ def read_model_spec(
         producer=f"{inferred.producer_name} {inferred.producer_version}".strip(),
         inputs=tuple(tensor_info(v) for v in inferred.graph.input if v.name not in init_names),
         outputs=tuple(tensor_info(v) for v in inferred.graph.output),
-        op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        op_counts=_by_count(ops),
         num_parameters=_parameter_count(inferred.graph),
         size_bytes=model_size_bytes(path),
+        subgraph_op_counts=_by_count(_subgraph_ops(inferred.graph)),
     )
     return spec, inferred
 
@@ -171,6 +172,19 @@ def _check_override(t: TensorInfo, shape: list[int | str]) -> None:
 
 def _shape_text(shape: tuple[int | str | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _by_count(ops: collections.Counter[str]) -> dict[str, int]:
+    return dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _subgraph_ops(graph: onnx.GraphProto) -> collections.Counter[str]:
+    """The op types of the nodes inside `graph`'s subgraphs (If branches, Loop and Scan bodies), nested ones too."""
+    ops: collections.Counter[str] = collections.Counter()
+    for sub in (g for n in graph.node for g in node_subgraphs(n)):
+        ops.update(n.op_type for n in sub.node)
+        ops.update(_subgraph_ops(sub))
+    return ops
 
 
 def _parameter_count(graph: onnx.GraphProto) -> int:
