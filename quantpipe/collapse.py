@@ -144,9 +144,21 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
                    else len(results.sensitivity) or None)
     budget = max(1, math.ceil(0.1 * quantizable)) if quantizable else None
     lines = ["build:", "  fallback:", f"    metric: {metric}", f"    min: {FALLBACK_BUDGETS[metric]:g}"]
-    if budget is not None:
+    kept = len(fb.steps) if fb is not None and not fb.met else 0
+    if budget is not None and quantizable and budget <= kept:
+        # The fallback already kept that many and missed: pasting the same cap again loops (a 2-layer front end,
+        # "max_layers: 1" pasted twice; found probing).
+        budget = min(quantizable - 1, 2 * kept)
+        if budget > kept:
+            lines.append(f"    max_layers: {budget}   # the last run kept {kept} of the {quantizable} quantized "
+                         f"layers and missed")
+    elif budget is not None:
         lines.append(f"    max_layers: {budget}   # 10% of the {quantizable} quantized layers")
     yaml = "\n".join(lines)
+    if kept and quantizable and (budget is None or budget <= kept):
+        return (f"the accuracy fallback kept {kept} of this model's {quantizable} quantized layers in float and missed "
+                f"its budget ({fb.metric} {fb.target:g}); keeping more leaves too little in INT8 to be worth it. "  # type: ignore[union-attr]
+                f"Ship FP16 (or FP32) for this model, or loosen the budget.", "")
     if fb is not None:
         held = e.metrics.get(fb.metric)
         here = held is not None and (float(held) <= fb.target if fb.lower_is_better else float(held) >= fb.target)

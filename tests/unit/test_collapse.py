@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import yaml
 from rich.console import Console
 
@@ -285,3 +286,26 @@ def test_the_verdict_cuts_a_converters_joined_node_names(tmp_path: Path) -> None
     sens = (dataclasses.replace(results.sensitivity[0], node="x" * 200), *results.sensitivity[1:])
     (c,) = find_collapse(dataclasses.replace(results, sensitivity=sens), CollapseConfig())
     assert "x" * 29 + "…" + "x" * 29 + " (" in c.cause and "x" * 30 not in c.cause
+
+
+@pytest.mark.parametrize(("quantizable", "kept", "pasted"), [(59, 6, "max_layers: 12   # the last run kept 6 of the 59"),
+                                                             (59, 2, "max_layers: 6   # 10% of the 59"),
+                                                             (2, 1, None)])
+def test_a_missed_budget_never_pastes_the_cap_it_already_ran_with(tmp_path: Path, quantizable: int, kept: int,
+                                                                  pasted: str | None) -> None:
+    # A 2-layer front end: the fallback kept 1 and missed, and the verdict pasted "max_layers: 1" again (found probing).
+    from quantpipe.artifacts import FallbackReport, FallbackStep
+
+    results = synthetic_results(tmp_path)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": 8.0}) if e.variant == "ort-int8" else e
+                  for e in results.evaluations)
+    steps = tuple(FallbackStep(node=f"n{i}", op_type="Conv", kept_in="fp32", metric_before=0.5, metric_after=0.6)
+                  for i in range(kept))
+    fb = FallbackReport(metric="cosine", target=0.999, initial=0.5, final=0.6, met=False, num_quantizable=quantizable,
+                        steps=steps, chosen_on="calibration", chosen_samples=48)
+    (c,) = find_collapse(dataclasses.replace(results, evaluations=evals, fallback=fb), CollapseConfig())
+    if pasted is None:
+        assert c.fix_yaml == "" and c.fix.startswith("the accuracy fallback kept 1 of this model's 2 quantized layers")
+        assert "Ship FP16 (or FP32) for this model" in c.fix
+    else:
+        assert pasted in c.fix_yaml
