@@ -73,18 +73,46 @@ def _problems(e: EvalResult, sqnr_db: float, agreement: float, word: str) -> lis
         v = e.metrics.get(m)
         if v is not None and float(v) < agreement:
             out.append(f"{m} {float(v):.3f} ({word} below {agreement:g})")
-    worst = worst_db(e.other_outputs)
-    if worst is not None and worst[1] < sqnr_db:
-        # A model's other heads break unjudged: a pose model's flags flipped on 15 of 120 samples (found probing).
-        out.append(f"output '{_short(worst[0])}', which the run does not judge (model.output is another), at "
-                   f"{worst[1]:.2f} dB against FP32 ({word} below {sqnr_db:g} dB): judge it with model.output, "
-                   f"or gate {OTHER_KEY}; an output nobody reads can be left out of the model's outputs")
+    return out
+
+
+def _others_below(e: EvalResult, sqnr_db: float, agreement: float) -> list[str]:
+    """The outputs the run does not judge that are below the collapse limits, worst first (three named): a model's
+    other heads break unjudged (a pose model's presence flag at 2.3 dB flipped on 15 of 120 samples; found probing).
+    Only the collapse limits: the user chose the output to judge, and a token output's padded positions read a
+    sentence encoder's hidden states 8 dB below its real tokens (found probing)."""
+    low = []
     for name, found in e.other_outputs.items():
+        v = found.get("centered_sqnr_db")
+        against = "FP32's variation over the samples" if v is not None else "FP32"
+        v = found.get("sqnr_db") if v is None else v
+        if v is None and found.get("max_abs_error", 0.0) != 0.0:
+            v = -math.inf  # a reference of zeros
+        if v is not None and v < sqnr_db:
+            low.append((float(v), f"output '{_short(name)}', which the run does not judge (model.output is another), "
+                                  f"at {float(v):.2f} dB against {against} (collapse below {sqnr_db:g} dB)"))
         same = found.get("identical")
         if same is not None and same < agreement:
-            out.append(f"output '{_short(name)}', which the run does not judge, reads as FP32's on {same:.3f} of the "
-                       f"samples ({word} below {agreement:g})")
+            low.append((-math.inf, f"output '{_short(name)}', which the run does not judge, reads as FP32's on "
+                                   f"{same:.3f} of the samples (collapse below {agreement:g})"))
+    low.sort(key=lambda t: t[0])
+    out = [text for _, text in low[:_WORST_SHOWN]]
+    if len(low) > _WORST_SHOWN:
+        out.append(f"and {len(low) - _WORST_SHOWN} more of the model's outputs below the collapse limits (results.json: "
+                   f"other_outputs)")
     return out
+
+
+def _judge_other(e: EvalResult) -> tuple[str, str, str]:
+    """Cause, fix and YAML where only outputs the run does not judge collapsed: the sensitivity and the fallback
+    measure model.output alone, so neither their worst layers nor a fallback budget speak to them (found probing)."""
+    worst = worst_db(e.other_outputs)
+    name = worst[0] if worst is not None else next(iter(e.other_outputs), "")
+    cause = ("the layers that compute an output the run does not judge: the per-layer sensitivity and the accuracy "
+             "fallback measure model.output alone (layers that do not reach it are not ranked), so neither sees it.")
+    fix = (f"judge it: set model.output to '{_short(name)}' and the sensitivity ranks its layers and the fallback can "
+           f"hold it; or gate {OTHER_KEY}. If nothing reads that output, leave it out of the model's outputs:")
+    return cause, fix, f"model:\n  output: {name}" if name else ""
 
 
 #: A layer's name in the verdict is cut to about this many characters (the sensitivity table has it whole).
@@ -302,13 +330,19 @@ def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse
             found.append(_unmeasured(results, e, variant))
             continue
         severity, problems = "collapsed", _problems(e, limits.min_sqnr_db, limits.min_agreement, "collapse")
+        judged = bool(problems) or bool(_problems(e, limits.warn_sqnr_db, limits.warn_agreement, "degraded"))
+        others = _others_below(e, limits.min_sqnr_db, limits.min_agreement)
         if not problems:
-            severity, problems = "degraded", _problems(e, limits.warn_sqnr_db, limits.warn_agreement,
-                                                       "degraded")
+            severity = "collapsed" if others else "degraded"
+            problems = _problems(e, limits.warn_sqnr_db, limits.warn_agreement, "degraded")
+        problems += others
         if problems:
             problems += _own_metrics_held(results, e.variant)
-            fix, yaml = _fix(results, e)
-            found.append(Collapse(variant=e.variant, problems=tuple(problems),
-                                  cause=_cause(results.sensitivity, bool(variant.quantize_detail("equalized_depthwise"))),
-                                  fix=fix, fix_yaml=yaml, severity=severity))
+            if judged:
+                fix, yaml = _fix(results, e)
+                cause = _cause(results.sensitivity, bool(variant.quantize_detail("equalized_depthwise")))
+            else:
+                cause, fix, yaml = _judge_other(e)
+            found.append(Collapse(variant=e.variant, problems=tuple(problems), cause=cause, fix=fix, fix_yaml=yaml,
+                                  severity=severity))
     return tuple(found)

@@ -392,13 +392,14 @@ def evaluate_variant(
     output_axis: int = 0,
     valid: np.ndarray | None = None,
     reference_others: OtherArrays | None = None,
+    other_positions: np.ndarray | None = None,
 ) -> tuple[EvalResult, VariantOutputs]:
     """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference).
 
     `outputs`: the variant's outputs on `dataset` computed elsewhere (`sharded_outputs`); the runner then only
     measures latency. `max_seconds`: each batch size's latency budget (`measure_latency`). `valid`: the positions
     that count (evaluate.valid_mask). `reference_others`: the reference's other outputs (`other_outputs`), which
-    this variant's are compared with.
+    this variant's are compared with, at `other_positions` [N, T] where they are [N, T, ...] (`other_outputs`).
     """
     classify = task.task == "classification"
     if outputs is None:
@@ -419,7 +420,7 @@ def evaluate_variant(
     if (reference is not None and out.dtype.kind == "f" and out.shape == reference.shape
             and np.array_equal(out, reference)):
         values = {**values, IDENTICAL_KEY: 1.0}  # whatever metrics were asked for: `collapse` says it
-    others = compare_others(outputs.others, reference_others) if reference_others is not None else {}
+    others = compare_others(outputs.others, reference_others, other_positions) if reference_others is not None else {}
     worst = worst_db(others)
     if worst is not None or all_identical(others):
         values = {**values, OTHER_KEY: M.finite_or_none(worst[1]) if worst is not None else None}

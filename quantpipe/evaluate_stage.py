@@ -48,7 +48,7 @@ def stage_evaluate(
         run_outputs,
         warn_about_reference,
     )
-    from quantpipe.other_outputs import OtherArrays, OtherCollector, log_others
+    from quantpipe.other_outputs import OtherArrays, OtherCollector, log_others, positions_of
     from quantpipe.taskmetrics import TaskSpec
 
     ev = cfg.evaluate
@@ -66,6 +66,7 @@ def stage_evaluate(
     threads = cfg.build.backends.onnxruntime.threads
     outputs = _sharded_outputs(cfg, li, order, progress, executor)
     valid = task.valid_of(b.feeds for b in li.eval.batches(cfg.data.batch_size)) if task.valid_mask else None
+    positions = valid if valid is not None else positions_of(li.eval, cfg.data.batch_size)
     for v in order:
         n_lat = len(lat.batch_sizes) if lat.enabled else 0
         if v.name not in outputs and n_lat and accuracy_threads(threads) != threads and v.device == "cpu":
@@ -86,7 +87,7 @@ def stage_evaluate(
                 max_seconds=lat.max_seconds,
                 on_batch=advance, task=task, hooks=hooks if v.name != ref_name else (),  # the ref's: below, vs itself
                 outputs=outputs.get(v.name), output_axis=cfg.model.output_batch_axis, valid=valid,
-                reference_others=ref_others,
+                reference_others=ref_others, other_positions=positions,
             )
         if v.name == ref_name:
             reference = out = outs.judged

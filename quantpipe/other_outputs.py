@@ -21,7 +21,7 @@ import numpy as np
 
 from quantpipe.metrics import centered_sqnr_db, finite_or_none, sqnr_db
 
-__all__ = ["MAX_MB", "OTHER_KEY", "OtherArrays", "OtherCollector", "compare_others", "all_identical", "log_others", "worst_db"]
+__all__ = ["MASK_INPUT", "MAX_MB", "OTHER_KEY", "OtherArrays", "OtherCollector", "compare_others", "all_identical", "log_others", "positions_of", "worst_db"]
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,32 @@ class OtherCollector:
         return OtherArrays(arrays, dict(sorted(skipped.items())))
 
 
-def compare_others(out: OtherArrays, ref: OtherArrays) -> dict[str, dict[str, float | None]]:
+MASK_INPUT = "attention_mask"
+"""The input whose nonzero positions [N, T] mark the positions of other outputs [N, T, ...] that count, where
+evaluate.valid_mask is not set (a transformer export's padding)."""
+
+
+def positions_of(dataset: Any, batch_size: int) -> np.ndarray | None:
+    """The evaluation data's MASK_INPUT as bool [N, T], batches joined; None where it has none (`compare_others`)."""
+    if not any(t.name == MASK_INPUT for t in dataset.inputs):
+        return None
+    masks = [np.asarray(b.feeds[MASK_INPUT]) != 0 for b in dataset.batches(batch_size)]
+    return np.concatenate(masks) if masks and all(m.ndim == 2 for m in masks) else None
+
+
+def compare_others(out: OtherArrays, ref: OtherArrays, positions: np.ndarray | None = None,
+                   ) -> dict[str, dict[str, float | None]]:
     """Each output both sides hold, against the reference's: `sqnr_db` and `centered_sqnr_db` for numbers (None
     where identical or where the reference does not vary), `identical` (fraction of samples read the same) for
-    integers and booleans."""
+    integers and booleans. An output [N, T, ...] is read at the `positions` [N, T] that count alone (a sentence
+    encoder's token output read 11.8 dB over its padding and 19.9 dB over its real tokens; found probing)."""
     found: dict[str, dict[str, float | None]] = {}
     for name, r in ref.arrays.items():
         o = out.arrays.get(name)
         if o is None or o.shape != r.shape:
             continue
+        if positions is not None and r.shape[:2] == positions.shape and r.dtype.kind == "f":
+            o, r = o[positions], r[positions]
         if r.dtype.kind == "f":
             o32, r32 = o.astype(np.float32), r.astype(np.float32)
             found[name] = {"sqnr_db": finite_or_none(sqnr_db(o32, r32)),

@@ -115,12 +115,43 @@ def test_the_verdict_names_an_unjudged_output_that_collapsed(tmp_path: Path) -> 
     base = find_collapse(_with_others(tmp_path, {}), CollapseConfig())
     assert not any("does not judge" in p for c in base for p in c.problems)
     results = _with_others(tmp_path, {"flags": {"sqnr_db": 30.0, "centered_sqnr_db": 4.5, "max_abs_error": 0.9},
+                                      "state": {"sqnr_db": 8.0, "centered_sqnr_db": None, "max_abs_error": 0.2},
                                       "cls": {"identical": 0.3}})
     (c,) = [c for c in find_collapse(results, CollapseConfig()) if c.variant == "ort-int8"]
     assert c.severity == "collapsed"
-    assert any(p.startswith("output 'flags', which the run does not judge (model.output is another), at 4.50 dB")
-               and "collapse below 10 dB" in p and oo.OTHER_KEY in p for p in c.problems)
-    assert any(p.startswith("output 'cls', which the run does not judge, reads as FP32's on 0.300") for p in c.problems)
+    assert c.problems[:3] == (
+        "output 'cls', which the run does not judge, reads as FP32's on 0.300 of the samples (collapse below 0.5)",
+        "output 'flags', which the run does not judge (model.output is another), at 4.50 dB against FP32's "
+        "variation over the samples (collapse below 10 dB)",
+        "output 'state', which the run does not judge (model.output is another), at 8.00 dB against FP32 (collapse "
+        "below 10 dB)")
+    # the judged output is healthy: the cause and the fix speak to the other outputs, not to model.output's layers
+    assert "measure model.output alone" in c.cause and c.fix.startswith("judge it: set model.output to 'flags'")
+    assert c.fix_yaml == "model:\n  output: flags"
+
+
+def test_unjudged_outputs_are_held_to_the_collapse_limits_alone(tmp_path: Path) -> None:
+    # A sentence encoder's token output read 11.8 dB (its padded positions 6.8, its real tokens 19.9) while the
+    # judged sentence embedding held 21.2 dB: only a collapse of an output the user did not choose is said.
+    quiet = _with_others(tmp_path, {"last_hidden_state": {"sqnr_db": 12.7, "centered_sqnr_db": 11.8,
+                                                          "max_abs_error": 5.4}})
+    assert not [c for c in find_collapse(quiet, CollapseConfig()) if c.variant == "ort-int8"]
+
+
+def test_a_collapsed_head_keeps_the_judged_outputs_own_finding_and_names_three(tmp_path: Path) -> None:
+    # A pose model: the flag at 2.3 dB made the verdict COLLAPSED and the landmarks' own 16.1 dB went unsaid; three
+    # more heads under 10 dB were in results.json alone (found probing).
+    heads = {f"head{i}": {"sqnr_db": 9.0, "centered_sqnr_db": float(i), "max_abs_error": 1.0} for i in range(5)}
+    results = _with_others(tmp_path, heads)
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, "sqnr_db": 16.1}) if e.variant == "ort-int8" else e
+                  for e in results.evaluations)
+    (c,) = [c for c in find_collapse(dataclasses.replace(results, evaluations=evals), CollapseConfig())
+            if c.variant == "ort-int8"]
+    assert c.severity == "collapsed"
+    assert c.problems[0] == "output SQNR 16.10 dB against FP32 (degraded below 20 dB)"
+    assert [p.split("'")[1] for p in c.problems[1:4]] == ["head0", "head1", "head2"]
+    assert c.problems[4].startswith("and 2 more of the model's outputs below the collapse limits")
+    assert "build:" in c.fix_yaml  # the judged output's own fix
 
 
 def _gate(results: object, **bound: float) -> RuleOutcome:
@@ -243,3 +274,24 @@ def test_a_state_fed_back_is_said_to_be_measured_open_loop(tmp_path: Path, caplo
         assert warn_if_fed_back(spec)
     assert "input 'state' and output 'stateN' look like a state the deployed model feeds back" in caplog.text
     assert "open loop" in caplog.text and "other_outputs_sqnr_db" in caplog.text
+
+
+def test_a_token_output_is_read_at_the_positions_its_attention_mask_marks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    mask = np.ones((6, 5), bool)
+    mask[:, 3:] = False  # two padded positions per sample
+    ref = rng.standard_normal((6, 5, 4))
+    out = ref + 0.01 * rng.standard_normal(ref.shape)
+    out[~mask] += 5.0  # padding nobody reads, far off
+    found = oo.compare_others(oo.OtherArrays({"tokens": out}), oo.OtherArrays({"tokens": ref}), mask)
+    assert found["tokens"]["sqnr_db"] == pytest.approx(M.sqnr_db(out[mask], ref[mask]), rel=1e-5)
+    assert found["tokens"]["sqnr_db"] > 30 > oo.compare_others(oo.OtherArrays({"tokens": out}),
+                                                               oo.OtherArrays({"tokens": ref}))["tokens"]["sqnr_db"]
+    from quantpipe.artifacts import TensorInfo
+    from quantpipe.data import open_dataset
+
+    np.savez(tmp_path / "e.npz", input_ids=np.ones((6, 5), np.int64), attention_mask=mask.astype(np.int64))
+    infos = [TensorInfo("input_ids", "int64", ("N", 5)), TensorInfo("attention_mask", "int64", ("N", 5))]
+    ds = open_dataset(tmp_path / "e.npz", infos, role="evaluation")
+    np.testing.assert_array_equal(oo.positions_of(ds, 4), mask)
+    assert oo.positions_of(open_dataset(tmp_path / "e.npz", infos[:1], role="evaluation"), 4) is None
