@@ -147,16 +147,31 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return _gate_exit(results)
 
 
-def _standalone_dataset(model: Path, data: Path, max_samples: int | None) -> tuple[Any, Any]:
+def _batch_axes(given: Sequence[str], spec: Any) -> dict[str, int]:
+    """--batch-axis NAME=AXIS options as {input: axis}; ConfigError (exit 2) for one that names no input or no axis."""
+    axes = {}
+    names = [t.name for t in spec.inputs]
+    for item in given:
+        name, _, axis = item.rpartition("=")
+        if name not in names or not axis.isdigit():
+            raise ConfigError(f"--batch-axis {item}: expected NAME=AXIS with NAME one of the model's inputs "
+                              f"({', '.join(names)}) and AXIS a number (state=1 for an RNN state [layers, N, hidden]).")
+        axes[name] = int(axis)
+    return axes
+
+
+def _standalone_dataset(model: Path, data: Path, max_samples: int | None,
+                        batch_axis: Sequence[str] = ()) -> tuple[Any, Any]:
     from quantpipe.data import open_dataset
     from quantpipe.inputs import check_first_run
     from quantpipe.model import load_model_spec
 
     spec, _ = load_model_spec(model)
-    ds = open_dataset(data, spec.inputs, max_samples=max_samples, role="calibration")
-    inputs = check_first_run(model, spec, spec.inputs, ds)
+    axes = _batch_axes(batch_axis, spec)
+    ds = open_dataset(data, spec.inputs, max_samples=max_samples, role="calibration", batch_axes=axes)
+    inputs = check_first_run(model, spec, spec.inputs, ds, axes)
     if inputs != spec.inputs:
-        ds = open_dataset(data, inputs, max_samples=max_samples, role="calibration")
+        ds = open_dataset(data, inputs, max_samples=max_samples, role="calibration", batch_axes=axes)
     return spec, ds
 
 
@@ -169,7 +184,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from quantpipe.execution import make_executor
     from quantpipe.workspace import advance_to
 
-    spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
+    spec, ds = _standalone_dataset(args.model, args.data, args.max_samples, args.batch_axis)
     progress = RichProgress(not args.quiet)
     methods = args.method or ["entropy"]
     executor = make_executor(_execution(args), gpu=args.device == "cuda")
@@ -221,7 +236,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           "or --from-cache C for the scales of a TensorRT calibration cache).")
     from quantpipe.execution import make_executor
 
-    spec, ds = _standalone_dataset(args.model, args.data, args.max_samples)
+    spec, ds = _standalone_dataset(args.model, args.data, args.max_samples, args.batch_axis)
     executor = make_executor(_execution(args), gpu=args.device == "cuda")
     with contextlib.closing(executor):
         amax, options = _quantize_amax(args, spec.path, ds, options, executor)
@@ -241,7 +256,7 @@ def _quantize_from_cache(args: argparse.Namespace, options: Any) -> int:
     from quantpipe.migrate import migrate_cache
     from quantpipe.model import load_model_spec
 
-    spec, ds = (_standalone_dataset(args.model, args.data, args.max_samples) if args.data is not None
+    spec, ds = (_standalone_dataset(args.model, args.data, args.max_samples, args.batch_axis) if args.data is not None
                 else (load_model_spec(args.model)[0], None))
     method = None if args.method == "auto" else args.method
     with RichProgress(not args.quiet).task("calibrating the tensors the cache lacks" if ds is not None else
@@ -382,6 +397,9 @@ def _add_data_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--percentile", type=float, default=cal["percentile"].default)
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=cal["device"].default)
     sp.add_argument("--max-samples", type=int)
+    sp.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS",
+                    help="an input whose samples are stacked on another axis (an RNN state [layers, N, hidden]: "
+                         "state=1); repeatable (model.inputs.<name>.batch_axis in pipeline.yaml)")
 
 
 def _add_calibrate(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -367,7 +367,8 @@ def open_dataset(
     if len(set(counts.values())) > 1:
         raise DataError(f"{where}: inputs hold different numbers of samples {counts}. Every input array needs one row per "
                         f"sample; an input whose samples are stacked on another axis (an RNN state [layers, N, hidden]) "
-                        f"needs that axis in pipeline.yaml: model.inputs.<name>.batch_axis.")
+                        f"needs that axis in pipeline.yaml: model.inputs.<name>.batch_axis (`quantpipe quantize` / `calibrate` "
+                        f"without one: --batch-axis NAME=AXIS).")
     n = next(iter(counts.values())) if counts else 0
     if n == 0:
         raise DataError(f"{where} holds no samples. Calibration and evaluation need at least one.")

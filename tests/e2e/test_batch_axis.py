@@ -57,3 +57,20 @@ def test_a_state_batched_on_axis_1_runs(tmp_path: Path) -> None:
     assert ev["ort-int8"]["metrics"]["sqnr_db"] > 15
     # latency at batch 32 fed the state [2, 32, 4]: any other layout fails onnxruntime's shape check
     assert [lat["batch_size"] for lat in ev["ort-int8"]["latency"]] == [1, 32]
+
+
+def test_quantize_takes_the_states_axis_from_the_command_line(tmp_path: Path, capsys) -> None:
+    # `quantpipe quantize` reads no pipeline.yaml, and its error pointed there (found probing a VAD model).
+    _stateful_model(tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((48, 3)).astype(np.float32),
+             state=rng.standard_normal((2, 48, 4)).astype(np.float32))
+    base = ["quantize", "--model", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "calib.npz"), "--method", "best",
+            "-q", "--out"]
+    assert main([*base, str(tmp_path / "a.onnx")]) == 2
+    assert "--batch-axis NAME=AXIS" in " ".join(capsys.readouterr().err.split())
+    assert main([*base, str(tmp_path / "a.onnx"), "--batch-axis", "stat=1"]) == 2
+    assert "expected NAME=AXIS with NAME one of the model's inputs (x, state)" in " ".join(capsys.readouterr().err.split())
+    assert main([*base, str(tmp_path / "b.onnx"), "--batch-axis", "state=1"]) == 0
+    q = onnx.load(tmp_path / "b.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) >= 2
