@@ -113,7 +113,7 @@ def _fmt(metric: str, v: float | None) -> str:
     if metric in ("cosine", "map_iou", "map_iou_min", "box_agreement", "pixel_agreement", "miou", "detection_agreement",
                   "rank_correlation"):
         return f"{v:.4f}"
-    if metric in ("sqnr_db", "centered_sqnr_db"):
+    if metric.endswith("sqnr_db"):  # sqnr_db, centered_sqnr_db, other_outputs_sqnr_db
         return f"{v:.1f}dB"
     return f"{v:.4g}"
 
@@ -139,9 +139,12 @@ def print_summary(results: Any) -> None:
         cols = {**{m: h for m, h in cols.items() if m in measured and m != "sqnr_db"},
                 **{m: h for m, h in task_cols.items() if m in measured}, "sqnr_db": "SQNR"}
     from quantpipe.gate import hook_metrics
+    from quantpipe.other_outputs import OTHER_KEY
 
     own = [m for m in hook_metrics(results) if m in measured]  # what evaluate.metrics hooks returned
     cols.update({m: m for m in own})
+    if OTHER_KEY in measured:
+        cols[OTHER_KEY] = "others"  # the lowest SQNR of the outputs besides model.output
     table.add_column("variant", no_wrap=True)
     table.add_column("dev", no_wrap=True)
     for head in cols.values():

@@ -295,3 +295,13 @@ def test_a_token_output_is_read_at_the_positions_its_attention_mask_marks(tmp_pa
     ds = open_dataset(tmp_path / "e.npz", infos, role="evaluation")
     np.testing.assert_array_equal(oo.positions_of(ds, 4), mask)
     assert oo.positions_of(open_dataset(tmp_path / "e.npz", infos[:1], role="evaluation"), 4) is None
+
+
+def test_the_terminal_table_shows_the_worst_other_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from quantpipe.console import print_summary
+
+    print_summary(_with_others(tmp_path, {}))
+    assert "others" not in capsys.readouterr().out
+    print_summary(_with_others(tmp_path, {"flags": {"sqnr_db": 30.0, "centered_sqnr_db": 14.25, "max_abs_error": 0.2}}))
+    out = capsys.readouterr().out
+    assert "others" in out and "14.2dB" in out
