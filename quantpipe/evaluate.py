@@ -393,6 +393,7 @@ def evaluate_variant(
     valid: np.ndarray | None = None,
     reference_others: OtherArrays | None = None,
     other_positions: np.ndarray | None = None,
+    other_axes: Mapping[str, int] | None = None,
 ) -> tuple[EvalResult, VariantOutputs]:
     """Accuracy and latency of one opened runner. Returns the result and its outputs (for the reference).
 
@@ -403,7 +404,7 @@ def evaluate_variant(
     """
     classify = task.task == "classification"
     if outputs is None:
-        collector = OtherCollector(output, output_axis)
+        collector = OtherCollector(output, output_axis, other_axes)
         out = run_outputs(runner, dataset, output, batch_size, on_batch, classify=classify, output_axis=output_axis,
                           others=collector)
         outputs = VariantOutputs(out, collector.result())
@@ -505,11 +506,12 @@ class OutputsJob:
     batch_size: int
     threads: int | None
     output_axis: int = 0
+    other_axes: Mapping[str, int] | None = None
 
 
 def outputs_job(job: OutputsJob) -> VariantOutputs:
     """Run in a worker: the variant's outputs on its shard, batched exactly as one process batches them."""
-    collector = OtherCollector(job.output, job.output_axis)
+    collector = OtherCollector(job.output, job.output_axis, job.other_axes)
     with open_runner(job.variant, job.threads) as runner:
         out = run_outputs(runner, job.dataset, job.output, job.batch_size, classify=False, output_axis=job.output_axis,
                           others=collector)
@@ -532,6 +534,7 @@ def sharded_outputs(
     on_samples: Callable[[int], None] | None = None,
     shards: int | None = None,
     output_axis: int = 0,
+    other_axes: Mapping[str, int] | None = None,
 ) -> dict[str, VariantOutputs]:
     """variant name -> its outputs on every sample of `dataset`, computed as variants x shards on the workers
     and concatenated in order: the same arrays as `run_outputs` in one process (the shards hold whole batches).
@@ -541,7 +544,8 @@ def sharded_outputs(
     """
     bounds = shard_bounds(dataset.batch_bounds(batch_size), shards or executor.workers)
     shard_sets = [dataset.subset(lo, hi) for lo, hi in bounds]
-    jobs = [OutputsJob(v, shard, output, batch_size, threads, output_axis) for v in variants for shard in shard_sets]
+    jobs = [OutputsJob(v, shard, output, batch_size, threads, output_axis, other_axes)
+            for v in variants for shard in shard_sets]
     log.info("evaluate: %d variant(s) x %d shard(s) on %d %s worker(s)", len(variants), len(shard_sets),
              executor.workers, executor.engine)
     results = executor.map(outputs_job, jobs,

@@ -18,13 +18,13 @@ import numpy as np
 from quantpipe.artifacts import EvalResult, Variant
 from quantpipe.config import PipelineConfig, variant_name
 from quantpipe.execution import Executor
-from quantpipe.inputs import LoadedInputs
+from quantpipe.inputs import LoadedInputs, state_pairs
 from quantpipe.workspace import Progress
 
 if TYPE_CHECKING:
     from quantpipe.evaluate import VariantOutputs
 
-__all__ = ["stage_evaluate"]
+__all__ = ["other_axes", "stage_evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,14 @@ def stage_evaluate(
     outputs = _sharded_outputs(cfg, li, order, progress, executor)
     valid = task.valid_of(b.feeds for b in li.eval.batches(cfg.data.batch_size)) if task.valid_mask else None
     positions = valid if valid is not None else positions_of(li.eval, cfg.data.batch_size)
+    axes = other_axes(li)
     for v in order:
         n_lat = len(lat.batch_sizes) if lat.enabled else 0
         if v.name not in outputs and n_lat and accuracy_threads(threads) != threads and v.device == "cpu":
             # The scored outputs on one fixed thread count (evaluate.accuracy_threads), latency on `threads`.
             with progress.task(f"evaluating {v.name}", li.eval.num_samples) as advance, \
                     open_runner(v, accuracy_threads(threads)) as runner:
-                collector = OtherCollector(li.output, cfg.model.output_batch_axis)
+                collector = OtherCollector(li.output, cfg.model.output_batch_axis, axes)
                 outputs[v.name] = VariantOutputs(run_outputs(
                     runner, li.eval, li.output, cfg.data.batch_size, advance, classify=task.task == "classification",
                     output_axis=cfg.model.output_batch_axis, others=collector), collector.result())
@@ -87,7 +88,7 @@ def stage_evaluate(
                 max_seconds=lat.max_seconds,
                 on_batch=advance, task=task, hooks=hooks if v.name != ref_name else (),  # the ref's: below, vs itself
                 outputs=outputs.get(v.name), output_axis=cfg.model.output_batch_axis, valid=valid,
-                reference_others=ref_others, other_positions=positions,
+                reference_others=ref_others, other_positions=positions, other_axes=axes,
             )
         if v.name == ref_name:
             reference = out = outs.judged
@@ -126,4 +127,10 @@ def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Varia
                        total) as advance:
         return sharded_outputs(executor, chosen, li.eval, output=li.output, batch_size=cfg.data.batch_size,
                                threads=accuracy_threads(cfg.build.backends.onnxruntime.threads),
-                               on_samples=advance, shards=shards, output_axis=cfg.model.output_batch_axis)
+                               on_samples=advance, shards=shards, output_axis=cfg.model.output_batch_axis,
+                               other_axes=other_axes(li))
+
+
+def other_axes(li: LoadedInputs) -> dict[str, int]:
+    """The batch axis of each output paired with a state input (`inputs.state_pairs`): that input's."""
+    return {o: li.eval.batch_axes.get(i, 0) for i, o in state_pairs(li.spec)}

@@ -87,10 +87,12 @@ def _batch_axis(shape: tuple[int, ...], size: int, preferred: int) -> int | None
 
 
 class OtherCollector:
-    """Collects, batch by batch, every output but `judged` (run_outputs' `others`)."""
+    """Collects, batch by batch, every output but `judged` (run_outputs' `others`). `axes`: outputs whose batch axis
+    is known (a state output's, from the input it pairs with: `inputs.state_pairs`); the others' is guessed
+    (`_batch_axis`: with a batch of 2, a state [2, N, 128] would be cut on its layer axis)."""
 
-    def __init__(self, judged: str, preferred_axis: int = 0) -> None:
-        self.judged, self.axis = judged, preferred_axis
+    def __init__(self, judged: str, preferred_axis: int = 0, axes: Mapping[str, int] | None = None) -> None:
+        self.judged, self.axis, self.axes = judged, preferred_axis, dict(axes or {})
         self.chunks: dict[str, list[np.ndarray]] = {}
         self.skipped: dict[str, str] = {}
         self.bytes: dict[str, int] = {}
@@ -103,7 +105,9 @@ class OtherCollector:
             if arr is None or arr.dtype.kind not in "fiub":
                 self.skipped[name] = _NOT_TENSOR
                 continue
-            ax = _batch_axis(arr.shape, batch_size, self.axis)
+            known = self.axes.get(name)
+            ax = known if known is not None and arr.ndim > known and arr.shape[known] == batch_size else \
+                _batch_axis(arr.shape, batch_size, self.axis)
             if ax is None:
                 self.skipped[name] = _NO_BATCH
                 continue

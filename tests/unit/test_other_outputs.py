@@ -305,3 +305,34 @@ def test_the_terminal_table_shows_the_worst_other_output(tmp_path: Path, capsys:
     print_summary(_with_others(tmp_path, {"flags": {"sqnr_db": 30.0, "centered_sqnr_db": 14.25, "max_abs_error": 0.2}}))
     out = capsys.readouterr().out
     assert "others" in out and "14.2dB" in out
+
+
+def test_a_state_outputs_batch_axis_comes_from_its_input_not_a_guess() -> None:
+    # With a batch of 2, a state [2, N, 128] has two axes of the batch's size: the guess takes the first, the layers.
+    rng = np.random.default_rng(4)
+    batches = [{"y": np.zeros((2, 1)), "stateN": rng.standard_normal((2, 2, 3))} for _ in range(3)]
+    guessed, known = oo.OtherCollector("y"), oo.OtherCollector("y", axes={"stateN": 1})
+    for b in batches:
+        guessed.add(b, 2)
+        known.add(b, 2)
+    want = np.concatenate([np.moveaxis(b["stateN"], 1, 0) for b in batches])
+    np.testing.assert_array_equal(known.result().arrays["stateN"], want)
+    assert not np.array_equal(guessed.result().arrays["stateN"], want)
+
+
+def test_the_evaluate_stage_pairs_a_state_output_with_its_inputs_axis(tmp_path: Path) -> None:
+    from quantpipe.config import parse_config
+    from quantpipe.evaluate_stage import other_axes
+    from quantpipe.inputs import load_inputs
+    from tests.e2e.test_batch_axis import _stateful_model
+
+    _stateful_model(tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((8, 3)).astype(np.float32),
+                 state=rng.standard_normal((2, 8, 4)).astype(np.float32))
+    cfg = parse_config({"version": 1, "name": "s", "model": {"path": "m.onnx", "output": "y",
+                                                              "inputs": {"state": {"batch_axis": 1}}},
+                        "data": {"calibration": {"path": "calib.npz"}, "evaluation": {"path": "eval.npz"}}},
+                       base_dir=tmp_path)
+    assert other_axes(load_inputs(cfg)) == {"state_out": 1}
