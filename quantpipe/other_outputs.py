@@ -6,7 +6,7 @@ judge: the pose model's flags flipped on 15 of 120 samples while its landmarks w
 Every other output with a batch axis is therefore kept from the evaluation pass that computes the judged one (no
 second pass) and compared with the reference's: SQNR against FP32 and against FP32's variation over the samples for
 numbers, the fraction of samples read identically for integers and booleans. `other_outputs_sqnr_db`, the lowest,
-is a gate metric; the collapse verdict reads it with its SQNR limits.
+is a gate metric; the collapse verdict names each one below its collapse limits (`collapse`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 
 from quantpipe.metrics import centered_sqnr_db, finite_or_none, sqnr_db
 
-__all__ = ["MASK_INPUT", "MAX_MB", "OTHER_KEY", "OtherArrays", "OtherCollector", "compare_others", "all_identical", "log_others", "positions_of", "worst_db"]
+__all__ = ["MASK_INPUT", "MAX_MB", "OTHER_KEY", "OtherArrays", "OtherCollector", "all_identical", "compare_others",
+           "log_others", "positions_of", "worst_db"]
 
 log = logging.getLogger(__name__)
 
