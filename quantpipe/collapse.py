@@ -83,6 +83,10 @@ def _others_below(e: EvalResult, sqnr_db: float, agreement: float) -> list[str]:
     sentence encoder's hidden states 8 dB below its real tokens (found probing)."""
     low = []
     for name, found in e.other_outputs.items():
+        if found.get("nonfinite"):
+            low.append((-math.inf, f"output '{_short(name)}', which the run does not judge, holds "
+                                   f"{int(found['nonfinite'] or 0)} NaN or Inf value(s) where FP32's holds numbers"))
+            continue
         v = found.get("centered_sqnr_db")
         against = "FP32's variation over the samples" if v is not None else "FP32"
         v = found.get("sqnr_db") if v is None else v

@@ -27,6 +27,7 @@ from quantpipe.other_outputs import (
     OtherCollector,
     all_identical,
     compare_others,
+    warn_nonfinite,
     worst_db,
 )
 from quantpipe.taskmetrics import CLASSIFICATION, TaskSpec, run_hooks, task_metrics
@@ -422,6 +423,7 @@ def evaluate_variant(
             and np.array_equal(out, reference)):
         values = {**values, IDENTICAL_KEY: 1.0}  # whatever metrics were asked for: `collapse` says it
     others = compare_others(outputs.others, reference_others, other_positions) if reference_others is not None else {}
+    warn_nonfinite(runner.name, others)
     worst = worst_db(others)
     if worst is not None or all_identical(others):
         values = {**values, OTHER_KEY: M.finite_or_none(worst[1]) if worst is not None else None}

@@ -22,7 +22,7 @@ import numpy as np
 from quantpipe.metrics import centered_sqnr_db, finite_or_none, sqnr_db
 
 __all__ = ["MASK_INPUT", "MAX_MB", "OTHER_KEY", "OtherArrays", "OtherCollector", "all_identical", "compare_others",
-           "log_others", "positions_of", "worst_db"]
+           "log_others", "positions_of", "warn_nonfinite", "worst_db"]
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,8 @@ def positions_of(dataset: Any, batch_size: int) -> np.ndarray | None:
 def compare_others(out: OtherArrays, ref: OtherArrays, positions: np.ndarray | None = None,
                    ) -> dict[str, dict[str, float | None]]:
     """Each output both sides hold, against the reference's: `sqnr_db` and `centered_sqnr_db` for numbers (None
-    where identical or where the reference does not vary), `identical` (fraction of samples read the same) for
-    integers and booleans. An output [N, T, ...] is read at the `positions` [N, T] that count alone (a sentence
+    where identical or where the reference does not vary; `nonfinite`, the count, where the output holds NaN or Inf),
+    `identical` (fraction of samples read the same) for integers and booleans. An output [N, T, ...] is read at the `positions` [N, T] that count alone (a sentence
     encoder's token output read 11.8 dB over its padding and 19.9 dB over its real tokens; found probing)."""
     found: dict[str, dict[str, float | None]] = {}
     for name, r in ref.arrays.items():
@@ -160,9 +160,13 @@ def compare_others(out: OtherArrays, ref: OtherArrays, positions: np.ndarray | N
             o, r = o[positions], r[positions]
         if r.dtype.kind == "f":
             o32, r32 = o.astype(np.float32), r.astype(np.float32)
+            bad = int(o32.size - np.count_nonzero(np.isfinite(o32)))
+            if bad:  # an FP16 overflow: no SQNR to read, and the verdict reads it as none
+                found[name] = {"sqnr_db": None, "centered_sqnr_db": None, "max_abs_error": None, "nonfinite": bad}
+                continue
             found[name] = {"sqnr_db": finite_or_none(sqnr_db(o32, r32)),
                            "centered_sqnr_db": finite_or_none(centered_sqnr_db(o32, r32)),
-                           "max_abs_error": float(np.max(np.abs(o32 - r32))) if r.size else 0.0}
+                           "max_abs_error": finite_or_none(float(np.max(np.abs(o32 - r32))) if r.size else 0.0)}
         else:
             same = np.all((o == r).reshape(len(r), -1), axis=1) if len(r) else np.ones(0, bool)
             found[name] = {"identical": float(same.mean()) if len(same) else 1.0}
@@ -176,6 +180,8 @@ def worst_db(found: Mapping[str, Mapping[str, float | None]]) -> tuple[str, floa
     worst: tuple[str, float] | None = None
     for name, m in found.items():
         err = m.get("max_abs_error")
+        if m.get("nonfinite"):
+            err = math.inf  # NaN or Inf where FP32 has numbers: nothing below it
         if err is None or err == 0.0:
             continue
         v = m.get("centered_sqnr_db")
@@ -190,6 +196,15 @@ def all_identical(found: Mapping[str, Mapping[str, float | None]]) -> bool:
     """Whether every numeric other output equals FP32's (its SQNR is +inf, recorded as null)."""
     errs = [m["max_abs_error"] for m in found.values() if "max_abs_error" in m]
     return bool(errs) and all(e == 0.0 for e in errs)
+
+
+def warn_nonfinite(variant: str, found: Mapping[str, Mapping[str, float | None]]) -> None:
+    """Warn of other outputs that hold NaN or Inf where FP32's hold numbers (`compare_others`' `nonfinite`)."""
+    for name, m in found.items():
+        if m.get("nonfinite"):
+            log.warning("%s: output '%s' (besides model.output) holds %d NaN or Inf value(s) where FP32's holds numbers "
+                        "(an FP16 model: a value beyond 65504 overflows; the build's warnings name those it found).",
+                        variant, name, int(m["nonfinite"] or 0))
 
 
 def log_others(ref: OtherArrays, judged: str) -> None:

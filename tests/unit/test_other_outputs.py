@@ -336,3 +336,21 @@ def test_the_evaluate_stage_pairs_a_state_output_with_its_inputs_axis(tmp_path: 
                         "data": {"calibration": {"path": "calib.npz"}, "evaluation": {"path": "eval.npz"}}},
                        base_dir=tmp_path)
     assert other_axes(load_inputs(cfg)) == {"state_out": 1}
+
+
+def test_an_other_output_with_nan_is_said_and_never_reads_as_identical(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    ref = oo.OtherArrays({"heat": np.ones((4, 3), np.float32)})
+    out = np.ones((4, 3), np.float32)
+    out[1, 2] = np.nan
+    found = oo.compare_others(oo.OtherArrays({"heat": out}), ref)
+    assert found["heat"]["nonfinite"] == 1 and found["heat"]["max_abs_error"] is None
+    json.dumps(found, allow_nan=False)  # results.json holds no NaN
+    assert oo.worst_db(found) == ("heat", -math.inf) and not oo.all_identical(found)
+    with caplog.at_level(logging.WARNING):
+        oo.warn_nonfinite("ort-fp16", found)
+    assert "ort-fp16: output 'heat' (besides model.output) holds 1 NaN or Inf value(s)" in caplog.text
+    (c,) = [c for c in find_collapse(_with_others(tmp_path, found), CollapseConfig()) if c.variant == "ort-int8"]
+    assert "output 'heat', which the run does not judge, holds 1 NaN or Inf value(s)" in c.problems[0]
