@@ -21,7 +21,7 @@ from quantpipe.artifacts import (
 )
 from quantpipe.evalconfig import CollapseConfig
 from quantpipe.gate import hook_metrics
-from quantpipe.onnxgraph import RECURRENT_OPS
+from quantpipe.onnxgraph import RECURRENT_OPS, short_name
 from quantpipe.other_outputs import OTHER_KEY, worst_db
 
 __all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "SUBGRAPH_OPS", "TASK_JUDGED", "find_collapse"]
@@ -84,7 +84,7 @@ def _others_below(e: EvalResult, sqnr_db: float, agreement: float) -> list[str]:
     low = []
     for name, found in e.other_outputs.items():
         if found.get("nonfinite"):
-            low.append((-math.inf, f"output '{_short(name)}', which the run does not judge, holds "
+            low.append((-math.inf, f"output '{short_name(name)}', which the run does not judge, holds "
                                    f"{int(found['nonfinite'] or 0)} NaN or Inf value(s) where FP32's holds numbers"))
             continue
         v = found.get("centered_sqnr_db")
@@ -93,11 +93,11 @@ def _others_below(e: EvalResult, sqnr_db: float, agreement: float) -> list[str]:
         if v is None and found.get("max_abs_error", 0.0) != 0.0:
             v = -math.inf  # a reference of zeros
         if v is not None and v < sqnr_db:
-            low.append((float(v), f"output '{_short(name)}', which the run does not judge (model.output is another), "
+            low.append((float(v), f"output '{short_name(name)}', which the run does not judge (model.output is another), "
                                   f"at {float(v):.2f} dB against {against} (collapse below {sqnr_db:g} dB)"))
         same = found.get("identical")
         if same is not None and same < agreement:
-            low.append((-math.inf, f"output '{_short(name)}', which the run does not judge, reads as FP32's on "
+            low.append((-math.inf, f"output '{short_name(name)}', which the run does not judge, reads as FP32's on "
                                    f"{same:.3f} of the samples (collapse below {agreement:g})"))
     low.sort(key=lambda t: t[0])
     out = [text for _, text in low[:_WORST_SHOWN]]
@@ -114,24 +114,9 @@ def _judge_other(e: EvalResult) -> tuple[str, str, str]:
     name = worst[0] if worst is not None else next(iter(e.other_outputs), "")
     cause = ("the layers that compute an output the run does not judge: the per-layer sensitivity and the accuracy "
              "fallback measure model.output alone (layers that do not reach it are not ranked), so neither sees it.")
-    fix = (f"judge it: set model.output to '{_short(name)}' and the sensitivity ranks its layers and the fallback can "
+    fix = (f"judge it: set model.output to '{short_name(name)}' and the sensitivity ranks its layers and the fallback can "
            f"hold it; or gate {OTHER_KEY}. If nothing reads that output, leave it out of the model's outputs:")
     return cause, fix, f"model:\n  output: {name}" if name else ""
-
-
-#: A layer's name in the verdict is cut to about this many characters (the sensitivity table has it whole).
-_NAME_CHARS = 60
-
-
-def _short(name: str) -> str:
-    """A node name as the verdict says it: converters join every fused op's name with ';' (tf2onnx), which filled six
-    lines of a verdict for three layers (found probing); the first of them, and the middle of one too long, are cut."""
-    first, sep, _ = name.partition(";")
-    cut = first + ("…" if sep else "")
-    if len(cut) > _NAME_CHARS:
-        half = (_NAME_CHARS - 1) // 2
-        cut = cut[:half] + "…" + cut[-half:]
-    return cut
 
 
 def _cause(sens: Sequence[LayerSensitivity], equalized: bool = False) -> str:
@@ -141,12 +126,12 @@ def _cause(sens: Sequence[LayerSensitivity], equalized: bool = False) -> str:
     shown = []
     for r in sens[:_WORST_SHOWN]:
         if r.output_metric is not None:
-            shown.append(f"{_short(r.node)} ({r.op_type}; {r.metric_name} {r.output_metric:.4g} when quantized alone)")
+            shown.append(f"{short_name(r.node)} ({r.op_type}; {r.metric_name} {r.output_metric:.4g} when quantized alone)")
         else:
             sq = f"{r.sqnr_db:.1f} dB" if r.sqnr_db is not None else "n/a"
-            shown.append(f"{_short(r.node)} ({r.op_type}; output SQNR {sq})")
+            shown.append(f"{short_name(r.node)} ({r.op_type}; output SQNR {sq})")
     said = "the most sensitive layers (per-layer sensitivity, worst first): " + "; ".join(shown) + "."
-    depthwise = [_short(r.node) for r in sens[:_WORST_SHOWN] if r.depthwise]
+    depthwise = [short_name(r.node) for r in sens[:_WORST_SHOWN] if r.depthwise]
     # it fired for any Conv (found probing a detector whose worst layers were dense 3x3 Convs), and where the build
     # had equalized them already (SLANet, found probing)
     if depthwise and not equalized:

@@ -33,7 +33,7 @@ from quantpipe.config import FALLBACK_METRICS, FallbackMetric
 from quantpipe.data import sample_count
 from quantpipe.errors import ConfigError
 from quantpipe.execution import Executor
-from quantpipe.onnxgraph import linear_front_end, reaching, save_onnx
+from quantpipe.onnxgraph import linear_front_end, reaching, save_onnx, short_name
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
 from quantpipe.quantize.types import QuantizeReport
@@ -190,10 +190,11 @@ def _greedy(search: _Search, remaining: list[str], ops: Mapping[str, str], *, li
         if len(unit) > 1:
             search.unit_of.update(dict.fromkeys(unit, len(search.keep)))
             log.info("fallback: no single layer meets the budget; keeping the linear front end in float (%d layers: "
-                     "%s) -> %s = %.6g", len(unit), ", ".join(unit[:3]) + (", ..." if len(unit) > 3 else ""),
+                     "%s) -> %s = %.6g", len(unit), ", ".join(map(short_name, unit[:3])) + (", ..." if len(unit) > 3 else ""),
                      search.metric, best.value)
         else:
-            log.info("fallback: keeping %s (%s) in float -> %s = %.6g", choice, ops[choice], search.metric, best.value)
+            log.info("fallback: keeping %s (%s) in float -> %s = %.6g", short_name(choice), ops[choice], search.metric,
+                     best.value)
         if on_step is not None:
             on_step(unit[0] if len(unit) == 1 else f"the linear front end ({len(unit)} layers)", best.value)
     if search.met(search.current):

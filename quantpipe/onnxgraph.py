@@ -37,7 +37,8 @@ __all__ = [
     "drop_unused_initializers",
     "expose_outputs", "linear_front_end", "load_onnx", "model_sha256", "model_size_bytes", "name_nodes", "named_copy",
     "node_subgraphs",
-    "opset_of", "reaching", "save_onnx", "subgraph_references", "tensor_outputs", "topological_order",
+    "NAME_CHARS", "opset_of", "reaching", "save_onnx", "short_name", "subgraph_references", "tensor_outputs",
+    "topological_order",
     "weights_as_inputs",
 ]
 
@@ -557,3 +558,19 @@ def tensor_outputs(model: Any) -> list[str]:
     """The graph outputs that are tensors, in order: what the searches compare with FP32 (a sequence or map output,
     skl2onnx's ZipMap probabilities, is not a tensor; onnxruntime returns it as Python lists of dicts)."""
     return [o.name for o in model.graph.output if not o.type.HasField("sequence_type") and not o.type.HasField("map_type")]
+
+
+NAME_CHARS = 60
+"""A node's name in the verdict and the log is cut to about this many characters (the sensitivity table has it whole)."""
+
+
+def short_name(name: str) -> str:
+    """A node name as the verdict and the log say it: converters join every fused op's name with ';' (tf2onnx), which
+    filled six lines of a verdict for three layers (found probing); the first of them, and the middle of one too long,
+    are cut."""
+    first, sep, _ = name.partition(";")
+    cut = first + ("…" if sep else "")
+    if len(cut) > NAME_CHARS:
+        half = (NAME_CHARS - 1) // 2
+        cut = cut[:half] + "…" + cut[-half:]
+    return cut

@@ -31,7 +31,7 @@ from quantpipe.errors import EvaluationError, WorkerError
 from quantpipe.evalconfig import SensitivityMetric
 from quantpipe.execution import Executor, Stashed, plan_shards, share_threads, unstash
 from quantpipe.metrics import SquaredSums, finite_or_none, sqnr_from_sums
-from quantpipe.onnxgraph import depthwise_convs, expose_outputs, load_onnx, reaching
+from quantpipe.onnxgraph import depthwise_convs, expose_outputs, load_onnx, reaching, short_name
 from quantpipe.ortsession import ort_session
 from quantpipe.quantize.build import build_qdq_model
 from quantpipe.quantize.options import QuantizeOptions
@@ -146,7 +146,7 @@ def _on_path(ctx: Reference, nodes: Sequence[Any]) -> set[str]:
     off = [q.name for q in nodes if q.name not in on_path]
     if off:
         log.info("sensitivity: %d quantized layer(s) do not reach model.output '%s' (e.g. %s): not measured one at a "
-                 "time", len(off), ctx.output, off[0])
+                 "time", len(off), ctx.output, short_name(off[0]))
     return on_path
 
 

@@ -70,3 +70,14 @@ def test_weights_listed_as_inputs_are_read_as_weights(tmp_path) -> None:
     assert weights_as_inputs(loaded) == []  # nothing left to drop
     kept = load_onnx(tmp_path / "m.onnx", weights_listed=True)
     assert [i.name for i in kept.graph.input] == ["x", "w"] and weights_as_inputs(kept) == ["w"]
+
+
+def test_a_converters_joined_node_name_is_cut_for_the_log_and_the_verdict() -> None:
+    from quantpipe.onnxgraph import NAME_CHARS, short_name
+
+    joined = "model/conv2d_5/Conv2D;model/batch_normalization_5/FusedBatchNormV3;model/conv2d_5/BiasAdd"
+    assert short_name(joined) == "model/conv2d_5/Conv2D…"
+    long = "a" * 40 + "/" + "b" * 40
+    cut = short_name(long)
+    assert len(cut) <= NAME_CHARS and cut.startswith("a" * 29) and cut.endswith("b" * 29) and "…" in cut
+    assert short_name("fc1") == "fc1"
