@@ -613,3 +613,9 @@ def test_an_int8_variant_slower_on_this_cpu_is_said_to_be_built_for_tensorrt(tmp
     assert "on a CPU like this one, FP32 is the faster file" in said
     fast = write_report(tmp_path / "fast", synthetic_results(None, int8_speed=2.0))["md"].read_text()
     assert "the faster file" not in fast
+
+
+def test_the_highlights_say_the_size_is_the_files(tmp_path: Path) -> None:
+    # "ort-int8: detection agreement 0.0922, 3.2x smaller" read as the agreement being smaller (found probing).
+    md = write_report(tmp_path, synthetic_results(None))["md"].read_text()
+    assert "its file " in md and "x smaller" in md and ", 2.7x smaller" not in md
