@@ -309,6 +309,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
+    from quantpipe.collapse import SUBGRAPH_OPS
     from quantpipe.model import read_model_spec
     from quantpipe.modelinfo import PRECISIONS, describe_precision, precision_lines
     from quantpipe.onnxgraph import RECURRENT_OPS
@@ -337,8 +338,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out.print(ops)
     inside = [(op, n) for op, n in spec.subgraph_op_counts.items() if op not in ("Constant", "Identity")]
     if inside:
-        holders = ", ".join(f"{n} {op}" for op, n in spec.op_counts.items() if op in ("If", "Loop", "Scan"))
-        inside.sort(key=lambda kv: kv[0] not in ("Conv", "ConvTranspose", "Gemm", "MatMul", *RECURRENT_OPS))
+        from quantpipe.quantize.placement import QUANTIZABLE_OPS  # only here: the quantize package is heavy to import
+
+        holders = ", ".join(f"{n} {op}" for op, n in spec.op_counts.items() if op in SUBGRAPH_OPS)
+        inside.sort(key=lambda kv: kv[0] not in QUANTIZABLE_OPS and kv[0] not in RECURRENT_OPS)
         out.print(escape(f"inside the subgraphs of {holders or 'its nodes'} (every branch and body; not in the table "
                          f"above, and left in float by quantpipe): " + ", ".join(f"{op} {n}" for op, n in inside[:12])
                          + (", ..." if len(inside) > 12 else "")))

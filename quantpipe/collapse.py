@@ -22,7 +22,7 @@ from quantpipe.artifacts import (
 from quantpipe.evalconfig import CollapseConfig
 from quantpipe.gate import hook_metrics
 from quantpipe.onnxgraph import RECURRENT_OPS, short_name
-from quantpipe.other_outputs import OTHER_KEY, worst_db
+from quantpipe.other_outputs import OTHER_KEY, output_db, worst_db
 
 __all__ = ["AGREEMENT_METRICS", "FALLBACK_BUDGETS", "RECURRENT_OPS", "SUBGRAPH_OPS", "TASK_JUDGED", "find_collapse"]
 
@@ -87,14 +87,10 @@ def _others_below(e: EvalResult, sqnr_db: float, agreement: float) -> list[str]:
             low.append((-math.inf, f"output '{short_name(name)}', which the run does not judge, holds "
                                    f"{int(found['nonfinite'] or 0)} NaN or Inf value(s) where FP32's holds numbers"))
             continue
-        v = found.get("centered_sqnr_db")
-        against = "FP32's variation over the samples" if v is not None else "FP32"
-        v = found.get("sqnr_db") if v is None else v
-        if v is None and found.get("max_abs_error", 0.0) != 0.0:
-            v = -math.inf  # a reference of zeros
-        if v is not None and v < sqnr_db:
-            low.append((float(v), f"output '{short_name(name)}', which the run does not judge (model.output is another), "
-                                  f"at {float(v):.2f} dB against {against} (collapse below {sqnr_db:g} dB)"))
+        db = output_db(found)
+        if db is not None and db[0] < sqnr_db:
+            low.append((db[0], f"output '{short_name(name)}', which the run does not judge (model.output is another), "
+                               f"at {db[0]:.2f} dB against {db[1]} (collapse below {sqnr_db:g} dB)"))
         same = found.get("identical")
         if same is not None and same < agreement:
             low.append((-math.inf, f"output '{short_name(name)}', which the run does not judge, reads as FP32's on "
@@ -237,7 +233,10 @@ def _nothing_quantized(results: RunResults, held: str) -> str:
     """Why no layer was quantized: none of the ops quantpipe quantizes, or those there sit inside subgraphs (silero
     VAD's 6 Conv and its LSTM inside an If on the sample rate: "no Conv ... it quantizes" named no cause; found
     probing)."""
-    inside = {op: n for op, n in results.model.subgraph_op_counts.items() if op in _COMPUTE_OPS + RECURRENT_OPS}
+    from quantpipe.quantize.placement import QUANTIZABLE_OPS  # here: the quantize package is heavy to import
+
+    inside = {op: n for op, n in results.model.subgraph_op_counts.items()
+              if op in QUANTIZABLE_OPS or op in RECURRENT_OPS}
     if not inside:
         return f"nothing in this model was quantized (no Conv / ConvTranspose / Gemm / MatMul it quantizes{held})."
     holders = ", ".join(f"{n} {op}" for op, n in results.model.op_counts.items() if op in SUBGRAPH_OPS)
@@ -246,8 +245,6 @@ def _nothing_quantized(results: RunResults, held: str) -> str:
             f"branch the model takes is fixed (an If on a sample rate or a mode you always set), put that branch's "
             f"nodes in the main graph and run again.")
 
-
-_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _kept_everything(e: EvalResult, fb: FallbackReport) -> Collapse:

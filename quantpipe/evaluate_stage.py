@@ -64,10 +64,10 @@ def stage_evaluate(
         log.warning("no %s variant: agreement metrics need the FP32 reference; enable onnxruntime fp32", ref_name)
     order = sorted(ran, key=lambda v: v.name != ref_name)
     threads = cfg.build.backends.onnxruntime.threads
-    outputs = _sharded_outputs(cfg, li, order, progress, executor)
-    valid = task.valid_of(b.feeds for b in li.eval.batches(cfg.data.batch_size)) if task.valid_mask else None
-    positions = valid if valid is not None else positions_of(li.eval, cfg.data.batch_size)
     axes = other_axes(li)
+    outputs = _sharded_outputs(cfg, li, order, progress, executor, axes)
+    valid = task.valid_of(b.feeds for b in li.eval.batches(cfg.data.batch_size)) if task.valid_mask else None
+    positions: np.ndarray | None = None
     for v in order:
         n_lat = len(lat.batch_sizes) if lat.enabled else 0
         if v.name not in outputs and n_lat and accuracy_threads(threads) != threads and v.device == "cpu":
@@ -95,6 +95,8 @@ def stage_evaluate(
             ref_others = outs.others
             warn_about_reference(out, li.output, task, cfg.gate.rules, li.eval.labels, valid)
             log_others(ref_others, li.output)
+            if ref_others.arrays:  # the positions that count, read only where there are other outputs to compare
+                positions = valid if valid is not None else positions_of(li.eval, cfg.data.batch_size)
             ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in LABELLED and val is not None}
             # The reference against itself: exact agreement by definition, recomputed for honesty.
             from quantpipe.evaluate import accuracy_metrics
@@ -109,7 +111,7 @@ def stage_evaluate(
 
 
 def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Variant], progress: Progress,
-                     executor: Executor | None) -> dict[str, VariantOutputs]:
+                     executor: Executor | None, axes: dict[str, int]) -> dict[str, VariantOutputs]:
     """The outputs of the variants the executor's workers can run, as variants x shards (empty: one worker)."""
     from quantpipe.evaluate import accuracy_threads, shardable, sharded_outputs
     from quantpipe.execution import model_mb, plan_shards
@@ -128,7 +130,7 @@ def _sharded_outputs(cfg: PipelineConfig, li: LoadedInputs, variants: list[Varia
         return sharded_outputs(executor, chosen, li.eval, output=li.output, batch_size=cfg.data.batch_size,
                                threads=accuracy_threads(cfg.build.backends.onnxruntime.threads),
                                on_samples=advance, shards=shards, output_axis=cfg.model.output_batch_axis,
-                               other_axes=other_axes(li))
+                               other_axes=axes)
 
 
 def other_axes(li: LoadedInputs) -> dict[str, int]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from quantpipe.metrics import centered_sqnr_db, finite_or_none, sqnr_db
 
-__all__ = ["MASK_INPUT", "MAX_MB", "OTHER_KEY", "OtherArrays", "OtherCollector", "all_identical", "compare_others",
+__all__ = ["MASK_INPUT", "MAX_MB", "OTHER_KEY", "OtherArrays", "OtherCollector", "all_identical", "compare_others", "output_db",
            "log_others", "positions_of", "warn_nonfinite", "worst_db"]
 
 log = logging.getLogger(__name__)
@@ -51,32 +51,37 @@ class OtherArrays:
         skipped: dict[str, str] = {}
         for p in parts:
             skipped.update(p.skipped)
-        names = [n for n in (parts[0].arrays if parts else {}) if n not in skipped]
-        arrays: dict[str, np.ndarray] = {}
-        for n in names:
-            chunks = [p.arrays.get(n) for p in parts]
-            if any(c is None for c in chunks):
-                skipped[n] = _NO_BATCH
+        chunks: dict[str, list[np.ndarray]] = {}
+        for n in (parts[0].arrays if parts else {}):
+            if n in skipped:
                 continue
-            try:
-                arrays[n] = np.concatenate(chunks, axis=0)  # type: ignore[arg-type]
-            except ValueError:
-                skipped[n] = _VARIES
-        arrays, skipped = _capped(arrays, skipped)
-        return OtherArrays(arrays, dict(sorted(skipped.items())))
+            if any(n not in p.arrays for p in parts):
+                skipped[n] = _NO_BATCH
+            else:
+                chunks[n] = [p.arrays[n] for p in parts]
+        return _joined(chunks, skipped)
 
 
-def _capped(arrays: dict[str, np.ndarray], skipped: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """`arrays` in order, each kept while those kept stay within MAX_MB together; the others go to `skipped`. A
-    function of the whole arrays alone, so one pass and joined shards leave out the same outputs."""
-    kept, total = {}, 0
-    for n, a in arrays.items():
+def _joined(chunks: Mapping[str, Sequence[np.ndarray]], skipped: dict[str, str]) -> OtherArrays:
+    """Each output's chunks joined on the samples axis (one whose shape varies goes to `skipped`), then kept in order
+    while those kept stay within MAX_MB together: a function of the whole arrays alone, so one pass and joined shards
+    leave out the same outputs."""
+    kept: dict[str, np.ndarray] = {}
+    total = 0
+    for name, parts in chunks.items():
+        if name in skipped:
+            continue
+        try:
+            a = np.concatenate(parts, axis=0)
+        except ValueError:
+            skipped[name] = _VARIES
+            continue
         if total + a.nbytes > MAX_MB * 2**20:
-            skipped[n] = _TOO_LARGE
+            skipped[name] = _TOO_LARGE
         else:
-            kept[n] = a
+            kept[name] = a
             total += a.nbytes
-    return kept, skipped
+    return OtherArrays(kept, dict(sorted(skipped.items())))
 
 
 def _batch_axis(shape: tuple[int, ...], size: int, preferred: int) -> int | None:
@@ -113,23 +118,14 @@ class OtherCollector:
                 self.skipped[name] = _NO_BATCH
                 continue
             self.bytes[name] = self.bytes.get(name, 0) + arr.nbytes
-            if self.bytes[name] > MAX_MB * 2**20:  # over the limit alone: `_capped` would leave it out anyway
+            if self.bytes[name] > MAX_MB * 2**20:  # over the limit alone: `_joined` would leave it out anyway
                 self.skipped[name] = _TOO_LARGE
                 self.chunks.pop(name, None)
                 continue
             self.chunks.setdefault(name, []).append(np.ascontiguousarray(np.moveaxis(arr, ax, 0)) if ax else arr)
 
     def result(self) -> OtherArrays:
-        arrays, skipped = {}, dict(self.skipped)
-        for name, chunks in self.chunks.items():
-            if name in skipped:
-                continue
-            try:
-                arrays[name] = np.concatenate(chunks, axis=0)
-            except ValueError:
-                skipped[name] = _VARIES
-        arrays, skipped = _capped(arrays, skipped)
-        return OtherArrays(arrays, dict(sorted(skipped.items())))
+        return _joined(self.chunks, dict(self.skipped))
 
 
 MASK_INPUT = "attention_mask"
@@ -173,23 +169,32 @@ def compare_others(out: OtherArrays, ref: OtherArrays, positions: np.ndarray | N
     return found
 
 
+def output_db(m: Mapping[str, float | None]) -> tuple[float, str] | None:
+    """One numeric other output's SQNR as the gate and the verdict read it, and what it is against: FP32's variation
+    over the samples where the reference varies (a flag's logit around an offset), else FP32; -inf where either side
+    holds NaN or Inf, or where the reference is all zeros and the output is not. None where it equals FP32's, or for
+    an integer output."""
+    if m.get("nonfinite"):
+        return -math.inf, "FP32"  # NaN or Inf where FP32 has numbers: nothing below it
+    if "max_abs_error" not in m:
+        return None
+    err = m["max_abs_error"]
+    if err is None:
+        return -math.inf, "FP32"  # no finite error: FP32's own output holds NaN or Inf
+    if err == 0.0:
+        return None
+    v = m.get("centered_sqnr_db")
+    if v is not None:
+        return float(v), "FP32's variation over the samples"
+    v = m.get("sqnr_db")
+    return (-math.inf if v is None else float(v)), "FP32"
+
+
 def worst_db(found: Mapping[str, Mapping[str, float | None]]) -> tuple[str, float] | None:
-    """The numeric other output with the lowest SQNR and that SQNR: against FP32's variation over the samples where
-    the reference varies (a flag's logit around an offset), else against FP32; -inf where the reference is all zeros
-    and the output is not. None where there is no numeric one or every one equals FP32's."""
-    worst: tuple[str, float] | None = None
-    for name, m in found.items():
-        err = m.get("max_abs_error")
-        if m.get("nonfinite"):
-            err = math.inf  # NaN or Inf where FP32 has numbers: nothing below it
-        if err is None or err == 0.0:
-            continue
-        v = m.get("centered_sqnr_db")
-        v = m.get("sqnr_db") if v is None else v
-        v = -math.inf if v is None else float(v)
-        if worst is None or v < worst[1]:
-            worst = (name, v)
-    return worst
+    """The numeric other output with the lowest SQNR (`output_db`) and that SQNR; None where there is no numeric one
+    or every one equals FP32's."""
+    read = [(name, db[0]) for name, m in found.items() if (db := output_db(m)) is not None]
+    return min(read, key=lambda t: t[1]) if read else None
 
 
 def all_identical(found: Mapping[str, Mapping[str, float | None]]) -> bool:
