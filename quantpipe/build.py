@@ -251,13 +251,10 @@ def sha256_of_mapping(m: dict[str, float]) -> str:
     return h.hexdigest()
 
 
-_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
 def _int8_build_summary(rep: Any, asked: frozenset[str]) -> dict[str, Any]:
     """What the Q/DQ writer did, for the report: counts, and the names where they are few enough to read. A layer
     kept in float on request is said kept by `build.quantize.keep_float_nodes` (`asked`) or by the fallback."""
-    from quantpipe.quantize.placement import KEPT_AS_ASKED
+    from quantpipe.quantize.placement import KEPT_AS_ASKED, QUANTIZABLE_OPS
 
     def reason(f: Any) -> str:
         if f.reason != KEPT_AS_ASKED:
@@ -268,8 +265,8 @@ def _int8_build_summary(rep: Any, asked: frozenset[str]) -> dict[str, Any]:
     return {
         "quantized": len(rep.quantized_nodes), "num_quantizable": rep.num_quantizable,
         "kept_float": [{"node": f.name, "op_type": f.op_type, "reason": reason(f)} for f in rep.kept_float
-                       if f.op_type in _COMPUTE_OPS][:20],
-        "kept_float_count": sum(1 for f in rep.kept_float if f.op_type in _COMPUTE_OPS),
+                       if f.op_type in QUANTIZABLE_OPS][:20],
+        "kept_float_count": sum(1 for f in rep.kept_float if f.op_type in QUANTIZABLE_OPS),
         "per_channel": rep.per_channel, "opset_before": rep.opset_before, "opset_after": rep.opset_after,
         "shifted": len(rep.shifted_tensors), "bias_corrected": len(rep.bias_corrected),
         "smoothed": len(rep.smoothed_tensors), "gptq_rounded": len(rep.gptq_rounded), "warnings": list(rep.warnings),

@@ -148,6 +148,21 @@ def _budget_metric(e: EvalResult) -> str:
     return next(iter(missed or measured), "cosine")
 
 
+def _own_failed_rule(results: RunResults, variant: str) -> tuple[str, str, float] | None:
+    """The first gate rule on one of the user's own hook metrics that this variant failed, as (metric, 'min' or
+    'max', bound): the budget the pasted fallback holds, where no fallback ran (it pasted `cosine 0.999` beside a
+    failed rule on the user's own detector F1; found probing)."""
+    own = set(hook_metrics(results))
+    for o in results.gate.outcomes if results.gate else ():
+        parts = o.allowed.split(" ")
+        if o.variant == variant and o.metric in own and not o.passed and len(parts) == 2 and parts[0] in (">=", "<="):
+            try:
+                return o.metric, "min" if parts[0] == ">=" else "max", float(parts[1])
+            except ValueError:
+                return None
+    return None
+
+
 def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
     metric = _budget_metric(e)
     fb = results.fallback
@@ -157,6 +172,9 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
                    else len(results.sensitivity) or None)
     budget = max(1, math.ceil(0.1 * quantizable)) if quantizable else None
     lines = ["build:", "  fallback:", f"    metric: {metric}", f"    min: {FALLBACK_BUDGETS[metric]:g}"]
+    own = _own_failed_rule(results, e.variant) if fb is None else None
+    if own is not None:
+        lines[2:] = [f"    metric: {own[0]}", f"    {own[1]}: {own[2]:g}"]
     kept = len(fb.steps) if fb is not None and not fb.met else 0
     if budget is not None and quantizable and budget <= kept:
         # The fallback already kept that many and missed: pasting the same cap again loops (a 2-layer front end,
@@ -196,6 +214,14 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
                    f"layer(s) kept in float, its best step): the budget may be out of INT8's reach on this data. "
                    f"Loosen it, or let the fallback choose on data like the evaluation data (data.validation); "
                    f"max_layers caps what a budget out of reach costs:")
+    elif own is not None:
+        fix = (f"keep the most sensitive layers in float with the accuracy fallback, budgeted on your own metric "
+               f"{own[0]}, whose gate rule failed (a metric only a hook reading every output returns cannot budget "
+               f"it: the fallback says so); paste into pipeline.yaml:")
+    elif _own_metrics_held(results, e.variant):
+        fix = ("by your own metrics nothing is to mend (the gate's rules on them held); where they do not see what "
+               "the numbers above show, keep the most sensitive layers in float with the accuracy fallback, budgeted "
+               "on a measure that does; paste into pipeline.yaml:")
     else:
         fix = "keep the most sensitive layers in float with the accuracy fallback; paste into pipeline.yaml:"
     return fix, yaml

@@ -51,6 +51,14 @@ class VariantOutputs:
     judged: np.ndarray
     others: OtherArrays = dataclasses.field(default_factory=OtherArrays)
 
+    def by_name(self, output: str) -> dict[str, np.ndarray]:
+        """Every output kept, by name, model.output (`output`) first: what a hook declaring `all_outputs` is given."""
+        return _by_name(output, self.judged, self.others)
+
+
+def _by_name(output: str, judged: np.ndarray, others: OtherArrays | None) -> dict[str, np.ndarray]:
+    return {output: judged, **(others.arrays if others is not None else {})}
+
 
 def run_outputs(
     runner: Runner, dataset: Dataset, output: str, batch_size: int, on_batch: ProgressFn | None = None,
@@ -111,12 +119,15 @@ def accuracy_metrics(
     task: TaskSpec = CLASSIFICATION,
     hooks: Sequence[str] = (),
     valid: np.ndarray | None = None,
+    all_outputs: Mapping[str, np.ndarray] | None = None,
+    all_reference: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float | None]:
     """Accuracy against labels and agreement with the reference, for the metrics asked for.
 
     `ref_labelled` holds the reference's own labelled metrics (LABELLED) so drops can be
     recorded beside them. `task` says how to read a CTC or dense output; `hooks` are `module:function` metrics.
-    `valid`: the positions that count (evaluate.valid_mask, `TaskSpec.judged`); the hooks read whole outputs.
+    `valid`: the positions that count (evaluate.valid_mask, `TaskSpec.judged`); the hooks read whole outputs, and
+    those that declare it every output by name (`all_outputs`, FP32's `all_reference`; `taskmetrics.run_hooks`).
     """
     whole = (out, ref, labels)
     out, ref, labels = task.judged_all(out, ref, labels, valid)
@@ -149,7 +160,7 @@ def accuracy_metrics(
     if ref_labelled and res.get("label_mae") is not None and "label_mae" in ref_labelled:
         res["label_mae_increase"] = float(res["label_mae"]) - ref_labelled["label_mae"]  # type: ignore[arg-type]
     if hooks:
-        res.update(run_hooks(hooks, *whole))
+        res.update(run_hooks(hooks, *whole, all_outputs=all_outputs, all_reference=all_reference))
     return res
 
 
@@ -418,7 +429,9 @@ def evaluate_variant(
         log.warning("%s: %d of %d output values are NaN or Inf, so its accuracy numbers are not comparable (an FP16 "
                     "model: an activation or intermediate above 65504 overflows, or a constant under 6e-8 is 0 there; "
                     "the build's warnings name those it found).", runner.name, bad, out.size)
-    values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks, valid)
+    values = accuracy_metrics(out, reference, dataset.labels, metrics, ref_labelled, task, hooks, valid,
+                              outputs.by_name(output),
+                              None if reference is None else _by_name(output, reference, reference_others))
     if (reference is not None and out.dtype.kind == "f" and out.shape == reference.shape
             and np.array_equal(out, reference)):
         values = {**values, IDENTICAL_KEY: 1.0}  # whatever metrics were asked for: `collapse` says it

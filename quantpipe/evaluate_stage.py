@@ -42,6 +42,7 @@ def stage_evaluate(
     from quantpipe.evaluate import (
         LABELLED,
         VariantOutputs,
+        accuracy_metrics,
         accuracy_threads,
         evaluate_variant,
         open_runner,
@@ -99,9 +100,9 @@ def stage_evaluate(
                 positions = valid if valid is not None else positions_of(li.eval, cfg.data.batch_size)
             ref_labelled = {k: float(val) for k, val in res.metrics.items() if k in LABELLED and val is not None}
             # The reference against itself: exact agreement by definition, recomputed for honesty.
-            from quantpipe.evaluate import accuracy_metrics
-
-            res = dataclasses.replace(res, metrics={**res.metrics, **accuracy_metrics(out, out, li.eval.labels, wanted, ref_labelled, task, hooks, valid)})
+            res = dataclasses.replace(res, metrics={**res.metrics, **accuracy_metrics(
+                out, out, li.eval.labels, wanted, ref_labelled, task, hooks, valid, outs.by_name(li.output),
+                outs.by_name(li.output))})
         results.append(res)
     for v in variants:
         if not v.ran:

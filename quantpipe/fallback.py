@@ -363,6 +363,8 @@ def _check_arguments(metric: str, keep_in: str, dataset: Any, task: TaskSpec) ->
     if metric not in FALLBACK_METRICS and not task.hooks:
         raise ConfigError(f"fallback metric must be one of {', '.join(FALLBACK_METRICS)} or a hook's (evaluate.metrics),"
                           f" not '{metric}'.")
+    if metric not in FALLBACK_METRICS:
+        task.check_fallback_hooks(metric)  # before any work
     if keep_in not in ("fp16", "fp32"):
         raise ConfigError(f"fallback keep_in must be fp16 or fp32, not '{keep_in}'.")
     role = getattr(dataset, "role", None)

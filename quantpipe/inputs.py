@@ -345,8 +345,8 @@ def _check_detection_head(cfg: PipelineConfig, output: str, out: np.ndarray | No
                           f"anchors with {', '.join(split)}: the detector splits scores and boxes over several "
                           f"outputs (PicoDet, NanoDet, SSD), and task detection reads one raw head that holds both "
                           f"(YOLO's [N, 4 + classes, anchors]). Judge it with a hook metric that decodes it as your "
-                          f"post-processing does (hooks read model.output: join the heads in one output, a Concat "
-                          f"added to the graph), and leave evaluate.task at classification with sqnr_db / cosine.")
+                          f"post-processing does (a hook declaring the keyword all_outputs is given every output by "
+                          f"name), and leave evaluate.task at classification with sqnr_db / cosine.")
     if problem is not None:
         raise ConfigError(f"evaluate.task is detection, but model.output '{output}' (FP32, shape {list(out.shape)} on "
                           f"the first evaluation sample) does not fit evaluate.detection: {problem}. Point "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import math
 import numbers
 import os
@@ -34,7 +35,8 @@ from quantpipe.evalconfig import (
 )
 from quantpipe.fsutil import sha256_file
 
-__all__ = ["CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hook", "run_hooks", "hooks_sha256"]
+__all__ = ["ALL_OUTPUTS", "CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hook", "run_hooks",
+           "hooks_sha256", "reads_all_outputs"]
 
 SEQUENCE_VS_REF = ("line_agreement", "cer")
 SEQUENCE_VS_LABELS = ("line_accuracy", "label_cer")
@@ -92,13 +94,30 @@ class TaskSpec:
     def hook_score(self, name: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
         """The metric `name` as `hooks` return it on these outputs (whole, as evaluate gives them); ConfigError
         where none returns it or it is no finite number."""
-        got = run_hooks(self.hooks, out, ref, labels)
+        readers = [h for h in self.hooks if reads_all_outputs(h)]
+        got = run_hooks([h for h in self.hooks if h not in readers], out, ref, labels)
+        if name not in got and readers:
+            self.refuse_readers(name, readers)
         if name not in got:
             raise ConfigError(f"build.fallback.metric '{name}' was not returned by the evaluate.metrics hooks "
                               f"({', '.join(self.hooks) or 'none'}; they returned: {', '.join(sorted(got)) or 'nothing'})"
                               f"{did_you_mean(name, sorted(got))}; name a metric they return.")
         value = got[name]
         return float(value) if value is not None else math.nan
+
+    def check_fallback_hooks(self, name: str) -> None:
+        """ConfigError where every hook reads all outputs, so that none can give the fallback's metric `name` (the
+        fallback's candidates compute model.output alone): said before the search starts."""
+        if self.hooks and all(reads_all_outputs(h) for h in self.hooks):
+            self.refuse_readers(name, self.hooks)
+
+    @staticmethod
+    def refuse_readers(name: str, readers: Sequence[str]) -> None:
+        raise ConfigError(
+            f"build.fallback.metric '{name}' can only come from {', '.join(readers)}, which read(s) every output of "
+            f"the model ({ALL_OUTPUTS}), while the fallback's candidates compute model.output alone. Budget the "
+            f"fallback on a metric of a hook that reads model.output alone (join the heads in the graph, e.g. one "
+            f"Concat output, and make it model.output), or on a built-in metric such as cosine.")
 
     def valid_of(self, feeds: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray | None:
         """The positions that count over these batches' samples (`valid_mask`'s input, as bool, batches joined); None
@@ -247,7 +266,8 @@ def task_score(name: str, out: np.ndarray, ref: np.ndarray, spec: TaskSpec) -> f
     return float("nan") if value is None else float(value)
 
 
-MetricHook = Callable[[np.ndarray, "np.ndarray | None", "np.ndarray | None"], Mapping[str, float]]
+MetricHook = Callable[..., Mapping[str, float]]
+"""(outputs, reference or None, labels or None), and `all_outputs` / `all_reference` where it declares them."""
 
 
 def hooks_sha256(hooks: Sequence[str]) -> str:
@@ -279,18 +299,48 @@ def load_hook(spec: str) -> MetricHook:
     return func
 
 
-def run_hooks(hooks: Sequence[str], out: np.ndarray, ref: np.ndarray | None,
-              labels: np.ndarray | None) -> dict[str, float | None]:
-    """Call each hook with (outputs, reference outputs or None, labels or None); merge the named numbers."""
+ALL_OUTPUTS = "all_outputs"
+"""The keyword a hook declares to be given every output of the model, not only model.output (`run_hooks`)."""
+
+ALL_REFERENCE = "all_reference"
+"""The keyword a hook declares to be given FP32's every output beside them."""
+
+
+def reads_all_outputs(spec: str) -> bool:
+    """Whether the hook declares a parameter `all_outputs`: it is then given every output of the model by name."""
+    try:
+        params = inspect.signature(load_hook(spec)).parameters
+    except (TypeError, ValueError):  # a builtin or C function: no signature to read
+        return False
+    return ALL_OUTPUTS in params
+
+
+def run_hooks(hooks: Sequence[str], out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | None, *,
+              all_outputs: Mapping[str, np.ndarray] | None = None,
+              all_reference: Mapping[str, np.ndarray] | None = None) -> dict[str, float | None]:
+    """Call each hook with (outputs, reference outputs or None, labels or None); merge the named numbers. A hook
+    that declares `all_outputs` (and `all_reference`) is also given every output of the model by name, each with its
+    batch axis first (model.output's as `out`), and FP32's (None without a reference): a detector whose scores and
+    boxes are separate outputs is decoded from both."""
     res: dict[str, float | None] = {}
     for spec in hooks:
         func = load_hook(spec)
+        kwargs: dict[str, Any] = {}
+        if reads_all_outputs(spec):
+            if all_outputs is None:
+                raise ConfigError(f"evaluate.metrics hook '{spec}' reads every output ({ALL_OUTPUTS}), but only "
+                                  f"model.output was computed here.")
+            kwargs[ALL_OUTPUTS] = dict(all_outputs)
+            if ALL_REFERENCE in inspect.signature(func).parameters:
+                kwargs[ALL_REFERENCE] = None if all_reference is None else dict(all_reference)
         try:
-            got: Any = func(out, ref, labels)
+            got: Any = func(out, ref, labels, **kwargs)
         except Exception as err:
             raise EvaluationError(f"evaluate.metrics hook '{spec}' raised {type(err).__name__}: {err}. Fix the hook "
                                   f"(it is called with outputs {list(out.shape)}, the FP32 reference outputs or "
-                                  f"None, and the labels or None).") from err
+                                  f"None, and the labels or None"
+                                  + (f"; {ALL_OUTPUTS}: {', '.join(kwargs[ALL_OUTPUTS])}" if kwargs else "")
+                                  + ").") from err
         if not isinstance(got, Mapping):
             raise EvaluationError(f"evaluate.metrics hook '{spec}' returned {type(got).__name__}; it must return a "
                                   f"dict of metric name -> number, e.g. {{'coco_map': 0.41}}.")

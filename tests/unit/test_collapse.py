@@ -213,8 +213,16 @@ def test_a_verdict_says_when_the_gates_rules_on_the_users_own_metrics_held(tmp_p
         assert c.severity == "degraded"
         assert any(p.startswith("the gate's rules on your own metrics held (pitch_agree_50c 1 (>= 0.98))")
                    for p in c.problems) is said
+        # The pasted fallback: budgeted on the user's own metric where its rule failed (it pasted `cosine 0.999`
+        # beside a failed rule on a detector's F1; found probing); where it held, the fix says nothing is to mend by it.
+        pasted = yaml.safe_load(c.fix_yaml)["build"]["fallback"]
+        if said:
+            assert pasted["metric"] == "top1_agreement" and c.fix.startswith("by your own metrics nothing is to mend")
+        else:
+            assert (pasted["metric"], pasted["min"]) == ("pitch_agree_50c", 1.01) and "your own metric" in c.fix
     (c,) = find_collapse(results, CollapseConfig())  # no gate rule on it: nothing to say
     assert not any("your own metrics" in p for p in c.problems)
+    assert c.fix.startswith("keep the most sensitive layers")
 
 
 def test_not_measured_offers_only_the_float_outputs_an_int8_layer_reaches(tmp_path: Path) -> None:
