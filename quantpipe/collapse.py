@@ -163,7 +163,7 @@ def _own_failed_rule(results: RunResults, variant: str) -> tuple[str, str, float
     return None
 
 
-def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
+def _fix(results: RunResults, e: EvalResult, hooks_budget: bool = True) -> tuple[str, str]:
     metric = _budget_metric(e)
     fb = results.fallback
     if fb is not None and fb.met and metric == fb.metric:  # it held that budget and the loss is still there
@@ -172,7 +172,7 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
                    else len(results.sensitivity) or None)
     budget = max(1, math.ceil(0.1 * quantizable)) if quantizable else None
     lines = ["build:", "  fallback:", f"    metric: {metric}", f"    min: {FALLBACK_BUDGETS[metric]:g}"]
-    own = _own_failed_rule(results, e.variant) if fb is None else None
+    own = _own_failed_rule(results, e.variant) if fb is None and hooks_budget else None
     if own is not None:
         lines[2:] = [f"    metric: {own[0]}", f"    {own[1]}: {own[2]:g}"]
     kept = len(fb.steps) if fb is not None and not fb.met else 0
@@ -216,8 +216,7 @@ def _fix(results: RunResults, e: EvalResult) -> tuple[str, str]:
                    f"max_layers caps what a budget out of reach costs:")
     elif own is not None:
         fix = (f"keep the most sensitive layers in float with the accuracy fallback, budgeted on your own metric "
-               f"{own[0]}, whose gate rule failed (a metric only a hook reading every output returns cannot budget "
-               f"it: the fallback says so); paste into pipeline.yaml:")
+               f"{own[0]}, whose gate rule failed; paste into pipeline.yaml:")
     elif _own_metrics_held(results, e.variant):
         fix = ("by your own metrics nothing is to mend (the gate's rules on them held); where they do not see what "
                "the numbers above show, keep the most sensitive layers in float with the accuracy fallback, budgeted "
@@ -320,10 +319,11 @@ def _own_metrics_held(results: RunResults, variant: str) -> list[str]:
             f"output means, judge by yours and lower evaluate.collapse.warn_agreement / warn_sqnr_db"]
 
 
-def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse, ...]:
+def find_collapse(results: RunResults, limits: CollapseConfig, *, hooks_budget: bool = True) -> tuple[Collapse, ...]:
     """Every INT8 variant that ran and whose output SQNR or task agreement is below the collapse limits
     (severity 'collapsed'), or else below the warning limits ('degraded'); and every INT8 or FP16 one whose judged
-    output equals FP32's bit for bit ('unmeasured')."""
+    output equals FP32's bit for bit ('unmeasured'). `hooks_budget`: whether a metric of the user's hooks can hold
+    the fallback's budget (not where every hook reads all outputs: `taskmetrics.TaskSpec.check_fallback_hooks`)."""
     variants = {v.name: v for v in results.variants}
     int8 = {v.name for v in results.variants if v.precision == "int8" and v.skipped is None}
     fp16 = {v.name for v in results.variants if v.precision == "fp16" and v.skipped is None}
@@ -351,7 +351,7 @@ def find_collapse(results: RunResults, limits: CollapseConfig) -> tuple[Collapse
         if problems:
             problems += _own_metrics_held(results, e.variant)
             if judged:
-                fix, yaml = _fix(results, e)
+                fix, yaml = _fix(results, e, hooks_budget)
                 cause = _cause(results.sensitivity, bool(variant.quantize_detail("equalized_depthwise")))
             else:
                 cause, fix, yaml = _judge_other(e)

@@ -220,6 +220,9 @@ def test_a_verdict_says_when_the_gates_rules_on_the_users_own_metrics_held(tmp_p
             assert pasted["metric"] == "top1_agreement" and c.fix.startswith("by your own metrics nothing is to mend")
         else:
             assert (pasted["metric"], pasted["min"]) == ("pitch_agree_50c", 1.01) and "your own metric" in c.fix
+            # Not where only hooks reading every output could give it: the fallback refuses those budgets.
+            (c,) = find_collapse(dataclasses.replace(results, gate=gate), CollapseConfig(), hooks_budget=False)
+            assert yaml.safe_load(c.fix_yaml)["build"]["fallback"]["metric"] == "top1_agreement"
     (c,) = find_collapse(results, CollapseConfig())  # no gate rule on it: nothing to say
     assert not any("your own metrics" in p for p in c.problems)
     assert c.fix.startswith("keep the most sensitive layers")
