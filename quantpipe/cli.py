@@ -1,4 +1,4 @@
-"""Command line: `quantpipe run|calibrate|quantize|build|evaluate|report|gate|inspect|doctor|setup`.
+"""Command line: `quantpipe run|calibrate|quantize|build|evaluate|report|gate|inspect|prepare|doctor|setup`.
 
 The only place that configures logging, draws progress, and maps errors to exit codes:
 0 pass, 1 gate failed, 2 bad input, 3 missing dependency, 4 a stage failed, 130 interrupted (SIGINT or SIGTERM).
@@ -344,9 +344,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         inside.sort(key=lambda kv: kv[0] not in QUANTIZABLE_OPS and kv[0] not in RECURRENT_OPS)
         out.print(escape(f"inside the subgraphs of {holders or 'its nodes'} (every branch and body; not in the table "
                          f"above, and left in float by quantpipe): " + ", ".join(f"{op} {n}" for op, n in inside[:12])
-                         + (", ..." if len(inside) > 12 else "")))
+                         + (", ..." if len(inside) > 12 else "") + "; `quantpipe prepare` folds an If its fixed inputs decide"))
     for line in precision_lines(info):
         out.print(escape(line))
+    return EXIT_OK
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Bake fixed inputs in, fold the `If`s they decide, sort the nodes (`quantpipe.prepare`)."""
+    from quantpipe.prepare import parse_axes, parse_fixed, prepare_model
+
+    done = prepare_model(args.model, args.out, parse_fixed(args.fix), args.data, parse_axes(args.batch_axis),
+                         parse_fixed(args.shape))
+    for line in done.lines():
+        console().print(line, markup=False)
+    console().print(f"wrote {args.out}", markup=False)
     return EXIT_OK
 
 
@@ -502,6 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="inputs, outputs, opset, op counts and precision (FP32, FP16 or Q/DQ INT8) of an ONNX model")
     i.add_argument("model", type=Path)
     i.set_defaults(func=cmd_inspect)
+
+    pr = sub.add_parser("prepare", parents=[common], help="bake fixed inputs in and fold the If branches they decide "
+                        "(layers inside an If stay float), sort the nodes; checked against the original with --data")
+    pr.add_argument("model", type=Path)
+    pr.add_argument("out", type=Path)
+    pr.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", help="an input the deployment always "
+                    "feeds this value (e.g. sr=16000): it becomes a constant")
+    pr.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...", help="sizes of an input's free "
+                    "axes where the deployment fixes them ('?' keeps one free), so conditions on them fold")
+    pr.add_argument("--data", type=Path, help="npz data: every output compared with the original's on its first batch")
+    pr.add_argument("--batch-axis", action="append", default=[], metavar="NAME=AXIS",
+                    help="an input of --data whose samples are stacked on another axis (state=1)")
+    pr.set_defaults(func=cmd_prepare)
 
     d = sub.add_parser("doctor", parents=[common], help="what this machine can run, and how to install what is missing")
     d.set_defaults(func=cmd_doctor)

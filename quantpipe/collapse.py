@@ -267,8 +267,9 @@ def _nothing_quantized(results: RunResults, held: str) -> str:
     holders = ", ".join(f"{n} {op}" for op, n in results.model.op_counts.items() if op in SUBGRAPH_OPS)
     return (f"nothing in this model was quantized: its {', '.join(f'{n} {op}' for op, n in inside.items())} sit inside "
             f"the branches or bodies of {holders or 'its subgraph'} node(s), which quantpipe leaves in float. Where the "
-            f"branch the model takes is fixed (an If on a sample rate or a mode you always set), put that branch's "
-            f"nodes in the main graph and run again.")
+            f"branch the model takes is fixed (an If on a sample rate or a mode you always set), `quantpipe prepare "
+            f"MODEL OUT --fix NAME=VALUE` puts that branch's nodes in the main graph (checked against the model with "
+            f"--data); run again on OUT.")
 
 
 

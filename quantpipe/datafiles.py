@@ -205,9 +205,9 @@ def check_array(
     if not info.shape:
         raise DataError(
             f"{where}: model input '{name}' is a scalar (rank 0), and quantpipe feeds every input as samples stacked "
-            f"on a leading axis, so it cannot feed this one. Make the scalar part of the model: replace the input "
-            f"by an initializer holding its value (e.g. onnx.numpy_helper.from_array(np.array(v), '{name}') appended "
-            f"to graph.initializer, and the input removed from graph.input), then quantize that model.")
+            f"on a leading axis, so it cannot feed this one. Make the value your deployment feeds part of the model: "
+            f"`quantpipe prepare MODEL OUT --fix {name}=VALUE` writes it as a constant (and folds the If branches it "
+            f"decides), then quantize OUT.")
     if isinstance(arr, NpyMember):
         return _check_lazy(where, name, arr, info, check_finite=check_finite)
     if per_sample and arr.ndim == len(info.shape) - 1:

@@ -105,7 +105,9 @@ def read_model_spec(
         onnx.checker.check_model(os.fspath(path))
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model {path} fails the ONNX checker: {first}. Fix or re-export the model.") from err
+        fix = ("`quantpipe prepare MODEL OUT` writes its nodes in order (onnxruntime runs them as they are; the checker "
+               "does not)") if "topologically sorted" in first else "fix or re-export the model"
+        raise ModelError(f"model {path} fails the ONNX checker: {first}. {fix[0].upper() + fix[1:]}.") from err
     if before_inference is not None:
         before_inference(model)
     try:

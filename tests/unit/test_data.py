@@ -234,7 +234,7 @@ def test_a_scalar_model_input_is_refused_with_the_way_out(tmp_path: Path) -> Non
     inputs = (TensorInfo("x", "float32", ("n", 8)), TensorInfo("sr", "int64", ()))
     for sr in (np.full(4, 16000, np.int64), np.array(16000, np.int64)):  # stacked, or one 0-d value
         p = _npz(tmp_path / "d.npz", x=np.zeros((4, 8), np.float32), sr=sr)
-        with pytest.raises(DataError, match=r"'sr' is a scalar \(rank 0\).*replace the input by an initializer"):
+        with pytest.raises(DataError, match=r"'sr' is a scalar \(rank 0\).*quantpipe prepare MODEL OUT --fix sr=VALUE"):
             open_dataset(p, inputs)
 
 
