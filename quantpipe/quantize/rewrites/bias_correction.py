@@ -69,8 +69,16 @@ def correct_biases(m: Any, g: Graph, plan: Plan, opts: QuantizeOptions, stats: M
                 if b is None or b.ndim != 1 or b.shape[0] != shift.shape[0] or beta == 0.0:
                     continue
                 newb = b.astype(np.float64) - shift / beta
-            else:
-                newb = -shift / beta
+            else:  # no bias yet: a Gemm's beta scales only C, so one of 0 (tf2onnx's projections) becomes 1
+                newb = -shift / (beta or 1.0)
+                if not np.all(np.isfinite(newb)):
+                    continue
+                if beta == 0.0:
+                    from onnx import helper
+
+                    kept = [a for a in node.attribute if a.name != "beta"]
+                    del node.attribute[:]
+                    node.attribute.extend([*kept, helper.make_attribute("beta", 1.0)])
                 if len(node.input) == 2:
                     node.input.append("")
             node.input[2] = add_initializer(m.graph, names, f"{node.name}_bias_corrected", newb.astype(np.float32))
