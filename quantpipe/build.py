@@ -128,7 +128,8 @@ def stage_build(
         for precision in ("fp32", "fp16", "int8"):
             if precision in ort.precisions:
                 path = built[precision]
-                details = {"quantize": int8_build} if precision == "int8" and int8_build else {}
+                details = {"quantize": int8_build} if precision == "int8" and int8_build else \
+                    {"compute": _compute_nodes(path)} if precision == "fp16" else {}
                 variants.append(Variant(variant_name("onnxruntime", precision), "onnxruntime", precision, device,
                                         artifact=str(path), size_bytes=_size(path), details=details))
         _warn_if_fallback_outgrew_fp16(variants, fallback)
@@ -274,6 +275,15 @@ def _int8_build_summary(rep: Any, asked: frozenset[str]) -> dict[str, Any]:
     }
 
 
+def _compute_nodes(path: Path) -> dict[str, int]:
+    """Compute nodes per precision of a written model, as `inspect` counts them: an FP16 model equal to FP32 on the
+    CPU may still hold FP16 nodes, which onnxruntime's CPU ran in FP32 (`collapse`)."""
+    from quantpipe.model import read_model_spec
+    from quantpipe.modelinfo import describe_precision
+
+    return dict(describe_precision(read_model_spec(path)[1]).totals)
+
+
 def _warn_if_fallback_outgrew_fp16(variants: list[Variant], fallback: FallbackReport | None) -> None:
     """Warn where the layers the accuracy fallback kept in float made the INT8 file larger than the FP16 one: FP16 keeps
     every layer in float16 (a face-landmark model's fallback kept 12 layers, 73 % of its weights, and wrote 1.99 MB
@@ -361,7 +371,9 @@ def _build_ort(
     with progress.task("building ONNX Runtime variants", len(ort.precisions)) as advance:
         if "fp16" in ort.precisions:
             out = ws.models / "model.fp16.onnx"
-            write_fp16_model(li.spec.path, out, b.fp16, amax=amax)  # amax: which activations overflow FP16
+            # amax: which activations overflow FP16 (measured on the calibration data where INT8 calibrated nothing)
+            write_fp16_model(li.spec.path, out, b.fp16, amax=amax, calibration_data=li.calib,
+                             batch_size=cfg.data.batch_size)
             built["fp16"] = out
             advance(1)
         if "int8" in ort.precisions:

@@ -210,7 +210,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from quantpipe.model import load_model_spec
 
         load_model_spec(args.model)
-        fp16_rep = write_fp16_model(args.model, args.out)
+        ds = _standalone_dataset(args.model, args.data, args.max_samples, args.batch_axis)[1] if args.data else None
+        fp16_rep = write_fp16_model(args.model, args.out, calibration_data=ds, batch_size=args.batch_size)
         kept = getattr(fp16_rep, "kept_fp32", ()) or ()
         from quantpipe.model import read_model_spec
         from quantpipe.modelinfo import describe_precision
@@ -446,7 +447,8 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
                         "effect on the output, checked against each single method on the whole INT8 model; "
                         "entropy: TensorRT's scales, exactly")
     q.add_argument("--out", "-o", type=Path, required=True)
-    q.add_argument("--fp16", action="store_true", help="write the FP16 model instead (no data needed)")
+    q.add_argument("--fp16", action="store_true", help="write the FP16 model instead (with --data, activations that "
+                   "overflow FP16 stay FP32)")
     q.add_argument("--from-cache", type=Path, metavar="CACHE",
                    help="TensorRT <= 10 / trtexec / Polygraphy / TAO calibration cache (or TAO's calibration JSON): its "
                         "scales, exactly, in the "

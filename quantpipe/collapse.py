@@ -289,8 +289,20 @@ def _kept_everything(e: EvalResult, fb: FallbackReport) -> Collapse:
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 
 
-def _fp16_unmeasured(results: RunResults, e: EvalResult) -> Collapse:
-    """An FP16 variant whose judged output equals FP32's bit for bit: nothing on its path runs in FP16."""
+def _fp16_unmeasured(results: RunResults, e: EvalResult, variant: Variant) -> Collapse:
+    """An FP16 variant whose judged output equals FP32's bit for bit: nothing on its path runs in FP16, or what does
+    ran in FP32 on this backend."""
+    fp16_nodes = int(((variant.details or {}).get("compute") or {}).get("fp16", 0))
+    if fp16_nodes and variant.device == "cpu":
+        # A document unwarper's 110 FP16 nodes, called "kept in FP32 or control flow" (found probing).
+        return Collapse(
+            variant=e.variant, severity="unmeasured", precision="fp16",
+            problems=(f"its output equals FP32's bit for bit on all {e.num_samples} evaluation samples, though the "
+                      f"model holds {fp16_nodes} FP16 compute node(s): on the CPU onnxruntime has no FP16 kernel for "
+                      f"most ops (Conv among them) and runs them in FP32 between casts, so these numbers measure the "
+                      f"weights' FP16 rounding alone (none here: they were exact in FP16), not FP16 arithmetic",),
+            cause="the backend, not the model: the FP16 file is what TensorRT or CUDA runs in FP16.",
+            fix="judge FP16 on the GPU: a tensorrt fp16 variant, or onnxruntime with device: cuda.", fix_yaml="")
     held = {op: n for op, n in results.model.op_counts.items() if op in SUBGRAPH_OPS and n}
     why = ("; ".join(f"{n} {op}" for op, n in held.items()) + " node(s) in this model: the FP16 writer keeps nodes "
            "with subgraphs, and what they read, in FP32 (its warning in the build log names them)") if held else \
@@ -333,7 +345,7 @@ def find_collapse(results: RunResults, limits: CollapseConfig, *, hooks_budget: 
         if e.skipped is not None:
             continue
         if e.variant in fp16 and e.metrics.get(IDENTICAL_KEY) == 1.0:
-            found.append(_fp16_unmeasured(results, e))
+            found.append(_fp16_unmeasured(results, e, variants[e.variant]))
             continue
         if e.variant not in int8:
             continue

@@ -134,6 +134,12 @@ def _verdict(results: RunResults) -> dict[str, Any]:
 _CPU_QDQ = (" (onnxruntime runs the Q/DQ model as written, converting around each layer; the file is built for "
             "TensorRT, which fuses the pairs into INT8 kernels; on a CPU like this one, FP32 is the faster file)")
 
+#: Said of an onnxruntime FP16 variant on the CPU (a document unwarper's FP16 output equalled FP32's bit for bit: its
+#: Convs ran in FP32; found probing).
+_CPU_FP16 = ("measured on onnxruntime's CPU, which has FP16 kernels for few ops (not Conv) and runs the rest in FP32 "
+             "between casts: these numbers show the FP16 weights' rounding more than FP16 arithmetic, which a TensorRT "
+             "or CUDA variant measures")
+
 
 def _highlights(results: RunResults, variants: pd.DataFrame, latency: pd.DataFrame) -> list[str]:
     """One line per variant that ran: its accuracy cost and speed against the reference."""
@@ -168,6 +174,8 @@ def _highlights(results: RunResults, variants: pd.DataFrame, latency: pd.DataFra
             # "detection agreement 0.0922, 3.2x smaller" read as the agreement being smaller (found probing)
             parts.append(f"its file {ref_size / size:.1f}x smaller" if size < ref_size
                          else f"its file {size / ref_size:.1f}x the size")
+        if (v["precision"], v["backend"], v["device"]) == ("fp16", "onnxruntime", "cpu"):
+            parts.append(_CPU_FP16)
         if parts:
             out.append(f"{v['variant']}: " + ", ".join(parts))
     return out
