@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,23 @@ def remaining_text(done: int, total: int, elapsed: float) -> str:
     return f"about {left / 60:.0f} min left" if left >= 120 else f"about {left:.0f} s left"
 
 
+_HOOK_COLUMNS = 2
+"""The most metrics of evaluate.metrics hooks shown as columns of the variants' table (`print_summary`)."""
+
+
+def _hook_table(results: Any, metrics: Sequence[str]) -> Any:
+    """The hooks' metrics, one row each, a column per variant that ran."""
+    from rich.table import Table
+
+    ran = [e for e in results.evaluations if not e.skipped]
+    table = Table("your metrics (evaluate.metrics hooks)", title_justify="left")
+    for e in ran:
+        table.add_column(e.variant, justify="right", no_wrap=True)
+    for m in metrics:
+        table.add_row(m, *[_fmt(m, e.metrics.get(m)) for e in ran])
+    return table
+
+
 def _fmt(metric: str, v: float | None) -> str:
     if v is None:
         return "—"
@@ -142,7 +159,10 @@ def print_summary(results: Any) -> None:
     from quantpipe.other_outputs import OTHER_KEY
 
     own = [m for m in hook_metrics(results) if m in measured]  # what evaluate.metrics hooks returned
-    cols.update({m: m for m in own})
+    # More than two hooks' metrics get a table of their own, one row each: as columns their names were cut to
+    # "grid_p…", "grid_…", "unwar…" and nothing told them apart (found probing).
+    apart = own if len(own) > _HOOK_COLUMNS else []
+    cols.update({m: m for m in own if m not in apart})
     if OTHER_KEY in measured:
         cols[OTHER_KEY] = "others"  # the lowest SQNR of the outputs besides model.output
     table.add_column("variant", no_wrap=True)
@@ -168,6 +188,8 @@ def print_summary(results: Any) -> None:
             f"{v.size_bytes / 1e6:.2f}" if v.size_bytes else "—",
         )
     out.print(table)
+    if apart:
+        out.print(_hook_table(results, apart))
     for reason, names in skipped.items():
         out.print(f"  [yellow]skipped[/yellow] {escape(', '.join(names))}: {escape(reason)}")
     if results.gate is not None:

@@ -101,8 +101,8 @@ def _overflowing(tmp_path: Path) -> None:
 def test_a_pipeline_that_builds_fp16_without_int8_keeps_overflowing_activations_in_fp32(tmp_path: Path) -> None:
     # Without an INT8 variant nothing was calibrated, so the FP16 writer never saw the ranges: the activation at
     # 7e4 went to FP16 (inf there) and the run passed at 71 dB on onnxruntime's CPU, which runs Conv in FP32.
-    from quantpipe.modelinfo import describe_precision
     from quantpipe.model import read_model_spec
+    from quantpipe.modelinfo import describe_precision
 
     _overflowing(tmp_path)
     (tmp_path / "p.yaml").write_text(

@@ -619,3 +619,19 @@ def test_the_highlights_say_the_size_is_the_files(tmp_path: Path) -> None:
     # "ort-int8: detection agreement 0.0922, 3.2x smaller" read as the agreement being smaller (found probing).
     md = write_report(tmp_path, synthetic_results(None))["md"].read_text()
     assert "its file " in md and "x smaller" in md and ", 2.7x smaller" not in md
+
+
+def test_the_terminal_table_shows_long_hook_names_whole(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Six hook columns read "grid_p…", "grid_…", "unwar…" on a terminal: nothing told them apart (found probing). More
+    # than two get a table of their own, a row each.
+    from quantpipe.console import print_summary
+
+    monkeypatch.setenv("COLUMNS", "100")
+    results = synthetic_results(tmp_path)
+    names = ["grid_px_mean", "grid_px_p95", "grid_px_max", "unwarp_psnr_db", "unwarp_ssim", "unwarp_px_mae"]
+    evals = tuple(dataclasses.replace(e, metrics={**e.metrics, **dict.fromkeys(names, 1.25)}) for e in results.evaluations)
+    print_summary(dataclasses.replace(results, evaluations=evals))
+    rows = [line.split("│")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert {r[0].strip(): [c.strip() for c in r[1:]] for r in rows if r[0].strip() in names} == \
+        dict.fromkeys(names, ["1.25", "1.25", "1.25"])  # a row per metric, a column per variant that ran
