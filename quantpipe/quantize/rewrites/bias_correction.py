@@ -69,18 +69,18 @@ def correct_biases(m: Any, g: Graph, plan: Plan, opts: QuantizeOptions, stats: M
                 if b is None or b.ndim != 1 or b.shape[0] != shift.shape[0] or beta == 0.0:
                     continue
                 newb = b.astype(np.float64) - shift / beta
-            else:  # no bias yet: a Gemm's beta scales only C, so one of 0 (tf2onnx's projections) becomes 1
-                newb = -shift / (beta or 1.0)
-                if not np.all(np.isfinite(newb)):
-                    continue
+            else:
                 if beta == 0.0:
-                    from onnx import helper
-
-                    kept = [a for a in node.attribute if a.name != "beta"]
-                    del node.attribute[:]
-                    node.attribute.extend([*kept, helper.make_attribute("beta", 1.0)])
-                if len(node.input) == 2:
-                    node.input.append("")
+                    # tf2onnx's projections (Gemm, no C, beta 0): -shift / 0 wrote six biases of +-inf into a BERT,
+                    # counted as corrected. Given beta 1 instead, the correction lowered that BERT on its evaluation
+                    # words (29.4 -> 28.7 dB, 3 of 200 words read otherwise; +0.9 dB on its calibration words): such a
+                    # node is left as it is.
+                    continue
+                newb = -shift / beta
+            if not np.all(np.isfinite(newb.astype(np.float32))):  # never a non-finite constant in the written model
+                continue
+            if len(node.input) == 2:
+                node.input.append("")
             node.input[2] = add_initializer(m.graph, names, f"{node.name}_bias_corrected", newb.astype(np.float32))
         done.append(node_name)
     if done:
