@@ -72,7 +72,8 @@ def _check_fp32(model: onnx.ModelProto, path: Path) -> None:
         shown = "; ".join(bad[:6]) + (" ..." if len(bad) > 6 else "")
         raise ModelError(
             f"model {path} is not an FP32 model: {shown}. quantpipe calibrates and converts FP32 models; export "
-            f"the model in float32 (e.g. model.float() before torch.onnx.export)."
+            f"the model in float32 (e.g. model.float() before torch.onnx.export), or, for a model shipped in FP16, "
+            f"write its FP32 copy with `quantpipe prepare MODEL OUT --to-fp32` (every FP16 value is exact in FP32)."
         )
 
 

