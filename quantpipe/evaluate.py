@@ -253,15 +253,34 @@ def warn_if_labels_unread(reference: np.ndarray, output: str, task: TaskSpec, la
 
 
 def warn_about_reference(reference: np.ndarray, output: str, task: TaskSpec, rules: Sequence[Any],
-                         labels: np.ndarray | None = None, valid: np.ndarray | None = None) -> None:
+                         labels: np.ndarray | None = None, valid: np.ndarray | None = None,
+                         asked: Sequence[str] = ()) -> None:
     """What the FP32 reference says about the metrics asked of it: `warn_if_constant`, else `warn_if_no_detections`;
     `warn_if_cosine_blind`; `warn_if_labels_unread`; `warn_if_offset_dominates` (on the positions `valid` marks, as
-    the metrics read them)."""
+    the metrics read them); `warn_if_top1_unread` (`asked`: the metrics evaluate.metrics lists, not its defaults)."""
     if not warn_if_constant(reference, output):
         warn_if_no_detections(reference, task)
+    warn_if_top1_unread(task.judged(reference, valid), output, task, asked)
     warn_if_cosine_blind(reference, output, rules)
     warn_if_labels_unread(reference, output, task, labels)
     warn_if_offset_dominates(task.judged(reference, valid), output, task)
+
+
+TOP1_METRICS = ("top1", "top5", "top1_agreement")
+"""The metrics read over one row of class scores per sample (`_is_classifier`)."""
+
+
+def warn_if_top1_unread(reference: np.ndarray, output: str, task: TaskSpec, asked: Sequence[str]) -> bool:
+    """Warn where evaluate.metrics lists a top-1 metric that this output's shape leaves uncomputed (a phoneme BERT's
+    [N, T, C]: top1_agreement asked for, a dash in every table and no word why; found probing)."""
+    listed = [m for m in asked if m in TOP1_METRICS]
+    if not listed or task.task != "classification" or _is_classifier(reference):
+        return False
+    log.warning("evaluate.metrics lists %s, but model.output '%s' is %s on the evaluation data, not [samples, classes]: "
+                "no top-1 is computed on it. For a score per position ([N, T, classes]) set evaluate.valid_mask to "
+                "the input marking the real positions, which makes each position a sample; otherwise judge it with "
+                "its task's metrics or a hook.", ", ".join(listed), output, list(reference.shape))
+    return True
 
 
 def warn_if_no_detections(reference: np.ndarray, task: TaskSpec) -> bool:

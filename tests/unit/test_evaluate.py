@@ -243,3 +243,22 @@ def test_the_offset_is_read_on_the_real_positions_where_a_mask_is_set(caplog: py
     padded = scores.reshape(64, -1).astype(np.float64)  # over every position, the zeros hide most of it
     hidden = 10 * np.log10(np.sum(padded ** 2) / np.sum((padded - padded.mean(axis=0)) ** 2))
     assert hidden < expected - 5 and f"read {hidden:.1f} dB above the error" in caplog.text
+
+
+def test_top1_metrics_listed_for_an_output_they_cannot_read_are_warned_about(caplog) -> None:
+    # A phoneme BERT's [N, T, C] output with top1_agreement listed: a dash in every table and no word why (found
+    # probing). Said once where the list names them; the default list (every classifier metric) says nothing.
+    import logging
+
+    from quantpipe.evaluate import warn_about_reference
+    from quantpipe.taskmetrics import TaskSpec
+
+    tokens = np.random.default_rng(0).standard_normal((4, 5, 7)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="quantpipe"):
+        warn_about_reference(tokens, "mlm", TaskSpec(), [], asked=["top1_agreement", "cosine"])
+        warn_about_reference(tokens, "mlm", TaskSpec(), [], asked=())  # evaluate.metrics left at its default
+        warn_about_reference(tokens.reshape(20, 7), "mlm", TaskSpec(), [], asked=["top1_agreement"])  # [N, classes]
+        valid = np.ones((4, 5), bool)  # evaluate.valid_mask: each position a sample, [20, 7]
+        warn_about_reference(tokens, "mlm", TaskSpec(valid_mask="mask"), [], valid=valid, asked=["top1_agreement"])
+    assert caplog.text.count("evaluate.metrics lists top1_agreement, but model.output 'mlm' is [4, 5, 7]") == 1
+    assert "set evaluate.valid_mask" in caplog.text
