@@ -218,6 +218,10 @@ class EvaluateConfig(StrictModel):
         """The `module:function` entries of `metrics`."""
         return [m for m in self.metrics if ":" in m]
 
+    def listed(self) -> list[str]:
+        """The metrics pipeline.yaml lists itself (none where `metrics` is left at its default)."""
+        return list(self.metrics) if "metrics" in self.model_fields_set else []
+
     def wanted(self) -> list[str]:
         """Built-in metrics to record: those asked for plus, for every task but classification, the task's own."""
         names = [m for m in self.metrics if ":" not in m]

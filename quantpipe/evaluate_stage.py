@@ -94,8 +94,7 @@ def stage_evaluate(
         if v.name == ref_name:
             reference = out = outs.judged
             ref_others = outs.others
-            warn_about_reference(out, li.output, task, cfg.gate.rules, li.eval.labels, valid,
-                                 ev.metrics if "metrics" in ev.model_fields_set else ())
+            warn_about_reference(out, li.output, task, cfg.gate.rules, li.eval.labels, valid, ev.listed())
             log_others(ref_others, li.output)
             if ref_others.arrays:  # the positions that count, read only where there are other outputs to compare
                 positions = valid if valid is not None else positions_of(li.eval, cfg.data.batch_size)
