@@ -39,15 +39,21 @@ def _wrapped(tmp_path: Path) -> Path:
     return path
 
 
-def test_an_fp16_model_equal_to_fp32_is_said_not_measured(tmp_path: Path) -> None:
-    _wrapped(tmp_path)
-    (tmp_path / "p.yaml").write_text(
-        "version: 1\nname: wrapped\nmodel: {path: wrapped.onnx}\n"
+def _fp16_pipeline(tmp_path: Path, model: str) -> Path:
+    """A pipeline.yaml that builds FP32 and FP16 alone (no INT8: nothing calibrated), no latency, no sensitivity."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"version: 1\nname: fp16only\nmodel: {{path: {model}}}\n"
         "data: {calibration: {path: calib.npz}, evaluation: {path: eval.npz}}\n"
         "build: {backends: {onnxruntime: {precisions: [fp32, fp16]}, tensorrt: {required: false}}}\n"
         "evaluate: {latency: {enabled: false}, sensitivity: {enabled: false}}\n"
         "report: {dir: reports}\n", encoding="utf-8")
-    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 0  # no gate rule fails: said, not refused
+    return path
+
+
+def test_an_fp16_model_equal_to_fp32_is_said_not_measured(tmp_path: Path) -> None:
+    _wrapped(tmp_path)
+    assert main(["run", str(_fp16_pipeline(tmp_path, "wrapped.onnx")), "-q"]) == 0  # no gate rule fails: said, not refused
     results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
     (c,) = results["collapse"]
     assert (c["variant"], c["severity"], c["precision"]) == ("ort-fp16", "unmeasured", "fp16")
@@ -105,13 +111,7 @@ def test_a_pipeline_that_builds_fp16_without_int8_keeps_overflowing_activations_
     from quantpipe.modelinfo import describe_precision
 
     _overflowing(tmp_path)
-    (tmp_path / "p.yaml").write_text(
-        "version: 1\nname: ovf\nmodel: {path: big.onnx}\n"
-        "data: {calibration: {path: calib.npz}, evaluation: {path: eval.npz}}\n"
-        "build: {backends: {onnxruntime: {precisions: [fp32, fp16]}, tensorrt: {required: false}}}\n"
-        "evaluate: {latency: {enabled: false}, sensitivity: {enabled: false}}\n"
-        "report: {dir: reports}\n", encoding="utf-8")
-    assert main(["run", str(tmp_path / "p.yaml"), "-q"]) == 0
+    assert main(["run", str(_fp16_pipeline(tmp_path, "big.onnx")), "-q"]) == 0
     by_op = describe_precision(read_model_spec(tmp_path / "reports" / "latest" / "models" / "model.fp16.onnx")[1]).by_op
     assert by_op["Conv"].get("fp32") == 2  # both Convs touch the overflowing activation: they stay FP32
     assert main(["quantize", "--model", str(tmp_path / "big.onnx"), "--fp16", "--out", str(tmp_path / "q.onnx"),
