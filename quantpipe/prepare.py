@@ -100,7 +100,7 @@ def prepare_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], fixe
         graph.initializer.append(numpy_helper.from_array(value, name))
     sized = _set_shapes(graph, shapes or {}, src)
     order = _sorted(list(graph.node), graph, src)
-    reordered = [n.name for n in order] != [n.name for n in graph.node] or len(order) != len(graph.node)
+    reordered = [list(n.output) for n in order] != [list(n.output) for n in graph.node]  # names may be empty
     _replace_nodes(graph, order)
     folded, left = _fold_ifs(model)
     removed = _drop_dead(graph)
