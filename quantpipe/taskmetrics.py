@@ -17,7 +17,7 @@ import numbers
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -112,7 +112,8 @@ class TaskSpec:
             self.refuse_readers(name, self.hooks)
 
     @staticmethod
-    def refuse_readers(name: str, readers: Sequence[str]) -> None:
+    def refuse_readers(name: str, readers: Sequence[str]) -> NoReturn:
+        """The ConfigError for a fallback metric only hooks reading every output could give."""
         raise ConfigError(
             f"build.fallback.metric '{name}' can only come from {', '.join(readers)}, which read(s) every output of "
             f"the model ({ALL_OUTPUTS}), while the fallback's candidates compute model.output alone. Budget the "
