@@ -157,3 +157,31 @@ def test_a_model_shipped_in_fp16_is_made_fp32_losslessly(tmp_path: Path, capsys:
 
     got = ort.InferenceSession(str(tmp_path / "f.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, x @ w.astype(np.float32), rtol=1e-5, atol=1e-6)  # FP32 end to end
+
+
+def test_a_branch_that_returns_an_outer_value_or_a_weight_is_named_by_an_identity(tmp_path: Path) -> None:
+    # A branch output that is the branch's own constant: no node of the branch writes it, so an Identity gives it the
+    # If's output name; the other branch's outputs are written by its nodes under the If's names.
+    keep = helper.make_graph([helper.make_node("Identity", ["x"], ["xi"], name="idx")], "keep", [],
+                             [helper.make_tensor_value_info("xi", TensorProto.FLOAT, None),
+                              helper.make_tensor_value_info("c", TensorProto.FLOAT, None)],
+                             [numpy_helper.from_array(np.full((1, 4), 3.0, np.float32), "c")])
+    double = helper.make_graph([helper.make_node("Add", ["x", "x"], ["d"], name="dbl"),
+                                helper.make_node("Identity", ["d"], ["d2"], name="idd")], "double", [],
+                               [helper.make_tensor_value_info("d", TensorProto.FLOAT, None),
+                                helper.make_tensor_value_info("d2", TensorProto.FLOAT, None)])
+    g = helper.make_graph(
+        [helper.make_node("Equal", ["mode", "one"], ["is1"], name="eq"),
+         helper.make_node("If", ["is1"], ["y", "k"], name="pick", then_branch=double, else_branch=keep),
+         helper.make_node("Add", ["y", "k"], ["out"], name="add")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("mode", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.array(1, np.int64), "one")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    for mode, want in ((0, x + 3.0), (1, 4 * x)):
+        done = prepare_model(tmp_path / "m.onnx", tmp_path / f"o{mode}.onnx", {"mode": str(mode)}, tmp_path / "d.npz")
+        assert done.verified.startswith("checked") and len(done.folded) == 1
+        np.testing.assert_allclose(_run(tmp_path / f"o{mode}.onnx", x=x), want, rtol=1e-6)
