@@ -56,6 +56,8 @@ class Prepared:
             out.append("put the nodes in topological order (the ONNX checker refuses them out of order)")
         if self.removed:
             out.append(f"dropped {self.removed} node(s) no output reads any more")
+        if not out:
+            out.append("nothing to change: no input fixed, no If to fold, the nodes already in order (written as it is)")
         return out + [self.verified]
 
 
