@@ -19,7 +19,9 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,9 +108,7 @@ def prepare_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], fixe
     _replace_nodes(graph, order)
     folded, left = _fold_ifs(model)
     removed = _drop_dead(graph)
-    save_onnx(model, dst)
-    verified = _verify(src, dst, values, data, batch_axes or {}, exact=not to_fp32) if data is not None else (
-        "not checked against the original: pass --data DATA.npz to compare every output on its first batch")
+    verified = _write_checked(model, src, dst, values, data, batch_axes or {}, exact=not to_fp32)
     fixed_lines = (f"every FP16 value and type as FP32 ({widened} tensor(s) and type(s); each FP16 value is exact in "
                    f"FP32)",) if to_fp32 else ()
     return Prepared(fixed=fixed_lines + tuple(f"{k} = {_show(v)}" for k, v in values.items()) + tuple(sized),
@@ -430,6 +430,24 @@ def _drop_dead(graph: Any) -> int:
     return dropped
 
 
+def _write_checked(model: Any, src: Any, dst: Any, values: Mapping[str, np.ndarray], data: Any,
+                   batch_axes: Mapping[str, int], *, exact: bool) -> str:
+    """Write `model` to `dst` once it is checked against `src` on `data` (`_verify`): a check that fails, or data that
+    cannot be read, leaves nothing at `dst`."""
+    if data is None:
+        save_onnx(model, dst)
+        return "not checked against the original: pass --data DATA.npz to compare every output on its first batch"
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp:
+        staged = Path(tmp) / dst.name
+        save_onnx(model, staged)
+        verified = _verify(src, staged, values, data, batch_axes, exact=exact)
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f == staged):  # the model file, which is trusted, last
+            os.replace(f, dst.parent / f.name)
+    return verified
+
+
 def _verify(src: Any, dst: Any, values: Mapping[str, np.ndarray], data: Any, batch_axes: Mapping[str, int], *,
             exact: bool = True) -> str:
     """Every output of `dst` against `src`'s (the fixed inputs fed to it) on the first batch of `data`: bit for bit,
@@ -456,6 +474,6 @@ def _verify(src: Any, dst: Any, values: Mapping[str, np.ndarray], data: Any, bat
                 f"arithmetic where the original rounded to FP16")
     if diff:
         raise ModelError(f"the prepared model computes other outputs than {src} with the fixed inputs on the first "
-                         f"batch of {data}: {', '.join(diff)}. It was written to {dst} for inspection; this is a "
-                         f"quantpipe bug, please report it with the model.")
+                         f"batch of {data}: {', '.join(diff)}, so it was not written. This is a quantpipe bug; please "
+                         f"report it with the model (without --data it is written unchecked, for inspection).")
     return f"checked: every output ({len(names)}) identical to the original's on the first {n} sample(s) of {data}"

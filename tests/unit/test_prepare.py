@@ -127,6 +127,7 @@ def test_the_check_against_the_original_reads_the_data_given(tmp_path: Path) -> 
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 5), np.float32), state=np.zeros((2, 3, 4), np.float32))
     with pytest.raises(Exception, match="x"):
         prepare_model(_model(tmp_path), tmp_path / "o.onnx", {"sr": "16000"}, tmp_path / "bad.npz", {"state": 1})
+    assert not list(tmp_path.glob("*o.onnx*"))  # refused: nothing written, no staging left behind
     prepare_model(_model(tmp_path), tmp_path / "o.onnx", {"sr": "16000"})
     done = prepare_model(tmp_path / "o.onnx", tmp_path / "o2.onnx", {})
     assert done.lines()[0].startswith("nothing to change")  # the model it wrote has nothing left to prepare
