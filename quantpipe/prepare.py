@@ -327,7 +327,8 @@ def _condition(graph: Any, node: Any, opsets: list[Any], shapes: Mapping[str, li
             if len(cone) > _CONE_LIMIT:
                 return None, f"its condition takes more than {_CONE_LIMIT} nodes to compute"
             todo += [(x, shaped or n.op_type == "Shape") for x in n.input]
-    order = [n for n in graph.node if any(n is c for c in cone)]
+    picked = {tuple(c.output) for c in cone}  # by outputs, unique in a graph (wrapper objects need not be)
+    order = [n for n in graph.node if tuple(n.output) in picked]
     sub = helper.make_model(helper.make_graph(order, "condition", [], [helper.make_tensor_value_info(
         node.input[0], 0, None)], [numpy_helper.from_array(v, k) for k, v in known.items()]), opset_imports=opsets)
     try:
