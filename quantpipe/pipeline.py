@@ -435,14 +435,13 @@ def finish_run(
     from quantpipe.collapse import find_collapse
     from quantpipe.gate import evaluate_gate
     from quantpipe.report import load_results, with_baseline, write_report
-    from quantpipe.taskmetrics import reads_all_outputs
+    from quantpipe.taskmetrics import only_all_output_readers
 
     baseline_dir = baseline_dir or cfg.report.baseline
     baseline = load_results(require_complete(baseline_dir)) if baseline_dir else None  # a half run is no baseline
     decision = evaluate_gate(results, cfg.gate.rules, baseline)
-    hooks = cfg.evaluate.hooks()
     collapsed = find_collapse(dataclasses.replace(results, gate=decision), cfg.evaluate.collapse,
-                              hooks_budget=not hooks or not all(reads_all_outputs(h) for h in hooks))
+                              hooks_budget=not only_all_output_readers(cfg.evaluate.hooks()))
     results = with_baseline(dataclasses.replace(results, gate=decision, collapse=collapsed), baseline)
     if write:
         write_report(run_dir, results, formats=cfg.report.formats, baseline=baseline, notes=_section_notes(cfg),

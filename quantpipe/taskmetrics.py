@@ -36,7 +36,7 @@ from quantpipe.evalconfig import (
 from quantpipe.fsutil import sha256_file
 
 __all__ = ["ALL_OUTPUTS", "CLASSIFICATION", "TaskSpec", "task_metrics", "task_score", "load_hook", "run_hooks",
-           "hooks_sha256", "reads_all_outputs"]
+           "hooks_sha256", "only_all_output_readers", "reads_all_outputs"]
 
 SEQUENCE_VS_REF = ("line_agreement", "cer")
 SEQUENCE_VS_LABELS = ("line_accuracy", "label_cer")
@@ -314,6 +314,15 @@ def reads_all_outputs(spec: str) -> bool:
     except (TypeError, ValueError):  # a builtin or C function: no signature to read
         return False
     return ALL_OUTPUTS in params
+
+
+def only_all_output_readers(hooks: Sequence[str]) -> bool:
+    """Whether there are hooks and every one reads all outputs, so that none can hold the fallback's budget. False
+    where one cannot be imported here (`quantpipe gate` judging a run elsewhere): nothing is then assumed."""
+    try:
+        return bool(hooks) and all(reads_all_outputs(h) for h in hooks)
+    except ConfigError:
+        return False
 
 
 def run_hooks(hooks: Sequence[str], out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | None, *,

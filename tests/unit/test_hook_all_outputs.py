@@ -91,3 +91,12 @@ def test_a_run_with_that_budget_stops_with_the_reason(tmp_path: Path, hooks: str
     path.write_text(path.read_text().replace("model: {path: two.onnx}", "model: {path: two.onnx, output: logits}"))
     assert main(["run", str(path), "-q", "--workers", "1"]) == 2
     assert "fallback's candidates compute model.output alone" in " ".join(capsys.readouterr().err.split())
+
+
+def test_judging_a_run_where_its_hooks_cannot_be_imported_assumes_nothing(hooks: str) -> None:
+    # `quantpipe gate` re-judges results.json, maybe on a machine without the hook's package: not an error there.
+    from quantpipe.taskmetrics import only_all_output_readers
+
+    assert only_all_output_readers([f"{hooks}:flags"]) and not only_all_output_readers([])
+    assert not only_all_output_readers([f"{hooks}:flags", f"{hooks}:plain"])
+    assert not only_all_output_readers(["no_such_module_qp:f"])
