@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,13 +160,9 @@ def _fixed_values(graph: Any, fixed: Mapping[str, str], src: Any) -> dict[str, n
     """Each fixed input's value as an array of its declared dtype and shape (ConfigError naming what does not fit)."""
     from onnx import helper
 
-    inputs = {i.name: i for i in graph.input}
     out: dict[str, np.ndarray] = {}
     for name, text in fixed.items():
-        if name not in inputs:
-            raise ConfigError(f"--fix {name}: model {src} has no input '{name}'; its inputs are "
-                              f"{', '.join(inputs) or 'none'}.")
-        t = inputs[name].type.tensor_type
+        t = _input(graph, name, "--fix", src).type.tensor_type
         try:
             dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
             value = np.asarray(json.loads(text), dtype=dtype)
@@ -183,16 +179,21 @@ def _fixed_values(graph: Any, fixed: Mapping[str, str], src: Any) -> dict[str, n
     return out
 
 
+def _input(graph: Any, name: str, flag: str, src: Any) -> Any:
+    """The graph input `name` (ConfigError naming the inputs there are, where it is none of them)."""
+    inputs = {i.name: i for i in graph.input}
+    if name not in inputs:
+        raise ConfigError(f"{flag} {name}: model {src} has no input '{name}'; its inputs are "
+                          f"{', '.join(inputs) or 'none'}.")
+    return inputs[name]
+
+
 def _set_shapes(graph: Any, shapes: Mapping[str, str], src: Any) -> list[str]:
     """Give inputs' free dims the sizes `shapes` says ('?' keeps one free: `--shape input=?,576`); a size the model
     fixes otherwise is a ConfigError."""
-    inputs = {i.name: i for i in graph.input}
     said = []
     for name, text in shapes.items():
-        if name not in inputs:
-            raise ConfigError(f"--shape {name}: model {src} has no input '{name}'; its inputs are "
-                              f"{', '.join(inputs) or 'none'}.")
-        dims = inputs[name].type.tensor_type.shape.dim
+        dims = _input(graph, name, "--shape", src).type.tensor_type.shape.dim
         sizes = [x.strip() for x in text.split(",")]
         if len(sizes) != len(dims) or not all(x == "?" or x.isdigit() for x in sizes):
             raise ConfigError(f"--shape {name}={text}: give {len(dims)} sizes separated by commas, '?' for one left "
@@ -224,15 +225,15 @@ def _fold_ifs(model: Any) -> tuple[list[str], list[str]]:
     """Replace each `If` whose condition constants decide by its branch, until none is left to fold."""
     graph = model.graph
     folded: list[str] = []
-    left: dict[str, str] = {}
+    left: dict[tuple[str, ...], str] = {}  # by outputs: node names may be empty
     while True:
         shapes = _shapes(model)
         for node in graph.node:
-            if node.op_type != "If" or node.name in left:
+            if node.op_type != "If" or tuple(node.output) in left:
                 continue
             cond, why = _condition(graph, node, list(model.opset_import), shapes)
             if cond is None:
-                left[node.name] = why
+                left[tuple(node.output)] = f"If '{node.name or node.output[0]}': {why}"
                 continue
             branch = next(a.g for a in node.attribute if a.name == ("then_branch" if cond else "else_branch"))
             _inline(graph, node, branch)
@@ -240,7 +241,7 @@ def _fold_ifs(model: Any) -> tuple[list[str], list[str]]:
                           f"{'then' if cond else 'else'} branch ({len(branch.node)} node(s), now in the main graph)")
             break
         else:
-            return folded, [f"If '{n}': {why}" for n, why in left.items()]
+            return folded, list(left.values())
 
 
 def _shapes(model: Any) -> dict[str, list[int | None]]:
@@ -261,7 +262,7 @@ def _shapes(model: Any) -> dict[str, list[int | None]]:
 
 
 def _static_value(name: str, producer: Mapping[str, Any], shapes: Mapping[str, list[int | None]],
-                  consts: Mapping[str, np.ndarray]) -> np.ndarray | None:
+                  const: Callable[[str], np.ndarray | None]) -> np.ndarray | None:
     """The value of `name` where it is a tensor's shape, or some of its dims picked by a Gather, and those dims are
     fixed (state [2, batch, 128]: its axis 0 is 2 whatever the batch): exact, from shape inference."""
     n = producer.get(name)
@@ -275,9 +276,10 @@ def _static_value(name: str, producer: Mapping[str, Any], shapes: Mapping[str, l
     end = next((a.i for a in shape_node.attribute if a.name == "end"), len(dims))
     picked: Any = dims[start:end]
     if n.op_type == "Gather":
-        if n.input[1] not in consts or any(a.name == "axis" and a.i != 0 for a in n.attribute):
+        index = const(n.input[1])
+        if index is None or any(a.name == "axis" and a.i != 0 for a in n.attribute):
             return None
-        picked = np.array(picked, dtype=object)[consts[n.input[1]]]
+        picked = np.array(picked, dtype=object)[index]
     arr = np.asarray(picked, dtype=object)
     if any(d is None for d in arr.reshape(-1)):
         return None
@@ -295,9 +297,14 @@ def _condition(graph: Any, node: Any, opsets: list[Any], shapes: Mapping[str, li
 
     producer = {o: n for n in graph.node for o in n.output if o}
     inits = {t.name: t for t in graph.initializer}
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts.update({o: v for n in graph.node if n.op_type == "Constant" for o in n.output
-                   if (v := constant_node_value(n)) is not None})
+
+    def const(name: str) -> np.ndarray | None:
+        """An initializer's or a Constant node's value, read only where the condition needs it (not every weight)."""
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        n = producer.get(name)
+        return constant_node_value(n) if n is not None and n.op_type == "Constant" else None
+
     graph_inputs = {i.name for i in graph.input}
     cone: list[Any] = []
     known: dict[str, np.ndarray] = {}
@@ -308,11 +315,11 @@ def _condition(graph: Any, node: Any, opsets: list[Any], shapes: Mapping[str, li
         if not name or name in seen:
             continue
         seen.add(name)
-        static = _static_value(name, producer, shapes, consts)
+        static = _static_value(name, producer, shapes, const)
         if static is not None:
             known[name] = static
         elif name in inits:
-            known[name] = consts[name]
+            known[name] = numpy_helper.to_array(inits[name])
         elif name in graph_inputs and shaped:
             return None, (f"its condition reads a size that depends on the input '{name}' and that shape "
                           f"inference cannot fix (where the deployment fixes the input's size, --shape {name}=... "

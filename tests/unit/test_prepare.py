@@ -189,3 +189,14 @@ def test_a_branch_that_returns_an_outer_value_or_a_weight_is_named_by_an_identit
         done = prepare_model(tmp_path / "m.onnx", tmp_path / f"o{mode}.onnx", {"mode": str(mode)}, tmp_path / "d.npz")
         assert done.verified.startswith("checked") and len(done.folded) == 1
         np.testing.assert_allclose(_run(tmp_path / f"o{mode}.onnx", x=x), want, rtol=1e-6)
+
+
+def test_unnamed_ifs_are_told_apart(tmp_path: Path) -> None:
+    # Node names may be empty: one unnamed If left unfolded must not stand for every other unnamed one.
+    model = onnx.load(_model(tmp_path))
+    for n in model.graph.node:
+        n.name = ""
+    onnx.save(model, tmp_path / "unnamed.onnx")
+    done = prepare_model(tmp_path / "unnamed.onnx", tmp_path / "out.onnx", {}, None)
+    assert len(done.left) == 2 and len(done.folded) == 1  # the rate's two left, the state's one folded
+    assert sum(n.op_type == "If" for n in onnx.load(tmp_path / "out.onnx").graph.node) == 2
