@@ -307,13 +307,17 @@ ALL_REFERENCE = "all_reference"
 """The keyword a hook declares to be given FP32's every output beside them."""
 
 
+def _parameters(func: Any) -> Mapping[str, Any]:
+    """The names a hook's signature declares (none for a builtin or C function, whose signature cannot be read)."""
+    try:
+        return inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
 def reads_all_outputs(spec: str) -> bool:
     """Whether the hook declares a parameter `all_outputs`: it is then given every output of the model by name."""
-    try:
-        params = inspect.signature(load_hook(spec)).parameters
-    except (TypeError, ValueError):  # a builtin or C function: no signature to read
-        return False
-    return ALL_OUTPUTS in params
+    return ALL_OUTPUTS in _parameters(load_hook(spec))
 
 
 def only_all_output_readers(hooks: Sequence[str]) -> bool:
@@ -336,12 +340,13 @@ def run_hooks(hooks: Sequence[str], out: np.ndarray, ref: np.ndarray | None, lab
     for spec in hooks:
         func = load_hook(spec)
         kwargs: dict[str, Any] = {}
-        if reads_all_outputs(spec):
+        params = _parameters(func)
+        if ALL_OUTPUTS in params:
             if all_outputs is None:
                 raise ConfigError(f"evaluate.metrics hook '{spec}' reads every output ({ALL_OUTPUTS}), but only "
                                   f"model.output was computed here.")
             kwargs[ALL_OUTPUTS] = dict(all_outputs)
-            if ALL_REFERENCE in inspect.signature(func).parameters:
+            if ALL_REFERENCE in params:
                 kwargs[ALL_REFERENCE] = None if all_reference is None else dict(all_reference)
         try:
             got: Any = func(out, ref, labels, **kwargs)
